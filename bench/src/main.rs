@@ -1,0 +1,313 @@
+//! `relay-bench`: relay's benchmark harness (see docs/benchmarks.md).
+//!
+//! ```text
+//! relay-bench run [--quick] [--out bench/results] [--bin-dir target/release] [--only latency,saturation,…]
+//! relay-bench env --secs N                  # start everything, print addresses and pids, hold (for profiling)
+//! relay-bench load --url URL --key K [--stream] [--rate R --secs S | --closed N --concurrency C]
+//! ```
+//! `scripts/bench.sh` is the one command: it installs what is missing, builds
+//! the release binaries and runs `relay-bench run`.
+
+mod cp;
+mod env;
+mod load;
+mod nginx;
+mod procs;
+mod report;
+mod run;
+mod stats;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "relay-bench", about = "relay vs nginx vs direct, on loopback")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, clap::Args)]
+struct EnvArgs {
+    /// Where relay-mock-upstream, relay-control-plane and relay-data-plane are.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// The nginx binary.
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    nginx: PathBuf,
+    /// Postgres to create the run's database in.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Delay between the events of the slow-stream mock (scenario 4), ms.
+    #[arg(long, default_value_t = 1000)]
+    slow_event_delay_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run every scenario and write bench/results/<timestamp>.{json,md}.
+    Run {
+        #[command(flatten)]
+        env: EnvArgs,
+        /// About two minutes of measuring instead of about six.
+        #[arg(long)]
+        quick: bool,
+        /// A few seconds per scenario: a smoke test of the harness, numbers meaningless.
+        #[arg(long, conflicts_with = "quick")]
+        tiny: bool,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        /// Only these scenarios: latency, saturation, streams, propagation, ingest, start.
+        #[arg(long, value_delimiter = ',')]
+        only: Option<Vec<String>>,
+        /// Keep the run's Postgres database.
+        #[arg(long)]
+        keep_db: bool,
+        /// Stop the whole run after this many seconds, whatever it is doing.
+        #[arg(long, default_value_t = 1800)]
+        max_secs: u64,
+    },
+    /// Start everything (mocks, Postgres database, control plane, data plane,
+    /// nginx), print addresses, keys and pids as JSON, and hold for `--secs`.
+    Env {
+        #[command(flatten)]
+        env: EnvArgs,
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
+    /// Hold N concurrent streams open on one loopback target and print the
+    /// resident memory of `--pid` (for memory profiling).
+    Hold {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value_t = 1000)]
+        n: usize,
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long, default_value_t = 5)]
+        hold_secs: u64,
+    },
+    /// Drive one loopback target and print latency percentiles as JSON.
+    Load {
+        /// e.g. http://127.0.0.1:8080/v1/messages (loopback only).
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        stream: bool,
+        /// Fixed-rate mode: requests per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// Closed-loop mode instead: this many requests in total.
+        #[arg(long)]
+        closed: Option<u64>,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+}
+
+fn env_opts(a: &EnvArgs, work: PathBuf) -> Result<env::EnvOpts> {
+    let bins = std::fs::canonicalize(&a.bin_dir).with_context(|| format!("bin dir {}", a.bin_dir.display()))?;
+    for b in ["relay-mock-upstream", "relay-control-plane", "relay-data-plane"] {
+        if !bins.join(b).exists() {
+            bail!(
+                "{} not found: build with `cargo build --release --workspace --bins`",
+                bins.join(b).display()
+            );
+        }
+    }
+    if !a.nginx.exists() {
+        bail!("{} not found: apt-get install nginx", a.nginx.display());
+    }
+    Ok(env::EnvOpts {
+        bins,
+        nginx: a.nginx.clone(),
+        database_url: a.database_url.clone(),
+        work,
+        slow_event_delay_ms: a.slow_event_delay_ms,
+    })
+}
+
+fn check_loopback(url: &str) -> Result<()> {
+    let uri: http::Uri = url.parse()?;
+    if !matches!(uri.host(), Some("127.0.0.1" | "localhost" | "[::1]")) {
+        bail!("relay-bench only targets loopback addresses");
+    }
+    Ok(())
+}
+
+fn request_body(stream: bool) -> bytes::Bytes {
+    run::body(stream)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            env,
+            quick,
+            tiny,
+            out,
+            only,
+            keep_db,
+            max_secs,
+        } => {
+            let work = tempfile::Builder::new().prefix("relay-bench-").tempdir()?;
+            let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+            let opts = run::RunOpts {
+                env: env_opts(&env, work.path().to_path_buf())?,
+                plan: if tiny {
+                    run::Plan::tiny()
+                } else if quick {
+                    run::Plan::quick()
+                } else {
+                    run::Plan::full()
+                },
+                only,
+                keep_db,
+                run_id: run_id.to_lowercase(),
+            };
+            // On a timeout or Ctrl-C the run is dropped, which kills every process it started.
+            let report = tokio::select! {
+                r = tokio::time::timeout(Duration::from_secs(max_secs), run::run(opts)) => match r {
+                    Ok(r) => r?,
+                    Err(_) => bail!("the run took longer than --max-secs {max_secs}; everything it started is stopped"),
+                },
+                _ = tokio::signal::ctrl_c() => bail!("interrupted; everything the run started is stopped"),
+            };
+            std::fs::create_dir_all(&out)?;
+            let json_path = out.join(format!("{run_id}.json"));
+            let md_path = out.join(format!("{run_id}.md"));
+            std::fs::write(&json_path, serde_json::to_string_pretty(&report.json())? + "\n")?;
+            std::fs::write(&md_path, report.markdown())?;
+            println!("{}", report.markdown());
+            println!("results: {} and {}", json_path.display(), md_path.display());
+            if report.error.is_some() {
+                // Keep the logs of a failed run.
+                let kept = work.keep();
+                eprintln!("logs kept in {}", kept.join("logs").display());
+                bail!("the run stopped early");
+            }
+            Ok(())
+        }
+        Cmd::Env { env, secs } => {
+            let work = tempfile::Builder::new().prefix("relay-bench-").tempdir()?;
+            let run_id = chrono::Utc::now().format("%Y%m%dt%H%M%Sz").to_string();
+            let e = env::Env::start(env_opts(&env, work.path().to_path_buf())?, &run_id).await?;
+            let info = serde_json::json!({
+                "mock": e.mock_addr.to_string(), "mock_pid": e.mock.pid,
+                "slow_mock": e.slow_addr.to_string(),
+                "nginx": e.nginx_addr.to_string(), "nginx_pids": e.nginx.tree(),
+                "relay": e.dp_addr.to_string(), "relay_pid": e.dp_pid(),
+                "control_plane": e.cp_url, "control_plane_pid": e.cp.as_ref().map(|p| p.pid),
+                "key": e.setup.key, "slow_key": e.setup.slow_key, "dp_token": e.setup.dp_token,
+                "logs": e.logs.display().to_string(),
+            });
+            println!("{}", serde_json::to_string_pretty(&info)?);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(secs)) => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            e.shutdown(false).await
+        }
+        Cmd::Hold {
+            url,
+            key,
+            n,
+            pid,
+            hold_secs,
+        } => {
+            check_loopback(&url)?;
+            let req = load::ReqTemplate {
+                url,
+                headers: vec![
+                    ("x-api-key".into(), key),
+                    ("anthropic-version".into(), "2023-06-01".into()),
+                    ("content-type".into(), "application/json".into()),
+                ],
+                body: request_body(true),
+            };
+            let pids: Vec<u32> = pid.into_iter().collect();
+            let r = load::hold_streams(
+                &req,
+                n.min(20_000),
+                2000.0,
+                Duration::from_secs(30),
+                Duration::from_secs(hold_secs.min(600)),
+                move || procs::rss_bytes(&pids),
+            )
+            .await?;
+            println!(
+                "{}",
+                serde_json::json!({"open": r.open_at_peak, "failed": r.failed, "first_error": r.first_error,
+                    "baseline_rss": r.baseline_rss, "peak_rss": r.peak_rss,
+                    "bytes_per_stream": (r.peak_rss.saturating_sub(r.baseline_rss)) as f64 / r.open_at_peak.max(1) as f64})
+            );
+            Ok(())
+        }
+        Cmd::Load {
+            url,
+            key,
+            stream,
+            rate,
+            secs,
+            closed,
+            concurrency,
+        } => {
+            check_loopback(&url)?;
+            let secs = secs.clamp(0.1, 600.0);
+            let req = load::ReqTemplate {
+                url,
+                headers: vec![
+                    ("x-api-key".into(), key),
+                    ("anthropic-version".into(), "2023-06-01".into()),
+                    ("content-type".into(), "application/json".into()),
+                ],
+                body: request_body(stream),
+            };
+            let client = load::client();
+            let out = match closed {
+                Some(n) => {
+                    let r = load::closed_loop(
+                        &client,
+                        &req,
+                        concurrency,
+                        n.min(10_000_000),
+                        Duration::from_secs_f64(secs),
+                        None,
+                    )
+                    .await?;
+                    serde_json::json!({"ok": r.ok, "errors": r.errors, "elapsed_secs": r.elapsed.as_secs_f64(),
+                        "rps": r.ok as f64 / r.elapsed.as_secs_f64(), "latency": r.total.summary(), "first_error": r.first_error})
+                }
+                None => {
+                    let spec = load::RateSpec {
+                        rate: rate.clamp(1.0, 100_000.0),
+                        warmup: Duration::from_millis(500),
+                        duration: Duration::from_secs_f64(secs),
+                        max_in_flight: 10_000,
+                        drain: Duration::from_secs(20),
+                    };
+                    let r = load::fixed_rate(&client, &req, &spec, None).await?;
+                    serde_json::json!({"ok": r.ok, "errors": r.errors, "skipped": r.skipped, "achieved_rps": r.achieved_rps,
+                        "total": r.total.summary(), "ttfb": r.ttfb.summary(), "dispatch_lag": r.lag.summary(),
+                        "first_error": r.first_error})
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+    }
+}

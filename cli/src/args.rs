@@ -1,0 +1,535 @@
+//! The command line, as clap derive types. Values are parsed and validated here
+//! (money, times), so malformed input is a usage error (exit code 2).
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+use crate::output::Format;
+use crate::parse::{expiry_arg, instant_arg, time_arg, usd_arg};
+
+const GLOBAL: &str = "Global options";
+
+/// Operate a relay deployment through its control plane.
+#[derive(Debug, Parser)]
+#[command(name = "relayctl", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Control-plane admin endpoint (`host:port` means `http://host:port`).
+    #[arg(long, global = true, help_heading = GLOBAL, env = "RELAY_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+
+    /// Admin token (prefer --token-file or the environment: arguments are visible to other users).
+    #[arg(long, global = true, help_heading = GLOBAL, env = "RELAY_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Read the admin token from this file (surrounding whitespace is trimmed); wins over --token.
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Output format.
+    // The id is "format", not "output": `pricing set` has its own `--output USD`
+    // (see `PriceSet::format`).
+    #[arg(short = 'o', long = "output", id = "format", value_name = "FORMAT", global = true, help_heading = GLOBAL, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Upstream accounts (Anthropic API keys, Claude OAuth, compatible endpoints).
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Client API keys.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Groups of accounts that keys are routed to.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Model prices (USD per million tokens).
+    #[command(subcommand)]
+    Pricing(PricingCmd),
+    /// Operator-tunable settings.
+    #[command(subcommand)]
+    Settings(SettingsCmd),
+    /// Data planes and the config version each has applied.
+    #[command(subcommand)]
+    Proxies(ProxiesCmd),
+    /// The audit log of admin changes.
+    Audit(AuditArgs),
+    /// Usage and cost.
+    Usage(UsageArgs),
+    /// Admin tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The control plane's current config version (`epoch:revision`).
+    Version,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccountKindArg {
+    AnthropicApiKey,
+    ClaudeOauth,
+    AnthropicCompatible,
+}
+
+/// Where a secret comes from: never the command line itself.
+#[derive(Debug, Args)]
+pub struct SecretSource {
+    /// Read the upstream credential from standard input.
+    #[arg(long, conflicts_with = "secret_file")]
+    pub secret_stdin: bool,
+    /// Read the upstream credential from a file.
+    #[arg(long, value_name = "PATH")]
+    pub secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCmd {
+    /// Add an account; the credential is read from stdin or a file.
+    #[command(group(ArgGroup::new("secret").required(true).args(["secret_stdin", "secret_file"])))]
+    Add(AccountAdd),
+    /// List accounts.
+    #[command(alias = "ls")]
+    List,
+    /// Show one account.
+    Show { account: String },
+    /// Change an account; only the given fields change.
+    Update(AccountUpdate),
+    /// Stop routing to an account.
+    Disable { account: String },
+    /// Route to an account again (also clears its health states).
+    Enable { account: String },
+    /// Clear an account's health states (rate limited, unauthorized, blocked, ...).
+    Reset { account: String },
+    /// Delete an account.
+    #[command(alias = "delete")]
+    Rm { account: String },
+}
+
+#[derive(Debug, Args)]
+pub struct AccountAdd {
+    pub name: String,
+    #[arg(long, value_enum)]
+    pub kind: AccountKindArg,
+    /// Upstream base URL (default: https://api.anthropic.com).
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
+    #[command(flatten)]
+    pub secret: SecretSource,
+    /// Lower is tried first.
+    #[arg(long, allow_negative_numbers = true)]
+    pub priority: Option<i32>,
+    /// Traffic share within a priority tier (default 1).
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// Group membership (repeatable or comma-separated; default: "default").
+    #[arg(long = "group", value_name = "GROUP", value_delimiter = ',')]
+    pub groups: Vec<String>,
+    /// Concurrent requests allowed on this account (0 = unlimited).
+    #[arg(long)]
+    pub max_concurrency: Option<u32>,
+    /// Outbound proxy (http://, https://, socks5://).
+    #[arg(long, value_name = "URL")]
+    pub proxy_url: Option<String>,
+    /// OAuth accounts: read the refresh token from this file.
+    #[arg(long, value_name = "PATH")]
+    pub refresh_token_file: Option<PathBuf>,
+    /// OAuth accounts: when the access token expires (RFC 3339).
+    #[arg(long, value_name = "RFC3339", value_parser = instant_arg)]
+    pub expires: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+pub struct AccountUpdate {
+    pub account: String,
+    /// Rename the account.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
+    #[command(flatten)]
+    pub secret: SecretSource,
+    #[arg(long, allow_negative_numbers = true)]
+    pub priority: Option<i32>,
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// Replace the group memberships (repeatable or comma-separated).
+    #[arg(long = "group", value_name = "GROUP", value_delimiter = ',')]
+    pub groups: Vec<String>,
+    #[arg(long)]
+    pub max_concurrency: Option<u32>,
+    /// Outbound proxy; "" for a direct connection.
+    #[arg(long, value_name = "URL")]
+    pub proxy_url: Option<String>,
+    /// OAuth accounts: read a new refresh token from this file.
+    #[arg(long, value_name = "PATH")]
+    pub refresh_token_file: Option<PathBuf>,
+    /// OAuth accounts: when the access token expires (RFC 3339).
+    #[arg(long, value_name = "RFC3339", value_parser = instant_arg)]
+    pub expires: Option<i64>,
+}
+
+/// Limits of an API key (USD budgets; 0 = unlimited everywhere).
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Requests per minute.
+    #[arg(long)]
+    pub rpm: Option<u32>,
+    /// Tokens per minute.
+    #[arg(long)]
+    pub tpm: Option<u64>,
+    /// Concurrent requests.
+    #[arg(long)]
+    pub concurrency: Option<u32>,
+    /// Daily budget in USD (e.g. 25 or 12.50).
+    #[arg(long, value_name = "USD", value_parser = usd_arg)]
+    pub daily_budget: Option<u64>,
+    /// Monthly budget in USD.
+    #[arg(long, value_name = "USD", value_parser = usd_arg)]
+    pub monthly_budget: Option<u64>,
+}
+
+impl LimitArgs {
+    pub fn any(&self) -> bool {
+        self.rpm.is_some()
+            || self.tpm.is_some()
+            || self.concurrency.is_some()
+            || self.daily_budget.is_some()
+            || self.monthly_budget.is_some()
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Create an API key; the key is printed this once.
+    Create(KeyCreate),
+    /// List API keys.
+    #[command(alias = "ls")]
+    List,
+    /// Revoke an API key (final).
+    Revoke { key: String },
+    /// Change an API key; only the given fields change.
+    Update(KeyUpdate),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyCreate {
+    pub name: String,
+    /// Group to route through (default: "default").
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Allowed models: exact ids or prefixes ending in '*' (default: all).
+    #[arg(long, value_name = "MODEL,...", value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// When the key stops working (RFC 3339).
+    #[arg(long, value_name = "RFC3339", value_parser = instant_arg)]
+    pub expires: Option<i64>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyUpdate {
+    pub key: String,
+    /// Rename the key.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Replace the allowed models.
+    #[arg(long, value_name = "MODEL,...", value_delimiter = ',', conflicts_with = "all_models")]
+    pub models: Vec<String>,
+    /// Allow every model again.
+    #[arg(long)]
+    pub all_models: bool,
+    /// New expiry (RFC 3339), or `never`.
+    #[arg(long, value_name = "RFC3339|never", value_parser = expiry_arg)]
+    pub expires: Option<i64>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Disable the key (reversible).
+    #[arg(long, conflicts_with = "enable")]
+    pub disable: bool,
+    /// Enable a disabled key.
+    #[arg(long)]
+    pub enable: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// Create a group.
+    Add {
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List groups.
+    #[command(alias = "ls")]
+    List,
+    /// Delete a group.
+    #[command(alias = "delete")]
+    Rm { group: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PricingCmd {
+    /// List prices.
+    #[command(alias = "ls")]
+    List,
+    /// Set the price of a model (or a prefix ending in '*'), in USD per million tokens.
+    Set(PriceSet),
+}
+
+#[derive(Debug, Args)]
+pub struct PriceSet {
+    /// Exact model id, or a prefix ending in '*' (e.g. "claude-sonnet-4*").
+    pub model_pattern: String,
+    /// Input tokens, USD/MTok.
+    #[arg(long, value_name = "USD", value_parser = usd_arg)]
+    pub input: u64,
+    /// Output tokens, USD/MTok.
+    #[arg(long, value_name = "USD", value_parser = usd_arg)]
+    pub output: u64,
+    /// Output format (here only `-o`: `--output` is the output-token price).
+    // Defining the "format" id here keeps the global `-o/--output` from being
+    // propagated into this command, where its `--output` would clash; the value
+    // still reaches `Cli::output`, as clap shares global ids across levels.
+    #[arg(short = 'o', id = "format", value_name = "FORMAT", value_enum)]
+    pub format: Option<Format>,
+    /// 5-minute cache writes, USD/MTok (default 1.25 × input).
+    #[arg(long = "cache-write-5m", value_name = "USD", value_parser = usd_arg)]
+    pub cache_write_5m: Option<u64>,
+    /// 1-hour cache writes, USD/MTok (default 2 × input).
+    #[arg(long = "cache-write-1h", value_name = "USD", value_parser = usd_arg)]
+    pub cache_write_1h: Option<u64>,
+    /// Cache reads, USD/MTok (default 0.1 × input).
+    #[arg(long, value_name = "USD", value_parser = usd_arg)]
+    pub cache_read: Option<u64>,
+    /// When the price takes effect (RFC 3339; default now).
+    #[arg(long, value_name = "RFC3339", value_parser = instant_arg)]
+    pub effective: Option<i64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SettingsCmd {
+    /// List settings.
+    #[command(alias = "ls")]
+    List,
+    /// Set a setting.
+    Set { name: String, value: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProxiesCmd {
+    /// List data planes.
+    #[command(alias = "ls")]
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// At most this many entries (server default 100).
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Only entries at or after this time (RFC 3339, or a duration ago like 24h).
+    #[arg(long, value_name = "TIME", value_parser = time_arg)]
+    pub since: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UsageBy {
+    Key,
+    Account,
+    Model,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BucketArg {
+    Hour,
+    Day,
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// Group rows by API key, account or model (default: one total).
+    #[arg(long, value_enum)]
+    pub by: Option<UsageBy>,
+    /// From this time (RFC 3339, or a duration ago: 30m, 24h, 7d).
+    #[arg(long, value_name = "TIME", value_parser = time_arg)]
+    pub since: Option<i64>,
+    /// Up to this time (RFC 3339 or a duration ago; default now).
+    #[arg(long, value_name = "TIME", value_parser = time_arg)]
+    pub until: Option<i64>,
+    /// Split rows into time buckets.
+    #[arg(long, value_enum)]
+    pub bucket: Option<BucketArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    Admin,
+    ReadOnly,
+    DataPlane,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create an admin token; the token is printed this once.
+    Create {
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+    /// List admin tokens.
+    #[command(alias = "ls")]
+    List,
+    /// Revoke an admin token.
+    #[command(alias = "rm")]
+    Revoke { token: String },
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("relayctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn account_add_needs_a_secret_source() {
+        assert!(parse(&["account", "add", "a", "--kind", "anthropic-api-key"]).is_err());
+        assert!(parse(&[
+            "account",
+            "add",
+            "a",
+            "--kind",
+            "anthropic-api-key",
+            "--secret-stdin",
+            "--secret-file",
+            "f"
+        ])
+        .is_err());
+        let cli = parse(&[
+            "account",
+            "add",
+            "a",
+            "--kind",
+            "claude-oauth",
+            "--secret-file",
+            "f",
+            "--group",
+            "x,y",
+            "--group",
+            "z",
+            "--priority",
+            "-2",
+        ])
+        .unwrap();
+        let Command::Account(AccountCmd::Add(a)) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(a.groups, ["x", "y", "z"]);
+        assert_eq!(a.priority, Some(-2));
+        assert_eq!(a.kind, AccountKindArg::ClaudeOauth);
+    }
+
+    #[test]
+    fn no_secret_argument_exists() {
+        assert!(parse(&["account", "add", "a", "--kind", "anthropic-api-key", "--secret", "sk"]).is_err());
+    }
+
+    #[test]
+    fn global_flags_anywhere() {
+        let cli = parse(&["key", "list", "-o", "json", "--server", "cp:1"]).unwrap();
+        assert_eq!(cli.output, Format::Json);
+        assert_eq!(cli.server, "cp:1");
+        assert!(parse(&["-o", "yaml", "key", "list"]).is_err());
+    }
+
+    #[test]
+    fn prices_parse_exactly() {
+        let cli = parse(&[
+            "pricing",
+            "set",
+            "claude-*",
+            "--input",
+            "3",
+            "--output",
+            "15",
+            "--cache-read",
+            "0.30",
+        ])
+        .unwrap();
+        let Command::Pricing(PricingCmd::Set(p)) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(
+            (p.input, p.output, p.cache_read, p.cache_write_5m),
+            (3_000_000, 15_000_000, Some(300_000), None)
+        );
+        let err = parse(&["pricing", "set", "m", "--input", "abc", "--output", "1"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(parse(&["pricing", "set", "m", "--input", "-1", "--output", "1"]).is_err());
+        // `-o` still selects the output format, before or after the subcommand.
+        let cli = parse(&["pricing", "set", "m", "--input", "1", "--output", "2", "-o", "json"]).unwrap();
+        assert_eq!(cli.output, Format::Json);
+        let cli = parse(&["-o", "csv", "pricing", "set", "m", "--input", "1", "--output", "2"]).unwrap();
+        assert_eq!(cli.output, Format::Csv);
+        let Command::Pricing(PricingCmd::Set(p)) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(p.output, 2_000_000);
+        let cli = parse(&["--output", "json", "pricing", "list"]).unwrap();
+        assert_eq!(cli.output, Format::Json);
+    }
+
+    #[test]
+    fn key_update_flags() {
+        let cli = parse(&[
+            "key",
+            "update",
+            "k",
+            "--expires",
+            "never",
+            "--models",
+            "a,b*",
+            "--disable",
+            "--daily-budget",
+            "12.5",
+        ])
+        .unwrap();
+        let Command::Key(KeyCmd::Update(u)) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(u.expires, Some(0));
+        assert_eq!(u.models, ["a", "b*"]);
+        assert!(u.disable && !u.enable);
+        assert_eq!(u.limits.daily_budget, Some(12_500_000));
+        assert!(parse(&["key", "update", "k", "--disable", "--enable"]).is_err());
+    }
+
+    #[test]
+    fn usage_and_roles() {
+        let cli = parse(&["usage", "--by", "model", "--since", "7d", "--bucket", "day"]).unwrap();
+        let Command::Usage(u) = cli.command else { unreachable!() };
+        assert_eq!(u.by, Some(UsageBy::Model));
+        assert!(u.since.is_some());
+        assert!(parse(&["usage", "--since", "tomorrow"]).is_err());
+        let cli = parse(&["token", "create", "ci", "--role", "read-only"]).unwrap();
+        let Command::Token(TokenCmd::Create { role, .. }) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(role, RoleArg::ReadOnly);
+        assert!(parse(&["token", "create", "dp", "--role", "data-plane"]).is_ok());
+    }
+}

@@ -1,0 +1,214 @@
+//! `relayctl account ...`: upstream accounts.
+
+use anyhow::Result;
+use relay_proto::v1::{
+    AccountHealth, AccountInfo, AccountKind, AccountState, AccountStatus, CreateAccountRequest, DeleteAccountRequest,
+    GetAccountRequest, ListAccountsRequest, ResetAccountRequest, UpdateAccountRequest,
+};
+
+use super::{clean_list, read_secret, read_secret_file, Deleted};
+use crate::args::{AccountAdd, AccountCmd, AccountKindArg, AccountUpdate};
+use crate::client::{Api, Conn, RpcResult};
+use crate::output::{Column, Output, Value};
+use crate::parse::enum_label;
+
+pub fn kind_label(v: i32) -> String {
+    enum_label(
+        AccountKind::try_from(v).ok().map(|k| k.as_str_name()),
+        "ACCOUNT_KIND_",
+        v,
+    )
+}
+
+pub fn status_label(v: i32) -> String {
+    enum_label(
+        AccountStatus::try_from(v).ok().map(|k| k.as_str_name()),
+        "ACCOUNT_STATUS_",
+        v,
+    )
+}
+
+pub fn health_label(v: i32) -> String {
+    enum_label(
+        AccountHealth::try_from(v).ok().map(|k| k.as_str_name()),
+        "ACCOUNT_HEALTH_",
+        v,
+    )
+}
+
+/// "healthy", or each state as `health[(scope)] until TIME` / `… until reset`.
+fn health_summary(states: &[AccountState]) -> String {
+    if states.is_empty() {
+        return "healthy".into();
+    }
+    states
+        .iter()
+        .map(|s| {
+            let scope = if s.scope.is_empty() {
+                String::new()
+            } else {
+                format!("({})", s.scope)
+            };
+            let until = crate::parse::format_time(s.until_ms).unwrap_or_else(|| "reset".into());
+            format!("{}{scope} until {until}", health_label(s.health))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn states_json(states: &[AccountState]) -> serde_json::Value {
+    serde_json::Value::Array(
+        states
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "health": health_label(s.health),
+                    "scope": s.scope,
+                    "reason": s.reason,
+                    "until": crate::parse::format_time(s.until_ms),
+                    "since": crate::parse::format_time(s.since_ms),
+                    "reported_by": s.reported_by,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn kind(arg: AccountKindArg) -> AccountKind {
+    match arg {
+        AccountKindArg::AnthropicApiKey => AccountKind::AnthropicApiKey,
+        AccountKindArg::ClaudeOauth => AccountKind::ClaudeOauth,
+        AccountKindArg::AnthropicCompatible => AccountKind::AnthropicCompatible,
+    }
+}
+
+pub const COLUMNS: &[Column<AccountInfo>] = &[
+    Column::new("id", "ID", |a| Value::text(&a.id)),
+    Column::new("name", "Name", |a| Value::text(&a.name)),
+    Column::new("kind", "Kind", |a| Value::Text(kind_label(a.kind))),
+    Column::new("status", "Status", |a| Value::Text(status_label(a.status))),
+    Column::new("priority", "Priority", |a| Value::Int(i64::from(a.priority))),
+    Column::new("weight", "Weight", |a| Value::UInt(u64::from(a.weight))),
+    Column::new("groups", "Groups", |a| Value::list(&a.groups, "-")),
+    Column::new("max_concurrency", "Max concurrency", |a| {
+        Value::UInt(u64::from(a.max_concurrency))
+    }),
+    Column::new("credential_hint", "Credential", |a| Value::opt_text(&a.credential_hint)),
+    Column::new("health", "Health", |a| Value::Text(health_summary(&a.states))),
+    Column::detail("states", "States", |a| Value::Json(states_json(&a.states))),
+    Column::detail("base_url", "Base URL", |a| Value::opt_text(&a.base_url)),
+    Column::detail("proxy_url", "Proxy URL", |a| Value::opt_text(&a.proxy_url)),
+    Column::detail("credential_expires_at", "Credential expires", |a| {
+        Value::Time(a.credential_expires_at_ms)
+    }),
+    Column::detail("created_at", "Created", |a| Value::Time(a.created_at_ms)),
+    Column::detail("updated_at", "Updated", |a| Value::Time(a.updated_at_ms)),
+];
+
+pub async fn run(conn: &mut Conn, out: Output, cmd: AccountCmd) -> Result<()> {
+    let server = conn.server.clone();
+    let api = &mut conn.api;
+    match cmd {
+        AccountCmd::Add(args) => {
+            let req = create_request(args)?;
+            let info = api.create_account(req).await.or_report(&server)?;
+            out.one(COLUMNS, &info)
+        }
+        AccountCmd::List => {
+            let list = api.list_accounts(ListAccountsRequest {}).await.or_report(&server)?;
+            out.list(COLUMNS, &list.accounts)
+        }
+        AccountCmd::Show { account } => {
+            let info = api
+                .get_account(GetAccountRequest { account })
+                .await
+                .or_report(&server)?;
+            out.one(COLUMNS, &info)
+        }
+        AccountCmd::Update(args) => {
+            let req = update_request(args)?;
+            let info = api.update_account(req).await.or_report(&server)?;
+            out.one(COLUMNS, &info)
+        }
+        AccountCmd::Disable { account } => set_status(api, &server, out, account, AccountStatus::Disabled).await,
+        AccountCmd::Enable { account } => set_status(api, &server, out, account, AccountStatus::Enabled).await,
+        AccountCmd::Reset { account } => {
+            let info = api
+                .reset_account(ResetAccountRequest { account })
+                .await
+                .or_report(&server)?;
+            out.one(COLUMNS, &info)
+        }
+        AccountCmd::Rm { account } => {
+            let resp = api
+                .delete_account(DeleteAccountRequest {
+                    account: account.clone(),
+                })
+                .await
+                .or_report(&server)?;
+            Deleted {
+                kind: "account",
+                target: account,
+                version: resp.version,
+            }
+            .print(out, "deleted")
+        }
+    }
+}
+
+async fn set_status(api: &mut Api, server: &str, out: Output, account: String, status: AccountStatus) -> Result<()> {
+    let req = UpdateAccountRequest {
+        account,
+        status: Some(status as i32),
+        ..Default::default()
+    };
+    let info = api.update_account(req).await.or_report(server)?;
+    let text = format!("account {:?} {}", info.name, status_label(info.status));
+    out.one_or_text(COLUMNS, &info, &text)
+}
+
+fn create_request(args: AccountAdd) -> Result<CreateAccountRequest> {
+    let credential = read_secret(&args.secret)?.unwrap_or_default();
+    let refresh_token = match &args.refresh_token_file {
+        Some(p) => read_secret_file(p, "refresh token")?,
+        None => String::new(),
+    };
+    Ok(CreateAccountRequest {
+        name: args.name,
+        kind: kind(args.kind) as i32,
+        base_url: args.base_url.unwrap_or_default(),
+        credential,
+        priority: args.priority.unwrap_or(0),
+        weight: args.weight.unwrap_or(0),
+        groups: clean_list(&args.groups),
+        max_concurrency: args.max_concurrency.unwrap_or(0),
+        proxy_url: args.proxy_url.unwrap_or_default(),
+        refresh_token,
+        credential_expires_at_ms: args.expires.unwrap_or(0),
+    })
+}
+
+fn update_request(args: AccountUpdate) -> Result<UpdateAccountRequest> {
+    let credential = read_secret(&args.secret)?;
+    let refresh_token = args
+        .refresh_token_file
+        .as_deref()
+        .map(|p| read_secret_file(p, "refresh token"))
+        .transpose()?;
+    let groups = clean_list(&args.groups);
+    Ok(UpdateAccountRequest {
+        account: args.account,
+        name: args.name,
+        base_url: args.base_url,
+        credential,
+        priority: args.priority,
+        weight: args.weight,
+        set_groups: !groups.is_empty(),
+        groups,
+        max_concurrency: args.max_concurrency,
+        status: None,
+        proxy_url: args.proxy_url,
+        refresh_token,
+        credential_expires_at_ms: args.expires,
+    })
+}

@@ -1,0 +1,179 @@
+//! `relayctl group|pricing|settings ...`: groups, prices and settings.
+
+use anyhow::{anyhow, Result};
+use relay_proto::v1::{
+    CreateGroupRequest, DeleteGroupRequest, GroupInfo, ListGroupsRequest, ListPricesRequest, ListSettingsRequest,
+    Price, SetPriceRequest, SetSettingRequest,
+};
+
+use super::Deleted;
+use crate::args::{GroupCmd, PriceSet, PricingCmd, SettingsCmd};
+use crate::client::{Conn, RpcResult};
+use crate::output::{Column, Output, Value};
+use crate::parse::default_cache_prices;
+
+const GROUP_COLUMNS: &[Column<GroupInfo>] = &[
+    Column::new("id", "ID", |g| Value::text(&g.id)),
+    Column::new("name", "Name", |g| Value::text(&g.name)),
+    Column::new("description", "Description", |g| Value::text(&g.description)),
+    Column::new("account_count", "Accounts", |g| Value::UInt(u64::from(g.account_count))),
+    Column::new("key_count", "Keys", |g| Value::UInt(u64::from(g.key_count))),
+];
+
+pub async fn group(conn: &mut Conn, out: Output, cmd: GroupCmd) -> Result<()> {
+    let server = conn.server.clone();
+    let api = &mut conn.api;
+    match cmd {
+        GroupCmd::Add { name, description } => {
+            let info = api
+                .create_group(CreateGroupRequest { name, description })
+                .await
+                .or_report(&server)?;
+            out.one(GROUP_COLUMNS, &info)
+        }
+        GroupCmd::List => {
+            let list = api.list_groups(ListGroupsRequest {}).await.or_report(&server)?;
+            out.list(GROUP_COLUMNS, &list.groups)
+        }
+        GroupCmd::Rm { group } => {
+            let resp = api
+                .delete_group(DeleteGroupRequest { group: group.clone() })
+                .await
+                .or_report(&server)?;
+            Deleted {
+                kind: "group",
+                target: group,
+                version: resp.version,
+            }
+            .print(out, "deleted")
+        }
+    }
+}
+
+/// Prices are USD per million tokens (exact decimals in JSON).
+const PRICE_COLUMNS: &[Column<Price>] = &[
+    Column::new("model_pattern", "Model", |p| Value::text(&p.model_pattern)),
+    Column::new("input", "Input $/MTok", |p| Value::usd(p.input)),
+    Column::new("output", "Output $/MTok", |p| Value::usd(p.output)),
+    Column::new("cache_write_5m", "Cache write 5m", |p| Value::usd(p.cache_write_5m)),
+    Column::new("cache_write_1h", "Cache write 1h", |p| Value::usd(p.cache_write_1h)),
+    Column::new("cache_read", "Cache read", |p| Value::usd(p.cache_read)),
+    Column::new("effective_from", "Effective from", |p| Value::Time(p.effective_from_ms)),
+    Column::new("source", "Source", |p| Value::text(&p.source)),
+    Column::detail("id", "ID", |p| Value::text(&p.id)),
+];
+
+fn price_request(args: PriceSet) -> Result<SetPriceRequest> {
+    let (w5m, w1h, read) = default_cache_prices(args.input).map_err(|e| anyhow!(e))?;
+    Ok(SetPriceRequest {
+        model_pattern: args.model_pattern,
+        effective_from_ms: args.effective.unwrap_or(0),
+        input: args.input,
+        output: args.output,
+        cache_write_5m: args.cache_write_5m.unwrap_or(w5m),
+        cache_write_1h: args.cache_write_1h.unwrap_or(w1h),
+        cache_read: args.cache_read.unwrap_or(read),
+    })
+}
+
+pub async fn pricing(conn: &mut Conn, out: Output, cmd: PricingCmd) -> Result<()> {
+    let server = conn.server.clone();
+    let api = &mut conn.api;
+    match cmd {
+        PricingCmd::List => {
+            let list = api.list_prices(ListPricesRequest {}).await.or_report(&server)?;
+            out.list(PRICE_COLUMNS, &list.prices)
+        }
+        PricingCmd::Set(args) => {
+            let price = api.set_price(price_request(args)?).await.or_report(&server)?;
+            out.one(PRICE_COLUMNS, &price)
+        }
+    }
+}
+
+type Setting = (String, String);
+
+const SETTING_COLUMNS: &[Column<Setting>] = &[
+    Column::new("name", "Name", |s| Value::text(&s.0)),
+    Column::new("value", "Value", |s| Value::text(&s.1)),
+];
+
+pub async fn settings(conn: &mut Conn, out: Output, cmd: SettingsCmd) -> Result<()> {
+    let server = conn.server.clone();
+    let api = &mut conn.api;
+    match cmd {
+        SettingsCmd::List => {
+            let list = api.list_settings(ListSettingsRequest {}).await.or_report(&server)?;
+            let rows: Vec<Setting> = list.values.into_iter().collect();
+            out.list(SETTING_COLUMNS, &rows)
+        }
+        SettingsCmd::Set { name, value } => {
+            let req = SetSettingRequest {
+                name: name.clone(),
+                value: value.clone(),
+            };
+            let list = api.set_setting(req).await.or_report(&server)?;
+            let value = list.values.get(&name).cloned().unwrap_or(value);
+            let text = format!("{name} = {value}");
+            out.one_or_text(SETTING_COLUMNS, &(name, value), &text)
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn set(args: &[&str]) -> SetPriceRequest {
+        use clap::Parser;
+        let cli = crate::args::Cli::try_parse_from(["relayctl", "pricing", "set"].iter().chain(args)).unwrap();
+        let crate::args::Command::Pricing(PricingCmd::Set(p)) = cli.command else {
+            unreachable!()
+        };
+        price_request(p).unwrap()
+    }
+
+    #[test]
+    fn cache_prices_default_from_input() {
+        let r = set(&["claude-sonnet-4*", "--input", "3", "--output", "15"]);
+        assert_eq!((r.input, r.output), (3_000_000, 15_000_000));
+        assert_eq!(
+            (r.cache_write_5m, r.cache_write_1h, r.cache_read),
+            (3_750_000, 6_000_000, 300_000)
+        );
+        assert_eq!(r.effective_from_ms, 0);
+        let r = set(&[
+            "m",
+            "--input",
+            "15",
+            "--output",
+            "75",
+            "--cache-write-5m",
+            "18.75",
+            "--cache-read",
+            "1.5",
+            "--effective",
+            "2025-01-01T00:00:00Z",
+        ]);
+        assert_eq!(
+            (r.cache_write_5m, r.cache_write_1h, r.cache_read),
+            (18_750_000, 30_000_000, 1_500_000)
+        );
+        assert_eq!(r.effective_from_ms, 1_735_689_600_000);
+    }
+
+    #[test]
+    fn price_json_is_usd_per_mtok() {
+        let p = Price {
+            model_pattern: "m".into(),
+            input: 3_000_000,
+            cache_read: 300_000,
+            ..Default::default()
+        };
+        let obj = crate::output::json_object(PRICE_COLUMNS, &p);
+        assert_eq!(obj["input"].as_f64().unwrap(), 3.0);
+        assert_eq!(obj["cache_read"].as_f64().unwrap(), 0.3);
+        assert_eq!(obj["effective_from"], serde_json::Value::Null);
+    }
+}

@@ -1,0 +1,275 @@
+//! Read-mostly views: `proxies`, `audit`, `usage`, `version`.
+
+use anyhow::{anyhow, Result};
+use relay_proto::v1::{
+    AuditEntry, ConfigVersion, GetConfigVersionRequest, ListAuditRequest, ListProxiesRequest, ProxyState,
+    QueryUsageRequest, UsageBucket, UsageGroupBy, UsageRow,
+};
+
+use super::version_string;
+use crate::args::{AuditArgs, BucketArg, ProxiesCmd, UsageArgs, UsageBy};
+use crate::client::{Conn, RpcResult};
+use crate::output::{Column, Format, Output, Value};
+use crate::parse::format_cost;
+
+/// A data plane, with the head it is compared against.
+struct ProxyRow {
+    p: ProxyState,
+    head: Option<ConfigVersion>,
+}
+
+impl ProxyRow {
+    /// Revisions behind the head; unknown before the first ACK or across epochs.
+    fn lag(&self) -> Option<u64> {
+        match (&self.p.acked, &self.head) {
+            (Some(a), Some(h)) if a.epoch == h.epoch => Some(h.revision.saturating_sub(a.revision)),
+            _ => None,
+        }
+    }
+}
+
+fn opt_version(v: Option<&ConfigVersion>) -> Value {
+    version_string(v).map_or(Value::Null, Value::Text)
+}
+
+const PROXY_COLUMNS: &[Column<ProxyRow>] = &[
+    Column::new("node_id", "Node", |r| Value::text(&r.p.node_id)),
+    Column::new("build_version", "Build", |r| Value::opt_text(&r.p.build_version)),
+    Column::new("acked_version", "Acked", |r| opt_version(r.p.acked.as_ref())),
+    Column::new("head_version", "Head", |r| opt_version(r.head.as_ref())),
+    Column::new("lag", "Lag", |r| r.lag().map_or(Value::Null, Value::UInt)),
+    Column::new("last_nack_error", "Last NACK error", |r| {
+        Value::opt_text(&r.p.last_nack_error)
+    }),
+    Column::detail("last_nack_version", "Last NACK version", |r| {
+        opt_version(r.p.last_nack_version.as_ref())
+    }),
+    Column::detail("last_nack_at", "Last NACK at", |r| Value::Time(r.p.last_nack_at_ms)),
+    Column::new("last_seen", "Last seen", |r| Value::Time(r.p.last_seen_ms)),
+    Column::new("connected", "Connected", |r| Value::Bool(r.p.connected)),
+    Column::detail("replica", "Replica", |r| Value::opt_text(&r.p.replica)),
+];
+
+pub async fn proxies(conn: &mut Conn, out: Output, cmd: ProxiesCmd) -> Result<()> {
+    match cmd {
+        ProxiesCmd::List => {
+            let resp = conn
+                .api
+                .list_proxies(ListProxiesRequest {})
+                .await
+                .or_report(&conn.server)?;
+            let head = resp.head;
+            let rows: Vec<ProxyRow> = resp.proxies.into_iter().map(|p| ProxyRow { p, head }).collect();
+            out.list(PROXY_COLUMNS, &rows)
+        }
+    }
+}
+
+/// The detail is JSON; keep it structured in JSON output when it parses.
+fn audit_detail(e: &AuditEntry) -> Value {
+    if e.detail.is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_str(&e.detail).map_or_else(|_| Value::text(&e.detail), Value::Json)
+}
+
+const AUDIT_COLUMNS: &[Column<AuditEntry>] = &[
+    Column::new("id", "ID", |e| Value::UInt(e.id)),
+    Column::new("at", "At", |e| Value::Time(e.at_ms)),
+    Column::new("actor", "Actor", |e| Value::text(&e.actor)),
+    Column::new("action", "Action", |e| Value::text(&e.action)),
+    Column::new("target", "Target", |e| Value::text(&e.target)),
+    Column::new("revision", "Revision", |e| Value::UInt(e.revision)),
+    Column::new("detail", "Detail", audit_detail),
+];
+
+pub async fn audit(conn: &mut Conn, out: Output, args: AuditArgs) -> Result<()> {
+    let req = ListAuditRequest {
+        limit: args.limit.unwrap_or(0),
+        since_ms: args.since.unwrap_or(0),
+    };
+    let resp = conn.api.list_audit(req).await.or_report(&conn.server)?;
+    out.list(AUDIT_COLUMNS, &resp.entries)
+}
+
+/// Columns of a usage report: the bucket and group columns only when asked for.
+fn usage_columns(by: Option<UsageBy>, bucketed: bool) -> Vec<Column<UsageRow>> {
+    let mut cols: Vec<Column<UsageRow>> = Vec::new();
+    if bucketed {
+        cols.push(Column::new("bucket_start", "Bucket", |r| {
+            Value::Time(r.bucket_start_ms)
+        }));
+    }
+    if let Some(by) = by {
+        let header = match by {
+            UsageBy::Key => "Key",
+            UsageBy::Account => "Account",
+            UsageBy::Model => "Model",
+        };
+        cols.push(Column::new("group", header, |r| Value::text(&r.group)));
+        cols.push(Column::detail("group_id", "ID", |r| Value::opt_text(&r.group_id)));
+    }
+    let totals: [Column<UsageRow>; 9] = [
+        Column::new("requests", "Requests", |r| Value::UInt(r.requests)),
+        Column::new("input_tokens", "Input", |r| Value::UInt(r.input_tokens)),
+        Column::new("output_tokens", "Output", |r| Value::UInt(r.output_tokens)),
+        Column::new("cache_write_5m_tokens", "Cache write 5m", |r| {
+            Value::UInt(r.cache_write_5m_tokens)
+        }),
+        Column::new("cache_write_1h_tokens", "Cache write 1h", |r| {
+            Value::UInt(r.cache_write_1h_tokens)
+        }),
+        Column::new("cache_read_tokens", "Cache read", |r| Value::UInt(r.cache_read_tokens)),
+        Column::new("errors", "Errors", |r| Value::UInt(r.errors)),
+        Column::new("cost_usd", "Cost (USD)", |r| {
+            Value::Decimal(format_cost(r.cost_pico_usd))
+        }),
+        Column::detail("cost_pico_usd", "Cost (pico-USD)", |r| Value::UInt(r.cost_pico_usd)),
+    ];
+    cols.extend(totals);
+    cols
+}
+
+fn usage_request(args: &UsageArgs) -> Result<QueryUsageRequest> {
+    if let (Some(since), Some(until)) = (args.since, args.until) {
+        if since >= until {
+            return Err(anyhow!("--since must be earlier than --until"));
+        }
+    }
+    let group_by = match args.by {
+        None => UsageGroupBy::Unspecified,
+        Some(UsageBy::Key) => UsageGroupBy::Key,
+        Some(UsageBy::Account) => UsageGroupBy::Account,
+        Some(UsageBy::Model) => UsageGroupBy::Model,
+    };
+    let bucket = match args.bucket {
+        None => UsageBucket::None,
+        Some(BucketArg::Hour) => UsageBucket::Hour,
+        Some(BucketArg::Day) => UsageBucket::Day,
+    };
+    Ok(QueryUsageRequest {
+        group_by: group_by as i32,
+        since_ms: args.since.unwrap_or(0),
+        until_ms: args.until.unwrap_or(0),
+        bucket: bucket as i32,
+    })
+}
+
+pub async fn usage(conn: &mut Conn, out: Output, args: UsageArgs) -> Result<()> {
+    let req = usage_request(&args)?;
+    let resp = conn.api.query_usage(req).await.or_report(&conn.server)?;
+    out.list(&usage_columns(args.by, args.bucket.is_some()), &resp.rows)
+}
+
+const VERSION_COLUMNS: &[Column<ConfigVersion>] = &[
+    Column::new("version", "Version", |v| Value::Text(v.to_string())),
+    Column::new("epoch", "Epoch", |v| Value::UInt(v.epoch)),
+    Column::new("revision", "Revision", |v| Value::UInt(v.revision)),
+];
+
+pub async fn version(conn: &mut Conn, out: Output) -> Result<()> {
+    let v = conn
+        .api
+        .get_config_version(GetConfigVersionRequest {})
+        .await
+        .or_report(&conn.server)?;
+    match out.format {
+        Format::Table => out.one_or_text(VERSION_COLUMNS, &v, &v.to_string()),
+        Format::Json | Format::Csv => out.one(VERSION_COLUMNS, &v),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::output::{render_list, Format};
+
+    fn row() -> UsageRow {
+        UsageRow {
+            bucket_start_ms: 1_700_000_000_000,
+            group: "ci".into(),
+            group_id: "k1".into(),
+            requests: 3,
+            input_tokens: 1000,
+            cost_pico_usd: 3_000_000_000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn usage_json_fields() {
+        let s = render_list(Format::Json, &usage_columns(Some(UsageBy::Key), true), &[row()]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        let r = &v[0];
+        for k in [
+            "requests",
+            "input_tokens",
+            "output_tokens",
+            "cache_write_5m_tokens",
+            "cache_write_1h_tokens",
+            "cache_read_tokens",
+            "cost_usd",
+            "errors",
+            "group",
+            "group_id",
+            "bucket_start",
+        ] {
+            assert!(r.get(k).is_some(), "missing {k}");
+        }
+        assert_eq!(r["cost_usd"].as_f64().unwrap(), 0.003);
+        assert_eq!(r["bucket_start"], "2023-11-14T22:13:20Z");
+        assert_eq!(r["group"], "ci");
+        assert_eq!(r["cost_pico_usd"], 3_000_000_000u64);
+    }
+
+    #[test]
+    fn ungrouped_usage_has_no_group_or_bucket() {
+        let s = render_list(Format::Json, &usage_columns(None, false), &[row()]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert!(v[0].get("group").is_none() && v[0].get("bucket_start").is_none());
+        let csv = render_list(Format::Csv, &usage_columns(None, false), &[row()]).unwrap();
+        assert!(csv.lines().nth(1).unwrap().contains(",0.003000,"));
+    }
+
+    #[test]
+    fn usage_window_is_checked() {
+        let args = UsageArgs {
+            by: None,
+            since: Some(10),
+            until: Some(5),
+            bucket: None,
+        };
+        assert!(usage_request(&args).is_err());
+        let args = UsageArgs {
+            by: Some(UsageBy::Model),
+            since: None,
+            until: None,
+            bucket: Some(BucketArg::Day),
+        };
+        let r = usage_request(&args).unwrap();
+        assert_eq!(
+            (r.group_by, r.bucket, r.since_ms),
+            (UsageGroupBy::Model as i32, UsageBucket::Day as i32, 0)
+        );
+    }
+
+    #[test]
+    fn proxy_lag() {
+        let p = |acked: Option<ConfigVersion>| ProxyRow {
+            p: ProxyState {
+                acked,
+                ..Default::default()
+            },
+            head: Some(ConfigVersion::new(1, 10)),
+        };
+        assert_eq!(p(Some(ConfigVersion::new(1, 7))).lag(), Some(3));
+        assert_eq!(p(Some(ConfigVersion::new(0, 70))).lag(), None);
+        assert_eq!(p(None).lag(), None);
+        let obj = crate::output::json_object(PROXY_COLUMNS, &p(Some(ConfigVersion::new(1, 7))));
+        assert_eq!(obj["acked_version"], "1:7");
+        assert_eq!(obj["head_version"], "1:10");
+        assert_eq!(obj["lag"], 3);
+        assert_eq!(obj["last_seen"], serde_json::Value::Null);
+    }
+}

@@ -1,0 +1,40 @@
+//! `relayctl`: the operator's CLI for relay's control plane.
+//!
+//! This crate owns the command line (accounts, API keys, groups, prices,
+//! settings, data planes, audit log, usage, admin tokens, config version), its
+//! output formats (table, JSON, CSV) and the exact money/time parsing behind
+//! it. It talks only to the control plane's `relay.v1.Admin` gRPC service,
+//! authenticating every call with `authorization: Bearer <admin token>`.
+//! Secrets (upstream credentials, tokens) are read from files or stdin, never
+//! from arguments, and never appear in errors.
+
+mod args;
+mod client;
+mod commands;
+mod output;
+mod parse;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    // Usage errors print themselves and exit with 2.
+    let cli = args::Cli::parse();
+    match commands::run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `relayctl ... | head` closing the pipe early is not a failure.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}

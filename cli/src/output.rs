@@ -1,0 +1,394 @@
+//! Output formatting: every command describes its rows once, as a list of
+//! [`Column`]s (a snake_case key for JSON/CSV, a human header for tables, and an
+//! accessor), and [`Output`] renders them as a table, JSON or CSV.
+//!
+//! JSON: lists are arrays of objects, single results are objects; enums are
+//! strings, unset times are `null`, USD amounts are numbers with exact
+//! micro-dollar precision. CSV: a header row of the JSON keys, then one line per
+//! row. Tables: human headers; a single result is shown as a two-column
+//! field/value table.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use comfy_table::{presets, ContentArrangement, Table};
+use serde_json::{Map, Number};
+
+use crate::parse::{format_micros, format_time};
+
+/// How results are printed (`-o/--output`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+    Csv,
+}
+
+/// One cell of output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Text(String),
+    UInt(u64),
+    Int(i64),
+    Bool(bool),
+    /// An exact decimal (a USD amount), emitted in JSON as a number.
+    Decimal(String),
+    /// Unix milliseconds; 0 means unset.
+    Time(i64),
+    /// A list of strings; `empty` is what a table shows when it is empty.
+    List {
+        items: Vec<String>,
+        empty: &'static str,
+    },
+    /// Structured data (JSON in JSON output, compact JSON text elsewhere).
+    Json(serde_json::Value),
+    /// A limit where zero means unlimited: tables show `-` for it, JSON and
+    /// CSV the value itself.
+    Limit {
+        value: Box<Value>,
+        unlimited: bool,
+    },
+}
+
+impl Value {
+    pub fn text(s: &str) -> Self {
+        Value::Text(s.to_string())
+    }
+
+    /// Text where the empty string means "not set" (`null` / `-`).
+    pub fn opt_text(s: &str) -> Self {
+        if s.is_empty() {
+            Value::Null
+        } else {
+            Value::text(s)
+        }
+    }
+
+    pub fn list(items: &[String], empty: &'static str) -> Self {
+        Value::List {
+            items: items.to_vec(),
+            empty,
+        }
+    }
+
+    /// A count limit; 0 = unlimited.
+    pub fn limit(n: u64) -> Self {
+        Value::Limit {
+            value: Box::new(Value::UInt(n)),
+            unlimited: n == 0,
+        }
+    }
+
+    /// A USD amount from micro-USD (exact), where 0 = unlimited.
+    pub fn budget(micros: u64) -> Self {
+        Value::Limit {
+            value: Box::new(Value::usd(micros)),
+            unlimited: micros == 0,
+        }
+    }
+
+    /// A USD amount from micro-USD (exact; 2 to 6 decimals).
+    pub fn usd(micros: u64) -> Self {
+        Value::Decimal(format_micros(micros))
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value as J;
+        match self {
+            Value::Null => J::Null,
+            Value::Text(s) => J::String(s.clone()),
+            Value::UInt(n) => J::from(*n),
+            Value::Int(n) => J::from(*n),
+            Value::Bool(b) => J::Bool(*b),
+            // Number::from_str keeps the exact decimal with `arbitrary_precision`
+            // and otherwise parses that exact string to the nearest f64.
+            Value::Decimal(s) => s.parse::<Number>().map_or_else(|_| J::String(s.clone()), J::Number),
+            Value::Time(ms) => format_time(*ms).map_or(J::Null, J::String),
+            Value::List { items, .. } => J::Array(items.iter().cloned().map(J::String).collect()),
+            Value::Json(v) => v.clone(),
+            Value::Limit { value, .. } => value.to_json(),
+        }
+    }
+
+    fn to_cell(&self) -> String {
+        match self {
+            Value::Null => "-".into(),
+            Value::Bool(b) => if *b { "yes" } else { "no" }.into(),
+            Value::Time(ms) => format_time(*ms).unwrap_or_else(|| "-".into()),
+            Value::List { items, empty } if items.is_empty() => (*empty).into(),
+            Value::List { items, .. } => items.join(", "),
+            Value::Limit { unlimited: true, .. } => "-".into(),
+            Value::Limit { value, .. } => value.to_cell(),
+            other => other.to_csv(),
+        }
+    }
+
+    fn to_csv(&self) -> String {
+        match self {
+            Value::Null => String::new(),
+            Value::Text(s) | Value::Decimal(s) => s.clone(),
+            Value::UInt(n) => n.to_string(),
+            Value::Int(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Time(ms) => format_time(*ms).unwrap_or_default(),
+            Value::List { items, .. } => items.join(";"),
+            Value::Json(v) => v.to_string(),
+            Value::Limit { value, .. } => value.to_csv(),
+        }
+    }
+}
+
+/// How one field of a `T` is shown.
+pub struct Column<T> {
+    /// snake_case name in JSON and CSV.
+    pub key: &'static str,
+    /// Human header in tables.
+    pub header: &'static str,
+    /// Whether list tables show it (JSON, CSV and single-result tables always do).
+    pub in_table: bool,
+    pub get: fn(&T) -> Value,
+}
+
+impl<T> Column<T> {
+    pub const fn new(key: &'static str, header: &'static str, get: fn(&T) -> Value) -> Self {
+        Column {
+            key,
+            header,
+            in_table: true,
+            get,
+        }
+    }
+
+    /// A column list tables leave out (too wide or too detailed).
+    pub const fn detail(key: &'static str, header: &'static str, get: fn(&T) -> Value) -> Self {
+        Column {
+            key,
+            header,
+            in_table: false,
+            get,
+        }
+    }
+}
+
+/// The JSON object for one item.
+pub fn json_object<T>(cols: &[Column<T>], item: &T) -> Map<String, serde_json::Value> {
+    cols.iter()
+        .map(|c| (c.key.to_string(), (c.get)(item).to_json()))
+        .collect()
+}
+
+fn new_table() -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic);
+    t
+}
+
+fn csv_string(header: Vec<&str>, rows: Vec<Vec<String>>) -> Result<String> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(header)?;
+    for r in rows {
+        w.write_record(r)?;
+    }
+    let bytes = w.into_inner().context("writing CSV")?;
+    String::from_utf8(bytes).context("CSV output is not UTF-8")
+}
+
+fn json_string(v: &serde_json::Value) -> Result<String> {
+    let mut s = serde_json::to_string_pretty(v)?;
+    s.push('\n');
+    Ok(s)
+}
+
+/// Renders a list of items.
+pub fn render_list<T>(format: Format, cols: &[Column<T>], items: &[T]) -> Result<String> {
+    match format {
+        Format::Json => {
+            let rows = items
+                .iter()
+                .map(|i| serde_json::Value::Object(json_object(cols, i)))
+                .collect();
+            json_string(&serde_json::Value::Array(rows))
+        }
+        Format::Csv => csv_string(
+            cols.iter().map(|c| c.key).collect(),
+            items
+                .iter()
+                .map(|i| cols.iter().map(|c| (c.get)(i).to_csv()).collect())
+                .collect(),
+        ),
+        Format::Table => {
+            let shown: Vec<&Column<T>> = cols.iter().filter(|c| c.in_table).collect();
+            let mut t = new_table();
+            t.set_header(shown.iter().map(|c| c.header));
+            for i in items {
+                t.add_row(shown.iter().map(|c| (c.get)(i).to_cell()));
+            }
+            Ok(format!("{t}\n"))
+        }
+    }
+}
+
+/// Renders a single item; `only_table_columns` limits a table to the list
+/// columns (for short summaries).
+pub fn render_one<T>(format: Format, cols: &[Column<T>], item: &T, only_table_columns: bool) -> Result<String> {
+    match format {
+        Format::Json => json_string(&serde_json::Value::Object(json_object(cols, item))),
+        Format::Csv => render_list(format, cols, std::slice::from_ref(item)),
+        Format::Table => {
+            let mut t = new_table();
+            for c in cols.iter().filter(|c| c.in_table || !only_table_columns) {
+                t.add_row(vec![c.header.to_string(), (c.get)(item).to_cell()]);
+            }
+            Ok(format!("{t}\n"))
+        }
+    }
+}
+
+/// Where command results go (stdout), in the chosen format.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    pub format: Format,
+}
+
+impl Output {
+    pub fn new(format: Format) -> Self {
+        Output { format }
+    }
+
+    fn write(&self, s: &str) -> Result<()> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(s.as_bytes())?;
+        out.flush()?;
+        Ok(())
+    }
+
+    /// A list of items.
+    pub fn list<T>(&self, cols: &[Column<T>], items: &[T]) -> Result<()> {
+        self.write(&render_list(self.format, cols, items)?)
+    }
+
+    /// One item, every field.
+    pub fn one<T>(&self, cols: &[Column<T>], item: &T) -> Result<()> {
+        self.write(&render_one(self.format, cols, item, false)?)
+    }
+
+    /// One item: a sentence in table mode, the item in JSON/CSV.
+    pub fn one_or_text<T>(&self, cols: &[Column<T>], item: &T, text: &str) -> Result<()> {
+        match self.format {
+            Format::Table => self.write(&format!("{text}\n")),
+            _ => self.one(cols, item),
+        }
+    }
+
+    /// A secret shown once (a new API key or admin token): a summary table and
+    /// `<label>: <secret>` with a warning, or the item's fields plus `label` in
+    /// JSON/CSV.
+    pub fn secret_once<T>(&self, cols: &[Column<T>], item: &T, label: &'static str, secret: &str) -> Result<()> {
+        match self.format {
+            Format::Table => {
+                let summary = render_one(self.format, cols, item, true)?;
+                self.write(&format!("{summary}{label}: {secret}\n"))?;
+                eprintln!("warning: the {label} is shown only this once; store it now, relay keeps only a hash of it");
+                Ok(())
+            }
+            Format::Json => {
+                let mut obj = json_object(cols, item);
+                obj.insert(label.to_string(), serde_json::Value::String(secret.to_string()));
+                self.write(&json_string(&serde_json::Value::Object(obj))?)
+            }
+            Format::Csv => {
+                let mut header = vec![label];
+                header.extend(cols.iter().map(|c| c.key));
+                let mut row = vec![secret.to_string()];
+                row.extend(cols.iter().map(|c| (c.get)(item).to_csv()));
+                self.write(&csv_string(header, vec![row])?)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    struct Row {
+        name: &'static str,
+        n: u64,
+        at: i64,
+        tags: Vec<String>,
+        cost: &'static str,
+    }
+
+    const COLS: &[Column<Row>] = &[
+        Column::new("name", "Name", |r| Value::text(r.name)),
+        Column::new("n", "Count", |r| Value::UInt(r.n)),
+        Column::detail("at", "At", |r| Value::Time(r.at)),
+        Column::new("tags", "Tags", |r| Value::list(&r.tags, "(all)")),
+        Column::new("cost_usd", "Cost (USD)", |r| Value::Decimal(r.cost.to_string())),
+    ];
+
+    fn rows() -> Vec<Row> {
+        vec![
+            Row {
+                name: "a",
+                n: 1,
+                at: 0,
+                tags: vec![],
+                cost: "0.003000",
+            },
+            Row {
+                name: "b,c",
+                n: 2,
+                at: 1_700_000_000_000,
+                tags: vec!["x".into(), "y".into()],
+                cost: "12.345679",
+            },
+        ]
+    }
+
+    #[test]
+    fn json_list() {
+        let s = render_list(Format::Json, COLS, &rows()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v[0]["name"], "a");
+        assert_eq!(v[0]["at"], serde_json::Value::Null);
+        assert_eq!(v[0]["tags"], serde_json::json!([]));
+        assert_eq!(v[0]["cost_usd"].as_f64().unwrap(), 0.003);
+        assert_eq!(v[1]["at"], "2023-11-14T22:13:20Z");
+        assert_eq!(v[1]["n"], 2);
+        assert_eq!(v[1]["tags"], serde_json::json!(["x", "y"]));
+        assert!(s.contains("12.345679"));
+    }
+
+    #[test]
+    fn csv_list() {
+        let s = render_list(Format::Csv, COLS, &rows()).unwrap();
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[0], "name,n,at,tags,cost_usd");
+        assert_eq!(lines[1], "a,1,,,0.003000");
+        assert_eq!(lines[2], "\"b,c\",2,2023-11-14T22:13:20Z,x;y,12.345679");
+    }
+
+    #[test]
+    fn table_list_uses_headers_and_hides_details() {
+        let s = render_list(Format::Table, COLS, &rows()).unwrap();
+        assert!(s.contains("Name") && s.contains("Cost (USD)"));
+        assert!(!s.contains("At"));
+        assert!(s.contains("(all)") && s.contains("x, y") && s.contains("0.003000"));
+    }
+
+    #[test]
+    fn single_item() {
+        let r = &rows()[1];
+        let s = render_one(Format::Table, COLS, r, false).unwrap();
+        assert!(s.contains("At") && s.contains("2023-11-14T22:13:20Z"));
+        let s = render_one(Format::Table, COLS, r, true).unwrap();
+        assert!(!s.contains("2023-11-14"));
+        let v: serde_json::Value = serde_json::from_str(&render_one(Format::Json, COLS, r, false).unwrap()).unwrap();
+        assert_eq!(v["name"], "b,c");
+    }
+}

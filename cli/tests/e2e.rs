@@ -1,0 +1,466 @@
+//! relayctl against real control-plane processes, as a new user would use
+//! them: standalone (embedded store) and Postgres-backed. Also checks that no
+//! secret reaches the database file, any log line or any error message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use relay_proto::v1 as pb;
+use relay_test_support::{free_port, wait_for, workspace_bin, Proc, TestDb};
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const UPSTREAM_SECRET: &str = "sk-ant-api03-UPSTREAM-SECRET-never-logged-0123456789";
+
+struct Env {
+    server: String,
+    token: String,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn relayctl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        self.relayctl_as(&self.token, args, stdin)
+    }
+
+    fn relayctl_as(&self, token: &str, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(workspace_bin("relayctl"));
+        cmd.args(args)
+            .env("RELAY_SERVER", &self.server)
+            .env("RELAY_ADMIN_TOKEN", token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("relayctl runs");
+        if let Some(s) = stdin {
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        // Every error message relayctl prints is checked for secrets too.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains(UPSTREAM_SECRET), "secret in relayctl stderr: {stderr}");
+        assert!(!stderr.contains(&self.token), "admin token in relayctl stderr");
+        out
+    }
+
+    /// Runs relayctl, expects success, returns stdout.
+    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.relayctl(args, stdin);
+        assert!(
+            out.status.success(),
+            "relayctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str], stdin: Option<&str>) -> Value {
+        let mut a = vec!["-o", "json"];
+        a.extend_from_slice(args);
+        let s = self.ok(&a, stdin);
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("relayctl {args:?} printed no JSON ({e}): {s}"))
+    }
+}
+
+fn start_control_plane(args: &[&str], envs: &[(&str, &str)], log: &Path) -> (Proc, String) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new(workspace_bin("relay-control-plane"));
+    cmd.args(args).args(["--listen", &listen]).env("RUST_LOG", "debug");
+    cmd.env_remove("RELAY_ADMIN_TOKEN").env_remove("RELAY_MASTER_KEY");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let proc = Proc::spawn(cmd, log).unwrap();
+    (proc, listen)
+}
+
+async fn wait_listening(proc: &mut Proc) {
+    wait_for(Duration::from_secs(30), "control plane to listen", || {
+        let text = proc.log_text();
+        let exited = proc.try_wait();
+        async move {
+            if let Some(status) = exited {
+                panic!("control plane exited with {status}: {text}");
+            }
+            text.contains("listening on").then_some(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+async fn report_usage(server: &str, dp_token: &str, events: Vec<pb::UsageEvent>) -> pb::BatchAck {
+    use futures::StreamExt;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{server}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {dp_token}").parse().unwrap();
+    let mut client = relay_proto::v1::usage_ingest_client::UsageIngestClient::with_interceptor(
+        channel,
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", token.clone());
+            Ok(r)
+        },
+    );
+    let batch = pb::UsageBatch {
+        batch_id: 1,
+        node_id: "e2e".into(),
+        events,
+    };
+    let mut acks = client
+        .report(futures::stream::iter(vec![batch]))
+        .await
+        .unwrap()
+        .into_inner();
+    acks.next().await.unwrap().unwrap()
+}
+
+/// The walk a new operator takes, with the checks they would make.
+async fn operator_walkthrough(env: &Env) -> (String, String) {
+    // Groups, an account (secret on stdin), a key.
+    env.ok(&["group", "add", "team-a", "--description", "Team A"], None);
+    env.ok(
+        &[
+            "account",
+            "add",
+            "acct-1",
+            "--kind",
+            "anthropic-api-key",
+            "--secret-stdin",
+            "--group",
+            "team-a",
+            "--priority",
+            "1",
+            "--weight",
+            "3",
+        ],
+        Some(&format!("{UPSTREAM_SECRET}\n")),
+    );
+    let created = env.json(
+        &[
+            "key",
+            "create",
+            "team-a-key",
+            "--group",
+            "team-a",
+            "--models",
+            "claude-sonnet-4-5,claude-haiku-4-5",
+            "--rpm",
+            "60",
+            "--daily-budget",
+            "12.50",
+        ],
+        None,
+    );
+    let api_key = created["key"].as_str().unwrap().to_string();
+    assert!(api_key.starts_with("rk-") && api_key.len() >= 40, "{api_key}");
+
+    // Listed as a table and as JSON, without the secrets.
+    let table = env.ok(&["account", "list"], None);
+    assert!(table.contains("acct-1") && table.contains("team-a"), "{table}");
+    assert!(!table.contains(UPSTREAM_SECRET));
+    let accounts = env.json(&["account", "list"], None);
+    let a = &accounts.as_array().unwrap()[0];
+    assert_eq!(a["name"], "acct-1");
+    assert_eq!(a["kind"], "anthropic-api-key");
+    assert_eq!(a["priority"], 1);
+    assert_eq!(a["weight"], 3);
+    assert_eq!(a["groups"], serde_json::json!(["team-a"]));
+    assert_eq!(a["status"], "enabled");
+    assert!(!accounts.to_string().contains(UPSTREAM_SECRET));
+
+    let keys = env.json(&["key", "list"], None);
+    let k = &keys.as_array().unwrap()[0];
+    assert_eq!(k["name"], "team-a-key");
+    assert_eq!(k["group"], "team-a");
+    assert_eq!(k["rpm"], 60);
+    assert_eq!(
+        k["allowed_models"],
+        serde_json::json!(["claude-sonnet-4-5", "claude-haiku-4-5"])
+    );
+    assert!(!keys.to_string().contains(&api_key), "the key is shown once only");
+    let groups = env.json(&["group", "list"], None);
+    let g = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "team-a")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (g["account_count"].as_u64(), g["key_count"].as_u64()),
+        (Some(1), Some(1))
+    );
+
+    // Disable, update, show.
+    env.ok(&["account", "disable", "acct-1"], None);
+    assert_eq!(env.json(&["account", "show", "acct-1"], None)["status"], "disabled");
+    env.ok(&["account", "enable", "acct-1"], None);
+    env.ok(&["account", "update", "acct-1", "--weight", "5"], None);
+    assert_eq!(env.json(&["account", "show", "acct-1"], None)["weight"], 5);
+    env.ok(&["key", "update", "team-a-key", "--tpm", "100000"], None);
+    let k = env.json(&["key", "list"], None)[0].clone();
+    assert_eq!(
+        (k["tpm"].as_u64(), k["rpm"].as_u64()),
+        (Some(100000), Some(60)),
+        "other limits kept"
+    );
+
+    // Pricing: the default table is there; an override is listed.
+    let prices = env.json(&["pricing", "list"], None);
+    assert!(prices
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["model_pattern"] == "claude-sonnet-4*" && p["source"] == "builtin"));
+    env.ok(&["pricing", "set", "my-model", "--input", "2", "--output", "8"], None);
+    let prices = env.json(&["pricing", "list"], None);
+    let mine = prices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["model_pattern"] == "my-model")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        mine["cache_write_5m"].as_f64(),
+        Some(2.5),
+        "5m write defaults to 1.25x input"
+    );
+
+    // Audit log: who did what, never the secret.
+    let audit = env.json(&["audit", "--limit", "50"], None);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for want in [
+        "group.create",
+        "account.create",
+        "key.create",
+        "account.disable",
+        "account.update",
+        "price.set",
+    ] {
+        assert!(actions.contains(&want), "{want} missing from {actions:?}");
+    }
+    let audit_text = env.ok(&["audit"], None);
+    assert!(!audit_text.contains(UPSTREAM_SECRET) && !audit_text.contains(&api_key));
+
+    // Roles: a read-only token can read and not write.
+    let ro = env.json(&["token", "create", "viewer", "--role", "read-only"], None)["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(env.relayctl_as(&ro, &["account", "list"], None).status.success());
+    let denied = env.relayctl_as(&ro, &["group", "add", "nope"], None);
+    assert_eq!(denied.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("permission denied"));
+    // A wrong token: a clear error, non-zero exit.
+    let bad = env.relayctl_as("rat-wrong", &["account", "list"], None);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unauthenticated"));
+    // Bad input: a clear error, nothing changed.
+    let before = env.json(&["version"], None)["revision"].as_u64();
+    let out = env.relayctl(
+        &["account", "add", "x y", "--kind", "anthropic-api-key", "--secret-stdin"],
+        Some("sk-x-0123456789\n"),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid account name"));
+    assert_eq!(env.json(&["version"], None)["revision"].as_u64(), before);
+
+    // Usage reported by a data plane shows up exact, per model, as JSON and CSV.
+    let dp = env.json(&["token", "create", "dp-1", "--role", "data-plane"], None)["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let key_id = env.json(&["key", "list"], None)[0]["id"].as_str().unwrap().to_string();
+    let events: Vec<pb::UsageEvent> = (0..3u64)
+        .map(|i| pb::UsageEvent {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            request_id: format!("req_{i}"),
+            timestamp_ms: chrono::Utc::now().timestamp_millis(),
+            api_key_id: key_id.clone(),
+            account_id: "acct".into(),
+            model: "claude-sonnet-4-5".into(),
+            input_tokens: 1000,
+            output_tokens: 500,
+            cache_write_5m_tokens: 100,
+            cache_write_1h_tokens: 10,
+            cache_read_tokens: 2000,
+            // 1000*3 + 500*15 + 100*3.75 + 10*6 + 2000*0.3 micro-USD = 11535 µUSD
+            cost_pico_usd: 11_535_000_000,
+            http_status: 200,
+            ..Default::default()
+        })
+        .collect();
+    let ack = report_usage(&env.server, &dp, events).await;
+    assert_eq!(ack.inserted, 3);
+    let usage = env.json(&["usage", "--by", "key", "--since", "1h"], None);
+    let row = &usage.as_array().unwrap()[0];
+    assert_eq!(row["group"], "team-a-key");
+    assert_eq!(row["requests"], 3);
+    assert_eq!(row["input_tokens"], 3000);
+    assert_eq!(row["output_tokens"], 1500);
+    assert_eq!(row["cache_write_5m_tokens"], 300);
+    assert_eq!(row["cache_write_1h_tokens"], 30);
+    assert_eq!(row["cache_read_tokens"], 6000);
+    assert_eq!(row["cost_usd"].as_f64(), Some(0.034605));
+    let csv = env.ok(&["-o", "csv", "usage", "--by", "model"], None);
+    let mut lines = csv.lines();
+    let header = lines.next().unwrap();
+    for col in ["requests", "input_tokens", "output_tokens", "cost_usd"] {
+        assert!(header.contains(col), "{header}");
+    }
+    assert!(lines.next().unwrap().contains("claude-sonnet-4-5"));
+    (api_key, ro)
+}
+
+fn assert_no_secret_in(path: &Path, secrets: &[&str]) {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    for s in secrets {
+        assert!(!text.contains(s), "a secret was found in {}", path.display());
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_walkthrough() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("cp.log");
+    let data_s = data.to_str().unwrap();
+    let (mut cp, server) = start_control_plane(&["--standalone", "--data-dir", data_s], &[], &log);
+    wait_listening(&mut cp).await;
+
+    // The first admin token was generated into the data dir, mode 0600, and only its path printed.
+    let token_file = data.join("admin.token");
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::metadata(data.join("master.key")).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    assert!(cp.log_text().contains(token_file.to_str().unwrap()));
+
+    let env = Env { server, token, dir };
+    let (api_key, ro) = operator_walkthrough(&env).await;
+
+    // Restart: everything is still there, the token file is reused.
+    cp.kill();
+    let (mut cp2, server2) = start_control_plane(
+        &["--standalone", "--data-dir", data_s],
+        &[],
+        &env.dir.path().join("cp2.log"),
+    );
+    wait_listening(&mut cp2).await;
+    assert!(cp2.log_text().contains("admin token is in"));
+    let env2 = Env {
+        server: server2,
+        token: env.token.clone(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    assert_eq!(env2.json(&["account", "show", "acct-1"], None)["weight"], 5);
+
+    // No secret in the database files, the key file aside, nor in any log line.
+    let secrets = [UPSTREAM_SECRET, api_key.as_str(), env.token.as_str(), ro.as_str()];
+    for f in files_under(&data) {
+        if f.file_name().is_some_and(|n| n == "admin.token") {
+            continue;
+        }
+        assert_no_secret_in(&f, &secrets);
+    }
+    assert_no_secret_in(&log, &secrets);
+    assert_no_secret_in(&env.dir.path().join("cp2.log"), &secrets);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_walkthrough() {
+    let db = TestDb::new().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("cp.log");
+    let master = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let token = "rat-e2e-bootstrap-token-0123456789abcdefghijklmn";
+    let (mut cp, server) = start_control_plane(
+        &["--database-url", &db.url],
+        &[("RELAY_MASTER_KEY", master), ("RELAY_ADMIN_TOKEN", token)],
+        &log,
+    );
+    wait_listening(&mut cp).await;
+    let env = Env {
+        server,
+        token: token.to_string(),
+        dir,
+    };
+    let (api_key, ro) = operator_walkthrough(&env).await;
+
+    // No secret anywhere in the database (every table, as text), nor in the log.
+    let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let tables: Vec<String> = client
+        .query("SELECT tablename FROM pg_tables WHERE schemaname = 'public'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(tables.len() >= 10, "{tables:?}");
+    for t in tables {
+        let rows = client
+            .query(
+                &format!("SELECT COALESCE(string_agg(x::text, ' '), '') FROM {t} x"),
+                &[],
+            )
+            .await
+            .unwrap();
+        let dump: String = rows[0].get(0);
+        for s in [UPSTREAM_SECRET, api_key.as_str(), token, ro.as_str()] {
+            assert!(!dump.contains(s), "a secret is stored in table {t}");
+        }
+        // bytea columns print as hex: check the hex form of the upstream secret too.
+        let hex: String = UPSTREAM_SECRET.bytes().map(|b| format!("{b:02x}")).collect();
+        assert!(!dump.contains(&hex), "the credential is stored unencrypted in {t}");
+    }
+    assert_no_secret_in(&log, &[UPSTREAM_SECRET, api_key.as_str(), token, ro.as_str()]);
+    // A control plane that cannot reach its database fails with a clear error.
+    let out = Command::new(workspace_bin("relay-control-plane"))
+        .args([
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/none",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("RELAY_MASTER_KEY", master)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("opening the Postgres store"));
+}

@@ -1,0 +1,151 @@
+//! `UsageIngest.Report`: batches of usage events in, one ACK per batch out,
+//! sent only after the batch is committed. Duplicates (same event id) are
+//! absorbed by the store, so a resent batch never counts twice.
+
+use super::auth::{Authenticator, Need};
+use crate::model::UsageEvent;
+use crate::store::DynStore;
+use futures::Stream;
+use relay_proto::v1 as pb;
+use relay_proto::v1::usage_ingest_server::UsageIngest;
+use std::pin::Pin;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Largest batch accepted in one message.
+pub const MAX_BATCH: usize = 10_000;
+
+pub struct UsageService {
+    store: DynStore,
+    auth: Authenticator,
+}
+
+impl UsageService {
+    pub fn new(store: DynStore, auth: Authenticator) -> Self {
+        Self { store, auth }
+    }
+}
+
+/// Converts the wire events; those that can never be stored are returned apart.
+pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
+    let mut ok = Vec::with_capacity(batch.events.len());
+    let mut rejected = 0;
+    for e in &batch.events {
+        let Ok(event_id) = uuid::Uuid::parse_str(&e.event_id) else {
+            rejected += 1;
+            continue;
+        };
+        let fits = [
+            e.input_tokens,
+            e.output_tokens,
+            e.cache_write_5m_tokens,
+            e.cache_write_1h_tokens,
+            e.cache_read_tokens,
+            e.cost_pico_usd,
+            e.latency_ms,
+            e.ttfb_ms,
+            e.web_search_requests,
+        ]
+        .iter()
+        .all(|v| i64::try_from(*v).is_ok());
+        if !fits || e.http_status > 999 {
+            rejected += 1;
+            continue;
+        }
+        ok.push(UsageEvent {
+            event_id,
+            request_id: e.request_id.clone(),
+            ts: e.timestamp_ms,
+            node_id: if e.node_id.is_empty() {
+                batch.node_id.clone()
+            } else {
+                e.node_id.clone()
+            },
+            api_key_id: e.api_key_id.clone(),
+            account_id: e.account_id.clone(),
+            model: e.model.clone(),
+            input_tokens: e.input_tokens,
+            output_tokens: e.output_tokens,
+            cache_write_5m_tokens: e.cache_write_5m_tokens,
+            cache_write_1h_tokens: e.cache_write_1h_tokens,
+            cache_read_tokens: e.cache_read_tokens,
+            cost_pico_usd: e.cost_pico_usd,
+            http_status: e.http_status,
+            error_type: e.error_type.clone(),
+            stream: e.stream,
+            cancelled: e.cancelled,
+            latency_ms: e.latency_ms,
+            ttfb_ms: e.ttfb_ms,
+            upstream_request_id: e.upstream_request_id.clone(),
+            web_search_requests: e.web_search_requests,
+        });
+    }
+    (ok, rejected)
+}
+
+async fn run(mut inbound: Streaming<pb::UsageBatch>, tx: mpsc::Sender<Result<pb::BatchAck, Status>>, store: DynStore) {
+    loop {
+        let batch = match inbound.message().await {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "usage stream ended");
+                return;
+            }
+        };
+        if batch.events.len() > MAX_BATCH {
+            let _ = tx
+                .send(Err(Status::invalid_argument(format!(
+                    "a batch holds at most {MAX_BATCH} events"
+                ))))
+                .await;
+            return;
+        }
+        let (events, rejected) = convert(&batch);
+        if rejected > 0 {
+            tracing::warn!(node_id = %batch.node_id, rejected, "usage events that can never be stored were dropped");
+            metrics::counter!("relay_usage_events_total", "outcome" => "rejected").increment(rejected as u64);
+        }
+        let started = Instant::now();
+        match store.insert_usage(&events).await {
+            Ok(r) => {
+                metrics::histogram!("relay_usage_commit_seconds").record(started.elapsed().as_secs_f64());
+                metrics::counter!("relay_usage_events_total", "outcome" => "inserted").increment(r.inserted);
+                metrics::counter!("relay_usage_events_total", "outcome" => "duplicate").increment(r.duplicates);
+                let ack = pb::BatchAck {
+                    batch_id: batch.batch_id,
+                    inserted: u32::try_from(r.inserted).unwrap_or(u32::MAX),
+                    duplicates: u32::try_from(r.duplicates).unwrap_or(u32::MAX),
+                    rejected: u32::try_from(rejected).unwrap_or(u32::MAX),
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Not ACKed: the data plane keeps the batch in its spool and resends it.
+                tracing::error!(error = %e, "cannot store usage batch");
+                let _ = tx
+                    .send(Err(Status::unavailable("usage store unavailable; resend later")))
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+type ReportStream = Pin<Box<dyn Stream<Item = Result<pb::BatchAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl UsageIngest for UsageService {
+    type ReportStream = ReportStream;
+
+    async fn report(&self, req: Request<Streaming<pb::UsageBatch>>) -> Result<Response<ReportStream>, Status> {
+        self.auth.check(req.metadata(), Need::DataPlane).await?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(run(req.into_inner(), tx, self.store.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,225 @@
+//! `relay-control-plane`: parses flags, opens the store, bootstraps, serves.
+//! Everything else lives in the library.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use relay_control_plane::bootstrap::{self, AdminTokenSource};
+use relay_control_plane::crypto::MasterKey;
+use relay_control_plane::server::{self, Options};
+use relay_control_plane::store::{postgres::PostgresStore, sqlite::SqliteStore, DynStore};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// relay's control plane. `--standalone` runs on an embedded store with no
+/// outside service; `--database-url postgres://…` is the distributed mode.
+#[derive(Debug, Parser)]
+#[command(name = "relay-control-plane", version)]
+struct Args {
+    /// Run on the embedded store in --data-dir (no Postgres, Redis or etcd needed).
+    #[arg(long)]
+    standalone: bool,
+    /// Where standalone mode keeps its database, master key and first admin token.
+    #[arg(long, env = "RELAY_DATA_DIR", default_value = "relay-data")]
+    data_dir: PathBuf,
+    /// The gRPC listener (Admin, ConfigDiscovery, UsageIngest, health, reflection).
+    #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Standalone mode: where the in-process data plane will listen.
+    #[arg(long, env = "RELAY_PROXY_LISTEN", default_value = "127.0.0.1:8080")]
+    proxy_listen: SocketAddr,
+    /// Postgres URL: the distributed control plane.
+    #[arg(long, env = "RELAY_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Postgres connection pool size.
+    #[arg(long, env = "RELAY_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    db_max_connections: usize,
+    /// A file holding the base64 master key (else RELAY_MASTER_KEY; standalone
+    /// generates data-dir/master.key when neither is set).
+    #[arg(long, env = "RELAY_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
+    /// This replica's name, as `relayctl proxies list` shows it (default: host name).
+    #[arg(long, env = "RELAY_REPLICA")]
+    replica: Option<String>,
+    /// How often to poll the config head besides the NOTIFY hint, in milliseconds.
+    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1000)]
+    poll_interval_ms: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "RELAY_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn master_key(args: &Args) -> anyhow::Result<MasterKey> {
+    if let Ok(v) = std::env::var("RELAY_MASTER_KEY") {
+        return MasterKey::from_base64(&v).context("RELAY_MASTER_KEY");
+    }
+    if let Some(f) = &args.master_key_file {
+        let s = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        return MasterKey::from_base64(&s).with_context(|| format!("master key file {}", f.display()));
+    }
+    if args.standalone {
+        let path = args.data_dir.join("master.key");
+        return MasterKey::load_or_create(&path).context("standalone master key");
+    }
+    bail!("no master key: set RELAY_MASTER_KEY (32 bytes, base64) or --master-key-file")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+    if args.standalone && args.database_url.is_some() {
+        bail!(
+            "--standalone uses the embedded store; drop --database-url (or drop --standalone for the distributed mode)"
+        );
+    }
+    if !args.standalone && args.database_url.is_none() {
+        bail!("choose a mode: --standalone (embedded store) or --database-url postgres://… (distributed)");
+    }
+    // One recorder per process: in standalone mode the in-process data plane
+    // serves it on its /metrics; --metrics-listen serves it on its own port.
+    let metrics = if let Some(addr) = args.metrics_listen {
+        relay_data_plane::metrics_builder()
+            .with_http_listener(addr)
+            .install()
+            .context("starting the metrics listener")?;
+        None
+    } else {
+        Some(
+            relay_data_plane::metrics_builder()
+                .install_recorder()
+                .context("installing the metrics recorder")?,
+        )
+    };
+    let key = master_key(&args)?;
+    let store: DynStore = match &args.database_url {
+        Some(url) => Arc::new(
+            PostgresStore::connect(url, args.db_max_connections)
+                .await
+                .context("opening the Postgres store")?,
+        ),
+        None => {
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+            let db = args.data_dir.join("relay.db");
+            Arc::new(SqliteStore::open(&db).with_context(|| format!("opening the embedded store {}", db.display()))?)
+        }
+    };
+    bootstrap::ensure_defaults(&store).await.context("creating defaults")?;
+    let env_token = std::env::var("RELAY_ADMIN_TOKEN").ok();
+    let data_dir = (args.standalone || args.database_url.is_none()).then_some(args.data_dir.as_path());
+    match bootstrap::ensure_admin_token(&store, &key, env_token.as_deref(), data_dir)
+        .await
+        .context("bootstrapping the admin token")?
+    {
+        AdminTokenSource::Generated(p) => {
+            println!(
+                "relay: generated the first admin token and wrote it to {} (mode 0600)",
+                p.display()
+            );
+            println!("relay:   export RELAY_ADMIN_TOKEN=\"$(cat {})\"", p.display());
+        }
+        AdminTokenSource::Existing(p) => println!("relay: admin token is in {}", p.display()),
+        AdminTokenSource::Environment => println!("relay: admin token from RELAY_ADMIN_TOKEN"),
+        AdminTokenSource::AlreadyPresent => {}
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let local = listener.local_addr()?;
+    println!(
+        "relay: control plane ({} store) listening on {local}",
+        if args.standalone { "embedded" } else { "postgres" }
+    );
+    let opts = Options {
+        replica: args.replica.clone().unwrap_or_else(server::hostname),
+        poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
+    };
+    let dp_token = if args.standalone {
+        Some(
+            bootstrap::standalone_data_plane_token(&store, &key)
+                .await
+                .context("creating the in-process data plane's token")?,
+        )
+    } else {
+        None
+    };
+    let (stop_cp, cp_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut cp = tokio::spawn(server::serve(store, key, listener, opts, async {
+        let _ = cp_stopped.await;
+    }));
+    let dp = match dp_token {
+        Some(token) => {
+            let dp_opts = relay_data_plane::Options::new(
+                &format!("http://{local}"),
+                &token,
+                args.proxy_listen,
+                "standalone",
+                args.data_dir.join("data-plane"),
+            );
+            let dp = relay_data_plane::start(dp_opts, metrics)
+                .await
+                .context("starting the in-process data plane")?;
+            println!(
+                "relay: data plane (in-process) serving the Anthropic API on http://{}",
+                dp.local_addr()
+            );
+            Some(dp)
+        }
+        None => None,
+    };
+    let ended_early = tokio::select! {
+        _ = shutdown_signal() => None,
+        r = &mut cp => Some(r),
+    };
+    // The data plane first: it drains its usage into the control plane.
+    if let Some(dp) = dp {
+        dp.shutdown().await;
+    }
+    let _ = stop_cp.send(());
+    let result = match ended_early {
+        Some(r) => r,
+        None => cp.await,
+    };
+    result.context("control plane task")?.context("serving")?;
+    Ok(())
+}

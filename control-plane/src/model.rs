@@ -1,0 +1,406 @@
+//! Domain types as the store keeps them. Secrets only ever appear here encrypted
+//! (`credential_enc`) or hashed (`key_hash`, `token_hash`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+pub fn now_ms() -> Millis {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A config version: `revision` grows by one per committed admin change;
+/// `epoch` changes only when history is reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Version {
+    pub epoch: u64,
+    pub revision: u64,
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.epoch, self.revision)
+    }
+}
+
+macro_rules! str_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),+ }
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $s),+ }
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+        }
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok($name::$variant),)+
+                    other => Err(format!(
+                        "unknown {} {other:?} (expected one of: {})",
+                        stringify!($name),
+                        [$($s),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+str_enum!(
+    /// What kind of upstream an account is.
+    AccountKind {
+        AnthropicApiKey => "anthropic-api-key",
+        ClaudeOauth => "claude-oauth",
+        AnthropicCompatible => "anthropic-compatible",
+    }
+);
+
+str_enum!(AccountStatus { Enabled => "enabled", Disabled => "disabled" });
+
+str_enum!(KeyStatus { Active => "active", Disabled => "disabled", Revoked => "revoked" });
+
+str_enum!(
+    /// What an admin token may do.
+    Role {
+        Admin => "admin",
+        ReadOnly => "read-only",
+        DataPlane => "data-plane",
+    }
+);
+
+str_enum!(
+    /// The kinds of resource a config-log entry can name.
+    ResourceKind {
+        ApiKey => "api_key",
+        Account => "account",
+        Group => "group",
+        Price => "price",
+        Settings => "settings",
+        AdminToken => "admin_token",
+        AccountState => "account_state",
+    }
+);
+
+str_enum!(
+    /// An account's shared health state (absent = healthy).
+    AccountHealth {
+        RateLimited => "rate_limited",
+        Overloaded => "overloaded",
+        Erroring => "erroring",
+        Unauthorized => "unauthorized",
+        Blocked => "blocked",
+    }
+);
+
+/// An account's health, shared by every data plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountState {
+    pub account_id: String,
+    /// Model family it applies to; "" = the whole account.
+    pub scope: String,
+    pub health: AccountHealth,
+    pub reason: String,
+    /// 0 = until reset or credential change.
+    pub until: Millis,
+    pub since: Millis,
+    pub reported_by: String,
+    pub revision: u64,
+}
+
+impl AccountState {
+    /// Its resource id in the config: `<account_id>/<scope>`.
+    pub fn resource_id(&self) -> String {
+        format!("{}/{}", self.account_id, self.scope)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub id: String,
+    pub name: String,
+    pub kind: AccountKind,
+    pub base_url: String,
+    /// AES-256-GCM ciphertext of the upstream credential (see `crypto`).
+    pub credential_enc: Vec<u8>,
+    pub refresh_token_enc: Option<Vec<u8>>,
+    /// Non-secret hint, e.g. "…WXYZ".
+    pub credential_hint: String,
+    pub credential_expires_at: Option<Millis>,
+    pub priority: i32,
+    pub weight: u32,
+    pub group_ids: Vec<String>,
+    pub max_concurrency: u32,
+    pub status: AccountStatus,
+    pub proxy_url: String,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    /// The revision that last wrote this row (optimistic concurrency).
+    pub revision: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyLimits {
+    pub rpm: u64,
+    pub tpm: u64,
+    pub max_concurrency: u64,
+    /// micro-USD; 0 = none.
+    pub daily_budget: u64,
+    /// micro-USD; 0 = none.
+    pub monthly_budget: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub id: String,
+    pub name: String,
+    /// HMAC-SHA256 of the key, hex.
+    pub key_hash: String,
+    pub key_prefix: String,
+    pub status: KeyStatus,
+    pub expires_at: Option<Millis>,
+    pub group_id: String,
+    pub allowed_models: Vec<String>,
+    pub limits: KeyLimits,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    pub revision: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    pub revision: u64,
+}
+
+/// Prices in micro-USD per million tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Price {
+    pub id: String,
+    pub model_pattern: String,
+    pub effective_from: Millis,
+    pub input: u64,
+    pub output: u64,
+    pub cache_write_5m: u64,
+    pub cache_write_1h: u64,
+    pub cache_read: u64,
+    /// "builtin" or "operator".
+    pub source: String,
+    pub revision: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    pub id: String,
+    pub name: String,
+    pub token_hash: String,
+    pub token_prefix: String,
+    pub role: Role,
+    pub created_at: Millis,
+    pub revision: u64,
+}
+
+/// One committed change, as the audit log shows it. `detail` is JSON and never
+/// holds a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub id: u64,
+    pub at: Millis,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+    pub revision: u64,
+}
+
+/// A data plane as the control plane last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProxyState {
+    pub node_id: String,
+    pub build_version: String,
+    pub acked: Option<Version>,
+    pub nack_version: Option<Version>,
+    pub nack_error: String,
+    pub nack_at: Millis,
+    pub last_seen: Millis,
+    pub connected: bool,
+    pub replica: String,
+}
+
+/// What happened on a Watch stream, for `Store::record_proxy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyEvent {
+    Connected {
+        build_version: String,
+        held: Option<Version>,
+    },
+    Acked(Version),
+    Nacked {
+        serving: Option<Version>,
+        error: String,
+    },
+    Disconnected,
+}
+
+/// One usage event, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UsageEvent {
+    pub event_id: uuid::Uuid,
+    pub request_id: String,
+    pub ts: Millis,
+    pub node_id: String,
+    pub api_key_id: String,
+    pub account_id: String,
+    pub model: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_write_5m_tokens: u64,
+    pub cache_write_1h_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cost_pico_usd: u64,
+    pub http_status: u32,
+    pub error_type: String,
+    pub stream: bool,
+    pub cancelled: bool,
+    pub latency_ms: u64,
+    pub ttfb_ms: u64,
+    pub upstream_request_id: String,
+    pub web_search_requests: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UsageGroupBy {
+    #[default]
+    None,
+    Key,
+    Account,
+    Model,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UsageBucket {
+    #[default]
+    None,
+    Hour,
+    Day,
+}
+
+impl UsageBucket {
+    pub fn millis(self) -> Option<i64> {
+        match self {
+            UsageBucket::None => None,
+            UsageBucket::Hour => Some(3_600_000),
+            UsageBucket::Day => Some(86_400_000),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UsageQuery {
+    pub group_by: UsageGroupBy,
+    /// Inclusive.
+    pub since: Option<Millis>,
+    /// Exclusive.
+    pub until: Option<Millis>,
+    pub bucket: UsageBucket,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UsageRow {
+    pub bucket_start: Millis,
+    /// Key or account name (or id when the row is gone), or the model id.
+    pub group: String,
+    pub group_id: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_write_5m_tokens: u64,
+    pub cache_write_1h_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cost_pico_usd: u64,
+    pub errors: u64,
+}
+
+/// The whole config at one version, as stored (credentials still encrypted).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConfigState {
+    pub version: Version,
+    pub api_keys: Vec<ApiKey>,
+    pub accounts: Vec<Account>,
+    pub groups: Vec<Group>,
+    pub prices: Vec<Price>,
+    pub settings: BTreeMap<String, String>,
+    pub account_states: Vec<AccountState>,
+}
+
+/// One write, applied atomically with others by `Store::apply`.
+///
+/// `expect_revision` on an update is optimistic concurrency: the write fails
+/// with `StoreError::Conflict` if the row was changed since it was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    InsertAccount(Account),
+    UpdateAccount { row: Account, expect_revision: u64 },
+    DeleteAccount { id: String },
+    InsertApiKey(ApiKey),
+    UpdateApiKey { row: ApiKey, expect_revision: u64 },
+    InsertGroup(Group),
+    DeleteGroup { id: String },
+    UpsertPrice(Price),
+    SetSetting { name: String, value: String },
+    InsertAdminToken(AdminToken),
+    DeleteAdminToken { id: String },
+    SetAccountState(AccountState),
+    ClearAccountState { account_id: String, scope: String },
+}
+
+impl Mutation {
+    /// The config-log entry this mutation leaves.
+    pub fn resource(&self) -> (ResourceKind, String) {
+        match self {
+            Mutation::InsertAccount(a) => (ResourceKind::Account, a.id.clone()),
+            Mutation::UpdateAccount { row, .. } => (ResourceKind::Account, row.id.clone()),
+            Mutation::DeleteAccount { id } => (ResourceKind::Account, id.clone()),
+            Mutation::InsertApiKey(k) => (ResourceKind::ApiKey, k.id.clone()),
+            Mutation::UpdateApiKey { row, .. } => (ResourceKind::ApiKey, row.id.clone()),
+            Mutation::InsertGroup(g) => (ResourceKind::Group, g.id.clone()),
+            Mutation::DeleteGroup { id } => (ResourceKind::Group, id.clone()),
+            Mutation::UpsertPrice(p) => (ResourceKind::Price, p.id.clone()),
+            Mutation::SetSetting { name, .. } => (ResourceKind::Settings, name.clone()),
+            Mutation::InsertAdminToken(t) => (ResourceKind::AdminToken, t.id.clone()),
+            Mutation::DeleteAdminToken { id } => (ResourceKind::AdminToken, id.clone()),
+            Mutation::SetAccountState(st) => (ResourceKind::AccountState, st.resource_id()),
+            Mutation::ClearAccountState { account_id, scope } => {
+                (ResourceKind::AccountState, format!("{account_id}/{scope}"))
+            }
+        }
+    }
+}
+
+/// A config-log entry: which resource a revision touched.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LogEntry {
+    pub revision: u64,
+    pub kind: String,
+    pub id: String,
+}

@@ -1,0 +1,108 @@
+//! Assembles the control plane's one gRPC listener: Admin, ConfigDiscovery,
+//! UsageIngest, `grpc.health.v1` and server reflection (so `grpcurl` works).
+
+use crate::api::admin::AdminService;
+use crate::api::auth::Authenticator;
+use crate::api::discovery::DiscoveryService;
+use crate::api::usage::UsageService;
+use crate::config::{ConfigError, ConfigPublisher};
+use crate::crypto::MasterKey;
+use crate::store::DynStore;
+use relay_proto::v1::admin_server::AdminServer;
+use relay_proto::v1::config_discovery_server::ConfigDiscoveryServer;
+use relay_proto::v1::usage_ingest_server::UsageIngestServer;
+use std::future::Future;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Largest gRPC message in either direction (full snapshots of big fleets).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("reflection: {0}")]
+    Reflection(String),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// This replica's name, recorded with each data plane it serves.
+    pub replica: String,
+    /// How often the config publisher polls the head (the `NOTIFY` hint aside).
+    pub poll_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            replica: hostname(),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "control-plane".to_string())
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    store: DynStore,
+    key: MasterKey,
+    listener: TcpListener,
+    opts: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let publisher = ConfigPublisher::start(store.clone(), key.clone(), opts.poll_interval).await?;
+    let auth = Authenticator::new(store.clone(), key.clone());
+    let admin = AdminServer::new(AdminService::new(store.clone(), key.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let discovery = ConfigDiscoveryServer::new(DiscoveryService::new(
+        publisher.subscribe(),
+        store.clone(),
+        auth.clone(),
+        opts.replica.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let usage = UsageIngestServer::new(UsageService::new(store.clone(), auth))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<AdminServer<AdminService>>().await;
+    reporter.set_serving::<ConfigDiscoveryServer<DiscoveryService>>().await;
+    reporter.set_serving::<UsageIngestServer<UsageService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(relay_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(admin)
+        .add_service(discovery)
+        .add_service(usage)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    drop(publisher);
+    Ok(())
+}

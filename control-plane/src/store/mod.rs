@@ -1,0 +1,93 @@
+//! Persistence behind one trait, with two implementations: Postgres for the
+//! distributed control plane and SQLite (embedded, bundled) for standalone mode.
+//! `tests/store_conformance.rs` runs one suite against both.
+//!
+//! Architecture invariant: every config write goes through [`Store::apply`],
+//! which bumps the head revision, appends to the config log and writes the audit
+//! entry in the same transaction as the change. Nothing else writes config.
+
+use crate::model::*;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+pub mod postgres;
+pub mod sqlite;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("concurrent modification of {kind} {id}; retry")]
+    Conflict { kind: &'static str, id: String },
+    #[error("{0} is still in use")]
+    InUse(String),
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Result of storing one usage batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IngestResult {
+    pub inserted: u64,
+    pub duplicates: u64,
+}
+
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Which implementation this is ("postgres" or "sqlite"), for logs and metrics.
+    fn backend(&self) -> &'static str;
+
+    /// Woken (as a hint, without replay) when the head may have moved: by this
+    /// process's own commits, and for Postgres by `NOTIFY` from other replicas.
+    fn change_hint(&self) -> Arc<Notify>;
+
+    /// The current head version.
+    async fn head(&self) -> Result<Version>;
+
+    /// Applies the mutations atomically, bumping the revision by exactly one,
+    /// appending a config-log entry per mutation and one audit entry. Returns
+    /// the new head.
+    async fn apply(&self, mutations: Vec<Mutation>, audit: AuditRecord) -> Result<Version>;
+
+    /// The whole config at the current head, read consistently.
+    async fn load_config(&self) -> Result<ConfigState>;
+
+    /// Config-log entries with `after < revision <= upto`, in revision order.
+    async fn log_since(&self, after: u64, upto: u64) -> Result<Vec<LogEntry>>;
+
+    async fn list_accounts(&self) -> Result<Vec<Account>>;
+    /// By id, or else by name.
+    async fn get_account(&self, id_or_name: &str) -> Result<Option<Account>>;
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>>;
+    async fn get_api_key(&self, id_or_name: &str) -> Result<Option<ApiKey>>;
+    async fn list_groups(&self) -> Result<Vec<Group>>;
+    async fn get_group(&self, id_or_name: &str) -> Result<Option<Group>>;
+    async fn list_prices(&self) -> Result<Vec<Price>>;
+    async fn settings(&self) -> Result<std::collections::BTreeMap<String, String>>;
+    /// Every stored account state (expired ones included), by account then scope.
+    async fn list_account_states(&self) -> Result<Vec<AccountState>>;
+
+    async fn list_admin_tokens(&self) -> Result<Vec<AdminToken>>;
+    async fn find_admin_token(&self, token_hash: &str) -> Result<Option<AdminToken>>;
+
+    /// Newest first; `limit` entries at most.
+    async fn list_audit(&self, limit: u32, since: Option<Millis>) -> Result<Vec<AuditEntry>>;
+
+    async fn record_proxy(&self, node_id: &str, replica: &str, event: ProxyEvent) -> Result<()>;
+    async fn list_proxies(&self) -> Result<Vec<ProxyState>>;
+
+    /// Stores a batch of usage events in one transaction; events whose id is
+    /// already stored are skipped (`ON CONFLICT DO NOTHING`).
+    async fn insert_usage(&self, events: &[UsageEvent]) -> Result<IngestResult>;
+    async fn query_usage(&self, query: UsageQuery) -> Result<Vec<UsageRow>>;
+}
+
+pub type DynStore = Arc<dyn Store>;

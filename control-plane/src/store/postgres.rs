@@ -1,0 +1,1094 @@
+//! Postgres store (tokio-postgres + deadpool-postgres) for the distributed
+//! control plane. Numbered migrations are applied at start under an advisory
+//! lock, so replicas starting together migrate once. A dedicated connection
+//! `LISTEN`s for head changes committed by other replicas (a hint only: the
+//! config watcher also polls).
+
+use super::{IngestResult, Result, Store, StoreError};
+use crate::model::*;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (2, include_str!("../../migrations/postgres/0002_account_states.sql")),
+];
+const NOTIFY_CHANNEL: &str = "relay_config";
+/// `application_name` of the LISTEN connection.
+pub const LISTEN_APPLICATION_NAME: &str = "relay-config-listener";
+/// Arbitrary, fixed key for the migration advisory lock.
+const MIGRATION_LOCK: i64 = 0x7265_6c61_7900_0001;
+
+pub struct PostgresStore {
+    pool: Pool,
+    hint: Arc<Notify>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+fn db<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    // The Display of a db error carries only the server's message: no query parameters.
+    match e.as_db_error() {
+        Some(d) => StoreError::Database(format!("{}: {}", d.code().code(), d.message())),
+        None => StoreError::Database(e.to_string()),
+    }
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| StoreError::Database(format!("{what} out of range")))
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} is negative")))
+}
+
+fn parse<T: FromStr<Err = String>>(s: &str) -> Result<T> {
+    s.parse().map_err(StoreError::Corrupt)
+}
+
+impl PostgresStore {
+    /// Connects, applies pending migrations and starts the `LISTEN` task.
+    pub async fn connect(url: &str, max_connections: usize) -> Result<Self> {
+        let cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Database(format!("invalid database URL: {e}")))?;
+        let mgr = Manager::from_config(
+            cfg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(max_connections.max(2))
+            .build()
+            .map_err(db)?;
+        migrate(&pool).await?;
+        let hint = Arc::new(Notify::new());
+        let listener = tokio::spawn(listen_loop(cfg, hint.clone()));
+        Ok(Self { pool, hint, listener })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(db)
+    }
+}
+
+async fn migrate(pool: &Pool) -> Result<()> {
+    let mut c = pool.get().await.map_err(db)?;
+    let tx = c.transaction().await.map_err(pg)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .await
+    .map_err(pg)?;
+    let done: Vec<i64> = tx
+        .query("SELECT version FROM schema_migrations", &[])
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (version, sql) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| StoreError::Migration(format!("{version}: {}", pg(e))))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+            &[version, &now_ms()],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    tx.commit().await.map_err(pg)
+}
+
+/// Keeps a `LISTEN relay_config` connection open and turns notifications into
+/// hints; reconnects with backoff. The poll in the config watcher covers gaps.
+async fn listen_loop(mut cfg: tokio_postgres::Config, hint: Arc<Notify>) {
+    // Named, so operators (and tests) can tell the listener from pool connections.
+    cfg.application_name(LISTEN_APPLICATION_NAME);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match cfg.connect(NoTls).await {
+            Ok((client, mut conn)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+                    use futures::StreamExt;
+                    while let Some(msg) = stream.next().await {
+                        match msg {
+                            Ok(AsyncMessage::Notification(_)) => {
+                                if tx.send(()).is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "config LISTEN connection failed");
+                                break;
+                            }
+                        }
+                    }
+                });
+                if let Err(e) = client.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}")).await {
+                    tracing::warn!(error = %e, "LISTEN failed");
+                } else {
+                    backoff = Duration::from_millis(200);
+                    // Something may have changed while we were not listening.
+                    hint.notify_waiters();
+                    while rx.recv().await.is_some() {
+                        hint.notify_waiters();
+                    }
+                }
+                driver.abort();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot open config LISTEN connection"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+fn version_opt(epoch: Option<i64>, revision: Option<i64>) -> Result<Option<Version>> {
+    Ok(match (epoch, revision) {
+        (Some(e), Some(r)) => Some(Version {
+            epoch: to_u64(e, "epoch")?,
+            revision: to_u64(r, "revision")?,
+        }),
+        _ => None,
+    })
+}
+
+fn account_from(row: &Row, group_ids: Vec<String>) -> Result<Account> {
+    Ok(Account {
+        id: row.get("id"),
+        name: row.get("name"),
+        kind: parse(row.get::<_, &str>("kind"))?,
+        base_url: row.get("base_url"),
+        credential_enc: row.get("credential_enc"),
+        refresh_token_enc: row.get("refresh_token_enc"),
+        credential_hint: row.get("credential_hint"),
+        credential_expires_at: row.get("credential_expires_at"),
+        priority: row.get("priority"),
+        weight: u32::try_from(row.get::<_, i32>("weight")).map_err(db)?,
+        group_ids,
+        max_concurrency: u32::try_from(row.get::<_, i32>("max_concurrency")).map_err(db)?,
+        status: parse(row.get::<_, &str>("status"))?,
+        proxy_url: row.get("proxy_url"),
+        created_at: row.get("created_at"),
+        updated_at: row.get("updated_at"),
+        revision: to_u64(row.get("revision"), "revision")?,
+    })
+}
+
+fn key_from(row: &Row) -> Result<ApiKey> {
+    let models: String = row.get("allowed_models");
+    Ok(ApiKey {
+        id: row.get("id"),
+        name: row.get("name"),
+        key_hash: row.get("key_hash"),
+        key_prefix: row.get("key_prefix"),
+        status: parse(row.get::<_, &str>("status"))?,
+        expires_at: row.get("expires_at"),
+        group_id: row.get("group_id"),
+        allowed_models: serde_json::from_str(&models).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        limits: KeyLimits {
+            rpm: to_u64(row.get("rpm"), "rpm")?,
+            tpm: to_u64(row.get("tpm"), "tpm")?,
+            max_concurrency: to_u64(row.get("max_concurrency"), "max_concurrency")?,
+            daily_budget: to_u64(row.get("daily_budget"), "daily_budget")?,
+            monthly_budget: to_u64(row.get("monthly_budget"), "monthly_budget")?,
+        },
+        created_at: row.get("created_at"),
+        updated_at: row.get("updated_at"),
+        revision: to_u64(row.get("revision"), "revision")?,
+    })
+}
+
+fn group_from(row: &Row) -> Result<Group> {
+    Ok(Group {
+        id: row.get("id"),
+        name: row.get("name"),
+        description: row.get("description"),
+        created_at: row.get("created_at"),
+        updated_at: row.get("updated_at"),
+        revision: to_u64(row.get("revision"), "revision")?,
+    })
+}
+
+fn price_from(row: &Row) -> Result<Price> {
+    Ok(Price {
+        id: row.get("id"),
+        model_pattern: row.get("model_pattern"),
+        effective_from: row.get("effective_from"),
+        input: to_u64(row.get("input"), "price")?,
+        output: to_u64(row.get("output"), "price")?,
+        cache_write_5m: to_u64(row.get("cache_write_5m"), "price")?,
+        cache_write_1h: to_u64(row.get("cache_write_1h"), "price")?,
+        cache_read: to_u64(row.get("cache_read"), "price")?,
+        source: row.get("source"),
+        revision: to_u64(row.get("revision"), "revision")?,
+    })
+}
+
+fn token_from(row: &Row) -> Result<AdminToken> {
+    Ok(AdminToken {
+        id: row.get("id"),
+        name: row.get("name"),
+        token_hash: row.get("token_hash"),
+        token_prefix: row.get("token_prefix"),
+        role: parse(row.get::<_, &str>("role"))?,
+        created_at: row.get("created_at"),
+        revision: to_u64(row.get("revision"), "revision")?,
+    })
+}
+
+/// Maps a unique violation to `AlreadyExists`, a foreign-key violation to `InUse`.
+fn write_err<'a>(kind: &'static str, name: &'a str) -> impl FnOnce(tokio_postgres::Error) -> StoreError + 'a {
+    move |e| match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::AlreadyExists {
+            kind,
+            name: name.to_string(),
+        },
+        Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => match kind {
+            "group" => StoreError::InUse(format!("group {name}")),
+            _ => StoreError::NotFound {
+                kind: "group",
+                name: "referenced by this write".into(),
+            },
+        },
+        _ => pg(e),
+    }
+}
+
+const ACCOUNT_COLS: &str = "id, name, kind, base_url, credential_enc, refresh_token_enc, credential_hint, \
+     credential_expires_at, priority, weight, max_concurrency, status, proxy_url, created_at, updated_at, revision";
+
+async fn load_accounts(c: &impl deadpool_postgres::GenericClient, filter: Option<&str>) -> Result<Vec<Account>> {
+    let rows = match filter {
+        None => c
+            .query(&format!("SELECT {ACCOUNT_COLS} FROM accounts ORDER BY name"), &[])
+            .await
+            .map_err(pg)?,
+        Some(f) => c
+            .query(
+                &format!(
+                    "SELECT {ACCOUNT_COLS} FROM accounts WHERE id = $1 OR name = $1 ORDER BY (id = $1) DESC LIMIT 1"
+                ),
+                &[&f],
+            )
+            .await
+            .map_err(pg)?,
+    };
+    let mut memberships: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in c
+        .query(
+            "SELECT account_id, group_id FROM account_groups ORDER BY account_id, group_id",
+            &[],
+        )
+        .await
+        .map_err(pg)?
+    {
+        memberships.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    rows.iter()
+        .map(|r| {
+            let id: String = r.get("id");
+            account_from(r, memberships.remove(&id).unwrap_or_default())
+        })
+        .collect()
+}
+
+async fn load_settings(c: &impl deadpool_postgres::GenericClient) -> Result<BTreeMap<String, String>> {
+    Ok(c.query("SELECT name, value FROM settings ORDER BY name", &[])
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+async fn load_states(c: &impl deadpool_postgres::GenericClient) -> Result<Vec<AccountState>> {
+    c.query(
+        "SELECT account_id, scope, health, reason, until_at, since_at, reported_by, revision \
+         FROM account_states ORDER BY account_id, scope",
+        &[],
+    )
+    .await
+    .map_err(pg)?
+    .iter()
+    .map(|r| {
+        Ok(AccountState {
+            account_id: r.get(0),
+            scope: r.get(1),
+            health: parse(r.get::<_, &str>(2))?,
+            reason: r.get(3),
+            until: r.get(4),
+            since: r.get(5),
+            reported_by: r.get(6),
+            revision: to_u64(r.get(7), "revision")?,
+        })
+    })
+    .collect()
+}
+
+async fn head_of(c: &impl deadpool_postgres::GenericClient) -> Result<Version> {
+    let r = c
+        .query_one("SELECT epoch, revision FROM config_head", &[])
+        .await
+        .map_err(pg)?;
+    Ok(Version {
+        epoch: to_u64(r.get(0), "epoch")?,
+        revision: to_u64(r.get(1), "revision")?,
+    })
+}
+
+async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
+    match m {
+        Mutation::InsertAccount(a) | Mutation::UpdateAccount { row: a, .. } => {
+            let weight = i32::try_from(a.weight).map_err(db)?;
+            let maxc = i32::try_from(a.max_concurrency).map_err(db)?;
+            let n = if let Mutation::UpdateAccount { expect_revision, .. } = m {
+                let expect = to_i64(*expect_revision, "revision")?;
+                tx.execute(
+                    "UPDATE accounts SET name=$2, kind=$3, base_url=$4, credential_enc=$5, refresh_token_enc=$6, \
+                     credential_hint=$7, credential_expires_at=$8, priority=$9, weight=$10, max_concurrency=$11, \
+                     status=$12, proxy_url=$13, updated_at=$14, revision=$15 WHERE id=$1 AND revision=$16",
+                    &[
+                        &a.id,
+                        &a.name,
+                        &a.kind.as_str(),
+                        &a.base_url,
+                        &a.credential_enc,
+                        &a.refresh_token_enc,
+                        &a.credential_hint,
+                        &a.credential_expires_at,
+                        &a.priority,
+                        &weight,
+                        &maxc,
+                        &a.status.as_str(),
+                        &a.proxy_url,
+                        &a.updated_at,
+                        &rev,
+                        &expect,
+                    ],
+                )
+                .await
+                .map_err(write_err("account", &a.name))?
+            } else {
+                tx.execute(
+                    &format!("INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)"),
+                    &[
+                        &a.id, &a.name, &a.kind.as_str(), &a.base_url, &a.credential_enc, &a.refresh_token_enc,
+                        &a.credential_hint, &a.credential_expires_at, &a.priority, &weight, &maxc,
+                        &a.status.as_str(), &a.proxy_url, &a.created_at, &a.updated_at, &rev,
+                    ],
+                )
+                .await
+                .map_err(write_err("account", &a.name))?
+            };
+            if n == 0 {
+                return Err(missing_or_conflict(tx, "accounts", "account", &a.id).await);
+            }
+            tx.execute("DELETE FROM account_groups WHERE account_id = $1", &[&a.id])
+                .await
+                .map_err(pg)?;
+            for g in &a.group_ids {
+                tx.execute(
+                    "INSERT INTO account_groups (account_id, group_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    &[&a.id, g],
+                )
+                .await
+                .map_err(|e| match e.code() {
+                    Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => StoreError::NotFound {
+                        kind: "group",
+                        name: g.clone(),
+                    },
+                    _ => pg(e),
+                })?;
+            }
+        }
+        Mutation::DeleteAccount { id } => {
+            let n = tx
+                .execute("DELETE FROM accounts WHERE id = $1", &[id])
+                .await
+                .map_err(pg)?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    kind: "account",
+                    name: id.clone(),
+                });
+            }
+        }
+        Mutation::InsertApiKey(k) | Mutation::UpdateApiKey { row: k, .. } => {
+            let models = serde_json::to_string(&k.allowed_models).map_err(db)?;
+            let l = &k.limits;
+            let (rpm, tpm, maxc, daily, monthly) = (
+                to_i64(l.rpm, "rpm")?,
+                to_i64(l.tpm, "tpm")?,
+                to_i64(l.max_concurrency, "concurrency")?,
+                to_i64(l.daily_budget, "daily budget")?,
+                to_i64(l.monthly_budget, "monthly budget")?,
+            );
+            let n = if let Mutation::UpdateApiKey { expect_revision, .. } = m {
+                let expect = to_i64(*expect_revision, "revision")?;
+                tx.execute(
+                    "UPDATE api_keys SET name=$2, status=$3, expires_at=$4, group_id=$5, allowed_models=$6, rpm=$7, \
+                     tpm=$8, max_concurrency=$9, daily_budget=$10, monthly_budget=$11, updated_at=$12, revision=$13 \
+                     WHERE id=$1 AND revision=$14",
+                    &[
+                        &k.id,
+                        &k.name,
+                        &k.status.as_str(),
+                        &k.expires_at,
+                        &k.group_id,
+                        &models,
+                        &rpm,
+                        &tpm,
+                        &maxc,
+                        &daily,
+                        &monthly,
+                        &k.updated_at,
+                        &rev,
+                        &expect,
+                    ],
+                )
+                .await
+                .map_err(write_err("api_key", &k.name))?
+            } else {
+                tx.execute(
+                    "INSERT INTO api_keys (id, name, key_hash, key_prefix, status, expires_at, group_id, allowed_models, \
+                     rpm, tpm, max_concurrency, daily_budget, monthly_budget, created_at, updated_at, revision) \
+                     VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
+                    &[
+                        &k.id, &k.name, &k.key_hash, &k.key_prefix, &k.status.as_str(), &k.expires_at, &k.group_id,
+                        &models, &rpm, &tpm, &maxc, &daily, &monthly, &k.created_at, &k.updated_at, &rev,
+                    ],
+                )
+                .await
+                .map_err(write_err("api_key", &k.name))?
+            };
+            if n == 0 {
+                return Err(missing_or_conflict(tx, "api_keys", "api_key", &k.id).await);
+            }
+        }
+        Mutation::InsertGroup(g) => {
+            tx.execute(
+                "INSERT INTO groups (id, name, description, created_at, updated_at, revision) VALUES ($1,$2,$3,$4,$5,$6)",
+                &[&g.id, &g.name, &g.description, &g.created_at, &g.updated_at, &rev],
+            )
+            .await
+            .map_err(write_err("group", &g.name))?;
+        }
+        Mutation::DeleteGroup { id } => {
+            let n = tx
+                .execute("DELETE FROM groups WHERE id = $1", &[id])
+                .await
+                .map_err(write_err("group", id))?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    kind: "group",
+                    name: id.clone(),
+                });
+            }
+        }
+        Mutation::UpsertPrice(p) => {
+            tx.execute(
+                "INSERT INTO prices (id, model_pattern, effective_from, input, output, cache_write_5m, cache_write_1h, \
+                 cache_read, source, revision) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) \
+                 ON CONFLICT (id) DO UPDATE SET model_pattern=EXCLUDED.model_pattern, \
+                 effective_from=EXCLUDED.effective_from, input=EXCLUDED.input, output=EXCLUDED.output, \
+                 cache_write_5m=EXCLUDED.cache_write_5m, cache_write_1h=EXCLUDED.cache_write_1h, \
+                 cache_read=EXCLUDED.cache_read, source=EXCLUDED.source, revision=EXCLUDED.revision",
+                &[
+                    &p.id,
+                    &p.model_pattern,
+                    &p.effective_from,
+                    &to_i64(p.input, "price")?,
+                    &to_i64(p.output, "price")?,
+                    &to_i64(p.cache_write_5m, "price")?,
+                    &to_i64(p.cache_write_1h, "price")?,
+                    &to_i64(p.cache_read, "price")?,
+                    &p.source,
+                    &rev,
+                ],
+            )
+            .await
+            .map_err(write_err("price", &p.model_pattern))?;
+        }
+        Mutation::SetSetting { name, value } => {
+            tx.execute(
+                "INSERT INTO settings (name, value, revision) VALUES ($1,$2,$3) \
+                 ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision",
+                &[name, value, &rev],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        Mutation::InsertAdminToken(t) => {
+            tx.execute(
+                "INSERT INTO admin_tokens (id, name, token_hash, token_prefix, role, created_at, revision) \
+                 VALUES ($1,$2,$3,$4,$5,$6,$7)",
+                &[
+                    &t.id,
+                    &t.name,
+                    &t.token_hash,
+                    &t.token_prefix,
+                    &t.role.as_str(),
+                    &t.created_at,
+                    &rev,
+                ],
+            )
+            .await
+            .map_err(write_err("admin_token", &t.name))?;
+        }
+        Mutation::SetAccountState(st) => {
+            tx.execute(
+                "INSERT INTO account_states (account_id, scope, health, reason, until_at, since_at, reported_by, revision) \
+                 VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (account_id, scope) DO UPDATE SET \
+                 health=EXCLUDED.health, reason=EXCLUDED.reason, until_at=EXCLUDED.until_at, \
+                 since_at=EXCLUDED.since_at, reported_by=EXCLUDED.reported_by, revision=EXCLUDED.revision",
+                &[
+                    &st.account_id, &st.scope, &st.health.as_str(), &st.reason, &st.until, &st.since,
+                    &st.reported_by, &rev,
+                ],
+            )
+            .await
+            .map_err(|e| match e.code() {
+                Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => StoreError::NotFound {
+                    kind: "account",
+                    name: st.account_id.clone(),
+                },
+                _ => pg(e),
+            })?;
+        }
+        Mutation::ClearAccountState { account_id, scope } => {
+            tx.execute(
+                "DELETE FROM account_states WHERE account_id = $1 AND scope = $2",
+                &[account_id, scope],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        Mutation::DeleteAdminToken { id } => {
+            let n = tx
+                .execute("DELETE FROM admin_tokens WHERE id = $1", &[id])
+                .await
+                .map_err(pg)?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    kind: "admin_token",
+                    name: id.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn missing_or_conflict(
+    tx: &deadpool_postgres::Transaction<'_>,
+    table: &str,
+    kind: &'static str,
+    id: &str,
+) -> StoreError {
+    match tx
+        .query_opt(&format!("SELECT 1 FROM {table} WHERE id = $1"), &[&id])
+        .await
+    {
+        Ok(Some(_)) => StoreError::Conflict {
+            kind,
+            id: id.to_string(),
+        },
+        Ok(None) => StoreError::NotFound {
+            kind,
+            name: id.to_string(),
+        },
+        Err(e) => pg(e),
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn change_hint(&self) -> Arc<Notify> {
+        self.hint.clone()
+    }
+
+    async fn head(&self) -> Result<Version> {
+        head_of(&self.client().await?).await
+    }
+
+    async fn apply(&self, mutations: Vec<Mutation>, audit: AuditRecord) -> Result<Version> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        // The row lock taken here is held until commit: writers serialize, and
+        // revisions commit in order.
+        let head = tx
+            .query_one(
+                "UPDATE config_head SET revision = revision + 1 RETURNING epoch, revision",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        let (epoch, rev): (i64, i64) = (head.get(0), head.get(1));
+        for m in &mutations {
+            apply_one(&tx, m, rev).await?;
+            let (kind, id) = m.resource();
+            tx.execute(
+                "INSERT INTO config_log (revision, kind, ref_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&rev, &kind.as_str(), &id],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        tx.execute(
+            "INSERT INTO audit_log (at, actor, action, target, detail, revision) VALUES ($1,$2,$3,$4,$5,$6)",
+            &[
+                &now_ms(),
+                &audit.actor,
+                &audit.action,
+                &audit.target,
+                &audit.detail,
+                &rev,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &rev.to_string()])
+            .await
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        self.hint.notify_waiters();
+        self.hint.notify_one();
+        Ok(Version {
+            epoch: to_u64(epoch, "epoch")?,
+            revision: to_u64(rev, "revision")?,
+        })
+    }
+
+    async fn load_config(&self) -> Result<ConfigState> {
+        let mut c = self.client().await?;
+        let tx = c
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(pg)?;
+        let version = head_of(&tx).await?;
+        let api_keys = tx
+            .query("SELECT * FROM api_keys ORDER BY name", &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(key_from)
+            .collect::<Result<_>>()?;
+        let accounts = load_accounts(&tx, None).await?;
+        let groups = tx
+            .query("SELECT * FROM groups ORDER BY name", &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(group_from)
+            .collect::<Result<_>>()?;
+        let prices = tx
+            .query("SELECT * FROM prices ORDER BY model_pattern, effective_from", &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(price_from)
+            .collect::<Result<_>>()?;
+        let settings = load_settings(&tx).await?;
+        let account_states = load_states(&tx).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(ConfigState {
+            version,
+            api_keys,
+            accounts,
+            groups,
+            prices,
+            settings,
+            account_states,
+        })
+    }
+
+    async fn log_since(&self, after: u64, upto: u64) -> Result<Vec<LogEntry>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT revision, kind, ref_id FROM config_log WHERE revision > $1 AND revision <= $2 \
+                 ORDER BY revision, kind, ref_id",
+                &[&to_i64(after, "revision")?, &to_i64(upto, "revision")?],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                Ok(LogEntry {
+                    revision: to_u64(r.get(0), "revision")?,
+                    kind: r.get(1),
+                    id: r.get(2),
+                })
+            })
+            .collect()
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<Account>> {
+        load_accounts(&self.client().await?, None).await
+    }
+
+    async fn get_account(&self, id_or_name: &str) -> Result<Option<Account>> {
+        Ok(load_accounts(&self.client().await?, Some(id_or_name))
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        let c = self.client().await?;
+        c.query("SELECT * FROM api_keys ORDER BY name", &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(key_from)
+            .collect()
+    }
+
+    async fn get_api_key(&self, id_or_name: &str) -> Result<Option<ApiKey>> {
+        let c = self.client().await?;
+        c.query_opt(
+            "SELECT * FROM api_keys WHERE id = $1 OR name = $1 ORDER BY (id = $1) DESC LIMIT 1",
+            &[&id_or_name],
+        )
+        .await
+        .map_err(pg)?
+        .as_ref()
+        .map(key_from)
+        .transpose()
+    }
+
+    async fn list_groups(&self) -> Result<Vec<Group>> {
+        let c = self.client().await?;
+        c.query("SELECT * FROM groups ORDER BY name", &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(group_from)
+            .collect()
+    }
+
+    async fn get_group(&self, id_or_name: &str) -> Result<Option<Group>> {
+        let c = self.client().await?;
+        c.query_opt(
+            "SELECT * FROM groups WHERE id = $1 OR name = $1 ORDER BY (id = $1) DESC LIMIT 1",
+            &[&id_or_name],
+        )
+        .await
+        .map_err(pg)?
+        .as_ref()
+        .map(group_from)
+        .transpose()
+    }
+
+    async fn list_prices(&self) -> Result<Vec<Price>> {
+        let c = self.client().await?;
+        c.query("SELECT * FROM prices ORDER BY model_pattern, effective_from", &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(price_from)
+            .collect()
+    }
+
+    async fn settings(&self) -> Result<BTreeMap<String, String>> {
+        load_settings(&self.client().await?).await
+    }
+
+    async fn list_account_states(&self) -> Result<Vec<AccountState>> {
+        load_states(&self.client().await?).await
+    }
+
+    async fn list_admin_tokens(&self) -> Result<Vec<AdminToken>> {
+        let c = self.client().await?;
+        c.query("SELECT * FROM admin_tokens ORDER BY name", &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(token_from)
+            .collect()
+    }
+
+    async fn find_admin_token(&self, token_hash: &str) -> Result<Option<AdminToken>> {
+        let c = self.client().await?;
+        c.query_opt("SELECT * FROM admin_tokens WHERE token_hash = $1", &[&token_hash])
+            .await
+            .map_err(pg)?
+            .as_ref()
+            .map(token_from)
+            .transpose()
+    }
+
+    async fn list_audit(&self, limit: u32, since: Option<Millis>) -> Result<Vec<AuditEntry>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT id, at, actor, action, target, detail, revision FROM audit_log \
+                 WHERE at >= $1 ORDER BY id DESC LIMIT $2",
+                &[&since.unwrap_or(i64::MIN), &i64::from(limit)],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: to_u64(r.get(0), "id")?,
+                    at: r.get(1),
+                    actor: r.get(2),
+                    action: r.get(3),
+                    target: r.get(4),
+                    detail: r.get(5),
+                    revision: to_u64(r.get(6), "revision")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_proxy(&self, node_id: &str, replica: &str, event: ProxyEvent) -> Result<()> {
+        let c = self.client().await?;
+        let now = now_ms();
+        c.execute(
+            "INSERT INTO proxies (node_id, last_seen, connected, replica) VALUES ($1, $2, FALSE, $3) \
+             ON CONFLICT (node_id) DO NOTHING",
+            &[&node_id, &now, &replica],
+        )
+        .await
+        .map_err(pg)?;
+        let v = |v: Option<Version>| -> Result<(Option<i64>, Option<i64>)> {
+            Ok(match v {
+                Some(v) => (Some(to_i64(v.epoch, "epoch")?), Some(to_i64(v.revision, "revision")?)),
+                None => (None, None),
+            })
+        };
+        match event {
+            ProxyEvent::Connected { build_version, .. } => {
+                c.execute(
+                    "UPDATE proxies SET build_version=$2, connected=TRUE, replica=$3, last_seen=$4 WHERE node_id=$1",
+                    &[&node_id, &build_version, &replica, &now],
+                )
+                .await
+            }
+            ProxyEvent::Acked(ver) => {
+                let (e, r) = v(Some(ver))?;
+                c.execute(
+                    "UPDATE proxies SET acked_epoch=$2, acked_revision=$3, last_seen=$4 WHERE node_id=$1",
+                    &[&node_id, &e, &r, &now],
+                )
+                .await
+            }
+            ProxyEvent::Nacked { serving, error } => {
+                let (e, r) = v(serving)?;
+                c.execute(
+                    "UPDATE proxies SET nack_epoch=$2, nack_revision=$3, nack_error=$4, nack_at=$5, last_seen=$5 \
+                     WHERE node_id=$1",
+                    &[&node_id, &e, &r, &error, &now],
+                )
+                .await
+            }
+            ProxyEvent::Disconnected => {
+                c.execute(
+                    "UPDATE proxies SET connected = (replica <> $2) AND connected, last_seen=$3 WHERE node_id=$1",
+                    &[&node_id, &replica, &now],
+                )
+                .await
+            }
+        }
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn list_proxies(&self) -> Result<Vec<ProxyState>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT node_id, build_version, acked_epoch, acked_revision, nack_epoch, nack_revision, nack_error, \
+                 nack_at, last_seen, connected, replica FROM proxies ORDER BY node_id",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                Ok(ProxyState {
+                    node_id: r.get(0),
+                    build_version: r.get(1),
+                    acked: version_opt(r.get(2), r.get(3))?,
+                    nack_version: version_opt(r.get(4), r.get(5))?,
+                    nack_error: r.get(6),
+                    nack_at: r.get(7),
+                    last_seen: r.get(8),
+                    connected: r.get(9),
+                    replica: r.get(10),
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_usage(&self, events: &[UsageEvent]) -> Result<IngestResult> {
+        if events.is_empty() {
+            return Ok(IngestResult::default());
+        }
+        // Column-wise arrays, inserted in one statement with unnest().
+        let n = events.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut req = Vec::with_capacity(n);
+        let mut ts = Vec::with_capacity(n);
+        let mut node = Vec::with_capacity(n);
+        let mut key = Vec::with_capacity(n);
+        let mut acct = Vec::with_capacity(n);
+        let mut model = Vec::with_capacity(n);
+        let mut nums: [Vec<i64>; 9] = Default::default();
+        let mut status = Vec::with_capacity(n);
+        let mut err = Vec::with_capacity(n);
+        let mut stream = Vec::with_capacity(n);
+        let mut cancelled = Vec::with_capacity(n);
+        let mut upstream = Vec::with_capacity(n);
+        for e in events {
+            ids.push(e.event_id);
+            req.push(e.request_id.as_str());
+            ts.push(e.ts);
+            node.push(e.node_id.as_str());
+            key.push(e.api_key_id.as_str());
+            acct.push(e.account_id.as_str());
+            model.push(e.model.as_str());
+            for (slot, v) in nums.iter_mut().zip([
+                e.input_tokens,
+                e.output_tokens,
+                e.cache_write_5m_tokens,
+                e.cache_write_1h_tokens,
+                e.cache_read_tokens,
+                e.cost_pico_usd,
+                e.latency_ms,
+                e.ttfb_ms,
+                e.web_search_requests,
+            ]) {
+                slot.push(to_i64(v, "usage value")?);
+            }
+            status.push(i32::try_from(e.http_status).map_err(db)?);
+            err.push(e.error_type.as_str());
+            stream.push(e.stream);
+            cancelled.push(e.cancelled);
+            upstream.push(e.upstream_request_id.as_str());
+        }
+        let now = now_ms();
+        let c = self.client().await?;
+        let inserted = c
+            .execute(
+                "INSERT INTO usage_events (event_id, request_id, ts, node_id, api_key_id, account_id, model, \
+                 input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, \
+                 cost_pico_usd, latency_ms, ttfb_ms, web_search_requests, http_status, error_type, stream, \
+                 cancelled, upstream_request_id, received_at) \
+                 SELECT *, $21::BIGINT FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
+                 $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], \
+                 $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::int[], $18::text[], $19::bool[], \
+                 $20::bool[], $22::text[]) \
+                 ON CONFLICT (event_id) DO NOTHING",
+                &[
+                    &ids, &req, &ts, &node, &key, &acct, &model, &nums[0], &nums[1], &nums[2], &nums[3], &nums[4],
+                    &nums[5], &nums[6], &nums[7], &nums[8], &status, &err, &stream, &cancelled, &now, &upstream,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        let n = n as u64;
+        Ok(IngestResult {
+            inserted,
+            duplicates: n.saturating_sub(inserted),
+        })
+    }
+
+    async fn query_usage(&self, q: UsageQuery) -> Result<Vec<UsageRow>> {
+        let bucket = q.bucket.millis().unwrap_or(0);
+        let (group_expr, name_expr, join) = match q.group_by {
+            UsageGroupBy::None => ("''", "''", ""),
+            UsageGroupBy::Key => (
+                "e.api_key_id",
+                "COALESCE(MAX(k.name), e.api_key_id)",
+                "LEFT JOIN api_keys k ON k.id = e.api_key_id",
+            ),
+            UsageGroupBy::Account => (
+                "e.account_id",
+                "COALESCE(MAX(a.name), e.account_id)",
+                "LEFT JOIN accounts a ON a.id = e.account_id",
+            ),
+            UsageGroupBy::Model => ("e.model", "e.model", ""),
+        };
+        let bucket_expr = if bucket > 0 {
+            "(e.ts / $3::BIGINT) * $3::BIGINT"
+        } else {
+            "($3::BIGINT * 0)"
+        };
+        let sql = format!(
+            "SELECT {bucket_expr} AS b, {group_expr} AS gid, {name_expr} AS gname, COUNT(*)::BIGINT, \
+             SUM(e.input_tokens)::BIGINT, SUM(e.output_tokens)::BIGINT, SUM(e.cache_write_5m_tokens)::BIGINT, \
+             SUM(e.cache_write_1h_tokens)::BIGINT, SUM(e.cache_read_tokens)::BIGINT, SUM(e.cost_pico_usd)::BIGINT, \
+             COUNT(*) FILTER (WHERE e.http_status >= 400 OR e.error_type <> '')::BIGINT \
+             FROM usage_events e {join} WHERE e.ts >= $1 AND e.ts < $2 \
+             GROUP BY 1, 2 ORDER BY 1, 3"
+        );
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &sql,
+                &[
+                    &q.since.unwrap_or(i64::MIN),
+                    &q.until.unwrap_or(i64::MAX),
+                    &bucket.max(1),
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRow {
+                    bucket_start: r.get(0),
+                    group_id: r.get(1),
+                    group: r.get(2),
+                    requests: to_u64(r.get(3), "count")?,
+                    input_tokens: to_u64(r.get(4), "sum")?,
+                    output_tokens: to_u64(r.get(5), "sum")?,
+                    cache_write_5m_tokens: to_u64(r.get(6), "sum")?,
+                    cache_write_1h_tokens: to_u64(r.get(7), "sum")?,
+                    cache_read_tokens: to_u64(r.get(8), "sum")?,
+                    cost_pico_usd: to_u64(r.get(9), "sum")?,
+                    errors: to_u64(r.get(10), "count")?,
+                })
+            })
+            .collect()
+    }
+}

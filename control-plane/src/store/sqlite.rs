@@ -1,0 +1,1144 @@
+//! Embedded SQLite store (rusqlite, bundled) for standalone mode.
+//!
+//! One connection behind a mutex; every call runs on the blocking pool
+//! (`spawn_blocking`) so the async runtime is never blocked on disk I/O.
+//! Config writes take the write lock up front (`BEGIN IMMEDIATE`), so commit
+//! order equals revision order.
+
+use super::{IngestResult, Result, Store, StoreError};
+use crate::model::*;
+use rusqlite::types::{Type, Value};
+use rusqlite::{ffi, params, params_from_iter, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Numbered schema migrations, applied in order at open.
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_account_states.sql")),
+];
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The embedded store.
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    hint: Arc<Notify>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path).map_err(db)?;
+        Self::init(conn)
+    }
+
+    /// A private in-memory database (tests, throwaway runs).
+    pub fn open_in_memory() -> Result<Self> {
+        let conn = Connection::open_in_memory().map_err(db)?;
+        Self::init(conn)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self> {
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
+        // In-memory databases answer "memory" here; that is fine.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            hint: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with_conn<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Database("sqlite connection mutex poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("sqlite task failed: {e}")))?
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Errors and conversions
+
+fn db(e: rusqlite::Error) -> StoreError {
+    match e {
+        rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..) => StoreError::Corrupt(e.to_string()),
+        other => StoreError::Database(other.to_string()),
+    }
+}
+
+/// The extended constraint code when `e` is a constraint violation.
+fn constraint_code(e: &rusqlite::Error) -> Option<i32> {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ffi::ErrorCode::ConstraintViolation => Some(f.extended_code),
+        _ => None,
+    }
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        constraint_code(e),
+        Some(ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+    )
+}
+
+/// Maps a write error: UNIQUE / PRIMARY KEY violations become `AlreadyExists`.
+fn write_err(kind: ResourceKind, name: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+    move |e| {
+        if is_unique_violation(&e) {
+            StoreError::AlreadyExists {
+                kind: kind.as_str(),
+                name: name.to_owned(),
+            }
+        } else {
+            db(e)
+        }
+    }
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| StoreError::Database(format!("{what} {v} is out of range")))
+}
+
+fn rev_from_db(v: i64) -> Result<u64> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative revision {v}")))
+}
+
+fn col_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    let v: i64 = row.get(idx)?;
+    u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, v))
+}
+
+fn col_u32(row: &Row<'_>, idx: usize) -> rusqlite::Result<u32> {
+    let v: i64 = row.get(idx)?;
+    u32::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, v))
+}
+
+fn col_i32(row: &Row<'_>, idx: usize) -> rusqlite::Result<i32> {
+    let v: i64 = row.get(idx)?;
+    i32::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, v))
+}
+
+fn col_opt_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<u64>> {
+    let v: Option<i64> = row.get(idx)?;
+    v.map(|v| u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, v)))
+        .transpose()
+}
+
+fn col_parse<T: FromStr<Err = String>>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
+    let s: String = row.get(idx)?;
+    s.parse()
+        .map_err(|e: String| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, e.into()))
+}
+
+fn col_version(row: &Row<'_>, epoch: usize, revision: usize) -> rusqlite::Result<Option<Version>> {
+    match (col_opt_u64(row, epoch)?, col_opt_u64(row, revision)?) {
+        (Some(epoch), Some(revision)) => Ok(Some(Version { epoch, revision })),
+        _ => Ok(None),
+    }
+}
+
+fn opt_i64(v: Option<i64>) -> Value {
+    v.map_or(Value::Null, Value::Integer)
+}
+
+// ---------------------------------------------------------------------------
+// Migrations
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let mig = |e: rusqlite::Error| StoreError::Migration(e.to_string());
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    INTEGER PRIMARY KEY,
+             applied_at INTEGER
+         )",
+    )
+    .map_err(mig)?;
+    for &(version, sql) in MIGRATIONS {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(mig)?;
+        let applied = tx
+            .query_row("SELECT 1 FROM schema_migrations WHERE version = ?1", [version], |_| {
+                Ok(())
+            })
+            .optional()
+            .map_err(mig)?
+            .is_some();
+        if applied {
+            continue;
+        }
+        tx.execute_batch(sql)
+            .map_err(|e| StoreError::Migration(format!("migration {version}: {e}")))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+            params![version, now_ms()],
+        )
+        .map_err(mig)?;
+        tx.commit().map_err(mig)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Row mapping
+
+const ACCOUNT_COLS: &str = "id, name, kind, base_url, credential_enc, refresh_token_enc, \
+     credential_hint, credential_expires_at, priority, weight, max_concurrency, status, \
+     proxy_url, created_at, updated_at, revision";
+
+fn account_from_row(row: &Row<'_>) -> rusqlite::Result<Account> {
+    Ok(Account {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        kind: col_parse(row, 2)?,
+        base_url: row.get(3)?,
+        credential_enc: row.get(4)?,
+        refresh_token_enc: row.get(5)?,
+        credential_hint: row.get(6)?,
+        credential_expires_at: row.get(7)?,
+        priority: col_i32(row, 8)?,
+        weight: col_u32(row, 9)?,
+        group_ids: Vec::new(),
+        max_concurrency: col_u32(row, 10)?,
+        status: col_parse(row, 11)?,
+        proxy_url: row.get(12)?,
+        created_at: row.get(13)?,
+        updated_at: row.get(14)?,
+        revision: col_u64(row, 15)?,
+    })
+}
+
+/// Values for `ACCOUNT_COLS` as `?1..?16`.
+fn account_values(a: &Account, revision: i64) -> Vec<Value> {
+    vec![
+        Value::Text(a.id.clone()),
+        Value::Text(a.name.clone()),
+        Value::Text(a.kind.as_str().to_owned()),
+        Value::Text(a.base_url.clone()),
+        Value::Blob(a.credential_enc.clone()),
+        a.refresh_token_enc.clone().map_or(Value::Null, Value::Blob),
+        Value::Text(a.credential_hint.clone()),
+        opt_i64(a.credential_expires_at),
+        Value::Integer(i64::from(a.priority)),
+        Value::Integer(i64::from(a.weight)),
+        Value::Integer(i64::from(a.max_concurrency)),
+        Value::Text(a.status.as_str().to_owned()),
+        Value::Text(a.proxy_url.clone()),
+        Value::Integer(a.created_at),
+        Value::Integer(a.updated_at),
+        Value::Integer(revision),
+    ]
+}
+
+const API_KEY_COLS: &str = "id, name, key_hash, key_prefix, status, expires_at, group_id, \
+     allowed_models, rpm, tpm, max_concurrency, daily_budget, monthly_budget, created_at, \
+     updated_at, revision";
+
+fn api_key_from_row(row: &Row<'_>) -> rusqlite::Result<ApiKey> {
+    let models: String = row.get(7)?;
+    let allowed_models: Vec<String> = serde_json::from_str(&models)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(7, Type::Text, Box::new(e)))?;
+    Ok(ApiKey {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        key_hash: row.get(2)?,
+        key_prefix: row.get(3)?,
+        status: col_parse(row, 4)?,
+        expires_at: row.get(5)?,
+        group_id: row.get(6)?,
+        allowed_models,
+        limits: KeyLimits {
+            rpm: col_u64(row, 8)?,
+            tpm: col_u64(row, 9)?,
+            max_concurrency: col_u64(row, 10)?,
+            daily_budget: col_u64(row, 11)?,
+            monthly_budget: col_u64(row, 12)?,
+        },
+        created_at: row.get(13)?,
+        updated_at: row.get(14)?,
+        revision: col_u64(row, 15)?,
+    })
+}
+
+/// Values for `API_KEY_COLS` as `?1..?16`.
+fn api_key_values(k: &ApiKey, revision: i64) -> Result<Vec<Value>> {
+    let models = serde_json::to_string(&k.allowed_models)
+        .map_err(|e| StoreError::Database(format!("encoding allowed_models: {e}")))?;
+    Ok(vec![
+        Value::Text(k.id.clone()),
+        Value::Text(k.name.clone()),
+        Value::Text(k.key_hash.clone()),
+        Value::Text(k.key_prefix.clone()),
+        Value::Text(k.status.as_str().to_owned()),
+        opt_i64(k.expires_at),
+        Value::Text(k.group_id.clone()),
+        Value::Text(models),
+        Value::Integer(to_i64(k.limits.rpm, "rpm")?),
+        Value::Integer(to_i64(k.limits.tpm, "tpm")?),
+        Value::Integer(to_i64(k.limits.max_concurrency, "max_concurrency")?),
+        Value::Integer(to_i64(k.limits.daily_budget, "daily_budget")?),
+        Value::Integer(to_i64(k.limits.monthly_budget, "monthly_budget")?),
+        Value::Integer(k.created_at),
+        Value::Integer(k.updated_at),
+        Value::Integer(revision),
+    ])
+}
+
+const GROUP_COLS: &str = "id, name, description, created_at, updated_at, revision";
+
+fn group_from_row(row: &Row<'_>) -> rusqlite::Result<Group> {
+    Ok(Group {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        description: row.get(2)?,
+        created_at: row.get(3)?,
+        updated_at: row.get(4)?,
+        revision: col_u64(row, 5)?,
+    })
+}
+
+const PRICE_COLS: &str = "id, model_pattern, effective_from, input, output, cache_write_5m, \
+     cache_write_1h, cache_read, source, revision";
+
+fn price_from_row(row: &Row<'_>) -> rusqlite::Result<Price> {
+    Ok(Price {
+        id: row.get(0)?,
+        model_pattern: row.get(1)?,
+        effective_from: row.get(2)?,
+        input: col_u64(row, 3)?,
+        output: col_u64(row, 4)?,
+        cache_write_5m: col_u64(row, 5)?,
+        cache_write_1h: col_u64(row, 6)?,
+        cache_read: col_u64(row, 7)?,
+        source: row.get(8)?,
+        revision: col_u64(row, 9)?,
+    })
+}
+
+const ADMIN_TOKEN_COLS: &str = "id, name, token_hash, token_prefix, role, created_at, revision";
+
+fn admin_token_from_row(row: &Row<'_>) -> rusqlite::Result<AdminToken> {
+    Ok(AdminToken {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        token_hash: row.get(2)?,
+        token_prefix: row.get(3)?,
+        role: col_parse(row, 4)?,
+        created_at: row.get(5)?,
+        revision: col_u64(row, 6)?,
+    })
+}
+
+fn audit_from_row(row: &Row<'_>) -> rusqlite::Result<AuditEntry> {
+    Ok(AuditEntry {
+        id: col_u64(row, 0)?,
+        at: row.get(1)?,
+        actor: row.get(2)?,
+        action: row.get(3)?,
+        target: row.get(4)?,
+        detail: row.get(5)?,
+        revision: col_u64(row, 6)?,
+    })
+}
+
+fn proxy_from_row(row: &Row<'_>) -> rusqlite::Result<ProxyState> {
+    let connected: i64 = row.get(9)?;
+    Ok(ProxyState {
+        node_id: row.get(0)?,
+        build_version: row.get(1)?,
+        acked: col_version(row, 2, 3)?,
+        nack_version: col_version(row, 4, 5)?,
+        nack_error: row.get(6)?,
+        nack_at: row.get(7)?,
+        last_seen: row.get(8)?,
+        connected: connected != 0,
+        replica: row.get(10)?,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Reads (plain functions on a connection or transaction)
+
+fn read_head(conn: &Connection) -> Result<Version> {
+    let (epoch, revision): (i64, i64) = conn
+        .query_row("SELECT epoch, revision FROM config_head WHERE singleton = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .map_err(db)?;
+    Ok(Version {
+        epoch: u64::try_from(epoch).map_err(|_| StoreError::Corrupt(format!("epoch {epoch}")))?,
+        revision: rev_from_db(revision)?,
+    })
+}
+
+fn query_list<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db)?;
+    let rows = stmt.query_map(params, f).map_err(db)?;
+    rows.collect::<rusqlite::Result<Vec<T>>>().map_err(db)
+}
+
+/// Looks a row up by id, then by name.
+fn get_by_id_or_name<T>(
+    conn: &Connection,
+    table: &str,
+    cols: &str,
+    id_or_name: &str,
+    f: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Option<T>> {
+    for col in ["id", "name"] {
+        let sql = format!("SELECT {cols} FROM {table} WHERE {col} = ?1");
+        let mut stmt = conn.prepare_cached(&sql).map_err(db)?;
+        if let Some(row) = stmt.query_row([id_or_name], f).optional().map_err(db)? {
+            return Ok(Some(row));
+        }
+    }
+    Ok(None)
+}
+
+fn read_accounts(conn: &Connection) -> Result<Vec<Account>> {
+    let mut accounts = query_list(
+        conn,
+        &format!("SELECT {ACCOUNT_COLS} FROM accounts ORDER BY name"),
+        [],
+        account_from_row,
+    )?;
+    let links = query_list(
+        conn,
+        "SELECT account_id, group_id FROM account_groups ORDER BY account_id, group_id",
+        [],
+        |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+    )?;
+    let mut by_account: HashMap<String, Vec<String>> = HashMap::new();
+    for (account_id, group_id) in links {
+        by_account.entry(account_id).or_default().push(group_id);
+    }
+    for a in &mut accounts {
+        if let Some(groups) = by_account.remove(&a.id) {
+            a.group_ids = groups;
+        }
+    }
+    Ok(accounts)
+}
+
+fn read_account(conn: &Connection, id_or_name: &str) -> Result<Option<Account>> {
+    let Some(mut account) = get_by_id_or_name(conn, "accounts", ACCOUNT_COLS, id_or_name, account_from_row)? else {
+        return Ok(None);
+    };
+    account.group_ids = query_list(
+        conn,
+        "SELECT group_id FROM account_groups WHERE account_id = ?1 ORDER BY group_id",
+        [&account.id],
+        |r| r.get(0),
+    )?;
+    Ok(Some(account))
+}
+
+fn read_api_keys(conn: &Connection) -> Result<Vec<ApiKey>> {
+    query_list(
+        conn,
+        &format!("SELECT {API_KEY_COLS} FROM api_keys ORDER BY name"),
+        [],
+        api_key_from_row,
+    )
+}
+
+fn read_groups(conn: &Connection) -> Result<Vec<Group>> {
+    query_list(
+        conn,
+        &format!("SELECT {GROUP_COLS} FROM groups ORDER BY name"),
+        [],
+        group_from_row,
+    )
+}
+
+fn read_prices(conn: &Connection) -> Result<Vec<Price>> {
+    query_list(
+        conn,
+        &format!("SELECT {PRICE_COLS} FROM prices ORDER BY model_pattern, effective_from"),
+        [],
+        price_from_row,
+    )
+}
+
+fn read_settings(conn: &Connection) -> Result<BTreeMap<String, String>> {
+    let pairs = query_list(conn, "SELECT name, value FROM settings", [], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    Ok(pairs.into_iter().collect())
+}
+
+fn read_account_states(conn: &Connection) -> Result<Vec<AccountState>> {
+    query_list(
+        conn,
+        "SELECT account_id, scope, health, reason, until_at, since_at, reported_by, revision \
+         FROM account_states ORDER BY account_id, scope",
+        [],
+        |r| {
+            Ok(AccountState {
+                account_id: r.get(0)?,
+                scope: r.get(1)?,
+                health: col_parse(r, 2)?,
+                reason: r.get(3)?,
+                until: r.get(4)?,
+                since: r.get(5)?,
+                reported_by: r.get(6)?,
+                revision: col_u64(r, 7)?,
+            })
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Writes
+
+fn exists(tx: &Transaction<'_>, table: &str, id: &str) -> Result<bool> {
+    let sql = format!("SELECT 1 FROM {table} WHERE id = ?1");
+    tx.query_row(&sql, [id], |_| Ok(()))
+        .optional()
+        .map(|o| o.is_some())
+        .map_err(db)
+}
+
+fn require_group(tx: &Transaction<'_>, group_id: &str) -> Result<()> {
+    if exists(tx, "groups", group_id)? {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound {
+            kind: ResourceKind::Group.as_str(),
+            name: group_id.to_owned(),
+        })
+    }
+}
+
+/// Zero rows updated: the row is either gone or was changed since read.
+fn update_miss(tx: &Transaction<'_>, table: &str, kind: ResourceKind, id: &str) -> StoreError {
+    match exists(tx, table, id) {
+        Ok(true) => StoreError::Conflict {
+            kind: kind.as_str(),
+            id: id.to_owned(),
+        },
+        Ok(false) => StoreError::NotFound {
+            kind: kind.as_str(),
+            name: id.to_owned(),
+        },
+        Err(e) => e,
+    }
+}
+
+fn not_found(kind: ResourceKind, id: &str) -> StoreError {
+    StoreError::NotFound {
+        kind: kind.as_str(),
+        name: id.to_owned(),
+    }
+}
+
+fn set_account_groups(tx: &Transaction<'_>, account_id: &str, group_ids: &[String]) -> Result<()> {
+    tx.execute("DELETE FROM account_groups WHERE account_id = ?1", [account_id])
+        .map_err(db)?;
+    for group_id in group_ids {
+        require_group(tx, group_id)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO account_groups (account_id, group_id) VALUES (?1, ?2)",
+            [account_id, group_id.as_str()],
+        )
+        .map_err(db)?;
+    }
+    Ok(())
+}
+
+fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
+    match m {
+        Mutation::InsertAccount(a) => {
+            tx.execute(
+                &format!(
+                    "INSERT INTO accounts ({ACCOUNT_COLS}) VALUES \
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                ),
+                params_from_iter(account_values(a, rev)),
+            )
+            .map_err(write_err(ResourceKind::Account, &a.name))?;
+            set_account_groups(tx, &a.id, &a.group_ids)?;
+        }
+        Mutation::UpdateAccount { row, expect_revision } => {
+            let mut values = account_values(row, rev);
+            values.push(Value::Integer(to_i64(*expect_revision, "revision")?));
+            // created_at (?14) is immutable; SQLite allows an unreferenced
+            // parameter below the highest one used.
+            let n = tx
+                .execute(
+                    "UPDATE accounts SET name = ?2, kind = ?3, base_url = ?4, credential_enc = ?5, \
+                     refresh_token_enc = ?6, credential_hint = ?7, credential_expires_at = ?8, \
+                     priority = ?9, weight = ?10, max_concurrency = ?11, status = ?12, \
+                     proxy_url = ?13, updated_at = ?15, revision = ?16 \
+                     WHERE id = ?1 AND revision = ?17",
+                    params_from_iter(values),
+                )
+                .map_err(write_err(ResourceKind::Account, &row.name))?;
+            if n == 0 {
+                return Err(update_miss(tx, "accounts", ResourceKind::Account, &row.id));
+            }
+            set_account_groups(tx, &row.id, &row.group_ids)?;
+        }
+        Mutation::DeleteAccount { id } => {
+            tx.execute("DELETE FROM account_groups WHERE account_id = ?1", [id])
+                .map_err(db)?;
+            let n = tx.execute("DELETE FROM accounts WHERE id = ?1", [id]).map_err(db)?;
+            if n == 0 {
+                return Err(not_found(ResourceKind::Account, id));
+            }
+        }
+        Mutation::InsertApiKey(k) => {
+            require_group(tx, &k.group_id)?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO api_keys ({API_KEY_COLS}) VALUES \
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                ),
+                params_from_iter(api_key_values(k, rev)?),
+            )
+            .map_err(write_err(ResourceKind::ApiKey, &k.name))?;
+        }
+        Mutation::UpdateApiKey { row, expect_revision } => {
+            require_group(tx, &row.group_id)?;
+            let mut values = api_key_values(row, rev)?;
+            values.push(Value::Integer(to_i64(*expect_revision, "revision")?));
+            // created_at (?14) is immutable (left unreferenced).
+            let n = tx
+                .execute(
+                    "UPDATE api_keys SET name = ?2, key_hash = ?3, key_prefix = ?4, status = ?5, \
+                     expires_at = ?6, group_id = ?7, allowed_models = ?8, rpm = ?9, tpm = ?10, \
+                     max_concurrency = ?11, daily_budget = ?12, monthly_budget = ?13, \
+                     updated_at = ?15, revision = ?16 \
+                     WHERE id = ?1 AND revision = ?17",
+                    params_from_iter(values),
+                )
+                .map_err(write_err(ResourceKind::ApiKey, &row.name))?;
+            if n == 0 {
+                return Err(update_miss(tx, "api_keys", ResourceKind::ApiKey, &row.id));
+            }
+        }
+        Mutation::InsertGroup(g) => {
+            tx.execute(
+                &format!("INSERT INTO groups ({GROUP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                params![g.id, g.name, g.description, g.created_at, g.updated_at, rev],
+            )
+            .map_err(write_err(ResourceKind::Group, &g.name))?;
+        }
+        Mutation::DeleteGroup { id } => {
+            let name: Option<String> = tx
+                .query_row("SELECT name FROM groups WHERE id = ?1", [id], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            let Some(name) = name else {
+                return Err(not_found(ResourceKind::Group, id));
+            };
+            let in_use = tx
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM api_keys WHERE group_id = ?1) \
+                         OR EXISTS (SELECT 1 FROM account_groups WHERE group_id = ?1)",
+                    [id],
+                    |r| r.get::<_, bool>(0),
+                )
+                .map_err(db)?;
+            if in_use {
+                return Err(StoreError::InUse(format!("group {name:?}")));
+            }
+            tx.execute("DELETE FROM groups WHERE id = ?1", [id]).map_err(db)?;
+        }
+        Mutation::UpsertPrice(p) => {
+            let label = format!("{}@{}", p.model_pattern, p.effective_from);
+            tx.execute(
+                &format!(
+                    "INSERT INTO prices ({PRICE_COLS}) VALUES \
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                     ON CONFLICT (id) DO UPDATE SET model_pattern = excluded.model_pattern, \
+                     effective_from = excluded.effective_from, input = excluded.input, \
+                     output = excluded.output, cache_write_5m = excluded.cache_write_5m, \
+                     cache_write_1h = excluded.cache_write_1h, cache_read = excluded.cache_read, \
+                     source = excluded.source, revision = excluded.revision"
+                ),
+                params![
+                    p.id,
+                    p.model_pattern,
+                    p.effective_from,
+                    to_i64(p.input, "input price")?,
+                    to_i64(p.output, "output price")?,
+                    to_i64(p.cache_write_5m, "cache_write_5m price")?,
+                    to_i64(p.cache_write_1h, "cache_write_1h price")?,
+                    to_i64(p.cache_read, "cache_read price")?,
+                    p.source,
+                    rev,
+                ],
+            )
+            .map_err(write_err(ResourceKind::Price, &label))?;
+        }
+        Mutation::SetSetting { name, value } => {
+            tx.execute(
+                "INSERT INTO settings (name, value, revision) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value, \
+                 revision = excluded.revision",
+                params![name, value, rev],
+            )
+            .map_err(db)?;
+        }
+        Mutation::InsertAdminToken(t) => {
+            tx.execute(
+                &format!(
+                    "INSERT INTO admin_tokens ({ADMIN_TOKEN_COLS}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                ),
+                params![
+                    t.id,
+                    t.name,
+                    t.token_hash,
+                    t.token_prefix,
+                    t.role.as_str(),
+                    t.created_at,
+                    rev
+                ],
+            )
+            .map_err(write_err(ResourceKind::AdminToken, &t.name))?;
+        }
+        Mutation::SetAccountState(st) => {
+            if !exists(tx, "accounts", &st.account_id)? {
+                return Err(not_found(ResourceKind::Account, &st.account_id));
+            }
+            tx.execute(
+                "INSERT INTO account_states (account_id, scope, health, reason, until_at, since_at, reported_by, \
+                 revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (account_id, scope) DO UPDATE SET \
+                 health = excluded.health, reason = excluded.reason, until_at = excluded.until_at, \
+                 since_at = excluded.since_at, reported_by = excluded.reported_by, revision = excluded.revision",
+                params![
+                    st.account_id,
+                    st.scope,
+                    st.health.as_str(),
+                    st.reason,
+                    st.until,
+                    st.since,
+                    st.reported_by,
+                    rev
+                ],
+            )
+            .map_err(db)?;
+        }
+        Mutation::ClearAccountState { account_id, scope } => {
+            tx.execute(
+                "DELETE FROM account_states WHERE account_id = ?1 AND scope = ?2",
+                params![account_id, scope],
+            )
+            .map_err(db)?;
+        }
+        Mutation::DeleteAdminToken { id } => {
+            let n = tx.execute("DELETE FROM admin_tokens WHERE id = ?1", [id]).map_err(db)?;
+            if n == 0 {
+                return Err(not_found(ResourceKind::AdminToken, id));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn apply_tx(conn: &mut Connection, mutations: &[Mutation], audit: &AuditRecord) -> Result<Version> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db)?;
+    tx.execute("UPDATE config_head SET revision = revision + 1 WHERE singleton = 1", [])
+        .map_err(db)?;
+    let head = read_head(&tx)?;
+    let rev = to_i64(head.revision, "revision")?;
+    for m in mutations {
+        apply_mutation(&tx, m, rev)?;
+        let (kind, ref_id) = m.resource();
+        tx.execute(
+            "INSERT OR IGNORE INTO config_log (revision, kind, ref_id) VALUES (?1, ?2, ?3)",
+            params![rev, kind.as_str(), ref_id],
+        )
+        .map_err(db)?;
+    }
+    tx.execute(
+        "INSERT INTO audit_log (at, actor, action, target, detail, revision) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![now_ms(), audit.actor, audit.action, audit.target, audit.detail, rev],
+    )
+    .map_err(db)?;
+    tx.commit().map_err(db)?;
+    Ok(head)
+}
+
+fn record_proxy_tx(conn: &Connection, node_id: &str, replica: &str, event: &ProxyEvent) -> Result<()> {
+    let now = now_ms();
+    let opt_u64 = |v: Option<u64>, what: &str| v.map(|v| to_i64(v, what)).transpose();
+    match event {
+        ProxyEvent::Connected { build_version, held: _ } => {
+            conn.execute(
+                "INSERT INTO proxies (node_id, build_version, last_seen, connected, replica) \
+                 VALUES (?1, ?2, ?3, 1, ?4) \
+                 ON CONFLICT (node_id) DO UPDATE SET build_version = excluded.build_version, \
+                 last_seen = excluded.last_seen, connected = 1, replica = excluded.replica",
+                params![node_id, build_version, now, replica],
+            )
+            .map_err(db)?;
+        }
+        ProxyEvent::Acked(v) => {
+            conn.execute(
+                "INSERT INTO proxies (node_id, acked_epoch, acked_revision, last_seen, connected, \
+                 replica) VALUES (?1, ?2, ?3, ?4, 1, ?5) \
+                 ON CONFLICT (node_id) DO UPDATE SET acked_epoch = excluded.acked_epoch, \
+                 acked_revision = excluded.acked_revision, last_seen = excluded.last_seen",
+                params![
+                    node_id,
+                    to_i64(v.epoch, "epoch")?,
+                    to_i64(v.revision, "revision")?,
+                    now,
+                    replica
+                ],
+            )
+            .map_err(db)?;
+        }
+        ProxyEvent::Nacked { serving, error } => {
+            conn.execute(
+                "INSERT INTO proxies (node_id, nack_epoch, nack_revision, nack_error, nack_at, \
+                 last_seen, connected, replica) VALUES (?1, ?2, ?3, ?4, ?5, ?5, 1, ?6) \
+                 ON CONFLICT (node_id) DO UPDATE SET nack_epoch = excluded.nack_epoch, \
+                 nack_revision = excluded.nack_revision, nack_error = excluded.nack_error, \
+                 nack_at = excluded.nack_at, last_seen = excluded.last_seen",
+                params![
+                    node_id,
+                    opt_u64(serving.map(|v| v.epoch), "epoch")?,
+                    opt_u64(serving.map(|v| v.revision), "revision")?,
+                    error,
+                    now,
+                    replica
+                ],
+            )
+            .map_err(db)?;
+        }
+        ProxyEvent::Disconnected => {
+            conn.execute(
+                "UPDATE proxies SET last_seen = ?3, \
+                 connected = CASE WHEN replica = ?2 THEN 0 ELSE connected END \
+                 WHERE node_id = ?1",
+                params![node_id, replica, now],
+            )
+            .map_err(db)?;
+        }
+    }
+    Ok(())
+}
+
+fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<IngestResult> {
+    let tx = conn.transaction().map_err(db)?;
+    let received_at = now_ms();
+    let mut inserted = 0u64;
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO usage_events (event_id, request_id, ts, node_id, \
+                 api_key_id, account_id, model, input_tokens, output_tokens, \
+                 cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, \
+                 http_status, error_type, stream, cancelled, latency_ms, ttfb_ms, \
+                 upstream_request_id, web_search_requests, received_at) VALUES \
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+                 ?18, ?19, ?20, ?21, ?22)",
+            )
+            .map_err(db)?;
+        for e in events {
+            let n = stmt
+                .execute(params![
+                    e.event_id.hyphenated().to_string(),
+                    e.request_id,
+                    e.ts,
+                    e.node_id,
+                    e.api_key_id,
+                    e.account_id,
+                    e.model,
+                    to_i64(e.input_tokens, "input_tokens")?,
+                    to_i64(e.output_tokens, "output_tokens")?,
+                    to_i64(e.cache_write_5m_tokens, "cache_write_5m_tokens")?,
+                    to_i64(e.cache_write_1h_tokens, "cache_write_1h_tokens")?,
+                    to_i64(e.cache_read_tokens, "cache_read_tokens")?,
+                    to_i64(e.cost_pico_usd, "cost_pico_usd")?,
+                    i64::from(e.http_status),
+                    e.error_type,
+                    e.stream,
+                    e.cancelled,
+                    to_i64(e.latency_ms, "latency_ms")?,
+                    to_i64(e.ttfb_ms, "ttfb_ms")?,
+                    e.upstream_request_id,
+                    to_i64(e.web_search_requests, "web_search_requests")?,
+                    received_at,
+                ])
+                .map_err(db)?;
+            inserted += u64::try_from(n).map_err(|_| StoreError::Database("row count".into()))?;
+        }
+    }
+    tx.commit().map_err(db)?;
+    let total = u64::try_from(events.len()).map_err(|_| StoreError::Database("batch too large".into()))?;
+    Ok(IngestResult {
+        inserted,
+        duplicates: total.saturating_sub(inserted),
+    })
+}
+
+fn query_usage_tx(conn: &Connection, q: UsageQuery) -> Result<Vec<UsageRow>> {
+    let bucket = match q.bucket.millis() {
+        Some(_) => "(u.ts / ?3) * ?3",
+        None => "0",
+    };
+    let (group, group_id, join) = match q.group_by {
+        UsageGroupBy::None => ("''", "''", ""),
+        UsageGroupBy::Key => (
+            "COALESCE(k.name, u.api_key_id)",
+            "u.api_key_id",
+            "LEFT JOIN api_keys k ON k.id = u.api_key_id",
+        ),
+        UsageGroupBy::Account => (
+            "COALESCE(a.name, u.account_id)",
+            "u.account_id",
+            "LEFT JOIN accounts a ON a.id = u.account_id",
+        ),
+        UsageGroupBy::Model => ("u.model", "u.model", ""),
+    };
+    // ?3 is only referenced with a bucket; an unreferenced trailing parameter
+    // would not be bindable, so the parameter list follows the SQL.
+    let sql = format!(
+        "SELECT {bucket} AS bucket_start, {group} AS grp, {group_id} AS gid, COUNT(*), \
+         SUM(u.input_tokens), SUM(u.output_tokens), SUM(u.cache_write_5m_tokens), \
+         SUM(u.cache_write_1h_tokens), SUM(u.cache_read_tokens), SUM(u.cost_pico_usd), \
+         SUM(CASE WHEN u.http_status >= 400 OR u.error_type <> '' THEN 1 ELSE 0 END) \
+         FROM usage_events u {join} \
+         WHERE (?1 IS NULL OR u.ts >= ?1) AND (?2 IS NULL OR u.ts < ?2) \
+         GROUP BY bucket_start, gid, grp \
+         ORDER BY bucket_start, grp, gid"
+    );
+    let map = |r: &Row<'_>| -> rusqlite::Result<UsageRow> {
+        Ok(UsageRow {
+            bucket_start: r.get(0)?,
+            group: r.get(1)?,
+            group_id: r.get(2)?,
+            requests: col_u64(r, 3)?,
+            input_tokens: col_u64(r, 4)?,
+            output_tokens: col_u64(r, 5)?,
+            cache_write_5m_tokens: col_u64(r, 6)?,
+            cache_write_1h_tokens: col_u64(r, 7)?,
+            cache_read_tokens: col_u64(r, 8)?,
+            cost_pico_usd: col_u64(r, 9)?,
+            errors: col_u64(r, 10)?,
+        })
+    };
+    let mut stmt = conn.prepare(&sql).map_err(db)?;
+    let rows = match q.bucket.millis() {
+        Some(b) => stmt.query_map(params![q.since, q.until, b], map),
+        None => stmt.query_map(params![q.since, q.until], map),
+    }
+    .map_err(db)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+}
+
+// ---------------------------------------------------------------------------
+// The trait
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn change_hint(&self) -> Arc<Notify> {
+        Arc::clone(&self.hint)
+    }
+
+    async fn head(&self) -> Result<Version> {
+        self.with_conn(|c| read_head(c)).await
+    }
+
+    async fn apply(&self, mutations: Vec<Mutation>, audit: AuditRecord) -> Result<Version> {
+        let version = self.with_conn(move |c| apply_tx(c, &mutations, &audit)).await?;
+        self.hint.notify_waiters();
+        self.hint.notify_one();
+        Ok(version)
+    }
+
+    async fn load_config(&self) -> Result<ConfigState> {
+        self.with_conn(|c| {
+            let tx = c.transaction().map_err(db)?;
+            let state = ConfigState {
+                version: read_head(&tx)?,
+                api_keys: read_api_keys(&tx)?,
+                accounts: read_accounts(&tx)?,
+                groups: read_groups(&tx)?,
+                prices: read_prices(&tx)?,
+                settings: read_settings(&tx)?,
+                account_states: read_account_states(&tx)?,
+            };
+            tx.commit().map_err(db)?;
+            Ok(state)
+        })
+        .await
+    }
+
+    async fn log_since(&self, after: u64, upto: u64) -> Result<Vec<LogEntry>> {
+        let after = to_i64(after, "revision")?;
+        let upto = to_i64(upto, "revision")?;
+        self.with_conn(move |c| {
+            query_list(
+                c,
+                "SELECT revision, kind, ref_id FROM config_log \
+                 WHERE revision > ?1 AND revision <= ?2 ORDER BY revision, kind, ref_id",
+                [after, upto],
+                |r| {
+                    Ok(LogEntry {
+                        revision: col_u64(r, 0)?,
+                        kind: r.get(1)?,
+                        id: r.get(2)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<Account>> {
+        self.with_conn(|c| read_accounts(c)).await
+    }
+
+    async fn get_account(&self, id_or_name: &str) -> Result<Option<Account>> {
+        let key = id_or_name.to_owned();
+        self.with_conn(move |c| read_account(c, &key)).await
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        self.with_conn(|c| read_api_keys(c)).await
+    }
+
+    async fn get_api_key(&self, id_or_name: &str) -> Result<Option<ApiKey>> {
+        let key = id_or_name.to_owned();
+        self.with_conn(move |c| get_by_id_or_name(c, "api_keys", API_KEY_COLS, &key, api_key_from_row))
+            .await
+    }
+
+    async fn list_groups(&self) -> Result<Vec<Group>> {
+        self.with_conn(|c| read_groups(c)).await
+    }
+
+    async fn get_group(&self, id_or_name: &str) -> Result<Option<Group>> {
+        let key = id_or_name.to_owned();
+        self.with_conn(move |c| get_by_id_or_name(c, "groups", GROUP_COLS, &key, group_from_row))
+            .await
+    }
+
+    async fn list_prices(&self) -> Result<Vec<Price>> {
+        self.with_conn(|c| read_prices(c)).await
+    }
+
+    async fn settings(&self) -> Result<BTreeMap<String, String>> {
+        self.with_conn(|c| read_settings(c)).await
+    }
+
+    async fn list_account_states(&self) -> Result<Vec<AccountState>> {
+        self.with_conn(|c| read_account_states(c)).await
+    }
+
+    async fn list_admin_tokens(&self) -> Result<Vec<AdminToken>> {
+        self.with_conn(|c| {
+            query_list(
+                c,
+                &format!("SELECT {ADMIN_TOKEN_COLS} FROM admin_tokens ORDER BY name"),
+                [],
+                admin_token_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn find_admin_token(&self, token_hash: &str) -> Result<Option<AdminToken>> {
+        let hash = token_hash.to_owned();
+        self.with_conn(move |c| {
+            c.query_row(
+                &format!("SELECT {ADMIN_TOKEN_COLS} FROM admin_tokens WHERE token_hash = ?1"),
+                [hash],
+                admin_token_from_row,
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn list_audit(&self, limit: u32, since: Option<Millis>) -> Result<Vec<AuditEntry>> {
+        self.with_conn(move |c| {
+            query_list(
+                c,
+                "SELECT id, at, actor, action, target, detail, revision FROM audit_log \
+                 WHERE (?1 IS NULL OR at >= ?1) ORDER BY id DESC LIMIT ?2",
+                params![since, i64::from(limit)],
+                audit_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn record_proxy(&self, node_id: &str, replica: &str, event: ProxyEvent) -> Result<()> {
+        let node_id = node_id.to_owned();
+        let replica = replica.to_owned();
+        self.with_conn(move |c| record_proxy_tx(c, &node_id, &replica, &event))
+            .await
+    }
+
+    async fn list_proxies(&self) -> Result<Vec<ProxyState>> {
+        self.with_conn(|c| {
+            query_list(
+                c,
+                "SELECT node_id, build_version, acked_epoch, acked_revision, nack_epoch, \
+                 nack_revision, nack_error, nack_at, last_seen, connected, replica \
+                 FROM proxies ORDER BY node_id",
+                [],
+                proxy_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn insert_usage(&self, events: &[UsageEvent]) -> Result<IngestResult> {
+        if events.is_empty() {
+            return Ok(IngestResult::default());
+        }
+        let events = events.to_vec();
+        self.with_conn(move |c| insert_usage_tx(c, &events)).await
+    }
+
+    async fn query_usage(&self, query: UsageQuery) -> Result<Vec<UsageRow>> {
+        self.with_conn(move |c| query_usage_tx(c, query)).await
+    }
+}

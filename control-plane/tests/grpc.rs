@@ -1,0 +1,775 @@
+//! The control plane's gRPC services end to end, over real connections, on
+//! both stores: the Watch protocol, usage ingest, admin auth and roles.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{account_req, Cp, Held, ADMIN_TOKEN, DP_TOKEN, RO_TOKEN};
+use relay_proto::v1 as pb;
+use std::time::Duration;
+use tonic::Code;
+
+fn rev(u: &pb::ConfigUpdate) -> u64 {
+    u.version.unwrap().revision
+}
+
+async fn head(cp: &Cp) -> pb::ConfigVersion {
+    cp.admin()
+        .await
+        .get_config_version(pb::GetConfigVersionRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+both_stores!(watch_snapshot_then_deltas, |cp: Cp| async move {
+    let h0 = head(&cp).await;
+    let mut w = cp.watch(None, "dp-1").await;
+    let mut held = Held::default();
+
+    // A fresh data plane gets the full config at head at once.
+    let u = w.next().await;
+    assert!(u.full);
+    assert_eq!(u.version, Some(h0));
+    held.apply(&u);
+    assert!(held.config.groups.iter().any(|g| g.name == "default"));
+    assert!(held.config.prices.iter().any(|p| p.model_pattern == "claude-sonnet-4*"));
+    assert_eq!(held.config.settings.as_ref().unwrap().api_key_hash_secret.len(), 32);
+    w.ack(&u).await;
+
+    // An admin write arrives as a delta carrying just the new account, with its credential.
+    let mut admin = cp.admin().await;
+    let acct = admin
+        .create_account(account_req("acct-a", "sk-ant-api03-aaaaaaaaaaaaaaaa"))
+        .await
+        .unwrap()
+        .into_inner();
+    let u = w.next().await;
+    assert!(!u.full);
+    assert_eq!(u.base, Some(h0));
+    assert_eq!(rev(&u), h0.revision + 1);
+    let r = u.resources.clone().unwrap();
+    assert_eq!(r.accounts.len(), 1);
+    assert!(r.api_keys.is_empty() && r.groups.is_empty() && r.prices.is_empty());
+    assert_eq!(r.accounts[0].credential, "sk-ant-api03-aaaaaaaaaaaaaaaa");
+    assert_eq!(r.accounts[0].group_ids, vec!["default".to_string()]);
+    held.apply(&u);
+    w.ack(&u).await;
+
+    // A key, then the account's removal: upserts and removals.
+    let key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let u = w.next().await;
+    held.apply(&u);
+    w.ack(&u).await;
+    let k = &held.config.api_keys[0];
+    assert_eq!(k.name, "team-a");
+    let secret = held.config.settings.as_ref().unwrap().api_key_hash_secret.clone();
+    assert_eq!(
+        k.key_hash,
+        relay_control_plane::crypto::keyed_hash(&secret, &key.key),
+        "a data plane can look the key up by its keyed hash"
+    );
+
+    admin
+        .delete_account(pb::DeleteAccountRequest {
+            account: acct.name.clone(),
+        })
+        .await
+        .unwrap();
+    let u = w.next().await;
+    assert_eq!(
+        u.removed,
+        vec![pb::ResourceRef {
+            kind: pb::ResourceKind::Account as i32,
+            id: acct.id.clone()
+        }]
+    );
+    held.apply(&u);
+    w.ack(&u).await;
+    assert!(held.config.accounts.is_empty());
+
+    // The data plane's state is recorded: acked head, connected.
+    let h = head(&cp).await;
+    let c = cp.admin().await;
+    relay_test_support::wait_for(Duration::from_secs(5), "ack to be recorded", || {
+        let mut c = c.clone();
+        async move {
+            let p = c.list_proxies(pb::ListProxiesRequest {}).await.ok()?.into_inner();
+            let dp = p.proxies.into_iter().find(|p| p.node_id == "dp-1")?;
+            (dp.acked == Some(h) && dp.connected).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+});
+
+both_stores!(nack_keeps_old_version_and_is_not_resent, |cp: Cp| async move {
+    let mut w = cp.watch(None, "dp-nack").await;
+    let first = w.next().await;
+    w.ack(&first).await;
+    let v1 = first.version.unwrap();
+
+    let mut admin = cp.admin().await;
+    admin
+        .create_group(pb::CreateGroupRequest {
+            name: "g1".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap();
+    let u2 = w.next().await;
+    w.nack(&u2, Some(v1), "weights do not validate").await;
+
+    // The NACKed version is not sent again while the head stays there.
+    w.expect_quiet(Duration::from_millis(400)).await;
+    let proxies = admin
+        .list_proxies(pb::ListProxiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let dp = proxies.proxies.iter().find(|p| p.node_id == "dp-nack").unwrap();
+    assert_eq!(dp.acked, Some(v1), "the NACKed version never becomes the served one");
+    assert_eq!(dp.last_nack_error, "weights do not validate");
+
+    // The next change produces a delta from the version still served.
+    admin
+        .create_group(pb::CreateGroupRequest {
+            name: "g2".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap();
+    let u3 = w.next().await;
+    assert_eq!(u3.base, Some(v1));
+    assert_eq!(rev(&u3), v1.revision + 2);
+    let names: Vec<_> = u3.resources.unwrap().groups.into_iter().map(|g| g.name).collect();
+    assert_eq!(names.len(), 2, "both changes since the served version: {names:?}");
+});
+
+both_stores!(reconnect_with_held_version, |cp: Cp| async move {
+    let h = head(&cp).await;
+    // Current: an empty delta at head, at once.
+    let mut w = cp.watch(Some(h), "dp-r").await;
+    let u = w.next().await;
+    assert!(!u.full);
+    assert_eq!(u.version, Some(h));
+    let r = u.resources.unwrap_or_default();
+    assert!(r.accounts.is_empty() && r.api_keys.is_empty() && r.groups.is_empty() && u.removed.is_empty());
+    drop(w);
+
+    // Another epoch (history was reset): a full snapshot.
+    let other = pb::ConfigVersion::new(h.epoch + 1, h.revision);
+    let mut w = cp.watch(Some(other), "dp-r").await;
+    let u = w.next().await;
+    assert!(u.full);
+    assert_eq!(u.version, Some(h));
+    drop(w);
+
+    // Ahead of this replica (it came from a replica further along): nothing
+    // until this replica has caught up and moved past it: never backwards.
+    let ahead = pb::ConfigVersion::new(h.epoch, h.revision + 2);
+    let mut w = cp.watch(Some(ahead), "dp-r").await;
+    w.expect_quiet(Duration::from_millis(300)).await;
+    let mut admin = cp.admin().await;
+    for i in 0..2 {
+        admin
+            .create_group(pb::CreateGroupRequest {
+                name: format!("catch-up-{i}"),
+                description: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    w.expect_quiet(Duration::from_millis(300)).await;
+    admin
+        .create_group(pb::CreateGroupRequest {
+            name: "past-it".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap();
+    let u = w.next().await;
+    assert_eq!(u.base, Some(ahead));
+    assert_eq!(rev(&u), h.revision + 3);
+});
+
+both_stores!(one_update_in_flight_and_coalescing, |cp: Cp| async move {
+    let mut w = cp.watch(None, "dp-c").await;
+    let mut held = Held::default();
+    let first = w.next().await;
+    held.apply(&first);
+    // Not ACKed yet: 20 writes must not produce a second update.
+    let mut admin = cp.admin().await;
+    for i in 0..20 {
+        admin
+            .create_group(pb::CreateGroupRequest {
+                name: format!("storm-{i}"),
+                description: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    w.expect_quiet(Duration::from_millis(300)).await;
+    w.ack(&first).await;
+    // The next update jumps to the head, carrying all 20 groups.
+    let h = head(&cp).await;
+    let u = w.next().await;
+    assert_eq!(u.version, Some(h));
+    assert_eq!(rev(&u), first.version.unwrap().revision + 20);
+    held.apply(&u);
+    assert_eq!(
+        held.config
+            .groups
+            .iter()
+            .filter(|g| g.name.starts_with("storm-"))
+            .count(),
+        20
+    );
+});
+
+both_stores!(concurrent_admin_writers_skip_no_revision, |cp: Cp| async move {
+    let h0 = head(&cp).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let mut admin = cp.admin().await;
+        tasks.push(tokio::spawn(async move {
+            admin
+                .create_group(pb::CreateGroupRequest {
+                    name: format!("w-{i}"),
+                    description: String::new(),
+                })
+                .await
+                .unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let h = head(&cp).await;
+    assert_eq!(h.revision, h0.revision + 50);
+    let log = cp.store.log_since(h0.revision, h.revision).await.unwrap();
+    let revs: Vec<u64> = log.iter().map(|e| e.revision).collect();
+    assert_eq!(
+        revs,
+        ((h0.revision + 1)..=h.revision).collect::<Vec<_>>(),
+        "no gap, no repeat, in order"
+    );
+    // Each revision has its audit entry.
+    let audit = cp.store.list_audit(1000, None).await.unwrap();
+    for r in (h0.revision + 1)..=h.revision {
+        assert_eq!(audit.iter().filter(|a| a.revision == r).count(), 1, "revision {r}");
+    }
+    // Once this replica publishes the head (NOTIFY or poll), a watcher that held
+    // the version before the storm gets one delta to head with all 50 groups.
+    relay_test_support::wait_for(Duration::from_secs(5), "the head to be published", || async {
+        let mut probe = cp.watch(None, "probe").await;
+        (probe.next().await.version == Some(h)).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut w = cp.watch(Some(h0), "dp-w").await;
+    let u = w.next().await;
+    assert_eq!(u.version, Some(h));
+    assert_eq!(u.base, Some(h0));
+    assert_eq!(u.resources.unwrap().groups.len(), 50);
+});
+
+both_stores!(usage_ingest_is_idempotent, |cp: Cp| async move {
+    use futures::StreamExt;
+    let mut client = cp.usage(DP_TOKEN).await;
+    let events: Vec<pb::UsageEvent> = (0..100u64)
+        .map(|i| pb::UsageEvent {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            request_id: format!("req_{i}"),
+            timestamp_ms: relay_control_plane::model::now_ms(),
+            api_key_id: "key-1".into(),
+            account_id: "acct-1".into(),
+            model: if i % 2 == 0 {
+                "claude-sonnet-4-5"
+            } else {
+                "claude-haiku-4-5"
+            }
+            .into(),
+            input_tokens: 10 + i,
+            output_tokens: 20 + i,
+            cache_write_5m_tokens: i,
+            cache_write_1h_tokens: 2 * i,
+            cache_read_tokens: 3 * i,
+            cost_pico_usd: 1_000_000 * (i + 1),
+            http_status: 200,
+            ..Default::default()
+        })
+        .collect();
+    let mut bad = events.clone();
+    bad.push(pb::UsageEvent {
+        event_id: "not-a-uuid".into(),
+        ..Default::default()
+    });
+    let batches = vec![
+        pb::UsageBatch {
+            batch_id: 1,
+            node_id: "dp-u".into(),
+            events: bad,
+        },
+        // The same events again (a resend after a lost ACK).
+        pb::UsageBatch {
+            batch_id: 2,
+            node_id: "dp-u".into(),
+            events: events.clone(),
+        },
+    ];
+    let mut acks = client
+        .report(futures::stream::iter(batches))
+        .await
+        .unwrap()
+        .into_inner();
+    let a1 = acks.next().await.unwrap().unwrap();
+    assert_eq!((a1.batch_id, a1.inserted, a1.duplicates, a1.rejected), (1, 100, 0, 1));
+    let a2 = acks.next().await.unwrap().unwrap();
+    assert_eq!((a2.batch_id, a2.inserted, a2.duplicates), (2, 0, 100));
+
+    // The same batch on a new stream (a restarted data plane) is absorbed too.
+    let mut client = cp.usage(DP_TOKEN).await;
+    let mut acks = client
+        .report(futures::stream::iter(vec![pb::UsageBatch {
+            batch_id: 1,
+            node_id: "dp-u".into(),
+            events: events.clone(),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.next().await.unwrap().unwrap().duplicates, 100);
+
+    let rows = cp
+        .admin()
+        .await
+        .query_usage(pb::QueryUsageRequest {
+            group_by: pb::UsageGroupBy::Model as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(rows.len(), 2);
+    let total_requests: u64 = rows.iter().map(|r| r.requests).sum();
+    assert_eq!(total_requests, 100, "one row per event, however often it was sent");
+    let sum = |f: fn(&pb::UsageEvent) -> u64| events.iter().map(f).sum::<u64>();
+    let got = |f: fn(&pb::UsageRow) -> u64| rows.iter().map(f).sum::<u64>();
+    assert_eq!(got(|r| r.input_tokens), sum(|e| e.input_tokens));
+    assert_eq!(got(|r| r.output_tokens), sum(|e| e.output_tokens));
+    assert_eq!(got(|r| r.cache_write_5m_tokens), sum(|e| e.cache_write_5m_tokens));
+    assert_eq!(got(|r| r.cache_write_1h_tokens), sum(|e| e.cache_write_1h_tokens));
+    assert_eq!(got(|r| r.cache_read_tokens), sum(|e| e.cache_read_tokens));
+    assert_eq!(got(|r| r.cost_pico_usd), sum(|e| e.cost_pico_usd));
+    let sonnet = rows.iter().find(|r| r.group == "claude-sonnet-4-5").unwrap();
+    assert_eq!(sonnet.requests, 50);
+});
+
+both_stores!(admin_auth_and_roles, |cp: Cp| async move {
+    let list = |token: Option<&'static str>| {
+        let cp = &cp;
+        async move {
+            cp.admin_as(token)
+                .await
+                .list_accounts(pb::ListAccountsRequest {})
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        }
+    };
+    let create = |token: Option<&'static str>, name: &'static str| {
+        let cp = &cp;
+        async move {
+            cp.admin_as(token)
+                .await
+                .create_group(pb::CreateGroupRequest {
+                    name: name.into(),
+                    description: String::new(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        }
+    };
+    assert_eq!(list(None).await, Err(Code::Unauthenticated));
+    assert_eq!(list(Some("rat-not-a-real-token")).await, Err(Code::Unauthenticated));
+    assert_eq!(list(Some(RO_TOKEN)).await, Ok(()));
+    assert_eq!(list(Some(ADMIN_TOKEN)).await, Ok(()));
+    assert_eq!(list(Some(DP_TOKEN)).await, Err(Code::PermissionDenied));
+    assert_eq!(create(Some(RO_TOKEN), "ro-write").await, Err(Code::PermissionDenied));
+    assert_eq!(create(Some(DP_TOKEN), "dp-write").await, Err(Code::PermissionDenied));
+    assert_eq!(create(Some(ADMIN_TOKEN), "admin-write").await, Ok(()));
+    // Only data-plane tokens may Watch (a watch stream carries credentials).
+    for t in [ADMIN_TOKEN, RO_TOKEN] {
+        let code = cp.watch_as(t, None, "intruder").await.err().map(|s| s.code());
+        assert_eq!(code, Some(Code::PermissionDenied));
+    }
+    // A read-only token cannot mint tokens; nothing changed on denial.
+    let before = head(&cp).await;
+    let r = cp
+        .admin_as(Some(RO_TOKEN))
+        .await
+        .create_admin_token(pb::CreateAdminTokenRequest {
+            name: "escalate".into(),
+            role: pb::AdminRole::Admin as i32,
+        })
+        .await;
+    assert_eq!(r.err().map(|s| s.code()), Some(Code::PermissionDenied));
+    assert_eq!(head(&cp).await, before);
+    // Every change is audited with its actor.
+    let audit = cp
+        .admin_as(Some(RO_TOKEN))
+        .await
+        .list_audit(pb::ListAuditRequest { limit: 10, since_ms: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(audit[0].action, "group.create");
+    assert_eq!(audit[0].target, "admin-write");
+    assert!(audit[0].actor.starts_with("bootstrap-"));
+});
+
+both_stores!(admin_validation_errors, |cp: Cp| async move {
+    let mut admin = cp.admin().await;
+    let code = |r: Result<tonic::Response<pb::AccountInfo>, tonic::Status>| r.err().map(|s| s.code());
+    assert_eq!(
+        code(admin.create_account(account_req("bad name", "sk-x-0123456789")).await),
+        Some(Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(admin.create_account(account_req("empty-secret", " ")).await),
+        Some(Code::InvalidArgument)
+    );
+    let mut no_kind = account_req("no-kind", "sk-x-0123456789");
+    no_kind.kind = 0;
+    assert_eq!(code(admin.create_account(no_kind).await), Some(Code::InvalidArgument));
+    let mut compat = account_req("compat", "sk-x-0123456789");
+    compat.kind = pb::AccountKind::AnthropicCompatible as i32;
+    assert_eq!(
+        code(admin.create_account(compat.clone()).await),
+        Some(Code::InvalidArgument),
+        "needs a base URL"
+    );
+    compat.base_url = "http://127.0.0.1:9999".into();
+    assert_eq!(code(admin.create_account(compat).await), None);
+    let mut unknown_group = account_req("lost", "sk-x-0123456789");
+    unknown_group.groups = vec!["nope".into()];
+    assert_eq!(code(admin.create_account(unknown_group).await), Some(Code::NotFound));
+    let mut heavy = account_req("heavy", "sk-x-0123456789");
+    heavy.weight = 1_000_000;
+    assert_eq!(code(admin.create_account(heavy).await), Some(Code::InvalidArgument));
+    admin
+        .create_account(account_req("dup", "sk-x-0123456789"))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(admin.create_account(account_req("dup", "sk-x-0123456789")).await),
+        Some(Code::AlreadyExists)
+    );
+    // A revoked key stays revoked.
+    admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "k".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .revoke_api_key(pb::RevokeApiKeyRequest { key: "k".into() })
+        .await
+        .unwrap();
+    let r = admin
+        .update_api_key(pb::UpdateApiKeyRequest {
+            key: "k".into(),
+            status: Some(pb::KeyStatus::Active as i32),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(r.err().map(|s| s.code()), Some(Code::FailedPrecondition));
+    // The default group and groups in use cannot be removed.
+    let r = admin
+        .delete_group(pb::DeleteGroupRequest {
+            group: "default".into(),
+        })
+        .await;
+    assert_eq!(r.err().map(|s| s.code()), Some(Code::FailedPrecondition));
+});
+
+/// Several control-plane replicas on one Postgres database: writes through
+/// either are seen by watchers of both, every revision in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_on_one_database_converge() {
+    let a = common::start(common::Backend::Postgres).await;
+    let db = a.db.clone().unwrap();
+    let store_b = std::sync::Arc::new(
+        relay_control_plane::store::postgres::PostgresStore::connect(&db.url, 8)
+            .await
+            .unwrap(),
+    ) as relay_control_plane::store::DynStore;
+    let b = common::start_replica(store_b, a.key.clone(), Some(db), None, "replica-b").await;
+
+    let mut wa = a.watch(None, "dp-a").await;
+    let mut wb = b.watch(None, "dp-b").await;
+    let (mut ha, mut hb) = (Held::default(), Held::default());
+    let u = wa.next().await;
+    ha.apply(&u);
+    wa.ack(&u).await;
+    let u = wb.next().await;
+    hb.apply(&u);
+    wb.ack(&u).await;
+
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let cp = if i % 2 == 0 { &a } else { &b };
+        let mut admin = cp.admin().await;
+        tasks.push(tokio::spawn(async move {
+            admin
+                .create_group(pb::CreateGroupRequest {
+                    name: format!("r-{i}"),
+                    description: String::new(),
+                })
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let h = head(&a).await;
+    for (w, held) in [(&mut wa, &mut ha), (&mut wb, &mut hb)] {
+        let mut last = held.version.unwrap().revision;
+        while held.version != Some(h) {
+            let u = w.next().await;
+            assert!(rev(&u) > last, "never backwards");
+            last = rev(&u);
+            held.apply(&u);
+            w.ack(&u).await;
+        }
+    }
+    assert_eq!(
+        relay_proto::config_hash(&ha.config),
+        relay_proto::config_hash(&hb.config),
+        "same content for the same version"
+    );
+    assert_eq!(ha.config.groups.iter().filter(|g| g.name.starts_with("r-")).count(), 40);
+}
+
+/// `grpcurl` works: health checks and server reflection are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection() {
+    use futures::StreamExt;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let cp = common::start(common::Backend::Sqlite).await;
+    let channel = cp.channel().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "relay.v1.Admin", "relay.v1.ConfigDiscovery", "relay.v1.UsageIngest"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+    let mut reflection = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(futures::stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = replies.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "relay.v1.Admin",
+        "relay.v1.ConfigDiscovery",
+        "relay.v1.UsageIngest",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+}
+
+both_stores!(new_credential_or_enable_clears_account_states, |cp: Cp| async move {
+    use relay_control_plane::model::{AccountHealth, AccountState, AuditRecord, Mutation};
+    let mut admin = cp.admin().await;
+    let a = admin
+        .create_account(account_req("acct-s", "sk-ant-api03-old-credential"))
+        .await
+        .unwrap()
+        .into_inner();
+    let set_state = |health: AccountHealth| {
+        let store = cp.store.clone();
+        let id = a.id.clone();
+        async move {
+            store
+                .apply(
+                    vec![Mutation::SetAccountState(AccountState {
+                        account_id: id,
+                        scope: String::new(),
+                        health,
+                        reason: "test".into(),
+                        until: 0,
+                        since: 1,
+                        reported_by: "dp".into(),
+                        revision: 0,
+                    })],
+                    AuditRecord {
+                        actor: "test".into(),
+                        action: "account.state".into(),
+                        target: "acct-s".into(),
+                        detail: "{}".into(),
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set_state(AccountHealth::Unauthorized).await;
+    let shown = admin
+        .get_account(pb::GetAccountRequest {
+            account: "acct-s".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.states.len(), 1);
+    assert_eq!(shown.states[0].health, pb::AccountHealth::Unauthorized as i32);
+    // A new credential ends it.
+    let after = admin
+        .update_account(pb::UpdateAccountRequest {
+            account: "acct-s".into(),
+            credential: Some("sk-ant-api03-new-credential".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after.states.is_empty(), "{:?}", after.states);
+    // So does an operator enabling the account.
+    set_state(AccountHealth::Blocked).await;
+    let after = admin
+        .update_account(pb::UpdateAccountRequest {
+            account: "acct-s".into(),
+            status: Some(pb::AccountStatus::Enabled as i32),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after.states.is_empty());
+    // Changing the weight does not.
+    set_state(AccountHealth::Blocked).await;
+    let after = admin
+        .update_account(pb::UpdateAccountRequest {
+            account: "acct-s".into(),
+            weight: Some(7),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.states.len(), 1);
+    assert!(cp.store.load_config().await.unwrap().account_states.len() == 1);
+});
+
+/// Follows a watch stream, ACKing, until it holds `target`.
+async fn follow(w: &mut common::Watcher, held: &mut Held, target: pb::ConfigVersion) {
+    while held.version != Some(target) {
+        let u = w.next().await;
+        held.apply(&u);
+        w.ack(&u).await;
+    }
+}
+
+/// Another replica learns of a write through NOTIFY at once (its poll is a
+/// minute away); when the LISTEN connection dies, the poll still catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notify_wakes_other_replicas_and_the_poll_covers_a_dead_listener() {
+    use relay_control_plane::store::postgres::{PostgresStore, LISTEN_APPLICATION_NAME};
+    let a = common::start(common::Backend::Postgres).await;
+    let db = a.db.clone().unwrap();
+    let replica = |poll: Duration| {
+        let (db, key) = (db.clone(), a.key.clone());
+        async move {
+            let store = std::sync::Arc::new(PostgresStore::connect(&db.url, 4).await.unwrap())
+                as relay_control_plane::store::DynStore;
+            common::start_replica_polling(store, key, Some(db), None, "replica-b", poll).await
+        }
+    };
+    let write = |name: &'static str| {
+        let a = &a;
+        async move {
+            a.admin()
+                .await
+                .create_group(pb::CreateGroupRequest {
+                    name: name.into(),
+                    description: String::new(),
+                })
+                .await
+                .unwrap();
+            head(a).await
+        }
+    };
+
+    // NOTIFY: the poll is a minute away, yet the write arrives quickly.
+    let b = replica(Duration::from_secs(60)).await;
+    let mut w = b.watch(None, "dp-notify").await;
+    let mut held = Held::default();
+    let u = w.next().await;
+    held.apply(&u);
+    w.ack(&u).await;
+    let v = write("via-notify").await;
+    tokio::time::timeout(Duration::from_secs(5), follow(&mut w, &mut held, v))
+        .await
+        .expect("NOTIFY woke the other replica");
+
+    // The LISTEN connections die: a replica polling every 300 ms still catches up.
+    let c = replica(Duration::from_millis(300)).await;
+    let mut w = c.watch(None, "dp-poll").await;
+    let mut held = Held::default();
+    let u = w.next().await;
+    held.apply(&u);
+    w.ack(&u).await;
+    let (admin_db, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let killed: i64 = admin_db
+        .query_one(
+            "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1) t",
+            &[&LISTEN_APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed >= 1, "a LISTEN connection was terminated");
+    let v = write("after-listener-died").await;
+    tokio::time::timeout(Duration::from_secs(5), follow(&mut w, &mut held, v))
+        .await
+        .expect("the poll caught up");
+    assert!(held.config.groups.iter().any(|g| g.name == "after-listener-died"));
+}

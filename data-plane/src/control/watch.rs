@@ -1,0 +1,178 @@
+//! The Watch client: keeps one `ConfigDiscovery.Watch` stream open to the
+//! control plane, applies each update to one side (delta on top of the held
+//! config, content hash checked), validates it, swaps it in, persists it, and
+//! only then ACKs. Anything that fails is NACKed and the old config keeps
+//! serving. On any stream error it reconnects with backoff, saying which
+//! version it holds, so it never moves backwards.
+
+use super::cache::ConfigCache;
+use super::state::{ConfigHolder, InvalidConfig, ServingConfig};
+use relay_proto::v1 as pb;
+use relay_proto::v1::config_discovery_client::ConfigDiscoveryClient;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How to reach the control plane.
+#[derive(Clone)]
+pub struct ControlPlaneLink {
+    pub endpoint: tonic::transport::Endpoint,
+    /// The data-plane token (`authorization: Bearer …`).
+    pub token: Arc<str>,
+}
+
+impl ControlPlaneLink {
+    pub fn new(url: &str, token: &str) -> Result<Self, tonic::transport::Error> {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        Ok(Self {
+            endpoint,
+            token: Arc::from(token),
+        })
+    }
+
+    pub fn bearer(&self) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, tonic::Status> {
+        format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| tonic::Status::unauthenticated("the data-plane token is not a valid header value"))
+    }
+}
+
+/// Called with each config just swapped in (e.g. to sync shared account health).
+pub type OnApply = Arc<dyn Fn(&ServingConfig) + Send + Sync>;
+
+pub struct Watcher {
+    pub link: ControlPlaneLink,
+    pub node_id: String,
+    pub holder: Arc<ConfigHolder>,
+    pub cache: Option<Arc<ConfigCache>>,
+    pub on_apply: Option<OnApply>,
+}
+
+/// Applies one update: the complete new config, validated and indexed.
+pub fn prepare(current: Option<&ServingConfig>, update: &pb::ConfigUpdate) -> Result<ServingConfig, InvalidConfig> {
+    let held = current.map(|c| (&c.version, &c.resources));
+    let resources = relay_proto::apply_update(held, update)?;
+    let version = update.version.unwrap_or_default();
+    ServingConfig::build(version, resources)
+}
+
+impl Watcher {
+    /// Runs until `stop` becomes true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut reported_outage = false;
+        loop {
+            let started = tokio::time::Instant::now();
+            let result = tokio::select! {
+                r = self.session() => r,
+                _ = crate::stopped(&mut stop) => return,
+            };
+            metrics::gauge!("relay_control_plane_connected").set(0.0);
+            match result {
+                Ok(()) => tracing::info!("config stream closed by the control plane; reconnecting"),
+                Err(e) if !reported_outage => {
+                    tracing::warn!(error = %e, "config stream to the control plane failed; serving the last config and retrying");
+                    reported_outage = true;
+                }
+                Err(e) => tracing::debug!(error = %e, "config stream still failing"),
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(100);
+                reported_outage = false;
+            }
+            let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+            tokio::select! {
+                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = crate::stopped(&mut stop) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn session(&self) -> Result<(), tonic::Status> {
+        let channel = self
+            .link
+            .endpoint
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("cannot connect to the control plane: {e}")))?;
+        let bearer = self.link.bearer()?;
+        let mut client = ConfigDiscoveryClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        })
+        .max_decoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel(4);
+        let held = self.holder.get().map(|c| c.version);
+        tx.send(pb::WatchRequest {
+            kind: Some(pb::watch_request::Kind::Hello(pb::Hello {
+                node_id: self.node_id.clone(),
+                build_version: env!("CARGO_PKG_VERSION").to_string(),
+                held,
+            })),
+        })
+        .await
+        .map_err(|_| tonic::Status::internal("watch request channel closed"))?;
+        let mut inbound = client.watch(ReceiverStream::new(rx)).await?.into_inner();
+        metrics::gauge!("relay_control_plane_connected").set(1.0);
+        tracing::info!(held = ?held.map(|v| v.to_string()), "config stream open");
+        while let Some(update) = inbound.message().await? {
+            let reply = self.handle(&update);
+            if tx.send(reply).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the ACK or NACK for one update, swapping the config on success.
+    fn handle(&self, update: &pb::ConfigUpdate) -> pb::WatchRequest {
+        let current = self.holder.get();
+        let serving = current.as_ref().map(|c| c.version);
+        match prepare(current.as_deref(), update) {
+            Ok(next) => {
+                let version = next.version;
+                let changed = current
+                    .as_ref()
+                    .is_none_or(|c| c.hash != next.hash || c.version != next.version);
+                if changed {
+                    let resources = self.cache.as_ref().map(|_| next.resources.clone());
+                    if let Some(hook) = &self.on_apply {
+                        hook(&next);
+                    }
+                    self.holder.swap(next);
+                    if let (Some(cache), Some(r)) = (&self.cache, resources) {
+                        if let Err(e) = cache.store(version, &r) {
+                            metrics::counter!("relay_config_cache_errors_total").increment(1);
+                            tracing::error!(error = %e, "cannot persist the config cache");
+                        }
+                    }
+                    tracing::info!(version = %version, full = update.full, "config applied");
+                }
+                metrics::counter!("relay_config_updates_total", "outcome" => "ack").increment(1);
+                pb::WatchRequest {
+                    kind: Some(pb::watch_request::Kind::Ack(pb::Ack {
+                        nonce: update.nonce.clone(),
+                        version: Some(version),
+                    })),
+                }
+            }
+            Err(e) => {
+                metrics::counter!("relay_config_updates_total", "outcome" => "nack").increment(1);
+                tracing::warn!(error = %e, version = ?update.version.map(|v| v.to_string()), "config rejected; keeping the one served");
+                pb::WatchRequest {
+                    kind: Some(pb::watch_request::Kind::Nack(pb::Nack {
+                        nonce: update.nonce.clone(),
+                        serving,
+                        error: e.to_string(),
+                    })),
+                }
+            }
+        }
+    }
+}

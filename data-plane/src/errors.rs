@@ -1,0 +1,115 @@
+//! The one place where the relay's own failures become HTTP responses, in the
+//! Anthropic error shape every SDK parses:
+//! `{"type":"error","error":{"type":…,"message":…},"request_id":…}` plus a
+//! `request-id` header, and `x-should-retry: false` where retrying cannot help.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Why the relay itself refused or failed a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    /// `Some(false)`: tell SDKs not to retry.
+    pub should_retry: Option<bool>,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            should_retry: None,
+            retry_after_secs: None,
+        }
+    }
+    pub fn invalid_request(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", m).no_retry()
+    }
+    pub fn authentication(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", m).no_retry()
+    }
+    pub fn permission(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", m).no_retry()
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found_error", m).no_retry()
+    }
+    pub fn too_large(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", m).no_retry()
+    }
+    pub fn overloaded(m: impl Into<String>, retry_after_secs: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            "overloaded_error",
+            m,
+        );
+        e.retry_after_secs = Some(retry_after_secs);
+        e
+    }
+    pub fn not_ready() -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "relay has not received its configuration from the control plane yet",
+        );
+        e.retry_after_secs = Some(1);
+        e
+    }
+    pub fn upstream_unreachable(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "api_error", m)
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "api_error", m)
+    }
+    fn no_retry(mut self) -> Self {
+        self.should_retry = Some(false);
+        self
+    }
+
+    pub fn body_json(&self, request_id: &str) -> Bytes {
+        Bytes::from(
+            serde_json::json!({
+                "type": "error",
+                "error": {"type": self.kind, "message": self.message},
+                "request_id": request_id,
+            })
+            .to_string(),
+        )
+    }
+
+    pub fn into_response(self, request_id: &str) -> Response<Body> {
+        let body = self.body_json(request_id);
+        let mut resp = Response::new(full(body));
+        *resp.status_mut() = self.status;
+        let h = resp.headers_mut();
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            h.insert("request-id", v);
+        }
+        if let Some(r) = self.should_retry {
+            h.insert(
+                "x-should-retry",
+                HeaderValue::from_static(if r { "true" } else { "false" }),
+            );
+        }
+        if let Some(s) = self.retry_after_secs {
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed()
+}

@@ -1,0 +1,276 @@
+//! relay-data-plane: the stateless proxy that serves the Anthropic API from
+//! the last config the control plane pushed, forwards to the chosen upstream
+//! account, streams SSE back untouched while parsing usage on the side, and
+//! reports every attempt's usage through a durable spool.
+//!
+//! [`start`] assembles it: the config holder (loaded from the disk cache when
+//! there is one), the Watch client, the usage spool and its reporter, and the
+//! HTTP listener. [`RunningDataPlane::shutdown`] stops it gracefully.
+
+pub mod control;
+pub mod errors;
+pub mod proxy;
+pub mod upstream;
+
+use control::cache::ConfigCache;
+use control::spool::Spool;
+use control::state::{ConfigHolder, ServingConfig};
+use control::watch::{ControlPlaneLink, Watcher};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use proxy::forward::Pending;
+use proxy::Proxy;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The control plane's gRPC URL, e.g. `http://127.0.0.1:50051`.
+    pub control_plane: String,
+    /// The data-plane token (role `data-plane`).
+    pub token: String,
+    pub listen: SocketAddr,
+    pub node_id: String,
+    /// Config cache, its key, and the usage spool live here.
+    pub data_dir: PathBuf,
+    /// Base64 key for the config cache (else `data_dir/cache.key`).
+    pub cache_key: Option<String>,
+    /// Extra CA certificates (PEM) trusted for upstream TLS.
+    pub extra_ca_file: Option<PathBuf>,
+    /// How long in-flight requests may run on after shutdown begins.
+    pub shutdown_grace: Duration,
+    /// How long the usage spool may take to drain at shutdown.
+    pub drain_deadline: Duration,
+}
+
+impl Options {
+    pub fn new(control_plane: &str, token: &str, listen: SocketAddr, node_id: &str, data_dir: PathBuf) -> Self {
+        Self {
+            control_plane: control_plane.to_string(),
+            token: token.to_string(),
+            listen,
+            node_id: node_id.to_string(),
+            data_dir,
+            cache_key: None,
+            extra_ca_file: None,
+            shutdown_grace: Duration::from_secs(30),
+            drain_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid control-plane URL: {0}")]
+    ControlPlaneUrl(String),
+    #[error(transparent)]
+    Cache(#[from] control::cache::CacheError),
+    #[error(transparent)]
+    Spool(#[from] control::spool::SpoolError),
+    #[error(transparent)]
+    Client(#[from] upstream::client::ClientError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+pub struct RunningDataPlane {
+    local_addr: SocketAddr,
+    pub holder: Arc<ConfigHolder>,
+    /// Concurrency slots and load per account.
+    pub balancer: Arc<proxy::balance::Balancer>,
+    /// Account health as this data plane sees it.
+    pub health: Arc<proxy::health::HealthRegistry>,
+    pub spool: Arc<Spool>,
+    stop: watch::Sender<bool>,
+    report_stop: watch::Sender<bool>,
+    accepting: Arc<AtomicBool>,
+    pending: Arc<Pending>,
+    server: JoinHandle<()>,
+    watcher: JoinHandle<()>,
+    reporter: JoinHandle<()>,
+    grace: Duration,
+}
+
+/// Starts a data plane. With a cached config it is ready at once; without,
+/// it answers 503 until the first config arrives.
+pub async fn start(
+    opts: Options,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> Result<RunningDataPlane, StartError> {
+    let holder = Arc::new(ConfigHolder::default());
+    let health = Arc::new(proxy::health::HealthRegistry::new(&opts.node_id));
+    let cache = Arc::new(ConfigCache::open(&opts.data_dir, opts.cache_key.as_deref())?);
+    match cache.load() {
+        Ok(Some((version, resources))) => match ServingConfig::build(version, resources) {
+            Ok(cfg) => {
+                tracing::info!(version = %version, "serving the cached config until the control plane answers");
+                health.sync_shared(&cfg.resources.account_states);
+                holder.swap(cfg);
+            }
+            Err(e) => tracing::warn!(error = %e, "the cached config does not validate; ignoring it"),
+        },
+        Ok(None) => tracing::info!("no cached config; not ready until the control plane answers"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the config cache; ignoring it"),
+    }
+    let link = ControlPlaneLink::new(&opts.control_plane, &opts.token)
+        .map_err(|e| StartError::ControlPlaneUrl(e.to_string()))?;
+    let spool = Arc::new(Spool::open(&opts.data_dir.join("spool"))?);
+    let client = upstream::client::build(&upstream::client::ClientOptions {
+        extra_ca_file: opts.extra_ca_file.as_deref(),
+        ..Default::default()
+    })?;
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: opts.listen,
+        source,
+    })?;
+    let (stop, stop_rx) = watch::channel(false);
+    // The reporter stops last: after in-flight requests have written their usage.
+    let (report_stop, report_stop_rx) = watch::channel(false);
+    let accepting = Arc::new(AtomicBool::new(true));
+    let pending = Arc::new(Pending::default());
+    let node_id: Arc<str> = Arc::from(opts.node_id.as_str());
+
+    let watcher = tokio::spawn(
+        Watcher {
+            link: link.clone(),
+            node_id: opts.node_id.clone(),
+            holder: holder.clone(),
+            cache: Some(cache),
+            on_apply: Some({
+                let health = health.clone();
+                Arc::new(move |cfg: &ServingConfig| health.sync_shared(&cfg.resources.account_states))
+            }),
+        }
+        .run(stop_rx.clone()),
+    );
+    let reporter = tokio::spawn(control::report::run_reporter(
+        spool.clone(),
+        control::report::connector(
+            link.endpoint.clone(),
+            control::report::BearerToken::new(&link.token)
+                .map_err(|_| StartError::ControlPlaneUrl("the data-plane token is not a valid header value".into()))?,
+        ),
+        control::report::ReporterConfig::new(&opts.node_id),
+        report_stop_rx,
+        opts.drain_deadline,
+    ));
+    let balancer = Arc::new(proxy::balance::Balancer::new());
+    let proxy = Arc::new(Proxy {
+        holder: holder.clone(),
+        client,
+        spool: spool.clone(),
+        pending: pending.clone(),
+        node_id,
+        balancer: balancer.clone(),
+        health: health.clone(),
+        reporter: control::state_report::StateReporter::start(link.clone(), opts.node_id.clone()),
+        sessions: Arc::new(proxy::sticky::MemorySessions::default()),
+        queued: std::sync::atomic::AtomicUsize::new(0),
+        metrics,
+        accepting: accepting.clone(),
+    });
+    let server = tokio::spawn(serve(listener, proxy, stop_rx));
+    Ok(RunningDataPlane {
+        local_addr,
+        holder,
+        balancer,
+        health,
+        spool,
+        stop,
+        report_stop,
+        accepting,
+        pending,
+        server,
+        watcher,
+        reporter,
+        grace: opts.shutdown_grace,
+    })
+}
+
+async fn serve(listener: tokio::net::TcpListener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let svc = hyper::service::service_fn(move |req| proxy.clone().handle(req));
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    // In-flight requests and streams finish; the caller bounds how long.
+    graceful.shutdown().await;
+}
+
+impl RunningDataPlane {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn config_version(&self) -> Option<relay_proto::v1::ConfigVersion> {
+        self.holder.get().map(|c| c.version)
+    }
+
+    /// Graceful stop: not ready, stop accepting, let in-flight requests finish
+    /// (up to the grace period), write their usage, drain the spool to the
+    /// control plane (up to the drain deadline), exit.
+    pub async fn shutdown(self) {
+        self.accepting.store(false, Ordering::Release);
+        let _ = self.stop.send(true);
+        let grace = self.grace;
+        let mut server = self.server;
+        if tokio::time::timeout(grace, &mut server).await.is_err() {
+            tracing::warn!("in-flight requests still running after the grace period; closing them");
+            server.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.pending.drained()).await;
+        let _ = self.report_stop.send(true);
+        let _ = self.reporter.await;
+        self.watcher.abort();
+    }
+}
+
+/// Resolves once `rx` holds `true` (or its sender is gone).
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// The Prometheus exporter every relay process uses: histograms (not
+/// summaries) for every `*_seconds` metric, so dashboards can aggregate
+/// percentiles across data planes.
+pub fn metrics_builder() -> metrics_exporter_prometheus::PrometheusBuilder {
+    const BUCKETS: &[f64] = &[
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
+    ];
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+    match builder.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), BUCKETS) {
+        Ok(b) => b,
+        Err(_) => metrics_exporter_prometheus::PrometheusBuilder::new(),
+    }
+}

@@ -1,0 +1,109 @@
+//! `relay-data-plane`: parses flags, starts the data plane, stops it on SIGTERM.
+
+use anyhow::Context;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// relay's data plane: serves the Anthropic API with the config the control plane pushes.
+#[derive(Debug, Parser)]
+#[command(name = "relay-data-plane", version)]
+struct Args {
+    /// The control plane's gRPC URL.
+    #[arg(long, env = "RELAY_CONTROL_PLANE", default_value = "http://127.0.0.1:50051")]
+    control_plane: String,
+    /// Where to serve the Anthropic API.
+    #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// This data plane's name (as `relayctl proxies list` shows it); default: host name.
+    #[arg(long, env = "RELAY_NODE_ID")]
+    node_id: Option<String>,
+    /// Config cache and usage spool.
+    #[arg(long, env = "RELAY_DATA_DIR", default_value = "relay-data-plane")]
+    data_dir: PathBuf,
+    /// A file holding the data-plane token (else RELAY_DATAPLANE_TOKEN).
+    #[arg(long, env = "RELAY_DATAPLANE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for upstream TLS.
+    #[arg(long, env = "RELAY_EXTRA_CA_FILE")]
+    extra_ca_file: Option<PathBuf>,
+    /// Seconds in-flight requests may run on after SIGTERM.
+    #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    shutdown_grace_secs: u64,
+    /// Log format.
+    #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn init_logging(format: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = s.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+    let token = match (&args.token_file, std::env::var("RELAY_DATAPLANE_TOKEN")) {
+        (Some(f), _) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .trim()
+            .to_string(),
+        (None, Ok(t)) => t,
+        (None, Err(_)) => anyhow::bail!(
+            "no data-plane token: set RELAY_DATAPLANE_TOKEN or --token-file (create one with `relayctl token create NAME --role data-plane`)"
+        ),
+    };
+    let metrics = relay_data_plane::metrics_builder()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let node_id = args.node_id.clone().unwrap_or_else(|| {
+        std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "data-plane".into())
+    });
+    let mut opts = relay_data_plane::Options::new(
+        &args.control_plane,
+        &token,
+        args.listen,
+        &node_id,
+        args.data_dir.clone(),
+    );
+    opts.cache_key = std::env::var("RELAY_DP_CACHE_KEY").ok();
+    opts.extra_ca_file = args.extra_ca_file.clone();
+    opts.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    let dp = relay_data_plane::start(opts, Some(metrics))
+        .await
+        .context("starting the data plane")?;
+    println!("relay: data plane {node_id} listening on {}", dp.local_addr());
+    terminated().await;
+    tracing::info!("SIGTERM: draining");
+    dp.shutdown().await;
+    Ok(())
+}

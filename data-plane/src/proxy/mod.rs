@@ -1,0 +1,864 @@
+//! The request path: routing, authentication, model checks, scheduling and
+//! forwarding, each a small step of its own; errors become responses in one
+//! place (`crate::errors`).
+//!
+//! Architecture invariant: nothing here blocks on the control plane. Every
+//! request is served from the config swapped in last (`ConfigHolder`), and
+//! usage goes to the local spool.
+
+pub mod balance;
+pub mod forward;
+pub mod health;
+pub mod models;
+pub mod policy;
+pub mod sticky;
+
+use crate::control::spool::Spool;
+use crate::control::state::{AccountEntry, ConfigHolder, KeyEntry, ServingConfig};
+use crate::control::state_report::StateReporter;
+use crate::errors::{full, ApiError, Body};
+use crate::upstream::client::HttpClient;
+use balance::{Balancer, SlotGuard};
+use bytes::Bytes;
+use forward::{Attempt, HealthSink, Pending, Tap, TappedBody};
+use health::{Availability, HealthRegistry, Outcome};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use relay_proto::v1 as pb;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use sticky::SessionStore;
+
+/// Requests to the Messages API may be up to 32 MB.
+pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+pub struct Proxy {
+    pub holder: Arc<ConfigHolder>,
+    pub client: HttpClient,
+    pub spool: Arc<Spool>,
+    pub pending: Arc<Pending>,
+    pub node_id: Arc<str>,
+    pub balancer: Arc<Balancer>,
+    pub health: Arc<HealthRegistry>,
+    pub reporter: StateReporter,
+    pub sessions: Arc<dyn SessionStore>,
+    /// Requests waiting for an account right now.
+    pub queued: AtomicUsize,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// False once shutdown has begun (readiness).
+    pub accepting: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn new_request_id() -> String {
+    format!("req_relay_{}", uuid::Uuid::now_v7().simple())
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value, request_id: &str) -> Response<Body> {
+    let mut r = Response::new(full(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        r.headers_mut().insert("request-id", v);
+    }
+    r
+}
+
+/// The presented relay key: `x-api-key`, else `Authorization: Bearer`.
+fn presented_key(h: &HeaderMap) -> Option<&str> {
+    if let Some(k) = h.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(k.trim());
+    }
+    let auth = h.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}
+
+fn authenticate(cfg: &ServingConfig, h: &HeaderMap) -> Result<Arc<KeyEntry>, ApiError> {
+    let presented = presented_key(h)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ApiError::authentication("x-api-key header is required"))?;
+    let key = cfg
+        .key_for(presented)
+        .ok_or_else(|| ApiError::authentication("invalid x-api-key"))?;
+    match key.status {
+        pb::KeyStatus::Active => {}
+        pb::KeyStatus::Revoked => return Err(ApiError::authentication("this API key has been revoked")),
+        pb::KeyStatus::Disabled => return Err(ApiError::permission("this API key is disabled")),
+        pb::KeyStatus::Unspecified => return Err(ApiError::authentication("invalid x-api-key")),
+    }
+    if key.expires_at_ms > 0 && key.expires_at_ms <= chrono::Utc::now().timestamp_millis() {
+        return Err(ApiError::authentication("this API key has expired"));
+    }
+    Ok(key.clone())
+}
+
+fn check_version(h: &HeaderMap) -> Result<(), ApiError> {
+    let v = h
+        .get("anthropic-version")
+        .ok_or_else(|| ApiError::invalid_request("anthropic-version: header is required"))?;
+    let ok = v.to_str().is_ok_and(|s| {
+        let b = s.as_bytes();
+        b.len() == 10
+            && b[4] == b'-'
+            && b[7] == b'-'
+            && b.iter()
+                .enumerate()
+                .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_request(
+            "anthropic-version: must be a version date such as 2023-06-01",
+        ))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RequestHead {
+    model: Option<serde_json::Value>,
+    #[serde(default)]
+    stream: Option<serde_json::Value>,
+}
+
+impl Proxy {
+    /// Serves one request. Never fails: every error becomes a response.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, std::convert::Infallible> {
+        let started = Instant::now();
+        let request_id = new_request_id();
+        let route = route_label(req.method(), req.uri().path());
+        let resp = match self.route(req, &request_id, started).await {
+            Ok(r) => r,
+            Err(e) => {
+                metrics::counter!("relay_relay_errors_total", "type" => e.kind).increment(1);
+                e.into_response(&request_id)
+            }
+        };
+        metrics::counter!("relay_requests_total", "route" => route, "status" => status_class(resp.status()))
+            .increment(1);
+        metrics::histogram!("relay_request_head_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+        Ok(resp)
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        request_id: &str,
+        started: Instant,
+    ) -> Result<Response<Body>, ApiError> {
+        let path = req.uri().path().to_string();
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/healthz") => Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ok"}),
+                request_id,
+            )),
+            (&Method::GET, "/readyz") => Ok(self.readyz(request_id)),
+            (&Method::GET, "/metrics") => Ok(self.metrics_text()),
+            (&Method::POST, "/api/event_logging/batch") => {
+                // Claude Code telemetry: acknowledge, never forward.
+                let _ = req.into_body().collect().await;
+                Ok(json_response(StatusCode::OK, &serde_json::json!({}), request_id))
+            }
+            (&Method::POST, "/v1/messages") => self.forward(req, request_id, started, true).await,
+            (&Method::POST, "/v1/messages/count_tokens") => self.forward(req, request_id, started, false).await,
+            (&Method::GET, "/v1/models") => {
+                let (cfg, key) = self.admit(req.headers())?;
+                let list = models::visible(&cfg, &key);
+                Ok(json_response(
+                    StatusCode::OK,
+                    &models::page(list, req.uri().query()),
+                    request_id,
+                ))
+            }
+            (&Method::GET, p) if p.starts_with("/v1/models/") => {
+                let (cfg, key) = self.admit(req.headers())?;
+                let id = &p["/v1/models/".len()..];
+                let list = models::visible(&cfg, &key);
+                match models::find(&list, id) {
+                    Some(m) => Ok(json_response(StatusCode::OK, &m, request_id)),
+                    None => Err(ApiError::not_found(format!("model: {id}"))),
+                }
+            }
+            (_, "/v1/messages" | "/v1/messages/count_tokens" | "/v1/models") => Err(ApiError {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                ..ApiError::invalid_request(format!("method {} is not allowed on {path}", req.method()))
+            }),
+            _ => Err(ApiError::not_found(format!("no route for {} {path}", req.method()))),
+        }
+    }
+
+    fn readyz(&self, request_id: &str) -> Response<Body> {
+        let cfg = self.holder.get();
+        let accepting = self.accepting.load(std::sync::atomic::Ordering::Acquire);
+        let body = serde_json::json!({
+            "ready": cfg.is_some() && accepting,
+            "config_version": cfg.as_ref().map(|c| c.version.to_string()),
+        });
+        let status = if cfg.is_some() && accepting {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        json_response(status, &body, request_id)
+    }
+
+    fn metrics_text(&self) -> Response<Body> {
+        let text = self.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+        let mut r = Response::new(full(text));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        r
+    }
+
+    /// Config present and key valid.
+    fn admit(&self, h: &HeaderMap) -> Result<(Arc<ServingConfig>, Arc<KeyEntry>), ApiError> {
+        let cfg = self.holder.get().ok_or_else(ApiError::not_ready)?;
+        let key = authenticate(&cfg, h)?;
+        Ok((cfg, key))
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        request_id: &str,
+        started: Instant,
+        is_messages: bool,
+    ) -> Result<Response<Body>, ApiError> {
+        let (cfg, key) = self.admit(req.headers())?;
+        check_version(req.headers())?;
+        let (parts, mut incoming) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let body = if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+            None
+        } else {
+            let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
+            let mut too_large = false;
+            while let Some(frame) = incoming.frame().await {
+                let frame = frame.map_err(|_| ApiError::invalid_request("could not read the request body"))?;
+                if let Some(d) = frame.data_ref() {
+                    if buf.len() + d.len() > MAX_BODY_BYTES {
+                        too_large = true;
+                        break;
+                    }
+                    buf.extend_from_slice(d);
+                }
+            }
+            (!too_large).then(|| buf.freeze())
+        };
+        let Some(body) = body else {
+            // Read (and discard) what the client is still sending, so it gets
+            // this answer instead of a broken pipe; give up past twice the limit.
+            let mut drained = 0usize;
+            while let Some(Ok(frame)) = incoming.frame().await {
+                drained += frame.data_ref().map_or(0, |d| d.len());
+                if drained > 2 * MAX_BODY_BYTES {
+                    break;
+                }
+            }
+            return Err(ApiError::too_large("request body exceeds the 32 MB limit"));
+        };
+        let head: RequestHead = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid_request(format!("request body is not valid JSON: {e}")))?;
+        let model = match head.model {
+            Some(serde_json::Value::String(m)) if !m.is_empty() => m,
+            Some(_) => return Err(ApiError::invalid_request("model: must be a string")),
+            None => return Err(ApiError::invalid_request("model: Field required")),
+        };
+        let stream = is_messages && matches!(head.stream, Some(serde_json::Value::Bool(true)));
+        if !key.allows(&model) {
+            return Err(ApiError::permission(format!("this API key may not use model {model}")));
+        }
+
+        let policy = &cfg.policy;
+        let deadline = tokio::time::Instant::now() + policy.retry_deadline;
+        let session = if is_messages {
+            sticky::session_key(&parts.headers, &body)
+        } else {
+            None
+        };
+        let bound = match &session {
+            Some(k) => self.sessions.get(k).await,
+            None => None,
+        };
+        let ctx = AttemptCtx {
+            cfg: &cfg,
+            key: &key,
+            parts: &parts,
+            body: &body,
+            model: &model,
+            stream,
+            request_id,
+            started,
+            policy,
+        };
+        let mut tried: Vec<String> = Vec::new();
+        let mut last: Option<Failure> = None;
+        let mut attempts = 0u32;
+        while attempts < policy.max_attempts {
+            let Some((account, slot)) = self.acquire(&ctx, &tried, bound.as_deref(), deadline).await? else {
+                break;
+            };
+            attempts += 1;
+            if attempts > 1 {
+                metrics::counter!("relay_failovers_total").increment(1);
+            }
+            match self.attempt(&ctx, account.clone(), slot).await {
+                Ok(resp) => {
+                    if let Some(k) = &session {
+                        if bound.as_deref() != Some(account.id.as_str()) {
+                            if bound.is_some() {
+                                metrics::counter!("relay_sticky_moves_total").increment(1);
+                            }
+                            self.sessions.bind(k, &account.id).await;
+                        }
+                    }
+                    metrics::counter!("relay_attempts_total", "outcome" => "ok").increment(1);
+                    return Ok(resp);
+                }
+                Err((failure, retry)) => {
+                    metrics::counter!("relay_attempts_total", "outcome" => "failed").increment(1);
+                    tried.push(account.id.clone());
+                    // An upstream's own answer says more than the relay's "unreachable".
+                    last = match (last, failure) {
+                        (Some(prev @ Failure::Upstream { .. }), Failure::Relay(_)) => Some(prev),
+                        (_, f) => Some(f),
+                    };
+                    if !retry {
+                        break;
+                    }
+                    let pause = policy.backoff(attempts).min(remaining_until(deadline));
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+        match last {
+            Some(f) => Ok(f.into_response(request_id)),
+            None => Err(ApiError::overloaded(
+                "no upstream account is available for this key right now",
+                self.retry_after_hint(&ctx),
+            )),
+        }
+    }
+
+    /// When some account of the key's group will be available again, in seconds (at least 1).
+    fn retry_after_hint(&self, ctx: &AttemptCtx<'_>) -> u64 {
+        let now = chrono::Utc::now().timestamp_millis();
+        let soonest = ctx
+            .cfg
+            .accounts_of(&ctx.key.group_id)
+            .iter()
+            .filter_map(|a| match self.health.availability(a.id.as_str(), ctx.model, now) {
+                Availability::At(t) => Some(t),
+                _ => None,
+            })
+            .min();
+        soonest.map_or(5, |t| ((t - now).max(0) as u64).div_ceil(1000).clamp(1, 3600))
+    }
+
+    /// An account and a concurrency slot on it, waiting (bounded) when none
+    /// is available now but one will be. None: nothing to try.
+    async fn acquire(
+        &self,
+        ctx: &AttemptCtx<'_>,
+        tried: &[String],
+        bound: Option<&str>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<(Arc<AccountEntry>, SlotGuard)>, ApiError> {
+        let wait_until = deadline.min(tokio::time::Instant::now() + ctx.policy.queue_max_wait);
+        let mut ticket: Option<QueueTicket<'_>> = None;
+        loop {
+            // Created before looking, so a release in between is not missed.
+            let released = self.balancer.released();
+            let now = chrono::Utc::now().timestamp_millis();
+            match self.choose(ctx, tried, bound, now) {
+                Choice::Ready(a, slot) => return Ok(Some((a, slot))),
+                Choice::Nothing => return Ok(None),
+                Choice::Later(at) => {
+                    if ticket.is_none() {
+                        ticket = Some(
+                            QueueTicket::take(&self.queued, ctx.policy.queue_max_size).ok_or_else(|| {
+                                ApiError::overloaded("too many requests are waiting for an upstream account", 1)
+                            })?,
+                        );
+                    }
+                    let now_i = tokio::time::Instant::now();
+                    if now_i >= wait_until {
+                        return Ok(None);
+                    }
+                    let wake = at
+                        .map(|t| now_i + Duration::from_millis((t - now).max(1) as u64))
+                        .unwrap_or(wait_until)
+                        .min(wait_until);
+                    tokio::select! {
+                        _ = released => {}
+                        _ = tokio::time::sleep_until(wake) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Priority tier first; within it the balancer's choice among accounts
+    /// that are enabled, healthy, untried and have a free slot. The session's
+    /// account comes first when it qualifies.
+    fn choose(&self, ctx: &AttemptCtx<'_>, tried: &[String], bound: Option<&str>, now: i64) -> Choice {
+        let candidates = ctx.cfg.accounts_of(&ctx.key.group_id);
+        let usable = |a: &Arc<AccountEntry>| a.enabled && a.weight > 0 && !tried.contains(&a.id);
+        let mut later: Option<i64> = None;
+        let mut waiting_for_slot = false;
+        if let Some(id) = bound {
+            if let Some(a) = candidates.iter().find(|a| a.id == id && usable(a)) {
+                match self.health.availability(&a.id, ctx.model, now) {
+                    Availability::Now | Availability::Probe => match self.balancer.try_acquire(a) {
+                        Some(slot) => return Choice::Ready(a.clone(), slot),
+                        None => {
+                            self.health.release_probe(&a.id);
+                        }
+                    },
+                    _ => {}
+                }
+            }
+        }
+        let mut i = 0;
+        while i < candidates.len() {
+            let priority = candidates[i].priority;
+            let tier_end = candidates[i..]
+                .iter()
+                .position(|a| a.priority != priority)
+                .map_or(candidates.len(), |n| i + n);
+            let mut ready: Vec<&Arc<AccountEntry>> = Vec::new();
+            for a in candidates[i..tier_end].iter().filter(|a| usable(a)) {
+                match self.health.availability(&a.id, ctx.model, now) {
+                    Availability::Now => ready.push(a),
+                    Availability::Probe => match self.balancer.try_acquire(a) {
+                        // The half-open breaker's one probe goes to this request.
+                        Some(slot) => return Choice::Ready(a.clone(), slot),
+                        None => {
+                            self.health.release_probe(&a.id);
+                            waiting_for_slot = true;
+                        }
+                    },
+                    Availability::At(t) => later = Some(later.map_or(t, |l: i64| l.min(t))),
+                    Availability::Never => {}
+                }
+            }
+            while let Some(a) = self.balancer.pick(&ready) {
+                match self.balancer.try_acquire(a) {
+                    Some(slot) => return Choice::Ready(a.clone(), slot),
+                    None => {
+                        waiting_for_slot = true;
+                        let id = a.id.clone();
+                        ready.retain(|x| x.id != id);
+                    }
+                }
+            }
+            i = tier_end;
+        }
+        if later.is_some() || waiting_for_slot {
+            Choice::Later(if waiting_for_slot { None } else { later })
+        } else {
+            Choice::Nothing
+        }
+    }
+
+    /// One attempt on one account. Ok: the response for the client. Err: what
+    /// failed, and whether another account may be tried.
+    async fn attempt(
+        &self,
+        ctx: &AttemptCtx<'_>,
+        account: Arc<AccountEntry>,
+        slot: SlotGuard,
+    ) -> Result<Response<Body>, (Failure, bool)> {
+        let sink = HealthSink {
+            registry: self.health.clone(),
+            reporter: self.reporter.clone(),
+            settings: ctx.cfg.health_settings(&account.id).clone(),
+        };
+        let uri = format!(
+            "{}{}",
+            account.base_url,
+            ctx.parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        );
+        let mut up = match Request::builder()
+            .method(ctx.parts.method.clone())
+            .uri(&uri)
+            .body(Full::new(ctx.body.clone()))
+        {
+            Ok(r) => r,
+            Err(_) => {
+                return Err((
+                    Failure::Relay(ApiError::internal("cannot build the upstream request")),
+                    false,
+                ))
+            }
+        };
+        *up.headers_mut() = forward::upstream_headers(&ctx.parts.headers, &account);
+        let sent_at = Instant::now();
+        let head_deadline = tokio::time::Instant::now() + ctx.policy.head_timeout;
+        let resp = match tokio::time::timeout_at(head_deadline, self.client.request(up)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                metrics::counter!("relay_upstream_errors_total", "kind" => "connect").increment(1);
+                tracing::warn!(account = %account.name, error = %e, "upstream request failed");
+                sink.observe(&account.id, ctx.model, &Outcome::ConnectError);
+                return Err((
+                    Failure::Relay(ApiError::upstream_unreachable("the upstream could not be reached")),
+                    true,
+                ));
+            }
+            Err(_) => {
+                metrics::counter!("relay_upstream_errors_total", "kind" => "timeout").increment(1);
+                sink.observe(&account.id, ctx.model, &Outcome::Timeout);
+                return Err((
+                    Failure::Relay(ApiError {
+                        status: StatusCode::GATEWAY_TIMEOUT,
+                        ..ApiError::upstream_unreachable("the upstream did not answer in time")
+                    }),
+                    true,
+                ));
+            }
+        };
+        let (rparts, mut rbody) = resp.into_parts();
+        metrics::counter!("relay_upstream_responses_total", "status" => status_class(rparts.status)).increment(1);
+        let is_sse = rparts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let attempt = Attempt {
+            spool: self.spool.clone(),
+            pending: self.pending.clone(),
+            config: ctx.cfg.clone(),
+            node_id: self.node_id.clone(),
+            request_id: ctx.request_id.to_string(),
+            key: ctx.key.clone(),
+            account: account.clone(),
+            model: ctx.model.to_string(),
+            stream: ctx.stream,
+            started: ctx.started,
+            status: rparts.status.as_u16(),
+            upstream_request_id: rparts
+                .headers
+                .get("request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            health: sink.clone(),
+        };
+        let mut tap = Tap::for_content(is_sse);
+
+        if !rparts.status.is_success() {
+            // A failed attempt: read its (small) error body, judge, record.
+            let body = read_capped(&mut rbody, 1 << 20, ctx.policy.idle_timeout).await;
+            tap.feed(&body);
+            let verdict = sink.observe(
+                &account.id,
+                ctx.model,
+                &Outcome::Response {
+                    status: rparts.status.as_u16(),
+                    headers: &rparts.headers,
+                    body: &body,
+                },
+            );
+            forward::record_read(attempt, &tap);
+            let failure = Failure::Upstream {
+                status: rparts.status,
+                headers: forward::client_headers(&rparts.headers, ctx.request_id),
+                body: Bytes::from(body),
+                retry_after: verdict.retry_after,
+            };
+            return Err((failure, verdict.retry_elsewhere));
+        }
+
+        if !is_sse {
+            // A complete JSON answer: read it whole before answering, so an
+            // answer cut off midway can still go to another account (the
+            // upstream produces it whole anyway, so this costs no latency).
+            let total_deadline = tokio::time::Instant::now() + ctx.policy.total_timeout;
+            let Some(bytes) = read_whole(&mut rbody, MAX_BODY_BYTES, ctx.policy.idle_timeout, total_deadline).await
+            else {
+                metrics::counter!("relay_upstream_errors_total", "kind" => "body").increment(1);
+                sink.observe(&account.id, ctx.model, &Outcome::ConnectError);
+                let mut a = attempt;
+                a.status = 502;
+                forward::record_read(a, &tap);
+                return Err((
+                    Failure::Relay(ApiError::upstream_unreachable("the upstream's answer was cut off")),
+                    true,
+                ));
+            };
+            slot.observe_latency(sent_at.elapsed());
+            sink.observe(
+                &account.id,
+                ctx.model,
+                &Outcome::Response {
+                    status: rparts.status.as_u16(),
+                    headers: &rparts.headers,
+                    body: &[],
+                },
+            );
+            tap.feed(&bytes);
+            forward::record_read(attempt, &tap);
+            drop(slot);
+            let mut out = Response::new(full(bytes));
+            *out.status_mut() = rparts.status;
+            *out.headers_mut() = forward::client_headers(&rparts.headers, ctx.request_id);
+            return Ok(out);
+        }
+
+        let prefix: Option<Bytes> = {
+            // Hold the head until the first event: a stream that opens with
+            // `event: error` can still go to another account.
+            let mut held = bytes::BytesMut::new();
+            let first = loop {
+                let Tap::Sse(t) = &tap else { break Ok(()) };
+                if t.first_event_complete() {
+                    break Ok(());
+                }
+                match tokio::time::timeout_at(head_deadline, rbody.frame()).await {
+                    Ok(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            tap.feed(d);
+                            held.extend_from_slice(d);
+                        }
+                    }
+                    Ok(Some(Err(_))) | Ok(None) => break Err(Outcome::ConnectError),
+                    Err(_) => break Err(Outcome::Timeout),
+                }
+            };
+            let error_type = match &tap {
+                Tap::Sse(t) => t.error_type().map(str::to_string),
+                Tap::Buffer(..) => None,
+            };
+            match (first, error_type) {
+                (Err(outcome), _) => {
+                    sink.observe(&account.id, ctx.model, &outcome);
+                    forward::record_read(attempt, &tap);
+                    return Err((
+                        Failure::Relay(ApiError::upstream_unreachable(
+                            "the upstream stream failed before its first event",
+                        )),
+                        true,
+                    ));
+                }
+                (Ok(()), Some(error_type)) => {
+                    let verdict = sink.observe(
+                        &account.id,
+                        ctx.model,
+                        &Outcome::StreamError {
+                            error_type: &error_type,
+                        },
+                    );
+                    forward::record_read(attempt, &tap);
+                    let status = match error_type.as_str() {
+                        "overloaded_error" => StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                        "rate_limit_error" => StatusCode::TOO_MANY_REQUESTS,
+                        _ => StatusCode::INTERNAL_SERVER_ERROR,
+                    };
+                    let failure = Failure::Upstream {
+                        status,
+                        headers: {
+                            let mut h = HeaderMap::new();
+                            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                            h
+                        },
+                        body: Bytes::from(
+                            serde_json::json!({
+                                "type": "error",
+                                "error": {"type": error_type, "message": "the upstream stream opened with an error"},
+                            })
+                            .to_string(),
+                        ),
+                        retry_after: verdict.retry_after,
+                    };
+                    return Err((failure, verdict.retry_elsewhere));
+                }
+                (Ok(()), None) => Some(held.freeze()),
+            }
+        };
+        // Success: the account answered.
+        let head_latency = sent_at.elapsed();
+        slot.observe_latency(head_latency);
+        sink.observe(
+            &account.id,
+            ctx.model,
+            &Outcome::Response {
+                status: rparts.status.as_u16(),
+                headers: &rparts.headers,
+                body: &[],
+            },
+        );
+        let ttfb = prefix.as_ref().map(|_| ctx.started.elapsed().as_millis() as u64);
+        let timeouts = forward::BodyTimeouts {
+            idle: ctx.policy.idle_timeout,
+            total_deadline: tokio::time::Instant::now() + ctx.policy.total_timeout,
+        };
+        let body = TappedBody::new(rbody, prefix, tap, attempt, Some(slot), timeouts, ttfb);
+        let mut out = Response::new(body.boxed());
+        *out.status_mut() = rparts.status;
+        *out.headers_mut() = forward::client_headers(&rparts.headers, ctx.request_id);
+        Ok(out)
+    }
+}
+
+/// Everything about the client's request that every attempt needs.
+struct AttemptCtx<'a> {
+    cfg: &'a Arc<ServingConfig>,
+    key: &'a Arc<KeyEntry>,
+    parts: &'a http::request::Parts,
+    body: &'a Bytes,
+    model: &'a str,
+    stream: bool,
+    request_id: &'a str,
+    started: Instant,
+    policy: &'a policy::Policy,
+}
+
+enum Choice {
+    Ready(Arc<AccountEntry>, SlotGuard),
+    /// Nothing now; maybe at this time (None: when a slot frees up).
+    Later(Option<i64>),
+    Nothing,
+}
+
+/// Why an attempt failed: the upstream's own answer (passed to the client as
+/// is when it is the last one), or the relay's.
+enum Failure {
+    Upstream {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        retry_after: Option<Duration>,
+    },
+    Relay(ApiError),
+}
+
+impl Failure {
+    fn into_response(self, request_id: &str) -> Response<Body> {
+        match self {
+            Failure::Upstream {
+                status,
+                mut headers,
+                body,
+                retry_after,
+            } => {
+                headers.remove(header::CONTENT_LENGTH);
+                if let Ok(v) = HeaderValue::from_str(request_id) {
+                    headers.insert("request-id", v);
+                }
+                if let Some(ra) = retry_after {
+                    headers.insert(header::RETRY_AFTER, HeaderValue::from(ra.as_secs().max(1)));
+                }
+                let mut r = Response::new(full(body));
+                *r.status_mut() = status;
+                *r.headers_mut() = headers;
+                r
+            }
+            Failure::Relay(e) => e.into_response(request_id),
+        }
+    }
+}
+
+/// A place in the bounded wait queue; leaves it when dropped.
+struct QueueTicket<'a>(&'a AtomicUsize, Instant);
+
+impl<'a> QueueTicket<'a> {
+    fn take(counter: &'a AtomicUsize, max: usize) -> Option<Self> {
+        let prev = counter.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        metrics::gauge!("relay_queue_length").increment(1.0);
+        Some(Self(counter, Instant::now()))
+    }
+}
+
+impl Drop for QueueTicket<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("relay_queue_length").decrement(1.0);
+        metrics::histogram!("relay_queue_wait_seconds").record(self.1.elapsed().as_secs_f64());
+    }
+}
+
+fn remaining_until(deadline: tokio::time::Instant) -> Duration {
+    deadline.saturating_duration_since(tokio::time::Instant::now())
+}
+
+/// Reads a whole body, each frame within `idle` and all before `deadline`.
+/// None when it fails, stalls, or is larger than `cap`.
+async fn read_whole(body: &mut Incoming, cap: usize, idle: Duration, deadline: tokio::time::Instant) -> Option<Bytes> {
+    let mut out = bytes::BytesMut::new();
+    loop {
+        let wait = idle.min(remaining_until(deadline));
+        match tokio::time::timeout(wait, body.frame()).await {
+            Ok(None) => return Some(out.freeze()),
+            Ok(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    if out.len() + d.len() > cap {
+                        return None;
+                    }
+                    out.extend_from_slice(d);
+                }
+            }
+            Ok(Some(Err(_))) | Err(_) => return None,
+        }
+    }
+}
+
+/// Reads a body up to `cap` bytes (the rest is dropped), each frame within `idle`.
+async fn read_capped(body: &mut Incoming, cap: usize, idle: Duration) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(idle, body.frame()).await {
+        if let Some(d) = frame.data_ref() {
+            let room = cap.saturating_sub(out.len());
+            out.extend_from_slice(&d[..d.len().min(room)]);
+            if out.len() >= cap {
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn route_label(m: &Method, path: &str) -> &'static str {
+    match (m, path) {
+        (&Method::POST, "/v1/messages") => "messages",
+        (&Method::POST, "/v1/messages/count_tokens") => "count_tokens",
+        (&Method::GET, p) if p.starts_with("/v1/models") => "models",
+        (_, "/healthz" | "/readyz" | "/metrics") => "ops",
+        (_, "/api/event_logging/batch") => "telemetry",
+        _ => "other",
+    }
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        200..=299 => "2xx",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        413 => "413",
+        429 => "429",
+        529 => "529",
+        402..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Bytes of a finished response body (for tests).
+pub async fn body_bytes(b: Body) -> Result<Bytes, crate::errors::BoxError> {
+    Ok(b.collect().await?.to_bytes())
+}

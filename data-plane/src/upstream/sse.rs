@@ -1,0 +1,907 @@
+//! The usage tap: an incremental parser of the Anthropic event stream that watches the bytes going
+//! to the client and keeps what accounting needs (usage, model, message id, how the stream ended).
+//!
+//! The proxy passes every byte through untouched and feeds the same chunks to [`SseTap::feed`]; the
+//! tap never fails and never changes the stream. Parsing follows the WHATWG `text/event-stream`
+//! rules:
+//!
+//! * lines end in LF, CRLF or CR; a CR ending one chunk and an LF starting the next are one line end;
+//! * a UTF-8 BOM at the very start of the stream is skipped;
+//! * an empty line dispatches the event (if it had at least one `data` line); lines starting with
+//!   `:` are comments; a field is `name:value` with one optional space after the colon stripped, a
+//!   line without a colon is a field with an empty value; `event` sets the event name, `data` lines
+//!   are joined with `\n`, other fields (`id`, `retry`, unknown ones) are ignored.
+//!
+//! Bytes are buffered only for the current incomplete line and the current event's data, and
+//! decoded (as JSON, hence UTF-8) only once an event is complete, so chunks may split events and
+//! multi-byte characters anywhere. Only `message_start`, `message_delta` and `error` are parsed as
+//! JSON; `message_stop` is noted; everything else (`content_block_*`, `ping`, names that do not
+//! exist yet) is counted and skipped without even copying its data. The event is chosen by its
+//! `event:` name, or, for a nameless event, by a cheap look at the `{"type":"…"` prefix of its data
+//! (a full parse only if `type` is not the first key).
+//!
+//! An event whose data exceeds [`MAX_EVENT_BYTES`] is counted but its data is dropped rather than
+//! buffered (so a misbehaving upstream cannot make the tap grow without bound).
+
+use serde_json::Value;
+
+use super::usage::Usage;
+
+/// The most data bytes buffered for one event (and bytes for one line); beyond, the event's data is dropped.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// Buffers that grew past this are released after use instead of kept for the next event.
+const RETAIN_CAPACITY: usize = 64 << 10;
+
+/// The UTF-8 byte order mark.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// `error.type` recorded for an `error` event whose data carries none (unparseable or truncated).
+const UNKNOWN_ERROR_TYPE: &str = "api_error";
+
+/// What an event is, as far as the tap cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// No (or an empty) `event:` name: decided by the data's `type`.
+    Unnamed,
+    MessageStart,
+    MessageDelta,
+    MessageStop,
+    Error,
+    /// Anything else: counted, not parsed.
+    Other,
+}
+
+impl Kind {
+    fn of_name(name: &[u8]) -> Kind {
+        match name {
+            b"" => Kind::Unnamed,
+            b"message_start" => Kind::MessageStart,
+            b"message_delta" => Kind::MessageDelta,
+            b"message_stop" => Kind::MessageStop,
+            b"error" => Kind::Error,
+            _ => Kind::Other,
+        }
+    }
+
+    /// Whether the event's data is needed.
+    fn wants_data(self) -> bool {
+        matches!(
+            self,
+            Kind::Unnamed | Kind::MessageStart | Kind::MessageDelta | Kind::Error
+        )
+    }
+}
+
+/// Watches an Anthropic SSE stream for usage. See the [module docs](self).
+#[derive(Debug)]
+pub struct SseTap {
+    /// The current incomplete line (at most [`MAX_EVENT_BYTES`] of it).
+    line: Vec<u8>,
+    /// `line` lost bytes to the cap.
+    line_truncated: bool,
+    /// The last chunk ended in CR: an LF starting the next one ends nothing.
+    pending_cr: bool,
+    /// No line completed yet (a BOM is still to be skipped).
+    at_stream_start: bool,
+
+    /// The current event's name, classified.
+    kind: Kind,
+    /// The current event had a `data` line.
+    has_data: bool,
+    /// The current event's data (joined lines), when `kind` wants it.
+    data: Vec<u8>,
+    /// `data` is not the event's whole data (too large, or skipped before the name made it matter).
+    data_incomplete: bool,
+
+    usage: Usage,
+    model: Option<String>,
+    message_id: Option<String>,
+    saw_message_start: bool,
+    saw_message_stop: bool,
+    error_type: Option<String>,
+    events: u64,
+}
+
+impl Default for SseTap {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SseTap {
+    /// A tap for a new stream.
+    pub fn new() -> Self {
+        SseTap {
+            line: Vec::new(),
+            line_truncated: false,
+            pending_cr: false,
+            at_stream_start: true,
+            kind: Kind::Unnamed,
+            has_data: false,
+            data: Vec::new(),
+            data_incomplete: false,
+            usage: Usage::default(),
+            model: None,
+            message_id: None,
+            saw_message_start: false,
+            saw_message_stop: false,
+            error_type: None,
+            events: 0,
+        }
+    }
+
+    /// Feed the next chunk of bytes exactly as they pass to the client. Never fails; malformed input is skipped.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        if self.pending_cr {
+            let Some((&first, tail)) = rest.split_first() else {
+                return;
+            };
+            self.pending_cr = false;
+            if first == b'\n' {
+                rest = tail;
+            }
+        }
+        while !rest.is_empty() {
+            let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
+                self.buffer_partial(rest);
+                return;
+            };
+            let (line, after) = rest.split_at(end);
+            let (eol, after) = match after.split_first() {
+                Some((&eol, after)) => (eol, after),
+                None => (b'\n', after),
+            };
+            rest = after;
+            if eol == b'\r' {
+                match rest.split_first() {
+                    Some((b'\n', after)) => rest = after,
+                    Some(_) => {}
+                    None => self.pending_cr = true,
+                }
+            }
+            if self.line.is_empty() && !self.line_truncated {
+                self.process_line(line, false);
+            } else {
+                self.buffer_partial(line);
+                let buffered = std::mem::take(&mut self.line);
+                let truncated = std::mem::replace(&mut self.line_truncated, false);
+                self.process_line(&buffered, truncated);
+                self.line = recycle(buffered);
+            }
+        }
+    }
+
+    /// Usage so far: `message_start`'s, updated by each `message_delta` (whose values are cumulative).
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    /// `message_start.message.model`.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// `message_start.message.id`.
+    pub fn message_id(&self) -> Option<&str> {
+        self.message_id.as_deref()
+    }
+
+    /// A `message_start` event was dispatched.
+    pub fn saw_message_start(&self) -> bool {
+        self.saw_message_start
+    }
+
+    /// A `message_stop` event was dispatched: the message is complete.
+    pub fn saw_message_stop(&self) -> bool {
+        self.saw_message_stop
+    }
+
+    /// The `error.type` of the last `event: error` (e.g. `"overloaded_error"`); `"api_error"` if
+    /// that event's data had none.
+    pub fn error_type(&self) -> Option<&str> {
+        self.error_type.as_deref()
+    }
+
+    /// Complete events seen (of any name, including ones not parsed).
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// At least one full event was parsed (used to hold the response head until the first event).
+    pub fn first_event_complete(&self) -> bool {
+        self.events > 0
+    }
+
+    /// Appends part of an incomplete line to `line`, up to the cap.
+    fn buffer_partial(&mut self, bytes: &[u8]) {
+        let room = MAX_EVENT_BYTES.saturating_sub(self.line.len());
+        if bytes.len() > room {
+            self.line_truncated = true;
+            self.line.extend_from_slice(bytes.get(..room).unwrap_or_default());
+        } else {
+            self.line.extend_from_slice(bytes);
+        }
+    }
+
+    /// Handles one complete line (without its line end). `truncated`: bytes past the cap were lost.
+    fn process_line(&mut self, mut line: &[u8], truncated: bool) {
+        if self.at_stream_start {
+            self.at_stream_start = false;
+            line = line.strip_prefix(BOM).unwrap_or(line);
+        }
+        if line.is_empty() {
+            self.dispatch();
+            return;
+        }
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(0) => return, // comment
+            Some(colon) => {
+                let (field, value) = line.split_at(colon);
+                let value = value.get(1..).unwrap_or_default();
+                (field, value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"event" => self.kind = Kind::of_name(value),
+            b"data" => self.push_data(value, truncated),
+            _ => {} // id, retry, unknown fields
+        }
+    }
+
+    fn push_data(&mut self, value: &[u8], truncated: bool) {
+        let joined = std::mem::replace(&mut self.has_data, true);
+        if self.data_incomplete {
+            return;
+        }
+        if !self.kind.wants_data() {
+            // Not needed unless a later `event:` line renames the event; then it is incomplete.
+            self.data_incomplete = true;
+            return;
+        }
+        let len = self.data.len() + value.len() + usize::from(joined);
+        if truncated || len > MAX_EVENT_BYTES {
+            self.data_incomplete = true;
+            self.data = recycle(std::mem::take(&mut self.data));
+            return;
+        }
+        if joined {
+            self.data.push(b'\n');
+        }
+        self.data.extend_from_slice(value);
+    }
+
+    /// The end of an event (an empty line).
+    fn dispatch(&mut self) {
+        if self.has_data {
+            self.events = self.events.saturating_add(1);
+            let data = std::mem::take(&mut self.data);
+            let complete = !self.data_incomplete;
+            match self.kind {
+                Kind::Unnamed if complete => match sniff_type(&data) {
+                    Some(name) => self.handle_event(Kind::of_name(name), complete, &data),
+                    None => {
+                        // `type` is not the first key (or is escaped): parse it all.
+                        if let Ok(value) = serde_json::from_slice::<Value>(&data) {
+                            let name = value.get("type").and_then(Value::as_str).unwrap_or_default();
+                            match Kind::of_name(name.as_bytes()) {
+                                Kind::Unnamed => {}
+                                kind => self.handle_value(kind, Some(&value)),
+                            }
+                        }
+                    }
+                },
+                Kind::Unnamed => {} // nameless and too large to tell what it was
+                kind => self.handle_event(kind, complete, &data),
+            }
+            self.data = recycle(data);
+        }
+        self.kind = Kind::Unnamed;
+        self.has_data = false;
+        self.data.clear();
+        self.data_incomplete = false;
+    }
+
+    /// Handles an event of a known kind from its raw data.
+    fn handle_event(&mut self, kind: Kind, complete: bool, data: &[u8]) {
+        let value = match kind {
+            Kind::MessageStart | Kind::MessageDelta | Kind::Error if complete => serde_json::from_slice(data).ok(),
+            Kind::Unnamed | Kind::Other => return,
+            _ => None,
+        };
+        self.handle_value(kind, value.as_ref());
+    }
+
+    /// Handles an event of a known kind from its parsed data (`None`: unparseable or dropped).
+    fn handle_value(&mut self, kind: Kind, value: Option<&Value>) {
+        match kind {
+            Kind::MessageStart => {
+                self.saw_message_start = true;
+                let Some(message) = value.and_then(|v| v.get("message")) else {
+                    return;
+                };
+                self.usage = message.get("usage").map(Usage::from_json).unwrap_or_default();
+                let string = |key: &str| message.get(key).and_then(Value::as_str).map(str::to_owned);
+                self.model = string("model");
+                self.message_id = string("id");
+            }
+            Kind::MessageDelta => {
+                if let Some(usage) = value.and_then(|v| v.get("usage")) {
+                    self.usage.merge_delta(usage);
+                }
+            }
+            Kind::MessageStop => self.saw_message_stop = true,
+            Kind::Error => {
+                let error_type = value
+                    .and_then(|v| v.pointer("/error/type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or(UNKNOWN_ERROR_TYPE);
+                self.error_type = Some(error_type.to_owned());
+            }
+            Kind::Unnamed | Kind::Other => {}
+        }
+    }
+}
+
+/// Keeps a buffer's allocation for reuse unless it grew large.
+fn recycle(mut buf: Vec<u8>) -> Vec<u8> {
+    if buf.capacity() > RETAIN_CAPACITY {
+        return Vec::new();
+    }
+    buf.clear();
+    buf
+}
+
+fn skip_json_ws(s: &[u8]) -> &[u8] {
+    let start = s
+        .iter()
+        .position(|&b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .unwrap_or(s.len());
+    s.get(start..).unwrap_or_default()
+}
+
+/// The value of `type` when it is the first key of the JSON object `data` (`{"type":"NAME"`,
+/// whitespace allowed) and has no escapes; `None` otherwise.
+fn sniff_type(data: &[u8]) -> Option<&[u8]> {
+    let rest = skip_json_ws(data).strip_prefix(b"{")?;
+    let rest = skip_json_ws(rest).strip_prefix(b"\"type\"")?;
+    let rest = skip_json_ws(rest).strip_prefix(b":")?;
+    let rest = skip_json_ws(rest).strip_prefix(b"\"")?;
+    let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+    let (name, after) = rest.split_at(end);
+    (after.first() == Some(&b'"')).then_some(name)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Everything a tap reports, for comparing runs.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Snapshot {
+        usage: Usage,
+        model: Option<String>,
+        message_id: Option<String>,
+        start: bool,
+        stop: bool,
+        error_type: Option<String>,
+        events: u64,
+        first: bool,
+    }
+
+    fn snapshot(tap: &SseTap) -> Snapshot {
+        Snapshot {
+            usage: tap.usage(),
+            model: tap.model().map(str::to_owned),
+            message_id: tap.message_id().map(str::to_owned),
+            start: tap.saw_message_start(),
+            stop: tap.saw_message_stop(),
+            error_type: tap.error_type().map(str::to_owned),
+            events: tap.events(),
+            first: tap.first_event_complete(),
+        }
+    }
+
+    fn run(chunks: &[&[u8]]) -> Snapshot {
+        let mut tap = SseTap::new();
+        for chunk in chunks {
+            tap.feed(chunk);
+        }
+        snapshot(&tap)
+    }
+
+    fn whole(s: &[u8]) -> Snapshot {
+        run(&[s])
+    }
+
+    fn byte_by_byte(s: &[u8]) -> Snapshot {
+        let mut tap = SseTap::new();
+        for b in s {
+            tap.feed(std::slice::from_ref(b));
+        }
+        snapshot(&tap)
+    }
+
+    /// Checks that every way of chunking `s` gives `expected`.
+    fn assert_any_chunking(s: &[u8], expected: &Snapshot) {
+        assert_eq!(&whole(s), expected, "whole");
+        assert_eq!(&byte_by_byte(s), expected, "byte by byte");
+        for i in 0..=s.len() {
+            assert_eq!(&run(&[&s[..i], &s[i..]]), expected, "split at {i}");
+        }
+        for size in [2, 3, 5, 7, 16, 61, 256] {
+            let chunks: Vec<&[u8]> = s.chunks(size).collect();
+            assert_eq!(&run(&chunks), expected, "chunks of {size}");
+        }
+        // Empty chunks anywhere change nothing.
+        let mut tap = SseTap::new();
+        for chunk in s.chunks(3) {
+            tap.feed(b"");
+            tap.feed(chunk);
+            tap.feed(b"");
+        }
+        assert_eq!(&snapshot(&tap), expected, "with empty chunks");
+    }
+
+    const STREAM: &str = concat!(
+        "event: message_start\n",
+        r#"data: {"type":"message_start","message":{"id":"msg_01ABCdef","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":25,"cache_creation_input_tokens":300,"cache_read_input_tokens":2000,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200},"output_tokens":1,"service_tier":"standard"}}}"#,
+        "\n\n",
+        "event: content_block_start\n",
+        r#"data: {"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":"","signature":""}}"#,
+        "\n\n",
+        "event: ping\n",
+        r#"data: {"type": "ping"}"#,
+        "\n\n",
+        "event: content_block_delta\n",
+        r#"data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"Let me think… 🦀 about \"message_start\"\n"}}"#,
+        "\n\n",
+        "event: content_block_delta\n",
+        r#"data: {"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"}}"#,
+        "\n\n",
+        "event: content_block_stop\n",
+        r#"data: {"type":"content_block_stop","index":0}"#,
+        "\n\n",
+        "event: content_block_start\n",
+        r#"data: {"type":"content_block_start","index":1,"content_block":{"type":"text","text":""}}"#,
+        "\n\n",
+        "event: content_block_delta\n",
+        r#"data: {"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"Héllo, wörld 🦀! "}}"#,
+        "\n\n",
+        "event: ping\n",
+        r#"data: {"type": "ping"}"#,
+        "\n\n",
+        "event: content_block_delta\n",
+        r#"data: {"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"Let me check the weather."}}"#,
+        "\n\n",
+        "event: content_block_stop\n",
+        r#"data: {"type":"content_block_stop","index":1}"#,
+        "\n\n",
+        "event: content_block_start\n",
+        r#"data: {"type":"content_block_start","index":2,"content_block":{"type":"tool_use","id":"toolu_01T1x1fJ34qAmk2tNTrN7Up6","name":"get_weather","input":{}}}"#,
+        "\n\n",
+        "event: content_block_delta\n",
+        r#"data: {"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":""}}"#,
+        "\n\n",
+        "event: content_block_delta\n",
+        r#"data: {"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":"{\"location\": \"Par"}}"#,
+        "\n\n",
+        "event: content_block_delta\n",
+        r#"data: {"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":"is\"}"}}"#,
+        "\n\n",
+        "event: content_block_stop\n",
+        r#"data: {"type":"content_block_stop","index":2}"#,
+        "\n\n",
+        "event: message_delta\n",
+        r#"data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":89}}"#,
+        "\n\n",
+        "event: message_stop\n",
+        r#"data: {"type":"message_stop"}"#,
+        "\n\n",
+    );
+
+    fn expected_full() -> Snapshot {
+        Snapshot {
+            usage: Usage {
+                input_tokens: 25,
+                output_tokens: 89,
+                cache_write_5m_tokens: 100,
+                cache_write_1h_tokens: 200,
+                cache_read_tokens: 2000,
+                web_search_requests: 0,
+            },
+            model: Some("claude-sonnet-4-5-20250929".to_owned()),
+            message_id: Some("msg_01ABCdef".to_owned()),
+            start: true,
+            stop: true,
+            error_type: None,
+            events: 18,
+            first: true,
+        }
+    }
+
+    #[test]
+    fn full_stream_any_chunking() {
+        assert_any_chunking(STREAM.as_bytes(), &expected_full());
+    }
+
+    #[test]
+    fn crlf_and_cr_line_endings() {
+        let crlf = STREAM.replace('\n', "\r\n");
+        assert_any_chunking(crlf.as_bytes(), &expected_full());
+        let cr = STREAM.replace('\n', "\r");
+        assert_any_chunking(cr.as_bytes(), &expected_full());
+        // Mixed: every kind of line end in one stream.
+        // (Never a CR line end before an empty line ending in LF: that would be one CRLF.)
+        let lines: Vec<&str> = STREAM.split('\n').collect();
+        let mixed: String = lines[..lines.len() - 1]
+            .iter()
+            .enumerate()
+            .map(|(i, line)| format!("{line}{}", ["\r", "\r\n", "\n", "\r\n"][i % 4]))
+            .collect();
+        assert!(mixed.contains("\r\r\n") && mixed.contains("\n\r") && mixed.contains("\r\n\n"));
+        assert_any_chunking(mixed.as_bytes(), &expected_full());
+    }
+
+    #[test]
+    fn cr_then_lf_in_the_next_chunk_is_one_line_end() {
+        // If the LF were a second line end, it would dispatch an event with no name in between.
+        let s = "event: message_delta\r";
+        let mut tap = SseTap::new();
+        tap.feed(s.as_bytes());
+        tap.feed(b"");
+        tap.feed(b"\ndata: {\"usage\":{\"output_tokens\":3}}\r");
+        tap.feed(b"\n\r");
+        tap.feed(b"\n");
+        assert_eq!(tap.events(), 1);
+        assert_eq!(tap.usage().output_tokens, 3);
+        // CR CR is two line ends: the second dispatches.
+        let mut tap = SseTap::new();
+        tap.feed(b"event: message_stop\rdata: {}\r");
+        assert_eq!(tap.events(), 0);
+        tap.feed(b"\r");
+        assert_eq!(tap.events(), 1);
+        assert!(tap.saw_message_stop());
+    }
+
+    #[test]
+    fn bom_at_start_is_skipped() {
+        let s = format!("\u{FEFF}{STREAM}");
+        assert_any_chunking(s.as_bytes(), &expected_full());
+        // A BOM anywhere else is part of the line: here it spoils message_start's data field.
+        let s = format!("event: ping\ndata: {{}}\n\n{STREAM}").replacen(
+            "data: {\"type\":\"message_start\"",
+            "\u{FEFF}data: {\"type\":\"message_start\"",
+            1,
+        );
+        let snap = whole(s.as_bytes());
+        assert!(!snap.start);
+        assert_eq!(snap.model, None);
+        assert_eq!(snap.events, expected_full().events);
+        // Only one BOM is skipped.
+        let s = "\u{FEFF}\u{FEFF}data: {\"type\":\"message_stop\"}\n\n";
+        assert!(!whole(s.as_bytes()).stop);
+        assert!(whole(&s.as_bytes()[3..]).stop);
+    }
+
+    #[test]
+    fn comments_unknown_fields_and_unknown_events_are_ignored() {
+        let extra = concat!(
+            ": keep-alive comment\n",
+            ":\n",
+            "id: 42\n",
+            "retry: 1000\n",
+            "x-custom: whatever\n",
+            "event: brand_new_event\n",
+            r#"data: {"type":"brand_new_event","usage":{"output_tokens":999999}}"#,
+            "\n\n",
+            "event: content_block_delta\n",
+            r#"data: {"type":"content_block_delta","index":0,"delta":{"type":"future_delta","x":1}}"#,
+            "\n\n",
+            ": another comment between events\n\n",
+        );
+        let s = STREAM.replacen("event: ping\n", &format!("{extra}event: ping\n"), 1);
+        let mut expected = expected_full();
+        expected.events += 2;
+        assert_any_chunking(s.as_bytes(), &expected);
+    }
+
+    #[test]
+    fn field_syntax() {
+        // No space after the colon; two spaces keep one; "data" alone is an empty data line.
+        let mut tap = SseTap::new();
+        tap.feed(b"event:message_delta\ndata:{\"usage\":{\"output_tokens\":5}}\n\n");
+        assert_eq!(tap.usage().output_tokens, 5);
+        tap.feed(b"event:  message_delta\ndata: {\"usage\":{\"output_tokens\":6}}\n\n");
+        assert_eq!(tap.usage().output_tokens, 5, "\" message_delta\" is another name");
+        tap.feed(b"event: message_stop\ndata\n\n");
+        assert!(tap.saw_message_stop());
+        assert_eq!(tap.events(), 3);
+        // An event without data is not dispatched; its name does not leak into the next one.
+        tap.feed(b"event: message_delta\n\ndata: {\"type\":\"ping\",\"usage\":{\"output_tokens\":7}}\n\n");
+        assert_eq!(tap.events(), 4);
+        assert_eq!(tap.usage().output_tokens, 5);
+        // Blank lines alone dispatch nothing.
+        tap.feed(b"\n\n\r\n\r\r\n");
+        assert_eq!(tap.events(), 4);
+        // The last event: line wins; the name is reset after dispatch.
+        tap.feed(b"event: ping\nevent: message_delta\ndata: {\"usage\":{\"output_tokens\":8}}\n\n");
+        assert_eq!(tap.usage().output_tokens, 8);
+        tap.feed(b"data: {\"usage\":{\"output_tokens\":9}}\n\n");
+        assert_eq!(tap.usage().output_tokens, 8);
+        // An event: line after the data still names the event.
+        tap.feed(b"data: {\"usage\":{\"output_tokens\":10}}\nevent: message_delta\n\n");
+        assert_eq!(tap.usage().output_tokens, 10);
+        // ...unless the data was skipped under an uninteresting name: then it is not half-parsed.
+        tap.feed(b"event: ping\ndata: {\"usage\":{\"output_tokens\":11}}\nevent: message_delta\n\n");
+        assert_eq!(tap.usage().output_tokens, 10);
+        assert_eq!(tap.events(), 8);
+    }
+
+    #[test]
+    fn multi_line_data_is_joined_with_newlines() {
+        let s = concat!(
+            "event: message_start\n",
+            r#"data: {"type":"message_start","message":{"id":"msg_multi","#,
+            "\n",
+            r#"data:   "model":"claude-opus-4-1","usage":"#,
+            "\n",
+            r#"data: {"input_tokens":10,"cache_creation_input_tokens":40,"output_tokens":1}}}"#,
+            "\n\n",
+            "event: message_delta\r\n",
+            "data: {\"type\":\"message_delta\",\r\n",
+            "data: \"usage\":{\"output_tokens\"\r",
+            "data: :\r",
+            "data: 12}}\r\n\r\n",
+        );
+        let expected = Snapshot {
+            usage: Usage {
+                input_tokens: 10,
+                output_tokens: 12,
+                cache_write_5m_tokens: 40,
+                ..Usage::default()
+            },
+            model: Some("claude-opus-4-1".to_owned()),
+            message_id: Some("msg_multi".to_owned()),
+            start: true,
+            stop: false,
+            error_type: None,
+            events: 2,
+            first: true,
+        };
+        assert_any_chunking(s.as_bytes(), &expected);
+
+        // Joined with "\n" exactly: a string broken over two data lines contains a raw newline,
+        // which JSON forbids, so the event is skipped.
+        let mut tap = SseTap::new();
+        tap.feed(b"event: message_start\ndata: {\"message\":{\"model\":\"a\ndata: b\",\"usage\":{}}}\n\n");
+        assert!(tap.saw_message_start());
+        assert_eq!(tap.model(), None);
+    }
+
+    #[test]
+    fn utf8_split_inside_a_text_delta() {
+        let s = concat!(
+            "event: message_start\n",
+            r#"data: {"type":"message_start","message":{"id":"msg_é🦀","model":"claude-é🦀","usage":{"input_tokens":3,"output_tokens":1}}}"#,
+            "\n\n",
+            "event: content_block_delta\n",
+            r#"data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"é🦀é🦀"}}"#,
+            "\n\n",
+            "event: message_delta\n",
+            r#"data: {"type":"message_delta","delta":{},"usage":{"output_tokens":4}}"#,
+            "\n\n",
+        );
+        let expected = Snapshot {
+            usage: Usage {
+                input_tokens: 3,
+                output_tokens: 4,
+                ..Usage::default()
+            },
+            model: Some("claude-é🦀".to_owned()),
+            message_id: Some("msg_é🦀".to_owned()),
+            start: true,
+            stop: false,
+            error_type: None,
+            events: 3,
+            first: true,
+        };
+        // Every split point, including the middle of each multi-byte character.
+        assert_any_chunking(s.as_bytes(), &expected);
+        // Invalid UTF-8 inside a skipped event hurts nothing.
+        let bad = s.replace("é🦀é🦀", "XX").into_bytes();
+        let at = bad.windows(2).position(|w| w == b"XX").unwrap();
+        let mut bad = bad;
+        bad[at] = 0xFF;
+        bad[at + 1] = 0xC3;
+        assert_any_chunking(&bad, &expected);
+    }
+
+    #[test]
+    fn error_mid_stream() {
+        let cut = STREAM.find("event: message_delta").unwrap();
+        let s = format!(
+            "{}event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}}}\n\n",
+            &STREAM[..cut]
+        );
+        let mut expected = expected_full();
+        expected.usage.output_tokens = 1;
+        expected.stop = false;
+        expected.error_type = Some("overloaded_error".to_owned());
+        expected.events -= 1;
+        assert_any_chunking(s.as_bytes(), &expected);
+
+        // An error event whose data says nothing still records an error.
+        let mut tap = SseTap::new();
+        tap.feed(b"event: error\ndata: not json\n\n");
+        assert_eq!(tap.error_type(), Some("api_error"));
+        // A nameless error event is found by its type.
+        let mut tap = SseTap::new();
+        tap.feed(b"data: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"x\"}}\n\n");
+        assert_eq!(tap.error_type(), Some("api_error"));
+        assert!(!tap.saw_message_start());
+    }
+
+    #[test]
+    fn error_before_anything() {
+        let mut tap = SseTap::new();
+        assert!(!tap.first_event_complete());
+        tap.feed(
+            b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"x\"}}\n",
+        );
+        assert!(!tap.first_event_complete(), "not complete before the blank line");
+        tap.feed(b"\n");
+        assert!(tap.first_event_complete());
+        assert_eq!(tap.error_type(), Some("rate_limit_error"));
+        assert_eq!(tap.usage(), Usage::default());
+        assert_eq!(tap.model(), None);
+    }
+
+    #[test]
+    fn delta_with_input_fields_replaces_start() {
+        let cut = STREAM.find("event: message_delta").unwrap();
+        let s = format!(
+            "{}event: message_delta\ndata: {}\n\n",
+            &STREAM[..cut],
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"input_tokens":30,"cache_creation_input_tokens":450,"cache_read_input_tokens":2100,"output_tokens":120,"server_tool_use":{"web_search_requests":2}}}"#
+        );
+        let mut expected = expected_full();
+        expected.usage = Usage {
+            input_tokens: 30,
+            output_tokens: 120,
+            cache_write_5m_tokens: 250, // the growth of the total is 5m; start's 1h kept
+            cache_write_1h_tokens: 200,
+            cache_read_tokens: 2100,
+            web_search_requests: 2,
+        };
+        expected.stop = false;
+        expected.events -= 1;
+        assert_any_chunking(s.as_bytes(), &expected);
+    }
+
+    #[test]
+    fn several_deltas_are_cumulative_not_added() {
+        let mut tap = SseTap::new();
+        tap.feed(STREAM.as_bytes());
+        tap.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":100}}\n\n");
+        tap.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":150}}\n\n");
+        assert_eq!(tap.usage().output_tokens, 150);
+        assert_eq!(tap.usage().input_tokens, 25);
+    }
+
+    #[test]
+    fn missing_split_counts_as_5m() {
+        let s = concat!(
+            "event: message_start\n",
+            r#"data: {"type":"message_start","message":{"id":"m","model":"claude-3-5-haiku-20241022","content":[],"usage":{"input_tokens":4,"cache_creation_input_tokens":1500,"cache_read_input_tokens":0,"output_tokens":1}}}"#,
+            "\n\n",
+        );
+        let snap = whole(s.as_bytes());
+        assert_eq!(snap.usage.cache_write_5m_tokens, 1500);
+        assert_eq!(snap.usage.cache_write_1h_tokens, 0);
+    }
+
+    #[test]
+    fn nameless_events_are_classified_by_type() {
+        let s = STREAM
+            .lines()
+            .filter(|l| !l.starts_with("event:"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>();
+        assert_any_chunking(s.as_bytes(), &expected_full());
+        // `type` not the first key: found by a full parse.
+        let mut tap = SseTap::new();
+        tap.feed(
+            b"data: {\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":2}},\"type\":\"message_start\"}\n\n",
+        );
+        tap.feed(b"data: {\"usage\":{\"output_tokens\":3},\"type\":\"message_delta\"}\n\n");
+        tap.feed(b"data: { \"type\" : \"message_stop\" }\n\n");
+        assert_eq!(tap.model(), Some("m"));
+        assert_eq!((tap.usage().input_tokens, tap.usage().output_tokens), (2, 3));
+        assert!(tap.saw_message_stop());
+        // Junk without a name is counted and ignored.
+        tap.feed(b"data: [1,2]\n\ndata: hello\n\ndata: {\"type\":\"mess\\u0061ge_stop\"}\n\n");
+        assert_eq!(tap.events(), 6);
+    }
+
+    #[test]
+    fn sniffing() {
+        assert_eq!(sniff_type(br#"{"type":"ping"}"#), Some(&b"ping"[..]));
+        assert_eq!(
+            sniff_type(b" {\n \"type\" :\t\"message_delta\" , \"usage\":{}}"),
+            Some(&b"message_delta"[..])
+        );
+        assert_eq!(sniff_type(br#"{"index":0,"type":"ping"}"#), None);
+        assert_eq!(sniff_type(br#"{"type":"a\"b"}"#), None);
+        assert_eq!(sniff_type(br#"{"type":"unterminated"#), None);
+        assert_eq!(sniff_type(br#"{"type":5}"#), None);
+        assert_eq!(sniff_type(b""), None);
+    }
+
+    #[test]
+    fn oversized_event_is_dropped_but_counted() {
+        let big = "x".repeat(MAX_EVENT_BYTES + 10);
+        let mut tap = SseTap::new();
+        // A huge interesting event: its data is dropped, the stream goes on.
+        tap.feed(b"event: message_start\ndata: {\"message\":{\"model\":\"");
+        for piece in big.as_bytes().chunks(4096) {
+            tap.feed(piece);
+        }
+        tap.feed(b"\",\"usage\":{\"input_tokens\":5}}}\n\n");
+        assert_eq!(tap.events(), 1);
+        assert!(tap.saw_message_start());
+        assert_eq!(tap.model(), None);
+        assert!(tap.line.capacity() <= MAX_EVENT_BYTES + 4096);
+        // Many data lines adding up past the cap.
+        tap.feed(b"event: message_delta\n");
+        let line = format!("data: {}\n", "y".repeat(1000));
+        for _ in 0..(MAX_EVENT_BYTES / 1000 + 2) {
+            tap.feed(line.as_bytes());
+        }
+        assert!(tap.data.len() <= MAX_EVENT_BYTES);
+        tap.feed(b"\n");
+        assert_eq!(tap.events(), 2);
+        // A huge uninteresting event, in one chunk and in pieces.
+        let huge_delta = format!("event: content_block_delta\ndata: {{\"text\":\"{big}\"}}\n\n");
+        tap.feed(huge_delta.as_bytes());
+        for piece in huge_delta.as_bytes().chunks(1000) {
+            tap.feed(piece);
+        }
+        assert_eq!(tap.events(), 4);
+        // Buffers were released and later events parse normally.
+        assert!(tap.line.capacity() <= RETAIN_CAPACITY);
+        assert!(tap.data.capacity() <= RETAIN_CAPACITY);
+        tap.feed(
+            b"event: message_delta\ndata: {\"usage\":{\"output_tokens\":77}}\n\nevent: message_stop\ndata: {}\n\n",
+        );
+        assert_eq!(tap.usage().output_tokens, 77);
+        assert_eq!(tap.usage().input_tokens, 0);
+        assert!(tap.saw_message_stop());
+        assert_eq!(tap.events(), 6);
+    }
+
+    #[test]
+    fn uninteresting_data_is_not_buffered() {
+        let mut tap = SseTap::new();
+        tap.feed(
+            b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"abc\"}}\n",
+        );
+        assert!(tap.data.is_empty());
+        tap.feed(b"\n");
+        assert_eq!(tap.events(), 1);
+    }
+
+    #[test]
+    fn incomplete_event_at_end_is_not_counted() {
+        let s = &STREAM[..STREAM.len() - 1];
+        let mut expected = expected_full();
+        expected.stop = false;
+        expected.events -= 1;
+        assert_any_chunking(s.as_bytes(), &expected);
+        assert_eq!(run(&[]), whole(b""));
+        assert!(!whole(b"").first);
+    }
+}

@@ -1,0 +1,1 @@
+//! relay-e2e: tests only (see tests/).

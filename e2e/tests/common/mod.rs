@@ -1,0 +1,370 @@
+//! A whole relay in one test process: a control plane (SQLite or Postgres) on
+//! a free port, data planes started on demand, the mock upstream, and an
+//! HTTP client speaking to the data planes like an SDK would.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use relay_control_plane::api::admin::admin_token_row;
+use relay_control_plane::bootstrap;
+use relay_control_plane::crypto::MasterKey;
+use relay_control_plane::model::{AuditRecord, Mutation, Role};
+use relay_control_plane::server::{self, Options};
+use relay_control_plane::store::postgres::PostgresStore;
+use relay_control_plane::store::sqlite::SqliteStore;
+use relay_control_plane::store::DynStore;
+use relay_data_plane::RunningDataPlane;
+use relay_mock_upstream::{MockConfig, MockUpstream};
+use relay_proto::v1 as pb;
+use relay_proto::v1::admin_client::AdminClient;
+use relay_test_support::{wait_for, TestDb};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const ADMIN_TOKEN: &str = "rat-e2e-admin-token-0123456789abcdefghijklmnopq";
+pub const DP_TOKEN: &str = "rat-e2e-data-plane-token-0123456789abcdefghijkl";
+pub const ACCOUNT_SECRET: &str = "sk-ant-api03-e2e-ACCOUNT-SECRET-0123456789";
+
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A control plane that can be stopped and started again on the same port and store.
+pub struct ControlPlane {
+    pub addr: SocketAddr,
+    pub store: DynStore,
+    pub key: MasterKey,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub db: Option<Arc<TestDb>>,
+    _dir: Option<Arc<tempfile::TempDir>>,
+}
+
+impl ControlPlane {
+    pub async fn start(backend: Backend) -> Self {
+        let (store, db, dir) = match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let s = Arc::new(SqliteStore::open(&dir.path().join("relay.db")).unwrap()) as DynStore;
+                (s, None, Some(Arc::new(dir)))
+            }
+            Backend::Postgres => {
+                let db = TestDb::new().await.unwrap();
+                let s = Arc::new(PostgresStore::connect(&db.url, 16).await.unwrap()) as DynStore;
+                (s, Some(Arc::new(db)), None)
+            }
+        };
+        let key = MasterKey::generate();
+        bootstrap::ensure_defaults(&store).await.unwrap();
+        bootstrap::ensure_admin_token(&store, &key, Some(ADMIN_TOKEN), None)
+            .await
+            .unwrap();
+        store
+            .apply(
+                vec![Mutation::InsertAdminToken(admin_token_row(
+                    &key,
+                    "dp",
+                    Role::DataPlane,
+                    DP_TOKEN,
+                ))],
+                AuditRecord {
+                    actor: "test".into(),
+                    action: "token.create".into(),
+                    target: "dp".into(),
+                    detail: "{}".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let port = relay_test_support::free_port();
+        let mut cp = Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            store,
+            key,
+            stop: None,
+            task: None,
+            db,
+            _dir: dir,
+        };
+        cp.resume().await;
+        cp
+    }
+
+    /// (Re)starts serving on the same address.
+    pub async fn resume(&mut self) {
+        let listener = wait_for(Duration::from_secs(10), "control-plane port to be free", || {
+            let addr = self.addr;
+            async move { tokio::net::TcpListener::bind(addr).await.ok() }
+        })
+        .await
+        .unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let opts = Options {
+            replica: "e2e".into(),
+            poll_interval: Duration::from_millis(100),
+        };
+        let fut = server::serve(self.store.clone(), self.key.clone(), listener, opts, async {
+            let _ = rx.await;
+        });
+        self.task = Some(tokio::spawn(async move {
+            let _ = fut.await;
+        }));
+        self.stop = Some(tx);
+    }
+
+    /// Stops serving (open streams are cut) and waits until it has.
+    pub async fn kill(&mut self) {
+        if let Some(t) = self.stop.take() {
+            let _ = t.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn admin(&self) -> AdminClient<InterceptedService<Channel, impl tonic::service::Interceptor + Clone>> {
+        let channel = wait_for(Duration::from_secs(10), "control plane to accept", || {
+            let url = self.url();
+            async move { Channel::from_shared(url).ok()?.connect().await.ok() }
+        })
+        .await
+        .unwrap();
+        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {ADMIN_TOKEN}").parse().unwrap();
+        AdminClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        })
+    }
+
+    /// Adds an anthropic-compatible account pointing at `base_url`, returns its id.
+    pub async fn add_account(&self, name: &str, base_url: &str, secret: &str) -> String {
+        self.admin()
+            .await
+            .create_account(pb::CreateAccountRequest {
+                name: name.into(),
+                kind: pb::AccountKind::AnthropicCompatible as i32,
+                base_url: base_url.into(),
+                credential: secret.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    }
+
+    /// Creates a key; returns (id, secret).
+    pub async fn add_key(&self, name: &str, models: &[&str]) -> (String, String) {
+        let r = self
+            .admin()
+            .await
+            .create_api_key(pb::CreateApiKeyRequest {
+                name: name.into(),
+                allowed_models: models.iter().map(|m| m.to_string()).collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (r.info.unwrap().id, r.key)
+    }
+
+    pub async fn head(&self) -> pb::ConfigVersion {
+        let v = self.store.head().await.unwrap();
+        pb::ConfigVersion::new(v.epoch, v.revision)
+    }
+
+    /// Usage totals over everything stored.
+    pub async fn usage_total(&self) -> relay_control_plane::model::UsageRow {
+        self.store
+            .query_usage(Default::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .next()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if let Some(t) = self.stop.take() {
+            let _ = t.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+pub struct DataPlane {
+    pub dp: Option<RunningDataPlane>,
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+}
+
+impl DataPlane {
+    pub async fn start(control_plane: &str, node: &str, dir: PathBuf) -> Self {
+        let opts = relay_data_plane::Options::new(
+            control_plane,
+            DP_TOKEN,
+            "127.0.0.1:0".parse().unwrap(),
+            node,
+            dir.clone(),
+        );
+        let dp = relay_data_plane::start(opts, None).await.unwrap();
+        let addr = dp.local_addr();
+        Self {
+            dp: Some(dp),
+            dir,
+            addr,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn version(&self) -> Option<pb::ConfigVersion> {
+        self.dp.as_ref().and_then(|d| d.config_version())
+    }
+
+    /// Waits until the data plane serves `v` or newer.
+    pub async fn wait_version(&self, v: pb::ConfigVersion) {
+        wait_for(Duration::from_secs(10), "data plane to apply the config", || {
+            let have = self.version();
+            async move {
+                have.filter(|h| h.epoch == v.epoch && h.revision >= v.revision)
+                    .map(|_| ())
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(dp) = self.dp.take() {
+            dp.shutdown().await;
+        }
+    }
+}
+
+pub async fn mock(config: MockConfig) -> MockUpstream {
+    MockUpstream::start(config).await.unwrap()
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    /// Asserts the Anthropic error shape and returns error.type.
+    pub fn error_type(&self) -> String {
+        let j = self.json();
+        assert_eq!(j["type"], "error", "{j}");
+        assert!(j["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{j}");
+        assert!(self.headers.contains_key("request-id"));
+        j["error"]["type"].as_str().unwrap().to_string()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends a request the way an SDK does and reads the whole answer.
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> HttpResponse {
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = http_client()
+        .request(req.body(Full::new(body.into())).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    HttpResponse {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Like [`send`], but None when the connection fails (a server not up yet).
+pub async fn try_send(method: &str, url: &str) -> Option<HttpResponse> {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = http_client().request(req).await.ok()?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.ok()?.to_bytes();
+    Some(HttpResponse {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// The headers every SDK call carries.
+pub fn sdk_headers(key: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("x-api-key", key.to_string()),
+        ("anthropic-version", "2023-06-01".to_string()),
+        ("content-type", "application/json".to_string()),
+    ]
+}
+
+pub async fn post_messages(dp: &DataPlane, key: &str, body: &serde_json::Value) -> HttpResponse {
+    post(dp, "/v1/messages", key, body, &[]).await
+}
+
+pub async fn post(
+    dp: &DataPlane,
+    path: &str,
+    key: &str,
+    body: &serde_json::Value,
+    extra: &[(&str, &str)],
+) -> HttpResponse {
+    let h = sdk_headers(key);
+    let mut headers: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    headers.extend_from_slice(extra);
+    send("POST", &dp.url(path), &headers, body.to_string()).await
+}
+
+pub fn message_body(model: &str, stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model": model,
+        "max_tokens": 256,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "Say hello to relay."}],
+    })
+}

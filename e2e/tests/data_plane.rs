@@ -1,0 +1,488 @@
+//! The data plane end to end: a client with a relay key, a data plane, the
+//! control plane and the mock upstream, all on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use relay_mock_upstream::{expected_usage, MockConfig};
+use relay_proto::v1 as pb;
+use relay_test_support::wait_for;
+use serde_json::json;
+use std::time::Duration;
+
+/// Builtin price of claude-sonnet-4*, micro-USD per MTok: in, out, 5m, 1h, read.
+const SONNET: (u64, u64, u64, u64, u64) = (3_000_000, 15_000_000, 3_750_000, 6_000_000, 300_000);
+
+fn sonnet_cost(u: &relay_mock_upstream::Usage) -> u64 {
+    u.input_tokens * SONNET.0
+        + u.output_tokens * SONNET.1
+        + u.cache_5m * SONNET.2
+        + u.cache_1h * SONNET.3
+        + u.cache_read_input_tokens * SONNET.4
+}
+
+struct Setup {
+    cp: ControlPlane,
+    mock: relay_mock_upstream::MockUpstream,
+    dp: DataPlane,
+    key: String,
+    key_id: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(backend: Backend, mock_config: MockConfig) -> Setup {
+    let cp = ControlPlane::start(backend).await;
+    let mock = mock(mock_config).await;
+    cp.add_account("acct-1", &mock.base_url(), ACCOUNT_SECRET).await;
+    let (key_id, key) = cp.add_key("client-1", &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dp = DataPlane::start(&cp.url(), "dp-1", dir.path().join("dp-1")).await;
+    dp.wait_version(cp.head().await).await;
+    Setup {
+        cp,
+        mock,
+        dp,
+        key,
+        key_id,
+        _dir: dir,
+    }
+}
+
+async fn wait_requests(cp: &ControlPlane, n: u64) -> relay_control_plane::model::UsageRow {
+    wait_for(Duration::from_secs(10), "usage to be stored", || async {
+        let t = cp.usage_total().await;
+        (t.requests >= n).then_some(t)
+    })
+    .await
+    .unwrap()
+}
+
+async fn pass_through_and_exact_usage(backend: Backend) {
+    let s = setup(backend, MockConfig::default()).await;
+    // A body with cache marks (5m and 1h) and a cache-read count: every usage field is exercised.
+    let body = json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 512,
+        "system": [{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "A long document…", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+            {"type": "text", "text": "Summarise it."}
+        ]}],
+    });
+    let expected = s.mock.config().expected_usage(&body, 100);
+
+    // Non-streaming, with the query string Claude Code sends.
+    let r = post(
+        &s.dp,
+        "/v1/messages?beta=true",
+        &s.key,
+        &body,
+        &[("x-mock-cache-read", "100"), ("anthropic-beta", "a-beta,b-beta")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let upstream_id = r.header("x-upstream-request-id").unwrap().to_string();
+    assert_eq!(
+        r.body,
+        s.mock.sent_body(&upstream_id).unwrap(),
+        "the body passes through unchanged"
+    );
+    assert!(r.header("request-id").unwrap().starts_with("req_relay_"));
+    assert!(
+        r.header("anthropic-organization-id").is_none(),
+        "upstream identity is stripped"
+    );
+    assert_eq!(r.json()["usage"]["input_tokens"], expected.input_tokens);
+
+    // What the upstream received: the account's credential, never the client's key.
+    let seen = s
+        .mock
+        .requests()
+        .into_iter()
+        .find(|q| q.request_id == upstream_id)
+        .unwrap();
+    assert_eq!(seen.path_and_query, "/v1/messages?beta=true");
+    assert_eq!(seen.header("x-api-key"), Some(ACCOUNT_SECRET));
+    assert!(seen
+        .headers
+        .iter()
+        .all(|(_, v)| !v.as_bytes().windows(s.key.len()).any(|w| w == s.key.as_bytes())));
+    assert_eq!(seen.header("anthropic-version"), Some("2023-06-01"));
+    assert_eq!(seen.header("anthropic-beta"), Some("a-beta,b-beta"));
+    assert_eq!(seen.header("accept-encoding"), Some("identity"));
+    assert_eq!(seen.json().unwrap(), body, "the request body is forwarded untouched");
+
+    // Streaming: the bytes the client gets are the bytes the mock sent.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let r = post(
+        &s.dp,
+        "/v1/messages",
+        &s.key,
+        &sbody,
+        &[
+            ("x-mock-cache-read", "100"),
+            ("accept-encoding", "gzip, deflate, br, zstd"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    assert!(
+        r.header("content-encoding").is_none(),
+        "the body matches the headers: not compressed"
+    );
+    let upstream_id = r.header("x-upstream-request-id").unwrap().to_string();
+    assert_eq!(
+        r.body,
+        s.mock.sent_body(&upstream_id).unwrap(),
+        "SSE bytes byte-identical"
+    );
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    assert!(text.starts_with("event: message_start") && text.trim_end().ends_with("data: {\"type\":\"message_stop\"}"));
+
+    // Usage stored: exact to the token and the cost to the pico-dollar.
+    let t = wait_requests(&s.cp, 2).await;
+    assert_eq!(t.requests, 2);
+    assert_eq!(t.input_tokens, 2 * expected.input_tokens);
+    assert_eq!(t.output_tokens, 2 * expected.output_tokens);
+    assert_eq!(t.cache_write_5m_tokens, 2 * expected.cache_5m);
+    assert_eq!(t.cache_write_1h_tokens, 2 * expected.cache_1h);
+    assert_eq!(t.cache_read_tokens, 200);
+    assert!(expected.cache_5m > 0 && expected.cache_1h > 0);
+    assert_eq!(t.cost_pico_usd, 2 * sonnet_cost(&expected));
+    let by_key =
+        s.cp.store
+            .query_usage(relay_control_plane::model::UsageQuery {
+                group_by: relay_control_plane::model::UsageGroupBy::Key,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    assert_eq!(by_key[0].group_id, s.key_id);
+    assert_eq!(by_key[0].group, "client-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pass_through_and_exact_usage_sqlite() {
+    pass_through_and_exact_usage(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pass_through_and_exact_usage_postgres() {
+    pass_through_and_exact_usage(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn other_routes() {
+    let s = setup(Backend::Sqlite, MockConfig::default()).await;
+    // count_tokens is forwarded.
+    let body = json!({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "count me"}]});
+    let r = post(&s.dp, "/v1/messages/count_tokens?beta=true", &s.key, &body, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["input_tokens"], expected_usage(&body).input_tokens);
+    // Models are answered by the relay in the page shape.
+    let h = sdk_headers(&s.key);
+    let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let before = s.mock.request_count();
+    let r = send("GET", &s.dp.url("/v1/models?limit=1000"), &hs, "").await;
+    assert_eq!(r.status, 200);
+    let page = r.json();
+    assert!(page["data"].as_array().unwrap().iter().all(|m| m["type"] == "model"));
+    assert!(page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == "claude-sonnet-4-5-20250929"));
+    assert_eq!(page["has_more"], false);
+    assert_eq!(page["first_id"], page["data"][0]["id"]);
+    let r = send("GET", &s.dp.url("/v1/models/claude-sonnet-4-5-20250929"), &hs, "").await;
+    assert_eq!(r.json()["id"], "claude-sonnet-4-5-20250929");
+    assert_eq!(
+        send("GET", &s.dp.url("/v1/models/nope"), &hs, "").await.error_type(),
+        "not_found_error"
+    );
+    // Claude Code's telemetry is acknowledged, never forwarded.
+    let r = send("POST", &s.dp.url("/api/event_logging/batch"), &hs, "{\"events\":[]}").await;
+    assert_eq!((r.status, r.json()), (200, json!({})));
+    assert_eq!(
+        s.mock.request_count(),
+        before,
+        "models and telemetry never reach the upstream"
+    );
+    // Health and metrics.
+    assert_eq!(send("GET", &s.dp.url("/healthz"), &[], "").await.status, 200);
+    assert_eq!(send("GET", &s.dp.url("/readyz"), &[], "").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_anthropic_errors() {
+    let s = setup(Backend::Sqlite, MockConfig::default()).await;
+    let (_, limited) = s.cp.add_key("haiku-only", &["claude-haiku-4-5*"]).await;
+    s.dp.wait_version(s.cp.head().await).await;
+    let before = s.mock.request_count();
+    let ok = message_body("claude-sonnet-4-5", false);
+    let url = s.dp.url("/v1/messages");
+    let v = ("anthropic-version", "2023-06-01");
+
+    let r = send("POST", &url, &[v], ok.to_string()).await;
+    assert_eq!((r.status, r.error_type().as_str()), (401, "authentication_error"));
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    let r = send("POST", &url, &[v, ("x-api-key", "rk-wrong")], ok.to_string()).await;
+    assert_eq!((r.status, r.error_type().as_str()), (401, "authentication_error"));
+    // Authorization: Bearer works as well as x-api-key.
+    let bearer = format!("Bearer {}", s.key);
+    let r = send("POST", &url, &[v, ("authorization", &bearer)], ok.to_string()).await;
+    assert_eq!(r.status, 200);
+    let r = send("POST", &url, &[("x-api-key", &s.key)], ok.to_string()).await;
+    assert_eq!(
+        (r.status, r.error_type().as_str()),
+        (400, "invalid_request_error"),
+        "missing anthropic-version"
+    );
+    let r = send(
+        "POST",
+        &url,
+        &[("x-api-key", &s.key), ("anthropic-version", "latest")],
+        ok.to_string(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_type().as_str()),
+        (400, "invalid_request_error"),
+        "malformed anthropic-version"
+    );
+    let r = send("POST", &url, &[v, ("x-api-key", &s.key)], "{not json").await;
+    assert_eq!((r.status, r.error_type().as_str()), (400, "invalid_request_error"));
+    let r = send(
+        "POST",
+        &url,
+        &[v, ("x-api-key", &s.key)],
+        json!({"max_tokens": 1}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_type().as_str()),
+        (400, "invalid_request_error"),
+        "model missing"
+    );
+    let big = vec![b' '; 33 * 1024 * 1024];
+    let r = send("POST", &url, &[v, ("x-api-key", &s.key)], big).await;
+    assert_eq!((r.status, r.error_type().as_str()), (413, "request_too_large"));
+    let r = send("POST", &s.dp.url("/v1/complete"), &[v, ("x-api-key", &s.key)], "{}").await;
+    assert_eq!((r.status, r.error_type().as_str()), (404, "not_found_error"));
+    let r = post_messages(&s.dp, &limited, &ok).await;
+    assert_eq!(
+        (r.status, r.error_type().as_str()),
+        (403, "permission_error"),
+        "model outside the allow-list"
+    );
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    let r = post_messages(&s.dp, &limited, &message_body("claude-haiku-4-5-20251001", false)).await;
+    assert_eq!(r.status, 200, "allowed by prefix");
+    assert_eq!(
+        s.mock.request_count(),
+        before + 2,
+        "only the two valid requests reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoked_and_disabled_keys_are_refused_within_a_second() {
+    let s = setup(Backend::Sqlite, MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dp2 = DataPlane::start(&s.cp.url(), "dp-2", dir.path().to_path_buf()).await;
+    dp2.wait_version(s.cp.head().await).await;
+    let body = message_body("claude-sonnet-4-5", false);
+    assert_eq!(post_messages(&s.dp, &s.key, &body).await.status, 200);
+    assert_eq!(post_messages(&dp2, &s.key, &body).await.status, 200);
+    s.cp.admin()
+        .await
+        .revoke_api_key(pb::RevokeApiKeyRequest { key: "client-1".into() })
+        .await
+        .unwrap();
+    let revoked_at = tokio::time::Instant::now();
+    for dp in [&s.dp, &dp2] {
+        wait_for(
+            Duration::from_secs(1),
+            "revocation to reach every data plane",
+            || async {
+                let r = post_messages(dp, &s.key, &body).await;
+                (r.status == 401).then_some(())
+            },
+        )
+        .await
+        .unwrap();
+    }
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+    let r = post_messages(&dp2, &s.key, &body).await;
+    assert_eq!(r.error_type(), "authentication_error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn not_ready_without_config() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens there.
+    let port = relay_test_support::free_port();
+    let dp = DataPlane::start(&format!("http://127.0.0.1:{port}"), "lonely", dir.path().to_path_buf()).await;
+    let r = send("GET", &dp.url("/readyz"), &[], "").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(send("GET", &dp.url("/healthz"), &[], "").await.status, 200);
+    let r = post_messages(&dp, "rk-anything", &message_body("claude-sonnet-4-5", false)).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.error_type(), "api_error");
+    assert!(r.header("retry-after").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn control_plane_outage_loses_nothing_and_restart_serves_from_cache() {
+    let mut s = setup(Backend::Postgres, MockConfig::default()).await;
+    let body = message_body("claude-sonnet-4-5", true);
+    let expected = expected_usage(&body);
+    for _ in 0..5 {
+        assert_eq!(post_messages(&s.dp, &s.key, &body).await.status, 200);
+    }
+    // Every control plane down: traffic keeps flowing, usage spools.
+    s.cp.kill().await;
+    for _ in 0..20 {
+        assert_eq!(post_messages(&s.dp, &s.key, &body).await.status, 200);
+    }
+    // The data plane restarts while the control plane is still down: it serves from its cache at once.
+    s.dp.shutdown().await;
+    let mut dp = DataPlane::start(&s.cp.url(), "dp-1", s.dp.dir.clone()).await;
+    assert!(dp.version().is_some(), "ready from the disk cache");
+    assert_eq!(send("GET", &dp.url("/readyz"), &[], "").await.status, 200);
+    for _ in 0..5 {
+        assert_eq!(post_messages(&dp, &s.key, &body).await.status, 200);
+    }
+    // The control plane returns: every request of the outage is stored exactly once.
+    s.cp.resume().await;
+    let t = wait_for(Duration::from_secs(15), "spool to drain", || async {
+        let t = s.cp.usage_total().await;
+        (t.requests >= 30).then_some(t)
+    })
+    .await
+    .unwrap();
+    assert_eq!(t.requests, 30);
+    assert_eq!(t.input_tokens, 30 * expected.input_tokens);
+    assert_eq!(t.output_tokens, 30 * expected.output_tokens);
+    let db = s.cp.db.clone().unwrap();
+    let (c, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let n: i64 = c
+        .query_one("SELECT COUNT(DISTINCT request_id) FROM usage_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 30, "one row per request");
+    // And the restarted data plane resynced with the control plane.
+    s.cp.add_key("after-outage", &[]).await;
+    dp.wait_version(s.cp.head().await).await;
+    dp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_disconnect_cancels_upstream_and_records_partial_usage() {
+    let s = setup(
+        Backend::Postgres,
+        MockConfig {
+            event_delay: Duration::from_millis(40),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut req = http::Request::builder().method("POST").uri(s.dp.url("/v1/messages"));
+    for (k, v) in sdk_headers(&s.key) {
+        req = req.header(k, v);
+    }
+    let body = message_body("claude-sonnet-4-5", true);
+    let resp = http_client()
+        .request(
+            req.body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let upstream_id = resp.headers()["x-upstream-request-id"].to_str().unwrap().to_string();
+    let mut b = resp.into_body();
+    use http_body_util::BodyExt;
+    let mut got = 0;
+    while got < 3 {
+        if let Some(Ok(f)) = b.frame().await {
+            if f.is_data() {
+                got += 1;
+            }
+        }
+    }
+    drop(b);
+    // A complete stream of the same request: it takes the whole stream's
+    // duration, long enough for an uncancelled upstream to have sent everything.
+    let full_len = post_messages(&s.dp, &s.key, &body).await.body.len();
+    let sent = s.mock.sent_body(&upstream_id).unwrap().len();
+    assert!(
+        sent < full_len / 2,
+        "upstream kept streaming to nobody: {sent} of {full_len} bytes"
+    );
+    let db = s.cp.db.clone().unwrap();
+    let (c, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let row = wait_for(Duration::from_secs(10), "cancelled event", || async {
+        c.query_opt(
+            "SELECT cancelled, input_tokens, output_tokens FROM usage_events WHERE upstream_request_id = $1",
+            &[&upstream_id],
+        )
+        .await
+        .ok()
+        .flatten()
+    })
+    .await
+    .unwrap();
+    let (cancelled, input, output): (bool, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert!(cancelled);
+    assert_eq!(
+        input as u64,
+        expected_usage(&body).input_tokens,
+        "what was known is recorded"
+    );
+    assert!(output >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_config_is_nacked_and_old_one_keeps_serving() {
+    let s = setup(Backend::Sqlite, MockConfig::default()).await;
+    let good = s.dp.version().unwrap();
+    // A write that bypasses the admin API's validation: an enabled account with weight 0.
+    let mut acct = s.cp.store.get_account("acct-1").await.unwrap().unwrap();
+    let expect = acct.revision;
+    acct.weight = 0;
+    s.cp.store
+        .apply(
+            vec![relay_control_plane::model::Mutation::UpdateAccount {
+                row: acct,
+                expect_revision: expect,
+            }],
+            relay_control_plane::model::AuditRecord {
+                actor: "test".into(),
+                action: "account.update".into(),
+                target: "acct-1".into(),
+                detail: "{}".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let proxies = wait_for(Duration::from_secs(5), "the NACK to be recorded", || async {
+        let p = s.cp.store.list_proxies().await.unwrap();
+        p.into_iter().find(|p| p.node_id == "dp-1" && !p.nack_error.is_empty())
+    })
+    .await
+    .unwrap();
+    assert!(proxies.nack_error.contains("weight 0"), "{}", proxies.nack_error);
+    assert_eq!(s.dp.version(), Some(good), "still serving the last good config");
+    assert_eq!(
+        post_messages(&s.dp, &s.key, &message_body("claude-sonnet-4-5", false))
+            .await
+            .status,
+        200
+    );
+}

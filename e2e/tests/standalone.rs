@@ -1,0 +1,135 @@
+//! The README's quickstart, step by step, with real binaries: one standalone
+//! process (control plane on the embedded store plus an in-process data
+//! plane), relayctl, and the mock upstream in place of a real account.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use relay_mock_upstream::{expected_usage, MockConfig};
+use relay_test_support::{free_port, wait_for, workspace_bin, Proc};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn relayctl(server: &str, token: &str, args: &[&str], stdin: Option<&str>) -> String {
+    let mut child = Command::new(workspace_bin("relayctl"))
+        .args(args)
+        .env("RELAY_SERVER", server)
+        .env("RELAY_ADMIN_TOKEN", token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "relayctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quickstart_from_nothing_to_a_streamed_answer() {
+    let mock = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay-data");
+    let (grpc, proxy) = (free_port(), free_port());
+    // 1. Start relay.
+    let mut cmd = Command::new(workspace_bin("relay-control-plane"));
+    cmd.args(["--standalone", "--listen", &format!("127.0.0.1:{grpc}")])
+        .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
+        .arg("--data-dir")
+        .arg(&data)
+        .env_remove("RELAY_ADMIN_TOKEN")
+        .env_remove("RELAY_MASTER_KEY");
+    let mut relay = Proc::spawn(cmd, &dir.path().join("relay.log")).unwrap();
+    let log = wait_for(Duration::from_secs(30), "relay to serve the Anthropic API", || {
+        let text = relay.log_text();
+        let exited = relay.try_wait();
+        async move {
+            if let Some(s) = exited {
+                panic!("relay exited with {s}: {text}");
+            }
+            text.contains("serving the Anthropic API").then_some(text)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(log.contains(&format!("http://127.0.0.1:{proxy}")), "{log}");
+    let token = std::fs::read_to_string(data.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let server = format!("127.0.0.1:{grpc}");
+
+    // 2. An account (the mock stands in for Anthropic), 3. a key.
+    relayctl(
+        &server,
+        &token,
+        &[
+            "account",
+            "add",
+            "main",
+            "--kind",
+            "anthropic-compatible",
+            "--base-url",
+            &mock.base_url(),
+            "--secret-stdin",
+        ],
+        Some("mock-upstream-credential\n"),
+    );
+    let created: serde_json::Value = serde_json::from_str(&relayctl(
+        &server,
+        &token,
+        &["-o", "json", "key", "create", "my-laptop"],
+        None,
+    ))
+    .unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+
+    // 4. Use it, as an SDK would with ANTHROPIC_BASE_URL and ANTHROPIC_API_KEY.
+    let base = format!("http://127.0.0.1:{proxy}");
+    let body = message_body("claude-sonnet-4-5", true);
+    let r = wait_for(Duration::from_secs(10), "the key to reach the data plane", || {
+        let (url, key, body) = (format!("{base}/v1/messages"), key.clone(), body.to_string());
+        async move {
+            let h = sdk_headers(&key);
+            let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = send("POST", &url, &hs, body).await;
+            (r.status == 200).then_some(r)
+        }
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    assert!(text.starts_with("event: message_start") && text.contains("event: message_stop"));
+
+    // 5. Look around: usage per key, exact; the in-process data plane is listed.
+    let usage = wait_for(Duration::from_secs(10), "usage to be stored", || {
+        let out = relayctl(&server, &token, &["-o", "json", "usage", "--by", "key"], None);
+        async move {
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            (v.as_array()?.len() == 1).then_some(v)
+        }
+    })
+    .await
+    .unwrap();
+    let row = &usage[0];
+    let expected = expected_usage(&body);
+    assert_eq!(row["group"], "my-laptop");
+    assert_eq!(row["requests"], 1);
+    assert_eq!(row["input_tokens"], expected.input_tokens);
+    assert_eq!(row["output_tokens"], expected.output_tokens);
+    let proxies: serde_json::Value =
+        serde_json::from_str(&relayctl(&server, &token, &["-o", "json", "proxies", "list"], None)).unwrap();
+    assert_eq!(proxies[0]["node_id"], "standalone");
+    assert_eq!(proxies[0]["connected"], true);
+    relay.kill();
+}

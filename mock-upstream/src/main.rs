@@ -1,0 +1,115 @@
+//! `relay-mock-upstream`: run the fake Anthropic API as a process (benchmarks, manual testing).
+//!
+//! ```text
+//! relay-mock-upstream --listen 127.0.0.1:9999 [--ttfb-ms N] [--event-delay-ms N] [--text-events N]
+//!     [--event-bytes N] [--fault CREDENTIAL=KIND[:N]]... [--no-record]
+//! ```
+//! Prints `listening on ADDR` on stdout once bound, then serves until SIGINT/SIGTERM.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use relay_mock_upstream::{Fault, MockConfig, MockUpstream};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "relay-mock-upstream",
+    about = "A fake Anthropic API for relay's tests and benchmarks"
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9999")]
+    listen: SocketAddr,
+    /// Delay before the first SSE event (and before a non-streaming answer), in ms.
+    #[arg(long, default_value_t = 0)]
+    ttfb_ms: u64,
+    /// Delay between SSE events, in ms.
+    #[arg(long, default_value_t = 0)]
+    event_delay_ms: u64,
+    /// Number of text deltas per answer.
+    #[arg(long)]
+    text_events: Option<usize>,
+    /// Bytes of text per delta.
+    #[arg(long)]
+    event_bytes: Option<usize>,
+    /// A fault for one credential: CREDENTIAL=KIND[:N], KIND one of rate-limited, overloaded, server-error,
+    /// unauthorized, drop-mid-stream, error-event, stall, org-disabled (N: retry-after secs or events before).
+    #[arg(long = "fault", value_parser = parse_fault)]
+    faults: Vec<(String, Fault)>,
+    /// Do not record requests and response bodies.
+    #[arg(long)]
+    no_record: bool,
+}
+
+fn parse_fault(s: &str) -> Result<(String, Fault), String> {
+    let (credential, fault) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("expected CREDENTIAL=KIND[:N], got {s:?}"))?;
+    if credential.is_empty() {
+        return Err(format!("empty credential in {s:?}"));
+    }
+    let fault: Fault = fault
+        .parse()
+        .map_err(|e: relay_mock_upstream::ParseFaultError| e.to_string())?;
+    Ok((credential.to_string(), fault))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let defaults = MockConfig::default();
+    let config = MockConfig {
+        listen: args.listen,
+        ttfb: Duration::from_millis(args.ttfb_ms),
+        event_delay: Duration::from_millis(args.event_delay_ms),
+        text_events: args.text_events.unwrap_or(defaults.text_events),
+        event_bytes: args.event_bytes.unwrap_or(defaults.event_bytes),
+        faults_by_credential: args.faults.into_iter().collect::<HashMap<_, _>>(),
+        record: !args.no_record,
+        ..defaults
+    };
+    let mock = MockUpstream::start(config)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {}", mock.addr())?;
+        out.flush()?;
+    }
+    shutdown_signal().await;
+    drop(mock);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
