@@ -130,9 +130,12 @@ pub struct AccountAdd {
     /// Concurrent requests allowed on this account (0 = unlimited).
     #[arg(long)]
     pub max_concurrency: Option<u32>,
-    /// Outbound proxy (http://, https://, socks5://).
-    #[arg(long, value_name = "URL")]
+    /// Outbound proxy: http:// (CONNECT), socks5:// or socks5h:// (names resolved by the proxy).
+    #[arg(long, value_name = "URL", conflicts_with = "proxy_url_file")]
     pub proxy_url: Option<String>,
+    /// Read the proxy URL from this file (for one with a password in it).
+    #[arg(long, value_name = "PATH")]
+    pub proxy_url_file: Option<PathBuf>,
     /// OAuth accounts: read the refresh token from this file.
     #[arg(long, value_name = "PATH")]
     pub refresh_token_file: Option<PathBuf>,
@@ -161,8 +164,11 @@ pub struct AccountUpdate {
     #[arg(long)]
     pub max_concurrency: Option<u32>,
     /// Outbound proxy; "" for a direct connection.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with = "proxy_url_file")]
     pub proxy_url: Option<String>,
+    /// Read the proxy URL from this file (for one with a password in it).
+    #[arg(long, value_name = "PATH")]
+    pub proxy_url_file: Option<PathBuf>,
     /// OAuth accounts: read a new refresh token from this file.
     #[arg(long, value_name = "PATH")]
     pub refresh_token_file: Option<PathBuf>,

@@ -12,6 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 const UPSTREAM_SECRET: &str = "sk-ant-api03-UPSTREAM-SECRET-never-logged-0123456789";
+const PROXY_PASSWORD: &str = "proxy-PASSWORD-never-logged-42";
 
 struct Env {
     server: String,
@@ -159,6 +160,29 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
     );
     let api_key = created["key"].as_str().unwrap().to_string();
     assert!(api_key.starts_with("rk-") && api_key.len() >= 40, "{api_key}");
+
+    // An account behind a proxy with a password, read from a file: shown redacted.
+    let proxy_file = env.dir.path().join("proxy-url");
+    std::fs::write(
+        &proxy_file,
+        format!("socks5h://egress:{PROXY_PASSWORD}@proxy.internal:1080\n"),
+    )
+    .unwrap();
+    env.ok(
+        &[
+            "account",
+            "add",
+            "acct-proxied",
+            "--kind",
+            "anthropic-api-key",
+            "--secret-stdin",
+            "--proxy-url-file",
+            proxy_file.to_str().unwrap(),
+        ],
+        Some(&format!("{UPSTREAM_SECRET}\n")),
+    );
+    let proxied = env.json(&["account", "show", "acct-proxied"], None);
+    assert_eq!(proxied["proxy_url"], "socks5h://…@proxy.internal:1080", "{proxied}");
 
     // Listed as a table and as JSON, without the secrets.
     let table = env.ok(&["account", "list"], None);
@@ -391,7 +415,13 @@ async fn standalone_walkthrough() {
     assert_eq!(env2.json(&["account", "show", "acct-1"], None)["weight"], 5);
 
     // No secret in the database files, the key file aside, nor in any log line.
-    let secrets = [UPSTREAM_SECRET, api_key.as_str(), env.token.as_str(), ro.as_str()];
+    let secrets = [
+        UPSTREAM_SECRET,
+        PROXY_PASSWORD,
+        api_key.as_str(),
+        env.token.as_str(),
+        ro.as_str(),
+    ];
     for f in files_under(&data) {
         if f.file_name().is_some_and(|n| n == "admin.token") {
             continue;
@@ -442,14 +472,17 @@ async fn postgres_walkthrough() {
             .await
             .unwrap();
         let dump: String = rows[0].get(0);
-        for s in [UPSTREAM_SECRET, api_key.as_str(), token, ro.as_str()] {
+        for s in [UPSTREAM_SECRET, PROXY_PASSWORD, api_key.as_str(), token, ro.as_str()] {
             assert!(!dump.contains(s), "a secret is stored in table {t}");
         }
         // bytea columns print as hex: check the hex form of the upstream secret too.
         let hex: String = UPSTREAM_SECRET.bytes().map(|b| format!("{b:02x}")).collect();
         assert!(!dump.contains(&hex), "the credential is stored unencrypted in {t}");
     }
-    assert_no_secret_in(&log, &[UPSTREAM_SECRET, api_key.as_str(), token, ro.as_str()]);
+    assert_no_secret_in(
+        &log,
+        &[UPSTREAM_SECRET, PROXY_PASSWORD, api_key.as_str(), token, ro.as_str()],
+    );
     // A control plane that cannot reach its database fails with a clear error.
     let out = Command::new(workspace_bin("relay-control-plane"))
         .args([

@@ -169,6 +169,12 @@ pub fn build_resources(state: &ConfigState, key: &MasterKey) -> Result<pb::Resou
         let credential = key
             .open(&a.credential_enc, &a.id)
             .map_err(|_| ConfigError::Credential(a.name.clone()))?;
+        let proxy_url = match &a.proxy_url_enc {
+            Some(sealed) => key
+                .open(sealed, &crate::api::admin::proxy_seal_context(&a.id))
+                .map_err(|_| ConfigError::Credential(a.name.clone()))?,
+            None => a.proxy_url.clone(),
+        };
         r.accounts.push(pb::Account {
             id: a.id.clone(),
             name: a.name.clone(),
@@ -183,7 +189,7 @@ pub fn build_resources(state: &ConfigState, key: &MasterKey) -> Result<pb::Resou
                 model::AccountStatus::Enabled => pb::AccountStatus::Enabled,
                 model::AccountStatus::Disabled => pb::AccountStatus::Disabled,
             } as i32,
-            proxy_url: a.proxy_url.clone(),
+            proxy_url,
             credential_expires_at_ms: a.credential_expires_at.unwrap_or(0),
         });
     }

@@ -140,7 +140,10 @@ pub struct Account {
     pub group_ids: Vec<String>,
     pub max_concurrency: u32,
     pub status: AccountStatus,
+    /// The outbound proxy as shown to operators: any `user:password@` part redacted.
     pub proxy_url: String,
+    /// AES-256-GCM ciphertext of the full proxy URL when it carries credentials.
+    pub proxy_url_enc: Option<Vec<u8>>,
     pub created_at: Millis,
     pub updated_at: Millis,
     /// The revision that last wrote this row (optimistic concurrency).

@@ -66,6 +66,7 @@ fn account(id: &str, name: &str, group_ids: &[&str]) -> Account {
         max_concurrency: 8,
         status: AccountStatus::Enabled,
         proxy_url: String::new(),
+        proxy_url_enc: None,
         created_at: T0,
         updated_at: T0,
         revision: 0,
@@ -80,7 +81,8 @@ fn oauth_account(id: &str, name: &str, group_ids: &[&str]) -> Account {
         priority: -5,
         weight: 1,
         status: AccountStatus::Disabled,
-        proxy_url: "socks5://127.0.0.1:1080".into(),
+        proxy_url: "socks5://…@127.0.0.1:1080".into(),
+        proxy_url_enc: Some(vec![4, 5, 6]),
         ..account(id, name, group_ids)
     }
 }

@@ -119,7 +119,7 @@ pub async fn start(
     let link = ControlPlaneLink::new(&opts.control_plane, &opts.token)
         .map_err(|e| StartError::ControlPlaneUrl(e.to_string()))?;
     let spool = Arc::new(Spool::open(&opts.data_dir.join("spool"))?);
-    let client = upstream::client::build(&upstream::client::ClientOptions {
+    let upstreams = upstream::client::Upstreams::new(&upstream::client::ClientOptions {
         extra_ca_file: opts.extra_ca_file.as_deref(),
         ..Default::default()
     })?;
@@ -167,7 +167,7 @@ pub async fn start(
     let balancer = Arc::new(proxy::balance::Balancer::new());
     let proxy = Arc::new(Proxy {
         holder: holder.clone(),
-        client,
+        upstreams,
         spool: spool.clone(),
         pending: pending.clone(),
         node_id,

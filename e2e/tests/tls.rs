@@ -11,37 +11,10 @@
 mod common;
 
 use common::*;
-use relay_mock_upstream::{MockConfig, MockTls, MockUpstream};
+use relay_mock_upstream::{MockConfig, MockUpstream};
 use relay_test_support::wait_for;
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// A CA and a leaf for `localhost` / `127.0.0.1` signed by it: (the CA certificate PEM, the mock's TLS).
-fn test_pki() -> (String, MockTls) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "relay e2e test CA");
-    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
-
-    let mut leaf_params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    leaf_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "localhost");
-    leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
-    (
-        ca.pem(),
-        MockTls {
-            cert_chain_pem: leaf.pem(),
-            key_pem: leaf_key.serialize_pem(),
-        },
-    )
-}
 
 /// A control plane, an HTTPS mock and an account pointing at it; the CA's PEM is written to `dir/ca.pem`.
 struct Setup {

@@ -1,6 +1,6 @@
 //! relay-test-support: what relay's tests share. Fresh Postgres databases per
 //! test, free ports, child processes, and waiting for a condition instead of
-//! sleeping.
+//! sleeping, and outbound proxies (`proxy`: HTTP CONNECT and SOCKS5).
 //!
 //! The Postgres server is the one named by `DATABASE_URL`; else a local server
 //! on 127.0.0.1:5432 when one answers; else an ephemeral server this process
@@ -8,6 +8,8 @@
 //! which a watchdog stops and deletes when the test process exits. The README's
 //! test command (`scripts/test.sh`) installs PostgreSQL when it is missing and
 //! exports `DATABASE_URL`. `RELAY_TEST_PG=ephemeral` forces the ephemeral server.
+
+pub mod proxy;
 
 use std::future::Future;
 use std::time::Duration;

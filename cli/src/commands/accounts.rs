@@ -182,10 +182,17 @@ fn create_request(args: AccountAdd) -> Result<CreateAccountRequest> {
         weight: args.weight.unwrap_or(0),
         groups: clean_list(&args.groups),
         max_concurrency: args.max_concurrency.unwrap_or(0),
-        proxy_url: args.proxy_url.unwrap_or_default(),
+        proxy_url: proxy_url(args.proxy_url, args.proxy_url_file.as_deref())?.unwrap_or_default(),
         refresh_token,
         credential_expires_at_ms: args.expires.unwrap_or(0),
     })
+}
+
+fn proxy_url(inline: Option<String>, file: Option<&std::path::Path>) -> Result<Option<String>> {
+    match file {
+        Some(p) => Ok(Some(read_secret_file(p, "proxy URL")?)),
+        None => Ok(inline),
+    }
 }
 
 fn update_request(args: AccountUpdate) -> Result<UpdateAccountRequest> {
@@ -207,7 +214,7 @@ fn update_request(args: AccountUpdate) -> Result<UpdateAccountRequest> {
         groups,
         max_concurrency: args.max_concurrency,
         status: None,
-        proxy_url: args.proxy_url,
+        proxy_url: proxy_url(args.proxy_url, args.proxy_url_file.as_deref())?,
         refresh_token,
         credential_expires_at_ms: args.expires,
     })

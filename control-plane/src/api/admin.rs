@@ -18,6 +18,9 @@ use tonic::{Request, Response, Status};
 pub const DEFAULT_GROUP: &str = "default";
 pub const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 const MAX_WEIGHT: u32 = 10_000;
+/// Outbound proxies the data plane can tunnel through (HTTP CONNECT, SOCKS5
+/// with local or remote name resolution).
+const PROXY_SCHEMES: &[&str] = &["http", "socks5", "socks5h"];
 /// How often an update is retried when another writer changed the row meanwhile.
 const CONFLICT_RETRIES: usize = 8;
 
@@ -78,6 +81,18 @@ impl AdminService {
             .await
             .map_err(status_from_store)?;
         Ok(next)
+    }
+
+    /// A proxy URL with a `user:password@` part is a secret: sealed under the
+    /// master key (the stored `proxy_url` keeps only the redacted form).
+    fn seal_proxy_url(&self, url: &str, account_id: &str) -> Result<Option<Vec<u8>>, Status> {
+        if redact_url(url) == url {
+            return Ok(None);
+        }
+        self.key
+            .seal(url, &proxy_seal_context(account_id))
+            .map(Some)
+            .map_err(|_| Status::internal("cannot encrypt the proxy URL"))
     }
 
     async fn group_names(&self) -> Result<BTreeMap<String, String>, Status> {
@@ -215,6 +230,11 @@ fn validate_url(what: &str, url: &str, schemes: &[&str]) -> Result<(), Status> {
             schemes.join(" or ")
         ))),
     }
+}
+
+/// What a sealed proxy URL is bound to (AES-GCM associated data).
+pub fn proxy_seal_context(account_id: &str) -> String {
+    format!("{account_id}/proxy")
 }
 
 /// A URL with any `user:password@` part hidden.
@@ -383,7 +403,7 @@ impl Admin for AdminService {
         validate_url("base URL", &base_url, &["http", "https"])?;
         validate_credential(&r.credential)?;
         if !r.proxy_url.is_empty() {
-            validate_url("proxy URL", &r.proxy_url, &["http", "https", "socks5", "socks5h"])?;
+            validate_url("proxy URL", &r.proxy_url, PROXY_SCHEMES)?;
         }
         let weight = validate_weight(r.weight)?;
         let group_ids = self.resolve_groups(&r.groups).await?;
@@ -412,7 +432,8 @@ impl Admin for AdminService {
             group_ids,
             max_concurrency: r.max_concurrency,
             status: AccountStatus::Enabled,
-            proxy_url: r.proxy_url.clone(),
+            proxy_url: redact_url(&r.proxy_url),
+            proxy_url_enc: self.seal_proxy_url(&r.proxy_url, &id)?,
             created_at: now,
             updated_at: now,
             revision: 0,
@@ -452,7 +473,7 @@ impl Admin for AdminService {
             validate_credential(c)?;
         }
         if let Some(p) = r.proxy_url.as_deref().filter(|p| !p.is_empty()) {
-            validate_url("proxy URL", p, &["http", "https", "socks5", "socks5h"])?;
+            validate_url("proxy URL", p, PROXY_SCHEMES)?;
         }
         let weight = r.weight.map(validate_weight).transpose()?;
         let status = match r.status.map(pb::AccountStatus::try_from) {
@@ -519,15 +540,21 @@ impl Admin for AdminService {
                 changed.insert("status".into(), json!(s.as_str()));
             }
             if let Some(p) = &r.proxy_url {
-                a.proxy_url = p.clone();
-                changed.insert("proxy_url".into(), json!(redact_url(p)));
+                a.proxy_url = redact_url(p);
+                a.proxy_url_enc = self.seal_proxy_url(p, &a.id)?;
+                changed.insert("proxy_url".into(), json!(a.proxy_url));
             }
             if let Some(e) = r.credential_expires_at_ms {
                 a.credential_expires_at = (e > 0).then_some(e);
                 changed.insert("credential_expires_at_ms".into(), json!(e));
             }
-            // A new credential, or an operator enabling the account, ends its health states.
-            let clear: Vec<AccountState> = if r.credential.is_some() || status == Some(AccountStatus::Enabled) {
+            // A new credential or way to reach the upstream, or an operator enabling
+            // the account, ends its health states.
+            let clear: Vec<AccountState> = if r.credential.is_some()
+                || r.base_url.is_some()
+                || r.proxy_url.is_some()
+                || status == Some(AccountStatus::Enabled)
+            {
                 self.states()
                     .await?
                     .into_iter()

@@ -18,6 +18,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
     (2, include_str!("../../migrations/postgres/0002_account_states.sql")),
+    (3, include_str!("../../migrations/postgres/0003_proxy_url_enc.sql")),
 ];
 const NOTIFY_CHANNEL: &str = "relay_config";
 /// `application_name` of the LISTEN connection.
@@ -197,6 +198,7 @@ fn account_from(row: &Row, group_ids: Vec<String>) -> Result<Account> {
         max_concurrency: u32::try_from(row.get::<_, i32>("max_concurrency")).map_err(db)?,
         status: parse(row.get::<_, &str>("status"))?,
         proxy_url: row.get("proxy_url"),
+        proxy_url_enc: row.get("proxy_url_enc"),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
         revision: to_u64(row.get("revision"), "revision")?,
@@ -284,7 +286,7 @@ fn write_err<'a>(kind: &'static str, name: &'a str) -> impl FnOnce(tokio_postgre
 }
 
 const ACCOUNT_COLS: &str = "id, name, kind, base_url, credential_enc, refresh_token_enc, credential_hint, \
-     credential_expires_at, priority, weight, max_concurrency, status, proxy_url, created_at, updated_at, revision";
+     credential_expires_at, priority, weight, max_concurrency, status, proxy_url, created_at, updated_at, revision, proxy_url_enc";
 
 async fn load_accounts(c: &impl deadpool_postgres::GenericClient, filter: Option<&str>) -> Result<Vec<Account>> {
     let rows = match filter {
@@ -375,7 +377,7 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
                 tx.execute(
                     "UPDATE accounts SET name=$2, kind=$3, base_url=$4, credential_enc=$5, refresh_token_enc=$6, \
                      credential_hint=$7, credential_expires_at=$8, priority=$9, weight=$10, max_concurrency=$11, \
-                     status=$12, proxy_url=$13, updated_at=$14, revision=$15 WHERE id=$1 AND revision=$16",
+                     status=$12, proxy_url=$13, updated_at=$14, revision=$15, proxy_url_enc=$17 WHERE id=$1 AND revision=$16",
                     &[
                         &a.id,
                         &a.name,
@@ -393,17 +395,18 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
                         &a.updated_at,
                         &rev,
                         &expect,
+                        &a.proxy_url_enc,
                     ],
                 )
                 .await
                 .map_err(write_err("account", &a.name))?
             } else {
                 tx.execute(
-                    &format!("INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)"),
+                    &format!("INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"),
                     &[
                         &a.id, &a.name, &a.kind.as_str(), &a.base_url, &a.credential_enc, &a.refresh_token_enc,
                         &a.credential_hint, &a.credential_expires_at, &a.priority, &weight, &maxc,
-                        &a.status.as_str(), &a.proxy_url, &a.created_at, &a.updated_at, &rev,
+                        &a.status.as_str(), &a.proxy_url, &a.created_at, &a.updated_at, &rev, &a.proxy_url_enc,
                     ],
                 )
                 .await

@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_account_states.sql")),
+    (3, include_str!("../../migrations/sqlite/0003_proxy_url_enc.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -210,7 +211,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 
 const ACCOUNT_COLS: &str = "id, name, kind, base_url, credential_enc, refresh_token_enc, \
      credential_hint, credential_expires_at, priority, weight, max_concurrency, status, \
-     proxy_url, created_at, updated_at, revision";
+     proxy_url, created_at, updated_at, revision, proxy_url_enc";
 
 fn account_from_row(row: &Row<'_>) -> rusqlite::Result<Account> {
     Ok(Account {
@@ -231,10 +232,11 @@ fn account_from_row(row: &Row<'_>) -> rusqlite::Result<Account> {
         created_at: row.get(13)?,
         updated_at: row.get(14)?,
         revision: col_u64(row, 15)?,
+        proxy_url_enc: row.get(16)?,
     })
 }
 
-/// Values for `ACCOUNT_COLS` as `?1..?16`.
+/// Values for `ACCOUNT_COLS` as `?1..?17`.
 fn account_values(a: &Account, revision: i64) -> Vec<Value> {
     vec![
         Value::Text(a.id.clone()),
@@ -253,6 +255,7 @@ fn account_values(a: &Account, revision: i64) -> Vec<Value> {
         Value::Integer(a.created_at),
         Value::Integer(a.updated_at),
         Value::Integer(revision),
+        a.proxy_url_enc.clone().map_or(Value::Null, Value::Blob),
     ]
 }
 
@@ -583,7 +586,7 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
             tx.execute(
                 &format!(
                     "INSERT INTO accounts ({ACCOUNT_COLS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
                 ),
                 params_from_iter(account_values(a, rev)),
             )
@@ -600,8 +603,8 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
                     "UPDATE accounts SET name = ?2, kind = ?3, base_url = ?4, credential_enc = ?5, \
                      refresh_token_enc = ?6, credential_hint = ?7, credential_expires_at = ?8, \
                      priority = ?9, weight = ?10, max_concurrency = ?11, status = ?12, \
-                     proxy_url = ?13, updated_at = ?15, revision = ?16 \
-                     WHERE id = ?1 AND revision = ?17",
+                     proxy_url = ?13, updated_at = ?15, revision = ?16, proxy_url_enc = ?17 \
+                     WHERE id = ?1 AND revision = ?18",
                     params_from_iter(values),
                 )
                 .map_err(write_err(ResourceKind::Account, &row.name))?;

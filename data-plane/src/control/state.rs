@@ -20,6 +20,11 @@ pub enum InvalidConfig {
     ZeroWeight(String),
     #[error("account {account} has an invalid base URL: {reason}")]
     BaseUrl { account: String, reason: String },
+    #[error("account {account} has an unusable proxy URL: {reason}")]
+    ProxyUrl {
+        account: String,
+        reason: crate::upstream::client::ProxyUrlError,
+    },
     #[error("account {0} has an unknown kind")]
     AccountKind(String),
     #[error("two api keys share one hash ({0} and another)")]
@@ -52,6 +57,8 @@ pub struct AccountEntry {
     pub weight: u32,
     pub enabled: bool,
     pub max_concurrency: u32,
+    /// The outbound proxy to reach it through, if any.
+    pub proxy: Option<crate::upstream::client::ProxySpec>,
 }
 
 /// A client key, ready for the request path.
@@ -201,6 +208,15 @@ impl ServingConfig {
                 weight: a.weight,
                 enabled,
                 max_concurrency: a.max_concurrency,
+                proxy: match a.proxy_url.as_str() {
+                    "" => None,
+                    url => Some(crate::upstream::client::ProxySpec::parse(url).map_err(|reason| {
+                        InvalidConfig::ProxyUrl {
+                            account: a.name.clone(),
+                            reason,
+                        }
+                    })?),
+                },
             });
             for g in &a.group_ids {
                 if !groups.contains(g.as_str()) {

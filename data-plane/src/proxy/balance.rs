@@ -389,6 +389,7 @@ mod tests {
             weight,
             enabled: true,
             max_concurrency,
+            proxy: None,
         })
     }
 

@@ -17,7 +17,7 @@ use crate::control::spool::Spool;
 use crate::control::state::{AccountEntry, ConfigHolder, KeyEntry, ServingConfig};
 use crate::control::state_report::StateReporter;
 use crate::errors::{full, ApiError, Body};
-use crate::upstream::client::HttpClient;
+use crate::upstream::client::Upstreams;
 use balance::{Balancer, SlotGuard};
 use bytes::Bytes;
 use forward::{Attempt, HealthSink, Pending, Tap, TappedBody};
@@ -36,7 +36,7 @@ pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 pub struct Proxy {
     pub holder: Arc<ConfigHolder>,
-    pub client: HttpClient,
+    pub upstreams: Upstreams,
     pub spool: Arc<Spool>,
     pub pending: Arc<Pending>,
     pub node_id: Arc<str>,
@@ -505,11 +505,14 @@ impl Proxy {
         *up.headers_mut() = forward::upstream_headers(&ctx.parts.headers, &account);
         let sent_at = Instant::now();
         let head_deadline = tokio::time::Instant::now() + ctx.policy.head_timeout;
-        let resp = match tokio::time::timeout_at(head_deadline, self.client.request(up)).await {
+        let resp = match tokio::time::timeout_at(head_deadline, self.upstreams.request(account.proxy.as_ref(), up))
+            .await
+        {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 metrics::counter!("relay_upstream_errors_total", "kind" => "connect").increment(1);
-                tracing::warn!(account = %account.name, error = %e, "upstream request failed");
+                let via = account.proxy.as_ref().map(|p| p.endpoint()).unwrap_or_default();
+                tracing::warn!(account = %account.name, proxy = %via, error = %error_chain(&e), "upstream request failed");
                 sink.observe(&account.id, ctx.model, &Outcome::ConnectError);
                 return Err((
                     Failure::Relay(ApiError::upstream_unreachable("the upstream could not be reached")),
@@ -861,4 +864,17 @@ fn status_class(s: StatusCode) -> &'static str {
 /// Bytes of a finished response body (for tests).
 pub async fn body_bytes(b: Body) -> Result<Bytes, crate::errors::BoxError> {
     Ok(b.collect().await?.to_bytes())
+}
+
+/// An error and its sources, "outer: inner: innermost" (hyper's own Display
+/// says only "client error (Connect)").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
 }

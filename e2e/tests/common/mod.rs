@@ -16,7 +16,7 @@ use relay_control_plane::store::postgres::PostgresStore;
 use relay_control_plane::store::sqlite::SqliteStore;
 use relay_control_plane::store::DynStore;
 use relay_data_plane::RunningDataPlane;
-use relay_mock_upstream::{MockConfig, MockUpstream};
+use relay_mock_upstream::{MockConfig, MockTls, MockUpstream};
 use relay_proto::v1 as pb;
 use relay_proto::v1::admin_client::AdminClient;
 use relay_test_support::{wait_for, TestDb};
@@ -219,13 +219,24 @@ pub struct DataPlane {
 
 impl DataPlane {
     pub async fn start(control_plane: &str, node: &str, dir: PathBuf) -> Self {
-        let opts = relay_data_plane::Options::new(
+        Self::start_with(control_plane, node, dir, |_| {}).await
+    }
+
+    /// Like `start`, with `tweak` applied to the options first.
+    pub async fn start_with(
+        control_plane: &str,
+        node: &str,
+        dir: PathBuf,
+        tweak: impl FnOnce(&mut relay_data_plane::Options),
+    ) -> Self {
+        let mut opts = relay_data_plane::Options::new(
             control_plane,
             DP_TOKEN,
             "127.0.0.1:0".parse().unwrap(),
             node,
             dir.clone(),
         );
+        tweak(&mut opts);
         let dp = relay_data_plane::start(opts, None).await.unwrap();
         let addr = dp.local_addr();
         Self {
@@ -367,4 +378,31 @@ pub fn message_body(model: &str, stream: bool) -> serde_json::Value {
         "stream": stream,
         "messages": [{"role": "user", "content": "Say hello to relay."}],
     })
+}
+
+/// A CA and a leaf for `localhost` / `127.0.0.1` signed by it: (the CA certificate PEM, the mock's TLS).
+pub fn test_pki() -> (String, MockTls) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "relay e2e test CA");
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
+
+    let mut leaf_params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    leaf_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+    (
+        ca.pem(),
+        MockTls {
+            cert_chain_pem: leaf.pem(),
+            key_pem: leaf_key.serialize_pem(),
+        },
+    )
 }
