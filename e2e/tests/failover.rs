@@ -463,6 +463,7 @@ async fn slots_never_leak_whatever_way_requests_end() {
             ("upstream.idle_timeout_ms", "200"),
             ("breaker.threshold", "100000"),
             ("cooldown.overloaded_ms", "1"),
+            ("cooldown.min_ms", "1"),
             ("retry.max_attempts", "1"),
         ],
     )

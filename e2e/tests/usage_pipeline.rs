@@ -1,78 +1,24 @@
 //! The usage pipeline end to end: spool → reporter → a real in-process control
-//! plane (SQLite in memory) → storage, checked through `Store::query_usage`.
+//! plane (SQLite) → storage, checked through `Store::query_usage`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use relay_control_plane::api::admin::admin_token_row;
-use relay_control_plane::bootstrap;
-use relay_control_plane::crypto::MasterKey;
-use relay_control_plane::model::{AuditRecord, Mutation, Role, UsageQuery};
-use relay_control_plane::server::{self, Options};
-use relay_control_plane::store::sqlite::SqliteStore;
+mod common;
+
+use common::{Backend, ControlPlane, DP_TOKEN};
+use relay_control_plane::model::UsageQuery;
 use relay_control_plane::store::DynStore;
 use relay_data_plane::control::report::{connector, run_reporter, BearerToken, ReporterConfig};
 use relay_data_plane::control::spool::Spool;
 use relay_proto::v1::UsageEvent;
-use relay_test_support::{free_port, wait_for};
+use relay_test_support::wait_for;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Endpoint;
 
-const DP_TOKEN: &str = "rat-test-data-plane-token-0123456789abcdefghijk";
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A control plane serving on `listener`, stopped when dropped.
-struct Cp {
-    store: DynStore,
-    stop: Option<oneshot::Sender<()>>,
-}
-
-impl Drop for Cp {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-async fn start_cp(listener: TcpListener) -> Cp {
-    let store: DynStore = Arc::new(SqliteStore::open_in_memory().unwrap());
-    let key = MasterKey::generate();
-    bootstrap::ensure_defaults(&store).await.unwrap();
-    store
-        .apply(
-            vec![Mutation::InsertAdminToken(admin_token_row(
-                &key,
-                "dp",
-                Role::DataPlane,
-                DP_TOKEN,
-            ))],
-            AuditRecord {
-                actor: "test".into(),
-                action: "token.create".into(),
-                target: "dp".into(),
-                detail: "{}".into(),
-            },
-        )
-        .await
-        .unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let opts = Options {
-        replica: "cp-test".into(),
-        poll_interval: Duration::from_millis(100),
-    };
-    tokio::spawn(server::serve(store.clone(), key, listener, opts, async {
-        let _ = rx.await;
-    }));
-    Cp { store, stop: Some(tx) }
-}
-
-async fn bind(port: u16) -> TcpListener {
-    TcpListener::bind(("127.0.0.1", port)).await.unwrap()
-}
 
 /// (events stored, sum of their input tokens).
 async fn stored(store: &DynStore) -> (u64, u64) {
@@ -157,9 +103,8 @@ fn spool_in(dir: &Path) -> Arc<Spool> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_events_stored_exactly_once() {
-    let listener = bind(0).await;
-    let port = listener.local_addr().unwrap().port();
-    let cp = start_cp(listener).await;
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let port = cp.addr.port();
     let dir = tempfile::tempdir().unwrap();
     let spool = spool_in(dir.path());
     let reporter = start_reporter(&spool, port, Duration::from_secs(5));
@@ -181,7 +126,8 @@ async fn thousand_events_stored_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_down_then_up() {
-    let port = free_port();
+    let mut cp = ControlPlane::create(Backend::Sqlite).await;
+    let port = cp.addr.port();
     let dir = tempfile::tempdir().unwrap();
     let spool = spool_in(dir.path());
     // Nothing listens on `port` yet: the reporter retries with backoff.
@@ -195,7 +141,7 @@ async fn control_plane_down_then_up() {
     );
     assert!(spool.oldest_unacked_ms().is_some());
 
-    let cp = start_cp(bind(port).await).await;
+    cp.resume().await;
     wait_stored(&cp.store, (200, sum(1..=200)), "200 spooled events stored").await;
     wait_empty(&spool).await;
 
@@ -206,9 +152,8 @@ async fn control_plane_down_then_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_plane_restart_mid_flight() {
-    let listener = bind(0).await;
-    let port = listener.local_addr().unwrap().port();
-    let cp = start_cp(listener).await;
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let port = cp.addr.port();
     let dir = tempfile::tempdir().unwrap();
 
     let spool = spool_in(dir.path());
@@ -265,9 +210,8 @@ async fn data_plane_restart_mid_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_the_spool() {
-    let listener = bind(0).await;
-    let port = listener.local_addr().unwrap().port();
-    let cp = start_cp(listener).await;
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let port = cp.addr.port();
     let dir = tempfile::tempdir().unwrap();
     let spool = spool_in(dir.path());
 
@@ -283,7 +227,8 @@ async fn shutdown_drains_the_spool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_with_control_plane_down_stops_at_the_deadline() {
-    let port = free_port();
+    let mut cp = ControlPlane::create(Backend::Sqlite).await;
+    let port = cp.addr.port();
     let dir = tempfile::tempdir().unwrap();
     let spool = spool_in(dir.path());
     append_all(&spool, 1..=50).await;
@@ -296,7 +241,7 @@ async fn shutdown_with_control_plane_down_stops_at_the_deadline() {
     let spool = spool_in(dir.path());
     assert_eq!(spool.depth(), 50);
 
-    let cp = start_cp(bind(port).await).await;
+    cp.resume().await;
     let reporter = start_reporter(&spool, port, Duration::from_secs(5));
     wait_stored(&cp.store, (50, sum(1..=50)), "50 events stored after the restart").await;
     wait_empty(&spool).await;

@@ -70,7 +70,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// How long a local state the fleet has never shown survives a config swap that lacks it (its report
 /// may still be on its way to the control plane).
 pub const REPORT_GRACE_MS: i64 = 5_000;
-/// The shortest timed state: a reset in the past (clock skew) still keeps the account out this long.
+/// The shortest timed state by default (`cooldown.min_ms`): a reset in the past (clock skew) still
+/// keeps the account out this long. Also the breaker's shortest probe interval.
 const MIN_STATE_MS: i64 = 1_000;
 /// A new timed state is worth reporting only if it ends later than the known one by more than this
 /// (the control plane's own tolerance).
@@ -82,6 +83,7 @@ pub const KEY_RATE_LIMIT_DEFAULT: &str = "cooldown.rate_limit_default_ms";
 pub const KEY_OVERLOADED: &str = "cooldown.overloaded_ms";
 pub const KEY_ERRORING: &str = "cooldown.erroring_ms";
 pub const KEY_MAX: &str = "cooldown.max_ms";
+pub const KEY_MIN: &str = "cooldown.min_ms";
 pub const KEY_BREAKER_THRESHOLD: &str = "breaker.threshold";
 pub const KEY_UNIFIED_THRESHOLD: &str = "unified.threshold";
 const ACCOUNT_PREFIX: &str = "account.";
@@ -102,6 +104,8 @@ pub struct HealthSettings {
     pub erroring: Duration,
     /// Cap of every timed state: `cooldown.max_ms`, default 6 h.
     pub max: Duration,
+    /// Floor of every timed state: `cooldown.min_ms`, default 1 s (at most `max`).
+    pub min: Duration,
     /// Consecutive failures that open the breaker: `breaker.threshold`, default 3 (at least 1).
     pub breaker_threshold: u32,
     /// Unified utilization that rate-limits a subscription account: `unified.threshold` (0..1, or a
@@ -116,6 +120,7 @@ impl Default for HealthSettings {
             overloaded: Duration::from_secs(30),
             erroring: Duration::from_secs(30),
             max: Duration::from_secs(6 * 3600),
+            min: Duration::from_millis(MIN_STATE_MS.unsigned_abs()),
             breaker_threshold: 3,
             unified_threshold: 0.98,
         }
@@ -154,6 +159,7 @@ impl HealthSettings {
             KEY_OVERLOADED => self.overloaded = ms().unwrap_or(self.overloaded),
             KEY_ERRORING => self.erroring = ms().unwrap_or(self.erroring),
             KEY_MAX => self.max = ms().unwrap_or(self.max),
+            KEY_MIN => self.min = ms().unwrap_or(self.min),
             KEY_BREAKER_THRESHOLD => {
                 if let Some(n) = v.parse::<u32>().ok().filter(|n| *n >= 1) {
                     self.breaker_threshold = n;
@@ -473,9 +479,9 @@ fn rate_limited(
     }
 }
 
-/// The end of a timed state: at least [`MIN_STATE_MS`] from now, at most `max`. The text notes a cap.
+/// The end of a timed state: at least `min` from now, at most `max`. The text notes a cap.
 fn bounded(now: i64, end: i64, s: &HealthSettings) -> (i64, &'static str) {
-    let end = end.max(now.saturating_add(MIN_STATE_MS));
+    let end = end.max(now.saturating_add(ms(s.min.min(s.max))));
     let limit = now.saturating_add(ms(s.max));
     if end > limit {
         (limit, " (capped)")
@@ -1306,6 +1312,7 @@ mod tests {
             ("cooldown.overloaded_ms", "7000"),
             ("cooldown.erroring_ms", " 9000 "),
             ("cooldown.max_ms", "600000"),
+            ("cooldown.min_ms", "250"),
             ("breaker.threshold", "5"),
             ("unified.threshold", "0.9"),
             ("account.acc-1.cooldown.max_ms", "1000"),
@@ -1322,6 +1329,7 @@ mod tests {
                 overloaded: Duration::from_millis(7000),
                 erroring: Duration::from_millis(9000),
                 max: Duration::from_millis(600_000),
+                min: Duration::from_millis(250),
                 breaker_threshold: 5,
                 unified_threshold: 0.9,
             },
@@ -1610,6 +1618,10 @@ mod tests {
         ];
         let (_, st) = respond(&reg, "c", SONNET, 429, &h, b"", NOW);
         assert_eq!(st.unwrap().until_ms, NOW + MIN_STATE_MS);
+        // ... as long as `cooldown.min_ms` says.
+        let s = HealthSettings::from_settings(&[(KEY_MIN.to_string(), "50".to_string())].into_iter().collect());
+        let (_, st) = respond_with(&reg, "d", SONNET, 429, &h, b"", &s, NOW);
+        assert_eq!(st.unwrap().until_ms, NOW + 50);
     }
 
     #[test]

@@ -51,6 +51,14 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub async fn start(backend: Backend) -> Self {
+        let mut cp = Self::create(backend).await;
+        cp.resume().await;
+        cp
+    }
+
+    /// A store with the defaults, the admin token and the data-plane token, and a
+    /// free port reserved for it, not serving yet (`resume` starts it).
+    pub async fn create(backend: Backend) -> Self {
         let (store, db, dir) = match backend {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
@@ -86,7 +94,7 @@ impl ControlPlane {
             .await
             .unwrap();
         let port = relay_test_support::free_port();
-        let mut cp = Self {
+        Self {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             store,
             key,
@@ -94,9 +102,7 @@ impl ControlPlane {
             task: None,
             db,
             _dir: dir,
-        };
-        cp.resume().await;
-        cp
+        }
     }
 
     /// (Re)starts serving on the same address.
