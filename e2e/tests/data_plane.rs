@@ -486,3 +486,63 @@ async fn invalid_config_is_nacked_and_old_one_keeps_serving() {
         200
     );
 }
+
+/// Events spaced out by the upstream reach the client as they arrive, one by one, not held back and not
+/// gathered into one write; events that arrive together may leave together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spaced_events_are_flushed_as_they_arrive() {
+    use http_body_util::BodyExt;
+    let delay = Duration::from_millis(60);
+    let s = setup(
+        Backend::Sqlite,
+        MockConfig {
+            event_delay: delay,
+            text_events: 8,
+            ..MockConfig::default()
+        },
+    )
+    .await;
+    let mut req = http::Request::builder().method("POST").uri(s.dp.url("/v1/messages"));
+    for (k, v) in sdk_headers(&s.key) {
+        req = req.header(k, v);
+    }
+    let body = message_body("claude-sonnet-4-5", true).to_string();
+    let resp = http_client()
+        .request(req.body(http_body_util::Full::new(bytes::Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let start = std::time::Instant::now();
+    let mut body = resp.into_body();
+    // (arrival time, cumulative count of complete events)
+    let mut arrivals = Vec::new();
+    let mut text = String::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(d) = frame.unwrap().into_data() {
+            text.push_str(std::str::from_utf8(&d).unwrap());
+            arrivals.push((start.elapsed(), text.matches("\n\n").count()));
+        }
+    }
+    let events = text.matches("\n\n").count();
+    assert!(text.trim_end().ends_with("data: {\"type\":\"message_stop\"}"), "{text}");
+    // The mock spaces every event after the first by `delay`: the client saw them over time, in many
+    // separate arrivals, each within a fraction of the spacing.
+    let spread = arrivals.last().unwrap().0 - arrivals.first().unwrap().0;
+    assert!(spread >= delay * (events as u32 - 2), "{arrivals:?}");
+    assert!(
+        arrivals.len() >= events - 2,
+        "{} arrivals for {events} events: {arrivals:?}",
+        arrivals.len()
+    );
+    // Half-way through, part of the stream had arrived, not none and not all.
+    let half = arrivals.last().unwrap().0 / 2;
+    let by_half = arrivals
+        .iter()
+        .take_while(|(t, _)| *t <= half)
+        .last()
+        .map_or(0, |a| a.1);
+    assert!(
+        by_half > 1 && by_half < events,
+        "{by_half} of {events} events by half-time: {arrivals:?}"
+    );
+}

@@ -234,6 +234,10 @@ pub struct TappedBody {
     trailer_event: Option<Bytes>,
     /// What the upstream body said while frames were being coalesced.
     deferred: Option<Deferred>,
+    /// Bytes read but held for a scheduler turn (see `coalesce`).
+    held: Option<Bytes>,
+    /// Consecutive turns that brought no new chunk while holding.
+    idle_turns: u8,
     done: bool,
 }
 
@@ -244,6 +248,9 @@ enum Deferred {
 
 /// Frames already arrived are merged into one write up to this size.
 const COALESCE_BYTES: usize = 64 * 1024;
+/// Scheduler turns without a new chunk after which held bytes are sent (the
+/// connection task needs two turns to hand over its next chunk).
+const IDLE_TURNS: u8 = 2;
 
 impl TappedBody {
     /// `prefix` holds bytes already read from `inner` (and already fed to `tap`).
@@ -270,6 +277,8 @@ impl TappedBody {
             idle,
             trailer_event: None,
             deferred: None,
+            held: None,
+            idle_turns: 0,
             done: false,
         }
     }
@@ -415,6 +424,75 @@ pub fn record_read(a: Attempt, tap: &Tap) {
     record(a, usage, model, error_type, false, ttfb);
 }
 
+impl TappedBody {
+    /// Sends `data` (already fed to the tap) merged with whatever else the
+    /// upstream connection has already delivered, up to [`COALESCE_BYTES`].
+    ///
+    /// hyper hands a response body over from the connection task one chunk at a
+    /// time, so a burst of SSE events read with one `recv` would otherwise
+    /// leave as one `writev` each. While chunks keep coming, the bytes are held
+    /// across scheduler turns (the task yields) so the connection task can hand
+    /// over its next chunk; after [`IDLE_TURNS`] turns that bring nothing new,
+    /// what is held is sent. No byte waits for the network, only for tasks
+    /// that are already runnable (a few microseconds).
+    fn coalesce(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: Bytes,
+        fresh: bool,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut merged: Option<bytes::BytesMut> = None;
+        let mut more = false;
+        let mut pending = false;
+        while merged.as_ref().map_or(data.len(), |m| m.len()) < COALESCE_BYTES && !self.inner.is_end_stream() {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        self.tap.feed(&d);
+                        merged
+                            .get_or_insert_with(|| bytes::BytesMut::from(&data[..]))
+                            .extend_from_slice(&d);
+                        more = true;
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.deferred = Some(Deferred::Error(e));
+                    break;
+                }
+                Poll::Ready(None) => {
+                    self.deferred = Some(Deferred::End);
+                    break;
+                }
+                Poll::Pending => {
+                    pending = true;
+                    break;
+                }
+            }
+        }
+        let out = merged.map_or(data, bytes::BytesMut::freeze);
+        self.idle_turns = if fresh || more { 0 } else { self.idle_turns + 1 };
+        if pending && self.idle_turns < IDLE_TURNS && out.len() < COALESCE_BYTES {
+            self.held = Some(out);
+            // tokio's yield: the wake-up is deferred until this worker has run
+            // what is queued (the connection task just woken among them), and no
+            // idle worker is signalled to steal this task back meanwhile.
+            let mut turn = std::pin::pin!(tokio::task::yield_now());
+            let _ = turn.as_mut().poll(cx);
+            return Poll::Pending;
+        }
+        if self.inner.is_end_stream() || matches!(self.deferred, Some(Deferred::End)) {
+            // hyper may not poll again once the body says it has
+            // ended: record now, not in Drop (which would mean "cancelled").
+            self.finish(Outcome2::Complete);
+            self.done = true;
+            return Poll::Ready(Some(Ok(Frame::data(out))));
+        }
+        let next = self.timeouts.idle.min(remaining(self.timeouts.total_deadline));
+        self.idle.as_mut().reset(tokio::time::Instant::now() + next);
+        Poll::Ready(Some(Ok(Frame::data(out))))
+    }
+}
+
 impl HttpBody for TappedBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -430,6 +508,9 @@ impl HttpBody for TappedBody {
         }
         if this.done {
             return Poll::Ready(None);
+        }
+        if let Some(held) = this.held.take() {
+            return this.coalesce(cx, held, false);
         }
         let polled = match this.deferred.take() {
             Some(Deferred::Error(e)) => Poll::Ready(Some(Err(e))),
@@ -463,41 +544,7 @@ impl HttpBody for TappedBody {
                     }
                 }
                 this.tap.feed(&data);
-                // Coalesce what has already arrived into one write: no byte
-                // waits, and a burst of events costs one syscall, not one each.
-                let mut merged: Option<bytes::BytesMut> = None;
-                while merged.as_ref().map_or(data.len(), |m| m.len()) < COALESCE_BYTES && !this.inner.is_end_stream() {
-                    match Pin::new(&mut this.inner).poll_frame(cx) {
-                        Poll::Ready(Some(Ok(f))) => {
-                            if let Ok(d) = f.into_data() {
-                                this.tap.feed(&d);
-                                merged
-                                    .get_or_insert_with(|| bytes::BytesMut::from(&data[..]))
-                                    .extend_from_slice(&d);
-                            }
-                        }
-                        Poll::Ready(Some(Err(e))) => {
-                            this.deferred = Some(Deferred::Error(e));
-                            break;
-                        }
-                        Poll::Ready(None) => {
-                            this.deferred = Some(Deferred::End);
-                            break;
-                        }
-                        Poll::Pending => break,
-                    }
-                }
-                let out = merged.map_or(data, bytes::BytesMut::freeze);
-                if this.inner.is_end_stream() || matches!(this.deferred, Some(Deferred::End)) {
-                    // hyper may not poll again once the body says it has
-                    // ended: record now, not in Drop (which would mean "cancelled").
-                    this.finish(Outcome2::Complete);
-                    this.done = true;
-                    return Poll::Ready(Some(Ok(Frame::data(out))));
-                }
-                let next = this.timeouts.idle.min(remaining(this.timeouts.total_deadline));
-                this.idle.as_mut().reset(tokio::time::Instant::now() + next);
-                Poll::Ready(Some(Ok(Frame::data(out))))
+                this.coalesce(cx, data, true)
             }
             Poll::Ready(Some(Err(e))) => {
                 metrics::counter!("relay_upstream_stream_errors_total", "kind" => "failed").increment(1);
@@ -523,6 +570,7 @@ impl HttpBody for TappedBody {
     fn is_end_stream(&self) -> bool {
         self.prefix.is_none()
             && self.trailer_event.is_none()
+            && self.held.is_none()
             && self.deferred.is_none()
             && (self.done || self.inner.is_end_stream())
     }
