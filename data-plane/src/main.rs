@@ -6,6 +6,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// jemalloc instead of glibc's allocator: measured in docs/benchmarks.md.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// relay's data plane: serves the Anthropic API with the config the control plane pushes.
 #[derive(Debug, Parser)]
 #[command(name = "relay-data-plane", version)]

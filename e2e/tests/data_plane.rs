@@ -272,6 +272,26 @@ async fn bad_input_gets_anthropic_errors() {
     assert_eq!((r.status, r.error_type().as_str()), (413, "request_too_large"));
     let r = send("POST", &s.dp.url("/v1/complete"), &[v, ("x-api-key", &s.key)], "{}").await;
     assert_eq!((r.status, r.error_type().as_str()), (404, "not_found_error"));
+    // Request heads: 6 KB of headers pass; over 8 KB is 431 (hyper answers it, without a body).
+    let ok_body = ok.to_string();
+    let six_kb = "x".repeat(6 * 1024);
+    let r = send(
+        "POST",
+        &url,
+        &[v, ("x-api-key", &s.key), ("x-client-padding", &six_kb)],
+        ok_body.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let nine_kb = "x".repeat(9 * 1024);
+    let r = send(
+        "POST",
+        &url,
+        &[v, ("x-api-key", &s.key), ("x-client-padding", &nine_kb)],
+        ok_body,
+    )
+    .await;
+    assert_eq!(r.status, 431);
     let r = post_messages(&s.dp, &limited, &ok).await;
     assert_eq!(
         (r.status, r.error_type().as_str()),
@@ -283,8 +303,8 @@ async fn bad_input_gets_anthropic_errors() {
     assert_eq!(r.status, 200, "allowed by prefix");
     assert_eq!(
         s.mock.request_count(),
-        before + 2,
-        "only the two valid requests reached the upstream"
+        before + 3,
+        "only the three valid requests reached the upstream"
     );
 }
 
