@@ -125,7 +125,25 @@ struct Shared {
 
 struct Request {
     event: UsageEvent,
-    done: oneshot::Sender<Result<(), SpoolError>>,
+    done: Done,
+}
+
+/// Who learns that an append is durable (or failed).
+enum Done {
+    Waiter(oneshot::Sender<Result<(), SpoolError>>),
+    /// Run on the writer thread: no task, no cross-thread wake-up per event.
+    Callback(Box<dyn FnOnce(Result<(), SpoolError>) + Send>),
+}
+
+impl Done {
+    fn send(self, result: Result<(), SpoolError>) {
+        match self {
+            Done::Waiter(w) => {
+                let _ = w.send(result);
+            }
+            Done::Callback(f) => f(result),
+        }
+    }
 }
 
 /// The spool of one data plane. `Send + Sync`; share it behind an `Arc`.
@@ -278,8 +296,31 @@ impl Spool {
         }
         let (done, rx) = oneshot::channel();
         let tx = self.tx.as_ref().ok_or(SpoolError::Closed)?;
-        tx.send(Request { event, done }).map_err(|_| SpoolError::Closed)?;
+        tx.send(Request {
+            event,
+            done: Done::Waiter(done),
+        })
+        .map_err(|_| SpoolError::Closed)?;
         rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Like [`Spool::append`] without waiting: `then` runs (on the writer
+    /// thread, or here when the spool cannot take the event) once the event is
+    /// durable or has failed. For the request path, which must not wait.
+    pub fn append_then(&self, event: UsageEvent, then: impl FnOnce(Result<(), SpoolError>) + Send + 'static) {
+        let len = event.encoded_len();
+        if len > MAX_EVENT_BYTES {
+            return then(Err(SpoolError::TooLarge(len)));
+        }
+        let Some(tx) = self.tx.as_ref() else {
+            return then(Err(SpoolError::Closed));
+        };
+        if let Err(mpsc::SendError(r)) = tx.send(Request {
+            event,
+            done: Done::Callback(Box::new(then)),
+        }) {
+            r.done.send(Err(SpoolError::Closed));
+        }
     }
 
     /// Up to `max` un-ACKed events with `seq > after_seq`, in seq order.
@@ -393,21 +434,13 @@ impl Writer {
             // Group commit with a short linger: appends that arrive within
             // GROUP_LINGER of the first share its fsync (under load, one fsync
             // per few ms instead of one per handful of events).
-            let deadline = std::time::Instant::now() + GROUP_LINGER;
+            // Sleeping (rather than waiting on the channel) means appenders
+            // never wake this thread one by one.
+            std::thread::sleep(GROUP_LINGER);
             while group.len() < MAX_GROUP {
                 match rx.try_recv() {
                     Ok(r) => group.push(r),
-                    Err(mpsc::TryRecvError::Disconnected) => break,
-                    Err(mpsc::TryRecvError::Empty) => {
-                        let left = deadline.saturating_duration_since(std::time::Instant::now());
-                        if left.is_zero() {
-                            break;
-                        }
-                        match rx.recv_timeout(left) {
-                            Ok(r) => group.push(r),
-                            Err(_) => break,
-                        }
-                    }
+                    Err(_) => break,
                 }
             }
             let (events, waiters): (Vec<_>, Vec<_>) = group.into_iter().map(|r| (r.event, r.done)).unzip();
@@ -416,7 +449,7 @@ impl Writer {
                 self.shared.notify.notify_waiters();
             }
             for w in waiters {
-                let _ = w.send(result.clone());
+                w.send(result.clone());
             }
         }
     }

@@ -377,8 +377,8 @@ fn record(a: Attempt, usage: Usage, model: Option<String>, error_type: String, c
     let spool = a.spool;
     let pending = a.pending;
     pending.0.fetch_add(1, Ordering::AcqRel);
-    tokio::spawn(async move {
-        if let Err(e) = spool.append(event).await {
+    spool.append_then(event, move |result| {
+        if let Err(e) = result {
             metrics::counter!("relay_usage_spool_errors_total").increment(1);
             tracing::error!(error = %e, "cannot write a usage event to the spool");
         }
