@@ -26,6 +26,10 @@ pub struct Cli {
     #[arg(long, global = true, help_heading = GLOBAL, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 
+    /// CA (PEM) to verify an https:// control plane with (default: the Mozilla roots).
+    #[arg(long, global = true, help_heading = GLOBAL, env = "RELAY_CA_FILE", value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+
     /// Output format.
     // The id is "format", not "output": `pricing set` has its own `--output USD`
     // (see `PriceSet::format`).

@@ -95,13 +95,24 @@ fn root_cause(e: &(dyn StdError + 'static)) -> String {
 /// Prepares a client. The connection is made on the first call, so a command
 /// validates its input (and reads its secrets) before anything goes out; an
 /// unreachable server is reported by [`status_error`].
-pub fn connect(server: &str, token: &str) -> Result<Conn> {
+pub fn connect(server: &str, token: &str, ca_pem: Option<&[u8]>) -> Result<Conn> {
     let server = normalize_server(server);
     let auth = BearerAuth::new(token)?;
-    let endpoint = Endpoint::from_shared(server.clone())
+    let mut endpoint = Endpoint::from_shared(server.clone())
         .map_err(|e| anyhow!("invalid --server URL {server:?}: {e}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT);
+    if server.starts_with("https://") {
+        let tls = match ca_pem {
+            Some(ca) => {
+                tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            }
+            None => tonic::transport::ClientTlsConfig::new().with_webpki_roots(),
+        };
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| anyhow!("TLS setup for {server}: {e}"))?;
+    }
     let channel = endpoint.connect_lazy();
     Ok(Conn {
         api: AdminClient::with_interceptor(channel, auth),
@@ -212,7 +223,7 @@ mod tests {
             .unwrap()
             .port();
         let url = format!("http://127.0.0.1:{port}");
-        let mut conn = connect(&url, "tok").unwrap();
+        let mut conn = connect(&url, "tok", None).unwrap();
         let result = conn
             .api
             .get_config_version(relay_proto::v1::GetConfigVersionRequest {})

@@ -51,6 +51,20 @@ struct Args {
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "RELAY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "RELAY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// mTLS: data planes must present a client certificate issued by this CA
+    /// (PEM) and valid for their node id. Needs --tls-cert.
+    #[arg(long, env = "RELAY_CLIENT_CA", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+}
+
+fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
 }
 
 fn init_logging(format: &str) {
@@ -112,6 +126,9 @@ async fn main() -> anyhow::Result<()> {
             "--standalone uses the embedded store; drop --database-url (or drop --standalone for the distributed mode)"
         );
     }
+    if args.standalone && args.tls_cert.is_some() {
+        bail!("TLS (--tls-cert, --client-ca) is for the distributed mode; standalone serves on loopback");
+    }
     if !args.standalone && args.database_url.is_none() {
         bail!("choose a mode: --standalone (embedded store) or --database-url postgres://… (distributed)");
     }
@@ -170,9 +187,22 @@ async fn main() -> anyhow::Result<()> {
         "relay: control plane ({} store) listening on {local}",
         if args.standalone { "embedded" } else { "postgres" }
     );
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(server::ServerTls {
+            cert_pem: read_pem(cert, "TLS certificate")?,
+            key_pem: read_pem(key, "TLS key")?,
+            client_ca_pem: args
+                .client_ca
+                .as_deref()
+                .map(|p| read_pem(p, "client CA"))
+                .transpose()?,
+        }),
+        _ => None,
+    };
     let opts = Options {
         replica: args.replica.clone().unwrap_or_else(server::hostname),
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
+        tls,
     };
     let dp_token = if args.standalone {
         Some(

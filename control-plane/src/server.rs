@@ -1,5 +1,6 @@
 //! Assembles the control plane's one gRPC listener: Admin, ConfigDiscovery,
-//! UsageIngest, `grpc.health.v1` and server reflection (so `grpcurl` works).
+//! UsageIngest, `grpc.health.v1` and server reflection (so `grpcurl` works),
+//! in plain gRPC or TLS, optionally with data-plane client certificates (mTLS).
 
 use crate::api::admin::AdminService;
 use crate::api::auth::Authenticator;
@@ -15,6 +16,7 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// Largest gRPC message in either direction (full snapshots of big fleets).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -35,6 +37,8 @@ pub struct Options {
     pub replica: String,
     /// How often the config publisher polls the head (the `NOTIFY` hint aside).
     pub poll_interval: Duration,
+    /// TLS on the listener (plain gRPC when `None`).
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for Options {
@@ -42,7 +46,27 @@ impl Default for Options {
         Self {
             replica: hostname(),
             poll_interval: Duration::from_secs(1),
+            tls: None,
         }
+    }
+}
+
+/// TLS for the gRPC listener, as PEM.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// When set (mTLS), data planes must present a client certificate issued by
+    /// this CA and valid for the node id they claim (see `api::identity`).
+    /// Operators' clients (relayctl) need no certificate: they use admin tokens.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("client_ca", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -67,7 +91,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let publisher = ConfigPublisher::start(store.clone(), key.clone(), opts.poll_interval).await?;
-    let auth = Authenticator::new(store.clone(), key.clone());
+    let client_certs = opts.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some());
+    let auth = Authenticator::new(store.clone(), key.clone()).with_client_certs(client_certs);
     let admin = AdminServer::new(AdminService::new(store.clone(), key.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -93,7 +118,15 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &opts.tls {
+        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+        if let Some(ca) = &tls.client_ca_pem {
+            cfg = cfg.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(true);
+        }
+        builder = builder.tls_config(cfg)?;
+    }
+    builder
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)

@@ -41,6 +41,8 @@ pub struct Options {
     pub cache_key: Option<String>,
     /// Extra CA certificates (PEM) trusted for upstream TLS.
     pub extra_ca_file: Option<PathBuf>,
+    /// TLS to the control plane (used with an `https://` URL).
+    pub control_plane_tls: control::watch::ControlPlaneTls,
     /// How long in-flight requests may run on after shutdown begins.
     pub shutdown_grace: Duration,
     /// How long the usage spool may take to drain at shutdown.
@@ -57,6 +59,7 @@ impl Options {
             data_dir,
             cache_key: None,
             extra_ca_file: None,
+            control_plane_tls: control::watch::ControlPlaneTls::default(),
             shutdown_grace: Duration::from_secs(30),
             drain_deadline: Duration::from_secs(10),
         }
@@ -116,7 +119,7 @@ pub async fn start(
         Ok(None) => tracing::info!("no cached config; not ready until the control plane answers"),
         Err(e) => tracing::warn!(error = %e, "cannot read the config cache; ignoring it"),
     }
-    let link = ControlPlaneLink::new(&opts.control_plane, &opts.token)
+    let link = ControlPlaneLink::new(&opts.control_plane, &opts.token, &opts.control_plane_tls)
         .map_err(|e| StartError::ControlPlaneUrl(e.to_string()))?;
     let spool = Arc::new(Spool::open(&opts.data_dir.join("spool"))?);
     let upstreams = upstream::client::Upstreams::new(&upstream::client::ClientOptions {

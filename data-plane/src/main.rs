@@ -32,6 +32,15 @@ struct Args {
     /// Extra CA certificates (PEM) to trust for upstream TLS.
     #[arg(long, env = "RELAY_EXTRA_CA_FILE")]
     extra_ca_file: Option<PathBuf>,
+    /// CA (PEM) to verify an https:// control plane with (default: the Mozilla roots).
+    #[arg(long, env = "RELAY_CONTROL_PLANE_CA")]
+    control_plane_ca: Option<PathBuf>,
+    /// mTLS: this data plane's client certificate (PEM), valid for its node id; needs --tls-key.
+    #[arg(long, env = "RELAY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "RELAY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Seconds in-flight requests may run on after SIGTERM.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -101,6 +110,16 @@ async fn main() -> anyhow::Result<()> {
     );
     opts.cache_key = std::env::var("RELAY_DP_CACHE_KEY").ok();
     opts.extra_ca_file = args.extra_ca_file.clone();
+    let read =
+        |p: &PathBuf, what: &str| std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()));
+    opts.control_plane_tls.ca_pem = args
+        .control_plane_ca
+        .as_ref()
+        .map(|p| read(p, "control-plane CA"))
+        .transpose()?;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        opts.control_plane_tls.identity = Some((read(cert, "TLS certificate")?, read(key, "TLS key")?));
+    }
     opts.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
     let dp = relay_data_plane::start(opts, Some(metrics))
         .await

@@ -20,7 +20,11 @@ use crate::output::{Column, Output, Value};
 /// Runs one parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
     let token = client::load_token(cli.token.as_deref(), cli.token_file.as_deref())?;
-    let mut conn = client::connect(&cli.server, &token)?;
+    let ca = match &cli.ca_file {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("cannot read --ca-file {}", p.display()))?),
+        None => None,
+    };
+    let mut conn = client::connect(&cli.server, &token, ca.as_deref())?;
     let out = Output::new(cli.output);
     match cli.command {
         Command::Account(cmd) => accounts::run(&mut conn, out, cmd).await,

@@ -32,6 +32,8 @@ pub struct Actor {
 pub struct Authenticator {
     store: DynStore,
     key: MasterKey,
+    /// Data planes must present a TLS client certificate for their node id.
+    client_certs: bool,
 }
 
 fn bearer(md: &MetadataMap) -> Option<&str> {
@@ -42,7 +44,22 @@ fn bearer(md: &MetadataMap) -> Option<&str> {
 
 impl Authenticator {
     pub fn new(store: DynStore, key: MasterKey) -> Self {
-        Self { store, key }
+        Self {
+            store,
+            key,
+            client_certs: false,
+        }
+    }
+
+    /// Requires data planes to prove their node id with a TLS client certificate.
+    pub fn with_client_certs(mut self, required: bool) -> Self {
+        self.client_certs = required;
+        self
+    }
+
+    /// What `req`'s connection proves about the data plane calling.
+    pub fn node_identity<T>(&self, req: &tonic::Request<T>) -> super::identity::NodeIdentity {
+        super::identity::NodeIdentity::of(req, self.client_certs)
     }
 
     pub async fn check(&self, md: &MetadataMap, need: Need) -> Result<Actor, Status> {

@@ -159,6 +159,7 @@ async fn write_proxy_states(store: DynStore, mut rx: mpsc::UnboundedReceiver<(St
 
 async fn run_stream(
     mut inbound: Streaming<pb::WatchRequest>,
+    identity: super::identity::NodeIdentity,
     tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
     mut published: watch::Receiver<Arc<Published>>,
     recorder: ProxyRecorder,
@@ -184,6 +185,11 @@ async fn run_stream(
         Ok(_) => return,
     };
     let node = hello.node_id.clone();
+    if let Err(status) = identity.check(&node) {
+        tracing::warn!(node_id = %node, error = %status.message(), "data plane refused");
+        let _ = tx.send(Err(status)).await;
+        return;
+    }
     let mut acked: Option<Version> = hello.held.as_ref().map(to_model);
     tracing::info!(node_id = %node, held = ?acked, build = %hello.build_version, "data plane connected");
     recorder.record(
@@ -278,9 +284,11 @@ impl ConfigDiscovery for DiscoveryService {
 
     async fn watch(&self, req: Request<Streaming<pb::WatchRequest>>) -> Result<Response<WatchStream>, Status> {
         self.auth.check(req.metadata(), Need::DataPlane).await?;
+        let identity = self.auth.node_identity(&req);
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(run_stream(
             req.into_inner(),
+            identity,
             tx,
             self.published.clone(),
             self.recorder.clone(),
@@ -294,7 +302,9 @@ impl ConfigDiscovery for DiscoveryService {
         req: Request<pb::AccountStateReport>,
     ) -> Result<Response<pb::AccountStateAck>, Status> {
         self.auth.check(req.metadata(), Need::DataPlane).await?;
+        let identity = self.auth.node_identity(&req);
         let r = req.into_inner();
+        identity.check(&r.node_id)?;
         let st = r.state.ok_or_else(|| Status::invalid_argument("state is required"))?;
         let health =
             crate::config::health_from_pb(st.health).ok_or_else(|| Status::invalid_argument("health is required"))?;

@@ -1,10 +1,12 @@
 //! tonic adapters: the only place where proto types meet the store and the
 //! domain model. `auth` checks bearer tokens; `admin` serves `relayctl`;
-//! `discovery` serves `ConfigDiscovery.Watch`; `usage` serves `UsageIngest.Report`.
+//! `discovery` serves `ConfigDiscovery.Watch`; `usage` serves `UsageIngest.Report`;
+//! `identity` ties a data plane's TLS client certificate to its node id.
 
 pub mod admin;
 pub mod auth;
 pub mod discovery;
+pub mod identity;
 pub mod usage;
 
 use crate::store::StoreError;

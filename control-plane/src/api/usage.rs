@@ -85,7 +85,12 @@ pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
     (ok, rejected)
 }
 
-async fn run(mut inbound: Streaming<pb::UsageBatch>, tx: mpsc::Sender<Result<pb::BatchAck, Status>>, store: DynStore) {
+async fn run(
+    mut inbound: Streaming<pb::UsageBatch>,
+    identity: super::identity::NodeIdentity,
+    tx: mpsc::Sender<Result<pb::BatchAck, Status>>,
+    store: DynStore,
+) {
     loop {
         let batch = match inbound.message().await {
             Ok(Some(b)) => b,
@@ -102,6 +107,25 @@ async fn run(mut inbound: Streaming<pb::UsageBatch>, tx: mpsc::Sender<Result<pb:
                 ))))
                 .await;
             return;
+        }
+        // With client certificates, a data plane reports only its own usage.
+        let claimed = std::iter::once(batch.node_id.as_str()).chain(
+            batch
+                .events
+                .iter()
+                .map(|e| e.node_id.as_str())
+                .filter(|n| !n.is_empty()),
+        );
+        let mut checked: Option<&str> = None;
+        for node in claimed {
+            if checked == Some(node) {
+                continue;
+            }
+            if let Err(status) = identity.check(node) {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+            checked = Some(node);
         }
         let (events, rejected) = convert(&batch);
         if rejected > 0 {
@@ -144,8 +168,9 @@ impl UsageIngest for UsageService {
 
     async fn report(&self, req: Request<Streaming<pb::UsageBatch>>) -> Result<Response<ReportStream>, Status> {
         self.auth.check(req.metadata(), Need::DataPlane).await?;
+        let identity = self.auth.node_identity(&req);
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(run(req.into_inner(), tx, self.store.clone()));
+        tokio::spawn(run(req.into_inner(), identity, tx, self.store.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

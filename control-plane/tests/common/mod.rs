@@ -117,6 +117,7 @@ pub async fn start_replica_polling(
     let opts = Options {
         replica: replica.to_string(),
         poll_interval: poll,
+        tls: None,
     };
     tokio::spawn(server::serve(store.clone(), key.clone(), listener, opts, async {
         let _ = rx.await;

@@ -22,13 +22,43 @@ pub struct ControlPlaneLink {
     pub token: Arc<str>,
 }
 
+/// TLS to the control plane (an `https://` URL), as PEM.
+#[derive(Clone, Default)]
+pub struct ControlPlaneTls {
+    /// CA to verify the control plane with (else the Mozilla roots).
+    pub ca_pem: Option<Vec<u8>>,
+    /// This data plane's client certificate and key (mTLS); the certificate
+    /// must be valid for the node id (a DNS name in its SAN).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ControlPlaneTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlaneTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
+}
+
 impl ControlPlaneLink {
-    pub fn new(url: &str, token: &str) -> Result<Self, tonic::transport::Error> {
-        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
+    pub fn new(url: &str, token: &str, tls: &ControlPlaneTls) -> Result<Self, tonic::transport::Error> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
+        if url.starts_with("https://") {
+            let mut cfg = tonic::transport::ClientTlsConfig::new();
+            cfg = match &tls.ca_pem {
+                Some(ca) => cfg.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                None => cfg.with_webpki_roots(),
+            };
+            if let Some((cert, key)) = &tls.identity {
+                cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint.tls_config(cfg)?;
+        }
         Ok(Self {
             endpoint,
             token: Arc::from(token),

@@ -47,6 +47,10 @@ pub struct ControlPlane {
     task: Option<tokio::task::JoinHandle<()>>,
     pub db: Option<Arc<TestDb>>,
     _dir: Option<Arc<tempfile::TempDir>>,
+    /// TLS for the listener, applied by the next `resume`.
+    pub tls: Option<relay_control_plane::server::ServerTls>,
+    /// The CA the admin client verifies a TLS listener with.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 impl ControlPlane {
@@ -102,6 +106,8 @@ impl ControlPlane {
             task: None,
             db,
             _dir: dir,
+            tls: None,
+            tls_ca: None,
         }
     }
 
@@ -117,6 +123,7 @@ impl ControlPlane {
         let opts = Options {
             replica: "e2e".into(),
             poll_interval: Duration::from_millis(100),
+            tls: self.tls.clone(),
         };
         let fut = server::serve(self.store.clone(), self.key.clone(), listener, opts, async {
             let _ = rx.await;
@@ -138,14 +145,27 @@ impl ControlPlane {
         }
     }
 
+    /// `https://localhost:PORT` once TLS is on (the test certificates name localhost).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.tls {
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     pub async fn admin(&self) -> AdminClient<InterceptedService<Channel, impl tonic::service::Interceptor + Clone>> {
         let channel = wait_for(Duration::from_secs(10), "control plane to accept", || {
             let url = self.url();
-            async move { Channel::from_shared(url).ok()?.connect().await.ok() }
+            let ca = self.tls_ca.clone();
+            async move {
+                let mut endpoint = Channel::from_shared(url).ok()?;
+                if let Some(ca) = ca {
+                    let tls = tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+                    endpoint = endpoint.tls_config(tls).ok()?;
+                }
+                endpoint.connect().await.ok()
+            }
         })
         .await
         .unwrap();
@@ -388,27 +408,48 @@ pub fn message_body(model: &str, stream: bool) -> serde_json::Value {
 
 /// A CA and a leaf for `localhost` / `127.0.0.1` signed by it: (the CA certificate PEM, the mock's TLS).
 pub fn test_pki() -> (String, MockTls) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "relay e2e test CA");
-    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
-
-    let mut leaf_params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    leaf_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "localhost");
-    leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+    let ca = TestCa::new("relay e2e test CA");
+    let (cert_chain_pem, key_pem) = ca.issue(&["localhost", "127.0.0.1"], false);
     (
-        ca.pem(),
+        ca.pem.clone(),
         MockTls {
-            cert_chain_pem: leaf.pem(),
-            key_pem: leaf_key.serialize_pem(),
+            cert_chain_pem,
+            key_pem,
         },
     )
+}
+
+/// A test CA that issues server and client certificates (rcgen; nothing on disk but what a test writes).
+pub struct TestCa {
+    pub pem: String,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        Self {
+            pem: issuer.pem(),
+            issuer,
+        }
+    }
+
+    /// (certificate PEM, key PEM) for `names`, for a server or a client.
+    pub fn issue(&self, names: &[&str], client: bool) -> (String, String) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
+        params.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
 }
