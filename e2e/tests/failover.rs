@@ -618,3 +618,39 @@ async fn a_stalled_stream_ends_with_an_error_event_and_is_recorded() {
         expected_usage(&message_body("claude-sonnet-4-5", true)).input_tokens
     );
 }
+
+/// An upstream that accepts no connection (its accept queue is full: the SYN is dropped) is given up after
+/// `upstream.connect_timeout_ms`, and the request goes to the next account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connect_that_hangs_times_out_and_fails_over() {
+    let f = fleet(1, MockConfig::default(), &[("upstream.connect_timeout_ms", "200")]).await;
+    // A listener with a backlog of 0 whose queue one connection fills: later connects hang.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hanging = socket.listen(0).unwrap();
+    let hanging_addr = hanging.local_addr().unwrap();
+    let _filler = std::net::TcpStream::connect(hanging_addr).unwrap();
+    let probe = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(hanging_addr)).await;
+    assert!(probe.is_err(), "the listener's queue is full: a connect hangs");
+    // Tried first (lower priority number), never connects.
+    f.cp.admin()
+        .await
+        .create_account(pb::CreateAccountRequest {
+            name: "hanging".into(),
+            kind: pb::AccountKind::AnthropicCompatible as i32,
+            base_url: format!("http://{hanging_addr}"),
+            credential: "cred-hanging".into(),
+            priority: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    f.dp.wait_version(f.cp.head().await).await;
+    let started = std::time::Instant::now();
+    let r = post_messages(&f.dp, &f.key, &message_body("claude-sonnet-4-5", false)).await;
+    let took = started.elapsed();
+    assert_complete(&r, false);
+    assert_eq!(hits(&f.mock, &cred(0)), 1, "served by the account that answers");
+    // The default connect timeout is 10 s; the 200 ms setting is what let it move on.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}

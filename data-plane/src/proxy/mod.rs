@@ -505,6 +505,7 @@ impl Proxy {
         *up.headers_mut() = forward::upstream_headers(&ctx.parts.headers, &account);
         let sent_at = Instant::now();
         let head_deadline = tokio::time::Instant::now() + ctx.policy.head_timeout;
+        self.upstreams.set_connect_timeout(ctx.policy.connect_timeout);
         let resp = match tokio::time::timeout_at(head_deadline, self.upstreams.request(account.proxy.as_ref(), up))
             .await
         {

@@ -9,6 +9,7 @@
 //! | `retry.backoff_base_ms` / `retry.backoff_max_ms` | 25 / 1000 | jittered exponential backoff between attempts |
 //! | `queue.max_wait_ms` | 30000 | how long a request may wait for an account to become available |
 //! | `queue.max_size` | 1000 | requests waiting at once on this data plane |
+//! | `upstream.connect_timeout_ms` | 10000 | to open a connection to an upstream (TCP, and the tunnel through its proxy) |
 //! | `upstream.head_timeout_ms` | 600000 | until the upstream's response head (and, for streams, its first event) |
 //! | `upstream.idle_timeout_ms` | 300000 | between two body frames of a response |
 //! | `upstream.total_timeout_ms` | 3600000 | a whole response |
@@ -25,6 +26,7 @@ pub struct Policy {
     pub backoff_max: Duration,
     pub queue_max_wait: Duration,
     pub queue_max_size: usize,
+    pub connect_timeout: Duration,
     pub head_timeout: Duration,
     pub idle_timeout: Duration,
     pub total_timeout: Duration,
@@ -40,6 +42,7 @@ impl Default for Policy {
             backoff_max: Duration::from_secs(1),
             queue_max_wait: Duration::from_secs(30),
             queue_max_size: 1000,
+            connect_timeout: Duration::from_secs(10),
             head_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(300),
             total_timeout: Duration::from_secs(3600),
@@ -70,6 +73,7 @@ impl Policy {
             backoff_max: ms(values, "retry.backoff_max_ms", d.backoff_max),
             queue_max_wait: ms(values, "queue.max_wait_ms", d.queue_max_wait),
             queue_max_size: num(values, "queue.max_size", d.queue_max_size),
+            connect_timeout: ms(values, "upstream.connect_timeout_ms", d.connect_timeout).max(Duration::from_millis(1)),
             head_timeout: ms(values, "upstream.head_timeout_ms", d.head_timeout),
             idle_timeout: ms(values, "upstream.idle_timeout_ms", d.idle_timeout),
             total_timeout: ms(values, "upstream.total_timeout_ms", d.total_timeout),

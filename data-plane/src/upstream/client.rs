@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -136,9 +137,20 @@ impl ProxySpec {
     }
 }
 
-/// The TCP connector under TLS: direct, or through the account's proxy.
+/// The TCP connector under TLS: direct, or through the account's proxy, bounded
+/// by the connect timeout in force (a live setting, shared by every client).
 #[derive(Clone)]
-pub enum Connector {
+pub struct Connector {
+    route: Route,
+    timeout_ms: Arc<AtomicU64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to the upstream timed out after {0} ms")]
+pub struct ConnectTimeout(u64);
+
+#[derive(Clone)]
+enum Route {
     Direct(HttpConnector),
     Tunnel(Tunnel<HttpConnector>),
     /// `local_dns`: resolve the upstream's name here (asynchronously) and hand
@@ -188,31 +200,45 @@ impl tower_service::Service<Uri> for Connector {
     type Future = Connecting;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        match self {
-            Connector::Direct(c) => c.poll_ready(cx).map_err(Into::into),
-            Connector::Tunnel(c) => c.poll_ready(cx).map_err(Into::into),
-            Connector::Socks { socks, .. } => socks.poll_ready(cx).map_err(Into::into),
+        match &mut self.route {
+            Route::Direct(c) => c.poll_ready(cx).map_err(Into::into),
+            Route::Tunnel(c) => c.poll_ready(cx).map_err(Into::into),
+            Route::Socks { socks, .. } => socks.poll_ready(cx).map_err(Into::into),
         }
     }
 
     fn call(&mut self, dst: Uri) -> Connecting {
+        let limit = self.timeout_ms.load(Ordering::Relaxed);
+        let connecting = self.route.call(dst);
+        Box::pin(async move {
+            match tokio::time::timeout(Duration::from_millis(limit), connecting).await {
+                Ok(r) => r,
+                Err(_) => Err(ConnectTimeout(limit).into()),
+            }
+        })
+    }
+}
+
+impl Route {
+    fn call(&mut self, dst: Uri) -> Connecting {
+        use tower_service::Service as _;
         match self {
-            Connector::Direct(c) => {
+            Route::Direct(c) => {
                 let f = c.call(dst);
                 Box::pin(async move { f.await.map_err(Into::into) })
             }
-            Connector::Tunnel(c) => {
+            Route::Tunnel(c) => {
                 let f = c.call(with_port(dst));
                 Box::pin(async move { f.await.map_err(Into::into) })
             }
-            Connector::Socks {
+            Route::Socks {
                 socks,
                 local_dns: false,
             } => {
                 let f = socks.call(with_port(dst));
                 Box::pin(async move { f.await.map_err(Into::into) })
             }
-            Connector::Socks { socks, local_dns: true } => {
+            Route::Socks { socks, local_dns: true } => {
                 // hyper-util's own local resolution blocks the runtime thread
                 // (`to_socket_addrs`); resolve here instead and pass an address.
                 let mut socks = socks.clone();
@@ -245,7 +271,8 @@ impl Default for ClientOptions<'_> {
 /// Every upstream client of a data plane: the direct one and one per proxy.
 pub struct Upstreams {
     tls: rustls::ClientConfig,
-    connect_timeout: Duration,
+    /// The connect timeout in force, in ms (`upstream.connect_timeout_ms`).
+    connect_timeout_ms: Arc<AtomicU64>,
     pool_idle_timeout: Duration,
     direct: HttpClient,
     proxied: Mutex<HashMap<String, HttpClient>>,
@@ -254,18 +281,32 @@ pub struct Upstreams {
 impl Upstreams {
     pub fn new(opts: &ClientOptions<'_>) -> Result<Self, ClientError> {
         let tls = tls_config(opts.extra_ca_file)?;
+        let connect_timeout_ms = Arc::new(AtomicU64::new(
+            u64::try_from(opts.connect_timeout.as_millis()).unwrap_or(u64::MAX),
+        ));
         let direct = build_client(
             &tls,
             opts.pool_idle_timeout,
-            Connector::Direct(tcp(opts.connect_timeout)),
+            Connector {
+                route: Route::Direct(tcp()),
+                timeout_ms: connect_timeout_ms.clone(),
+            },
         );
         Ok(Self {
             tls,
-            connect_timeout: opts.connect_timeout,
+            connect_timeout_ms,
             pool_idle_timeout: opts.pool_idle_timeout,
             direct,
             proxied: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Sets the connect timeout of every new connection (a live setting).
+    pub fn set_connect_timeout(&self, timeout: Duration) {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        if self.connect_timeout_ms.load(Ordering::Relaxed) != ms {
+            self.connect_timeout_ms.store(ms, Ordering::Relaxed);
+        }
     }
 
     /// Sends `req` directly or through `proxy`.
@@ -280,8 +321,8 @@ impl Upstreams {
         if map.len() >= MAX_PROXIED_CLIENTS {
             map.clear();
         }
-        let tcp = tcp(self.connect_timeout);
-        let connector = match proxy.kind {
+        let tcp = tcp();
+        let route = match proxy.kind {
             ProxyKind::Http => {
                 let mut t = Tunnel::new(proxy.addr.clone(), tcp);
                 if let Some((user, pass)) = &proxy.auth {
@@ -291,18 +332,22 @@ impl Upstreams {
                         t = t.with_auth(v);
                     }
                 }
-                Connector::Tunnel(t)
+                Route::Tunnel(t)
             }
             ProxyKind::Socks5 { remote_dns } => {
                 let mut socks = SocksV5::new(proxy.addr.clone(), tcp);
                 if let Some((user, pass)) = &proxy.auth {
                     socks = socks.with_auth(user.clone(), pass.clone());
                 }
-                Connector::Socks {
+                Route::Socks {
                     socks,
                     local_dns: !remote_dns,
                 }
             }
+        };
+        let connector = Connector {
+            route,
+            timeout_ms: self.connect_timeout_ms.clone(),
         };
         let client = build_client(&self.tls, self.pool_idle_timeout, connector);
         let fut = client.request(req);
@@ -316,11 +361,11 @@ impl Upstreams {
     }
 }
 
-fn tcp(connect_timeout: Duration) -> HttpConnector {
+/// The TCP connector; the [`Connector`] around it bounds the whole connect.
+fn tcp() -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
     http
 }
 
