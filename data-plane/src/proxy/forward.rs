@@ -35,34 +35,46 @@ pub const OAUTH_BETA: &str = "oauth-2025-04-20";
 /// Non-streaming bodies larger than this are passed through but not parsed for usage.
 const MAX_TAPPED_BODY: usize = 32 << 20;
 
-static HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Pre-parsed names (`from_static` is const): removing by `&str` would parse the
+/// name again on every request.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+static ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
+static REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+static X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+
 /// Response headers that identify the upstream organisation: never shown to clients.
-static UPSTREAM_IDENTITY: &[&str] = &["anthropic-organization-id", "x-organization-uuid"];
+static UPSTREAM_IDENTITY: [HeaderName; 2] = [
+    HeaderName::from_static("anthropic-organization-id"),
+    HeaderName::from_static("x-organization-uuid"),
+];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
-        h.remove(n);
+    if h.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in listed {
+            h.remove(n);
+        }
     }
-    for n in HOP_BY_HOP {
-        h.remove(*n);
+    for n in &HOP_BY_HOP {
+        h.remove(n);
     }
 }
 
@@ -71,18 +83,18 @@ pub fn upstream_headers(client: &HeaderMap, account: &AccountEntry) -> HeaderMap
     let mut h = client.clone();
     strip_hop_by_hop(&mut h);
     h.remove(header::HOST);
-    h.remove("x-api-key");
+    h.remove(&X_API_KEY);
     h.remove(header::AUTHORIZATION);
     h.remove(header::CONTENT_LENGTH);
     h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     match account.kind {
         AccountKind::ApiKey | AccountKind::Compatible => {
-            h.insert("x-api-key", account.credential.clone());
+            h.insert(X_API_KEY.clone(), account.credential.clone());
         }
         AccountKind::OAuth => {
             h.insert(header::AUTHORIZATION, account.bearer.clone());
             let mut betas: Vec<String> = h
-                .get_all("anthropic-beta")
+                .get_all(&ANTHROPIC_BETA)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(|v| v.split(','))
@@ -93,7 +105,7 @@ pub fn upstream_headers(client: &HeaderMap, account: &AccountEntry) -> HeaderMap
                 betas.push(OAUTH_BETA.to_string());
             }
             if let Ok(v) = HeaderValue::from_str(&betas.join(",")) {
-                h.insert("anthropic-beta", v);
+                h.insert(ANTHROPIC_BETA.clone(), v);
             }
         }
     }
@@ -104,14 +116,14 @@ pub fn upstream_headers(client: &HeaderMap, account: &AccountEntry) -> HeaderMap
 pub fn client_headers(upstream: &HeaderMap, request_id: &str) -> HeaderMap {
     let mut h = upstream.clone();
     strip_hop_by_hop(&mut h);
-    for n in UPSTREAM_IDENTITY {
-        h.remove(*n);
+    for n in &UPSTREAM_IDENTITY {
+        h.remove(n);
     }
-    if let Some(up) = h.remove("request-id") {
-        h.insert("x-upstream-request-id", up);
+    if let Some(up) = h.remove(&REQUEST_ID) {
+        h.insert(X_UPSTREAM_REQUEST_ID.clone(), up);
     }
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("request-id", v);
+        h.insert(REQUEST_ID.clone(), v);
     }
     h
 }
