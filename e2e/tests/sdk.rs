@@ -10,7 +10,8 @@
 //! what the SDK sent (with the account's credential instead of the relay key),
 //! that Postgres holds exactly one usage row per attempt with tokens exact and
 //! cost exact to the pico-dollar, from both data planes, and that no secret
-//! appears in any process's log or in any table.
+//! appears in any process's log or in any table. The account reaches the mock
+//! through an HTTP CONNECT proxy with a password (one of the secrets scanned).
 //!
 //! The SDK is installed by `scripts/test.sh`; without it this test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -34,6 +35,7 @@ use tonic::transport::Channel;
 const MASTER_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const ADMIN_TOKEN: &str = "rat-sdk-e2e-admin-token-0123456789abcdefghijklmnop";
 const ACCOUNT_SECRET: &str = "sk-ant-api03-sdk-e2e-ACCOUNT-SECRET-0123456789abcdef";
+const PROXY_PASSWORD: &str = "sdk-egress-PROXY-PASSWORD-0123456789";
 const MODEL: &str = "claude-sonnet-4-5";
 
 /// Builtin price of claude-sonnet-4*, micro-USD per MTok: in, out, 5m, 1h, read.
@@ -434,11 +436,18 @@ async fn python_sdk_through_two_data_planes() {
         .into_inner()
         .token;
     assert!(dp_token.starts_with("rat-"));
+    let egress = relay_test_support::proxy::TestProxy::start(
+        relay_test_support::proxy::ProxyProtocol::HttpConnect,
+        Some(("sdk-egress", PROXY_PASSWORD)),
+    )
+    .await
+    .unwrap();
     adm.create_account(pb::CreateAccountRequest {
         name: "mock-acct".into(),
         kind: pb::AccountKind::AnthropicCompatible as i32,
         base_url: mock.base_url(),
         credential: ACCOUNT_SECRET.into(),
+        proxy_url: format!("http://sdk-egress:{PROXY_PASSWORD}@{}", egress.addr),
         ..Default::default()
     })
     .await
@@ -565,9 +574,20 @@ async fn python_sdk_through_two_data_planes() {
         .collect();
     assert_eq!(nodes, BTreeSet::from(["dp-a".to_string(), "dp-b".to_string()]));
 
+    // Every upstream connection went through the account's proxy, with its credentials.
+    let tunnels = egress.tunnels();
+    assert!(!tunnels.is_empty());
+    assert!(
+        tunnels
+            .iter()
+            .all(|t| t.accepted && t.auth == Some(("sdk-egress".to_string(), PROXY_PASSWORD.to_string()))),
+        "{tunnels:?}"
+    );
+
     // No secret in any process's log (stdout and stderr), nor in any table.
     let secrets = [
         ("account credential", ACCOUNT_SECRET),
+        ("proxy password", PROXY_PASSWORD),
         ("relay API key", key.as_str()),
         ("admin token", ADMIN_TOKEN),
         ("data-plane token", dp_token.as_str()),
