@@ -446,7 +446,9 @@ impl TappedBody {
     /// across scheduler turns (the task yields) so the connection task can hand
     /// over its next chunk; after [`IDLE_TURNS`] turns that bring nothing new,
     /// what is held is sent. No byte waits for the network, only for tasks
-    /// that are already runnable (a few microseconds).
+    /// that are already runnable: a few microseconds when idle; on a busy
+    /// worker at most until its next I/O poll (tokio wakes deferred tasks then,
+    /// every `event_interval` = 61 polls), the same bound socket readiness has.
     fn coalesce(
         &mut self,
         cx: &mut Context<'_>,
