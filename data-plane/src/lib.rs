@@ -94,6 +94,7 @@ pub struct RunningDataPlane {
     pending: Arc<Pending>,
     server: JoinHandle<()>,
     watcher: JoinHandle<()>,
+    watch_failures: Arc<std::sync::atomic::AtomicU64>,
     reporter: JoinHandle<()>,
     grace: Duration,
 }
@@ -143,6 +144,7 @@ pub async fn start(
     let pending = Arc::new(Pending::default());
     let node_id: Arc<str> = Arc::from(opts.node_id.as_str());
 
+    let watch_failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let watcher = tokio::spawn(
         Watcher {
             link: link.clone(),
@@ -153,6 +155,7 @@ pub async fn start(
                 let health = health.clone();
                 Arc::new(move |cfg: &ServingConfig| health.sync_shared(&cfg.resources.account_states))
             }),
+            failures: watch_failures.clone(),
         }
         .run(stop_rx.clone()),
     );
@@ -195,6 +198,7 @@ pub async fn start(
         pending,
         server,
         watcher,
+        watch_failures,
         reporter,
         grace: opts.shutdown_grace,
     })
@@ -241,6 +245,11 @@ async fn serve(listener: tokio::net::TcpListener, proxy: Arc<Proxy>, mut stop: w
 impl RunningDataPlane {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// How many config streams to the control plane have failed or been refused.
+    pub fn watch_failures(&self) -> u64 {
+        self.watch_failures.load(Ordering::Relaxed)
     }
 
     pub fn config_version(&self) -> Option<relay_proto::v1::ConfigVersion> {

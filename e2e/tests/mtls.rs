@@ -87,7 +87,17 @@ async fn data_planes_need_a_certificate_for_their_node_id() {
         .await
         .unwrap();
     good.wait_version(cp.head().await).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Each has been refused at least twice (its first Watch and a retry after that write).
+    for dp in &liars {
+        let running = dp.dp.as_ref().unwrap();
+        wait_for(
+            Duration::from_secs(20),
+            "the data plane to be refused twice",
+            || async { (running.watch_failures() >= 2).then_some(()) },
+        )
+        .await
+        .unwrap();
+    }
     for dp in &liars {
         assert_eq!(
             dp.version(),

@@ -81,6 +81,8 @@ pub struct Watcher {
     pub holder: Arc<ConfigHolder>,
     pub cache: Option<Arc<ConfigCache>>,
     pub on_apply: Option<OnApply>,
+    /// Config streams that failed or were refused (also `relay_config_stream_failures_total`).
+    pub failures: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Applies one update: the complete new config, validated and indexed.
@@ -103,6 +105,10 @@ impl Watcher {
                 _ = crate::stopped(&mut stop) => return,
             };
             metrics::gauge!("relay_control_plane_connected").set(0.0);
+            if result.is_err() {
+                self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!("relay_config_stream_failures_total").increment(1);
+            }
             match result {
                 Ok(()) => tracing::info!("config stream closed by the control plane; reconnecting"),
                 Err(e) if !reported_outage => {
