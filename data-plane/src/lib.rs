@@ -107,12 +107,25 @@ pub async fn start(
 ) -> Result<RunningDataPlane, StartError> {
     let holder = Arc::new(ConfigHolder::default());
     let health = Arc::new(proxy::health::HealthRegistry::new(&opts.node_id));
+    let upstreams = Arc::new(upstream::client::Upstreams::new(&upstream::client::ClientOptions {
+        extra_ca_file: opts.extra_ca_file.as_deref(),
+        ..Default::default()
+    })?);
+    // What every config that starts serving (cached or received) sets beyond itself.
+    let on_apply: control::watch::OnApply = {
+        let health = health.clone();
+        let upstreams = upstreams.clone();
+        Arc::new(move |cfg: &ServingConfig| {
+            health.sync_shared(&cfg.resources.account_states);
+            upstreams.set_connect_timeout(cfg.policy.connect_timeout);
+        })
+    };
     let cache = Arc::new(ConfigCache::open(&opts.data_dir, opts.cache_key.as_deref())?);
     match cache.load() {
         Ok(Some((version, resources))) => match ServingConfig::build(version, resources) {
             Ok(cfg) => {
                 tracing::info!(version = %version, "serving the cached config until the control plane answers");
-                health.sync_shared(&cfg.resources.account_states);
+                on_apply(&cfg);
                 holder.swap(cfg);
             }
             Err(e) => tracing::warn!(error = %e, "the cached config does not validate; ignoring it"),
@@ -123,10 +136,6 @@ pub async fn start(
     let link = ControlPlaneLink::new(&opts.control_plane, &opts.token, &opts.control_plane_tls)
         .map_err(|e| StartError::ControlPlaneUrl(e.to_string()))?;
     let spool = Arc::new(Spool::open(&opts.data_dir.join("spool"))?);
-    let upstreams = upstream::client::Upstreams::new(&upstream::client::ClientOptions {
-        extra_ca_file: opts.extra_ca_file.as_deref(),
-        ..Default::default()
-    })?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -151,10 +160,7 @@ pub async fn start(
             node_id: opts.node_id.clone(),
             holder: holder.clone(),
             cache: Some(cache),
-            on_apply: Some({
-                let health = health.clone();
-                Arc::new(move |cfg: &ServingConfig| health.sync_shared(&cfg.resources.account_states))
-            }),
+            on_apply: Some(on_apply),
             failures: watch_failures.clone(),
         }
         .run(stop_rx.clone()),

@@ -36,7 +36,7 @@ pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 pub struct Proxy {
     pub holder: Arc<ConfigHolder>,
-    pub upstreams: Upstreams,
+    pub upstreams: Arc<Upstreams>,
     pub spool: Arc<Spool>,
     pub pending: Arc<Pending>,
     pub node_id: Arc<str>,
@@ -505,7 +505,6 @@ impl Proxy {
         *up.headers_mut() = forward::upstream_headers(&ctx.parts.headers, &account);
         let sent_at = Instant::now();
         let head_deadline = tokio::time::Instant::now() + ctx.policy.head_timeout;
-        self.upstreams.set_connect_timeout(ctx.policy.connect_timeout);
         let resp = match tokio::time::timeout_at(head_deadline, self.upstreams.request(account.proxy.as_ref(), up))
             .await
         {

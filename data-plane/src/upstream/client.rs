@@ -301,7 +301,8 @@ impl Upstreams {
         })
     }
 
-    /// Sets the connect timeout of every new connection (a live setting).
+    /// Sets the connect timeout of every new connection (a live setting, set
+    /// when a config starts serving).
     pub fn set_connect_timeout(&self, timeout: Duration) {
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         if self.connect_timeout_ms.load(Ordering::Relaxed) != ms {
@@ -353,11 +354,6 @@ impl Upstreams {
         let fut = client.request(req);
         map.insert(proxy.url.clone(), client);
         fut
-    }
-
-    /// How many proxied clients (distinct proxy URLs) exist.
-    pub fn proxied_clients(&self) -> usize {
-        self.proxied.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 }
 
