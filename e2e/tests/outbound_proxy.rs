@@ -14,6 +14,12 @@ use relay_test_support::proxy::{ProxyProtocol, TestProxy, Tunnel};
 const PROXY_USER: &str = "relay-egress";
 const PROXY_PASSWORD: &str = "pr0xy-PASSWORD-never-logged";
 
+/// Sets the account's proxy URL and waits until `dp` serves the config holding it.
+async fn switch_proxy(cp: &ControlPlane, dp: &DataPlane, account: &str, url: &str) {
+    set_proxy(cp, account, url).await;
+    dp.wait_version(cp.head().await).await;
+}
+
 async fn set_proxy(cp: &ControlPlane, account: &str, url: &str) {
     cp.admin()
         .await
@@ -75,13 +81,13 @@ async fn accounts_reach_their_upstream_through_their_proxy() {
     let creds = Some((PROXY_USER.to_string(), PROXY_PASSWORD.to_string()));
 
     // 1. HTTP CONNECT with Basic credentials (percent-encoded in the URL where needed).
-    set_proxy(
+    switch_proxy(
         &cp,
+        &dp,
         &account,
         &format!("http://{PROXY_USER}:{PROXY_PASSWORD}@{}", http_proxy.addr),
     )
     .await;
-    dp.wait_version(cp.head().await).await;
     both_kinds_succeed(&dp, &key).await;
     let tunnels = http_proxy.tunnels();
     assert!(!tunnels.is_empty(), "the requests went through the HTTP proxy");
@@ -104,13 +110,13 @@ async fn accounts_reach_their_upstream_through_their_proxy() {
     }
 
     // 2. SOCKS5 with remote name resolution: the proxy gets the name.
-    set_proxy(
+    switch_proxy(
         &cp,
+        &dp,
         &account,
         &format!("socks5h://{PROXY_USER}:{PROXY_PASSWORD}@{}", socks_proxy.addr),
     )
     .await;
-    dp.wait_version(cp.head().await).await;
     let http_tunnels_before = http_proxy.tunnels().len();
     both_kinds_succeed(&dp, &key).await;
     let tunnels = socks_proxy.tunnels();
@@ -128,13 +134,13 @@ async fn accounts_reach_their_upstream_through_their_proxy() {
     );
 
     // 3. SOCKS5 with local resolution: the proxy gets an address, never the name.
-    set_proxy(
+    switch_proxy(
         &cp,
+        &dp,
         &account,
         &format!("socks5://{PROXY_USER}:{PROXY_PASSWORD}@{}", socks_proxy.addr),
     )
     .await;
-    dp.wait_version(cp.head().await).await;
     let socks_before = socks_proxy.tunnels().len();
     both_kinds_succeed(&dp, &key).await;
     let tunnels = socks_proxy.tunnels();
@@ -145,8 +151,7 @@ async fn accounts_reach_their_upstream_through_their_proxy() {
     }
 
     // 4. Cleared: direct again, no proxy sees anything new.
-    set_proxy(&cp, &account, "").await;
-    dp.wait_version(cp.head().await).await;
+    switch_proxy(&cp, &dp, &account, "").await;
     let (h, s) = (http_proxy.tunnels().len(), socks_proxy.tunnels().len());
     both_kinds_succeed(&dp, &key).await;
     assert_eq!((http_proxy.tunnels().len(), socks_proxy.tunnels().len()), (h, s));
