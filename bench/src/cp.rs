@@ -147,6 +147,7 @@ async fn watcher(
                 node_id: format!("bench-{tag}-{idx}"),
                 build_version: "relay-bench".into(),
                 held: None,
+                ..Default::default()
             })),
         })
         .await?;
@@ -159,6 +160,7 @@ async fn watcher(
                 kind: Some(pb::watch_request::Kind::Ack(pb::Ack {
                     nonce: u.nonce,
                     version: Some(version),
+                    ..Default::default()
                 })),
             })
             .await?;

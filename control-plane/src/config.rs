@@ -1,25 +1,38 @@
 //! The config publisher: follows the store's head and keeps, in memory, the
 //! complete config at head (as the data planes receive it, credentials opened)
-//! plus a window of the config log, so every Watch stream builds its snapshot
-//! or delta without touching the database.
+//! plus the changes between the heads it published before, so every Watch
+//! stream builds its snapshot or delta without touching the database.
+//!
+//! Deltas are derived from the published configs themselves
+//! ([`relay_proto::changed`]: what differs between two consecutive heads), the
+//! same content the hash covers, so a delta and the hash cannot disagree
+//! whatever a write touched (cascades, restores). A delta is offered only from
+//! a version this publisher published, and only when the data plane's content
+//! hash matches it; anything else gets a full snapshot.
 //!
 //! It wakes on the store's change hint (own commits; `NOTIFY` from other
 //! replicas) and on a poll, so a lost notification costs at most one poll
 //! interval. It publishes through a `watch` channel: a burst of writes is seen
-//! by streams as the latest head only (coalescing).
+//! by streams as the latest head only (coalescing). When the store's head moves
+//! backwards within an epoch (a database restored from a backup), it starts a
+//! new epoch, so every data plane takes a full snapshot.
 
 use crate::crypto::MasterKey;
-use crate::model::{self, ConfigState, LogEntry, ResourceKind, Version};
+use crate::model::{self, ConfigState, Version};
 use crate::store::{DynStore, StoreError};
 use relay_proto::v1 as pb;
+use relay_proto::ResourceKey;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// How many revisions of the config log the publisher keeps for deltas. A data
-/// plane further behind gets a full snapshot.
-pub const LOG_WINDOW: u64 = 100_000;
+/// How many earlier heads the publisher can send deltas from. A data plane
+/// further behind (or on a version this replica never published) gets a full
+/// snapshot.
+pub const MAX_POINTS: usize = 1024;
+/// The most resource changes kept across those heads.
+pub const MAX_CHANGES: usize = 200_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -37,13 +50,21 @@ pub struct Snapshot {
     pub hash: String,
 }
 
+/// An earlier head: its version and content hash, and what changed from it
+/// to the next published head.
+#[derive(Debug, Clone)]
+struct Point {
+    version: Version,
+    hash: String,
+    to_next: Arc<BTreeSet<ResourceKey>>,
+}
+
 /// What the publisher shares with the Watch streams.
 #[derive(Debug)]
 pub struct Published {
     pub snapshot: Arc<Snapshot>,
-    /// Log entries for revisions in `(log_floor, snapshot.version.revision]`.
-    log: Arc<VecDeque<LogEntry>>,
-    log_floor: u64,
+    /// Earlier heads, oldest first; the last one's `to_next` leads to `snapshot`.
+    points: Arc<VecDeque<Point>>,
 }
 
 /// What a Watch stream sends next.
@@ -58,88 +79,84 @@ pub enum Update {
 }
 
 impl Published {
-    /// The update that takes a data plane holding `held` to this head: a delta
-    /// when the log covers the gap within the same epoch, else a full snapshot.
-    pub fn update_from(&self, held: Option<Version>) -> Update {
-        let head = self.snapshot.version;
-        let Some(held) = held else {
-            return Update::Full(self.snapshot.resources.clone());
+    fn first(snapshot: Snapshot) -> Self {
+        Self {
+            snapshot: Arc::new(snapshot),
+            points: Arc::new(VecDeque::new()),
+        }
+    }
+
+    /// The head that follows this one: `next` with the changes from here to it.
+    fn then(&self, next: Snapshot) -> Self {
+        let prev = &self.snapshot;
+        let same_history = prev.version.epoch == next.version.epoch && prev.version.revision < next.version.revision;
+        let mut points = if same_history {
+            (*self.points).clone()
+        } else {
+            VecDeque::new()
         };
-        if held.epoch != head.epoch || held.revision > head.revision || held.revision < self.log_floor {
-            return Update::Full(self.snapshot.resources.clone());
+        if same_history {
+            points.push_back(Point {
+                version: prev.version,
+                hash: prev.hash.clone(),
+                to_next: Arc::new(relay_proto::changed(&prev.resources, &next.resources)),
+            });
         }
-        let mut refs: BTreeSet<(&str, &str)> = BTreeSet::new();
-        for e in self.log.iter().filter(|e| e.revision > held.revision) {
-            refs.insert((e.kind.as_str(), e.id.as_str()));
-        }
-        let all = &self.snapshot.resources;
-        let mut resources = pb::Resources::default();
-        let mut removed = Vec::new();
-        let mut settings_changed = false;
-        for (kind, id) in refs {
-            let kind: ResourceKind = match kind.parse() {
-                Ok(k) => k,
-                Err(_) => continue,
-            };
-            let (pb_kind, present) = match kind {
-                ResourceKind::ApiKey => (
-                    pb::ResourceKind::ApiKey,
-                    push_by_id(&all.api_keys, id, &mut resources.api_keys, |k| &k.id),
-                ),
-                ResourceKind::Account => (
-                    pb::ResourceKind::Account,
-                    push_by_id(&all.accounts, id, &mut resources.accounts, |a| &a.id),
-                ),
-                ResourceKind::Group => (
-                    pb::ResourceKind::Group,
-                    push_by_id(&all.groups, id, &mut resources.groups, |g| &g.id),
-                ),
-                ResourceKind::Price => (
-                    pb::ResourceKind::Price,
-                    push_by_id(&all.prices, id, &mut resources.prices, |p| &p.id),
-                ),
-                ResourceKind::Settings => {
-                    settings_changed = true;
-                    continue;
-                }
-                ResourceKind::AccountState => {
-                    let found = all
-                        .account_states
-                        .iter()
-                        .find(|st| relay_proto::account_state_id(st) == id);
-                    if let Some(st) = found {
-                        resources.account_states.push(st.clone());
-                    }
-                    (pb::ResourceKind::AccountState, found.is_some())
-                }
-                // Not part of what data planes receive.
-                ResourceKind::AdminToken => continue,
-            };
-            if !present {
-                removed.push(pb::ResourceRef {
-                    kind: pb_kind as i32,
-                    id: id.to_string(),
-                });
+        let mut total: usize = points.iter().map(|p| p.to_next.len()).sum();
+        while points.len() > MAX_POINTS || total > MAX_CHANGES {
+            match points.pop_front() {
+                Some(p) => total -= p.to_next.len(),
+                None => break,
             }
         }
-        if settings_changed {
-            resources.settings = all.settings.clone();
+        Self {
+            snapshot: Arc::new(next),
+            points: Arc::new(points),
         }
+    }
+
+    /// Whether this publisher knows `version` with content `hash` (empty: any).
+    pub fn knows(&self, version: Version, hash: &str) -> bool {
+        let same = |v: Version, h: &str| v == version && (hash.is_empty() || h == hash);
+        same(self.snapshot.version, &self.snapshot.hash) || self.points.iter().any(|p| same(p.version, &p.hash))
+    }
+
+    /// The update that takes a data plane holding `held` (with content hash
+    /// `held_hash`; empty = not known) to this head: a delta when `held` is
+    /// this head or one this publisher published before with that content,
+    /// else a full snapshot.
+    pub fn update_from(&self, held: Option<Version>, held_hash: &str) -> Update {
+        let head = &self.snapshot;
+        let Some(held) = held else {
+            return Update::Full(head.resources.clone());
+        };
+        let matches = |hash: &str| held_hash.is_empty() || held_hash == hash;
+        if held == head.version {
+            if matches(&head.hash) {
+                return Update::Delta {
+                    base: held,
+                    resources: pb::Resources::default(),
+                    removed: Vec::new(),
+                };
+            }
+            return Update::Full(head.resources.clone());
+        }
+        let Some(start) = self.points.iter().position(|p| p.version == held) else {
+            return Update::Full(head.resources.clone());
+        };
+        if !matches(&self.points[start].hash) {
+            return Update::Full(head.resources.clone());
+        }
+        let mut keys: BTreeSet<&ResourceKey> = BTreeSet::new();
+        for p in self.points.iter().skip(start) {
+            keys.extend(p.to_next.iter());
+        }
+        let (resources, removed) = relay_proto::delta(&head.resources, keys);
         Update::Delta {
             base: held,
             resources,
             removed,
         }
-    }
-}
-
-fn push_by_id<T: Clone>(all: &[T], id: &str, out: &mut Vec<T>, key: impl Fn(&T) -> &String) -> bool {
-    match all.binary_search_by(|x| key(x).as_str().cmp(id)) {
-        Ok(i) => {
-            out.push(all[i].clone());
-            true
-        }
-        Err(_) => false,
     }
 }
 
@@ -166,35 +183,41 @@ pub fn build_resources(state: &ConfigState, key: &MasterKey) -> Result<pb::Resou
         account_states: state.account_states.iter().map(account_state_to_pb).collect(),
     };
     for a in &state.accounts {
-        let credential = key
-            .open(&a.credential_enc, &a.id)
-            .map_err(|_| ConfigError::Credential(a.name.clone()))?;
-        let proxy_url = match &a.proxy_url_enc {
-            Some(sealed) => key
-                .open(sealed, &crate::api::admin::proxy_seal_context(&a.id))
-                .map_err(|_| ConfigError::Credential(a.name.clone()))?,
-            None => a.proxy_url.clone(),
-        };
-        r.accounts.push(pb::Account {
-            id: a.id.clone(),
-            name: a.name.clone(),
-            kind: account_kind_to_pb(a.kind) as i32,
-            base_url: a.base_url.clone(),
-            credential,
-            priority: a.priority,
-            weight: a.weight,
-            group_ids: a.group_ids.clone(),
-            max_concurrency: a.max_concurrency,
-            status: match a.status {
-                model::AccountStatus::Enabled => pb::AccountStatus::Enabled,
-                model::AccountStatus::Disabled => pb::AccountStatus::Disabled,
-            } as i32,
-            proxy_url,
-            credential_expires_at_ms: a.credential_expires_at.unwrap_or(0),
-        });
+        r.accounts.push(account_to_pb(a, key)?);
     }
     relay_proto::canonicalize(&mut r);
     Ok(r)
+}
+
+/// An account as data planes receive it: credential and proxy URL opened.
+pub fn account_to_pb(a: &model::Account, key: &MasterKey) -> Result<pb::Account, ConfigError> {
+    let credential = key
+        .open(&a.credential_enc, &a.id)
+        .map_err(|_| ConfigError::Credential(a.name.clone()))?;
+    let proxy_url = match &a.proxy_url_enc {
+        Some(sealed) => key
+            .open(sealed, &crate::api::admin::proxy_seal_context(&a.id))
+            .map_err(|_| ConfigError::Credential(a.name.clone()))?,
+        None => a.proxy_url.clone(),
+    };
+    Ok(pb::Account {
+        id: a.id.clone(),
+        name: a.name.clone(),
+        kind: account_kind_to_pb(a.kind) as i32,
+        base_url: a.base_url.clone(),
+        credential,
+        priority: a.priority,
+        weight: a.weight,
+        group_ids: a.group_ids.clone(),
+        max_concurrency: a.max_concurrency,
+        status: match a.status {
+            model::AccountStatus::Enabled => pb::AccountStatus::Enabled,
+            model::AccountStatus::Disabled => pb::AccountStatus::Disabled,
+        } as i32,
+        proxy_url,
+        credential_expires_at_ms: a.credential_expires_at.unwrap_or(0),
+        reset_generation: a.reset_generation,
+    })
 }
 
 pub fn health_to_pb(h: model::AccountHealth) -> pb::AccountHealth {
@@ -227,6 +250,7 @@ pub fn account_state_to_pb(s: &model::AccountState) -> pb::AccountState {
         scope: s.scope.clone(),
         since_ms: s.since,
         reported_by: s.reported_by.clone(),
+        reset_generation: 0,
     }
 }
 
@@ -295,10 +319,7 @@ impl ConfigPublisher {
     /// and starts following.
     pub async fn start(store: DynStore, key: MasterKey, poll: Duration) -> Result<Self, ConfigError> {
         let state = store.load_config().await?;
-        let head = state.version.revision;
-        let floor = head.saturating_sub(LOG_WINDOW);
-        let log: VecDeque<LogEntry> = store.log_since(floor, head).await?.into();
-        let first = Arc::new(publish(&state, &key, log, floor)?);
+        let first = Arc::new(Published::first(snapshot(&state, &key)?));
         let (tx, rx) = watch::channel(first);
         tokio::spawn(follow(store, key, poll, tx));
         Ok(Self { rx })
@@ -313,23 +334,14 @@ impl ConfigPublisher {
     }
 }
 
-fn publish(
-    state: &ConfigState,
-    key: &MasterKey,
-    log: VecDeque<LogEntry>,
-    floor: u64,
-) -> Result<Published, ConfigError> {
+fn snapshot(state: &ConfigState, key: &MasterKey) -> Result<Snapshot, ConfigError> {
     let resources = build_resources(state, key)?;
     let hash = relay_proto::config_hash(&resources);
     metrics::gauge!("relay_config_head_revision").set(state.version.revision as f64);
-    Ok(Published {
-        snapshot: Arc::new(Snapshot {
-            version: state.version,
-            resources,
-            hash,
-        }),
-        log: Arc::new(log),
-        log_floor: floor,
+    Ok(Snapshot {
+        version: state.version,
+        resources,
+        hash,
     })
 }
 
@@ -363,20 +375,26 @@ async fn refresh(store: &DynStore, key: &MasterKey, current: &Published) -> Resu
     if head == have {
         return Ok(None);
     }
-    let state = store.load_config().await?;
-    let new_head = state.version.revision;
-    let (mut log, mut floor) = if state.version.epoch == have.epoch && new_head >= have.revision {
-        let mut log = (*current.log).clone();
-        log.extend(store.log_since(have.revision, new_head).await?);
-        (log, current.log_floor)
-    } else {
-        let floor = new_head.saturating_sub(LOG_WINDOW);
-        (store.log_since(floor, new_head).await?.into(), floor)
-    };
-    let min_floor = new_head.saturating_sub(LOG_WINDOW);
-    while log.front().is_some_and(|e| e.revision <= min_floor) {
-        log.pop_front();
+    if (head.epoch, head.revision) < (have.epoch, have.revision) {
+        // The store went back in time under us: restored from a backup.
+        rewound(store, head, have).await?;
+        return Ok(None);
     }
-    floor = floor.max(min_floor);
-    Ok(Some(publish(&state, key, log, floor)?))
+    let state = store.load_config().await?;
+    Ok(Some(current.then(snapshot(&state, key)?)))
+}
+
+/// History was rewound to `head` while `seen` (a later revision of the same
+/// epoch) had been published: start a new epoch, so every data plane gets a
+/// full snapshot instead of trusting revisions that now mean something else.
+pub async fn rewound(store: &DynStore, head: Version, seen: Version) -> Result<(), StoreError> {
+    let reason = format!("history rewound: head {head}, seen {seen}");
+    let new = store
+        .start_new_epoch(head, seen.epoch.saturating_add(1), &reason)
+        .await?;
+    if new != head {
+        metrics::counter!("relay_config_epochs_started_total").increment(1);
+        tracing::warn!(%head, %seen, epoch = new.epoch, "the store's history was rewound (restored from a backup?); started a new epoch: every data plane takes a full snapshot");
+    }
+    Ok(())
 }

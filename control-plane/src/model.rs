@@ -144,6 +144,9 @@ pub struct Account {
     pub proxy_url: String,
     /// AES-256-GCM ciphertext of the full proxy URL when it carries credentials.
     pub proxy_url_enc: Option<Vec<u8>>,
+    /// Bumped by every change that clears the account's health (reset, enable,
+    /// new credential, base URL or proxy); data planes follow it.
+    pub reset_generation: u64,
     pub created_at: Millis,
     pub updated_at: Millis,
     /// The revision that last wrote this row (optimistic concurrency).
@@ -242,12 +245,34 @@ pub struct ProxyState {
     pub node_id: String,
     pub build_version: String,
     pub acked: Option<Version>,
+    /// The version the last NACK refused (cleared once a later one is acked).
     pub nack_version: Option<Version>,
     pub nack_error: String,
     pub nack_at: Millis,
     pub last_seen: Millis,
     pub connected: bool,
     pub replica: String,
+    /// Resources the data plane took out of service in the config it acked.
+    pub rejected: Vec<Rejected>,
+}
+
+/// A resource a data plane cannot use (it serves the rest of the config).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rejected {
+    /// `ResourceKind::as_str()` of the resource ("account", "api_key", ...).
+    pub kind: String,
+    pub id: String,
+    pub error: String,
+}
+
+/// JSON of a `Rejected` list, as stored.
+pub fn rejected_to_json(r: &[Rejected]) -> String {
+    serde_json::to_string(r).unwrap_or_else(|_| "[]".into())
+}
+
+/// A stored `Rejected` list; unreadable JSON reads as empty.
+pub fn rejected_from_json(s: &str) -> Vec<Rejected> {
+    serde_json::from_str(s).unwrap_or_default()
 }
 
 /// What happened on a Watch stream, for `Store::record_proxy`.
@@ -257,8 +282,14 @@ pub enum ProxyEvent {
         build_version: String,
         held: Option<Version>,
     },
-    Acked(Version),
+    Acked {
+        version: Version,
+        rejected: Vec<Rejected>,
+    },
     Nacked {
+        /// The version refused.
+        version: Version,
+        /// The version kept serving.
         serving: Option<Version>,
         error: String,
     },

@@ -164,41 +164,89 @@ both_stores!(reconnect_with_held_version, |cp: Cp| async move {
     assert!(r.accounts.is_empty() && r.api_keys.is_empty() && r.groups.is_empty() && u.removed.is_empty());
     drop(w);
 
-    // Another epoch (history was reset): a full snapshot.
-    let other = pb::ConfigVersion::new(h.epoch + 1, h.revision);
-    let mut w = cp.watch(Some(other), "dp-r").await;
+    // An older epoch (history was reset since): a full snapshot.
+    let older = pb::ConfigVersion::new(h.epoch - 1, h.revision + 5);
+    let mut w = cp.watch(Some(older), "dp-r").await;
     let u = w.next().await;
     assert!(u.full);
     assert_eq!(u.version, Some(h));
     drop(w);
 
-    // Ahead of this replica (it came from a replica further along): nothing
-    // until this replica has caught up and moved past it: never backwards.
+    // A revision the store never reached, in its own epoch: the database was
+    // restored from a backup. A new epoch starts and the data plane takes a
+    // full snapshot of it instead of waiting for revisions that now mean
+    // something else.
     let ahead = pb::ConfigVersion::new(h.epoch, h.revision + 2);
     let mut w = cp.watch(Some(ahead), "dp-r").await;
-    w.expect_quiet(Duration::from_millis(300)).await;
-    let mut admin = cp.admin().await;
-    for i in 0..2 {
-        admin
-            .create_group(pb::CreateGroupRequest {
-                name: format!("catch-up-{i}"),
-                description: String::new(),
-            })
-            .await
-            .unwrap();
-    }
-    w.expect_quiet(Duration::from_millis(300)).await;
+    let u = w.next().await;
+    assert!(u.full, "{u:?}");
+    let v = u.version.unwrap();
+    assert!(v.epoch > h.epoch && v.revision == h.revision, "{v:?}");
+    let audit = cp
+        .admin()
+        .await
+        .list_audit(pb::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        audit.entries.iter().any(|e| e.action == "config.new_epoch"),
+        "the new epoch is audited"
+    );
+    w.ack(&u).await;
+    drop(w);
+
+    // A later epoch than the store has (a cache from another deployment): the
+    // same, above that epoch, so the data plane never reads it as current.
+    let h = head(&cp).await;
+    let alien = pb::ConfigVersion::new(h.epoch + 1000, 1);
+    let mut w = cp.watch(Some(alien), "dp-r").await;
+    let u = w.next().await;
+    assert!(u.full);
+    assert!(u.version.unwrap().epoch > alien.epoch);
+});
+
+/// Design scenario 4: reconnecting to a lagging replica never moves a data
+/// plane backwards, and is not mistaken for a restored database.
+#[tokio::test]
+async fn lagging_replica_never_moves_a_data_plane_backwards() {
+    let a = common::start(common::Backend::Sqlite).await;
+    let dir = a.sqlite_dir.clone().unwrap();
+    // Replica B: its own handle on the same database, polling slowly, so it
+    // sees A's writes late.
+    let store_b = std::sync::Arc::new(
+        relay_control_plane::store::sqlite::SqliteStore::open(&dir.path().join("relay.db")).unwrap(),
+    ) as relay_control_plane::store::DynStore;
+    let b = common::start_replica_polling(
+        store_b,
+        a.key.clone(),
+        None,
+        Some(dir),
+        "replica-b",
+        Duration::from_secs(2),
+    )
+    .await;
+    let mut wb = b.watch(None, "dp-lag-b").await;
+    let first = wb.next().await;
+    wb.ack(&first).await;
+    let mut admin = a.admin().await;
     admin
         .create_group(pb::CreateGroupRequest {
-            name: "past-it".into(),
+            name: "newer".into(),
             description: String::new(),
         })
         .await
         .unwrap();
-    let u = w.next().await;
-    assert_eq!(u.base, Some(ahead));
-    assert_eq!(rev(&u), h.revision + 3);
-});
+    let ahead = head(&a).await;
+    // A data plane that applied it through A reconnects to B, which lags.
+    let mut w = b.watch(Some(ahead), "dp-lag").await;
+    w.expect_quiet(Duration::from_millis(300)).await;
+    assert_eq!(head(&a).await, ahead, "no new epoch: the store is not behind");
+    // B catches up to the same version: still nothing to send.
+    let u = wb.next().await;
+    assert_eq!(u.version, Some(ahead), "B published the head");
+    w.expect_quiet(Duration::from_millis(300)).await;
+}
 
 both_stores!(one_update_in_flight_and_coalescing, |cp: Cp| async move {
     let mut w = cp.watch(None, "dp-c").await;

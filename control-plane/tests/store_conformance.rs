@@ -67,6 +67,7 @@ fn account(id: &str, name: &str, group_ids: &[&str]) -> Account {
         status: AccountStatus::Enabled,
         proxy_url: String::new(),
         proxy_url_enc: None,
+        reset_generation: 0,
         created_at: T0,
         updated_at: T0,
         revision: 0,
@@ -348,6 +349,27 @@ macro_rules! conformance_suite {
         }
 
         #[tokio::test]
+        async fn a_new_epoch_starts_only_from_the_head_seen() {
+            let (store, _guard) = fresh().await;
+            let v1 = apply_ok(&store, vec![setting("a", "1")]).await;
+            let stale = Version { epoch: v1.epoch, revision: 0 };
+            assert_eq!(store.start_new_epoch(stale, 0, "test").await.unwrap(), v1, "the head moved: nothing happens");
+            let v2 = store.start_new_epoch(v1, 0, "restored from a backup").await.unwrap();
+            assert!(v2.epoch > v1.epoch, "{v2} after {v1}");
+            assert_eq!(v2.revision, v1.revision);
+            assert_eq!(store.head().await.unwrap(), v2);
+            assert_eq!(store.start_new_epoch(v1, 0, "again").await.unwrap(), v2, "one new epoch per rewind");
+            let audit = store.list_audit(1, None).await.unwrap();
+            assert_eq!(audit[0].action, "config.new_epoch");
+            assert!(audit[0].detail.contains("restored from a backup"), "{}", audit[0].detail);
+            let v3 = apply_ok(&store, vec![setting("a", "2")]).await;
+            assert_eq!(v3, Version { epoch: v2.epoch, revision: v2.revision + 1 });
+            let floor = v3.epoch + 1_000_000_000_000;
+            let v4 = store.start_new_epoch(v3, floor, "a cache from elsewhere").await.unwrap();
+            assert_eq!(v4.epoch, floor, "above the epoch a data plane claimed");
+        }
+
+        #[tokio::test]
         async fn apply_is_atomic() {
             let (store, _guard) = fresh().await;
             apply_ok(&store, vec![Mutation::InsertGroup(group("g1", "one"))]).await;
@@ -442,7 +464,8 @@ macro_rules! conformance_suite {
                 ],
             )
             .await;
-            let plain = account("acc-1", "zeta", &["g-b", "g-a"]);
+            let mut plain = account("acc-1", "zeta", &["g-b", "g-a"]);
+            plain.reset_generation = 3;
             let oauth = oauth_account("acc-2", "eta", &[]);
             let v = apply_ok(
                 &store,
@@ -968,9 +991,18 @@ macro_rules! conformance_suite {
             assert!(p[0].last_seen >= before);
 
             let v5 = Version { epoch: 7, revision: 5 };
-            store.record_proxy("dp-b", "cp-1", ProxyEvent::Acked(v5)).await.unwrap();
+            let rejected = vec![Rejected {
+                kind: "account".into(),
+                id: "acc-1".into(),
+                error: "unusable proxy URL".into(),
+            }];
+            store
+                .record_proxy("dp-b", "cp-1", ProxyEvent::Acked { version: v5, rejected: rejected.clone() })
+                .await
+                .unwrap();
             let p = &store.list_proxies().await.unwrap()[0];
             assert_eq!(p.acked, Some(v5));
+            assert_eq!(p.rejected, rejected, "what the data plane could not use is kept with the ack");
             assert!(p.connected);
 
             let v6 = Version { epoch: 7, revision: 6 };
@@ -978,24 +1010,29 @@ macro_rules! conformance_suite {
                 .record_proxy(
                     "dp-b",
                     "cp-1",
-                    ProxyEvent::Nacked { serving: Some(v5), error: "bad route".into() },
+                    ProxyEvent::Nacked { version: v6, serving: Some(v5), error: "bad route".into() },
                 )
                 .await
                 .unwrap();
             let p = store.list_proxies().await.unwrap().remove(0);
-            assert_eq!(p.nack_version, Some(v5));
+            assert_eq!(p.nack_version, Some(v6), "the version refused, not the one served");
             assert_eq!(p.nack_error, "bad route");
             assert!(p.nack_at >= before);
             assert_eq!(p.acked, Some(v5), "a nack leaves the last ack");
             store
-                .record_proxy("dp-b", "cp-1", ProxyEvent::Nacked { serving: None, error: "boot".into() })
+                .record_proxy("dp-b", "cp-1", ProxyEvent::Acked { version: v5, rejected: vec![] })
                 .await
                 .unwrap();
             let p = store.list_proxies().await.unwrap().remove(0);
-            assert_eq!(p.nack_version, None);
-            assert_eq!(p.nack_error, "boot");
+            assert_eq!(p.nack_version, Some(v6), "an older ack leaves the nack");
+            assert!(p.rejected.is_empty());
 
-            store.record_proxy("dp-b", "cp-1", ProxyEvent::Acked(v6)).await.unwrap();
+            store
+                .record_proxy("dp-b", "cp-1", ProxyEvent::Acked { version: v6, rejected: vec![] })
+                .await
+                .unwrap();
+            let p = store.list_proxies().await.unwrap().remove(0);
+            assert_eq!((p.nack_version, p.nack_error.as_str(), p.nack_at), (None, "", 0), "current again: the nack is cleared");
 
             // A stale stream on another replica closing does not disconnect it.
             store.record_proxy("dp-b", "cp-2", ProxyEvent::Disconnected).await.unwrap();

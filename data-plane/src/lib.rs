@@ -116,7 +116,7 @@ pub async fn start(
         let health = health.clone();
         let upstreams = upstreams.clone();
         Arc::new(move |cfg: &ServingConfig| {
-            health.sync_shared(&cfg.resources.account_states);
+            health.sync(&cfg.resources);
             upstreams.set_connect_timeout(cfg.policy.connect_timeout);
         })
     };
@@ -158,6 +158,7 @@ pub async fn start(
         Watcher {
             link: link.clone(),
             node_id: opts.node_id.clone(),
+            instance_id: uuid::Uuid::new_v4().simple().to_string(),
             holder: holder.clone(),
             cache: Some(cache),
             on_apply: Some(on_apply),

@@ -1,9 +1,11 @@
 //! relay-proto: the gRPC contract (`relay.v1`) between the control plane, the
 //! data planes and `relayctl`, generated at build time without a system `protoc`.
 //!
-//! It also owns the one definition both sides use to fingerprint a config
-//! ([`config_hash`]), so a data plane can prove it applied exactly what the
-//! control plane meant.
+//! It also owns what both sides must agree on, defined once: a config's
+//! fingerprint ([`config_hash`]), delta semantics ([`apply_update`]) and the
+//! delta between two configs ([`changed`], [`delta`]), so a data plane can
+//! prove it applied exactly what the control plane meant; and what makes a
+//! config usable ([`validate`]).
 
 #[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used)]
 pub mod v1 {
@@ -13,8 +15,11 @@ pub mod v1 {
 /// The encoded `FileDescriptorSet` of `relay.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/relay_descriptor.bin"));
 
+pub mod validate;
+
 use prost::Message;
 use sha2::{Digest, Sha256};
+use std::collections::{BTreeSet, HashMap};
 
 /// Puts a complete config in canonical order (every list sorted by id).
 pub fn canonicalize(resources: &mut v1::Resources) {
@@ -127,5 +132,185 @@ fn upsert<T>(into: &mut Vec<T>, items: Vec<T>, id: impl Fn(&T) -> String) {
             Some(slot) => *slot = item,
             None => into.push(item),
         }
+    }
+}
+
+/// The identity of one resource in a config: its kind and id (the settings are
+/// one resource, with an empty id).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ResourceKey {
+    pub kind: i32,
+    pub id: String,
+}
+
+impl ResourceKey {
+    fn new(kind: v1::ResourceKind, id: &str) -> Self {
+        Self {
+            kind: kind as i32,
+            id: id.to_string(),
+        }
+    }
+}
+
+fn diff_list<T: PartialEq>(
+    out: &mut BTreeSet<ResourceKey>,
+    kind: v1::ResourceKind,
+    old: &[T],
+    new: &[T],
+    id: impl Fn(&T) -> String,
+) {
+    let before: HashMap<String, &T> = old.iter().map(|x| (id(x), x)).collect();
+    let mut seen = std::collections::HashSet::with_capacity(new.len());
+    for x in new {
+        let key = id(x);
+        if before.get(&key).is_none_or(|o| *o != x) {
+            out.insert(ResourceKey::new(kind, &key));
+        }
+        seen.insert(key);
+    }
+    for key in before.keys() {
+        if !seen.contains(key) {
+            out.insert(ResourceKey::new(kind, key));
+        }
+    }
+}
+
+/// Every resource that differs between two complete configs (added, changed
+/// or removed), whatever caused the difference: a write, a cascade, a restore.
+/// Computed over the same content [`config_hash`] covers, so a delta built
+/// from it ([`delta`]) always reproduces `new` exactly.
+pub fn changed(old: &v1::Resources, new: &v1::Resources) -> BTreeSet<ResourceKey> {
+    use v1::ResourceKind as K;
+    let mut out = BTreeSet::new();
+    diff_list(&mut out, K::ApiKey, &old.api_keys, &new.api_keys, |x| x.id.clone());
+    diff_list(&mut out, K::Account, &old.accounts, &new.accounts, |x| x.id.clone());
+    diff_list(&mut out, K::Group, &old.groups, &new.groups, |x| x.id.clone());
+    diff_list(&mut out, K::Price, &old.prices, &new.prices, |x| x.id.clone());
+    diff_list(
+        &mut out,
+        K::AccountState,
+        &old.account_states,
+        &new.account_states,
+        account_state_id,
+    );
+    if old.settings != new.settings {
+        out.insert(ResourceKey::new(K::Settings, ""));
+    }
+    out
+}
+
+fn find_by_id<'a, T>(all: &'a [T], id: &str, key: impl Fn(&T) -> &str) -> Option<&'a T> {
+    // Canonical lists are sorted by id; fall back to a scan if one is not.
+    match all.binary_search_by(|x| key(x).cmp(id)) {
+        Ok(i) => all.get(i),
+        Err(_) => all.iter().find(|x| key(x) == id),
+    }
+}
+
+/// The delta that takes any config holding `head`'s content outside `keys` to
+/// `head`: every key present in `head` is upserted with its value there, every
+/// other key is removed. Sending a key that did not change is harmless.
+pub fn delta<'a>(
+    head: &v1::Resources,
+    keys: impl IntoIterator<Item = &'a ResourceKey>,
+) -> (v1::Resources, Vec<v1::ResourceRef>) {
+    use v1::ResourceKind as K;
+    let mut up = v1::Resources::default();
+    let mut removed = Vec::new();
+    for k in keys {
+        let present = match K::try_from(k.kind) {
+            Ok(K::ApiKey) => find_by_id(&head.api_keys, &k.id, |x| &x.id)
+                .map(|x| up.api_keys.push(x.clone()))
+                .is_some(),
+            Ok(K::Account) => find_by_id(&head.accounts, &k.id, |x| &x.id)
+                .map(|x| up.accounts.push(x.clone()))
+                .is_some(),
+            Ok(K::Group) => find_by_id(&head.groups, &k.id, |x| &x.id)
+                .map(|x| up.groups.push(x.clone()))
+                .is_some(),
+            Ok(K::Price) => find_by_id(&head.prices, &k.id, |x| &x.id)
+                .map(|x| up.prices.push(x.clone()))
+                .is_some(),
+            Ok(K::AccountState) => head
+                .account_states
+                .iter()
+                .find(|x| account_state_id(x) == k.id)
+                .map(|x| up.account_states.push(x.clone()))
+                .is_some(),
+            Ok(K::Settings) => {
+                up.settings = head.settings.clone();
+                continue;
+            }
+            _ => continue,
+        };
+        if !present {
+            removed.push(v1::ResourceRef {
+                kind: k.kind,
+                id: k.id.clone(),
+            });
+        }
+    }
+    (up, removed)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn state(account: &str, scope: &str, until: i64) -> v1::AccountState {
+        v1::AccountState {
+            account_id: account.into(),
+            scope: scope.into(),
+            health: v1::AccountHealth::RateLimited as i32,
+            until_ms: until,
+            ..Default::default()
+        }
+    }
+
+    fn config(accounts: &[&str], states: Vec<v1::AccountState>, secret: u8) -> v1::Resources {
+        let mut r = v1::Resources {
+            accounts: accounts
+                .iter()
+                .map(|a| v1::Account {
+                    id: a.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            account_states: states,
+            settings: Some(v1::Settings {
+                api_key_hash_secret: vec![secret; 32],
+                values: Default::default(),
+            }),
+            ..Default::default()
+        };
+        canonicalize(&mut r);
+        r
+    }
+
+    /// The bug that froze fleets: an account deleted with its states (a cascade).
+    #[test]
+    fn a_delta_from_the_diff_reproduces_the_new_config_cascades_included() {
+        let old = config(
+            &["a", "b"],
+            vec![state("a", "", 5), state("a", "opus", 9), state("b", "", 1)],
+            1,
+        );
+        let new = config(&["b"], vec![state("b", "", 2)], 2);
+        let keys = changed(&old, &new);
+        let (resources, removed) = delta(&new, &keys);
+        assert_eq!(removed.len(), 3, "account a and both its states: {removed:?}");
+        let update = v1::ConfigUpdate {
+            version: Some(v1::ConfigVersion::new(1, 2)),
+            base: Some(v1::ConfigVersion::new(1, 1)),
+            resources: Some(resources),
+            removed,
+            content_hash: config_hash(&new),
+            ..Default::default()
+        };
+        let v = v1::ConfigVersion::new(1, 1);
+        let got = apply_update(Some((&v, &old)), &update).unwrap();
+        assert_eq!(got, new);
+        assert!(changed(&new, &new).is_empty());
     }
 }

@@ -18,9 +18,6 @@ use tonic::{Request, Response, Status};
 pub const DEFAULT_GROUP: &str = "default";
 pub const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 const MAX_WEIGHT: u32 = 10_000;
-/// Outbound proxies the data plane can tunnel through (HTTP CONNECT, SOCKS5
-/// with local or remote name resolution).
-const PROXY_SCHEMES: &[&str] = &["http", "socks5", "socks5h"];
 /// How often an update is retried when another writer changed the row meanwhile.
 const CONFLICT_RETRIES: usize = 8;
 
@@ -95,6 +92,15 @@ impl AdminService {
             .map_err(|_| Status::internal("cannot encrypt the proxy URL"))
     }
 
+    /// The shared validation every data plane runs on the account as it will
+    /// receive it ([`relay_proto::validate::account`]): what is accepted here
+    /// is served everywhere.
+    fn check_usable(&self, a: &Account) -> Result<(), Status> {
+        let pb = crate::config::account_to_pb(a, &self.key).map_err(|e| Status::internal(e.to_string()))?;
+        relay_proto::validate::account(&pb)
+            .map_err(|e| Status::invalid_argument(format!("account {:?} cannot be used: {e}", a.name)))
+    }
+
     async fn group_names(&self) -> Result<BTreeMap<String, String>, Status> {
         Ok(self
             .store
@@ -152,9 +158,33 @@ impl AdminService {
         self.store.list_account_states().await.map_err(status_from_store)
     }
 
-    fn account_info(a: &Account, groups: &BTreeMap<String, String>, states: &[AccountState]) -> pb::AccountInfo {
+    /// What an account listing shows beside the rows: group names, health
+    /// states, and what connected data planes could not use.
+    async fn account_view(&self) -> Result<AccountView, Status> {
+        let mut config_errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for p in self.store.list_proxies().await.map_err(status_from_store)? {
+            if !p.connected {
+                continue;
+            }
+            for r in p.rejected.iter().filter(|r| r.kind == ResourceKind::Account.as_str()) {
+                config_errors
+                    .entry(r.id.clone())
+                    .or_default()
+                    .push(format!("{}: {}", p.node_id, r.error));
+            }
+        }
+        Ok(AccountView {
+            groups: self.group_names().await?,
+            states: self.states().await?,
+            config_errors,
+        })
+    }
+
+    fn account_info(a: &Account, view: &AccountView) -> pb::AccountInfo {
+        let (groups, states) = (&view.groups, &view.states);
         let now = now_ms();
         pb::AccountInfo {
+            config_errors: view.config_errors.get(&a.id).cloned().unwrap_or_default(),
             states: states
                 .iter()
                 .filter(|s| s.account_id == a.id && (s.until == 0 || s.until > now))
@@ -230,6 +260,16 @@ fn validate_url(what: &str, url: &str, schemes: &[&str]) -> Result<(), Status> {
             schemes.join(" or ")
         ))),
     }
+}
+
+/// An outbound proxy URL, checked with the parser the data planes use.
+fn validate_proxy_url(url: &str) -> Result<(), Status> {
+    relay_proto::validate::parse_proxy_url(url).map(|_| ()).map_err(|e| {
+        Status::invalid_argument(format!(
+            "invalid proxy URL {:?}: {e}; expected http://[user:pass@]host:port, socks5://… or socks5h://…",
+            redact_url(url)
+        ))
+    })
 }
 
 /// What a sealed proxy URL is bound to (AES-GCM associated data).
@@ -403,7 +443,7 @@ impl Admin for AdminService {
         validate_url("base URL", &base_url, &["http", "https"])?;
         validate_credential(&r.credential)?;
         if !r.proxy_url.is_empty() {
-            validate_url("proxy URL", &r.proxy_url, PROXY_SCHEMES)?;
+            validate_proxy_url(&r.proxy_url)?;
         }
         let weight = validate_weight(r.weight)?;
         let group_ids = self.resolve_groups(&r.groups).await?;
@@ -434,12 +474,13 @@ impl Admin for AdminService {
             status: AccountStatus::Enabled,
             proxy_url: redact_url(&r.proxy_url),
             proxy_url_enc: self.seal_proxy_url(&r.proxy_url, &id)?,
+            reset_generation: 0,
             created_at: now,
             updated_at: now,
             revision: 0,
         };
-        let groups = self.group_names().await?;
-        let info = Self::account_info(&row, &groups, &[]);
+        self.check_usable(&row)?;
+        let info = Self::account_info(&row, &self.account_view().await?);
         let detail = json!({
             "id": id, "kind": kind.as_str(), "base_url": row.base_url, "priority": row.priority,
             "weight": row.weight, "groups": info.groups, "max_concurrency": row.max_concurrency,
@@ -473,7 +514,7 @@ impl Admin for AdminService {
             validate_credential(c)?;
         }
         if let Some(p) = r.proxy_url.as_deref().filter(|p| !p.is_empty()) {
-            validate_url("proxy URL", p, PROXY_SCHEMES)?;
+            validate_proxy_url(p)?;
         }
         let weight = r.weight.map(validate_weight).transpose()?;
         let status = match r.status.map(pb::AccountStatus::try_from) {
@@ -550,11 +591,14 @@ impl Admin for AdminService {
             }
             // A new credential or way to reach the upstream, or an operator enabling
             // the account, ends its health states.
-            let clear: Vec<AccountState> = if r.credential.is_some()
+            let clears = r.credential.is_some()
                 || r.base_url.is_some()
                 || r.proxy_url.is_some()
-                || status == Some(AccountStatus::Enabled)
-            {
+                || status == Some(AccountStatus::Enabled);
+            if clears {
+                a.reset_generation = cur.reset_generation.saturating_add(1);
+            }
+            let clear: Vec<AccountState> = if clears {
                 self.states()
                     .await?
                     .into_iter()
@@ -566,6 +610,7 @@ impl Admin for AdminService {
             if a == cur && clear.is_empty() {
                 return Ok(a);
             }
+            self.check_usable(&a)?;
             a.updated_at = now_ms();
             let mut muts = vec![Mutation::UpdateAccount {
                 row: a.clone(),
@@ -588,17 +633,13 @@ impl Admin for AdminService {
             Ok(a)
         })
         .await?;
-        let groups = self.group_names().await?;
-        let states = self.states().await?;
-        Ok(Response::new(Self::account_info(&row, &groups, &states)))
+        Ok(Response::new(Self::account_info(&row, &self.account_view().await?)))
     }
 
     async fn get_account(&self, req: Request<pb::GetAccountRequest>) -> Result<Response<pb::AccountInfo>, Status> {
         self.authorize(&req, Need::Read, "get_account").await?;
         let a = self.account(&req.get_ref().account).await?;
-        let groups = self.group_names().await?;
-        let states = self.states().await?;
-        Ok(Response::new(Self::account_info(&a, &groups, &states)))
+        Ok(Response::new(Self::account_info(&a, &self.account_view().await?)))
     }
 
     async fn list_accounts(
@@ -606,14 +647,10 @@ impl Admin for AdminService {
         req: Request<pb::ListAccountsRequest>,
     ) -> Result<Response<pb::ListAccountsResponse>, Status> {
         self.authorize(&req, Need::Read, "list_accounts").await?;
-        let groups = self.group_names().await?;
         let accounts = self.store.list_accounts().await.map_err(status_from_store)?;
-        let states = self.states().await?;
+        let view = self.account_view().await?;
         Ok(Response::new(pb::ListAccountsResponse {
-            accounts: accounts
-                .iter()
-                .map(|a| Self::account_info(a, &groups, &states))
-                .collect(),
+            accounts: accounts.iter().map(|a| Self::account_info(a, &view)).collect(),
         }))
     }
 
@@ -638,30 +675,44 @@ impl Admin for AdminService {
         }))
     }
 
+    /// Clears every health state of the account, on the control plane and on
+    /// every data plane (its `reset_generation` moves: each data plane drops
+    /// its local view of the account, circuit breaker included).
     async fn reset_account(&self, req: Request<pb::ResetAccountRequest>) -> Result<Response<pb::AccountInfo>, Status> {
         let actor = self.authorize(&req, Need::Write, "reset_account").await?;
-        let a = self.account(&req.get_ref().account).await?;
-        let states: Vec<AccountState> = self
-            .states()
-            .await?
-            .into_iter()
-            .filter(|s| s.account_id == a.id)
-            .collect();
-        if !states.is_empty() {
-            let cleared: Vec<String> = states.iter().map(|s| format!("{}:{}", s.health, s.scope)).collect();
-            let muts = states
+        let name = req.get_ref().account.clone();
+        let row = retry_conflicts(|| async {
+            let cur = self.account(&name).await?;
+            let states: Vec<AccountState> = self
+                .states()
+                .await?
                 .into_iter()
-                .map(|s| Mutation::ClearAccountState {
-                    account_id: s.account_id,
-                    scope: s.scope,
-                })
+                .filter(|s| s.account_id == cur.id)
                 .collect();
-            self.apply(&actor, "account.reset", &a.name, json!({"cleared": cleared}), muts)
-                .await
-                .map_err(status_from_store)?;
-        }
-        let groups = self.group_names().await?;
-        Ok(Response::new(Self::account_info(&a, &groups, &[])))
+            let cleared: Vec<String> = states.iter().map(|s| format!("{}:{}", s.health, s.scope)).collect();
+            let mut a = cur.clone();
+            a.reset_generation = cur.reset_generation.saturating_add(1);
+            let mut muts = vec![Mutation::UpdateAccount {
+                row: a.clone(),
+                expect_revision: cur.revision,
+            }];
+            muts.extend(states.into_iter().map(|s| Mutation::ClearAccountState {
+                account_id: s.account_id,
+                scope: s.scope,
+            }));
+            self.apply(
+                &actor,
+                "account.reset",
+                &cur.name,
+                json!({"cleared": cleared, "reset_generation": a.reset_generation}),
+                muts,
+            )
+            .await
+            .map_err(status_from_store)?;
+            Ok(a)
+        })
+        .await?;
+        Ok(Response::new(Self::account_info(&row, &self.account_view().await?)))
     }
 
     async fn create_api_key(
@@ -1032,6 +1083,20 @@ impl Admin for AdminService {
                     last_seen_ms: p.last_seen,
                     connected: p.connected,
                     replica: p.replica,
+                    rejected: p
+                        .rejected
+                        .into_iter()
+                        .map(|r| pb::RejectedResource {
+                            r#ref: Some(pb::ResourceRef {
+                                kind: r
+                                    .kind
+                                    .parse::<ResourceKind>()
+                                    .map_or(0, |k| resource_kind_to_pb(k) as i32),
+                                id: r.id,
+                            }),
+                            error: r.error,
+                        })
+                        .collect(),
                 })
                 .collect(),
             head: Some(version_pb(head)),
@@ -1204,4 +1269,36 @@ mod tests {
         assert_eq!(validate_weight(0).ok(), Some(1));
         assert!(validate_weight(MAX_WEIGHT + 1).is_err());
     }
+}
+
+fn resource_kind_to_pb(k: ResourceKind) -> pb::ResourceKind {
+    match k {
+        ResourceKind::ApiKey => pb::ResourceKind::ApiKey,
+        ResourceKind::Account => pb::ResourceKind::Account,
+        ResourceKind::Group => pb::ResourceKind::Group,
+        ResourceKind::Price => pb::ResourceKind::Price,
+        ResourceKind::Settings => pb::ResourceKind::Settings,
+        ResourceKind::AccountState => pb::ResourceKind::AccountState,
+        ResourceKind::AdminToken => pb::ResourceKind::Unspecified,
+    }
+}
+
+/// The stored name of a resource kind a data plane reports.
+pub fn resource_kind_from_pb(k: i32) -> &'static str {
+    match pb::ResourceKind::try_from(k) {
+        Ok(pb::ResourceKind::ApiKey) => ResourceKind::ApiKey.as_str(),
+        Ok(pb::ResourceKind::Account) => ResourceKind::Account.as_str(),
+        Ok(pb::ResourceKind::Group) => ResourceKind::Group.as_str(),
+        Ok(pb::ResourceKind::Price) => ResourceKind::Price.as_str(),
+        Ok(pb::ResourceKind::Settings) => ResourceKind::Settings.as_str(),
+        Ok(pb::ResourceKind::AccountState) => ResourceKind::AccountState.as_str(),
+        _ => "unknown",
+    }
+}
+
+/// What `account_info` needs beside the account row.
+struct AccountView {
+    groups: BTreeMap<String, String>,
+    states: Vec<AccountState>,
+    config_errors: BTreeMap<String, Vec<String>>,
 }

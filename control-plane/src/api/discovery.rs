@@ -1,12 +1,21 @@
 //! `ConfigDiscovery.Watch`: one bidirectional stream per data plane.
 //!
 //! Protocol (see proto/relay/v1/config.proto): Hello first; the answer comes at
-//! once (a delta when the publisher's log covers the gap, else a full
-//! snapshot); then at most one un-ACKed update in flight, with every change
-//! made meanwhile coalesced into the next one. A NACKed version is not resent
-//! until the head moves on. A data plane that holds a newer revision than this
-//! replica's head (it talked to a replica further ahead) gets nothing until
-//! this replica catches up: a data plane never moves backwards within an epoch.
+//! once (a delta when the publisher published the data plane's version with
+//! the content hash it holds, else a full snapshot); then at most one un-ACKed
+//! update in flight, with every change made meanwhile coalesced into the next
+//! one.
+//!
+//! - A NACK for an invalid config leaves the data plane on its version, and
+//!   that version is not resent until the head moves on.
+//! - A NACK because the update did not lead to the hash it claimed (diverged)
+//!   is answered at once with a full snapshot.
+//! - A data plane that holds a version ahead of this replica's head waits
+//!   until this replica catches up (a data plane never moves backwards), unless
+//!   the store itself is behind it: then history was rewound (a restore) and
+//!   a new epoch starts, which every data plane takes as a full snapshot.
+//! - One live stream per node id on a replica: a second process claiming the
+//!   same node id is refused; the same process reconnecting replaces its own.
 
 use super::auth::{Authenticator, Need};
 use crate::config::{Published, Update};
@@ -15,8 +24,9 @@ use crate::store::DynStore;
 use futures::Stream;
 use relay_proto::v1 as pb;
 use relay_proto::v1::config_discovery_server::ConfigDiscovery;
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,6 +40,63 @@ pub struct DiscoveryService {
     auth: Authenticator,
     replica: String,
     recorder: ProxyRecorder,
+    live: LiveNodes,
+}
+
+/// The node ids with a live Watch stream on this replica. A stream removes its
+/// entry when it ends, unless a newer stream of the same process took it over.
+#[derive(Clone, Default)]
+pub struct LiveNodes(Arc<Mutex<HashMap<String, LiveStream>>>);
+
+/// (the process's instance id, a stream serial, the signal that ends the stream).
+type LiveStream = (String, u64, watch::Sender<bool>);
+
+/// Ends a stream's claim on its node id.
+struct LiveClaim {
+    nodes: LiveNodes,
+    node: String,
+    serial: u64,
+}
+
+impl LiveNodes {
+    /// Claims `node` for a stream of process `instance`. Refused when another
+    /// process holds a live stream for it; a stale stream of the same process
+    /// is told to end. Returns the claim and the signal that ends this stream.
+    fn claim(&self, node: &str, instance: &str) -> Result<(LiveClaim, watch::Receiver<bool>), Status> {
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((held_by, _, end)) = map.get(node) {
+            let same_process = !instance.is_empty() && held_by == instance;
+            if !same_process && !end.is_closed() {
+                metrics::counter!("relay_watch_refused_total", "reason" => "duplicate_node_id").increment(1);
+                return Err(Status::already_exists(format!(
+                    "node id {node:?} is already connected to this control plane from another data-plane process; \
+                     give each data plane its own --node-id"
+                )));
+            }
+            let _ = end.send(true);
+        }
+        let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = watch::channel(false);
+        map.insert(node.to_string(), (instance.to_string(), serial, tx));
+        Ok((
+            LiveClaim {
+                nodes: self.clone(),
+                node: node.to_string(),
+                serial,
+            },
+            rx,
+        ))
+    }
+}
+
+impl Drop for LiveClaim {
+    fn drop(&mut self) {
+        let mut map = self.nodes.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.get(&self.node).is_some_and(|(_, s, _)| *s == self.serial) {
+            map.remove(&self.node);
+        }
+    }
 }
 
 impl DiscoveryService {
@@ -45,6 +112,7 @@ impl DiscoveryService {
             store,
             auth,
             replica,
+            live: LiveNodes::default(),
         }
     }
 }
@@ -60,16 +128,27 @@ fn to_pb(v: Version) -> pb::ConfigVersion {
     pb::ConfigVersion::new(v.epoch, v.revision)
 }
 
-/// Whether a data plane holding `held` should get an update to `head`.
-fn behind(held: Option<Version>, head: Version) -> bool {
+/// Whether `a` comes after `b` in config history (epochs only grow).
+fn later(a: Version, b: Version) -> bool {
+    (a.epoch, a.revision) > (b.epoch, b.revision)
+}
+
+/// What a data plane holds, as far as this stream knows: a version and the
+/// content hash at it (empty when not known).
+type Held = Option<(Version, String)>;
+
+/// Whether a data plane holding `held` should get an update to the head of `p`.
+fn should_send(held: &Held, p: &Published, first: bool) -> bool {
+    let head = &p.snapshot;
     match held {
         None => true,
-        Some(h) if h.epoch != head.epoch => true,
-        Some(h) => h.revision < head.revision,
+        Some((v, _)) if later(*v, head.version) => false,
+        Some((v, h)) if *v == head.version => first || (!h.is_empty() && *h != head.hash),
+        Some(_) => true,
     }
 }
 
-fn build_update(p: &Published, held: Option<Version>) -> pb::ConfigUpdate {
+fn build_update(p: &Published, held: &Held) -> pb::ConfigUpdate {
     let snap = &p.snapshot;
     let mut u = pb::ConfigUpdate {
         nonce: uuid::Uuid::new_v4().simple().to_string(),
@@ -77,7 +156,11 @@ fn build_update(p: &Published, held: Option<Version>) -> pb::ConfigUpdate {
         content_hash: snap.hash.clone(),
         ..Default::default()
     };
-    match p.update_from(held) {
+    let (version, hash) = match held {
+        Some((v, h)) => (Some(*v), h.as_str()),
+        None => (None, ""),
+    };
+    match p.update_from(version, hash) {
         Update::Full(resources) => {
             u.full = true;
             u.resources = Some(resources);
@@ -93,6 +176,21 @@ fn build_update(p: &Published, held: Option<Version>) -> pb::ConfigUpdate {
         }
     }
     u
+}
+
+/// A data plane says it holds `held`, ahead of this replica's head. If the
+/// store is not ahead of it either, history was rewound (a restore, or a cache
+/// from another deployment): start a new epoch.
+async fn check_rewound(store: &DynStore, held: Version) {
+    match store.head().await {
+        Ok(head) if later(held, head) => {
+            if let Err(e) = crate::config::rewound(store, head, held).await {
+                tracing::warn!(error = %e, "cannot start a new config epoch");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the config head"),
+    }
 }
 
 struct StreamGauge;
@@ -140,7 +238,7 @@ async fn write_proxy_states(store: DynStore, mut rx: mpsc::UnboundedReceiver<(St
         let mut next_is_ack: std::collections::HashMap<&str, bool> = std::collections::HashMap::new();
         for i in (0..batch.len()).rev() {
             let (node, _, ev) = &batch[i];
-            let is_ack = matches!(ev, ProxyEvent::Acked(_));
+            let is_ack = matches!(ev, ProxyEvent::Acked { .. });
             if is_ack && next_is_ack.get(node.as_str()) == Some(&true) {
                 keep[i] = false;
             }
@@ -157,14 +255,28 @@ async fn write_proxy_states(store: DynStore, mut rx: mpsc::UnboundedReceiver<(St
     }
 }
 
-async fn run_stream(
-    mut inbound: Streaming<pb::WatchRequest>,
+struct StreamParts {
+    inbound: Streaming<pb::WatchRequest>,
     identity: super::identity::NodeIdentity,
     tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
-    mut published: watch::Receiver<Arc<Published>>,
+    published: watch::Receiver<Arc<Published>>,
     recorder: ProxyRecorder,
     replica: String,
-) {
+    store: DynStore,
+    live: LiveNodes,
+}
+
+async fn run_stream(s: StreamParts) {
+    let StreamParts {
+        mut inbound,
+        identity,
+        tx,
+        mut published,
+        recorder,
+        replica,
+        store,
+        live,
+    } = s;
     let _gauge = StreamGauge::new();
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
         Ok(Ok(Some(pb::WatchRequest {
@@ -190,19 +302,35 @@ async fn run_stream(
         let _ = tx.send(Err(status)).await;
         return;
     }
-    let mut acked: Option<Version> = hello.held.as_ref().map(to_model);
-    tracing::info!(node_id = %node, held = ?acked, build = %hello.build_version, "data plane connected");
+    let (_claim, mut replaced) = match live.claim(&node, &hello.instance_id) {
+        Ok(c) => c,
+        Err(status) => {
+            tracing::warn!(node_id = %node, "data plane refused: its node id is already connected from another process");
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+    };
+    let mut held: Held = hello.held.as_ref().map(|v| (to_model(v), hello.held_hash.clone()));
+    tracing::info!(node_id = %node, held = ?held.as_ref().map(|h| h.0), build = %hello.build_version, "data plane connected");
     recorder.record(
         &node,
         &replica,
         ProxyEvent::Connected {
             build_version: hello.build_version.clone(),
-            held: acked,
+            held: held.as_ref().map(|h| h.0),
         },
     );
+    if let Some((v, _)) = &held {
+        let head = published.borrow().snapshot.version;
+        if later(*v, head) {
+            check_rewound(&store, *v).await;
+        }
+    }
 
-    let mut in_flight: Option<(String, Version)> = None;
+    // The update awaiting an answer: (nonce, version, content hash, full).
+    let mut in_flight: Option<(String, Version, String, bool)> = None;
     let mut nacked: Option<Version> = None;
+    let mut rejected: Vec<pb::RejectedResource> = Vec::new();
     // The first answer goes out at once, even when the data plane is current
     // (then it is an empty delta), unless it is ahead of this replica.
     let mut first = true;
@@ -210,11 +338,9 @@ async fn run_stream(
         if in_flight.is_none() {
             let p = published.borrow_and_update().clone();
             let head = p.snapshot.version;
-            let current = acked == Some(head);
-            let send = (behind(acked, head) || (first && current)) && nacked != Some(head);
-            if send {
-                let u = build_update(&p, acked);
-                in_flight = Some((u.nonce.clone(), head));
+            if should_send(&held, &p, first) && nacked != Some(head) {
+                let u = build_update(&p, &held);
+                in_flight = Some((u.nonce.clone(), head, p.snapshot.hash.clone(), u.full));
                 metrics::counter!("relay_config_updates_sent_total", "kind" => if u.full { "full" } else { "delta" })
                     .increment(1);
                 if tx.send(Ok(u)).await.is_err() {
@@ -226,32 +352,59 @@ async fn run_stream(
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(pb::WatchRequest { kind: Some(pb::watch_request::Kind::Ack(a)) })) => {
-                    match &in_flight {
-                        Some((nonce, v)) if *nonce == a.nonce => {
-                            let applied = a.version.as_ref().map(to_model).unwrap_or(*v);
-                            acked = Some(applied);
-                            in_flight = None;
-                            recorder.record(&node, &replica, ProxyEvent::Acked(applied));
+                    match in_flight.take() {
+                        Some((nonce, v, hash, _)) if nonce == a.nonce => {
+                            let applied = a.version.as_ref().map(to_model).unwrap_or(v);
+                            let hash = if applied == v { hash } else { String::new() };
+                            held = Some((applied, hash));
+                            nacked = None;
+                            if a.rejected != rejected {
+                                for x in a.rejected.iter().filter(|x| !rejected.contains(x)) {
+                                    let r = x.r#ref.clone().unwrap_or_default();
+                                    tracing::warn!(node_id = %node, id = %r.id, error = %x.error, "data plane took a resource out of service");
+                                }
+                                metrics::counter!("relay_config_rejected_resources_total").increment(a.rejected.len() as u64);
+                                rejected = a.rejected.clone();
+                            }
+                            recorder.record(&node, &replica, ProxyEvent::Acked {
+                                version: applied,
+                                rejected: a.rejected.iter().map(rejected_to_model).collect(),
+                            });
                         }
-                        _ => tracing::debug!(node_id = %node, "stale ACK ignored"),
+                        other => {
+                            in_flight = other;
+                            tracing::debug!(node_id = %node, "stale ACK ignored");
+                        }
                     }
                 }
                 Ok(Some(pb::WatchRequest { kind: Some(pb::watch_request::Kind::Nack(n)) })) => {
-                    match &in_flight {
-                        Some((nonce, v)) if *nonce == n.nonce => {
-                            tracing::warn!(node_id = %node, version = %v, error = %n.error, "data plane rejected config");
-                            metrics::counter!("relay_config_nacks_total").increment(1);
-                            nacked = Some(*v);
-                            in_flight = None;
-                            if let Some(s) = n.serving.as_ref() {
-                                acked = Some(to_model(s));
+                    match in_flight.take() {
+                        Some((nonce, v, _, full)) if nonce == n.nonce => {
+                            let diverged = n.reason == pb::NackReason::Diverged as i32 && !full;
+                            if diverged {
+                                // The delta did not reproduce the config: a full snapshot, at once.
+                                tracing::info!(node_id = %node, version = %v, error = %n.error, "data plane diverged; sending a full snapshot");
+                                metrics::counter!("relay_config_nacks_total", "reason" => "diverged").increment(1);
+                                held = None;
+                            } else {
+                                tracing::warn!(node_id = %node, version = %v, error = %n.error, "data plane rejected config; it keeps serving its last one");
+                                metrics::counter!("relay_config_nacks_total", "reason" => "invalid").increment(1);
+                                nacked = Some(v);
+                                held = match (n.serving.as_ref().map(to_model), held.take()) {
+                                    (Some(s), Some((h, hash))) if s == h => Some((h, hash)),
+                                    (s, _) => s.map(|s| (s, String::new())),
+                                };
                             }
                             recorder.record(&node, &replica, ProxyEvent::Nacked {
+                                version: v,
                                 serving: n.serving.as_ref().map(to_model),
                                 error: n.error.chars().take(2000).collect(),
                             });
                         }
-                        _ => tracing::debug!(node_id = %node, "stale NACK ignored"),
+                        other => {
+                            in_flight = other;
+                            tracing::debug!(node_id = %node, "stale NACK ignored");
+                        }
                     }
                 }
                 Ok(Some(_)) => {
@@ -269,11 +422,24 @@ async fn run_stream(
                     break;
                 }
             }
+            _ = async { replaced.wait_for(|r| *r).await.map(|_| ()) } => {
+                tracing::info!(node_id = %node, "a newer stream of the same data plane replaced this one");
+                break;
+            }
             _ = tx.closed() => break,
         }
     }
     tracing::info!(node_id = %node, "data plane disconnected");
     recorder.record(&node, &replica, ProxyEvent::Disconnected);
+}
+
+fn rejected_to_model(x: &pb::RejectedResource) -> crate::model::Rejected {
+    let r = x.r#ref.clone().unwrap_or_default();
+    crate::model::Rejected {
+        kind: super::admin::resource_kind_from_pb(r.kind).into(),
+        id: r.id.chars().take(200).collect(),
+        error: x.error.chars().take(500).collect(),
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigUpdate, Status>> + Send>>;
@@ -286,14 +452,16 @@ impl ConfigDiscovery for DiscoveryService {
         self.auth.check(req.metadata(), Need::DataPlane).await?;
         let identity = self.auth.node_identity(&req);
         let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(run_stream(
-            req.into_inner(),
+        tokio::spawn(run_stream(StreamParts {
+            inbound: req.into_inner(),
             identity,
             tx,
-            self.published.clone(),
-            self.recorder.clone(),
-            self.replica.clone(),
-        ));
+            published: self.published.clone(),
+            recorder: self.recorder.clone(),
+            replica: self.replica.clone(),
+            store: self.store.clone(),
+            live: self.live.clone(),
+        }));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -308,14 +476,23 @@ impl ConfigDiscovery for DiscoveryService {
         let st = r.state.ok_or_else(|| Status::invalid_argument("state is required"))?;
         let health =
             crate::config::health_from_pb(st.health).ok_or_else(|| Status::invalid_argument("health is required"))?;
-        if self
+        let account = self
             .store
             .get_account(&st.account_id)
             .await
             .map_err(super::status_from_store)?
-            .is_none()
-        {
-            return Err(Status::not_found(format!("account {} not found", st.account_id)));
+            .ok_or_else(|| Status::not_found(format!("account {} not found", st.account_id)))?;
+        let stale = || async {
+            let head = self.store.head().await.map_err(super::status_from_store)?;
+            Ok::<_, Status>(Response::new(pb::AccountStateAck {
+                applied: false,
+                version: Some(to_pb(head)),
+            }))
+        };
+        if st.reset_generation < account.reset_generation {
+            // Seen before an operator cleared the account: the reset wins.
+            metrics::counter!("relay_account_state_reports_ignored_total", "reason" => "before_reset").increment(1);
+            return stale().await;
         }
         let now = crate::model::now_ms();
         let existing = self
@@ -331,11 +508,7 @@ impl ConfigDiscovery for DiscoveryService {
             live && e.health == health && (e.until == 0 || (st.until_ms != 0 && st.until_ms <= e.until + 1000))
         });
         if known {
-            let head = self.store.head().await.map_err(super::status_from_store)?;
-            return Ok(Response::new(pb::AccountStateAck {
-                applied: false,
-                version: Some(to_pb(head)),
-            }));
+            return stale().await;
         }
         let row = crate::model::AccountState {
             account_id: st.account_id.clone(),

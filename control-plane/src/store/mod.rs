@@ -57,6 +57,14 @@ pub trait Store: Send + Sync + 'static {
     /// the new head.
     async fn apply(&self, mutations: Vec<Mutation>, audit: AuditRecord) -> Result<Version>;
 
+    /// Starts a new epoch (same revision) if the head is still `seen`: history
+    /// was rewound (a restore), so revisions a data plane holds may now mean
+    /// something else, and a new epoch makes every data plane take a full
+    /// snapshot. The new epoch is above `seen`'s, `at_least`, and the current
+    /// time in ms. Audited with `reason`. Returns the head after the call
+    /// (unchanged when it had moved meanwhile).
+    async fn start_new_epoch(&self, seen: Version, at_least: u64, reason: &str) -> Result<Version>;
+
     /// The whole config at the current head, read consistently.
     async fn load_config(&self) -> Result<ConfigState>;
 

@@ -19,6 +19,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
     (2, include_str!("../../migrations/postgres/0002_account_states.sql")),
     (3, include_str!("../../migrations/postgres/0003_proxy_url_enc.sql")),
+    (4, include_str!("../../migrations/postgres/0004_config_sync.sql")),
 ];
 const NOTIFY_CHANNEL: &str = "relay_config";
 /// `application_name` of the LISTEN connection.
@@ -199,6 +200,7 @@ fn account_from(row: &Row, group_ids: Vec<String>) -> Result<Account> {
         status: parse(row.get::<_, &str>("status"))?,
         proxy_url: row.get("proxy_url"),
         proxy_url_enc: row.get("proxy_url_enc"),
+        reset_generation: to_u64(row.get("reset_generation"), "reset_generation")?,
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
         revision: to_u64(row.get("revision"), "revision")?,
@@ -286,7 +288,8 @@ fn write_err<'a>(kind: &'static str, name: &'a str) -> impl FnOnce(tokio_postgre
 }
 
 const ACCOUNT_COLS: &str = "id, name, kind, base_url, credential_enc, refresh_token_enc, credential_hint, \
-     credential_expires_at, priority, weight, max_concurrency, status, proxy_url, created_at, updated_at, revision, proxy_url_enc";
+     credential_expires_at, priority, weight, max_concurrency, status, proxy_url, created_at, updated_at, revision, proxy_url_enc, \
+     reset_generation";
 
 async fn load_accounts(c: &impl deadpool_postgres::GenericClient, filter: Option<&str>) -> Result<Vec<Account>> {
     let rows = match filter {
@@ -372,12 +375,14 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
         Mutation::InsertAccount(a) | Mutation::UpdateAccount { row: a, .. } => {
             let weight = i32::try_from(a.weight).map_err(db)?;
             let maxc = i32::try_from(a.max_concurrency).map_err(db)?;
+            let generation = to_i64(a.reset_generation, "reset_generation")?;
             let n = if let Mutation::UpdateAccount { expect_revision, .. } = m {
                 let expect = to_i64(*expect_revision, "revision")?;
                 tx.execute(
                     "UPDATE accounts SET name=$2, kind=$3, base_url=$4, credential_enc=$5, refresh_token_enc=$6, \
                      credential_hint=$7, credential_expires_at=$8, priority=$9, weight=$10, max_concurrency=$11, \
-                     status=$12, proxy_url=$13, updated_at=$14, revision=$15, proxy_url_enc=$17 WHERE id=$1 AND revision=$16",
+                     status=$12, proxy_url=$13, updated_at=$14, revision=$15, proxy_url_enc=$17, reset_generation=$18 \
+                     WHERE id=$1 AND revision=$16",
                     &[
                         &a.id,
                         &a.name,
@@ -396,17 +401,19 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
                         &rev,
                         &expect,
                         &a.proxy_url_enc,
+                        &generation,
                     ],
                 )
                 .await
                 .map_err(write_err("account", &a.name))?
             } else {
                 tx.execute(
-                    &format!("INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"),
+                    &format!("INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)"),
                     &[
                         &a.id, &a.name, &a.kind.as_str(), &a.base_url, &a.credential_enc, &a.refresh_token_enc,
                         &a.credential_hint, &a.credential_expires_at, &a.priority, &weight, &maxc,
                         &a.status.as_str(), &a.proxy_url, &a.created_at, &a.updated_at, &rev, &a.proxy_url_enc,
+                        &generation,
                     ],
                 )
                 .await
@@ -695,6 +702,45 @@ impl Store for PostgresStore {
         })
     }
 
+    async fn start_new_epoch(&self, seen: Version, at_least: u64, reason: &str) -> Result<Version> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let (e, r) = (to_i64(seen.epoch, "epoch")?, to_i64(seen.revision, "revision")?);
+        let floor = to_i64(at_least, "epoch")?;
+        let row = tx
+            .query_opt(
+                "UPDATE config_head SET epoch = GREATEST(epoch + 1, $3, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT) \
+                 WHERE epoch = $1 AND revision = $2 RETURNING epoch, revision",
+                &[&e, &r, &floor],
+            )
+            .await
+            .map_err(pg)?;
+        if row.is_none() {
+            drop(tx);
+            return self.head().await;
+        }
+        tx.execute(
+            "INSERT INTO audit_log (at, actor, action, target, detail, revision) VALUES ($1,$2,$3,$4,$5,$6)",
+            &[
+                &now_ms(),
+                &"control-plane",
+                &"config.new_epoch",
+                &"",
+                &serde_json::json!({ "reason": reason }).to_string(),
+                &r,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &r.to_string()])
+            .await
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        self.hint.notify_waiters();
+        self.hint.notify_one();
+        self.head().await
+    }
+
     async fn load_config(&self) -> Result<ConfigState> {
         let mut c = self.client().await?;
         let tx = c
@@ -906,16 +952,22 @@ impl Store for PostgresStore {
                 )
                 .await
             }
-            ProxyEvent::Acked(ver) => {
-                let (e, r) = v(Some(ver))?;
+            ProxyEvent::Acked { version, rejected } => {
+                let (e, r) = v(Some(version))?;
+                // A NACK is history once a later version is applied.
                 c.execute(
-                    "UPDATE proxies SET acked_epoch=$2, acked_revision=$3, last_seen=$4 WHERE node_id=$1",
-                    &[&node_id, &e, &r, &now],
+                    "UPDATE proxies SET acked_epoch=$2, acked_revision=$3, last_seen=$4, rejected=$5, \
+                     nack_epoch = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN NULL ELSE nack_epoch END, \
+                     nack_revision = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN NULL ELSE nack_revision END, \
+                     nack_error = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN '' ELSE nack_error END, \
+                     nack_at = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN 0 ELSE nack_at END \
+                     WHERE node_id=$1",
+                    &[&node_id, &e, &r, &now, &rejected_to_json(&rejected)],
                 )
                 .await
             }
-            ProxyEvent::Nacked { serving, error } => {
-                let (e, r) = v(serving)?;
+            ProxyEvent::Nacked { version, error, .. } => {
+                let (e, r) = v(Some(version))?;
                 c.execute(
                     "UPDATE proxies SET nack_epoch=$2, nack_revision=$3, nack_error=$4, nack_at=$5, last_seen=$5 \
                      WHERE node_id=$1",
@@ -940,7 +992,7 @@ impl Store for PostgresStore {
         let rows = c
             .query(
                 "SELECT node_id, build_version, acked_epoch, acked_revision, nack_epoch, nack_revision, nack_error, \
-                 nack_at, last_seen, connected, replica FROM proxies ORDER BY node_id",
+                 nack_at, last_seen, connected, replica, rejected FROM proxies ORDER BY node_id",
                 &[],
             )
             .await
@@ -957,6 +1009,7 @@ impl Store for PostgresStore {
                     last_seen: r.get(8),
                     connected: r.get(9),
                     replica: r.get(10),
+                    rejected: rejected_from_json(r.get(11)),
                 })
             })
             .collect()

@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_account_states.sql")),
     (3, include_str!("../../migrations/sqlite/0003_proxy_url_enc.sql")),
+    (4, include_str!("../../migrations/sqlite/0004_config_sync.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -211,7 +212,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 
 const ACCOUNT_COLS: &str = "id, name, kind, base_url, credential_enc, refresh_token_enc, \
      credential_hint, credential_expires_at, priority, weight, max_concurrency, status, \
-     proxy_url, created_at, updated_at, revision, proxy_url_enc";
+     proxy_url, created_at, updated_at, revision, proxy_url_enc, reset_generation";
 
 fn account_from_row(row: &Row<'_>) -> rusqlite::Result<Account> {
     Ok(Account {
@@ -233,12 +234,13 @@ fn account_from_row(row: &Row<'_>) -> rusqlite::Result<Account> {
         updated_at: row.get(14)?,
         revision: col_u64(row, 15)?,
         proxy_url_enc: row.get(16)?,
+        reset_generation: col_u64(row, 17)?,
     })
 }
 
-/// Values for `ACCOUNT_COLS` as `?1..?17`.
-fn account_values(a: &Account, revision: i64) -> Vec<Value> {
-    vec![
+/// Values for `ACCOUNT_COLS` as `?1..?18`.
+fn account_values(a: &Account, revision: i64) -> Result<Vec<Value>> {
+    Ok(vec![
         Value::Text(a.id.clone()),
         Value::Text(a.name.clone()),
         Value::Text(a.kind.as_str().to_owned()),
@@ -256,7 +258,8 @@ fn account_values(a: &Account, revision: i64) -> Vec<Value> {
         Value::Integer(a.updated_at),
         Value::Integer(revision),
         a.proxy_url_enc.clone().map_or(Value::Null, Value::Blob),
-    ]
+        Value::Integer(to_i64(a.reset_generation, "reset_generation")?),
+    ])
 }
 
 const API_KEY_COLS: &str = "id, name, key_hash, key_prefix, status, expires_at, group_id, \
@@ -382,6 +385,7 @@ fn proxy_from_row(row: &Row<'_>) -> rusqlite::Result<ProxyState> {
         last_seen: row.get(8)?,
         connected: connected != 0,
         replica: row.get(10)?,
+        rejected: rejected_from_json(&row.get::<_, String>(11)?),
     })
 }
 
@@ -586,15 +590,15 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
             tx.execute(
                 &format!(
                     "INSERT INTO accounts ({ACCOUNT_COLS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
                 ),
-                params_from_iter(account_values(a, rev)),
+                params_from_iter(account_values(a, rev)?),
             )
             .map_err(write_err(ResourceKind::Account, &a.name))?;
             set_account_groups(tx, &a.id, &a.group_ids)?;
         }
         Mutation::UpdateAccount { row, expect_revision } => {
-            let mut values = account_values(row, rev);
+            let mut values = account_values(row, rev)?;
             values.push(Value::Integer(to_i64(*expect_revision, "revision")?));
             // created_at (?14) is immutable; SQLite allows an unreferenced
             // parameter below the highest one used.
@@ -603,8 +607,8 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
                     "UPDATE accounts SET name = ?2, kind = ?3, base_url = ?4, credential_enc = ?5, \
                      refresh_token_enc = ?6, credential_hint = ?7, credential_expires_at = ?8, \
                      priority = ?9, weight = ?10, max_concurrency = ?11, status = ?12, \
-                     proxy_url = ?13, updated_at = ?15, revision = ?16, proxy_url_enc = ?17 \
-                     WHERE id = ?1 AND revision = ?18",
+                     proxy_url = ?13, updated_at = ?15, revision = ?16, proxy_url_enc = ?17, \
+                     reset_generation = ?18 WHERE id = ?1 AND revision = ?19",
                     params_from_iter(values),
                 )
                 .map_err(write_err(ResourceKind::Account, &row.name))?;
@@ -801,7 +805,6 @@ fn apply_tx(conn: &mut Connection, mutations: &[Mutation], audit: &AuditRecord) 
 
 fn record_proxy_tx(conn: &Connection, node_id: &str, replica: &str, event: &ProxyEvent) -> Result<()> {
     let now = now_ms();
-    let opt_u64 = |v: Option<u64>, what: &str| v.map(|v| to_i64(v, what)).transpose();
     match event {
         ProxyEvent::Connected { build_version, held: _ } => {
             conn.execute(
@@ -813,23 +816,26 @@ fn record_proxy_tx(conn: &Connection, node_id: &str, replica: &str, event: &Prox
             )
             .map_err(db)?;
         }
-        ProxyEvent::Acked(v) => {
+        ProxyEvent::Acked { version: v, rejected } => {
+            let (e, r) = (to_i64(v.epoch, "epoch")?, to_i64(v.revision, "revision")?);
             conn.execute(
                 "INSERT INTO proxies (node_id, acked_epoch, acked_revision, last_seen, connected, \
-                 replica) VALUES (?1, ?2, ?3, ?4, 1, ?5) \
+                 replica, rejected) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6) \
                  ON CONFLICT (node_id) DO UPDATE SET acked_epoch = excluded.acked_epoch, \
-                 acked_revision = excluded.acked_revision, last_seen = excluded.last_seen",
-                params![
-                    node_id,
-                    to_i64(v.epoch, "epoch")?,
-                    to_i64(v.revision, "revision")?,
-                    now,
-                    replica
-                ],
+                 acked_revision = excluded.acked_revision, last_seen = excluded.last_seen, \
+                 rejected = excluded.rejected",
+                params![node_id, e, r, now, replica, rejected_to_json(rejected)],
+            )
+            .map_err(db)?;
+            // A NACK is history once a later version is applied.
+            conn.execute(
+                "UPDATE proxies SET nack_epoch = NULL, nack_revision = NULL, nack_error = '', nack_at = 0 \
+                 WHERE node_id = ?1 AND nack_epoch IS NOT NULL AND (nack_epoch <> ?2 OR nack_revision <= ?3)",
+                params![node_id, e, r],
             )
             .map_err(db)?;
         }
-        ProxyEvent::Nacked { serving, error } => {
+        ProxyEvent::Nacked { version, error, .. } => {
             conn.execute(
                 "INSERT INTO proxies (node_id, nack_epoch, nack_revision, nack_error, nack_at, \
                  last_seen, connected, replica) VALUES (?1, ?2, ?3, ?4, ?5, ?5, 1, ?6) \
@@ -838,8 +844,8 @@ fn record_proxy_tx(conn: &Connection, node_id: &str, replica: &str, event: &Prox
                  nack_at = excluded.nack_at, last_seen = excluded.last_seen",
                 params![
                     node_id,
-                    opt_u64(serving.map(|v| v.epoch), "epoch")?,
-                    opt_u64(serving.map(|v| v.revision), "revision")?,
+                    to_i64(version.epoch, "epoch")?,
+                    to_i64(version.revision, "revision")?,
                     error,
                     now,
                     replica
@@ -993,6 +999,42 @@ impl Store for SqliteStore {
         Ok(version)
     }
 
+    async fn start_new_epoch(&self, seen: Version, at_least: u64, reason: &str) -> Result<Version> {
+        let reason = reason.to_owned();
+        let floor = to_i64(at_least, "epoch")?;
+        let (head, changed) = self
+            .with_conn(move |c| {
+                let tx = c
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db)?;
+                let (e, r) = (to_i64(seen.epoch, "epoch")?, to_i64(seen.revision, "revision")?);
+                let n = tx
+                    .execute(
+                        "UPDATE config_head SET epoch = MAX(epoch + 1, ?3, ?4) \
+                         WHERE singleton = 1 AND epoch = ?1 AND revision = ?2",
+                        params![e, r, now_ms(), floor],
+                    )
+                    .map_err(db)?;
+                if n == 1 {
+                    tx.execute(
+                        "INSERT INTO audit_log (at, actor, action, target, detail, revision) \
+                         VALUES (?1, 'control-plane', 'config.new_epoch', '', ?2, ?3)",
+                        params![now_ms(), serde_json::json!({ "reason": reason }).to_string(), r],
+                    )
+                    .map_err(db)?;
+                }
+                let head = read_head(&tx)?;
+                tx.commit().map_err(db)?;
+                Ok((head, n == 1))
+            })
+            .await?;
+        if changed {
+            self.hint.notify_waiters();
+            self.hint.notify_one();
+        }
+        Ok(head)
+    }
+
     async fn load_config(&self) -> Result<ConfigState> {
         self.with_conn(|c| {
             let tx = c.transaction().map_err(db)?;
@@ -1124,7 +1166,7 @@ impl Store for SqliteStore {
             query_list(
                 c,
                 "SELECT node_id, build_version, acked_epoch, acked_revision, nack_epoch, \
-                 nack_revision, nack_error, nack_at, last_seen, connected, replica \
+                 nack_revision, nack_error, nack_at, last_seen, connected, replica, rejected \
                  FROM proxies ORDER BY node_id",
                 [],
                 proxy_from_row,

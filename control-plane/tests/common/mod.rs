@@ -180,6 +180,7 @@ impl Cp {
                 node_id: node.to_string(),
                 build_version: "test".into(),
                 held,
+                ..Default::default()
             })),
         })
         .await
@@ -221,6 +222,7 @@ impl Watcher {
                 kind: Some(pb::watch_request::Kind::Ack(pb::Ack {
                     nonce: u.nonce.clone(),
                     version: u.version,
+                    ..Default::default()
                 })),
             })
             .await
@@ -234,6 +236,7 @@ impl Watcher {
                     nonce: u.nonce.clone(),
                     serving,
                     error: error.to_string(),
+                    reason: pb::NackReason::Invalid as i32,
                 })),
             })
             .await

@@ -5,34 +5,29 @@
 use crate::upstream::usage::PriceTable;
 use arc_swap::ArcSwapOption;
 use relay_proto::v1 as pb;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Why an update cannot be served at all (the old config keeps serving).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InvalidConfig {
-    #[error("duplicate {kind} id {id}")]
-    DuplicateId { kind: &'static str, id: String },
-    #[error("api key {key} refers to unknown group {group}")]
-    KeyGroup { key: String, group: String },
-    #[error("account {account} refers to unknown group {group}")]
-    AccountGroup { account: String, group: String },
-    #[error("account {0} has weight 0")]
-    ZeroWeight(String),
-    #[error("account {account} has an invalid base URL: {reason}")]
-    BaseUrl { account: String, reason: String },
-    #[error("account {account} has an unusable proxy URL: {reason}")]
-    ProxyUrl {
-        account: String,
-        reason: crate::upstream::client::ProxyUrlError,
-    },
-    #[error("account {0} has an unknown kind")]
-    AccountKind(String),
-    #[error("two api keys share one hash ({0} and another)")]
-    DuplicateKeyHash(String),
-    #[error("settings are missing or carry no api-key hash secret")]
-    NoHashSecret,
+    /// The update does not lead to the config it claims: the control plane
+    /// answers with a full snapshot.
     #[error(transparent)]
     Apply(#[from] relay_proto::ApplyError),
+    /// The config as a whole fails validation.
+    #[error(transparent)]
+    Structure(#[from] relay_proto::validate::StructuralError),
+}
+
+impl InvalidConfig {
+    /// What the NACK says about it.
+    pub fn nack_reason(&self) -> pb::NackReason {
+        match self {
+            InvalidConfig::Apply(_) => pb::NackReason::Diverged,
+            InvalidConfig::Structure(_) => pb::NackReason::Invalid,
+        }
+    }
 }
 
 /// How the data plane authenticates to an account.
@@ -92,6 +87,8 @@ pub struct ServingConfig {
     pub hash: String,
     /// The complete config as received (canonical order), kept to apply deltas and to cache.
     pub resources: pb::Resources,
+    /// Accounts and keys this data plane cannot use: out of service, reported in the ACK.
+    pub rejected: Vec<pb::RejectedResource>,
     hash_secret: Vec<u8>,
     keys_by_hash: HashMap<String, Arc<KeyEntry>>,
     /// Enabled and disabled accounts of each group, sorted by (priority, id).
@@ -114,50 +111,44 @@ impl std::fmt::Debug for ServingConfig {
     }
 }
 
-fn check_unique<'a>(kind: &'static str, ids: impl Iterator<Item = &'a String>) -> Result<(), InvalidConfig> {
-    let mut seen = HashSet::new();
-    for id in ids {
-        if !seen.insert(id) {
-            return Err(InvalidConfig::DuplicateId { kind, id: id.clone() });
-        }
-    }
-    Ok(())
+fn header(v: &str) -> Option<http::HeaderValue> {
+    let mut h = http::HeaderValue::from_str(v).ok()?;
+    h.set_sensitive(true);
+    Some(h)
 }
 
-fn header(v: &str, account: &str) -> Result<http::HeaderValue, InvalidConfig> {
-    let mut h = http::HeaderValue::from_str(v).map_err(|_| InvalidConfig::BaseUrl {
-        account: account.to_string(),
-        reason: "credential is not a valid header value".into(),
-    })?;
-    h.set_sensitive(true);
-    Ok(h)
+fn reject(out: &mut Vec<pb::RejectedResource>, kind: pb::ResourceKind, id: &str, error: String) {
+    out.push(pb::RejectedResource {
+        r#ref: Some(pb::ResourceRef {
+            kind: kind as i32,
+            id: id.to_string(),
+        }),
+        error,
+    });
 }
 
 impl ServingConfig {
     /// Validates and indexes a complete config. Nothing is shared with the
-    /// config being served until this returns Ok.
+    /// config being served until this returns Ok. A structural fault refuses
+    /// the whole config; an account or key that cannot be used is left out of
+    /// service and listed in [`ServingConfig::rejected`] (validation is
+    /// [`relay_proto::validate`], the same code the control plane runs).
     pub fn build(version: pb::ConfigVersion, resources: pb::Resources) -> Result<Self, InvalidConfig> {
         let r = &resources;
-        check_unique("api key", r.api_keys.iter().map(|k| &k.id))?;
-        check_unique("account", r.accounts.iter().map(|a| &a.id))?;
-        check_unique("group", r.groups.iter().map(|g| &g.id))?;
-        check_unique("price", r.prices.iter().map(|p| &p.id))?;
+        let mut rejected = relay_proto::validate::config(r)?;
         let hash_secret = r
             .settings
             .as_ref()
             .map(|s| s.api_key_hash_secret.clone())
-            .filter(|s| s.len() >= 16)
-            .ok_or(InvalidConfig::NoHashSecret)?;
-        let groups: HashSet<&str> = r.groups.iter().map(|g| g.id.as_str()).collect();
+            .unwrap_or_default();
+        let out: std::collections::HashSet<(i32, &str)> = rejected
+            .iter()
+            .filter_map(|x| x.r#ref.as_ref().map(|r| (r.kind, r.id.as_str())))
+            .collect();
+        let usable = |kind: pb::ResourceKind, id: &str| !out.contains(&(kind as i32, id));
 
         let mut keys_by_hash = HashMap::with_capacity(r.api_keys.len());
-        for k in &r.api_keys {
-            if !groups.contains(k.group_id.as_str()) {
-                return Err(InvalidConfig::KeyGroup {
-                    key: k.name.clone(),
-                    group: k.group_id.clone(),
-                });
-            }
+        for k in r.api_keys.iter().filter(|k| usable(pb::ResourceKind::ApiKey, &k.id)) {
             let entry = Arc::new(KeyEntry {
                 id: k.id.clone(),
                 name: k.name.clone(),
@@ -167,66 +158,57 @@ impl ServingConfig {
                 allowed_models: k.allowed_models.clone(),
                 limits: k.limits.unwrap_or_default(),
             });
-            if keys_by_hash.insert(k.key_hash.clone(), entry).is_some() {
-                return Err(InvalidConfig::DuplicateKeyHash(k.name.clone()));
-            }
+            keys_by_hash.insert(k.key_hash.clone(), entry);
         }
 
         let mut accounts_by_group: HashMap<String, Vec<Arc<AccountEntry>>> = HashMap::new();
-        for a in &r.accounts {
+        let mut late = Vec::new();
+        for a in r.accounts.iter().filter(|a| usable(pb::ResourceKind::Account, &a.id)) {
+            // Validated above; what is left can only fail if this build and
+            // the shared validation disagree, and then only this account goes.
             let kind = match pb::AccountKind::try_from(a.kind) {
                 Ok(pb::AccountKind::AnthropicApiKey) => AccountKind::ApiKey,
                 Ok(pb::AccountKind::ClaudeOauth) => AccountKind::OAuth,
-                Ok(pb::AccountKind::AnthropicCompatible) => AccountKind::Compatible,
-                _ => return Err(InvalidConfig::AccountKind(a.name.clone())),
+                _ => AccountKind::Compatible,
             };
-            let enabled = a.status == pb::AccountStatus::Enabled as i32;
-            if a.weight == 0 && enabled {
-                return Err(InvalidConfig::ZeroWeight(a.name.clone()));
-            }
-            let uri: http::Uri = a
-                .base_url
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| InvalidConfig::BaseUrl {
-                    account: a.name.clone(),
-                    reason: e.to_string(),
-                })?;
-            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                return Err(InvalidConfig::BaseUrl {
-                    account: a.name.clone(),
-                    reason: "expected an absolute http(s) URL".into(),
-                });
-            }
+            let proxy = match a.proxy_url.as_str() {
+                "" => Ok(None),
+                url => crate::upstream::client::ProxySpec::parse(url).map(Some),
+            };
+            let (credential, bearer, proxy) = match (
+                header(&a.credential),
+                header(&format!("Bearer {}", a.credential)),
+                proxy,
+            ) {
+                (Some(c), Some(b), Ok(p)) => (c, b, p),
+                (_, _, Err(e)) => {
+                    late.push((a.id.clone(), format!("unusable proxy URL: {e}")));
+                    continue;
+                }
+                _ => {
+                    late.push((a.id.clone(), "the credential is not a valid header value".into()));
+                    continue;
+                }
+            };
             let entry = Arc::new(AccountEntry {
                 id: a.id.clone(),
                 name: a.name.clone(),
                 kind,
                 base_url: a.base_url.trim_end_matches('/').to_string(),
-                credential: header(&a.credential, &a.name)?,
-                bearer: header(&format!("Bearer {}", a.credential), &a.name)?,
+                credential,
+                bearer,
                 priority: a.priority,
                 weight: a.weight,
-                enabled,
+                enabled: a.status == pb::AccountStatus::Enabled as i32,
                 max_concurrency: a.max_concurrency,
-                proxy: match a.proxy_url.as_str() {
-                    "" => None,
-                    url => Some(crate::upstream::client::ProxySpec::parse(url).map_err(|reason| {
-                        InvalidConfig::ProxyUrl {
-                            account: a.name.clone(),
-                            reason,
-                        }
-                    })?),
-                },
+                proxy,
             });
             for g in &a.group_ids {
-                if !groups.contains(g.as_str()) {
-                    return Err(InvalidConfig::AccountGroup {
-                        account: a.name.clone(),
-                        group: g.clone(),
-                    });
-                }
                 accounts_by_group.entry(g.clone()).or_default().push(entry.clone());
             }
+        }
+        for (id, error) in late {
+            reject(&mut rejected, pb::ResourceKind::Account, &id, error);
         }
         for list in accounts_by_group.values_mut() {
             list.sort_by(|a, b| (a.priority, &a.id).cmp(&(b.priority, &b.id)));
@@ -245,6 +227,7 @@ impl ServingConfig {
         Ok(Self {
             version,
             hash,
+            rejected,
             hash_secret,
             keys_by_hash,
             accounts_by_group,

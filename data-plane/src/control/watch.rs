@@ -78,6 +78,8 @@ pub type OnApply = Arc<dyn Fn(&ServingConfig) + Send + Sync>;
 pub struct Watcher {
     pub link: ControlPlaneLink,
     pub node_id: String,
+    /// Random per process (see `Hello.instance_id`).
+    pub instance_id: String,
     pub holder: Arc<ConfigHolder>,
     pub cache: Option<Arc<ConfigCache>>,
     pub on_apply: Option<OnApply>,
@@ -144,12 +146,15 @@ impl Watcher {
         })
         .max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(4);
-        let held = self.holder.get().map(|c| c.version);
+        let current = self.holder.get();
+        let held = current.as_ref().map(|c| c.version);
         tx.send(pb::WatchRequest {
             kind: Some(pb::watch_request::Kind::Hello(pb::Hello {
                 node_id: self.node_id.clone(),
                 build_version: env!("CARGO_PKG_VERSION").to_string(),
                 held,
+                held_hash: current.as_ref().map(|c| c.hash.clone()).unwrap_or_default(),
+                instance_id: self.instance_id.clone(),
             })),
         })
         .await
@@ -176,7 +181,18 @@ impl Watcher {
                 let changed = current
                     .as_ref()
                     .is_none_or(|c| c.hash != next.hash || c.version != next.version);
+                let rejected = next.rejected.clone();
                 if changed {
+                    for x in &rejected {
+                        let before = current.as_ref().is_some_and(|c| c.rejected.contains(x));
+                        if !before {
+                            let r = x.r#ref.clone().unwrap_or_default();
+                            let kind = pb::ResourceKind::try_from(r.kind)
+                                .map(|k| k.as_str_name())
+                                .unwrap_or("?");
+                            tracing::warn!(kind, id = %r.id, error = %x.error, "config resource taken out of service; the rest applies");
+                        }
+                    }
                     let resources = self.cache.as_ref().map(|_| next.resources.clone());
                     if let Some(hook) = &self.on_apply {
                         hook(&next);
@@ -195,6 +211,7 @@ impl Watcher {
                     kind: Some(pb::watch_request::Kind::Ack(pb::Ack {
                         nonce: update.nonce.clone(),
                         version: Some(version),
+                        rejected,
                     })),
                 }
             }
@@ -206,6 +223,7 @@ impl Watcher {
                         nonce: update.nonce.clone(),
                         serving,
                         error: e.to_string(),
+                        reason: e.nack_reason() as i32,
                     })),
                 }
             }

@@ -1033,6 +1033,7 @@ fn state(
         scope: scope.to_string(),
         since_ms: now,
         reported_by: node_id.to_string(),
+        reset_generation: 0,
     }
 }
 
@@ -1053,6 +1054,9 @@ fn prefer(report: &mut Option<pb::AccountState>, new: pb::AccountState) {
 pub struct HealthRegistry {
     node_id: String,
     accounts: RwLock<HashMap<Box<str>, Mutex<Tracked>>>,
+    /// Each account's `reset_generation` in the config served: when it moves, an operator cleared
+    /// the account (reset, enable, new credential or route) and everything known here goes too.
+    generations: RwLock<HashMap<String, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1064,7 +1068,52 @@ impl HealthRegistry {
         Self {
             node_id: node_id.to_string(),
             accounts: RwLock::new(HashMap::new()),
+            generations: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// Follows a config just applied (call on every config swap): accounts whose `reset_generation`
+    /// moved lose everything known here (local states, the circuit breaker), as the operator cleared
+    /// them on the control plane; then the fleet view is replaced ([`Self::sync_shared`]).
+    pub fn sync(&self, resources: &pb::Resources) {
+        self.sync_at(resources, wall_now_ms());
+    }
+
+    /// [`Self::sync`] with an explicit clock (unix ms).
+    pub fn sync_at(&self, resources: &pb::Resources, now_ms: i64) {
+        let mut cleared = Vec::new();
+        {
+            let mut gens = self.generations.write().unwrap_or_else(PoisonError::into_inner);
+            let next: HashMap<String, u64> = resources
+                .accounts
+                .iter()
+                .map(|a| (a.id.clone(), a.reset_generation))
+                .collect();
+            for (id, g) in &next {
+                if gens.get(id).is_some_and(|old| old != g) {
+                    cleared.push(id.as_str());
+                }
+            }
+            {
+                let mut map = self.accounts.write().unwrap_or_else(PoisonError::into_inner);
+                for id in &cleared {
+                    if let Some(slot) = map.get_mut(*id) {
+                        let t = slot.get_mut().unwrap_or_else(PoisonError::into_inner);
+                        t.local.clear();
+                        t.breaker = Breaker::default();
+                    }
+                }
+            }
+            *gens = next;
+        }
+        self.sync_shared_at(&resources.account_states, now_ms);
+    }
+
+    /// The `reset_generation` of the account in the config served (0 if unknown): reports carry it,
+    /// so the control plane can tell one made before a reset.
+    pub fn generation(&self, account_id: &str) -> u64 {
+        let gens = self.generations.read().unwrap_or_else(PoisonError::into_inner);
+        gens.get(account_id).copied().unwrap_or(0)
     }
 
     /// Replaces the fleet view with the states in the config just applied (call on every config swap).
@@ -1120,11 +1169,15 @@ impl HealthRegistry {
     ) -> (Verdict, Option<pb::AccountState>) {
         let plan = classify(outcome, model, settings, now_ms);
         let verdict = plan.verdict.clone();
+        let stamp = |mut st: pb::AccountState| {
+            st.reset_generation = self.generation(account_id);
+            st
+        };
         {
             let map = self.accounts.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(slot) = map.get(account_id) {
                 let report = lock(slot).apply(plan, account_id, &self.node_id, settings, now_ms);
-                return (verdict, report);
+                return (verdict, report.map(stamp));
             }
             if !plan.changes_state() {
                 return (verdict, None);
@@ -1139,7 +1192,7 @@ impl HealthRegistry {
             settings,
             now_ms,
         );
-        (verdict, report)
+        (verdict, report.map(stamp))
     }
 
     /// A successful answer's headers: unified utilization tracking, and the breaker closes (when
@@ -1291,6 +1344,7 @@ mod tests {
             scope: scope.into(),
             since_ms,
             reported_by: "dp-other".into(),
+            reset_generation: 0,
         }
     }
 

@@ -42,28 +42,7 @@ pub enum ClientError {
     Tls(String),
 }
 
-/// Why a proxy URL cannot be used. Never carries the URL itself: it may hold a password.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ProxyUrlError {
-    #[error("the proxy URL does not parse")]
-    Unparsable,
-    #[error("proxy scheme {0:?} is not supported (use http, socks5 or socks5h)")]
-    Scheme(String),
-    #[error("the proxy URL has no host")]
-    NoHost,
-    #[error("the proxy URL must not have a path or query")]
-    Path,
-    #[error("the proxy user or password is not valid UTF-8 once percent-decoded")]
-    Userinfo,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyKind {
-    /// HTTP CONNECT tunnel.
-    Http,
-    /// SOCKS5; `remote_dns`: the proxy resolves the upstream's name (`socks5h`).
-    Socks5 { remote_dns: bool },
-}
+pub use relay_proto::validate::{ProxyKind, ProxyUrlError};
 
 /// An account's outbound proxy, parsed and checked when the config is built.
 #[derive(Clone, PartialEq, Eq)]
@@ -87,47 +66,18 @@ impl std::fmt::Debug for ProxySpec {
 }
 
 impl ProxySpec {
-    /// Parses `scheme://[user[:password]@]host[:port]`; the port defaults to
-    /// 1080 as in curl. User and password are percent-decoded.
+    /// Parses `scheme://[user[:password]@]host[:port]` with the one parser the
+    /// control plane validates with ([`relay_proto::validate::parse_proxy_url`]).
     pub fn parse(url: &str) -> Result<Self, ProxyUrlError> {
-        let uri: Uri = url.parse().map_err(|_| ProxyUrlError::Unparsable)?;
-        let kind = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
-            Some("http") => ProxyKind::Http,
-            Some("socks5") => ProxyKind::Socks5 { remote_dns: false },
-            Some("socks5h") => ProxyKind::Socks5 { remote_dns: true },
-            Some(other) => return Err(ProxyUrlError::Scheme(other.to_string())),
-            None => return Err(ProxyUrlError::Unparsable),
-        };
-        let authority = uri.authority().ok_or(ProxyUrlError::NoHost)?;
-        if !matches!(uri.path_and_query().map(|p| p.as_str()), None | Some("") | Some("/")) {
-            return Err(ProxyUrlError::Path);
-        }
-        let host = authority.host();
-        if host.is_empty() {
-            return Err(ProxyUrlError::NoHost);
-        }
-        let port = authority.port_u16().unwrap_or(1080);
-        let auth = match authority.as_str().rsplit_once('@') {
-            None => None,
-            Some((userinfo, _)) => {
-                let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                let decode = |s: &str| {
-                    percent_encoding::percent_decode_str(s)
-                        .decode_utf8()
-                        .map(|c| c.into_owned())
-                        .map_err(|_| ProxyUrlError::Userinfo)
-                };
-                Some((decode(user)?, decode(pass)?))
-            }
-        };
-        let addr: Uri = format!("http://{host}:{port}")
+        let p = relay_proto::validate::parse_proxy_url(url)?;
+        let addr: Uri = format!("http://{}:{}", p.host, p.port)
             .parse()
             .map_err(|_| ProxyUrlError::Unparsable)?;
         Ok(Self {
             url: url.to_string(),
-            kind,
+            kind: p.kind,
             addr,
-            auth,
+            auth: p.auth,
         })
     }
 
