@@ -1252,25 +1252,6 @@ impl Admin for AdminService {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_and_urls() {
-        assert!(validate_name("x", "team-a_1").is_ok());
-        assert!(validate_name("x", "").is_err());
-        assert!(validate_name("x", "a b").is_err());
-        assert!(validate_url("u", "https://api.anthropic.com", &["https"]).is_ok());
-        assert!(validate_url("u", "api.anthropic.com", &["https"]).is_err());
-        assert_eq!(redact_url("http://user:pw@proxy:3128"), "http://…@proxy:3128");
-        assert!(validate_models(&["claude-*".into()]).is_ok());
-        assert!(validate_models(&["cl*aude".into()]).is_err());
-        assert_eq!(validate_weight(0).ok(), Some(1));
-        assert!(validate_weight(MAX_WEIGHT + 1).is_err());
-    }
-}
-
 fn resource_kind_to_pb(k: ResourceKind) -> pb::ResourceKind {
     match k {
         ResourceKind::ApiKey => pb::ResourceKind::ApiKey,
@@ -1301,4 +1282,23 @@ struct AccountView {
     groups: BTreeMap<String, String>,
     states: Vec<AccountState>,
     config_errors: BTreeMap<String, Vec<String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_urls() {
+        assert!(validate_name("x", "team-a_1").is_ok());
+        assert!(validate_name("x", "").is_err());
+        assert!(validate_name("x", "a b").is_err());
+        assert!(validate_url("u", "https://api.anthropic.com", &["https"]).is_ok());
+        assert!(validate_url("u", "api.anthropic.com", &["https"]).is_err());
+        assert_eq!(redact_url("http://user:pw@proxy:3128"), "http://…@proxy:3128");
+        assert!(validate_models(&["claude-*".into()]).is_ok());
+        assert!(validate_models(&["cl*aude".into()]).is_err());
+        assert_eq!(validate_weight(0).ok(), Some(1));
+        assert!(validate_weight(MAX_WEIGHT + 1).is_err());
+    }
 }
