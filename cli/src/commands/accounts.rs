@@ -95,6 +95,10 @@ pub const COLUMNS: &[Column<AccountInfo>] = &[
     }),
     Column::new("credential_hint", "Credential", |a| Value::opt_text(&a.credential_hint)),
     Column::new("health", "Health", |a| Value::Text(health_summary(&a.states))),
+    // Data planes that took the account out of service (they cannot use it).
+    Column::new("config_errors", "Out of service on", |a| {
+        Value::list(&a.config_errors, "-")
+    }),
     Column::detail("states", "States", |a| Value::Json(states_json(&a.states))),
     Column::detail("base_url", "Base URL", |a| Value::opt_text(&a.base_url)),
     Column::detail("proxy_url", "Proxy URL", |a| Value::opt_text(&a.proxy_url)),

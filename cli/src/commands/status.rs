@@ -32,6 +32,15 @@ fn opt_version(v: Option<&ConfigVersion>) -> Value {
     version_string(v).map_or(Value::Null, Value::Text)
 }
 
+fn kind_name(x: &relay_proto::v1::RejectedResource) -> &'static str {
+    let kind = x.r#ref.as_ref().map_or(0, |r| r.kind);
+    match relay_proto::v1::ResourceKind::try_from(kind) {
+        Ok(relay_proto::v1::ResourceKind::Account) => "account",
+        Ok(relay_proto::v1::ResourceKind::ApiKey) => "key",
+        _ => "resource",
+    }
+}
+
 const PROXY_COLUMNS: &[Column<ProxyRow>] = &[
     Column::new("node_id", "Node", |r| Value::text(&r.p.node_id)),
     Column::new("build_version", "Build", |r| Value::opt_text(&r.p.build_version)),
@@ -41,10 +50,25 @@ const PROXY_COLUMNS: &[Column<ProxyRow>] = &[
     Column::new("last_nack_error", "Last NACK error", |r| {
         Value::opt_text(&r.p.last_nack_error)
     }),
-    Column::detail("last_nack_version", "Last NACK version", |r| {
+    Column::new("last_nack_version", "NACKed version", |r| {
         opt_version(r.p.last_nack_version.as_ref())
     }),
-    Column::detail("last_nack_at", "Last NACK at", |r| Value::Time(r.p.last_nack_at_ms)),
+    Column::new("last_nack_at", "NACKed at", |r| Value::Time(r.p.last_nack_at_ms)),
+    Column::new("rejected", "Out of service", |r| {
+        let items: Vec<String> =
+            r.p.rejected
+                .iter()
+                .map(|x| {
+                    format!(
+                        "{} {}: {}",
+                        kind_name(x),
+                        x.r#ref.as_ref().map_or("", |r| r.id.as_str()),
+                        x.error
+                    )
+                })
+                .collect();
+        Value::list(&items, "-")
+    }),
     Column::new("last_seen", "Last seen", |r| Value::Time(r.p.last_seen_ms)),
     Column::new("connected", "Connected", |r| Value::Bool(r.p.connected)),
     Column::detail("replica", "Replica", |r| Value::opt_text(&r.p.replica)),

@@ -1074,7 +1074,8 @@ impl HealthRegistry {
 
     /// Follows a config just applied (call on every config swap): accounts whose `reset_generation`
     /// moved lose everything known here (local states, the circuit breaker), as the operator cleared
-    /// them on the control plane; then the fleet view is replaced ([`Self::sync_shared`]).
+    /// them on the control plane; accounts no longer in the config are forgotten; then the fleet view
+    /// is replaced ([`Self::sync_shared`]).
     pub fn sync(&self, resources: &pb::Resources) {
         self.sync_at(resources, wall_now_ms());
     }
@@ -1096,6 +1097,8 @@ impl HealthRegistry {
             }
             {
                 let mut map = self.accounts.write().unwrap_or_else(PoisonError::into_inner);
+                // An account no longer in the config is forgotten.
+                map.retain(|id, _| next.contains_key(id.as_ref()));
                 for id in &cleared {
                     if let Some(slot) = map.get_mut(*id) {
                         let t = slot.get_mut().unwrap_or_else(PoisonError::into_inner);

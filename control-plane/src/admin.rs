@@ -1,0 +1,1304 @@
+//! The Admin service (what `relayctl` calls): validation, secrets sealed or
+//! hashed before they reach the store, optimistic-concurrency retries, and an
+//! audit record for every write. Reads need a read-only or admin token; writes
+//! need an admin token.
+
+use super::auth::{Actor, Authenticator, Need};
+use super::status_from_store;
+use crate::config::{account_kind_to_pb, account_state_to_pb, key_status_to_pb, limits_to_pb, price_to_pb};
+use crate::crypto::{self, MasterKey};
+use crate::model::{self, *};
+use crate::store::{DynStore, StoreError};
+use relay_proto::v1 as pb;
+use relay_proto::v1::admin_server::Admin;
+use serde_json::json;
+use std::collections::BTreeMap;
+use tonic::{Request, Response, Status};
+
+pub const DEFAULT_GROUP: &str = "default";
+pub const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
+const MAX_WEIGHT: u32 = 10_000;
+/// How often an update is retried when another writer changed the row meanwhile.
+const CONFLICT_RETRIES: usize = 8;
+
+pub struct AdminService {
+    store: DynStore,
+    key: MasterKey,
+    auth: Authenticator,
+}
+
+impl AdminService {
+    pub fn new(store: DynStore, key: MasterKey) -> Self {
+        let auth = Authenticator::new(store.clone(), key.clone());
+        Self { store, key, auth }
+    }
+
+    async fn authorize<T>(&self, req: &Request<T>, need: Need, method: &'static str) -> Result<Actor, Status> {
+        let r = self.auth.check(req.metadata(), need).await;
+        let outcome = if r.is_ok() { "ok" } else { "denied" };
+        metrics::counter!("relay_admin_requests_total", "method" => method, "auth" => outcome).increment(1);
+        r
+    }
+
+    async fn apply(
+        &self,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+        m: Vec<Mutation>,
+    ) -> Result<Version, StoreError> {
+        self.store
+            .apply(
+                m,
+                AuditRecord {
+                    actor: actor.name.clone(),
+                    action: action.to_string(),
+                    target: target.to_string(),
+                    detail: detail.to_string(),
+                },
+            )
+            .await
+    }
+
+    /// Stores `next` over `cur` (optimistic concurrency on `cur`'s revision), audited.
+    async fn write_key(
+        &self,
+        actor: &Actor,
+        action: &str,
+        cur: &ApiKey,
+        next: ApiKey,
+        detail: serde_json::Value,
+    ) -> Result<ApiKey, Status> {
+        let m = Mutation::UpdateApiKey {
+            row: next.clone(),
+            expect_revision: cur.revision,
+        };
+        self.apply(actor, action, &cur.name, detail, vec![m])
+            .await
+            .map_err(status_from_store)?;
+        Ok(next)
+    }
+
+    /// A proxy URL with a `user:password@` part is a secret: sealed under the
+    /// master key (the stored `proxy_url` keeps only the redacted form).
+    fn seal_proxy_url(&self, url: &str, account_id: &str) -> Result<Option<Vec<u8>>, Status> {
+        if redact_url(url) == url {
+            return Ok(None);
+        }
+        self.key
+            .seal(url, &proxy_seal_context(account_id))
+            .map(Some)
+            .map_err(|_| Status::internal("cannot encrypt the proxy URL"))
+    }
+
+    /// The shared validation every data plane runs on the account as it will
+    /// receive it ([`relay_proto::validate::account`]): what is accepted here
+    /// is served everywhere.
+    fn check_usable(&self, a: &Account) -> Result<(), Status> {
+        let pb = crate::config::account_to_pb(a, &self.key).map_err(|e| Status::internal(e.to_string()))?;
+        relay_proto::validate::account(&pb)
+            .map_err(|e| Status::invalid_argument(format!("account {:?} cannot be used: {e}", a.name)))
+    }
+
+    async fn group_names(&self) -> Result<BTreeMap<String, String>, Status> {
+        Ok(self
+            .store
+            .list_groups()
+            .await
+            .map_err(status_from_store)?
+            .into_iter()
+            .map(|g| (g.id, g.name))
+            .collect())
+    }
+
+    async fn resolve_groups(&self, names: &[String]) -> Result<Vec<String>, Status> {
+        let mut ids = Vec::new();
+        let wanted: Vec<String> = if names.is_empty() {
+            vec![DEFAULT_GROUP.to_string()]
+        } else {
+            names.to_vec()
+        };
+        for n in wanted {
+            let g = self
+                .store
+                .get_group(&n)
+                .await
+                .map_err(status_from_store)?
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "group {n:?} not found (create it with `relayctl group add {n}`)"
+                    ))
+                })?;
+            if !ids.contains(&g.id) {
+                ids.push(g.id);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn account(&self, id_or_name: &str) -> Result<Account, Status> {
+        self.store
+            .get_account(id_or_name)
+            .await
+            .map_err(status_from_store)?
+            .ok_or_else(|| Status::not_found(format!("account {id_or_name:?} not found")))
+    }
+
+    async fn api_key(&self, id_or_name: &str) -> Result<ApiKey, Status> {
+        self.store
+            .get_api_key(id_or_name)
+            .await
+            .map_err(status_from_store)?
+            .ok_or_else(|| Status::not_found(format!("key {id_or_name:?} not found")))
+    }
+
+    async fn states(&self) -> Result<Vec<AccountState>, Status> {
+        self.store.list_account_states().await.map_err(status_from_store)
+    }
+
+    /// What an account listing shows beside the rows: group names, health
+    /// states, and what connected data planes could not use.
+    async fn account_view(&self) -> Result<AccountView, Status> {
+        let mut config_errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for p in self.store.list_proxies().await.map_err(status_from_store)? {
+            if !p.connected {
+                continue;
+            }
+            for r in p.rejected.iter().filter(|r| r.kind == ResourceKind::Account.as_str()) {
+                config_errors
+                    .entry(r.id.clone())
+                    .or_default()
+                    .push(format!("{}: {}", p.node_id, r.error));
+            }
+        }
+        Ok(AccountView {
+            groups: self.group_names().await?,
+            states: self.states().await?,
+            config_errors,
+        })
+    }
+
+    fn account_info(a: &Account, view: &AccountView) -> pb::AccountInfo {
+        let (groups, states) = (&view.groups, &view.states);
+        let now = now_ms();
+        pb::AccountInfo {
+            config_errors: view.config_errors.get(&a.id).cloned().unwrap_or_default(),
+            states: states
+                .iter()
+                .filter(|s| s.account_id == a.id && (s.until == 0 || s.until > now))
+                .map(account_state_to_pb)
+                .collect(),
+            id: a.id.clone(),
+            name: a.name.clone(),
+            kind: account_kind_to_pb(a.kind) as i32,
+            base_url: a.base_url.clone(),
+            priority: a.priority,
+            weight: a.weight,
+            groups: a
+                .group_ids
+                .iter()
+                .map(|g| groups.get(g).cloned().unwrap_or_else(|| g.clone()))
+                .collect(),
+            max_concurrency: a.max_concurrency,
+            status: match a.status {
+                AccountStatus::Enabled => pb::AccountStatus::Enabled,
+                AccountStatus::Disabled => pb::AccountStatus::Disabled,
+            } as i32,
+            proxy_url: redact_url(&a.proxy_url),
+            credential_hint: a.credential_hint.clone(),
+            created_at_ms: a.created_at,
+            updated_at_ms: a.updated_at,
+            credential_expires_at_ms: a.credential_expires_at.unwrap_or(0),
+        }
+    }
+
+    fn key_info(k: &ApiKey, groups: &BTreeMap<String, String>) -> pb::ApiKeyInfo {
+        pb::ApiKeyInfo {
+            id: k.id.clone(),
+            name: k.name.clone(),
+            key_prefix: k.key_prefix.clone(),
+            status: key_status_to_pb(k.status) as i32,
+            expires_at_ms: k.expires_at.unwrap_or(0),
+            group: groups.get(&k.group_id).cloned().unwrap_or_else(|| k.group_id.clone()),
+            allowed_models: k.allowed_models.clone(),
+            limits: Some(limits_to_pb(&k.limits)),
+            created_at_ms: k.created_at,
+            updated_at_ms: k.updated_at,
+        }
+    }
+}
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Names: 1 to 64 characters of letters, digits, '.', '_', '-', '@'.
+fn validate_name(what: &str, name: &str) -> Result<(), Status> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "invalid {what} name {name:?}: use 1 to 64 letters, digits, '.', '_', '-' or '@'"
+        )))
+    }
+}
+
+fn validate_url(what: &str, url: &str, schemes: &[&str]) -> Result<(), Status> {
+    let parsed: Result<tonic::codegen::http::Uri, _> = url.parse();
+    match parsed {
+        Ok(u) if u.scheme_str().is_some_and(|s| schemes.contains(&s)) && u.host().is_some() => Ok(()),
+        _ => Err(Status::invalid_argument(format!(
+            "invalid {what} {:?}: expected an absolute URL with scheme {}",
+            redact_url(url),
+            schemes.join(" or ")
+        ))),
+    }
+}
+
+/// An outbound proxy URL, checked with the parser the data planes use.
+fn validate_proxy_url(url: &str) -> Result<(), Status> {
+    relay_proto::validate::parse_proxy_url(url).map(|_| ()).map_err(|e| {
+        Status::invalid_argument(format!(
+            "invalid proxy URL {:?}: {e}; expected http://[user:pass@]host:port, socks5://… or socks5h://…",
+            redact_url(url)
+        ))
+    })
+}
+
+/// What a sealed proxy URL is bound to (AES-GCM associated data).
+pub fn proxy_seal_context(account_id: &str) -> String {
+    format!("{account_id}/proxy")
+}
+
+/// A URL with any `user:password@` part hidden.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+fn validate_weight(w: u32) -> Result<u32, Status> {
+    match w {
+        0 => Ok(1),
+        w if w <= MAX_WEIGHT => Ok(w),
+        w => Err(Status::invalid_argument(format!(
+            "weight {w} is out of range 1..={MAX_WEIGHT}"
+        ))),
+    }
+}
+
+fn validate_credential(c: &str) -> Result<(), Status> {
+    if c.trim().is_empty() {
+        return Err(Status::invalid_argument("the credential is empty"));
+    }
+    if c.chars().any(|ch| ch.is_control()) {
+        return Err(Status::invalid_argument(
+            "the credential contains control characters (a stray newline?)",
+        ));
+    }
+    Ok(())
+}
+
+fn account_kind(k: i32) -> Result<AccountKind, Status> {
+    match pb::AccountKind::try_from(k) {
+        Ok(pb::AccountKind::AnthropicApiKey) => Ok(AccountKind::AnthropicApiKey),
+        Ok(pb::AccountKind::ClaudeOauth) => Ok(AccountKind::ClaudeOauth),
+        Ok(pb::AccountKind::AnthropicCompatible) => Ok(AccountKind::AnthropicCompatible),
+        _ => Err(Status::invalid_argument(
+            "account kind is required: anthropic-api-key, claude-oauth or anthropic-compatible",
+        )),
+    }
+}
+
+fn limits_from_pb(l: Option<&pb::KeyLimits>) -> KeyLimits {
+    let l = l.cloned().unwrap_or_default();
+    KeyLimits {
+        rpm: u64::from(l.requests_per_minute),
+        tpm: l.tokens_per_minute,
+        max_concurrency: u64::from(l.max_concurrency),
+        daily_budget: l.daily_budget_micro_usd,
+        monthly_budget: l.monthly_budget_micro_usd,
+    }
+}
+
+fn limits_json(l: &KeyLimits) -> serde_json::Value {
+    json!({
+        "rpm": l.rpm, "tpm": l.tpm, "concurrency": l.max_concurrency,
+        "daily_budget_micro_usd": l.daily_budget, "monthly_budget_micro_usd": l.monthly_budget,
+    })
+}
+
+fn validate_models(models: &[String]) -> Result<Vec<String>, Status> {
+    let mut out = Vec::new();
+    for m in models.iter().map(|m| m.trim()).filter(|m| !m.is_empty()) {
+        let body = m.strip_suffix('*').unwrap_or(m);
+        if body.contains('*') || m.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Status::invalid_argument(format!(
+                "invalid model {m:?}: an exact model id, or a prefix ending in '*'"
+            )));
+        }
+        if !out.iter().any(|x: &String| x == m) {
+            out.push(m.to_string());
+        }
+    }
+    Ok(out)
+}
+
+fn validate_expiry(ms: i64) -> Result<Option<Millis>, Status> {
+    match ms {
+        0 => Ok(None),
+        ms if ms < now_ms() => Err(Status::invalid_argument("the expiry is in the past")),
+        ms => Ok(Some(ms)),
+    }
+}
+
+/// Runs `f` until it does not hit a concurrent-modification conflict.
+async fn retry_conflicts<T, F, Fut>(mut f: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Err(s) if s.code() == tonic::Code::Aborted && attempt + 1 < CONFLICT_RETRIES => attempt += 1,
+            r => return r,
+        }
+    }
+}
+
+fn role_from_pb(r: i32) -> Result<Role, Status> {
+    match pb::AdminRole::try_from(r) {
+        Ok(pb::AdminRole::Admin) => Ok(Role::Admin),
+        Ok(pb::AdminRole::ReadOnly) => Ok(Role::ReadOnly),
+        Ok(pb::AdminRole::DataPlane) => Ok(Role::DataPlane),
+        _ => Err(Status::invalid_argument(
+            "role is required: admin, read-only or data-plane",
+        )),
+    }
+}
+
+fn role_to_pb(r: Role) -> pb::AdminRole {
+    match r {
+        Role::Admin => pb::AdminRole::Admin,
+        Role::ReadOnly => pb::AdminRole::ReadOnly,
+        Role::DataPlane => pb::AdminRole::DataPlane,
+    }
+}
+
+fn token_info(t: &AdminToken) -> pb::AdminTokenInfo {
+    pb::AdminTokenInfo {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        role: role_to_pb(t.role) as i32,
+        token_prefix: t.token_prefix.clone(),
+        created_at_ms: t.created_at,
+    }
+}
+
+fn version_pb(v: Version) -> pb::ConfigVersion {
+    pb::ConfigVersion::new(v.epoch, v.revision)
+}
+
+/// Creates an admin token row for `token` (not stored: only its hash).
+pub fn admin_token_row(key: &MasterKey, name: &str, role: Role, token: &str) -> AdminToken {
+    AdminToken {
+        id: new_id(),
+        name: name.to_string(),
+        token_hash: key.hash_admin_token(token),
+        token_prefix: crypto::display_prefix(token, crypto::ADMIN_TOKEN_PREFIX),
+        role,
+        created_at: now_ms(),
+        revision: 0,
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_account(
+        &self,
+        req: Request<pb::CreateAccountRequest>,
+    ) -> Result<Response<pb::AccountInfo>, Status> {
+        let actor = self.authorize(&req, Need::Write, "create_account").await?;
+        let r = req.into_inner();
+        validate_name("account", &r.name)?;
+        let kind = account_kind(r.kind)?;
+        let base_url = match (r.base_url.trim(), kind) {
+            ("", AccountKind::AnthropicCompatible) => {
+                return Err(Status::invalid_argument(
+                    "an anthropic-compatible account needs --base-url",
+                ))
+            }
+            ("", _) => ANTHROPIC_BASE_URL.to_string(),
+            (u, _) => u.trim_end_matches('/').to_string(),
+        };
+        validate_url("base URL", &base_url, &["http", "https"])?;
+        validate_credential(&r.credential)?;
+        if !r.proxy_url.is_empty() {
+            validate_proxy_url(&r.proxy_url)?;
+        }
+        let weight = validate_weight(r.weight)?;
+        let group_ids = self.resolve_groups(&r.groups).await?;
+        let id = new_id();
+        let seal = |v: &str, ctx: &str| {
+            self.key
+                .seal(v, ctx)
+                .map_err(|_| Status::internal("cannot encrypt the credential"))
+        };
+        let now = now_ms();
+        let row = Account {
+            id: id.clone(),
+            name: r.name.clone(),
+            kind,
+            base_url,
+            credential_enc: seal(&r.credential, &id)?,
+            refresh_token_enc: if r.refresh_token.is_empty() {
+                None
+            } else {
+                Some(seal(&r.refresh_token, &format!("{id}/refresh"))?)
+            },
+            credential_hint: crypto::credential_hint(&r.credential),
+            credential_expires_at: (r.credential_expires_at_ms > 0).then_some(r.credential_expires_at_ms),
+            priority: r.priority,
+            weight,
+            group_ids,
+            max_concurrency: r.max_concurrency,
+            status: AccountStatus::Enabled,
+            proxy_url: redact_url(&r.proxy_url),
+            proxy_url_enc: self.seal_proxy_url(&r.proxy_url, &id)?,
+            reset_generation: 0,
+            created_at: now,
+            updated_at: now,
+            revision: 0,
+        };
+        self.check_usable(&row)?;
+        let info = Self::account_info(&row, &self.account_view().await?);
+        let detail = json!({
+            "id": id, "kind": kind.as_str(), "base_url": row.base_url, "priority": row.priority,
+            "weight": row.weight, "groups": info.groups, "max_concurrency": row.max_concurrency,
+            "proxy_url": info.proxy_url, "credential": "set",
+        });
+        self.apply(
+            &actor,
+            "account.create",
+            &r.name,
+            detail,
+            vec![Mutation::InsertAccount(row)],
+        )
+        .await
+        .map_err(status_from_store)?;
+        Ok(Response::new(info))
+    }
+
+    async fn update_account(
+        &self,
+        req: Request<pb::UpdateAccountRequest>,
+    ) -> Result<Response<pb::AccountInfo>, Status> {
+        let actor = self.authorize(&req, Need::Write, "update_account").await?;
+        let r = req.into_inner();
+        if let Some(n) = &r.name {
+            validate_name("account", n)?;
+        }
+        if let Some(u) = &r.base_url {
+            validate_url("base URL", u, &["http", "https"])?;
+        }
+        if let Some(c) = &r.credential {
+            validate_credential(c)?;
+        }
+        if let Some(p) = r.proxy_url.as_deref().filter(|p| !p.is_empty()) {
+            validate_proxy_url(p)?;
+        }
+        let weight = r.weight.map(validate_weight).transpose()?;
+        let status = match r.status.map(pb::AccountStatus::try_from) {
+            None => None,
+            Some(Ok(pb::AccountStatus::Enabled)) => Some(AccountStatus::Enabled),
+            Some(Ok(pb::AccountStatus::Disabled)) => Some(AccountStatus::Disabled),
+            Some(_) => return Err(Status::invalid_argument("status must be enabled or disabled")),
+        };
+        let group_ids = if r.set_groups {
+            Some(self.resolve_groups(&r.groups).await?)
+        } else {
+            None
+        };
+        let row = retry_conflicts(|| async {
+            let cur = self.account(&r.account).await?;
+            let mut a = cur.clone();
+            let mut changed = serde_json::Map::new();
+            if let Some(n) = &r.name {
+                a.name = n.clone();
+                changed.insert("name".into(), json!(n));
+            }
+            if let Some(u) = &r.base_url {
+                a.base_url = u.trim_end_matches('/').to_string();
+                changed.insert("base_url".into(), json!(a.base_url));
+            }
+            if let Some(c) = &r.credential {
+                a.credential_enc = self
+                    .key
+                    .seal(c, &a.id)
+                    .map_err(|_| Status::internal("cannot encrypt the credential"))?;
+                a.credential_hint = crypto::credential_hint(c);
+                changed.insert("credential".into(), json!("changed"));
+            }
+            if let Some(t) = &r.refresh_token {
+                a.refresh_token_enc = if t.is_empty() {
+                    None
+                } else {
+                    Some(
+                        self.key
+                            .seal(t, &format!("{}/refresh", a.id))
+                            .map_err(|_| Status::internal("cannot encrypt the credential"))?,
+                    )
+                };
+                changed.insert("refresh_token".into(), json!("changed"));
+            }
+            if let Some(p) = r.priority {
+                a.priority = p;
+                changed.insert("priority".into(), json!(p));
+            }
+            if let Some(w) = weight {
+                a.weight = w;
+                changed.insert("weight".into(), json!(w));
+            }
+            if let Some(g) = &group_ids {
+                a.group_ids = g.clone();
+                changed.insert("group_ids".into(), json!(g));
+            }
+            if let Some(m) = r.max_concurrency {
+                a.max_concurrency = m;
+                changed.insert("max_concurrency".into(), json!(m));
+            }
+            if let Some(s) = status {
+                a.status = s;
+                changed.insert("status".into(), json!(s.as_str()));
+            }
+            if let Some(p) = &r.proxy_url {
+                a.proxy_url = redact_url(p);
+                a.proxy_url_enc = self.seal_proxy_url(p, &a.id)?;
+                changed.insert("proxy_url".into(), json!(a.proxy_url));
+            }
+            if let Some(e) = r.credential_expires_at_ms {
+                a.credential_expires_at = (e > 0).then_some(e);
+                changed.insert("credential_expires_at_ms".into(), json!(e));
+            }
+            // A new credential or way to reach the upstream, or an operator enabling
+            // the account, ends its health states.
+            let clears = r.credential.is_some()
+                || r.base_url.is_some()
+                || r.proxy_url.is_some()
+                || status == Some(AccountStatus::Enabled);
+            if clears {
+                a.reset_generation = cur.reset_generation.saturating_add(1);
+            }
+            let clear: Vec<AccountState> = if clears {
+                self.states()
+                    .await?
+                    .into_iter()
+                    .filter(|s| s.account_id == a.id)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if a == cur && clear.is_empty() {
+                return Ok(a);
+            }
+            self.check_usable(&a)?;
+            a.updated_at = now_ms();
+            let mut muts = vec![Mutation::UpdateAccount {
+                row: a.clone(),
+                expect_revision: cur.revision,
+            }];
+            for st in clear {
+                muts.push(Mutation::ClearAccountState {
+                    account_id: st.account_id,
+                    scope: st.scope,
+                });
+            }
+            let action = match (status, changed.len()) {
+                (Some(AccountStatus::Disabled), 1) => "account.disable",
+                (Some(AccountStatus::Enabled), 1) => "account.enable",
+                _ => "account.update",
+            };
+            self.apply(&actor, action, &cur.name, serde_json::Value::Object(changed), muts)
+                .await
+                .map_err(status_from_store)?;
+            Ok(a)
+        })
+        .await?;
+        Ok(Response::new(Self::account_info(&row, &self.account_view().await?)))
+    }
+
+    async fn get_account(&self, req: Request<pb::GetAccountRequest>) -> Result<Response<pb::AccountInfo>, Status> {
+        self.authorize(&req, Need::Read, "get_account").await?;
+        let a = self.account(&req.get_ref().account).await?;
+        Ok(Response::new(Self::account_info(&a, &self.account_view().await?)))
+    }
+
+    async fn list_accounts(
+        &self,
+        req: Request<pb::ListAccountsRequest>,
+    ) -> Result<Response<pb::ListAccountsResponse>, Status> {
+        self.authorize(&req, Need::Read, "list_accounts").await?;
+        let accounts = self.store.list_accounts().await.map_err(status_from_store)?;
+        let view = self.account_view().await?;
+        Ok(Response::new(pb::ListAccountsResponse {
+            accounts: accounts.iter().map(|a| Self::account_info(a, &view)).collect(),
+        }))
+    }
+
+    async fn delete_account(
+        &self,
+        req: Request<pb::DeleteAccountRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let actor = self.authorize(&req, Need::Write, "delete_account").await?;
+        let a = self.account(&req.get_ref().account).await?;
+        let v = self
+            .apply(
+                &actor,
+                "account.delete",
+                &a.name,
+                json!({"id": a.id}),
+                vec![Mutation::DeleteAccount { id: a.id.clone() }],
+            )
+            .await
+            .map_err(status_from_store)?;
+        Ok(Response::new(pb::DeleteResponse {
+            version: Some(version_pb(v)),
+        }))
+    }
+
+    /// Clears every health state of the account, on the control plane and on
+    /// every data plane (its `reset_generation` moves: each data plane drops
+    /// its local view of the account, circuit breaker included).
+    async fn reset_account(&self, req: Request<pb::ResetAccountRequest>) -> Result<Response<pb::AccountInfo>, Status> {
+        let actor = self.authorize(&req, Need::Write, "reset_account").await?;
+        let name = req.get_ref().account.clone();
+        let row = retry_conflicts(|| async {
+            let cur = self.account(&name).await?;
+            let states: Vec<AccountState> = self
+                .states()
+                .await?
+                .into_iter()
+                .filter(|s| s.account_id == cur.id)
+                .collect();
+            let cleared: Vec<String> = states.iter().map(|s| format!("{}:{}", s.health, s.scope)).collect();
+            let mut a = cur.clone();
+            a.reset_generation = cur.reset_generation.saturating_add(1);
+            let mut muts = vec![Mutation::UpdateAccount {
+                row: a.clone(),
+                expect_revision: cur.revision,
+            }];
+            muts.extend(states.into_iter().map(|s| Mutation::ClearAccountState {
+                account_id: s.account_id,
+                scope: s.scope,
+            }));
+            self.apply(
+                &actor,
+                "account.reset",
+                &cur.name,
+                json!({"cleared": cleared, "reset_generation": a.reset_generation}),
+                muts,
+            )
+            .await
+            .map_err(status_from_store)?;
+            Ok(a)
+        })
+        .await?;
+        Ok(Response::new(Self::account_info(&row, &self.account_view().await?)))
+    }
+
+    async fn create_api_key(
+        &self,
+        req: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let actor = self.authorize(&req, Need::Write, "create_api_key").await?;
+        let r = req.into_inner();
+        validate_name("key", &r.name)?;
+        let group = if r.group.is_empty() {
+            DEFAULT_GROUP
+        } else {
+            r.group.as_str()
+        };
+        let group_id = self.resolve_groups(&[group.to_string()]).await?.remove(0);
+        let allowed_models = validate_models(&r.allowed_models)?;
+        let expires_at = validate_expiry(r.expires_at_ms)?;
+        let secret = crypto::generate_secret(crypto::API_KEY_PREFIX);
+        let now = now_ms();
+        let row = ApiKey {
+            id: new_id(),
+            name: r.name.clone(),
+            key_hash: self.key.hash_api_key(&secret),
+            key_prefix: crypto::display_prefix(&secret, crypto::API_KEY_PREFIX),
+            status: KeyStatus::Active,
+            expires_at,
+            group_id,
+            allowed_models,
+            limits: limits_from_pb(r.limits.as_ref()),
+            created_at: now,
+            updated_at: now,
+            revision: 0,
+        };
+        let detail = json!({
+            "id": row.id, "group": group, "models": row.allowed_models, "expires_at_ms": row.expires_at,
+            "limits": limits_json(&row.limits),
+        });
+        self.apply(
+            &actor,
+            "key.create",
+            &r.name,
+            detail,
+            vec![Mutation::InsertApiKey(row.clone())],
+        )
+        .await
+        .map_err(status_from_store)?;
+        let groups = self.group_names().await?;
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            info: Some(Self::key_info(&row, &groups)),
+            key: secret,
+        }))
+    }
+
+    async fn update_api_key(&self, req: Request<pb::UpdateApiKeyRequest>) -> Result<Response<pb::ApiKeyInfo>, Status> {
+        let actor = self.authorize(&req, Need::Write, "update_api_key").await?;
+        let r = req.into_inner();
+        if let Some(n) = &r.name {
+            validate_name("key", n)?;
+        }
+        let group_id = match &r.group {
+            Some(g) => Some(self.resolve_groups(std::slice::from_ref(g)).await?.remove(0)),
+            None => None,
+        };
+        let models = if r.set_allowed_models {
+            Some(validate_models(&r.allowed_models)?)
+        } else {
+            None
+        };
+        let expires = r.expires_at_ms.map(validate_expiry).transpose()?;
+        let status = match r.status.map(pb::KeyStatus::try_from) {
+            None => None,
+            Some(Ok(pb::KeyStatus::Active)) => Some(KeyStatus::Active),
+            Some(Ok(pb::KeyStatus::Disabled)) => Some(KeyStatus::Disabled),
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "status must be active or disabled (revoke with `key revoke`)",
+                ))
+            }
+        };
+        let row = retry_conflicts(|| async {
+            let cur = self.api_key(&r.key).await?;
+            if cur.status == KeyStatus::Revoked {
+                return Err(Status::failed_precondition(format!(
+                    "key {:?} is revoked; create a new one",
+                    cur.name
+                )));
+            }
+            let mut k = cur.clone();
+            let mut changed = serde_json::Map::new();
+            if let Some(n) = &r.name {
+                k.name = n.clone();
+                changed.insert("name".into(), json!(n));
+            }
+            if let Some(g) = &group_id {
+                k.group_id = g.clone();
+                changed.insert("group_id".into(), json!(g));
+            }
+            if let Some(m) = &models {
+                k.allowed_models = m.clone();
+                changed.insert("models".into(), json!(m));
+            }
+            if let Some(e) = expires {
+                k.expires_at = e;
+                changed.insert("expires_at_ms".into(), json!(e));
+            }
+            if let Some(l) = &r.limits {
+                k.limits = limits_from_pb(Some(l));
+                changed.insert("limits".into(), limits_json(&k.limits));
+            }
+            if let Some(s) = status {
+                k.status = s;
+                changed.insert("status".into(), json!(s.as_str()));
+            }
+            if k == cur {
+                return Ok(k);
+            }
+            k.updated_at = now_ms();
+            self.write_key(&actor, "key.update", &cur, k, serde_json::Value::Object(changed))
+                .await
+        })
+        .await?;
+        let groups = self.group_names().await?;
+        Ok(Response::new(Self::key_info(&row, &groups)))
+    }
+
+    async fn list_api_keys(
+        &self,
+        req: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        self.authorize(&req, Need::Read, "list_api_keys").await?;
+        let groups = self.group_names().await?;
+        let keys = self.store.list_api_keys().await.map_err(status_from_store)?;
+        Ok(Response::new(pb::ListApiKeysResponse {
+            keys: keys.iter().map(|k| Self::key_info(k, &groups)).collect(),
+        }))
+    }
+
+    async fn revoke_api_key(&self, req: Request<pb::RevokeApiKeyRequest>) -> Result<Response<pb::ApiKeyInfo>, Status> {
+        let actor = self.authorize(&req, Need::Write, "revoke_api_key").await?;
+        let name = req.get_ref().key.clone();
+        let row = retry_conflicts(|| async {
+            let cur = self.api_key(&name).await?;
+            if cur.status == KeyStatus::Revoked {
+                return Ok(cur);
+            }
+            let mut k = cur.clone();
+            k.status = KeyStatus::Revoked;
+            k.updated_at = now_ms();
+            self.write_key(&actor, "key.revoke", &cur, k, json!({"id": cur.id}))
+                .await
+        })
+        .await?;
+        let groups = self.group_names().await?;
+        Ok(Response::new(Self::key_info(&row, &groups)))
+    }
+
+    async fn create_group(&self, req: Request<pb::CreateGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
+        let actor = self.authorize(&req, Need::Write, "create_group").await?;
+        let r = req.into_inner();
+        validate_name("group", &r.name)?;
+        let now = now_ms();
+        let g = Group {
+            id: new_id(),
+            name: r.name.clone(),
+            description: r.description.clone(),
+            created_at: now,
+            updated_at: now,
+            revision: 0,
+        };
+        self.apply(
+            &actor,
+            "group.create",
+            &g.name,
+            json!({"id": g.id, "description": g.description}),
+            vec![Mutation::InsertGroup(g.clone())],
+        )
+        .await
+        .map_err(status_from_store)?;
+        Ok(Response::new(pb::GroupInfo {
+            id: g.id,
+            name: g.name,
+            description: g.description,
+            account_count: 0,
+            key_count: 0,
+        }))
+    }
+
+    async fn list_groups(
+        &self,
+        req: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        self.authorize(&req, Need::Read, "list_groups").await?;
+        let groups = self.store.list_groups().await.map_err(status_from_store)?;
+        let accounts = self.store.list_accounts().await.map_err(status_from_store)?;
+        let keys = self.store.list_api_keys().await.map_err(status_from_store)?;
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(Response::new(pb::ListGroupsResponse {
+            groups: groups
+                .into_iter()
+                .map(|g| pb::GroupInfo {
+                    account_count: count(accounts.iter().filter(|a| a.group_ids.contains(&g.id)).count()),
+                    key_count: count(
+                        keys.iter()
+                            .filter(|k| k.group_id == g.id && k.status != KeyStatus::Revoked)
+                            .count(),
+                    ),
+                    id: g.id,
+                    name: g.name,
+                    description: g.description,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn delete_group(&self, req: Request<pb::DeleteGroupRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let actor = self.authorize(&req, Need::Write, "delete_group").await?;
+        let name = &req.get_ref().group;
+        let g = self
+            .store
+            .get_group(name)
+            .await
+            .map_err(status_from_store)?
+            .ok_or_else(|| Status::not_found(format!("group {name:?} not found")))?;
+        if g.name == DEFAULT_GROUP {
+            return Err(Status::failed_precondition("the default group cannot be removed"));
+        }
+        let v = self
+            .apply(
+                &actor,
+                "group.delete",
+                &g.name,
+                json!({"id": g.id}),
+                vec![Mutation::DeleteGroup { id: g.id.clone() }],
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::InUse(_) => Status::failed_precondition(format!(
+                    "group {:?} still has accounts or keys; move them first",
+                    g.name
+                )),
+                e => status_from_store(e),
+            })?;
+        Ok(Response::new(pb::DeleteResponse {
+            version: Some(version_pb(v)),
+        }))
+    }
+
+    async fn list_prices(
+        &self,
+        req: Request<pb::ListPricesRequest>,
+    ) -> Result<Response<pb::ListPricesResponse>, Status> {
+        self.authorize(&req, Need::Read, "list_prices").await?;
+        let prices = self.store.list_prices().await.map_err(status_from_store)?;
+        Ok(Response::new(pb::ListPricesResponse {
+            prices: prices.iter().map(price_to_pb).collect(),
+        }))
+    }
+
+    async fn set_price(&self, req: Request<pb::SetPriceRequest>) -> Result<Response<pb::Price>, Status> {
+        let actor = self.authorize(&req, Need::Write, "set_price").await?;
+        let r = req.into_inner();
+        let pattern = r.model_pattern.trim().to_string();
+        validate_models(std::slice::from_ref(&pattern))?;
+        if pattern.is_empty() {
+            return Err(Status::invalid_argument(
+                "a model id or prefix ending in '*' is required",
+            ));
+        }
+        let effective_from = if r.effective_from_ms == 0 {
+            now_ms()
+        } else {
+            r.effective_from_ms
+        };
+        let existing = self.store.list_prices().await.map_err(status_from_store)?;
+        let id = existing
+            .iter()
+            .find(|p| p.model_pattern == pattern && p.effective_from == effective_from)
+            .map(|p| p.id.clone())
+            .unwrap_or_else(new_id);
+        let p = Price {
+            id,
+            model_pattern: pattern.clone(),
+            effective_from,
+            input: r.input,
+            output: r.output,
+            cache_write_5m: r.cache_write_5m,
+            cache_write_1h: r.cache_write_1h,
+            cache_read: r.cache_read,
+            source: "operator".to_string(),
+            revision: 0,
+        };
+        let detail = json!({
+            "effective_from_ms": effective_from, "input": p.input, "output": p.output,
+            "cache_write_5m": p.cache_write_5m, "cache_write_1h": p.cache_write_1h, "cache_read": p.cache_read,
+            "unit": "micro-USD per million tokens",
+        });
+        self.apply(
+            &actor,
+            "price.set",
+            &pattern,
+            detail,
+            vec![Mutation::UpsertPrice(p.clone())],
+        )
+        .await
+        .map_err(status_from_store)?;
+        Ok(Response::new(price_to_pb(&p)))
+    }
+
+    async fn list_settings(
+        &self,
+        req: Request<pb::ListSettingsRequest>,
+    ) -> Result<Response<pb::ListSettingsResponse>, Status> {
+        self.authorize(&req, Need::Read, "list_settings").await?;
+        let values = self.store.settings().await.map_err(status_from_store)?;
+        Ok(Response::new(pb::ListSettingsResponse { values }))
+    }
+
+    async fn set_setting(
+        &self,
+        req: Request<pb::SetSettingRequest>,
+    ) -> Result<Response<pb::ListSettingsResponse>, Status> {
+        let actor = self.authorize(&req, Need::Write, "set_setting").await?;
+        let r = req.into_inner();
+        let ok_name = !r.name.is_empty()
+            && r.name.len() <= 128
+            && r.name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-'));
+        if !ok_name {
+            return Err(Status::invalid_argument(format!(
+                "invalid setting name {:?}: lower-case letters, digits, '_', '.', '-'",
+                r.name
+            )));
+        }
+        self.apply(
+            &actor,
+            "setting.set",
+            &r.name,
+            json!({"value": r.value}),
+            vec![Mutation::SetSetting {
+                name: r.name.clone(),
+                value: r.value.clone(),
+            }],
+        )
+        .await
+        .map_err(status_from_store)?;
+        let values = self.store.settings().await.map_err(status_from_store)?;
+        Ok(Response::new(pb::ListSettingsResponse { values }))
+    }
+
+    async fn list_proxies(
+        &self,
+        req: Request<pb::ListProxiesRequest>,
+    ) -> Result<Response<pb::ListProxiesResponse>, Status> {
+        self.authorize(&req, Need::Read, "list_proxies").await?;
+        let head = self.store.head().await.map_err(status_from_store)?;
+        let proxies = self.store.list_proxies().await.map_err(status_from_store)?;
+        Ok(Response::new(pb::ListProxiesResponse {
+            proxies: proxies
+                .into_iter()
+                .map(|p| pb::ProxyState {
+                    node_id: p.node_id,
+                    build_version: p.build_version,
+                    acked: p.acked.map(version_pb),
+                    last_nack_version: p.nack_version.map(version_pb),
+                    last_nack_error: p.nack_error,
+                    last_nack_at_ms: p.nack_at,
+                    last_seen_ms: p.last_seen,
+                    connected: p.connected,
+                    replica: p.replica,
+                    rejected: p
+                        .rejected
+                        .into_iter()
+                        .map(|r| pb::RejectedResource {
+                            r#ref: Some(pb::ResourceRef {
+                                kind: r
+                                    .kind
+                                    .parse::<ResourceKind>()
+                                    .map_or(0, |k| resource_kind_to_pb(k) as i32),
+                                id: r.id,
+                            }),
+                            error: r.error,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            head: Some(version_pb(head)),
+        }))
+    }
+
+    async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> Result<Response<pb::ListAuditResponse>, Status> {
+        self.authorize(&req, Need::Read, "list_audit").await?;
+        let r = req.get_ref();
+        let limit = if r.limit == 0 { 100 } else { r.limit.min(10_000) };
+        let since = (r.since_ms > 0).then_some(r.since_ms);
+        let entries = self.store.list_audit(limit, since).await.map_err(status_from_store)?;
+        Ok(Response::new(pb::ListAuditResponse {
+            entries: entries
+                .into_iter()
+                .map(|e| pb::AuditEntry {
+                    id: e.id,
+                    at_ms: e.at,
+                    actor: e.actor,
+                    action: e.action,
+                    target: e.target,
+                    detail: e.detail,
+                    revision: e.revision,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn query_usage(
+        &self,
+        req: Request<pb::QueryUsageRequest>,
+    ) -> Result<Response<pb::QueryUsageResponse>, Status> {
+        self.authorize(&req, Need::Read, "query_usage").await?;
+        let r = req.get_ref();
+        let group_by = match pb::UsageGroupBy::try_from(r.group_by) {
+            Ok(pb::UsageGroupBy::Key) => UsageGroupBy::Key,
+            Ok(pb::UsageGroupBy::Account) => UsageGroupBy::Account,
+            Ok(pb::UsageGroupBy::Model) => UsageGroupBy::Model,
+            _ => UsageGroupBy::None,
+        };
+        let bucket = match pb::UsageBucket::try_from(r.bucket) {
+            Ok(pb::UsageBucket::Hour) => model::UsageBucket::Hour,
+            Ok(pb::UsageBucket::Day) => model::UsageBucket::Day,
+            _ => model::UsageBucket::None,
+        };
+        if r.since_ms > 0 && r.until_ms > 0 && r.until_ms <= r.since_ms {
+            return Err(Status::invalid_argument("--until must be after --since"));
+        }
+        let rows = self
+            .store
+            .query_usage(UsageQuery {
+                group_by,
+                since: (r.since_ms > 0).then_some(r.since_ms),
+                until: (r.until_ms > 0).then_some(r.until_ms),
+                bucket,
+            })
+            .await
+            .map_err(status_from_store)?;
+        Ok(Response::new(pb::QueryUsageResponse {
+            rows: rows
+                .into_iter()
+                .map(|u| pb::UsageRow {
+                    bucket_start_ms: u.bucket_start,
+                    group: u.group,
+                    group_id: u.group_id,
+                    requests: u.requests,
+                    input_tokens: u.input_tokens,
+                    output_tokens: u.output_tokens,
+                    cache_write_5m_tokens: u.cache_write_5m_tokens,
+                    cache_write_1h_tokens: u.cache_write_1h_tokens,
+                    cache_read_tokens: u.cache_read_tokens,
+                    cost_pico_usd: u.cost_pico_usd,
+                    errors: u.errors,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn create_admin_token(
+        &self,
+        req: Request<pb::CreateAdminTokenRequest>,
+    ) -> Result<Response<pb::CreateAdminTokenResponse>, Status> {
+        let actor = self.authorize(&req, Need::Write, "create_admin_token").await?;
+        let r = req.into_inner();
+        validate_name("token", &r.name)?;
+        let role = role_from_pb(r.role)?;
+        let token = crypto::generate_secret(crypto::ADMIN_TOKEN_PREFIX);
+        let row = admin_token_row(&self.key, &r.name, role, &token);
+        self.apply(
+            &actor,
+            "token.create",
+            &r.name,
+            json!({"id": row.id, "role": role.as_str()}),
+            vec![Mutation::InsertAdminToken(row.clone())],
+        )
+        .await
+        .map_err(status_from_store)?;
+        Ok(Response::new(pb::CreateAdminTokenResponse {
+            info: Some(token_info(&row)),
+            token,
+        }))
+    }
+
+    async fn list_admin_tokens(
+        &self,
+        req: Request<pb::ListAdminTokensRequest>,
+    ) -> Result<Response<pb::ListAdminTokensResponse>, Status> {
+        self.authorize(&req, Need::Read, "list_admin_tokens").await?;
+        let tokens = self.store.list_admin_tokens().await.map_err(status_from_store)?;
+        Ok(Response::new(pb::ListAdminTokensResponse {
+            tokens: tokens.iter().map(token_info).collect(),
+        }))
+    }
+
+    async fn revoke_admin_token(
+        &self,
+        req: Request<pb::RevokeAdminTokenRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let actor = self.authorize(&req, Need::Write, "revoke_admin_token").await?;
+        let name = &req.get_ref().token;
+        let tokens = self.store.list_admin_tokens().await.map_err(status_from_store)?;
+        let t = tokens
+            .iter()
+            .find(|t| &t.id == name || &t.name == name)
+            .ok_or_else(|| Status::not_found(format!("token {name:?} not found")))?;
+        if t.role == Role::Admin && tokens.iter().filter(|t| t.role == Role::Admin).count() == 1 {
+            return Err(Status::failed_precondition(
+                "this is the last admin token; create another before revoking it",
+            ));
+        }
+        let v = self
+            .apply(
+                &actor,
+                "token.revoke",
+                &t.name,
+                json!({"id": t.id, "role": t.role.as_str()}),
+                vec![Mutation::DeleteAdminToken { id: t.id.clone() }],
+            )
+            .await
+            .map_err(status_from_store)?;
+        Ok(Response::new(pb::DeleteResponse {
+            version: Some(version_pb(v)),
+        }))
+    }
+
+    async fn get_config_version(
+        &self,
+        req: Request<pb::GetConfigVersionRequest>,
+    ) -> Result<Response<pb::ConfigVersion>, Status> {
+        self.authorize(&req, Need::Read, "get_config_version").await?;
+        let v = self.store.head().await.map_err(status_from_store)?;
+        Ok(Response::new(version_pb(v)))
+    }
+}
+
+fn resource_kind_to_pb(k: ResourceKind) -> pb::ResourceKind {
+    match k {
+        ResourceKind::ApiKey => pb::ResourceKind::ApiKey,
+        ResourceKind::Account => pb::ResourceKind::Account,
+        ResourceKind::Group => pb::ResourceKind::Group,
+        ResourceKind::Price => pb::ResourceKind::Price,
+        ResourceKind::Settings => pb::ResourceKind::Settings,
+        ResourceKind::AccountState => pb::ResourceKind::AccountState,
+        ResourceKind::AdminToken => pb::ResourceKind::Unspecified,
+    }
+}
+
+/// The stored name of a resource kind a data plane reports.
+pub fn resource_kind_from_pb(k: i32) -> &'static str {
+    match pb::ResourceKind::try_from(k) {
+        Ok(pb::ResourceKind::ApiKey) => ResourceKind::ApiKey.as_str(),
+        Ok(pb::ResourceKind::Account) => ResourceKind::Account.as_str(),
+        Ok(pb::ResourceKind::Group) => ResourceKind::Group.as_str(),
+        Ok(pb::ResourceKind::Price) => ResourceKind::Price.as_str(),
+        Ok(pb::ResourceKind::Settings) => ResourceKind::Settings.as_str(),
+        Ok(pb::ResourceKind::AccountState) => ResourceKind::AccountState.as_str(),
+        _ => "unknown",
+    }
+}
+
+/// What `account_info` needs beside the account row.
+struct AccountView {
+    groups: BTreeMap<String, String>,
+    states: Vec<AccountState>,
+    config_errors: BTreeMap<String, Vec<String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_urls() {
+        assert!(validate_name("x", "team-a_1").is_ok());
+        assert!(validate_name("x", "").is_err());
+        assert!(validate_name("x", "a b").is_err());
+        assert!(validate_url("u", "https://api.anthropic.com", &["https"]).is_ok());
+        assert!(validate_url("u", "api.anthropic.com", &["https"]).is_err());
+        assert_eq!(redact_url("http://user:pw@proxy:3128"), "http://…@proxy:3128");
+        assert!(validate_models(&["claude-*".into()]).is_ok());
+        assert!(validate_models(&["cl*aude".into()]).is_err());
+        assert_eq!(validate_weight(0).ok(), Some(1));
+        assert!(validate_weight(MAX_WEIGHT + 1).is_err());
+    }
+}
