@@ -280,3 +280,86 @@ impl ConfigHolder {
         self.current.store(Some(Arc::new(cfg)));
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn account(id: &str, proxy_url: &str) -> pb::Account {
+        pb::Account {
+            id: id.into(),
+            name: id.into(),
+            kind: pb::AccountKind::AnthropicApiKey as i32,
+            base_url: "https://api.anthropic.com".into(),
+            credential: "sk-ant-secret".into(),
+            weight: 1,
+            group_ids: vec!["g".into()],
+            status: pb::AccountStatus::Enabled as i32,
+            proxy_url: proxy_url.into(),
+            ..Default::default()
+        }
+    }
+
+    fn resources() -> pb::Resources {
+        let mut r = pb::Resources {
+            groups: vec![pb::Group {
+                id: "g".into(),
+                ..Default::default()
+            }],
+            accounts: vec![account("a", ""), account("b", "http://u:hunter2@127.0.0.1:3128/x")],
+            api_keys: vec![
+                pb::ApiKey {
+                    id: "k1".into(),
+                    key_hash: "h1".into(),
+                    group_id: "g".into(),
+                    ..Default::default()
+                },
+                pb::ApiKey {
+                    id: "k2".into(),
+                    key_hash: "h2".into(),
+                    group_id: "gone".into(),
+                    ..Default::default()
+                },
+            ],
+            settings: Some(pb::Settings {
+                api_key_hash_secret: vec![1; 32],
+                values: Default::default(),
+            }),
+            ..Default::default()
+        };
+        relay_proto::canonicalize(&mut r);
+        r
+    }
+
+    #[test]
+    fn one_unusable_account_or_key_is_left_out_and_the_rest_serves() {
+        let cfg = ServingConfig::build(pb::ConfigVersion::new(1, 1), resources()).unwrap();
+        let ids: Vec<_> = cfg.accounts_of("g").iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["a"], "the account with an unusable proxy URL is out of service");
+        let out: Vec<_> = cfg
+            .rejected
+            .iter()
+            .map(|x| (x.r#ref.as_ref().unwrap().kind, x.r#ref.as_ref().unwrap().id.as_str()))
+            .collect();
+        assert_eq!(
+            out,
+            [
+                (pb::ResourceKind::ApiKey as i32, "k2"),
+                (pb::ResourceKind::Account as i32, "b")
+            ]
+        );
+        assert!(cfg.rejected.iter().all(|x| !x.error.contains("hunter2")));
+        assert_eq!(cfg.keys_by_hash.len(), 1, "the key naming an unknown group is out too");
+    }
+
+    #[test]
+    fn structural_faults_refuse_the_config() {
+        let mut r = resources();
+        r.settings = None;
+        let e = ServingConfig::build(pb::ConfigVersion::new(1, 1), r).unwrap_err();
+        assert_eq!(e.nack_reason(), pb::NackReason::Invalid);
+        let e = InvalidConfig::from(relay_proto::ApplyError::HashMismatch("1:2".into()));
+        assert_eq!(e.nack_reason(), pb::NackReason::Diverged);
+    }
+}

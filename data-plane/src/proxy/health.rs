@@ -2371,6 +2371,49 @@ mod tests {
         assert_eq!(reg.availability("a", SONNET, NOW + 30_000), Availability::Probe);
     }
 
+    fn config_with(accounts: &[(&str, u64)], states: Vec<pb::AccountState>) -> pb::Resources {
+        pb::Resources {
+            accounts: accounts
+                .iter()
+                .map(|(id, generation)| pb::Account {
+                    id: id.to_string(),
+                    reset_generation: *generation,
+                    ..Default::default()
+                })
+                .collect(),
+            account_states: states,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_operator_reset_clears_the_local_breaker_and_states() {
+        let reg = HealthRegistry::new("dp-1");
+        reg.sync_at(&config_with(&[("a", 0), ("b", 0)], vec![]), NOW);
+        for _ in 0..3 {
+            fail(&reg, "a", NOW);
+        }
+        let _ = respond(&reg, "b", SONNET, 401, &[], b"", NOW);
+        assert_eq!(reg.availability("a", SONNET, NOW + 1), Availability::At(NOW + 30_000));
+        assert_eq!(reg.availability("b", SONNET, NOW + 1), Availability::Never);
+        // An unrelated config change keeps both.
+        reg.sync_at(&config_with(&[("a", 0), ("b", 0)], vec![]), NOW + 2);
+        assert_eq!(reg.availability("a", SONNET, NOW + 3), Availability::At(NOW + 30_000));
+        // `account reset a`: its generation moves; b's does not.
+        reg.sync_at(&config_with(&[("a", 1), ("b", 0)], vec![]), NOW + 4);
+        assert_eq!(reg.availability("a", SONNET, NOW + 5), Availability::Now);
+        assert_eq!(reg.availability("b", SONNET, NOW + 5), Availability::Never);
+        assert_eq!(reg.generation("a"), 1, "reports now carry the new generation");
+        // The report of b's 401, made before b's reset, and the reset arrive in one
+        // update (the state never shown): the reset wins at once.
+        reg.sync_at(&config_with(&[("a", 1), ("b", 1)], vec![]), NOW + 6);
+        assert_eq!(reg.availability("b", SONNET, NOW + 7), Availability::Now);
+        // A deleted account is forgotten.
+        let _ = respond(&reg, "a", SONNET, 401, &[], b"", NOW + 8);
+        reg.sync_at(&config_with(&[("b", 1)], vec![]), NOW + 9);
+        assert!(reg.states(NOW + 10).is_empty());
+    }
+
     #[test]
     fn states_view_merges_local_shared_and_breaker() {
         let reg = HealthRegistry::new("dp-1");
