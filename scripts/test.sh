@@ -65,6 +65,11 @@ ensure_python_sdk() {
   python3 -c 'import anthropic'
 }
 
+# e2e/tests/alerts.rs checks the chart's alerting rules with promtool.
+ensure_promtool() {
+  command -v promtool >/dev/null || apt_install prometheus
+}
+
 ensure_rust() {
   cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
   cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
@@ -75,6 +80,7 @@ ensure_postgres
 ensure_redis
 ensure_etcd
 ensure_python_sdk
+ensure_promtool
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

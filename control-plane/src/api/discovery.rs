@@ -193,6 +193,27 @@ async fn check_rewound(store: &DynStore, held: Version) {
     }
 }
 
+/// Counts this replica's data planes whose last answer was a NACK of an
+/// invalid config (`relay_data_planes_nacking`): they serve an older config
+/// until the head moves to one they accept.
+#[derive(Default)]
+struct NackingGauge(bool);
+
+impl NackingGauge {
+    fn set(&mut self, nacking: bool) {
+        if nacking != self.0 {
+            metrics::gauge!("relay_data_planes_nacking").increment(if nacking { 1.0 } else { -1.0 });
+            self.0 = nacking;
+        }
+    }
+}
+
+impl Drop for NackingGauge {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 struct StreamGauge;
 impl StreamGauge {
     fn new() -> Self {
@@ -330,6 +351,7 @@ async fn run_stream(s: StreamParts) {
     // The update awaiting an answer: (nonce, version, content hash, full).
     let mut in_flight: Option<(String, Version, String, bool)> = None;
     let mut nacked: Option<Version> = None;
+    let mut nacking = NackingGauge::default();
     let mut rejected: Vec<pb::RejectedResource> = Vec::new();
     // The first answer goes out at once, even when the data plane is current
     // (then it is an empty delta), unless it is ahead of this replica.
@@ -358,6 +380,7 @@ async fn run_stream(s: StreamParts) {
                             let hash = if applied == v { hash } else { String::new() };
                             held = Some((applied, hash));
                             nacked = None;
+                            nacking.set(false);
                             if a.rejected != rejected {
                                 for x in a.rejected.iter().filter(|x| !rejected.contains(x)) {
                                     let r = x.r#ref.clone().unwrap_or_default();
@@ -390,6 +413,7 @@ async fn run_stream(s: StreamParts) {
                                 tracing::warn!(node_id = %node, version = %v, error = %n.error, "data plane rejected config; it keeps serving its last one");
                                 metrics::counter!("relay_config_nacks_total", "reason" => "invalid").increment(1);
                                 nacked = Some(v);
+                                nacking.set(true);
                                 held = match (n.serving.as_ref().map(to_model), held.take()) {
                                     (Some(s), Some((h, hash))) if s == h => Some((h, hash)),
                                     (s, _) => s.map(|s| (s, String::new())),

@@ -277,6 +277,7 @@ impl ConfigHolder {
 
     pub fn swap(&self, cfg: ServingConfig) {
         metrics::gauge!("relay_config_revision").set(cfg.version.revision as f64);
+        metrics::gauge!("relay_config_resources_out_of_service").set(cfg.rejected.len() as f64);
         self.current.store(Some(Arc::new(cfg)));
     }
 }
