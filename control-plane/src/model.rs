@@ -394,22 +394,55 @@ pub struct ConfigState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mutation {
     InsertAccount(Account),
-    UpdateAccount { row: Account, expect_revision: u64 },
-    DeleteAccount { id: String },
+    UpdateAccount {
+        row: Account,
+        expect_revision: u64,
+    },
+    DeleteAccount {
+        id: String,
+    },
     InsertApiKey(ApiKey),
-    UpdateApiKey { row: ApiKey, expect_revision: u64 },
+    UpdateApiKey {
+        row: ApiKey,
+        expect_revision: u64,
+    },
     InsertGroup(Group),
-    DeleteGroup { id: String },
+    DeleteGroup {
+        id: String,
+    },
     UpsertPrice(Price),
-    SetSetting { name: String, value: String },
+    SetSetting {
+        name: String,
+        value: String,
+    },
     InsertAdminToken(AdminToken),
-    DeleteAdminToken { id: String },
+    DeleteAdminToken {
+        id: String,
+    },
     SetAccountState(AccountState),
-    ClearAccountState { account_id: String, scope: String },
+    ClearAccountState {
+        account_id: String,
+        scope: String,
+    },
+    /// A guard, no write: the whole apply fails with `StoreError::Conflict`
+    /// when the account's `reset_generation` is above `at_most` (a state seen
+    /// before an operator's reset must not land after it).
+    RequireResetGeneration {
+        account_id: String,
+        at_most: u64,
+    },
 }
 
 impl Mutation {
-    /// The config-log entry this mutation leaves.
+    /// The config-log entry this mutation leaves (none for a guard).
+    pub fn logged(&self) -> Option<(ResourceKind, String)> {
+        match self {
+            Mutation::RequireResetGeneration { .. } => None,
+            m => Some(m.resource()),
+        }
+    }
+
+    /// The resource this mutation is about.
     pub fn resource(&self) -> (ResourceKind, String) {
         match self {
             Mutation::InsertAccount(a) => (ResourceKind::Account, a.id.clone()),
@@ -427,6 +460,7 @@ impl Mutation {
             Mutation::ClearAccountState { account_id, scope } => {
                 (ResourceKind::AccountState, format!("{account_id}/{scope}"))
             }
+            Mutation::RequireResetGeneration { account_id, .. } => (ResourceKind::Account, account_id.clone()),
         }
     }
 }

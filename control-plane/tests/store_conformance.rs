@@ -857,6 +857,22 @@ macro_rules! conformance_suite {
             )
             .await;
             assert_eq!(store.list_account_states().await.unwrap().len(), 1);
+            // A state seen before a reset (a lower reset generation) does not land.
+            let mut acc = store.get_account("a1").await.unwrap().unwrap();
+            let rev = acc.revision;
+            acc.reset_generation = 2;
+            apply_ok(&store, vec![Mutation::UpdateAccount { row: acc, expect_revision: rev }]).await;
+            let head = store.head().await.unwrap();
+            let guard = |at_most| Mutation::RequireResetGeneration { account_id: "a1".into(), at_most };
+            assert!(matches!(
+                apply_err(&store, vec![guard(1), Mutation::SetAccountState(st(AccountHealth::Blocked, "x", 0))]).await,
+                StoreError::Conflict { .. }
+            ));
+            assert_eq!(store.head().await.unwrap(), head, "nothing applied");
+            let v = apply_ok(&store, vec![guard(2), Mutation::SetAccountState(st(AccountHealth::Blocked, "x", 0))]).await;
+            assert_eq!(store.list_account_states().await.unwrap().len(), 2);
+            let log = store.log_since(v.revision - 1, v.revision).await.unwrap();
+            assert_eq!(log.len(), 1, "a guard leaves no log entry: {log:?}");
             // Deleting the account deletes its states.
             apply_ok(&store, vec![Mutation::DeleteAccount { id: "a1".into() }]).await;
             assert!(store.list_account_states().await.unwrap().is_empty());

@@ -553,11 +553,24 @@ impl ConfigDiscovery for DiscoveryService {
             })
             .to_string(),
         };
-        let v = self
+        // The generation check again, in the write's transaction: a reset
+        // committed since the check above wins.
+        let guard = crate::model::Mutation::RequireResetGeneration {
+            account_id: st.account_id.clone(),
+            at_most: st.reset_generation,
+        };
+        let v = match self
             .store
-            .apply(vec![crate::model::Mutation::SetAccountState(row)], audit)
+            .apply(vec![guard, crate::model::Mutation::SetAccountState(row)], audit)
             .await
-            .map_err(super::status_from_store)?;
+        {
+            Ok(v) => v,
+            Err(crate::store::StoreError::Conflict { .. }) => {
+                metrics::counter!("relay_account_state_reports_ignored_total", "reason" => "before_reset").increment(1);
+                return stale().await;
+            }
+            Err(e) => return Err(super::status_from_store(e)),
+        };
         metrics::counter!("relay_account_state_changes_total", "health" => health.as_str()).increment(1);
         Ok(Response::new(pb::AccountStateAck {
             applied: true,

@@ -594,6 +594,22 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
                 _ => pg(e),
             })?;
         }
+        Mutation::RequireResetGeneration { account_id, at_most } => {
+            let row = tx
+                .query_opt("SELECT reset_generation FROM accounts WHERE id = $1", &[account_id])
+                .await
+                .map_err(pg)?
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "account",
+                    name: account_id.clone(),
+                })?;
+            if to_u64(row.get(0), "reset_generation")? > *at_most {
+                return Err(StoreError::Conflict {
+                    kind: "account",
+                    id: account_id.clone(),
+                });
+            }
+        }
         Mutation::ClearAccountState { account_id, scope } => {
             tx.execute(
                 "DELETE FROM account_states WHERE account_id = $1 AND scope = $2",
@@ -669,7 +685,7 @@ impl Store for PostgresStore {
         let (epoch, rev): (i64, i64) = (head.get(0), head.get(1));
         for m in &mutations {
             apply_one(&tx, m, rev).await?;
-            let (kind, id) = m.resource();
+            let Some((kind, id)) = m.logged() else { continue };
             tx.execute(
                 "INSERT INTO config_log (revision, kind, ref_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                 &[&rev, &kind.as_str(), &id],

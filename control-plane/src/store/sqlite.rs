@@ -759,6 +759,23 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
             )
             .map_err(db)?;
         }
+        Mutation::RequireResetGeneration { account_id, at_most } => {
+            let generation: Option<i64> = tx
+                .query_row(
+                    "SELECT reset_generation FROM accounts WHERE id = ?1",
+                    [account_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            let generation = generation.ok_or_else(|| not_found(ResourceKind::Account, account_id))?;
+            if u64::try_from(generation).unwrap_or(0) > *at_most {
+                return Err(StoreError::Conflict {
+                    kind: "account",
+                    id: account_id.clone(),
+                });
+            }
+        }
         Mutation::ClearAccountState { account_id, scope } => {
             tx.execute(
                 "DELETE FROM account_states WHERE account_id = ?1 AND scope = ?2",
@@ -786,7 +803,7 @@ fn apply_tx(conn: &mut Connection, mutations: &[Mutation], audit: &AuditRecord) 
     let rev = to_i64(head.revision, "revision")?;
     for m in mutations {
         apply_mutation(&tx, m, rev)?;
-        let (kind, ref_id) = m.resource();
+        let Some((kind, ref_id)) = m.logged() else { continue };
         tx.execute(
             "INSERT OR IGNORE INTO config_log (revision, kind, ref_id) VALUES (?1, ?2, ?3)",
             params![rev, kind.as_str(), ref_id],
