@@ -468,43 +468,73 @@ async fn client_disconnect_cancels_upstream_and_records_partial_usage() {
     assert!(output >= 1);
 }
 
+fn audit(target: &str) -> relay_control_plane::model::AuditRecord {
+    relay_control_plane::model::AuditRecord {
+        actor: "test".into(),
+        action: "bypass".into(),
+        target: target.into(),
+        detail: "{}".into(),
+    }
+}
+
+/// One account a data plane cannot use (here: weight 0 while enabled, written
+/// past the admin API) is taken out of service alone: the rest of the config
+/// applies (a key created after it works), and `account list` says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn invalid_config_is_nacked_and_old_one_keeps_serving() {
+async fn one_unusable_account_is_out_of_service_and_the_rest_applies() {
+    use relay_control_plane::model::Mutation;
     let s = setup(Backend::Sqlite, MockConfig::default()).await;
-    let good = s.dp.version().unwrap();
-    // A write that bypasses the admin API's validation: an enabled account with weight 0.
+    let second = s.cp.add_account("acct-2", &s.mock.base_url(), ACCOUNT_SECRET).await;
     let mut acct = s.cp.store.get_account("acct-1").await.unwrap().unwrap();
     let expect = acct.revision;
     acct.weight = 0;
     s.cp.store
         .apply(
-            vec![relay_control_plane::model::Mutation::UpdateAccount {
-                row: acct,
+            vec![Mutation::UpdateAccount {
+                row: acct.clone(),
                 expect_revision: expect,
             }],
-            relay_control_plane::model::AuditRecord {
-                actor: "test".into(),
-                action: "account.update".into(),
-                target: "acct-1".into(),
-                detail: "{}".into(),
-            },
+            audit("acct-1"),
         )
         .await
         .unwrap();
-    let proxies = wait_for(Duration::from_secs(5), "the NACK to be recorded", || async {
-        let p = s.cp.store.list_proxies().await.unwrap();
-        p.into_iter().find(|p| p.node_id == "dp-1" && !p.nack_error.is_empty())
-    })
+    let (_, later_key) = s.cp.add_key("later", &[]).await;
+    s.dp.wait_version(s.cp.head().await).await;
+    let info = wait_for(
+        Duration::from_secs(5),
+        "the account to show as out of service",
+        || async {
+            let list =
+                s.cp.admin()
+                    .await
+                    .list_accounts(pb::ListAccountsRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
+            list.accounts
+                .into_iter()
+                .find(|a| a.id == acct.id && !a.config_errors.is_empty())
+        },
+    )
     .await
     .unwrap();
-    assert!(proxies.nack_error.contains("weight 0"), "{}", proxies.nack_error);
-    assert_eq!(s.dp.version(), Some(good), "still serving the last good config");
-    assert_eq!(
-        post_messages(&s.dp, &s.key, &message_body("claude-sonnet-4-5", false))
+    assert_eq!(info.config_errors, ["dp-1: weight 0 on an enabled account"]);
+    let other =
+        s.cp.admin()
             .await
-            .status,
-        200
+            .get_account(pb::GetAccountRequest { account: second })
+            .await
+            .unwrap();
+    assert!(other.into_inner().config_errors.is_empty());
+    let proxies = s.cp.store.list_proxies().await.unwrap();
+    assert!(
+        proxies.iter().all(|p| p.nack_error.is_empty()),
+        "no whole-config NACK: {proxies:?}"
     );
+    for _ in 0..4 {
+        let r = post_messages(&s.dp, &later_key, &message_body("claude-sonnet-4-5", false)).await;
+        assert_eq!(r.status, 200, "served by the usable account");
+    }
 }
 
 /// Events spaced out by the upstream reach the client as they arrive, one by one, not held back and not

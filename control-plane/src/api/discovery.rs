@@ -447,8 +447,9 @@ async fn run_stream(s: StreamParts) {
                 }
             }
             _ = async { replaced.wait_for(|r| *r).await.map(|_| ()) } => {
+                // The newer stream has recorded itself as connected already.
                 tracing::info!(node_id = %node, "a newer stream of the same data plane replaced this one");
-                break;
+                return;
             }
             _ = tx.closed() => break,
         }

@@ -230,3 +230,98 @@ impl Watcher {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn watcher() -> Watcher {
+        Watcher {
+            link: ControlPlaneLink::new("http://127.0.0.1:1", "token", &ControlPlaneTls::default()).unwrap(),
+            node_id: "dp-1".into(),
+            instance_id: "i-1".into(),
+            holder: Arc::new(ConfigHolder::default()),
+            cache: None,
+            on_apply: None,
+            failures: Arc::default(),
+        }
+    }
+
+    fn resources(proxy_url: &str) -> pb::Resources {
+        let mut r = pb::Resources {
+            groups: vec![pb::Group {
+                id: "g".into(),
+                ..Default::default()
+            }],
+            accounts: vec![pb::Account {
+                id: "a".into(),
+                name: "a".into(),
+                kind: pb::AccountKind::AnthropicApiKey as i32,
+                base_url: "https://api.anthropic.com".into(),
+                credential: "sk".into(),
+                weight: 1,
+                group_ids: vec!["g".into()],
+                status: pb::AccountStatus::Enabled as i32,
+                proxy_url: proxy_url.into(),
+                ..Default::default()
+            }],
+            settings: Some(pb::Settings {
+                api_key_hash_secret: vec![3; 32],
+                values: Default::default(),
+            }),
+            ..Default::default()
+        };
+        relay_proto::canonicalize(&mut r);
+        r
+    }
+
+    fn full(revision: u64, r: pb::Resources) -> pb::ConfigUpdate {
+        pb::ConfigUpdate {
+            nonce: format!("n{revision}"),
+            version: Some(pb::ConfigVersion::new(1, revision)),
+            full: true,
+            content_hash: relay_proto::config_hash(&r),
+            resources: Some(r),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn acks_nacks_and_their_reasons() {
+        let w = watcher();
+        let Some(pb::watch_request::Kind::Ack(a)) = w.handle(&full(1, resources(""))).kind else {
+            panic!("a valid config is acked")
+        };
+        assert!(a.rejected.is_empty());
+
+        // The config as a whole does not validate: NACK (invalid), keep serving.
+        let mut bad = resources("");
+        bad.settings = None;
+        let Some(pb::watch_request::Kind::Nack(n)) = w.handle(&full(2, bad)).kind else {
+            panic!("a structurally bad config is nacked")
+        };
+        assert_eq!(n.reason, pb::NackReason::Invalid as i32);
+        assert_eq!(n.serving, Some(pb::ConfigVersion::new(1, 1)));
+        assert_eq!(w.holder.get().unwrap().version, pb::ConfigVersion::new(1, 1));
+
+        // A delta that does not lead to its hash: NACK (diverged), keep serving.
+        let mut delta = full(3, pb::Resources::default());
+        delta.full = false;
+        delta.base = Some(pb::ConfigVersion::new(1, 1));
+        let Some(pb::watch_request::Kind::Nack(n)) = w.handle(&delta).kind else {
+            panic!("a delta that misses its hash is nacked")
+        };
+        assert_eq!(n.reason, pb::NackReason::Diverged as i32);
+        assert_eq!(w.holder.get().unwrap().version, pb::ConfigVersion::new(1, 1));
+
+        // One unusable account: applied without it, and said in the ACK.
+        let Some(pb::watch_request::Kind::Ack(a)) = w.handle(&full(4, resources("http://p:1/x"))).kind else {
+            panic!("one bad account does not refuse the config")
+        };
+        assert_eq!(a.version, Some(pb::ConfigVersion::new(1, 4)));
+        assert_eq!(a.rejected.len(), 1);
+        assert_eq!(a.rejected[0].r#ref.as_ref().unwrap().id, "a");
+        assert_eq!(w.holder.get().unwrap().version, pb::ConfigVersion::new(1, 4));
+    }
+}
