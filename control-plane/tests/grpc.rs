@@ -302,13 +302,6 @@ both_stores!(concurrent_admin_writers_skip_no_revision, |cp: Cp| async move {
     }
     let h = head(&cp).await;
     assert_eq!(h.revision, h0.revision + 50);
-    let log = cp.store.log_since(h0.revision, h.revision).await.unwrap();
-    let revs: Vec<u64> = log.iter().map(|e| e.revision).collect();
-    assert_eq!(
-        revs,
-        ((h0.revision + 1)..=h.revision).collect::<Vec<_>>(),
-        "no gap, no repeat, in order"
-    );
     // Each revision has its audit entry.
     let audit = cp.store.list_audit(1000, None).await.unwrap();
     for r in (h0.revision + 1)..=h.revision {

@@ -177,14 +177,6 @@ fn token_at(t: &AdminToken, revision: u64) -> AdminToken {
     at_rev(t, revision, |t, r| t.revision = r)
 }
 
-fn log(revision: u64, kind: ResourceKind, id: &str) -> LogEntry {
-    LogEntry {
-        revision,
-        kind: kind.as_str().into(),
-        id: id.into(),
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn usage(n: u64, ts: Millis, key: &str, acct: &str, model: &str, http_status: u32, error_type: &str) -> UsageEvent {
     UsageEvent {
@@ -305,14 +297,6 @@ macro_rules! conformance_suite {
                 store.list_audit(1000, None).await.unwrap(),
                 before_audit,
                 "failed apply left an audit entry"
-            );
-            assert!(
-                store
-                    .log_since(before_head.revision, u64::MAX / 2)
-                    .await
-                    .unwrap()
-                    .is_empty(),
-                "failed apply left config-log entries"
             );
             err
         }
@@ -825,7 +809,7 @@ macro_rules! conformance_suite {
                 reported_by: "dp-1".into(),
                 revision: 0,
             };
-            let v1 = apply_ok(&store, vec![Mutation::SetAccountState(st(AccountHealth::RateLimited, "", T0 + HOUR))]).await;
+            apply_ok(&store, vec![Mutation::SetAccountState(st(AccountHealth::RateLimited, "", T0 + HOUR))]).await;
             let v2 = apply_ok(&store, vec![Mutation::SetAccountState(st(AccountHealth::Overloaded, "opus", T0 + 60_000))]).await;
             // Upsert: same (account, scope) replaces.
             let v3 = apply_ok(&store, vec![Mutation::SetAccountState(st(AccountHealth::Unauthorized, "", 0))]).await;
@@ -838,9 +822,6 @@ macro_rules! conformance_suite {
             assert_eq!(states[1].scope, "opus");
             assert_eq!(states[1].revision, v2.revision);
             assert_eq!(store.load_config().await.unwrap().account_states, states);
-            let log = store.log_since(v1.revision - 1, v3.revision).await.unwrap();
-            assert!(log.iter().all(|e| e.kind == "account_state"));
-            assert_eq!(log[1].id, "a1/opus");
             // A state for an unknown account is refused, nothing changes.
             let mut ghost = st(AccountHealth::Blocked, "", 0);
             ghost.account_id = "ghost".into();
@@ -869,77 +850,11 @@ macro_rules! conformance_suite {
                 StoreError::Conflict { .. }
             ));
             assert_eq!(store.head().await.unwrap(), head, "nothing applied");
-            let v = apply_ok(&store, vec![guard(2), Mutation::SetAccountState(st(AccountHealth::Blocked, "x", 0))]).await;
+            apply_ok(&store, vec![guard(2), Mutation::SetAccountState(st(AccountHealth::Blocked, "x", 0))]).await;
             assert_eq!(store.list_account_states().await.unwrap().len(), 2);
-            let log = store.log_since(v.revision - 1, v.revision).await.unwrap();
-            assert_eq!(log.len(), 1, "a guard leaves no log entry: {log:?}");
             // Deleting the account deletes its states.
             apply_ok(&store, vec![Mutation::DeleteAccount { id: "a1".into() }]).await;
             assert!(store.list_account_states().await.unwrap().is_empty());
-        }
-
-        #[tokio::test]
-        async fn log_since_lists_touched_resources_per_revision() {
-            let (store, _guard) = fresh().await;
-            let v1 = apply_ok(
-                &store,
-                vec![
-                    Mutation::InsertGroup(group("g1", "one")),
-                    Mutation::InsertAccount(account("a1", "acct", &["g1"])),
-                    setting("s", "1"),
-                ],
-            )
-            .await;
-            let v2 = apply_ok(
-                &store,
-                vec![
-                    Mutation::InsertApiKey(api_key("k1", "key", "g1")),
-                    Mutation::UpsertPrice(price("p1", "claude-*", T0)),
-                    Mutation::InsertAdminToken(admin_token("t1", "ops", Role::ReadOnly)),
-                ],
-            )
-            .await;
-            // Touching the same resource twice in one revision logs it once.
-            let v3 = apply_ok(&store, vec![setting("s", "2"), setting("s", "3")]).await;
-            let v4 = apply_ok(
-                &store,
-                vec![
-                    Mutation::DeleteAccount { id: "a1".into() },
-                    Mutation::DeleteAdminToken { id: "t1".into() },
-                ],
-            )
-            .await;
-
-            let all = store.log_since(0, v4.revision).await.unwrap();
-            let mut expected = vec![
-                log(v1.revision, ResourceKind::Account, "a1"),
-                log(v1.revision, ResourceKind::Group, "g1"),
-                log(v1.revision, ResourceKind::Settings, "s"),
-                log(v2.revision, ResourceKind::AdminToken, "t1"),
-                log(v2.revision, ResourceKind::ApiKey, "k1"),
-                log(v2.revision, ResourceKind::Price, "p1"),
-                log(v3.revision, ResourceKind::Settings, "s"),
-                log(v4.revision, ResourceKind::Account, "a1"),
-                log(v4.revision, ResourceKind::AdminToken, "t1"),
-            ];
-            // Within a revision the order is by kind, then id.
-            expected.sort();
-            assert_eq!(all, expected);
-
-            // after < revision <= upto
-            let window = store.log_since(v1.revision, v3.revision).await.unwrap();
-            assert_eq!(
-                window,
-                expected
-                    .iter()
-                    .filter(|e| e.revision == v2.revision || e.revision == v3.revision)
-                    .cloned()
-                    .collect::<Vec<_>>()
-            );
-            assert!(store.log_since(v4.revision, v4.revision + 10).await.unwrap().is_empty());
-            assert!(store.log_since(v2.revision, v2.revision).await.unwrap().is_empty());
-            // Revisions beyond the head are simply absent.
-            assert_eq!(store.log_since(0, 1_000).await.unwrap(), expected);
         }
 
         #[tokio::test]
@@ -1244,21 +1159,17 @@ macro_rules! conformance_suite {
             assert_eq!(revisions, (1..=50).collect::<Vec<u64>>(), "each apply got its own revision");
             assert_eq!(store.head().await.unwrap().revision, 50);
 
-            let log = store.log_since(0, 50).await.unwrap();
-            assert_eq!(log.len(), 100);
-            let mut per_rev: BTreeMap<u64, Vec<&LogEntry>> = BTreeMap::new();
-            for e in &log {
-                per_rev.entry(e.revision).or_default().push(e);
+            // Each revision holds one task's group and setting, from the same task.
+            let audit = store.list_audit(1000, None).await.unwrap();
+            let mut per_rev: BTreeMap<u64, &str> = BTreeMap::new();
+            for e in &audit {
+                assert!(per_rev.insert(e.revision, e.target.as_str()).is_none(), "revision {} twice", e.revision);
             }
             assert_eq!(per_rev.keys().copied().collect::<Vec<_>>(), (1..=50).collect::<Vec<u64>>());
-            for (rev, entries) in &per_rev {
-                // Each revision holds one task's group and setting, from the same task.
-                assert_eq!(entries.len(), 2, "revision {rev}");
-                let g = entries.iter().find(|e| e.kind == ResourceKind::Group.as_str()).unwrap();
-                let s = entries.iter().find(|e| e.kind == ResourceKind::Settings.as_str()).unwrap();
-                assert_eq!(g.id[1..], s.id[1..], "revision {rev} mixes two applies");
+            let config = store.load_config().await.unwrap();
+            for g in &config.groups {
+                assert_eq!(per_rev.get(&g.revision).copied(), Some(g.id.as_str()), "group {} mixes two applies", g.id);
             }
-            assert!(log.windows(2).all(|w| w[0] <= w[1]), "log is in revision order");
 
             let config = store.load_config().await.unwrap();
             assert_eq!(config.groups.len(), 50);

@@ -3,8 +3,8 @@
 //! `tests/store_conformance.rs` runs one suite against both.
 //!
 //! Architecture invariant: every config write goes through [`Store::apply`],
-//! which bumps the head revision, appends to the config log and writes the audit
-//! entry in the same transaction as the change. Nothing else writes config.
+//! which bumps the head revision and writes the audit entry in the same
+//! transaction as the change. Nothing else writes config.
 
 use crate::model::*;
 use std::sync::Arc;
@@ -52,9 +52,8 @@ pub trait Store: Send + Sync + 'static {
     /// The current head version.
     async fn head(&self) -> Result<Version>;
 
-    /// Applies the mutations atomically, bumping the revision by exactly one,
-    /// appending a config-log entry per mutation and one audit entry. Returns
-    /// the new head.
+    /// Applies the mutations atomically, bumping the revision by exactly one and
+    /// writing one audit entry. Returns the new head.
     async fn apply(&self, mutations: Vec<Mutation>, audit: AuditRecord) -> Result<Version>;
 
     /// Starts a new epoch (same revision) if the head is still `seen`: history
@@ -67,9 +66,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// The whole config at the current head, read consistently.
     async fn load_config(&self) -> Result<ConfigState>;
-
-    /// Config-log entries with `after < revision <= upto`, in revision order.
-    async fn log_since(&self, after: u64, upto: u64) -> Result<Vec<LogEntry>>;
 
     async fn list_accounts(&self) -> Result<Vec<Account>>;
     /// By id, or else by name.

@@ -685,13 +685,6 @@ impl Store for PostgresStore {
         let (epoch, rev): (i64, i64) = (head.get(0), head.get(1));
         for m in &mutations {
             apply_one(&tx, m, rev).await?;
-            let Some((kind, id)) = m.logged() else { continue };
-            tx.execute(
-                "INSERT INTO config_log (revision, kind, ref_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                &[&rev, &kind.as_str(), &id],
-            )
-            .await
-            .map_err(pg)?;
         }
         tx.execute(
             "INSERT INTO audit_log (at, actor, action, target, detail, revision) VALUES ($1,$2,$3,$4,$5,$6)",
@@ -801,27 +794,6 @@ impl Store for PostgresStore {
             settings,
             account_states,
         })
-    }
-
-    async fn log_since(&self, after: u64, upto: u64) -> Result<Vec<LogEntry>> {
-        let c = self.client().await?;
-        let rows = c
-            .query(
-                "SELECT revision, kind, ref_id FROM config_log WHERE revision > $1 AND revision <= $2 \
-                 ORDER BY revision, kind, ref_id",
-                &[&to_i64(after, "revision")?, &to_i64(upto, "revision")?],
-            )
-            .await
-            .map_err(pg)?;
-        rows.iter()
-            .map(|r| {
-                Ok(LogEntry {
-                    revision: to_u64(r.get(0), "revision")?,
-                    kind: r.get(1),
-                    id: r.get(2),
-                })
-            })
-            .collect()
     }
 
     async fn list_accounts(&self) -> Result<Vec<Account>> {

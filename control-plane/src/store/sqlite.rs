@@ -803,12 +803,6 @@ fn apply_tx(conn: &mut Connection, mutations: &[Mutation], audit: &AuditRecord) 
     let rev = to_i64(head.revision, "revision")?;
     for m in mutations {
         apply_mutation(&tx, m, rev)?;
-        let Some((kind, ref_id)) = m.logged() else { continue };
-        tx.execute(
-            "INSERT OR IGNORE INTO config_log (revision, kind, ref_id) VALUES (?1, ?2, ?3)",
-            params![rev, kind.as_str(), ref_id],
-        )
-        .map_err(db)?;
     }
     tx.execute(
         "INSERT INTO audit_log (at, actor, action, target, detail, revision) \
@@ -1066,27 +1060,6 @@ impl Store for SqliteStore {
             };
             tx.commit().map_err(db)?;
             Ok(state)
-        })
-        .await
-    }
-
-    async fn log_since(&self, after: u64, upto: u64) -> Result<Vec<LogEntry>> {
-        let after = to_i64(after, "revision")?;
-        let upto = to_i64(upto, "revision")?;
-        self.with_conn(move |c| {
-            query_list(
-                c,
-                "SELECT revision, kind, ref_id FROM config_log \
-                 WHERE revision > ?1 AND revision <= ?2 ORDER BY revision, kind, ref_id",
-                [after, upto],
-                |r| {
-                    Ok(LogEntry {
-                        revision: col_u64(r, 0)?,
-                        kind: r.get(1)?,
-                        id: r.get(2)?,
-                    })
-                },
-            )
         })
         .await
     }
