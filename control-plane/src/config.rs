@@ -67,17 +67,6 @@ pub struct Published {
     points: Arc<VecDeque<Point>>,
 }
 
-/// What a Watch stream sends next.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Update {
-    Full(pb::Resources),
-    Delta {
-        base: Version,
-        resources: pb::Resources,
-        removed: Vec<pb::ResourceRef>,
-    },
-}
-
 impl Published {
     fn first(snapshot: Snapshot) -> Self {
         Self {
@@ -122,41 +111,53 @@ impl Published {
     }
 
     /// The update that takes a data plane holding `held` (with content hash
-    /// `held_hash`; empty = not known) to this head: a delta when `held` is
-    /// this head or one this publisher published before with that content,
-    /// else a full snapshot.
-    pub fn update_from(&self, held: Option<Version>, held_hash: &str) -> Update {
+    /// `held_hash`; empty = not known) to this head, with a fresh nonce: a delta
+    /// when `held` is this head or one this publisher published before with
+    /// that content, else a full snapshot.
+    pub fn update_for(&self, held: Option<Version>, held_hash: &str) -> pb::ConfigUpdate {
         let head = &self.snapshot;
-        let Some(held) = held else {
-            return Update::Full(head.resources.clone());
+        let mut u = pb::ConfigUpdate {
+            nonce: uuid::Uuid::new_v4().simple().to_string(),
+            version: Some(version_pb(head.version)),
+            content_hash: head.hash.clone(),
+            ..Default::default()
         };
+        match self.delta_from(held, held_hash) {
+            Some((base, resources, removed)) => {
+                u.base = Some(version_pb(base));
+                u.resources = Some(resources);
+                u.removed = removed;
+            }
+            None => {
+                u.full = true;
+                u.resources = Some(head.resources.clone());
+            }
+        }
+        u
+    }
+
+    /// The delta from `held` to this head, if this publisher knows `held`'s content.
+    fn delta_from(
+        &self,
+        held: Option<Version>,
+        held_hash: &str,
+    ) -> Option<(Version, pb::Resources, Vec<pb::ResourceRef>)> {
+        let head = &self.snapshot;
+        let held = held?;
         let matches = |hash: &str| held_hash.is_empty() || held_hash == hash;
         if held == head.version {
-            if matches(&head.hash) {
-                return Update::Delta {
-                    base: held,
-                    resources: pb::Resources::default(),
-                    removed: Vec::new(),
-                };
-            }
-            return Update::Full(head.resources.clone());
+            return matches(&head.hash).then(|| (held, pb::Resources::default(), Vec::new()));
         }
-        let Some(start) = self.points.iter().position(|p| p.version == held) else {
-            return Update::Full(head.resources.clone());
-        };
+        let start = self.points.iter().position(|p| p.version == held)?;
         if !matches(&self.points[start].hash) {
-            return Update::Full(head.resources.clone());
+            return None;
         }
         let mut keys: BTreeSet<&ResourceKey> = BTreeSet::new();
         for p in self.points.iter().skip(start) {
             keys.extend(p.to_next.iter());
         }
         let (resources, removed) = relay_proto::delta(&head.resources, keys);
-        Update::Delta {
-            base: held,
-            resources,
-            removed,
-        }
+        Some((held, resources, removed))
     }
 }
 
@@ -218,6 +219,10 @@ pub fn account_to_pb(a: &model::Account, key: &MasterKey) -> Result<pb::Account,
         credential_expires_at_ms: a.credential_expires_at.unwrap_or(0),
         reset_generation: a.reset_generation,
     })
+}
+
+pub fn version_pb(v: Version) -> pb::ConfigVersion {
+    pb::ConfigVersion::new(v.epoch, v.revision)
 }
 
 pub fn health_to_pb(h: model::AccountHealth) -> pb::AccountHealth {

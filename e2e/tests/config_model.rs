@@ -22,7 +22,7 @@ mod common;
 use common::{Backend, ControlPlane, DP_TOKEN};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use relay_control_plane::config::{ConfigPublisher, Published, Update};
+use relay_control_plane::config::{version_pb, ConfigPublisher, Published};
 use relay_control_plane::model::Version;
 use relay_data_plane::control::state::ServingConfig;
 use relay_data_plane::proxy::health::{HealthRegistry, Outcome};
@@ -42,40 +42,14 @@ struct Held {
     hash: String,
 }
 
-fn to_pb(v: Version) -> pb::ConfigVersion {
-    pb::ConfigVersion::new(v.epoch, v.revision)
-}
-
-/// The update a Watch stream would send to a data plane holding `held`.
+/// The update a Watch stream sends to a data plane holding `held`.
 fn update_for(p: &Published, held: Option<&Held>, claimed_hash: Option<&str>) -> pb::ConfigUpdate {
-    let snap = &p.snapshot;
-    let mut u = pb::ConfigUpdate {
-        nonce: "n".into(),
-        version: Some(to_pb(snap.version)),
-        content_hash: snap.hash.clone(),
-        ..Default::default()
-    };
     let hash = claimed_hash.or(held.map(|h| h.hash.as_str())).unwrap_or("");
-    match p.update_from(held.map(|h| h.version), hash) {
-        Update::Full(r) => {
-            u.full = true;
-            u.resources = Some(r);
-        }
-        Update::Delta {
-            base,
-            resources,
-            removed,
-        } => {
-            u.base = Some(to_pb(base));
-            u.resources = Some(resources);
-            u.removed = removed;
-        }
-    }
-    u
+    p.update_for(held.map(|h| h.version), hash)
 }
 
 fn apply(held: Option<&Held>, u: &pb::ConfigUpdate) -> Result<pb::Resources, relay_proto::ApplyError> {
-    let base = held.map(|h| (to_pb(h.version), h.resources.clone()));
+    let base = held.map(|h| (version_pb(h.version), h.resources.clone()));
     relay_proto::apply_update(base.as_ref().map(|(v, r)| (v, r)), u)
 }
 
@@ -476,7 +450,7 @@ impl World {
             }
         }
         // Every accepted config is served whole.
-        let cfg = ServingConfig::build(to_pb(head.version), head.resources.clone())
+        let cfg = ServingConfig::build(version_pb(head.version), head.resources.clone())
             .unwrap_or_else(|e| panic!("{}", ctx(&format!("data plane refuses the config: {e}"))));
         assert!(
             cfg.rejected.is_empty(),

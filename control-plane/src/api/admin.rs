@@ -5,7 +5,7 @@
 
 use super::auth::{Actor, Authenticator, Need};
 use super::status_from_store;
-use crate::config::{account_kind_to_pb, account_state_to_pb, key_status_to_pb, limits_to_pb, price_to_pb};
+use crate::config::{account_kind_to_pb, account_state_to_pb, key_status_to_pb, limits_to_pb, price_to_pb, version_pb};
 use crate::crypto::{self, MasterKey};
 use crate::model::{self, *};
 use crate::store::{DynStore, StoreError};
@@ -402,10 +402,6 @@ fn token_info(t: &AdminToken) -> pb::AdminTokenInfo {
         token_prefix: t.token_prefix.clone(),
         created_at_ms: t.created_at,
     }
-}
-
-fn version_pb(v: Version) -> pb::ConfigVersion {
-    pb::ConfigVersion::new(v.epoch, v.revision)
 }
 
 /// Creates an admin token row for `token` (not stored: only its hash).

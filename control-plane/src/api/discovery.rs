@@ -18,7 +18,7 @@
 //!   same node id is refused; the same process reconnecting replaces its own.
 
 use super::auth::{Authenticator, Need};
-use crate::config::{Published, Update};
+use crate::config::{version_pb, Published};
 use crate::model::{ProxyEvent, Version};
 use crate::store::DynStore;
 use futures::Stream;
@@ -124,10 +124,6 @@ fn to_model(v: &pb::ConfigVersion) -> Version {
     }
 }
 
-fn to_pb(v: Version) -> pb::ConfigVersion {
-    pb::ConfigVersion::new(v.epoch, v.revision)
-}
-
 /// Whether `a` comes after `b` in config history (epochs only grow).
 fn later(a: Version, b: Version) -> bool {
     (a.epoch, a.revision) > (b.epoch, b.revision)
@@ -149,33 +145,10 @@ fn should_send(held: &Held, p: &Published, first: bool) -> bool {
 }
 
 fn build_update(p: &Published, held: &Held) -> pb::ConfigUpdate {
-    let snap = &p.snapshot;
-    let mut u = pb::ConfigUpdate {
-        nonce: uuid::Uuid::new_v4().simple().to_string(),
-        version: Some(to_pb(snap.version)),
-        content_hash: snap.hash.clone(),
-        ..Default::default()
-    };
-    let (version, hash) = match held {
-        Some((v, h)) => (Some(*v), h.as_str()),
-        None => (None, ""),
-    };
-    match p.update_from(version, hash) {
-        Update::Full(resources) => {
-            u.full = true;
-            u.resources = Some(resources);
-        }
-        Update::Delta {
-            base,
-            resources,
-            removed,
-        } => {
-            u.base = Some(to_pb(base));
-            u.resources = Some(resources);
-            u.removed = removed;
-        }
+    match held {
+        Some((v, h)) => p.update_for(Some(*v), h),
+        None => p.update_for(None, ""),
     }
-    u
 }
 
 /// A data plane says it holds `held`, ahead of this replica's head. If the
@@ -511,7 +484,7 @@ impl ConfigDiscovery for DiscoveryService {
             let head = self.store.head().await.map_err(super::status_from_store)?;
             Ok::<_, Status>(Response::new(pb::AccountStateAck {
                 applied: false,
-                version: Some(to_pb(head)),
+                version: Some(version_pb(head)),
             }))
         };
         if st.reset_generation < account.reset_generation {
@@ -575,7 +548,7 @@ impl ConfigDiscovery for DiscoveryService {
         metrics::counter!("relay_account_state_changes_total", "health" => health.as_str()).increment(1);
         Ok(Response::new(pb::AccountStateAck {
             applied: true,
-            version: Some(to_pb(v)),
+            version: Some(version_pb(v)),
         }))
     }
 }

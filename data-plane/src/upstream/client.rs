@@ -378,18 +378,8 @@ mod tests {
     }
 
     #[test]
-    fn bad_proxy_urls_are_refused_without_echoing_them() {
-        for (url, want) in [
-            ("https://u:secret@p:443", ProxyUrlError::Scheme("https".into())),
-            ("ftp://p", ProxyUrlError::Scheme("ftp".into())),
-            ("http://u:secret@p:8080/path", ProxyUrlError::Path),
-            ("not a url", ProxyUrlError::Unparsable),
-            ("http://u:%ff@p", ProxyUrlError::Userinfo),
-        ] {
-            let e = ProxySpec::parse(url).unwrap_err();
-            assert_eq!(e, want, "{url}");
-            assert!(!e.to_string().contains("secret"), "{e}");
-        }
+    fn a_proxy_password_never_shows_in_debug() {
+        // Which URLs are refused, and how, is relay_proto::validate's (its tests).
         let p = ProxySpec::parse("http://user:secret@p:1").unwrap();
         assert!(!format!("{p:?}").contains("secret"));
     }
