@@ -61,6 +61,11 @@ struct Args {
     /// (PEM) and valid for their node id. Needs --tls-cert.
     #[arg(long, env = "RELAY_CLIENT_CA", requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// On SIGTERM/Ctrl-C: how long to wait for in-flight admin calls and usage
+    /// batches before exiting, in seconds. Watch and Report streams end at once
+    /// (data planes reconnect to another replica).
+    #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    shutdown_grace_secs: u64,
 }
 
 fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
@@ -147,6 +152,11 @@ async fn main() -> anyhow::Result<()> {
                 .context("installing the metrics recorder")?,
         )
     };
+    // The embedded store's directory is this process's alone.
+    let _dir_lock = match &args.database_url {
+        None => Some(relay_data_plane::datadir::lock(&args.data_dir)?),
+        Some(_) => None,
+    };
     let key = master_key(&args)?;
     let store: DynStore = match &args.database_url {
         Some(url) => Arc::new(
@@ -155,8 +165,6 @@ async fn main() -> anyhow::Result<()> {
                 .context("opening the Postgres store")?,
         ),
         None => {
-            std::fs::create_dir_all(&args.data_dir)
-                .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
             let db = args.data_dir.join("relay.db");
             Arc::new(SqliteStore::open(&db).with_context(|| format!("opening the embedded store {}", db.display()))?)
         }
@@ -248,8 +256,19 @@ async fn main() -> anyhow::Result<()> {
     let _ = stop_cp.send(());
     let result = match ended_early {
         Some(r) => r,
-        None => cp.await,
+        None => match tokio::time::timeout(Duration::from_secs(args.shutdown_grace_secs), &mut cp).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = args.shutdown_grace_secs,
+                    "requests still in flight after the shutdown grace period; exiting"
+                );
+                cp.abort();
+                return Ok(());
+            }
+        },
     };
     result.context("control plane task")?.context("serving")?;
+    tracing::info!("stopped");
     Ok(())
 }

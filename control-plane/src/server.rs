@@ -91,6 +91,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let publisher = ConfigPublisher::start(store.clone(), key.clone(), opts.poll_interval).await?;
+    // Streams end when shutdown begins: tonic's graceful shutdown waits for
+    // open connections, and a Watch stream never ends by itself.
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing_tx.send(true);
+    };
     let client_certs = opts.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some());
     let auth = Authenticator::new(store.clone(), key.clone()).with_client_certs(client_certs);
     let admin = AdminServer::new(AdminService::new(store.clone(), key.clone()))
@@ -101,10 +108,11 @@ pub async fn serve(
         store.clone(),
         auth.clone(),
         opts.replica.clone(),
+        closing.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let usage = UsageIngestServer::new(UsageService::new(store.clone(), auth))
+    let usage = UsageIngestServer::new(UsageService::new(store.clone(), auth, closing))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 

@@ -480,6 +480,72 @@ both_stores!(admin_auth_and_roles, |cp: Cp| async move {
     assert!(audit[0].actor.starts_with("bootstrap-"));
 });
 
+both_stores!(a_group_whose_keys_are_all_revoked_can_be_removed, |cp: Cp| async move {
+    let mut admin = cp.admin().await;
+    for g in ["team", "busy"] {
+        admin
+            .create_group(pb::CreateGroupRequest {
+                name: g.into(),
+                description: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let key = |name: &str, group: &str| pb::CreateApiKeyRequest {
+        name: name.into(),
+        group: group.into(),
+        ..Default::default()
+    };
+    admin.create_api_key(key("old", "team")).await.unwrap();
+    admin.create_api_key(key("live", "busy")).await.unwrap();
+    let mut acct = account_req("member", "sk-member");
+    acct.groups = vec!["busy".into()];
+    admin.create_account(acct).await.unwrap();
+
+    // A live key or an account holds a group, and the refusal names them.
+    let e = admin
+        .delete_group(pb::DeleteGroupRequest { group: "busy".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("member") && e.message().contains("live"),
+        "{}",
+        e.message()
+    );
+    let e = admin
+        .delete_group(pb::DeleteGroupRequest { group: "team".into() })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("old"), "{}", e.message());
+
+    // Revoked keys do not.
+    admin
+        .revoke_api_key(pb::RevokeApiKeyRequest { key: "old".into() })
+        .await
+        .unwrap();
+    admin
+        .delete_group(pb::DeleteGroupRequest { group: "team".into() })
+        .await
+        .unwrap();
+    let keys = admin
+        .list_api_keys(pb::ListApiKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let old = keys.iter().find(|k| k.name == "old").unwrap();
+    assert_eq!(old.group, "default", "the revoked key stays, in the default group");
+    assert_eq!(old.status, pb::KeyStatus::Revoked as i32);
+    let groups = admin
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .groups;
+    assert!(groups.iter().all(|g| g.name != "team"));
+});
+
 both_stores!(admin_validation_errors, |cp: Cp| async move {
     let mut admin = cp.admin().await;
     let code = |r: Result<tonic::Response<pb::AccountInfo>, tonic::Status>| r.err().map(|s| s.code());

@@ -8,6 +8,7 @@
 //! HTTP listener. [`RunningDataPlane::shutdown`] stops it gracefully.
 
 pub mod control;
+pub mod datadir;
 pub mod errors;
 pub mod proxy;
 pub mod upstream;
@@ -78,6 +79,8 @@ pub enum StartError {
     Client(#[from] upstream::client::ClientError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    DataDir(#[from] datadir::LockError),
 }
 
 pub struct RunningDataPlane {
@@ -97,6 +100,8 @@ pub struct RunningDataPlane {
     watch_failures: Arc<std::sync::atomic::AtomicU64>,
     reporter: JoinHandle<()>,
     grace: Duration,
+    /// The data directory stays this process's until it stops.
+    _dir_lock: datadir::DirLock,
 }
 
 /// Starts a data plane. With a cached config it is ready at once; without,
@@ -105,6 +110,7 @@ pub async fn start(
     opts: Options,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> Result<RunningDataPlane, StartError> {
+    let dir_lock = datadir::lock(&opts.data_dir)?;
     let holder = Arc::new(ConfigHolder::default());
     let health = Arc::new(proxy::health::HealthRegistry::new(&opts.node_id));
     let upstreams = Arc::new(upstream::client::Upstreams::new(&upstream::client::ClientOptions {
@@ -208,6 +214,7 @@ pub async fn start(
         watch_failures,
         reporter,
         grace: opts.shutdown_grace,
+        _dir_lock: dir_lock,
     })
 }
 

@@ -20,7 +20,9 @@ struct Args {
     /// Where to serve the Anthropic API.
     #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// This data plane's name (as `relayctl proxies list` shows it); default: host name.
+    /// This data plane's name (as `relayctl proxies list` shows it); unique per
+    /// data plane. Default: the host name (two data planes on one host need
+    /// their own), or `data-plane-<random>` when there is none.
     #[arg(long, env = "RELAY_NODE_ID")]
     node_id: Option<String>,
     /// Config cache and usage spool.
@@ -78,6 +80,17 @@ async fn terminated() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// The host name (`HOSTNAME`, else the kernel's), else a random name: never
+/// one fixed name that every data plane would share.
+fn default_node_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && h != "localhost")
+        .unwrap_or_else(|| format!("data-plane-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -95,12 +108,7 @@ async fn main() -> anyhow::Result<()> {
     let metrics = relay_data_plane::metrics_builder()
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let node_id = args.node_id.clone().unwrap_or_else(|| {
-        std::env::var("HOSTNAME")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "data-plane".into())
-    });
+    let node_id = args.node_id.clone().unwrap_or_else(default_node_id);
     let mut opts = relay_data_plane::Options::new(
         &args.control_plane,
         &token,

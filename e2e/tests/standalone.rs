@@ -8,32 +8,8 @@ mod common;
 use common::*;
 use relay_mock_upstream::{expected_usage, MockConfig};
 use relay_test_support::{free_port, wait_for, workspace_bin, Proc};
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-fn relayctl(server: &str, token: &str, args: &[&str], stdin: Option<&str>) -> String {
-    let mut child = Command::new(workspace_bin("relayctl"))
-        .args(args)
-        .env("RELAY_SERVER", server)
-        .env("RELAY_ADMIN_TOKEN", token)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "relayctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quickstart_from_nothing_to_a_streamed_answer() {

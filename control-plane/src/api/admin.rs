@@ -923,34 +923,70 @@ impl Admin for AdminService {
         }))
     }
 
+    /// A group can go when no account and no live key uses it. Revoked keys
+    /// never authenticate again: they move to the default group in the same
+    /// write (their usage history stays).
     async fn delete_group(&self, req: Request<pb::DeleteGroupRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         let actor = self.authorize(&req, Need::Write, "delete_group").await?;
-        let name = &req.get_ref().group;
-        let g = self
-            .store
-            .get_group(name)
-            .await
-            .map_err(status_from_store)?
-            .ok_or_else(|| Status::not_found(format!("group {name:?} not found")))?;
-        if g.name == DEFAULT_GROUP {
-            return Err(Status::failed_precondition("the default group cannot be removed"));
-        }
-        let v = self
-            .apply(
+        let name = req.get_ref().group.clone();
+        let v = retry_conflicts(|| async {
+            let g = self
+                .store
+                .get_group(&name)
+                .await
+                .map_err(status_from_store)?
+                .ok_or_else(|| Status::not_found(format!("group {name:?} not found")))?;
+            if g.name == DEFAULT_GROUP {
+                return Err(Status::failed_precondition("the default group cannot be removed"));
+            }
+            let default = self.resolve_groups(&[DEFAULT_GROUP.to_string()]).await?.remove(0);
+            let keys = self.store.list_api_keys().await.map_err(status_from_store)?;
+            let accounts = self.store.list_accounts().await.map_err(status_from_store)?;
+            let live: Vec<&str> = keys
+                .iter()
+                .filter(|k| k.group_id == g.id && k.status != KeyStatus::Revoked)
+                .map(|k| k.name.as_str())
+                .collect();
+            let members: Vec<&str> = accounts
+                .iter()
+                .filter(|a| a.group_ids.contains(&g.id))
+                .map(|a| a.name.as_str())
+                .collect();
+            if !live.is_empty() || !members.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "group {:?} is still used by accounts {members:?} and keys {live:?}; move them to another group \
+                     (or revoke the keys) first",
+                    g.name
+                )));
+            }
+            let mut muts: Vec<Mutation> = keys
+                .iter()
+                .filter(|k| k.group_id == g.id)
+                .map(|k| Mutation::UpdateApiKey {
+                    row: ApiKey {
+                        group_id: default.clone(),
+                        updated_at: now_ms(),
+                        ..k.clone()
+                    },
+                    expect_revision: k.revision,
+                })
+                .collect();
+            let moved = muts.len();
+            muts.push(Mutation::DeleteGroup { id: g.id.clone() });
+            self.apply(
                 &actor,
                 "group.delete",
                 &g.name,
-                json!({"id": g.id}),
-                vec![Mutation::DeleteGroup { id: g.id.clone() }],
+                json!({"id": g.id, "revoked_keys_moved": moved}),
+                muts,
             )
             .await
             .map_err(|e| match e {
-                StoreError::InUse(_) => Status::failed_precondition(format!(
-                    "group {:?} still has accounts or keys; move them first",
-                    g.name
-                )),
+                StoreError::InUse(_) => Status::aborted(format!("group {:?} changed meanwhile; retry", g.name)),
                 e => status_from_store(e),
-            })?;
+            })
+        })
+        .await?;
         Ok(Response::new(pb::DeleteResponse {
             version: Some(version_pb(v)),
         }))

@@ -41,6 +41,7 @@ pub struct DiscoveryService {
     replica: String,
     recorder: ProxyRecorder,
     live: LiveNodes,
+    closing: super::Closing,
 }
 
 /// The node ids with a live Watch stream on this replica. A stream removes its
@@ -105,8 +106,10 @@ impl DiscoveryService {
         store: DynStore,
         auth: Authenticator,
         replica: String,
+        closing: super::Closing,
     ) -> Self {
         Self {
+            closing,
             published,
             recorder: ProxyRecorder::start(store.clone()),
             store,
@@ -258,6 +261,7 @@ struct StreamParts {
     replica: String,
     store: DynStore,
     live: LiveNodes,
+    closing: super::Closing,
 }
 
 async fn run_stream(s: StreamParts) {
@@ -270,6 +274,7 @@ async fn run_stream(s: StreamParts) {
         replica,
         store,
         live,
+        mut closing,
     } = s;
     let _gauge = StreamGauge::new();
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
@@ -424,6 +429,10 @@ async fn run_stream(s: StreamParts) {
                 tracing::info!(node_id = %node, "a newer stream of the same data plane replaced this one");
                 return;
             }
+            _ = super::closed(&mut closing) => {
+                let _ = tx.send(Err(super::shutting_down())).await;
+                break;
+            }
             _ = tx.closed() => break,
         }
     }
@@ -459,6 +468,7 @@ impl ConfigDiscovery for DiscoveryService {
             replica: self.replica.clone(),
             store: self.store.clone(),
             live: self.live.clone(),
+            closing: self.closing.clone(),
         }));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -10,7 +10,23 @@ pub mod identity;
 pub mod usage;
 
 use crate::store::StoreError;
+use tokio::sync::watch;
 use tonic::Status;
+
+/// Becomes `true` when the control plane begins to shut down: open Watch and
+/// Report streams end at once (data planes reconnect to another replica), so
+/// the server's graceful shutdown does not wait on them.
+pub type Closing = watch::Receiver<bool>;
+
+/// Resolves once `closing` is `true` (or its sender is gone).
+pub async fn closed(closing: &mut Closing) {
+    let _ = closing.wait_for(|c| *c).await.map(|_| ());
+}
+
+/// What a stream that ends because the control plane is going away says.
+pub fn shutting_down() -> Status {
+    Status::unavailable("the control plane is shutting down; reconnect to another replica")
+}
 
 /// The one mapping from store errors to gRPC statuses. Messages carry names
 /// and ids only, never a secret.

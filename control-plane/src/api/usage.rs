@@ -20,11 +20,12 @@ pub const MAX_BATCH: usize = 10_000;
 pub struct UsageService {
     store: DynStore,
     auth: Authenticator,
+    closing: super::Closing,
 }
 
 impl UsageService {
-    pub fn new(store: DynStore, auth: Authenticator) -> Self {
-        Self { store, auth }
+    pub fn new(store: DynStore, auth: Authenticator, closing: super::Closing) -> Self {
+        Self { store, auth, closing }
     }
 }
 
@@ -90,9 +91,19 @@ async fn run(
     identity: super::identity::NodeIdentity,
     tx: mpsc::Sender<Result<pb::BatchAck, Status>>,
     store: DynStore,
+    mut closing: super::Closing,
 ) {
     loop {
-        let batch = match inbound.message().await {
+        // A batch being stored is finished and ACKed first; between batches a
+        // shutdown ends the stream (the data plane resends what is unACKed).
+        let next = tokio::select! {
+            m = inbound.message() => m,
+            _ = super::closed(&mut closing) => {
+                let _ = tx.send(Err(super::shutting_down())).await;
+                return;
+            }
+        };
+        let batch = match next {
             Ok(Some(b)) => b,
             Ok(None) => return,
             Err(e) => {
@@ -170,7 +181,13 @@ impl UsageIngest for UsageService {
         self.auth.check(req.metadata(), Need::DataPlane).await?;
         let identity = self.auth.node_identity(&req);
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(run(req.into_inner(), identity, tx, self.store.clone()));
+        tokio::spawn(run(
+            req.into_inner(),
+            identity,
+            tx,
+            self.store.clone(),
+            self.closing.clone(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

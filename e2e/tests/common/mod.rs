@@ -453,3 +453,73 @@ impl TestCa {
         (cert.pem(), key.serialize_pem())
     }
 }
+
+/// Runs the relayctl binary against `server` with an admin token; fails the test when it fails.
+pub fn relayctl(server: &str, token: &str, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(relay_test_support::workspace_bin("relayctl"))
+        .args(args)
+        .env("RELAY_SERVER", server)
+        .env("RELAY_ADMIN_TOKEN", token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "relayctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A standalone relay process (control plane + in-process data plane) on `data`.
+pub struct Standalone {
+    pub proc: relay_test_support::Proc,
+    pub grpc: u16,
+    pub proxy: u16,
+}
+
+impl Standalone {
+    /// Spawns it; does not wait for it to serve.
+    pub fn spawn(data: &std::path::Path, log: &std::path::Path, extra: &[&str]) -> Self {
+        let (grpc, proxy) = (relay_test_support::free_port(), relay_test_support::free_port());
+        let mut cmd = std::process::Command::new(relay_test_support::workspace_bin("relay-control-plane"));
+        cmd.args(["--standalone", "--listen", &format!("127.0.0.1:{grpc}")])
+            .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(data)
+            .env_remove("RELAY_ADMIN_TOKEN")
+            .env_remove("RELAY_MASTER_KEY");
+        let proc = relay_test_support::Proc::spawn(cmd, log).unwrap();
+        Self { proc, grpc, proxy }
+    }
+
+    /// Waits until it serves the Anthropic API; returns its log so far.
+    pub async fn ready(&mut self) -> String {
+        wait_for(Duration::from_secs(30), "relay to serve the Anthropic API", || {
+            let text = self.proc.log_text();
+            let exited = self.proc.try_wait();
+            async move {
+                if let Some(s) = exited {
+                    panic!("relay exited with {s}: {text}");
+                }
+                text.contains("serving the Anthropic API").then_some(text)
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    pub fn server(&self) -> String {
+        format!("127.0.0.1:{}", self.grpc)
+    }
+}

@@ -1,0 +1,84 @@
+//! An exclusive lock on a data directory, held for the life of the process: two
+//! relay processes on one directory would share (and corrupt) its config cache,
+//! usage spool or embedded database. Uses the operating system's advisory file
+//! lock (`flock` on Linux, through `std::fs::File::try_lock`), which the kernel
+//! releases when the process dies, however it dies.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// The lock file, inside the directory it guards.
+pub const LOCK_FILE: &str = ".lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "the data directory {dir} is in use by another relay process{holder}; give each process its own data directory"
+    )]
+    Held { dir: PathBuf, holder: String },
+    #[error("cannot lock the data directory {dir}: {source}")]
+    Io { dir: PathBuf, source: std::io::Error },
+}
+
+/// Held while the directory is in use; the lock goes with it (or with the process).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+/// Creates `dir` if needed and takes its lock, or says which process holds it.
+pub fn lock(dir: &Path) -> Result<DirLock, LockError> {
+    let io = |source| LockError::Io {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(LOCK_FILE))
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(LockError::Held {
+                dir: dir.to_path_buf(),
+                holder: if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    write!(file, "{}", std::process::id()).map_err(io)?;
+    file.flush().map_err(io)?;
+    Ok(DirLock { _file: file })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_holder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock(dir.path()).unwrap();
+        let err = lock(dir.path()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("in use by another relay process"), "{msg}");
+        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+        drop(first);
+        let _again = lock(dir.path()).unwrap();
+    }
+}

@@ -1,0 +1,117 @@
+//! Process-level behaviour of the control plane, with the real binaries: it
+//! stops on SIGTERM while data planes hold streams open (Kubernetes would
+//! SIGKILL it on every rollout otherwise), and two processes never share a
+//! data directory.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use relay_test_support::{free_port, wait_for, workspace_bin, Proc};
+use std::time::{Duration, Instant};
+
+fn sigterm(proc: &Proc) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &proc.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn exits_within(proc: &mut Proc, limit: Duration) -> std::process::ExitStatus {
+    wait_for(limit, "the process to exit", || {
+        let s = proc.try_wait();
+        async move { s }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}:\n{}", proc.log_text()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_with_a_connected_data_plane_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Standalone::spawn(
+        &dir.path().join("relay-data"),
+        &dir.path().join("relay.log"),
+        &["--shutdown-grace-secs", "60"],
+    );
+    relay.ready().await;
+    let token = std::fs::read_to_string(dir.path().join("relay-data/admin.token")).unwrap();
+    let created: serde_json::Value = serde_json::from_str(&relayctl(
+        &relay.server(),
+        token.trim(),
+        &["-o", "json", "token", "create", "dp-ext", "--role", "data-plane"],
+        None,
+    ))
+    .unwrap();
+    let dp_token = created["token"].as_str().unwrap().to_string();
+
+    // A separate data-plane process holds a Watch and a Report stream open.
+    let port = free_port();
+    let mut cmd = std::process::Command::new(workspace_bin("relay-data-plane"));
+    cmd.args(["--control-plane", &format!("http://{}", relay.server())])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--node-id", "dp-ext"])
+        .arg("--data-dir")
+        .arg(dir.path().join("dp"))
+        .env("RELAY_DATAPLANE_TOKEN", &dp_token);
+    let dp = Proc::spawn(cmd, &dir.path().join("dp.log")).unwrap();
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    wait_for(Duration::from_secs(20), "the data plane to get its config", || {
+        let url = ready.clone();
+        async move { try_send("GET", &url).await.filter(|r| r.status == 200).map(|_| ()) }
+    })
+    .await
+    .unwrap();
+
+    // Nothing is in flight: the open streams end at once and the process exits
+    // long before the grace period would force it.
+    let started = Instant::now();
+    sigterm(&relay.proc);
+    let status = exits_within(&mut relay.proc, Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}:\n{}", relay.proc.log_text());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The data plane keeps serving its config while the control plane is gone.
+    assert_eq!(try_send("GET", &ready).await.map(|r| r.status), Some(200));
+    assert!(dp.log_text().contains("config stream"), "{}", dp.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_never_share_a_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay-data");
+    let mut first = Standalone::spawn(&data, &dir.path().join("first.log"), &[]);
+    first.ready().await;
+
+    let mut second = Standalone::spawn(&data, &dir.path().join("second.log"), &[]);
+    let status = exits_within(&mut second.proc, Duration::from_secs(20)).await;
+    assert!(!status.success());
+    let log = second.proc.log_text();
+    assert!(
+        log.contains(&format!("is in use by another relay process (pid {})", first.proc.id())),
+        "{log}"
+    );
+    assert!(log.contains(&data.display().to_string()), "{log}");
+
+    // A data-plane process on a directory a running one holds is refused too.
+    let dp_dir = data.join("data-plane");
+    let mut cmd = std::process::Command::new(workspace_bin("relay-data-plane"));
+    cmd.args(["--control-plane", &format!("http://{}", first.server())])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(&dp_dir)
+        .env("RELAY_DATAPLANE_TOKEN", "rat-unused-because-it-never-starts-0123456789");
+    let mut dp = Proc::spawn(cmd, &dir.path().join("dp.log")).unwrap();
+    let status = exits_within(&mut dp, Duration::from_secs(20)).await;
+    assert!(!status.success());
+    assert!(
+        dp.log_text().contains("in use by another relay process"),
+        "{}",
+        dp.log_text()
+    );
+
+    // Once the first has stopped, the directory can be taken again.
+    sigterm(&first.proc);
+    exits_within(&mut first.proc, Duration::from_secs(20)).await;
+    let mut again = Standalone::spawn(&data, &dir.path().join("again.log"), &[]);
+    again.ready().await;
+}
