@@ -145,6 +145,31 @@ impl ControlPlane {
         }
     }
 
+    /// SQLite only: stops serving, closes the store, runs `f` on the database
+    /// file (e.g. to restore a backup over it), reopens it and serves again.
+    pub async fn with_store_closed(&mut self, f: impl FnOnce(&std::path::Path)) {
+        let path = self
+            ._dir
+            .as_ref()
+            .expect("with_store_closed needs the SQLite backend")
+            .path()
+            .join("relay.db");
+        self.kill().await;
+        let placeholder = Arc::new(SqliteStore::open_in_memory().unwrap()) as DynStore;
+        let old = std::mem::replace(&mut self.store, placeholder);
+        // The server's tasks let go of their clones as they wind down.
+        wait_for(Duration::from_secs(10), "the store to be closed", || {
+            let n = Arc::strong_count(&old);
+            async move { (n == 1).then_some(()) }
+        })
+        .await
+        .unwrap();
+        drop(old);
+        f(&path);
+        self.store = Arc::new(SqliteStore::open(&path).unwrap()) as DynStore;
+        self.resume().await;
+    }
+
     /// `https://localhost:PORT` once TLS is on (the test certificates name localhost).
     pub fn url(&self) -> String {
         match self.tls {
