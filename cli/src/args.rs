@@ -324,11 +324,13 @@ pub struct PriceSet {
 
 #[derive(Debug, Subcommand)]
 pub enum SettingsCmd {
-    /// List settings.
+    /// List every setting: its value, default, type and range (-o json for every column).
     #[command(alias = "ls")]
     List,
-    /// Set a setting.
+    /// Set a setting (NAME, or account.ACCOUNT.NAME for a per-account one); refused unless it fits.
     Set { name: String, value: String },
+    /// Back to the default.
+    Unset { name: String },
 }
 
 #[derive(Debug, Subcommand)]

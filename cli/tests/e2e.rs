@@ -345,7 +345,67 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
         assert!(header.contains(col), "{header}");
     }
     assert!(lines.next().unwrap().contains("claude-sonnet-4-5"));
+    settings_walkthrough(env);
     (api_key, ro)
+}
+
+/// Settings: every one listed on a fresh install, typos and bad values refused
+/// with what to type instead, unset back to the default.
+fn settings_walkthrough(env: &Env) {
+    let list = env.json(&["settings", "list"], None);
+    let row = |list: &Value, name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} not listed: {list}"))
+    };
+    let attempts = row(&list, "retry.max_attempts");
+    assert_eq!(
+        (attempts["value"].as_str(), attempts["default"].as_str()),
+        (Some("4"), Some("4"))
+    );
+    assert_eq!(attempts["set"], false);
+    assert!(list.as_array().unwrap().len() >= 19, "every declared setting: {list}");
+    let table = env.ok(&["settings", "list"], None);
+    assert!(
+        table.contains("upstream.connect_timeout_ms") && table.contains("10000"),
+        "{table}"
+    );
+
+    for (args, says) in [
+        (
+            ["settings", "set", "retry.max_attempt", "3"],
+            "did you mean retry.max_attempts?",
+        ),
+        (["settings", "set", "retry.max_attempts", "three"], "integer in 1..=20"),
+        (["settings", "set", "retry.max_attempts", ""], "integer in 1..=20"),
+        (
+            ["settings", "set", "account.nobody.cooldown.overloaded_ms", "5"],
+            "not found",
+        ),
+    ] {
+        let out = env.relayctl(&args, None);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(
+        env.ok(&["settings", "set", "retry.max_attempts", "2"], None).trim(),
+        "retry.max_attempts = 2"
+    );
+    let set = row(&env.json(&["settings", "list"], None), "retry.max_attempts");
+    assert_eq!((set["value"].as_str(), set["set"].as_bool()), (Some("2"), Some(true)));
+    let out = env.ok(&["settings", "unset", "retry.max_attempts"], None);
+    assert!(out.contains("back to the default 4"), "{out}");
+    let unset = row(&env.json(&["settings", "list"], None), "retry.max_attempts");
+    assert_eq!(
+        (unset["value"].as_str(), unset["set"].as_bool()),
+        (Some("4"), Some(false))
+    );
+    let out = env.relayctl(&["settings", "unset", "retry.max_attempts"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not set"));
 }
 
 fn assert_no_secret_in(path: &Path, secrets: &[&str]) {

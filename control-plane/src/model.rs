@@ -415,6 +415,9 @@ pub enum Mutation {
         name: String,
         value: String,
     },
+    UnsetSetting {
+        name: String,
+    },
     InsertAdminToken(AdminToken),
     DeleteAdminToken {
         id: String,

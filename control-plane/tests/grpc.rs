@@ -546,6 +546,110 @@ both_stores!(a_group_whose_keys_are_all_revoked_can_be_removed, |cp: Cp| async m
     assert!(groups.iter().all(|g| g.name != "team"));
 });
 
+both_stores!(settings_are_declared_checked_and_unset, |cp: Cp| async move {
+    use relay_control_plane::model::{AuditRecord, Mutation};
+    let mut admin = cp.admin().await;
+    let fresh = admin
+        .list_settings(pb::ListSettingsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        fresh.settings.len(),
+        relay_proto::settings::SETTINGS.len(),
+        "every declared setting, none set"
+    );
+    assert!(fresh.settings.iter().all(|s| !s.set && s.value == s.default_value));
+    let set = |name: &str, value: &str| pb::SetSettingRequest {
+        name: name.into(),
+        value: value.into(),
+    };
+    for (name, value, says) in [
+        ("retry.max_attempt", "3", "did you mean retry.max_attempts?"),
+        ("retry.max_attempts", "three", "integer in 1..=20"),
+        ("retry.max_attempts", "0", "integer in 1..=20"),
+        ("retry.max_attempts", "", "integer in 1..=20"),
+        ("unified.threshold", "-1", "fraction"),
+        ("account.main.retry.max_attempts", "2", "cannot be set per account"),
+    ] {
+        let e = admin.set_setting(set(name, value)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}={value}");
+        assert!(e.message().contains(says), "{name}={value}: {}", e.message());
+    }
+    let e = admin.set_setting(set("models", &"a".repeat(20_000))).await.unwrap_err();
+    assert!(e.message().contains("at most"), "{}", e.message());
+    let e = admin
+        .set_setting(set("account.ghost.cooldown.overloaded_ms", "5000"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // A per-account override, by account name, stored by id.
+    let acct = admin
+        .create_account(account_req("main", "sk-main"))
+        .await
+        .unwrap()
+        .into_inner();
+    let after = admin
+        .set_setting(set("account.main.cooldown.overloaded_ms", "5000"))
+        .await
+        .unwrap()
+        .into_inner();
+    let key = format!("account.{}.cooldown.overloaded_ms", acct.id);
+    assert_eq!(after.values.get(&key).map(String::as_str), Some("5000"));
+    assert!(after.settings.iter().any(|s| s.name == key && s.set && s.per_account));
+
+    // Set, then back to the default.
+    admin.set_setting(set("retry.max_attempts", " 2 ")).await.unwrap();
+    let list = admin
+        .unset_setting(pb::UnsetSettingRequest {
+            name: "retry.max_attempts".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let row = list.settings.iter().find(|s| s.name == "retry.max_attempts").unwrap();
+    assert_eq!((row.value.as_str(), row.set), ("4", false));
+    assert!(!list.values.contains_key("retry.max_attempts"));
+    let e = admin
+        .unset_setting(pb::UnsetSettingRequest {
+            name: "retry.max_attempts".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // A value an older relay stored under a typo is listed as unknown and can go.
+    cp.store
+        .apply(
+            vec![Mutation::SetSetting {
+                name: "retry.max_attempt".into(),
+                value: "3".into(),
+            }],
+            AuditRecord {
+                actor: "old".into(),
+                action: "setting.set".into(),
+                target: "retry.max_attempt".into(),
+                detail: "{}".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let list = admin
+        .list_settings(pb::ListSettingsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let typo = list.settings.iter().find(|s| s.name == "retry.max_attempt").unwrap();
+    assert!(typo.r#type.is_empty() && typo.description.contains("unset"), "{typo:?}");
+    admin
+        .unset_setting(pb::UnsetSettingRequest {
+            name: "retry.max_attempt".into(),
+        })
+        .await
+        .unwrap();
+});
+
 both_stores!(admin_validation_errors, |cp: Cp| async move {
     let mut admin = cp.admin().await;
     let code = |r: Result<tonic::Response<pb::AccountInfo>, tonic::Status>| r.err().map(|s| s.code());

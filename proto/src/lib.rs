@@ -15,6 +15,7 @@ pub mod v1 {
 /// The encoded `FileDescriptorSet` of `relay.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/relay_descriptor.bin"));
 
+pub mod settings;
 pub mod validate;
 
 use prost::Message;

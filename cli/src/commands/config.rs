@@ -3,7 +3,7 @@
 use anyhow::{anyhow, Result};
 use relay_proto::v1::{
     CreateGroupRequest, DeleteGroupRequest, GroupInfo, ListGroupsRequest, ListPricesRequest, ListSettingsRequest,
-    Price, SetPriceRequest, SetSettingRequest,
+    ListSettingsResponse, Price, SetPriceRequest, SetSettingRequest, SettingInfo, UnsetSettingRequest,
 };
 
 use super::Deleted;
@@ -91,12 +91,32 @@ pub async fn pricing(conn: &mut Conn, out: Output, cmd: PricingCmd) -> Result<()
     }
 }
 
-type Setting = (String, String);
-
-const SETTING_COLUMNS: &[Column<Setting>] = &[
-    Column::new("name", "Name", |s| Value::text(&s.0)),
-    Column::new("value", "Value", |s| Value::text(&s.1)),
+/// Every setting with its value in force and its default (`-o json` keeps the types).
+const SETTING_COLUMNS: &[Column<SettingInfo>] = &[
+    Column::new("name", "Name", |s| Value::text(&s.name)),
+    Column::new("value", "Value", |s| Value::opt_text(&s.value)),
+    Column::new("default", "Default", |s| Value::opt_text(&s.default_value)),
+    Column::new("set", "Set", |s| Value::Bool(s.set)),
+    Column::new("type", "Type", |s| Value::opt_text(&s.r#type)),
+    Column::detail("range", "Range", |s| Value::opt_text(&s.range)),
+    Column::detail("per_account", "Per account", |s| Value::Bool(s.per_account)),
+    Column::detail("description", "Description", |s| Value::opt_text(&s.description)),
 ];
+
+/// The row for `name` after a change (account overrides are stored by id).
+fn row_for(list: &ListSettingsResponse, name: &str) -> Option<SettingInfo> {
+    list.settings
+        .iter()
+        .find(|s| s.name == name)
+        .or_else(|| {
+            let suffix = name.rsplit_once('.').map(|(_, n)| n)?;
+            list.settings
+                .iter()
+                .rev()
+                .find(|s| s.name.starts_with("account.") && s.name.ends_with(suffix))
+        })
+        .cloned()
+}
 
 pub async fn settings(conn: &mut Conn, out: Output, cmd: SettingsCmd) -> Result<()> {
     let server = conn.server.clone();
@@ -104,8 +124,7 @@ pub async fn settings(conn: &mut Conn, out: Output, cmd: SettingsCmd) -> Result<
     match cmd {
         SettingsCmd::List => {
             let list = api.list_settings(ListSettingsRequest {}).await.or_report(&server)?;
-            let rows: Vec<Setting> = list.values.into_iter().collect();
-            out.list(SETTING_COLUMNS, &rows)
+            out.list(SETTING_COLUMNS, &list.settings)
         }
         SettingsCmd::Set { name, value } => {
             let req = SetSettingRequest {
@@ -113,9 +132,34 @@ pub async fn settings(conn: &mut Conn, out: Output, cmd: SettingsCmd) -> Result<
                 value: value.clone(),
             };
             let list = api.set_setting(req).await.or_report(&server)?;
-            let value = list.values.get(&name).cloned().unwrap_or(value);
-            let text = format!("{name} = {value}");
-            out.one_or_text(SETTING_COLUMNS, &(name, value), &text)
+            let row = row_for(&list, &name).unwrap_or_else(|| SettingInfo {
+                name: name.clone(),
+                value: value.clone(),
+                set: true,
+                ..Default::default()
+            });
+            let text = format!("{name} = {}", row.value);
+            out.one_or_text(SETTING_COLUMNS, &row, &text)
+        }
+        SettingsCmd::Unset { name } => {
+            let list = api
+                .unset_setting(UnsetSettingRequest { name: name.clone() })
+                .await
+                .or_report(&server)?;
+            let text = match list.settings.iter().find(|s| s.name == name) {
+                Some(s) => format!("{name} unset: back to the default {}", s.default_value),
+                None => format!("{name} unset"),
+            };
+            let row = list
+                .settings
+                .iter()
+                .find(|s| s.name == name)
+                .cloned()
+                .unwrap_or(SettingInfo {
+                    name,
+                    ..Default::default()
+                });
+            out.one_or_text(SETTING_COLUMNS, &row, &text)
         }
     }
 }

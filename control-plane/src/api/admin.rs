@@ -9,6 +9,7 @@ use crate::config::{account_kind_to_pb, account_state_to_pb, key_status_to_pb, l
 use crate::crypto::{self, MasterKey};
 use crate::model::{self, *};
 use crate::store::{DynStore, StoreError};
+use relay_proto::settings;
 use relay_proto::v1 as pb;
 use relay_proto::v1::admin_server::Admin;
 use serde_json::json;
@@ -18,6 +19,8 @@ use tonic::{Request, Response, Status};
 pub const DEFAULT_GROUP: &str = "default";
 pub const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 const MAX_WEIGHT: u32 = 10_000;
+/// Stored settings at most (the declared ones plus account overrides).
+const MAX_STORED_SETTINGS: usize = 2_000;
 /// How often an update is retried when another writer changed the row meanwhile.
 const CONFLICT_RETRIES: usize = 8;
 
@@ -99,6 +102,53 @@ impl AdminService {
         let pb = crate::config::account_to_pb(a, &self.key).map_err(|e| Status::internal(e.to_string()))?;
         relay_proto::validate::account(&pb)
             .map_err(|e| Status::invalid_argument(format!("account {:?} cannot be used: {e}", a.name)))
+    }
+
+    /// The stored name of a setting: account overrides by account id.
+    async fn setting_key(&self, target: &settings::Target) -> Result<String, Status> {
+        Ok(match target {
+            settings::Target::Global(s) => s.name.to_string(),
+            settings::Target::Account { account, setting } => {
+                let a = self.account(account).await?;
+                format!("account.{}.{}", a.id, setting.name)
+            }
+        })
+    }
+
+    /// Every declared setting (value in force, default), the account overrides
+    /// stored, and stored names relay does not know (so they can be unset).
+    async fn settings_response(&self) -> Result<pb::ListSettingsResponse, Status> {
+        let values = self.store.settings().await.map_err(status_from_store)?;
+        let info = |name: String, value: Option<&String>, decl: Option<&settings::Setting>| pb::SettingInfo {
+            name,
+            set: value.is_some(),
+            value: value
+                .cloned()
+                .or(decl.map(|d| d.default.to_string()))
+                .unwrap_or_default(),
+            default_value: decl.map(|d| d.default.to_string()).unwrap_or_default(),
+            r#type: decl.map(|d| d.ty.as_str().to_string()).unwrap_or_default(),
+            range: decl.map(|d| d.range()).unwrap_or_default(),
+            description: decl
+                .map(|d| d.description.to_string())
+                .unwrap_or_else(|| "not a setting relay knows: ignored (relayctl settings unset NAME)".into()),
+            per_account: decl.is_some_and(|d| d.per_account),
+        };
+        let mut out: Vec<pb::SettingInfo> = settings::SETTINGS
+            .iter()
+            .map(|d| info(d.name.to_string(), values.get(d.name), Some(d)))
+            .collect();
+        for (name, value) in &values {
+            if settings::get(name).is_some() {
+                continue;
+            }
+            let decl = match settings::target(name) {
+                Ok(settings::Target::Account { setting, .. }) => Some(setting),
+                _ => None,
+            };
+            out.push(info(name.clone(), Some(value), decl));
+        }
+        Ok(pb::ListSettingsResponse { values, settings: out })
     }
 
     async fn group_names(&self) -> Result<BTreeMap<String, String>, Status> {
@@ -1058,41 +1108,71 @@ impl Admin for AdminService {
         req: Request<pb::ListSettingsRequest>,
     ) -> Result<Response<pb::ListSettingsResponse>, Status> {
         self.authorize(&req, Need::Read, "list_settings").await?;
-        let values = self.store.settings().await.map_err(status_from_store)?;
-        Ok(Response::new(pb::ListSettingsResponse { values }))
+        Ok(Response::new(self.settings_response().await?))
     }
 
+    /// Refused unless `relay_proto::settings` declares the name and the value
+    /// fits it (the same declaration the data planes read with).
     async fn set_setting(
         &self,
         req: Request<pb::SetSettingRequest>,
     ) -> Result<Response<pb::ListSettingsResponse>, Status> {
         let actor = self.authorize(&req, Need::Write, "set_setting").await?;
         let r = req.into_inner();
-        let ok_name = !r.name.is_empty()
-            && r.name.len() <= 128
-            && r.name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-'));
-        if !ok_name {
-            return Err(Status::invalid_argument(format!(
-                "invalid setting name {:?}: lower-case letters, digits, '_', '.', '-'",
+        let target = settings::check(&r.name, &r.value).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let name = self.setting_key(&target).await?;
+        let stored = self.store.settings().await.map_err(status_from_store)?;
+        if !stored.contains_key(&name) && stored.len() >= MAX_STORED_SETTINGS {
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_STORED_SETTINGS} settings are stored already; unset some first"
+            )));
+        }
+        let value = r.value.trim().to_string();
+        self.apply(
+            &actor,
+            "setting.set",
+            &name,
+            json!({"value": value}),
+            vec![Mutation::SetSetting {
+                name: name.clone(),
+                value,
+            }],
+        )
+        .await
+        .map_err(status_from_store)?;
+        Ok(Response::new(self.settings_response().await?))
+    }
+
+    async fn unset_setting(
+        &self,
+        req: Request<pb::UnsetSettingRequest>,
+    ) -> Result<Response<pb::ListSettingsResponse>, Status> {
+        let actor = self.authorize(&req, Need::Write, "unset_setting").await?;
+        let r = req.into_inner();
+        let stored = self.store.settings().await.map_err(status_from_store)?;
+        // A stored name relay does not know (an older typo) can always go.
+        let name = if stored.contains_key(&r.name) {
+            r.name.clone()
+        } else {
+            let target = settings::target(&r.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            self.setting_key(&target).await?
+        };
+        if !stored.contains_key(&name) {
+            return Err(Status::not_found(format!(
+                "{} is not set (its default applies)",
                 r.name
             )));
         }
         self.apply(
             &actor,
-            "setting.set",
-            &r.name,
-            json!({"value": r.value}),
-            vec![Mutation::SetSetting {
-                name: r.name.clone(),
-                value: r.value.clone(),
-            }],
+            "setting.unset",
+            &name,
+            json!({}),
+            vec![Mutation::UnsetSetting { name: name.clone() }],
         )
         .await
         .map_err(status_from_store)?;
-        let values = self.store.settings().await.map_err(status_from_store)?;
-        Ok(Response::new(pb::ListSettingsResponse { values }))
+        Ok(Response::new(self.settings_response().await?))
     }
 
     async fn list_proxies(

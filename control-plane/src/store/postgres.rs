@@ -557,6 +557,18 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
             .await
             .map_err(pg)?;
         }
+        Mutation::UnsetSetting { name } => {
+            let n = tx
+                .execute("DELETE FROM settings WHERE name = $1", &[name])
+                .await
+                .map_err(pg)?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    kind: "setting",
+                    name: name.clone(),
+                });
+            }
+        }
         Mutation::InsertAdminToken(t) => {
             tx.execute(
                 "INSERT INTO admin_tokens (id, name, token_hash, token_prefix, role, created_at, revision) \

@@ -719,6 +719,15 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
             )
             .map_err(db)?;
         }
+        Mutation::UnsetSetting { name } => {
+            let n = tx.execute("DELETE FROM settings WHERE name = ?1", [name]).map_err(db)?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    kind: "setting",
+                    name: name.clone(),
+                });
+            }
+        }
         Mutation::InsertAdminToken(t) => {
             tx.execute(
                 &format!(

@@ -59,6 +59,7 @@
 
 use http::header::HeaderName;
 use http::HeaderMap;
+use relay_proto::settings;
 use relay_proto::v1 as pb;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -115,25 +116,25 @@ pub struct HealthSettings {
 
 impl Default for HealthSettings {
     fn default() -> Self {
-        Self {
-            rate_limit_default: Duration::from_secs(60),
-            overloaded: Duration::from_secs(30),
-            erroring: Duration::from_secs(30),
-            max: Duration::from_secs(6 * 3600),
-            min: Duration::from_millis(MIN_STATE_MS.unsigned_abs()),
-            breaker_threshold: 3,
-            unified_threshold: 0.98,
-        }
+        Self::from_settings(&BTreeMap::new())
     }
 }
 
 impl HealthSettings {
+    /// The global values (names, ranges and defaults declared in `relay_proto::settings`).
     pub fn from_settings(values: &BTreeMap<String, String>) -> Self {
-        let mut s = Self::default();
-        for (k, v) in values {
-            s.set(k, v);
+        let ms = |name: &str| Duration::from_millis(settings::known(name).u64_in(values));
+        let max = ms(KEY_MAX);
+        Self {
+            rate_limit_default: ms(KEY_RATE_LIMIT_DEFAULT),
+            overloaded: ms(KEY_OVERLOADED),
+            erroring: ms(KEY_ERRORING),
+            max,
+            min: ms(KEY_MIN).min(max),
+            breaker_threshold: u32::try_from(settings::known(KEY_BREAKER_THRESHOLD).u64_in(values)).unwrap_or(u32::MAX),
+            unified_threshold: settings::known(KEY_UNIFIED_THRESHOLD)
+                .fraction_of(values.get(KEY_UNIFIED_THRESHOLD).map(String::as_str)),
         }
-        s
     }
 
     /// These settings with the account's overrides applied. Does not allocate.
@@ -148,40 +149,37 @@ impl HealthSettings {
                 s.set(key, v);
             }
         }
+        s.min = s.min.min(s.max);
         s
     }
 
+    /// An override: a value that does not fit its declared range is ignored.
     fn set(&mut self, key: &str, value: &str) {
-        let v = value.trim();
-        let ms = || v.parse::<u64>().ok().map(Duration::from_millis);
+        let Some(decl) = settings::get(key).filter(|d| d.per_account) else {
+            return;
+        };
+        let fits = decl.check(value).is_ok();
+        if !fits {
+            return;
+        }
+        let ms = || Duration::from_millis(decl.u64_of(Some(value)));
         match key {
-            KEY_RATE_LIMIT_DEFAULT => self.rate_limit_default = ms().unwrap_or(self.rate_limit_default),
-            KEY_OVERLOADED => self.overloaded = ms().unwrap_or(self.overloaded),
-            KEY_ERRORING => self.erroring = ms().unwrap_or(self.erroring),
-            KEY_MAX => self.max = ms().unwrap_or(self.max),
-            KEY_MIN => self.min = ms().unwrap_or(self.min),
+            KEY_RATE_LIMIT_DEFAULT => self.rate_limit_default = ms(),
+            KEY_OVERLOADED => self.overloaded = ms(),
+            KEY_ERRORING => self.erroring = ms(),
+            KEY_MAX => self.max = ms(),
+            KEY_MIN => self.min = ms(),
             KEY_BREAKER_THRESHOLD => {
-                if let Some(n) = v.parse::<u32>().ok().filter(|n| *n >= 1) {
-                    self.breaker_threshold = n;
-                }
+                self.breaker_threshold = u32::try_from(decl.u64_of(Some(value))).unwrap_or(u32::MAX)
             }
-            KEY_UNIFIED_THRESHOLD => {
-                if let Some(t) = v
-                    .parse::<f64>()
-                    .ok()
-                    .and_then(fraction)
-                    .filter(|t| *t > 0.0 && *t <= 1.0)
-                {
-                    self.unified_threshold = t;
-                }
-            }
+            KEY_UNIFIED_THRESHOLD => self.unified_threshold = decl.fraction_of(Some(value)),
             _ => {}
         }
     }
 }
 
-/// A utilization or threshold as a fraction: values above 1.0 are percentages.
-fn fraction(v: f64) -> Option<f64> {
+/// A utilization header as a fraction (0 allowed): values above 1.0 are percentages.
+fn utilization(v: f64) -> Option<f64> {
     if !v.is_finite() || v < 0.0 {
         return None;
     }
@@ -615,7 +613,7 @@ impl Unified {
             name,
             utilization: header_str(h, util)
                 .and_then(|v| v.parse::<f64>().ok())
-                .and_then(fraction),
+                .and_then(utilization),
             reset_ms: header_str(h, reset).and_then(unix_ms),
             rejected: header_str(h, status).is_some_and(|v| v.eq_ignore_ascii_case("rejected")),
         });
@@ -2384,6 +2382,26 @@ mod tests {
             account_states: states,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn every_setting_read_here_is_declared_with_its_default() {
+        for key in [
+            KEY_RATE_LIMIT_DEFAULT,
+            KEY_OVERLOADED,
+            KEY_ERRORING,
+            KEY_MAX,
+            KEY_MIN,
+            KEY_BREAKER_THRESHOLD,
+            KEY_UNIFIED_THRESHOLD,
+        ] {
+            assert!(settings::get(key).is_some_and(|s| s.per_account), "{key}");
+        }
+        let d = HealthSettings::default();
+        assert_eq!(d.breaker_threshold, 3);
+        assert_eq!(d.rate_limit_default, Duration::from_secs(60));
+        assert_eq!(d.min, Duration::from_secs(1));
+        assert_eq!(d.unified_threshold, 0.98);
     }
 
     #[test]

@@ -1,0 +1,502 @@
+//! Every operator setting, declared once: name, type, range, default and
+//! meaning. The control plane refuses what does not fit here (`relayctl
+//! settings set`), `settings list` shows it, and data planes read values
+//! through it, so a default or a range is defined in one place. A stored value
+//! that does not parse (an old database) reads as the default.
+
+use std::collections::BTreeMap;
+
+/// What a setting holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Type {
+    /// Milliseconds, an integer in `min..=max`.
+    Millis,
+    /// An integer in `min..=max`.
+    Count,
+    /// A fraction in (0, 1], or a percentage in (1, 100].
+    Fraction,
+    /// A comma-separated list of model ids.
+    Models,
+}
+
+impl Type {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Type::Millis => "milliseconds",
+            Type::Count => "integer",
+            Type::Fraction => "fraction",
+            Type::Models => "model list",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting {
+    pub name: &'static str,
+    pub ty: Type,
+    /// Inclusive bounds for `Millis` and `Count`.
+    pub min: u64,
+    pub max: u64,
+    /// As stored; empty for "none" (`models`: the built-in list).
+    pub default: &'static str,
+    /// May be overridden per account as `account.<ACCOUNT>.<name>`.
+    pub per_account: bool,
+    pub description: &'static str,
+}
+
+const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
+
+const fn ms(name: &'static str, min: u64, max: u64, default: &'static str, description: &'static str) -> Setting {
+    Setting {
+        name,
+        ty: Type::Millis,
+        min,
+        max,
+        default,
+        per_account: false,
+        description,
+    }
+}
+
+const fn per_account(s: Setting) -> Setting {
+    Setting { per_account: true, ..s }
+}
+
+/// Every setting, by name.
+pub const SETTINGS: &[Setting] = &[
+    ms(
+        "breaker.threshold",
+        1,
+        1_000_000,
+        "3",
+        "consecutive failures (5xx, timeouts, connect errors) that open an account's circuit breaker",
+    )
+    .count()
+    .account(),
+    per_account(ms(
+        "cooldown.erroring_ms",
+        1,
+        DAY_MS,
+        "30000",
+        "how long an open circuit breaker keeps an account out first (doubles on each failed probe)",
+    )),
+    per_account(ms(
+        "cooldown.max_ms",
+        1,
+        7 * DAY_MS,
+        "21600000",
+        "cap of every timed account state",
+    )),
+    per_account(ms(
+        "cooldown.min_ms",
+        0,
+        DAY_MS,
+        "1000",
+        "floor of every timed account state (a reset already in the past still counts this long)",
+    )),
+    per_account(ms(
+        "cooldown.overloaded_ms",
+        1,
+        DAY_MS,
+        "30000",
+        "how long a 529 (overloaded) keeps an account out",
+    )),
+    per_account(ms(
+        "cooldown.rate_limit_default_ms",
+        1,
+        DAY_MS,
+        "60000",
+        "how long a 429 without any reset header keeps an account out",
+    )),
+    Setting {
+        name: "models",
+        ty: Type::Models,
+        min: 0,
+        max: 0,
+        default: "",
+        per_account: false,
+        description: "the model ids GET /v1/models lists (comma-separated); unset: the built-in list",
+    },
+    ms(
+        "queue.max_size",
+        0,
+        1_000_000,
+        "1000",
+        "requests waiting for an account at once, per data plane",
+    )
+    .count(),
+    ms(
+        "queue.max_wait_ms",
+        0,
+        HOUR_MS,
+        "30000",
+        "how long a request may wait for an account to become available",
+    ),
+    ms(
+        "retry.backoff_base_ms",
+        0,
+        60_000,
+        "25",
+        "first backoff between attempts (jittered, doubling)",
+    ),
+    ms(
+        "retry.backoff_max_ms",
+        0,
+        60_000,
+        "1000",
+        "longest backoff between attempts",
+    ),
+    ms(
+        "retry.deadline_ms",
+        1,
+        HOUR_MS,
+        "60000",
+        "time budget for failed attempts and waiting before an answer is accepted",
+    ),
+    ms(
+        "retry.max_attempts",
+        1,
+        20,
+        "4",
+        "attempts per client request, across accounts",
+    )
+    .count(),
+    ms(
+        "sticky.ttl_ms",
+        1,
+        30 * DAY_MS,
+        "3600000",
+        "how long a session stays bound to its account without use",
+    ),
+    ms(
+        "unified.threshold",
+        0,
+        0,
+        "0.98",
+        "unified (subscription) utilization at which an account counts as rate limited",
+    )
+    .fraction()
+    .account(),
+    ms(
+        "upstream.connect_timeout_ms",
+        1,
+        HOUR_MS,
+        "10000",
+        "to open a connection to an upstream (TCP and the proxy tunnel)",
+    ),
+    ms(
+        "upstream.head_timeout_ms",
+        1,
+        DAY_MS,
+        "600000",
+        "until the upstream's response head (for streams: its first event)",
+    ),
+    ms(
+        "upstream.idle_timeout_ms",
+        1,
+        DAY_MS,
+        "300000",
+        "between two body frames of an upstream response",
+    ),
+    ms(
+        "upstream.total_timeout_ms",
+        1,
+        DAY_MS,
+        "3600000",
+        "a whole upstream response",
+    ),
+];
+
+impl Setting {
+    const fn count(self) -> Self {
+        Setting {
+            ty: Type::Count,
+            ..self
+        }
+    }
+
+    const fn fraction(self) -> Self {
+        Setting {
+            ty: Type::Fraction,
+            ..self
+        }
+    }
+
+    const fn account(self) -> Self {
+        per_account(self)
+    }
+
+    /// "1..=20", "0 < x <= 1 (or a percentage)", "ids, comma-separated".
+    pub fn range(&self) -> String {
+        match self.ty {
+            Type::Millis | Type::Count => format!("{}..={}", self.min, self.max),
+            Type::Fraction => "0 < x <= 1, or a percentage 1 < x <= 100".into(),
+            Type::Models => "model ids, comma-separated".into(),
+        }
+    }
+
+    /// Checks a value for this setting.
+    pub fn check(&self, value: &str) -> Result<(), SettingError> {
+        let v = value.trim();
+        let invalid = || SettingError::Invalid {
+            name: self.name.to_string(),
+            value: value.chars().take(64).collect(),
+            expected: format!("{} in {}", self.ty.as_str(), self.range()),
+        };
+        match self.ty {
+            Type::Millis | Type::Count => match v.parse::<u64>() {
+                Ok(n) if (self.min..=self.max).contains(&n) => Ok(()),
+                _ => Err(invalid()),
+            },
+            Type::Fraction => match v.parse::<f64>().ok().and_then(fraction) {
+                Some(_) => Ok(()),
+                None => Err(invalid()),
+            },
+            Type::Models => {
+                let ok = !v.is_empty()
+                    && v.split(',')
+                        .map(str::trim)
+                        .all(|m| !m.is_empty() && m.chars().all(|c| c.is_ascii_graphic() && c != '*'));
+                if ok {
+                    Ok(())
+                } else {
+                    Err(invalid())
+                }
+            }
+        }
+    }
+
+    /// The value in `values` (or `raw`), parsed, else the default.
+    pub fn u64_in(&self, values: &BTreeMap<String, String>) -> u64 {
+        self.u64_of(values.get(self.name).map(String::as_str))
+    }
+
+    /// `raw` parsed as an integer in range, else the default.
+    pub fn u64_of(&self, raw: Option<&str>) -> u64 {
+        raw.and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|n| (self.min..=self.max).contains(n))
+            .or_else(|| self.default.parse().ok())
+            .unwrap_or(self.min)
+    }
+
+    /// `raw` parsed as a fraction, else the default.
+    pub fn fraction_of(&self, raw: Option<&str>) -> f64 {
+        raw.and_then(|v| v.trim().parse::<f64>().ok())
+            .and_then(fraction)
+            .or_else(|| self.default.parse::<f64>().ok())
+            .unwrap_or(1.0)
+    }
+}
+
+/// A utilization or threshold as a fraction in (0, 1]: values above 1.0 are percentages.
+pub fn fraction(v: f64) -> Option<f64> {
+    if !v.is_finite() || v <= 0.0 || v > 100.0 {
+        return None;
+    }
+    Some(if v > 1.0 { v / 100.0 } else { v })
+}
+
+/// The declared setting `name`. Panics never: unknown names are `None`.
+pub fn get(name: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.name == name)
+}
+
+/// The declared setting `name`, for a name the code knows exists.
+pub fn known(name: &str) -> &'static Setting {
+    match get(name) {
+        Some(s) => s,
+        None => &SETTINGS[0],
+    }
+}
+
+/// The longest value a setting may hold, in bytes.
+pub const MAX_VALUE_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingError {
+    #[error("unknown setting {name:?}{}; the settings are: {}", suggestion.map(|s| format!(" (did you mean {s}?)")).unwrap_or_default(), names())]
+    Unknown {
+        name: String,
+        suggestion: Option<&'static str>,
+    },
+    #[error("invalid value {value:?} for {name}: expected {expected}")]
+    Invalid {
+        name: String,
+        value: String,
+        expected: String,
+    },
+    #[error("{0} cannot be set per account; per-account settings: {1}")]
+    NotPerAccount(String, String),
+    #[error("the value is {0} bytes; at most {MAX_VALUE_BYTES}")]
+    TooLong(usize),
+}
+
+fn names() -> String {
+    SETTINGS.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+}
+
+/// What a setting name addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Global(&'static Setting),
+    /// `account.<ACCOUNT>.<setting>`: the account as written (id or name).
+    Account {
+        account: String,
+        setting: &'static Setting,
+    },
+}
+
+/// Resolves a setting name (`NAME` or `account.<ACCOUNT>.<NAME>`).
+pub fn target(name: &str) -> Result<Target, SettingError> {
+    if let Some(rest) = name.strip_prefix("account.") {
+        // The account part may itself hold dots (a name): the setting is the longest known suffix.
+        let found = SETTINGS.iter().find_map(|s| {
+            rest.strip_suffix(s.name)
+                .and_then(|a| a.strip_suffix('.'))
+                .filter(|a| !a.is_empty())
+                .map(|a| (a, s))
+        });
+        return match found {
+            Some((account, s)) if s.per_account => Ok(Target::Account {
+                account: account.to_string(),
+                setting: s,
+            }),
+            Some((_, s)) => Err(SettingError::NotPerAccount(
+                s.name.to_string(),
+                SETTINGS
+                    .iter()
+                    .filter(|s| s.per_account)
+                    .map(|s| s.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )),
+            None => Err(SettingError::Unknown {
+                name: name.to_string(),
+                suggestion: suggest(rest.rsplit_once('.').map_or(rest, |(_, n)| n)),
+            }),
+        };
+    }
+    get(name).map(Target::Global).ok_or_else(|| SettingError::Unknown {
+        name: name.to_string(),
+        suggestion: suggest(name),
+    })
+}
+
+/// Checks `name = value` as `settings set` would.
+pub fn check(name: &str, value: &str) -> Result<Target, SettingError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(SettingError::TooLong(value.len()));
+    }
+    let t = target(name)?;
+    match &t {
+        Target::Global(s) | Target::Account { setting: s, .. } => s.check(value)?,
+    }
+    Ok(t)
+}
+
+/// The closest declared name, if it is close (a typo).
+fn suggest(name: &str) -> Option<&'static str> {
+    SETTINGS
+        .iter()
+        .map(|s| (strsim::levenshtein(name, s.name), s.name))
+        .filter(|(d, n)| *d <= 3.max(n.len() / 4) || n.ends_with(name) || name.ends_with(*n))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n)
+}
+
+/// The settings table of `docs/operations.md`, as that file holds it (a test keeps them equal).
+pub fn markdown_table() -> String {
+    let mut out = String::from(
+        "| setting | type | range | default | per account | meaning |\n| --- | --- | --- | --- | --- | --- |\n",
+    );
+    for s in SETTINGS {
+        let default = if s.default.is_empty() {
+            "(built-in list)"
+        } else {
+            s.default
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} | {} |\n",
+            s.name,
+            s.ty.as_str(),
+            s.range(),
+            default,
+            if s.per_account { "yes" } else { "" },
+            s.description
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_default_fits_its_own_rules() {
+        for s in SETTINGS {
+            if s.ty != Type::Models {
+                assert_eq!(s.check(s.default), Ok(()), "{}", s.name);
+            }
+        }
+        let mut names: Vec<_> = SETTINGS.iter().map(|s| s.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), SETTINGS.len(), "unique names");
+    }
+
+    #[test]
+    fn typos_bad_values_and_overrides() {
+        let e = check("retry.max_attempt", "3").unwrap_err();
+        assert!(e.to_string().contains("did you mean retry.max_attempts?"), "{e}");
+        let e = check("retry.max_attempts", "three").unwrap_err();
+        assert!(e.to_string().contains("integer in 1..=20"), "{e}");
+        assert!(check("retry.max_attempts", "").is_err());
+        assert!(check("retry.max_attempts", "21").is_err());
+        assert!(check("retry.max_attempts", "20").is_ok());
+        assert!(check("unified.threshold", "95").is_ok());
+        assert!(check("unified.threshold", "0").is_err());
+        assert!(check("models", "claude-a, claude-b").is_ok());
+        assert!(check("models", "claude-*").is_err());
+        assert!(check("models", &"x".repeat(MAX_VALUE_BYTES + 1)).is_err());
+        assert_eq!(
+            check("account.main.team.cooldown.overloaded_ms", "5000").unwrap(),
+            Target::Account {
+                account: "main.team".into(),
+                setting: known("cooldown.overloaded_ms")
+            }
+        );
+        assert!(matches!(
+            check("account.main.retry.max_attempts", "2"),
+            Err(SettingError::NotPerAccount(..))
+        ));
+        assert!(matches!(
+            check("account.main.nope", "2"),
+            Err(SettingError::Unknown { .. })
+        ));
+    }
+
+    #[test]
+    fn the_operations_doc_lists_every_setting() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md")).unwrap();
+        assert!(
+            doc.contains(&markdown_table()),
+            "docs/operations.md must hold this table (Settings section):\n{}",
+            markdown_table()
+        );
+    }
+
+    #[test]
+    fn reading_falls_back_to_the_default() {
+        let s = known("queue.max_size");
+        let mut v = BTreeMap::new();
+        assert_eq!(s.u64_in(&v), 1000);
+        v.insert("queue.max_size".to_string(), "garbage".to_string());
+        assert_eq!(s.u64_in(&v), 1000);
+        v.insert("queue.max_size".to_string(), "7".to_string());
+        assert_eq!(s.u64_in(&v), 7);
+        assert_eq!(known("unified.threshold").fraction_of(Some("90")), 0.9);
+    }
+}
