@@ -54,6 +54,9 @@ pub struct AccountEntry {
     pub max_concurrency: u32,
     /// The outbound proxy to reach it through, if any.
     pub proxy: Option<crate::upstream::client::ProxySpec>,
+    /// Bumped by an operator's reset, enable or new credential: an answer to a request sent under
+    /// an older one does not count (see `HealthRegistry::observe_as_of`).
+    pub reset_generation: u64,
 }
 
 /// A client key, ready for the request path.
@@ -202,6 +205,7 @@ impl ServingConfig {
                 enabled: a.status == pb::AccountStatus::Enabled as i32,
                 max_concurrency: a.max_concurrency,
                 proxy,
+                reset_generation: a.reset_generation,
             });
             for g in &a.group_ids {
                 accounts_by_group.entry(g.clone()).or_default().push(entry.clone());

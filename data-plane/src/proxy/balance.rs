@@ -390,6 +390,7 @@ mod tests {
             enabled: true,
             max_concurrency,
             proxy: None,
+            reset_generation: 0,
         })
     }
 

@@ -154,12 +154,16 @@ pub struct HealthSink {
     pub registry: Arc<HealthRegistry>,
     pub reporter: StateReporter,
     pub settings: HealthSettings,
+    /// The account's `reset_generation` in the config the attempt was sent under.
+    pub generation: u64,
 }
 
 impl HealthSink {
     pub fn observe(&self, account_id: &str, model: &str, outcome: &Outcome<'_>) -> super::health::Verdict {
         let now = chrono::Utc::now().timestamp_millis();
-        let (verdict, report) = self.registry.observe(account_id, model, outcome, &self.settings, now);
+        let (verdict, report) =
+            self.registry
+                .observe_as_of(account_id, self.generation, model, outcome, &self.settings, now);
         if let Some(state) = report {
             tracing::info!(account_id, health = state.health, reason = %state.reason, "account state changed");
             self.reporter.report(state);

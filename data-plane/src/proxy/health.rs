@@ -1080,32 +1080,33 @@ impl HealthRegistry {
 
     /// [`Self::sync`] with an explicit clock (unix ms).
     pub fn sync_at(&self, resources: &pb::Resources, now_ms: i64) {
-        let mut cleared = Vec::new();
-        {
+        let next: HashMap<String, u64> = resources
+            .accounts
+            .iter()
+            .map(|a| (a.id.clone(), a.reset_generation))
+            .collect();
+        // One lock at a time (`observe` reads the generations, then the accounts).
+        let cleared: Vec<String> = {
             let mut gens = self.generations.write().unwrap_or_else(PoisonError::into_inner);
-            let next: HashMap<String, u64> = resources
-                .accounts
+            let moved = next
                 .iter()
-                .map(|a| (a.id.clone(), a.reset_generation))
+                .filter(|(id, g)| gens.get(*id).is_some_and(|old| old != *g))
+                .map(|(id, _)| id.clone())
                 .collect();
-            for (id, g) in &next {
-                if gens.get(id).is_some_and(|old| old != g) {
-                    cleared.push(id.as_str());
+            *gens = next.clone();
+            moved
+        };
+        {
+            let mut map = self.accounts.write().unwrap_or_else(PoisonError::into_inner);
+            // An account no longer in the config is forgotten.
+            map.retain(|id, _| next.contains_key(id.as_ref()));
+            for id in &cleared {
+                if let Some(slot) = map.get_mut(id.as_str()) {
+                    let t = slot.get_mut().unwrap_or_else(PoisonError::into_inner);
+                    t.local.clear();
+                    t.breaker = Breaker::default();
                 }
             }
-            {
-                let mut map = self.accounts.write().unwrap_or_else(PoisonError::into_inner);
-                // An account no longer in the config is forgotten.
-                map.retain(|id, _| next.contains_key(id.as_ref()));
-                for id in &cleared {
-                    if let Some(slot) = map.get_mut(*id) {
-                        let t = slot.get_mut().unwrap_or_else(PoisonError::into_inner);
-                        t.local.clear();
-                        t.breaker = Breaker::default();
-                    }
-                }
-            }
-            *gens = next;
         }
         self.sync_shared_at(&resources.account_states, now_ms);
     }
@@ -1159,7 +1160,7 @@ impl HealthRegistry {
 
     /// Records an attempt's outcome; returns the verdict and, when the account's state CHANGED in a
     /// way the fleet should know, the state to report to the control plane. Any outcome releases the
-    /// account's probe.
+    /// account's probe. For an attempt sent under the account's current `reset_generation`.
     pub fn observe(
         &self,
         account_id: &str,
@@ -1168,23 +1169,58 @@ impl HealthRegistry {
         settings: &HealthSettings,
         now_ms: i64,
     ) -> (Verdict, Option<pb::AccountState>) {
+        self.observe_as_of(account_id, u64::MAX, model, outcome, settings, now_ms)
+    }
+
+    /// [`Self::observe`] for an attempt sent under the account's `reset_generation` `sent_at`
+    /// (`u64::MAX`: the current one). An answer to a request sent before an operator's reset (or new
+    /// credential) changes nothing here and is not reported: it describes what was cleared.
+    pub fn observe_as_of(
+        &self,
+        account_id: &str,
+        sent_at: u64,
+        model: &str,
+        outcome: &Outcome<'_>,
+        settings: &HealthSettings,
+        now_ms: i64,
+    ) -> (Verdict, Option<pb::AccountState>) {
         let plan = classify(outcome, model, settings, now_ms);
         let verdict = plan.verdict.clone();
-        let stamp = |mut st: pb::AccountState| {
-            st.reset_generation = self.generation(account_id);
-            st
+        // The generation is read while the accounts lock is held: `sync_at` clears an account
+        // under the write lock after publishing its new generation, so a state set here is
+        // either seen as stale now or cleared by that sync (never left behind).
+        let current = |reg: &Self| {
+            let g = reg.generation(account_id);
+            (g, sent_at != u64::MAX && sent_at < g)
+        };
+        let stamp = |generation: u64| {
+            move |mut st: pb::AccountState| {
+                st.reset_generation = generation;
+                st
+            }
         };
         {
             let map = self.accounts.read().unwrap_or_else(PoisonError::into_inner);
+            let (generation, stale) = current(self);
+            if stale {
+                if let Some(slot) = map.get(account_id) {
+                    lock(slot).breaker.probe_until_ms = 0;
+                }
+                return (verdict, None);
+            }
             if let Some(slot) = map.get(account_id) {
                 let report = lock(slot).apply(plan, account_id, &self.node_id, settings, now_ms);
-                return (verdict, report.map(stamp));
+                return (verdict, report.map(stamp(generation)));
             }
             if !plan.changes_state() {
                 return (verdict, None);
             }
         }
         let mut map = self.accounts.write().unwrap_or_else(PoisonError::into_inner);
+        let (generation, stale) = current(self);
+        if stale {
+            return (verdict, None);
+        }
         let slot = map.entry(account_id.into()).or_default();
         let report = slot.get_mut().unwrap_or_else(PoisonError::into_inner).apply(
             plan,
@@ -1193,7 +1229,7 @@ impl HealthRegistry {
             settings,
             now_ms,
         );
-        (verdict, report.map(stamp))
+        (verdict, report.map(stamp(generation)))
     }
 
     /// A successful answer's headers: unified utilization tracking, and the breaker closes (when
@@ -2426,6 +2462,36 @@ mod tests {
         // update (the state never shown): the reset wins at once.
         reg.sync_at(&config_with(&[("a", 1), ("b", 1)], vec![]), NOW + 6);
         assert_eq!(reg.availability("b", SONNET, NOW + 7), Availability::Now);
+        // A 401 answering a request sent before a's reset (with the old credential) is not a
+        // verdict on the account as it is now: nothing recorded, nothing reported.
+        let (_, report) = reg.observe_as_of(
+            "a",
+            0,
+            SONNET,
+            &Outcome::Response {
+                status: 401,
+                headers: &HeaderMap::new(),
+                body: b"",
+            },
+            &HealthSettings::default(),
+            NOW + 7,
+        );
+        assert_eq!(report, None);
+        assert_eq!(reg.availability("a", SONNET, NOW + 7), Availability::Now);
+        // The same answer to a request sent under the current generation counts, and says so.
+        let (_, report) = reg.observe_as_of(
+            "a",
+            1,
+            SONNET,
+            &Outcome::Response {
+                status: 401,
+                headers: &HeaderMap::new(),
+                body: b"",
+            },
+            &HealthSettings::default(),
+            NOW + 7,
+        );
+        assert_eq!(report.map(|r| r.reset_generation), Some(1));
         // A deleted account is forgotten.
         let _ = respond(&reg, "a", SONNET, 401, &[], b"", NOW + 8);
         reg.sync_at(&config_with(&[("b", 1)], vec![]), NOW + 9);

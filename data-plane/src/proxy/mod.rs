@@ -483,6 +483,7 @@ impl Proxy {
             registry: self.health.clone(),
             reporter: self.reporter.clone(),
             settings: ctx.cfg.health_settings(&account.id).clone(),
+            generation: account.reset_generation,
         };
         let uri = format!(
             "{}{}",
