@@ -45,6 +45,10 @@ impl ApiError {
     pub fn too_large(m: impl Into<String>) -> Self {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", m).no_retry()
     }
+    /// The client did not finish sending its body in time.
+    pub fn body_timeout(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", m)
+    }
     pub fn overloaded(m: impl Into<String>, retry_after_secs: u64) -> Self {
         let mut e = Self::new(
             StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),

@@ -48,6 +48,8 @@ pub struct Options {
     pub shutdown_grace: Duration,
     /// How long the usage spool may take to drain at shutdown.
     pub drain_deadline: Duration,
+    /// How long a client may take to send a whole request body (then 408).
+    pub body_read_timeout: Duration,
 }
 
 impl Options {
@@ -63,6 +65,7 @@ impl Options {
             control_plane_tls: control::watch::ControlPlaneTls::default(),
             shutdown_grace: Duration::from_secs(30),
             drain_deadline: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -197,6 +200,7 @@ pub async fn start(
         queued: std::sync::atomic::AtomicUsize::new(0),
         metrics,
         accepting: accepting.clone(),
+        body_read_timeout: opts.body_read_timeout,
     });
     let server = tokio::spawn(serve(listener, proxy, stop_rx));
     Ok(RunningDataPlane {

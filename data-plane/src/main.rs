@@ -46,6 +46,9 @@ struct Args {
     /// Seconds in-flight requests may run on after SIGTERM.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
+    /// Seconds a client may take to send a whole request body (then 408).
+    #[arg(long, env = "RELAY_BODY_READ_TIMEOUT_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    body_read_timeout_secs: u64,
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -129,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
         opts.control_plane_tls.identity = Some((read(cert, "TLS certificate")?, read(key, "TLS key")?));
     }
     opts.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    opts.body_read_timeout = Duration::from_secs(args.body_read_timeout_secs);
     let dp = relay_data_plane::start(opts, Some(metrics))
         .await
         .context("starting the data plane")?;

@@ -596,3 +596,73 @@ async fn spaced_events_are_flushed_as_they_arrive() {
         "{by_half} of {events} events by half-time: {arrivals:?}"
     );
 }
+
+/// Issue 12, item 1: the unauthenticated telemetry route reads at most 1 MB and
+/// buffers nothing; a body (any route) that does not arrive within the body-read
+/// timeout gets 408 instead of holding the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_bodies_are_bounded_in_size_and_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let (_, key) = cp.add_key("client", &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dp = DataPlane::start_with(&cp.url(), "dp-1", dir.path().join("dp"), |o| {
+        o.body_read_timeout = Duration::from_millis(500);
+    })
+    .await;
+    dp.wait_version(cp.head().await).await;
+
+    // Small telemetry: 200 {}.
+    let r = send("POST", &dp.url("/api/event_logging/batch"), &[], "{\"events\":[]}").await;
+    assert_eq!((r.status, r.body.as_ref()), (200, b"{}".as_ref()));
+
+    // A chunked upload far past the bound: refused once 1 MB has been seen.
+    let mut conn = tokio::net::TcpStream::connect(dp.addr).await.unwrap();
+    conn.write_all(b"POST /api/event_logging/batch HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let chunk = vec![b'a'; 64 * 1024];
+    let mut sent = 0usize;
+    for _ in 0..(400 * 16) {
+        // 400 MB if it were all read: stop as soon as the server has answered.
+        let head = format!("{:x}\r\n", chunk.len());
+        if conn.write_all(head.as_bytes()).await.is_err()
+            || conn.write_all(&chunk).await.is_err()
+            || conn.write_all(b"\r\n").await.is_err()
+        {
+            break;
+        }
+        sent += chunk.len();
+        let mut peek = [0u8; 12];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), conn.peek(&mut peek)).await {
+            if n > 0 {
+                break;
+            }
+        }
+    }
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("request_too_large"), "{text}");
+    assert!(sent < 64 * 1024 * 1024, "the server kept reading: {sent} bytes");
+
+    // A Messages body that trickles and never completes: 408, in the Anthropic shape.
+    let mut conn = tokio::net::TcpStream::connect(dp.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\nanthropic-version: 2023-06-01\r\n\
+         content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"model\":"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut answer))
+        .await
+        .expect("answered within the body-read timeout")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"type\":\"error\""), "{text}");
+}

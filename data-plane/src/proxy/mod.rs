@@ -33,6 +33,8 @@ use sticky::SessionStore;
 
 /// Requests to the Messages API may be up to 32 MB.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Claude Code's telemetry batches are a few KB; they are acknowledged, never kept.
+pub const MAX_TELEMETRY_BYTES: usize = 1024 * 1024;
 
 pub struct Proxy {
     pub holder: Arc<ConfigHolder>,
@@ -49,6 +51,8 @@ pub struct Proxy {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// False once shutdown has begun (readiness).
     pub accepting: Arc<std::sync::atomic::AtomicBool>,
+    /// How long a client may take to send a whole request body.
+    pub body_read_timeout: std::time::Duration,
 }
 
 fn new_request_id() -> String {
@@ -159,8 +163,23 @@ impl Proxy {
             (&Method::GET, "/readyz") => Ok(self.readyz(request_id)),
             (&Method::GET, "/metrics") => Ok(self.metrics_text()),
             (&Method::POST, "/api/event_logging/batch") => {
-                // Claude Code telemetry: acknowledge, never forward.
-                let _ = req.into_body().collect().await;
+                // Claude Code telemetry: acknowledge, never forward, never keep. Read as it
+                // comes (nothing buffered), bounded in size and time; no key is needed.
+                let mut body = req.into_body();
+                let read = async {
+                    let mut seen = 0usize;
+                    while let Some(frame) = body.frame().await {
+                        let frame = frame.map_err(|_| ApiError::invalid_request("could not read the request body"))?;
+                        seen += frame.data_ref().map_or(0, |d| d.len());
+                        if seen > MAX_TELEMETRY_BYTES {
+                            return Err(ApiError::too_large("a telemetry batch is at most 1 MB"));
+                        }
+                    }
+                    Ok(())
+                };
+                tokio::time::timeout(self.body_read_timeout, read)
+                    .await
+                    .map_err(|_| ApiError::body_timeout("the request body did not arrive in time"))??;
                 Ok(json_response(StatusCode::OK, &serde_json::json!({}), request_id))
             }
             (&Method::POST, "/v1/messages") => self.forward(req, request_id, started, true).await,
@@ -241,19 +260,23 @@ impl Proxy {
         let body = if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
             None
         } else {
-            let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
-            let mut too_large = false;
-            while let Some(frame) = incoming.frame().await {
-                let frame = frame.map_err(|_| ApiError::invalid_request("could not read the request body"))?;
-                if let Some(d) = frame.data_ref() {
-                    if buf.len() + d.len() > MAX_BODY_BYTES {
-                        too_large = true;
-                        break;
+            let read = async {
+                let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
+                while let Some(frame) = incoming.frame().await {
+                    let frame = frame.map_err(|_| ApiError::invalid_request("could not read the request body"))?;
+                    if let Some(d) = frame.data_ref() {
+                        if buf.len() + d.len() > MAX_BODY_BYTES {
+                            return Ok(None);
+                        }
+                        buf.extend_from_slice(d);
                     }
-                    buf.extend_from_slice(d);
                 }
-            }
-            (!too_large).then(|| buf.freeze())
+                Ok(Some(buf.freeze()))
+            };
+            // A client trickling its body does not hold a connection and its buffer forever.
+            tokio::time::timeout(self.body_read_timeout, read)
+                .await
+                .map_err(|_| ApiError::body_timeout("the request body did not arrive in time"))??
         };
         let Some(body) = body else {
             // Read (and discard) what the client is still sending, so it gets
