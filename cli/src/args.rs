@@ -397,9 +397,14 @@ pub enum TokenCmd {
     /// List admin tokens.
     #[command(alias = "ls")]
     List,
-    /// Revoke an admin token.
+    /// Revoke an admin token (by name or id).
     #[command(alias = "rm")]
-    Revoke { token: String },
+    Revoke {
+        // Not `token`: that is the global --token option's id, and clap would
+        // mix the two up when the admin token comes from --token or the env.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
 
 #[cfg(test)]
@@ -410,6 +415,16 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("relayctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn token_revoke_takes_a_name_beside_the_admin_token() {
+        let cli = parse(&["--token", "rat-admin", "token", "revoke", "ops"]).unwrap();
+        assert_eq!(cli.token.as_deref(), Some("rat-admin"));
+        let Command::Token(TokenCmd::Revoke { name }) = cli.command else {
+            panic!("not a revoke")
+        };
+        assert_eq!(name, "ops");
     }
 
     #[test]

@@ -346,6 +346,11 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
     }
     assert!(lines.next().unwrap().contains("claude-sonnet-4-5"));
     settings_walkthrough(env);
+    // Revoking by name works with the admin token in the environment (issue 12, item 9).
+    env.json(&["token", "create", "short-lived", "--role", "read-only"], None);
+    env.ok(&["token", "revoke", "short-lived"], None);
+    let tokens = env.json(&["token", "list"], None);
+    assert!(!tokens.to_string().contains("short-lived"), "{tokens}");
     (api_key, ro)
 }
 

@@ -59,7 +59,7 @@ pub async fn run(conn: &mut Conn, out: Output, cmd: TokenCmd) -> Result<()> {
                 .or_report(&server)?;
             out.list(COLUMNS, &list.tokens)
         }
-        TokenCmd::Revoke { token } => {
+        TokenCmd::Revoke { name: token } => {
             let resp = api
                 .revoke_admin_token(RevokeAdminTokenRequest { token: token.clone() })
                 .await

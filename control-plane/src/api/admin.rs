@@ -328,10 +328,17 @@ pub fn proxy_seal_context(account_id: &str) -> String {
 }
 
 /// A URL with any `user:password@` part hidden.
+/// The user info ends at the LAST `@` of the authority (as the proxy URL parser
+/// reads it), so a password holding an unescaped `@` is hidden whole.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
+    let Some(s) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[s + 3..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{}://…@{}", &url[..s], &rest[at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -1408,6 +1415,10 @@ mod tests {
         assert!(validate_url("u", "https://api.anthropic.com", &["https"]).is_ok());
         assert!(validate_url("u", "api.anthropic.com", &["https"]).is_err());
         assert_eq!(redact_url("http://user:pw@proxy:3128"), "http://…@proxy:3128");
+        // Issue 12 item 10: an unescaped '@' in the password leaked its tail.
+        assert_eq!(redact_url("http://user:p@ss@proxy:3128"), "http://…@proxy:3128");
+        assert_eq!(redact_url("socks5://u:a@b@c@h:1/"), "socks5://…@h:1/");
+        assert_eq!(redact_url("http://proxy:3128/x@y"), "http://proxy:3128/x@y");
         assert!(validate_models(&["claude-*".into()]).is_ok());
         assert!(validate_models(&["cl*aude".into()]).is_err());
         assert_eq!(validate_weight(0).ok(), Some(1));
