@@ -422,7 +422,7 @@ mod tests {
         let cli = parse(&["--token", "rat-admin", "token", "revoke", "ops"]).unwrap();
         assert_eq!(cli.token.as_deref(), Some("rat-admin"));
         let Command::Token(TokenCmd::Revoke { name }) = cli.command else {
-            panic!("not a revoke")
+            unreachable!()
         };
         assert_eq!(name, "ops");
     }
