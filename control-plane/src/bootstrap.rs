@@ -108,6 +108,20 @@ pub enum BootstrapError {
     Write { path: String, reason: String },
     #[error("no admin token exists: set RELAY_ADMIN_TOKEN (or start with --data-dir so one is generated)")]
     NoAdminToken,
+    #[error(
+        "RELAY_ADMIN_TOKEN is too weak to become the first admin token: use at least {MIN_TOKEN_CHARS} \
+         characters of random text (e.g. \"rat-$(openssl rand -hex 32)\")"
+    )]
+    WeakToken,
+}
+
+/// The shortest `RELAY_ADMIN_TOKEN` accepted, in characters.
+pub const MIN_TOKEN_CHARS: usize = 32;
+
+/// At least `MIN_TOKEN_CHARS` printable characters, and not a few repeated ones.
+fn strong_enough(token: &str) -> bool {
+    let distinct: std::collections::BTreeSet<char> = token.chars().collect();
+    token.chars().count() >= MIN_TOKEN_CHARS && distinct.len() >= 10 && token.chars().all(|c| c.is_ascii_graphic())
 }
 
 fn system() -> AuditRecord {
@@ -174,8 +188,13 @@ pub async fn ensure_defaults(store: &DynStore) -> Result<(), BootstrapError> {
 /// Where the first admin token came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminTokenSource {
-    /// `RELAY_ADMIN_TOKEN` was set (and is now registered).
+    /// `RELAY_ADMIN_TOKEN` is a registered admin token.
     Environment,
+    /// `RELAY_ADMIN_TOKEN` became the first admin token now.
+    EnvironmentRegistered,
+    /// `RELAY_ADMIN_TOKEN` is not a registered token and admin tokens exist: it was NOT registered
+    /// (it may have been revoked; bootstrap happens only when there is no admin token).
+    EnvironmentIgnored,
     /// Generated now and written to this file (mode 0600).
     Generated(PathBuf),
     /// A file from an earlier start holds it.
@@ -184,7 +203,8 @@ pub enum AdminTokenSource {
     AlreadyPresent,
 }
 
-/// Makes sure an admin token exists: the one in `env_token` when given, else a
+/// Makes sure an admin token exists: the one in `env_token` when given and no
+/// admin token exists yet (bootstrap only, and only a strong one), else a
 /// generated one written to `data_dir/admin.token`.
 pub async fn ensure_admin_token(
     store: &DynStore,
@@ -194,22 +214,30 @@ pub async fn ensure_admin_token(
 ) -> Result<AdminTokenSource, BootstrapError> {
     if let Some(token) = env_token.map(str::trim).filter(|t| !t.is_empty()) {
         let hash = key.hash_admin_token(token);
-        if store.find_admin_token(&hash).await?.is_none() {
-            let name = format!("bootstrap-{}", &hash[..8]);
-            let mut row = admin_token_row(key, &name, Role::Admin, token);
-            row.token_prefix = "(from RELAY_ADMIN_TOKEN)".into();
-            let audit = AuditRecord {
-                action: "token.create".into(),
-                target: name.clone(),
-                detail: "{\"role\":\"admin\",\"source\":\"RELAY_ADMIN_TOKEN\"}".into(),
-                ..system()
-            };
-            match store.apply(vec![Mutation::InsertAdminToken(row)], audit).await {
-                Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+        if store.find_admin_token(&hash).await?.is_some() {
+            return Ok(AdminTokenSource::Environment);
         }
-        return Ok(AdminTokenSource::Environment);
+        // Bootstrap only: a token revoked since must not come back at the next start.
+        if store.list_admin_tokens().await?.iter().any(|t| t.role == Role::Admin) {
+            return Ok(AdminTokenSource::EnvironmentIgnored);
+        }
+        if !strong_enough(token) {
+            return Err(BootstrapError::WeakToken);
+        }
+        let name = format!("bootstrap-{}", &hash[..8]);
+        let mut row = admin_token_row(key, &name, Role::Admin, token);
+        row.token_prefix = "(from RELAY_ADMIN_TOKEN)".into();
+        let audit = AuditRecord {
+            action: "token.create".into(),
+            target: name.clone(),
+            detail: "{\"role\":\"admin\",\"source\":\"RELAY_ADMIN_TOKEN\"}".into(),
+            ..system()
+        };
+        match store.apply(vec![Mutation::InsertAdminToken(row)], audit).await {
+            Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(AdminTokenSource::EnvironmentRegistered);
     }
     let file = data_dir.map(|d| d.join("admin.token"));
     if let Some(f) = &file {

@@ -184,7 +184,17 @@ async fn main() -> anyhow::Result<()> {
             println!("relay:   export RELAY_ADMIN_TOKEN=\"$(cat {})\"", p.display());
         }
         AdminTokenSource::Existing(p) => println!("relay: admin token is in {}", p.display()),
-        AdminTokenSource::Environment => println!("relay: admin token from RELAY_ADMIN_TOKEN"),
+        AdminTokenSource::Environment => println!("relay: RELAY_ADMIN_TOKEN is a registered admin token"),
+        AdminTokenSource::EnvironmentRegistered => {
+            println!("relay: registered RELAY_ADMIN_TOKEN as the first admin token")
+        }
+        AdminTokenSource::EnvironmentIgnored => {
+            println!(
+                "relay: RELAY_ADMIN_TOKEN is not an admin token of this deployment and admin tokens exist: \
+                 it was not registered (a revoked token does not come back); create tokens with `relayctl token create`"
+            );
+            tracing::warn!("RELAY_ADMIN_TOKEN ignored: it is not a registered admin token");
+        }
         AdminTokenSource::AlreadyPresent => {}
     }
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -984,3 +984,93 @@ async fn notify_wakes_other_replicas_and_the_poll_covers_a_dead_listener() {
         .expect("the poll caught up");
     assert!(held.config.groups.iter().any(|g| g.name == "after-listener-died"));
 }
+
+/// Issue 12, item 8: RELAY_ADMIN_TOKEN bootstraps the first admin token only,
+/// and only a strong one; a token revoked since never comes back at a restart.
+#[tokio::test]
+async fn the_environment_token_only_bootstraps() {
+    use relay_control_plane::bootstrap::{ensure_admin_token, ensure_defaults, AdminTokenSource, BootstrapError};
+    use relay_control_plane::crypto::MasterKey;
+    use relay_control_plane::model::{AuditRecord, Mutation};
+    let (store, _db, _dir) = common::new_store(common::Backend::Sqlite).await;
+    let key = MasterKey::generate();
+    ensure_defaults(&store).await.unwrap();
+    for weak in [
+        "weak",
+        "rat-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "rat-choose-a-long-random-token",
+    ] {
+        assert!(
+            matches!(
+                ensure_admin_token(&store, &key, Some(weak), None).await,
+                Err(BootstrapError::WeakToken)
+            ),
+            "{weak}"
+        );
+    }
+    assert!(store.list_admin_tokens().await.unwrap().is_empty());
+    let first = "rat-9f2c41d07be85a36c1e0d4f7a29b6c58e3f1";
+    assert_eq!(
+        ensure_admin_token(&store, &key, Some(first), None).await.unwrap(),
+        AdminTokenSource::EnvironmentRegistered
+    );
+    assert_eq!(
+        ensure_admin_token(&store, &key, Some(first), None).await.unwrap(),
+        AdminTokenSource::Environment,
+        "a restart with the same token"
+    );
+    let other = "rat-0a1b2c3d4e5f60718293a4b5c6d7e8f9fedcba";
+    assert_eq!(
+        ensure_admin_token(&store, &key, Some(other), None).await.unwrap(),
+        AdminTokenSource::EnvironmentIgnored,
+        "a second token is not added by the environment"
+    );
+    // Revoked (another admin token exists): it does not come back.
+    store
+        .apply(
+            vec![Mutation::InsertAdminToken(
+                relay_control_plane::api::admin::admin_token_row(
+                    &key,
+                    "ops",
+                    relay_control_plane::model::Role::Admin,
+                    other,
+                ),
+            )],
+            AuditRecord {
+                actor: "test".into(),
+                action: "token.create".into(),
+                target: "ops".into(),
+                detail: "{}".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let bootstrap = store
+        .list_admin_tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name.starts_with("bootstrap-"))
+        .unwrap();
+    store
+        .apply(
+            vec![Mutation::DeleteAdminToken { id: bootstrap.id }],
+            AuditRecord {
+                actor: "test".into(),
+                action: "token.revoke".into(),
+                target: "bootstrap".into(),
+                detail: "{}".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ensure_admin_token(&store, &key, Some(first), None).await.unwrap(),
+        AdminTokenSource::EnvironmentIgnored
+    );
+    assert!(store
+        .find_admin_token(&key.hash_admin_token(first))
+        .await
+        .unwrap()
+        .is_none());
+}
