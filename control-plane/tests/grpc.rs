@@ -1074,3 +1074,48 @@ async fn the_environment_token_only_bootstraps() {
         .unwrap()
         .is_none());
 }
+
+/// Issue 12, item 3: revoking a data-plane token cuts its open Watch and Report
+/// streams within a second; it cannot reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoking_a_data_plane_token_closes_its_streams() {
+    let cp = common::start(common::Backend::Sqlite).await;
+    let mut admin = cp.admin().await;
+    let created = admin
+        .create_admin_token(pb::CreateAdminTokenRequest {
+            name: "dp-doomed".into(),
+            role: pb::AdminRole::DataPlane as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut w = cp.watch_as(&created.token, None, "dp-doomed").await.unwrap();
+    let first = w.next().await;
+    w.ack(&first).await;
+    let mut usage = cp.usage(&created.token).await;
+    let (batches, rx) = tokio::sync::mpsc::channel::<pb::UsageBatch>(1);
+    let mut acks = usage
+        .report(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+
+    admin
+        .revoke_admin_token(pb::RevokeAdminTokenRequest {
+            token: "dp-doomed".into(),
+        })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(1), w.inbound.message())
+        .await
+        .expect("the Watch stream ends within a second");
+    let status = ended.expect_err("it ends with an error");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(1), acks.message())
+        .await
+        .expect("the Report stream ends within a second");
+    assert_eq!(ended.expect_err("an error").code(), Code::Unauthenticated);
+    drop(batches);
+    let again = cp.watch_as(&created.token, None, "dp-doomed").await;
+    assert_eq!(again.err().map(|s| s.code()), Some(Code::Unauthenticated));
+}

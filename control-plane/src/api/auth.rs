@@ -7,8 +7,88 @@
 use crate::crypto::{hashes_equal, MasterKey};
 use crate::model::Role;
 use crate::store::DynStore;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
+
+/// Every token's role, by keyed hash, as the store has it now.
+type TokenRoles = Arc<HashMap<String, Role>>;
+
+/// How often the token list is re-read besides the store's change hint.
+const TOKEN_POLL: Duration = Duration::from_secs(1);
+
+/// Follows the admin tokens, so long-lived streams end when their token is
+/// revoked or its role changes (a revocation is a store write: the change hint
+/// wakes this at once; the poll covers other replicas' writes).
+#[derive(Clone)]
+pub struct TokenWatch {
+    rx: watch::Receiver<TokenRoles>,
+}
+
+impl TokenWatch {
+    pub async fn start(store: DynStore) -> Result<Self, crate::store::StoreError> {
+        let first = roles(&store).await?;
+        let (tx, rx) = watch::channel(first);
+        tokio::spawn(async move {
+            let hint = store.change_hint();
+            loop {
+                tokio::select! {
+                    _ = hint.notified() => {}
+                    _ = tokio::time::sleep(TOKEN_POLL) => {}
+                    _ = tx.closed() => return,
+                }
+                match roles(&store).await {
+                    Ok(now) => {
+                        tx.send_if_modified(|have| {
+                            let changed = **have != *now;
+                            if changed {
+                                *have = now;
+                            }
+                            changed
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot re-read the admin tokens"),
+                }
+            }
+        });
+        Ok(Self { rx })
+    }
+}
+
+async fn roles(store: &DynStore) -> Result<TokenRoles, crate::store::StoreError> {
+    Ok(Arc::new(
+        store
+            .list_admin_tokens()
+            .await?
+            .into_iter()
+            .map(|t| (t.token_hash, t.role))
+            .collect(),
+    ))
+}
+
+/// A stream's credential: resolves [`StreamAuth::revoked`] when the token is
+/// gone or no longer has the role the stream needs.
+pub struct StreamAuth {
+    hash: String,
+    role: Role,
+    rx: Option<watch::Receiver<TokenRoles>>,
+}
+
+impl StreamAuth {
+    /// Resolves once the token no longer authorizes the stream (never without a [`TokenWatch`]).
+    pub async fn revoked(&mut self) -> Status {
+        let Some(rx) = self.rx.as_mut() else {
+            return std::future::pending().await;
+        };
+        let (hash, role) = (&self.hash, self.role);
+        let _ = rx.wait_for(|m| m.get(hash) != Some(&role)).await;
+        metrics::counter!("relay_streams_closed_total", "reason" => "token_revoked").increment(1);
+        Status::unauthenticated("the token of this stream was revoked or its role changed")
+    }
+}
 
 /// What a call needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +114,7 @@ pub struct Authenticator {
     key: MasterKey,
     /// Data planes must present a TLS client certificate for their node id.
     client_certs: bool,
+    tokens: Option<TokenWatch>,
 }
 
 fn bearer(md: &MetadataMap) -> Option<&str> {
@@ -48,7 +129,30 @@ impl Authenticator {
             store,
             key,
             client_certs: false,
+            tokens: None,
         }
+    }
+
+    /// Streams authenticated by this one end when their token is revoked.
+    pub fn with_token_watch(mut self, tokens: TokenWatch) -> Self {
+        self.tokens = Some(tokens);
+        self
+    }
+
+    /// [`Self::check`] for a long-lived stream: also returns what ends it when
+    /// the token is revoked.
+    pub async fn check_stream(&self, md: &MetadataMap, need: Need) -> Result<(Actor, StreamAuth), Status> {
+        let actor = self.check(md, need).await?;
+        let hash = bearer(md).map(|t| self.key.hash_admin_token(t)).unwrap_or_default();
+        let role = actor.role;
+        Ok((
+            actor,
+            StreamAuth {
+                hash,
+                role,
+                rx: self.tokens.as_ref().map(|t| t.rx.clone()),
+            },
+        ))
     }
 
     /// Requires data planes to prove their node id with a TLS client certificate.

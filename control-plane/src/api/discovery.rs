@@ -262,6 +262,7 @@ struct StreamParts {
     store: DynStore,
     live: LiveNodes,
     closing: super::Closing,
+    auth: super::auth::StreamAuth,
 }
 
 async fn run_stream(s: StreamParts) {
@@ -275,6 +276,7 @@ async fn run_stream(s: StreamParts) {
         store,
         live,
         mut closing,
+        mut auth,
     } = s;
     let _gauge = StreamGauge::new();
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
@@ -433,6 +435,11 @@ async fn run_stream(s: StreamParts) {
                 let _ = tx.send(Err(super::shutting_down())).await;
                 break;
             }
+            status = auth.revoked() => {
+                tracing::warn!(node_id = %node, "closing the config stream: its token was revoked");
+                let _ = tx.send(Err(status)).await;
+                break;
+            }
             _ = tx.closed() => break,
         }
     }
@@ -456,7 +463,7 @@ impl ConfigDiscovery for DiscoveryService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<Streaming<pb::WatchRequest>>) -> Result<Response<WatchStream>, Status> {
-        self.auth.check(req.metadata(), Need::DataPlane).await?;
+        let (_, stream_auth) = self.auth.check_stream(req.metadata(), Need::DataPlane).await?;
         let identity = self.auth.node_identity(&req);
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(run_stream(StreamParts {
@@ -469,6 +476,7 @@ impl ConfigDiscovery for DiscoveryService {
             store: self.store.clone(),
             live: self.live.clone(),
             closing: self.closing.clone(),
+            auth: stream_auth,
         }));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -92,6 +92,7 @@ async fn run(
     tx: mpsc::Sender<Result<pb::BatchAck, Status>>,
     store: DynStore,
     mut closing: super::Closing,
+    mut auth: super::auth::StreamAuth,
 ) {
     loop {
         // A batch being stored is finished and ACKed first; between batches a
@@ -100,6 +101,10 @@ async fn run(
             m = inbound.message() => m,
             _ = super::closed(&mut closing) => {
                 let _ = tx.send(Err(super::shutting_down())).await;
+                return;
+            }
+            status = auth.revoked() => {
+                let _ = tx.send(Err(status)).await;
                 return;
             }
         };
@@ -178,7 +183,7 @@ impl UsageIngest for UsageService {
     type ReportStream = ReportStream;
 
     async fn report(&self, req: Request<Streaming<pb::UsageBatch>>) -> Result<Response<ReportStream>, Status> {
-        self.auth.check(req.metadata(), Need::DataPlane).await?;
+        let (_, stream_auth) = self.auth.check_stream(req.metadata(), Need::DataPlane).await?;
         let identity = self.auth.node_identity(&req);
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(run(
@@ -187,6 +192,7 @@ impl UsageIngest for UsageService {
             tx,
             self.store.clone(),
             self.closing.clone(),
+            stream_auth,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
