@@ -179,6 +179,10 @@ pub struct AccountUpdate {
     /// OAuth accounts: when the access token expires (RFC 3339).
     #[arg(long, value_name = "RFC3339", value_parser = instant_arg)]
     pub expires: Option<i64>,
+    /// Send the stored credential of an Anthropic API-key or OAuth account to
+    /// the new host of --base-url without giving it again.
+    #[arg(long)]
+    pub allow_credential_to_new_host: bool,
 }
 
 /// Limits of an API key (USD budgets; 0 = unlimited everywhere).

@@ -1119,3 +1119,51 @@ async fn revoking_a_data_plane_token_closes_its_streams() {
     let again = cp.watch_as(&created.token, None, "dp-doomed").await;
     assert_eq!(again.err().map(|s| s.code()), Some(Code::Unauthenticated));
 }
+
+/// Issue 12, item 11: moving an Anthropic API-key account to another host needs
+/// its credential again (or an explicit, audited permission).
+#[tokio::test]
+async fn a_new_host_needs_the_credential_again() {
+    let cp = common::start(common::Backend::Sqlite).await;
+    let mut admin = cp.admin().await;
+    admin.create_account(account_req("prod", "sk-ant-prod")).await.unwrap();
+    let moved = |allow: bool, credential: Option<&str>| pb::UpdateAccountRequest {
+        account: "prod".into(),
+        base_url: Some("https://collector.example.net".into()),
+        credential: credential.map(str::to_string),
+        allow_credential_to_new_host: allow,
+        ..Default::default()
+    };
+    let e = admin.update_account(moved(false, None)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("collector.example.net"), "{}", e.message());
+    assert!(!e.message().contains("sk-ant-prod"));
+    // Same host, another path: fine.
+    admin
+        .update_account(pb::UpdateAccountRequest {
+            account: "prod".into(),
+            base_url: Some("https://api.anthropic.com/".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin.update_account(moved(false, Some("sk-ant-new"))).await.unwrap();
+    admin
+        .update_account(pb::UpdateAccountRequest {
+            account: "prod".into(),
+            base_url: Some("https://elsewhere.example.org".into()),
+            allow_credential_to_new_host: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let audit = admin
+        .list_audit(pb::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(audit
+        .entries
+        .iter()
+        .any(|e| e.detail.contains("credential_sent_to_new_host")));
+}

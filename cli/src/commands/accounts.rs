@@ -221,5 +221,6 @@ fn update_request(args: AccountUpdate) -> Result<UpdateAccountRequest> {
         proxy_url: proxy_url(args.proxy_url, args.proxy_url_file.as_deref())?,
         refresh_token,
         credential_expires_at_ms: args.expires,
+        allow_credential_to_new_host: args.allow_credential_to_new_host,
     })
 }

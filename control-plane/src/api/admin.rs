@@ -328,6 +328,17 @@ pub fn proxy_seal_context(account_id: &str) -> String {
 }
 
 /// A URL with any `user:password@` part hidden.
+/// The host (and port) of a URL, for comparing where a credential goes.
+fn url_host(url: &str) -> String {
+    url.parse::<tonic::codegen::http::Uri>()
+        .ok()
+        .and_then(|u| {
+            u.authority()
+                .map(|a| a.as_str().rsplit('@').next().unwrap_or("").to_ascii_lowercase())
+        })
+        .unwrap_or_default()
+}
+
 /// The user info ends at the LAST `@` of the authority (as the proxy URL parser
 /// reads it), so a password holding an unescaped `@` is hidden whole.
 pub fn redact_url(url: &str) -> String {
@@ -592,6 +603,20 @@ impl Admin for AdminService {
             if let Some(u) = &r.base_url {
                 a.base_url = u.trim_end_matches('/').to_string();
                 changed.insert("base_url".into(), json!(a.base_url));
+                // The stored credential would go to another host: only when it is given
+                // again, or the operator says so explicitly.
+                let keeps_secret = matches!(cur.kind, AccountKind::AnthropicApiKey | AccountKind::ClaudeOauth);
+                if keeps_secret && url_host(&a.base_url) != url_host(&cur.base_url) && r.credential.is_none() {
+                    if !r.allow_credential_to_new_host {
+                        return Err(Status::failed_precondition(format!(
+                            "moving account {:?} to host {:?} would send its stored credential there: give the \
+                             credential again (--secret-stdin / --secret-file) or pass --allow-credential-to-new-host",
+                            cur.name,
+                            url_host(&a.base_url)
+                        )));
+                    }
+                    changed.insert("credential_sent_to_new_host".into(), json!(true));
+                }
             }
             if let Some(c) = &r.credential {
                 a.credential_enc = self
