@@ -50,6 +50,12 @@ pub struct Options {
     pub drain_deadline: Duration,
     /// How long a client may take to send a whole request body (then 408).
     pub body_read_timeout: Duration,
+    /// How long a client may take to send a request head (HTTP/1; the
+    /// connection is closed after).
+    pub header_read_timeout: Duration,
+    /// Open client connections at most; past it new ones are closed at once
+    /// (`relay_client_connections_refused_total`).
+    pub max_connections: usize,
 }
 
 impl Options {
@@ -66,6 +72,8 @@ impl Options {
             shutdown_grace: Duration::from_secs(30),
             drain_deadline: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(120),
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 20_000,
         }
     }
 }
@@ -202,7 +210,11 @@ pub async fn start(
         accepting: accepting.clone(),
         body_read_timeout: opts.body_read_timeout,
     });
-    let server = tokio::spawn(serve(listener, proxy, stop_rx));
+    let limits = ConnLimits {
+        header_read_timeout: opts.header_read_timeout,
+        max_connections: opts.max_connections,
+    };
+    let server = tokio::spawn(serve(listener, proxy, stop_rx, limits));
     Ok(RunningDataPlane {
         local_addr,
         holder,
@@ -222,13 +234,33 @@ pub async fn start(
     })
 }
 
-async fn serve(listener: tokio::net::TcpListener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
+/// What one client may hold of the listener.
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    header_read_timeout: Duration,
+    max_connections: usize,
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    proxy: Arc<Proxy>,
+    mut stop: watch::Receiver<bool>,
+    limits: ConnLimits,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // hyper's smallest read/write buffer cap (it grows to 16 KB otherwise, for
     // requests of a few hundred bytes): 12 KB less per open stream, measured.
-    // Request heads are limited to 8 KB (431 beyond), like nginx's default.
-    builder.http1().max_buf_size(8192);
+    // Request heads are limited to 8 KB (431 beyond), like nginx's default, and
+    // must arrive within the header-read timeout (a trickled head is closed;
+    // hyper needs a timer for that, off without one).
+    builder
+        .http1()
+        .max_buf_size(8192)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -240,6 +272,11 @@ async fn serve(listener: tokio::net::TcpListener, proxy: Arc<Proxy>, mut stop: w
                 }
             },
             _ = stopped(&mut stop) => break,
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            metrics::counter!("relay_client_connections_refused_total").increment(1);
+            drop(stream);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
@@ -253,6 +290,7 @@ async fn serve(listener: tokio::net::TcpListener, proxy: Arc<Proxy>, mut stop: w
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);

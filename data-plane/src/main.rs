@@ -49,6 +49,12 @@ struct Args {
     /// Seconds a client may take to send a whole request body (then 408).
     #[arg(long, env = "RELAY_BODY_READ_TIMEOUT_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     body_read_timeout_secs: u64,
+    /// Seconds a client may take to send a request head (HTTP/1), then the connection is closed.
+    #[arg(long, env = "RELAY_HEADER_READ_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout_secs: u64,
+    /// Open client connections at most; new ones past it are closed at once.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -133,6 +139,8 @@ async fn main() -> anyhow::Result<()> {
     }
     opts.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
     opts.body_read_timeout = Duration::from_secs(args.body_read_timeout_secs);
+    opts.header_read_timeout = Duration::from_secs(args.header_read_timeout_secs);
+    opts.max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
     let dp = relay_data_plane::start(opts, Some(metrics))
         .await
         .context("starting the data plane")?;

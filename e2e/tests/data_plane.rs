@@ -666,3 +666,69 @@ async fn request_bodies_are_bounded_in_size_and_time() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("\"type\":\"error\""), "{text}");
 }
+
+/// Issue 12, item 6: a client trickling its request head is cut off after the
+/// header-read timeout, and connections past the cap are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_heads_and_too_many_connections_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dp = DataPlane::start_with(&cp.url(), "dp-1", dir.path().join("dp"), |o| {
+        o.header_read_timeout = Duration::from_millis(400);
+        o.max_connections = 3;
+    })
+    .await;
+    dp.wait_version(cp.head().await).await;
+
+    // One header byte every 100 ms, forever: the server closes it.
+    let mut slow = tokio::net::TcpStream::connect(dp.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let head = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut closed = false;
+    for b in head.iter() {
+        if slow.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf)).await {
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(closed, "a trickled head was never cut off");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+
+    // Three connections are served; a fourth is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = tokio::net::TcpStream::connect(dp.addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(c);
+    }
+    let mut extra = tokio::net::TcpStream::connect(dp.addr).await.unwrap();
+    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf))
+        .await
+        .expect("closed, not left hanging")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "past the cap: closed without an answer");
+    // One closes: the next is served again.
+    drop(held.pop());
+    wait_for(Duration::from_secs(5), "a slot to free up", || async {
+        try_send("GET", &dp.url("/healthz"))
+            .await
+            .filter(|r| r.status == 200)
+            .map(|_| ())
+    })
+    .await
+    .unwrap();
+}
