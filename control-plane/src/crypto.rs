@@ -72,6 +72,10 @@ impl MasterKey {
             path: path.display().to_string(),
             reason: e.to_string(),
         };
+        relay_data_plane::datadir::check_private(path).map_err(|reason| CryptoError::KeyFile {
+            path: path.display().to_string(),
+            reason,
+        })?;
         match std::fs::read_to_string(path) {
             Ok(s) => Self::from_base64(&s),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

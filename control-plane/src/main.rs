@@ -90,6 +90,7 @@ fn master_key(args: &Args) -> anyhow::Result<MasterKey> {
         return MasterKey::from_base64(&v).context("RELAY_MASTER_KEY");
     }
     if let Some(f) = &args.master_key_file {
+        relay_data_plane::datadir::check_private(f).map_err(anyhow::Error::msg)?;
         let s = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         return MasterKey::from_base64(&s).with_context(|| format!("master key file {}", f.display()));
     }

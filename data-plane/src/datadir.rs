@@ -27,13 +27,40 @@ pub struct DirLock {
     _file: File,
 }
 
-/// Creates `dir` if needed and takes its lock, or says which process holds it.
+/// Refuses a secret file (a master key, a cache key) that other users may read
+/// or write: the message says what to do.
+pub fn check_private(path: &Path) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(format!(
+                    "{} is open to other users (mode {mode:o}); run: chmod 600 {}",
+                    path.display(),
+                    path.display()
+                ));
+            }
+        }
+    }
+    let _ = path;
+    Ok(())
+}
+
+/// Creates `dir` if needed (only its owner may enter it: mode 0700) and takes
+/// its lock, or says which process holds it.
 pub fn lock(dir: &Path) -> Result<DirLock, LockError> {
     let io = |source| LockError::Io {
         dir: dir.to_path_buf(),
         source,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -80,5 +107,25 @@ mod tests {
         assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
         drop(first);
         let _again = lock(dir.path()).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700);
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_open_to_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("master.key");
+        std::fs::write(&key, "k").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = check_private(&key).unwrap_err();
+        assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(check_private(&key), Ok(()));
     }
 }

@@ -28,6 +28,8 @@ pub enum CacheError {
     BadKey,
     #[error("the config cache cannot be opened (other key, or corrupted)")]
     Corrupt,
+    #[error("{0}")]
+    LooseKey(String),
 }
 
 pub struct ConfigCache {
@@ -63,6 +65,7 @@ impl ConfigCache {
             Some(k) => STANDARD.decode(k.trim()).map_err(|_| CacheError::BadKey)?,
             None => {
                 let path = dir.join("cache.key");
+                crate::datadir::check_private(&path).map_err(CacheError::LooseKey)?;
                 match std::fs::read_to_string(&path) {
                     Ok(s) => STANDARD.decode(s.trim()).map_err(|_| CacheError::BadKey)?,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
