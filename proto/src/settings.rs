@@ -244,6 +244,11 @@ impl Setting {
             value: value.chars().take(64).collect(),
             expected: format!("{} in {}", self.ty.as_str(), self.range()),
         };
+        // A number is short: with the value cap only a model list may be long, so
+        // `settings list` stays small whatever is stored.
+        if self.ty != Type::Models && v.len() > 32 {
+            return Err(invalid());
+        }
         match self.ty {
             Type::Millis | Type::Count => match v.parse::<u64>() {
                 Ok(n) if (self.min..=self.max).contains(&n) => Ok(()),
@@ -458,6 +463,7 @@ mod tests {
         assert!(check("retry.max_attempts", "20").is_ok());
         assert!(check("unified.threshold", "95").is_ok());
         assert!(check("unified.threshold", "0").is_err());
+        assert!(check("unified.threshold", &format!("0.5{}", "0".repeat(40))).is_err());
         assert!(check("models", "claude-a, claude-b").is_ok());
         assert!(check("models", "claude-*").is_err());
         assert!(check("models", &"x".repeat(MAX_VALUE_BYTES + 1)).is_err());
