@@ -48,6 +48,10 @@ pub struct Snapshot {
     pub version: Version,
     pub resources: pb::Resources,
     pub hash: String,
+    /// Every admin token's role by keyed hash, read with this head: a stream
+    /// sends this config only to a token still valid here (a revocation moves
+    /// the head, so it is seen before anything newer goes out).
+    pub tokens: Arc<std::collections::HashMap<String, model::Role>>,
 }
 
 /// An earlier head: its version and content hash, and what changed from it
@@ -324,7 +328,8 @@ impl ConfigPublisher {
     /// and starts following.
     pub async fn start(store: DynStore, key: MasterKey, poll: Duration) -> Result<Self, ConfigError> {
         let state = store.load_config().await?;
-        let first = Arc::new(Published::first(snapshot(&state, &key)?));
+        let tokens = store.list_admin_tokens().await?;
+        let first = Arc::new(Published::first(snapshot(&state, &tokens, &key)?));
         let (tx, rx) = watch::channel(first);
         tokio::spawn(follow(store, key, poll, tx));
         Ok(Self { rx })
@@ -339,7 +344,7 @@ impl ConfigPublisher {
     }
 }
 
-fn snapshot(state: &ConfigState, key: &MasterKey) -> Result<Snapshot, ConfigError> {
+fn snapshot(state: &ConfigState, tokens: &[model::AdminToken], key: &MasterKey) -> Result<Snapshot, ConfigError> {
     let resources = build_resources(state, key)?;
     let hash = relay_proto::config_hash(&resources);
     metrics::gauge!("relay_config_head_revision").set(state.version.revision as f64);
@@ -347,6 +352,7 @@ fn snapshot(state: &ConfigState, key: &MasterKey) -> Result<Snapshot, ConfigErro
         version: state.version,
         resources,
         hash,
+        tokens: Arc::new(tokens.iter().map(|t| (t.token_hash.clone(), t.role)).collect()),
     })
 }
 
@@ -386,7 +392,8 @@ async fn refresh(store: &DynStore, key: &MasterKey, current: &Published) -> Resu
         return Ok(None);
     }
     let state = store.load_config().await?;
-    Ok(Some(current.then(snapshot(&state, key)?)))
+    let tokens = store.list_admin_tokens().await?;
+    Ok(Some(current.then(snapshot(&state, &tokens, key)?)))
 }
 
 /// History was rewound to `head` while `seen` (a later revision of the same

@@ -27,8 +27,6 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error("reflection: {0}")]
     Reflection(String),
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -101,7 +99,7 @@ pub async fn serve(
         let _ = closing_tx.send(true);
     };
     let client_certs = opts.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some());
-    let tokens = crate::api::auth::TokenWatch::start(store.clone()).await?;
+    let tokens = crate::api::auth::TokenWatch::start(publisher.subscribe());
     let auth = Authenticator::new(store.clone(), key.clone())
         .with_client_certs(client_certs)
         .with_token_watch(tokens);

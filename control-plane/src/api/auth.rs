@@ -9,7 +9,6 @@ use crate::model::Role;
 use crate::store::DynStore;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
@@ -17,56 +16,36 @@ use tonic::Status;
 /// Every token's role, by keyed hash, as the store has it now.
 type TokenRoles = Arc<HashMap<String, Role>>;
 
-/// How often the token list is re-read besides the store's change hint.
-const TOKEN_POLL: Duration = Duration::from_secs(1);
-
-/// Follows the admin tokens, so long-lived streams end when their token is
-/// revoked or its role changes (a revocation is a store write: the change hint
-/// wakes this at once; the poll covers other replicas' writes).
+/// Follows the admin tokens through the config publisher (which re-reads them
+/// with every head: a revocation is a store write, so it moves the head), so
+/// long-lived streams end when their token is revoked or its role changes.
 #[derive(Clone)]
 pub struct TokenWatch {
     rx: watch::Receiver<TokenRoles>,
 }
 
 impl TokenWatch {
-    pub async fn start(store: DynStore) -> Result<Self, crate::store::StoreError> {
-        let first = roles(&store).await?;
+    pub fn start(mut published: watch::Receiver<Arc<crate::config::Published>>) -> Self {
+        let first = published.borrow_and_update().snapshot.tokens.clone();
         let (tx, rx) = watch::channel(first);
         tokio::spawn(async move {
-            let hint = store.change_hint();
             loop {
                 tokio::select! {
-                    _ = hint.notified() => {}
-                    _ = tokio::time::sleep(TOKEN_POLL) => {}
+                    changed = published.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
                 }
-                match roles(&store).await {
-                    Ok(now) => {
-                        tx.send_if_modified(|have| {
-                            let changed = **have != *now;
-                            if changed {
-                                *have = now;
-                            }
-                            changed
-                        });
+                let now = published.borrow_and_update().snapshot.tokens.clone();
+                tx.send_if_modified(|have| {
+                    let changed = **have != *now;
+                    if changed {
+                        *have = now;
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot re-read the admin tokens"),
-                }
+                    changed
+                });
             }
         });
-        Ok(Self { rx })
+        Self { rx }
     }
-}
-
-async fn roles(store: &DynStore) -> Result<TokenRoles, crate::store::StoreError> {
-    Ok(Arc::new(
-        store
-            .list_admin_tokens()
-            .await?
-            .into_iter()
-            .map(|t| (t.token_hash, t.role))
-            .collect(),
-    ))
 }
 
 /// A stream's credential: resolves [`StreamAuth::revoked`] when the token is
@@ -78,6 +57,11 @@ pub struct StreamAuth {
 }
 
 impl StreamAuth {
+    /// Whether the token still authorizes the stream in `tokens` (a head's view).
+    pub fn valid_in(&self, tokens: &HashMap<String, Role>) -> bool {
+        self.rx.is_none() || tokens.get(&self.hash) == Some(&self.role)
+    }
+
     /// Resolves once the token no longer authorizes the stream (never without a [`TokenWatch`]).
     pub async fn revoked(&mut self) -> Status {
         let Some(rx) = self.rx.as_mut() else {

@@ -340,6 +340,11 @@ async fn run_stream(s: StreamParts) {
         if in_flight.is_none() {
             let p = published.borrow_and_update().clone();
             let head = p.snapshot.version;
+            if !auth.valid_in(&p.snapshot.tokens) {
+                // Revoked (or re-roled) at or before this head: nothing more goes out.
+                let _ = tx.send(Err(auth.revoked().await)).await;
+                break;
+            }
             if should_send(&held, &p, first) && nacked != Some(head) {
                 let u = build_update(&p, &held);
                 in_flight = Some((u.nonce.clone(), head, p.snapshot.hash.clone(), u.full));
