@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     /// The control plane's gRPC URL, e.g. `http://127.0.0.1:50051`.
     pub control_plane: String,
@@ -56,6 +56,24 @@ pub struct Options {
     /// Open client connections at most; past it new ones are closed at once
     /// (`relay_client_connections_refused_total`).
     pub max_connections: usize,
+}
+
+impl std::fmt::Debug for Options {
+    /// Everything but the token and the cache key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("control_plane", &self.control_plane)
+            .field("listen", &self.listen)
+            .field("node_id", &self.node_id)
+            .field("data_dir", &self.data_dir)
+            .field("extra_ca_file", &self.extra_ca_file)
+            .field("control_plane_tls", &self.control_plane_tls)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("body_read_timeout", &self.body_read_timeout)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Options {
@@ -347,5 +365,25 @@ pub fn metrics_builder() -> metrics_exporter_prometheus::PrometheusBuilder {
     match builder.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), BUCKETS) {
         Ok(b) => b,
         Err(_) => metrics_exporter_prometheus::PrometheusBuilder::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn options_debug_hides_the_token_and_cache_key() {
+        let mut o = super::Options::new(
+            "http://cp:50051",
+            "rat-SECRET-token",
+            std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
+            "dp-1",
+            "d".into(),
+        );
+        o.cache_key = Some("CACHEKEY".into());
+        let s = format!("{o:?}");
+        assert!(
+            s.contains("dp-1") && !s.contains("SECRET") && !s.contains("CACHEKEY"),
+            "{s}"
+        );
     }
 }

@@ -12,6 +12,76 @@ pub mod v1 {
     tonic::include_proto!("relay.v1");
 }
 
+/// `Debug` for messages that carry a secret (their generated `Debug` is
+/// skipped in build.rs): every field but the secret ones, which print as
+/// "<redacted>" (or "<none>" when empty), so a `{:?}` can never leak one.
+macro_rules! redacted_debug {
+    ($($ty:ident { plain: [$($p:ident),*], secret: [$($s:ident),*] })*) => {$(
+        impl std::fmt::Debug for v1::$ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let mut d = f.debug_struct(stringify!($ty));
+                $(d.field(stringify!($p), &self.$p);)*
+                $(d.field(stringify!($s), &Redacted::of(&self.$s));)*
+                d.finish()
+            }
+        }
+    )*};
+}
+
+/// How a secret field shows in `Debug`.
+struct Redacted(bool);
+
+impl Redacted {
+    fn of<T: SecretField + ?Sized>(v: &T) -> Self {
+        Redacted(v.is_set())
+    }
+}
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0 { "<redacted>" } else { "<none>" })
+    }
+}
+
+trait SecretField {
+    fn is_set(&self) -> bool;
+}
+impl SecretField for String {
+    fn is_set(&self) -> bool {
+        !self.is_empty()
+    }
+}
+impl SecretField for Vec<u8> {
+    fn is_set(&self) -> bool {
+        !self.is_empty()
+    }
+}
+impl SecretField for Option<String> {
+    fn is_set(&self) -> bool {
+        self.as_ref().is_some_and(|s| !s.is_empty())
+    }
+}
+
+redacted_debug! {
+    Account {
+        plain: [id, name, kind, base_url, priority, weight, group_ids, max_concurrency, status,
+                credential_expires_at_ms, reset_generation],
+        secret: [credential, proxy_url]
+    }
+    Settings { plain: [values], secret: [api_key_hash_secret] }
+    CreateAccountRequest {
+        plain: [name, kind, base_url, priority, weight, groups, max_concurrency, credential_expires_at_ms],
+        secret: [credential, proxy_url, refresh_token]
+    }
+    UpdateAccountRequest {
+        plain: [account, name, base_url, priority, weight, set_groups, groups, max_concurrency, status,
+                credential_expires_at_ms, allow_credential_to_new_host],
+        secret: [credential, proxy_url, refresh_token]
+    }
+    CreateApiKeyResponse { plain: [info], secret: [key] }
+    CreateAdminTokenResponse { plain: [info], secret: [token] }
+}
+
 /// The encoded `FileDescriptorSet` of `relay.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/relay_descriptor.bin"));
 
@@ -287,6 +357,39 @@ mod tests {
         };
         canonicalize(&mut r);
         r
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let a = v1::Account {
+            name: "main".into(),
+            credential: "sk-ant-SECRET".into(),
+            proxy_url: "http://u:PASSWORD@p:1".into(),
+            ..Default::default()
+        };
+        let s = format!("{a:?}");
+        assert!(s.contains("main") && s.contains("<redacted>"), "{s}");
+        assert!(!s.contains("SECRET") && !s.contains("PASSWORD"), "{s}");
+        let r = v1::Resources {
+            accounts: vec![a],
+            settings: Some(v1::Settings {
+                api_key_hash_secret: b"HASHSECRET".to_vec(),
+                values: Default::default(),
+            }),
+            ..Default::default()
+        };
+        let s = format!("{r:?}");
+        assert!(!s.contains("SECRET") && !s.contains("72, 65"), "{s}");
+        let k = v1::CreateApiKeyResponse {
+            key: "rk-live-KEY".into(),
+            ..Default::default()
+        };
+        assert!(!format!("{k:?}").contains("KEY"));
+        let u = v1::UpdateAccountRequest {
+            credential: Some("sk-NEW".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{u:?}").contains("NEW"));
     }
 
     /// The bug that froze fleets: an account deleted with its states (a cascade).
