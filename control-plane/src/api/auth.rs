@@ -16,17 +16,27 @@ use tonic::Status;
 /// Every token's role, by keyed hash, as the store has it now.
 type TokenRoles = Arc<HashMap<String, Role>>;
 
+/// The tokens as of one published head.
+type TokensAt = (crate::model::Version, TokenRoles);
+
+fn at_or_after(a: crate::model::Version, b: crate::model::Version) -> bool {
+    (a.epoch, a.revision) >= (b.epoch, b.revision)
+}
+
 /// Follows the admin tokens through the config publisher (which re-reads them
 /// with every head: a revocation is a store write, so it moves the head), so
 /// long-lived streams end when their token is revoked or its role changes.
 #[derive(Clone)]
 pub struct TokenWatch {
-    rx: watch::Receiver<TokenRoles>,
+    rx: watch::Receiver<TokensAt>,
 }
 
 impl TokenWatch {
     pub fn start(mut published: watch::Receiver<Arc<crate::config::Published>>) -> Self {
-        let first = published.borrow_and_update().snapshot.tokens.clone();
+        let first = {
+            let p = published.borrow_and_update();
+            (p.snapshot.version, p.snapshot.tokens.clone())
+        };
         let (tx, rx) = watch::channel(first);
         tokio::spawn(async move {
             loop {
@@ -34,14 +44,11 @@ impl TokenWatch {
                     changed = published.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
                 }
-                let now = published.borrow_and_update().snapshot.tokens.clone();
-                tx.send_if_modified(|have| {
-                    let changed = **have != *now;
-                    if changed {
-                        *have = now;
-                    }
-                    changed
-                });
+                let now = {
+                    let p = published.borrow_and_update();
+                    (p.snapshot.version, p.snapshot.tokens.clone())
+                };
+                tx.send_replace(now);
             }
         });
         Self { rx }
@@ -53,13 +60,20 @@ impl TokenWatch {
 pub struct StreamAuth {
     hash: String,
     role: Role,
-    rx: Option<watch::Receiver<TokenRoles>>,
+    /// The store's head right after the token was checked: a published head
+    /// older than this may not know the token yet, and says nothing about it.
+    since: crate::model::Version,
+    rx: Option<watch::Receiver<TokensAt>>,
 }
 
 impl StreamAuth {
     /// Whether the token still authorizes the stream in `tokens` (a head's view).
-    pub fn valid_in(&self, tokens: &HashMap<String, Role>) -> bool {
-        self.rx.is_none() || tokens.get(&self.hash) == Some(&self.role)
+    pub fn valid_at(&self, head: &crate::config::Snapshot) -> bool {
+        self.rx.is_none() || !self.revoked_in(&(head.version, head.tokens.clone()))
+    }
+
+    fn revoked_in(&self, (version, tokens): &TokensAt) -> bool {
+        at_or_after(*version, self.since) && tokens.get(&self.hash) != Some(&self.role)
     }
 
     /// Resolves once the token no longer authorizes the stream (never without a [`TokenWatch`]).
@@ -67,8 +81,10 @@ impl StreamAuth {
         let Some(rx) = self.rx.as_mut() else {
             return std::future::pending().await;
         };
-        let (hash, role) = (&self.hash, self.role);
-        let _ = rx.wait_for(|m| m.get(hash) != Some(&role)).await;
+        let (hash, role, since) = (&self.hash, self.role, self.since);
+        let _ = rx
+            .wait_for(|(v, m)| at_or_after(*v, since) && m.get(hash) != Some(&role))
+            .await;
         metrics::counter!("relay_streams_closed_total", "reason" => "token_revoked").increment(1);
         Status::unauthenticated("the token of this stream was revoked or its role changed")
     }
@@ -127,6 +143,9 @@ impl Authenticator {
     /// the token is revoked.
     pub async fn check_stream(&self, md: &MetadataMap, need: Need) -> Result<(Actor, StreamAuth), Status> {
         let actor = self.check(md, need).await?;
+        // Read after the check: a head at or past this one was published from a
+        // store that had the token (unless it was revoked since).
+        let since = self.store.head().await.map_err(super::status_from_store)?;
         let hash = bearer(md).map(|t| self.key.hash_admin_token(t)).unwrap_or_default();
         let role = actor.role;
         Ok((
@@ -134,6 +153,7 @@ impl Authenticator {
             StreamAuth {
                 hash,
                 role,
+                since,
                 rx: self.tokens.as_ref().map(|t| t.rx.clone()),
             },
         ))

@@ -340,7 +340,7 @@ async fn run_stream(s: StreamParts) {
         if in_flight.is_none() {
             let p = published.borrow_and_update().clone();
             let head = p.snapshot.version;
-            if !auth.valid_in(&p.snapshot.tokens) {
+            if !auth.valid_at(&p.snapshot) {
                 // Revoked (or re-roled) at or before this head: nothing more goes out.
                 let _ = tx.send(Err(auth.revoked().await)).await;
                 break;
