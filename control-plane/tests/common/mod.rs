@@ -180,6 +180,9 @@ impl Cp {
                 node_id: node.to_string(),
                 build_version: "test".into(),
                 held,
+                // One "process" per node id: a quick reconnect replaces its own
+                // stale stream, as a real data plane's does.
+                instance_id: format!("test-{node}"),
                 ..Default::default()
             })),
         })
