@@ -368,6 +368,7 @@ fn event(node: &str, i: u64) -> pb::UsageEvent {
         ttfb_ms: 300,
         upstream_request_id: format!("req_upstream_{i}"),
         web_search_requests: 0,
+        anomaly: String::new(),
     }
 }
 

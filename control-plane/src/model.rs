@@ -320,6 +320,8 @@ pub struct UsageEvent {
     pub ttfb_ms: u64,
     pub upstream_request_id: String,
     pub web_search_requests: u64,
+    /// Why the counts cannot be fully trusted ("" when they can); see `relay_proto::bounds`.
+    pub anomaly: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -373,6 +375,8 @@ pub struct UsageRow {
     pub cache_read_tokens: u64,
     pub cost_pico_usd: u64,
     pub errors: u64,
+    /// Rows among `requests` whose counts are flagged (`UsageEvent::anomaly`).
+    pub anomalies: u64,
 }
 
 /// The whole config at one version, as stored (credentials still encrypted).

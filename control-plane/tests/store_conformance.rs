@@ -202,6 +202,7 @@ fn usage(n: u64, ts: Millis, key: &str, acct: &str, model: &str, http_status: u3
         ttfb_ms: 10 + n,
         upstream_request_id: format!("msg_{n}"),
         web_search_requests: n % 3,
+        anomaly: if n == 3 { "suspect".into() } else { String::new() },
     }
 }
 
@@ -251,6 +252,9 @@ fn expected_usage(
         row.cost_pico_usd += e.cost_pico_usd;
         if e.http_status >= 400 || !e.error_type.is_empty() {
             row.errors += 1;
+        }
+        if !e.anomaly.is_empty() {
+            row.anomalies += 1;
         }
     }
     rows.into_values().collect()
@@ -1066,6 +1070,7 @@ macro_rules! conformance_suite {
                     cache_read_tokens: 7 * 50_000_000 + 13 * n_sum,
                     cost_pico_usd: 7 * 6_000_000_000 + 17 * n_sum,
                     errors: 3,
+                    anomalies: 1,
                 }]
             );
 
@@ -1129,6 +1134,33 @@ macro_rules! conformance_suite {
                 ]
             );
             assert!(hourly.iter().all(|r| r.group == r.group_id));
+        }
+
+        #[tokio::test]
+        async fn usage_sums_saturate_instead_of_failing() {
+            // Rows near the top of BIGINT (a store written before ingest bounded counts, or many
+            // rows at the bound): every report still answers, saturated at i64::MAX.
+            let (store, _guard) = fresh().await;
+            let big = (i64::MAX / 2) as u64 + 1;
+            let mut events = Vec::new();
+            for n in 0..3 {
+                let mut e = usage(n, 1_000 + n as i64, "key-a", "acc-1", "claude-sonnet-4-5", 200, "");
+                e.input_tokens = big;
+                e.cost_pico_usd = big;
+                events.push(e);
+            }
+            store.insert_usage(&events).await.unwrap();
+            for group_by in [UsageGroupBy::None, UsageGroupBy::Key, UsageGroupBy::Model] {
+                let rows = store
+                    .query_usage(UsageQuery { group_by, ..UsageQuery::default() })
+                    .await
+                    .unwrap();
+                assert_eq!(rows.len(), 1);
+                assert_eq!(rows[0].requests, 3);
+                assert_eq!(rows[0].input_tokens, i64::MAX as u64);
+                assert_eq!(rows[0].cost_pico_usd, i64::MAX as u64);
+                assert_eq!(rows[0].output_tokens, 3 * 20_000 + 3 * 3);
+            }
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -70,6 +70,10 @@ impl ApiError {
     pub fn upstream_unreachable(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "api_error", m)
     }
+    /// The upstream answered, but not with an Anthropic answer (and no other account could).
+    pub fn bad_upstream_answer(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "api_error", m)
+    }
     pub fn internal(m: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "api_error", m)
     }

@@ -14,6 +14,8 @@
 //!   [`MockUpstream::set_fault`]) or per request (`x-mock-fault` header);
 //! - **recording**: every request received ([`MockUpstream::requests`]) and the exact bytes of every response
 //!   body sent ([`MockUpstream::sent_body`]), unless [`MockConfig::record`] is off (benchmarks);
+//! - a **hostile upstream** ([`hostile::HostileUpstream`]): raw TCP answering every request with scripted
+//!   bytes, for what a well-behaved server cannot send (wrong framing, captive-portal HTML, redirects, cut events);
 //! - the `relay-mock-upstream` **binary** (see `src/main.rs`) wrapping all of the above.
 //!
 //! ## Requests
@@ -52,6 +54,7 @@
 
 mod body;
 mod fault;
+pub mod hostile;
 mod plan;
 mod server;
 mod tls;

@@ -85,6 +85,7 @@ redacted_debug! {
 /// The encoded `FileDescriptorSet` of `relay.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/relay_descriptor.bin"));
 
+pub mod bounds;
 pub mod settings;
 pub mod validate;
 

@@ -133,7 +133,7 @@ fn usage_columns(by: Option<UsageBy>, bucketed: bool) -> Vec<Column<UsageRow>> {
         cols.push(Column::new("group", header, |r| Value::text(&r.group)));
         cols.push(Column::detail("group_id", "ID", |r| Value::opt_text(&r.group_id)));
     }
-    let totals: [Column<UsageRow>; 9] = [
+    let totals: [Column<UsageRow>; 10] = [
         Column::new("requests", "Requests", |r| Value::UInt(r.requests)),
         Column::new("input_tokens", "Input", |r| Value::UInt(r.input_tokens)),
         Column::new("output_tokens", "Output", |r| Value::UInt(r.output_tokens)),
@@ -145,6 +145,8 @@ fn usage_columns(by: Option<UsageBy>, bucketed: bool) -> Vec<Column<UsageRow>> {
         }),
         Column::new("cache_read_tokens", "Cache read", |r| Value::UInt(r.cache_read_tokens)),
         Column::new("errors", "Errors", |r| Value::UInt(r.errors)),
+        // Rows whose counts were clamped or could not be read (see docs/operations.md).
+        Column::new("anomalies", "Flagged", |r| Value::UInt(r.anomalies)),
         Column::new("cost_usd", "Cost (USD)", |r| {
             Value::Decimal(format_cost(r.cost_pico_usd))
         }),
@@ -235,6 +237,7 @@ mod tests {
             "cache_read_tokens",
             "cost_usd",
             "errors",
+            "anomalies",
             "group",
             "group_id",
             "bucket_start",

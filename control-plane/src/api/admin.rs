@@ -1314,6 +1314,7 @@ impl Admin for AdminService {
                     cache_read_tokens: u.cache_read_tokens,
                     cost_pico_usd: u.cost_pico_usd,
                     errors: u.errors,
+                    anomalies: u.anomalies,
                 })
                 .collect(),
         }))

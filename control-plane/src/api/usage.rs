@@ -38,22 +38,20 @@ pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
             rejected += 1;
             continue;
         };
-        let fits = [
-            e.input_tokens,
-            e.output_tokens,
-            e.cache_write_5m_tokens,
-            e.cache_write_1h_tokens,
-            e.cache_read_tokens,
-            e.cost_pico_usd,
-            e.latency_ms,
-            e.ttfb_ms,
-            e.web_search_requests,
-        ]
-        .iter()
-        .all(|v| i64::try_from(*v).is_ok());
-        if !fits || e.http_status > 999 {
-            rejected += 1;
-            continue;
+        // Counts beyond what one request can carry are clamped and the row flagged, never
+        // dropped and never stored as is (they would overflow every sum).
+        let mut e = e.clone();
+        if relay_proto::bounds::clamp(&mut e) {
+            metrics::counter!("relay_usage_rows_flagged_total", "anomaly" => relay_proto::bounds::SUSPECT).increment(1);
+            tracing::warn!(
+                node_id = %batch.node_id,
+                request_id = %e.request_id,
+                "a usage event with counts beyond what one request can carry was clamped and flagged suspect"
+            );
+        }
+        if e.anomaly.split(',').any(|a| a == relay_proto::bounds::UNPARSED) {
+            metrics::counter!("relay_usage_rows_flagged_total", "anomaly" => relay_proto::bounds::UNPARSED)
+                .increment(1);
         }
         ok.push(UsageEvent {
             event_id,
@@ -81,6 +79,7 @@ pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
             ttfb_ms: e.ttfb_ms,
             upstream_request_id: e.upstream_request_id.clone(),
             web_search_requests: e.web_search_requests,
+            anomaly: e.anomaly.clone(),
         });
     }
     (ok, rejected)

@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/postgres/0002_account_states.sql")),
     (3, include_str!("../../migrations/postgres/0003_proxy_url_enc.sql")),
     (4, include_str!("../../migrations/postgres/0004_config_sync.sql")),
+    (5, include_str!("../../migrations/postgres/0005_usage_anomaly.sql")),
 ];
 const NOTIFY_CHANNEL: &str = "relay_config";
 /// `application_name` of the LISTEN connection.
@@ -1034,6 +1035,7 @@ impl Store for PostgresStore {
         let mut stream = Vec::with_capacity(n);
         let mut cancelled = Vec::with_capacity(n);
         let mut upstream = Vec::with_capacity(n);
+        let mut anomaly = Vec::with_capacity(n);
         for e in events {
             ids.push(e.event_id);
             req.push(e.request_id.as_str());
@@ -1060,6 +1062,7 @@ impl Store for PostgresStore {
             stream.push(e.stream);
             cancelled.push(e.cancelled);
             upstream.push(e.upstream_request_id.as_str());
+            anomaly.push(e.anomaly.as_str());
         }
         let now = now_ms();
         let c = self.client().await?;
@@ -1068,15 +1071,16 @@ impl Store for PostgresStore {
                 "INSERT INTO usage_events (event_id, request_id, ts, node_id, api_key_id, account_id, model, \
                  input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, \
                  cost_pico_usd, latency_ms, ttfb_ms, web_search_requests, http_status, error_type, stream, \
-                 cancelled, upstream_request_id, received_at) \
+                 cancelled, upstream_request_id, anomaly, received_at) \
                  SELECT *, $21::BIGINT FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
                  $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], \
                  $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::int[], $18::text[], $19::bool[], \
-                 $20::bool[], $22::text[]) \
+                 $20::bool[], $22::text[], $23::text[]) \
                  ON CONFLICT (event_id) DO NOTHING",
                 &[
                     &ids, &req, &ts, &node, &key, &acct, &model, &nums[0], &nums[1], &nums[2], &nums[3], &nums[4],
                     &nums[5], &nums[6], &nums[7], &nums[8], &status, &err, &stream, &cancelled, &now, &upstream,
+                    &anomaly,
                 ],
             )
             .await
@@ -1111,11 +1115,17 @@ impl Store for PostgresStore {
         };
         let sql = format!(
             "SELECT {bucket_expr} AS b, {group_expr} AS gid, {name_expr} AS gname, COUNT(*)::BIGINT, \
-             SUM(e.input_tokens)::BIGINT, SUM(e.output_tokens)::BIGINT, SUM(e.cache_write_5m_tokens)::BIGINT, \
-             SUM(e.cache_write_1h_tokens)::BIGINT, SUM(e.cache_read_tokens)::BIGINT, SUM(e.cost_pico_usd)::BIGINT, \
-             COUNT(*) FILTER (WHERE e.http_status >= 400 OR e.error_type <> '')::BIGINT \
+             {input}, {output}, {w5m}, {w1h}, {read}, {cost}, \
+             COUNT(*) FILTER (WHERE e.http_status >= 400 OR e.error_type <> '')::BIGINT, \
+             COUNT(*) FILTER (WHERE e.anomaly <> '')::BIGINT \
              FROM usage_events e {join} WHERE e.ts >= $1 AND e.ts < $2 \
-             GROUP BY 1, 2 ORDER BY 1, 3"
+             GROUP BY 1, 2 ORDER BY 1, 3",
+            input = saturating_sum("e.input_tokens"),
+            output = saturating_sum("e.output_tokens"),
+            w5m = saturating_sum("e.cache_write_5m_tokens"),
+            w1h = saturating_sum("e.cache_write_1h_tokens"),
+            read = saturating_sum("e.cache_read_tokens"),
+            cost = saturating_sum("e.cost_pico_usd"),
         );
         let c = self.client().await?;
         let rows = c
@@ -1143,8 +1153,15 @@ impl Store for PostgresStore {
                     cache_read_tokens: to_u64(r.get(8), "sum")?,
                     cost_pico_usd: to_u64(r.get(9), "sum")?,
                     errors: to_u64(r.get(10), "count")?,
+                    anomalies: to_u64(r.get(11), "count")?,
                 })
             })
             .collect()
     }
+}
+
+/// `SUM(col)` as a BIGINT that saturates at `i64::MAX` instead of failing the query (the sum of
+/// a BIGINT column is NUMERIC, which never overflows; only the cast back could).
+fn saturating_sum(col: &str) -> String {
+    format!("LEAST(SUM({col}), 9223372036854775807)::BIGINT")
 }

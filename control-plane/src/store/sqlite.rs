@@ -22,6 +22,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/sqlite/0002_account_states.sql")),
     (3, include_str!("../../migrations/sqlite/0003_proxy_url_enc.sql")),
     (4, include_str!("../../migrations/sqlite/0004_config_sync.sql")),
+    (5, include_str!("../../migrations/sqlite/0005_usage_anomaly.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,6 +58,13 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+        conn.create_aggregate_function(
+            "relay_sum",
+            1,
+            rusqlite::functions::FunctionFlags::SQLITE_UTF8 | rusqlite::functions::FunctionFlags::SQLITE_DETERMINISTIC,
+            SaturatingSum,
+        )
+        .map_err(db)?;
         migrate(&mut conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -129,6 +137,25 @@ fn to_i64(v: u64, what: &str) -> Result<i64> {
 
 fn rev_from_db(v: i64) -> Result<u64> {
     u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative revision {v}")))
+}
+
+/// `relay_sum(x)`: SQLite's `SUM` fails the whole query with "integer overflow" once a sum passes
+/// `i64::MAX`; usage totals saturate there instead, so one absurd row cannot make every report fail.
+struct SaturatingSum;
+
+impl rusqlite::functions::Aggregate<i64, Option<i64>> for SaturatingSum {
+    fn init(&self, _: &mut rusqlite::functions::Context<'_>) -> rusqlite::Result<i64> {
+        Ok(0)
+    }
+
+    fn step(&self, ctx: &mut rusqlite::functions::Context<'_>, acc: &mut i64) -> rusqlite::Result<()> {
+        *acc = acc.saturating_add(ctx.get::<Option<i64>>(0)?.unwrap_or(0));
+        Ok(())
+    }
+
+    fn finalize(&self, _: &mut rusqlite::functions::Context<'_>, acc: Option<i64>) -> rusqlite::Result<Option<i64>> {
+        Ok(acc)
+    }
 }
 
 fn col_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
@@ -897,9 +924,9 @@ fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<Inges
                  api_key_id, account_id, model, input_tokens, output_tokens, \
                  cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, \
                  http_status, error_type, stream, cancelled, latency_ms, ttfb_ms, \
-                 upstream_request_id, web_search_requests, received_at) VALUES \
+                 upstream_request_id, web_search_requests, received_at, anomaly) VALUES \
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-                 ?18, ?19, ?20, ?21, ?22)",
+                 ?18, ?19, ?20, ?21, ?22, ?23)",
             )
             .map_err(db)?;
         for e in events {
@@ -927,6 +954,7 @@ fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<Inges
                     e.upstream_request_id,
                     to_i64(e.web_search_requests, "web_search_requests")?,
                     received_at,
+                    e.anomaly,
                 ])
                 .map_err(db)?;
             inserted += u64::try_from(n).map_err(|_| StoreError::Database("row count".into()))?;
@@ -963,9 +991,10 @@ fn query_usage_tx(conn: &Connection, q: UsageQuery) -> Result<Vec<UsageRow>> {
     // would not be bindable, so the parameter list follows the SQL.
     let sql = format!(
         "SELECT {bucket} AS bucket_start, {group} AS grp, {group_id} AS gid, COUNT(*), \
-         SUM(u.input_tokens), SUM(u.output_tokens), SUM(u.cache_write_5m_tokens), \
-         SUM(u.cache_write_1h_tokens), SUM(u.cache_read_tokens), SUM(u.cost_pico_usd), \
-         SUM(CASE WHEN u.http_status >= 400 OR u.error_type <> '' THEN 1 ELSE 0 END) \
+         relay_sum(u.input_tokens), relay_sum(u.output_tokens), relay_sum(u.cache_write_5m_tokens), \
+         relay_sum(u.cache_write_1h_tokens), relay_sum(u.cache_read_tokens), relay_sum(u.cost_pico_usd), \
+         SUM(CASE WHEN u.http_status >= 400 OR u.error_type <> '' THEN 1 ELSE 0 END), \
+         SUM(CASE WHEN u.anomaly <> '' THEN 1 ELSE 0 END) \
          FROM usage_events u {join} \
          WHERE (?1 IS NULL OR u.ts >= ?1) AND (?2 IS NULL OR u.ts < ?2) \
          GROUP BY bucket_start, gid, grp \
@@ -984,6 +1013,7 @@ fn query_usage_tx(conn: &Connection, q: UsageQuery) -> Result<Vec<UsageRow>> {
             cache_read_tokens: col_u64(r, 8)?,
             cost_pico_usd: col_u64(r, 9)?,
             errors: col_u64(r, 10)?,
+            anomalies: col_u64(r, 11)?,
         })
     };
     let mut stmt = conn.prepare(&sql).map_err(db)?;

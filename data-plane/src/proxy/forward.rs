@@ -112,20 +112,68 @@ pub fn upstream_headers(client: &HeaderMap, account: &AccountEntry) -> HeaderMap
     h
 }
 
-/// The headers the client gets back.
+/// Most bytes of upstream response headers (names and values) passed on to a client.
+pub const MAX_CLIENT_HEADER_BYTES: usize = 16 * 1024;
+/// Longest single upstream header value passed on.
+pub const MAX_CLIENT_HEADER_VALUE: usize = 4 * 1024;
+/// Most upstream response headers passed on.
+pub const MAX_CLIENT_HEADERS: usize = 64;
+
+static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+
+/// Upstream response headers a client may see: what the Anthropic API sends that SDKs and Claude
+/// Code read (`content-type`, `anthropic-*` rate-limit and beta headers, `x-should-retry`,
+/// `cache-control`). Everything else (`location`, `set-cookie`, a CDN's or proxy's own headers,
+/// framing and coding headers, which relay derives from what it sends) stays behind; `retry-after`
+/// is relay's own, bounded value ([`client_retry_after`]); `request-id` is renamed.
+fn forwardable(name: &HeaderName) -> bool {
+    name == header::CONTENT_TYPE
+        || name == header::CACHE_CONTROL
+        || name == X_SHOULD_RETRY
+        || (name.as_str().starts_with("anthropic-") && !UPSTREAM_IDENTITY.contains(name))
+}
+
+/// The headers the client gets back: the allowed upstream headers within
+/// [`MAX_CLIENT_HEADERS`], [`MAX_CLIENT_HEADER_VALUE`] and [`MAX_CLIENT_HEADER_BYTES`], the
+/// upstream's `request-id` as `x-upstream-request-id`, relay's `request-id`.
 pub fn client_headers(upstream: &HeaderMap, request_id: &str) -> HeaderMap {
-    let mut h = upstream.clone();
-    strip_hop_by_hop(&mut h);
-    for n in &UPSTREAM_IDENTITY {
-        h.remove(n);
+    let mut h = HeaderMap::with_capacity(upstream.len().min(MAX_CLIENT_HEADERS) + 2);
+    let mut bytes = 0usize;
+    let mut dropped = 0u64;
+    for (name, value) in upstream {
+        if !forwardable(name) {
+            continue;
+        }
+        let size = name.as_str().len() + value.len();
+        if value.len() > MAX_CLIENT_HEADER_VALUE
+            || bytes + size > MAX_CLIENT_HEADER_BYTES
+            || h.len() >= MAX_CLIENT_HEADERS
+        {
+            dropped += 1;
+            continue;
+        }
+        bytes += size;
+        h.append(name.clone(), value.clone());
     }
-    if let Some(up) = h.remove(&REQUEST_ID) {
-        h.insert(X_UPSTREAM_REQUEST_ID.clone(), up);
+    if dropped > 0 {
+        metrics::counter!("relay_upstream_headers_dropped_total").increment(dropped);
+    }
+    if let Some(up) = upstream.get(&REQUEST_ID).filter(|v| v.len() <= 256) {
+        h.insert(X_UPSTREAM_REQUEST_ID.clone(), up.clone());
     }
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert(REQUEST_ID.clone(), v);
     }
     h
+}
+
+/// The longest `retry-after` relay tells a client, in seconds.
+pub const MAX_CLIENT_RETRY_AFTER_SECS: u64 = 3600;
+
+/// relay's own `retry-after` for a client: whole seconds, at least 1, at most
+/// [`MAX_CLIENT_RETRY_AFTER_SECS`] (an upstream's date in 2099 or a 20-digit value is not passed on).
+pub fn client_retry_after(d: Duration) -> HeaderValue {
+    HeaderValue::from(d.as_secs().clamp(1, MAX_CLIENT_RETRY_AFTER_SECS))
 }
 
 /// Counts usage events still being written to the spool (drained at shutdown).
@@ -185,9 +233,39 @@ pub struct Attempt {
     pub model: String,
     pub stream: bool,
     pub started: Instant,
+    /// The upstream's status; 0 until its response head arrived.
     pub status: u16,
     pub upstream_request_id: String,
-    pub health: HealthSink,
+}
+
+/// An attempt in flight: records it as cancelled, with what is known, if it is dropped before its
+/// outcome was recorded (the client went away while relay waited for the upstream's head or body).
+/// Every attempt that reached an upstream leaves exactly one usage row.
+pub struct AttemptGuard(Option<Attempt>);
+
+impl AttemptGuard {
+    pub fn new(a: Attempt) -> Self {
+        Self(Some(a))
+    }
+
+    /// The attempt, for filling in what the response head said.
+    pub fn get_mut(&mut self) -> Option<&mut Attempt> {
+        self.0.as_mut()
+    }
+
+    /// Takes the attempt to record its outcome (None if it was already taken).
+    pub fn take(&mut self) -> Option<Attempt> {
+        self.0.take()
+    }
+}
+
+impl Drop for AttemptGuard {
+    fn drop(&mut self) {
+        if let Some(a) = self.0.take() {
+            let ttfb = 0;
+            record(a, Recorded::cancelled(), ttfb);
+        }
+    }
 }
 
 pub enum Tap {
@@ -219,6 +297,56 @@ impl Tap {
             }
         }
     }
+
+    /// What the tap read, as a usage record's fields.
+    fn recorded(&self, status: u16) -> Recorded {
+        match self {
+            Tap::Sse(t) => Recorded {
+                usage: t.usage(),
+                model: t.model().map(str::to_string),
+                error_type: t.error_type().map(str::to_string).unwrap_or_default(),
+                unparsed: t.usage_unparsed(),
+                cancelled: false,
+            },
+            Tap::Buffer(b, _) if status >= 400 => Recorded {
+                error_type: Usage::parse_error_type(b).unwrap_or_else(|| "api_error".into()),
+                ..Recorded::default()
+            },
+            Tap::Buffer(b, overflowed) => match Usage::parse_message_body(b) {
+                Some((usage, model, _)) => Recorded {
+                    usage,
+                    model,
+                    ..Recorded::default()
+                },
+                None => Recorded {
+                    unparsed: *overflowed || !b.is_empty(),
+                    ..Recorded::default()
+                },
+            },
+        }
+    }
+}
+
+/// What one usage row says beyond the attempt itself.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    pub usage: Usage,
+    /// The model the answer named (billed instead of the requested one when present).
+    pub model: Option<String>,
+    /// "" on success.
+    pub error_type: String,
+    /// The answer's usage could not be read.
+    pub unparsed: bool,
+    pub cancelled: bool,
+}
+
+impl Recorded {
+    fn cancelled() -> Self {
+        Recorded {
+            cancelled: true,
+            ..Recorded::default()
+        }
+    }
 }
 
 /// Timeouts that apply while a body streams.
@@ -233,20 +361,28 @@ enum Outcome2 {
     Complete,
     /// The upstream failed or stalled after the head went out.
     UpstreamFailed,
+    /// The stream ended cleanly, but before `message_stop` (and with no error event).
+    Truncated,
     Cancelled,
 }
 
-/// A response body passed through frame by frame, recording usage once.
+/// A streamed response body passed through frame by frame, recording usage once.
+///
+/// Only whole events reach the client: bytes after the last complete event (by the tap's count)
+/// are held until the event ends, so a stream that dies inside an event is followed by relay's
+/// `event: error` on a clean event boundary, never glued onto half an event. An event larger than
+/// [`MAX_HELD_BYTES`] is passed on in pieces (memory stays bounded).
 pub struct TappedBody {
     inner: hyper::body::Incoming,
     prefix: Option<Bytes>,
     tap: Tap,
     attempt: Option<Attempt>,
+    health: HealthSink,
     ttfb_ms: Option<u64>,
     slot: Option<SlotGuard>,
     timeouts: BodyTimeouts,
     idle: Pin<Box<tokio::time::Sleep>>,
-    /// A synthetic `event: error` to send before ending (mid-stream failure).
+    /// Bytes to send last, before ending (relay's error event, or a successful stream's tail).
     trailer_event: Option<Bytes>,
     /// What the upstream body said while frames were being coalesced.
     deferred: Option<Deferred>,
@@ -254,6 +390,10 @@ pub struct TappedBody {
     held: Option<Bytes>,
     /// Consecutive turns that brought no new chunk while holding.
     idle_turns: u8,
+    /// Bytes fed to the tap but not yet sent: the start of an event not complete yet.
+    tail: bytes::BytesMut,
+    /// Bytes sent to the client so far.
+    sent: u64,
     done: bool,
 }
 
@@ -267,14 +407,18 @@ const COALESCE_BYTES: usize = 64 * 1024;
 /// Scheduler turns without a new chunk after which held bytes are sent (the
 /// connection task needs two turns to hand over its next chunk).
 const IDLE_TURNS: u8 = 2;
+/// The most bytes of an incomplete event held back; a larger event is passed on as it comes.
+pub const MAX_HELD_BYTES: usize = crate::upstream::sse::MAX_EVENT_BYTES;
 
 impl TappedBody {
     /// `prefix` holds bytes already read from `inner` (and already fed to `tap`).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         inner: hyper::body::Incoming,
         prefix: Option<Bytes>,
         tap: Tap,
         attempt: Attempt,
+        health: HealthSink,
         slot: Option<SlotGuard>,
         timeouts: BodyTimeouts,
         ttfb_ms: Option<u64>,
@@ -282,11 +426,12 @@ impl TappedBody {
         let idle = Box::pin(tokio::time::sleep(
             timeouts.idle.min(remaining(timeouts.total_deadline)),
         ));
-        Self {
+        let mut body = Self {
             inner,
-            prefix,
+            prefix: None,
             tap,
             attempt: Some(attempt),
+            health,
             ttfb_ms,
             slot,
             timeouts,
@@ -295,54 +440,118 @@ impl TappedBody {
             deferred: None,
             held: None,
             idle_turns: 0,
+            tail: bytes::BytesMut::new(),
+            sent: 0,
             done: false,
-        }
+        };
+        body.prefix = prefix.and_then(|p| body.release(p));
+        body
     }
 
     pub fn boxed(self) -> Body {
         BodyExt::boxed(self)
     }
 
+    /// The part of `data` (already fed to the tap) that completes events, with whatever was held
+    /// before it; the rest is held. None: nothing to send yet.
+    fn release(&mut self, data: Bytes) -> Option<Bytes> {
+        let Tap::Sse(t) = &self.tap else {
+            self.sent += data.len() as u64;
+            return (!data.is_empty()).then_some(data);
+        };
+        let complete = t.complete_bytes();
+        let fed = t.fed();
+        // Everything fed is either sent, held in `tail`, or in `data`; an event too large to hold
+        // is let through as it is.
+        let upto = if fed.saturating_sub(complete) as usize > MAX_HELD_BYTES {
+            fed
+        } else {
+            complete
+        };
+        let n = usize::try_from(upto.saturating_sub(self.sent)).unwrap_or(usize::MAX);
+        let out = if self.tail.is_empty() {
+            if n >= data.len() {
+                data
+            } else {
+                self.tail.extend_from_slice(&data[n..]);
+                data.slice(..n)
+            }
+        } else {
+            self.tail.extend_from_slice(&data);
+            self.tail.split_to(n.min(self.tail.len())).freeze()
+        };
+        self.sent += out.len() as u64;
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// The upstream body ended cleanly: a stream without `message_stop` (and without an error
+    /// event) is a failure. Returns what to send last: relay's error event, or the tail.
+    fn end(&mut self) -> Option<Bytes> {
+        self.done = true;
+        let truncated = match &self.tap {
+            Tap::Sse(t) => !t.saw_message_stop() && t.error_type().is_none(),
+            Tap::Buffer(..) => false,
+        };
+        if truncated {
+            metrics::counter!("relay_upstream_stream_errors_total", "kind" => "truncated").increment(1);
+            self.finish(Outcome2::Truncated);
+            self.tail.clear();
+            return Some(error_event("upstream stream ended before message_stop"));
+        }
+        self.finish(Outcome2::Complete);
+        let tail = self.tail.split().freeze();
+        (!tail.is_empty()).then_some(tail)
+    }
+
     fn finish(&mut self, outcome: Outcome2) {
         let Some(a) = self.attempt.take() else { return };
-        let (usage, model, error_type) = match &self.tap {
-            Tap::Sse(t) => (
-                t.usage(),
-                t.model().map(str::to_string),
-                t.error_type().map(str::to_string),
-            ),
-            Tap::Buffer(b, false) if a.status >= 400 => (Usage::default(), None, Usage::parse_error_type(b)),
-            Tap::Buffer(b, false) => match Usage::parse_message_body(b) {
-                Some((u, m, _)) => (u, m, None),
-                None => (Usage::default(), None, None),
-            },
-            Tap::Buffer(..) => (Usage::default(), None, None),
-        };
-        let error_type = match (outcome, error_type) {
-            (_, Some(t)) => t,
-            (Outcome2::UpstreamFailed, None) => "api_error".to_string(),
-            _ => String::new(),
-        };
+        let mut r = self.tap.recorded(a.status);
+        if let Tap::Sse(t) = &self.tap {
+            // A stream that ended without a message_start billed nothing it could read.
+            r.unparsed |= !t.saw_message_start();
+        }
+        if r.error_type.is_empty() && matches!(outcome, Outcome2::UpstreamFailed | Outcome2::Truncated) {
+            r.error_type = "api_error".to_string();
+        }
+        r.cancelled = outcome == Outcome2::Cancelled;
         // The account's health: a stream that failed after its head counts against it.
         match outcome {
             Outcome2::UpstreamFailed => {
-                a.health.observe(&a.account.id, &a.model, &Outcome::ConnectError);
+                self.health.observe(&a.account.id, &a.model, &Outcome::ConnectError);
             }
-            Outcome2::Complete if error_type == "overloaded_error" => {
-                a.health.observe(
+            Outcome2::Truncated => {
+                self.health.observe(
+                    &a.account.id,
+                    &a.model,
+                    &Outcome::Invalid {
+                        what: "stream ended before message_stop",
+                    },
+                );
+            }
+            Outcome2::Complete if r.error_type == "overloaded_error" => {
+                self.health.observe(
                     &a.account.id,
                     &a.model,
                     &Outcome::StreamError {
-                        error_type: &error_type,
+                        error_type: &r.error_type,
                     },
                 );
             }
             _ => {}
         }
         let ttfb = self.ttfb_ms.unwrap_or(0);
-        record(a, usage, model, error_type, outcome == Outcome2::Cancelled, ttfb);
+        record(a, r, ttfb);
         // Release the concurrency slot now rather than when the body is dropped.
         self.slot = None;
+    }
+
+    /// The stream failed after its head: relay's error event on an event boundary (what was held
+    /// of an incomplete event is dropped).
+    fn fail(&mut self, message: &str) -> Bytes {
+        self.finish(Outcome2::UpstreamFailed);
+        self.tail.clear();
+        self.done = true;
+        error_event(message)
     }
 }
 
@@ -358,11 +567,12 @@ fn error_event(message: &str) -> Bytes {
 
 /// Builds the usage event and hands it to the spool (asynchronously: the
 /// client already has its answer).
-fn record(a: Attempt, usage: Usage, model: Option<String>, error_type: String, cancelled: bool, ttfb_ms: u64) {
-    let billed_model = model.filter(|m| !m.is_empty()).unwrap_or(a.model);
+pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
+    let billed_model = r.model.filter(|m| !m.is_empty()).unwrap_or(a.model);
     let now = chrono::Utc::now().timestamp_millis();
+    let usage = r.usage;
     let cost = cost_of(&a.config.prices, &billed_model, now, &usage);
-    let event = pb::UsageEvent {
+    let mut event = pb::UsageEvent {
         event_id: uuid::Uuid::now_v7().to_string(),
         request_id: a.request_id,
         timestamp_ms: now,
@@ -377,17 +587,30 @@ fn record(a: Attempt, usage: Usage, model: Option<String>, error_type: String, c
         cache_read_tokens: usage.cache_read_tokens,
         cost_pico_usd: cost,
         http_status: u32::from(a.status),
-        error_type,
+        error_type: r.error_type,
         stream: a.stream,
-        cancelled,
+        cancelled: r.cancelled,
         latency_ms: a.started.elapsed().as_millis() as u64,
         ttfb_ms,
         upstream_request_id: a.upstream_request_id,
         web_search_requests: usage.web_search_requests,
+        anomaly: String::new(),
     };
-    metrics::counter!("relay_usage_tokens_total", "kind" => "input").increment(usage.input_tokens);
-    metrics::counter!("relay_usage_tokens_total", "kind" => "output").increment(usage.output_tokens);
-    if cancelled {
+    if r.unparsed {
+        relay_proto::bounds::flag(&mut event, relay_proto::bounds::UNPARSED);
+        metrics::counter!("relay_usage_anomalies_total", "anomaly" => relay_proto::bounds::UNPARSED).increment(1);
+    }
+    if relay_proto::bounds::clamp(&mut event) {
+        metrics::counter!("relay_usage_anomalies_total", "anomaly" => relay_proto::bounds::SUSPECT).increment(1);
+        tracing::warn!(
+            request_id = %event.request_id,
+            account_id = %event.account_id,
+            "the upstream reported usage beyond what one request can carry: clamped and flagged suspect"
+        );
+    }
+    metrics::counter!("relay_usage_tokens_total", "kind" => "input").increment(event.input_tokens);
+    metrics::counter!("relay_usage_tokens_total", "kind" => "output").increment(event.output_tokens);
+    if event.cancelled {
         metrics::counter!("relay_requests_cancelled_total").increment(1);
     }
     let spool = a.spool;
@@ -416,28 +639,58 @@ pub fn cost_of(prices: &PriceTable, model: &str, at_ms: i64, usage: &Usage) -> u
     }
 }
 
-/// Records an attempt whose whole (small) answer was read: a failed attempt,
-/// or a stream that failed before its first event. `tap` is what was read.
-pub fn record_read(a: Attempt, tap: &Tap) {
-    let (usage, model, error_type) = match tap {
-        Tap::Sse(t) => (
-            t.usage(),
-            t.model().map(str::to_string),
-            t.error_type().map(str::to_string).unwrap_or_else(|| "api_error".into()),
-        ),
-        Tap::Buffer(b, _) if a.status >= 400 => (
-            Usage::default(),
-            None,
-            Usage::parse_error_type(b).unwrap_or_else(|| "api_error".into()),
-        ),
-        Tap::Buffer(b, _) => (
-            Usage::parse_message_body(b).map(|(u, _, _)| u).unwrap_or_default(),
-            None,
-            String::new(),
-        ),
+/// Checks that a complete 2xx JSON body is an Anthropic answer (a `message` for the Messages API,
+/// `{"input_tokens": N}` for count_tokens) and reads its usage. Err: what is wrong with it.
+pub fn check_answer(is_messages: bool, body: &[u8]) -> Result<Recorded, &'static str> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(rename = "type")]
+        kind: Option<serde_json::Value>,
+        usage: Option<serde_json::Value>,
+        model: Option<serde_json::Value>,
+        input_tokens: Option<serde_json::Value>,
+    }
+    let a: Answer = serde_json::from_slice(body).map_err(|_| "the body is not a JSON object")?;
+    if !is_messages {
+        return match a.input_tokens {
+            Some(n) if n.is_u64() => Ok(Recorded::default()),
+            _ => Err("the body has no input_tokens count"),
+        };
+    }
+    if a.kind.as_ref().and_then(|k| k.as_str()) != Some("message") {
+        return Err("the body is not a message");
+    }
+    let model = match a.model {
+        Some(serde_json::Value::String(m)) => Some(m),
+        _ => None,
     };
+    Ok(match a.usage {
+        Some(u) if u.is_object() => Recorded {
+            usage: Usage::from_json(&u),
+            model,
+            ..Recorded::default()
+        },
+        _ => Recorded {
+            model,
+            unparsed: true,
+            ..Recorded::default()
+        },
+    })
+}
+
+/// Records an attempt whose whole (small) answer was read and that failed: an error status, an
+/// invalid answer, a stream that failed before its first event. `tap` is what was read.
+pub fn record_failed(a: Attempt, tap: &Tap, error_type: Option<&str>) {
+    let mut r = tap.recorded(a.status);
+    // A failed attempt's usage is whatever the tap could read; an unreadable one is not an anomaly.
+    r.unparsed = false;
+    match error_type {
+        Some(t) => r.error_type = t.to_string(),
+        None if r.error_type.is_empty() => r.error_type = "api_error".to_string(),
+        None => {}
+    }
     let ttfb = a.started.elapsed().as_millis() as u64;
-    record(a, usage, model, error_type, false, ttfb);
+    record(a, r, ttfb);
 }
 
 impl TappedBody {
@@ -498,16 +751,34 @@ impl TappedBody {
             let _ = turn.as_mut().poll(cx);
             return Poll::Pending;
         }
+        let out = self.release(out);
         if self.inner.is_end_stream() || matches!(self.deferred, Some(Deferred::End)) {
             // hyper may not poll again once the body says it has
             // ended: record now, not in Drop (which would mean "cancelled").
-            self.finish(Outcome2::Complete);
-            self.done = true;
-            return Poll::Ready(Some(Ok(Frame::data(out))));
+            self.deferred = None;
+            let last = self.end();
+            return match (out, last) {
+                (Some(out), last) => {
+                    self.trailer_event = last;
+                    Poll::Ready(Some(Ok(Frame::data(out))))
+                }
+                (None, Some(last)) => Poll::Ready(Some(Ok(Frame::data(last)))),
+                (None, None) => Poll::Ready(None),
+            };
         }
         let next = self.timeouts.idle.min(remaining(self.timeouts.total_deadline));
         self.idle.as_mut().reset(tokio::time::Instant::now() + next);
-        Poll::Ready(Some(Ok(Frame::data(out))))
+        match out {
+            Some(out) => Poll::Ready(Some(Ok(Frame::data(out)))),
+            None => {
+                // Nothing whole to send yet. When the upstream is pending its waker is set;
+                // otherwise (an error or end was deferred) come back at once.
+                if !pending {
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -540,12 +811,12 @@ impl HttpBody for TappedBody {
                 if this.idle.as_mut().poll(cx).is_ready() {
                     // Stalled: end the stream (with an SSE error event when it is a stream).
                     metrics::counter!("relay_upstream_stream_errors_total", "kind" => "stalled").increment(1);
-                    let is_sse = matches!(this.tap, Tap::Sse(_));
-                    this.finish(Outcome2::UpstreamFailed);
-                    if is_sse {
-                        this.done = true;
-                        return Poll::Ready(Some(Ok(Frame::data(error_event("upstream stream stalled")))));
+                    if matches!(this.tap, Tap::Sse(_)) {
+                        let ev = this.fail("upstream stream stalled");
+                        return Poll::Ready(Some(Ok(Frame::data(ev))));
                     }
+                    this.finish(Outcome2::UpstreamFailed);
+                    this.done = true;
                     return Poll::Ready(Some(Err("upstream stream stalled".into())));
                 }
                 Poll::Pending
@@ -553,8 +824,11 @@ impl HttpBody for TappedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 let data = match frame.into_data() {
                     Ok(d) => d,
-                    // Not data (trailers): pass it on as is.
-                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                    // Not data (trailers): dropped; relay ends the body itself.
+                    Err(_) => {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
                 };
                 if this.ttfb_ms.is_none() {
                     if let Some(a) = &this.attempt {
@@ -566,38 +840,30 @@ impl HttpBody for TappedBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 metrics::counter!("relay_upstream_stream_errors_total", "kind" => "failed").increment(1);
-                let is_sse = matches!(this.tap, Tap::Sse(_));
-                this.finish(Outcome2::UpstreamFailed);
-                if is_sse {
+                if matches!(this.tap, Tap::Sse(_)) {
                     // The client already has a 200 and events: tell it in-band, then end.
-                    this.done = true;
-                    return Poll::Ready(Some(Ok(Frame::data(error_event(
-                        "upstream connection lost mid-stream",
-                    )))));
+                    let ev = this.fail("upstream connection lost mid-stream");
+                    return Poll::Ready(Some(Ok(Frame::data(ev))));
                 }
+                this.finish(Outcome2::UpstreamFailed);
+                this.done = true;
                 Poll::Ready(Some(Err(Box::new(e))))
             }
-            Poll::Ready(None) => {
-                this.finish(Outcome2::Complete);
-                this.done = true;
-                Poll::Ready(None)
-            }
+            Poll::Ready(None) => match this.end() {
+                Some(last) => Poll::Ready(Some(Ok(Frame::data(last)))),
+                None => Poll::Ready(None),
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none()
-            && self.trailer_event.is_none()
-            && self.held.is_none()
-            && self.deferred.is_none()
-            && (self.done || self.inner.is_end_stream())
+        self.done && self.prefix.is_none() && self.trailer_event.is_none()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        if self.prefix.is_some() {
-            return http_body::SizeHint::default();
-        }
-        self.inner.size_hint()
+        // relay frames what it sends (whole events, perhaps its own error event): never the
+        // upstream's length.
+        http_body::SizeHint::default()
     }
 }
 

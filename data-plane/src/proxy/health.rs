@@ -214,6 +214,12 @@ pub enum Outcome<'a> {
         error_type: &'a str,
     },
     ConnectError,
+    /// The upstream answered, but not with an Anthropic answer (a 2xx that is not a message or an
+    /// event stream, a 1xx/3xx/600+ status, a stream that ended before `message_stop`): an upstream
+    /// fault, counted by the breaker like a broken connection.
+    Invalid {
+        what: &'a str,
+    },
     /// No response head within the head timeout.
     Timeout,
 }
@@ -297,6 +303,7 @@ fn classify(outcome: &Outcome<'_>, model: &str, s: &HealthSettings, now: i64) ->
         Outcome::Response { status, headers, body } => classify_response(*status, headers, body, model, s, now),
         Outcome::StreamError { error_type } => classify_stream_error(error_type, s, now),
         Outcome::ConnectError => Plan::new(true, None, BreakerEvent::Failure("connect error".into())),
+        Outcome::Invalid { what } => Plan::new(true, None, BreakerEvent::Failure(format!("invalid answer: {what}"))),
         Outcome::Timeout => Plan::new(true, None, BreakerEvent::Failure("timeout".into())),
     }
 }

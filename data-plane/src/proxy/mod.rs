@@ -18,9 +18,10 @@ use crate::control::state::{AccountEntry, ConfigHolder, KeyEntry, ServingConfig}
 use crate::control::state_report::StateReporter;
 use crate::errors::{full, ApiError, Body};
 use crate::upstream::client::Upstreams;
+use crate::upstream::encoding::Encoding;
 use balance::{Balancer, SlotGuard};
 use bytes::Bytes;
-use forward::{Attempt, HealthSink, Pending, Tap, TappedBody};
+use forward::{Attempt, AttemptGuard, HealthSink, Pending, Tap, TappedBody};
 use health::{Availability, HealthRegistry, Outcome};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -323,6 +324,8 @@ impl Proxy {
             request_id,
             started,
             policy,
+            deadline,
+            is_messages,
         };
         let mut tried: Vec<String> = Vec::new();
         let mut last: Option<Failure> = None;
@@ -527,6 +530,22 @@ impl Proxy {
             }
         };
         *up.headers_mut() = forward::upstream_headers(&ctx.parts.headers, &account);
+        // From here on the attempt leaves exactly one usage row, however it ends (if the
+        // client goes away before the upstream answers, the guard records it as cancelled).
+        let mut guard = AttemptGuard::new(Attempt {
+            spool: self.spool.clone(),
+            pending: self.pending.clone(),
+            config: ctx.cfg.clone(),
+            node_id: self.node_id.clone(),
+            request_id: ctx.request_id.to_string(),
+            key: ctx.key.clone(),
+            account: account.clone(),
+            model: ctx.model.to_string(),
+            stream: ctx.stream,
+            started: ctx.started,
+            status: 0,
+            upstream_request_id: String::new(),
+        });
         let sent_at = Instant::now();
         let head_deadline = tokio::time::Instant::now() + ctx.policy.head_timeout;
         let resp = match tokio::time::timeout_at(head_deadline, self.upstreams.request(account.proxy.as_ref(), up))
@@ -557,54 +576,94 @@ impl Proxy {
         };
         let (rparts, mut rbody) = resp.into_parts();
         metrics::counter!("relay_upstream_responses_total", "status" => status_class(rparts.status)).increment(1);
-        let is_sse = rparts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        let attempt = Attempt {
-            spool: self.spool.clone(),
-            pending: self.pending.clone(),
-            config: ctx.cfg.clone(),
-            node_id: self.node_id.clone(),
-            request_id: ctx.request_id.to_string(),
-            key: ctx.key.clone(),
-            account: account.clone(),
-            model: ctx.model.to_string(),
-            stream: ctx.stream,
-            started: ctx.started,
-            status: rparts.status.as_u16(),
-            upstream_request_id: rparts
+        let status = rparts.status.as_u16();
+        if let Some(a) = guard.get_mut() {
+            a.status = status;
+            a.upstream_request_id = rparts
                 .headers
                 .get("request-id")
                 .and_then(|v| v.to_str().ok())
+                .filter(|v| v.len() <= 256)
                 .unwrap_or("")
-                .to_string(),
-            health: sink.clone(),
-        };
+                .to_string();
+        }
+        let content_type = rparts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let is_sse = content_type.starts_with("text/event-stream");
+        let encoding = Encoding::of(&rparts.headers);
         let mut tap = Tap::for_content(is_sse);
+        // An answer that is not an Anthropic answer: an upstream fault. Fail over, feed the
+        // breaker, record it; the client never sees it.
+        let invalid = |guard: &mut AttemptGuard, tap: &Tap, what: &str| {
+            metrics::counter!("relay_upstream_errors_total", "kind" => "invalid_answer").increment(1);
+            tracing::warn!(account = %account.name, status, what, "the upstream's answer is not a valid Anthropic answer");
+            sink.observe(&account.id, ctx.model, &Outcome::Invalid { what });
+            if let Some(a) = guard.take() {
+                forward::record_failed(a, tap, Some(INVALID_ANSWER));
+            }
+            (
+                Failure::Relay(ApiError::bad_upstream_answer(
+                    "the upstream's answer was not a valid Anthropic API response",
+                )),
+                true,
+            )
+        };
+
+        // 1xx (101 included), 3xx (a redirect's Location is never followed nor forwarded) and
+        // anything outside the status range HTTP defines are not Messages answers.
+        if !(200..300).contains(&status) && !(400..600).contains(&status) {
+            return Err(invalid(&mut guard, &tap, &format!("status {status}")));
+        }
 
         if !rparts.status.is_success() {
-            // A failed attempt: read its (small) error body, judge, record.
-            let body = read_capped(&mut rbody, 1 << 20, ctx.policy.idle_timeout).await;
+            // A failed attempt: read its (small) error body, within the request's deadline.
+            let raw = read_capped(&mut rbody, MAX_ERROR_BODY_BYTES, ctx.policy.idle_timeout, ctx.deadline).await;
+            let body = match encoding.as_ref().map(|e| e.decode(&raw, MAX_ERROR_BODY_BYTES)) {
+                Ok(Ok(b)) => b,
+                // Undecodable: judged by its status alone; the client gets relay's own error body.
+                _ => Vec::new(),
+            };
             tap.feed(&body);
             let verdict = sink.observe(
                 &account.id,
                 ctx.model,
                 &Outcome::Response {
-                    status: rparts.status.as_u16(),
+                    status,
                     headers: &rparts.headers,
                     body: &body,
                 },
             );
-            forward::record_read(attempt, &tap);
+            if let Some(a) = guard.take() {
+                forward::record_failed(a, &tap, None);
+            }
+            let body = if body.is_empty() {
+                Bytes::from(upstream_error_body(rparts.status))
+            } else {
+                Bytes::from(body)
+            };
             let failure = Failure::Upstream {
                 status: rparts.status,
                 headers: forward::client_headers(&rparts.headers, ctx.request_id),
-                body: Bytes::from(body),
+                body,
                 retry_after: verdict.retry_after,
             };
             return Err((failure, verdict.retry_elsewhere));
+        }
+
+        let encoding = match encoding {
+            Ok(e) => e,
+            Err(e) => return Err(invalid(&mut guard, &tap, &e.to_string())),
+        };
+        if is_sse != ctx.stream {
+            let what = if ctx.stream {
+                format!("a {content_type:?} answer to a streaming request")
+            } else {
+                "an event stream answer to a non-streaming request".to_string()
+            };
+            return Err(invalid(&mut guard, &tap, &what));
         }
 
         if !is_sse {
@@ -612,30 +671,47 @@ impl Proxy {
             // answer cut off midway can still go to another account (the
             // upstream produces it whole anyway, so this costs no latency).
             let total_deadline = tokio::time::Instant::now() + ctx.policy.total_timeout;
-            let Some(bytes) = read_whole(&mut rbody, MAX_BODY_BYTES, ctx.policy.idle_timeout, total_deadline).await
+            let Some(raw) = read_whole(&mut rbody, MAX_BODY_BYTES, ctx.policy.idle_timeout, total_deadline).await
             else {
                 metrics::counter!("relay_upstream_errors_total", "kind" => "body").increment(1);
                 sink.observe(&account.id, ctx.model, &Outcome::ConnectError);
-                let mut a = attempt;
-                a.status = 502;
-                forward::record_read(a, &tap);
+                if let Some(mut a) = guard.take() {
+                    a.status = 502;
+                    forward::record_failed(a, &tap, None);
+                }
                 return Err((
                     Failure::Relay(ApiError::upstream_unreachable("the upstream's answer was cut off")),
                     true,
                 ));
+            };
+            let bytes = match encoding {
+                Encoding::Identity => raw,
+                e => match e.decode(&raw, MAX_BODY_BYTES) {
+                    Ok(b) => Bytes::from(b),
+                    Err(err) => return Err(invalid(&mut guard, &tap, &err.to_string())),
+                },
+            };
+            if !content_type.starts_with("application/json") {
+                return Err(invalid(&mut guard, &tap, &format!("content-type {content_type:?}")));
+            }
+            let answer = match forward::check_answer(ctx.is_messages, &bytes) {
+                Ok(a) => a,
+                Err(what) => return Err(invalid(&mut guard, &tap, what)),
             };
             slot.observe_latency(sent_at.elapsed());
             sink.observe(
                 &account.id,
                 ctx.model,
                 &Outcome::Response {
-                    status: rparts.status.as_u16(),
+                    status,
                     headers: &rparts.headers,
                     body: &[],
                 },
             );
-            tap.feed(&bytes);
-            forward::record_read(attempt, &tap);
+            if let Some(a) = guard.take() {
+                let ttfb = a.started.elapsed().as_millis() as u64;
+                forward::record(a, answer, ttfb);
+            }
             drop(slot);
             let mut out = Response::new(full(bytes));
             *out.status_mut() = rparts.status;
@@ -643,9 +719,13 @@ impl Proxy {
             return Ok(out);
         }
 
-        let prefix: Option<Bytes> = {
+        if encoding != Encoding::Identity {
+            // An event stream is tapped as it passes; relay does not decode one on the fly.
+            return Err(invalid(&mut guard, &tap, "a compressed event stream"));
+        }
+        let prefix: Bytes = {
             // Hold the head until the first event: a stream that opens with
-            // `event: error` can still go to another account.
+            // `event: error` (or with anything but message_start) can still go to another account.
             let mut held = bytes::BytesMut::new();
             let first = loop {
                 let Tap::Sse(t) = &tap else { break Ok(()) };
@@ -663,14 +743,16 @@ impl Proxy {
                     Err(_) => break Err(Outcome::Timeout),
                 }
             };
-            let error_type = match &tap {
-                Tap::Sse(t) => t.error_type().map(str::to_string),
-                Tap::Buffer(..) => None,
+            let (error_type, started) = match &tap {
+                Tap::Sse(t) => (t.error_type().map(str::to_string), t.saw_message_start()),
+                Tap::Buffer(..) => (None, false),
             };
             match (first, error_type) {
                 (Err(outcome), _) => {
                     sink.observe(&account.id, ctx.model, &outcome);
-                    forward::record_read(attempt, &tap);
+                    if let Some(a) = guard.take() {
+                        forward::record_failed(a, &tap, None);
+                    }
                     return Err((
                         Failure::Relay(ApiError::upstream_unreachable(
                             "the upstream stream failed before its first event",
@@ -686,7 +768,9 @@ impl Proxy {
                             error_type: &error_type,
                         },
                     );
-                    forward::record_read(attempt, &tap);
+                    if let Some(a) = guard.take() {
+                        forward::record_failed(a, &tap, None);
+                    }
                     let status = match error_type.as_str() {
                         "overloaded_error" => StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                         "rate_limit_error" => StatusCode::TOO_MANY_REQUESTS,
@@ -710,7 +794,10 @@ impl Proxy {
                     };
                     return Err((failure, verdict.retry_elsewhere));
                 }
-                (Ok(()), None) => Some(held.freeze()),
+                (Ok(()), None) if !started => {
+                    return Err(invalid(&mut guard, &tap, "the stream did not open with message_start"));
+                }
+                (Ok(()), None) => held.freeze(),
             }
         };
         // Success: the account answered.
@@ -720,22 +807,52 @@ impl Proxy {
             &account.id,
             ctx.model,
             &Outcome::Response {
-                status: rparts.status.as_u16(),
+                status,
                 headers: &rparts.headers,
                 body: &[],
             },
         );
-        let ttfb = prefix.as_ref().map(|_| ctx.started.elapsed().as_millis() as u64);
+        let Some(attempt) = guard.take() else {
+            return Err((
+                Failure::Relay(ApiError::internal("the attempt was already recorded")),
+                false,
+            ));
+        };
+        let ttfb = Some(ctx.started.elapsed().as_millis() as u64);
         let timeouts = forward::BodyTimeouts {
             idle: ctx.policy.idle_timeout,
             total_deadline: tokio::time::Instant::now() + ctx.policy.total_timeout,
         };
-        let body = TappedBody::new(rbody, prefix, tap, attempt, Some(slot), timeouts, ttfb);
+        let body = TappedBody::new(rbody, Some(prefix), tap, attempt, sink, Some(slot), timeouts, ttfb);
         let mut out = Response::new(body.boxed());
         *out.status_mut() = rparts.status;
         *out.headers_mut() = forward::client_headers(&rparts.headers, ctx.request_id);
         Ok(out)
     }
+}
+
+/// The error type recorded for an answer that was not an Anthropic answer.
+const INVALID_ANSWER: &str = "invalid_upstream_response";
+/// The most bytes of an upstream's error body read (and passed on).
+const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// An Anthropic error body for an upstream error whose own body was empty or unreadable.
+fn upstream_error_body(status: StatusCode) -> String {
+    let kind = match status.as_u16() {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    };
+    serde_json::json!({
+        "type": "error",
+        "error": {"type": kind, "message": format!("the upstream answered {status} without a readable error body")},
+    })
+    .to_string()
 }
 
 /// Everything about the client's request that every attempt needs.
@@ -749,6 +866,10 @@ struct AttemptCtx<'a> {
     request_id: &'a str,
     started: Instant,
     policy: &'a policy::Policy,
+    /// When the whole request (every attempt) must be done.
+    deadline: tokio::time::Instant,
+    /// `POST /v1/messages` (else `count_tokens`).
+    is_messages: bool,
 }
 
 enum Choice {
@@ -784,7 +905,7 @@ impl Failure {
                     headers.insert("request-id", v);
                 }
                 if let Some(ra) = retry_after {
-                    headers.insert(header::RETRY_AFTER, HeaderValue::from(ra.as_secs().max(1)));
+                    headers.insert(header::RETRY_AFTER, forward::client_retry_after(ra));
                 }
                 let mut r = Response::new(full(body));
                 *r.status_mut() = status;
@@ -844,16 +965,23 @@ async fn read_whole(body: &mut Incoming, cap: usize, idle: Duration, deadline: t
     }
 }
 
-/// Reads a body up to `cap` bytes (the rest is dropped), each frame within `idle`.
-async fn read_capped(body: &mut Incoming, cap: usize, idle: Duration) -> Vec<u8> {
+/// Reads a body up to `cap` bytes (the rest is dropped), each frame within `idle`, all of it
+/// before `deadline` (an error body that drips a byte a second does not hold the request).
+async fn read_capped(body: &mut Incoming, cap: usize, idle: Duration, deadline: tokio::time::Instant) -> Vec<u8> {
     let mut out = Vec::new();
-    while let Ok(Some(Ok(frame))) = tokio::time::timeout(idle, body.frame()).await {
-        if let Some(d) = frame.data_ref() {
-            let room = cap.saturating_sub(out.len());
-            out.extend_from_slice(&d[..d.len().min(room)]);
-            if out.len() >= cap {
-                break;
+    loop {
+        let wait = idle.min(remaining_until(deadline));
+        match tokio::time::timeout(wait, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    let room = cap.saturating_sub(out.len());
+                    out.extend_from_slice(&d[..d.len().min(room)]);
+                    if out.len() >= cap {
+                        break;
+                    }
+                }
             }
+            _ => break,
         }
     }
     out

@@ -1,6 +1,8 @@
 //! Everything about talking to an upstream account: usage accounting
-//! (`usage`), the SSE usage tap (`sse`), and the pooled HTTP client (`client`).
+//! (`usage`), the SSE usage tap (`sse`), content codings an upstream applied
+//! anyway (`encoding`), and the pooled HTTP client (`client`).
 
 pub mod client;
+pub mod encoding;
 pub mod sse;
 pub mod usage;

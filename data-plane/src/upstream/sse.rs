@@ -101,6 +101,14 @@ pub struct SseTap {
     saw_message_stop: bool,
     error_type: Option<String>,
     events: u64,
+    /// `message_start` came but its usage could not be read (not JSON, too large, no `usage` object).
+    start_unparsed: bool,
+    /// Bytes fed so far.
+    fed: u64,
+    /// Bytes fed up to and including the blank line that ended the last event (or comment block).
+    complete: u64,
+    /// Set by `dispatch`, read by `feed` to move `complete`.
+    boundary: bool,
 }
 
 impl Default for SseTap {
@@ -128,11 +136,17 @@ impl SseTap {
             saw_message_stop: false,
             error_type: None,
             events: 0,
+            start_unparsed: false,
+            fed: 0,
+            complete: 0,
+            boundary: false,
         }
     }
 
     /// Feed the next chunk of bytes exactly as they pass to the client. Never fails; malformed input is skipped.
     pub fn feed(&mut self, chunk: &[u8]) {
+        let base = self.fed;
+        self.fed += chunk.len() as u64;
         let mut rest = chunk;
         if self.pending_cr {
             let Some((&first, tail)) = rest.split_first() else {
@@ -141,6 +155,10 @@ impl SseTap {
             self.pending_cr = false;
             if first == b'\n' {
                 rest = tail;
+                if self.complete == base {
+                    // The LF of the CRLF that ended the last event belongs to it.
+                    self.complete = base + 1;
+                }
             }
         }
         while !rest.is_empty() {
@@ -170,7 +188,26 @@ impl SseTap {
                 self.process_line(&buffered, truncated);
                 self.line = recycle(buffered);
             }
+            if std::mem::take(&mut self.boundary) {
+                self.complete = base + (chunk.len() - rest.len()) as u64;
+            }
         }
+    }
+
+    /// Bytes fed so far.
+    pub fn fed(&self) -> u64 {
+        self.fed
+    }
+
+    /// Bytes fed up to the end of the last complete event (its blank line included): what may go to
+    /// a client without leaving it half an event if the stream dies now.
+    pub fn complete_bytes(&self) -> u64 {
+        self.complete
+    }
+
+    /// `message_start` was seen but its usage could not be read.
+    pub fn usage_unparsed(&self) -> bool {
+        self.start_unparsed
     }
 
     /// Usage so far: `message_start`'s, updated by each `message_delta` (whose values are cumulative).
@@ -275,6 +312,7 @@ impl SseTap {
 
     /// The end of an event (an empty line).
     fn dispatch(&mut self) {
+        self.boundary = true;
         if self.has_data {
             self.events = self.events.saturating_add(1);
             let data = std::mem::take(&mut self.data);
@@ -320,9 +358,16 @@ impl SseTap {
             Kind::MessageStart => {
                 self.saw_message_start = true;
                 let Some(message) = value.and_then(|v| v.get("message")) else {
+                    self.start_unparsed = true;
                     return;
                 };
-                self.usage = message.get("usage").map(Usage::from_json).unwrap_or_default();
+                match message.get("usage") {
+                    Some(u) if u.is_object() => self.usage = Usage::from_json(u),
+                    _ => {
+                        self.start_unparsed = true;
+                        self.usage = Usage::default();
+                    }
+                }
                 let string = |key: &str| message.get(key).and_then(Value::as_str).map(str::to_owned);
                 self.model = string("model");
                 self.message_id = string("id");
@@ -521,6 +566,72 @@ mod tests {
             events: 18,
             first: true,
         }
+    }
+
+    /// Where every event of `s` ends (offsets after its blank line).
+    fn event_ends(s: &[u8]) -> Vec<u64> {
+        let mut ends = Vec::new();
+        let mut tap = SseTap::new();
+        for (i, b) in s.iter().enumerate() {
+            tap.feed(std::slice::from_ref(b));
+            if ends.last() != Some(&tap.complete_bytes()) && tap.complete_bytes() > 0 {
+                ends.push(tap.complete_bytes());
+            }
+            assert!(tap.complete_bytes() <= (i + 1) as u64);
+        }
+        ends
+    }
+
+    #[test]
+    fn complete_bytes_is_always_an_event_boundary_whatever_the_chunking() {
+        for stream in [
+            STREAM.to_string(),
+            STREAM.replace('\n', "\r\n"),
+            STREAM.replace('\n', "\r"),
+        ] {
+            let s = stream.as_bytes();
+            let ends = event_ends(s);
+            assert_eq!(
+                ends.last().copied(),
+                Some(s.len() as u64),
+                "the whole stream is complete"
+            );
+            // Each boundary follows a blank line: the bytes before it end with two line ends.
+            for &e in &ends {
+                let before = &s[..e as usize];
+                assert!(
+                    // (a CR ends a line at once; the LF after it, if any, joins it when it comes)
+                    before.ends_with(b"\n\n")
+                        || before.ends_with(b"\r\n\r")
+                        || before.ends_with(b"\r\r")
+                        || before.ends_with(b"\r\n\r\n"),
+                    "{:?}",
+                    String::from_utf8_lossy(&before[before.len().saturating_sub(20)..])
+                );
+            }
+            // Any two-piece chunking gives the same boundary for the same bytes.
+            for cut in (0..s.len()).step_by(7) {
+                let mut tap = SseTap::new();
+                tap.feed(&s[..cut]);
+                let at_cut = tap.complete_bytes();
+                assert!(at_cut == 0 || ends.contains(&at_cut), "{at_cut} at cut {cut}");
+                assert!(ends.iter().filter(|&&e| e <= cut as u64).max().copied().unwrap_or(0) >= at_cut);
+                tap.feed(&s[cut..]);
+                assert_eq!(tap.complete_bytes(), s.len() as u64);
+                assert_eq!(tap.fed(), s.len() as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn unreadable_message_start_is_flagged() {
+        let mut tap = SseTap::new();
+        tap.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\": 5\n\n");
+        assert!(tap.saw_message_start());
+        assert!(tap.usage_unparsed());
+        let mut ok = SseTap::new();
+        ok.feed(STREAM.as_bytes());
+        assert!(!ok.usage_unparsed());
     }
 
     #[test]
