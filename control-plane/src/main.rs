@@ -26,6 +26,10 @@ struct Args {
     /// The gRPC listener (Admin, ConfigDiscovery, UsageIngest, health, reflection).
     #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Most connections the gRPC listener holds at once (data planes, relayctl, probes); more are
+    /// closed at once. Capped by the open-file limit.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
     /// Standalone mode: where the in-process data plane will listen.
     #[arg(long, env = "RELAY_PROXY_LISTEN", default_value = "127.0.0.1:8080")]
     proxy_listen: SocketAddr,
@@ -222,6 +226,12 @@ async fn main() -> anyhow::Result<()> {
         replica: args.replica.clone().unwrap_or_else(server::hostname),
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
         tls,
+        max_connections: relay_data_plane::listen::fd_budget(
+            args.max_connections,
+            1,
+            relay_data_plane::listen::raise_fd_limit(),
+            "control-plane listener",
+        ),
     };
     let dp_token = if args.standalone {
         Some(

@@ -15,7 +15,6 @@ use relay_proto::v1::usage_ingest_server::UsageIngestServer;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// Largest gRPC message in either direction (full snapshots of big fleets).
@@ -39,6 +38,8 @@ pub struct Options {
     pub poll_interval: Duration,
     /// TLS on the listener (plain gRPC when `None`).
     pub tls: Option<ServerTls>,
+    /// Most connections open at once on the listener (see `relay_data_plane::listen`).
+    pub max_connections: usize,
 }
 
 impl Default for Options {
@@ -47,6 +48,7 @@ impl Default for Options {
             replica: hostname(),
             poll_interval: Duration::from_secs(1),
             tls: None,
+            max_connections: 4096,
         }
     }
 }
@@ -145,7 +147,10 @@ pub async fn serve(
         .add_service(admin)
         .add_service(discovery)
         .add_service(usage)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            relay_data_plane::listen::incoming(listener, "grpc", opts.max_connections),
+            shutdown,
+        )
         .await?;
     drop(publisher);
     Ok(())

@@ -415,6 +415,80 @@ both_stores!(usage_ingest_is_idempotent, |cp: Cp| async move {
     assert_eq!(sonnet.requests, 50);
 });
 
+both_stores!(absurd_usage_is_clamped_flagged_and_reportable, |cp: Cp| async move {
+    // An upstream claimed 2e12 input tokens, a u64::MAX cost, a status of 70000: the rows are kept
+    // (the requests happened), clamped to what one request can carry and flagged; every report
+    // over them still answers.
+    use futures::StreamExt;
+    let mut client = cp.usage(DP_TOKEN).await;
+    let absurd = |i: u64| pb::UsageEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        request_id: format!("req_absurd_{i}"),
+        timestamp_ms: relay_control_plane::model::now_ms(),
+        api_key_id: "key-1".into(),
+        account_id: "acct-1".into(),
+        model: "claude-sonnet-4-5".into(),
+        input_tokens: 2_000_000_000_000,
+        output_tokens: u64::MAX,
+        cost_pico_usd: u64::MAX,
+        http_status: 70_000,
+        ..Default::default()
+    };
+    let sane = pb::UsageEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        request_id: "req_sane".into(),
+        timestamp_ms: relay_control_plane::model::now_ms(),
+        api_key_id: "key-1".into(),
+        account_id: "acct-1".into(),
+        model: "claude-sonnet-4-5".into(),
+        input_tokens: 10,
+        output_tokens: 20,
+        cost_pico_usd: 30,
+        http_status: 200,
+        anomaly: "unparsed".into(),
+        ..Default::default()
+    };
+    let mut acks = client
+        .report(futures::stream::iter(vec![pb::UsageBatch {
+            batch_id: 1,
+            node_id: "dp-u".into(),
+            events: vec![absurd(1), absurd(2), sane],
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let a = acks.next().await.unwrap().unwrap();
+    assert_eq!((a.inserted, a.rejected), (3, 0), "nothing is dropped");
+    for group_by in [
+        pb::UsageGroupBy::Unspecified,
+        pb::UsageGroupBy::Key,
+        pb::UsageGroupBy::Model,
+    ] {
+        let rows = cp
+            .admin()
+            .await
+            .query_usage(pb::QueryUsageRequest {
+                group_by: group_by as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rows;
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(r.requests, 3);
+        assert_eq!(r.anomalies, 3, "two suspect, one unparsed");
+        let max = relay_proto::bounds::MAX_TOKENS_PER_REQUEST;
+        assert_eq!(r.input_tokens, 2 * max + 10);
+        assert_eq!(r.output_tokens, 2 * max + 20);
+        assert_eq!(
+            r.cost_pico_usd,
+            2 * relay_proto::bounds::MAX_COST_PICO_USD_PER_REQUEST + 30
+        );
+    }
+});
+
 both_stores!(admin_auth_and_roles, |cp: Cp| async move {
     let list = |token: Option<&'static str>| {
         let cp = &cp;

@@ -10,6 +10,7 @@
 pub mod control;
 pub mod datadir;
 pub mod errors;
+pub mod listen;
 pub mod proxy;
 pub mod upstream;
 
@@ -230,7 +231,8 @@ pub async fn start(
     });
     let limits = ConnLimits {
         header_read_timeout: opts.header_read_timeout,
-        max_connections: opts.max_connections,
+        // A proxied request holds two descriptors (its client's and its upstream's).
+        max_connections: listen::fd_budget(opts.max_connections, 2, listen::raise_fd_limit(), "api listener"),
     };
     let server = tokio::spawn(serve(listener, proxy, stop_rx, limits));
     Ok(RunningDataPlane {
@@ -281,18 +283,11 @@ async fn serve(
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     loop {
         let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            s = listen::accept(&listener, "api") => (s, ()),
             _ = stopped(&mut stop) => break,
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            metrics::counter!("relay_client_connections_refused_total").increment(1);
+            metrics::counter!("relay_client_connections_refused_total", "listener" => "api").increment(1);
             drop(stream);
             continue;
         };

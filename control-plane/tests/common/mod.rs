@@ -118,6 +118,7 @@ pub async fn start_replica_polling(
         replica: replica.to_string(),
         poll_interval: poll,
         tls: None,
+        ..Options::default()
     };
     tokio::spawn(server::serve(store.clone(), key.clone(), listener, opts, async {
         let _ = rx.await;

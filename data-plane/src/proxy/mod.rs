@@ -557,6 +557,9 @@ impl Proxy {
                 let via = account.proxy.as_ref().map(|p| p.endpoint()).unwrap_or_default();
                 tracing::warn!(account = %account.name, proxy = %via, error = %error_chain(&e), "upstream request failed");
                 sink.observe(&account.id, ctx.model, &Outcome::ConnectError);
+                if let Some(a) = guard.take() {
+                    forward::record_failed(a, &Tap::for_content(false), Some("api_error"));
+                }
                 return Err((
                     Failure::Relay(ApiError::upstream_unreachable("the upstream could not be reached")),
                     true,
@@ -565,6 +568,9 @@ impl Proxy {
             Err(_) => {
                 metrics::counter!("relay_upstream_errors_total", "kind" => "timeout").increment(1);
                 sink.observe(&account.id, ctx.model, &Outcome::Timeout);
+                if let Some(a) = guard.take() {
+                    forward::record_failed(a, &Tap::for_content(false), Some("api_error"));
+                }
                 return Err((
                     Failure::Relay(ApiError {
                         status: StatusCode::GATEWAY_TIMEOUT,

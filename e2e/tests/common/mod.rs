@@ -124,6 +124,7 @@ impl ControlPlane {
             replica: "e2e".into(),
             poll_interval: Duration::from_millis(100),
             tls: self.tls.clone(),
+            ..Options::default()
         };
         let fut = server::serve(self.store.clone(), self.key.clone(), listener, opts, async {
             let _ = rx.await;
@@ -237,6 +238,11 @@ impl ControlPlane {
     pub async fn head(&self) -> pb::ConfigVersion {
         let v = self.store.head().await.unwrap();
         pb::ConfigVersion::new(v.epoch, v.revision)
+    }
+
+    /// The SQLite database file (SQLite control planes only).
+    pub fn sqlite_path(&self) -> Option<std::path::PathBuf> {
+        self._dir.as_ref().map(|d| d.path().join("relay.db"))
     }
 
     /// Usage totals over everything stored.

@@ -1,0 +1,109 @@
+//! Listeners under a connection flood, in a process with a small open-file limit: each listener
+//! keeps within its own budget, the flooded one closes what it cannot hold instead of running out
+//! of descriptors (and spinning on accept errors), and the other listener stays reachable.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use relay_test_support::{free_port, wait_for, workspace_bin, Proc};
+use std::process::Command;
+use std::time::Duration;
+
+/// CPU seconds (user + system) the process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+async fn flood(port: u16, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        if let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            held.push(s);
+        }
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flooded_listener_never_starves_the_other_or_spins() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay-data");
+    let (grpc, proxy) = (free_port(), free_port());
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=320:320")
+        .arg("--")
+        .arg(workspace_bin("relay-control-plane"))
+        .args(["--standalone", "--listen", &format!("127.0.0.1:{grpc}")])
+        .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
+        .arg("--data-dir")
+        .arg(&data)
+        .env_remove("RELAY_ADMIN_TOKEN")
+        .env_remove("RELAY_MASTER_KEY");
+    let mut relay = Proc::spawn(cmd, &dir.path().join("relay.log")).unwrap();
+    let log = wait_for(Duration::from_secs(30), "relay to serve the Anthropic API", || {
+        let text = relay.log_text();
+        let exited = relay.try_wait();
+        async move {
+            if let Some(s) = exited {
+                panic!("relay exited with {s}: {text}");
+            }
+            text.contains("serving the Anthropic API").then_some(text)
+        }
+    })
+    .await
+    .unwrap();
+    // It says what the open-file limit allows, per listener.
+    assert!(log.contains("at most 32 connections at once"), "{log}");
+    assert!(log.contains("at most 64 connections at once"), "{log}");
+    let token = std::fs::read_to_string(data.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let server = format!("127.0.0.1:{grpc}");
+
+    // Flood the API listener well past what the process could hold.
+    let cpu_before = cpu_seconds(relay.id());
+    let api_flood = flood(proxy, 400).await;
+    // The admin listener answers meanwhile.
+    relayctl(&server, &token, &["account", "list"], None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_seconds(relay.id()) - cpu_before;
+    assert!(
+        used < 1.5,
+        "relay used {used:.2} CPU seconds in ~2 s of a held flood: spinning?"
+    );
+    assert!(relay.try_wait().is_none(), "relay died under the flood");
+    drop(api_flood);
+
+    // Flood the admin listener: the API answers meanwhile, and the admin comes back after.
+    let grpc_flood = flood(grpc, 400).await;
+    let health = wait_for(
+        Duration::from_secs(10),
+        "the API to answer during the admin flood",
+        || async { try_send("GET", &format!("http://127.0.0.1:{proxy}/healthz")).await },
+    )
+    .await
+    .unwrap();
+    assert_eq!(health.status, 200);
+    drop(grpc_flood);
+    wait_for(Duration::from_secs(10), "the admin listener to answer again", || {
+        let (server, token) = (server.clone(), token.clone());
+        async move {
+            let out = Command::new(workspace_bin("relayctl"))
+                .args(["account", "list"])
+                .env("RELAY_SERVER", &server)
+                .env("RELAY_ADMIN_TOKEN", &token)
+                .output()
+                .ok()?;
+            out.status.success().then_some(())
+        }
+    })
+    .await
+    .unwrap();
+}
