@@ -697,7 +697,8 @@ impl Proxy {
                     Err(err) => return Err(invalid(&mut guard, &tap, &err.to_string())),
                 },
             };
-            if !content_type.starts_with("application/json") {
+            // (No content-type at all is tolerated when the body is a message; the client gets one.)
+            if !content_type.is_empty() && !content_type.starts_with("application/json") {
                 return Err(invalid(&mut guard, &tap, &format!("content-type {content_type:?}")));
             }
             let answer = match forward::check_answer(ctx.is_messages, &bytes) {
@@ -722,6 +723,10 @@ impl Proxy {
             let mut out = Response::new(full(bytes));
             *out.status_mut() = rparts.status;
             *out.headers_mut() = forward::client_headers(&rparts.headers, ctx.request_id);
+            if content_type.is_empty() {
+                out.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
             return Ok(out);
         }
 
