@@ -732,3 +732,64 @@ async fn slow_heads_and_too_many_connections_are_cut_off() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn headers_that_identify_clients_or_accounts_stay_on_their_side() {
+    let s = setup(Backend::Sqlite, MockConfig::default()).await;
+    let body = message_body("claude-sonnet-4-5", false);
+    let client_side = [
+        ("cookie", "session=secret"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+        ("x-real-ip", "203.0.113.7"),
+        ("forwarded", "for=203.0.113.7"),
+        ("via", "1.1 corp-proxy"),
+        ("x-stainless-lang", "python"),
+    ];
+    let r = post(&s.dp, "/v1/messages", &s.key, &body, &client_side).await;
+    assert_eq!(r.status, 200);
+    // By default the pooled account's rate-limit headers stay behind (the mock sends them).
+    assert!(
+        !r.headers.keys().any(|n| n.as_str().starts_with("anthropic-ratelimit-")),
+        "{:?}",
+        r.headers
+    );
+    let seen = s.mock.requests().last().unwrap().clone();
+    for gone in [
+        "cookie",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-real-ip",
+        "forwarded",
+        "via",
+    ] {
+        assert!(seen.header(gone).is_none(), "{gone} reached the upstream");
+    }
+    assert_eq!(seen.header("x-stainless-lang"), Some("python"), "SDK headers pass");
+
+    // Both are operator choices.
+    for (name, value) in [
+        ("headers.expose_ratelimit", "true"),
+        ("headers.forward_client_ip", "true"),
+    ] {
+        s.cp.admin()
+            .await
+            .set_setting(pb::SetSettingRequest {
+                name: name.into(),
+                value: value.into(),
+            })
+            .await
+            .unwrap();
+    }
+    s.dp.wait_version(s.cp.head().await).await;
+    let r = post(&s.dp, "/v1/messages", &s.key, &body, &client_side).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("anthropic-ratelimit-requests-remaining").is_some(),
+        "{:?}",
+        r.headers
+    );
+    let seen = s.mock.requests().last().unwrap().clone();
+    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.7"));
+    assert!(seen.header("cookie").is_none(), "cookies never pass");
+}

@@ -17,6 +17,8 @@ pub enum Type {
     Fraction,
     /// A comma-separated list of model ids.
     Models,
+    /// `true` or `false`.
+    Bool,
 }
 
 impl Type {
@@ -26,6 +28,7 @@ impl Type {
             Type::Count => "integer",
             Type::Fraction => "fraction",
             Type::Models => "model list",
+            Type::Bool => "boolean",
         }
     }
 }
@@ -109,6 +112,24 @@ pub const SETTINGS: &[Setting] = &[
         "60000",
         "how long a 429 without any reset header keeps an account out",
     )),
+    Setting {
+        name: "headers.expose_ratelimit",
+        ty: Type::Bool,
+        min: 0,
+        max: 0,
+        default: "false",
+        per_account: false,
+        description: "pass the upstream account's anthropic-ratelimit-* headers on to clients (they describe one pooled account, not the client's key)",
+    },
+    Setting {
+        name: "headers.forward_client_ip",
+        ty: Type::Bool,
+        min: 0,
+        max: 0,
+        default: "false",
+        per_account: false,
+        description: "pass the client's x-forwarded-*, forwarded, x-real-ip and via headers on to upstreams",
+    },
     Setting {
         name: "models",
         ty: Type::Models,
@@ -233,6 +254,7 @@ impl Setting {
             Type::Millis | Type::Count => format!("{}..={}", self.min, self.max),
             Type::Fraction => "0 < x <= 1, or a percentage 1 < x <= 100".into(),
             Type::Models => "model ids, comma-separated".into(),
+            Type::Bool => "true or false".into(),
         }
     }
 
@@ -257,6 +279,10 @@ impl Setting {
             Type::Fraction => match v.parse::<f64>().ok().and_then(fraction) {
                 Some(_) => Ok(()),
                 None => Err(invalid()),
+            },
+            Type::Bool => match v {
+                "true" | "false" => Ok(()),
+                _ => Err(invalid()),
             },
             Type::Models => {
                 let ok = !v.is_empty()
@@ -283,6 +309,15 @@ impl Setting {
             .filter(|n| (self.min..=self.max).contains(n))
             .or_else(|| self.default.parse().ok())
             .unwrap_or(self.min)
+    }
+
+    /// The value in `values` as a boolean, else the default.
+    pub fn bool_in(&self, values: &BTreeMap<String, String>) -> bool {
+        match values.get(self.name).map(|v| v.trim()) {
+            Some("true") => true,
+            Some("false") => false,
+            _ => self.default == "true",
+        }
     }
 
     /// `raw` parsed as a fraction, else the default.

@@ -78,14 +78,44 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// The headers sent upstream for one attempt.
-pub fn upstream_headers(client: &HeaderMap, account: &AccountEntry) -> HeaderMap {
+/// Request headers that tell an upstream about the client's network or browser session: never
+/// sent upstream (the client IP ones only with `headers.forward_client_ip`).
+static CLIENT_IDENTITY: [HeaderName; 2] = [header::COOKIE, HeaderName::from_static("proxy-authorization")];
+static CLIENT_IP: [HeaderName; 4] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    header::VIA,
+    HeaderName::from_static("true-client-ip"),
+];
+
+/// The headers sent upstream for one attempt: the client's, without its key, its cookies, hop-by-hop
+/// headers and (unless `forward_client_ip`) what identifies its network (`x-forwarded-*`,
+/// `forwarded`, `x-real-ip`, `via`); with the account's credential. Other headers pass (Claude Code
+/// and the SDKs send their own `anthropic-*`, `x-stainless-*`, `x-app`, `user-agent`, which
+/// upstreams may rely on).
+pub fn upstream_headers(client: &HeaderMap, account: &AccountEntry, forward_client_ip: bool) -> HeaderMap {
     let mut h = client.clone();
     strip_hop_by_hop(&mut h);
     h.remove(header::HOST);
     h.remove(&X_API_KEY);
     h.remove(header::AUTHORIZATION);
     h.remove(header::CONTENT_LENGTH);
+    for n in &CLIENT_IDENTITY {
+        h.remove(n);
+    }
+    if !forward_client_ip {
+        for n in &CLIENT_IP {
+            h.remove(n);
+        }
+        let forwarded: Vec<HeaderName> = h
+            .keys()
+            .filter(|n| n.as_str().starts_with("x-forwarded-"))
+            .cloned()
+            .collect();
+        for n in forwarded {
+            h.remove(n);
+        }
+    }
     h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     match account.kind {
         AccountKind::ApiKey | AccountKind::Compatible => {
@@ -122,26 +152,30 @@ pub const MAX_CLIENT_HEADERS: usize = 64;
 static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 /// Upstream response headers a client may see: what the Anthropic API sends that SDKs and Claude
-/// Code read (`content-type`, `anthropic-*` rate-limit and beta headers, `x-should-retry`,
-/// `cache-control`). Everything else (`location`, `set-cookie`, a CDN's or proxy's own headers,
+/// Code read (`content-type`, `anthropic-*` headers, `x-should-retry`, `cache-control`); the
+/// account's own `anthropic-ratelimit-*` only with `headers.expose_ratelimit` (they describe one
+/// pooled account, not the client's key). Everything else (`location`, `set-cookie`, a CDN's or proxy's own headers,
 /// framing and coding headers, which relay derives from what it sends) stays behind; `retry-after`
 /// is relay's own, bounded value ([`client_retry_after`]); `request-id` is renamed.
-fn forwardable(name: &HeaderName) -> bool {
+fn forwardable(name: &HeaderName, expose_ratelimit: bool) -> bool {
+    let n = name.as_str();
     name == header::CONTENT_TYPE
         || name == header::CACHE_CONTROL
         || name == X_SHOULD_RETRY
-        || (name.as_str().starts_with("anthropic-") && !UPSTREAM_IDENTITY.contains(name))
+        || (n.starts_with("anthropic-")
+            && !UPSTREAM_IDENTITY.contains(name)
+            && (expose_ratelimit || !n.starts_with("anthropic-ratelimit-")))
 }
 
 /// The headers the client gets back: the allowed upstream headers within
 /// [`MAX_CLIENT_HEADERS`], [`MAX_CLIENT_HEADER_VALUE`] and [`MAX_CLIENT_HEADER_BYTES`], the
 /// upstream's `request-id` as `x-upstream-request-id`, relay's `request-id`.
-pub fn client_headers(upstream: &HeaderMap, request_id: &str) -> HeaderMap {
+pub fn client_headers(upstream: &HeaderMap, request_id: &str, expose_ratelimit: bool) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(upstream.len().min(MAX_CLIENT_HEADERS) + 2);
     let mut bytes = 0usize;
     let mut dropped = 0u64;
     for (name, value) in upstream {
-        if !forwardable(name) {
+        if !forwardable(name, expose_ratelimit) {
             continue;
         }
         let size = name.as_str().len() + value.len();

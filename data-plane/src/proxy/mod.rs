@@ -529,7 +529,7 @@ impl Proxy {
                 ))
             }
         };
-        *up.headers_mut() = forward::upstream_headers(&ctx.parts.headers, &account);
+        *up.headers_mut() = forward::upstream_headers(&ctx.parts.headers, &account, ctx.policy.forward_client_ip);
         // From here on the attempt leaves exactly one usage row, however it ends (if the
         // client goes away before the upstream answers, the guard records it as cancelled).
         let mut guard = AttemptGuard::new(Attempt {
@@ -652,7 +652,7 @@ impl Proxy {
             };
             let failure = Failure::Upstream {
                 status: rparts.status,
-                headers: forward::client_headers(&rparts.headers, ctx.request_id),
+                headers: forward::client_headers(&rparts.headers, ctx.request_id, ctx.policy.expose_ratelimit),
                 body,
                 retry_after: verdict.retry_after,
             };
@@ -722,7 +722,7 @@ impl Proxy {
             drop(slot);
             let mut out = Response::new(full(bytes));
             *out.status_mut() = rparts.status;
-            *out.headers_mut() = forward::client_headers(&rparts.headers, ctx.request_id);
+            *out.headers_mut() = forward::client_headers(&rparts.headers, ctx.request_id, ctx.policy.expose_ratelimit);
             if content_type.is_empty() {
                 out.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -837,7 +837,7 @@ impl Proxy {
         let body = TappedBody::new(rbody, Some(prefix), tap, attempt, sink, Some(slot), timeouts, ttfb);
         let mut out = Response::new(body.boxed());
         *out.status_mut() = rparts.status;
-        *out.headers_mut() = forward::client_headers(&rparts.headers, ctx.request_id);
+        *out.headers_mut() = forward::client_headers(&rparts.headers, ctx.request_id, ctx.policy.expose_ratelimit);
         Ok(out)
     }
 }

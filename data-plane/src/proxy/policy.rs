@@ -21,6 +21,10 @@ pub struct Policy {
     pub idle_timeout: Duration,
     pub total_timeout: Duration,
     pub sticky_ttl: Duration,
+    /// Clients see the upstream account's `anthropic-ratelimit-*` headers.
+    pub expose_ratelimit: bool,
+    /// Upstreams see the client's `x-forwarded-*`, `forwarded`, `x-real-ip` and `via` headers.
+    pub forward_client_ip: bool,
 }
 
 impl Default for Policy {
@@ -52,6 +56,8 @@ impl Policy {
             idle_timeout: ms(values, "upstream.idle_timeout_ms"),
             total_timeout: ms(values, "upstream.total_timeout_ms"),
             sticky_ttl: ms(values, "sticky.ttl_ms"),
+            expose_ratelimit: settings::known("headers.expose_ratelimit").bool_in(values),
+            forward_client_ip: settings::known("headers.forward_client_ip").bool_in(values),
         }
     }
 
