@@ -57,6 +57,10 @@ pub struct Options {
     /// Open client connections at most; past it new ones are closed at once
     /// (`relay_client_connections_refused_total`).
     pub max_connections: usize,
+    /// Allow plaintext gRPC (`http://`) to a control plane that is not on this host. The Watch
+    /// stream carries every upstream credential: without this, only `https://` (or loopback) is
+    /// accepted.
+    pub insecure_control_plane: bool,
 }
 
 impl std::fmt::Debug for Options {
@@ -73,6 +77,7 @@ impl std::fmt::Debug for Options {
             .field("body_read_timeout", &self.body_read_timeout)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("max_connections", &self.max_connections)
+            .field("insecure_control_plane", &self.insecure_control_plane)
             .finish_non_exhaustive()
     }
 }
@@ -93,7 +98,37 @@ impl Options {
             body_read_timeout: Duration::from_secs(120),
             header_read_timeout: Duration::from_secs(30),
             max_connections: 20_000,
+            insecure_control_plane: false,
         }
+    }
+}
+
+/// Refuses a plaintext control-plane URL whose host is not this machine, unless allowed.
+pub fn check_control_plane_url(url: &str, insecure_allowed: bool) -> Result<(), StartError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| StartError::ControlPlaneUrl(e.to_string()))?;
+    match uri.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http") => {
+            let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']');
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            if loopback || insecure_allowed {
+                if !loopback {
+                    tracing::warn!(
+                        control_plane = %url,
+                        "plaintext gRPC to a control plane on another host (--insecure-control-plane): upstream credentials cross the network unencrypted"
+                    );
+                }
+                Ok(())
+            } else {
+                Err(StartError::PlaintextControlPlane(host.to_string()))
+            }
+        }
+        _ => Err(StartError::ControlPlaneUrl(format!(
+            "{url}: expected http:// or https://"
+        ))),
     }
 }
 
@@ -101,6 +136,12 @@ impl Options {
 pub enum StartError {
     #[error("invalid control-plane URL: {0}")]
     ControlPlaneUrl(String),
+    #[error(
+        "the control plane at {0} would be reached over plaintext gRPC, which carries every upstream credential: \
+         use https:// (the control plane's --tls-cert/--tls-key, and --control-plane-ca here), or pass \
+         --insecure-control-plane on a network you trust"
+    )]
+    PlaintextControlPlane(String),
     #[error(transparent)]
     Cache(#[from] control::cache::CacheError),
     #[error(transparent)]
@@ -169,6 +210,7 @@ pub async fn start(
         Ok(None) => tracing::info!("no cached config; not ready until the control plane answers"),
         Err(e) => tracing::warn!(error = %e, "cannot read the config cache; ignoring it"),
     }
+    check_control_plane_url(&opts.control_plane, opts.insecure_control_plane)?;
     let link = ControlPlaneLink::new(&opts.control_plane, &opts.token, &opts.control_plane_tls)
         .map_err(|e| StartError::ControlPlaneUrl(e.to_string()))?;
     let spool = Arc::new(Spool::open(&opts.data_dir.join("spool"))?);
@@ -364,7 +406,25 @@ pub fn metrics_builder() -> metrics_exporter_prometheus::PrometheusBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn plaintext_control_planes_only_on_this_host_or_when_allowed() {
+        for ok in [
+            "http://127.0.0.1:50051",
+            "http://localhost:50051",
+            "http://[::1]:50051",
+            "https://cp.example:443",
+        ] {
+            assert!(super::check_control_plane_url(ok, false).is_ok(), "{ok}");
+        }
+        let e = super::check_control_plane_url("http://relay-control-plane.relay.svc:50051", false).unwrap_err();
+        assert!(e.to_string().contains("--insecure-control-plane"), "{e}");
+        assert!(matches!(e, super::StartError::PlaintextControlPlane(_)));
+        assert!(super::check_control_plane_url("http://10.0.0.5:50051", true).is_ok());
+        assert!(super::check_control_plane_url("ftp://x", true).is_err());
+    }
+
     #[test]
     fn options_debug_hides_the_token_and_cache_key() {
         let mut o = super::Options::new(

@@ -55,6 +55,10 @@ struct Args {
     /// Open client connections at most; new ones past it are closed at once.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: u64,
+    /// Allow plaintext gRPC (http://) to a control plane on another host. The config stream carries
+    /// every upstream credential: use https:// unless the network is yours alone.
+    #[arg(long, env = "RELAY_INSECURE_CONTROL_PLANE")]
+    insecure_control_plane: bool,
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -141,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
     opts.body_read_timeout = Duration::from_secs(args.body_read_timeout_secs);
     opts.header_read_timeout = Duration::from_secs(args.header_read_timeout_secs);
     opts.max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
+    opts.insecure_control_plane = args.insecure_control_plane;
     let dp = relay_data_plane::start(opts, Some(metrics))
         .await
         .context("starting the data plane")?;
