@@ -105,8 +105,9 @@ pub async fn serve(
     let auth = Authenticator::new(store.clone(), key.clone())
         .with_client_certs(client_certs)
         .with_token_watch(tokens);
+    let gate = crate::api::gate::GateLayer::new(auth.clone());
     let admin = AdminServer::new(AdminService::new(store.clone(), key.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(crate::api::gate::ADMIN_MAX_DECODE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let discovery = ConfigDiscoveryServer::new(DiscoveryService::new(
         publisher.subscribe(),
@@ -115,7 +116,7 @@ pub async fn serve(
         opts.replica.clone(),
         closing.clone(),
     ))
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_decoding_message_size(crate::api::gate::DISCOVERY_MAX_DECODE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let usage = UsageIngestServer::new(UsageService::new(store.clone(), auth, closing))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -142,6 +143,9 @@ pub async fn serve(
     builder
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Streams a connection may have open at once (a data plane needs two or three).
+        .max_concurrent_streams(Some(128))
+        .layer(gate)
         .add_service(health)
         .add_service(reflection)
         .add_service(admin)

@@ -489,6 +489,65 @@ both_stores!(absurd_usage_is_clamped_flagged_and_reportable, |cp: Cp| async move
     }
 });
 
+both_stores!(tokens_are_checked_before_messages_are_decoded, |cp: Cp| async move {
+    // 100 MiB in one Admin call: without a valid token it is refused from the head alone (had
+    // it been decoded first, the answer would be about its size, not the token).
+    let huge = pb::CreateAccountRequest {
+        name: "x".repeat(100 << 20),
+        ..Default::default()
+    };
+    for token in [None, Some("rat-not-a-token-of-this-deployment-0123456789abcdef")] {
+        let e = cp
+            .admin_as(token)
+            .await
+            .max_encoding_message_size(usize::MAX)
+            .create_account(huge.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{token:?}: {e}");
+    }
+    // A data-plane token may not call Admin at all; an operator token may not Watch.
+    let e = cp
+        .admin_as(Some(DP_TOKEN))
+        .await
+        .max_encoding_message_size(usize::MAX)
+        .create_account(huge.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let e = cp.watch_as(ADMIN_TOKEN, None, "dp-x").await.err().unwrap();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    // An admin's Admin messages are small: 5 MiB is refused for its size.
+    let e = cp
+        .admin()
+        .await
+        .max_encoding_message_size(usize::MAX)
+        .create_account(pb::CreateAccountRequest {
+            name: "x".repeat(5 << 20),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+    // A token created a moment ago (not yet in a published head) is let through.
+    let created = cp
+        .admin()
+        .await
+        .create_admin_token(pb::CreateAdminTokenRequest {
+            name: "fresh".into(),
+            role: pb::AdminRole::ReadOnly as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = cp
+        .admin_as(Some(&created.token))
+        .await
+        .list_accounts(pb::ListAccountsRequest {})
+        .await;
+    assert!(listed.is_ok(), "{listed:?}");
+});
+
 both_stores!(admin_auth_and_roles, |cp: Cp| async move {
     let list = |token: Option<&'static str>| {
         let cp = &cp;

@@ -170,6 +170,42 @@ impl Authenticator {
         super::identity::NodeIdentity::of(req, self.client_certs)
     }
 
+    /// Whether the call's token is known and has one of `roles`: from the tokens of the last
+    /// published head when it is there, else from the store (a token created since). Used by the
+    /// gate before a call's messages are decoded; methods still [`Self::check`] their own need.
+    pub async fn admit(&self, md: &MetadataMap, roles: &[Role]) -> Result<(), Status> {
+        let token = bearer(md)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Status::unauthenticated("missing bearer token (authorization: Bearer <token>)"))?;
+        let hash = self.key.hash_admin_token(token);
+        let known = self.tokens.as_ref().and_then(|t| t.rx.borrow().1.get(&hash).copied());
+        let role = match known {
+            Some(role) => role,
+            None => {
+                let found = self
+                    .store
+                    .find_admin_token(&hash)
+                    .await
+                    .map_err(super::status_from_store)?;
+                match found.filter(|t| hashes_equal(&t.token_hash, &hash)) {
+                    Some(t) => t.role,
+                    None => {
+                        metrics::counter!("relay_admin_auth_failures_total", "reason" => "unknown_token").increment(1);
+                        return Err(Status::unauthenticated("invalid token"));
+                    }
+                }
+            }
+        };
+        if roles.contains(&role) {
+            Ok(())
+        } else {
+            metrics::counter!("relay_admin_auth_failures_total", "reason" => "role").increment(1);
+            Err(Status::permission_denied(format!(
+                "a token with role {role} may not call this service"
+            )))
+        }
+    }
+
     pub async fn check(&self, md: &MetadataMap, need: Need) -> Result<Actor, Status> {
         let token = bearer(md)
             .filter(|t| !t.is_empty())

@@ -1,11 +1,13 @@
 //! tonic adapters: the only place where proto types meet the store and the
 //! domain model. `auth` checks bearer tokens; `admin` serves `relayctl`;
 //! `discovery` serves `ConfigDiscovery.Watch`; `usage` serves `UsageIngest.Report`;
-//! `identity` ties a data plane's TLS client certificate to its node id.
+//! `identity` ties a data plane's TLS client certificate to its node id; `gate` checks every
+//! call's token before its messages are decoded.
 
 pub mod admin;
 pub mod auth;
 pub mod discovery;
+pub mod gate;
 pub mod identity;
 pub mod usage;
 
