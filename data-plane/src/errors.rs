@@ -45,6 +45,10 @@ impl ApiError {
     pub fn too_large(m: impl Into<String>) -> Self {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", m).no_retry()
     }
+    /// The client (its key) asks for more than relay lets it have at once.
+    pub fn rate_limited(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", m)
+    }
     /// The client did not finish sending its body in time.
     pub fn body_timeout(m: impl Into<String>) -> Self {
         Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", m)

@@ -61,6 +61,8 @@ pub struct Options {
     /// stream carries every upstream credential: without this, only `https://` (or loopback) is
     /// accepted.
     pub insecure_control_plane: bool,
+    /// Request-body bytes one key may have held at once (read, or kept for a retry).
+    pub max_body_bytes_per_key: usize,
 }
 
 impl std::fmt::Debug for Options {
@@ -78,6 +80,7 @@ impl std::fmt::Debug for Options {
             .field("header_read_timeout", &self.header_read_timeout)
             .field("max_connections", &self.max_connections)
             .field("insecure_control_plane", &self.insecure_control_plane)
+            .field("max_body_bytes_per_key", &self.max_body_bytes_per_key)
             .finish_non_exhaustive()
     }
 }
@@ -99,6 +102,7 @@ impl Options {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 20_000,
             insecure_control_plane: false,
+            max_body_bytes_per_key: 64 << 20,
         }
     }
 }
@@ -270,6 +274,7 @@ pub async fn start(
         metrics,
         accepting: accepting.clone(),
         body_read_timeout: opts.body_read_timeout,
+        held_bodies: proxy::held::HeldBodies::new(opts.max_body_bytes_per_key),
     });
     let limits = ConnLimits {
         header_read_timeout: opts.header_read_timeout,

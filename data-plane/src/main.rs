@@ -59,6 +59,10 @@ struct Args {
     /// every upstream credential: use https:// unless the network is yours alone.
     #[arg(long, env = "RELAY_INSECURE_CONTROL_PLANE")]
     insecure_control_plane: bool,
+    /// Megabytes of request bodies one API key may have in flight at once on this data plane
+    /// (a body counts from when it is read until the upstream answered); more get 429.
+    #[arg(long, env = "RELAY_MAX_BODY_MB_PER_KEY", default_value_t = 64, value_parser = clap::value_parser!(u64).range(32..=1_000_000))]
+    max_body_mb_per_key: u64,
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -146,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
     opts.header_read_timeout = Duration::from_secs(args.header_read_timeout_secs);
     opts.max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
     opts.insecure_control_plane = args.insecure_control_plane;
+    opts.max_body_bytes_per_key = usize::try_from(args.max_body_mb_per_key << 20).unwrap_or(usize::MAX);
     let dp = relay_data_plane::start(opts, Some(metrics))
         .await
         .context("starting the data plane")?;

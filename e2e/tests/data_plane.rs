@@ -793,3 +793,49 @@ async fn headers_that_identify_clients_or_accounts_stay_on_their_side() {
     assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.7"));
     assert!(seen.header("cookie").is_none(), "cookies never pass");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_cannot_make_a_data_plane_hold_unbounded_bodies() {
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let mock = mock(MockConfig {
+        ttfb: Duration::from_secs(2),
+        ..MockConfig::default()
+    })
+    .await;
+    cp.add_account("acct-1", &mock.base_url(), ACCOUNT_SECRET).await;
+    let (_, key) = cp.add_key("big-sender", &[]).await;
+    let (_, other) = cp.add_key("someone-else", &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dp = DataPlane::start_with(&cp.url(), "dp-1", dir.path().join("dp-1"), |o| {
+        o.max_body_bytes_per_key = 40 << 20;
+    })
+    .await;
+    dp.wait_version(cp.head().await).await;
+    let big = json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "x".repeat(25 << 20)}],
+    });
+    let url = dp.url("/v1/messages");
+    let first = {
+        let (url, key, big) = (url.clone(), key.clone(), big.clone());
+        tokio::spawn(async move { post_raw(&url, &key, &big).await })
+    };
+    // While the first body is held (the upstream takes 2 s), a second one from the same key is
+    // refused; another key is not affected.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (second, third) = tokio::join!(post_raw(&url, &key, &big), post_raw(&url, &other, &big));
+    assert_eq!(second.status, 429, "{}", String::from_utf8_lossy(&second.body));
+    assert_eq!(second.error_type(), "rate_limit_error");
+    assert!(second.header("retry-after").is_some());
+    assert_eq!(third.status, 200, "{}", String::from_utf8_lossy(&third.body));
+    assert_eq!(first.await.unwrap().status, 200);
+    // Once the first has been answered the key may send again.
+    assert_eq!(post_raw(&url, &key, &big).await.status, 200);
+}
+
+async fn post_raw(url: &str, key: &str, body: &serde_json::Value) -> HttpResponse {
+    let h = sdk_headers(key);
+    let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    send("POST", url, &hs, body.to_string()).await
+}

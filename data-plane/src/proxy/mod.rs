@@ -9,6 +9,7 @@
 pub mod balance;
 pub mod forward;
 pub mod health;
+pub mod held;
 pub mod models;
 pub mod policy;
 pub mod sticky;
@@ -54,6 +55,8 @@ pub struct Proxy {
     pub accepting: Arc<std::sync::atomic::AtomicBool>,
     /// How long a client may take to send a whole request body.
     pub body_read_timeout: std::time::Duration,
+    /// Request-body bytes each key may have held at once on this data plane.
+    pub held_bodies: Arc<held::HeldBodies>,
 }
 
 fn new_request_id() -> String {
@@ -258,11 +261,21 @@ impl Proxy {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
+        // This key's share of the request bodies held at once (a large body counts until the
+        // upstream has answered).
+        let mut hold: Option<held::Hold> = None;
+        let mut over_held = false;
         let body = if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
             None
         } else {
             let read = async {
-                let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
+                if let Some(n) = declared {
+                    if self.held_bodies.grow(&mut hold, &key.id, n).is_err() {
+                        over_held = true;
+                        return Ok(None);
+                    }
+                }
+                let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(MAX_BODY_BYTES));
                 while let Some(frame) = incoming.frame().await {
                     let frame = frame.map_err(|_| ApiError::invalid_request("could not read the request body"))?;
                     if let Some(d) = frame.data_ref() {
@@ -270,6 +283,10 @@ impl Proxy {
                             return Ok(None);
                         }
                         buf.extend_from_slice(d);
+                        if self.held_bodies.grow(&mut hold, &key.id, buf.len()).is_err() {
+                            over_held = true;
+                            return Ok(None);
+                        }
                     }
                 }
                 Ok(Some(buf.freeze()))
@@ -283,11 +300,20 @@ impl Proxy {
             // Read (and discard) what the client is still sending, so it gets
             // this answer instead of a broken pipe; give up past twice the limit.
             let mut drained = 0usize;
+            drop(hold);
             while let Some(Ok(frame)) = incoming.frame().await {
                 drained += frame.data_ref().map_or(0, |d| d.len());
                 if drained > 2 * MAX_BODY_BYTES {
                     break;
                 }
+            }
+            if over_held {
+                let mut e = ApiError::rate_limited(format!(
+                    "this API key already has {} MB of request bodies in flight on this relay; retry when some finish",
+                    self.held_bodies.held_by(&key.id) >> 20
+                ));
+                e.retry_after_secs = Some(1);
+                return Err(e);
             }
             return Err(ApiError::too_large("request body exceeds the 32 MB limit"));
         };
