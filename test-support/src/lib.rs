@@ -70,9 +70,29 @@ fn postgres_bindir() -> anyhow::Result<std::path::PathBuf> {
 
 /// Starts a throwaway server; returns its URL. Runs as `postgres` when we are root.
 fn start_ephemeral_postgres() -> anyhow::Result<String> {
+    let port = start_postgres_server("pg", &[], "")?;
+    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+}
+
+/// Starts a throwaway Postgres server that requires TLS with this certificate chain and key
+/// (PEM) on 127.0.0.1 (plain connections are refused); returns its port. Stopped and deleted
+/// when this process exits.
+pub fn start_tls_postgres(cert_pem: &str, key_pem: &str) -> anyhow::Result<u16> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let tag = format!("pgtls-{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    start_postgres_server(
+        &tag,
+        &[("server.crt", cert_pem), ("server.key", key_pem)],
+        "-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key",
+    )
+}
+
+/// initdb + postgres in a temporary directory; `files` are written into the data directory
+/// (mode 0600, owned by the server's user); `extra` are more server options. Returns the port.
+fn start_postgres_server(tag: &str, files: &[(&str, &str)], extra: &str) -> anyhow::Result<u16> {
     use std::process::Command;
     let bin = postgres_bindir()?;
-    let dir = std::env::temp_dir().join(format!("relay-test-pg-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("relay-test-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let as_root = Command::new("id")
         .arg("-u")
@@ -100,12 +120,28 @@ fn start_ephemeral_postgres() -> anyhow::Result<String> {
     ))
     .status()?;
     anyhow::ensure!(init.success(), "initdb failed (see {d}/initdb.log)");
+    for (name, contents) in files {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("data").join(name);
+        std::fs::write(&path, contents)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        if as_root {
+            Command::new("chown").arg("postgres").arg(&path).status()?;
+        }
+    }
+    if !files.is_empty() || !extra.is_empty() {
+        // Only TLS connections over TCP (a server with extra options is a TLS test's).
+        std::fs::write(
+            dir.join("data").join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+        )?;
+    }
     let port = free_port();
     let parent = std::process::id();
     // The watchdog stops and removes the server once this process is gone.
     let script = format!(
         "'{b}/postgres' -D '{d}/data' -p {port} -k '{d}' -c listen_addresses=127.0.0.1 -c fsync=off \
-         -c synchronous_commit=off -c max_connections=300 >'{d}/postgres.log' 2>&1 & pg=$!; \
+         -c synchronous_commit=off -c max_connections=300 {extra} >'{d}/postgres.log' 2>&1 & pg=$!; \
          while [ -d /proc/{parent} ] && kill -0 $pg 2>/dev/null; do sleep 1; done; \
          kill -INT $pg 2>/dev/null; wait $pg; rm -rf '{d}'"
     );
@@ -122,7 +158,7 @@ fn start_ephemeral_postgres() -> anyhow::Result<String> {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+    Ok(port)
 }
 
 fn with_database(url: &str, db: &str) -> anyhow::Result<String> {

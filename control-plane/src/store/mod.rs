@@ -10,6 +10,7 @@ use crate::model::*;
 use std::sync::Arc;
 use tokio::sync::Notify;
 
+pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 

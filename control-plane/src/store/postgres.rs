@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Row};
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -67,12 +67,10 @@ fn parse<T: FromStr<Err = String>>(s: &str) -> Result<T> {
 impl PostgresStore {
     /// Connects, applies pending migrations and starts the `LISTEN` task.
     pub async fn connect(url: &str, max_connections: usize) -> Result<Self> {
-        let cfg: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::Database(format!("invalid database URL: {e}")))?;
+        let super::pg_tls::PgTarget { config: cfg, tls, .. } = super::pg_tls::target(url)?;
         let mgr = Manager::from_config(
             cfg.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -83,7 +81,7 @@ impl PostgresStore {
             .map_err(db)?;
         migrate(&pool).await?;
         let hint = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen_loop(cfg, hint.clone()));
+        let listener = tokio::spawn(listen_loop(cfg, tls, hint.clone()));
         Ok(Self { pool, hint, listener })
     }
 
@@ -129,12 +127,16 @@ async fn migrate(pool: &Pool) -> Result<()> {
 
 /// Keeps a `LISTEN relay_config` connection open and turns notifications into
 /// hints; reconnects with backoff. The poll in the config watcher covers gaps.
-async fn listen_loop(mut cfg: tokio_postgres::Config, hint: Arc<Notify>) {
+async fn listen_loop(
+    mut cfg: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    hint: Arc<Notify>,
+) {
     // Named, so operators (and tests) can tell the listener from pool connections.
     cfg.application_name(LISTEN_APPLICATION_NAME);
     let mut backoff = Duration::from_millis(200);
     loop {
-        match cfg.connect(NoTls).await {
+        match cfg.connect(tls.clone()).await {
             Ok((client, mut conn)) => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let driver = tokio::spawn(async move {
