@@ -71,6 +71,10 @@ impl ApiError {
         e.retry_after_secs = Some(1);
         e
     }
+    /// The data plane's config is older than it may serve.
+    pub fn stale_config(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", m)
+    }
     pub fn upstream_unreachable(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "api_error", m)
     }

@@ -63,6 +63,8 @@ pub struct Options {
     pub insecure_control_plane: bool,
     /// Request-body bytes one key may have held at once (read, or kept for a retry).
     pub max_body_bytes_per_key: usize,
+    /// Stop serving when no control plane has been heard from for this long (None: never).
+    pub max_config_staleness: Option<Duration>,
 }
 
 impl std::fmt::Debug for Options {
@@ -81,6 +83,7 @@ impl std::fmt::Debug for Options {
             .field("max_connections", &self.max_connections)
             .field("insecure_control_plane", &self.insecure_control_plane)
             .field("max_body_bytes_per_key", &self.max_body_bytes_per_key)
+            .field("max_config_staleness", &self.max_config_staleness)
             .finish_non_exhaustive()
     }
 }
@@ -103,6 +106,7 @@ impl Options {
             max_connections: 20_000,
             insecure_control_plane: false,
             max_body_bytes_per_key: 64 << 20,
+            max_config_staleness: Some(Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -202,6 +206,10 @@ pub async fn start(
         })
     };
     let cache = Arc::new(ConfigCache::open(&opts.data_dir, opts.cache_key.as_deref())?);
+    let freshness = Arc::new(control::freshness::Freshness::load(
+        Some(&opts.data_dir),
+        cache.written_at_ms().unwrap_or(0),
+    ));
     match cache.load() {
         Ok(Some((version, resources))) => match ServingConfig::build(version, resources) {
             Ok(cfg) => {
@@ -245,6 +253,7 @@ pub async fn start(
             cache: Some(cache),
             on_apply: Some(on_apply),
             failures: watch_failures.clone(),
+            freshness: freshness.clone(),
         }
         .run(stop_rx.clone()),
     );
@@ -275,6 +284,8 @@ pub async fn start(
         accepting: accepting.clone(),
         body_read_timeout: opts.body_read_timeout,
         held_bodies: proxy::held::HeldBodies::new(opts.max_body_bytes_per_key),
+        freshness: freshness.clone(),
+        max_config_staleness: opts.max_config_staleness,
     });
     let limits = ConnLimits {
         header_read_timeout: opts.header_read_timeout,

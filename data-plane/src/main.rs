@@ -63,6 +63,10 @@ struct Args {
     /// (a body counts from when it is read until the upstream answered); more get 429.
     #[arg(long, env = "RELAY_MAX_BODY_MB_PER_KEY", default_value_t = 64, value_parser = clap::value_parser!(u64).range(32..=1_000_000))]
     max_body_mb_per_key: u64,
+    /// Minutes without any control plane after which the data plane stops serving its last config
+    /// (it may still hold keys revoked since); 0: serve it forever.
+    #[arg(long, env = "RELAY_MAX_CONFIG_STALENESS_MINS", default_value_t = 1440)]
+    max_config_staleness_mins: u64,
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -150,6 +154,8 @@ async fn main() -> anyhow::Result<()> {
     opts.header_read_timeout = Duration::from_secs(args.header_read_timeout_secs);
     opts.max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
     opts.insecure_control_plane = args.insecure_control_plane;
+    opts.max_config_staleness = (args.max_config_staleness_mins > 0)
+        .then(|| Duration::from_secs(args.max_config_staleness_mins.saturating_mul(60)));
     opts.max_body_bytes_per_key = usize::try_from(args.max_body_mb_per_key << 20).unwrap_or(usize::MAX);
     let dp = relay_data_plane::start(opts, Some(metrics))
         .await

@@ -839,3 +839,60 @@ async fn post_raw(url: &str, key: &str, body: &serde_json::Value) -> HttpRespons
     let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
     send("POST", url, &hs, body.to_string()).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_data_plane_cut_off_too_long_stops_serving_and_says_why() {
+    let mut cp = ControlPlane::start(Backend::Sqlite).await;
+    let mock = mock(MockConfig::default()).await;
+    cp.add_account("acct-1", &mock.base_url(), ACCOUNT_SECRET).await;
+    let (_, key) = cp.add_key("client", &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut dp = DataPlane::start_with(&cp.url(), "dp-1", dir.path().join("dp-1"), |o| {
+        o.max_config_staleness = Some(Duration::from_secs(2));
+    })
+    .await;
+    dp.wait_version(cp.head().await).await;
+    let body = message_body("claude-sonnet-4-5", false);
+    assert_eq!(post_messages(&dp, &key, &body).await.status, 200);
+
+    // The control plane goes away: the last config is served for a while, then refused.
+    cp.kill().await;
+    assert_eq!(
+        post_messages(&dp, &key, &body).await.status,
+        200,
+        "still within the staleness"
+    );
+    let refused = wait_for(Duration::from_secs(15), "the config to become too old", || async {
+        let r = post_messages(&dp, &key, &body).await;
+        (r.status == 503).then_some(r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.error_type(), "api_error");
+    assert!(
+        refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has not reached its control plane"),
+        "{:?}",
+        refused.body
+    );
+    assert_eq!(send("GET", &dp.url("/readyz"), &[], "").await.status, 503);
+
+    // A restart of the data plane does not reset the clock (the last contact is kept on disk).
+    dp.shutdown().await;
+    let dp = DataPlane::start_with(&cp.url(), "dp-1", dir.path().join("dp-1"), |o| {
+        o.max_config_staleness = Some(Duration::from_secs(2));
+    })
+    .await;
+    assert_eq!(post_messages(&dp, &key, &body).await.status, 503);
+
+    // The control plane is back: serving again.
+    cp.resume().await;
+    wait_for(Duration::from_secs(15), "serving again", || async {
+        (post_messages(&dp, &key, &body).await.status == 200).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(send("GET", &dp.url("/readyz"), &[], "").await.status, 200);
+}

@@ -85,6 +85,13 @@ impl ConfigCache {
         })
     }
 
+    /// When the cached config was written (unix ms), if there is one.
+    pub fn written_at_ms(&self) -> Option<i64> {
+        let modified = std::fs::metadata(self.dir.join(FILE)).ok()?.modified().ok()?;
+        let since = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+        i64::try_from(since.as_millis()).ok()
+    }
+
     /// The cached config, if any. A corrupt cache is an error (the caller logs
     /// it and starts without one).
     pub fn load(&self) -> Result<Option<(pb::ConfigVersion, pb::Resources)>, CacheError> {

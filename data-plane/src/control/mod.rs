@@ -3,6 +3,7 @@
 //! (`spool`, `report`).
 
 pub mod cache;
+pub mod freshness;
 pub mod report;
 pub mod spool;
 pub mod state;

@@ -85,6 +85,8 @@ pub struct Watcher {
     pub on_apply: Option<OnApply>,
     /// Config streams that failed or were refused (also `relay_config_stream_failures_total`).
     pub failures: Arc<std::sync::atomic::AtomicU64>,
+    /// When a control plane was last heard from.
+    pub freshness: Arc<super::freshness::Freshness>,
 }
 
 /// Applies one update: the complete new config, validated and indexed.
@@ -107,6 +109,7 @@ impl Watcher {
                 _ = crate::stopped(&mut stop) => return,
             };
             metrics::gauge!("relay_control_plane_connected").set(0.0);
+            self.freshness.disconnected();
             if result.is_err() {
                 self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 metrics::counter!("relay_config_stream_failures_total").increment(1);
@@ -161,8 +164,22 @@ impl Watcher {
         .map_err(|_| tonic::Status::internal("watch request channel closed"))?;
         let mut inbound = client.watch(ReceiverStream::new(rx)).await?.into_inner();
         metrics::gauge!("relay_control_plane_connected").set(1.0);
+        self.freshness.connected();
         tracing::info!(held = ?held.map(|v| v.to_string()), "config stream open");
-        while let Some(update) = inbound.message().await? {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            let update = tokio::select! {
+                m = inbound.message() => match m? {
+                    Some(u) => u,
+                    None => break,
+                },
+                // The stream is open (HTTP/2 keepalive watches the connection): still in contact.
+                _ = tick.tick() => {
+                    self.freshness.touch();
+                    continue;
+                }
+            };
+            self.freshness.touch();
             let reply = self.handle(&update);
             if tx.send(reply).await.is_err() {
                 break;
@@ -245,6 +262,7 @@ mod tests {
             cache: None,
             on_apply: None,
             failures: Arc::default(),
+            freshness: Arc::new(crate::control::freshness::Freshness::load(None, 0)),
         }
     }
 

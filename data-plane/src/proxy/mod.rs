@@ -57,6 +57,10 @@ pub struct Proxy {
     pub body_read_timeout: std::time::Duration,
     /// Request-body bytes each key may have held at once on this data plane.
     pub held_bodies: Arc<held::HeldBodies>,
+    /// When a control plane was last heard from.
+    pub freshness: Arc<crate::control::freshness::Freshness>,
+    /// Past this without a control plane, requests are refused (None: never).
+    pub max_config_staleness: Option<Duration>,
 }
 
 fn new_request_id() -> String {
@@ -216,7 +220,7 @@ impl Proxy {
 
     fn readyz(&self, request_id: &str) -> Response<Body> {
         let cfg = self.holder.get();
-        let accepting = self.accepting.load(std::sync::atomic::Ordering::Acquire);
+        let accepting = self.accepting.load(std::sync::atomic::Ordering::Acquire) && self.stale().is_none();
         let body = serde_json::json!({
             "ready": cfg.is_some() && accepting,
             "config_version": cfg.as_ref().map(|c| c.version.to_string()),
@@ -240,8 +244,26 @@ impl Proxy {
     }
 
     /// Config present and key valid.
+    /// The config is too old to serve: no control plane for longer than the maximum staleness.
+    fn stale(&self) -> Option<ApiError> {
+        let max = self.max_config_staleness?;
+        let age = self.freshness.stale_for(max)?;
+        metrics::counter!("relay_requests_refused_stale_config_total").increment(1);
+        let mut e = ApiError::stale_config(format!(
+            "relay has not reached its control plane for {} minutes (at most {} allowed): it no longer serves a \
+             config that may still hold revoked keys",
+            age.as_secs() / 60,
+            max.as_secs() / 60
+        ));
+        e.retry_after_secs = Some(30);
+        Some(e)
+    }
+
     fn admit(&self, h: &HeaderMap) -> Result<(Arc<ServingConfig>, Arc<KeyEntry>), ApiError> {
         let cfg = self.holder.get().ok_or_else(ApiError::not_ready)?;
+        if let Some(e) = self.stale() {
+            return Err(e);
+        }
         let key = authenticate(&cfg, h)?;
         Ok((cfg, key))
     }
