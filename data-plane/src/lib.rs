@@ -65,6 +65,8 @@ pub struct Options {
     pub max_body_bytes_per_key: usize,
     /// Stop serving when no control plane has been heard from for this long (None: never).
     pub max_config_staleness: Option<Duration>,
+    /// Serve `/metrics`, `/readyz` and `/healthz` here instead of on the API listener.
+    pub ops_listen: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Options {
@@ -84,6 +86,7 @@ impl std::fmt::Debug for Options {
             .field("insecure_control_plane", &self.insecure_control_plane)
             .field("max_body_bytes_per_key", &self.max_body_bytes_per_key)
             .field("max_config_staleness", &self.max_config_staleness)
+            .field("ops_listen", &self.ops_listen)
             .finish_non_exhaustive()
     }
 }
@@ -107,6 +110,7 @@ impl Options {
             insecure_control_plane: false,
             max_body_bytes_per_key: 64 << 20,
             max_config_staleness: Some(Duration::from_secs(24 * 3600)),
+            ops_listen: None,
         }
     }
 }
@@ -164,6 +168,7 @@ pub enum StartError {
 
 pub struct RunningDataPlane {
     local_addr: SocketAddr,
+    ops_addr: Option<SocketAddr>,
     pub holder: Arc<ConfigHolder>,
     /// Concurrency slots and load per account.
     pub balancer: Arc<proxy::balance::Balancer>,
@@ -232,6 +237,14 @@ pub async fn start(
             addr: opts.listen,
             source,
         })?;
+    let ops = match opts.ops_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
     let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
         addr: opts.listen,
         source,
@@ -286,15 +299,25 @@ pub async fn start(
         held_bodies: proxy::held::HeldBodies::new(opts.max_body_bytes_per_key),
         freshness: freshness.clone(),
         max_config_staleness: opts.max_config_staleness,
+        ops_separate: opts.ops_listen.is_some(),
     });
     let limits = ConnLimits {
         header_read_timeout: opts.header_read_timeout,
         // A proxied request holds two descriptors (its client's and its upstream's).
         max_connections: listen::fd_budget(opts.max_connections, 2, listen::raise_fd_limit(), "api listener"),
     };
+    let ops_addr = match ops {
+        Some(l) => {
+            let addr = l.local_addr().ok();
+            tokio::spawn(serve_ops(l, proxy.clone(), stop_rx.clone()));
+            addr
+        }
+        None => None,
+    };
     let server = tokio::spawn(serve(listener, proxy, stop_rx, limits));
     Ok(RunningDataPlane {
         local_addr,
+        ops_addr,
         holder,
         balancer,
         health,
@@ -310,6 +333,32 @@ pub async fn start(
         grace: opts.shutdown_grace,
         _dir_lock: dir_lock,
     })
+}
+
+/// The operations listener: `/metrics`, `/readyz`, `/healthz` only (HTTP/1.1, a few connections).
+async fn serve_ops(listener: tokio::net::TcpListener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    let open = Arc::new(tokio::sync::Semaphore::new(64));
+    loop {
+        let stream = tokio::select! {
+            s = listen::accept(&listener, "ops") => s,
+            _ = stopped(&mut stop) => return,
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            metrics::counter!("relay_client_connections_refused_total", "listener" => "ops").increment(1);
+            continue;
+        };
+        let proxy = proxy.clone();
+        let svc = hyper::service::service_fn(move |req| proxy.clone().handle_ops(req));
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
 }
 
 /// What one client may hold of the listener.
@@ -372,6 +421,11 @@ async fn serve(
 impl RunningDataPlane {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The operations listener's address, when there is one.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops_addr
     }
 
     /// How many config streams to the control plane have failed or been refused.

@@ -67,6 +67,10 @@ struct Args {
     /// (it may still hold keys revoked since); 0: serve it forever.
     #[arg(long, env = "RELAY_MAX_CONFIG_STALENESS_MINS", default_value_t = 1440)]
     max_config_staleness_mins: u64,
+    /// Serve /metrics, /readyz and /healthz on this address instead of on the API listener (keep
+    /// them off the public port).
+    #[arg(long, env = "RELAY_OPS_LISTEN")]
+    ops_listen: Option<SocketAddr>,
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -154,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
     opts.header_read_timeout = Duration::from_secs(args.header_read_timeout_secs);
     opts.max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
     opts.insecure_control_plane = args.insecure_control_plane;
+    opts.ops_listen = args.ops_listen;
     opts.max_config_staleness = (args.max_config_staleness_mins > 0)
         .then(|| Duration::from_secs(args.max_config_staleness_mins.saturating_mul(60)));
     opts.max_body_bytes_per_key = usize::try_from(args.max_body_mb_per_key << 20).unwrap_or(usize::MAX);
@@ -161,6 +166,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting the data plane")?;
     println!("relay: data plane {node_id} listening on {}", dp.local_addr());
+    if let Some(ops) = dp.ops_addr() {
+        println!("relay: /metrics, /readyz and /healthz on http://{ops}");
+    }
     terminated().await;
     tracing::info!("SIGTERM: draining");
     dp.shutdown().await;

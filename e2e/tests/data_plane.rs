@@ -896,3 +896,37 @@ async fn a_data_plane_cut_off_too_long_stops_serving_and_says_why() {
     .unwrap();
     assert_eq!(send("GET", &dp.url("/readyz"), &[], "").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operations_endpoints_can_live_off_the_public_port() {
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let mock = mock(MockConfig::default()).await;
+    cp.add_account("acct-1", &mock.base_url(), ACCOUNT_SECRET).await;
+    let (_, key) = cp.add_key("client", &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dp = DataPlane::start_with(&cp.url(), "dp-1", dir.path().join("dp-1"), |o| {
+        o.ops_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    dp.wait_version(cp.head().await).await;
+    let ops = dp.dp.as_ref().unwrap().ops_addr().unwrap();
+    for path in ["/metrics", "/readyz", "/healthz"] {
+        assert_eq!(
+            send("GET", &dp.url(path), &[], "").await.status,
+            404,
+            "{path} on the API port"
+        );
+        assert_eq!(
+            send("GET", &format!("http://{ops}{path}"), &[], "").await.status,
+            200,
+            "{path}"
+        );
+    }
+    // The API stays on its port only.
+    let body = message_body("claude-sonnet-4-5", false);
+    assert_eq!(post_messages(&dp, &key, &body).await.status, 200);
+    let h = sdk_headers(&key);
+    let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let on_ops = send("POST", &format!("http://{ops}/v1/messages"), &hs, body.to_string()).await;
+    assert_eq!(on_ops.status, 404);
+}

@@ -61,6 +61,8 @@ pub struct Proxy {
     pub freshness: Arc<crate::control::freshness::Freshness>,
     /// Past this without a control plane, requests are refused (None: never).
     pub max_config_staleness: Option<Duration>,
+    /// `/metrics`, `/readyz` and `/healthz` are on their own listener, not on the API's.
+    pub ops_separate: bool,
 }
 
 fn new_request_id() -> String {
@@ -155,6 +157,28 @@ impl Proxy {
         Ok(resp)
     }
 
+    /// Serves the operations listener: `/healthz`, `/readyz`, `/metrics`, nothing else.
+    pub async fn handle_ops(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, std::convert::Infallible> {
+        let request_id = new_request_id();
+        let resp = match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz" | "/readyz" | "/metrics") => self.ops(req.uri().path(), &request_id),
+            _ => ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+                .into_response(&request_id),
+        };
+        Ok(resp)
+    }
+
+    fn ops(&self, path: &str, request_id: &str) -> Response<Body> {
+        match path {
+            "/readyz" => self.readyz(request_id),
+            "/metrics" => self.metrics_text(),
+            _ => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}), request_id),
+        }
+    }
+
     async fn route(
         &self,
         req: Request<Incoming>,
@@ -163,13 +187,9 @@ impl Proxy {
     ) -> Result<Response<Body>, ApiError> {
         let path = req.uri().path().to_string();
         match (req.method(), path.as_str()) {
-            (&Method::GET, "/healthz") => Ok(json_response(
-                StatusCode::OK,
-                &serde_json::json!({"status": "ok"}),
-                request_id,
-            )),
-            (&Method::GET, "/readyz") => Ok(self.readyz(request_id)),
-            (&Method::GET, "/metrics") => Ok(self.metrics_text()),
+            (&Method::GET, "/healthz" | "/readyz" | "/metrics") if !self.ops_separate => {
+                Ok(self.ops(&path, request_id))
+            }
             (&Method::POST, "/api/event_logging/batch") => {
                 // Claude Code telemetry: acknowledge, never forward, never keep. Read as it
                 // comes (nothing buffered), bounded in size and time; no key is needed.
