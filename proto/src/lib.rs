@@ -419,3 +419,125 @@ mod tests {
         assert!(changed(&new, &new).is_empty());
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod props {
+    //! Property tests: a delta built from two configs, applied to the first, gives the second,
+    //! whatever the two are; a delta never applies on the wrong base; nothing panics.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ids() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(0u8..6, 0..6)
+    }
+
+    /// A config from small id sets (so two draws share ids) and a few varying fields.
+    fn resources() -> impl Strategy<Value = v1::Resources> {
+        (
+            ids(),
+            ids(),
+            ids(),
+            ids(),
+            proptest::collection::vec((0u8..6, 0u8..3, 0i64..5), 0..6),
+            any::<u8>(),
+            0u8..3,
+        )
+            .prop_map(|(keys, accounts, groups, prices, states, secret, weight)| {
+                let mut r = v1::Resources {
+                    api_keys: keys
+                        .iter()
+                        .map(|k| v1::ApiKey {
+                            id: format!("k{k}"),
+                            name: format!("key {k} {weight}"),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    accounts: accounts
+                        .iter()
+                        .map(|a| v1::Account {
+                            id: format!("a{a}"),
+                            weight: u32::from(*a) + u32::from(weight),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    groups: groups
+                        .iter()
+                        .map(|g| v1::Group {
+                            id: format!("g{g}"),
+                            name: format!("group {g}"),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    prices: prices
+                        .iter()
+                        .map(|p| v1::Price {
+                            id: format!("p{p}"),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    account_states: states
+                        .iter()
+                        .map(|(a, scope, until)| v1::AccountState {
+                            account_id: format!("a{a}"),
+                            scope: ["", "model:x", "model:y"][*scope as usize].to_string(),
+                            until_ms: *until,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    settings: Some(v1::Settings {
+                        api_key_hash_secret: vec![secret; 32],
+                        values: Default::default(),
+                    }),
+                };
+                // Lists hold each id once, as a stored config does.
+                r.api_keys.sort_by(|x, y| x.id.cmp(&y.id));
+                r.api_keys.dedup_by(|x, y| x.id == y.id);
+                r.accounts.sort_by(|x, y| x.id.cmp(&y.id));
+                r.accounts.dedup_by(|x, y| x.id == y.id);
+                r.groups.sort_by(|x, y| x.id.cmp(&y.id));
+                r.groups.dedup_by(|x, y| x.id == y.id);
+                r.prices.sort_by(|x, y| x.id.cmp(&y.id));
+                r.prices.dedup_by(|x, y| x.id == y.id);
+                r.account_states.sort_by_key(account_state_id);
+                r.account_states
+                    .dedup_by(|x, y| account_state_id(x) == account_state_id(y));
+                canonicalize(&mut r);
+                r
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn a_delta_between_two_configs_leads_from_one_to_the_other(a in resources(), b in resources()) {
+            let va = v1::ConfigVersion::new(1, 5);
+            let vb = v1::ConfigVersion::new(1, 9);
+            let keys = changed(&a, &b);
+            let (up, removed) = delta(&b, &keys);
+            let update = v1::ConfigUpdate {
+                version: Some(vb),
+                full: false,
+                base: Some(va),
+                resources: Some(up),
+                removed,
+                content_hash: config_hash(&b),
+                ..Default::default()
+            };
+            let got = apply_update(Some((&va, &a)), &update).unwrap();
+            prop_assert_eq!(&got, &b);
+            // On any other base it is refused, never half-applied.
+            let other = v1::ConfigVersion::new(1, 4);
+            prop_assert!(apply_update(Some((&other, &a)), &update).is_err());
+        }
+
+        #[test]
+        fn arbitrary_updates_never_panic(held in resources(), bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            use prost::Message;
+            if let Ok(update) = v1::ConfigUpdate::decode(bytes.as_slice()) {
+                let v = v1::ConfigVersion::new(1, 1);
+                let _ = apply_update(Some((&v, &held)), &update);
+                let _ = apply_update(None, &update);
+            }
+        }
+    }
+}

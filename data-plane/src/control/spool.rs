@@ -891,3 +891,60 @@ mod tests {
         assert_eq!(segment_id("acked"), None);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod props {
+    //! Property tests of the record reader: whatever a segment file holds (torn writes, flipped
+    //! bits, garbage), reading it never panics and yields only records that were written, in order,
+    //! up to the first damage.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn event(i: u64, model: &str) -> UsageEvent {
+        UsageEvent {
+            event_id: format!("e{i}"),
+            model: model.to_string(),
+            input_tokens: i * 7,
+            ..Default::default()
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn damaged_segments_yield_a_prefix_of_what_was_written(
+            models in proptest::collection::vec("[a-z-]{0,40}", 1..20),
+            cut in any::<proptest::sample::Index>(),
+            flip in any::<Option<(proptest::sample::Index, u8)>>(),
+        ) {
+            let written: Vec<(u64, UsageEvent)> =
+                models.iter().enumerate().map(|(i, m)| (i as u64 + 1, event(i as u64, m))).collect();
+            let mut buf = Vec::new();
+            for (seq, e) in &written {
+                encode_record(&mut buf, *seq, e);
+            }
+            let whole = scan_segment(&buf, 0);
+            prop_assert_eq!(&whole.records, &written);
+            prop_assert_eq!(whole.valid_len, buf.len());
+            prop_assert!(whole.corrupt.is_none());
+            let mut damaged = buf[..cut.index(buf.len() + 1)].to_vec();
+            if let Some((at, bits)) = flip {
+                if !damaged.is_empty() && bits != 0 {
+                    let i = at.index(damaged.len());
+                    damaged[i] ^= bits;
+                }
+            }
+            let scan = scan_segment(&damaged, 0);
+            prop_assert!(scan.valid_len <= damaged.len());
+            prop_assert!(scan.records.len() <= written.len());
+            prop_assert_eq!(&scan.records[..], &written[..scan.records.len()]);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048), prev in any::<u64>()) {
+            let scan = scan_segment(&bytes, prev);
+            prop_assert!(scan.valid_len <= bytes.len());
+            prop_assert!(scan.records.windows(2).all(|w| w[0].0 < w[1].0));
+        }
+    }
+}

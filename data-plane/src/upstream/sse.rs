@@ -1016,3 +1016,106 @@ mod tests {
         assert!(!whole(b"").first);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod props {
+    //! Property tests: on every split of a stream the tap agrees with a reference reading of the
+    //! whole stream, and its event boundaries are real ones; arbitrary bytes never panic it.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn event(name: &str, data: &serde_json::Value, eol: &str) -> String {
+        format!("event: {name}{eol}data: {data}{eol}{eol}")
+    }
+
+    fn stream(input: u64, output: u64, read: u64, deltas: usize, eol: &str) -> String {
+        let mut s = event(
+            "message_start",
+            &serde_json::json!({"type": "message_start", "message": {"id": "m", "model": "claude-x",
+                "usage": {"input_tokens": input, "cache_read_input_tokens": read, "output_tokens": 1}}}),
+            eol,
+        );
+        s.push_str(&format!(": a comment{eol}{eol}"));
+        for i in 0..deltas {
+            s.push_str(&event(
+                "content_block_delta",
+                &serde_json::json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": format!("piece {i} with \"quotes\" and\nnewlines")}}),
+                eol,
+            ));
+        }
+        s.push_str(&event(
+            "message_delta",
+            &serde_json::json!({"type": "message_delta", "usage": {"output_tokens": output}}),
+            eol,
+        ));
+        s.push_str(&event(
+            "message_stop",
+            &serde_json::json!({"type": "message_stop"}),
+            eol,
+        ));
+        s
+    }
+
+    /// The reference: where each block (event or comment) ends, read off the whole text.
+    fn boundaries(s: &str, eol: &str) -> Vec<u64> {
+        let sep = format!("{eol}{eol}");
+        let mut out = Vec::new();
+        let mut from = 0;
+        while let Some(i) = s[from..].find(&sep) {
+            from += i + sep.len();
+            out.push(from as u64);
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn every_split_agrees_with_the_reference(
+            input in 0u64..10_000_000,
+            output in 0u64..200_000,
+            read in 0u64..1_000_000,
+            deltas in 0usize..12,
+            crlf in any::<bool>(),
+            cuts in proptest::collection::vec(0usize..10_000, 0..16),
+        ) {
+            let eol = if crlf { "\r\n" } else { "\n" };
+            let s = stream(input, output, read, deltas, eol);
+            let bytes = s.as_bytes();
+            let ends = boundaries(&s, eol);
+            let mut points: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+            points.push(bytes.len());
+            points.sort_unstable();
+            let mut tap = SseTap::new();
+            let (mut prev, mut last) = (0usize, 0u64);
+            for p in points {
+                tap.feed(&bytes[prev..p]);
+                prev = p;
+                let c = tap.complete_bytes();
+                prop_assert!(c >= last, "complete_bytes went back");
+                // A boundary, or (CRLF) one byte before it, when the chunk ended between CR and LF.
+                prop_assert!(c == 0 || ends.contains(&c) || (crlf && ends.contains(&(c + 1))), "{} is not a boundary", c);
+                prop_assert!(c <= tap.fed());
+                last = c;
+            }
+            prop_assert_eq!(tap.complete_bytes(), bytes.len() as u64);
+            let u = tap.usage();
+            prop_assert_eq!((u.input_tokens, u.output_tokens, u.cache_read_tokens), (input, output, read));
+            prop_assert!(tap.saw_message_start() && tap.saw_message_stop());
+            prop_assert!(!tap.usage_unparsed());
+            prop_assert_eq!(tap.events(), deltas as u64 + 3);
+            prop_assert_eq!(tap.model(), Some("claude-x"));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..400), 0..24)) {
+            let mut tap = SseTap::new();
+            for c in &chunks {
+                tap.feed(c);
+                prop_assert!(tap.complete_bytes() <= tap.fed());
+            }
+            let _ = (tap.usage(), tap.error_type(), tap.model());
+        }
+    }
+}
