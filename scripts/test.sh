@@ -65,6 +65,16 @@ ensure_python_sdk() {
   python3 -c 'import anthropic'
 }
 
+# e2e/tests/chart.rs renders the Helm chart with Helm's own library (no helm binary).
+ensure_helm_sdk() {
+  if python3 -c 'import helm_python, yaml' >/dev/null 2>&1; then return; fi
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  log "installing helm-python-sdk (Helm's Go library) and PyYAML"
+  python3 -m pip install --quiet helm-python-sdk pyyaml ||
+    python3 -m pip install --quiet --break-system-packages helm-python-sdk pyyaml
+  python3 -c 'import helm_python, yaml'
+}
+
 # e2e/tests/alerts.rs checks the chart's alerting rules with promtool.
 ensure_promtool() {
   command -v promtool >/dev/null || apt_install prometheus
@@ -80,6 +90,7 @@ ensure_postgres
 ensure_redis
 ensure_etcd
 ensure_python_sdk
+ensure_helm_sdk
 ensure_promtool
 
 log "cargo fmt --check"

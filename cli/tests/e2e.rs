@@ -151,13 +151,17 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
             "team-a",
             "--models",
             "claude-sonnet-4-5,claude-haiku-4-5",
-            "--rpm",
-            "60",
-            "--daily-budget",
-            "12.50",
         ],
         None,
     );
+    // Limits this version does not enforce are refused with the reason, not stored and ignored.
+    let refused = env.relayctl(
+        &["key", "create", "limited", "--rpm", "60", "--daily-budget", "12.50"],
+        None,
+    );
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("not enforced") && why.contains("--rpm"), "{why}");
     let api_key = created["key"].as_str().unwrap().to_string();
     assert!(api_key.starts_with("rk-") && api_key.len() >= 40, "{api_key}");
 
@@ -202,7 +206,7 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
     let k = &keys.as_array().unwrap()[0];
     assert_eq!(k["name"], "team-a-key");
     assert_eq!(k["group"], "team-a");
-    assert_eq!(k["rpm"], 60);
+    assert_eq!(k["rpm"], 0, "unlimited: {k}");
     assert_eq!(
         k["allowed_models"],
         serde_json::json!(["claude-sonnet-4-5", "claude-haiku-4-5"])
@@ -227,13 +231,12 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
     env.ok(&["account", "enable", "acct-1"], None);
     env.ok(&["account", "update", "acct-1", "--weight", "5"], None);
     assert_eq!(env.json(&["account", "show", "acct-1"], None)["weight"], 5);
-    env.ok(&["key", "update", "team-a-key", "--tpm", "100000"], None);
-    let k = env.json(&["key", "list"], None)[0].clone();
-    assert_eq!(
-        (k["tpm"].as_u64(), k["rpm"].as_u64()),
-        (Some(100000), Some(60)),
-        "other limits kept"
+    let refused = env.relayctl(&["key", "update", "team-a-key", "--tpm", "100000"], None);
+    assert!(
+        !refused.status.success(),
+        "an unenforced limit is refused on update too"
     );
+    env.ok(&["key", "update", "team-a-key", "--tpm", "0"], None);
 
     // Pricing: the default table is there; an override is listed.
     let prices = env.json(&["pricing", "list"], None);

@@ -548,6 +548,61 @@ both_stores!(tokens_are_checked_before_messages_are_decoded, |cp: Cp| async move
     assert!(listed.is_ok(), "{listed:?}");
 });
 
+both_stores!(
+    limits_that_are_not_enforced_are_refused_not_stored,
+    |cp: Cp| async move {
+        let mut admin = cp.admin().await;
+        let e = admin
+            .create_api_key(pb::CreateApiKeyRequest {
+                name: "limited".into(),
+                limits: Some(pb::KeyLimits {
+                    requests_per_minute: 60,
+                    daily_budget_micro_usd: 5_000_000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().contains("--rpm") && e.message().contains("--daily-budget"),
+            "{}",
+            e.message()
+        );
+        assert!(admin
+            .list_api_keys(pb::ListApiKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .keys
+            .is_empty());
+        // Zero (unlimited) is fine, on create and update.
+        let k = admin
+            .create_api_key(pb::CreateApiKeyRequest {
+                name: "plain".into(),
+                limits: Some(pb::KeyLimits::default()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let id = k.info.unwrap().id;
+        let e = admin
+            .update_api_key(pb::UpdateApiKeyRequest {
+                key: id.clone(),
+                limits: Some(pb::KeyLimits {
+                    max_concurrency: 4,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("--concurrency"), "{}", e.message());
+    }
+);
+
 both_stores!(admin_auth_and_roles, |cp: Cp| async move {
     let list = |token: Option<&'static str>| {
         let cp = &cp;

@@ -169,7 +169,7 @@ Default control-plane URL for the data plane.
 {{- if .Values.dataPlane.controlPlaneUrl }}
 {{- .Values.dataPlane.controlPlaneUrl }}
 {{- else }}
-{{- printf "http://%s.%s.svc:%v" (include "relay.controlPlane.fullname" .) .Release.Namespace .Values.controlPlane.service.grpcPort }}
+{{- printf "%s://%s.%s.svc:%v" (ternary "http" "https" (eq .Values.tls.mode "off")) (include "relay.controlPlane.fullname" .) .Release.Namespace .Values.controlPlane.service.grpcPort }}
 {{- end }}
 {{- end }}
 
@@ -201,4 +201,27 @@ Call with (list ADDRESS PORT).
 {{- else }}
 {{- printf "%s:%v" $addr (index . 1) }}
 {{- end }}
+{{- end }}
+
+{{/*
+The Secret with the control plane's certificate (tls.crt, tls.key) and the CA
+data planes trust (ca.crt); empty when TLS is off.
+*/}}
+{{- define "relay.tls.secretName" -}}
+{{- if eq .Values.tls.mode "generate" -}}
+{{- printf "%s-tls" (include "relay.controlPlane.fullname" .) -}}
+{{- else if eq .Values.tls.mode "secret" -}}
+{{- required "tls.secret is required with tls.mode=secret: a Secret with tls.crt, tls.key and ca.crt" .Values.tls.secret -}}
+{{- end -}}
+{{- end }}
+
+{{/* Fails on TLS settings that cannot work together. */}}
+{{- define "relay.tls.check" -}}
+{{- if and .Values.tls.clientAuth.enabled (eq .Values.tls.mode "off") -}}
+{{- fail "tls.clientAuth.enabled needs TLS: set tls.mode to generate or secret" -}}
+{{- end -}}
+{{- if .Values.tls.clientAuth.enabled -}}
+{{- $_ := required "tls.clientAuth.issuer.name is required with tls.clientAuth.enabled (the cert-manager issuer of data-plane certificates)" .Values.tls.clientAuth.issuer.name -}}
+{{- $_ := required "tls.clientAuth.caSecret is required with tls.clientAuth.enabled (a Secret with ca.crt: the CA of that issuer)" .Values.tls.clientAuth.caSecret -}}
+{{- end -}}
 {{- end }}
