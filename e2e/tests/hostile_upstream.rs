@@ -658,6 +658,9 @@ async fn absurd_or_unreadable_usage_is_flagged_and_reports_keep_working() {
     let max = relay_proto::bounds::MAX_TOKENS_PER_REQUEST as i64;
     assert_eq!(rows[0].input_tokens, max);
     assert_eq!(rows[0].anomaly, "suspect");
+    // Billed as the clamped counts (10M input tokens: tens of dollars), never as the claim.
+    let dollars = rows[0].cost_pico_usd / 1_000_000_000_000;
+    assert!((1..=1_000).contains(&dollars), "{} pico-USD", rows[0].cost_pico_usd);
     assert_eq!(rows[1].anomaly, "suspect");
     assert_eq!(rows[2].anomaly, "unparsed", "{rows:?}");
     assert_eq!(rows[2].error_type, "");

@@ -605,7 +605,6 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     let billed_model = r.model.filter(|m| !m.is_empty()).unwrap_or(a.model);
     let now = chrono::Utc::now().timestamp_millis();
     let usage = r.usage;
-    let cost = cost_of(&a.config.prices, &billed_model, now, &usage);
     let mut event = pb::UsageEvent {
         event_id: uuid::Uuid::now_v7().to_string(),
         request_id: a.request_id,
@@ -619,7 +618,7 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         cache_write_5m_tokens: usage.cache_write_5m_tokens,
         cache_write_1h_tokens: usage.cache_write_1h_tokens,
         cache_read_tokens: usage.cache_read_tokens,
-        cost_pico_usd: cost,
+        cost_pico_usd: 0,
         http_status: u32::from(a.status),
         error_type: r.error_type,
         stream: a.stream,
@@ -634,7 +633,20 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         relay_proto::bounds::flag(&mut event, relay_proto::bounds::UNPARSED);
         metrics::counter!("relay_usage_anomalies_total", "anomaly" => relay_proto::bounds::UNPARSED).increment(1);
     }
-    if relay_proto::bounds::clamp(&mut event) {
+    // Counts beyond what one request can carry are clamped first, and the cost is that of the
+    // clamped counts: an absurd claim is never billed as such.
+    let mut suspect = relay_proto::bounds::clamp(&mut event);
+    let counted = Usage {
+        input_tokens: event.input_tokens,
+        output_tokens: event.output_tokens,
+        cache_write_5m_tokens: event.cache_write_5m_tokens,
+        cache_write_1h_tokens: event.cache_write_1h_tokens,
+        cache_read_tokens: event.cache_read_tokens,
+        web_search_requests: event.web_search_requests,
+    };
+    event.cost_pico_usd = cost_of(&a.config.prices, &event.model, now, &counted);
+    suspect |= relay_proto::bounds::clamp(&mut event);
+    if suspect {
         metrics::counter!("relay_usage_anomalies_total", "anomaly" => relay_proto::bounds::SUSPECT).increment(1);
         tracing::warn!(
             request_id = %event.request_id,
