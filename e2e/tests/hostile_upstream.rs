@@ -730,3 +730,61 @@ async fn a_dripping_error_body_is_bounded_by_the_retry_deadline() {
     let rows = wait_rows(&f.cp, 2).await;
     assert!(rows.iter().any(|r| r.account_id == f.bad_id && r.http_status == 500));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_404_that_is_not_an_api_error_is_the_accounts_fault() {
+    // A wrong base URL: the upstream's web server answers 404 with its own page.
+    let f = fleet(
+        Script::raw(hostile::response(
+            404,
+            &[("content-type", "text/html")],
+            b"<h1>Not Found</h1>",
+        )),
+        true,
+        &[("breaker.threshold", "1")],
+    )
+    .await;
+    assert_good_answer(&ask(&f, false).await, false);
+    assert_eq!(f.bad.request_count(), 1);
+    // The API's own not_found_error (an unknown model) is the client's: no other account is tried.
+    let f = fleet(
+        Script::raw(hostile::response(
+            404,
+            &[("content-type", "application/json")],
+            br#"{"type":"error","error":{"type":"not_found_error","message":"model: claude-nope"}}"#,
+        )),
+        true,
+        &[],
+    )
+    .await;
+    let r = ask(&f, false).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_type(), "not_found_error");
+    assert_eq!(f.bad.request_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_base_url_ending_in_v1_is_stored_without_it() {
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let m = mock(MockConfig::default()).await;
+    cp.add_account("with-v1", &format!("{}/v1/", m.base_url()), "cred")
+        .await;
+    let info = cp
+        .admin()
+        .await
+        .get_account(pb::GetAccountRequest {
+            account: "with-v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.base_url, m.base_url());
+    let (_, key) = cp.add_key("client", &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dp = DataPlane::start(&cp.url(), "dp-1", dir.path().join("dp")).await;
+    dp.wait_version(cp.head().await).await;
+    for _ in 0..4 {
+        assert_eq!(post_messages(&dp, &key, &body(false)).await.status, 200);
+    }
+    assert!(m.requests().iter().all(|r| r.path() == "/v1/messages"));
+}

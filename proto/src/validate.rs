@@ -132,6 +132,17 @@ pub enum StructuralError {
 /// The shortest accepted key-hash secret, in bytes.
 pub const MIN_HASH_SECRET: usize = 16;
 
+/// An account's base URL as relay stores it: trimmed, without trailing slashes and without a
+/// trailing `/v1` (relay appends the API path, `/v1/messages`, itself: a base URL that ends in
+/// `/v1` would send requests to `/v1/v1/messages`).
+pub fn normalize_base_url(url: &str) -> String {
+    let mut u = url.trim().trim_end_matches('/');
+    if u.len() >= 3 && u[u.len() - 3..].eq_ignore_ascii_case("/v1") {
+        u = u[..u.len() - 3].trim_end_matches('/');
+    }
+    u.to_string()
+}
+
 /// An account's base URL: absolute http(s) with a host.
 pub fn base_url(url: &str) -> Result<http::Uri, ResourceError> {
     let uri: http::Uri = url
@@ -239,6 +250,20 @@ pub fn config(r: &pb::Resources) -> Result<Vec<pb::RejectedResource>, Structural
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn base_urls_lose_a_trailing_v1() {
+        for (given, stored) in [
+            ("https://api.anthropic.com", "https://api.anthropic.com"),
+            ("https://api.anthropic.com/", "https://api.anthropic.com"),
+            ("https://api.anthropic.com/v1", "https://api.anthropic.com"),
+            ("https://api.anthropic.com/v1/", "https://api.anthropic.com"),
+            (" https://gw.example/anthropic/V1 ", "https://gw.example/anthropic"),
+            ("https://gw.example/v1beta", "https://gw.example/v1beta"),
+        ] {
+            assert_eq!(normalize_base_url(given), stored, "{given}");
+        }
+    }
+
     use super::*;
 
     fn acct(id: &str) -> pb::Account {

@@ -528,7 +528,7 @@ impl Admin for AdminService {
                 ))
             }
             ("", _) => ANTHROPIC_BASE_URL.to_string(),
-            (u, _) => u.trim_end_matches('/').to_string(),
+            (u, _) => relay_proto::validate::normalize_base_url(u),
         };
         validate_url("base URL", &base_url, &["http", "https"])?;
         validate_credential(&r.credential)?;
@@ -627,7 +627,7 @@ impl Admin for AdminService {
                 changed.insert("name".into(), json!(n));
             }
             if let Some(u) = &r.base_url {
-                a.base_url = u.trim_end_matches('/').to_string();
+                a.base_url = relay_proto::validate::normalize_base_url(u);
                 changed.insert("base_url".into(), json!(a.base_url));
                 // The stored credential would go to another host: only when it is given
                 // again, or the operator says so explicitly.

@@ -197,7 +197,7 @@ impl ServingConfig {
                 id: a.id.clone(),
                 name: a.name.clone(),
                 kind,
-                base_url: a.base_url.trim_end_matches('/').to_string(),
+                base_url: relay_proto::validate::normalize_base_url(&a.base_url),
                 credential,
                 bearer,
                 priority: a.priority,

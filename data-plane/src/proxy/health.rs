@@ -347,6 +347,13 @@ fn classify_response(status: u16, h: &HeaderMap, body: &[u8], model: &str, s: &H
             };
             Plan::new(true, retry_after(h, now), BreakerEvent::Failure(what))
         }
+        // A 404 that is not the API's own not_found_error (an unknown model) means the account's
+        // URL leads nowhere (a base URL ending in /v1, a proxy path): the account's fault.
+        404 if ErrorInfo::parse(body).kind() != Some("not_found_error") => Plan::new(
+            true,
+            None,
+            BreakerEvent::Failure("404 that is not an API error: check the account's base URL".into()),
+        ),
         400..=499 => {
             let err = ErrorInfo::parse(body);
             let mut plan = Plan::new(true, None, BreakerEvent::Success);
