@@ -132,3 +132,25 @@ async fn require_fails_against_a_server_without_tls() {
     .unwrap_err();
     assert!(e.to_lowercase().contains("tls"), "{e}");
 }
+
+#[tokio::test]
+async fn connection_errors_say_what_went_wrong_and_what_to_do() {
+    let server = relay_test_support::server_url();
+    let (base, _) = server.rsplit_once('/').unwrap();
+    let no_db = format!("{base}/relay_no_such_database_4711");
+    let e = match PostgresStore::connect(&no_db, 2).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("connected to a database that does not exist"),
+    };
+    assert!(
+        e.contains("3D000") && e.contains("relay_no_such_database_4711") && e.contains("create the database"),
+        "{e}"
+    );
+    // Nothing listening.
+    let port = relay_test_support::free_port();
+    let e = match PostgresStore::connect(&format!("postgres://relay@127.0.0.1:{port}/relay"), 2).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("connected to nothing"),
+    };
+    assert!(e.contains("nothing listens there") && e.contains("refused"), "{e}");
+}

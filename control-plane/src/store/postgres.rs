@@ -45,10 +45,50 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
 }
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
-    // The Display of a db error carries only the server's message: no query parameters.
-    match e.as_db_error() {
-        Some(d) => StoreError::Database(format!("{}: {}", d.code().code(), d.message())),
-        None => StoreError::Database(e.to_string()),
+    StoreError::Database(explain(&e))
+}
+
+/// What went wrong, as an operator can act on it: the server's own message (never query
+/// parameters) with its SQLSTATE and, for the usual first-hour mistakes, what to do; otherwise
+/// the whole error chain (connection refused, TLS).
+fn explain(e: &tokio_postgres::Error) -> String {
+    if let Some(d) = e.as_db_error() {
+        let hint = match d.code().code() {
+            "28P01" => " (the password in the database URL is wrong)",
+            "28000" => " (the role does not exist, or the server's pg_hba.conf refuses this client: check the user in the database URL and pg_hba.conf; a server that requires TLS needs sslmode=require or stricter)",
+            "3D000" => " (create the database, or fix its name in the database URL)",
+            "53300" => " (the server has no connection slots left: raise its max_connections or lower --db-max-connections)",
+            "57P03" => " (the server is starting up or shutting down: try again shortly)",
+            _ => "",
+        };
+        return format!("{}: {}{hint}", d.code().code(), d.message());
+    }
+    let mut out = e.to_string();
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    let lower = out.to_ascii_lowercase();
+    if lower.contains("server does not support tls") {
+        out.push_str(" (the server offers no TLS: use sslmode=prefer or disable, or turn ssl on in the server)");
+    } else if lower.contains("connection refused") {
+        out.push_str(" (nothing listens there: check the host and port in the database URL, and that Postgres runs)");
+    } else if lower.contains("invalidcertificate") || lower.contains("certificate") {
+        out.push_str(" (the server's certificate did not verify: check sslrootcert and the host name in the URL)");
+    }
+    out
+}
+
+/// A pool error: the connection's own error when there is one.
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => StoreError::Database(explain(&e)),
+        deadpool_postgres::PoolError::Timeout(_) => {
+            StoreError::Database("timed out waiting for a database connection".to_string())
+        }
+        other => StoreError::Database(other.to_string()),
     }
 }
 
@@ -86,12 +126,12 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(db)
+        self.pool.get().await.map_err(pool_err)
     }
 }
 
 async fn migrate(pool: &Pool) -> Result<()> {
-    let mut c = pool.get().await.map_err(db)?;
+    let mut c = pool.get().await.map_err(pool_err)?;
     let tx = c.transaction().await.map_err(pg)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
