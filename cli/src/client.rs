@@ -127,11 +127,25 @@ pub fn status_error(status: &Status, server: &str) -> anyhow::Error {
     } else {
         status.message()
     };
+    // A server that is not a relay control plane's gRPC port (the data plane's HTTP port, a web
+    // server): it answers with HTTP, which gRPC reads as garbage.
+    if message.contains("invalid compression flag") || message.contains("while receiving response with status") {
+        return anyhow!(
+            "{server} is not a relay control plane's admin port (it answered plain HTTP; the data plane's API \
+             port?): give --server the control plane's gRPC address (default port 50051)"
+        );
+    }
     let words = match status.code() {
         // Raised by the client itself when the transport fails (it has a source);
         // a server answering UNAVAILABLE has none.
         Code::Unavailable if status.source().is_some() => {
             let cause = status.source().map_or_else(|| message.to_string(), root_cause);
+            if cause.contains("InvalidContentType") || cause.contains("corrupt message") {
+                return anyhow!(
+                    "cannot reach control plane at {server}: the server does not speak TLS there (use http://, \
+                     or start the control plane with --tls-cert/--tls-key)"
+                );
+            }
             return anyhow!("cannot reach control plane at {server}: {cause}");
         }
         Code::Unauthenticated => Some("unauthenticated"),
@@ -177,6 +191,18 @@ mod tests {
         assert!(e.to_string().starts_with("unauthenticated: "));
         let e = status_error(&Status::internal("boom"), "http://x");
         assert_eq!(e.to_string(), "boom");
+        // What tonic says when the port answers plain HTTP (the data plane's API port).
+        let e = status_error(
+            &Status::internal(
+                "protocol error: received message with invalid compression flag: 123 (valid flags are 0 and 1) \
+                 while receiving response with status: 404 Not Found",
+            ),
+            "http://127.0.0.1:8080",
+        );
+        assert!(
+            e.to_string().contains("is not a relay control plane's admin port"),
+            "{e}"
+        );
     }
 
     #[test]

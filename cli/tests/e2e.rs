@@ -463,6 +463,17 @@ async fn standalone_walkthrough() {
     }
     assert!(cp.log_text().contains(token_file.to_str().unwrap()));
 
+    // https:// against the plain listener: relayctl says the server does not speak TLS.
+    let wrong = Env {
+        server: format!("https://{server}"),
+        token: token.clone(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let out = wrong.relayctl(&["account", "list"], None);
+    assert!(!out.status.success());
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("does not speak TLS"), "{why}");
+
     let env = Env { server, token, dir };
     let (api_key, ro) = operator_walkthrough(&env).await;
 
