@@ -574,5 +574,21 @@ async fn postgres_walkthrough() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("opening the Postgres store"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("opening the Postgres store"), "{stderr}");
+    assert!(stderr.contains("nothing listens there"), "says what to check: {stderr}");
+
+    // A second start on the same database: its log is plain text (not a terminal), with no
+    // NOTICE from the migrations.
+    cp.kill();
+    let log2 = env.dir.path().join("cp2.log");
+    let (mut cp2, _) = start_control_plane(
+        &["--database-url", &db.url],
+        &[("RELAY_MASTER_KEY", master), ("RELAY_ADMIN_TOKEN", token)],
+        &log2,
+    );
+    wait_listening(&mut cp2).await;
+    let text = std::fs::read_to_string(&log2).unwrap();
+    assert!(!text.contains('\u{1b}'), "ANSI colour codes in a log file: {text}");
+    assert!(!text.contains("already exists"), "{text}");
 }

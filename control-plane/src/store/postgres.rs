@@ -136,11 +136,18 @@ async fn migrate(pool: &Pool) -> Result<()> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(pg)?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-    )
-    .await
-    .map_err(pg)?;
+    // Created only when missing (under the lock): `IF NOT EXISTS` would have the server send a
+    // NOTICE ("relation already exists") on every start.
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    if !exists {
+        tx.batch_execute("CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")
+            .await
+            .map_err(pg)?;
+    }
     let done: Vec<i64> = tx
         .query("SELECT version FROM schema_migrations", &[])
         .await

@@ -247,7 +247,10 @@ impl HealthSink {
             self.registry
                 .observe_as_of(account_id, self.generation, model, outcome, &self.settings, now);
         if let Some(state) = report {
-            tracing::info!(account_id, health = state.health, reason = %state.reason, "account state changed");
+            let health = pb::AccountHealth::try_from(state.health)
+                .map(|h| h.as_str_name())
+                .unwrap_or("UNKNOWN");
+            tracing::info!(account_id, health, reason = %state.reason, "account state changed");
             self.reporter.report(state);
         }
         verdict
