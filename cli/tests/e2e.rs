@@ -460,8 +460,24 @@ async fn standalone_walkthrough() {
             std::fs::metadata(data.join("master.key")).unwrap().permissions().mode() & 0o777,
             0o600
         );
+        for db in ["relay.db", "relay.db-wal", "relay.db-shm"] {
+            let path = data.join(db);
+            if path.exists() || db == "relay.db" {
+                assert_eq!(
+                    std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                    0o600,
+                    "{db}"
+                );
+            }
+        }
     }
+    // Where every file it made is: the token and the master key.
     assert!(cp.log_text().contains(token_file.to_str().unwrap()));
+    assert!(
+        cp.log_text().contains(data.join("master.key").to_str().unwrap()),
+        "{}",
+        cp.log_text()
+    );
 
     // https:// against the plain listener: relayctl says the server does not speak TLS.
     let wrong = Env {

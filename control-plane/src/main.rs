@@ -103,7 +103,17 @@ fn master_key(args: &Args) -> anyhow::Result<MasterKey> {
     }
     if args.standalone {
         let path = args.data_dir.join("master.key");
-        return MasterKey::load_or_create(&path).context("standalone master key");
+        let existed = path.exists();
+        let key = MasterKey::load_or_create(&path).context("standalone master key")?;
+        if existed {
+            println!("relay: master key is in {}", path.display());
+        } else {
+            println!(
+                "relay: generated the master key at {} (mode 0600): it encrypts the stored credentials, back it up",
+                path.display()
+            );
+        }
+        return Ok(key);
     }
     bail!("no master key: set RELAY_MASTER_KEY (32 bytes, base64) or --master-key-file")
 }

@@ -43,7 +43,25 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path).map_err(db)?;
-        Self::init(conn)
+        let store = Self::init(conn)?;
+        // The database holds sealed credentials and token hashes: readable by this user only
+        // (its WAL and shared-memory files too, which SQLite creates with the umask's mode).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            for file in [name.clone(), format!("{name}-wal"), format!("{name}-shm")] {
+                let p = path.with_file_name(file);
+                if p.exists() {
+                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| StoreError::Database(format!("cannot make {} private: {e}", p.display())))?;
+                }
+            }
+        }
+        Ok(store)
     }
 
     /// A private in-memory database (tests, throwaway runs).
