@@ -57,18 +57,24 @@ pub enum Command {
     /// Operator-tunable settings.
     #[command(subcommand)]
     Settings(SettingsCmd),
-    /// Data planes and the config version each has applied.
-    #[command(subcommand)]
+    /// Data planes and the config version each has applied (also `proxies`).
+    #[command(subcommand, name = "data-planes", alias = "proxies", alias = "dp")]
     Proxies(ProxiesCmd),
     /// The audit log of admin changes.
     Audit(AuditArgs),
     /// Usage and cost.
     Usage(UsageArgs),
-    /// Admin tokens.
+    /// Tokens for the control plane: admin, read-only and data-plane tokens.
     #[command(subcommand)]
     Token(TokenCmd),
     /// The control plane's current config version (`epoch:revision`).
     Version,
+    /// Print a shell completion script (e.g. `relayctl completions bash > /etc/bash_completion.d/relayctl`).
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -98,23 +104,41 @@ pub enum AccountCmd {
     #[command(alias = "ls")]
     List,
     /// Show one account.
-    Show { account: String },
+    Show {
+        /// The account's name or id.
+        account: String,
+    },
     /// Change an account; only the given fields change.
     Update(AccountUpdate),
     /// Stop routing to an account.
-    Disable { account: String },
+    Disable {
+        /// The account's name or id.
+        account: String,
+    },
     /// Route to an account again (also clears its health states).
-    Enable { account: String },
+    Enable {
+        /// The account's name or id.
+        account: String,
+    },
     /// Clear an account's health states (rate limited, unauthorized, blocked, ...).
-    Reset { account: String },
+    Reset {
+        /// The account's name or id.
+        account: String,
+    },
     /// Delete an account.
     #[command(alias = "delete")]
-    Rm { account: String },
+    Rm {
+        /// The account's name or id.
+        account: String,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct AccountAdd {
+    /// A name for the account (letters, digits, '-', '_', '.').
     pub name: String,
+    /// What the credential is: an Anthropic API key, a Claude subscription (OAuth) token, or the key
+    /// of an Anthropic-compatible endpoint (needs --base-url).
     #[arg(long, value_enum)]
     pub kind: AccountKindArg,
     /// Upstream base URL (default: https://api.anthropic.com).
@@ -150,21 +174,26 @@ pub struct AccountAdd {
 
 #[derive(Debug, Args)]
 pub struct AccountUpdate {
+    /// The account's name or id.
     pub account: String,
     /// Rename the account.
     #[arg(long)]
     pub name: Option<String>,
+    /// New upstream base URL (a trailing /v1 is dropped: relay adds the API path itself).
     #[arg(long, value_name = "URL")]
     pub base_url: Option<String>,
     #[command(flatten)]
     pub secret: SecretSource,
+    /// New priority: lower is tried first.
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i32>,
+    /// New traffic share within its priority tier.
     #[arg(long)]
     pub weight: Option<u32>,
     /// Replace the group memberships (repeatable or comma-separated).
     #[arg(long = "group", value_name = "GROUP", value_delimiter = ',')]
     pub groups: Vec<String>,
+    /// Concurrent requests allowed on this account (0 = unlimited).
     #[arg(long)]
     pub max_concurrency: Option<u32>,
     /// Outbound proxy; "" for a direct connection.
@@ -223,13 +252,17 @@ pub enum KeyCmd {
     #[command(alias = "ls")]
     List,
     /// Revoke an API key (final).
-    Revoke { key: String },
+    Revoke {
+        /// The key's name or id.
+        key: String,
+    },
     /// Change an API key; only the given fields change.
     Update(KeyUpdate),
 }
 
 #[derive(Debug, Args)]
 pub struct KeyCreate {
+    /// A name for the key (who or what uses it).
     pub name: String,
     /// Group to route through (default: "default").
     #[arg(long)]
@@ -246,10 +279,12 @@ pub struct KeyCreate {
 
 #[derive(Debug, Args)]
 pub struct KeyUpdate {
+    /// The key's name or id.
     pub key: String,
     /// Rename the key.
     #[arg(long)]
     pub name: Option<String>,
+    /// Route the key through another group.
     #[arg(long)]
     pub group: Option<String>,
     /// Replace the allowed models.
@@ -275,7 +310,9 @@ pub struct KeyUpdate {
 pub enum GroupCmd {
     /// Create a group.
     Add {
+        /// A name for the group.
         name: String,
+        /// What the group is for.
         #[arg(long, default_value = "")]
         description: String,
     },
@@ -284,7 +321,10 @@ pub enum GroupCmd {
     List,
     /// Delete a group.
     #[command(alias = "delete")]
-    Rm { group: String },
+    Rm {
+        /// The group's name or id.
+        group: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -332,9 +372,17 @@ pub enum SettingsCmd {
     #[command(alias = "ls")]
     List,
     /// Set a setting (NAME, or account.ACCOUNT.NAME for a per-account one); refused unless it fits.
-    Set { name: String, value: String },
+    Set {
+        /// The setting (see `settings list`), or account.ACCOUNT.NAME.
+        name: String,
+        /// Its new value.
+        value: String,
+    },
     /// Back to the default.
-    Unset { name: String },
+    Unset {
+        /// The setting (see `settings list`), or account.ACCOUNT.NAME.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -394,7 +442,10 @@ pub enum RoleArg {
 pub enum TokenCmd {
     /// Create an admin token; the token is printed this once.
     Create {
+        /// A name for the token (who or what uses it).
         name: String,
+        /// admin: everything; read-only: lists and reports; data-plane: only Watch and Report (what a
+        /// data plane needs).
         #[arg(long, value_enum)]
         role: RoleArg,
     },
@@ -406,6 +457,7 @@ pub enum TokenCmd {
     Revoke {
         // Not `token`: that is the global --token option's id, and clap would
         // mix the two up when the admin token comes from --token or the env.
+        /// The token's name or id.
         #[arg(value_name = "NAME")]
         name: String,
     },
@@ -562,5 +614,56 @@ mod tests {
         };
         assert_eq!(role, RoleArg::ReadOnly);
         assert!(parse(&["token", "create", "dp", "--role", "data-plane"]).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command and every argument says what it is for in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" && sub.get_about().is_none() {
+                    missing.push(format!("{p} (command)"));
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "relayctl", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    #[test]
+    fn completions_cover_every_command_and_the_data_planes_name() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "relayctl", &mut script);
+            let text = String::from_utf8_lossy(&script);
+            for word in ["account", "data-planes", "settings", "completions", "secret-stdin"] {
+                assert!(text.contains(word), "{shell}: no {word}");
+            }
+        }
+        // `proxies` still works.
+        let cli = Cli::try_parse_from(["relayctl", "proxies", "list"]);
+        assert!(matches!(cli.map(|c| c.command), Ok(Command::Proxies(_))));
     }
 }

@@ -19,6 +19,18 @@ use crate::output::{Column, Output, Value};
 
 /// Runs one parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
+    if let Command::Completions { shell } = cli.command {
+        // Needs no control plane and no token.
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "relayctl", &mut script);
+        use std::io::Write;
+        return match std::io::stdout().write_all(&script) {
+            // `relayctl completions bash | head` is fine.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r.context("writing the completion script"),
+        };
+    }
     let token = client::load_token(cli.token.as_deref(), cli.token_file.as_deref())?;
     let ca = match &cli.ca_file {
         Some(p) => Some(std::fs::read(p).with_context(|| format!("cannot read --ca-file {}", p.display()))?),
@@ -37,6 +49,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Usage(args) => status::usage(&mut conn, out, args).await,
         Command::Token(cmd) => tokens::run(&mut conn, out, cmd).await,
         Command::Version => status::version(&mut conn, out).await,
+        Command::Completions { .. } => Ok(()),
     }
 }
 
