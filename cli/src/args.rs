@@ -420,7 +420,7 @@ pub struct UsageArgs {
     /// Group rows by API key, account or model (default: one total).
     #[arg(long, value_enum)]
     pub by: Option<UsageBy>,
-    /// From this time (RFC 3339, or a duration ago: 30m, 24h, 7d).
+    /// From this time (RFC 3339, or a duration ago: 30m, 24h, 7d; default: everything stored).
     #[arg(long, value_name = "TIME", value_parser = time_arg)]
     pub since: Option<i64>,
     /// Up to this time (RFC 3339 or a duration ago; default now).

@@ -333,7 +333,7 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
     assert_eq!(ack.inserted, 3);
     let usage = env.json(&["usage", "--by", "key", "--since", "1h"], None);
     let row = &usage.as_array().unwrap()[0];
-    assert_eq!(row["group"], "team-a-key");
+    assert_eq!(row["key"], "team-a-key");
     assert_eq!(row["requests"], 3);
     assert_eq!(row["input_tokens"], 3000);
     assert_eq!(row["output_tokens"], 1500);

@@ -99,7 +99,7 @@ async fn quickstart_from_nothing_to_a_streamed_answer() {
     .unwrap();
     let row = &usage[0];
     let expected = expected_usage(&body);
-    assert_eq!(row["group"], "my-laptop");
+    assert_eq!(row["key"], "my-laptop");
     assert_eq!(row["requests"], 1);
     assert_eq!(row["input_tokens"], expected.input_tokens);
     assert_eq!(row["output_tokens"], expected.output_tokens);

@@ -125,13 +125,16 @@ fn usage_columns(by: Option<UsageBy>, bucketed: bool) -> Vec<Column<UsageRow>> {
         }));
     }
     if let Some(by) = by {
-        let header = match by {
-            UsageBy::Key => "Key",
-            UsageBy::Account => "Account",
-            UsageBy::Model => "Model",
+        // The dimension is named for what it is (deleted keys and accounts keep their names).
+        let (id, id_col, header) = match by {
+            UsageBy::Key => ("key", Some("key_id"), "Key"),
+            UsageBy::Account => ("account", Some("account_id"), "Account"),
+            UsageBy::Model => ("model", None, "Model"),
         };
-        cols.push(Column::new("group", header, |r| Value::text(&r.group)));
-        cols.push(Column::detail("group_id", "ID", |r| Value::opt_text(&r.group_id)));
+        cols.push(Column::new(id, header, |r| Value::text(&r.group)));
+        if let Some(id_col) = id_col {
+            cols.push(Column::detail(id_col, "ID", |r| Value::opt_text(&r.group_id)));
+        }
     }
     let totals: [Column<UsageRow>; 10] = [
         Column::new("requests", "Requests", |r| Value::UInt(r.requests)),
@@ -238,15 +241,15 @@ mod tests {
             "cost_usd",
             "errors",
             "anomalies",
-            "group",
-            "group_id",
+            "key",
+            "key_id",
             "bucket_start",
         ] {
             assert!(r.get(k).is_some(), "missing {k}");
         }
         assert_eq!(r["cost_usd"].as_f64().unwrap(), 0.003);
         assert_eq!(r["bucket_start"], "2023-11-14T22:13:20Z");
-        assert_eq!(r["group"], "ci");
+        assert_eq!(r["key"], "ci");
         assert_eq!(r["cost_pico_usd"], 3_000_000_000u64);
     }
 
@@ -254,7 +257,7 @@ mod tests {
     fn ungrouped_usage_has_no_group_or_bucket() {
         let s = render_list(Format::Json, &usage_columns(None, false), &[row()]).unwrap();
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-        assert!(v[0].get("group").is_none() && v[0].get("bucket_start").is_none());
+        assert!(v[0].get("key").is_none() && v[0].get("bucket_start").is_none());
         let csv = render_list(Format::Csv, &usage_columns(None, false), &[row()]).unwrap();
         assert!(csv.lines().nth(1).unwrap().contains(",0.003000,"));
     }
