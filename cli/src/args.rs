@@ -251,6 +251,11 @@ pub enum KeyCmd {
     /// List API keys.
     #[command(alias = "ls")]
     List,
+    /// Show one API key (never its secret).
+    Show {
+        /// The key's name or id.
+        key: String,
+    },
     /// Revoke an API key (final).
     Revoke {
         /// The key's name or id.

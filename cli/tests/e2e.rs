@@ -212,6 +212,9 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
         serde_json::json!(["claude-sonnet-4-5", "claude-haiku-4-5"])
     );
     assert!(!keys.to_string().contains(&api_key), "the key is shown once only");
+    let shown = env.json(&["key", "show", "team-a-key"], None);
+    assert_eq!(shown["name"], "team-a-key");
+    assert!(!shown.to_string().contains(&api_key));
     let groups = env.json(&["group", "list"], None);
     let g = groups
         .as_array()

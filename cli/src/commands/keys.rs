@@ -100,6 +100,10 @@ pub async fn run(conn: &mut Conn, out: Output, cmd: KeyCmd) -> Result<()> {
             let list = api.list_api_keys(ListApiKeysRequest {}).await.or_report(&server)?;
             out.list(COLUMNS, &list.keys)
         }
+        KeyCmd::Show { key } => {
+            let list = api.list_api_keys(ListApiKeysRequest {}).await.or_report(&server)?;
+            out.one(COLUMNS, find_key(&list.keys, &key)?)
+        }
         KeyCmd::Revoke { key } => {
             let info = api
                 .revoke_api_key(RevokeApiKeyRequest { key })
