@@ -145,14 +145,15 @@ pub fn fd_budget(requested: usize, fds_per_connection: u64, limit: Option<u64>, 
     let fit = usize::try_from(limit.saturating_sub(FD_RESERVE) / fds_per_connection.max(1)).unwrap_or(usize::MAX);
     if requested > fit {
         let fit = fit.max(1);
-        tracing::warn!(
+        // Said once at start (also on stdout): a cap, not a fault.
+        tracing::info!(
             listener = name,
             requested,
             allowed = fit,
             open_file_limit = limit,
             "the open-file limit cannot hold this many connections; capping (raise `ulimit -n` to allow more)"
         );
-        eprintln!(
+        println!(
             "relay: {name}: at most {fit} connections at once, not {requested}: the open-file limit is {limit} \
              (raise `ulimit -n` to allow more)"
         );
