@@ -67,6 +67,8 @@ pub enum Command {
     /// Tokens for the control plane: admin, read-only and data-plane tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// One screen: config version, data planes and their lag, accounts by state, the last hour.
+    Status,
     /// The control plane's current config version (`epoch:revision`).
     Version,
     /// Print a shell completion script (e.g. `relayctl completions bash > /etc/bash_completion.d/relayctl`).

@@ -496,6 +496,16 @@ async fn standalone_walkthrough() {
     let env = Env { server, token, dir };
     let (api_key, ro) = operator_walkthrough(&env).await;
 
+    // One screen of status: the accounts the walkthrough made, and the last hour.
+    let text = env.ok(&["status"], None);
+    for line in ["Config version", "Data planes", "Accounts", "Last hour"] {
+        assert!(text.contains(line), "{text}");
+    }
+    let st = env.json(&["status"], None);
+    let accounts = env.json(&["account", "list"], None).as_array().unwrap().len() as u64;
+    assert_eq!(st["accounts"].as_u64(), Some(accounts), "{st}");
+    assert!(st["last_hour_requests"].as_u64().is_some(), "{st}");
+
     // Restart: everything is still there, the token file is reused.
     cp.kill();
     let (mut cp2, server2) = start_control_plane(

@@ -49,6 +49,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Usage(args) => status::usage(&mut conn, out, args).await,
         Command::Token(cmd) => tokens::run(&mut conn, out, cmd).await,
         Command::Version => status::version(&mut conn, out).await,
+        Command::Status => status::status(&mut conn, out).await,
         Command::Completions { .. } => Ok(()),
     }
 }

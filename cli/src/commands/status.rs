@@ -1,4 +1,4 @@
-//! Read-mostly views: `proxies`, `audit`, `usage`, `version`.
+//! Read-mostly views: `status`, `data-planes`, `audit`, `usage`, `version`.
 
 use anyhow::{anyhow, Result};
 use relay_proto::v1::{
@@ -73,6 +73,158 @@ const PROXY_COLUMNS: &[Column<ProxyRow>] = &[
     Column::new("connected", "Connected", |r| Value::Bool(r.p.connected)),
     Column::detail("replica", "Replica", |r| Value::opt_text(&r.p.replica)),
 ];
+
+/// What `relayctl status` shows.
+#[derive(Debug, Default)]
+struct Overview {
+    version: Option<ConfigVersion>,
+    data_planes: u64,
+    connected: u64,
+    behind: u64,
+    max_lag: u64,
+    nacking: u64,
+    accounts: u64,
+    disabled: u64,
+    healthy: u64,
+    /// Enabled accounts by their worst current state, e.g. ("RATE_LIMITED", 2).
+    by_state: Vec<(String, u64)>,
+    requests: u64,
+    errors: u64,
+    flagged: u64,
+    cost_pico_usd: u64,
+}
+
+impl Overview {
+    fn text(&self) -> String {
+        let states: Vec<String> = self
+            .by_state
+            .iter()
+            .map(|(s, n)| format!("{n} {}", s.to_ascii_lowercase().replace('_', " ")))
+            .collect();
+        let mut out = format!(
+            "Config version   {}\n\
+             Data planes      {} connected of {}; {} behind the head (max {} revisions); {} refusing the config\n\
+             Accounts         {} enabled: {} healthy{}{}; {} disabled\n\
+             Last hour        {} requests, {} errors, ${} spent",
+            version_string(self.version.as_ref()).unwrap_or_else(|| "-".into()),
+            self.connected,
+            self.data_planes,
+            self.behind,
+            self.max_lag,
+            self.nacking,
+            self.accounts - self.disabled,
+            self.healthy,
+            if states.is_empty() { "" } else { ", " },
+            states.join(", "),
+            self.disabled,
+            self.requests,
+            self.errors,
+            format_cost(self.cost_pico_usd),
+        );
+        if self.flagged > 0 {
+            out.push_str(&format!(", {} usage rows flagged", self.flagged));
+        }
+        out.push('\n');
+        out
+    }
+}
+
+const OVERVIEW_COLUMNS: &[Column<Overview>] = &[
+    Column::new("config_version", "Config version", |o| opt_version(o.version.as_ref())),
+    Column::new("data_planes", "Data planes", |o| Value::UInt(o.data_planes)),
+    Column::new("data_planes_connected", "Connected", |o| Value::UInt(o.connected)),
+    Column::new("data_planes_behind", "Behind", |o| Value::UInt(o.behind)),
+    Column::new("max_lag", "Max lag", |o| Value::UInt(o.max_lag)),
+    Column::new("data_planes_nacking", "NACKing", |o| Value::UInt(o.nacking)),
+    Column::new("accounts", "Accounts", |o| Value::UInt(o.accounts)),
+    Column::new("accounts_disabled", "Disabled", |o| Value::UInt(o.disabled)),
+    Column::new("accounts_healthy", "Healthy", |o| Value::UInt(o.healthy)),
+    Column::new("accounts_by_state", "By state", |o| {
+        let items: Vec<String> = o.by_state.iter().map(|(s, n)| format!("{s}={n}")).collect();
+        Value::list(&items, "-")
+    }),
+    Column::new("last_hour_requests", "Requests (1h)", |o| Value::UInt(o.requests)),
+    Column::new("last_hour_errors", "Errors (1h)", |o| Value::UInt(o.errors)),
+    Column::new("last_hour_flagged", "Flagged (1h)", |o| Value::UInt(o.flagged)),
+    Column::new("last_hour_cost_usd", "Spend (1h)", |o| {
+        Value::Decimal(format_cost(o.cost_pico_usd))
+    }),
+];
+
+pub async fn status(conn: &mut Conn, out: Output) -> Result<()> {
+    use relay_proto::v1::{AccountHealth, AccountStatus, ListAccountsRequest};
+    let server = conn.server.clone();
+    let version = conn
+        .api
+        .get_config_version(GetConfigVersionRequest {})
+        .await
+        .or_report(&server)?;
+    let proxies = conn.api.list_proxies(ListProxiesRequest {}).await.or_report(&server)?;
+    let accounts = conn
+        .api
+        .list_accounts(ListAccountsRequest {})
+        .await
+        .or_report(&server)?;
+    let hour_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    let usage = conn
+        .api
+        .query_usage(QueryUsageRequest {
+            since_ms: hour_ago,
+            ..Default::default()
+        })
+        .await
+        .or_report(&server)?;
+    let mut o = Overview {
+        version: Some(version),
+        ..Overview::default()
+    };
+    for p in proxies.proxies {
+        let row = ProxyRow { p, head: proxies.head };
+        o.data_planes += 1;
+        o.connected += u64::from(row.p.connected);
+        if row.p.connected && row.lag().is_some_and(|l| l > 0) {
+            o.behind += 1;
+        }
+        o.max_lag = o.max_lag.max(row.lag().unwrap_or(0));
+        o.nacking += u64::from(row.p.last_nack_version.is_some());
+    }
+    let mut by_state: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for a in &accounts.accounts {
+        o.accounts += 1;
+        if a.status == AccountStatus::Disabled as i32 {
+            o.disabled += 1;
+            continue;
+        }
+        // The worst state in force (the enum goes from least to most severe).
+        let worst = a
+            .states
+            .iter()
+            .filter_map(|s| AccountHealth::try_from(s.health).ok())
+            .max_by_key(|h| *h as i32);
+        match worst {
+            None => o.healthy += 1,
+            Some(h) => {
+                *by_state
+                    .entry(h.as_str_name().trim_start_matches("ACCOUNT_HEALTH_").to_string())
+                    .or_default() += 1
+            }
+        }
+    }
+    o.by_state = by_state.into_iter().collect();
+    for r in usage.rows {
+        o.requests += r.requests;
+        o.errors += r.errors;
+        o.flagged += r.anomalies;
+        o.cost_pico_usd = o.cost_pico_usd.saturating_add(r.cost_pico_usd);
+    }
+    match out.format {
+        Format::Table => {
+            print!("{}", o.text());
+            Ok(())
+        }
+        _ => out.one(OVERVIEW_COLUMNS, &o),
+    }
+}
 
 pub async fn proxies(conn: &mut Conn, out: Output, cmd: ProxiesCmd) -> Result<()> {
     match cmd {
