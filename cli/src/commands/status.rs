@@ -105,7 +105,7 @@ impl Overview {
             "Config version   {}\n\
              Data planes      {} connected of {}; {} behind the head (max {} revisions); {} refusing the config\n\
              Accounts         {} enabled: {} healthy{}{}; {} disabled\n\
-             Last hour        {} requests, {} errors, ${} spent",
+             Last hour        {} requests, {} errors, {} spent",
             version_string(self.version.as_ref()).unwrap_or_else(|| "-".into()),
             self.connected,
             self.data_planes,
@@ -119,7 +119,7 @@ impl Overview {
             self.disabled,
             self.requests,
             self.errors,
-            format_cost(self.cost_pico_usd),
+            dollars(self.cost_pico_usd),
         );
         if self.flagged > 0 {
             out.push_str(&format!(", {} usage rows flagged", self.flagged));
@@ -127,6 +127,12 @@ impl Overview {
         out.push('\n');
         out
     }
+}
+
+/// Money as people read it: dollars and cents (rounded), e.g. "$12.35".
+fn dollars(pico_usd: u64) -> String {
+    let cents = (u128::from(pico_usd) + 5_000_000_000) / 10_000_000_000;
+    format!("${}.{:02}", cents / 100, cents % 100)
 }
 
 const OVERVIEW_COLUMNS: &[Column<Overview>] = &[
@@ -376,6 +382,15 @@ mod tests {
             cost_pico_usd: 3_000_000_000,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn money_reads_as_dollars_and_cents() {
+        assert_eq!(dollars(0), "$0.00");
+        assert_eq!(dollars(12_345_000_000_000), "$12.35");
+        assert_eq!(dollars(4_999_999_999), "$0.00");
+        assert_eq!(dollars(5_000_000_000), "$0.01");
+        assert_eq!(dollars(u64::MAX), "$18446744.07");
     }
 
     #[test]
