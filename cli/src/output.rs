@@ -19,8 +19,11 @@ use crate::parse::{format_micros, format_time};
 /// How results are printed (`-o/--output`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Format {
+    /// A table of the main columns, short ids, times to the second.
     #[default]
     Table,
+    /// A table of every column, full ids and times.
+    Wide,
     Json,
     Csv,
 }
@@ -44,6 +47,9 @@ pub enum Value {
     },
     /// Structured data (JSON in JSON output, compact JSON text elsewhere).
     Json(serde_json::Value),
+    /// An id: whole in JSON, CSV and wide tables; its first [`SHORT_ID`] characters in tables
+    /// (enough to tell ids apart, like git's short hashes; every command takes names too).
+    Id(String),
     /// A limit where zero means unlimited: tables show `-` for it, JSON and
     /// CSV the value itself.
     Limit {
@@ -109,18 +115,23 @@ impl Value {
             Value::List { items, .. } => J::Array(items.iter().cloned().map(J::String).collect()),
             Value::Json(v) => v.clone(),
             Value::Limit { value, .. } => value.to_json(),
+            Value::Id(s) => J::String(s.clone()),
         }
     }
 
-    fn to_cell(&self) -> String {
+    fn to_cell(&self, wide: bool) -> String {
         match self {
             Value::Null => "-".into(),
             Value::Bool(b) => if *b { "yes" } else { "no" }.into(),
-            Value::Time(ms) => format_time(*ms).unwrap_or_else(|| "-".into()),
+            Value::Time(ms) if wide => format_time(*ms).unwrap_or_else(|| "-".into()),
+            Value::Time(ms) => chrono::DateTime::<chrono::Utc>::from_timestamp_millis(*ms)
+                .filter(|_| *ms != 0)
+                .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
+            Value::Id(s) if !wide => s.chars().take(SHORT_ID).collect(),
             Value::List { items, empty } if items.is_empty() => (*empty).into(),
             Value::List { items, .. } => items.join(", "),
-            Value::Limit { unlimited: true, .. } => "-".into(),
-            Value::Limit { value, .. } => value.to_cell(),
+            Value::Limit { unlimited: true, .. } => UNLIMITED.into(),
+            Value::Limit { value, .. } => value.to_cell(wide),
             other => other.to_csv(),
         }
     }
@@ -136,9 +147,15 @@ impl Value {
             Value::List { items, .. } => items.join(";"),
             Value::Json(v) => v.to_string(),
             Value::Limit { value, .. } => value.to_csv(),
+            Value::Id(s) => s.clone(),
         }
     }
 }
+
+/// Characters of an id a table shows.
+pub const SHORT_ID: usize = 8;
+/// How every table shows a limit or budget of 0.
+pub const UNLIMITED: &str = "unlimited";
 
 /// How one field of a `T` is shown.
 pub struct Column<T> {
@@ -219,12 +236,13 @@ pub fn render_list<T>(format: Format, cols: &[Column<T>], items: &[T]) -> Result
                 .map(|i| cols.iter().map(|c| (c.get)(i).to_csv()).collect())
                 .collect(),
         ),
-        Format::Table => {
-            let shown: Vec<&Column<T>> = cols.iter().filter(|c| c.in_table).collect();
+        Format::Table | Format::Wide => {
+            let wide = format == Format::Wide;
+            let shown: Vec<&Column<T>> = cols.iter().filter(|c| c.in_table || wide).collect();
             let mut t = new_table();
             t.set_header(shown.iter().map(|c| c.header));
             for i in items {
-                t.add_row(shown.iter().map(|c| (c.get)(i).to_cell()));
+                t.add_row(shown.iter().map(|c| (c.get)(i).to_cell(wide)));
             }
             Ok(format!("{t}\n"))
         }
@@ -237,10 +255,11 @@ pub fn render_one<T>(format: Format, cols: &[Column<T>], item: &T, only_table_co
     match format {
         Format::Json => json_string(&serde_json::Value::Object(json_object(cols, item))),
         Format::Csv => render_list(format, cols, std::slice::from_ref(item)),
-        Format::Table => {
+        Format::Table | Format::Wide => {
+            // One item shows every field, ids and times in full.
             let mut t = new_table();
             for c in cols.iter().filter(|c| c.in_table || !only_table_columns) {
-                t.add_row(vec![c.header.to_string(), (c.get)(item).to_cell()]);
+                t.add_row(vec![c.header.to_string(), (c.get)(item).to_cell(true)]);
             }
             Ok(format!("{t}\n"))
         }
@@ -278,7 +297,7 @@ impl Output {
     /// One item: a sentence in table mode, the item in JSON/CSV.
     pub fn one_or_text<T>(&self, cols: &[Column<T>], item: &T, text: &str) -> Result<()> {
         match self.format {
-            Format::Table => self.write(&format!("{text}\n")),
+            Format::Table | Format::Wide => self.write(&format!("{text}\n")),
             _ => self.one(cols, item),
         }
     }
@@ -288,7 +307,7 @@ impl Output {
     /// JSON/CSV.
     pub fn secret_once<T>(&self, cols: &[Column<T>], item: &T, label: &'static str, secret: &str) -> Result<()> {
         match self.format {
-            Format::Table => {
+            Format::Table | Format::Wide => {
                 let summary = render_one(self.format, cols, item, true)?;
                 self.write(&format!("{summary}{label}: {secret}\n"))?;
                 eprintln!("warning: the {label} is shown only this once; store it now, relay keeps only a hash of it");

@@ -83,20 +83,30 @@ fn kind(arg: AccountKindArg) -> AccountKind {
 }
 
 pub const COLUMNS: &[Column<AccountInfo>] = &[
-    Column::new("id", "ID", |a| Value::text(&a.id)),
     Column::new("name", "Name", |a| Value::text(&a.name)),
+    Column::new("id", "ID", |a| Value::Id(a.id.clone())),
     Column::new("kind", "Kind", |a| Value::Text(kind_label(a.kind))),
     Column::new("status", "Status", |a| Value::Text(status_label(a.status))),
-    Column::new("priority", "Priority", |a| Value::Int(i64::from(a.priority))),
-    Column::new("weight", "Weight", |a| Value::UInt(u64::from(a.weight))),
-    Column::new("groups", "Groups", |a| Value::list(&a.groups, "-")),
-    Column::new("max_concurrency", "Max concurrency", |a| {
-        Value::UInt(u64::from(a.max_concurrency))
+    // Tables show priority and weight together ("10/3"); JSON and wide have each.
+    Column::new("routing", "Prio/Wt", |a| {
+        Value::Text(format!("{}/{}", a.priority, a.weight))
     }),
-    Column::new("credential_hint", "Credential", |a| Value::opt_text(&a.credential_hint)),
-    Column::new("health", "Health", |a| Value::Text(health_summary(&a.states))),
+    Column::detail("priority", "Priority", |a| Value::Int(i64::from(a.priority))),
+    Column::detail("weight", "Weight", |a| Value::UInt(u64::from(a.weight))),
+    Column::new("groups", "Groups", |a| Value::list(&a.groups, "-")),
+    Column::new("health", "Health", |a| {
+        let mut h = health_summary(&a.states);
+        if !a.config_errors.is_empty() {
+            h.push_str(&format!("; out of service on {} data plane(s)", a.config_errors.len()));
+        }
+        Value::Text(h)
+    }),
+    Column::detail("max_concurrency", "Max concurrency", |a| {
+        Value::limit(u64::from(a.max_concurrency))
+    }),
+    Column::detail("credential_hint", "Credential", |a| Value::opt_text(&a.credential_hint)),
     // Data planes that took the account out of service (they cannot use it).
-    Column::new("config_errors", "Out of service on", |a| {
+    Column::detail("config_errors", "Out of service on", |a| {
         Value::list(&a.config_errors, "-")
     }),
     Column::detail("states", "States", |a| Value::Json(states_json(&a.states))),
@@ -223,4 +233,46 @@ fn update_request(args: AccountUpdate) -> Result<UpdateAccountRequest> {
         credential_expires_at_ms: args.expires,
         allow_credential_to_new_host: args.allow_credential_to_new_host,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod width_tests {
+    use super::*;
+    use crate::output::{render_list, Format};
+
+    fn account() -> AccountInfo {
+        AccountInfo {
+            id: "01a23f7a-5754-73eb-851d-053d349b8231".into(),
+            name: "team-a-primary".into(),
+            kind: relay_proto::v1::AccountKind::AnthropicApiKey as i32,
+            status: relay_proto::v1::AccountStatus::Enabled as i32,
+            priority: 10,
+            weight: 3,
+            groups: vec!["default".into(), "team-a".into()],
+            credential_hint: "sk-ant-…XYZ1".into(),
+            ..Default::default()
+        }
+    }
+
+    /// A 100-column terminal holds the account list: names first, ids short; `-o wide` has it all.
+    #[test]
+    fn the_account_list_fits_100_columns_and_wide_has_everything() {
+        let table = render_list(Format::Table, COLUMNS, &[account()]).unwrap();
+        for line in table.lines() {
+            assert!(line.chars().count() <= 100, "{} columns: {line}", line.chars().count());
+        }
+        assert!(
+            table.contains("team-a-primary") && table.contains("01a23f7a"),
+            "{table}"
+        );
+        assert!(!table.contains("01a23f7a-5754"), "ids are short in tables: {table}");
+        let header = table.lines().nth(1).unwrap();
+        assert!(
+            header.find("Name").unwrap() < header.find("ID").unwrap(),
+            "names first: {header}"
+        );
+        let wide = render_list(Format::Wide, COLUMNS, &[account()]).unwrap();
+        assert!(wide.contains("01a23f7a-5754-73eb-851d-053d349b8231") && wide.contains("Credential"));
+    }
 }

@@ -13,8 +13,8 @@ use crate::output::{Column, Output, Value};
 use crate::parse::default_cache_prices;
 
 const GROUP_COLUMNS: &[Column<GroupInfo>] = &[
-    Column::new("id", "ID", |g| Value::text(&g.id)),
     Column::new("name", "Name", |g| Value::text(&g.name)),
+    Column::new("id", "ID", |g| Value::Id(g.id.clone())),
     Column::new("description", "Description", |g| Value::text(&g.description)),
     Column::new("account_count", "Accounts", |g| Value::UInt(u64::from(g.account_count))),
     Column::new("key_count", "Keys", |g| Value::UInt(u64::from(g.key_count))),

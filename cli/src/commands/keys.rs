@@ -20,22 +20,22 @@ fn limits(k: &ApiKeyInfo) -> KeyLimits {
 }
 
 pub const COLUMNS: &[Column<ApiKeyInfo>] = &[
-    Column::new("id", "ID", |k| Value::text(&k.id)),
     Column::new("name", "Name", |k| Value::text(&k.name)),
+    Column::new("id", "ID", |k| Value::Id(k.id.clone())),
     Column::new("key_prefix", "Prefix", |k| Value::text(&k.key_prefix)),
     Column::new("status", "Status", |k| Value::Text(status_label(k.status))),
     Column::new("group", "Group", |k| Value::opt_text(&k.group)),
     Column::new("allowed_models", "Models", |k| Value::list(&k.allowed_models, "(all)")),
     Column::new("expires_at", "Expires", |k| Value::Time(k.expires_at_ms)),
-    Column::new("rpm", "RPM", |k| Value::limit(u64::from(limits(k).requests_per_minute))),
-    Column::new("tpm", "TPM", |k| Value::limit(limits(k).tokens_per_minute)),
-    Column::new("concurrency", "Concurrency", |k| {
+    Column::detail("rpm", "RPM", |k| Value::limit(u64::from(limits(k).requests_per_minute))),
+    Column::detail("tpm", "TPM", |k| Value::limit(limits(k).tokens_per_minute)),
+    Column::detail("concurrency", "Concurrency", |k| {
         Value::limit(u64::from(limits(k).max_concurrency))
     }),
-    Column::new("daily_budget_usd", "Daily budget ($)", |k| {
+    Column::detail("daily_budget_usd", "Daily budget ($)", |k| {
         Value::budget(limits(k).daily_budget_micro_usd)
     }),
-    Column::new("monthly_budget_usd", "Monthly budget ($)", |k| {
+    Column::detail("monthly_budget_usd", "Monthly budget ($)", |k| {
         Value::budget(limits(k).monthly_budget_micro_usd)
     }),
     Column::detail("created_at", "Created", |k| Value::Time(k.created_at_ms)),

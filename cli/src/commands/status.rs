@@ -43,14 +43,14 @@ fn kind_name(x: &relay_proto::v1::RejectedResource) -> &'static str {
 
 const PROXY_COLUMNS: &[Column<ProxyRow>] = &[
     Column::new("node_id", "Node", |r| Value::text(&r.p.node_id)),
-    Column::new("build_version", "Build", |r| Value::opt_text(&r.p.build_version)),
+    Column::detail("build_version", "Build", |r| Value::opt_text(&r.p.build_version)),
     Column::new("acked_version", "Acked", |r| opt_version(r.p.acked.as_ref())),
-    Column::new("head_version", "Head", |r| opt_version(r.head.as_ref())),
+    Column::detail("head_version", "Head", |r| opt_version(r.head.as_ref())),
     Column::new("lag", "Lag", |r| r.lag().map_or(Value::Null, Value::UInt)),
     Column::new("last_nack_error", "Last NACK error", |r| {
         Value::opt_text(&r.p.last_nack_error)
     }),
-    Column::new("last_nack_version", "NACKed version", |r| {
+    Column::detail("last_nack_version", "NACKed version", |r| {
         opt_version(r.p.last_nack_version.as_ref())
     }),
     Column::new("last_nack_at", "NACKed at", |r| Value::Time(r.p.last_nack_at_ms)),
@@ -71,7 +71,7 @@ const PROXY_COLUMNS: &[Column<ProxyRow>] = &[
     }),
     Column::new("last_seen", "Last seen", |r| Value::Time(r.p.last_seen_ms)),
     Column::new("connected", "Connected", |r| Value::Bool(r.p.connected)),
-    Column::detail("replica", "Replica", |r| Value::opt_text(&r.p.replica)),
+    Column::new("replica", "Replica", |r| Value::opt_text(&r.p.replica)),
 ];
 
 /// What `relayctl status` shows.
@@ -224,7 +224,7 @@ pub async fn status(conn: &mut Conn, out: Output) -> Result<()> {
         o.cost_pico_usd = o.cost_pico_usd.saturating_add(r.cost_pico_usd);
     }
     match out.format {
-        Format::Table => {
+        Format::Table | Format::Wide => {
             print!("{}", o.text());
             Ok(())
         }
@@ -255,14 +255,50 @@ fn audit_detail(e: &AuditEntry) -> Value {
     serde_json::from_str(&e.detail).map_or_else(|_| Value::text(&e.detail), Value::Json)
 }
 
+/// `key=value` pairs of the audit detail, ids and empty values left out, at most 80 characters.
+fn audit_summary(e: &AuditEntry) -> Value {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&e.detail) else {
+        return Value::opt_text(&e.detail);
+    };
+    let mut parts = Vec::new();
+    for (k, v) in &map {
+        if k == "id" || v.is_null() || v == &serde_json::json!("") || v == &serde_json::json!([]) {
+            continue;
+        }
+        let shown = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Object(o) => {
+                let set: Vec<String> = o
+                    .iter()
+                    .filter(|(_, x)| !matches!(x, serde_json::Value::Number(n) if n.as_u64() == Some(0)))
+                    .map(|(k, x)| format!("{k}:{x}"))
+                    .collect();
+                if set.is_empty() {
+                    continue;
+                }
+                set.join(" ")
+            }
+            other => other.to_string(),
+        };
+        parts.push(format!("{k}={shown}"));
+    }
+    let mut text = parts.join(", ");
+    if text.chars().count() > 80 {
+        text = text.chars().take(79).collect::<String>() + "…";
+    }
+    Value::Text(text)
+}
+
 const AUDIT_COLUMNS: &[Column<AuditEntry>] = &[
-    Column::new("id", "ID", |e| Value::UInt(e.id)),
     Column::new("at", "At", |e| Value::Time(e.at_ms)),
     Column::new("actor", "Actor", |e| Value::text(&e.actor)),
     Column::new("action", "Action", |e| Value::text(&e.action)),
     Column::new("target", "Target", |e| Value::text(&e.target)),
-    Column::new("revision", "Revision", |e| Value::UInt(e.revision)),
-    Column::new("detail", "Detail", audit_detail),
+    // A readable summary in tables; the raw record with -o json / -o wide.
+    Column::new("summary", "Changes", audit_summary),
+    Column::detail("id", "ID", |e| Value::UInt(e.id)),
+    Column::detail("revision", "Revision", |e| Value::UInt(e.revision)),
+    Column::detail("detail", "Detail", audit_detail),
 ];
 
 pub async fn audit(conn: &mut Conn, out: Output, args: AuditArgs) -> Result<()> {
@@ -361,7 +397,7 @@ pub async fn version(conn: &mut Conn, out: Output) -> Result<()> {
         .await
         .or_report(&conn.server)?;
     match out.format {
-        Format::Table => out.one_or_text(VERSION_COLUMNS, &v, &v.to_string()),
+        Format::Table | Format::Wide => out.one_or_text(VERSION_COLUMNS, &v, &v.to_string()),
         Format::Json | Format::Csv => out.one(VERSION_COLUMNS, &v),
     }
 }

@@ -32,8 +32,8 @@ fn role(arg: RoleArg) -> Result<AdminRole> {
 }
 
 const COLUMNS: &[Column<AdminTokenInfo>] = &[
-    Column::new("id", "ID", |t| Value::text(&t.id)),
     Column::new("name", "Name", |t| Value::text(&t.name)),
+    Column::new("id", "ID", |t| Value::Id(t.id.clone())),
     Column::new("role", "Role", |t| Value::Text(role_label(t.role))),
     Column::new("token_prefix", "Prefix", |t| Value::text(&t.token_prefix)),
     Column::new("created_at", "Created", |t| Value::Time(t.created_at_ms)),
