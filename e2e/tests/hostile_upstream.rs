@@ -635,8 +635,9 @@ async fn absurd_or_unreadable_usage_is_flagged_and_reports_keep_working() {
         input_tokens: 2_000_000_000_000,
         output_tokens: 3,
     });
+    // A message_start without usage (JSON, so passed on): its usage is unreadable.
     let mut bad_start =
-        vec!["event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\": [}\n\n".to_string()];
+        vec!["event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\"}}\n\n".to_string()];
     bad_start.extend(hostile::sse_events(USAGE).into_iter().skip(1));
     let f = fleet(
         Script::raw(hostile::response(
@@ -653,7 +654,7 @@ async fn absurd_or_unreadable_usage_is_flagged_and_reports_keep_working() {
     }
     f.bad.set_script(Script::raw(hostile::sse_response(&bad_start)));
     let r = ask(&f, true).await;
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let rows = wait_rows(&f.cp, 3).await;
     let max = relay_proto::bounds::MAX_TOKENS_PER_REQUEST as i64;
     assert_eq!(rows[0].input_tokens, max);
@@ -787,4 +788,170 @@ async fn a_base_url_ending_in_v1_is_stored_without_it() {
         assert_eq!(post_messages(&dp, &key, &body(false)).await.status, 200);
     }
     assert!(m.requests().iter().all(|r| r.path() == "/v1/messages"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn error_bodies_reach_clients_only_as_whole_api_errors() {
+    let ev = hostile::sse_events(USAGE).concat();
+    let cases: Vec<(&str, Script, bool, u16)> = vec![
+        (
+            "an HTML 500",
+            Script::raw(hostile::response(
+                500,
+                &[("content-type", "text/html")],
+                b"<html>ise</html>",
+            )),
+            false,
+            500,
+        ),
+        (
+            "a 418 page",
+            Script::raw(hostile::response(
+                418,
+                &[("content-type", "text/plain")],
+                b"I'm a teapot",
+            )),
+            false,
+            418,
+        ),
+        (
+            "a 500 carrying an event stream",
+            Script::raw(hostile::response(
+                500,
+                &[("content-type", "text/event-stream")],
+                ev.as_bytes(),
+            )),
+            true,
+            500,
+        ),
+        (
+            "an API error cut at the deadline",
+            Script::raw(hostile::head(
+                500,
+                &[("content-type", "application/json"), ("content-length", "80")],
+            ))
+            .then(Step::Drip(
+                br#"{"type":"error","error":{"type":"api_error","message":"xxxxxxxxxxxxxxxxxxxxxxxxxxx"}}"#.to_vec(),
+                Duration::from_millis(400),
+            )),
+            false,
+            500,
+        ),
+    ];
+    for (name, script, stream, status) in cases {
+        let f = fleet(
+            script,
+            false,
+            &[("retry.deadline_ms", "1500"), ("queue.max_wait_ms", "100")],
+        )
+        .await;
+        let r = ask(&f, stream).await;
+        assert_eq!(r.status, status, "{name}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.header("content-type"), Some("application/json"), "{name}");
+        assert!(!r.error_type().is_empty(), "{name}: a whole Anthropic error");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_carry_only_json_events_and_end_at_message_stop() {
+    let ev = hostile::sse_events(USAGE);
+    // An event that is not JSON in the middle: what came before, then relay's error.
+    let mut corrupt = ev[..3].to_vec();
+    corrupt.push("event: content_block_delta\ndata: {not json at all\n\n".into());
+    corrupt.extend(ev[3..].iter().cloned());
+    let f = fleet(Script::raw(hostile::sse_response(&corrupt)), false, &[]).await;
+    let r = ask(&f, true).await;
+    let got = events(&r.body);
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(got[3].0, "error");
+    assert!(r.body.starts_with(ev[..3].concat().as_bytes()));
+    assert_eq!(wait_rows(&f.cp, 1).await[0].error_type, "api_error");
+
+    // Events and garbage after message_stop never reach the client.
+    let mut after = ev.clone();
+    after.push("event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"INJECTED\"}}\n\n<html>".into());
+    let f = fleet(Script::raw(hostile::sse_response(&after)), false, &[]).await;
+    let r = ask(&f, true).await;
+    assert_eq!(r.body, ev.concat().as_bytes(), "the stream ends at message_stop");
+    assert_eq!(wait_rows(&f.cp, 1).await[0].error_type, "");
+
+    // A first event that is not JSON, or events without names: not an Anthropic stream.
+    let bad_start = vec!["event: message_start\ndata: {\"type\":\"message_start\"\n\n".to_string()];
+    let nameless: Vec<String> = ev
+        .iter()
+        .map(|e| {
+            e.lines()
+                .filter(|l| !l.starts_with("event:"))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        })
+        .collect();
+    for (name, events_sent) in [("invalid message_start", bad_start), ("no event names", nameless)] {
+        let f = fleet(Script::raw(hostile::sse_response(&events_sent)), true, &[]).await;
+        let r = ask(&f, true).await;
+        assert_good_answer(&r, true);
+        assert_eq!(f.bad.request_count(), 1, "{name}");
+    }
+
+    // A cut event larger than what relay holds: relay's error still arrives as its own event.
+    let mut huge = hostile::sse_head();
+    huge.extend(hostile::chunk(ev[0].as_bytes()));
+    let big = format!(
+        "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"{}",
+        "Q".repeat(1_100_000)
+    );
+    huge.extend(hostile::chunk(big.as_bytes()));
+    let f = fleet(Script::raw(huge), false, &[]).await;
+    let r = ask(&f, true).await;
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(text.ends_with("\n\n"), "ends on a boundary");
+    assert!(text.contains("QQQQ\n\nevent: error\n"), "the error event stands alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreadable_counts_and_a_foreign_model_name_do_not_make_requests_free() {
+    for usage in [
+        serde_json::json!({"input_tokens": 1e30, "output_tokens": 5}),
+        serde_json::json!({"input_tokens": -500, "output_tokens": -1}),
+        serde_json::json!({"input_tokens": "100", "output_tokens": "abc"}),
+    ] {
+        let body = serde_json::json!({"id": "m", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+            "content": [], "usage": usage});
+        let f = fleet(
+            Script::raw(hostile::response(
+                200,
+                &[("content-type", "application/json")],
+                body.to_string().as_bytes(),
+            )),
+            false,
+            &[],
+        )
+        .await;
+        assert_eq!(ask(&f, false).await.status, 200);
+        let rows = wait_rows(&f.cp, 1).await;
+        assert_eq!(rows[0].anomaly, "suspect", "{usage}: {rows:?}");
+    }
+    // The price is the requested model's, whatever model the answer names.
+    let mut priced = Vec::new();
+    for model in ["claude-sonnet-4-5", "totally-free-model"] {
+        let body = serde_json::json!({"id": "m", "type": "message", "role": "assistant", "model": model,
+            "content": [], "usage": {"input_tokens": 1_000_000, "output_tokens": 100_000}});
+        let f = fleet(
+            Script::raw(hostile::response(
+                200,
+                &[("content-type", "application/json")],
+                body.to_string().as_bytes(),
+            )),
+            false,
+            &[],
+        )
+        .await;
+        assert_eq!(ask(&f, false).await.status, 200);
+        priced.push(wait_rows(&f.cp, 1).await[0].cost_pico_usd);
+    }
+    assert!(priced[0] > 0);
+    assert_eq!(
+        priced[0], priced[1],
+        "an upstream cannot make a request free by naming another model"
+    );
 }

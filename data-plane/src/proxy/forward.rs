@@ -343,6 +343,7 @@ impl Tap {
                 model: t.model().map(str::to_string),
                 error_type: t.error_type().map(str::to_string).unwrap_or_default(),
                 unparsed: t.usage_unparsed(),
+                suspect: t.counts_unreadable(),
                 cancelled: false,
             },
             Tap::Buffer(b, _) if status >= 400 => Recorded {
@@ -374,6 +375,8 @@ pub struct Recorded {
     pub error_type: String,
     /// The answer's usage could not be read.
     pub unparsed: bool,
+    /// A usage count was there but not a whole number of tokens (left out, row flagged).
+    pub suspect: bool,
     pub cancelled: bool,
 }
 
@@ -533,11 +536,36 @@ impl TappedBody {
             metrics::counter!("relay_upstream_stream_errors_total", "kind" => "truncated").increment(1);
             self.finish(Outcome2::Truncated);
             self.tail.clear();
-            return Some(error_event("upstream stream ended before message_stop"));
+            return Some(self.after_partial(error_event("upstream stream ended before message_stop")));
         }
         self.finish(Outcome2::Complete);
         let tail = self.tail.split().freeze();
-        (!tail.is_empty()).then_some(tail)
+        match &self.tap {
+            // After message_stop nothing belongs to the message; a stream without SSE framing
+            // keeps its last bytes.
+            Tap::Sse(_) => None,
+            Tap::Buffer(..) => (!tail.is_empty()).then_some(tail),
+        }
+    }
+
+    /// What the tap says of the stream now: corrupt (an event that is not JSON) or ended
+    /// (message_stop read): either way the stream ends here, without reading further.
+    fn settled(&self) -> Option<bool> {
+        match &self.tap {
+            Tap::Sse(t) if t.corrupt() => Some(false),
+            Tap::Sse(t) if t.ended() => Some(true),
+            _ => None,
+        }
+    }
+
+    /// The bytes that end a stream that stops here: relay's error event when it failed (after a
+    /// blank line if part of an oversized event went out), nothing when it ended at message_stop.
+    fn close_now(&mut self, ok: bool) -> Option<Bytes> {
+        if ok {
+            return self.end();
+        }
+        metrics::counter!("relay_upstream_stream_errors_total", "kind" => "corrupt").increment(1);
+        Some(self.fail("the upstream sent an event that is not valid JSON"))
     }
 
     fn finish(&mut self, outcome: Outcome2) {
@@ -588,7 +616,21 @@ impl TappedBody {
         self.finish(Outcome2::UpstreamFailed);
         self.tail.clear();
         self.done = true;
-        error_event(message)
+        self.after_partial(error_event(message))
+    }
+
+    /// `ev` after a blank line when part of an event larger than [`MAX_HELD_BYTES`] already went
+    /// out: the error then arrives as its own event, not glued onto half of another.
+    fn after_partial(&self, ev: Bytes) -> Bytes {
+        match &self.tap {
+            Tap::Sse(t) if self.sent > t.complete_bytes() => {
+                let mut b = bytes::BytesMut::with_capacity(ev.len() + 2);
+                b.extend_from_slice(b"\n\n");
+                b.extend_from_slice(&ev);
+                b.freeze()
+            }
+            _ => ev,
+        }
     }
 }
 
@@ -605,7 +647,15 @@ fn error_event(message: &str) -> Bytes {
 /// Builds the usage event and hands it to the spool (asynchronously: the
 /// client already has its answer).
 pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
-    let billed_model = r.model.filter(|m| !m.is_empty()).unwrap_or(a.model);
+    // The model the answer names is recorded (a dated id, say), unless it is not a plausible model
+    // id; the price is the requested model's whenever the table has one, so an upstream cannot
+    // make a request cheap by naming another model.
+    let answered = r.model.filter(|m| !m.is_empty());
+    let implausible = answered
+        .as_ref()
+        .is_some_and(|m| m.len() > 200 || m.chars().any(|c| c.is_control() || c.is_whitespace()));
+    let requested = a.model.clone();
+    let billed_model = answered.filter(|_| !implausible).unwrap_or(a.model);
     let now = chrono::Utc::now().timestamp_millis();
     let usage = r.usage;
     let mut event = pb::UsageEvent {
@@ -639,6 +689,10 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     // Counts beyond what one request can carry are clamped first, and the cost is that of the
     // clamped counts: an absurd claim is never billed as such.
     let mut suspect = relay_proto::bounds::clamp(&mut event);
+    if r.suspect {
+        relay_proto::bounds::flag(&mut event, relay_proto::bounds::SUSPECT);
+        suspect = true;
+    }
     let counted = Usage {
         input_tokens: event.input_tokens,
         output_tokens: event.output_tokens,
@@ -647,7 +701,16 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         cache_read_tokens: event.cache_read_tokens,
         web_search_requests: event.web_search_requests,
     };
-    event.cost_pico_usd = cost_of(&a.config.prices, &event.model, now, &counted);
+    let price_model = if a.config.prices.lookup(&requested, now).is_some() {
+        requested.as_str()
+    } else {
+        event.model.as_str()
+    };
+    event.cost_pico_usd = cost_of(&a.config.prices, price_model, now, &counted);
+    if implausible {
+        relay_proto::bounds::flag(&mut event, relay_proto::bounds::SUSPECT);
+        suspect = true;
+    }
     suspect |= relay_proto::bounds::clamp(&mut event);
     if suspect {
         metrics::counter!("relay_usage_anomalies_total", "anomaly" => relay_proto::bounds::SUSPECT).increment(1);
@@ -688,6 +751,17 @@ pub fn cost_of(prices: &PriceTable, model: &str, at_ms: i64, usage: &Usage) -> u
     }
 }
 
+/// Whether a body is an Anthropic error: `{"type":"error","error":{"type":"…",…}}`.
+pub fn is_api_error(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Err {
+        #[serde(rename = "type")]
+        kind: Option<serde_json::Value>,
+    }
+    serde_json::from_slice::<Err>(body).is_ok_and(|e| e.kind.as_ref().and_then(|k| k.as_str()) == Some("error"))
+        && Usage::parse_error_type(body).is_some()
+}
+
 /// Checks that a complete 2xx JSON body is an Anthropic answer (a `message` for the Messages API,
 /// `{"input_tokens": N}` for count_tokens) and reads its usage. Err: what is wrong with it.
 pub fn check_answer(is_messages: bool, body: &[u8]) -> Result<Recorded, &'static str> {
@@ -716,6 +790,7 @@ pub fn check_answer(is_messages: bool, body: &[u8]) -> Result<Recorded, &'static
     Ok(match a.usage {
         Some(u) if u.is_object() => Recorded {
             usage: Usage::from_json(&u),
+            suspect: Usage::has_unreadable_counts(&u),
             model,
             ..Recorded::default()
         },
@@ -801,6 +876,19 @@ impl TappedBody {
             return Poll::Pending;
         }
         let out = self.release(out);
+        if let Some(ok) = self.settled() {
+            // message_stop read, or an event that is not JSON: the stream ends here.
+            self.deferred = None;
+            let last = self.close_now(ok);
+            return match (out, last) {
+                (Some(out), last) => {
+                    self.trailer_event = last;
+                    Poll::Ready(Some(Ok(Frame::data(out))))
+                }
+                (None, Some(last)) => Poll::Ready(Some(Ok(Frame::data(last)))),
+                (None, None) => Poll::Ready(None),
+            };
+        }
         if self.inner.is_end_stream() || matches!(self.deferred, Some(Deferred::End)) {
             // hyper may not poll again once the body says it has
             // ended: record now, not in Drop (which would mean "cancelled").
@@ -849,6 +937,14 @@ impl HttpBody for TappedBody {
         }
         if let Some(held) = this.held.take() {
             return this.coalesce(cx, held, false);
+        }
+        if let Some(ok) = this.settled() {
+            // Settled in bytes already sent (the held first event): do not wait for more.
+            this.deferred = None;
+            return match this.close_now(ok) {
+                Some(last) => Poll::Ready(Some(Ok(Frame::data(last)))),
+                None => Poll::Ready(None),
+            };
         }
         let polled = match this.deferred.take() {
             Some(Deferred::Error(e)) => Poll::Ready(Some(Err(e))),

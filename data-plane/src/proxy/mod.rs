@@ -694,7 +694,8 @@ impl Proxy {
 
         if !rparts.status.is_success() {
             // A failed attempt: read its (small) error body, within the request's deadline.
-            let raw = read_capped(&mut rbody, MAX_ERROR_BODY_BYTES, ctx.policy.idle_timeout, ctx.deadline).await;
+            let (raw, whole) =
+                read_capped(&mut rbody, MAX_ERROR_BODY_BYTES, ctx.policy.idle_timeout, ctx.deadline).await;
             let body = match encoding.as_ref().map(|e| e.decode(&raw, MAX_ERROR_BODY_BYTES)) {
                 Ok(Ok(b)) => b,
                 // Undecodable: judged by its status alone; the client gets relay's own error body.
@@ -713,14 +714,18 @@ impl Proxy {
             if let Some(a) = guard.take() {
                 forward::record_failed(a, &tap, None);
             }
-            let body = if body.is_empty() {
-                Bytes::from(upstream_error_body(rparts.status))
-            } else {
+            // Only a whole Anthropic error reaches the client as the upstream sent it; an HTML
+            // page, an event stream, a body cut at the deadline get relay's own error JSON.
+            let mut headers = forward::client_headers(&rparts.headers, ctx.request_id, ctx.policy.expose_ratelimit);
+            let body = if whole && forward::is_api_error(&body) {
                 Bytes::from(body)
+            } else {
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                Bytes::from(upstream_error_body(rparts.status))
             };
             let failure = Failure::Upstream {
                 status: rparts.status,
-                headers: forward::client_headers(&rparts.headers, ctx.request_id, ctx.policy.expose_ratelimit),
+                headers,
                 body,
                 retry_after: verdict.retry_after,
             };
@@ -823,6 +828,9 @@ impl Proxy {
                 }
             };
             let (error_type, started) = match &tap {
+                // A first event that is not JSON, or has no `event:` name (SDKs dispatch on it),
+                // does not open an Anthropic stream.
+                Tap::Sse(t) if t.corrupt() || !t.first_event_named() => (None, false),
                 Tap::Sse(t) => (t.error_type().map(str::to_string), t.saw_message_start()),
                 Tap::Buffer(..) => (None, false),
             };
@@ -1046,7 +1054,13 @@ async fn read_whole(body: &mut Incoming, cap: usize, idle: Duration, deadline: t
 
 /// Reads a body up to `cap` bytes (the rest is dropped), each frame within `idle`, all of it
 /// before `deadline` (an error body that drips a byte a second does not hold the request).
-async fn read_capped(body: &mut Incoming, cap: usize, idle: Duration, deadline: tokio::time::Instant) -> Vec<u8> {
+/// Also says whether the body came whole (ended before the cap, the deadline or an error).
+async fn read_capped(
+    body: &mut Incoming,
+    cap: usize,
+    idle: Duration,
+    deadline: tokio::time::Instant,
+) -> (Vec<u8>, bool) {
     let mut out = Vec::new();
     loop {
         let wait = idle.min(remaining_until(deadline));
@@ -1055,15 +1069,15 @@ async fn read_capped(body: &mut Incoming, cap: usize, idle: Duration, deadline: 
                 if let Some(d) = frame.data_ref() {
                     let room = cap.saturating_sub(out.len());
                     out.extend_from_slice(&d[..d.len().min(room)]);
-                    if out.len() >= cap {
-                        break;
+                    if d.len() > room {
+                        return (out, false);
                     }
                 }
             }
-            _ => break,
+            Ok(None) => return (out, true),
+            _ => return (out, false),
         }
     }
-    out
 }
 
 fn route_label(m: &Method, path: &str) -> &'static str {

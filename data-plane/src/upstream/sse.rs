@@ -64,12 +64,10 @@ impl Kind {
         }
     }
 
-    /// Whether the event's data is needed.
+    /// Whether the event's data is needed. Every event's is: it is checked to be JSON (garbage never
+    /// reaches a client), within [`MAX_EVENT_BYTES`].
     fn wants_data(self) -> bool {
-        matches!(
-            self,
-            Kind::Unnamed | Kind::MessageStart | Kind::MessageDelta | Kind::Error
-        )
+        true
     }
 }
 
@@ -109,6 +107,16 @@ pub struct SseTap {
     complete: u64,
     /// Set by `dispatch`, read by `feed` to move `complete`.
     boundary: bool,
+    /// An event's data was not JSON: `complete` stays before it from then on.
+    corrupt: bool,
+    /// `message_stop` was dispatched in this line; `complete` moves past it, then never again.
+    stop_pending: bool,
+    /// Nothing after `message_stop` is part of the message.
+    ended: bool,
+    /// Whether the first event with data had an `event:` line (None: no event yet).
+    first_named: Option<bool>,
+    /// A usage count could not be read as a whole number (see `Usage::has_unreadable_counts`).
+    counts_unreadable: bool,
 }
 
 impl Default for SseTap {
@@ -140,6 +148,11 @@ impl SseTap {
             fed: 0,
             complete: 0,
             boundary: false,
+            corrupt: false,
+            stop_pending: false,
+            ended: false,
+            first_named: None,
+            counts_unreadable: false,
         }
     }
 
@@ -179,6 +192,10 @@ impl SseTap {
                     None => self.pending_cr = true,
                 }
             }
+            if self.ended || self.corrupt {
+                // Nothing after message_stop or a corrupt event is read (or sent).
+                return;
+            }
             if self.line.is_empty() && !self.line_truncated {
                 self.process_line(line, false);
             } else {
@@ -188,8 +205,9 @@ impl SseTap {
                 self.process_line(&buffered, truncated);
                 self.line = recycle(buffered);
             }
-            if std::mem::take(&mut self.boundary) {
+            if std::mem::take(&mut self.boundary) && !self.corrupt && !self.ended {
                 self.complete = base + (chunk.len() - rest.len()) as u64;
+                self.ended = std::mem::take(&mut self.stop_pending);
             }
         }
     }
@@ -208,6 +226,28 @@ impl SseTap {
     /// `message_start` was seen but its usage could not be read.
     pub fn usage_unparsed(&self) -> bool {
         self.start_unparsed
+    }
+
+    /// A usage count was present but not a whole number of tokens.
+    pub fn counts_unreadable(&self) -> bool {
+        self.counts_unreadable
+    }
+
+    /// An event's data was not JSON: the stream is corrupt from that event on
+    /// ([`Self::complete_bytes`] stays before it).
+    pub fn corrupt(&self) -> bool {
+        self.corrupt
+    }
+
+    /// `message_stop` and its blank line were read: the message is whole and nothing after it
+    /// belongs to it.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// The first event carried an `event:` line (SDKs dispatch on the name).
+    pub fn first_event_named(&self) -> bool {
+        self.first_named == Some(true)
     }
 
     /// Usage so far: `message_start`'s, updated by each `message_delta` (whose values are cumulative).
@@ -314,6 +354,9 @@ impl SseTap {
     fn dispatch(&mut self) {
         self.boundary = true;
         if self.has_data {
+            if self.first_named.is_none() {
+                self.first_named = Some(self.kind != Kind::Unnamed);
+            }
             self.events = self.events.saturating_add(1);
             let data = std::mem::take(&mut self.data);
             let complete = !self.data_incomplete;
@@ -322,12 +365,15 @@ impl SseTap {
                     Some(name) => self.handle_event(Kind::of_name(name), complete, &data),
                     None => {
                         // `type` is not the first key (or is escaped): parse it all.
-                        if let Ok(value) = serde_json::from_slice::<Value>(&data) {
-                            let name = value.get("type").and_then(Value::as_str).unwrap_or_default();
-                            match Kind::of_name(name.as_bytes()) {
-                                Kind::Unnamed => {}
-                                kind => self.handle_value(kind, Some(&value)),
+                        match serde_json::from_slice::<Value>(&data) {
+                            Ok(value) => {
+                                let name = value.get("type").and_then(Value::as_str).unwrap_or_default();
+                                match Kind::of_name(name.as_bytes()) {
+                                    Kind::Unnamed => {}
+                                    kind => self.handle_value(kind, Some(&value)),
+                                }
                             }
+                            Err(_) => self.corrupt = true,
                         }
                     }
                 },
@@ -345,8 +391,26 @@ impl SseTap {
     /// Handles an event of a known kind from its raw data.
     fn handle_event(&mut self, kind: Kind, complete: bool, data: &[u8]) {
         let value = match kind {
-            Kind::MessageStart | Kind::MessageDelta | Kind::Error if complete => serde_json::from_slice(data).ok(),
-            Kind::Unnamed | Kind::Other => return,
+            Kind::MessageStart | Kind::MessageDelta | Kind::Error if complete => {
+                match serde_json::from_slice::<Value>(data) {
+                    Ok(v) => Some(v),
+                    Err(_) => {
+                        self.corrupt = true;
+                        None
+                    }
+                }
+            }
+            Kind::Unnamed | Kind::Other | Kind::MessageStop => {
+                // Not read for usage, but it must be JSON.
+                if complete && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_err() {
+                    self.corrupt = true;
+                    return;
+                }
+                if kind != Kind::MessageStop {
+                    return;
+                }
+                None
+            }
             _ => None,
         };
         self.handle_value(kind, value.as_ref());
@@ -362,7 +426,10 @@ impl SseTap {
                     return;
                 };
                 match message.get("usage") {
-                    Some(u) if u.is_object() => self.usage = Usage::from_json(u),
+                    Some(u) if u.is_object() => {
+                        self.counts_unreadable |= Usage::has_unreadable_counts(u);
+                        self.usage = Usage::from_json(u);
+                    }
                     _ => {
                         self.start_unparsed = true;
                         self.usage = Usage::default();
@@ -374,10 +441,14 @@ impl SseTap {
             }
             Kind::MessageDelta => {
                 if let Some(usage) = value.and_then(|v| v.get("usage")) {
+                    self.counts_unreadable |= Usage::has_unreadable_counts(usage);
                     self.usage.merge_delta(usage);
                 }
             }
-            Kind::MessageStop => self.saw_message_stop = true,
+            Kind::MessageStop => {
+                self.saw_message_stop = true;
+                self.stop_pending = true;
+            }
             Kind::Error => {
                 let error_type = value
                     .and_then(|v| v.pointer("/error/type"))
@@ -728,16 +799,14 @@ mod tests {
         assert_eq!(tap.usage().output_tokens, 5);
         tap.feed(b"event:  message_delta\ndata: {\"usage\":{\"output_tokens\":6}}\n\n");
         assert_eq!(tap.usage().output_tokens, 5, "\" message_delta\" is another name");
-        tap.feed(b"event: message_stop\ndata\n\n");
-        assert!(tap.saw_message_stop());
-        assert_eq!(tap.events(), 3);
+        assert_eq!(tap.events(), 2);
         // An event without data is not dispatched; its name does not leak into the next one.
         tap.feed(b"event: message_delta\n\ndata: {\"type\":\"ping\",\"usage\":{\"output_tokens\":7}}\n\n");
-        assert_eq!(tap.events(), 4);
+        assert_eq!(tap.events(), 3);
         assert_eq!(tap.usage().output_tokens, 5);
         // Blank lines alone dispatch nothing.
         tap.feed(b"\n\n\r\n\r\r\n");
-        assert_eq!(tap.events(), 4);
+        assert_eq!(tap.events(), 3);
         // The last event: line wins; the name is reset after dispatch.
         tap.feed(b"event: ping\nevent: message_delta\ndata: {\"usage\":{\"output_tokens\":8}}\n\n");
         assert_eq!(tap.usage().output_tokens, 8);
@@ -748,8 +817,15 @@ mod tests {
         assert_eq!(tap.usage().output_tokens, 10);
         // ...unless the data was skipped under an uninteresting name: then it is not half-parsed.
         tap.feed(b"event: ping\ndata: {\"usage\":{\"output_tokens\":11}}\nevent: message_delta\n\n");
-        assert_eq!(tap.usage().output_tokens, 10);
-        assert_eq!(tap.events(), 8);
+        assert_eq!(
+            tap.usage().output_tokens,
+            11,
+            "every event's data is read now: the last name wins"
+        );
+        assert_eq!(tap.events(), 7);
+        // "data" alone is an empty data line: not JSON, so the stream is corrupt from there.
+        tap.feed(b"event: message_stop\ndata\n\n");
+        assert!(tap.corrupt());
     }
 
     #[test]
@@ -896,7 +972,7 @@ mod tests {
     #[test]
     fn several_deltas_are_cumulative_not_added() {
         let mut tap = SseTap::new();
-        tap.feed(STREAM.as_bytes());
+        tap.feed(&STREAM.as_bytes()[..STREAM.find("event: message_stop").unwrap()]);
         tap.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":100}}\n\n");
         tap.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":150}}\n\n");
         assert_eq!(tap.usage().output_tokens, 150);
@@ -933,9 +1009,13 @@ mod tests {
         assert_eq!(tap.model(), Some("m"));
         assert_eq!((tap.usage().input_tokens, tap.usage().output_tokens), (2, 3));
         assert!(tap.saw_message_stop());
-        // Junk without a name is counted and ignored.
-        tap.feed(b"data: [1,2]\n\ndata: hello\n\ndata: {\"type\":\"mess\\u0061ge_stop\"}\n\n");
-        assert_eq!(tap.events(), 6);
+        // JSON without a known type is counted and ignored; what is not JSON makes the stream corrupt.
+        let mut tap = SseTap::new();
+        tap.feed(b"data: [1,2]\n\ndata: {\"type\":\"mess\\u0061ge_stop\"}\n\n");
+        assert_eq!((tap.events(), tap.corrupt(), tap.saw_message_stop()), (2, false, true));
+        let mut tap = SseTap::new();
+        tap.feed(b"data: [1,2]\n\ndata: hello\n\n");
+        assert!(tap.corrupt());
     }
 
     #[test]
@@ -995,14 +1075,33 @@ mod tests {
     }
 
     #[test]
-    fn uninteresting_data_is_not_buffered() {
+    fn garbage_data_marks_the_stream_corrupt_and_nothing_after_message_stop_counts() {
         let mut tap = SseTap::new();
-        tap.feed(
-            b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"abc\"}}\n",
+        let good =
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"abc\"}}\n\n";
+        tap.feed(good.as_bytes());
+        assert_eq!((tap.events(), tap.corrupt()), (1, false));
+        tap.feed(b"event: content_block_delta\ndata: {not json at all\n\n");
+        assert!(tap.corrupt());
+        assert_eq!(
+            tap.complete_bytes(),
+            good.len() as u64,
+            "complete stays before the corrupt event"
         );
-        assert!(tap.data.is_empty());
-        tap.feed(b"\n");
-        assert_eq!(tap.events(), 1);
+        tap.feed(good.as_bytes());
+        assert_eq!(tap.complete_bytes(), good.len() as u64);
+
+        let mut tap = SseTap::new();
+        tap.feed(STREAM.as_bytes());
+        assert!(tap.ended() && !tap.corrupt());
+        let whole = tap.complete_bytes();
+        tap.feed(good.as_bytes());
+        tap.feed(b"<html>");
+        assert_eq!(tap.complete_bytes(), whole, "nothing after message_stop");
+        assert!(tap.first_event_named());
+        let mut nameless = SseTap::new();
+        nameless.feed(b"data: {\"type\":\"message_start\",\"message\":{}}\n\n");
+        assert!(nameless.saw_message_start() && !nameless.first_event_named());
     }
 
     #[test]

@@ -110,6 +110,27 @@ impl Usage {
         }
     }
 
+    /// Whether a `usage` object carries a count relay cannot read as a whole number of tokens (a
+    /// negative, fractional, too large or non-numeric value): such a count is left out of the
+    /// usage, and the row is flagged suspect rather than silently billed as zero.
+    pub fn has_unreadable_counts(usage: &Value) -> bool {
+        const COUNTS: [&str; 4] = [
+            "input_tokens",
+            "output_tokens",
+            "cache_read_input_tokens",
+            "cache_creation_input_tokens",
+        ];
+        let bad = |v: Option<&Value>| matches!(v, Some(v) if !v.is_null() && v.as_u64().is_none());
+        if COUNTS.iter().any(|k| bad(usage.get(*k))) {
+            return true;
+        }
+        let split = usage.get("cache_creation");
+        let web = usage.get("server_tool_use");
+        bad(split.and_then(|c| c.get("ephemeral_5m_input_tokens")))
+            || bad(split.and_then(|c| c.get("ephemeral_1h_input_tokens")))
+            || bad(web.and_then(|w| w.get("web_search_requests")))
+    }
+
     /// Reads a non-streaming Messages response: its top-level `usage`, `model` and `id`. `None` if
     /// the body is not JSON or has no `usage` object. The rest of the body (the content) is skipped
     /// without being materialized.
@@ -324,6 +345,26 @@ mod tests {
         // Split without a total.
         let u = Usage::from_json(&json!({"cache_creation": {"ephemeral_5m_input_tokens": 5}}));
         assert_eq!((u.cache_write_5m_tokens, u.cache_write_1h_tokens), (5, 0));
+    }
+
+    #[test]
+    fn unreadable_counts_are_noticed() {
+        for junk in [
+            json!({"input_tokens": 1e30}),
+            json!({"input_tokens": -500}),
+            json!({"output_tokens": "abc"}),
+            json!({"output_tokens": 2.7}),
+            json!({"cache_creation": {"ephemeral_1h_input_tokens": -1}}),
+        ] {
+            assert!(Usage::has_unreadable_counts(&junk), "{junk}");
+        }
+        for fine in [
+            json!({"input_tokens": 5, "output_tokens": null}),
+            json!({}),
+            json!({"service_tier": "standard"}),
+        ] {
+            assert!(!Usage::has_unreadable_counts(&fine), "{fine}");
+        }
     }
 
     #[test]
