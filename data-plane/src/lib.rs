@@ -201,13 +201,16 @@ pub async fn start(
         extra_ca_file: opts.extra_ca_file.as_deref(),
         ..Default::default()
     })?);
+    let sessions = Arc::new(proxy::sticky::MemorySessions::default());
     // What every config that starts serving (cached or received) sets beyond itself.
     let on_apply: control::watch::OnApply = {
         let health = health.clone();
         let upstreams = upstreams.clone();
+        let sessions = sessions.clone();
         Arc::new(move |cfg: &ServingConfig| {
             health.sync(&cfg.resources);
             upstreams.set_connect_timeout(cfg.policy.connect_timeout);
+            sessions.set_ttl(cfg.policy.sticky_ttl);
         })
     };
     let cache = Arc::new(ConfigCache::open(&opts.data_dir, opts.cache_key.as_deref())?);
@@ -291,7 +294,7 @@ pub async fn start(
         balancer: balancer.clone(),
         health: health.clone(),
         reporter: control::state_report::StateReporter::start(link.clone(), opts.node_id.clone()),
-        sessions: Arc::new(proxy::sticky::MemorySessions::default()),
+        sessions,
         queued: std::sync::atomic::AtomicUsize::new(0),
         metrics,
         accepting: accepting.clone(),

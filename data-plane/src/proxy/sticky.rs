@@ -542,7 +542,8 @@ type Shard = Mutex<HashMap<Box<str>, Binding>>;
 
 struct Binding {
     account: Box<str>,
-    expires: Instant,
+    /// Last bound or looked up: it expires `ttl` (as set now) after this.
+    used: Instant,
 }
 
 /// In-process [`SessionStore`]: a TTL (renewed on every `get`) and a hard
@@ -556,7 +557,8 @@ struct Binding {
 /// Expired entries are otherwise removed when looked up. At the default
 /// million entries, expect roughly 150 MB at capacity.
 pub struct MemorySessions {
-    ttl: Duration,
+    /// Milliseconds; follows `sticky.ttl_ms` ([`MemorySessions::set_ttl`]), for every binding.
+    ttl_ms: std::sync::atomic::AtomicU64,
     per_shard: usize,
     shards: Box<[Shard]>,
     pick: RandomState,
@@ -571,7 +573,7 @@ impl Default for MemorySessions {
 impl fmt::Debug for MemorySessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemorySessions")
-            .field("ttl", &self.ttl)
+            .field("ttl", &self.ttl())
             .field("shards", &self.shards.len())
             .field("per_shard", &self.per_shard)
             .finish_non_exhaustive()
@@ -587,7 +589,7 @@ impl MemorySessions {
             n /= 2;
         }
         Self {
-            ttl: ttl.min(MAX_TTL),
+            ttl_ms: std::sync::atomic::AtomicU64::new(ttl.min(MAX_TTL).as_millis() as u64),
             per_shard: max_entries / n,
             shards: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
             pick: RandomState::new(),
@@ -608,33 +610,46 @@ impl MemorySessions {
         &self.shards[i]
     }
 
-    fn expiry(&self, now: Instant) -> Instant {
-        now.checked_add(self.ttl).unwrap_or(now)
+    /// How long a binding lives after its last use.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Applies `sticky.ttl_ms`: to every binding, the ones made before too.
+    pub fn set_ttl(&self, ttl: Duration) {
+        self.ttl_ms.store(
+            ttl.min(MAX_TTL).as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn expires(&self, b: &Binding) -> Instant {
+        b.used.checked_add(self.ttl()).unwrap_or(b.used)
     }
 
     fn get_at(&self, key: &str, now: Instant) -> Option<String> {
         let mut map = lock(self.shard(key));
-        match map.get_mut(key) {
-            Some(b) if b.expires > now => {
-                b.expires = self.expiry(now);
+        let alive = map.get(key).map(|b| self.expires(b) > now);
+        match (map.get_mut(key), alive) {
+            (Some(b), Some(true)) => {
+                b.used = now;
                 Some(b.account.to_string())
             }
-            Some(_) => {
+            (Some(_), _) => {
                 map.remove(key);
                 None
             }
-            None => None,
+            (None, _) => None,
         }
     }
 
     fn bind_at(&self, key: &str, account_id: &str, now: Instant) {
-        let expires = self.expiry(now);
         let mut map = lock(self.shard(key));
         if let Some(b) = map.get_mut(key) {
             if &*b.account != account_id {
                 b.account = account_id.into();
             }
-            b.expires = expires;
+            b.used = now;
             return;
         }
         if map.len() >= self.per_shard {
@@ -644,7 +659,7 @@ impl MemorySessions {
             key.into(),
             Binding {
                 account: account_id.into(),
-                expires,
+                used: now,
             },
         );
     }
@@ -652,15 +667,17 @@ impl MemorySessions {
     /// Expired entries first; then, if still full, the soonest-expiring eighth.
     fn make_room(&self, map: &mut HashMap<Box<str>, Binding>, now: Instant) {
         let before = map.len();
-        map.retain(|_, b| b.expires > now);
+        let ttl = self.ttl();
+        map.retain(|_, b| b.used.checked_add(ttl).unwrap_or(b.used) > now);
         if map.len() >= self.per_shard {
             let n = (self.per_shard / 8).max(1);
             if n >= map.len() {
                 map.clear();
             } else {
-                let mut expiries: Vec<Instant> = map.values().map(|b| b.expires).collect();
-                let (_, &mut cut, _) = expiries.select_nth_unstable(n - 1);
-                map.retain(|_, b| b.expires > cut);
+                // The same TTL for all: the least recently used go first.
+                let mut used: Vec<Instant> = map.values().map(|b| b.used).collect();
+                let (_, &mut cut, _) = used.select_nth_unstable(n - 1);
+                map.retain(|_, b| b.used > cut);
             }
             metrics::counter!("relay_sticky_evictions_total").increment((before - map.len()) as u64);
         }
@@ -899,6 +916,20 @@ mod tests {
         deep.push_str(&"]".repeat(100));
         deep.push_str("}]}]}");
         assert_eq!(session_key(&h, deep.as_bytes()), None);
+    }
+
+    #[test]
+    fn a_new_ttl_applies_to_bindings_made_before() {
+        let store = MemorySessions::new(Duration::from_secs(3600), 100);
+        let t0 = Instant::now();
+        store.bind_at("s", "acct-a", t0);
+        assert_eq!(
+            store.get_at("s", t0 + Duration::from_secs(60)).as_deref(),
+            Some("acct-a")
+        );
+        // sticky.ttl_ms set to 1 ms: the binding, last used a minute ago, is gone.
+        store.set_ttl(Duration::from_millis(1));
+        assert_eq!(store.get_at("s", t0 + Duration::from_secs(61)), None);
     }
 
     #[test]
