@@ -823,7 +823,13 @@ async fn one_key_cannot_make_a_data_plane_hold_unbounded_bodies() {
     };
     // While the first body is held (the upstream takes 2 s), a second one from the same key is
     // refused; another key is not affected.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_for(
+        Duration::from_secs(10),
+        "the first body to reach the upstream",
+        || async { (!mock.requests().is_empty()).then_some(()) },
+    )
+    .await
+    .unwrap();
     let (second, third) = tokio::join!(post_raw(&url, &key, &big), post_raw(&url, &other, &big));
     assert_eq!(second.status, 429, "{}", String::from_utf8_lossy(&second.body));
     assert_eq!(second.error_type(), "rate_limit_error");
