@@ -876,24 +876,18 @@ impl TappedBody {
             return Poll::Pending;
         }
         let out = self.release(out);
-        if let Some(ok) = self.settled() {
+        let ending = if let Some(ok) = self.settled() {
             // message_stop read, or an event that is not JSON: the stream ends here.
-            self.deferred = None;
-            let last = self.close_now(ok);
-            return match (out, last) {
-                (Some(out), last) => {
-                    self.trailer_event = last;
-                    Poll::Ready(Some(Ok(Frame::data(out))))
-                }
-                (None, Some(last)) => Poll::Ready(Some(Ok(Frame::data(last)))),
-                (None, None) => Poll::Ready(None),
-            };
-        }
-        if self.inner.is_end_stream() || matches!(self.deferred, Some(Deferred::End)) {
+            Some(self.close_now(ok))
+        } else if self.inner.is_end_stream() || matches!(self.deferred, Some(Deferred::End)) {
             // hyper may not poll again once the body says it has
             // ended: record now, not in Drop (which would mean "cancelled").
+            Some(self.end())
+        } else {
+            None
+        };
+        if let Some(last) = ending {
             self.deferred = None;
-            let last = self.end();
             return match (out, last) {
                 (Some(out), last) => {
                     self.trailer_event = last;
