@@ -22,17 +22,6 @@ struct Fleet {
 
 const MODEL: &str = "claude-sonnet-4-5";
 
-async fn setting(cp: &ControlPlane, name: &str, value: &str) {
-    cp.admin()
-        .await
-        .set_setting(pb::SetSettingRequest {
-            name: name.into(),
-            value: value.into(),
-        })
-        .await
-        .unwrap();
-}
-
 /// A control plane, the mock upstream and two data planes; `accounts` are
 /// (name, credential, priority).
 async fn fleet(backend: Backend, accounts: &[(&str, &str, i32)]) -> Fleet {
@@ -52,11 +41,11 @@ async fn fleet(backend: Backend, accounts: &[(&str, &str, i32)]) -> Fleet {
             .await
             .unwrap();
     }
-    setting(&cp, "retry.backoff_base_ms", "1").await;
-    setting(&cp, "retry.backoff_max_ms", "5").await;
+    cp.set_setting("retry.backoff_base_ms", "1").await;
+    cp.set_setting("retry.backoff_max_ms", "5").await;
     // No account available: answer at once instead of queueing.
-    setting(&cp, "queue.max_wait_ms", "50").await;
-    setting(&cp, "retry.deadline_ms", "2000").await;
+    cp.set_setting("queue.max_wait_ms", "50").await;
+    cp.set_setting("retry.deadline_ms", "2000").await;
     let dir = tempfile::tempdir().unwrap();
     let mut dps = Vec::new();
     for i in 1..=2 {
@@ -164,7 +153,7 @@ async fn delete_accounts_with_states(backend: Backend) {
         ],
     )
     .await;
-    setting(&f.cp, "cooldown.erroring_ms", "60000").await;
+    f.cp.set_setting("cooldown.erroring_ms", "60000").await;
     f.mock
         .set_fault("cred-limited", Some(Fault::RateLimited { retry_after_secs: 300 }));
     f.mock.set_fault("cred-broken", Some(Fault::ServerError));
@@ -323,7 +312,7 @@ async fn a_restored_database_starts_a_new_epoch_everywhere() {
 async fn reset_and_enable_clear_every_local_breaker() {
     let f = fleet(Backend::Sqlite, &[("solo", "cred-solo", 0)]).await;
     // Long enough that only a reset can explain the account serving again.
-    setting(&f.cp, "cooldown.erroring_ms", "600000").await;
+    f.cp.set_setting("cooldown.erroring_ms", "600000").await;
     let (_, key) = f.cp.add_key("client", &[]).await;
     for dp in &f.dps {
         dp.wait_version(f.cp.head().await).await;

@@ -772,14 +772,7 @@ async fn headers_that_identify_clients_or_accounts_stay_on_their_side() {
         ("headers.expose_ratelimit", "true"),
         ("headers.forward_client_ip", "true"),
     ] {
-        s.cp.admin()
-            .await
-            .set_setting(pb::SetSettingRequest {
-                name: name.into(),
-                value: value.into(),
-            })
-            .await
-            .unwrap();
+        s.cp.set_setting(name, value).await;
     }
     s.dp.wait_version(s.cp.head().await).await;
     let r = post(&s.dp, "/v1/messages", &s.key, &body, &client_side).await;

@@ -27,17 +27,6 @@ fn cred(i: usize) -> String {
     format!("cred-{i}")
 }
 
-async fn set(cp: &ControlPlane, name: &str, value: &str) {
-    cp.admin()
-        .await
-        .set_setting(pb::SetSettingRequest {
-            name: name.into(),
-            value: value.into(),
-        })
-        .await
-        .unwrap();
-}
-
 /// `n` accounts on one mock (same priority, weight 1), a key, one data plane.
 async fn fleet(n: usize, mock_config: MockConfig, settings: &[(&str, &str)]) -> Fleet {
     let cp = ControlPlane::start(Backend::Sqlite).await;
@@ -47,10 +36,10 @@ async fn fleet(n: usize, mock_config: MockConfig, settings: &[(&str, &str)]) -> 
         ids.push(cp.add_account(&format!("acct-{i}"), &mock.base_url(), &cred(i)).await);
     }
     // Fast backoff in tests; everything else stays at its default unless given.
-    set(&cp, "retry.backoff_base_ms", "1").await;
-    set(&cp, "retry.backoff_max_ms", "5").await;
+    cp.set_setting("retry.backoff_base_ms", "1").await;
+    cp.set_setting("retry.backoff_max_ms", "5").await;
     for (k, v) in settings {
-        set(&cp, k, v).await;
+        cp.set_setting(k, v).await;
     }
     let (_, key) = cp.add_key("client", &[]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -571,7 +560,7 @@ async fn requests_wait_for_a_slot_instead_of_failing() {
     assert_complete(&a, true);
     assert_complete(&b, true);
     // Past the wait limit: 529 with retry-after.
-    set(&f.cp, "queue.max_wait_ms", "50").await;
+    f.cp.set_setting("queue.max_wait_ms", "50").await;
     f.dp.wait_version(f.cp.head().await).await;
     let balancer = f.dp.dp.as_ref().unwrap().balancer.clone();
     let (a, b) = tokio::join!(post_messages(&f.dp, &f.key, &body), async {

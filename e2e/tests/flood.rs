@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use relay_test_support::{free_port, wait_for, workspace_bin, Proc};
+use relay_test_support::{wait_for, workspace_bin};
 use std::process::Command;
 use std::time::Duration;
 
@@ -34,30 +34,14 @@ async fn flood(port: u16, n: usize) -> Vec<tokio::net::TcpStream> {
 async fn a_flooded_listener_never_starves_the_other_or_spins() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("relay-data");
-    let (grpc, proxy) = (free_port(), free_port());
-    let mut cmd = Command::new("prlimit");
-    cmd.arg("--nofile=320:320")
-        .arg("--")
-        .arg(workspace_bin("relay-control-plane"))
-        .args(["--standalone", "--listen", &format!("127.0.0.1:{grpc}")])
-        .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
-        .arg("--data-dir")
-        .arg(&data)
-        .env_remove("RELAY_ADMIN_TOKEN")
-        .env_remove("RELAY_MASTER_KEY");
-    let mut relay = Proc::spawn(cmd, &dir.path().join("relay.log")).unwrap();
-    let log = wait_for(Duration::from_secs(30), "relay to serve the Anthropic API", || {
-        let text = relay.log_text();
-        let exited = relay.try_wait();
-        async move {
-            if let Some(s) = exited {
-                panic!("relay exited with {s}: {text}");
-            }
-            text.contains("serving the Anthropic API").then_some(text)
-        }
-    })
-    .await
-    .unwrap();
+    let mut relay = Standalone::spawn_under(
+        &["prlimit", "--nofile=320:320", "--"],
+        &data,
+        &dir.path().join("relay.log"),
+        &[],
+    );
+    let log = relay.ready().await;
+    let (grpc, proxy) = (relay.grpc, relay.proxy);
     // It says what the open-file limit allows, per listener.
     assert!(log.contains("at most 32 connections at once"), "{log}");
     assert!(log.contains("at most 64 connections at once"), "{log}");
@@ -68,17 +52,17 @@ async fn a_flooded_listener_never_starves_the_other_or_spins() {
     let server = format!("127.0.0.1:{grpc}");
 
     // Flood the API listener well past what the process could hold.
-    let cpu_before = cpu_seconds(relay.id());
+    let cpu_before = cpu_seconds(relay.proc.id());
     let api_flood = flood(proxy, 400).await;
     // The admin listener answers meanwhile.
     relayctl(&server, &token, &["account", "list"], None);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let used = cpu_seconds(relay.id()) - cpu_before;
+    let used = cpu_seconds(relay.proc.id()) - cpu_before;
     assert!(
         used < 1.5,
         "relay used {used:.2} CPU seconds in ~2 s of a held flood: spinning?"
     );
-    assert!(relay.try_wait().is_none(), "relay died under the flood");
+    assert!(relay.proc.try_wait().is_none(), "relay died under the flood");
     drop(api_flood);
 
     // Flood the admin listener: the API answers meanwhile, and the admin comes back after.

@@ -31,17 +31,6 @@ struct Fleet {
     _dir: tempfile::TempDir,
 }
 
-async fn set(cp: &ControlPlane, name: &str, value: &str) {
-    cp.admin()
-        .await
-        .set_setting(pb::SetSettingRequest {
-            name: name.into(),
-            value: value.into(),
-        })
-        .await
-        .unwrap();
-}
-
 async fn account(cp: &ControlPlane, name: &str, base_url: &str, priority: i32) -> String {
     cp.admin()
         .await
@@ -71,10 +60,10 @@ async fn fleet(script: Script, with_good: bool, settings: &[(&str, &str)]) -> Fl
     } else {
         (None, None)
     };
-    set(&cp, "retry.backoff_base_ms", "1").await;
-    set(&cp, "retry.backoff_max_ms", "5").await;
+    cp.set_setting("retry.backoff_base_ms", "1").await;
+    cp.set_setting("retry.backoff_max_ms", "5").await;
     for (k, v) in settings {
-        set(&cp, k, v).await;
+        cp.set_setting(k, v).await;
     }
     let (_, key) = cp.add_key("client", &[]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -211,6 +200,15 @@ fn assert_good_answer(r: &HttpResponse, stream: bool) {
         assert_eq!(j["type"], "message");
         assert_eq!(j["usage"]["input_tokens"], expected.input_tokens);
     }
+}
+
+/// A script answering 200 with this JSON body.
+fn json_answer(body: &Value) -> Script {
+    Script::raw(hostile::response(
+        200,
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
+    ))
 }
 
 fn html_200() -> Script {
@@ -917,16 +915,7 @@ async fn unreadable_counts_and_a_foreign_model_name_do_not_make_requests_free() 
     ] {
         let body = serde_json::json!({"id": "m", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
             "content": [], "usage": usage});
-        let f = fleet(
-            Script::raw(hostile::response(
-                200,
-                &[("content-type", "application/json")],
-                body.to_string().as_bytes(),
-            )),
-            false,
-            &[],
-        )
-        .await;
+        let f = fleet(json_answer(&body), false, &[]).await;
         assert_eq!(ask(&f, false).await.status, 200);
         let rows = wait_rows(&f.cp, 1).await;
         assert_eq!(rows[0].anomaly, "suspect", "{usage}: {rows:?}");
@@ -936,16 +925,7 @@ async fn unreadable_counts_and_a_foreign_model_name_do_not_make_requests_free() 
     for model in ["claude-sonnet-4-5", "totally-free-model"] {
         let body = serde_json::json!({"id": "m", "type": "message", "role": "assistant", "model": model,
             "content": [], "usage": {"input_tokens": 1_000_000, "output_tokens": 100_000}});
-        let f = fleet(
-            Script::raw(hostile::response(
-                200,
-                &[("content-type", "application/json")],
-                body.to_string().as_bytes(),
-            )),
-            false,
-            &[],
-        )
-        .await;
+        let f = fleet(json_answer(&body), false, &[]).await;
         assert_eq!(ask(&f, false).await.status, 200);
         priced.push(wait_rows(&f.cp, 1).await[0].cost_pico_usd);
     }

@@ -219,6 +219,18 @@ impl ControlPlane {
             .id
     }
 
+    /// Sets an operator setting (`relayctl settings set NAME VALUE`).
+    pub async fn set_setting(&self, name: &str, value: &str) {
+        self.admin()
+            .await
+            .set_setting(pb::SetSettingRequest {
+                name: name.into(),
+                value: value.into(),
+            })
+            .await
+            .unwrap();
+    }
+
     /// Creates a key; returns (id, secret).
     pub async fn add_key(&self, name: &str, models: &[&str]) -> (String, String) {
         let r = self
@@ -521,8 +533,21 @@ pub struct Standalone {
 impl Standalone {
     /// Spawns it; does not wait for it to serve.
     pub fn spawn(data: &std::path::Path, log: &std::path::Path, extra: &[&str]) -> Self {
+        Self::spawn_under(&[], data, log, extra)
+    }
+
+    /// Like [`Self::spawn`], run through `wrapper` (e.g. `prlimit --nofile=N --`).
+    pub fn spawn_under(wrapper: &[&str], data: &std::path::Path, log: &std::path::Path, extra: &[&str]) -> Self {
         let (grpc, proxy) = (relay_test_support::free_port(), relay_test_support::free_port());
-        let mut cmd = std::process::Command::new(relay_test_support::workspace_bin("relay-control-plane"));
+        let bin = relay_test_support::workspace_bin("relay-control-plane");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = std::process::Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => std::process::Command::new(&bin),
+        };
         cmd.args(["--standalone", "--listen", &format!("127.0.0.1:{grpc}")])
             .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
             .args(extra)
