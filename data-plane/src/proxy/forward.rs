@@ -754,12 +754,17 @@ pub fn cost_of(prices: &PriceTable, model: &str, at_ms: i64, usage: &Usage) -> u
 /// Whether a body is an Anthropic error: `{"type":"error","error":{"type":"…",…}}`.
 pub fn is_api_error(body: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
+    struct Inner {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    #[derive(serde::Deserialize)]
     struct Err {
         #[serde(rename = "type")]
-        kind: Option<serde_json::Value>,
+        kind: String,
+        error: Inner,
     }
-    serde_json::from_slice::<Err>(body).is_ok_and(|e| e.kind.as_ref().and_then(|k| k.as_str()) == Some("error"))
-        && Usage::parse_error_type(body).is_some()
+    serde_json::from_slice::<Err>(body).is_ok_and(|e| e.kind == "error" && !e.error.kind.is_empty())
 }
 
 /// Checks that a complete 2xx JSON body is an Anthropic answer (a `message` for the Messages API,

@@ -14,9 +14,11 @@
 //!
 //! Bytes are buffered only for the current incomplete line and the current event's data, and
 //! decoded (as JSON, hence UTF-8) only once an event is complete, so chunks may split events and
-//! multi-byte characters anywhere. Only `message_start`, `message_delta` and `error` are parsed as
-//! JSON; `message_stop` is noted; everything else (`content_block_*`, `ping`, names that do not
-//! exist yet) is counted and skipped without even copying its data. The event is chosen by its
+//! multi-byte characters anywhere. `message_start`, `message_delta` and `error` are parsed as
+//! JSON; every other event's data is only checked to be JSON (no allocation): one that is not makes
+//! the stream corrupt ([`SseTap::corrupt`]) and nothing after it counts, nor anything after
+//! `message_stop` ([`SseTap::ended`]). [`SseTap::complete_bytes`] says where the last whole event
+//! ends, so a relay can pass on whole events only. The event is chosen by its
 //! `event:` name, or, for a nameless event, by a cheap look at the `{"type":"…"` prefix of its data
 //! (a full parse only if `type` is not the first key).
 //!
@@ -62,12 +64,6 @@ impl Kind {
             b"error" => Kind::Error,
             _ => Kind::Other,
         }
-    }
-
-    /// Whether the event's data is needed. Every event's is: it is checked to be JSON (garbage never
-    /// reaches a client), within [`MAX_EVENT_BYTES`].
-    fn wants_data(self) -> bool {
-        true
     }
 }
 
@@ -333,11 +329,8 @@ impl SseTap {
         if self.data_incomplete {
             return;
         }
-        if !self.kind.wants_data() {
-            // Not needed unless a later `event:` line renames the event; then it is incomplete.
-            self.data_incomplete = true;
-            return;
-        }
+        // Every event's data is kept (within MAX_EVENT_BYTES): it is checked to be JSON, so that
+        // garbage never reaches a client.
         let len = self.data.len() + value.len() + usize::from(joined);
         if truncated || len > MAX_EVENT_BYTES {
             self.data_incomplete = true;
