@@ -178,6 +178,7 @@ pub fn build_resources(state: &ConfigState, key: &MasterKey) -> Result<pb::Resou
                 id: g.id.clone(),
                 name: g.name.clone(),
                 description: g.description.clone(),
+                limits: None,
             })
             .collect(),
         prices: state.prices.iter().map(price_to_pb).collect(),

@@ -19,6 +19,10 @@ pub enum Type {
     Models,
     /// `true` or `false`.
     Bool,
+    /// One of the setting's `choices`.
+    Choice,
+    /// An IANA time zone name (`UTC`, `Europe/Berlin`).
+    TimeZone,
 }
 
 impl Type {
@@ -29,6 +33,8 @@ impl Type {
             Type::Fraction => "fraction",
             Type::Models => "model list",
             Type::Bool => "boolean",
+            Type::Choice => "choice",
+            Type::TimeZone => "time zone",
         }
     }
 }
@@ -44,6 +50,8 @@ pub struct Setting {
     pub default: &'static str,
     /// May be overridden per account as `account.<ACCOUNT>.<name>`.
     pub per_account: bool,
+    /// The values a `Choice` may take.
+    pub choices: &'static [&'static str],
     pub description: &'static str,
 }
 
@@ -58,6 +66,7 @@ const fn ms(name: &'static str, min: u64, max: u64, default: &'static str, descr
         max,
         default,
         per_account: false,
+        choices: &[],
         description,
     }
 }
@@ -119,6 +128,7 @@ pub const SETTINGS: &[Setting] = &[
         max: 0,
         default: "false",
         per_account: false,
+        choices: &[],
         description: "pass the upstream account's anthropic-ratelimit-* headers on to clients (they describe one pooled account, not the client's key)",
     },
     Setting {
@@ -128,7 +138,45 @@ pub const SETTINGS: &[Setting] = &[
         max: 0,
         default: "false",
         per_account: false,
+        choices: &[],
         description: "pass the client's x-forwarded-*, forwarded, x-real-ip and via headers on to upstreams",
+    },
+    Setting {
+        name: "limits.count_cache_reads",
+        ty: Type::Bool,
+        min: 0,
+        max: 0,
+        default: "false",
+        per_account: false,
+        choices: &[],
+        description: "count cache-read input tokens towards keys' and groups' tokens-per-minute limits",
+    },
+    Setting {
+        name: "limits.on_store_down",
+        ty: Type::Choice,
+        min: 0,
+        max: 0,
+        default: "local",
+        per_account: false,
+        choices: &["local", "deny", "allow"],
+        description: "when Redis cannot be reached: local (each limit divided by the live data planes, counted in process), deny (refuse limited requests) or allow (serve them unlimited)",
+    },
+    ms(
+        "limits.store_timeout_ms",
+        1,
+        10_000,
+        "250",
+        "longest a limit check may wait for Redis before the on_store_down policy applies",
+    ),
+    Setting {
+        name: "limits.timezone",
+        ty: Type::TimeZone,
+        min: 0,
+        max: 0,
+        default: "UTC",
+        per_account: false,
+        choices: &[],
+        description: "the time zone whose calendar days and months daily and monthly budgets count",
     },
     Setting {
         name: "models",
@@ -137,6 +185,7 @@ pub const SETTINGS: &[Setting] = &[
         max: 0,
         default: "",
         per_account: false,
+        choices: &[],
         description: "the model ids GET /v1/models lists (comma-separated); unset: the built-in list",
     },
     ms(
@@ -255,6 +304,8 @@ impl Setting {
             Type::Fraction => "0 < x <= 1, or a percentage 1 < x <= 100".into(),
             Type::Models => "model ids, comma-separated".into(),
             Type::Bool => "true or false".into(),
+            Type::Choice => self.choices.join(", "),
+            Type::TimeZone => "an IANA name such as UTC or Europe/Berlin".into(),
         }
     }
 
@@ -283,6 +334,14 @@ impl Setting {
             Type::Bool => match v {
                 "true" | "false" => Ok(()),
                 _ => Err(invalid()),
+            },
+            Type::Choice => match self.choices.contains(&v) {
+                true => Ok(()),
+                false => Err(invalid()),
+            },
+            Type::TimeZone => match v.parse::<chrono_tz::Tz>() {
+                Ok(_) => Ok(()),
+                Err(_) => Err(invalid()),
             },
             Type::Models => {
                 let ok = !v.is_empty()
@@ -318,6 +377,21 @@ impl Setting {
             Some("false") => false,
             _ => self.default == "true",
         }
+    }
+
+    /// The value in `values` if it is one of the choices, else the default.
+    pub fn choice_in(&self, values: &BTreeMap<String, String>) -> &'static str {
+        let v = values.get(self.name).map(|v| v.trim()).unwrap_or("");
+        self.choices.iter().copied().find(|c| *c == v).unwrap_or(self.default)
+    }
+
+    /// The value in `values` as a time zone, else the default (UTC).
+    pub fn tz_in(&self, values: &BTreeMap<String, String>) -> chrono_tz::Tz {
+        values
+            .get(self.name)
+            .and_then(|v| v.trim().parse::<chrono_tz::Tz>().ok())
+            .or_else(|| self.default.parse().ok())
+            .unwrap_or(chrono_tz::UTC)
     }
 
     /// `raw` parsed as a fraction, else the default.

@@ -195,4 +195,8 @@ impl UsageIngest for UsageService {
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn spend(&self, _req: Request<pb::SpendRequest>) -> Result<Response<pb::SpendResponse>, Status> {
+        Err(Status::unimplemented("spend is not served by this control plane yet"))
+    }
 }
