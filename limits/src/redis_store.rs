@@ -1,0 +1,412 @@
+//! Counters in Redis: one Lua script per operation, so a check, its count and its
+//! expiries happen atomically and nothing is counted for a refused request. The
+//! script's clock is Redis' own `TIME` (one clock for the whole fleet); tests pass
+//! theirs.
+//!
+//! What Redis holds, per subject `S` (`k:<key id>`, `g:<group id>`, `a:<account id>`),
+//! every key expiring by itself:
+//! * `relay:{S}:rq`, `relay:{S}:tk`: hashes second → requests / tokens, the last 60
+//!   seconds (older fields are dropped as they are read; the key lives 2 minutes).
+//! * `relay:{S}:cc`: leases in flight (sorted set lease → expiry ms), renewed by
+//!   the data plane that holds them every 10 s, gone 30 s after it stops.
+//! * `relay:{S}:rs`: each lease's reservation, `tokens:cost:second`.
+//! * `relay:{S}:sd:<day>`, `relay:{S}:sm:<month>`: spend of the period, nano-USD,
+//!   expiring a day after the period ends.
+//! * `relay:planes`: live data planes (sorted set node → expiry), for the local
+//!   fallback's share.
+//!
+//! Redis memory is bounded by the subjects active in the last minutes and the
+//! current periods, not by history. The scripts touch several keys per call, so a
+//! Redis Cluster is not supported (one primary, with or without Sentinel, is).
+
+use crate::{Ask, Counters, Error, LimitKind, Refusal, Subject, Use, LEASE_TTL_MS};
+use redis::aio::ConnectionManager;
+use redis::Script;
+use relay_proto::periods::Periods;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+const COMMON: &str = r#"
+local now = tonumber(ARGV[1])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local sec = math.floor(now / 1000)
+
+local function window(key)
+  local h = redis.call('HGETALL', key)
+  local secs, vals, sum = {}, {}, 0
+  for i = 1, #h, 2 do
+    local s = tonumber(h[i])
+    local v = tonumber(h[i + 1])
+    if s <= sec - 60 then
+      redis.call('HDEL', key, h[i])
+    else
+      table.insert(secs, s)
+      vals[s] = v
+      sum = sum + v
+    end
+  end
+  table.sort(secs)
+  return sum, secs, vals
+end
+
+local function newest(secs, vals)
+  for i = #secs, 1, -1 do
+    if vals[secs[i]] > 0 then return (secs[i] + 60) * 1000 end
+  end
+  return 0
+end
+
+local function leases(cc, rs)
+  local gone = redis.call('ZRANGEBYSCORE', cc, '-inf', now)
+  for _, l in ipairs(gone) do redis.call('HDEL', rs, l) end
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', cc, '-inf', now) end
+  local reserved = 0
+  for _, v in ipairs(redis.call('HVALS', rs)) do
+    local c = string.match(v, '^[^:]*:([^:]*):')
+    reserved = reserved + (tonumber(c) or 0)
+  end
+  return redis.call('ZCARD', cc), reserved
+end
+
+local function spent(key, committed)
+  return math.max(tonumber(redis.call('GET', key) or '0') or 0, committed)
+end
+"#;
+
+/// KEYS: 6 per subject (rq tk cc rs sd sm). ARGV: now, lease, ttl, tokens, cost, day_end,
+/// month_end, then 7 per subject (rpm tpm concurrency daily monthly committed_day
+/// committed_month). Returns {0, subject, code, limit, retry_ms} or {1, now, then 9 per subject}.
+const ADMIT: &str = r#"
+local lease, ttl = ARGV[2], tonumber(ARGV[3])
+local tokens, cost = tonumber(ARGV[4]), tonumber(ARGV[5])
+local day_end, month_end = tonumber(ARGV[6]), tonumber(ARGV[7])
+local n = #KEYS / 6
+
+local function wait_for(secs, vals, total, fits)
+  local left = total
+  for _, s in ipairs(secs) do
+    left = left - vals[s]
+    if fits(left) then return math.max((s + 60) * 1000 - now, 1000) end
+  end
+  return 60000
+end
+
+local reads = {}
+for i = 0, n - 1 do
+  local k, a = i * 6, 8 + i * 7
+  local rpm, tpm, conc = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local daily, monthly = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local rq, rq_secs, rq_vals = window(KEYS[k + 1])
+  local tk, tk_secs, tk_vals = window(KEYS[k + 2])
+  local inflight, reserved = leases(KEYS[k + 3], KEYS[k + 4])
+  local day = spent(KEYS[k + 5], tonumber(ARGV[a + 5]))
+  local month = spent(KEYS[k + 6], tonumber(ARGV[a + 6]))
+  if conc > 0 and inflight >= conc then return {0, i, 1, conc, 1000} end
+  if rpm > 0 and rq >= rpm then
+    return {0, i, 2, rpm, wait_for(rq_secs, rq_vals, rq, function(left) return left < rpm end)}
+  end
+  if tpm > 0 and tk > 0 and tk + tokens > tpm then
+    return {0, i, 3, tpm, wait_for(tk_secs, tk_vals, tk, function(left) return left == 0 or left + tokens <= tpm end)}
+  end
+  if daily > 0 and day + reserved >= daily then return {0, i, 4, daily, math.max(day_end - now, 1000)} end
+  if monthly > 0 and month + reserved >= monthly then return {0, i, 5, monthly, math.max(month_end - now, 1000)} end
+  reads[i] = {rq, tk, inflight, day, month, reserved, tk_secs, tk_vals}
+end
+
+local out = {1, now}
+for i = 0, n - 1 do
+  local k, r = i * 6, reads[i]
+  redis.call('HINCRBY', KEYS[k + 1], sec, 1)
+  redis.call('PEXPIRE', KEYS[k + 1], 120000)
+  if tokens > 0 then
+    redis.call('HINCRBY', KEYS[k + 2], sec, ARGV[4])
+    redis.call('PEXPIRE', KEYS[k + 2], 120000)
+  end
+  redis.call('ZADD', KEYS[k + 3], now + ttl, lease)
+  redis.call('PEXPIRE', KEYS[k + 3], ttl * 2)
+  redis.call('HSET', KEYS[k + 4], lease, ARGV[4] .. ':' .. ARGV[5] .. ':' .. sec)
+  redis.call('PEXPIRE', KEYS[k + 4], ttl * 2)
+  local tk_reset = newest(r[7], r[8])
+  if tokens > 0 then tk_reset = (sec + 60) * 1000 end
+  for _, v in ipairs({r[1] + 1, (sec + 60) * 1000, r[2] + tokens, tk_reset, r[3] + 1, r[4], r[5], r[6] + cost, 0}) do
+    table.insert(out, v)
+  end
+end
+return out
+"#;
+
+/// KEYS: 6 per subject. ARGV: now. Returns {now, then 9 per subject}.
+const PEEK: &str = r#"
+local out = {now}
+for i = 0, #KEYS / 6 - 1 do
+  local k, a = i * 6, 2 + i * 2
+  local rq, rq_secs, rq_vals = window(KEYS[k + 1])
+  local tk, tk_secs, tk_vals = window(KEYS[k + 2])
+  local inflight, reserved = leases(KEYS[k + 3], KEYS[k + 4])
+  local day = spent(KEYS[k + 5], tonumber(ARGV[a]))
+  local month = spent(KEYS[k + 6], tonumber(ARGV[a + 1]))
+  for _, v in ipairs({rq, newest(rq_secs, rq_vals), tk, newest(tk_secs, tk_vals), inflight, day, month, reserved, 0}) do
+    table.insert(out, v)
+  end
+end
+return out
+"#;
+
+/// KEYS: 6 per subject. ARGV: now, lease, tokens, cost, day_expire_at, month_expire_at, then 2
+/// per subject (committed_day committed_month).
+const FINISH: &str = r#"
+local lease, tokens, cost = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 0, #KEYS / 6 - 1 do
+  local k, a = i * 6, 7 + i * 2
+  local r = redis.call('HGET', KEYS[k + 4], lease)
+  redis.call('ZREM', KEYS[k + 3], lease)
+  if r then
+    redis.call('HDEL', KEYS[k + 4], lease)
+    local est, s = string.match(r, '^([^:]*):[^:]*:([^:]*)$')
+    est, s = tonumber(est) or 0, tonumber(s) or 0
+    if s > sec - 60 and redis.call('HEXISTS', KEYS[k + 2], s) == 1 then
+      local v = redis.call('HINCRBY', KEYS[k + 2], s, tokens - est)
+      if v < 0 then redis.call('HSET', KEYS[k + 2], s, 0) end
+    end
+  elseif tokens > 0 then
+    redis.call('HINCRBY', KEYS[k + 2], sec, ARGV[3])
+    redis.call('PEXPIRE', KEYS[k + 2], 120000)
+  end
+  if cost > 0 then
+    local d = spent(KEYS[k + 5], tonumber(ARGV[a])) + cost
+    redis.call('SET', KEYS[k + 5], string.format('%d', d), 'PXAT', ARGV[5])
+    local m = spent(KEYS[k + 6], tonumber(ARGV[a + 1])) + cost
+    redis.call('SET', KEYS[k + 6], string.format('%d', m), 'PXAT', ARGV[6])
+  end
+end
+return 1
+"#;
+
+/// KEYS: (cc, rs) per lease. ARGV: now, ttl, then the leases.
+const RENEW: &str = r#"
+local ttl = tonumber(ARGV[2])
+for i = 1, #KEYS / 2 do
+  redis.call('ZADD', KEYS[2 * i - 1], 'XX', now + ttl, ARGV[2 + i])
+  redis.call('PEXPIRE', KEYS[2 * i - 1], ttl * 2)
+  redis.call('PEXPIRE', KEYS[2 * i], ttl * 2)
+end
+return 1
+"#;
+
+/// KEYS: relay:planes. ARGV: now, node, ttl. Returns the live data planes.
+const HEARTBEAT: &str = r#"
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 4)
+return redis.call('ZCARD', KEYS[1])
+"#;
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{COMMON}\n{body}"))
+}
+
+static ADMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(ADMIT));
+static PEEK_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(PEEK));
+static FINISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(FINISH));
+static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(RENEW));
+static HEARTBEAT_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(HEARTBEAT));
+
+/// The Redis key of a subject's counter (`rq`, `tk`, `cc`, `rs`, `sd:<day>`, `sm:<month>`).
+pub fn key_of(subject: &str, part: &str) -> String {
+    format!("relay:{{{subject}}}:{part}")
+}
+
+fn subject_keys(s: &Subject, p: &Periods) -> [String; 6] {
+    let n = s.name();
+    [
+        key_of(&n, "rq"),
+        key_of(&n, "tk"),
+        key_of(&n, "cc"),
+        key_of(&n, "rs"),
+        key_of(&n, &format!("sd:{}", p.day)),
+        key_of(&n, &format!("sm:{}", p.month)),
+    ]
+}
+
+fn uses(v: &[i64], n: usize) -> Result<Vec<Use>, Error> {
+    let now = *v.first().ok_or_else(|| Error::Protocol("empty answer".into()))?;
+    if v.len() != 1 + 9 * n {
+        return Err(Error::Protocol(format!("{} values for {n} subjects", v.len())));
+    }
+    let u = |x: i64| x.max(0) as u64;
+    Ok(v[1..]
+        .chunks(9)
+        .map(|c| Use {
+            now_ms: now,
+            requests: u(c[0]),
+            requests_reset_ms: c[1],
+            tokens: u(c[2]),
+            tokens_reset_ms: c[3],
+            in_flight: u(c[4]),
+            day_nano: u(c[5]),
+            month_nano: u(c[6]),
+            reserved_nano: u(c[7]),
+        })
+        .collect())
+}
+
+/// Counters in one Redis (or a Sentinel-managed primary).
+#[derive(Clone)]
+pub struct RedisCounters {
+    con: ConnectionManager,
+    /// Every call's bound, ms (`limits.store_timeout_ms`, live).
+    timeout_ms: Arc<AtomicU64>,
+}
+
+impl RedisCounters {
+    /// Connects lazily: a Redis that is down at start is not an error here (the limiter's
+    /// health check finds it and applies the policy).
+    pub fn new(url: &str, password: Option<String>, timeout: Duration) -> Result<Self, Error> {
+        let mut info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|e| Error::Store(format!("{:?}", e.kind())))?;
+        if let Some(p) = password {
+            let settings = info.redis_settings().clone().set_password(p);
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info).map_err(|e| Error::Store(format!("{:?}", e.kind())))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let con = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| Error::Store(format!("{:?}", e.kind())))?;
+        Ok(Self {
+            con,
+            timeout_ms: Arc::new(AtomicU64::new(timeout.as_millis().max(1) as u64)),
+        })
+    }
+
+    pub fn set_timeout(&self, t: Duration) {
+        self.timeout_ms.store(t.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, inv: redis::ScriptInvocation<'_>) -> Result<T, Error> {
+        let mut con = self.con.clone();
+        let ms = self.timeout_ms.load(Ordering::Relaxed);
+        match tokio::time::timeout(Duration::from_millis(ms), inv.invoke_async::<T>(&mut con)).await {
+            Ok(Ok(v)) => Ok(v),
+            // The error's kind and detail, never the URL (it may hold a password).
+            Ok(Err(e)) => Err(Error::Store(format!("{:?}: {}", e.kind(), e.detail().unwrap_or("")))),
+            Err(_) => Err(Error::Timeout(ms)),
+        }
+    }
+
+    /// Registers this data plane as live for `ttl_ms` and returns how many are.
+    pub async fn heartbeat(&self, node: &str, ttl_ms: i64) -> Result<u64, Error> {
+        let mut inv = HEARTBEAT_SCRIPT.key("relay:planes");
+        inv.arg(0).arg(node).arg(ttl_ms);
+        self.run::<i64>(inv).await.map(|n| n.max(1) as u64)
+    }
+}
+
+fn now_arg(now_ms: Option<i64>) -> i64 {
+    now_ms.unwrap_or(0)
+}
+
+#[async_trait::async_trait]
+impl Counters for RedisCounters {
+    async fn admit(&self, ask: &Ask, lease: &str, now_ms: Option<i64>) -> Result<Result<Vec<Use>, Refusal>, Error> {
+        let mut inv = ADMIT_SCRIPT.prepare_invoke();
+        for s in &ask.subjects {
+            for k in subject_keys(s, &ask.periods) {
+                inv.key(k);
+            }
+        }
+        inv.arg(now_arg(now_ms))
+            .arg(lease)
+            .arg(LEASE_TTL_MS)
+            .arg(ask.tokens)
+            .arg(ask.cost_nano)
+            .arg(ask.periods.day_end_ms)
+            .arg(ask.periods.month_end_ms);
+        for s in &ask.subjects {
+            let l = &s.limits;
+            inv.arg(l.rpm)
+                .arg(l.tpm)
+                .arg(l.concurrency)
+                .arg(l.daily_nano)
+                .arg(l.monthly_nano)
+                .arg(s.committed.day_nano)
+                .arg(s.committed.month_nano);
+        }
+        let v: Vec<i64> = self.run(inv).await?;
+        match v.first() {
+            Some(0) if v.len() == 5 => Ok(Err(Refusal {
+                subject: v[1].max(0) as usize,
+                kind: LimitKind::from_code(v[2]).ok_or_else(|| Error::Protocol(format!("limit code {}", v[2])))?,
+                limit: v[3].max(0) as u64,
+                retry_after_ms: v[4].max(1000) as u64,
+            })),
+            Some(1) => uses(&v[1..], ask.subjects.len()).map(Ok),
+            _ => Err(Error::Protocol(format!("admit answered {} values", v.len()))),
+        }
+    }
+
+    async fn finish(
+        &self,
+        subjects: &[Subject],
+        lease: &str,
+        tokens: u64,
+        cost_nano: u64,
+        periods: &Periods,
+        now_ms: Option<i64>,
+    ) -> Result<(), Error> {
+        const DAY_MS: i64 = 86_400_000;
+        let mut inv = FINISH_SCRIPT.prepare_invoke();
+        for s in subjects {
+            for k in subject_keys(s, periods) {
+                inv.key(k);
+            }
+        }
+        inv.arg(now_arg(now_ms))
+            .arg(lease)
+            .arg(tokens)
+            .arg(cost_nano)
+            .arg(periods.day_end_ms + DAY_MS)
+            .arg(periods.month_end_ms + DAY_MS);
+        for s in subjects {
+            inv.arg(s.committed.day_nano).arg(s.committed.month_nano);
+        }
+        self.run::<i64>(inv).await.map(|_| ())
+    }
+
+    async fn renew(&self, leases: &[(String, String)], now_ms: Option<i64>) -> Result<(), Error> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let mut inv = RENEW_SCRIPT.prepare_invoke();
+        for (subject, _) in leases {
+            inv.key(key_of(subject, "cc")).key(key_of(subject, "rs"));
+        }
+        inv.arg(now_arg(now_ms)).arg(LEASE_TTL_MS);
+        for (_, lease) in leases {
+            inv.arg(lease);
+        }
+        self.run::<i64>(inv).await.map(|_| ())
+    }
+
+    async fn peek(&self, subjects: &[Subject], periods: &Periods, now_ms: Option<i64>) -> Result<Vec<Use>, Error> {
+        let mut inv = PEEK_SCRIPT.prepare_invoke();
+        for s in subjects {
+            for k in subject_keys(s, periods) {
+                inv.key(k);
+            }
+        }
+        inv.arg(now_arg(now_ms));
+        for s in subjects {
+            inv.arg(s.committed.day_nano).arg(s.committed.month_nano);
+        }
+        let v: Vec<i64> = self.run(inv).await?;
+        uses(&v, subjects.len())
+    }
+}
