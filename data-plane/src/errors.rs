@@ -18,6 +18,8 @@ pub struct ApiError {
     /// `Some(false)`: tell SDKs not to retry.
     pub should_retry: Option<bool>,
     pub retry_after_secs: Option<u64>,
+    /// Headers the response carries besides (a limited key's `anthropic-ratelimit-*`).
+    pub headers: Vec<(http::HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
@@ -28,6 +30,7 @@ impl ApiError {
             message: message.into(),
             should_retry: None,
             retry_after_secs: None,
+            headers: Vec::new(),
         }
     }
     pub fn invalid_request(m: impl Into<String>) -> Self {
@@ -85,7 +88,7 @@ impl ApiError {
     pub fn internal(m: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "api_error", m)
     }
-    fn no_retry(mut self) -> Self {
+    pub fn no_retry(mut self) -> Self {
         self.should_retry = Some(false);
         self
     }
@@ -118,6 +121,9 @@ impl ApiError {
         }
         if let Some(s) = self.retry_after_secs {
             h.insert(http::header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        for (name, value) in self.headers {
+            h.insert(name, value);
         }
         resp
     }

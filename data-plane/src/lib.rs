@@ -67,6 +67,11 @@ pub struct Options {
     pub max_config_staleness: Option<Duration>,
     /// Serve `/metrics`, `/readyz` and `/healthz` here instead of on the API listener.
     pub ops_listen: Option<SocketAddr>,
+    /// Redis for fleet-wide limits and sticky sessions (`redis://`, `rediss://`); None: this
+    /// process counts alone.
+    pub redis_url: Option<String>,
+    /// Redis password (overrides one in the URL).
+    pub redis_password: Option<String>,
 }
 
 impl std::fmt::Debug for Options {
@@ -87,6 +92,7 @@ impl std::fmt::Debug for Options {
             .field("max_body_bytes_per_key", &self.max_body_bytes_per_key)
             .field("max_config_staleness", &self.max_config_staleness)
             .field("ops_listen", &self.ops_listen)
+            .field("redis", &self.redis_url.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +117,8 @@ impl Options {
             max_body_bytes_per_key: 64 << 20,
             max_config_staleness: Some(Duration::from_secs(24 * 3600)),
             ops_listen: None,
+            redis_url: None,
+            redis_password: None,
         }
     }
 }
@@ -164,6 +172,8 @@ pub enum StartError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     DataDir(#[from] datadir::LockError),
+    #[error("invalid Redis URL (--redis-url): {0}")]
+    Redis(String),
 }
 
 pub struct RunningDataPlane {
@@ -202,15 +212,31 @@ pub async fn start(
         ..Default::default()
     })?);
     let sessions = Arc::new(proxy::sticky::MemorySessions::default());
+    let limiter = relay_limits::Limiter::new(relay_limits::LimiterOptions {
+        redis_url: opts.redis_url.clone(),
+        redis_password: opts.redis_password.clone(),
+        node_id: opts.node_id.clone(),
+    })
+    .map_err(|e| StartError::Redis(e.to_string()))?;
+    let session_store: Arc<dyn proxy::sticky::SessionStore> = if limiter.is_shared() {
+        Arc::new(proxy::sticky::FleetSessions {
+            local: sessions.clone(),
+            limiter: limiter.clone(),
+        })
+    } else {
+        sessions.clone()
+    };
     // What every config that starts serving (cached or received) sets beyond itself.
     let on_apply: control::watch::OnApply = {
         let health = health.clone();
         let upstreams = upstreams.clone();
         let sessions = sessions.clone();
+        let limiter = limiter.clone();
         Arc::new(move |cfg: &ServingConfig| {
             health.sync(&cfg.resources);
             upstreams.set_connect_timeout(cfg.policy.connect_timeout);
             sessions.set_ttl(cfg.policy.sticky_ttl);
+            limiter.configure(cfg.policy.limits_on_store_down, cfg.policy.limits_store_timeout);
         })
     };
     let cache = Arc::new(ConfigCache::open(&opts.data_dir, opts.cache_key.as_deref())?);
@@ -285,6 +311,9 @@ pub async fn start(
         opts.drain_deadline,
     ));
     let balancer = Arc::new(proxy::balance::Balancer::new());
+    let spend = Arc::new(control::spend::SpendBook::default());
+    tokio::spawn(control::spend::run(spend.clone(), link.clone(), holder.clone(), stop_rx.clone()));
+    tokio::spawn(limiter.clone().run());
     let proxy = Arc::new(Proxy {
         holder: holder.clone(),
         upstreams,
@@ -294,7 +323,7 @@ pub async fn start(
         balancer: balancer.clone(),
         health: health.clone(),
         reporter: control::state_report::StateReporter::start(link.clone(), opts.node_id.clone()),
-        sessions,
+        sessions: session_store,
         queued: std::sync::atomic::AtomicUsize::new(0),
         metrics,
         accepting: accepting.clone(),
@@ -303,6 +332,8 @@ pub async fn start(
         freshness: freshness.clone(),
         max_config_staleness: opts.max_config_staleness,
         ops_separate: opts.ops_listen.is_some(),
+        limiter,
+        spend,
     });
     let limits = ConnLimits {
         header_read_timeout: opts.header_read_timeout,

@@ -71,6 +71,13 @@ struct Args {
     /// them off the public port).
     #[arg(long, env = "RELAY_OPS_LISTEN")]
     ops_listen: Option<SocketAddr>,
+    /// Redis for fleet-wide key limits, budgets, account concurrency and sticky sessions
+    /// (`redis://HOST:6379/0`, `rediss://` for TLS). Without it each data plane counts alone.
+    #[arg(long, env = "RELAY_REDIS_URL")]
+    redis_url: Option<String>,
+    /// A file holding the Redis password (instead of one in the URL).
+    #[arg(long, env = "RELAY_REDIS_PASSWORD_FILE", requires = "redis_url")]
+    redis_password_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -162,6 +169,19 @@ async fn main() -> anyhow::Result<()> {
     opts.max_config_staleness = (args.max_config_staleness_mins > 0)
         .then(|| Duration::from_secs(args.max_config_staleness_mins.saturating_mul(60)));
     opts.max_body_bytes_per_key = usize::try_from(args.max_body_mb_per_key << 20).unwrap_or(usize::MAX);
+    opts.redis_url = args.redis_url.clone();
+    opts.redis_password = args
+        .redis_password_file
+        .as_ref()
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading the Redis password file {}", p.display())))
+        .transpose()?
+        .map(|p| p.trim().to_string());
+    if opts.redis_url.is_none() {
+        tracing::warn!(
+            "no --redis-url: key limits, budgets and account concurrency are counted by this data plane alone \
+             (per replica), and sticky sessions do not follow a client to another replica"
+        );
+    }
     let dp = relay_data_plane::start(opts, Some(metrics))
         .await
         .context("starting the data plane")?;

@@ -306,6 +306,18 @@ impl Limiter {
         }
     }
 
+    /// The shared store while it answers (sticky sessions live there too); None: keep to this
+    /// process.
+    pub fn shared_store(&self) -> Option<&RedisCounters> {
+        self.shared.as_ref().filter(|_| !self.down.load(Ordering::Acquire))
+    }
+
+    /// Reports a failed call to the shared store made outside the limiter (sticky sessions).
+    pub fn store_failed(&self, e: &Error) {
+        metrics::counter!("relay_limits_store_errors_total").increment(1);
+        self.set_down(true, Some(e));
+    }
+
     /// Each subject's use now (for the key holder's endpoint and operators).
     pub async fn peek(&self, subjects: &[Subject], periods: &Periods) -> Result<Vec<Use>, Error> {
         match self.shared.as_ref().filter(|_| !self.down.load(Ordering::Acquire)) {
@@ -388,6 +400,15 @@ pub struct Charge {
     inner: Option<ChargeInner>,
     /// Each subject's use, counting this request (for rate-limit headers).
     pub uses: Vec<Use>,
+}
+
+impl std::fmt::Debug for Charge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Charge")
+            .field("lease", &self.inner.as_ref().map(|c| c.lease.as_str()))
+            .field("subjects", &self.subjects().len())
+            .finish()
+    }
 }
 
 impl Charge {

@@ -12,6 +12,8 @@
 //! * `relay:{S}:rs`: each lease's reservation, `tokens:cost:second`.
 //! * `relay:{S}:sd:<day>`, `relay:{S}:sm:<month>`: spend of the period, nano-USD,
 //!   expiring a day after the period ends.
+//! * `relay:s:<session>`: the account a sticky session is bound to, expiring after
+//!   `sticky.ttl_ms` without use (so bounded by the sessions active within it).
 //! * `relay:planes`: live data planes (sorted set node → expiry), for the local
 //!   fallback's share.
 //!
@@ -220,6 +222,11 @@ pub fn key_of(subject: &str, part: &str) -> String {
     format!("relay:{{{subject}}}:{part}")
 }
 
+/// A sticky session's key: `relay:s:<session key>` (session keys are at most 66 bytes).
+fn session_key(session: &str) -> String {
+    format!("relay:s:{session}")
+}
+
 fn subject_keys(s: &Subject, p: &Periods) -> [String; 6] {
     let n = s.name();
     [
@@ -299,6 +306,33 @@ impl RedisCounters {
             Ok(Err(e)) => Err(Error::Store(format!("{:?}: {}", e.kind(), e.detail().unwrap_or("")))),
             Err(_) => Err(Error::Timeout(ms)),
         }
+    }
+
+    async fn cmd<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, Error> {
+        let mut con = self.con.clone();
+        let ms = self.timeout_ms.load(Ordering::Relaxed);
+        match tokio::time::timeout(Duration::from_millis(ms), cmd.query_async::<T>(&mut con)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Error::Store(format!("{:?}: {}", e.kind(), e.detail().unwrap_or("")))),
+            Err(_) => Err(Error::Timeout(ms)),
+        }
+    }
+
+    /// The account a sticky session is bound to, renewing the binding for `ttl`.
+    pub async fn session_get(&self, session: &str, ttl: Duration) -> Result<Option<String>, Error> {
+        let mut c = redis::cmd("GETEX");
+        c.arg(session_key(session)).arg("PX").arg(ttl.as_millis().max(1) as u64);
+        self.cmd(c).await
+    }
+
+    /// Binds a sticky session to an account for `ttl`.
+    pub async fn session_bind(&self, session: &str, account_id: &str, ttl: Duration) -> Result<(), Error> {
+        let mut c = redis::cmd("SET");
+        c.arg(session_key(session))
+            .arg(account_id)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        self.cmd::<()>(c).await
     }
 
     /// Registers this data plane as live for `ttl_ms` and returns how many are.

@@ -45,6 +45,8 @@ pub(crate) struct MockBody {
     done: bool,
     exact_len: Option<u64>,
     sink: Option<Sink>,
+    /// Counts this response as in flight until the body is done or dropped.
+    in_flight: Option<crate::server::InFlight>,
 }
 
 impl MockBody {
@@ -69,7 +71,12 @@ impl MockBody {
             done: false,
             exact_len: None,
             sink: None,
+            in_flight: None,
         }
+    }
+
+    pub(crate) fn hold(&mut self, g: crate::server::InFlight) {
+        self.in_flight = Some(g);
     }
 
     pub(crate) fn with_sink(mut self, sink: Option<Sink>) -> MockBody {

@@ -230,6 +230,8 @@ impl MockUpstream {
             bodies: Mutex::new(HashMap::new()),
             org_id: uuid::Uuid::new_v4().to_string(),
             served: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(());
@@ -280,6 +282,11 @@ impl MockUpstream {
     pub fn clear_requests(&self) {
         self.shared.log.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.shared.bodies.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// The most requests this mock had in flight at once (from request head to the end of the response).
+    pub fn max_in_flight(&self) -> u64 {
+        self.shared.max_in_flight.load(Ordering::Acquire)
     }
 
     /// Number of requests received (counted even when recording is off).

@@ -64,6 +64,26 @@ pub(crate) struct Shared {
     pub org_id: String,
     pub served: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    /// Requests whose response is not finished yet, and the most there ever were at once.
+    pub in_flight: AtomicU64,
+    pub max_in_flight: AtomicU64,
+}
+
+/// One request in flight, from its head until its response body is done or dropped.
+pub(crate) struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn new(shared: &Arc<Shared>) -> InFlight {
+        let now = shared.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::AcqRel);
+        InFlight(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub(crate) async fn accept_loop(
@@ -126,7 +146,15 @@ async fn serve_connection<I>(io: I, shared: Arc<Shared>, tls: Option<Arc<TlsInfo
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| handle(shared.clone(), tls.clone(), req));
+    let service = hyper::service::service_fn(move |req| {
+        let (shared, tls) = (shared.clone(), tls.clone());
+        async move {
+            let g = InFlight::new(&shared);
+            let mut resp = handle(shared, tls, req).await?;
+            resp.body_mut().hold(g);
+            Ok::<_, Infallible>(resp)
+        }
+    });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Benchmarks multiplex many streams on few h2 connections.
     builder.http2().max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);

@@ -386,32 +386,6 @@ fn account_kind(k: i32) -> Result<AccountKind, Status> {
     }
 }
 
-/// Per-key limits are not enforced by this version: a limit an operator sets must protect them,
-/// so a non-zero one is refused instead of stored and ignored. Zero (unlimited) is accepted, so a
-/// limit stored by an older version can be cleared.
-fn refuse_unenforced_limits(l: Option<&pb::KeyLimits>) -> Result<(), Status> {
-    let Some(l) = l else { return Ok(()) };
-    let set: Vec<&str> = [
-        ("requests_per_minute (--rpm)", u64::from(l.requests_per_minute)),
-        ("tokens_per_minute (--tpm)", l.tokens_per_minute),
-        ("max_concurrency (--concurrency)", u64::from(l.max_concurrency)),
-        ("daily budget (--daily-budget)", l.daily_budget_micro_usd),
-        ("monthly budget (--monthly-budget)", l.monthly_budget_micro_usd),
-    ]
-    .into_iter()
-    .filter(|(_, v)| *v != 0)
-    .map(|(n, _)| n)
-    .collect();
-    if set.is_empty() {
-        return Ok(());
-    }
-    Err(Status::invalid_argument(format!(
-        "per-key limits are not enforced by this relay version yet, so they are refused rather than stored \
-         and ignored: {} (0 clears a limit)",
-        set.join(", ")
-    )))
-}
-
 fn limits_from_pb(l: Option<&pb::KeyLimits>) -> KeyLimits {
     let l = l.cloned().unwrap_or_default();
     KeyLimits {
@@ -834,7 +808,6 @@ impl Admin for AdminService {
         let group_id = self.resolve_groups(&[group.to_string()]).await?.remove(0);
         let allowed_models = validate_models(&r.allowed_models)?;
         let expires_at = validate_expiry(r.expires_at_ms)?;
-        refuse_unenforced_limits(r.limits.as_ref())?;
         let secret = crypto::generate_secret(crypto::API_KEY_PREFIX);
         let now = now_ms();
         let row = ApiKey {
@@ -877,7 +850,6 @@ impl Admin for AdminService {
         if let Some(n) = &r.name {
             validate_name("key", n)?;
         }
-        refuse_unenforced_limits(r.limits.as_ref())?;
         let group_id = match &r.group {
             Some(g) => Some(self.resolve_groups(std::slice::from_ref(g)).await?.remove(0)),
             None => None,

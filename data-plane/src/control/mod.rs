@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod freshness;
 pub mod report;
+pub mod spend;
 pub mod spool;
 pub mod state;
 pub mod state_report;

@@ -97,6 +97,8 @@ pub struct ServingConfig {
     /// Enabled and disabled accounts of each group, sorted by (priority, id).
     accounts_by_group: HashMap<String, Vec<Arc<AccountEntry>>>,
     pub prices: PriceTable,
+    /// Groups by id (names and group-wide limits).
+    groups: HashMap<String, pb::Group>,
     /// Retries, timeouts, waiting: from the settings map.
     pub policy: crate::proxy::policy::Policy,
     /// Health tunables per account (global settings with per-account overrides).
@@ -228,6 +230,7 @@ impl ServingConfig {
             .map(|a| (a.id.clone(), health_default.for_account(values, &a.id)))
             .collect();
         let hash = relay_proto::config_hash(&resources);
+        let groups = r.groups.iter().map(|g| (g.id.clone(), g.clone())).collect();
         Ok(Self {
             version,
             hash,
@@ -236,6 +239,7 @@ impl ServingConfig {
             keys_by_hash,
             accounts_by_group,
             prices,
+            groups,
             policy,
             health,
             health_default,
@@ -260,6 +264,18 @@ impl ServingConfig {
     /// Health tunables for an account.
     pub fn health_settings(&self, account_id: &str) -> &crate::proxy::health::HealthSettings {
         self.health.get(account_id).unwrap_or(&self.health_default)
+    }
+
+    /// A group by id.
+    pub fn group(&self, id: &str) -> Option<&pb::Group> {
+        self.groups.get(id)
+    }
+
+    /// Whether any key or group has a daily or monthly budget (then committed spend is polled).
+    pub fn has_budgets(&self) -> bool {
+        let budget = |l: &pb::KeyLimits| l.daily_budget_micro_usd > 0 || l.monthly_budget_micro_usd > 0;
+        self.keys_by_hash.values().any(|k| budget(&k.limits))
+            || self.groups.values().any(|g| g.limits.as_ref().is_some_and(budget))
     }
 
     /// Every account of a group, sorted by (priority, id).

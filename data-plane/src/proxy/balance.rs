@@ -252,6 +252,7 @@ impl Balancer {
         Some(SlotGuard {
             inner: Arc::clone(&self.inner),
             load,
+            fleet: None,
         })
     }
 
@@ -346,9 +347,16 @@ fn median_estimate(tier: &[&Arc<AccountEntry>], loads: &HashMap<Box<str>, Arc<Lo
 pub struct SlotGuard {
     inner: Arc<Inner>,
     load: Arc<Load>,
+    /// The account's fleet-wide slot (a lease in Redis), released with this one.
+    fleet: Option<relay_limits::Charge>,
 }
 
 impl SlotGuard {
+    /// Holds the account's fleet-wide slot for as long as this one.
+    pub fn hold_fleet(&mut self, c: relay_limits::Charge) {
+        self.fleet = Some(c);
+    }
+
     /// Reports the time to the response head (or first event) of the request
     /// holding this slot.
     pub fn observe_latency(&self, d: Duration) {

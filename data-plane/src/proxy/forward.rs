@@ -273,6 +273,8 @@ pub struct Attempt {
     /// The upstream's status; 0 until its response head arrived.
     pub status: u16,
     pub upstream_request_id: String,
+    /// The request's reservation against its key's limits: what this attempt used is added.
+    pub charge: Option<Arc<relay_limits::Charge>>,
 }
 
 /// An attempt in flight: records it as cancelled, with what is known, if it is dropped before its
@@ -718,6 +720,20 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
             request_id = %event.request_id,
             account_id = %event.account_id,
             "the upstream reported usage beyond what one request can carry: clamped and flagged suspect"
+        );
+    }
+    if let Some(c) = &a.charge {
+        let counted = Usage {
+            input_tokens: event.input_tokens,
+            output_tokens: event.output_tokens,
+            cache_write_5m_tokens: event.cache_write_5m_tokens,
+            cache_write_1h_tokens: event.cache_write_1h_tokens,
+            cache_read_tokens: event.cache_read_tokens,
+            web_search_requests: event.web_search_requests,
+        };
+        c.add(
+            super::limit::counted_tokens(&counted, a.config.policy.count_cache_reads),
+            event.cost_pico_usd,
         );
     }
     metrics::counter!("relay_usage_tokens_total", "kind" => "input").increment(event.input_tokens);

@@ -10,6 +10,7 @@ pub mod balance;
 pub mod forward;
 pub mod health;
 pub mod held;
+pub mod limit;
 pub mod models;
 pub mod policy;
 pub mod sticky;
@@ -32,6 +33,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use sticky::SessionStore;
+
+/// How often a request waiting for an account whose fleet-wide slots are all taken looks again.
+const FLEET_SLOT_POLL_MS: i64 = 50;
 
 /// Requests to the Messages API may be up to 32 MB.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -63,6 +67,10 @@ pub struct Proxy {
     pub max_config_staleness: Option<Duration>,
     /// `/metrics`, `/readyz` and `/healthz` are on their own listener, not on the API's.
     pub ops_separate: bool,
+    /// Keys' and groups' limits and budgets, and accounts' fleet-wide concurrency.
+    pub limiter: Arc<relay_limits::Limiter>,
+    /// Committed spend from the control plane, for budgets.
+    pub spend: Arc<crate::control::spend::SpendBook>,
 }
 
 fn new_request_id() -> String {
@@ -136,6 +144,8 @@ struct RequestHead {
     model: Option<serde_json::Value>,
     #[serde(default)]
     stream: Option<serde_json::Value>,
+    #[serde(default)]
+    max_tokens: Option<serde_json::Value>,
 }
 
 impl Proxy {
@@ -212,6 +222,12 @@ impl Proxy {
             }
             (&Method::POST, "/v1/messages") => self.forward(req, request_id, started, true).await,
             (&Method::POST, "/v1/messages/count_tokens") => self.forward(req, request_id, started, false).await,
+            (&Method::GET, "/relay/v1/key") => {
+                // The key holder's own view: authenticated with the key itself.
+                let (cfg, key) = self.admit(req.headers())?;
+                let body = limit::status(&self.limiter, &self.spend, &cfg, &key).await;
+                Ok(json_response(StatusCode::OK, &body, request_id))
+            }
             (&Method::GET, "/v1/models") => {
                 let (cfg, key) = self.admit(req.headers())?;
                 let list = models::visible(&cfg, &key);
@@ -370,6 +386,10 @@ impl Proxy {
         if !key.allows(&model) {
             return Err(ApiError::permission(format!("this API key may not use model {model}")));
         }
+        // Limits and budgets: checked and counted before any upstream is called.
+        let max_tokens = head.max_tokens.as_ref().and_then(|v| v.as_u64()).unwrap_or(0).min(1 << 24);
+        let (tokens, cost) = limit::estimate(&cfg, &model, body.len(), max_tokens, is_messages);
+        let admitted = limit::admit(&self.limiter, &self.spend, &cfg, &key, tokens, cost).await?;
 
         let policy = &cfg.policy;
         let deadline = tokio::time::Instant::now() + policy.retry_deadline;
@@ -394,22 +414,48 @@ impl Proxy {
             policy,
             deadline,
             is_messages,
+            charge: admitted.charge.clone(),
         };
+        let out = self.attempts(&ctx, session.as_deref(), bound.as_deref()).await;
+        // A limited key's standing goes on every answer, success or not.
+        match out {
+            Ok(mut resp) => {
+                for (name, value) in admitted.headers {
+                    resp.headers_mut().insert(name, value);
+                }
+                Ok(resp)
+            }
+            Err(mut e) => {
+                e.headers.extend(admitted.headers);
+                Err(e)
+            }
+        }
+    }
+
+    /// The retry loop: an account, an attempt, and on failure another account, until an answer
+    /// is accepted, the attempts or the deadline run out, or nothing is left to try.
+    async fn attempts(
+        &self,
+        ctx: &AttemptCtx<'_>,
+        session: Option<&str>,
+        bound: Option<&str>,
+    ) -> Result<Response<Body>, ApiError> {
+        let (policy, deadline, request_id) = (ctx.policy, ctx.deadline, ctx.request_id);
         let mut tried: Vec<String> = Vec::new();
         let mut last: Option<Failure> = None;
         let mut attempts = 0u32;
         while attempts < policy.max_attempts {
-            let Some((account, slot)) = self.acquire(&ctx, &tried, bound.as_deref(), deadline).await? else {
+            let Some((account, slot)) = self.acquire(ctx, &tried, bound, deadline).await? else {
                 break;
             };
             attempts += 1;
             if attempts > 1 {
                 metrics::counter!("relay_failovers_total").increment(1);
             }
-            match self.attempt(&ctx, account.clone(), slot).await {
+            match self.attempt(ctx, account.clone(), slot).await {
                 Ok(resp) => {
-                    if let Some(k) = &session {
-                        if bound.as_deref() != Some(account.id.as_str()) {
+                    if let Some(k) = session {
+                        if bound != Some(account.id.as_str()) {
                             if bound.is_some() {
                                 metrics::counter!("relay_sticky_moves_total").increment(1);
                             }
@@ -439,7 +485,7 @@ impl Proxy {
             Some(f) => Ok(f.into_response(request_id)),
             None => Err(ApiError::overloaded(
                 "no upstream account is available for this key right now",
-                self.retry_after_hint(&ctx),
+                self.retry_after_hint(ctx),
             )),
         }
     }
@@ -470,14 +516,46 @@ impl Proxy {
     ) -> Result<Option<(Arc<AccountEntry>, SlotGuard)>, ApiError> {
         let wait_until = deadline.min(tokio::time::Instant::now() + ctx.policy.queue_max_wait);
         let mut ticket: Option<QueueTicket<'_>> = None;
+        // Accounts whose fleet-wide slots (their max_concurrency across every data plane) were
+        // all taken when last asked; looked at again after a short wait.
+        let mut full: Vec<String> = Vec::new();
         loop {
             // Created before looking, so a release in between is not missed.
             let released = self.balancer.released();
             let now = chrono::Utc::now().timestamp_millis();
-            match self.choose(ctx, tried, bound, now) {
-                Choice::Ready(a, slot) => return Ok(Some((a, slot))),
-                Choice::Nothing => return Ok(None),
+            let skip: Vec<String>;
+            let excluded = if full.is_empty() {
+                tried
+            } else {
+                skip = tried.iter().chain(full.iter()).cloned().collect();
+                &skip
+            };
+            let choice = match self.choose(ctx, excluded, bound, now) {
+                Choice::Ready(a, mut slot) => {
+                    if a.max_concurrency == 0 || !self.limiter.is_shared() {
+                        return Ok(Some((a, slot)));
+                    }
+                    match self.limiter.account_slot(&a.id, u64::from(a.max_concurrency)).await {
+                        Some(fleet) => {
+                            slot.hold_fleet(fleet);
+                            return Ok(Some((a, slot)));
+                        }
+                        None => {
+                            drop(slot);
+                            self.health.release_probe(&a.id);
+                            full.push(a.id.clone());
+                            continue;
+                        }
+                    }
+                }
+                // Other data planes hold the slots: they tell nobody here when one frees up.
+                Choice::Nothing if !full.is_empty() => Choice::Later(Some(now + FLEET_SLOT_POLL_MS)),
+                c => c,
+            };
+            match choice {
+                Choice::Ready(..) | Choice::Nothing => return Ok(None),
                 Choice::Later(at) => {
+                    full.clear();
                     if ticket.is_none() {
                         ticket = Some(
                             QueueTicket::take(&self.queued, ctx.policy.queue_max_size).ok_or_else(|| {
@@ -613,6 +691,7 @@ impl Proxy {
             started: ctx.started,
             status: 0,
             upstream_request_id: String::new(),
+            charge: ctx.charge.clone(),
         });
         let sent_at = Instant::now();
         let head_deadline = tokio::time::Instant::now() + ctx.policy.head_timeout;
@@ -957,6 +1036,8 @@ struct AttemptCtx<'a> {
     deadline: tokio::time::Instant,
     /// `POST /v1/messages` (else `count_tokens`).
     is_messages: bool,
+    /// The request's reservation against its key's limits (None: the key has none).
+    charge: Option<Arc<relay_limits::Charge>>,
 }
 
 enum Choice {

@@ -25,6 +25,14 @@ pub struct Policy {
     pub expose_ratelimit: bool,
     /// Upstreams see the client's `x-forwarded-*`, `forwarded`, `x-real-ip` and `via` headers.
     pub forward_client_ip: bool,
+    /// What limited requests get while Redis is down (`limits.on_store_down`).
+    pub limits_on_store_down: relay_limits::Policy,
+    /// Every limit check's bound on Redis (`limits.store_timeout_ms`).
+    pub limits_store_timeout: Duration,
+    /// Cache reads count towards tokens per minute (`limits.count_cache_reads`).
+    pub count_cache_reads: bool,
+    /// Budgets' days and months (`limits.timezone`).
+    pub timezone: chrono_tz::Tz,
 }
 
 impl Default for Policy {
@@ -58,6 +66,10 @@ impl Policy {
             sticky_ttl: ms(values, "sticky.ttl_ms"),
             expose_ratelimit: settings::known("headers.expose_ratelimit").bool_in(values),
             forward_client_ip: settings::known("headers.forward_client_ip").bool_in(values),
+            limits_on_store_down: relay_limits::Policy::parse(settings::known("limits.on_store_down").choice_in(values)),
+            limits_store_timeout: ms(values, "limits.store_timeout_ms"),
+            count_cache_reads: settings::known("limits.count_cache_reads").bool_in(values),
+            timezone: settings::known("limits.timezone").tz_in(values),
         }
     }
 

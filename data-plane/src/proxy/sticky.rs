@@ -699,6 +699,37 @@ impl SessionStore for MemorySessions {
     }
 }
 
+/// Sessions shared by the fleet: in Redis while it answers (so a conversation whose turns land
+/// on different data planes stays on one account), in this process while it does not. Every
+/// binding is also kept in process, so the fallback starts warm.
+pub struct FleetSessions {
+    pub local: std::sync::Arc<MemorySessions>,
+    pub limiter: std::sync::Arc<relay_limits::Limiter>,
+}
+
+#[async_trait::async_trait]
+impl SessionStore for FleetSessions {
+    async fn get(&self, key: &str) -> Option<String> {
+        if let Some(shared) = self.limiter.shared_store() {
+            match shared.session_get(key, self.local.ttl()).await {
+                Ok(Some(account)) => return Some(account),
+                Ok(None) => return None,
+                Err(e) => self.limiter.store_failed(&e),
+            }
+        }
+        self.local.get(key).await
+    }
+
+    async fn bind(&self, key: &str, account_id: &str) {
+        self.local.bind(key, account_id).await;
+        if let Some(shared) = self.limiter.shared_store() {
+            if let Err(e) = shared.session_bind(key, account_id, self.local.ttl()).await {
+                self.limiter.store_failed(&e);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
