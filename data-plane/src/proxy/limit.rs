@@ -161,6 +161,27 @@ fn refused(cfg: &ServingConfig, r: &Refusal, s: &Subject) -> ApiError {
         ),
         _ => "this API key".to_string(),
     };
+    // The whole limit (a refusal counted in process while Redis is down is by this data plane's
+    // share of it, said as such).
+    let whole = match r.kind {
+        LimitKind::Concurrency => s.limits.concurrency,
+        LimitKind::Requests => s.limits.rpm,
+        LimitKind::Tokens => s.limits.tpm,
+        LimitKind::DailyBudget => s.limits.daily_nano,
+        LimitKind::MonthlyBudget => s.limits.monthly_nano,
+    };
+    let share = if whole != r.limit && whole > 0 {
+        format!(
+            " (this data plane's share while the limit store is unreachable: {})",
+            r.limit
+        )
+    } else {
+        String::new()
+    };
+    let r = &Refusal {
+        limit: if whole > 0 { whole } else { r.limit },
+        ..r.clone()
+    };
     let secs = r.retry_after_ms.div_ceil(1000).max(1);
     let now = chrono::Utc::now().timestamp_millis();
     let at = rfc3339(now + r.retry_after_ms as i64);
@@ -177,7 +198,7 @@ fn refused(cfg: &ServingConfig, r: &Refusal, s: &Subject) -> ApiError {
             usd(r.limit)
         ),
     };
-    let mut e = ApiError::rate_limited(message);
+    let mut e = ApiError::rate_limited(message + &share);
     e.retry_after_secs = Some(secs);
     let mut h = Vec::new();
     match r.kind {
