@@ -80,6 +80,7 @@ pub async fn setup(admin: &mut Admin, fast_mock: &str, slow_mock: &str) -> Resul
         .create_group(pb::CreateGroupRequest {
             name: "slow".into(),
             description: "slow-stream mock".into(),
+            limits: None,
         })
         .await
         .context("creating the slow group")?;
@@ -271,6 +272,7 @@ pub async fn propagation(
             .create_group(pb::CreateGroupRequest {
                 name: format!("prop-{tag}-{w}"),
                 description: String::new(),
+                limits: None,
             })
             .await
             .context("admin write")?;

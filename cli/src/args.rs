@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::output::Format;
-use crate::parse::{expiry_arg, instant_arg, time_arg, usd_arg};
+use crate::parse::{budget_arg, concurrency_arg, expiry_arg, instant_arg, rpm_arg, time_arg, tpm_arg, usd_arg};
 
 const GLOBAL: &str = "Global options";
 
@@ -216,23 +216,25 @@ pub struct AccountUpdate {
     pub allow_credential_to_new_host: bool,
 }
 
-/// Limits of an API key (USD budgets; 0 = unlimited everywhere).
+/// Limits of an API key, or of a group (the total across its keys). Enforced fleet-wide by the
+/// data planes; 0 clears a limit (unlimited). Negative values are refused here, with what to type.
 #[derive(Debug, Args)]
 pub struct LimitArgs {
-    /// Requests per minute.
-    #[arg(long)]
+    /// Requests per minute (0 = unlimited).
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = rpm_arg)]
     pub rpm: Option<u32>,
-    /// Tokens per minute.
-    #[arg(long)]
+    /// Tokens per minute: input, output and cache writes (0 = unlimited).
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = tpm_arg)]
     pub tpm: Option<u64>,
-    /// Concurrent requests.
-    #[arg(long)]
+    /// Requests in flight at once (0 = unlimited).
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = concurrency_arg)]
     pub concurrency: Option<u32>,
-    /// Daily budget in USD (e.g. 25 or 12.50).
-    #[arg(long, value_name = "USD", value_parser = usd_arg)]
+    /// Budget per calendar day in USD, e.g. 25 or 12.50 (0 = none; the day is in the
+    /// `limits.timezone` setting).
+    #[arg(long, value_name = "USD", allow_negative_numbers = true, value_parser = budget_arg)]
     pub daily_budget: Option<u64>,
-    /// Monthly budget in USD.
-    #[arg(long, value_name = "USD", value_parser = usd_arg)]
+    /// Budget per calendar month in USD (0 = none).
+    #[arg(long, value_name = "USD", allow_negative_numbers = true, value_parser = budget_arg)]
     pub monthly_budget: Option<u64>,
 }
 
@@ -253,7 +255,8 @@ pub enum KeyCmd {
     /// List API keys.
     #[command(alias = "ls")]
     List,
-    /// Show one API key (never its secret).
+    /// Show one API key (never its secret): its limits, its group's, and the budgets spent today
+    /// and this month.
     Show {
         /// The key's name or id.
         key: String,
@@ -315,23 +318,45 @@ pub struct KeyUpdate {
 
 #[derive(Debug, Subcommand)]
 pub enum GroupCmd {
-    /// Create a group.
-    Add {
-        /// A name for the group.
-        name: String,
-        /// What the group is for.
-        #[arg(long, default_value = "")]
-        description: String,
-    },
+    /// Create a group; its limits are the total across its keys.
+    #[command(alias = "add")]
+    Create(GroupCreate),
     /// List groups.
     #[command(alias = "ls")]
     List,
+    /// Change a group (rename, description, limits); only the given fields change.
+    Update(GroupUpdate),
     /// Delete a group.
     #[command(alias = "delete")]
     Rm {
         /// The group's name or id.
         group: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct GroupCreate {
+    /// A name for the group.
+    pub name: String,
+    /// What the group is for.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GroupUpdate {
+    /// The group's name or id.
+    pub group: String,
+    /// Rename the group (its keys and accounts stay in it).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A new description.
+    #[arg(long)]
+    pub description: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -606,6 +631,44 @@ mod tests {
         assert!(u.disable && !u.enable);
         assert_eq!(u.limits.daily_budget, Some(12_500_000));
         assert!(parse(&["key", "update", "k", "--disable", "--enable"]).is_err());
+    }
+
+    #[test]
+    fn limit_flags_are_shared_and_refuse_bad_values_clearly() {
+        let cli = parse(&["group", "create", "team", "--rpm", "600", "--monthly-budget", "1000"]).unwrap();
+        let Command::Group(GroupCmd::Create(g)) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(
+            (g.limits.rpm, g.limits.monthly_budget),
+            (Some(600), Some(1_000_000_000))
+        );
+        assert!(parse(&["group", "add", "team"]).is_ok(), "`add` still works");
+        let cli = parse(&["group", "update", "team", "--name", "team-b", "--daily-budget", "0"]).unwrap();
+        let Command::Group(GroupCmd::Update(u)) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!((u.name.as_deref(), u.limits.daily_budget), (Some("team-b"), Some(0)));
+        for cmd in [["key", "create", "k"], ["key", "update", "k"], ["group", "update", "g"]] {
+            for (flag, bad, says) in [
+                ("--rpm", "-5", "cannot be negative"),
+                ("--tpm", "lots", "whole number of tokens per minute"),
+                ("--concurrency", "2.5", "whole number of concurrent requests"),
+                ("--daily-budget", "-1", "expected an amount in USD such as 5 or 12.50"),
+                (
+                    "--monthly-budget",
+                    "ten",
+                    "expected an amount in USD such as 5 or 12.50",
+                ),
+            ] {
+                let mut args = cmd.to_vec();
+                args.extend([flag, bad]);
+                let err = parse(&args).unwrap_err();
+                assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{args:?}: {err}");
+                let text = err.to_string();
+                assert!(text.contains(flag) && text.contains(says), "{args:?}: {text}");
+            }
+        }
     }
 
     #[test]

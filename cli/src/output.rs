@@ -266,6 +266,41 @@ pub fn render_one<T>(format: Format, cols: &[Column<T>], item: &T, only_table_co
     }
 }
 
+/// Renders one item described by two sets of columns (a key and its spend) as one: one JSON
+/// object, one CSV row, one field/value table.
+pub fn render_pair<A, B>(format: Format, a_cols: &[Column<A>], a: &A, b_cols: &[Column<B>], b: &B) -> Result<String> {
+    match format {
+        Format::Json => {
+            let mut obj = json_object(a_cols, a);
+            obj.extend(json_object(b_cols, b));
+            json_string(&serde_json::Value::Object(obj))
+        }
+        Format::Csv => {
+            let header = a_cols
+                .iter()
+                .map(|c| c.key)
+                .chain(b_cols.iter().map(|c| c.key))
+                .collect();
+            let row = a_cols
+                .iter()
+                .map(|c| (c.get)(a).to_csv())
+                .chain(b_cols.iter().map(|c| (c.get)(b).to_csv()))
+                .collect();
+            csv_string(header, vec![row])
+        }
+        Format::Table | Format::Wide => {
+            let mut t = new_table();
+            for c in a_cols {
+                t.add_row(vec![c.header.to_string(), (c.get)(a).to_cell(true)]);
+            }
+            for c in b_cols {
+                t.add_row(vec![c.header.to_string(), (c.get)(b).to_cell(true)]);
+            }
+            Ok(format!("{t}\n"))
+        }
+    }
+}
+
 /// Where command results go (stdout), in the chosen format.
 #[derive(Debug, Clone, Copy)]
 pub struct Output {
@@ -292,6 +327,11 @@ impl Output {
     /// One item, every field.
     pub fn one<T>(&self, cols: &[Column<T>], item: &T) -> Result<()> {
         self.write(&render_one(self.format, cols, item, false)?)
+    }
+
+    /// One item described by two sets of columns (see [`render_pair`]).
+    pub fn pair<A, B>(&self, a_cols: &[Column<A>], a: &A, b_cols: &[Column<B>], b: &B) -> Result<()> {
+        self.write(&render_pair(self.format, a_cols, a, b_cols, b)?)
     }
 
     /// One item: a sentence in table mode, the item in JSON/CSV.

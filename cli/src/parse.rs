@@ -178,6 +178,56 @@ pub fn usd_arg(s: &str) -> Result<u64, String> {
     parse_usd(s)
 }
 
+/// What a budget flag takes, as its errors say.
+const BUDGET_EXPECTED: &str = "expected an amount in USD such as 5 or 12.50 (0 = no budget)";
+
+/// Clap value parser for `--daily-budget`/`--monthly-budget`: a USD amount (to micro-USD), not
+/// negative.
+pub fn budget_arg(s: &str) -> Result<u64, String> {
+    if s.trim().starts_with('-') {
+        return Err(format!("a budget cannot be negative; {BUDGET_EXPECTED}"));
+    }
+    parse_usd(s).map_err(|e| {
+        // The amount's own problem when it is a number at all (too precise, too large).
+        if e.contains("decimal places") || e.contains("too large") {
+            format!("{e}; {BUDGET_EXPECTED}")
+        } else {
+            BUDGET_EXPECTED.to_string()
+        }
+    })
+}
+
+/// A limit that counts something: a whole number, not negative, at most `max`.
+fn count_arg(s: &str, what: &str, example: u64, max: u64) -> Result<u64, String> {
+    let expected = format!("expected a whole number of {what} such as {example} (0 = unlimited)");
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!("a limit cannot be negative; {expected}"));
+    }
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(expected);
+    }
+    match t.parse::<u64>() {
+        Ok(v) if v <= max => Ok(v),
+        _ => Err(format!("at most {max}; {expected}")),
+    }
+}
+
+/// Clap value parser for `--rpm`.
+pub fn rpm_arg(s: &str) -> Result<u32, String> {
+    count_arg(s, "requests per minute", 60, u64::from(u32::MAX)).map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+}
+
+/// Clap value parser for `--tpm`.
+pub fn tpm_arg(s: &str) -> Result<u64, String> {
+    count_arg(s, "tokens per minute", 100_000, u64::MAX)
+}
+
+/// Clap value parser for `--concurrency`.
+pub fn concurrency_arg(s: &str) -> Result<u32, String> {
+    count_arg(s, "concurrent requests", 4, u64::from(u32::MAX)).map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+}
+
 /// Unix milliseconds as RFC 3339 UTC (fractional seconds only when non-zero);
 /// `None` for 0 (unset) or out-of-range values.
 pub fn format_time(ms: i64) -> Option<String> {
@@ -252,6 +302,41 @@ mod tests {
         }
         assert!(parse_usd("-1").unwrap_err().contains("negative"));
         assert!(parse_usd("0.0000001").unwrap_err().contains("decimal places"));
+    }
+
+    #[test]
+    fn limits_parse_or_say_what_they_expect() {
+        assert_eq!(rpm_arg("60").unwrap(), 60);
+        assert_eq!(rpm_arg("0").unwrap(), 0);
+        assert_eq!(tpm_arg(" 100000 ").unwrap(), 100_000);
+        assert_eq!(concurrency_arg("4").unwrap(), 4);
+        assert_eq!(budget_arg("12.50").unwrap(), 12_500_000);
+        assert_eq!(budget_arg("0").unwrap(), 0);
+        let e = rpm_arg("-5").unwrap_err();
+        assert!(
+            e.contains("cannot be negative") && e.contains("requests per minute such as 60"),
+            "{e}"
+        );
+        let e = rpm_arg("abc").unwrap_err();
+        assert_eq!(
+            e,
+            "expected a whole number of requests per minute such as 60 (0 = unlimited)"
+        );
+        assert!(rpm_arg("1.5").is_err() && rpm_arg("").is_err() && rpm_arg("+3").is_err());
+        assert!(rpm_arg("4294967296").unwrap_err().starts_with("at most 4294967295"));
+        assert!(concurrency_arg("-1").unwrap_err().contains("concurrent requests"));
+        assert!(tpm_arg("1e6").unwrap_err().contains("tokens per minute"));
+        let e = budget_arg("-1").unwrap_err();
+        assert_eq!(
+            e,
+            "a budget cannot be negative; expected an amount in USD such as 5 or 12.50 (0 = no budget)"
+        );
+        assert_eq!(
+            budget_arg("five").unwrap_err(),
+            "expected an amount in USD such as 5 or 12.50 (0 = no budget)"
+        );
+        assert!(budget_arg("$5").is_err());
+        assert!(budget_arg("0.0000001").unwrap_err().contains("decimal places"));
     }
 
     #[test]

@@ -141,6 +141,7 @@ pub async fn ensure_defaults(store: &DynStore) -> Result<(), BootstrapError> {
             id: DEFAULT_GROUP.to_string(),
             name: DEFAULT_GROUP.to_string(),
             description: "accounts and keys without an explicit group".into(),
+            limits: KeyLimits::default(),
             created_at: now,
             updated_at: now,
             revision: 0,

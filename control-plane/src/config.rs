@@ -178,7 +178,8 @@ pub fn build_resources(state: &ConfigState, key: &MasterKey) -> Result<pb::Resou
                 id: g.id.clone(),
                 name: g.name.clone(),
                 description: g.description.clone(),
-                limits: None,
+                // Absent when unlimited, as before groups had limits (same config hash).
+                limits: (g.limits != model::KeyLimits::default()).then(|| limits_to_pb(&g.limits)),
             })
             .collect(),
         prices: state.prices.iter().map(price_to_pb).collect(),

@@ -10,4 +10,5 @@ pub mod config;
 pub mod crypto;
 pub mod model;
 pub mod server;
+pub mod spend;
 pub mod store;

@@ -153,6 +153,7 @@ pub struct Account {
     pub revision: u64,
 }
 
+/// Limits of a key, or of a group (the total over its keys). 0 = unlimited for each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KeyLimits {
     pub rpm: u64,
@@ -162,6 +163,13 @@ pub struct KeyLimits {
     pub daily_budget: u64,
     /// micro-USD; 0 = none.
     pub monthly_budget: u64,
+}
+
+impl KeyLimits {
+    /// Whether a daily or monthly budget is set.
+    pub fn has_budget(&self) -> bool {
+        self.daily_budget > 0 || self.monthly_budget > 0
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +194,8 @@ pub struct Group {
     pub id: String,
     pub name: String,
     pub description: String,
+    /// The group's total across its keys (0 = unlimited for each).
+    pub limits: KeyLimits,
     pub created_at: Millis,
     pub updated_at: Millis,
     pub revision: u64,
@@ -411,6 +421,10 @@ pub enum Mutation {
         expect_revision: u64,
     },
     InsertGroup(Group),
+    UpdateGroup {
+        row: Group,
+        expect_revision: u64,
+    },
     DeleteGroup {
         id: String,
     },

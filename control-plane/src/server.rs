@@ -106,7 +106,8 @@ pub async fn serve(
         .with_client_certs(client_certs)
         .with_token_watch(tokens);
     let gate = crate::api::gate::GateLayer::new(auth.clone());
-    let admin = AdminServer::new(AdminService::new(store.clone(), key.clone()))
+    let spend = std::sync::Arc::new(crate::spend::SpendCache::new(store.clone()));
+    let admin = AdminServer::new(AdminService::new(store.clone(), key.clone(), spend.clone()))
         .max_decoding_message_size(crate::api::gate::ADMIN_MAX_DECODE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let discovery = ConfigDiscoveryServer::new(DiscoveryService::new(
@@ -118,7 +119,7 @@ pub async fn serve(
     ))
     .max_decoding_message_size(crate::api::gate::DISCOVERY_MAX_DECODE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let usage = UsageIngestServer::new(UsageService::new(store.clone(), auth, closing))
+    let usage = UsageIngestServer::new(UsageService::new(store.clone(), auth, closing, spend))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 

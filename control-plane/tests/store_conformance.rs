@@ -44,6 +44,7 @@ fn group(id: &str, name: &str) -> Group {
         id: id.into(),
         name: name.into(),
         description: format!("the {name} group"),
+        limits: KeyLimits::default(),
         created_at: T0,
         updated_at: T0,
         revision: 0,
@@ -423,6 +424,68 @@ macro_rules! conformance_suite {
             let names: Vec<String> =
                 store.list_groups().await.unwrap().into_iter().map(|g| g.name).collect();
             assert_eq!(names, ["beta", "default"]);
+        }
+
+        #[tokio::test]
+        async fn groups_carry_limits_and_update_in_place() {
+            let (store, _guard) = fresh().await;
+            let limits = KeyLimits {
+                rpm: 600,
+                tpm: 2_000_000,
+                max_concurrency: 12,
+                daily_budget: 50_000_000,
+                monthly_budget: 1_000_000_000,
+            };
+            let g = Group { limits, ..group("grp-1", "team-a") };
+            let v1 = apply_ok(&store, vec![Mutation::InsertGroup(g.clone())]).await;
+            assert_eq!(store.get_group("team-a").await.unwrap().unwrap(), group_at(&g, v1.revision));
+            apply_ok(&store, vec![Mutation::InsertGroup(group("grp-2", "team-b"))]).await;
+
+            // Renamed, described and limited anew in one write: same id, new revision.
+            let next = Group {
+                name: "team-a2".into(),
+                description: "renamed".into(),
+                limits: KeyLimits { rpm: 0, daily_budget: 0, ..limits },
+                updated_at: T0 + HOUR,
+                ..group_at(&g, v1.revision)
+            };
+            let v3 = apply_ok(
+                &store,
+                vec![Mutation::UpdateGroup { row: next.clone(), expect_revision: v1.revision }],
+            )
+            .await;
+            let got = store.get_group("grp-1").await.unwrap().unwrap();
+            assert_eq!(got, group_at(&next, v3.revision));
+            assert_eq!(got.created_at, T0, "created_at never changes");
+            assert!(store.get_group("team-a").await.unwrap().is_none(), "the old name is gone");
+            let config = store.load_config().await.unwrap();
+            assert_eq!(config.groups.iter().find(|g| g.id == "grp-1"), Some(&got));
+
+            // A stale revision, a missing group, a taken name: refused, nothing changed.
+            let err = apply_err(
+                &store,
+                vec![Mutation::UpdateGroup { row: next.clone(), expect_revision: v1.revision }],
+            )
+            .await;
+            assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+            let err = apply_err(
+                &store,
+                vec![Mutation::UpdateGroup {
+                    row: Group { id: "nope".into(), ..next.clone() },
+                    expect_revision: 0,
+                }],
+            )
+            .await;
+            assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
+            let err = apply_err(
+                &store,
+                vec![Mutation::UpdateGroup {
+                    row: Group { name: "team-b".into(), ..got.clone() },
+                    expect_revision: v3.revision,
+                }],
+            )
+            .await;
+            assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
         }
 
         #[tokio::test]
@@ -1134,6 +1197,45 @@ macro_rules! conformance_suite {
                 ]
             );
             assert!(hourly.iter().all(|r| r.group == r.group_id));
+        }
+
+        #[tokio::test]
+        async fn spend_by_key_sums_cost_in_a_half_open_range() {
+            let (store, _guard) = fresh().await;
+            let day = 86_400_000;
+            let cost = |e: &UsageEvent| e.cost_pico_usd;
+            let events = vec![
+                usage(1, T0 - 1, "key-a", "acc-1", "m", 200, ""),
+                usage(2, T0, "key-a", "acc-1", "m", 200, ""),
+                usage(3, T0 + HOUR, "key-a", "acc-1", "m", 529, "overloaded_error"),
+                usage(4, T0 + 2 * HOUR, "key-b", "acc-2", "m", 200, ""),
+                usage(5, T0 + day - 1, "key-b", "acc-2", "m", 200, ""),
+                usage(6, T0 + day, "key-b", "acc-2", "m", 200, ""),
+            ];
+            store.insert_usage(&events).await.unwrap();
+            // A resent event counts once.
+            store.insert_usage(&events[1..2]).await.unwrap();
+            let got = store.spend_by_key(T0, T0 + day).await.unwrap();
+            let want: BTreeMap<String, u64> = [
+                ("key-a".to_string(), cost(&events[1]) + cost(&events[2])),
+                ("key-b".to_string(), cost(&events[3]) + cost(&events[4])),
+            ]
+            .into();
+            assert_eq!(got, want, "since is inclusive, until exclusive; failed requests cost what they cost");
+            let later = store.spend_by_key(T0 + day, T0 + 2 * day).await.unwrap();
+            assert_eq!(later, BTreeMap::from([("key-b".to_string(), cost(&events[5]))]));
+            assert!(store.spend_by_key(T0 + 3 * day, T0 + 4 * day).await.unwrap().is_empty());
+            // Sums near the top of BIGINT saturate instead of failing.
+            let big = (i64::MAX / 2) as u64 + 1;
+            let mut huge = Vec::new();
+            for n in 0..3 {
+                let mut e = usage(10 + n, T0 + 5 * day, "key-big", "acc-1", "m", 200, "");
+                e.cost_pico_usd = big;
+                huge.push(e);
+            }
+            store.insert_usage(&huge).await.unwrap();
+            let got = store.spend_by_key(T0 + 5 * day, T0 + 6 * day).await.unwrap();
+            assert_eq!(got.get("key-big"), Some(&(i64::MAX as u64)));
         }
 
         #[tokio::test]

@@ -271,6 +271,7 @@ impl World {
                     .create_group(pb::CreateGroupRequest {
                         name,
                         description: String::new(),
+                        limits: None,
                     })
                     .await
                     .unwrap();

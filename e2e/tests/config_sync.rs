@@ -264,6 +264,7 @@ async fn a_restored_database_starts_a_new_epoch_everywhere() {
             .create_group(pb::CreateGroupRequest {
                 name: format!("g-{i}"),
                 description: String::new(),
+                limits: None,
             })
             .await
             .unwrap();

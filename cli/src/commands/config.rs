@@ -2,38 +2,92 @@
 
 use anyhow::{anyhow, Result};
 use relay_proto::v1::{
-    CreateGroupRequest, DeleteGroupRequest, GroupInfo, ListGroupsRequest, ListPricesRequest, ListSettingsRequest,
-    ListSettingsResponse, Price, SetPriceRequest, SetSettingRequest, SettingInfo, UnsetSettingRequest,
+    CreateGroupRequest, DeleteGroupRequest, GroupInfo, KeyLimits, ListGroupsRequest, ListPricesRequest,
+    ListSettingsRequest, ListSettingsResponse, Price, SetPriceRequest, SetSettingRequest, SettingInfo,
+    UnsetSettingRequest, UpdateGroupRequest,
 };
 
-use super::Deleted;
-use crate::args::{GroupCmd, PriceSet, PricingCmd, SettingsCmd};
+use super::{limits as lim, Deleted};
+use crate::args::{GroupCmd, GroupUpdate, PriceSet, PricingCmd, SettingsCmd};
 use crate::client::{Conn, RpcResult};
 use crate::output::{Column, Output, Value};
 use crate::parse::default_cache_prices;
 
+fn group_limits(g: &GroupInfo) -> KeyLimits {
+    g.limits.unwrap_or_default()
+}
+
+/// A group's limits are the total across its keys: compact in tables, each one in JSON and CSV.
 const GROUP_COLUMNS: &[Column<GroupInfo>] = &[
     Column::new("name", "Name", |g| Value::text(&g.name)),
     Column::new("id", "ID", |g| Value::Id(g.id.clone())),
     Column::new("description", "Description", |g| Value::text(&g.description)),
     Column::new("account_count", "Accounts", |g| Value::UInt(u64::from(g.account_count))),
     Column::new("key_count", "Keys", |g| Value::UInt(u64::from(g.key_count))),
+    Column::new("limits", "Limits (all keys)", |g| {
+        Value::Text(lim::summary(&group_limits(g)))
+    }),
+    Column::detail("rpm", "RPM", |g| {
+        Value::limit(u64::from(group_limits(g).requests_per_minute))
+    }),
+    Column::detail("tpm", "TPM", |g| Value::limit(group_limits(g).tokens_per_minute)),
+    Column::detail("concurrency", "Concurrency", |g| {
+        Value::limit(u64::from(group_limits(g).max_concurrency))
+    }),
+    Column::detail("daily_budget_usd", "Daily budget ($)", |g| {
+        Value::budget(group_limits(g).daily_budget_micro_usd)
+    }),
+    Column::detail("monthly_budget_usd", "Monthly budget ($)", |g| {
+        Value::budget(group_limits(g).monthly_budget_micro_usd)
+    }),
 ];
+
+/// A group by id, else by name.
+fn find_group<'a>(groups: &'a [GroupInfo], wanted: &str) -> Result<&'a GroupInfo> {
+    groups
+        .iter()
+        .find(|g| g.id == wanted)
+        .or_else(|| groups.iter().find(|g| g.name == wanted))
+        .ok_or_else(|| anyhow!("not found: group {wanted:?}"))
+}
+
+/// The update without limits (those need the group's current values).
+fn group_update_request(args: &GroupUpdate) -> UpdateGroupRequest {
+    UpdateGroupRequest {
+        group: args.group.clone(),
+        name: args.name.clone(),
+        description: args.description.clone(),
+        limits: None,
+    }
+}
 
 pub async fn group(conn: &mut Conn, out: Output, cmd: GroupCmd) -> Result<()> {
     let server = conn.server.clone();
     let api = &mut conn.api;
     match cmd {
-        GroupCmd::Add { name, description } => {
-            let info = api
-                .create_group(CreateGroupRequest { name, description })
-                .await
-                .or_report(&server)?;
+        GroupCmd::Create(args) => {
+            let req = CreateGroupRequest {
+                name: args.name,
+                description: args.description,
+                limits: Some(lim::apply(KeyLimits::default(), &args.limits)),
+            };
+            let info = api.create_group(req).await.or_report(&server)?;
             out.one(GROUP_COLUMNS, &info)
         }
         GroupCmd::List => {
             let list = api.list_groups(ListGroupsRequest {}).await.or_report(&server)?;
             out.list(GROUP_COLUMNS, &list.groups)
+        }
+        GroupCmd::Update(args) => {
+            let mut req = group_update_request(&args);
+            if args.limits.any() {
+                let list = api.list_groups(ListGroupsRequest {}).await.or_report(&server)?;
+                let current = find_group(&list.groups, &args.group)?;
+                req.group = current.id.clone();
+                req.limits = Some(lim::apply(group_limits(current), &args.limits));
+            }
+            let info = api.update_group(req).await.or_report(&server)?;
+            out.one(GROUP_COLUMNS, &info)
         }
         GroupCmd::Rm { group } => {
             let resp = api

@@ -2,11 +2,12 @@
 
 use anyhow::{anyhow, Result};
 use relay_proto::v1::{
-    ApiKeyInfo, CreateApiKeyRequest, KeyLimits, KeyStatus, ListApiKeysRequest, RevokeApiKeyRequest, UpdateApiKeyRequest,
+    ApiKeyInfo, CreateApiKeyRequest, GetApiKeyRequest, GetApiKeyResponse, KeyLimits, KeyStatus, ListApiKeysRequest,
+    LiveUse, RevokeApiKeyRequest, UpdateApiKeyRequest,
 };
 
-use super::clean_list;
-use crate::args::{KeyCmd, KeyCreate, KeyUpdate, LimitArgs};
+use super::{clean_list, limits as lim};
+use crate::args::{KeyCmd, KeyCreate, KeyUpdate};
 use crate::client::{Conn, RpcResult};
 use crate::output::{Column, Output, Value};
 use crate::parse::enum_label;
@@ -42,25 +43,77 @@ pub const COLUMNS: &[Column<ApiKeyInfo>] = &[
     Column::detail("updated_at", "Updated", |k| Value::Time(k.updated_at_ms)),
 ];
 
-/// `current` with the limits given on the command line changed.
-fn apply_limits(mut current: KeyLimits, args: &LimitArgs) -> KeyLimits {
-    if let Some(v) = args.rpm {
-        current.requests_per_minute = v;
-    }
-    if let Some(v) = args.tpm {
-        current.tokens_per_minute = v;
-    }
-    if let Some(v) = args.concurrency {
-        current.max_concurrency = v;
-    }
-    if let Some(v) = args.daily_budget {
-        current.daily_budget_micro_usd = v;
-    }
-    if let Some(v) = args.monthly_budget {
-        current.monthly_budget_micro_usd = v;
-    }
-    current
+fn group_limits(r: &GetApiKeyResponse) -> KeyLimits {
+    r.group_limits.unwrap_or_default()
 }
+
+fn key_limits(r: &GetApiKeyResponse) -> KeyLimits {
+    r.info.as_ref().and_then(|i| i.limits).unwrap_or_default()
+}
+
+/// Live use of the rate limits, when the control plane reports it (from the fleet limiter).
+fn live(l: Option<&LiveUse>) -> Value {
+    l.map_or(Value::Null, |l| {
+        Value::Text(format!(
+            "{} requests and {} tokens in the last minute, {} in flight",
+            l.requests_last_minute, l.tokens_last_minute, l.in_flight
+        ))
+    })
+}
+
+/// What `key show` adds to the key: the budgets' periods, what the key and its group have spent of
+/// them (stored usage, as the data planes count it) and what is left.
+pub const SPEND_COLUMNS: &[Column<GetApiKeyResponse>] = &[
+    Column::new("day", "Today", |r| Value::text(&lim::of(r.spend.as_ref()).day)),
+    Column::new("month", "This month", |r| Value::text(&lim::of(r.spend.as_ref()).month)),
+    Column::new("spent_today_usd", "Spent today ($)", |r| {
+        lim::spent(lim::of(r.spend.as_ref()).day_pico_usd)
+    }),
+    Column::new("remaining_today_usd", "Left today ($)", |r| {
+        lim::remaining(
+            key_limits(r).daily_budget_micro_usd,
+            lim::of(r.spend.as_ref()).day_pico_usd,
+        )
+    }),
+    Column::new("spent_this_month_usd", "Spent this month ($)", |r| {
+        lim::spent(lim::of(r.spend.as_ref()).month_pico_usd)
+    }),
+    Column::new("remaining_this_month_usd", "Left this month ($)", |r| {
+        lim::remaining(
+            key_limits(r).monthly_budget_micro_usd,
+            lim::of(r.spend.as_ref()).month_pico_usd,
+        )
+    }),
+    Column::new("day_resets_at", "Day budget resets", |r| {
+        Value::Time(lim::of(r.spend.as_ref()).day_resets_at_ms)
+    }),
+    Column::new("month_resets_at", "Month budget resets", |r| {
+        Value::Time(lim::of(r.spend.as_ref()).month_resets_at_ms)
+    }),
+    Column::new("live_use", "Live use", |r| live(r.live.as_ref())),
+    Column::new("group_limits", "Group limits", |r| {
+        Value::Text(lim::summary(&group_limits(r)))
+    }),
+    Column::new("group_spent_today_usd", "Group spent today ($)", |r| {
+        lim::spent(lim::of(r.group_spend.as_ref()).day_pico_usd)
+    }),
+    Column::new("group_remaining_today_usd", "Group left today ($)", |r| {
+        lim::remaining(
+            group_limits(r).daily_budget_micro_usd,
+            lim::of(r.group_spend.as_ref()).day_pico_usd,
+        )
+    }),
+    Column::new("group_spent_this_month_usd", "Group spent this month ($)", |r| {
+        lim::spent(lim::of(r.group_spend.as_ref()).month_pico_usd)
+    }),
+    Column::new("group_remaining_this_month_usd", "Group left this month ($)", |r| {
+        lim::remaining(
+            group_limits(r).monthly_budget_micro_usd,
+            lim::of(r.group_spend.as_ref()).month_pico_usd,
+        )
+    }),
+    Column::new("group_live_use", "Group live use", |r| live(r.group_live.as_ref())),
+];
 
 /// Finds a key by id, else by name (preferring the one not revoked when a name
 /// was reused).
@@ -101,8 +154,9 @@ pub async fn run(conn: &mut Conn, out: Output, cmd: KeyCmd) -> Result<()> {
             out.list(COLUMNS, &list.keys)
         }
         KeyCmd::Show { key } => {
-            let list = api.list_api_keys(ListApiKeysRequest {}).await.or_report(&server)?;
-            out.one(COLUMNS, find_key(&list.keys, &key)?)
+            let shown = api.get_api_key(GetApiKeyRequest { key }).await.or_report(&server)?;
+            let info = shown.info.clone().unwrap_or_default();
+            out.pair(COLUMNS, &info, SPEND_COLUMNS, &shown)
         }
         KeyCmd::Revoke { key } => {
             let info = api
@@ -121,7 +175,7 @@ pub async fn run(conn: &mut Conn, out: Output, cmd: KeyCmd) -> Result<()> {
                 let list = api.list_api_keys(ListApiKeysRequest {}).await.or_report(&server)?;
                 let current = find_key(&list.keys, &args.key)?;
                 req.key = current.id.clone();
-                req.limits = Some(apply_limits(limits(current), &args.limits));
+                req.limits = Some(lim::apply(limits(current), &args.limits));
             }
             let info = api.update_api_key(req).await.or_report(&server)?;
             out.one(COLUMNS, &info)
@@ -135,7 +189,7 @@ fn create_request(args: KeyCreate) -> CreateApiKeyRequest {
         group: args.group.unwrap_or_default(),
         allowed_models: clean_list(&args.models),
         expires_at_ms: args.expires.unwrap_or(0),
-        limits: Some(apply_limits(KeyLimits::default(), &args.limits)),
+        limits: Some(lim::apply(KeyLimits::default(), &args.limits)),
     }
 }
 
@@ -190,29 +244,54 @@ mod tests {
     }
 
     #[test]
-    fn only_given_limits_change() {
-        let current = KeyLimits {
-            requests_per_minute: 60,
-            tokens_per_minute: 1000,
-            max_concurrency: 4,
+    fn show_adds_spend_and_what_is_left() {
+        let mut info = key("k1", "ci", KeyStatus::Active);
+        info.limits = Some(KeyLimits {
             daily_budget_micro_usd: 5_000_000,
-            monthly_budget_micro_usd: 100_000_000,
+            ..Default::default()
+        });
+        let shown = GetApiKeyResponse {
+            info: Some(info.clone()),
+            spend: Some(relay_proto::v1::BudgetSpend {
+                day: "2026-12-04".into(),
+                month: "2026-12".into(),
+                day_pico_usd: 1_250_000_000_000,
+                month_pico_usd: 7_000_000_000_000,
+                day_resets_at_ms: 1_796_428_800_000,
+                month_resets_at_ms: 1_798_761_600_000,
+            }),
+            group_limits: Some(KeyLimits {
+                requests_per_minute: 600,
+                ..Default::default()
+            }),
+            ..Default::default()
         };
-        let args = LimitArgs {
-            rpm: Some(120),
-            tpm: None,
-            concurrency: None,
-            daily_budget: Some(0),
-            monthly_budget: None,
-        };
-        let new = apply_limits(current, &args);
+        let text =
+            crate::output::render_pair(crate::output::Format::Json, COLUMNS, &info, SPEND_COLUMNS, &shown).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["name"], "ci");
+        assert_eq!(v["daily_budget_usd"].as_f64(), Some(5.0));
+        assert_eq!(v["day"], "2026-12-04");
+        assert_eq!(v["spent_today_usd"].as_f64(), Some(1.25));
+        assert_eq!(v["remaining_today_usd"].as_f64(), Some(3.75));
+        assert_eq!(v["spent_this_month_usd"].as_f64(), Some(7.0));
         assert_eq!(
-            new,
-            KeyLimits {
-                requests_per_minute: 120,
-                daily_budget_micro_usd: 0,
-                ..current
-            }
+            v["remaining_this_month_usd"],
+            serde_json::Value::Null,
+            "no monthly budget"
+        );
+        assert_eq!(v["day_resets_at"], "2026-12-05T00:00:00Z");
+        assert_eq!(v["live_use"], serde_json::Value::Null, "not reported: not made up");
+        assert_eq!(v["group_limits"], "600 rpm");
+        let table =
+            crate::output::render_pair(crate::output::Format::Table, COLUMNS, &info, SPEND_COLUMNS, &shown).unwrap();
+        assert!(
+            table.contains("Left today ($)") && table.contains("3.750000"),
+            "{table}"
+        );
+        assert!(
+            table.contains("Left this month ($)") && table.contains("unlimited"),
+            "{table}"
         );
     }
 

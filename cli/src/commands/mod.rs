@@ -4,6 +4,7 @@
 mod accounts;
 mod config;
 mod keys;
+mod limits;
 mod status;
 mod tokens;
 

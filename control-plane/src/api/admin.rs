@@ -8,12 +8,14 @@ use super::status_from_store;
 use crate::config::{account_kind_to_pb, account_state_to_pb, key_status_to_pb, limits_to_pb, price_to_pb, version_pb};
 use crate::crypto::{self, MasterKey};
 use crate::model::{self, *};
+use crate::spend::{current_periods, SpendCache, Spent};
 use crate::store::{DynStore, StoreError};
 use relay_proto::settings;
 use relay_proto::v1 as pb;
 use relay_proto::v1::admin_server::Admin;
 use serde_json::json;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 pub const DEFAULT_GROUP: &str = "default";
@@ -23,17 +25,28 @@ const MAX_WEIGHT: u32 = 10_000;
 const MAX_STORED_SETTINGS: usize = 2_000;
 /// How often an update is retried when another writer changed the row meanwhile.
 const CONFLICT_RETRIES: usize = 8;
+/// The largest tokens-per-minute limit (the limiter counts tokens exactly up to 2^53).
+pub const MAX_TPM: u64 = 1_000_000_000_000;
+/// The largest daily or monthly budget, in micro-USD: $1,000,000 (the limiter counts spend in
+/// nano-USD, exactly up to 2^53).
+pub const MAX_BUDGET_MICRO_USD: u64 = 1_000_000_000_000;
 
 pub struct AdminService {
     store: DynStore,
     key: MasterKey,
     auth: Authenticator,
+    spend: Arc<SpendCache>,
 }
 
 impl AdminService {
-    pub fn new(store: DynStore, key: MasterKey) -> Self {
+    pub fn new(store: DynStore, key: MasterKey, spend: Arc<SpendCache>) -> Self {
         let auth = Authenticator::new(store.clone(), key.clone());
-        Self { store, key, auth }
+        Self {
+            store,
+            key,
+            auth,
+            spend,
+        }
     }
 
     async fn authorize<T>(&self, req: &Request<T>, need: Need, method: &'static str) -> Result<Actor, Status> {
@@ -278,6 +291,49 @@ impl AdminService {
             updated_at_ms: k.updated_at,
         }
     }
+
+    /// A group with its limits and how many accounts and live keys it holds.
+    fn group_info(g: &Group, accounts: &[Account], keys: &[ApiKey]) -> pb::GroupInfo {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        pb::GroupInfo {
+            account_count: count(accounts.iter().filter(|a| a.group_ids.contains(&g.id)).count()),
+            key_count: count(
+                keys.iter()
+                    .filter(|k| k.group_id == g.id && k.status != KeyStatus::Revoked)
+                    .count(),
+            ),
+            id: g.id.clone(),
+            name: g.name.clone(),
+            description: g.description.clone(),
+            limits: Some(limits_to_pb(&g.limits)),
+        }
+    }
+
+    async fn group_info_now(&self, g: &Group) -> Result<pb::GroupInfo, Status> {
+        let accounts = self.store.list_accounts().await.map_err(status_from_store)?;
+        let keys = self.store.list_api_keys().await.map_err(status_from_store)?;
+        Ok(Self::group_info(g, &accounts, &keys))
+    }
+
+    async fn group(&self, id_or_name: &str) -> Result<Group, Status> {
+        self.store
+            .get_group(id_or_name)
+            .await
+            .map_err(status_from_store)?
+            .ok_or_else(|| Status::not_found(format!("group {id_or_name:?} not found")))
+    }
+}
+
+/// Spend over the current periods, as the Admin API shows it.
+fn budget_spend(p: &relay_proto::periods::Periods, s: Spent) -> pb::BudgetSpend {
+    pb::BudgetSpend {
+        day: p.day.clone(),
+        month: p.month.clone(),
+        day_pico_usd: s.day,
+        month_pico_usd: s.month,
+        day_resets_at_ms: p.day_end_ms,
+        month_resets_at_ms: p.month_end_ms,
+    }
 }
 
 fn new_id() -> String {
@@ -386,6 +442,45 @@ fn account_kind(k: i32) -> Result<AccountKind, Status> {
     }
 }
 
+/// A USD amount from micro-USD, for messages ("$12.50").
+fn usd(micros: u64) -> String {
+    format!("${}.{:02}", micros / 1_000_000, (micros % 1_000_000) / 10_000)
+}
+
+/// The limits of a key or a group (`whose`: "key" or "group"), checked: every value fits what
+/// the limiter counts exactly. 0 means unlimited for each; an absent message is all zeros.
+/// (A negative or non-numeric value cannot reach here: the fields are unsigned integers, and
+/// relayctl refuses such input before it sends anything.)
+fn validate_limits(whose: &str, l: Option<&pb::KeyLimits>) -> Result<KeyLimits, Status> {
+    let limits = limits_from_pb(l);
+    let mut wrong = Vec::new();
+    if limits.tpm > MAX_TPM {
+        wrong.push(format!(
+            "tokens per minute (--tpm) {} is above the largest relay enforces, {MAX_TPM}",
+            limits.tpm
+        ));
+    }
+    for (what, v) in [
+        ("daily budget (--daily-budget)", limits.daily_budget),
+        ("monthly budget (--monthly-budget)", limits.monthly_budget),
+    ] {
+        if v > MAX_BUDGET_MICRO_USD {
+            wrong.push(format!(
+                "{what} {} is above the largest relay counts exactly, {}",
+                usd(v),
+                usd(MAX_BUDGET_MICRO_USD)
+            ));
+        }
+    }
+    if wrong.is_empty() {
+        return Ok(limits);
+    }
+    Err(Status::invalid_argument(format!(
+        "invalid {whose} limits: {} (0 means unlimited)",
+        wrong.join("; ")
+    )))
+}
+
 fn limits_from_pb(l: Option<&pb::KeyLimits>) -> KeyLimits {
     let l = l.cloned().unwrap_or_default();
     KeyLimits {
@@ -402,6 +497,16 @@ fn limits_json(l: &KeyLimits) -> serde_json::Value {
         "rpm": l.rpm, "tpm": l.tpm, "concurrency": l.max_concurrency,
         "daily_budget_micro_usd": l.daily_budget, "monthly_budget_micro_usd": l.monthly_budget,
     })
+}
+
+/// A group's description: at most 500 characters, no control characters.
+fn validate_description(d: &str) -> Result<(), Status> {
+    if d.chars().count() > 500 || d.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "invalid group description: at most 500 characters, without control characters",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_models(models: &[String]) -> Result<Vec<String>, Status> {
@@ -808,6 +913,7 @@ impl Admin for AdminService {
         let group_id = self.resolve_groups(&[group.to_string()]).await?.remove(0);
         let allowed_models = validate_models(&r.allowed_models)?;
         let expires_at = validate_expiry(r.expires_at_ms)?;
+        let limits = validate_limits("key", r.limits.as_ref())?;
         let secret = crypto::generate_secret(crypto::API_KEY_PREFIX);
         let now = now_ms();
         let row = ApiKey {
@@ -819,7 +925,7 @@ impl Admin for AdminService {
             expires_at,
             group_id,
             allowed_models,
-            limits: limits_from_pb(r.limits.as_ref()),
+            limits,
             created_at: now,
             updated_at: now,
             revision: 0,
@@ -850,6 +956,7 @@ impl Admin for AdminService {
         if let Some(n) = &r.name {
             validate_name("key", n)?;
         }
+        let limits = r.limits.as_ref().map(|l| validate_limits("key", Some(l))).transpose()?;
         let group_id = match &r.group {
             Some(g) => Some(self.resolve_groups(std::slice::from_ref(g)).await?.remove(0)),
             None => None,
@@ -896,8 +1003,8 @@ impl Admin for AdminService {
                 k.expires_at = e;
                 changed.insert("expires_at_ms".into(), json!(e));
             }
-            if let Some(l) = &r.limits {
-                k.limits = limits_from_pb(Some(l));
+            if let Some(l) = limits {
+                k.limits = l;
                 changed.insert("limits".into(), limits_json(&k.limits));
             }
             if let Some(s) = status {
@@ -947,15 +1054,40 @@ impl Admin for AdminService {
         Ok(Response::new(Self::key_info(&row, &groups)))
     }
 
+    /// The key, its group's limits, and what each has spent of its budgets: the same sums
+    /// `UsageIngest.Spend` gives data planes. Live use (requests this minute, in flight) is the
+    /// fleet limiter's and is left unset here.
+    async fn get_api_key(&self, req: Request<pb::GetApiKeyRequest>) -> Result<Response<pb::GetApiKeyResponse>, Status> {
+        self.authorize(&req, Need::Read, "get_api_key").await?;
+        let k = self.api_key(&req.get_ref().key).await?;
+        let group = self.group(&k.group_id).await?;
+        let settings = self.store.settings().await.map_err(status_from_store)?;
+        let p = current_periods(&settings, now_ms());
+        let totals = self.spend.totals(&p).await.map_err(status_from_store)?;
+        let keys = self.store.list_api_keys().await.map_err(status_from_store)?;
+        let groups = self.group_names().await?;
+        Ok(Response::new(pb::GetApiKeyResponse {
+            info: Some(Self::key_info(&k, &groups)),
+            spend: Some(budget_spend(&p, totals.of_key(&k.id))),
+            group_limits: Some(limits_to_pb(&group.limits)),
+            group_spend: Some(budget_spend(&p, totals.of_group(&group.id, &keys))),
+            live: None,
+            group_live: None,
+        }))
+    }
+
     async fn create_group(&self, req: Request<pb::CreateGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
         let actor = self.authorize(&req, Need::Write, "create_group").await?;
         let r = req.into_inner();
         validate_name("group", &r.name)?;
+        validate_description(&r.description)?;
+        let limits = validate_limits("group", r.limits.as_ref())?;
         let now = now_ms();
         let g = Group {
             id: new_id(),
             name: r.name.clone(),
             description: r.description.clone(),
+            limits,
             created_at: now,
             updated_at: now,
             revision: 0,
@@ -964,18 +1096,70 @@ impl Admin for AdminService {
             &actor,
             "group.create",
             &g.name,
-            json!({"id": g.id, "description": g.description}),
+            json!({"id": g.id, "description": g.description, "limits": limits_json(&g.limits)}),
             vec![Mutation::InsertGroup(g.clone())],
         )
         .await
         .map_err(status_from_store)?;
-        Ok(Response::new(pb::GroupInfo {
-            id: g.id,
-            name: g.name,
-            description: g.description,
-            account_count: 0,
-            key_count: 0,
-        }))
+        Ok(Response::new(Self::group_info(&g, &[], &[])))
+    }
+
+    async fn update_group(&self, req: Request<pb::UpdateGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
+        let actor = self.authorize(&req, Need::Write, "update_group").await?;
+        let r = req.into_inner();
+        if let Some(n) = &r.name {
+            validate_name("group", n)?;
+        }
+        if let Some(d) = &r.description {
+            validate_description(d)?;
+        }
+        let limits = r
+            .limits
+            .as_ref()
+            .map(|l| validate_limits("group", Some(l)))
+            .transpose()?;
+        let row = retry_conflicts(|| async {
+            let cur = self.group(&r.group).await?;
+            let mut g = cur.clone();
+            let mut changed = serde_json::Map::new();
+            if let Some(n) = r.name.as_ref().filter(|n| **n != cur.name) {
+                if cur.id == DEFAULT_GROUP || cur.name == DEFAULT_GROUP {
+                    return Err(Status::failed_precondition(
+                        "the default group cannot be renamed (accounts and keys created without --group go to it)",
+                    ));
+                }
+                g.name = n.clone();
+                changed.insert("name".into(), json!(n));
+            }
+            if let Some(d) = &r.description {
+                g.description = d.clone();
+                changed.insert("description".into(), json!(d));
+            }
+            if let Some(l) = limits {
+                g.limits = l;
+                changed.insert("limits".into(), limits_json(&g.limits));
+            }
+            if g == cur {
+                return Ok(g);
+            }
+            g.updated_at = now_ms();
+            changed.insert("id".into(), json!(g.id));
+            self.apply(
+                &actor,
+                "group.update",
+                &cur.name,
+                serde_json::Value::Object(changed),
+                vec![Mutation::UpdateGroup {
+                    row: g.clone(),
+                    expect_revision: cur.revision,
+                }],
+            )
+            .await
+            .map_err(status_from_store)?;
+            Ok(g)
+        })
+        .await?;
+        Ok(Response::new(self.group_info_now(&row).await?))
     }
 
     async fn list_groups(
@@ -986,22 +1170,8 @@ impl Admin for AdminService {
         let groups = self.store.list_groups().await.map_err(status_from_store)?;
         let accounts = self.store.list_accounts().await.map_err(status_from_store)?;
         let keys = self.store.list_api_keys().await.map_err(status_from_store)?;
-        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Ok(Response::new(pb::ListGroupsResponse {
-            groups: groups
-                .into_iter()
-                .map(|g| pb::GroupInfo {
-                    account_count: count(accounts.iter().filter(|a| a.group_ids.contains(&g.id)).count()),
-                    key_count: count(
-                        keys.iter()
-                            .filter(|k| k.group_id == g.id && k.status != KeyStatus::Revoked)
-                            .count(),
-                    ),
-                    id: g.id,
-                    name: g.name,
-                    description: g.description,
-                })
-                .collect(),
+            groups: groups.iter().map(|g| Self::group_info(g, &accounts, &keys)).collect(),
         }))
     }
 

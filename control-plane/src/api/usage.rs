@@ -1,14 +1,18 @@
 //! `UsageIngest.Report`: batches of usage events in, one ACK per batch out,
 //! sent only after the batch is committed. Duplicates (same event id) are
 //! absorbed by the store, so a resent batch never counts twice.
+//! `UsageIngest.Spend`: the committed spend of every key and group with a budget
+//! (see [`crate::spend`]).
 
 use super::auth::{Authenticator, Need};
 use crate::model::UsageEvent;
+use crate::spend::SpendCache;
 use crate::store::DynStore;
 use futures::Stream;
 use relay_proto::v1 as pb;
 use relay_proto::v1::usage_ingest_server::UsageIngest;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,11 +25,17 @@ pub struct UsageService {
     store: DynStore,
     auth: Authenticator,
     closing: super::Closing,
+    spend: Arc<SpendCache>,
 }
 
 impl UsageService {
-    pub fn new(store: DynStore, auth: Authenticator, closing: super::Closing) -> Self {
-        Self { store, auth, closing }
+    pub fn new(store: DynStore, auth: Authenticator, closing: super::Closing, spend: Arc<SpendCache>) -> Self {
+        Self {
+            store,
+            auth,
+            closing,
+            spend,
+        }
     }
 }
 
@@ -196,7 +206,9 @@ impl UsageIngest for UsageService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn spend(&self, _req: Request<pb::SpendRequest>) -> Result<Response<pb::SpendResponse>, Status> {
-        Err(Status::unimplemented("spend is not served by this control plane yet"))
+    async fn spend(&self, req: Request<pb::SpendRequest>) -> Result<Response<pb::SpendResponse>, Status> {
+        self.auth.check(req.metadata(), Need::DataPlane).await?;
+        let answer = self.spend.report().await.map_err(super::status_from_store)?;
+        Ok(Response::new(pb::SpendResponse::clone(&answer)))
     }
 }

@@ -93,6 +93,10 @@ pub trait Store: Send + Sync + 'static {
     /// already stored are skipped (`ON CONFLICT DO NOTHING`).
     async fn insert_usage(&self, events: &[UsageEvent]) -> Result<IngestResult>;
     async fn query_usage(&self, query: UsageQuery) -> Result<Vec<UsageRow>>;
+    /// The stored cost (pico-USD) of each API key's usage with `since <= ts < until`, by key id;
+    /// keys without such usage are absent. Sums saturate at `i64::MAX`. One query, answered from
+    /// the `(ts, api_key_id, cost_pico_usd)` index.
+    async fn spend_by_key(&self, since: Millis, until: Millis) -> Result<std::collections::BTreeMap<String, u64>>;
 }
 
 pub type DynStore = Arc<dyn Store>;

@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../../migrations/postgres/0003_proxy_url_enc.sql")),
     (4, include_str!("../../migrations/postgres/0004_config_sync.sql")),
     (5, include_str!("../../migrations/postgres/0005_usage_anomaly.sql")),
+    (6, include_str!("../../migrations/postgres/0006_group_limits.sql")),
 ];
 const NOTIFY_CHANNEL: &str = "relay_config";
 /// `application_name` of the LISTEN connection.
@@ -286,6 +287,13 @@ fn group_from(row: &Row) -> Result<Group> {
         id: row.get("id"),
         name: row.get("name"),
         description: row.get("description"),
+        limits: KeyLimits {
+            rpm: to_u64(row.get("rpm"), "rpm")?,
+            tpm: to_u64(row.get("tpm"), "tpm")?,
+            max_concurrency: to_u64(row.get("max_concurrency"), "max_concurrency")?,
+            daily_budget: to_u64(row.get("daily_budget"), "daily_budget")?,
+            monthly_budget: to_u64(row.get("monthly_budget"), "monthly_budget")?,
+        },
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
         revision: to_u64(row.get("revision"), "revision")?,
@@ -554,13 +562,60 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
                 return Err(missing_or_conflict(tx, "api_keys", "api_key", &k.id).await);
             }
         }
-        Mutation::InsertGroup(g) => {
-            tx.execute(
-                "INSERT INTO groups (id, name, description, created_at, updated_at, revision) VALUES ($1,$2,$3,$4,$5,$6)",
-                &[&g.id, &g.name, &g.description, &g.created_at, &g.updated_at, &rev],
-            )
-            .await
-            .map_err(write_err("group", &g.name))?;
+        Mutation::InsertGroup(g) | Mutation::UpdateGroup { row: g, .. } => {
+            let l = &g.limits;
+            let (rpm, tpm, maxc, daily, monthly) = (
+                to_i64(l.rpm, "rpm")?,
+                to_i64(l.tpm, "tpm")?,
+                to_i64(l.max_concurrency, "concurrency")?,
+                to_i64(l.daily_budget, "daily budget")?,
+                to_i64(l.monthly_budget, "monthly budget")?,
+            );
+            let n = if let Mutation::UpdateGroup { expect_revision, .. } = m {
+                let expect = to_i64(*expect_revision, "revision")?;
+                tx.execute(
+                    "UPDATE groups SET name=$2, description=$3, updated_at=$4, revision=$5, rpm=$6, tpm=$7, \
+                     max_concurrency=$8, daily_budget=$9, monthly_budget=$10 WHERE id=$1 AND revision=$11",
+                    &[
+                        &g.id,
+                        &g.name,
+                        &g.description,
+                        &g.updated_at,
+                        &rev,
+                        &rpm,
+                        &tpm,
+                        &maxc,
+                        &daily,
+                        &monthly,
+                        &expect,
+                    ],
+                )
+                .await
+                .map_err(write_err("group", &g.name))?
+            } else {
+                tx.execute(
+                    "INSERT INTO groups (id, name, description, created_at, updated_at, revision, rpm, tpm, \
+                     max_concurrency, daily_budget, monthly_budget) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+                    &[
+                        &g.id,
+                        &g.name,
+                        &g.description,
+                        &g.created_at,
+                        &g.updated_at,
+                        &rev,
+                        &rpm,
+                        &tpm,
+                        &maxc,
+                        &daily,
+                        &monthly,
+                    ],
+                )
+                .await
+                .map_err(write_err("group", &g.name))?
+            };
+            if n == 0 {
+                return Err(missing_or_conflict(tx, "groups", "group", &g.id).await);
+            }
         }
         Mutation::DeleteGroup { id } => {
             let n = tx
@@ -1205,6 +1260,18 @@ impl Store for PostgresStore {
                     anomalies: to_u64(r.get(11), "count")?,
                 })
             })
+            .collect()
+    }
+
+    async fn spend_by_key(&self, since: Millis, until: Millis) -> Result<BTreeMap<String, u64>> {
+        let sql = format!(
+            "SELECT api_key_id, {cost} FROM usage_events WHERE ts >= $1 AND ts < $2 GROUP BY api_key_id",
+            cost = saturating_sum("cost_pico_usd"),
+        );
+        let c = self.client().await?;
+        let rows = c.query(&sql, &[&since, &until]).await.map_err(pg)?;
+        rows.iter()
+            .map(|r| Ok((r.get::<_, String>(0), to_u64(r.get(1), "sum")?)))
             .collect()
     }
 }

@@ -23,6 +23,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../../migrations/sqlite/0003_proxy_url_enc.sql")),
     (4, include_str!("../../migrations/sqlite/0004_config_sync.sql")),
     (5, include_str!("../../migrations/sqlite/0005_usage_anomaly.sql")),
+    (6, include_str!("../../migrations/sqlite/0006_group_limits.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -361,17 +362,43 @@ fn api_key_values(k: &ApiKey, revision: i64) -> Result<Vec<Value>> {
     ])
 }
 
-const GROUP_COLS: &str = "id, name, description, created_at, updated_at, revision";
+const GROUP_COLS: &str = "id, name, description, created_at, updated_at, revision, rpm, tpm, \
+     max_concurrency, daily_budget, monthly_budget";
 
 fn group_from_row(row: &Row<'_>) -> rusqlite::Result<Group> {
     Ok(Group {
         id: row.get(0)?,
         name: row.get(1)?,
         description: row.get(2)?,
+        limits: KeyLimits {
+            rpm: col_u64(row, 6)?,
+            tpm: col_u64(row, 7)?,
+            max_concurrency: col_u64(row, 8)?,
+            daily_budget: col_u64(row, 9)?,
+            monthly_budget: col_u64(row, 10)?,
+        },
         created_at: row.get(3)?,
         updated_at: row.get(4)?,
         revision: col_u64(row, 5)?,
     })
+}
+
+/// Values for `GROUP_COLS` as `?1..?11`.
+fn group_values(g: &Group, revision: i64) -> Result<Vec<Value>> {
+    let l = &g.limits;
+    Ok(vec![
+        Value::Text(g.id.clone()),
+        Value::Text(g.name.clone()),
+        Value::Text(g.description.clone()),
+        Value::Integer(g.created_at),
+        Value::Integer(g.updated_at),
+        Value::Integer(revision),
+        Value::Integer(to_i64(l.rpm, "rpm")?),
+        Value::Integer(to_i64(l.tpm, "tpm")?),
+        Value::Integer(to_i64(l.max_concurrency, "max_concurrency")?),
+        Value::Integer(to_i64(l.daily_budget, "daily_budget")?),
+        Value::Integer(to_i64(l.monthly_budget, "monthly_budget")?),
+    ])
 }
 
 const PRICE_COLS: &str = "id, model_pattern, effective_from, input, output, cache_write_5m, \
@@ -702,10 +729,26 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
         }
         Mutation::InsertGroup(g) => {
             tx.execute(
-                &format!("INSERT INTO groups ({GROUP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
-                params![g.id, g.name, g.description, g.created_at, g.updated_at, rev],
+                &format!("INSERT INTO groups ({GROUP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                params_from_iter(group_values(g, rev)?),
             )
             .map_err(write_err(ResourceKind::Group, &g.name))?;
+        }
+        Mutation::UpdateGroup { row, expect_revision } => {
+            let mut values = group_values(row, rev)?;
+            values.push(Value::Integer(to_i64(*expect_revision, "revision")?));
+            // created_at (?4) is immutable (left unreferenced).
+            let n = tx
+                .execute(
+                    "UPDATE groups SET name = ?2, description = ?3, updated_at = ?5, revision = ?6, rpm = ?7, \
+                     tpm = ?8, max_concurrency = ?9, daily_budget = ?10, monthly_budget = ?11 \
+                     WHERE id = ?1 AND revision = ?12",
+                    params_from_iter(values),
+                )
+                .map_err(write_err(ResourceKind::Group, &row.name))?;
+            if n == 0 {
+                return Err(update_miss(tx, "groups", ResourceKind::Group, &row.id));
+            }
         }
         Mutation::DeleteGroup { id } => {
             let name: Option<String> = tx
@@ -1043,6 +1086,19 @@ fn query_usage_tx(conn: &Connection, q: UsageQuery) -> Result<Vec<UsageRow>> {
     rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
 }
 
+fn spend_by_key_tx(conn: &Connection, since: Millis, until: Millis) -> Result<BTreeMap<String, u64>> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT api_key_id, relay_sum(cost_pico_usd) FROM usage_events \
+             WHERE ts >= ?1 AND ts < ?2 GROUP BY api_key_id",
+        )
+        .map_err(db)?;
+    let rows = stmt
+        .query_map(params![since, until], |r| Ok((r.get::<_, String>(0)?, col_u64(r, 1)?)))
+        .map_err(db)?;
+    rows.collect::<rusqlite::Result<BTreeMap<_, _>>>().map_err(db)
+}
+
 // ---------------------------------------------------------------------------
 // The trait
 
@@ -1232,5 +1288,9 @@ impl Store for SqliteStore {
 
     async fn query_usage(&self, query: UsageQuery) -> Result<Vec<UsageRow>> {
         self.with_conn(move |c| query_usage_tx(c, query)).await
+    }
+
+    async fn spend_by_key(&self, since: Millis, until: Millis) -> Result<BTreeMap<String, u64>> {
+        self.with_conn(move |c| spend_by_key_tx(c, since, until)).await
     }
 }
