@@ -52,6 +52,13 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "RELAY_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Redis the data planes count limits in (`redis://HOST:6379/0`): `relayctl key show` then
+    /// shows keys' live counters. Not with --standalone (it counts in process).
+    #[arg(long, env = "RELAY_REDIS_URL")]
+    redis_url: Option<String>,
+    /// A file holding the Redis password (instead of one in the URL).
+    #[arg(long, env = "RELAY_REDIS_PASSWORD_FILE", requires = "redis_url")]
+    redis_password_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -152,6 +159,9 @@ async fn main() -> anyhow::Result<()> {
     if args.standalone && args.tls_cert.is_some() {
         bail!("TLS (--tls-cert, --client-ca) is for the distributed mode; standalone serves on loopback");
     }
+    if args.standalone && args.redis_url.is_some() {
+        bail!("--standalone counts limits in process; drop --redis-url (or run the distributed mode)");
+    }
     if !args.standalone && args.database_url.is_none() {
         bail!("choose a mode: --standalone (embedded store) or --database-url postgres://… (distributed)");
     }
@@ -235,8 +245,31 @@ async fn main() -> anyhow::Result<()> {
         }),
         _ => None,
     };
+    let replica = args.replica.clone().unwrap_or_else(server::hostname);
+    // Keys' live counters: the in-process data plane's (standalone), or Redis'.
+    let limiter = if args.standalone || args.redis_url.is_some() {
+        let password = args
+            .redis_password_file
+            .as_ref()
+            .map(|p| {
+                std::fs::read_to_string(p).with_context(|| format!("reading the Redis password file {}", p.display()))
+            })
+            .transpose()?
+            .map(|p| p.trim().to_string());
+        Some(
+            relay_limits::Limiter::new(relay_limits::LimiterOptions {
+                redis_url: args.redis_url.clone(),
+                redis_password: password,
+                node_id: format!("control-plane-{replica}"),
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("--redis-url")?,
+        )
+    } else {
+        None
+    };
     let opts = Options {
-        replica: args.replica.clone().unwrap_or_else(server::hostname),
+        replica,
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
         tls,
         max_connections: relay_data_plane::listen::fd_budget(
@@ -245,6 +278,7 @@ async fn main() -> anyhow::Result<()> {
             relay_data_plane::listen::raise_fd_limit(),
             "control-plane listener",
         ),
+        limiter: limiter.clone(),
     };
     let dp_token = if args.standalone {
         Some(
@@ -261,13 +295,14 @@ async fn main() -> anyhow::Result<()> {
     }));
     let dp = match dp_token {
         Some(token) => {
-            let dp_opts = relay_data_plane::Options::new(
+            let mut dp_opts = relay_data_plane::Options::new(
                 &format!("http://{local}"),
                 &token,
                 args.proxy_listen,
                 "standalone",
                 args.data_dir.join("data-plane"),
             );
+            dp_opts.limiter = limiter.clone();
             let dp = relay_data_plane::start(dp_opts, metrics)
                 .await
                 .context("starting the in-process data plane")?;

@@ -40,6 +40,9 @@ pub struct Options {
     pub tls: Option<ServerTls>,
     /// Most connections open at once on the listener (see `relay_data_plane::listen`).
     pub max_connections: usize,
+    /// Where keys' live counters are (Redis, or the standalone data plane's): `relayctl key show`
+    /// shows them. None: not known here.
+    pub limiter: Option<std::sync::Arc<relay_limits::Limiter>>,
 }
 
 impl Default for Options {
@@ -49,6 +52,7 @@ impl Default for Options {
             poll_interval: Duration::from_secs(1),
             tls: None,
             max_connections: 4096,
+            limiter: None,
         }
     }
 }
@@ -107,9 +111,10 @@ pub async fn serve(
         .with_token_watch(tokens);
     let gate = crate::api::gate::GateLayer::new(auth.clone());
     let spend = std::sync::Arc::new(crate::spend::SpendCache::new(store.clone()));
-    let admin = AdminServer::new(AdminService::new(store.clone(), key.clone(), spend.clone()))
-        .max_decoding_message_size(crate::api::gate::ADMIN_MAX_DECODE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin =
+        AdminServer::new(AdminService::new(store.clone(), key.clone(), spend.clone()).with_live(opts.limiter.clone()))
+            .max_decoding_message_size(crate::api::gate::ADMIN_MAX_DECODE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let discovery = ConfigDiscoveryServer::new(DiscoveryService::new(
         publisher.subscribe(),
         store.clone(),

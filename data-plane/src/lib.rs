@@ -72,6 +72,9 @@ pub struct Options {
     pub redis_url: Option<String>,
     /// Redis password (overrides one in the URL).
     pub redis_password: Option<String>,
+    /// A limiter made by whoever embeds this data plane (standalone mode shares it with its
+    /// control plane); `redis_url` is then not used.
+    pub limiter: Option<Arc<relay_limits::Limiter>>,
 }
 
 impl std::fmt::Debug for Options {
@@ -119,6 +122,7 @@ impl Options {
             ops_listen: None,
             redis_url: None,
             redis_password: None,
+            limiter: None,
         }
     }
 }
@@ -212,12 +216,15 @@ pub async fn start(
         ..Default::default()
     })?);
     let sessions = Arc::new(proxy::sticky::MemorySessions::default());
-    let limiter = relay_limits::Limiter::new(relay_limits::LimiterOptions {
-        redis_url: opts.redis_url.clone(),
-        redis_password: opts.redis_password.clone(),
-        node_id: opts.node_id.clone(),
-    })
-    .map_err(|e| StartError::Redis(e.to_string()))?;
+    let limiter = match &opts.limiter {
+        Some(l) => l.clone(),
+        None => relay_limits::Limiter::new(relay_limits::LimiterOptions {
+            redis_url: opts.redis_url.clone(),
+            redis_password: opts.redis_password.clone(),
+            node_id: opts.node_id.clone(),
+        })
+        .map_err(|e| StartError::Redis(e.to_string()))?,
+    };
     let session_store: Arc<dyn proxy::sticky::SessionStore> = if limiter.is_shared() {
         Arc::new(proxy::sticky::FleetSessions {
             local: sessions.clone(),
@@ -312,7 +319,12 @@ pub async fn start(
     ));
     let balancer = Arc::new(proxy::balance::Balancer::new());
     let spend = Arc::new(control::spend::SpendBook::default());
-    tokio::spawn(control::spend::run(spend.clone(), link.clone(), holder.clone(), stop_rx.clone()));
+    tokio::spawn(control::spend::run(
+        spend.clone(),
+        link.clone(),
+        holder.clone(),
+        stop_rx.clone(),
+    ));
     tokio::spawn(limiter.clone().run());
     let proxy = Arc::new(Proxy {
         holder: holder.clone(),

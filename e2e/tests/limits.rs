@@ -26,7 +26,17 @@ struct Fleet {
 
 impl Fleet {
     async fn start(redis: &str, n: usize) -> Fleet {
-        let cp = ControlPlane::start(Backend::Postgres).await;
+        let mut cp = ControlPlane::create(Backend::Postgres).await;
+        // `relayctl key show` reads live counters from the same Redis (`--redis-url`).
+        cp.limiter = Some(
+            relay_limits::Limiter::new(relay_limits::LimiterOptions {
+                redis_url: Some(redis.to_string()),
+                redis_password: None,
+                node_id: "control-plane".into(),
+            })
+            .unwrap(),
+        );
+        cp.resume().await;
         let dir = tempfile::tempdir().unwrap();
         let mut planes = Vec::new();
         for i in 0..n {
@@ -122,7 +132,13 @@ async fn requests_per_minute_hold_exactly_across_three_data_planes() {
     let fleet = Fleet::start(&redis_url(), 3).await;
     fleet.cp.add_account("a", &mock.base_url(), ACCOUNT_SECRET).await;
     let key = fleet
-        .key("rpm", pb::KeyLimits { requests_per_minute: 30, ..limits() })
+        .key(
+            "rpm",
+            pb::KeyLimits {
+                requests_per_minute: 30,
+                ..limits()
+            },
+        )
         .await;
     let body = message_body("claude-sonnet-4-5", false);
     // 90 requests, 15 at a time, spread over the three data planes.
@@ -144,7 +160,10 @@ async fn requests_per_minute_hold_exactly_across_three_data_planes() {
     assert_eq!(mock.request_count(), 30, "refused requests never reach an upstream");
     for r in &limited {
         assert_eq!(r.error_type(), "rate_limit_error");
-        assert!(r.json()["error"]["message"].as_str().unwrap().contains("30 requests per minute"));
+        assert!(r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("30 requests per minute"));
         let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
         assert!((1..=60).contains(&retry), "{retry}");
         assert_eq!(r.header("anthropic-ratelimit-requests-remaining"), Some("0"));
@@ -155,7 +174,12 @@ async fn requests_per_minute_hold_exactly_across_three_data_planes() {
     }
     let remaining: Vec<u64> = ok
         .iter()
-        .map(|r| r.header("anthropic-ratelimit-requests-remaining").unwrap().parse().unwrap())
+        .map(|r| {
+            r.header("anthropic-ratelimit-requests-remaining")
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
         .collect();
     assert_eq!(remaining.iter().min(), Some(&0));
     // The key holder sees the same count from any data plane.
@@ -163,6 +187,17 @@ async fn requests_per_minute_hold_exactly_across_three_data_planes() {
     assert_eq!(s["limits"]["requests_per_minute"]["used"], 30, "{s}");
     assert_eq!(s["limits"]["requests_per_minute"]["remaining"], 0);
     assert_eq!(s["counted"], "shared");
+    // Operators see the same live counters through the control plane.
+    let shown = fleet
+        .cp
+        .admin()
+        .await
+        .get_api_key(pb::GetApiKeyRequest { key: "rpm".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let live = shown.live.expect("live counters from Redis");
+    assert_eq!((live.requests_last_minute, live.in_flight), (30, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -174,7 +209,15 @@ async fn concurrency_holds_across_replicas_and_the_upstream_never_sees_more() {
     .await;
     let fleet = Fleet::start(&redis_url(), 3).await;
     fleet.cp.add_account("a", &mock.base_url(), ACCOUNT_SECRET).await;
-    let key = fleet.key("conc", pb::KeyLimits { max_concurrency: 2, ..limits() }).await;
+    let key = fleet
+        .key(
+            "conc",
+            pb::KeyLimits {
+                max_concurrency: 2,
+                ..limits()
+            },
+        )
+        .await;
     let body = message_body("claude-sonnet-4-5", true);
     let mut set = tokio::task::JoinSet::new();
     for i in 0..12 {
@@ -189,13 +232,20 @@ async fn concurrency_holds_across_replicas_and_the_upstream_never_sees_more() {
             200 => ok += 1,
             429 => {
                 limited += 1;
-                assert!(r.json()["error"]["message"].as_str().unwrap().contains("2 concurrent requests"));
+                assert!(r.json()["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("2 concurrent requests"));
             }
             s => panic!("unexpected {s}"),
         }
     }
     assert!(ok >= 2 && limited > 0, "ok {ok}, limited {limited}");
-    assert!(mock.max_in_flight() <= 2, "the upstream saw {} at once", mock.max_in_flight());
+    assert!(
+        mock.max_in_flight() <= 2,
+        "the upstream saw {} at once",
+        mock.max_in_flight()
+    );
     // Every slot came back: the leases ended with the streams.
     wait_for(Duration::from_secs(5), "leases to end", || async {
         let s = key_status(fleet.url(0), &key).await;
@@ -239,7 +289,11 @@ async fn an_accounts_max_concurrency_is_fleet_wide() {
         assert_eq!(r.unwrap().status, 200, "requests wait for the account's one slot");
     }
     assert_eq!(mock.request_count(), 6);
-    assert_eq!(mock.max_in_flight(), 1, "one request at a time across three data planes");
+    assert_eq!(
+        mock.max_in_flight(),
+        1,
+        "one request at a time across three data planes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -252,10 +306,21 @@ async fn tokens_per_minute_count_the_real_usage_of_each_answer() {
     let usage = relay_mock_upstream::expected_usage(&body);
     let used = usage.input_tokens + usage.output_tokens + usage.cache_creation_input_tokens;
     let estimate = body.to_string().len() as u64 / 4 + 8;
-    assert!(used > estimate, "the answer uses more than the estimate ({used} vs {estimate})");
+    assert!(
+        used > estimate,
+        "the answer uses more than the estimate ({used} vs {estimate})"
+    );
     // Room for two answers and the third one's estimate, less one token.
     let tpm = 2 * used + estimate - 1;
-    let key = fleet.key("tpm", pb::KeyLimits { tokens_per_minute: tpm, ..limits() }).await;
+    let key = fleet
+        .key(
+            "tpm",
+            pb::KeyLimits {
+                tokens_per_minute: tpm,
+                ..limits()
+            },
+        )
+        .await;
     for i in 0..2 {
         let r = post_to(fleet.url(i), &key, &body, &[]).await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -270,7 +335,10 @@ async fn tokens_per_minute_count_the_real_usage_of_each_answer() {
     .unwrap();
     let r = post_to(fleet.url(2), &key, &body, &[]).await;
     assert_eq!(r.status, 429);
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains(&format!("{tpm} tokens per minute")));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("{tpm} tokens per minute")));
     assert_eq!(r.header("anthropic-ratelimit-tokens-remaining"), Some("0"));
     assert_eq!(mock.request_count(), 2);
 }
@@ -282,7 +350,13 @@ async fn a_spent_daily_budget_refuses_on_every_replica_until_tomorrow() {
     fleet.cp.add_account("a", &mock.base_url(), ACCOUNT_SECRET).await;
     // One micro-dollar: the first answer spends it.
     let key = fleet
-        .key("budget", pb::KeyLimits { daily_budget_micro_usd: 1, ..limits() })
+        .key(
+            "budget",
+            pb::KeyLimits {
+                daily_budget_micro_usd: 1,
+                ..limits()
+            },
+        )
         .await;
     let body = message_body("claude-sonnet-4-5", false);
     let r = post_to(fleet.url(0), &key, &body, &[]).await;
@@ -299,14 +373,25 @@ async fn a_spent_daily_budget_refuses_on_every_replica_until_tomorrow() {
         .await
         .unwrap();
         assert_eq!(r.error_type(), "rate_limit_error");
-        assert_eq!(r.header("x-should-retry"), Some("false"), "SDKs must not retry a spent budget");
-        assert!(r.json()["error"]["message"].as_str().unwrap().contains("daily budget of $0.00"));
+        assert_eq!(
+            r.header("x-should-retry"),
+            Some("false"),
+            "SDKs must not retry a spent budget"
+        );
+        assert!(r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("daily budget of $0.00"));
         let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
-        assert!(retry <= 86_400 && retry >= 1);
+        assert!((1..=86_400).contains(&retry));
         refused += 1;
     }
     assert_eq!(refused, 6);
-    assert_eq!(mock.request_count(), 1, "nothing after the budget was spent reached an upstream");
+    assert_eq!(
+        mock.request_count(),
+        1,
+        "nothing after the budget was spent reached an upstream"
+    );
     // What the key holder sees is what the control plane stored.
     let stored = wait_for(Duration::from_secs(20), "the usage to be stored", || async {
         let t = fleet.cp.usage_total().await;
@@ -323,6 +408,38 @@ async fn a_spent_daily_budget_refuses_on_every_replica_until_tomorrow() {
         stored.cost_pico_usd
     );
     assert_eq!(s["limits"]["daily_budget"]["remaining_usd"], 0.0);
+
+    // Redis loses the running counters (a restart without persistence): the budget still holds,
+    // from the spend the control plane stored.
+    let id = fleet
+        .cp
+        .admin()
+        .await
+        .get_api_key(pb::GetApiKeyRequest { key: "budget".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap()
+        .id;
+    let p = relay_proto::periods::periods(chrono_tz::UTC, chrono::Utc::now().timestamp_millis());
+    let deleted = Command::new("redis-cli")
+        .args(["-u", &redis_url(), "DEL"])
+        .arg(format!("relay:{{k:{id}}}:sd:{}", p.day))
+        .arg(format!("relay:{{k:{id}}}:sm:{}", p.month))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&deleted.stdout).trim(),
+        "2",
+        "both counters were there"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..3 {
+        let r = post_to(fleet.url(i), &key, &body, &[]).await;
+        assert_eq!(r.status, 429, "the stored spend still counts");
+    }
+    assert_eq!(mock.request_count(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -342,7 +459,13 @@ async fn a_session_whose_turns_alternate_between_data_planes_stays_on_one_accoun
         let id = uuid::Uuid::new_v4().to_string();
         for turn in 0..9 {
             let body = message_body("claude-sonnet-4-5", true);
-            let r = post_to(fleet.url(turn), &key, &body, &[("x-claude-code-session-id", id.as_str())]).await;
+            let r = post_to(
+                fleet.url(turn),
+                &key,
+                &body,
+                &[("x-claude-code-session-id", id.as_str())],
+            )
+            .await;
             assert_eq!(r.status, 200);
         }
         let accounts: std::collections::BTreeSet<String> = mock
@@ -356,7 +479,16 @@ async fn a_session_whose_turns_alternate_between_data_planes_stays_on_one_accoun
 
 fn redis_server(port: u16) -> Child {
     let c = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -378,9 +510,24 @@ async fn redis_killed_under_load_costs_no_request_and_limits_hold_within_the_bou
     let fleet = Fleet::start(&url, 3).await;
     fleet.cp.add_account("a", &mock.base_url(), ACCOUNT_SECRET).await;
     let busy = fleet
-        .key("busy", pb::KeyLimits { requests_per_minute: 100_000, max_concurrency: 64, ..limits() })
+        .key(
+            "busy",
+            pb::KeyLimits {
+                requests_per_minute: 100_000,
+                max_concurrency: 64,
+                ..limits()
+            },
+        )
         .await;
-    let tight = fleet.key("tight", pb::KeyLimits { requests_per_minute: 9, ..limits() }).await;
+    let tight = fleet
+        .key(
+            "tight",
+            pb::KeyLimits {
+                requests_per_minute: 9,
+                ..limits()
+            },
+        )
+        .await;
     // Every data plane has counted the fleet (heartbeats every second).
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
@@ -417,15 +564,19 @@ async fn redis_killed_under_load_costs_no_request_and_limits_hold_within_the_bou
     assert!((1..=9).contains(&tight_ok), "within the stated bound: {tight_ok}");
     let mut redis = redis_server(port);
     // Back to Redis within a few heartbeats.
-    wait_for(Duration::from_secs(10), "every data plane to count in Redis again", || async {
-        for i in 0..3 {
-            let s = key_status(fleet.url(i), &busy).await;
-            if s["counted"] != "shared" {
-                return None;
+    wait_for(
+        Duration::from_secs(10),
+        "every data plane to count in Redis again",
+        || async {
+            for i in 0..3 {
+                let s = key_status(fleet.url(i), &busy).await;
+                if s["counted"] != "shared" {
+                    return None;
+                }
             }
-        }
-        Some(())
-    })
+            Some(())
+        },
+    )
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -434,7 +585,10 @@ async fn redis_killed_under_load_costs_no_request_and_limits_hold_within_the_bou
     while let Some(r) = load.join_next().await {
         let statuses = r.unwrap();
         total += statuses.len();
-        assert!(statuses.iter().all(|s| *s == 200), "no request failed because of Redis: {statuses:?}");
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "no request failed because of Redis: {statuses:?}"
+        );
     }
     assert!(total > 20, "the load ran: {total}");
     for (p, _) in &fleet.planes {
@@ -464,7 +618,10 @@ async fn standalone_counts_limits_in_process() {
         .await
         .create_api_key(pb::CreateApiKeyRequest {
             name: "k".into(),
-            limits: Some(pb::KeyLimits { requests_per_minute: 2, ..limits() }),
+            limits: Some(pb::KeyLimits {
+                requests_per_minute: 2,
+                ..limits()
+            }),
             ..Default::default()
         })
         .await
@@ -479,7 +636,10 @@ async fn standalone_counts_limits_in_process() {
     assert_eq!(post_messages(&dp, &key, &body).await.status, 200);
     let r = post_messages(&dp, &key, &body).await;
     assert_eq!(r.status, 429);
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("2 requests per minute"));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("2 requests per minute"));
     let s = send("GET", &dp.url("/relay/v1/key"), &[("x-api-key", key.as_str())], "").await;
     assert_eq!(s.json()["counted"], "process");
     assert_eq!(s.json()["name"], "k");

@@ -107,6 +107,15 @@ pub struct Limiter {
     node_id: String,
 }
 
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("mode", &self.mode())
+            .field("planes", &self.planes())
+            .finish_non_exhaustive()
+    }
+}
+
 /// How often the background task looks at Redis, and how long a data plane counts as live.
 const TICK: Duration = Duration::from_secs(1);
 const PLANE_TTL_MS: i64 = 10_000;

@@ -36,9 +36,51 @@ pub struct AdminService {
     key: MasterKey,
     auth: Authenticator,
     spend: Arc<SpendCache>,
+    /// Keys' live counters (requests and tokens this minute, in flight).
+    live: Option<Arc<relay_limits::Limiter>>,
 }
 
 impl AdminService {
+    /// Reads live counters from this limiter (Redis, or the standalone data plane's).
+    pub fn with_live(mut self, live: Option<Arc<relay_limits::Limiter>>) -> Self {
+        self.live = live;
+        self
+    }
+
+    /// The key's and its group's live counters, when this control plane can see them.
+    async fn live_use(
+        &self,
+        k: &crate::model::ApiKey,
+        group: &crate::model::Group,
+        p: &relay_proto::periods::Periods,
+    ) -> (Option<pb::LiveUse>, Option<pb::LiveUse>) {
+        let Some(l) = &self.live else { return (None, None) };
+        let subject = |kind, id: &str, limits: &pb::KeyLimits| relay_limits::Subject {
+            kind,
+            id: id.to_string(),
+            limits: relay_limits::Limits::from_pb(Some(limits)),
+            committed: relay_limits::Committed::default(),
+        };
+        let subjects = [
+            subject(relay_limits::Kind::Key, &k.id, &limits_to_pb(&k.limits)),
+            subject(relay_limits::Kind::Group, &group.id, &limits_to_pb(&group.limits)),
+        ];
+        match l.peek(&subjects, p).await {
+            Ok(u) => {
+                let live = |u: &relay_limits::Use| pb::LiveUse {
+                    requests_last_minute: u32::try_from(u.requests).unwrap_or(u32::MAX),
+                    tokens_last_minute: u.tokens,
+                    in_flight: u32::try_from(u.in_flight).unwrap_or(u32::MAX),
+                };
+                (u.first().map(live), u.get(1).map(live))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read live counters");
+                (None, None)
+            }
+        }
+    }
+
     pub fn new(store: DynStore, key: MasterKey, spend: Arc<SpendCache>) -> Self {
         let auth = Authenticator::new(store.clone(), key.clone());
         Self {
@@ -46,6 +88,7 @@ impl AdminService {
             key,
             auth,
             spend,
+            live: None,
         }
     }
 
@@ -1066,13 +1109,14 @@ impl Admin for AdminService {
         let totals = self.spend.totals(&p).await.map_err(status_from_store)?;
         let keys = self.store.list_api_keys().await.map_err(status_from_store)?;
         let groups = self.group_names().await?;
+        let (live, group_live) = self.live_use(&k, &group, &p).await;
         Ok(Response::new(pb::GetApiKeyResponse {
             info: Some(Self::key_info(&k, &groups)),
             spend: Some(budget_spend(&p, totals.of_key(&k.id))),
             group_limits: Some(limits_to_pb(&group.limits)),
             group_spend: Some(budget_spend(&p, totals.of_group(&group.id, &keys))),
-            live: None,
-            group_live: None,
+            live,
+            group_live,
         }))
     }
 

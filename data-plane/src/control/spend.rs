@@ -43,7 +43,11 @@ impl SpendBook {
         };
         let (day, month) = map.get(id).copied().unwrap_or((0, 0));
         Committed {
-            day_nano: if s.day == periods.day { relay_limits::nano_of_pico(day) } else { 0 },
+            day_nano: if s.day == periods.day {
+                relay_limits::nano_of_pico(day)
+            } else {
+                0
+            },
             month_nano: if s.month == periods.month {
                 relay_limits::nano_of_pico(month)
             } else {
@@ -53,7 +57,11 @@ impl SpendBook {
     }
 
     pub fn set(&self, r: pb::SpendResponse) {
-        let map = |v: Vec<pb::Spend>| v.into_iter().map(|s| (s.id, (s.day_pico_usd, s.month_pico_usd))).collect();
+        let map = |v: Vec<pb::Spend>| {
+            v.into_iter()
+                .map(|s| (s.id, (s.day_pico_usd, s.month_pico_usd)))
+                .collect()
+        };
         self.current.store(Arc::new(Snapshot {
             day: r.day,
             month: r.month,
@@ -64,7 +72,8 @@ impl SpendBook {
 }
 
 type Interceptor = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>;
-type Client = UsageIngestClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Interceptor>>;
+type Client =
+    UsageIngestClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Interceptor>>;
 
 async fn connect(link: &ControlPlaneLink) -> Option<Client> {
     let channel = link.endpoint.connect().await.ok()?;

@@ -136,13 +136,25 @@ pub fn headers(subjects: &[Subject], uses: &[Use]) -> Vec<(HeaderName, HeaderVal
     };
     if let Some((limit, remaining, u)) = tightest(|l| l.rpm, |u| u.requests) {
         push(&mut out, "anthropic-ratelimit-requests-limit", limit.to_string());
-        push(&mut out, "anthropic-ratelimit-requests-remaining", remaining.to_string());
-        push(&mut out, "anthropic-ratelimit-requests-reset", rfc3339(u.requests_reset_ms.max(u.now_ms)));
+        push(
+            &mut out,
+            "anthropic-ratelimit-requests-remaining",
+            remaining.to_string(),
+        );
+        push(
+            &mut out,
+            "anthropic-ratelimit-requests-reset",
+            rfc3339(u.requests_reset_ms.max(u.now_ms)),
+        );
     }
     if let Some((limit, remaining, u)) = tightest(|l| l.tpm, |u| u.tokens) {
         push(&mut out, "anthropic-ratelimit-tokens-limit", limit.to_string());
         push(&mut out, "anthropic-ratelimit-tokens-remaining", remaining.to_string());
-        push(&mut out, "anthropic-ratelimit-tokens-reset", rfc3339(u.tokens_reset_ms.max(u.now_ms)));
+        push(
+            &mut out,
+            "anthropic-ratelimit-tokens-reset",
+            rfc3339(u.tokens_reset_ms.max(u.now_ms)),
+        );
     }
     out
 }
@@ -192,7 +204,10 @@ fn refused(cfg: &ServingConfig, r: &Refusal, s: &Subject) -> ApiError {
         ),
         LimitKind::Requests => format!("{who} allows {} requests per minute; retry in {secs} s", r.limit),
         LimitKind::Tokens => format!("{who} allows {} tokens per minute; retry in {secs} s", r.limit),
-        LimitKind::DailyBudget => format!("{who} has spent its daily budget of {}; it renews at {at}", usd(r.limit)),
+        LimitKind::DailyBudget => format!(
+            "{who} has spent its daily budget of {}; it renews at {at}",
+            usd(r.limit)
+        ),
         LimitKind::MonthlyBudget => format!(
             "{who} has spent its monthly budget of {}; it renews at {at}",
             usd(r.limit)
@@ -240,28 +255,43 @@ pub async fn status(limiter: &Limiter, spend: &SpendBook, cfg: &ServingConfig, k
         let l = &s.limits;
         let mut out = serde_json::Map::new();
         let u = u.copied();
-        let reset = |ms: i64| if ms > 0 { json!(rfc3339(ms)) } else { serde_json::Value::Null };
+        let reset = |ms: i64| {
+            if ms > 0 {
+                json!(rfc3339(ms))
+            } else {
+                serde_json::Value::Null
+            }
+        };
         if l.rpm > 0 {
-            out.insert("requests_per_minute".into(), json!({
-                "limit": l.rpm,
-                "used": u.map(|u| u.requests),
-                "remaining": u.map(|u| l.rpm.saturating_sub(u.requests)),
-                "resets_at": u.map(|u| reset(u.requests_reset_ms)),
-            }));
+            out.insert(
+                "requests_per_minute".into(),
+                json!({
+                    "limit": l.rpm,
+                    "used": u.map(|u| u.requests),
+                    "remaining": u.map(|u| l.rpm.saturating_sub(u.requests)),
+                    "resets_at": u.map(|u| reset(u.requests_reset_ms)),
+                }),
+            );
         }
         if l.tpm > 0 {
-            out.insert("tokens_per_minute".into(), json!({
-                "limit": l.tpm,
-                "used": u.map(|u| u.tokens),
-                "remaining": u.map(|u| l.tpm.saturating_sub(u.tokens)),
-                "resets_at": u.map(|u| reset(u.tokens_reset_ms)),
-            }));
+            out.insert(
+                "tokens_per_minute".into(),
+                json!({
+                    "limit": l.tpm,
+                    "used": u.map(|u| u.tokens),
+                    "remaining": u.map(|u| l.tpm.saturating_sub(u.tokens)),
+                    "resets_at": u.map(|u| reset(u.tokens_reset_ms)),
+                }),
+            );
         }
         if l.concurrency > 0 {
-            out.insert("concurrency".into(), json!({
-                "limit": l.concurrency,
-                "in_flight": u.map(|u| u.in_flight),
-            }));
+            out.insert(
+                "concurrency".into(),
+                json!({
+                    "limit": l.concurrency,
+                    "in_flight": u.map(|u| u.in_flight),
+                }),
+            );
         }
         let budget = |limit: u64, spent: Option<u64>, period: &str, ends: i64| {
             json!({
@@ -279,7 +309,10 @@ pub async fn status(limiter: &Limiter, spend: &SpendBook, cfg: &ServingConfig, k
         }
         if l.monthly_nano > 0 {
             let spent = u.map(|u| u.month_nano).or(Some(s.committed.month_nano));
-            out.insert("monthly_budget".into(), budget(l.monthly_nano, spent, &p.month, p.month_end_ms));
+            out.insert(
+                "monthly_budget".into(),
+                budget(l.monthly_nano, spent, &p.month, p.month_end_ms),
+            );
         }
         serde_json::Value::Object(out)
     };
@@ -337,7 +370,11 @@ mod tests {
             },
         ];
         let h = headers(&subjects, &uses);
-        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.to_str().unwrap_or("").to_string());
+        let get = |n: &str| {
+            h.iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.to_str().unwrap_or("").to_string())
+        };
         assert_eq!(get("anthropic-ratelimit-requests-limit").as_deref(), Some("10"));
         assert_eq!(get("anthropic-ratelimit-requests-remaining").as_deref(), Some("1"));
         assert_eq!(

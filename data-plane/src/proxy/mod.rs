@@ -387,7 +387,12 @@ impl Proxy {
             return Err(ApiError::permission(format!("this API key may not use model {model}")));
         }
         // Limits and budgets: checked and counted before any upstream is called.
-        let max_tokens = head.max_tokens.as_ref().and_then(|v| v.as_u64()).unwrap_or(0).min(1 << 24);
+        let max_tokens = head
+            .max_tokens
+            .as_ref()
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0)
+            .min(1 << 24);
         let (tokens, cost) = limit::estimate(&cfg, &model, body.len(), max_tokens, is_messages);
         let admitted = limit::admit(&self.limiter, &self.spend, &cfg, &key, tokens, cost).await?;
 

@@ -66,7 +66,9 @@ impl Policy {
             sticky_ttl: ms(values, "sticky.ttl_ms"),
             expose_ratelimit: settings::known("headers.expose_ratelimit").bool_in(values),
             forward_client_ip: settings::known("headers.forward_client_ip").bool_in(values),
-            limits_on_store_down: relay_limits::Policy::parse(settings::known("limits.on_store_down").choice_in(values)),
+            limits_on_store_down: relay_limits::Policy::parse(
+                settings::known("limits.on_store_down").choice_in(values),
+            ),
             limits_store_timeout: ms(values, "limits.store_timeout_ms"),
             count_cache_reads: settings::known("limits.count_cache_reads").bool_in(values),
             timezone: settings::known("limits.timezone").tz_in(values),

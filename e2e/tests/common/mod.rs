@@ -51,6 +51,8 @@ pub struct ControlPlane {
     pub tls: Option<relay_control_plane::server::ServerTls>,
     /// The CA the admin client verifies a TLS listener with.
     pub tls_ca: Option<Vec<u8>>,
+    /// Where `GetApiKey` reads keys' live counters, applied by the next `resume`.
+    pub limiter: Option<Arc<relay_limits::Limiter>>,
 }
 
 impl ControlPlane {
@@ -108,6 +110,7 @@ impl ControlPlane {
             _dir: dir,
             tls: None,
             tls_ca: None,
+            limiter: None,
         }
     }
 
@@ -124,6 +127,7 @@ impl ControlPlane {
             replica: "e2e".into(),
             poll_interval: Duration::from_millis(100),
             tls: self.tls.clone(),
+            limiter: self.limiter.clone(),
             ..Options::default()
         };
         let fut = server::serve(self.store.clone(), self.key.clone(), listener, opts, async {
