@@ -123,4 +123,18 @@ refuses({"tls": {"mode": "off", "clientAuth": {"enabled": True, "issuer": {"name
         "tls.clientAuth.enabled needs TLS")
 refuses({"tls": {"mode": "sometimes"}}, "tls/mode")
 
+# Redis: both planes get RELAY_REDIS_URL, from the value or from a Secret (the URL may hold a password).
+d = render({"redis": {"url": "redis://redis:6379/0"}})
+for part in ("control-plane", "data-plane"):
+    w = [x for x in d if x["kind"] in ("Deployment", "StatefulSet") and part in x["metadata"]["name"]][0]
+    check(env(container(w)).get("RELAY_REDIS_URL") == "redis://redis:6379/0", f"{part} env: {env(container(w))}")
+d = render({"redis": {"existingSecret": {"name": "relay-redis", "key": "url"}}})
+dpw = [x for x in d if x["kind"] in ("Deployment", "StatefulSet") and "data-plane" in x["metadata"]["name"]][0]
+ref = [e for e in container(dpw)["env"] if e["name"] == "RELAY_REDIS_URL"][0]["valueFrom"]["secretKeyRef"]
+check(ref == {"name": "relay-redis", "key": "url"}, str(ref))
+d = render({})
+dpw = [x for x in d if x["kind"] in ("Deployment", "StatefulSet") and "data-plane" in x["metadata"]["name"]][0]
+check("RELAY_REDIS_URL" not in env(container(dpw)), "no Redis unless asked")
+refuses({"redis": {"url": "http://redis"}}, "redis")
+
 print("chart security rendering: ok")

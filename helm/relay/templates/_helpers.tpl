@@ -225,3 +225,19 @@ data planes trust (ca.crt); empty when TLS is off.
 {{- $_ := required "tls.clientAuth.caSecret is required with tls.clientAuth.enabled (a Secret with ca.crt: the CA of that issuer)" .Values.tls.clientAuth.caSecret -}}
 {{- end -}}
 {{- end }}
+
+{{/*
+RELAY_REDIS_URL from redis.existingSecret or redis.url (nothing without either).
+*/}}
+{{- define "relay.redisEnv" -}}
+{{- if .Values.redis.existingSecret.name }}
+- name: RELAY_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret.name | quote }}
+      key: {{ .Values.redis.existingSecret.key | quote }}
+{{- else if .Values.redis.url }}
+- name: RELAY_REDIS_URL
+  value: {{ .Values.redis.url | quote }}
+{{- end }}
+{{- end }}
