@@ -472,7 +472,10 @@ async fn limits_walkthrough(env: &Env) {
         "overspent, never negative"
     );
     assert_eq!(shown["day"], chrono::Utc::now().format("%Y-%m-%d").to_string());
-    assert_eq!(shown["live_use"], "0 requests and 0 tokens in the last minute, 0 in flight");
+    assert_eq!(
+        shown["live_use"],
+        "0 requests and 0 tokens in the last minute, 0 in flight"
+    );
     assert_eq!(shown["group_limits"], "unlimited");
     assert_eq!(shown["group_spent_today_usd"].as_f64(), Some(0.034605));
     let table = env.ok(&["key", "show", "team-a-key"], None);
