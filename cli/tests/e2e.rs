@@ -685,8 +685,10 @@ async fn postgres_walkthrough() {
     let log = dir.path().join("cp.log");
     let master = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
     let token = "rat-e2e-bootstrap-token-0123456789abcdefghijklmn";
+    // With Redis, as the data planes count there: `key show` reads live counters from it.
+    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let (mut cp, server) = start_control_plane(
-        &["--database-url", &db.url],
+        &["--database-url", &db.url, "--redis-url", &redis],
         &[("RELAY_MASTER_KEY", master), ("RELAY_ADMIN_TOKEN", token)],
         &log,
     );

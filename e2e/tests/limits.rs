@@ -650,3 +650,134 @@ async fn standalone_counts_limits_in_process() {
     assert_eq!(r.status, 200);
     assert!(r.header("anthropic-ratelimit-requests-limit").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_groups_limit_is_the_total_of_its_keys_and_limits_change_live() {
+    let mock = mock(MockConfig::default()).await;
+    let fleet = Fleet::start(&redis_url(), 2).await;
+    fleet.cp.add_account("a", &mock.base_url(), ACCOUNT_SECRET).await;
+    let admin = || async { fleet.cp.admin().await };
+    let group = admin()
+        .await
+        .create_group(pb::CreateGroupRequest {
+            name: "team".into(),
+            limits: Some(pb::KeyLimits {
+                requests_per_minute: 4,
+                ..limits()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The account serves the group too.
+    admin()
+        .await
+        .update_account(pb::UpdateAccountRequest {
+            account: "a".into(),
+            set_groups: true,
+            groups: vec!["default".into(), group.name.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut keys = Vec::new();
+    for name in ["alice", "bob"] {
+        let r = admin()
+            .await
+            .create_api_key(pb::CreateApiKeyRequest {
+                name: name.into(),
+                group: "team".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        keys.push(r.key);
+    }
+    fleet.settle().await;
+    let body = message_body("claude-sonnet-4-5", false);
+    let mut ok = 0;
+    for i in 0..8 {
+        let r = post_to(fleet.url(i), &keys[i % 2], &body, &[]).await;
+        match r.status {
+            200 => ok += 1,
+            429 => {
+                let m = r.json()["error"]["message"].as_str().unwrap().to_string();
+                assert!(
+                    m.contains("group \"team\"") && m.contains("4 requests per minute"),
+                    "{m}"
+                );
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!(ok, 4, "the group's total, whichever key asks");
+
+    // Raised live: within a second every data plane has it.
+    let changed = std::time::Instant::now();
+    admin()
+        .await
+        .update_group(pb::UpdateGroupRequest {
+            group: "team".into(),
+            limits: Some(pb::KeyLimits {
+                requests_per_minute: 6,
+                ..limits()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    fleet.settle().await;
+    assert!(
+        changed.elapsed() < Duration::from_secs(1),
+        "live in {:?}",
+        changed.elapsed()
+    );
+    for i in 0..2 {
+        assert_eq!(post_to(fleet.url(i), &keys[i], &body, &[]).await.status, 200);
+    }
+    assert_eq!(post_to(fleet.url(0), &keys[0], &body, &[]).await.status, 429);
+    // A key of its own limit inside the group: the tighter one refuses first.
+    admin()
+        .await
+        .update_api_key(pb::UpdateApiKeyRequest {
+            key: "alice".into(),
+            limits: Some(pb::KeyLimits {
+                requests_per_minute: 100,
+                ..limits()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    fleet.settle().await;
+    let r = post_to(fleet.url(1), &keys[0], &body, &[]).await;
+    assert_eq!(r.status, 429);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("group"));
+    // Lowered to 0 (unlimited): every request passes.
+    admin()
+        .await
+        .update_group(pb::UpdateGroupRequest {
+            group: "team".into(),
+            limits: Some(limits()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin()
+        .await
+        .update_api_key(pb::UpdateApiKeyRequest {
+            key: "alice".into(),
+            limits: Some(limits()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    fleet.settle().await;
+    for i in 0..4 {
+        let r = post_to(fleet.url(i), &keys[i % 2], &body, &[]).await;
+        assert_eq!(r.status, 200);
+        assert!(r.header("anthropic-ratelimit-requests-limit").is_none());
+    }
+}
