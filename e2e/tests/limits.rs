@@ -734,8 +734,8 @@ async fn a_groups_limit_is_the_total_of_its_keys_and_limits_change_live() {
         "live in {:?}",
         changed.elapsed()
     );
-    for i in 0..2 {
-        assert_eq!(post_to(fleet.url(i), &keys[i], &body, &[]).await.status, 200);
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(post_to(fleet.url(i), key, &body, &[]).await.status, 200);
     }
     assert_eq!(post_to(fleet.url(0), &keys[0], &body, &[]).await.status, 429);
     // A key of its own limit inside the group: the tighter one refuses first.
