@@ -562,6 +562,12 @@ async fn redis_killed_under_load_costs_no_request_and_limits_hold_within_the_bou
         }
     }
     assert!((1..=9).contains(&tight_ok), "within the stated bound: {tight_ok}");
+    for i in 0..3 {
+        let r = try_send("GET", &format!("{}/readyz", fleet.url(i))).await.unwrap();
+        assert_eq!(r.status, 200, "a data plane without Redis stays ready");
+        let s = key_status(fleet.url(i), &tight).await;
+        assert_eq!(s["counted"], "degraded_local", "{s}");
+    }
     let mut redis = redis_server(port);
     // Back to Redis within a few heartbeats.
     wait_for(
