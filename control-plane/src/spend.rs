@@ -182,10 +182,12 @@ impl SpendCache {
             .filter(|k| k.limits.has_budget() && k.status != KeyStatus::Revoked)
             .collect();
         let budgeted_groups: Vec<&Group> = groups.iter().filter(|g| g.limits.has_budget()).collect();
+        let connected = self.store.list_proxies().await?.iter().filter(|d| d.connected).count();
         let mut out = pb::SpendResponse {
             day: p.day.clone(),
             month: p.month.clone(),
             computed_at_ms: crate::model::now_ms(),
+            data_planes: u32::try_from(connected).unwrap_or(u32::MAX),
             ..Default::default()
         };
         if budgeted_keys.is_empty() && budgeted_groups.is_empty() {

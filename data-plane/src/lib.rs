@@ -321,6 +321,7 @@ pub async fn start(
     let spend = Arc::new(control::spend::SpendBook::default());
     tokio::spawn(control::spend::run(
         spend.clone(),
+        limiter.clone(),
         link.clone(),
         holder.clone(),
         stop_rx.clone(),

@@ -425,8 +425,8 @@ async fn a_spent_daily_budget_refuses_on_every_replica_until_tomorrow() {
     let p = relay_proto::periods::periods(chrono_tz::UTC, chrono::Utc::now().timestamp_millis());
     let deleted = Command::new("redis-cli")
         .args(["-u", &redis_url(), "DEL"])
-        .arg(format!("relay:{{k:{id}}}:sd:{}", p.day))
-        .arg(format!("relay:{{k:{id}}}:sm:{}", p.month))
+        .arg(format!("relay:{{k:{id}}}:sd:UTC:{}", p.day))
+        .arg(format!("relay:{{k:{id}}}:sm:UTC:{}", p.month))
         .output()
         .unwrap();
     assert_eq!(
@@ -649,6 +649,30 @@ async fn standalone_counts_limits_in_process() {
     let s = send("GET", &dp.url("/relay/v1/key"), &[("x-api-key", key.as_str())], "").await;
     assert_eq!(s.json()["counted"], "process");
     assert_eq!(s.json()["name"], "k");
+    // The key holder's endpoint takes GET only.
+    let r = send("POST", &dp.url("/relay/v1/key"), &[("x-api-key", key.as_str())], "").await;
+    assert_eq!(r.status, 405);
+    // A budget cannot count a model without a price: refused, not served for free.
+    let budgeted = cp
+        .admin()
+        .await
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "budgeted".into(),
+            limits: Some(pb::KeyLimits {
+                daily_budget_micro_usd: 500,
+                ..limits()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key;
+    dp.wait_version(cp.head().await).await;
+    let r = post_messages(&dp, &budgeted, &message_body("claude-future-9", false)).await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("has no price"));
+    assert_eq!(mock.request_count(), 2);
     // Another key is not affected.
     let (_, free) = cp.add_key("free", &[]).await;
     dp.wait_version(cp.head().await).await;
@@ -786,4 +810,41 @@ async fn a_groups_limit_is_the_total_of_its_keys_and_limits_change_live() {
         assert_eq!(r.status, 200);
         assert!(r.header("anthropic-ratelimit-requests-limit").is_none());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_data_plane_that_never_reached_redis_takes_its_share_from_the_control_planes_count() {
+    // Nothing listens there: every data plane starts with Redis down.
+    let down = format!("redis://127.0.0.1:{}/0", free_port());
+    let mock = mock(MockConfig::default()).await;
+    let fleet = Fleet::start(&down, 3).await;
+    fleet.cp.add_account("a", &mock.base_url(), ACCOUNT_SECRET).await;
+    let key = fleet
+        .key(
+            "share",
+            pb::KeyLimits {
+                requests_per_minute: 30,
+                ..limits()
+            },
+        )
+        .await;
+    // The control plane's count of connected data planes arrives with the next poll.
+    wait_for(
+        Duration::from_secs(10),
+        "the fleet size from the control plane",
+        || async {
+            let s = key_status(fleet.url(0), &key).await;
+            (s["limits"]["requests_per_minute"]["enforced_here"] == 10).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let body = message_body("claude-sonnet-4-5", false);
+    let mut ok = 0;
+    for _ in 0..30 {
+        if post_to(fleet.url(0), &key, &body, &[]).await.status == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 10, "this data plane's share of 30 over 3");
 }

@@ -102,9 +102,20 @@ pub struct Limiter {
     down: AtomicBool,
     policy: AtomicU8,
     planes: AtomicU64,
-    /// Leases held in Redis by this data plane: lease → subject names (renewed in the background).
-    leases: Mutex<HashMap<String, Vec<String>>>,
+    /// Whether `planes` was ever counted in Redis (else the control plane's count is used).
+    counted: AtomicBool,
+    /// Data planes connected to the control plane (`SpendResponse.data_planes`).
+    fleet_hint: AtomicU64,
+    /// Leases this data plane holds (renewed in the background, in Redis or in process).
+    leases: Mutex<HashMap<String, Held>>,
     node_id: String,
+}
+
+/// A lease in flight: its subjects, its reservation (`tokens:cost:second`) and where it lives.
+struct Held {
+    subjects: Vec<String>,
+    reservation: String,
+    shared: bool,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -120,6 +131,8 @@ impl std::fmt::Debug for Limiter {
 const TICK: Duration = Duration::from_secs(1);
 const PLANE_TTL_MS: i64 = 10_000;
 const RENEW_EVERY: u32 = 10;
+/// Attempts of a background clean-up (a lost admission undone, a settlement retried).
+const BACKGROUND_TRIES: u32 = 5;
 
 impl Limiter {
     pub fn new(opts: LimiterOptions) -> Result<Arc<Limiter>, Error> {
@@ -137,6 +150,8 @@ impl Limiter {
             down: AtomicBool::new(false),
             policy: AtomicU8::new(Policy::Local.code()),
             planes: AtomicU64::new(1),
+            counted: AtomicBool::new(false),
+            fleet_hint: AtomicU64::new(1),
             leases: Mutex::new(HashMap::new()),
             node_id: opts.node_id,
         });
@@ -167,9 +182,19 @@ impl Limiter {
         }
     }
 
-    /// Live data planes, as last counted in Redis (1 without Redis).
+    /// Live data planes: as last counted in Redis, else as the control plane last reported
+    /// (a data plane started while Redis was down must not take the whole limit), at least 1.
     pub fn planes(&self) -> u64 {
-        self.planes.load(Ordering::Acquire).max(1)
+        if self.counted.load(Ordering::Acquire) {
+            self.planes.load(Ordering::Acquire).max(1)
+        } else {
+            self.fleet_hint.load(Ordering::Acquire).max(1)
+        }
+    }
+
+    /// The data planes the control plane sees connected.
+    pub fn set_fleet_hint(&self, n: u64) {
+        self.fleet_hint.store(n.max(1), Ordering::Release);
     }
 
     fn publish_mode(&self) {
@@ -196,7 +221,7 @@ impl Limiter {
         }
     }
 
-    fn with_leases<T>(&self, f: impl FnOnce(&mut HashMap<String, Vec<String>>) -> T) -> T {
+    fn with_leases<T>(&self, f: impl FnOnce(&mut HashMap<String, Held>) -> T) -> T {
         let mut g = match self.leases.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -221,6 +246,17 @@ impl Limiter {
                 Err(e) => {
                     metrics::counter!("relay_limits_store_errors_total").increment(1);
                     self.set_down(true, Some(&e));
+                    // The script may still run once Redis catches up: undo it then.
+                    let (shared, subjects, lease, periods) =
+                        (shared.clone(), ask.subjects.clone(), lease.clone(), ask.periods.clone());
+                    tokio::spawn(async move {
+                        for _ in 0..BACKGROUND_TRIES {
+                            if shared.cancel(&subjects, &lease, &periods).await.is_ok() {
+                                return;
+                            }
+                            tokio::time::sleep(TICK).await;
+                        }
+                    });
                 }
             }
         }
@@ -259,9 +295,13 @@ impl Limiter {
     ) -> Decision {
         match r {
             Ok(Ok(uses)) => {
-                if shared {
-                    self.with_leases(|m| m.insert(lease.clone(), ask.subjects.iter().map(Subject::name).collect()));
-                }
+                let sec = uses.first().map_or(0, |u| u.now_ms.div_euclid(1000));
+                let held = Held {
+                    subjects: ask.subjects.iter().map(Subject::name).collect(),
+                    reservation: format!("{}:{}:{sec}", ask.tokens, ask.cost_nano),
+                    shared,
+                };
+                self.with_leases(|m| m.insert(lease.clone(), held));
                 Decision::Admitted(Charge {
                     inner: Some(ChargeInner {
                         limiter: self.clone(),
@@ -338,34 +378,69 @@ impl Limiter {
     /// The background task: heartbeat (live planes, Redis health) every second, lease renewal
     /// every ten. Runs until the process ends.
     pub async fn run(self: Arc<Self>) {
-        let Some(shared) = self.shared.clone() else { return };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut n: u32 = 0;
+        let mut down_for: u32 = 0;
         loop {
             tick.tick().await;
             n = n.wrapping_add(1);
-            match shared.heartbeat(&self.node_id, PLANE_TTL_MS).await {
-                Ok(planes) => {
-                    self.planes.store(planes, Ordering::Release);
-                    metrics::gauge!("relay_limits_live_data_planes").set(planes as f64);
-                    self.set_down(false, None);
-                }
-                Err(e) => {
-                    self.set_down(true, Some(&e));
-                    continue;
+            let mut reachable = true;
+            if let Some(shared) = &self.shared {
+                match shared.heartbeat(&self.node_id, PLANE_TTL_MS).await {
+                    Ok(planes) => {
+                        self.planes.store(planes, Ordering::Release);
+                        self.counted.store(true, Ordering::Release);
+                        metrics::gauge!("relay_limits_live_data_planes").set(planes as f64);
+                        self.set_down(false, None);
+                        down_for = 0;
+                    }
+                    Err(e) => {
+                        reachable = false;
+                        self.set_down(true, Some(&e));
+                        down_for += 1;
+                        // A misconfigured Redis (wrong password, wrong host) must not go unnoticed.
+                        if down_for.is_multiple_of(60) {
+                            tracing::error!(
+                                error = %e,
+                                minutes = down_for / 60,
+                                "limits: Redis still cannot be reached; limits.on_store_down applies"
+                            );
+                        }
+                    }
                 }
             }
             if n.is_multiple_of(RENEW_EVERY) {
-                let leases: Vec<(String, String)> = self.with_leases(|m| {
-                    m.iter()
-                        .flat_map(|(lease, subjects)| subjects.iter().map(move |s| (s.clone(), lease.clone())))
-                        .collect()
-                });
-                for chunk in leases.chunks(500) {
-                    if let Err(e) = shared.renew(chunk, None).await {
-                        tracing::debug!(error = %e, "limits: cannot renew leases");
+                self.renew_all(reachable).await;
+            }
+        }
+    }
+
+    /// Extends every lease this data plane holds now (the background task does it every 10 s).
+    pub async fn renew_now(&self) {
+        self.renew_all(!self.down.load(Ordering::Acquire)).await;
+    }
+
+    /// Extends every lease this data plane holds: in process always, in Redis when it answers.
+    async fn renew_all(&self, reachable: bool) {
+        let mut local: Vec<(String, String)> = Vec::new();
+        let mut shared: Vec<(String, String, String)> = Vec::new();
+        self.with_leases(|m| {
+            for (lease, h) in m.iter() {
+                for s in &h.subjects {
+                    if h.shared {
+                        shared.push((s.clone(), lease.clone(), h.reservation.clone()));
+                    } else {
+                        local.push((s.clone(), lease.clone()));
                     }
+                }
+            }
+        });
+        let _ = self.local.renew(&local, None).await;
+        if let (Some(s), true) = (&self.shared, reachable) {
+            for chunk in shared.chunks(500) {
+                if let Err(e) = s.renew_held(chunk).await {
+                    tracing::debug!(error = %e, "limits: cannot renew leases");
                 }
             }
         }
@@ -374,15 +449,28 @@ impl Limiter {
     async fn finish(&self, c: ChargeInner) {
         let tokens = c.tokens.load(Ordering::Acquire);
         let cost = crate::nano_of_pico(c.cost_pico.load(Ordering::Acquire));
+        self.with_leases(|m| m.remove(&c.lease));
         if c.shared {
-            self.with_leases(|m| m.remove(&c.lease));
             if let Some(s) = &self.shared {
-                if let Err(e) = s.finish(&c.subjects, &c.lease, tokens, cost, &c.periods, None).await {
-                    // The lease expires by itself; the spend reaches the budget through the
-                    // control plane's stored usage.
-                    metrics::counter!("relay_limits_store_errors_total").increment(1);
-                    tracing::debug!(error = %e, "limits: cannot settle a request in Redis");
+                if s.finish(&c.subjects, &c.lease, tokens, cost, &c.periods, None)
+                    .await
+                    .is_ok()
+                {
+                    return;
                 }
+                metrics::counter!("relay_limits_store_errors_total").increment(1);
+                // Retried with a longer bound; failing that the lease expires by itself and the
+                // spend reaches the budget through the control plane's stored usage.
+                for _ in 0..BACKGROUND_TRIES {
+                    tokio::time::sleep(TICK).await;
+                    if s.finish_slowly(&c.subjects, &c.lease, tokens, cost, &c.periods)
+                        .await
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+                tracing::debug!("limits: cannot settle a request in Redis; its lease expires by itself");
             }
         } else {
             let _ = self

@@ -50,11 +50,19 @@ impl State {
             tokens: self.tokens.values().sum(),
             tokens_reset_ms: reset(&self.tokens),
             in_flight: self.leases.len() as u64,
-            day_nano: self.spent(&format!("d:{}", p.day), s.committed.day_nano),
-            month_nano: self.spent(&format!("m:{}", p.month), s.committed.month_nano),
+            day_nano: self.spent(&day_label(p), s.committed.day_nano),
+            month_nano: self.spent(&month_label(p), s.committed.month_nano),
             reserved_nano: self.leases.values().map(|l| l.cost_nano).sum(),
         }
     }
+}
+
+fn day_label(p: &Periods) -> String {
+    format!("d:{}:{}", p.zone, p.day)
+}
+
+fn month_label(p: &Periods) -> String {
+    format!("m:{}:{}", p.zone, p.month)
 }
 
 /// How long until enough of a window's oldest seconds leave it that `fits(remaining)` holds.
@@ -199,8 +207,8 @@ impl Counters for LocalCounters {
                     None => {}
                 }
                 if cost_nano > 0 {
-                    let day = format!("d:{}", periods.day);
-                    let month = format!("m:{}", periods.month);
+                    let day = day_label(periods);
+                    let month = month_label(periods);
                     let d = st.spent(&day, s.committed.day_nano) + cost_nano;
                     let mo = st.spent(&month, s.committed.month_nano) + cost_nano;
                     st.spend.retain(|k, _| *k == day || *k == month);

@@ -10,8 +10,8 @@
 //! * `relay:{S}:cc`: leases in flight (sorted set lease → expiry ms), renewed by
 //!   the data plane that holds them every 10 s, gone 30 s after it stops.
 //! * `relay:{S}:rs`: each lease's reservation, `tokens:cost:second`.
-//! * `relay:{S}:sd:<day>`, `relay:{S}:sm:<month>`: spend of the period, nano-USD,
-//!   expiring a day after the period ends.
+//! * `relay:{S}:sd:<zone>:<day>`, `relay:{S}:sm:<zone>:<month>`: spend of the period,
+//!   nano-USD, expiring a day after the period ends.
 //! * `relay:s:<session>`: the account a sticky session is bound to, expiring after
 //!   `sticky.ttl_ms` without use (so bounded by the sessions active within it).
 //! * `relay:planes`: live data planes (sorted set node → expiry), for the local
@@ -188,13 +188,46 @@ end
 return 1
 "#;
 
-/// KEYS: (cc, rs) per lease. ARGV: now, ttl, then the leases.
+/// KEYS: relay:alive, then (cc, rs) per lease. ARGV: now, ttl, then (lease, reservation) per
+/// lease. A Redis that lost its data (no `relay:alive`) gets the leases and their reservations
+/// back; otherwise only leases it still holds are extended (a finished one is not revived).
 const RENEW: &str = r#"
 local ttl = tonumber(ARGV[2])
-for i = 1, #KEYS / 2 do
-  redis.call('ZADD', KEYS[2 * i - 1], 'XX', now + ttl, ARGV[2 + i])
-  redis.call('PEXPIRE', KEYS[2 * i - 1], ttl * 2)
-  redis.call('PEXPIRE', KEYS[2 * i], ttl * 2)
+local lost = redis.call('EXISTS', KEYS[1]) == 0
+for i = 1, (#KEYS - 1) / 2 do
+  local cc, rs = KEYS[2 * i], KEYS[2 * i + 1]
+  local lease, res = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
+  if lost then
+    redis.call('ZADD', cc, now + ttl, lease)
+    redis.call('HSETNX', rs, lease, res)
+  else
+    redis.call('ZADD', cc, 'XX', now + ttl, lease)
+  end
+  redis.call('PEXPIRE', cc, ttl * 2)
+  redis.call('PEXPIRE', rs, ttl * 2)
+end
+redis.call('SET', KEYS[1], '1')
+return 1
+"#;
+
+/// KEYS: 6 per subject. ARGV: now, lease. Undoes an admission whose answer never arrived (the
+/// call timed out, the script ran later): its lease, its token reservation and its request.
+const CANCEL: &str = r#"
+for i = 0, #KEYS / 6 - 1 do
+  local k = i * 6
+  local r = redis.call('HGET', KEYS[k + 4], ARGV[2])
+  redis.call('ZREM', KEYS[k + 3], ARGV[2])
+  if r then
+    redis.call('HDEL', KEYS[k + 4], ARGV[2])
+    local est, s = string.match(r, '^([^:]*):[^:]*:([^:]*)$')
+    est, s = tonumber(est) or 0, tonumber(s) or 0
+    for _, pair in ipairs({{KEYS[k + 2], est}, {KEYS[k + 1], 1}}) do
+      if pair[2] > 0 and redis.call('HEXISTS', pair[1], s) == 1 then
+        local v = redis.call('HINCRBY', pair[1], s, -pair[2])
+        if v < 0 then redis.call('HSET', pair[1], s, 0) end
+      end
+    end
+  end
 end
 return 1
 "#;
@@ -216,6 +249,10 @@ static PEEK_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(PEEK));
 static FINISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(FINISH));
 static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(RENEW));
 static HEARTBEAT_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(HEARTBEAT));
+static CANCEL_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(CANCEL));
+
+/// The bound on background calls (clean-ups, retried settlements), longer than a request's.
+const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The Redis key of a subject's counter (`rq`, `tk`, `cc`, `rs`, `sd:<day>`, `sm:<month>`).
 pub fn key_of(subject: &str, part: &str) -> String {
@@ -234,8 +271,8 @@ fn subject_keys(s: &Subject, p: &Periods) -> [String; 6] {
         key_of(&n, "tk"),
         key_of(&n, "cc"),
         key_of(&n, "rs"),
-        key_of(&n, &format!("sd:{}", p.day)),
-        key_of(&n, &format!("sm:{}", p.month)),
+        key_of(&n, &format!("sd:{}:{}", p.zone, p.day)),
+        key_of(&n, &format!("sm:{}:{}", p.zone, p.month)),
     ]
 }
 
@@ -298,8 +335,16 @@ impl RedisCounters {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, inv: redis::ScriptInvocation<'_>) -> Result<T, Error> {
-        let mut con = self.con.clone();
         let ms = self.timeout_ms.load(Ordering::Relaxed);
+        self.run_within(inv, ms).await
+    }
+
+    async fn run_within<T: redis::FromRedisValue>(
+        &self,
+        inv: redis::ScriptInvocation<'_>,
+        ms: u64,
+    ) -> Result<T, Error> {
+        let mut con = self.con.clone();
         match tokio::time::timeout(Duration::from_millis(ms), inv.invoke_async::<T>(&mut con)).await {
             Ok(Ok(v)) => Ok(v),
             // The error's kind and detail, never the URL (it may hold a password).
@@ -335,12 +380,87 @@ impl RedisCounters {
         self.cmd::<()>(c).await
     }
 
+    /// Undoes an admission whose answer was lost (see `CANCEL`); sent on the same connection
+    /// after the admission, so it runs after it.
+    pub async fn cancel(&self, subjects: &[Subject], lease: &str, periods: &Periods) -> Result<(), Error> {
+        let mut inv = CANCEL_SCRIPT.prepare_invoke();
+        for s in subjects {
+            for k in subject_keys(s, periods) {
+                inv.key(k);
+            }
+        }
+        inv.arg(0).arg(lease);
+        self.run_within::<i64>(inv, BACKGROUND_TIMEOUT.as_millis() as u64)
+            .await
+            .map(|_| ())
+    }
+
+    /// `finish` with the background bound (a retried settlement).
+    pub async fn finish_slowly(
+        &self,
+        subjects: &[Subject],
+        lease: &str,
+        tokens: u64,
+        cost_nano: u64,
+        periods: &Periods,
+    ) -> Result<(), Error> {
+        let inv = finish_invocation(subjects, lease, tokens, cost_nano, periods, None);
+        self.run_within::<i64>(inv, BACKGROUND_TIMEOUT.as_millis() as u64)
+            .await
+            .map(|_| ())
+    }
+
+    /// Keeps this data plane's leases alive: (subject, lease, reservation `tokens:cost:second`).
+    pub async fn renew_held(&self, leases: &[(String, String, String)]) -> Result<(), Error> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let mut inv = RENEW_SCRIPT.key("relay:alive");
+        for (subject, _, _) in leases {
+            inv.key(key_of(subject, "cc")).key(key_of(subject, "rs"));
+        }
+        inv.arg(0).arg(LEASE_TTL_MS);
+        for (_, lease, reservation) in leases {
+            inv.arg(lease).arg(reservation);
+        }
+        self.run_within::<i64>(inv, BACKGROUND_TIMEOUT.as_millis() as u64)
+            .await
+            .map(|_| ())
+    }
+
     /// Registers this data plane as live for `ttl_ms` and returns how many are.
     pub async fn heartbeat(&self, node: &str, ttl_ms: i64) -> Result<u64, Error> {
         let mut inv = HEARTBEAT_SCRIPT.key("relay:planes");
         inv.arg(0).arg(node).arg(ttl_ms);
         self.run::<i64>(inv).await.map(|n| n.max(1) as u64)
     }
+}
+
+fn finish_invocation<'a>(
+    subjects: &[Subject],
+    lease: &str,
+    tokens: u64,
+    cost_nano: u64,
+    periods: &Periods,
+    now_ms: Option<i64>,
+) -> redis::ScriptInvocation<'a> {
+    const DAY_MS: i64 = 86_400_000;
+    let mut inv = FINISH_SCRIPT.prepare_invoke();
+    for s in subjects {
+        for k in subject_keys(s, periods) {
+            inv.key(k);
+        }
+    }
+    inv.arg(now_arg(now_ms))
+        .arg(lease)
+        .arg(tokens)
+        .arg(cost_nano)
+        .arg(periods.day_end_ms + DAY_MS)
+        .arg(periods.month_end_ms + DAY_MS);
+    for s in subjects {
+        inv.arg(s.committed.day_nano).arg(s.committed.month_nano);
+    }
+    inv
 }
 
 fn now_arg(now_ms: Option<i64>) -> i64 {
@@ -395,22 +515,7 @@ impl Counters for RedisCounters {
         periods: &Periods,
         now_ms: Option<i64>,
     ) -> Result<(), Error> {
-        const DAY_MS: i64 = 86_400_000;
-        let mut inv = FINISH_SCRIPT.prepare_invoke();
-        for s in subjects {
-            for k in subject_keys(s, periods) {
-                inv.key(k);
-            }
-        }
-        inv.arg(now_arg(now_ms))
-            .arg(lease)
-            .arg(tokens)
-            .arg(cost_nano)
-            .arg(periods.day_end_ms + DAY_MS)
-            .arg(periods.month_end_ms + DAY_MS);
-        for s in subjects {
-            inv.arg(s.committed.day_nano).arg(s.committed.month_nano);
-        }
+        let inv = finish_invocation(subjects, lease, tokens, cost_nano, periods, now_ms);
         self.run::<i64>(inv).await.map(|_| ())
     }
 
@@ -418,13 +523,13 @@ impl Counters for RedisCounters {
         if leases.is_empty() {
             return Ok(());
         }
-        let mut inv = RENEW_SCRIPT.prepare_invoke();
+        let mut inv = RENEW_SCRIPT.key("relay:alive");
         for (subject, _) in leases {
             inv.key(key_of(subject, "cc")).key(key_of(subject, "rs"));
         }
         inv.arg(now_arg(now_ms)).arg(LEASE_TTL_MS);
         for (_, lease) in leases {
-            inv.arg(lease);
+            inv.arg(lease).arg("0:0:0");
         }
         self.run::<i64>(inv).await.map(|_| ())
     }

@@ -267,6 +267,28 @@ async fn a_refusal_by_one_subject_counts_nothing_against_the_others() {
 }
 
 #[tokio::test]
+async fn spend_is_counted_per_time_zone() {
+    for (name, c) in stores() {
+        let s = [subject(
+            Kind::Key,
+            Limits {
+                daily_nano: 100,
+                ..Limits::default()
+            },
+        )];
+        let utc = p(T0);
+        c.finish(&s, "a", 0, 60, &utc, Some(T0)).await.unwrap();
+        // Another zone whose day has the same date is another day.
+        let la = periods(chrono_tz::America::Los_Angeles, T0 + 10 * 3_600_000);
+        assert_eq!(la.day, utc.day);
+        let u = c.peek(&s, &la, Some(T0)).await.unwrap();
+        assert_eq!(u[0].day_nano, 0, "{name}");
+        let u = c.peek(&s, &utc, Some(T0)).await.unwrap();
+        assert_eq!(u[0].day_nano, 60, "{name}");
+    }
+}
+
+#[tokio::test]
 async fn an_unknown_lease_settles_its_usage_into_the_current_second() {
     for (name, c) in stores() {
         let s = [subject(

@@ -105,6 +105,94 @@ async fn each_policy_applies_while_redis_is_down() {
     assert!(matches!(l.admit(free).await, Decision::Unlimited));
 }
 
+fn concurrency_ask(n: u64) -> (Ask, Subject) {
+    let (mut a, mut s) = ask(0);
+    s.limits = Limits::concurrency_only(n);
+    a.subjects = vec![s.clone()];
+    (a, s)
+}
+
+#[tokio::test]
+async fn a_check_that_timed_out_is_undone_when_redis_catches_up() {
+    let port = free_port();
+    let mut server = redis_server(port);
+    let l = limiter(port);
+    l.configure(Policy::Local, Duration::from_millis(100));
+    let (a, s) = concurrency_ask(2);
+    // Redis is busy for 800 ms (a long script): both checks time out, run there later, and
+    // the requests are admitted locally meanwhile.
+    let busy = std::thread::spawn(move || {
+        Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "eval"])
+            .arg("local t = redis.call('TIME'); local s = t[1] * 1e6 + t[2]; while true do local n = redis.call('TIME'); if n[1] * 1e6 + n[2] - s > 800000 then break end end return 1")
+            .arg("0")
+            .output()
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let first = l.admit(a.clone()).await;
+    let second = l.admit(a.clone()).await;
+    assert!(admitted(&first) && admitted(&second));
+    drop((first, second));
+    busy.join().unwrap();
+    // In Redis itself, once the late scripts ran and were undone: nothing in flight, nothing counted.
+    let direct = relay_limits::redis_store::RedisCounters::new(
+        &format!("redis://127.0.0.1:{port}/0"),
+        None,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let periods = relay_proto::periods::periods(chrono_tz::UTC, chrono::Utc::now().timestamp_millis());
+    let mut last = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let u = relay_limits::Counters::peek(&direct, std::slice::from_ref(&s), &periods, None)
+            .await
+            .unwrap();
+        if u[0].in_flight == 0 && u[0].requests == 0 {
+            last = None;
+            break;
+        }
+        last = Some(u[0]);
+    }
+    assert_eq!(last, None, "orphaned leases or counts remained");
+    server.kill().unwrap();
+    let _ = server.wait();
+}
+
+#[tokio::test]
+async fn leases_lost_by_redis_come_back_with_the_next_renewal() {
+    let port = free_port();
+    let mut server = redis_server(port);
+    let l = limiter(port);
+    l.configure(Policy::Local, Duration::from_millis(500));
+    let (a, s) = concurrency_ask(1);
+    let held = l.admit(a.clone()).await;
+    assert!(admitted(&held));
+    l.renew_now().await;
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "FLUSHALL"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // Lost: a second request would get the slot.
+    let periods = relay_proto::periods::periods(chrono_tz::UTC, chrono::Utc::now().timestamp_millis());
+    assert_eq!(
+        l.peek(std::slice::from_ref(&s), &periods).await.unwrap()[0].in_flight,
+        0
+    );
+    l.renew_now().await;
+    assert_eq!(
+        l.peek(std::slice::from_ref(&s), &periods).await.unwrap()[0].in_flight,
+        1,
+        "the held request counts again"
+    );
+    assert!(matches!(l.admit(a.clone()).await, Decision::Refused { .. }));
+    drop(held);
+    server.kill().unwrap();
+    let _ = server.wait();
+}
+
 #[tokio::test]
 async fn the_limiter_returns_to_redis_when_it_answers_again() {
     let port = free_port();

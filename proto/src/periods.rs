@@ -9,6 +9,9 @@ use chrono_tz::Tz;
 /// The day and month that hold one instant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Periods {
+    /// The time zone they are days and months of (`UTC`, `Europe/Berlin`): counters are named by
+    /// it too, so a changed `limits.timezone` never mistakes one zone's day for another's.
+    pub zone: String,
     /// `2026-12-04`.
     pub day: String,
     /// `2026-12`.
@@ -52,6 +55,7 @@ pub fn periods(tz: Tz, now_ms: i64) -> Periods {
     }
     .unwrap_or(next_day);
     Periods {
+        zone: tz.name().to_string(),
         day: local.format("%Y-%m-%d").to_string(),
         month: local.format("%Y-%m").to_string(),
         day_start_ms: start_of(tz, local),

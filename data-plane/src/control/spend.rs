@@ -85,22 +85,28 @@ async fn connect(link: &ControlPlaneLink) -> Option<Client> {
     Some(UsageIngestClient::with_interceptor(channel, f))
 }
 
-/// Polls while the config has budgets, until `stop` turns true.
+/// Polls while the config has budgets or this data plane counts in Redis (the answer also says
+/// how many data planes are connected: the local fallback's share), until `stop` turns true.
 pub async fn run(
     book: Arc<SpendBook>,
+    limiter: Arc<relay_limits::Limiter>,
     link: ControlPlaneLink,
     holder: Arc<ConfigHolder>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut client: Option<Client> = None;
     loop {
-        if holder.get().is_some_and(|c| c.has_budgets()) {
+        if limiter.is_shared() || holder.get().is_some_and(|c| c.has_budgets()) {
             if client.is_none() {
                 client = connect(&link).await;
             }
             if let Some(c) = client.as_mut() {
                 match tokio::time::timeout(Duration::from_secs(10), c.spend(pb::SpendRequest {})).await {
-                    Ok(Ok(r)) => book.set(r.into_inner()),
+                    Ok(Ok(r)) => {
+                        let r = r.into_inner();
+                        limiter.set_fleet_hint(u64::from(r.data_planes));
+                        book.set(r);
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(code = ?e.code(), "cannot read committed spend from the control plane");
                         client = None;

@@ -348,13 +348,13 @@ pub struct SlotGuard {
     inner: Arc<Inner>,
     load: Arc<Load>,
     /// The account's fleet-wide slot (a lease in Redis), released with this one.
-    fleet: Option<relay_limits::Charge>,
+    fleet: Option<Box<relay_limits::Charge>>,
 }
 
 impl SlotGuard {
     /// Holds the account's fleet-wide slot for as long as this one.
     pub fn hold_fleet(&mut self, c: relay_limits::Charge) {
-        self.fleet = Some(c);
+        self.fleet = Some(Box::new(c));
     }
 
     /// Reports the time to the response head (or first event) of the request

@@ -81,12 +81,22 @@ pub async fn admit(
     spend: &SpendBook,
     cfg: &ServingConfig,
     key: &KeyEntry,
+    model: &str,
     tokens: u64,
     cost_nano: u64,
 ) -> Result<Admitted, ApiError> {
-    let p = periods(cfg.policy.timezone, chrono::Utc::now().timestamp_millis());
+    let now = chrono::Utc::now().timestamp_millis();
+    let p = periods(cfg.policy.timezone, now);
+    let subjects = subjects(cfg, key, spend, &p);
+    // A budget protects only if every request it admits has a cost.
+    if subjects.iter().any(|s| s.limits.has_budget()) && cfg.prices.lookup(model, now).is_none() {
+        return Err(ApiError::invalid_request(format!(
+            "model {model} has no price, so this API key's budget cannot count it; the operator can set one \
+             with `relayctl pricing set`"
+        )));
+    }
     let ask = Ask {
-        subjects: subjects(cfg, key, spend, &p),
+        subjects,
         tokens,
         cost_nano,
         periods: p,
@@ -159,8 +169,13 @@ pub fn headers(subjects: &[Subject], uses: &[Use]) -> Vec<(HeaderName, HeaderVal
     out
 }
 
+/// Dollars with cents, or with as many decimals (up to micro-dollars) as the amount needs.
 fn usd(nano: u64) -> String {
-    format!("${:.2}", nano as f64 / 1e9)
+    if nano.is_multiple_of(10_000_000) {
+        return format!("${:.2}", nano as f64 / 1e9);
+    }
+    let s = format!("{:.6}", nano as f64 / 1e9);
+    format!("${}", s.trim_end_matches('0'))
 }
 
 /// The 429 for a refusal: which limit of whom, when to retry, and for a budget: not before the
@@ -293,6 +308,19 @@ pub async fn status(limiter: &Limiter, spend: &SpendBook, cfg: &ServingConfig, k
                 }),
             );
         }
+        // Redis is down and this data plane enforces its share of each rate: say which.
+        if limiter.mode() == relay_limits::Mode::Degraded(relay_limits::Policy::Local) {
+            let share = l.share(limiter.planes());
+            for (name, v) in [
+                ("requests_per_minute", share.rpm),
+                ("tokens_per_minute", share.tpm),
+                ("concurrency", share.concurrency),
+            ] {
+                if let Some(o) = out.get_mut(name) {
+                    o["enforced_here"] = json!(v);
+                }
+            }
+        }
         let budget = |limit: u64, spent: Option<u64>, period: &str, ends: i64| {
             json!({
                 "limit_usd": usd(limit),
@@ -383,6 +411,14 @@ mod tests {
         );
         assert_eq!(get("anthropic-ratelimit-tokens-limit").as_deref(), Some("5000"));
         assert_eq!(get("anthropic-ratelimit-tokens-remaining").as_deref(), Some("3800"));
+    }
+
+    #[test]
+    fn budgets_are_shown_to_the_precision_they_have() {
+        assert_eq!(usd(5_000_000_000), "$5.00");
+        assert_eq!(usd(2_000_000), "$0.002");
+        assert_eq!(usd(1_000), "$0.000001");
+        assert_eq!(usd(12_500_000_000), "$12.50");
     }
 
     #[test]

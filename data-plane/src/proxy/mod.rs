@@ -246,7 +246,7 @@ impl Proxy {
                     None => Err(ApiError::not_found(format!("model: {id}"))),
                 }
             }
-            (_, "/v1/messages" | "/v1/messages/count_tokens" | "/v1/models") => Err(ApiError {
+            (_, "/v1/messages" | "/v1/messages/count_tokens" | "/v1/models" | "/relay/v1/key") => Err(ApiError {
                 status: StatusCode::METHOD_NOT_ALLOWED,
                 ..ApiError::invalid_request(format!("method {} is not allowed on {path}", req.method()))
             }),
@@ -394,12 +394,13 @@ impl Proxy {
             .unwrap_or(0)
             .min(1 << 24);
         let (tokens, cost) = limit::estimate(&cfg, &model, body.len(), max_tokens, is_messages);
-        let admitted = limit::admit(&self.limiter, &self.spend, &cfg, &key, tokens, cost).await?;
+        let admitted = limit::admit(&self.limiter, &self.spend, &cfg, &key, &model, tokens, cost).await?;
 
         let policy = &cfg.policy;
         let deadline = tokio::time::Instant::now() + policy.retry_deadline;
+        // Sessions are per group: the same session id from another tenant's client is another session.
         let session = if is_messages {
-            sticky::session_key(&parts.headers, &body)
+            sticky::session_key(&parts.headers, &body).map(|s| format!("{}:{s}", key.group_id))
         } else {
             None
         };
