@@ -4,9 +4,9 @@
 #   scripts/bench.sh            full run (about 6 minutes of measuring, plus the release build)
 #   scripts/bench.sh --quick    about 2 minutes of measuring, smaller numbers
 #   scripts/bench.sh --tiny     a smoke test of the harness (numbers meaningless)
-#   extra arguments go to `relay-bench run` (e.g. --only latency,saturation --keep-db)
+#   extra arguments go to `relay-bench run` (e.g. --only latency,saturation,limits --keep-db)
 #
-# Installs what it needs when missing (nginx and PostgreSQL from Debian's
+# Installs what it needs when missing (nginx, Redis and PostgreSQL from Debian's
 # packages), builds the release binaries, then runs `relay-bench run`, which
 # starts two mock upstreams, a fresh Postgres database, a control plane, a data
 # plane and nginx on 127.0.0.1, runs every scenario of docs/benchmarks.md
@@ -23,6 +23,12 @@ LOG_TAG=bench.sh
 ensure_nginx() {
   [ -x /usr/sbin/nginx ] || apt_install nginx-light
   # Only our own foreground nginx (generated config, temp prefix) is used.
+}
+
+ensure_redis() {
+  # Scenario 8 (the limit check) starts its own redis-server on a free loopback
+  # port (no persistence); the system service is not used.
+  [ -x /usr/bin/redis-server ] || apt_install redis-server
 }
 
 ensure_postgres() {
@@ -44,6 +50,7 @@ ensure_postgres() {
 }
 
 ensure_nginx
+ensure_redis
 ensure_postgres
 command -v getconf >/dev/null || apt_install libc-bin
 

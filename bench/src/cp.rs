@@ -126,6 +126,26 @@ pub async fn setup(admin: &mut Admin, fast_mock: &str, slow_mock: &str) -> Resul
     })
 }
 
+/// A client key in the default group (the fast mock) with limits it never reaches
+/// (scenario 8): every request it sends is checked and counted by the limiter.
+/// Returns the key and its id.
+pub async fn limited_key(admin: &mut Admin, name: &str) -> Result<(String, String)> {
+    let k = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: name.into(),
+            limits: Some(pb::KeyLimits {
+                requests_per_minute: 1_000_000_000,
+                max_concurrency: 100_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .context("creating the limited key")?
+        .into_inner();
+    Ok((k.key, k.info.map(|i| i.id).unwrap_or_default()))
+}
+
 /// One receipt: watcher index, revision, when it arrived.
 type Receipt = (usize, u64, Instant);
 

@@ -15,6 +15,8 @@ use tokio::process::Command;
 pub struct EnvOpts {
     pub bins: PathBuf,
     pub nginx: PathBuf,
+    /// redis-server, for scenario 8 (the limit check).
+    pub redis_server: PathBuf,
     pub database_url: String,
     pub work: PathBuf,
     /// Delay between events of the slow-stream mock.
@@ -85,14 +87,21 @@ async fn mock(bins: &Path, name: &str, extra: &[String], logs: &Path) -> Result<
     Ok((p, addr))
 }
 
-pub fn data_plane_cmd(bins: &Path, cp_url: &str, listen: SocketAddr, dir: &Path, token: &str) -> Command {
+pub fn data_plane_cmd(
+    bins: &Path,
+    cp_url: &str,
+    listen: SocketAddr,
+    dir: &Path,
+    token: &str,
+    node_id: &str,
+) -> Command {
     let mut cmd = Command::new(bins.join("relay-data-plane"));
     cmd.arg("--control-plane")
         .arg(cp_url)
         .arg("--listen")
         .arg(listen.to_string())
         .arg("--node-id")
-        .arg("bench-dp")
+        .arg(node_id)
         .arg("--data-dir")
         .arg(dir)
         .arg("--shutdown-grace-secs")
@@ -157,7 +166,7 @@ impl Env {
         let dp_addr: SocketAddr = format!("127.0.0.1:{}", procs::free_port()?).parse()?;
         let dp_p = Proc::spawn(
             "data-plane",
-            data_plane_cmd(&opts.bins, &cp_url, dp_addr, &dp_dir, &setup.dp_token),
+            data_plane_cmd(&opts.bins, &cp_url, dp_addr, &dp_dir, &setup.dp_token, "bench-dp"),
             &logs,
         )?;
         wait_ready(dp_addr, Instant::now(), Duration::from_secs(60))

@@ -1,7 +1,7 @@
 //! `relay-bench`: relay's benchmark harness (see docs/benchmarks.md).
 //!
 //! ```text
-//! relay-bench run [--quick] [--out bench/results] [--bin-dir target/release] [--only latency,saturation,…]
+//! relay-bench run [--quick] [--out bench/results] [--bin-dir target/release] [--only latency,saturation,limits,…]
 //! relay-bench env --secs N                  # start everything, print addresses and pids, hold (for profiling)
 //! relay-bench load --url URL --key K [--stream] [--rate R --secs S | --closed N --concurrency C]
 //! ```
@@ -13,6 +13,7 @@ mod env;
 mod load;
 mod nginx;
 mod procs;
+mod redis;
 mod report;
 mod run;
 mod stats;
@@ -37,6 +38,9 @@ struct EnvArgs {
     /// The nginx binary.
     #[arg(long, default_value = "/usr/sbin/nginx")]
     nginx: PathBuf,
+    /// redis-server, for scenario 8 (the limit check; `--only` without `limits` does not need it).
+    #[arg(long, default_value = "/usr/bin/redis-server")]
+    redis_server: PathBuf,
     /// Postgres to create the run's database in.
     #[arg(
         long,
@@ -63,7 +67,7 @@ enum Cmd {
         tiny: bool,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
-        /// Only these scenarios: latency, saturation, streams, propagation, ingest, start.
+        /// Only these scenarios: latency, saturation, streams, limits, propagation, ingest, start.
         #[arg(long, value_delimiter = ',')]
         only: Option<Vec<String>>,
         /// Keep the run's Postgres database.
@@ -133,6 +137,7 @@ fn env_opts(a: &EnvArgs, work: PathBuf) -> Result<env::EnvOpts> {
     Ok(env::EnvOpts {
         bins,
         nginx: a.nginx.clone(),
+        redis_server: a.redis_server.clone(),
         database_url: a.database_url.clone(),
         work,
         slow_event_delay_ms: a.slow_event_delay_ms,
@@ -164,6 +169,14 @@ async fn main() -> Result<()> {
             keep_db,
             max_secs,
         } => {
+            let wants_limits = only.as_ref().is_none_or(|o| o.iter().any(|x| x == "limits"));
+            if wants_limits && !env.redis_server.exists() {
+                bail!(
+                    "{} not found (scenario 8, the limit check, needs it): apt-get install redis-server, \
+                     or leave `limits` out of --only",
+                    env.redis_server.display()
+                );
+            }
             let work = tempfile::Builder::new().prefix("relay-bench-").tempdir()?;
             let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
             let opts = run::RunOpts {
