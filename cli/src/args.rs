@@ -31,8 +31,6 @@ pub struct Cli {
     pub ca_file: Option<PathBuf>,
 
     /// Output format.
-    // The id is "format", not "output": `pricing set` has its own `--output USD`
-    // (see `PriceSet::format`).
     #[arg(short = 'o', long = "output", id = "format", value_name = "FORMAT", global = true, help_heading = GLOBAL, value_enum, default_value_t = Format::Table)]
     pub output: Format,
 
@@ -99,9 +97,9 @@ pub struct SecretSource {
 
 #[derive(Debug, Subcommand)]
 pub enum AccountCmd {
-    /// Add an account; the credential is read from stdin or a file.
-    #[command(group(ArgGroup::new("secret").required(true).args(["secret_stdin", "secret_file"])))]
-    Add(AccountAdd),
+    /// Add an account; the credential is read from stdin or a file (also `add`).
+    #[command(alias = "add", group(ArgGroup::new("secret").required(true).args(["secret_stdin", "secret_file"])))]
+    Create(AccountAdd),
     /// List accounts.
     #[command(alias = "ls")]
     List,
@@ -127,8 +125,8 @@ pub enum AccountCmd {
         /// The account's name or id.
         account: String,
     },
-    /// Delete an account.
-    #[command(alias = "delete")]
+    /// Delete an account (also `delete`, `remove`); its usage keeps its name in reports.
+    #[command(aliases = ["delete", "remove"])]
     Rm {
         /// The account's name or id.
         account: String,
@@ -250,7 +248,8 @@ impl LimitArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum KeyCmd {
-    /// Create an API key; the key is printed this once.
+    /// Create an API key; the key is printed this once (also `add`).
+    #[command(alias = "add")]
     Create(KeyCreate),
     /// List API keys.
     #[command(alias = "ls")]
@@ -261,7 +260,8 @@ pub enum KeyCmd {
         /// The key's name or id.
         key: String,
     },
-    /// Revoke an API key (final).
+    /// Revoke an API key (final; it stays listed as revoked, with its usage) (also `rm`, `delete`).
+    #[command(aliases = ["rm", "delete", "remove"])]
     Revoke {
         /// The key's name or id.
         key: String,
@@ -318,16 +318,21 @@ pub struct KeyUpdate {
 
 #[derive(Debug, Subcommand)]
 pub enum GroupCmd {
-    /// Create a group; its limits are the total across its keys.
+    /// Create a group; its limits are the total across its keys (also `add`).
     #[command(alias = "add")]
     Create(GroupCreate),
     /// List groups.
     #[command(alias = "ls")]
     List,
+    /// Show one group.
+    Show {
+        /// The group's name or id.
+        group: String,
+    },
     /// Change a group (rename, description, limits); only the given fields change.
     Update(GroupUpdate),
-    /// Delete a group.
-    #[command(alias = "delete")]
+    /// Delete a group (also `delete`, `remove`).
+    #[command(aliases = ["delete", "remove"])]
     Rm {
         /// The group's name or id.
         group: String,
@@ -366,6 +371,19 @@ pub enum PricingCmd {
     List,
     /// Set the price of a model (or a prefix ending in '*'), in USD per million tokens.
     Set(PriceSet),
+    /// Remove an operator's price of a pattern: every effective date, or the one given (also
+    /// `delete`). Usage already recorded keeps its cost; built-in prices cannot be removed.
+    #[command(aliases = ["delete", "remove"])]
+    Rm(PriceRm),
+}
+
+#[derive(Debug, Args)]
+pub struct PriceRm {
+    /// The model pattern exactly as `pricing list` shows it (e.g. "claude-sonnet-4*").
+    pub model_pattern: String,
+    /// Only the price taking effect at this time (RFC 3339, as `pricing list -o json` shows it).
+    #[arg(long, value_name = "RFC3339", value_parser = instant_arg)]
+    pub effective_from: Option<i64>,
 }
 
 #[derive(Debug, Args)]
@@ -373,29 +391,23 @@ pub struct PriceSet {
     /// Exact model id, or a prefix ending in '*' (e.g. "claude-sonnet-4*").
     pub model_pattern: String,
     /// Input tokens, USD/MTok.
+    #[arg(long, value_name = "USD", value_parser = usd_arg, alias = "input")]
+    pub input_price: u64,
+    /// Output tokens, USD/MTok (`--output` is the global output format).
     #[arg(long, value_name = "USD", value_parser = usd_arg)]
-    pub input: u64,
-    /// Output tokens, USD/MTok.
-    #[arg(long, value_name = "USD", value_parser = usd_arg)]
-    pub output: u64,
-    /// Output format (here only `-o`: `--output` is the output-token price).
-    // Defining the "format" id here keeps the global `-o/--output` from being
-    // propagated into this command, where its `--output` would clash; the value
-    // still reaches `Cli::output`, as clap shares global ids across levels.
-    #[arg(short = 'o', id = "format", value_name = "FORMAT", value_enum)]
-    pub format: Option<Format>,
+    pub output_price: u64,
     /// 5-minute cache writes, USD/MTok (default 1.25 × input).
-    #[arg(long = "cache-write-5m", value_name = "USD", value_parser = usd_arg)]
-    pub cache_write_5m: Option<u64>,
+    #[arg(long = "cache-write-5m-price", value_name = "USD", value_parser = usd_arg, alias = "cache-write-5m")]
+    pub cache_write_5m_price: Option<u64>,
     /// 1-hour cache writes, USD/MTok (default 2 × input).
-    #[arg(long = "cache-write-1h", value_name = "USD", value_parser = usd_arg)]
-    pub cache_write_1h: Option<u64>,
+    #[arg(long = "cache-write-1h-price", value_name = "USD", value_parser = usd_arg, alias = "cache-write-1h")]
+    pub cache_write_1h_price: Option<u64>,
     /// Cache reads, USD/MTok (default 0.1 × input).
-    #[arg(long, value_name = "USD", value_parser = usd_arg)]
-    pub cache_read: Option<u64>,
+    #[arg(long, value_name = "USD", value_parser = usd_arg, alias = "cache-read")]
+    pub cache_read_price: Option<u64>,
     /// When the price takes effect (RFC 3339; default now).
-    #[arg(long, value_name = "RFC3339", value_parser = instant_arg)]
-    pub effective: Option<i64>,
+    #[arg(long, value_name = "RFC3339", value_parser = instant_arg, alias = "effective")]
+    pub effective_from: Option<i64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -410,7 +422,13 @@ pub enum SettingsCmd {
         /// Its new value.
         value: String,
     },
-    /// Back to the default.
+    /// Show one setting: its value, default, type and range.
+    Show {
+        /// The setting (see `settings list`), or account.ACCOUNT.NAME.
+        name: String,
+    },
+    /// Back to the default (also `rm`).
+    #[command(aliases = ["rm", "delete", "remove"])]
     Unset {
         /// The setting (see `settings list`), or account.ACCOUNT.NAME.
         name: String,
@@ -472,7 +490,8 @@ pub enum RoleArg {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCmd {
-    /// Create an admin token; the token is printed this once.
+    /// Create an admin, read-only or data-plane token; printed this once (also `add`).
+    #[command(alias = "add")]
     Create {
         /// A name for the token (who or what uses it).
         name: String,
@@ -481,11 +500,11 @@ pub enum TokenCmd {
         #[arg(long, value_enum)]
         role: RoleArg,
     },
-    /// List admin tokens.
+    /// List tokens and where each came from.
     #[command(alias = "ls")]
     List,
-    /// Revoke an admin token (by name or id).
-    #[command(alias = "rm")]
+    /// Revoke a token (by name or id) (also `rm`, `delete`).
+    #[command(aliases = ["rm", "delete", "remove"])]
     Revoke {
         // Not `token`: that is the global --token option's id, and clap would
         // mix the two up when the admin token comes from --token or the env.
@@ -550,7 +569,7 @@ mod tests {
             "-2",
         ])
         .unwrap();
-        let Command::Account(AccountCmd::Add(a)) = cli.command else {
+        let Command::Account(AccountCmd::Create(a)) = cli.command else {
             unreachable!()
         };
         assert_eq!(a.groups, ["x", "y", "z"]);
@@ -577,11 +596,11 @@ mod tests {
             "pricing",
             "set",
             "claude-*",
-            "--input",
+            "--input-price",
             "3",
-            "--output",
+            "--output-price",
             "15",
-            "--cache-read",
+            "--cache-read-price",
             "0.30",
         ])
         .unwrap();
@@ -589,23 +608,148 @@ mod tests {
             unreachable!()
         };
         assert_eq!(
-            (p.input, p.output, p.cache_read, p.cache_write_5m),
+            (
+                p.input_price,
+                p.output_price,
+                p.cache_read_price,
+                p.cache_write_5m_price
+            ),
             (3_000_000, 15_000_000, Some(300_000), None)
         );
-        let err = parse(&["pricing", "set", "m", "--input", "abc", "--output", "1"]).unwrap_err();
+        let err = parse(&["pricing", "set", "m", "--input-price", "abc", "--output-price", "1"]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
-        assert!(parse(&["pricing", "set", "m", "--input", "-1", "--output", "1"]).is_err());
-        // `-o` still selects the output format, before or after the subcommand.
-        let cli = parse(&["pricing", "set", "m", "--input", "1", "--output", "2", "-o", "json"]).unwrap();
-        assert_eq!(cli.output, Format::Json);
-        let cli = parse(&["-o", "csv", "pricing", "set", "m", "--input", "1", "--output", "2"]).unwrap();
-        assert_eq!(cli.output, Format::Csv);
+        assert!(parse(&["pricing", "set", "m", "--input-price", "-1", "--output-price", "1"]).is_err());
+        // The global `-o/--output` is the output format, before or after the subcommand.
+        let set = ["pricing", "set", "m", "--input-price", "1", "--output-price", "2"];
+        for (extra, want) in [
+            (&["-o", "json"][..], Format::Json),
+            (&["--output", "csv"][..], Format::Csv),
+            (&["--output=wide"][..], Format::Wide),
+        ] {
+            let mut args = set.to_vec();
+            args.extend_from_slice(extra);
+            assert_eq!(parse(&args).unwrap().output, want, "{args:?}");
+            let mut args = extra.to_vec();
+            args.extend_from_slice(&set);
+            assert_eq!(parse(&args).unwrap().output, want, "{args:?}");
+        }
+        // `--output 2` is a format, not a price, any more.
+        let err = parse(&["pricing", "set", "m", "--input-price", "1", "--output", "2"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue, "{err}");
+        // The old names of the other prices still work.
+        let cli = parse(&[
+            "pricing",
+            "set",
+            "m",
+            "--input",
+            "1",
+            "--output-price",
+            "2",
+            "--cache-write-5m",
+            "1.5",
+            "--effective",
+            "2025-01-01T00:00:00Z",
+        ])
+        .unwrap();
         let Command::Pricing(PricingCmd::Set(p)) = cli.command else {
             unreachable!()
         };
-        assert_eq!(p.output, 2_000_000);
+        assert_eq!(
+            (p.input_price, p.cache_write_5m_price, p.effective_from),
+            (1_000_000, Some(1_500_000), Some(1_735_689_600_000))
+        );
         let cli = parse(&["--output", "json", "pricing", "list"]).unwrap();
         assert_eq!(cli.output, Format::Json);
+    }
+
+    #[test]
+    fn pricing_rm_takes_a_pattern_and_an_optional_date() {
+        let cli = parse(&["pricing", "rm", "claude-*", "--effective-from", "2025-01-01T00:00:00Z"]).unwrap();
+        let Command::Pricing(PricingCmd::Rm(r)) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(
+            (r.model_pattern.as_str(), r.effective_from),
+            ("claude-*", Some(1_735_689_600_000))
+        );
+        let cli = parse(&["pricing", "delete", "m", "-o", "json"]).unwrap();
+        assert_eq!(cli.output, Format::Json);
+        assert!(matches!(
+            cli.command,
+            Command::Pricing(PricingCmd::Rm(PriceRm {
+                effective_from: None,
+                ..
+            }))
+        ));
+        assert!(parse(&["pricing", "rm"]).is_err());
+        assert!(parse(&["pricing", "rm", "m", "--effective-from", "yesterday"]).is_err());
+    }
+
+    /// One verb per action on every resource: `create` (alias `add`), `rm` or `revoke` (aliases
+    /// `delete`, `remove`, and `rm` for a revoke), `update`, `show`, `list` (alias `ls`).
+    #[test]
+    fn verbs_are_the_same_on_every_resource() {
+        let cli = Cli::command();
+        let mut seen = 0;
+        for res in cli.get_subcommands() {
+            let verbs: Vec<&str> = res.get_subcommands().map(|c| c.get_name()).collect();
+            for sub in res.get_subcommands() {
+                let name = sub.get_name();
+                let aliases: Vec<&str> = sub.get_all_aliases().collect();
+                let want: &[&str] = match name {
+                    "create" => &["add"],
+                    "rm" => &["delete", "remove"],
+                    "revoke" => &["rm", "delete", "remove"],
+                    "unset" => &["rm", "delete", "remove"],
+                    "list" => &["ls"],
+                    _ => &[],
+                };
+                for a in want {
+                    assert!(
+                        aliases.contains(a),
+                        "{} {name}: no alias {a} ({aliases:?})",
+                        res.get_name()
+                    );
+                }
+                for other in ["add", "delete", "remove", "ls", "new", "edit", "get", "describe"] {
+                    assert_ne!(name, other, "{}: `{other}` should be an alias", res.get_name());
+                }
+            }
+            if !verbs.is_empty() {
+                seen += 1;
+                assert!(verbs.contains(&"list"), "{}: no list ({verbs:?})", res.get_name());
+            }
+        }
+        assert!(seen >= 7, "every resource was checked");
+        for (resource, verbs) in [
+            ("account", &["create", "list", "show", "update", "rm"][..]),
+            ("key", &["create", "list", "show", "update", "revoke"]),
+            ("group", &["create", "list", "show", "update", "rm"]),
+            ("pricing", &["list", "set", "rm"]),
+            ("settings", &["list", "show", "set", "unset"]),
+            ("token", &["create", "list", "revoke"]),
+            ("data-planes", &["list"]),
+        ] {
+            let res = cli.find_subcommand(resource).unwrap();
+            for v in verbs {
+                assert!(res.find_subcommand(v).is_some(), "{resource} {v}");
+            }
+        }
+        // The aliases parse to the same commands.
+        for args in [
+            &["account", "add", "a", "--kind", "anthropic-api-key", "--secret-stdin"][..],
+            &["account", "remove", "a"],
+            &["key", "add", "k"],
+            &["key", "rm", "k"],
+            &["group", "delete", "g"],
+            &["pricing", "remove", "m"],
+            &["settings", "rm", "retry.max_attempts"],
+            &["token", "add", "t", "--role", "admin"],
+            &["token", "delete", "t"],
+            &["dp", "ls"],
+        ] {
+            assert!(parse(args).is_ok(), "{args:?}");
+        }
     }
 
     #[test]

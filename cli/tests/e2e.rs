@@ -238,7 +238,23 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
         .unwrap()
         .iter()
         .any(|p| p["model_pattern"] == "claude-sonnet-4*" && p["source"] == "builtin"));
-    env.ok(&["pricing", "set", "my-model", "--input", "2", "--output", "8"], None);
+    // The global `--output` is the format, also on `pricing set` (its prices are `--*-price`).
+    let set = env.ok(
+        &[
+            "pricing",
+            "set",
+            "my-model",
+            "--input-price",
+            "2",
+            "--output-price",
+            "8",
+            "--output",
+            "json",
+        ],
+        None,
+    );
+    let set: Value = serde_json::from_str(&set).unwrap_or_else(|e| panic!("not JSON ({e}): {set}"));
+    assert_eq!(set["output"].as_f64(), Some(8.0), "{set}");
     let prices = env.json(&["pricing", "list"], None);
     let mine = prices
         .as_array()
@@ -252,6 +268,36 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
         Some(2.5),
         "5m write defaults to 1.25x input"
     );
+    // `pricing rm`: an unknown pattern is refused with what to do; a built-in price stays.
+    let out = env.relayctl(&["pricing", "rm", "my-modle"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no price for model pattern \"my-modle\"") && err.contains("relayctl pricing list"),
+        "{err}"
+    );
+    let out = env.relayctl(&["pricing", "rm", "claude-sonnet-4*"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("built-in"));
+    env.ok(
+        &[
+            "pricing",
+            "set",
+            "gone-model",
+            "--input-price",
+            "1",
+            "--output-price",
+            "1",
+        ],
+        None,
+    );
+    let said = env.ok(&["pricing", "rm", "gone-model"], None);
+    assert!(said.starts_with("removed 1 price of \"gone-model\""), "{said}");
+    let prices = env.json(&["pricing", "list"], None);
+    assert!(!prices
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["model_pattern"] == "gone-model"));
 
     // Audit log: who did what, never the secret.
     let audit = env.json(&["audit", "--limit", "50"], None);
@@ -341,6 +387,50 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
         assert!(header.contains(col), "{header}");
     }
     assert!(lines.next().unwrap().contains("claude-sonnet-4-5"));
+
+    // A deleted account keeps its name in usage reports.
+    env.ok(
+        &[
+            "account",
+            "create",
+            "acct-gone",
+            "--kind",
+            "anthropic-api-key",
+            "--secret-stdin",
+        ],
+        Some(&format!("{UPSTREAM_SECRET}\n")),
+    );
+    let gone_id = env.json(&["account", "show", "acct-gone"], None)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let event = pb::UsageEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        request_id: "req_gone".into(),
+        timestamp_ms: chrono::Utc::now().timestamp_millis(),
+        // Not team-a-key's: its budgets are checked to the micro-dollar below.
+        api_key_id: "key-elsewhere".into(),
+        account_id: gone_id.clone(),
+        model: "claude-sonnet-4-5".into(),
+        input_tokens: 10,
+        cost_pico_usd: 1_000_000,
+        http_status: 200,
+        ..Default::default()
+    };
+    assert_eq!(report_usage(&env.server, &dp, vec![event]).await.inserted, 1);
+    env.ok(&["account", "rm", "acct-gone"], None);
+    let usage = env.json(&["usage", "--by", "account"], None);
+    let row = usage
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["account_id"] == gone_id.as_str())
+        .unwrap_or_else(|| panic!("{usage}"))
+        .clone();
+    assert_eq!(row["account"], "acct-gone (deleted)", "{row}");
+    assert_eq!(row["requests"], 1);
+    let table = env.ok(&["usage", "--by", "account"], None);
+    assert!(table.contains("acct-gone (deleted)"), "{table}");
     limits_walkthrough(env).await;
     settings_walkthrough(env);
     // Revoking by name works with the admin token in the environment (issue 12, item 9).

@@ -429,6 +429,11 @@ pub enum Mutation {
         id: String,
     },
     UpsertPrice(Price),
+    /// Removes one price row (by id). Stored usage keeps its cost: costs are
+    /// computed when the usage is recorded, never from the price table later.
+    DeletePrice {
+        id: String,
+    },
     SetSetting {
         name: String,
         value: String,

@@ -1828,3 +1828,126 @@ async fn a_new_host_needs_the_credential_again() {
         .iter()
         .any(|e| e.detail.contains("credential_sent_to_new_host")));
 }
+
+both_stores!(
+    removing_a_price_keeps_stored_costs_and_refuses_what_it_cannot,
+    |cp: Cp| async move {
+        let mut admin = cp.admin().await;
+        let mut w = cp.watch(None, "dp-price").await;
+        let mut held = Held::default();
+        let u = w.next().await;
+        held.apply(&u);
+        w.ack(&u).await;
+        let set = |effective_from_ms: i64| pb::SetPriceRequest {
+            model_pattern: "my-model*".into(),
+            effective_from_ms,
+            input: 2_000_000,
+            output: 8_000_000,
+            ..Default::default()
+        };
+        let jan = 1_735_689_600_000; // 2025-01-01
+        let feb = jan + 31 * 86_400_000;
+        admin.set_price(set(jan)).await.unwrap();
+        admin.set_price(set(feb)).await.unwrap();
+        for _ in 0..2 {
+            let u = w.next().await;
+            held.apply(&u);
+            w.ack(&u).await;
+        }
+        assert_eq!(
+            held.config
+                .prices
+                .iter()
+                .filter(|p| p.model_pattern == "my-model*")
+                .count(),
+            2
+        );
+        let mut event = spent_event("key-x", chrono::Utc::now().timestamp_millis(), 7_000_000_000);
+        event.model = "my-model-1".into();
+        report(&cp, vec![event]).await;
+        let reader = admin.clone();
+        let cost = || {
+            let mut admin = reader.clone();
+            async move {
+                admin
+                    .query_usage(pb::QueryUsageRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .rows[0]
+                    .cost_pico_usd
+            }
+        };
+        assert_eq!(cost().await, 7_000_000_000);
+
+        // Unknown pattern, unknown date, a built-in price, a read-only token: refused, nothing changes.
+        let before = head(&cp).await;
+        let rm = |pattern: &str, effective_from_ms: i64| pb::DeletePriceRequest {
+            model_pattern: pattern.into(),
+            effective_from_ms,
+        };
+        let e = admin.delete_price(rm("my-modle*", 0)).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert!(
+            e.message().contains("no price for model pattern \"my-modle*\""),
+            "{}",
+            e.message()
+        );
+        assert!(e.message().contains("relayctl pricing list"), "{}", e.message());
+        let e = admin.delete_price(rm("my-model*", jan + 1)).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert!(
+            e.message().contains("2025-01-01T00:00:00Z"),
+            "lists the dates there are: {}",
+            e.message()
+        );
+        let e = admin.delete_price(rm("claude-sonnet-4*", 0)).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(e.message().contains("built-in"), "{}", e.message());
+        let e = admin.delete_price(rm("", 0)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let e = cp
+            .admin_as(Some(RO_TOKEN))
+            .await
+            .delete_price(rm("my-model*", 0))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert_eq!(head(&cp).await, before);
+
+        // One date, then the rest: data planes drop them; stored usage keeps its cost; audited.
+        let r = admin.delete_price(rm("my-model*", jan)).await.unwrap().into_inner();
+        assert_eq!(r.removed.len(), 1);
+        assert_eq!(r.removed[0].effective_from_ms, jan);
+        let u = w.next().await;
+        assert_eq!(u.removed.len(), 1, "{u:?}");
+        held.apply(&u);
+        w.ack(&u).await;
+        let r = admin.delete_price(rm(" my-model* ", 0)).await.unwrap().into_inner();
+        assert_eq!(r.removed.iter().map(|p| p.effective_from_ms).collect::<Vec<_>>(), [feb]);
+        assert_eq!(r.version, Some(head(&cp).await));
+        let u = w.next().await;
+        held.apply(&u);
+        w.ack(&u).await;
+        assert!(!held.config.prices.iter().any(|p| p.model_pattern == "my-model*"));
+        let listed = admin.list_prices(pb::ListPricesRequest {}).await.unwrap().into_inner();
+        assert!(!listed.prices.iter().any(|p| p.model_pattern == "my-model*"));
+        assert!(listed.prices.iter().any(|p| p.model_pattern == "claude-sonnet-4*"));
+        assert_eq!(cost().await, 7_000_000_000, "stored usage keeps its cost");
+        let audit = admin
+            .list_audit(pb::ListAuditRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            audit
+                .entries
+                .iter()
+                .filter(|e| e.action == "price.delete" && e.target == "my-model*")
+                .count(),
+            2
+        );
+        let e = admin.delete_price(rm("my-model*", 0)).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    }
+);

@@ -1427,6 +1427,80 @@ macro_rules! conformance_suite {
         }
 
         #[tokio::test]
+        async fn a_deleted_account_keeps_its_name_in_usage() {
+            let (store, _guard) = fresh().await;
+            apply_ok(
+                &store,
+                vec![
+                    Mutation::InsertGroup(group("g1", "one")),
+                    Mutation::InsertApiKey(api_key("key-a", "web", "g1")),
+                    Mutation::InsertAccount(account("acc-1", "primary", &["g1"])),
+                    Mutation::InsertAccount(account("acc-2", "backup", &["g1"])),
+                ],
+            )
+            .await;
+            store
+                .insert_usage(&[
+                    usage(1, T0, "key-a", "acc-1", "m", 200, ""),
+                    usage(2, T0 + 1, "key-a", "acc-1", "m", 200, ""),
+                    usage(4, T0 + 2, "key-a", "acc-2", "m", 200, ""),
+                ])
+                .await
+                .unwrap();
+            let by_account = || async {
+                store
+                    .query_usage(UsageQuery { group_by: UsageGroupBy::Account, ..UsageQuery::default() })
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| (r.group, r.group_id, r.requests))
+                    .collect::<Vec<_>>()
+            };
+            let s = |n: &str, id: &str, c: u64| (n.to_string(), id.to_string(), c);
+            assert_eq!(by_account().await, [s("backup", "acc-2", 1), s("primary", "acc-1", 2)]);
+
+            apply_ok(&store, vec![Mutation::DeleteAccount { id: "acc-1".into() }]).await;
+            assert_eq!(
+                by_account().await,
+                [s("backup", "acc-2", 1), s("primary (deleted)", "acc-1", 2)],
+                "the deleted account's usage keeps its name"
+            );
+            // A new account may take the name: both rows stay apart.
+            apply_ok(&store, vec![Mutation::InsertAccount(account("acc-3", "primary", &["g1"]))]).await;
+            store.insert_usage(&[usage(5, T0 + 3, "key-a", "acc-3", "m", 200, "")]).await.unwrap();
+            assert_eq!(
+                by_account().await,
+                [s("backup", "acc-2", 1), s("primary", "acc-3", 1), s("primary (deleted)", "acc-1", 2)]
+            );
+        }
+
+        #[tokio::test]
+        async fn deleting_a_price_leaves_stored_costs() {
+            let (store, _guard) = fresh().await;
+            let p = price("p-1", "my-model", T0);
+            let keep = price("p-2", "my-model", T0 + HOUR);
+            apply_ok(&store, vec![Mutation::UpsertPrice(p.clone()), Mutation::UpsertPrice(keep.clone())]).await;
+            let e = usage(1, T0 + 1, "key-a", "acc-1", "my-model", 200, "");
+            store.insert_usage(std::slice::from_ref(&e)).await.unwrap();
+            let cost = || async { store.query_usage(UsageQuery::default()).await.unwrap()[0].cost_pico_usd };
+            assert_eq!(cost().await, e.cost_pico_usd);
+
+            let v = apply_ok(&store, vec![Mutation::DeletePrice { id: "p-1".into() }]).await;
+            let left = store.list_prices().await.unwrap();
+            assert_eq!(left.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["p-2"]);
+            assert_eq!(store.load_config().await.unwrap().prices, left);
+            assert!(left[0].revision < v.revision, "the other price is untouched");
+            assert_eq!(cost().await, e.cost_pico_usd, "stored usage keeps its cost");
+
+            let err = apply_err(&store, vec![Mutation::DeletePrice { id: "p-1".into() }]).await;
+            assert!(
+                matches!(&err, StoreError::NotFound { kind, name }
+                    if *kind == ResourceKind::Price.as_str() && name == "p-1"),
+                "{err:?}"
+            );
+        }
+
+        #[tokio::test]
         async fn change_hint_wakes_waiters_on_apply() {
             let (store, _guard) = fresh().await;
             let hint = store.change_hint();

@@ -123,7 +123,7 @@ pub async fn run(conn: &mut Conn, out: Output, cmd: AccountCmd) -> Result<()> {
     let server = conn.server.clone();
     let api = &mut conn.api;
     match cmd {
-        AccountCmd::Add(args) => {
+        AccountCmd::Create(args) => {
             let req = create_request(args)?;
             let info = api.create_account(req).await.or_report(&server)?;
             out.one(COLUMNS, &info)

@@ -2,15 +2,15 @@
 
 use anyhow::{anyhow, Result};
 use relay_proto::v1::{
-    CreateGroupRequest, DeleteGroupRequest, GroupInfo, KeyLimits, ListGroupsRequest, ListPricesRequest,
-    ListSettingsRequest, ListSettingsResponse, Price, SetPriceRequest, SetSettingRequest, SettingInfo,
-    UnsetSettingRequest, UpdateGroupRequest,
+    CreateGroupRequest, DeleteGroupRequest, DeletePriceRequest, GroupInfo, KeyLimits, ListGroupsRequest,
+    ListPricesRequest, ListSettingsRequest, ListSettingsResponse, Price, SetPriceRequest, SetSettingRequest,
+    SettingInfo, UnsetSettingRequest, UpdateGroupRequest,
 };
 
 use super::{limits as lim, Deleted};
-use crate::args::{GroupCmd, GroupUpdate, PriceSet, PricingCmd, SettingsCmd};
+use crate::args::{GroupCmd, GroupUpdate, PriceRm, PriceSet, PricingCmd, SettingsCmd};
 use crate::client::{Conn, RpcResult};
-use crate::output::{Column, Output, Value};
+use crate::output::{Column, Format, Output, Value};
 use crate::parse::default_cache_prices;
 
 fn group_limits(g: &GroupInfo) -> KeyLimits {
@@ -78,6 +78,10 @@ pub async fn group(conn: &mut Conn, out: Output, cmd: GroupCmd) -> Result<()> {
             let list = api.list_groups(ListGroupsRequest {}).await.or_report(&server)?;
             out.list(GROUP_COLUMNS, &list.groups)
         }
+        GroupCmd::Show { group } => {
+            let list = api.list_groups(ListGroupsRequest {}).await.or_report(&server)?;
+            out.one(GROUP_COLUMNS, find_group(&list.groups, &group)?)
+        }
         GroupCmd::Update(args) => {
             let mut req = group_update_request(&args);
             if args.limits.any() {
@@ -118,16 +122,44 @@ const PRICE_COLUMNS: &[Column<Price>] = &[
 ];
 
 fn price_request(args: PriceSet) -> Result<SetPriceRequest> {
-    let (w5m, w1h, read) = default_cache_prices(args.input).map_err(|e| anyhow!(e))?;
+    let (w5m, w1h, read) = default_cache_prices(args.input_price).map_err(|e| anyhow!(e))?;
     Ok(SetPriceRequest {
         model_pattern: args.model_pattern,
-        effective_from_ms: args.effective.unwrap_or(0),
-        input: args.input,
-        output: args.output,
-        cache_write_5m: args.cache_write_5m.unwrap_or(w5m),
-        cache_write_1h: args.cache_write_1h.unwrap_or(w1h),
-        cache_read: args.cache_read.unwrap_or(read),
+        effective_from_ms: args.effective_from.unwrap_or(0),
+        input: args.input_price,
+        output: args.output_price,
+        cache_write_5m: args.cache_write_5m_price.unwrap_or(w5m),
+        cache_write_1h: args.cache_write_1h_price.unwrap_or(w1h),
+        cache_read: args.cache_read_price.unwrap_or(read),
     })
+}
+
+fn price_rm_request(args: &PriceRm) -> DeletePriceRequest {
+    DeletePriceRequest {
+        model_pattern: args.model_pattern.clone(),
+        effective_from_ms: args.effective_from.unwrap_or(0),
+    }
+}
+
+/// What `pricing rm` says it removed: the pattern and each effective date.
+fn removed_text(pattern: &str, removed: &[Price], version: Option<&relay_proto::v1::ConfigVersion>) -> String {
+    let dates: Vec<String> = removed
+        .iter()
+        .map(|p| match p.effective_from_ms {
+            0 => "always".to_string(),
+            ms => chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+                .map_or_else(|| ms.to_string(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
+        })
+        .collect();
+    let n = removed.len();
+    let version = super::version_string(version)
+        .map(|v| format!(" (config version {v})"))
+        .unwrap_or_default();
+    format!(
+        "removed {n} price{} of {pattern:?}, effective from {}{version}; usage already recorded keeps its cost",
+        if n == 1 { "" } else { "s" },
+        dates.join(", ")
+    )
 }
 
 pub async fn pricing(conn: &mut Conn, out: Output, cmd: PricingCmd) -> Result<()> {
@@ -141,6 +173,17 @@ pub async fn pricing(conn: &mut Conn, out: Output, cmd: PricingCmd) -> Result<()
         PricingCmd::Set(args) => {
             let price = api.set_price(price_request(args)?).await.or_report(&server)?;
             out.one(PRICE_COLUMNS, &price)
+        }
+        PricingCmd::Rm(args) => {
+            let resp = api.delete_price(price_rm_request(&args)).await.or_report(&server)?;
+            let text = removed_text(&args.model_pattern, &resp.removed, resp.version.as_ref());
+            match out.format {
+                Format::Table | Format::Wide => {
+                    println!("{text}");
+                    Ok(())
+                }
+                _ => out.list(PRICE_COLUMNS, &resp.removed),
+            }
         }
     }
 }
@@ -179,6 +222,12 @@ pub async fn settings(conn: &mut Conn, out: Output, cmd: SettingsCmd) -> Result<
         SettingsCmd::List => {
             let list = api.list_settings(ListSettingsRequest {}).await.or_report(&server)?;
             out.list(SETTING_COLUMNS, &list.settings)
+        }
+        SettingsCmd::Show { name } => {
+            let list = api.list_settings(ListSettingsRequest {}).await.or_report(&server)?;
+            let row = row_for(&list, &name)
+                .ok_or_else(|| anyhow!("no setting {name:?}; `relayctl settings list` shows them all"))?;
+            out.one(SETTING_COLUMNS, &row)
         }
         SettingsCmd::Set { name, value } => {
             let req = SetSettingRequest {
@@ -234,7 +283,7 @@ mod tests {
 
     #[test]
     fn cache_prices_default_from_input() {
-        let r = set(&["claude-sonnet-4*", "--input", "3", "--output", "15"]);
+        let r = set(&["claude-sonnet-4*", "--input-price", "3", "--output-price", "15"]);
         assert_eq!((r.input, r.output), (3_000_000, 15_000_000));
         assert_eq!(
             (r.cache_write_5m, r.cache_write_1h, r.cache_read),
@@ -243,15 +292,15 @@ mod tests {
         assert_eq!(r.effective_from_ms, 0);
         let r = set(&[
             "m",
-            "--input",
+            "--input-price",
             "15",
-            "--output",
+            "--output-price",
             "75",
-            "--cache-write-5m",
+            "--cache-write-5m-price",
             "18.75",
-            "--cache-read",
+            "--cache-read-price",
             "1.5",
-            "--effective",
+            "--effective-from",
             "2025-01-01T00:00:00Z",
         ]);
         assert_eq!(
@@ -259,6 +308,32 @@ mod tests {
             (18_750_000, 30_000_000, 1_500_000)
         );
         assert_eq!(r.effective_from_ms, 1_735_689_600_000);
+    }
+
+    #[test]
+    fn pricing_rm_says_what_it_removed() {
+        let rm = PriceRm {
+            model_pattern: "m*".into(),
+            effective_from: Some(1_735_689_600_000),
+        };
+        assert_eq!(price_rm_request(&rm).effective_from_ms, 1_735_689_600_000);
+        let removed = [
+            Price {
+                effective_from_ms: 1_735_689_600_000,
+                ..Default::default()
+            },
+            Price {
+                effective_from_ms: 1_738_368_000_000,
+                ..Default::default()
+            },
+        ];
+        let v = relay_proto::v1::ConfigVersion::new(3, 141);
+        assert_eq!(
+            removed_text("m*", &removed, Some(&v)),
+            "removed 2 prices of \"m*\", effective from 2025-01-01 00:00:00 UTC, 2025-02-01 00:00:00 UTC \
+             (config version 3:141); usage already recorded keeps its cost"
+        );
+        assert!(removed_text("m", &removed[..1], None).starts_with("removed 1 price of \"m\", effective"));
     }
 
     #[test]

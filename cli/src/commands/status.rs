@@ -26,6 +26,29 @@ impl ProxyRow {
             _ => None,
         }
     }
+
+    /// The acked config as people read it: its revision, and "current", "N behind" or "older
+    /// epoch" against the head (the epoch itself is in `-o wide`/JSON).
+    fn config_text(&self) -> Option<String> {
+        let a = self.p.acked.as_ref()?;
+        Some(match (self.lag(), &self.head) {
+            (Some(0), _) => format!("{} (current)", a.revision),
+            (Some(n), _) => format!("{} ({n} behind)", a.revision),
+            (None, Some(_)) => format!("{} (older epoch)", a.revision),
+            (None, None) => a.revision.to_string(),
+        })
+    }
+
+    /// The last refused version, when (UTC, to the minute: `-o wide` has the whole time) and why.
+    /// The control plane clears it once the data plane acks a later version.
+    fn nack_text(&self) -> Option<String> {
+        let v = self.p.last_nack_version.as_ref()?;
+        let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(self.p.last_nack_at_ms)
+            .filter(|_| self.p.last_nack_at_ms != 0)
+            .map(|t| format!(" {}", t.format("%m-%d %H:%M")))
+            .unwrap_or_default();
+        Some(format!("{}{at}: {}", v.revision, self.p.last_nack_error))
+    }
 }
 
 fn opt_version(v: Option<&ConfigVersion>) -> Value {
@@ -43,17 +66,21 @@ fn kind_name(x: &relay_proto::v1::RejectedResource) -> &'static str {
 
 const PROXY_COLUMNS: &[Column<ProxyRow>] = &[
     Column::new("node_id", "Node", |r| Value::text(&r.p.node_id)),
+    Column::new("config", "Config", |r| r.config_text().map_or(Value::Null, Value::Text)),
+    Column::new("last_nack", "Last NACK", |r| {
+        r.nack_text().map_or(Value::Null, Value::Text)
+    }),
     Column::detail("build_version", "Build", |r| Value::opt_text(&r.p.build_version)),
-    Column::new("acked_version", "Acked", |r| opt_version(r.p.acked.as_ref())),
+    Column::detail("acked_version", "Acked", |r| opt_version(r.p.acked.as_ref())),
     Column::detail("head_version", "Head", |r| opt_version(r.head.as_ref())),
-    Column::new("lag", "Lag", |r| r.lag().map_or(Value::Null, Value::UInt)),
-    Column::new("last_nack_error", "Last NACK error", |r| {
+    Column::detail("lag", "Lag", |r| r.lag().map_or(Value::Null, Value::UInt)),
+    Column::detail("last_nack_error", "Last NACK error", |r| {
         Value::opt_text(&r.p.last_nack_error)
     }),
     Column::detail("last_nack_version", "NACKed version", |r| {
         opt_version(r.p.last_nack_version.as_ref())
     }),
-    Column::new("last_nack_at", "NACKed at", |r| Value::Time(r.p.last_nack_at_ms)),
+    Column::detail("last_nack_at", "NACKed at", |r| Value::Time(r.p.last_nack_at_ms)),
     Column::new("rejected", "Out of service", |r| {
         let items: Vec<String> =
             r.p.rejected
@@ -69,8 +96,9 @@ const PROXY_COLUMNS: &[Column<ProxyRow>] = &[
                 .collect();
         Value::list(&items, "-")
     }),
-    Column::new("last_seen", "Last seen", |r| Value::Time(r.p.last_seen_ms)),
+    Column::detail("last_seen", "Last seen", |r| Value::Time(r.p.last_seen_ms)),
     Column::new("connected", "Connected", |r| Value::Bool(r.p.connected)),
+    // The control-plane replica its Watch stream is attached to.
     Column::new("replica", "Replica", |r| Value::opt_text(&r.p.replica)),
 ];
 
@@ -484,6 +512,68 @@ mod tests {
         assert_eq!(
             (r.group_by, r.bucket, r.since_ms),
             (UsageGroupBy::Model as i32, UsageBucket::Day as i32, 0)
+        );
+    }
+
+    /// A 100-column table: the config as "revision (current | N behind)", the last NACK with its
+    /// time, the replica; the epoch-long version strings only in `-o wide` and JSON.
+    #[test]
+    fn data_planes_read_in_100_columns() {
+        let epoch: u64 = 1_764_835_200_000;
+        let ms = epoch as i64;
+        let current = ProxyRow {
+            p: ProxyState {
+                node_id: "dp-a".into(),
+                acked: Some(ConfigVersion::new(epoch, 141)),
+                last_seen_ms: ms + 5_000,
+                connected: true,
+                replica: "cp-0".into(),
+                ..Default::default()
+            },
+            head: Some(ConfigVersion::new(epoch, 141)),
+        };
+        let row_b = || ProxyRow {
+            p: ProxyState {
+                node_id: "dp-b".into(),
+                acked: Some(ConfigVersion::new(epoch, 139)),
+                last_nack_version: Some(ConfigVersion::new(epoch, 140)),
+                last_nack_error: "duplicate id".into(),
+                last_nack_at_ms: ms + 3_000,
+                last_seen_ms: ms + 5_000,
+                connected: true,
+                replica: "cp-1".into(),
+                ..Default::default()
+            },
+            head: Some(ConfigVersion::new(epoch, 141)),
+        };
+        let other = ProxyRow {
+            p: ProxyState {
+                node_id: "dp-c".into(),
+                acked: Some(ConfigVersion::new(epoch - 1, 900)),
+                ..Default::default()
+            },
+            head: Some(ConfigVersion::new(epoch, 141)),
+        };
+        let table = render_list(Format::Table, PROXY_COLUMNS, &[current, row_b(), other]).unwrap();
+        for line in table.lines() {
+            assert!(line.chars().count() <= 100, "{} columns: {line}", line.chars().count());
+        }
+        assert!(!table.contains(&epoch.to_string()), "no epoch in the table: {table}");
+        let row = |node: &str| table.lines().find(|l| l.contains(node)).unwrap().to_string();
+        let a = row("dp-a");
+        assert!(a.contains("141 (current)") && a.contains("cp-0"), "{a}");
+        let b = row("dp-b");
+        assert!(b.contains("139 (2 behind)") && b.contains("cp-1"), "{b}");
+        assert!(b.contains("140 12-04 08:00: duplicate id"), "{b}");
+        assert!(row("dp-c").contains("900 (older epoch)"), "{table}");
+        assert!(
+            a.split('┆').nth(2).is_some_and(|c| c.trim() == "-"),
+            "no NACK shown: {a}"
+        );
+        let wide = render_list(Format::Wide, PROXY_COLUMNS, &[row_b()]).unwrap();
+        assert!(
+            wide.contains(&format!("{epoch}:139")) && wide.contains("2025-12-04T08:00:05Z"),
+            "{wide}"
         );
     }
 

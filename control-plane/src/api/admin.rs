@@ -1349,6 +1349,81 @@ impl Admin for AdminService {
         Ok(Response::new(price_to_pb(&p)))
     }
 
+    /// Removes an operator's prices of one pattern: every effective date, or
+    /// the one given. Built-in prices stay (an operator price overrides them).
+    /// Usage already stored keeps its cost (computed when it was recorded).
+    async fn delete_price(
+        &self,
+        req: Request<pb::DeletePriceRequest>,
+    ) -> Result<Response<pb::DeletePriceResponse>, Status> {
+        let actor = self.authorize(&req, Need::Write, "delete_price").await?;
+        let r = req.into_inner();
+        let pattern = r.model_pattern.trim().to_string();
+        if pattern.is_empty() {
+            return Err(Status::invalid_argument(
+                "a model pattern is required (as `relayctl pricing list` shows it)",
+            ));
+        }
+        let existing = self.store.list_prices().await.map_err(status_from_store)?;
+        let same: Vec<&Price> = existing.iter().filter(|p| p.model_pattern == pattern).collect();
+        if same.is_empty() {
+            return Err(Status::not_found(format!(
+                "no price for model pattern {pattern:?}; `relayctl pricing list` shows the patterns \
+                 (give one exactly as listed, with its '*')"
+            )));
+        }
+        let at = |ms: i64| {
+            chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms).map_or_else(
+                || ms.to_string(),
+                |t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            )
+        };
+        let chosen: Vec<&Price> = same
+            .iter()
+            .copied()
+            .filter(|p| r.effective_from_ms == 0 || p.effective_from == r.effective_from_ms)
+            .collect();
+        if chosen.is_empty() {
+            let dates: Vec<String> = same.iter().map(|p| at(p.effective_from)).collect();
+            return Err(Status::not_found(format!(
+                "no price for {pattern:?} takes effect at {}; its prices take effect at {}",
+                at(r.effective_from_ms),
+                dates.join(", ")
+            )));
+        }
+        let removed: Vec<Price> = chosen
+            .iter()
+            .filter(|p| p.source != "builtin")
+            .map(|p| (*p).clone())
+            .collect();
+        if removed.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "the price of {pattern:?} is relay's built-in one and cannot be removed; \
+                 override it with `relayctl pricing set {pattern} ...`"
+            )));
+        }
+        let detail = json!({
+            "effective_from_ms": removed.iter().map(|p| p.effective_from).collect::<Vec<_>>(),
+        });
+        let muts = removed
+            .iter()
+            .map(|p| Mutation::DeletePrice { id: p.id.clone() })
+            .collect();
+        let v = self
+            .apply(&actor, "price.delete", &pattern, detail, muts)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound { .. } => {
+                    Status::aborted(format!("the prices of {pattern:?} changed meanwhile; retry"))
+                }
+                e => status_from_store(e),
+            })?;
+        Ok(Response::new(pb::DeletePriceResponse {
+            version: Some(version_pb(v)),
+            removed: removed.iter().map(price_to_pb).collect(),
+        }))
+    }
+
     async fn list_settings(
         &self,
         req: Request<pb::ListSettingsRequest>,

@@ -22,6 +22,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../../migrations/postgres/0004_config_sync.sql")),
     (5, include_str!("../../migrations/postgres/0005_usage_anomaly.sql")),
     (6, include_str!("../../migrations/postgres/0006_group_limits.sql")),
+    (7, include_str!("../../migrations/postgres/0007_deleted_names.sql")),
 ];
 const NOTIFY_CHANNEL: &str = "relay_config";
 /// `application_name` of the LISTEN connection.
@@ -499,6 +500,15 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
             }
         }
         Mutation::DeleteAccount { id } => {
+            // Usage reports keep naming the account (its usage rows hold only its id).
+            tx.execute(
+                "INSERT INTO deleted_names (kind, id, name, deleted_at) \
+                 SELECT 'account', id, name, $2 FROM accounts WHERE id = $1 \
+                 ON CONFLICT (kind, id) DO UPDATE SET name = EXCLUDED.name, deleted_at = EXCLUDED.deleted_at",
+                &[id, &crate::model::now_ms()],
+            )
+            .await
+            .map_err(pg)?;
             let n = tx
                 .execute("DELETE FROM accounts WHERE id = $1", &[id])
                 .await
@@ -652,6 +662,18 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
             )
             .await
             .map_err(write_err("price", &p.model_pattern))?;
+        }
+        Mutation::DeletePrice { id } => {
+            let n = tx
+                .execute("DELETE FROM prices WHERE id = $1", &[id])
+                .await
+                .map_err(pg)?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    kind: "price",
+                    name: id.clone(),
+                });
+            }
         }
         Mutation::SetSetting { name, value } => {
             tx.execute(
@@ -1207,8 +1229,9 @@ impl Store for PostgresStore {
             ),
             UsageGroupBy::Account => (
                 "e.account_id",
-                "COALESCE(MAX(a.name), e.account_id)",
-                "LEFT JOIN accounts a ON a.id = e.account_id",
+                "COALESCE(MAX(a.name), MAX(d.name) || ' (deleted)', e.account_id)",
+                "LEFT JOIN accounts a ON a.id = e.account_id \
+                 LEFT JOIN deleted_names d ON d.kind = 'account' AND d.id = e.account_id",
             ),
             UsageGroupBy::Model => ("e.model", "e.model", ""),
         };

@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../../migrations/sqlite/0004_config_sync.sql")),
     (5, include_str!("../../migrations/sqlite/0005_usage_anomaly.sql")),
     (6, include_str!("../../migrations/sqlite/0006_group_limits.sql")),
+    (7, include_str!("../../migrations/sqlite/0007_deleted_names.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -690,6 +691,14 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
             set_account_groups(tx, &row.id, &row.group_ids)?;
         }
         Mutation::DeleteAccount { id } => {
+            // Usage reports keep naming the account (its usage rows hold only its id).
+            tx.execute(
+                "INSERT INTO deleted_names (kind, id, name, deleted_at) \
+                 SELECT 'account', id, name, ?2 FROM accounts WHERE id = ?1 \
+                 ON CONFLICT (kind, id) DO UPDATE SET name = excluded.name, deleted_at = excluded.deleted_at",
+                params![id, crate::model::now_ms()],
+            )
+            .map_err(db)?;
             tx.execute("DELETE FROM account_groups WHERE account_id = ?1", [id])
                 .map_err(db)?;
             let n = tx.execute("DELETE FROM accounts WHERE id = ?1", [id]).map_err(db)?;
@@ -797,6 +806,12 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
                 ],
             )
             .map_err(write_err(ResourceKind::Price, &label))?;
+        }
+        Mutation::DeletePrice { id } => {
+            let n = tx.execute("DELETE FROM prices WHERE id = ?1", [id]).map_err(db)?;
+            if n == 0 {
+                return Err(not_found(ResourceKind::Price, id));
+            }
         }
         Mutation::SetSetting { name, value } => {
             tx.execute(
@@ -1042,9 +1057,10 @@ fn query_usage_tx(conn: &Connection, q: UsageQuery) -> Result<Vec<UsageRow>> {
             "LEFT JOIN api_keys k ON k.id = u.api_key_id",
         ),
         UsageGroupBy::Account => (
-            "COALESCE(a.name, u.account_id)",
+            "COALESCE(a.name, d.name || ' (deleted)', u.account_id)",
             "u.account_id",
-            "LEFT JOIN accounts a ON a.id = u.account_id",
+            "LEFT JOIN accounts a ON a.id = u.account_id \
+             LEFT JOIN deleted_names d ON d.kind = 'account' AND d.id = u.account_id",
         ),
         UsageGroupBy::Model => ("u.model", "u.model", ""),
     };
