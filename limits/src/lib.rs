@@ -92,6 +92,19 @@ impl Limits {
         self.daily_nano > 0 || self.monthly_nano > 0
     }
 
+    /// What these limits need counted; nothing else is touched (the scripts' `needs`).
+    pub fn needs(&self) -> Needs {
+        let spend = self.has_budget();
+        let reservations = self.tpm > 0 || spend;
+        Needs {
+            requests: self.rpm > 0,
+            tokens: self.tpm > 0,
+            spend,
+            reservations,
+            leases: self.concurrency > 0 || reservations,
+        }
+    }
+
     /// This data plane's share when `planes` data planes count apart: rates and
     /// concurrency divided (rounded up, so a limit never becomes "unlimited" or
     /// zero), budgets whole (their committed spend is the fleet's, from the control plane).
@@ -104,6 +117,24 @@ impl Limits {
             concurrency: div(self.concurrency),
             ..*self
         }
+    }
+}
+
+/// The counters a subject's limits need: requests for rpm, tokens for tpm, reservations for
+/// tpm and budgets, leases for concurrency and reservations, spend for budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    pub requests: bool,
+    pub tokens: bool,
+    pub spend: bool,
+    pub reservations: bool,
+    pub leases: bool,
+}
+
+impl Needs {
+    /// Anything to settle when a request ends.
+    pub fn settles(&self) -> bool {
+        self.leases || self.spend
     }
 }
 

@@ -296,12 +296,21 @@ impl Limiter {
         match r {
             Ok(Ok(uses)) => {
                 let sec = uses.first().map_or(0, |u| u.now_ms.div_euclid(1000));
-                let held = Held {
-                    subjects: ask.subjects.iter().map(Subject::name).collect(),
-                    reservation: format!("{}:{}:{sec}", ask.tokens, ask.cost_nano),
-                    shared,
-                };
-                self.with_leases(|m| m.insert(lease.clone(), held));
+                // Only subjects that hold a lease need it renewed.
+                let leased: Vec<String> = ask
+                    .subjects
+                    .iter()
+                    .filter(|s| s.limits.needs().leases)
+                    .map(Subject::name)
+                    .collect();
+                if !leased.is_empty() {
+                    let held = Held {
+                        subjects: leased,
+                        reservation: format!("{}:{}:{sec}", ask.tokens, ask.cost_nano),
+                        shared,
+                    };
+                    self.with_leases(|m| m.insert(lease.clone(), held));
+                }
                 Decision::Admitted(Charge {
                     inner: Some(ChargeInner {
                         limiter: self.clone(),
@@ -446,10 +455,15 @@ impl Limiter {
         }
     }
 
-    async fn finish(&self, c: ChargeInner) {
+    async fn finish(&self, mut c: ChargeInner) {
         let tokens = c.tokens.load(Ordering::Acquire);
         let cost = crate::nano_of_pico(c.cost_pico.load(Ordering::Acquire));
         self.with_leases(|m| m.remove(&c.lease));
+        // A subject counted only by its requests has nothing to settle.
+        c.subjects.retain(|s| s.limits.needs().settles());
+        if c.subjects.is_empty() {
+            return;
+        }
         if c.shared {
             if let Some(s) = &self.shared {
                 if s.finish(&c.subjects, &c.lease, tokens, cost, &c.periods, None)

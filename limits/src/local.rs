@@ -36,23 +36,26 @@ impl State {
         self.spend.get(label).copied().unwrap_or(0).max(committed)
     }
 
+    /// What the subject's limits count (as the script reads it: other counters read as 0).
     fn usage(&self, s: &Subject, p: &Periods, now_ms: i64) -> Use {
+        let n = s.limits.needs();
         let reset = |m: &BTreeMap<i64, u64>| {
             m.iter()
                 .rev()
                 .find(|(_, v)| **v > 0)
                 .map_or(0, |(sec, _)| (sec + WINDOW_SECS) * 1000)
         };
+        let pick = |on: bool, v: u64| if on { v } else { 0 };
         Use {
             now_ms,
-            requests: self.requests.values().sum(),
-            requests_reset_ms: reset(&self.requests),
-            tokens: self.tokens.values().sum(),
-            tokens_reset_ms: reset(&self.tokens),
-            in_flight: self.leases.len() as u64,
-            day_nano: self.spent(&day_label(p), s.committed.day_nano),
-            month_nano: self.spent(&month_label(p), s.committed.month_nano),
-            reserved_nano: self.leases.values().map(|l| l.cost_nano).sum(),
+            requests: pick(n.requests, self.requests.values().sum()),
+            requests_reset_ms: if n.requests { reset(&self.requests) } else { 0 },
+            tokens: pick(n.tokens, self.tokens.values().sum()),
+            tokens_reset_ms: if n.tokens { reset(&self.tokens) } else { 0 },
+            in_flight: pick(n.leases, self.leases.len() as u64),
+            day_nano: pick(n.spend, self.spent(&day_label(p), s.committed.day_nano)),
+            month_nano: pick(n.spend, self.spent(&month_label(p), s.committed.month_nano)),
+            reserved_nano: pick(n.reservations, self.leases.values().map(|l| l.cost_nano).sum()),
         }
     }
 }
@@ -163,18 +166,25 @@ impl Counters for LocalCounters {
             }
             let mut uses = Vec::with_capacity(ask.subjects.len());
             for s in &ask.subjects {
+                let n = s.limits.needs();
                 let st = m.entry(s.name()).or_default();
-                *st.requests.entry(sec).or_default() += 1;
-                *st.tokens.entry(sec).or_default() += ask.tokens;
-                st.leases.insert(
-                    lease.to_string(),
-                    Lease {
-                        expires_ms: now + LEASE_TTL_MS,
-                        tokens: ask.tokens,
-                        cost_nano: ask.cost_nano,
-                        sec,
-                    },
-                );
+                if n.requests {
+                    *st.requests.entry(sec).or_default() += 1;
+                }
+                if n.tokens && ask.tokens > 0 {
+                    *st.tokens.entry(sec).or_default() += ask.tokens;
+                }
+                if n.leases {
+                    st.leases.insert(
+                        lease.to_string(),
+                        Lease {
+                            expires_ms: now + LEASE_TTL_MS,
+                            tokens: if n.tokens { ask.tokens } else { 0 },
+                            cost_nano: if n.reservations { ask.cost_nano } else { 0 },
+                            sec,
+                        },
+                    );
+                }
                 uses.push(st.usage(s, &ask.periods, now));
             }
             Ok(uses)
@@ -194,19 +204,21 @@ impl Counters for LocalCounters {
         let sec = now.div_euclid(1000);
         self.with(|m| {
             for s in subjects {
+                let n = s.limits.needs();
                 let name = s.name();
                 let st = m.entry(name.clone()).or_default();
                 st.prune(now);
                 match st.leases.remove(lease) {
-                    Some(l) => {
+                    Some(l) if n.tokens => {
                         if let Some(v) = st.tokens.get_mut(&l.sec) {
                             *v = (*v + tokens).saturating_sub(l.tokens);
                         }
                     }
-                    None if tokens > 0 => *st.tokens.entry(sec).or_default() += tokens,
+                    Some(_) => {}
+                    None if n.tokens && tokens > 0 => *st.tokens.entry(sec).or_default() += tokens,
                     None => {}
                 }
-                if cost_nano > 0 {
+                if n.spend && cost_nano > 0 {
                     let day = day_label(periods);
                     let month = month_label(periods);
                     let d = st.spent(&day, s.committed.day_nano) + cost_nano;

@@ -62,21 +62,55 @@ local function newest(secs, vals)
   return 0
 end
 
-local function leases(cc, rs)
+local function spent(key, committed)
+  return math.max(tonumber(redis.call('GET', key) or '0') or 0, committed)
+end
+
+local function leases(cc, rs, with_rs)
   local gone = redis.call('ZRANGEBYSCORE', cc, '-inf', now)
-  for _, l in ipairs(gone) do redis.call('HDEL', rs, l) end
-  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', cc, '-inf', now) end
+  if #gone > 0 then
+    if with_rs then
+      for _, l in ipairs(gone) do redis.call('HDEL', rs, l) end
+    end
+    redis.call('ZREMRANGEBYSCORE', cc, '-inf', now)
+  end
   local reserved = 0
-  for _, v in ipairs(redis.call('HVALS', rs)) do
-    local c = string.match(v, '^[^:]*:([^:]*):')
-    reserved = reserved + (tonumber(c) or 0)
+  if with_rs then
+    for _, v in ipairs(redis.call('HVALS', rs)) do
+      local c = string.match(v, '^[^:]*:([^:]*):')
+      reserved = reserved + (tonumber(c) or 0)
+    end
   end
   return redis.call('ZCARD', cc), reserved
 end
 
-local function spent(key, committed)
-  return math.max(tonumber(redis.call('GET', key) or '0') or 0, committed)
+-- What a subject's limits need counted (nothing else is touched): requests for rpm, tokens for
+-- tpm, reservations for tpm and budgets, leases for concurrency and reservations, spend for budgets.
+local function needs(rpm, tpm, conc, daily, monthly)
+  local n = {rq = rpm > 0, tk = tpm > 0, spend = daily > 0 or monthly > 0}
+  n.rs = n.tk or n.spend
+  n.cc = conc > 0 or n.rs
+  return n
 end
+
+-- A subject's counters, read (and pruned) as far as its limits need them.
+local function read(k, a)
+  local rpm, tpm, conc = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local daily, monthly = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local n = needs(rpm, tpm, conc, daily, monthly)
+  local r = {n = n, rpm = rpm, tpm = tpm, conc = conc, daily = daily, monthly = monthly,
+    rq = 0, rq_secs = {}, rq_vals = {}, tk = 0, tk_secs = {}, tk_vals = {},
+    inflight = 0, reserved = 0, day = 0, month = 0}
+  if n.rq then r.rq, r.rq_secs, r.rq_vals = window(KEYS[k + 1]) end
+  if n.tk then r.tk, r.tk_secs, r.tk_vals = window(KEYS[k + 2]) end
+  if n.cc then r.inflight, r.reserved = leases(KEYS[k + 3], KEYS[k + 4], n.rs) end
+  if n.spend then
+    r.day = spent(KEYS[k + 5], tonumber(ARGV[a + 5]))
+    r.month = spent(KEYS[k + 6], tonumber(ARGV[a + 6]))
+  end
+  return r
+end
+
 "#;
 
 /// KEYS: 6 per subject (rq tk cc rs sd sm). ARGV: now, lease, ttl, tokens, cost, day_end,
@@ -99,89 +133,97 @@ end
 
 local reads = {}
 for i = 0, n - 1 do
-  local k, a = i * 6, 8 + i * 7
-  local rpm, tpm, conc = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local daily, monthly = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  local rq, rq_secs, rq_vals = window(KEYS[k + 1])
-  local tk, tk_secs, tk_vals = window(KEYS[k + 2])
-  local inflight, reserved = leases(KEYS[k + 3], KEYS[k + 4])
-  local day = spent(KEYS[k + 5], tonumber(ARGV[a + 5]))
-  local month = spent(KEYS[k + 6], tonumber(ARGV[a + 6]))
-  if conc > 0 and inflight >= conc then return {0, i, 1, conc, 1000} end
-  if rpm > 0 and rq >= rpm then
-    return {0, i, 2, rpm, wait_for(rq_secs, rq_vals, rq, function(left) return left < rpm end)}
+  local r = read(i * 6, 8 + i * 7)
+  if r.conc > 0 and r.inflight >= r.conc then return {0, i, 1, r.conc, 1000} end
+  if r.rpm > 0 and r.rq >= r.rpm then
+    return {0, i, 2, r.rpm, wait_for(r.rq_secs, r.rq_vals, r.rq, function(left) return left < r.rpm end)}
   end
-  if tpm > 0 and tk > 0 and tk + tokens > tpm then
-    return {0, i, 3, tpm, wait_for(tk_secs, tk_vals, tk, function(left) return left == 0 or left + tokens <= tpm end)}
+  if r.tpm > 0 and r.tk > 0 and r.tk + tokens > r.tpm then
+    return {0, i, 3, r.tpm, wait_for(r.tk_secs, r.tk_vals, r.tk, function(left) return left == 0 or left + tokens <= r.tpm end)}
   end
-  if daily > 0 and day + reserved >= daily then return {0, i, 4, daily, math.max(day_end - now, 1000)} end
-  if monthly > 0 and month + reserved >= monthly then return {0, i, 5, monthly, math.max(month_end - now, 1000)} end
-  reads[i] = {rq, tk, inflight, day, month, reserved, tk_secs, tk_vals}
+  if r.daily > 0 and r.day + r.reserved >= r.daily then return {0, i, 4, r.daily, math.max(day_end - now, 1000)} end
+  if r.monthly > 0 and r.month + r.reserved >= r.monthly then
+    return {0, i, 5, r.monthly, math.max(month_end - now, 1000)}
+  end
+  reads[i] = r
 end
 
 local out = {1, now}
 for i = 0, n - 1 do
   local k, r = i * 6, reads[i]
-  redis.call('HINCRBY', KEYS[k + 1], sec, 1)
-  redis.call('PEXPIRE', KEYS[k + 1], 120000)
-  if tokens > 0 then
-    redis.call('HINCRBY', KEYS[k + 2], sec, ARGV[4])
-    redis.call('PEXPIRE', KEYS[k + 2], 120000)
+  local u = {0, 0, 0, 0, 0, r.day, r.month, 0, 0}
+  if r.n.rq then
+    redis.call('HINCRBY', KEYS[k + 1], sec, 1)
+    redis.call('PEXPIRE', KEYS[k + 1], 120000)
+    u[1], u[2] = r.rq + 1, (sec + 60) * 1000
   end
-  redis.call('ZADD', KEYS[k + 3], now + ttl, lease)
-  redis.call('PEXPIRE', KEYS[k + 3], ttl * 2)
-  redis.call('HSET', KEYS[k + 4], lease, ARGV[4] .. ':' .. ARGV[5] .. ':' .. sec)
-  redis.call('PEXPIRE', KEYS[k + 4], ttl * 2)
-  local tk_reset = newest(r[7], r[8])
-  if tokens > 0 then tk_reset = (sec + 60) * 1000 end
-  for _, v in ipairs({r[1] + 1, (sec + 60) * 1000, r[2] + tokens, tk_reset, r[3] + 1, r[4], r[5], r[6] + cost, 0}) do
-    table.insert(out, v)
+  if r.n.tk then
+    if tokens > 0 then
+      redis.call('HINCRBY', KEYS[k + 2], sec, ARGV[4])
+      redis.call('PEXPIRE', KEYS[k + 2], 120000)
+      u[4] = (sec + 60) * 1000
+    else
+      u[4] = newest(r.tk_secs, r.tk_vals)
+    end
+    u[3] = r.tk + tokens
   end
+  if r.n.cc then
+    redis.call('ZADD', KEYS[k + 3], now + ttl, lease)
+    redis.call('PEXPIRE', KEYS[k + 3], ttl * 2)
+    u[5] = r.inflight + 1
+  end
+  if r.n.rs then
+    redis.call('HSET', KEYS[k + 4], lease, ARGV[4] .. ':' .. ARGV[5] .. ':' .. sec)
+    redis.call('PEXPIRE', KEYS[k + 4], ttl * 2)
+    u[8] = r.reserved + cost
+  end
+  for _, v in ipairs(u) do table.insert(out, v) end
 end
 return out
 "#;
 
-/// KEYS: 6 per subject. ARGV: now. Returns {now, then 9 per subject}.
+/// KEYS: 6 per subject. ARGV: now, then 7 per subject (as ADMIT). Returns {now, then 9 per
+/// subject}.
 const PEEK: &str = r#"
 local out = {now}
 for i = 0, #KEYS / 6 - 1 do
-  local k, a = i * 6, 2 + i * 2
-  local rq, rq_secs, rq_vals = window(KEYS[k + 1])
-  local tk, tk_secs, tk_vals = window(KEYS[k + 2])
-  local inflight, reserved = leases(KEYS[k + 3], KEYS[k + 4])
-  local day = spent(KEYS[k + 5], tonumber(ARGV[a]))
-  local month = spent(KEYS[k + 6], tonumber(ARGV[a + 1]))
-  for _, v in ipairs({rq, newest(rq_secs, rq_vals), tk, newest(tk_secs, tk_vals), inflight, day, month, reserved, 0}) do
+  local r = read(i * 6, 2 + i * 7)
+  for _, v in ipairs({r.rq, newest(r.rq_secs, r.rq_vals), r.tk, newest(r.tk_secs, r.tk_vals), r.inflight,
+      r.day, r.month, r.reserved, 0}) do
     table.insert(out, v)
   end
 end
 return out
 "#;
 
-/// KEYS: 6 per subject. ARGV: now, lease, tokens, cost, day_expire_at, month_expire_at, then 2
-/// per subject (committed_day committed_month).
+/// KEYS: 6 per subject. ARGV: now, lease, tokens, cost, day_expire_at, month_expire_at, then 7
+/// per subject (as ADMIT).
 const FINISH: &str = r#"
 local lease, tokens, cost = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 for i = 0, #KEYS / 6 - 1 do
-  local k, a = i * 6, 7 + i * 2
-  local r = redis.call('HGET', KEYS[k + 4], lease)
-  redis.call('ZREM', KEYS[k + 3], lease)
-  if r then
-    redis.call('HDEL', KEYS[k + 4], lease)
-    local est, s = string.match(r, '^([^:]*):[^:]*:([^:]*)$')
-    est, s = tonumber(est) or 0, tonumber(s) or 0
-    if s > sec - 60 and redis.call('HEXISTS', KEYS[k + 2], s) == 1 then
-      local v = redis.call('HINCRBY', KEYS[k + 2], s, tokens - est)
-      if v < 0 then redis.call('HSET', KEYS[k + 2], s, 0) end
+  local k, a = i * 6, 7 + i * 7
+  local n = needs(tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
+    tonumber(ARGV[a + 4]))
+  if n.cc then redis.call('ZREM', KEYS[k + 3], lease) end
+  if n.rs then
+    local r = redis.call('HGET', KEYS[k + 4], lease)
+    if r then
+      redis.call('HDEL', KEYS[k + 4], lease)
+      local est, s = string.match(r, '^([^:]*):[^:]*:([^:]*)$')
+      est, s = tonumber(est) or 0, tonumber(s) or 0
+      if n.tk and s > sec - 60 and redis.call('HEXISTS', KEYS[k + 2], s) == 1 then
+        local v = redis.call('HINCRBY', KEYS[k + 2], s, tokens - est)
+        if v < 0 then redis.call('HSET', KEYS[k + 2], s, 0) end
+      end
+    elseif n.tk and tokens > 0 then
+      redis.call('HINCRBY', KEYS[k + 2], sec, ARGV[3])
+      redis.call('PEXPIRE', KEYS[k + 2], 120000)
     end
-  elseif tokens > 0 then
-    redis.call('HINCRBY', KEYS[k + 2], sec, ARGV[3])
-    redis.call('PEXPIRE', KEYS[k + 2], 120000)
   end
-  if cost > 0 then
-    local d = spent(KEYS[k + 5], tonumber(ARGV[a])) + cost
+  if n.spend and cost > 0 then
+    local d = spent(KEYS[k + 5], tonumber(ARGV[a + 5])) + cost
     redis.call('SET', KEYS[k + 5], string.format('%d', d), 'PXAT', ARGV[5])
-    local m = spent(KEYS[k + 6], tonumber(ARGV[a + 1])) + cost
+    local m = spent(KEYS[k + 6], tonumber(ARGV[a + 6])) + cost
     redis.call('SET', KEYS[k + 6], string.format('%d', m), 'PXAT', ARGV[6])
   end
 end
@@ -436,6 +478,18 @@ impl RedisCounters {
     }
 }
 
+/// The 7 per-subject arguments of ADMIT, PEEK and FINISH: limits and committed spend.
+fn subject_args(inv: &mut redis::ScriptInvocation<'_>, s: &Subject) {
+    let l = &s.limits;
+    inv.arg(l.rpm)
+        .arg(l.tpm)
+        .arg(l.concurrency)
+        .arg(l.daily_nano)
+        .arg(l.monthly_nano)
+        .arg(s.committed.day_nano)
+        .arg(s.committed.month_nano);
+}
+
 fn finish_invocation<'a>(
     subjects: &[Subject],
     lease: &str,
@@ -458,7 +512,7 @@ fn finish_invocation<'a>(
         .arg(periods.day_end_ms + DAY_MS)
         .arg(periods.month_end_ms + DAY_MS);
     for s in subjects {
-        inv.arg(s.committed.day_nano).arg(s.committed.month_nano);
+        subject_args(&mut inv, s);
     }
     inv
 }
@@ -484,14 +538,7 @@ impl Counters for RedisCounters {
             .arg(ask.periods.day_end_ms)
             .arg(ask.periods.month_end_ms);
         for s in &ask.subjects {
-            let l = &s.limits;
-            inv.arg(l.rpm)
-                .arg(l.tpm)
-                .arg(l.concurrency)
-                .arg(l.daily_nano)
-                .arg(l.monthly_nano)
-                .arg(s.committed.day_nano)
-                .arg(s.committed.month_nano);
+            subject_args(&mut inv, s);
         }
         let v: Vec<i64> = self.run(inv).await?;
         match v.first() {
@@ -543,7 +590,7 @@ impl Counters for RedisCounters {
         }
         inv.arg(now_arg(now_ms));
         for s in subjects {
-            inv.arg(s.committed.day_nano).arg(s.committed.month_nano);
+            subject_args(&mut inv, s);
         }
         let v: Vec<i64> = self.run(inv).await?;
         uses(&v, subjects.len())

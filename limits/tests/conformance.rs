@@ -239,6 +239,7 @@ async fn a_refusal_by_one_subject_counts_nothing_against_the_others() {
             Kind::Key,
             Limits {
                 rpm: 100,
+                concurrency: 10,
                 ..Limits::default()
             },
         );

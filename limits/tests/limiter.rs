@@ -200,7 +200,7 @@ async fn the_limiter_returns_to_redis_when_it_answers_again() {
     let l = limiter(port);
     l.configure(Policy::Local, Duration::from_millis(300));
     tokio::spawn(l.clone().run());
-    let (a, s) = ask(1000);
+    let (a, s) = concurrency_ask(1000);
     assert!(admitted(&l.admit(a.clone()).await));
     assert_eq!(l.mode(), Mode::Shared);
     server.kill().unwrap();
