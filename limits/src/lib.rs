@@ -243,6 +243,9 @@ pub struct Refusal {
     pub limit: u64,
     /// When retrying may succeed, ms from now (at least 1 s).
     pub retry_after_ms: u64,
+    /// A budget refused because of the reservations of requests still in flight, not because it
+    /// is spent: retrying once they settle may succeed.
+    pub by_reservations: bool,
 }
 
 /// A subject's current use, as counted after the request in hand (when admitted).

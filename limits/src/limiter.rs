@@ -185,11 +185,14 @@ impl Limiter {
     /// Live data planes: as last counted in Redis, else as the control plane last reported
     /// (a data plane started while Redis was down must not take the whole limit), at least 1.
     pub fn planes(&self) -> u64 {
-        if self.counted.load(Ordering::Acquire) {
-            self.planes.load(Ordering::Acquire).max(1)
+        let counted = if self.counted.load(Ordering::Acquire) {
+            self.planes.load(Ordering::Acquire)
         } else {
-            self.fleet_hint.load(Ordering::Acquire).max(1)
-        }
+            1
+        };
+        // The larger of the two: a fleet that grew while Redis was down is counted by the
+        // control plane only.
+        counted.max(self.fleet_hint.load(Ordering::Acquire)).max(1)
     }
 
     /// The data planes the control plane sees connected.
@@ -447,9 +450,11 @@ impl Limiter {
         });
         let _ = self.local.renew(&local, None).await;
         if let (Some(s), true) = (&self.shared, reachable) {
+            let mut force = false;
             for chunk in shared.chunks(500) {
-                if let Err(e) = s.renew_held(chunk).await {
-                    tracing::debug!(error = %e, "limits: cannot renew leases");
+                match s.renew_held(&self.node_id, chunk, force).await {
+                    Ok(readded) => force |= readded,
+                    Err(e) => tracing::debug!(error = %e, "limits: cannot renew leases"),
                 }
             }
         }

@@ -81,40 +81,40 @@ fn wait_for(window: &BTreeMap<i64, u64>, now_ms: i64, fits: impl Fn(u64) -> bool
 }
 
 /// The first limit of `s` with no room for this request, if any.
-fn check(st: &State, s: &Subject, ask: &Ask, now_ms: i64) -> Option<(LimitKind, u64, u64)> {
+fn check(st: &State, s: &Subject, ask: &Ask, now_ms: i64) -> Option<(LimitKind, u64, u64, bool)> {
     let l = &s.limits;
     let u = st.usage(s, &ask.periods, now_ms);
     if l.concurrency > 0 && u.in_flight >= l.concurrency {
-        return Some((LimitKind::Concurrency, l.concurrency, 1000));
+        return Some((LimitKind::Concurrency, l.concurrency, 1000, false));
     }
     if l.rpm > 0 && u.requests >= l.rpm {
-        return Some((
-            LimitKind::Requests,
-            l.rpm,
-            wait_for(&st.requests, now_ms, |left| left < l.rpm),
-        ));
+        let retry = wait_for(&st.requests, now_ms, |left| left < l.rpm);
+        return Some((LimitKind::Requests, l.rpm, retry, false));
     }
     if l.tpm > 0 && u.tokens > 0 && u.tokens.saturating_add(ask.tokens) > l.tpm {
         let retry = wait_for(&st.tokens, now_ms, |left| {
             left == 0 || left.saturating_add(ask.tokens) <= l.tpm
         });
-        return Some((LimitKind::Tokens, l.tpm, retry));
+        return Some((LimitKind::Tokens, l.tpm, retry, false));
     }
-    if l.daily_nano > 0 && u.day_nano.saturating_add(u.reserved_nano) >= l.daily_nano {
-        return Some((
-            LimitKind::DailyBudget,
-            l.daily_nano,
-            (ask.periods.day_end_ms - now_ms).max(1000) as u64,
-        ));
-    }
-    if l.monthly_nano > 0 && u.month_nano.saturating_add(u.reserved_nano) >= l.monthly_nano {
-        return Some((
+    // Spent: until the period ends. Only reserved by requests in flight: shortly.
+    let budget = |kind, limit: u64, spent: u64, end_ms: i64| {
+        (limit > 0 && spent.saturating_add(u.reserved_nano) >= limit).then(|| {
+            if spent >= limit {
+                (kind, limit, (end_ms - now_ms).max(1000) as u64, false)
+            } else {
+                (kind, limit, 2000, true)
+            }
+        })
+    };
+    budget(LimitKind::DailyBudget, l.daily_nano, u.day_nano, ask.periods.day_end_ms).or_else(|| {
+        budget(
             LimitKind::MonthlyBudget,
             l.monthly_nano,
-            (ask.periods.month_end_ms - now_ms).max(1000) as u64,
-        ));
-    }
-    None
+            u.month_nano,
+            ask.periods.month_end_ms,
+        )
+    })
 }
 
 /// Counters in a `Mutex`ed map, pruned as they are touched.
@@ -155,12 +155,13 @@ impl Counters for LocalCounters {
             for (i, s) in ask.subjects.iter().enumerate() {
                 let st = m.entry(s.name()).or_default();
                 st.prune(now);
-                if let Some((kind, limit, retry_after_ms)) = check(st, s, ask, now) {
+                if let Some((kind, limit, retry_after_ms, by_reservations)) = check(st, s, ask, now) {
                     return Err(Refusal {
                         subject: i,
                         kind,
                         limit,
                         retry_after_ms,
+                        by_reservations,
                     });
                 }
             }

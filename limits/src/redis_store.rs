@@ -115,7 +115,8 @@ end
 
 /// KEYS: 6 per subject (rq tk cc rs sd sm). ARGV: now, lease, ttl, tokens, cost, day_end,
 /// month_end, then 7 per subject (rpm tpm concurrency daily monthly committed_day
-/// committed_month). Returns {0, subject, code, limit, retry_ms} or {1, now, then 9 per subject}.
+/// committed_month). Returns {0, subject, code, limit, retry_ms, by_reservations} or {1, now, then
+/// 9 per subject}.
 const ADMIT: &str = r#"
 local lease, ttl = ARGV[2], tonumber(ARGV[3])
 local tokens, cost = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -134,16 +135,20 @@ end
 local reads = {}
 for i = 0, n - 1 do
   local r = read(i * 6, 8 + i * 7)
-  if r.conc > 0 and r.inflight >= r.conc then return {0, i, 1, r.conc, 1000} end
+  if r.conc > 0 and r.inflight >= r.conc then return {0, i, 1, r.conc, 1000, 0} end
   if r.rpm > 0 and r.rq >= r.rpm then
-    return {0, i, 2, r.rpm, wait_for(r.rq_secs, r.rq_vals, r.rq, function(left) return left < r.rpm end)}
+    return {0, i, 2, r.rpm, wait_for(r.rq_secs, r.rq_vals, r.rq, function(left) return left < r.rpm end), 0}
   end
   if r.tpm > 0 and r.tk > 0 and r.tk + tokens > r.tpm then
-    return {0, i, 3, r.tpm, wait_for(r.tk_secs, r.tk_vals, r.tk, function(left) return left == 0 or left + tokens <= r.tpm end)}
+    return {0, i, 3, r.tpm, wait_for(r.tk_secs, r.tk_vals, r.tk, function(left) return left == 0 or left + tokens <= r.tpm end), 0}
   end
-  if r.daily > 0 and r.day + r.reserved >= r.daily then return {0, i, 4, r.daily, math.max(day_end - now, 1000)} end
+  if r.daily > 0 and r.day + r.reserved >= r.daily then
+    if r.day >= r.daily then return {0, i, 4, r.daily, math.max(day_end - now, 1000), 0} end
+    return {0, i, 4, r.daily, 2000, 1}
+  end
   if r.monthly > 0 and r.month + r.reserved >= r.monthly then
-    return {0, i, 5, r.monthly, math.max(month_end - now, 1000)}
+    if r.month >= r.monthly then return {0, i, 5, r.monthly, math.max(month_end - now, 1000), 0} end
+    return {0, i, 5, r.monthly, 2000, 1}
   end
   reads[i] = r
 end
@@ -230,15 +235,17 @@ end
 return 1
 "#;
 
-/// KEYS: relay:alive, then (cc, rs) per lease. ARGV: now, ttl, then (lease, reservation) per
-/// lease. A Redis that lost its data (no `relay:alive`) gets the leases and their reservations
-/// back; otherwise only leases it still holds are extended (a finished one is not revived).
+/// KEYS: this data plane's marker `relay:alive:<node>`, then (cc, rs) per lease. ARGV: now, ttl,
+/// force, then (lease, reservation) per lease. A Redis that lost this data plane's leases (no
+/// marker, or `force`: an earlier chunk of the same renewal found it gone) gets them and their
+/// reservations back; otherwise only leases it still holds are extended (a finished one is not
+/// revived). Returns 1 when it re-added.
 const RENEW: &str = r#"
 local ttl = tonumber(ARGV[2])
-local lost = redis.call('EXISTS', KEYS[1]) == 0
+local lost = ARGV[3] == '1' or redis.call('EXISTS', KEYS[1]) == 0
 for i = 1, (#KEYS - 1) / 2 do
   local cc, rs = KEYS[2 * i], KEYS[2 * i + 1]
-  local lease, res = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
+  local lease, res = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
   if lost then
     redis.call('ZADD', cc, now + ttl, lease)
     redis.call('HSETNX', rs, lease, res)
@@ -249,7 +256,8 @@ for i = 1, (#KEYS - 1) / 2 do
   redis.call('PEXPIRE', rs, ttl * 2)
 end
 redis.call('SET', KEYS[1], '1')
-return 1
+if lost then return 1 end
+return 0
 "#;
 
 /// KEYS: 6 per subject. ARGV: now, lease. Undoes an admission whose answer never arrived (the
@@ -453,21 +461,27 @@ impl RedisCounters {
     }
 
     /// Keeps this data plane's leases alive: (subject, lease, reservation `tokens:cost:second`).
-    pub async fn renew_held(&self, leases: &[(String, String, String)]) -> Result<(), Error> {
+    /// `force`: re-add them (an earlier chunk found Redis had lost them). Ok(true): re-added.
+    pub async fn renew_held(
+        &self,
+        node: &str,
+        leases: &[(String, String, String)],
+        force: bool,
+    ) -> Result<bool, Error> {
         if leases.is_empty() {
-            return Ok(());
+            return Ok(force);
         }
-        let mut inv = RENEW_SCRIPT.key("relay:alive");
+        let mut inv = RENEW_SCRIPT.key(format!("relay:alive:{node}"));
         for (subject, _, _) in leases {
             inv.key(key_of(subject, "cc")).key(key_of(subject, "rs"));
         }
-        inv.arg(0).arg(LEASE_TTL_MS);
+        inv.arg(0).arg(LEASE_TTL_MS).arg(if force { "1" } else { "0" });
         for (_, lease, reservation) in leases {
             inv.arg(lease).arg(reservation);
         }
         self.run_within::<i64>(inv, BACKGROUND_TIMEOUT.as_millis() as u64)
             .await
-            .map(|_| ())
+            .map(|v| v == 1)
     }
 
     /// Registers this data plane as live for `ttl_ms` and returns how many are.
@@ -542,11 +556,12 @@ impl Counters for RedisCounters {
         }
         let v: Vec<i64> = self.run(inv).await?;
         match v.first() {
-            Some(0) if v.len() == 5 => Ok(Err(Refusal {
+            Some(0) if v.len() == 6 => Ok(Err(Refusal {
                 subject: v[1].max(0) as usize,
                 kind: LimitKind::from_code(v[2]).ok_or_else(|| Error::Protocol(format!("limit code {}", v[2])))?,
                 limit: v[3].max(0) as u64,
                 retry_after_ms: v[4].max(1000) as u64,
+                by_reservations: v[5] == 1,
             })),
             Some(1) => uses(&v[1..], ask.subjects.len()).map(Ok),
             _ => Err(Error::Protocol(format!("admit answered {} values", v.len()))),
@@ -570,11 +585,11 @@ impl Counters for RedisCounters {
         if leases.is_empty() {
             return Ok(());
         }
-        let mut inv = RENEW_SCRIPT.key("relay:alive");
+        let mut inv = RENEW_SCRIPT.key("relay:alive:counters");
         for (subject, _) in leases {
             inv.key(key_of(subject, "cc")).key(key_of(subject, "rs"));
         }
-        inv.arg(now_arg(now_ms)).arg(LEASE_TTL_MS);
+        inv.arg(now_arg(now_ms)).arg(LEASE_TTL_MS).arg("0");
         for (_, lease) in leases {
             inv.arg(lease).arg("0:0:0");
         }

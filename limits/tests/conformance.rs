@@ -195,7 +195,9 @@ async fn a_budget_counts_committed_spend_plus_what_is_in_flight() {
             .unwrap()
             .unwrap_err();
         assert_eq!((r.kind, r.limit), (LimitKind::DailyBudget, 1000), "{name}");
-        assert_eq!(r.retry_after_ms as i64, p(T0).day_end_ms - T0, "{name}: until tomorrow");
+        // Not spent: reserved by the two in flight, so retry shortly, not tomorrow.
+        assert!(r.by_reservations, "{name}");
+        assert_eq!(r.retry_after_ms, 2000, "{name}");
         c.finish(&s, &a, 0, 30, &p(T0), Some(T0)).await.unwrap();
         c.finish(&s, &b, 0, 30, &p(T0), Some(T0)).await.unwrap();
         let u = c.peek(&s, &p(T0), Some(T0)).await.unwrap();
@@ -216,6 +218,8 @@ async fn a_budget_counts_committed_spend_plus_what_is_in_flight() {
             .unwrap()
             .unwrap_err();
         assert_eq!(r.kind, LimitKind::DailyBudget, "{name}");
+        assert!(!r.by_reservations, "{name}: spent");
+        assert_eq!(r.retry_after_ms as i64, p(T0).day_end_ms - T0, "{name}: until tomorrow");
         // Tomorrow is another day (the monthly budget still has room).
         let tomorrow = p(T0).day_end_ms + 1;
         let mut next = s.clone();

@@ -72,7 +72,15 @@ impl AdminService {
                     tokens_last_minute: u.tokens,
                     in_flight: u32::try_from(u.in_flight).unwrap_or(u32::MAX),
                 };
-                (u.first().map(live), u.get(1).map(live))
+                // A subject without limits is not counted: no live use to show.
+                let of = |i: usize| {
+                    subjects
+                        .get(i)
+                        .filter(|s| !s.limits.is_unlimited())
+                        .and_then(|_| u.get(i))
+                        .map(live)
+                };
+                (of(0), of(1))
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read live counters");

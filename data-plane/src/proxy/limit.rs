@@ -219,6 +219,15 @@ fn refused(cfg: &ServingConfig, r: &Refusal, s: &Subject) -> ApiError {
         ),
         LimitKind::Requests => format!("{who} allows {} requests per minute; retry in {secs} s", r.limit),
         LimitKind::Tokens => format!("{who} allows {} tokens per minute; retry in {secs} s", r.limit),
+        LimitKind::DailyBudget | LimitKind::MonthlyBudget if r.by_reservations => format!(
+            "{who}'s requests in flight may spend the rest of its {} budget of {}; retry when they finish",
+            if r.kind == LimitKind::DailyBudget {
+                "daily"
+            } else {
+                "monthly"
+            },
+            usd(r.limit)
+        ),
         LimitKind::DailyBudget => format!(
             "{who} has spent its daily budget of {}; it renews at {at}",
             usd(r.limit)
@@ -245,7 +254,7 @@ fn refused(cfg: &ServingConfig, r: &Refusal, s: &Subject) -> ApiError {
         _ => {}
     }
     e.headers = h;
-    if r.kind.is_budget() {
+    if r.kind.is_budget() && !r.by_reservations {
         e = e.no_retry();
     }
     e
