@@ -471,7 +471,8 @@ impl Health {
         self.backoff = BACKOFF_MIN;
         if let Some(since) = self.outage_since.take() {
             tracing::info!(
-                outage_secs = since.elapsed().as_secs_f64(),
+                // Tenths of a second: a log line, not a measurement.
+                outage_secs = (since.elapsed().as_millis() / 100) as f64 / 10.0,
                 pending,
                 "usage reporting to the control plane recovered"
             );
