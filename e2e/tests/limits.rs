@@ -434,8 +434,15 @@ async fn a_spent_daily_budget_refuses_on_every_replica_until_tomorrow() {
         "2",
         "both counters were there"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
     for i in 0..3 {
+        // Once this data plane has polled the stored spend, that is what it counts.
+        wait_for(Duration::from_secs(10), "the stored spend to be polled", || async {
+            let s = key_status(fleet.url(i), &key).await;
+            let spent = s["limits"]["daily_budget"]["spent_usd"].as_f64()?;
+            ((spent - stored.cost_pico_usd as f64 / 1e12).abs() < 1e-6).then_some(())
+        })
+        .await
+        .unwrap();
         let r = post_to(fleet.url(i), &key, &body, &[]).await;
         assert_eq!(r.status, 429, "the stored spend still counts");
     }
@@ -529,7 +536,20 @@ async fn redis_killed_under_load_costs_no_request_and_limits_hold_within_the_bou
         )
         .await;
     // Every data plane has counted the fleet (heartbeats every second).
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for i in 0..3 {
+        let metrics = format!("{}/metrics", fleet.url(i));
+        wait_for(Duration::from_secs(10), "a data plane to count the fleet", || {
+            let metrics = metrics.clone();
+            async move {
+                let r = try_send("GET", &metrics).await?;
+                String::from_utf8_lossy(&r.body)
+                    .contains("relay_limits_live_data_planes 3")
+                    .then_some(())
+            }
+        })
+        .await
+        .unwrap();
+    }
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = tokio::task::JoinSet::new();
@@ -547,7 +567,16 @@ async fn redis_killed_under_load_costs_no_request_and_limits_hold_within_the_bou
     tokio::time::sleep(Duration::from_millis(800)).await;
     redis.kill().unwrap();
     redis.wait().unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for(Duration::from_secs(10), "every data plane to notice", || async {
+        for i in 0..3 {
+            if key_status(fleet.url(i), &tight).await["counted"] != "degraded_local" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .unwrap();
     // While Redis is down, each data plane allows its share of the tight key: 9 / 3 = 3.
     let mut tight_ok = 0;
     for i in 0..30 {
