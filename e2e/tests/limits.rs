@@ -681,6 +681,7 @@ async fn standalone_counts_limits_in_process() {
     // The key holder's endpoint takes GET only.
     let r = send("POST", &dp.url("/relay/v1/key"), &[("x-api-key", key.as_str())], "").await;
     assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET"));
     // A budget cannot count a model without a price: refused, not served for free.
     let budgeted = cp
         .admin()

@@ -360,6 +360,14 @@ impl RedisCounters {
     /// Connects lazily: a Redis that is down at start is not an error here (the limiter's
     /// health check finds it and applies the policy).
     pub fn new(url: &str, password: Option<String>, timeout: Duration) -> Result<Self, Error> {
+        if !["redis://", "rediss://", "unix://", "redis+unix://"]
+            .iter()
+            .any(|p| url.starts_with(p))
+        {
+            return Err(Error::Store(
+                "a Redis URL starts with redis:// (or rediss:// for TLS), e.g. redis://HOST:6379/0".into(),
+            ));
+        }
         let mut info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(url)
             .map_err(|e| Error::Store(format!("{:?}", e.kind())))?;
         if let Some(p) = password {

@@ -246,10 +246,21 @@ impl Proxy {
                     None => Err(ApiError::not_found(format!("model: {id}"))),
                 }
             }
-            (_, "/v1/messages" | "/v1/messages/count_tokens" | "/v1/models" | "/relay/v1/key") => Err(ApiError {
-                status: StatusCode::METHOD_NOT_ALLOWED,
-                ..ApiError::invalid_request(format!("method {} is not allowed on {path}", req.method()))
-            }),
+            (_, "/v1/messages" | "/v1/messages/count_tokens" | "/v1/models" | "/relay/v1/key") => {
+                let allow = if path.starts_with("/v1/messages") {
+                    "POST"
+                } else {
+                    "GET"
+                };
+                Err(ApiError {
+                    status: StatusCode::METHOD_NOT_ALLOWED,
+                    headers: vec![(header::ALLOW, HeaderValue::from_static(allow))],
+                    ..ApiError::invalid_request(format!(
+                        "method {} is not allowed on {path} (use {allow})",
+                        req.method()
+                    ))
+                })
+            }
             _ => Err(ApiError::not_found(format!("no route for {} {path}", req.method()))),
         }
     }
