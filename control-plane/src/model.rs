@@ -458,3 +458,45 @@ pub enum Mutation {
         at_most: u64,
     },
 }
+
+/// One unified rate-limit window of a subscription account ("5h", "7d").
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QuotaWindow {
+    pub name: String,
+    /// 0..1; negative when the upstream did not say.
+    pub utilization: f64,
+    /// Unix ms; 0 = not said.
+    pub reset_ms: Millis,
+    pub status: String,
+}
+
+/// The newest quota windows the fleet saw for a subscription account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountQuota {
+    pub account_id: String,
+    pub observed_at: Millis,
+    pub observed_by: String,
+    pub status: String,
+    pub reset_at: Millis,
+    pub windows: Vec<QuotaWindow>,
+}
+
+/// A token endpoint's answer to a refresh, sealed, kept until its tokens are committed.
+#[derive(Clone, PartialEq)]
+pub struct OAuthPending {
+    pub account_id: String,
+    /// SHA-256 (hex) of the refresh token that was spent.
+    pub from_hash: String,
+    /// AES-256-GCM ciphertext of the answer (see `crypto`).
+    pub sealed: Vec<u8>,
+    pub created_at: Millis,
+}
+
+impl std::fmt::Debug for OAuthPending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuthPending")
+            .field("account_id", &self.account_id)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}

@@ -1200,6 +1200,58 @@ macro_rules! conformance_suite {
         }
 
         #[tokio::test]
+        async fn quotas_keep_the_newest_observation_of_existing_accounts() {
+            let (store, _guard) = fresh().await;
+            apply_ok(&store, vec![Mutation::InsertAccount(account("a1", "one", &[]))]).await;
+            let head = store.head().await.unwrap();
+            let q = |at: i64, used: f64| AccountQuota {
+                account_id: "a1".into(),
+                observed_at: at,
+                observed_by: "dp-1".into(),
+                status: "allowed".into(),
+                reset_at: 77,
+                windows: vec![QuotaWindow { name: "5h".into(), utilization: used, reset_ms: 99, status: "allowed".into() }],
+            };
+            store.upsert_quotas(&[q(10, 0.5)]).await.unwrap();
+            store.upsert_quotas(&[q(5, 0.9)]).await.unwrap();
+            assert_eq!(store.list_quotas().await.unwrap(), vec![q(10, 0.5)], "an older observation never wins");
+            store.upsert_quotas(&[q(20, 0.7)]).await.unwrap();
+            assert_eq!(store.list_quotas().await.unwrap(), vec![q(20, 0.7)]);
+            // An account that does not exist (deleted meanwhile) is skipped, not an error.
+            let mut ghost = q(30, 0.1);
+            ghost.account_id = "ghost".into();
+            store.upsert_quotas(&[ghost]).await.unwrap();
+            assert_eq!(store.list_quotas().await.unwrap().len(), 1);
+            assert_eq!(store.head().await.unwrap(), head, "quotas are not config");
+            // They go with the account.
+            apply_ok(&store, vec![Mutation::DeleteAccount { id: "a1".into() }]).await;
+            assert!(store.list_quotas().await.unwrap().is_empty());
+        }
+
+        #[tokio::test]
+        async fn oauth_answers_are_kept_until_dropped() {
+            let (store, _guard) = fresh().await;
+            apply_ok(&store, vec![Mutation::InsertAccount(account("a1", "one", &[]))]).await;
+            let p = |hash: &str, sealed: &[u8]| OAuthPending {
+                account_id: "a1".into(),
+                from_hash: hash.into(),
+                sealed: sealed.to_vec(),
+                created_at: T0,
+            };
+            store.stash_oauth(&p("h1", b"first")).await.unwrap();
+            store.stash_oauth(&p("h1", b"again")).await.unwrap();
+            store.stash_oauth(&p("h2", b"other")).await.unwrap();
+            let mut got = store.list_oauth_pending().await.unwrap();
+            got.sort_by(|a, b| a.from_hash.cmp(&b.from_hash));
+            assert_eq!(got, vec![p("h1", b"again"), p("h2", b"other")]);
+            store.drop_oauth_pending("a1", "h1").await.unwrap();
+            assert_eq!(store.list_oauth_pending().await.unwrap(), vec![p("h2", b"other")]);
+            let mut ghost = p("h3", b"x");
+            ghost.account_id = "ghost".into();
+            assert!(matches!(store.stash_oauth(&ghost).await, Err(StoreError::NotFound { .. })));
+        }
+
+        #[tokio::test]
         async fn spend_by_key_sums_cost_in_a_half_open_range() {
             let (store, _guard) = fresh().await;
             let day = 86_400_000;

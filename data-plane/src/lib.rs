@@ -327,6 +327,12 @@ pub async fn start(
         stop_rx.clone(),
     ));
     tokio::spawn(limiter.clone().run());
+    tokio::spawn(control::quota_report::run(
+        health.clone(),
+        link.clone(),
+        opts.node_id.clone(),
+        stop_rx.clone(),
+    ));
     let proxy = Arc::new(Proxy {
         holder: holder.clone(),
         upstreams,

@@ -225,6 +225,7 @@ impl MockUpstream {
             ttfb: config.ttfb,
             event_delay: config.event_delay,
             faults: ArcSwap::from_pointee(config.faults_by_credential.clone()),
+            utilization: ArcSwap::from_pointee(HashMap::new()),
             record: config.record,
             log: Mutex::new(Vec::new()),
             bodies: Mutex::new(HashMap::new()),
@@ -327,6 +328,16 @@ impl MockUpstream {
                 Some(f) => next.insert(credential.to_string(), f),
                 None => next.remove(credential),
             };
+            next
+        });
+    }
+
+    /// The 5-hour unified utilization (0..1) this server reports to the Bearer credential `token`
+    /// from the next answer on (default 0.1).
+    pub fn set_unified_utilization(&self, token: &str, five_hour: f64) {
+        self.shared.utilization.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.insert(token.to_string(), five_hour);
             next
         });
     }

@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     pub ttfb: Duration,
     pub event_delay: Duration,
     pub faults: ArcSwap<HashMap<String, Fault>>,
+    /// The 5-hour unified utilization answered to a Bearer credential (default 0.1).
+    pub utilization: ArcSwap<HashMap<String, f64>>,
     pub record: bool,
     pub log: Mutex<Vec<RecordedRequest>>,
     pub bodies: Mutex<HashMap<String, Sink>>,
@@ -340,7 +342,17 @@ fn success_headers(cx: &Cx<'_>, h: &mut HeaderMap) {
         set(h, "anthropic-ratelimit-unified-reset".into(), &five_h);
         set(h, "anthropic-ratelimit-unified-5h-status".into(), "allowed");
         set(h, "anthropic-ratelimit-unified-5h-reset".into(), &five_h);
-        set(h, "anthropic-ratelimit-unified-5h-utilization".into(), "0.1");
+        let used = cx
+            .creds
+            .bearer
+            .as_ref()
+            .and_then(|b| cx.shared.utilization.load().get(b).copied())
+            .unwrap_or(0.1);
+        set(
+            h,
+            "anthropic-ratelimit-unified-5h-utilization".into(),
+            &used.to_string(),
+        );
         set(h, "anthropic-ratelimit-unified-7d-status".into(), "allowed");
         set(h, "anthropic-ratelimit-unified-7d-reset".into(), &seven_d);
         set(h, "anthropic-ratelimit-unified-7d-utilization".into(), "0.05");

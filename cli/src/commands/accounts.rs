@@ -56,6 +56,63 @@ fn health_summary(states: &[AccountState]) -> String {
         .join("; ")
 }
 
+/// "3h12m", "2d4h", "45s": how far off a reset is.
+fn until(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// A subscription account's quota windows: "5h 42% (resets in 2h10m) · 7d 13% (resets in 3d4h)";
+/// `brief` leaves the resets out. Empty when nothing was seen.
+fn quota_summary(q: Option<&relay_proto::v1::AccountQuota>, brief: bool, now_ms: i64) -> String {
+    let Some(q) = q else { return String::new() };
+    q.windows
+        .iter()
+        .map(|w| {
+            let fresh = w.reset_ms > 0 && w.reset_ms <= now_ms;
+            let used = if fresh {
+                "reset".to_string()
+            } else if w.utilization >= 0.0 {
+                format!("{:.0}%", w.utilization * 100.0)
+            } else {
+                "?".to_string()
+            };
+            let status = if w.status.is_empty() || w.status == "allowed" || fresh {
+                String::new()
+            } else {
+                format!(" {}", w.status)
+            };
+            if brief || w.reset_ms <= now_ms {
+                format!("{} {used}{status}", w.name)
+            } else {
+                format!("{} {used}{status} (resets in {})", w.name, until(w.reset_ms - now_ms))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" · ")
+}
+
+fn quota_json(q: Option<&relay_proto::v1::AccountQuota>) -> serde_json::Value {
+    let Some(q) = q else { return serde_json::Value::Null };
+    serde_json::json!({
+        "status": q.status,
+        "reset_at": crate::parse::format_time(q.reset_ms),
+        "observed_at": crate::parse::format_time(q.observed_ms),
+        "observed_by": q.observed_by,
+        "windows": q.windows.iter().map(|w| serde_json::json!({
+            "name": w.name,
+            "utilization": (w.utilization >= 0.0).then_some(w.utilization),
+            "status": w.status,
+            "reset_at": crate::parse::format_time(w.reset_ms),
+        })).collect::<Vec<_>>(),
+    })
+}
+
 fn states_json(states: &[AccountState]) -> serde_json::Value {
     serde_json::Value::Array(
         states
@@ -96,10 +153,27 @@ pub const COLUMNS: &[Column<AccountInfo>] = &[
     Column::new("groups", "Groups", |a| Value::list(&a.groups, "-")),
     Column::new("health", "Health", |a| {
         let mut h = health_summary(&a.states);
+        // Subscription accounts: how much of each quota window is used ("healthy; 5h 42% · 7d 13%").
+        let q = quota_summary(a.quota.as_ref(), true, chrono::Utc::now().timestamp_millis());
+        if !q.is_empty() {
+            h.push_str("; ");
+            h.push_str(&q);
+        }
         if !a.config_errors.is_empty() {
             h.push_str(&format!("; out of service on {} data plane(s)", a.config_errors.len()));
         }
         Value::Text(h)
+    }),
+    Column::detail("quota_windows", "Quota windows", |a| {
+        let q = quota_summary(a.quota.as_ref(), false, chrono::Utc::now().timestamp_millis());
+        if q.is_empty() {
+            Value::Null
+        } else {
+            Value::Text(q)
+        }
+    }),
+    Column::detail("quota_detail", "Quota (as seen)", |a| {
+        Value::Json(quota_json(a.quota.as_ref()))
     }),
     Column::detail("max_concurrency", "Max concurrency", |a| {
         Value::limit(u64::from(a.max_concurrency))

@@ -291,6 +291,14 @@ impl AdminService {
             groups: self.group_names().await?,
             states: self.states().await?,
             config_errors,
+            quotas: self
+                .store
+                .list_quotas()
+                .await
+                .map_err(status_from_store)?
+                .into_iter()
+                .map(|q| (q.account_id.clone(), q))
+                .collect(),
         })
     }
 
@@ -298,6 +306,7 @@ impl AdminService {
         let (groups, states) = (&view.groups, &view.states);
         let now = now_ms();
         pb::AccountInfo {
+            quota: view.quotas.get(&a.id).map(super::quota::to_pb),
             config_errors: view.config_errors.get(&a.id).cloned().unwrap_or_default(),
             states: states
                 .iter()
@@ -1724,6 +1733,7 @@ struct AccountView {
     groups: BTreeMap<String, String>,
     states: Vec<AccountState>,
     config_errors: BTreeMap<String, Vec<String>>,
+    quotas: BTreeMap<String, crate::model::AccountQuota>,
 }
 
 #[cfg(test)]

@@ -574,4 +574,42 @@ impl ConfigDiscovery for DiscoveryService {
             version: Some(version_pb(v)),
         }))
     }
+
+    async fn report_quotas(&self, req: Request<pb::QuotaReport>) -> Result<Response<pb::QuotaReportAck>, Status> {
+        self.auth.check(req.metadata(), Need::DataPlane).await?;
+        let identity = self.auth.node_identity(&req);
+        let r = req.into_inner();
+        identity.check(&r.node_id)?;
+        if r.quotas.len() > MAX_QUOTAS_PER_REPORT {
+            return Err(Status::invalid_argument(format!(
+                "a quota report carries at most {MAX_QUOTAS_PER_REPORT} accounts"
+            )));
+        }
+        let now = crate::model::now_ms();
+        // An observation from the future (a skewed clock) would never be replaced: cap it at now.
+        let rows: Vec<_> = r
+            .quotas
+            .iter()
+            .map(|q| {
+                let mut row = super::quota::from_pb(q, &r.node_id);
+                row.observed_at = row.observed_at.min(now);
+                row
+            })
+            .collect();
+        self.store
+            .upsert_quotas(&rows)
+            .await
+            .map_err(super::status_from_store)?;
+        let fleet = self.store.list_quotas().await.map_err(super::status_from_store)?;
+        if let Ok(accounts) = self.store.list_accounts().await {
+            let names: HashMap<String, String> = accounts.into_iter().map(|a| (a.id, a.name)).collect();
+            super::quota::export(&fleet, |id| names.get(id).cloned(), now);
+        }
+        Ok(Response::new(pb::QuotaReportAck {
+            fleet: fleet.iter().map(super::quota::to_pb).collect(),
+        }))
+    }
 }
+
+/// Most accounts one quota report may carry.
+const MAX_QUOTAS_PER_REPORT: usize = 10_000;

@@ -2,13 +2,14 @@
 //! domain model. `auth` checks bearer tokens; `admin` serves `relayctl`;
 //! `discovery` serves `ConfigDiscovery.Watch`; `usage` serves `UsageIngest.Report`;
 //! `identity` ties a data plane's TLS client certificate to its node id; `gate` checks every
-//! call's token before its messages are decoded.
+//! call's token before its messages are decoded; `quota` converts subscription quota windows.
 
 pub mod admin;
 pub mod auth;
 pub mod discovery;
 pub mod gate;
 pub mod identity;
+pub mod quota;
 pub mod usage;
 
 use crate::store::StoreError;

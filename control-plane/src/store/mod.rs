@@ -97,6 +97,17 @@ pub trait Store: Send + Sync + 'static {
     /// keys without such usage are absent. Sums saturate at `i64::MAX`. One query, answered from
     /// the `(ts, api_key_id, cost_pico_usd)` index.
     async fn spend_by_key(&self, since: Millis, until: Millis) -> Result<std::collections::BTreeMap<String, u64>>;
+
+    /// Stores quota observations, each only when newer than the stored one; observations of
+    /// accounts that no longer exist are skipped. Not config: no revision, no audit.
+    async fn upsert_quotas(&self, quotas: &[AccountQuota]) -> Result<()>;
+    async fn list_quotas(&self) -> Result<Vec<AccountQuota>>;
+
+    /// Keeps a token endpoint's answer until its tokens are committed (replacing one for the
+    /// same account and spent token). An unknown account is an error (`NotFound`).
+    async fn stash_oauth(&self, pending: &OAuthPending) -> Result<()>;
+    async fn list_oauth_pending(&self) -> Result<Vec<OAuthPending>>;
+    async fn drop_oauth_pending(&self, account_id: &str, from_hash: &str) -> Result<()>;
 }
 
 pub type DynStore = Arc<dyn Store>;

@@ -23,6 +23,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../../migrations/postgres/0005_usage_anomaly.sql")),
     (6, include_str!("../../migrations/postgres/0006_group_limits.sql")),
     (7, include_str!("../../migrations/postgres/0007_deleted_names.sql")),
+    (
+        10,
+        include_str!("../../migrations/postgres/0010_quotas_and_refresh.sql"),
+    ),
 ];
 const NOTIFY_CHANNEL: &str = "relay_config";
 /// `application_name` of the LISTEN connection.
@@ -1297,6 +1301,125 @@ impl Store for PostgresStore {
             .map(|r| Ok((r.get::<_, String>(0), to_u64(r.get(1), "sum")?)))
             .collect()
     }
+
+    async fn upsert_quotas(&self, quotas: &[AccountQuota]) -> Result<()> {
+        if quotas.is_empty() {
+            return Ok(());
+        }
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached(
+                "INSERT INTO account_quotas (account_id, observed_at, observed_by, status, reset_at, windows) \
+                 SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM accounts WHERE id = $1) \
+                 ON CONFLICT (account_id) DO UPDATE SET observed_at = EXCLUDED.observed_at, \
+                 observed_by = EXCLUDED.observed_by, status = EXCLUDED.status, reset_at = EXCLUDED.reset_at, \
+                 windows = EXCLUDED.windows WHERE account_quotas.observed_at < EXCLUDED.observed_at",
+            )
+            .await
+            .map_err(pg)?;
+        for q in quotas {
+            let windows = quota_windows_json(&q.windows)?;
+            match c
+                .execute(
+                    &stmt,
+                    &[
+                        &q.account_id,
+                        &q.observed_at,
+                        &q.observed_by,
+                        &q.status,
+                        &q.reset_at,
+                        &windows,
+                    ],
+                )
+                .await
+            {
+                Ok(_) => {}
+                // The account was deleted meanwhile.
+                Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {}
+                Err(e) => return Err(pg(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_quotas(&self) -> Result<Vec<AccountQuota>> {
+        let c = self.client().await?;
+        c.query(
+            "SELECT account_id, observed_at, observed_by, status, reset_at, windows FROM account_quotas",
+            &[],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| {
+            Ok(AccountQuota {
+                account_id: r.get(0),
+                observed_at: r.get(1),
+                observed_by: r.get(2),
+                status: r.get(3),
+                reset_at: r.get(4),
+                windows: quota_windows_from(r.get(5))?,
+            })
+        })
+        .collect()
+    }
+
+    async fn stash_oauth(&self, p: &OAuthPending) -> Result<()> {
+        let c = self.client().await?;
+        let r = c
+            .execute(
+                "INSERT INTO oauth_pending (account_id, from_hash, sealed, created_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (account_id, from_hash) DO UPDATE SET sealed = EXCLUDED.sealed, created_at = EXCLUDED.created_at",
+                &[&p.account_id, &p.from_hash, &p.sealed, &p.created_at],
+            )
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => Err(StoreError::NotFound {
+                kind: "account",
+                name: p.account_id.clone(),
+            }),
+            Err(e) => Err(pg(e)),
+        }
+    }
+
+    async fn list_oauth_pending(&self) -> Result<Vec<OAuthPending>> {
+        let c = self.client().await?;
+        Ok(c.query(
+            "SELECT account_id, from_hash, sealed, created_at FROM oauth_pending ORDER BY created_at",
+            &[],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| OAuthPending {
+            account_id: r.get(0),
+            from_hash: r.get(1),
+            sealed: r.get(2),
+            created_at: r.get(3),
+        })
+        .collect())
+    }
+
+    async fn drop_oauth_pending(&self, account_id: &str, from_hash: &str) -> Result<()> {
+        let c = self.client().await?;
+        c.execute(
+            "DELETE FROM oauth_pending WHERE account_id = $1 AND from_hash = $2",
+            &[&account_id, &from_hash],
+        )
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+}
+
+/// A quota's windows as stored (JSON text).
+pub(crate) fn quota_windows_json(w: &[QuotaWindow]) -> Result<String> {
+    serde_json::to_string(w).map_err(|e| StoreError::Corrupt(format!("quota windows: {e}")))
+}
+
+pub(crate) fn quota_windows_from(text: String) -> Result<Vec<QuotaWindow>> {
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("quota windows: {e}")))
 }
 
 /// `SUM(col)` as a BIGINT that saturates at `i64::MAX` instead of failing the query (the sum of

@@ -25,6 +25,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../../migrations/sqlite/0005_usage_anomaly.sql")),
     (6, include_str!("../../migrations/sqlite/0006_group_limits.sql")),
     (7, include_str!("../../migrations/sqlite/0007_deleted_names.sql")),
+    (10, include_str!("../../migrations/sqlite/0010_quotas_and_refresh.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1308,5 +1309,137 @@ impl Store for SqliteStore {
 
     async fn spend_by_key(&self, since: Millis, until: Millis) -> Result<BTreeMap<String, u64>> {
         self.with_conn(move |c| spend_by_key_tx(c, since, until)).await
+    }
+
+    async fn upsert_quotas(&self, quotas: &[AccountQuota]) -> Result<()> {
+        if quotas.is_empty() {
+            return Ok(());
+        }
+        let quotas = quotas.to_vec();
+        self.with_conn(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO account_quotas (account_id, observed_at, observed_by, status, reset_at, windows) \
+                         SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM accounts WHERE id = ?1) \
+                         ON CONFLICT (account_id) DO UPDATE SET observed_at = excluded.observed_at, \
+                         observed_by = excluded.observed_by, status = excluded.status, reset_at = excluded.reset_at, \
+                         windows = excluded.windows WHERE account_quotas.observed_at < excluded.observed_at",
+                    )
+                    .map_err(db)?;
+                for q in &quotas {
+                    let windows = super::postgres::quota_windows_json(&q.windows)?;
+                    stmt.execute(params![
+                        q.account_id,
+                        q.observed_at,
+                        q.observed_by,
+                        q.status,
+                        q.reset_at,
+                        windows
+                    ])
+                    .map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn list_quotas(&self) -> Result<Vec<AccountQuota>> {
+        self.with_conn(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT account_id, observed_at, observed_by, status, reset_at, windows FROM account_quotas",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
+                })
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db)?;
+            rows.into_iter()
+                .map(|(account_id, observed_at, observed_by, status, reset_at, windows)| {
+                    Ok(AccountQuota {
+                        account_id,
+                        observed_at,
+                        observed_by,
+                        status,
+                        reset_at,
+                        windows: super::postgres::quota_windows_from(windows)?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn stash_oauth(&self, p: &OAuthPending) -> Result<()> {
+        let p = p.clone();
+        self.with_conn(move |c| {
+            let known = c
+                .query_row("SELECT 1 FROM accounts WHERE id = ?1", [&p.account_id], |_| Ok(()))
+                .optional()
+                .map_err(db)?
+                .is_some();
+            if !known {
+                return Err(StoreError::NotFound {
+                    kind: "account",
+                    name: p.account_id.clone(),
+                });
+            }
+            c.execute(
+                "INSERT INTO oauth_pending (account_id, from_hash, sealed, created_at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (account_id, from_hash) DO UPDATE SET sealed = excluded.sealed, created_at = excluded.created_at",
+                params![p.account_id, p.from_hash, p.sealed, p.created_at],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_oauth_pending(&self) -> Result<Vec<OAuthPending>> {
+        self.with_conn(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT account_id, from_hash, sealed, created_at FROM oauth_pending ORDER BY created_at",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(OAuthPending {
+                        account_id: r.get(0)?,
+                        from_hash: r.get(1)?,
+                        sealed: r.get(2)?,
+                        created_at: r.get(3)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn drop_oauth_pending(&self, account_id: &str, from_hash: &str) -> Result<()> {
+        let (a, h) = (account_id.to_string(), from_hash.to_string());
+        self.with_conn(move |c| {
+            c.execute(
+                "DELETE FROM oauth_pending WHERE account_id = ?1 AND from_hash = ?2",
+                params![a, h],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod freshness;
+pub mod quota_report;
 pub mod report;
 pub mod spend;
 pub mod spool;

@@ -180,7 +180,18 @@ impl Balancer {
     /// `cost = latency * (outstanding + 1) / weight` returned. One account:
     /// it. Empty: None. No allocation, no lock.
     pub fn pick<'a>(&self, tier: &[&'a Arc<AccountEntry>]) -> Option<&'a Arc<AccountEntry>> {
-        self.pick_at(tier, &mut rand::thread_rng(), self.inner.now())
+        self.pick_at(tier, &mut rand::thread_rng(), self.inner.now(), |_| 1.0)
+    }
+
+    /// [`Self::pick`] with each account's weight scaled by its `headroom` (0..=1: the share of its
+    /// subscription quota left, 1 when unknown), so that within a tier a pool of subscription
+    /// accounts drains evenly rather than one account at a time.
+    pub fn pick_with_headroom<'a>(
+        &self,
+        tier: &[&'a Arc<AccountEntry>],
+        headroom: impl Fn(&str) -> f64,
+    ) -> Option<&'a Arc<AccountEntry>> {
+        self.pick_at(tier, &mut rand::thread_rng(), self.inner.now(), headroom)
     }
 
     fn pick_at<'a, R: Rng + ?Sized>(
@@ -188,13 +199,19 @@ impl Balancer {
         tier: &[&'a Arc<AccountEntry>],
         rng: &mut R,
         now: u64,
+        headroom: impl Fn(&str) -> f64,
     ) -> Option<&'a Arc<AccountEntry>> {
         match tier {
             [] => return None,
             [only] => return Some(only),
             _ => {}
         }
-        let weight = |a: &AccountEntry| u64::from(a.weight.max(1));
+        // Weights in thousandths, scaled by headroom; never below one thousandth.
+        let weight = |a: &AccountEntry| {
+            let h = headroom(&a.id);
+            let h = if h.is_finite() { h.clamp(0.0, 1.0) } else { 1.0 };
+            ((f64::from(a.weight.max(1)) * 1000.0 * h) as u64).max(1)
+        };
         let total: u64 = tier.iter().map(|a| weight(a)).sum();
         let i = weighted_index(tier, rng.gen_range(0..total), None, weight);
         let j = weighted_index(tier, rng.gen_range(0..total - weight(tier[i])), Some(i), weight);
@@ -212,7 +229,7 @@ impl Balancer {
             let outstanding = load.map_or(0, |l| l.outstanding.load(Ordering::Relaxed));
             // Outstanding per unit of weight: at equal latency, accounts whose
             // load is in proportion to their weights cost the same.
-            est.unwrap_or(default) * (1.0 + f64::from(outstanding) / f64::from(acct.weight.max(1)))
+            est.unwrap_or(default) * (1.0 + f64::from(outstanding) * 1000.0 / weight(acct) as f64)
         };
         // `a` was drawn by weight, so with equal costs (idle, equally fast
         // accounts) weights set the traffic shares exactly; `b` takes over
@@ -424,7 +441,7 @@ mod tests {
         let mut now = 1_000 * MS;
         for _ in 0..picks {
             now += MS;
-            let a = b.pick_at(&tier, &mut rng, now).unwrap();
+            let a = b.pick_at(&tier, &mut rng, now, |_| 1.0).unwrap();
             *counts.entry(a.id.clone()).or_insert(0) += 1;
             let latency = accounts.iter().find(|(x, _)| x.id == a.id).unwrap().1;
             if latency > 0 {
@@ -494,6 +511,24 @@ mod tests {
     }
 
     #[test]
+    fn more_headroom_takes_more_traffic_within_a_tier() {
+        // Equal weights, idle and equally fast: a subscription account with 90% of its quota left
+        // takes about three times the traffic of one with 30% left.
+        let b = Balancer::new();
+        let (fresh, spent) = (acct("fresh", 1, 0), acct("spent", 1, 0));
+        let tier = [&fresh, &spent];
+        let headroom = |id: &str| if id == "fresh" { 0.9 } else { 0.3 };
+        let fresh_picks = (0..20_000)
+            .filter(|_| b.pick_with_headroom(&tier, headroom).unwrap().id == "fresh")
+            .count();
+        let ratio = fresh_picks as f64 / (20_000 - fresh_picks) as f64;
+        assert!((2.5..3.6).contains(&ratio), "0.9:0.3 headroom gave {ratio}");
+        // No headroom known: weights alone.
+        let even = (0..20_000).filter(|_| b.pick(&tier).unwrap().id == "fresh").count();
+        assert!((9_000..11_000).contains(&even), "{even}");
+    }
+
+    #[test]
     fn weights_set_shares_for_one_request_at_a_time() {
         // Idle, equally fast accounts: a request at a time still splits 3:1.
         let b = Balancer::new();
@@ -520,7 +555,7 @@ mod tests {
         let mut counts = HashMap::new();
         for _ in 0..8000 {
             *counts
-                .entry(b.pick_at(&tier, &mut rng, 1).unwrap().id.clone())
+                .entry(b.pick_at(&tier, &mut rng, 1, |_| 1.0).unwrap().id.clone())
                 .or_insert(0) += 1;
         }
         for id in ["a", "b", "c", "d"] {
@@ -539,7 +574,7 @@ mod tests {
         let mut counts = HashMap::new();
         for _ in 0..3000 {
             *counts
-                .entry(b.pick_at(&tier, &mut rng, 1).unwrap().id.clone())
+                .entry(b.pick_at(&tier, &mut rng, 1, |_| 1.0).unwrap().id.clone())
                 .or_insert(0) += 1;
         }
         // Median 200 ms: "new" beats old2 (300) and loses to old1 (100).

@@ -243,6 +243,11 @@ pub struct HealthSink {
 impl HealthSink {
     pub fn observe(&self, account_id: &str, model: &str, outcome: &Outcome<'_>) -> super::health::Verdict {
         let now = chrono::Utc::now().timestamp_millis();
+        if let Outcome::Response { headers, .. } = outcome {
+            if let Some(q) = super::quota::parse(headers, account_id, self.registry.node_id(), now) {
+                self.registry.quotas.observe(q);
+            }
+        }
         let (verdict, report) =
             self.registry
                 .observe_as_of(account_id, self.generation, model, outcome, &self.settings, now);

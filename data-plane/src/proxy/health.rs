@@ -1069,6 +1069,8 @@ pub struct HealthRegistry {
     /// Each account's `reset_generation` in the config served: when it moves, an operator cleared
     /// the account (reset, enable, new credential or route) and everything known here goes too.
     generations: RwLock<HashMap<String, u64>>,
+    /// Subscription accounts' quota windows, this data plane's and the fleet's newest.
+    pub quotas: super::quota::Quotas,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1081,6 +1083,7 @@ impl HealthRegistry {
             node_id: node_id.to_string(),
             accounts: RwLock::new(HashMap::new()),
             generations: RwLock::new(HashMap::new()),
+            quotas: super::quota::Quotas::default(),
         }
     }
 
@@ -1114,6 +1117,7 @@ impl HealthRegistry {
             let mut map = self.accounts.write().unwrap_or_else(PoisonError::into_inner);
             // An account no longer in the config is forgotten.
             map.retain(|id, _| next.contains_key(id.as_ref()));
+            self.quotas.retain(|id| next.contains_key(id));
             for id in &cleared {
                 if let Some(slot) = map.get_mut(id.as_str()) {
                     let t = slot.get_mut().unwrap_or_else(PoisonError::into_inner);
@@ -1127,6 +1131,10 @@ impl HealthRegistry {
 
     /// The `reset_generation` of the account in the config served (0 if unknown): reports carry it,
     /// so the control plane can tell one made before a reset.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
     pub fn generation(&self, account_id: &str) -> u64 {
         let gens = self.generations.read().unwrap_or_else(PoisonError::into_inner);
         gens.get(account_id).copied().unwrap_or(0)

@@ -13,6 +13,7 @@ pub mod held;
 pub mod limit;
 pub mod models;
 pub mod policy;
+pub mod quota;
 pub mod sticky;
 
 use crate::control::spool::Spool;
@@ -641,7 +642,10 @@ impl Proxy {
                     Availability::Never => {}
                 }
             }
-            while let Some(a) = self.balancer.pick(&ready) {
+            while let Some(a) = self
+                .balancer
+                .pick_with_headroom(&ready, |id| self.health.quotas.headroom(id, now))
+            {
                 match self.balancer.try_acquire(a) {
                     Some(slot) => return Choice::Ready(a.clone(), slot),
                     None => {
