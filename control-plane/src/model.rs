@@ -457,6 +457,12 @@ pub enum Mutation {
         account_id: String,
         at_most: u64,
     },
+    /// A guard, no write (fencing): the whole apply fails with `StoreError::Fenced` unless the
+    /// stored leadership term is `term`, so a replica that lost leadership without noticing
+    /// (paused, partitioned) cannot land a leader-only write after a new leader took over.
+    CheckTerm {
+        term: u64,
+    },
 }
 
 /// One unified rate-limit window of a subscription account ("5h", "7d").

@@ -1572,6 +1572,70 @@ macro_rules! conformance_suite {
                 .await
                 .expect("no permit stored for a late waiter");
         }
+
+        #[tokio::test]
+        async fn claiming_a_term_increments_it_and_records_the_leader() {
+            let (store, _guard) = fresh().await;
+            assert_eq!(store.leader().await.unwrap(), None);
+            assert_eq!(store.claim_term("cp-1", "etcd", "rev 10", T0).await.unwrap(), 1);
+            assert_eq!(store.claim_term("cp-2", "etcd", "rev 12", T0 + 5).await.unwrap(), 2);
+            let l = store.leader().await.unwrap().unwrap();
+            assert_eq!(
+                l,
+                relay_control_plane::store::LeaderRecord {
+                    term: 2,
+                    holder: "cp-2".into(),
+                    mechanism: "etcd".into(),
+                    since_ms: T0 + 5,
+                    detail: "rev 12".into(),
+                }
+            );
+            assert_eq!(store.claim_term("cp-2", "etcd", "rev 13", T0 + 9).await.unwrap(), 3);
+        }
+
+        #[tokio::test]
+        async fn a_write_with_a_stale_term_is_fenced_and_changes_nothing() {
+            let (store, _guard) = fresh().await;
+            // No term claimed yet: no term is current.
+            let err = apply_err(&store, vec![Mutation::CheckTerm { term: 1 }, setting("job", "x")]).await;
+            assert!(matches!(err, StoreError::Fenced { held: 1, current: 0 }), "{err:?}");
+            let old = store.claim_term("cp-1", "etcd", "", T0).await.unwrap();
+            apply_ok(&store, vec![Mutation::CheckTerm { term: old }, setting("job", "1")]).await;
+            let new = store.claim_term("cp-2", "etcd", "", T0 + 1).await.unwrap();
+            assert_eq!(new, old + 1);
+            let err = apply_err(&store, vec![Mutation::CheckTerm { term: old }, setting("job", "2")]).await;
+            assert!(matches!(err, StoreError::Fenced { held, current } if held == old && current == new), "{err:?}");
+            assert!(err.to_string().contains("fenced"), "{err}");
+            // The guard holds wherever it stands in the batch.
+            let err = apply_err(&store, vec![setting("job", "3"), Mutation::CheckTerm { term: old }]).await;
+            assert!(matches!(err, StoreError::Fenced { .. }), "{err:?}");
+            assert_eq!(store.settings().await.unwrap().get("job").map(String::as_str), Some("1"));
+            apply_ok(&store, vec![Mutation::CheckTerm { term: new }, setting("job", "4")]).await;
+            assert_eq!(store.settings().await.unwrap().get("job").map(String::as_str), Some("4"));
+        }
+
+        #[tokio::test]
+        async fn usage_before_the_cutoff_is_deleted_in_batches() {
+            let (store, _guard) = fresh().await;
+            let old: Vec<UsageEvent> = (0..5).map(|n| usage(n, T0 + n as i64, "k", "a", "m", 200, "")).collect();
+            let new: Vec<UsageEvent> =
+                (5..8).map(|n| usage(n, T0 + HOUR + n as i64, "k", "a", "m", 200, "")).collect();
+            store.insert_usage(&old).await.unwrap();
+            store.insert_usage(&new).await.unwrap();
+            assert_eq!(store.delete_usage_before(T0 + HOUR, 2).await.unwrap(), 2, "one batch at most");
+            let mut total = 2;
+            loop {
+                let n = store.delete_usage_before(T0 + HOUR, 2).await.unwrap();
+                total += n;
+                if n < 2 {
+                    break;
+                }
+            }
+            assert_eq!(total, 5);
+            let left = store.query_usage(UsageQuery::default()).await.unwrap();
+            assert_eq!(left.iter().map(|r| r.requests).sum::<u64>(), 3, "newer usage stays");
+            assert_eq!(store.delete_usage_before(T0 + HOUR, 100).await.unwrap(), 0);
+        }
     };
 }
 

@@ -30,9 +30,28 @@ pub enum StoreError {
     Migration(String),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// A `Mutation::CheckTerm` failed: another replica became leader since (see `crate::leader`).
+    #[error("fenced: this replica's leadership term {held} is stale (current term {current})")]
+    Fenced { held: u64, current: u64 },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Who leads the control plane's singleton jobs, as the store last recorded it
+/// ([`Store::claim_term`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LeaderRecord {
+    /// Grows by one with each new leader; writes fenced by an older term are refused.
+    pub term: u64,
+    /// The leading replica's name.
+    pub holder: String,
+    /// How it was elected: "etcd", "postgres-advisory-lock" or "standalone".
+    pub mechanism: String,
+    /// When it became leader (ms since the epoch).
+    pub since_ms: Millis,
+    /// The mechanism's own evidence, e.g. "etcd key /relay/leader create revision 1234".
+    pub detail: String,
+}
 
 /// Result of storing one usage batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -108,6 +127,17 @@ pub trait Store: Send + Sync + 'static {
     async fn stash_oauth(&self, pending: &OAuthPending) -> Result<()>;
     async fn list_oauth_pending(&self) -> Result<Vec<OAuthPending>>;
     async fn drop_oauth_pending(&self, account_id: &str, from_hash: &str) -> Result<()>;
+
+    /// Deletes at most `limit` usage rows with `ts < before_ms`; returns how many went. Callers
+    /// loop until it returns less than `limit` (bounded transactions on big tables).
+    async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64>;
+
+    /// Records that `holder` just became leader: the term grows by one (the first is 1) and the
+    /// new term is returned. Writes the leader makes carry it (`Mutation::CheckTerm`).
+    async fn claim_term(&self, holder: &str, mechanism: &str, detail: &str, now_ms: Millis) -> Result<u64>;
+
+    /// The last recorded leader, if any replica ever claimed a term.
+    async fn leader(&self) -> Result<Option<LeaderRecord>>;
 }
 
 pub type DynStore = Arc<dyn Store>;

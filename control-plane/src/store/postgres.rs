@@ -4,7 +4,7 @@
 //! `LISTEN`s for head changes committed by other replicas (a hint only: the
 //! config watcher also polls).
 
-use super::{IngestResult, Result, Store, StoreError};
+use super::{IngestResult, LeaderRecord, Result, Store, StoreError};
 use crate::model::*;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::collections::BTreeMap;
@@ -23,6 +23,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../../migrations/postgres/0005_usage_anomaly.sql")),
     (6, include_str!("../../migrations/postgres/0006_group_limits.sql")),
     (7, include_str!("../../migrations/postgres/0007_deleted_names.sql")),
+    (8, include_str!("../../migrations/postgres/0008_leadership.sql")),
     (
         10,
         include_str!("../../migrations/postgres/0010_quotas_and_refresh.sql"),
@@ -753,6 +754,20 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
                 });
             }
         }
+        Mutation::CheckTerm { term } => {
+            // FOR SHARE: a claim_term committing meanwhile is waited for, and then seen.
+            let row = tx
+                .query_opt("SELECT term FROM leadership WHERE name = 'leader' FOR SHARE", &[])
+                .await
+                .map_err(pg)?;
+            let current = match row {
+                Some(r) => to_u64(r.get(0), "term")?,
+                None => 0,
+            };
+            if current != *term {
+                return Err(StoreError::Fenced { held: *term, current });
+            }
+        }
         Mutation::ClearAccountState { account_id, scope } => {
             tx.execute(
                 "DELETE FROM account_states WHERE account_id = $1 AND scope = $2",
@@ -1410,6 +1425,55 @@ impl Store for PostgresStore {
         .await
         .map_err(pg)?;
         Ok(())
+    }
+    async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "DELETE FROM usage_events WHERE ctid = ANY(ARRAY(\
+                 SELECT ctid FROM usage_events WHERE ts < $1 LIMIT $2))",
+                &[&before_ms, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(n)
+    }
+
+    async fn claim_term(&self, holder: &str, mechanism: &str, detail: &str, now_ms: Millis) -> Result<u64> {
+        let c = self.client().await?;
+        let row = c
+            .query_one(
+                "INSERT INTO leadership (name, term, holder, mechanism, since_ms, detail) \
+                 VALUES ('leader', 1, $1, $2, $3, $4) \
+                 ON CONFLICT (name) DO UPDATE SET term = leadership.term + 1, holder = EXCLUDED.holder, \
+                 mechanism = EXCLUDED.mechanism, since_ms = EXCLUDED.since_ms, detail = EXCLUDED.detail \
+                 RETURNING term",
+                &[&holder, &mechanism, &now_ms, &detail],
+            )
+            .await
+            .map_err(pg)?;
+        to_u64(row.get(0), "term")
+    }
+
+    async fn leader(&self) -> Result<Option<LeaderRecord>> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "SELECT term, holder, mechanism, since_ms, detail FROM leadership WHERE name = 'leader'",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        row.map(|r| {
+            Ok(LeaderRecord {
+                term: to_u64(r.get(0), "term")?,
+                holder: r.get::<_, Option<String>>(1).unwrap_or_default(),
+                mechanism: r.get::<_, Option<String>>(2).unwrap_or_default(),
+                since_ms: r.get::<_, Option<i64>>(3).unwrap_or_default(),
+                detail: r.get::<_, Option<String>>(4).unwrap_or_default(),
+            })
+        })
+        .transpose()
     }
 }
 

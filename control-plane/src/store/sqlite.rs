@@ -5,7 +5,7 @@
 //! Config writes take the write lock up front (`BEGIN IMMEDIATE`), so commit
 //! order equals revision order.
 
-use super::{IngestResult, Result, Store, StoreError};
+use super::{IngestResult, LeaderRecord, Result, Store, StoreError};
 use crate::model::*;
 use rusqlite::types::{Type, Value};
 use rusqlite::{ffi, params, params_from_iter, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
@@ -25,6 +25,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../../migrations/sqlite/0005_usage_anomaly.sql")),
     (6, include_str!("../../migrations/sqlite/0006_group_limits.sql")),
     (7, include_str!("../../migrations/sqlite/0007_deleted_names.sql")),
+    (8, include_str!("../../migrations/sqlite/0008_leadership.sql")),
     (10, include_str!("../../migrations/sqlite/0010_quotas_and_refresh.sql")),
 ];
 
@@ -889,6 +890,17 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
                 });
             }
         }
+        Mutation::CheckTerm { term } => {
+            // Under the write lock apply took (BEGIN IMMEDIATE): no claim can commit meanwhile.
+            let current: Option<i64> = tx
+                .query_row("SELECT term FROM leadership WHERE name = 'leader'", [], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            let current = current.map(rev_from_db).transpose()?.unwrap_or(0);
+            if current != *term {
+                return Err(StoreError::Fenced { held: *term, current });
+            }
+        }
         Mutation::ClearAccountState { account_id, scope } => {
             tx.execute(
                 "DELETE FROM account_states WHERE account_id = ?1 AND scope = ?2",
@@ -1439,6 +1451,63 @@ impl Store for SqliteStore {
             )
             .map_err(db)?;
             Ok(())
+        })
+        .await
+    }
+    async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64> {
+        self.with_conn(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM usage_events WHERE rowid IN \
+                     (SELECT rowid FROM usage_events WHERE ts < ?1 LIMIT ?2)",
+                    params![before_ms, i64::from(limit)],
+                )
+                .map_err(db)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn claim_term(&self, holder: &str, mechanism: &str, detail: &str, now_ms: Millis) -> Result<u64> {
+        let (holder, mechanism, detail) = (holder.to_owned(), mechanism.to_owned(), detail.to_owned());
+        self.with_conn(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            tx.execute(
+                "INSERT INTO leadership (name, term, holder, mechanism, since_ms, detail) \
+                 VALUES ('leader', 1, ?1, ?2, ?3, ?4) \
+                 ON CONFLICT (name) DO UPDATE SET term = leadership.term + 1, holder = excluded.holder, \
+                 mechanism = excluded.mechanism, since_ms = excluded.since_ms, detail = excluded.detail",
+                params![holder, mechanism, now_ms, detail],
+            )
+            .map_err(db)?;
+            let term: i64 = tx
+                .query_row("SELECT term FROM leadership WHERE name = 'leader'", [], |r| r.get(0))
+                .map_err(db)?;
+            tx.commit().map_err(db)?;
+            rev_from_db(term)
+        })
+        .await
+    }
+
+    async fn leader(&self) -> Result<Option<LeaderRecord>> {
+        self.with_conn(|c| {
+            c.query_row(
+                "SELECT term, holder, mechanism, since_ms, detail FROM leadership WHERE name = 'leader'",
+                [],
+                |r| {
+                    Ok(LeaderRecord {
+                        term: col_u64(r, 0)?,
+                        holder: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                        mechanism: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                        since_ms: r.get::<_, Option<i64>>(3)?.unwrap_or_default(),
+                        detail: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                    })
+                },
+            )
+            .optional()
+            .map_err(db)
         })
         .await
     }
