@@ -14,13 +14,19 @@
 //!   [`MockUpstream::set_fault`]) or per request (`x-mock-fault` header);
 //! - **recording**: every request received ([`MockUpstream::requests`]) and the exact bytes of every response
 //!   body sent ([`MockUpstream::sent_body`]), unless [`MockConfig::record`] is off (benchmarks);
+//! - an **OAuth server** like Anthropic's (`GET /oauth/authorize`, `POST /v1/oauth/token` with rotating refresh
+//!   tokens; see `src/oauth.rs`), whose access tokens (`mock-oauth-at-N`) the API routes validate: knobs
+//!   [`MockUpstream::set_oauth_token_lifetime`], [`MockUpstream::set_oauth_token_delay`],
+//!   [`MockUpstream::fail_next_oauth_token_calls`], [`MockUpstream::revoke_all_oauth_tokens`], counters
+//!   [`MockUpstream::oauth_counters`];
 //! - a **hostile upstream** ([`hostile::HostileUpstream`]): raw TCP answering every request with scripted
 //!   bytes, for what a well-behaved server cannot send (wrong framing, captive-portal HTML, redirects, cut events);
 //! - the `relay-mock-upstream` **binary** (see `src/main.rs`) wrapping all of the above.
 //!
 //! ## Requests
 //! `POST /v1/messages` (any query string) needs `x-api-key` or `Authorization: Bearer` (else 401
-//! `authentication_error`) and `anthropic-version` (else 400); then the fault, if any; then a JSON object body
+//! `authentication_error`; a Bearer `mock-oauth-at-…` token must be one the OAuth server issued, not revoked nor
+//! expired, else 401 `authentication_error`; other Bearer values are accepted as they are) and `anthropic-version` (else 400); then the fault, if any; then a JSON object body
 //! with a string `model`, an array `messages` and an integer `max_tokens` (else 400 `invalid_request_error`).
 //! `count_tokens` has the same checks except `max_tokens`; `/v1/models…` needs only a credential.
 //!
@@ -55,6 +61,7 @@
 mod body;
 mod fault;
 pub mod hostile;
+mod oauth;
 mod plan;
 mod server;
 mod tls;
@@ -72,6 +79,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use fault::{Fault, ParseFaultError, DEFAULT_FAULT_AFTER_EVENTS, DEFAULT_RETRY_AFTER_SECS};
+pub use oauth::{OAuthCounters, OAuthMockConfig, ACCESS_TOKEN_PREFIX, REFRESH_TOKEN_PREFIX};
 pub use plan::{Usage, CACHE_WRITE_TOKENS_PER_MARK};
 pub use server::MODELS;
 pub use tls::{MockTls, TlsInfo};
@@ -104,6 +112,8 @@ pub struct MockConfig {
     /// Serve HTTPS with this certificate (ALPN `h2` and `http/1.1`) instead of plain HTTP/1.1 and h2c.
     /// Default `None`.
     pub tls: Option<MockTls>,
+    /// The OAuth server's client, redirect URI and token lifetime (see [`OAuthMockConfig`]).
+    pub oauth: OAuthMockConfig,
 }
 
 impl Default for MockConfig {
@@ -120,6 +130,7 @@ impl Default for MockConfig {
             faults_by_credential: HashMap::new(),
             record: true,
             tls: None,
+            oauth: OAuthMockConfig::default(),
         }
     }
 }
@@ -234,6 +245,7 @@ impl MockUpstream {
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
+            oauth: oauth::OAuthServer::new(config.oauth.clone()),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(());
         let accept = tokio::spawn(server::accept_loop(listener, shared.clone(), tls, shutdown_rx));
@@ -345,6 +357,51 @@ impl MockUpstream {
     /// Clears every per-credential fault.
     pub fn clear_faults(&self) {
         self.shared.faults.store(Arc::new(HashMap::new()));
+    }
+
+    /// OAuth: `expires_in` of access tokens issued from now on (and when they stop working).
+    pub fn set_oauth_token_lifetime(&self, lifetime: Duration) {
+        self.shared.oauth.set_lifetime(lifetime);
+    }
+
+    /// OAuth: a delay before every token endpoint answer (`Duration::ZERO`: none).
+    pub fn set_oauth_token_delay(&self, delay: Duration) {
+        self.shared.oauth.set_delay(delay);
+    }
+
+    /// OAuth: the next `n` token calls answer 500 `api_error` (and change nothing).
+    pub fn fail_next_oauth_token_calls(&self, n: u64) {
+        self.shared.oauth.fail_next(n);
+    }
+
+    /// OAuth: every access token issued so far stops working (401 on the API) and every refresh token answers
+    /// `invalid_grant`, as when the user revokes the app.
+    pub fn revoke_all_oauth_tokens(&self) {
+        self.shared.oauth.revoke_all();
+    }
+
+    /// OAuth: the access token `token` expires now.
+    pub fn expire_oauth_access_token(&self, token: &str) {
+        self.shared.oauth.expire(token);
+    }
+
+    /// OAuth: issues an access and refresh token pair (scope `scope`) as a completed login would, without the
+    /// authorize step: `(access_token, refresh_token)`.
+    pub fn mint_oauth_tokens(&self, scope: &str) -> (String, String) {
+        let (at, rt, _) = self.shared.oauth.mint(scope);
+        (at, rt)
+    }
+
+    /// OAuth: what the OAuth server saw so far.
+    pub fn oauth_counters(&self) -> OAuthCounters {
+        self.shared.oauth.counters()
+    }
+
+    /// `BASE/oauth/authorize` and `BASE/v1/oauth/token`: the `oauth.authorize_url` and `oauth.token_url` to
+    /// point relay at this mock.
+    pub fn oauth_urls(&self) -> (String, String) {
+        let base = self.base_url();
+        (format!("{base}/oauth/authorize"), format!("{base}/v1/oauth/token"))
     }
 
     /// The usage this server reports for `request_body` (with its own configuration), without

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! relay-mock-upstream --listen 127.0.0.1:9999 [--ttfb-ms N] [--event-delay-ms N] [--text-events N]
-//!     [--event-bytes N] [--fault CREDENTIAL=KIND[:N]]... [--no-record]
+//!     [--event-bytes N] [--fault CREDENTIAL=KIND[:N]]... [--no-record] [--oauth-token-lifetime-secs N]
 //! ```
 //! Prints `listening on ADDR` on stdout once bound, then serves until SIGINT/SIGTERM.
 
@@ -43,6 +43,9 @@ struct Args {
     /// Do not record requests and response bodies.
     #[arg(long)]
     no_record: bool,
+    /// OAuth: lifetime (`expires_in`) of the access tokens the mock's OAuth server issues, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    oauth_token_lifetime_secs: u64,
 }
 
 fn parse_fault(s: &str) -> Result<(String, Fault), String> {
@@ -77,6 +80,10 @@ async fn main() -> anyhow::Result<()> {
         event_bytes: args.event_bytes.unwrap_or(defaults.event_bytes),
         faults_by_credential: args.faults.into_iter().collect::<HashMap<_, _>>(),
         record: !args.no_record,
+        oauth: relay_mock_upstream::OAuthMockConfig {
+            token_lifetime: Duration::from_secs(args.oauth_token_lifetime_secs),
+            ..Default::default()
+        },
         ..defaults
     };
     let mock = MockUpstream::start(config)

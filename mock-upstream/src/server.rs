@@ -69,6 +69,7 @@ pub(crate) struct Shared {
     /// Requests whose response is not finished yet, and the most there ever were at once.
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
+    pub oauth: crate::oauth::OAuthServer,
 }
 
 /// One request in flight, from its head until its response body is done or dropped.
@@ -255,6 +256,8 @@ async fn handle(
         (&Method::POST, "/v1/messages/count_tokens") => count_tokens(&cx, &parts.headers, &body),
         (&Method::GET, "/v1/models") => models(&cx, &parts.headers, query),
         (&Method::GET, p) if p.starts_with("/v1/models/") => model(&cx, &parts.headers, &p["/v1/models/".len()..]),
+        (&Method::GET, "/oauth/authorize") => oauth_answer(shared.oauth.authorize(query)),
+        (&Method::POST, "/v1/oauth/token") => oauth_answer(shared.oauth.token(&body).await),
         _ => error(
             &cx,
             StatusCode::NOT_FOUND,
@@ -263,6 +266,17 @@ async fn handle(
         ),
     };
     Ok(finish(&cx, resp))
+}
+
+fn oauth_answer(a: crate::oauth::Answer) -> Response<MockBody> {
+    let (status, body, ty) = match a {
+        crate::oauth::Answer::Json(status, v) => (status, v.to_string(), "application/json"),
+        crate::oauth::Answer::Text(status, t) => (status, t, "text/plain; charset=utf-8"),
+    };
+    let mut resp = Response::new(MockBody::full(Bytes::from(body)));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ty));
+    resp
 }
 
 /// Adds the headers every response carries and attaches the body recorder.
@@ -485,6 +499,18 @@ fn gate(cx: &Cx<'_>, h: &HeaderMap, need_version: bool) -> Result<Option<Fault>,
             "authentication_error",
             "x-api-key header is required",
         )));
+    }
+    // Tokens the mock's OAuth server issued must be live ones.
+    if let Some(token) = cx.creds.bearer.as_deref() {
+        if token.starts_with(crate::oauth::ACCESS_TOKEN_PREFIX) && !cx.shared.oauth.access_token_valid(token) {
+            cx.shared.oauth.rejected_access_tokens.fetch_add(1, Ordering::Relaxed);
+            return Err(Box::new(error(
+                cx,
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "OAuth token has expired or is invalid. Please obtain a new token or refresh your existing token.",
+            )));
+        }
     }
     if need_version && header_str(h, "anthropic-version").is_none_or(|v| v.trim().is_empty()) {
         return Err(Box::new(invalid(cx, "anthropic-version: header is required")));

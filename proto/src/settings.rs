@@ -23,6 +23,10 @@ pub enum Type {
     Choice,
     /// An IANA time zone name (`UTC`, `Europe/Berlin`).
     TimeZone,
+    /// An `http://` or `https://` URL.
+    Url,
+    /// One line of visible text (words separated by single spaces allowed).
+    Text,
 }
 
 impl Type {
@@ -35,6 +39,8 @@ impl Type {
             Type::Bool => "boolean",
             Type::Choice => "choice",
             Type::TimeZone => "time zone",
+            Type::Url => "URL",
+            Type::Text => "text",
         }
     }
 }
@@ -54,6 +60,17 @@ pub struct Setting {
     pub choices: &'static [&'static str],
     pub description: &'static str,
 }
+
+/// Settings read outside the data plane, control plane and limiter sources: by the OAuth crate
+/// (`oauth/src`), which relayctl (logins) and the control plane (token refreshes) use.
+pub const READ_OUTSIDE_THE_PLANES: &[&str] = &[
+    "oauth.authorize_url",
+    "oauth.client_id",
+    "oauth.redirect_uri",
+    "oauth.refresh_ahead_ms",
+    "oauth.scopes",
+    "oauth.token_url",
+];
 
 const HOUR_MS: u64 = 3_600_000;
 const DAY_MS: u64 = 24 * HOUR_MS;
@@ -188,6 +205,69 @@ pub const SETTINGS: &[Setting] = &[
         choices: &[],
         description: "the model ids GET /v1/models lists (comma-separated); unset: the built-in list",
     },
+    Setting {
+        name: "oauth.authorize_url",
+        ty: Type::Url,
+        min: 0,
+        max: 0,
+        default: "https://claude.ai/oauth/authorize",
+        per_account: false,
+        choices: &[],
+        description: "subscription logins (relayctl account login): the page the operator opens to approve",
+    }
+    .read_outside(),
+    Setting {
+        name: "oauth.client_id",
+        ty: Type::Text,
+        min: 0,
+        max: 0,
+        default: "9d1c250a-e61b-44d9-88ed-5944d1962f5e",
+        per_account: false,
+        choices: &[],
+        description: "subscription logins and token refreshes: the OAuth client id (Claude Code's public one)",
+    }
+    .read_outside(),
+    Setting {
+        name: "oauth.redirect_uri",
+        ty: Type::Url,
+        min: 0,
+        max: 0,
+        default: "https://platform.claude.com/oauth/code/callback",
+        per_account: false,
+        choices: &[],
+        description: "subscription logins: where the approval page sends its answer (a page showing CODE#STATE)",
+    }
+    .read_outside(),
+    ms(
+        "oauth.refresh_ahead_ms",
+        1,
+        DAY_MS,
+        "300000",
+        "how long before its expiry a subscription account's access token is refreshed",
+    )
+    .read_outside(),
+    Setting {
+        name: "oauth.scopes",
+        ty: Type::Text,
+        min: 0,
+        max: 0,
+        default: "org:create_api_key user:profile user:inference user:sessions:claude_code",
+        per_account: false,
+        choices: &[],
+        description: "subscription logins: the scopes asked for (space-separated)",
+    }
+    .read_outside(),
+    Setting {
+        name: "oauth.token_url",
+        ty: Type::Url,
+        min: 0,
+        max: 0,
+        default: "https://platform.claude.com/v1/oauth/token",
+        per_account: false,
+        choices: &[],
+        description: "subscription logins and token refreshes: the OAuth token endpoint",
+    }
+    .read_outside(),
     ms(
         "queue.max_size",
         0,
@@ -297,6 +377,12 @@ impl Setting {
         per_account(self)
     }
 
+    /// Marks a setting read by the OAuth crate (listed in [`READ_OUTSIDE_THE_PLANES`]); a no-op that
+    /// documents it where it is declared.
+    const fn read_outside(self) -> Self {
+        self
+    }
+
     /// "1..=20", "0 < x <= 1 (or a percentage)", "ids, comma-separated".
     pub fn range(&self) -> String {
         match self.ty {
@@ -306,6 +392,8 @@ impl Setting {
             Type::Bool => "true or false".into(),
             Type::Choice => self.choices.join(", "),
             Type::TimeZone => "an IANA name such as UTC or Europe/Berlin".into(),
+            Type::Url => "http:// or https:// URL".into(),
+            Type::Text => "visible text, at most 512 characters".into(),
         }
     }
 
@@ -319,7 +407,12 @@ impl Setting {
         };
         // A number is short: with the value cap only a model list may be long, so
         // `settings list` stays small whatever is stored.
-        if self.ty != Type::Models && v.len() > 32 {
+        let cap = match self.ty {
+            Type::Models => usize::MAX,
+            Type::Url | Type::Text => 512,
+            _ => 32,
+        };
+        if v.len() > cap {
             return Err(invalid());
         }
         match self.ty {
@@ -343,6 +436,18 @@ impl Setting {
                 Ok(_) => Ok(()),
                 Err(_) => Err(invalid()),
             },
+            Type::Url => match is_http_url(v) {
+                true => Ok(()),
+                false => Err(invalid()),
+            },
+            Type::Text => {
+                let ok = !v.is_empty() && v.chars().all(|c| c == ' ' || (!c.is_control() && !c.is_whitespace()));
+                if ok {
+                    Ok(())
+                } else {
+                    Err(invalid())
+                }
+            }
             Type::Models => {
                 let ok = !v.is_empty()
                     && v.split(',')
@@ -385,6 +490,14 @@ impl Setting {
         self.choices.iter().copied().find(|c| *c == v).unwrap_or(self.default)
     }
 
+    /// The value in `values` (trimmed) if it passes [`Setting::check`], else the default (`Url`, `Text`).
+    pub fn str_in<'a>(&'a self, values: &'a BTreeMap<String, String>) -> &'a str {
+        match values.get(self.name) {
+            Some(v) if self.check(v).is_ok() => v.trim(),
+            _ => self.default,
+        }
+    }
+
     /// The value in `values` as a time zone, else the default (UTC).
     pub fn tz_in(&self, values: &BTreeMap<String, String>) -> chrono_tz::Tz {
         values
@@ -401,6 +514,16 @@ impl Setting {
             .or_else(|| self.default.parse::<f64>().ok())
             .unwrap_or(1.0)
     }
+}
+
+/// `http://` or `https://`, then a host (no spaces, no fragment).
+fn is_http_url(v: &str) -> bool {
+    let Some(rest) = v.strip_prefix("https://").or_else(|| v.strip_prefix("http://")) else {
+        return false;
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    !host.is_empty() && !host.starts_with(':') && v.chars().all(|c| c.is_ascii_graphic()) && !v.contains('#')
 }
 
 /// A utilization or threshold as a fraction in (0, 1]: values above 1.0 are percentages.
@@ -576,6 +699,19 @@ mod tests {
         assert!(check("models", "claude-a, claude-b").is_ok());
         assert!(check("models", "claude-*").is_err());
         assert!(check("models", &"x".repeat(MAX_VALUE_BYTES + 1)).is_err());
+        assert!(check("oauth.token_url", "http://127.0.0.1:9999/v1/oauth/token").is_ok());
+        assert!(check("oauth.token_url", "ftp://example.com/").is_err());
+        assert!(check("oauth.token_url", "https://").is_err());
+        assert!(check("oauth.authorize_url", "https://a b/").is_err());
+        assert!(check("oauth.scopes", "user:inference user:profile").is_ok());
+        assert!(check("oauth.scopes", "user:inference\tx").is_err());
+        assert!(check("oauth.refresh_ahead_ms", "0").is_err());
+        let mut v = BTreeMap::new();
+        v.insert("oauth.token_url".to_string(), "nope".to_string());
+        assert_eq!(
+            known("oauth.token_url").str_in(&v),
+            "https://platform.claude.com/v1/oauth/token"
+        );
         assert_eq!(
             check("account.main.team.cooldown.overloaded_ms", "5000").unwrap(),
             Target::Account {
@@ -616,9 +752,16 @@ mod tests {
         for dir in ["data-plane/src", "control-plane/src", "limits/src"] {
             sources(&root.join(dir), &mut code);
         }
+        // Settings the OAuth crate reads (relayctl's logins, the control plane's refreshes).
+        let mut oauth = String::new();
+        sources(&root.join("oauth/src"), &mut oauth);
+        for n in READ_OUTSIDE_THE_PLANES {
+            assert!(oauth.contains(&format!("\"{n}\"")), "{n} is not read by oauth/src");
+        }
         let unread: Vec<&str> = SETTINGS
             .iter()
             .map(|s| s.name)
+            .filter(|n| !READ_OUTSIDE_THE_PLANES.contains(n))
             .filter(|n| !code.contains(&format!("\"{n}\"")))
             .collect();
         assert!(unread.is_empty(), "settings accepted but read nowhere: {unread:?}");
