@@ -8,6 +8,7 @@ pub mod api;
 pub mod bootstrap;
 pub mod config;
 pub mod crypto;
+pub mod jobs;
 pub mod model;
 pub mod server;
 pub mod spend;
