@@ -125,6 +125,16 @@ pub enum AccountCmd {
         /// The account's name or id.
         account: String,
     },
+    /// Probe accounts now with a call that costs no tokens, print each verdict (ok, unauthorized,
+    /// rate limited until, unreachable, ...) and mark the accounts accordingly.
+    #[command(group(ArgGroup::new("which").required(true).args(["account", "all"])))]
+    Check {
+        /// The account's name or id.
+        account: Option<String>,
+        /// Every account.
+        #[arg(long)]
+        all: bool,
+    },
     /// Delete an account (also `delete`, `remove`); its usage keeps its name in reports.
     #[command(aliases = ["delete", "remove"])]
     Rm {

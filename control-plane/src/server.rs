@@ -26,6 +26,8 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error("reflection: {0}")]
     Reflection(String),
+    #[error("upstream HTTP client (probes, OAuth refresh): {0}")]
+    Upstream(String),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -111,10 +113,22 @@ pub async fn serve(
         .with_token_watch(tokens);
     let gate = crate::api::gate::GateLayer::new(auth.clone());
     let spend = std::sync::Arc::new(crate::spend::SpendCache::new(store.clone()));
-    let admin =
-        AdminServer::new(AdminService::new(store.clone(), key.clone(), spend.clone()).with_live(opts.limiter.clone()))
-            .max_decoding_message_size(crate::api::gate::ADMIN_MAX_DECODE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let upstreams = std::sync::Arc::new(
+        relay_data_plane::upstream::client::Upstreams::new(&Default::default())
+            .map_err(|e| ServeError::Upstream(e.to_string()))?,
+    );
+    let prober = std::sync::Arc::new(crate::jobs::probe::Prober {
+        store: store.clone(),
+        key: key.clone(),
+        upstreams: upstreams.clone(),
+    });
+    let admin = AdminServer::new(
+        AdminService::new(store.clone(), key.clone(), spend.clone())
+            .with_live(opts.limiter.clone())
+            .with_prober(Some(prober.clone())),
+    )
+    .max_decoding_message_size(crate::api::gate::ADMIN_MAX_DECODE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let discovery = ConfigDiscoveryServer::new(DiscoveryService::new(
         publisher.subscribe(),
         store.clone(),

@@ -193,6 +193,30 @@ pub const COLUMNS: &[Column<AccountInfo>] = &[
     Column::detail("updated_at", "Updated", |a| Value::Time(a.updated_at_ms)),
 ];
 
+/// `account check`: one row per account probed.
+pub const CHECK_COLUMNS: &[Column<relay_proto::v1::AccountCheck>] = &[
+    Column::new("name", "Account", |c| Value::text(&c.name)),
+    Column::new("verdict", "Verdict", |c| {
+        Value::Text(match c.verdict.as_str() {
+            "rate_limited" => match crate::parse::format_time(c.until_ms) {
+                Some(t) => format!("rate limited until {t}"),
+                None => "rate limited".into(),
+            },
+            v => v.replace('_', " "),
+        })
+    }),
+    Column::new("detail", "Detail", |c| Value::opt_text(&c.detail)),
+    Column::new("marked", "Marked", |c| {
+        if !c.mark_error.is_empty() {
+            Value::Text(format!("failed: {}", c.mark_error))
+        } else {
+            Value::text(if c.marked { "yes" } else { "unchanged" })
+        }
+    }),
+    Column::detail("account_id", "ID", |c| Value::Id(c.account_id.clone())),
+    Column::detail("until", "Until", |c| Value::Time(c.until_ms)),
+];
+
 pub async fn run(conn: &mut Conn, out: Output, cmd: AccountCmd) -> Result<()> {
     let server = conn.server.clone();
     let api = &mut conn.api;
@@ -226,6 +250,24 @@ pub async fn run(conn: &mut Conn, out: Output, cmd: AccountCmd) -> Result<()> {
                 .await
                 .or_report(&server)?;
             out.one(COLUMNS, &info)
+        }
+        AccountCmd::Check { account, all: _ } => {
+            let resp = api
+                .check_accounts(relay_proto::v1::CheckAccountsRequest {
+                    account: account.unwrap_or_default(),
+                })
+                .await
+                .or_report(&server)?;
+            out.list(CHECK_COLUMNS, &resp.checks)?;
+            // A script can tell: nonzero when any account is not ok.
+            if resp.checks.iter().any(|c| c.verdict != "ok") {
+                return Err(anyhow::anyhow!(
+                    "{} of {} account(s) not ok",
+                    resp.checks.iter().filter(|c| c.verdict != "ok").count(),
+                    resp.checks.len()
+                ));
+            }
+            Ok(())
         }
         AccountCmd::Rm { account } => {
             let resp = api

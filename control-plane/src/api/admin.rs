@@ -38,12 +38,20 @@ pub struct AdminService {
     spend: Arc<SpendCache>,
     /// Keys' live counters (requests and tokens this minute, in flight).
     live: Option<Arc<relay_limits::Limiter>>,
+    /// Runs `CheckAccounts` probes (None: refused).
+    prober: Option<Arc<crate::jobs::probe::Prober>>,
 }
 
 impl AdminService {
     /// Reads live counters from this limiter (Redis, or the standalone data plane's).
     pub fn with_live(mut self, live: Option<Arc<relay_limits::Limiter>>) -> Self {
         self.live = live;
+        self
+    }
+
+    /// Probes accounts for `CheckAccounts` with this prober.
+    pub fn with_prober(mut self, prober: Option<Arc<crate::jobs::probe::Prober>>) -> Self {
+        self.prober = prober;
         self
     }
 
@@ -97,6 +105,7 @@ impl AdminService {
             auth,
             spend,
             live: None,
+            prober: None,
         }
     }
 
@@ -1700,6 +1709,39 @@ impl Admin for AdminService {
         self.authorize(&req, Need::Read, "get_config_version").await?;
         let v = self.store.head().await.map_err(status_from_store)?;
         Ok(Response::new(version_pb(v)))
+    }
+
+    async fn check_accounts(
+        &self,
+        req: Request<pb::CheckAccountsRequest>,
+    ) -> Result<Response<pb::CheckAccountsResponse>, Status> {
+        let actor = self.authorize(&req, Need::Write, "check_accounts").await?;
+        let prober = self
+            .prober
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this control plane cannot probe accounts"))?;
+        let r = req.into_inner();
+        let accounts = if r.account.trim().is_empty() {
+            self.store.list_accounts().await.map_err(status_from_store)?
+        } else {
+            vec![self.account(&r.account).await?]
+        };
+        let mut checks: Vec<pb::AccountCheck> = prober
+            .check(accounts, &actor.name)
+            .await
+            .into_iter()
+            .map(|(a, v, marked)| pb::AccountCheck {
+                account_id: a.id.clone(),
+                name: a.name.clone(),
+                verdict: v.label().to_string(),
+                detail: v.detail().to_string(),
+                until_ms: v.until(),
+                marked: matches!(marked, Ok(true)),
+                mark_error: marked.err().map(|e| e.to_string()).unwrap_or_default(),
+            })
+            .collect();
+        checks.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(pb::CheckAccountsResponse { checks }))
     }
 }
 

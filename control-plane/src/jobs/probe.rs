@@ -1,0 +1,329 @@
+//! Active health probes: a cheap call that costs no tokens (`GET /v1/models` with the account's
+//! credential, through its outbound proxy) tells whether an account works. `relayctl account check`
+//! runs one now on any replica ([`Prober::check`]); the leader probes accounts in trouble in the
+//! background ([`Prober::run`]), backing off per account, and brings a repaired one back.
+//!
+//! A verdict marks the account like a data plane's report would: `ok` clears its states, `unauthorized`
+//! takes it out until its credential changes, `rate limited` until the reset the upstream gave,
+//! `unreachable` and server errors for a minute.
+
+use crate::crypto::MasterKey;
+use crate::model::{now_ms, Account, AccountHealth, AccountKind, AccountState, AuditRecord, Millis, Mutation};
+use crate::store::{DynStore, StoreError};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use relay_data_plane::upstream::client::{ProxySpec, Upstreams};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Who the states and audit entries probes write name.
+pub const ACTOR: &str = "control-plane:probe";
+/// How long a probe may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `unreachable` / server-error verdicts keep an account out.
+const COOL_DOWN_MS: Millis = 60_000;
+/// How often the leader looks for accounts in trouble.
+const EVERY: Duration = Duration::from_secs(10);
+/// Backoff of repeated probes of one account.
+const FIRST_BACKOFF: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(30 * 60);
+
+/// What a probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    Unauthorized(String),
+    /// Until (unix ms).
+    RateLimited(Millis, String),
+    Overloaded(String),
+    /// Answered with a server error.
+    Erroring(String),
+    /// No answer: connect error, TLS error, timeout.
+    Unreachable(String),
+    /// The organization is disabled.
+    Blocked(String),
+}
+
+impl Verdict {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Unauthorized(_) => "unauthorized",
+            Verdict::RateLimited(..) => "rate_limited",
+            Verdict::Overloaded(_) => "overloaded",
+            Verdict::Erroring(_) => "erroring",
+            Verdict::Unreachable(_) => "unreachable",
+            Verdict::Blocked(_) => "blocked",
+        }
+    }
+
+    pub fn detail(&self) -> &str {
+        match self {
+            Verdict::Ok => "",
+            Verdict::Unauthorized(d)
+            | Verdict::RateLimited(_, d)
+            | Verdict::Overloaded(d)
+            | Verdict::Erroring(d)
+            | Verdict::Unreachable(d)
+            | Verdict::Blocked(d) => d,
+        }
+    }
+
+    pub fn until(&self) -> Millis {
+        match self {
+            Verdict::RateLimited(u, _) => *u,
+            _ => 0,
+        }
+    }
+
+    /// The shared state this verdict sets (None: it clears them).
+    fn state(&self, account_id: &str, now: Millis) -> Option<AccountState> {
+        let (health, until) = match self {
+            Verdict::Ok => return None,
+            Verdict::Unauthorized(_) => (AccountHealth::Unauthorized, 0),
+            Verdict::Blocked(_) => (AccountHealth::Blocked, 0),
+            Verdict::RateLimited(u, _) => (AccountHealth::RateLimited, *u),
+            Verdict::Overloaded(_) => (AccountHealth::Overloaded, now + COOL_DOWN_MS),
+            Verdict::Erroring(_) | Verdict::Unreachable(_) => (AccountHealth::Erroring, now + COOL_DOWN_MS),
+        };
+        Some(AccountState {
+            account_id: account_id.to_string(),
+            scope: String::new(),
+            health,
+            reason: format!("probe: {}", self.detail()).chars().take(500).collect(),
+            until,
+            since: now,
+            reported_by: ACTOR.into(),
+            revision: 0,
+        })
+    }
+}
+
+/// Runs probes; one per control-plane replica.
+pub struct Prober {
+    pub store: DynStore,
+    pub key: MasterKey,
+    pub upstreams: Arc<Upstreams>,
+}
+
+/// The error message inside an Anthropic error body, bounded.
+fn error_message(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    let kind = v["error"]["type"].as_str().unwrap_or_default();
+    let s = match (kind.is_empty(), msg.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => kind.to_string(),
+        (true, false) => msg.to_string(),
+        (false, false) => format!("{kind}: {msg}"),
+    };
+    s.chars().take(200).collect()
+}
+
+/// `retry-after` seconds, else an `anthropic-ratelimit-*-reset` (RFC 3339) or unified reset (unix s).
+fn reset_of(h: &http::HeaderMap, now: Millis) -> Millis {
+    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(s) = get("retry-after").and_then(|v| v.parse::<u64>().ok()) {
+        return now + (s.min(86_400) as Millis) * 1000;
+    }
+    if let Some(u) = get("anthropic-ratelimit-unified-reset").and_then(|v| v.parse::<i64>().ok()) {
+        return u.saturating_mul(1000);
+    }
+    for n in ["anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset"] {
+        if let Some(t) = get(n).and_then(|v| chrono::DateTime::parse_from_rfc3339(v).ok()) {
+            return t.timestamp_millis();
+        }
+    }
+    now + COOL_DOWN_MS
+}
+
+impl Prober {
+    /// Probes one account (its stored credential and proxy), without marking it.
+    pub async fn probe(&self, a: &Account) -> Verdict {
+        let Ok(credential) = self.key.open(&a.credential_enc, &a.id) else {
+            return Verdict::Unauthorized("the stored credential cannot be opened (wrong master key?)".into());
+        };
+        let proxy = match &a.proxy_url_enc {
+            Some(sealed) => match self.key.open(sealed, &crate::api::admin::proxy_seal_context(&a.id)) {
+                Ok(p) => Some(p),
+                Err(_) => return Verdict::Unreachable("the stored proxy URL cannot be opened".into()),
+            },
+            None => (!a.proxy_url.is_empty()).then(|| a.proxy_url.clone()),
+        };
+        let proxy = match proxy.as_deref().map(ProxySpec::parse) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => return Verdict::Unreachable(format!("the proxy URL: {e}")),
+        };
+        let url = format!("{}/v1/models", a.base_url.trim_end_matches('/'));
+        let mut req = http::Request::get(&url)
+            .header("anthropic-version", "2023-06-01")
+            .header("accept", "application/json")
+            .header("accept-encoding", "identity")
+            .header("user-agent", concat!("relay/", env!("CARGO_PKG_VERSION"), " (probe)"));
+        req = match a.kind {
+            AccountKind::ClaudeOauth => req
+                .header("authorization", format!("Bearer {credential}"))
+                .header("anthropic-beta", "oauth-2025-04-20"),
+            _ => req.header("x-api-key", credential),
+        };
+        let Ok(req) = req.body(Full::new(Bytes::new())) else {
+            return Verdict::Unreachable("the base URL or credential does not make a valid request".into());
+        };
+        let answer = tokio::time::timeout(PROBE_TIMEOUT, async {
+            let resp = self.upstreams.request(proxy.as_ref(), req).await?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, 64 * 1024)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Ok::<_, hyper_util::client::legacy::Error>((parts, body))
+        })
+        .await;
+        let (parts, body) = match answer {
+            Err(_) => return Verdict::Unreachable(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
+            Ok(Err(e)) => {
+                use std::error::Error;
+                let why = e.source().map_or_else(|| e.to_string(), |s| s.to_string());
+                return Verdict::Unreachable(why.chars().take(200).collect());
+            }
+            Ok(Ok(x)) => x,
+        };
+        let now = now_ms();
+        let msg = error_message(&body);
+        match parts.status.as_u16() {
+            200..=299 => Verdict::Ok,
+            // An upstream without a models list (some compatible servers) still answered, authenticated.
+            404 | 405 => Verdict::Ok,
+            401 | 403 => Verdict::Unauthorized(format!("HTTP {} {msg}", parts.status.as_u16())),
+            429 => Verdict::RateLimited(reset_of(&parts.headers, now), format!("HTTP 429 {msg}")),
+            529 => Verdict::Overloaded(format!("HTTP 529 {msg}")),
+            400 if msg.to_ascii_lowercase().contains("disabled") => Verdict::Blocked(format!("HTTP 400 {msg}")),
+            s @ 500..=599 => Verdict::Erroring(format!("HTTP {s} {msg}")),
+            s => Verdict::Erroring(format!("unexpected HTTP {s} {msg}")),
+        }
+    }
+
+    /// Writes what a verdict means for the account (fenced by `term` when given): `Ok` clears its
+    /// states, anything else sets one. Returns whether anything changed.
+    pub async fn mark(&self, a: &Account, v: &Verdict, term: Option<u64>, actor: &str) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let current: Vec<AccountState> = self
+            .store
+            .list_account_states()
+            .await?
+            .into_iter()
+            .filter(|s| s.account_id == a.id)
+            .collect();
+        let mut muts: Vec<Mutation> = term.map(|t| Mutation::CheckTerm { term: t }).into_iter().collect();
+        match v.state(&a.id, now) {
+            None => {
+                if current.is_empty() {
+                    return Ok(false);
+                }
+                // As `relayctl account reset`: data planes drop what they knew of it too.
+                let Some(cur) = self.store.get_account(&a.id).await? else {
+                    return Ok(false);
+                };
+                let mut row = cur.clone();
+                row.reset_generation = cur.reset_generation.saturating_add(1);
+                muts.push(Mutation::UpdateAccount {
+                    row,
+                    expect_revision: cur.revision,
+                });
+                for s in current {
+                    muts.push(Mutation::ClearAccountState {
+                        account_id: s.account_id,
+                        scope: s.scope,
+                    });
+                }
+            }
+            Some(st) => {
+                let known = current
+                    .iter()
+                    .any(|s| s.scope.is_empty() && s.health == st.health && (s.until == 0 || s.until >= st.until));
+                if known {
+                    return Ok(false);
+                }
+                muts.push(Mutation::SetAccountState(st));
+            }
+        }
+        let audit = AuditRecord {
+            actor: actor.to_string(),
+            action: "account.check".into(),
+            target: a.id.clone(),
+            detail: serde_json::json!({"account": a.name, "verdict": v.label(), "detail": v.detail()}).to_string(),
+        };
+        self.store.apply(muts, audit).await.map(|_| true)
+    }
+
+    /// `relayctl account check`: probes now and marks each account.
+    pub async fn check(
+        &self,
+        accounts: Vec<Account>,
+        actor: &str,
+    ) -> Vec<(Account, Verdict, Result<bool, StoreError>)> {
+        use futures::StreamExt;
+        futures::stream::iter(accounts)
+            .map(|a| async move {
+                let v = self.probe(&a).await;
+                metrics::counter!("relay_account_probes_total", "verdict" => v.label()).increment(1);
+                let marked = self.mark(&a, &v, None, actor).await;
+                (a, v, marked)
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await
+    }
+
+    /// The leader's background probes (runs under `term` until dropped or fenced): every account
+    /// that a data plane took out until further notice (unauthorized, blocked) or whose breaker is
+    /// open is probed, backing off per account (30 s doubling to 30 min); a working one comes back.
+    /// Accounts the refresh job took out (their refresh token was rejected) wait for a new login.
+    pub async fn run(self: Arc<Self>, term: u64) {
+        let mut backoff: HashMap<String, (Millis, Duration)> = HashMap::new();
+        loop {
+            tokio::time::sleep(EVERY).await;
+            let (Ok(accounts), Ok(states)) = (self.store.list_accounts().await, self.store.list_account_states().await)
+            else {
+                continue;
+            };
+            let now = now_ms();
+            backoff.retain(|id, _| states.iter().any(|s| &s.account_id == id));
+            for a in accounts {
+                let troubled = states.iter().any(|s| {
+                    s.account_id == a.id
+                        && s.reported_by != super::oauth_refresh::ACTOR
+                        && match s.health {
+                            AccountHealth::Unauthorized | AccountHealth::Blocked => true,
+                            AccountHealth::Erroring => s.until == 0 || s.until > now,
+                            _ => false,
+                        }
+                });
+                if !troubled || backoff.get(&a.id).is_some_and(|(at, _)| *at > now) {
+                    continue;
+                }
+                let v = self.probe(&a).await;
+                metrics::counter!("relay_account_probes_total", "verdict" => v.label()).increment(1);
+                let next = backoff
+                    .get(&a.id)
+                    .map_or(FIRST_BACKOFF, |(_, d)| (*d * 2).min(MAX_BACKOFF));
+                backoff.insert(a.id.clone(), (now + next.as_millis() as Millis, next));
+                if v == Verdict::Ok {
+                    tracing::info!(account = %a.name, "probe: the account works again; back in rotation");
+                } else {
+                    tracing::debug!(account = %a.name, verdict = v.label(), "probe: still in trouble");
+                    // A data plane's state stays as it is; only a good answer changes anything here.
+                    continue;
+                }
+                match self.mark(&a, &v, Some(term), ACTOR).await {
+                    Ok(_) => {}
+                    Err(StoreError::Fenced { .. }) => return,
+                    Err(e) => tracing::warn!(account = %a.name, error = %e, "probe: cannot mark the account"),
+                }
+            }
+        }
+    }
+}

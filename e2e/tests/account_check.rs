@@ -1,0 +1,108 @@
+//! `relayctl account check`: every account probed with a call that costs no tokens, each verdict
+//! printed, the accounts marked by what was found, and a repaired account brought back.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use relay_mock_upstream::{Fault, MockConfig};
+use relay_proto::v1 as pb;
+
+/// relayctl's (exit success, stdout, stderr).
+fn relayctl_status(server: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(relay_test_support::workspace_bin("relayctl"))
+        .args(args)
+        .env("RELAY_SERVER", server)
+        .env("RELAY_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn states(cp: &ControlPlane, name: &str) -> Vec<pb::AccountState> {
+    cp.admin()
+        .await
+        .get_account(pb::GetAccountRequest { account: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .states
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_prints_verdicts_marks_accounts_and_brings_a_repaired_one_back() {
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let mock = mock(MockConfig::default()).await;
+    mock.set_fault("key-bad", Some(Fault::Unauthorized));
+    mock.set_fault("key-busy", Some(Fault::RateLimited { retry_after_secs: 40 }));
+    cp.add_account("good", &mock.base_url(), "key-good").await;
+    cp.add_account("bad", &mock.base_url(), "key-bad").await;
+    cp.add_account("busy", &mock.base_url(), "key-busy").await;
+    let closed = relay_test_support::free_port();
+    cp.add_account("gone", &format!("http://127.0.0.1:{closed}"), "key-gone")
+        .await;
+
+    let (ok, table, err) = relayctl_status(&cp.url(), &["account", "check", "--all"]);
+    assert!(!ok, "some accounts are not ok, so the exit status says so: {table}");
+    assert!(err.contains("3 of 4 account(s) not ok"), "{err}");
+    assert!(table.contains("rate limited until"), "{table}");
+    assert!(!table.contains("key-"), "no credential in the output: {table}");
+    let (_, out, _) = relayctl_status(&cp.url(), &["account", "check", "--all", "-o", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no row for {name}: {out}"))
+            .clone()
+    };
+    assert_eq!(row("good")["verdict"], "ok", "{out}");
+    assert_eq!(row("bad")["verdict"], "unauthorized", "{out}");
+    assert!(row("bad")["detail"].as_str().unwrap().contains("401"), "{out}");
+    assert!(
+        row("busy")["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("rate limited until"),
+        "{out}"
+    );
+    assert_eq!(row("gone")["verdict"], "unreachable", "{out}");
+    // The second check found the same: nothing new to mark.
+    assert_eq!(row("bad")["marked"], "unchanged", "{out}");
+
+    // The probes cost no tokens: only model listings reached the upstream.
+    assert!(mock.requests().iter().all(|r| r.path() == "/v1/models"));
+
+    // Marked: the bad one out until its credential changes, the busy one until its reset.
+    let bad = states(&cp, "bad").await;
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0].health, pb::AccountHealth::Unauthorized as i32);
+    assert_eq!(bad[0].until_ms, 0);
+    let busy = states(&cp, "busy").await;
+    assert_eq!(busy[0].health, pb::AccountHealth::RateLimited as i32);
+    let in_40s = chrono::Utc::now().timestamp_millis() + 40_000;
+    assert!(
+        (in_40s - 5_000..=in_40s + 1_000).contains(&busy[0].until_ms),
+        "{busy:?}"
+    );
+    assert_eq!(states(&cp, "gone").await[0].health, pb::AccountHealth::Erroring as i32);
+    assert!(states(&cp, "good").await.is_empty());
+
+    // The upstream repairs the account: a check brings it back.
+    mock.set_fault("key-bad", None);
+    let (ok, out, _) = relayctl_status(&cp.url(), &["account", "check", "bad", "-o", "json"]);
+    assert!(ok, "{out}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&rows[0]["verdict"], &rows[0]["marked"]),
+        (&"ok".into(), &"yes".into()),
+        "{out}"
+    );
+    assert!(states(&cp, "bad").await.is_empty());
+    // The check is audited.
+    let audit = relayctl(&cp.url(), ADMIN_TOKEN, &["audit"], None);
+    assert!(audit.contains("account.check"), "{audit}");
+}
