@@ -321,7 +321,13 @@ impl AdminService {
                 AccountStatus::Disabled => pb::AccountStatus::Disabled,
             } as i32,
             proxy_url: redact_url(&a.proxy_url),
-            credential_hint: a.credential_hint.clone(),
+            // A claude-oauth account without a refresh token holds a long-lived setup token: nothing
+            // refreshes it, the operator replaces it.
+            credential_hint: if a.kind == AccountKind::ClaudeOauth && a.refresh_token_enc.is_none() {
+                format!("setup token (no refresh) {}", a.credential_hint)
+            } else {
+                a.credential_hint.clone()
+            },
             created_at_ms: a.created_at,
             updated_at_ms: a.updated_at,
             credential_expires_at_ms: a.credential_expires_at.unwrap_or(0),
