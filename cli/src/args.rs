@@ -97,9 +97,14 @@ pub struct SecretSource {
 
 #[derive(Debug, Subcommand)]
 pub enum AccountCmd {
-    /// Add an account; the credential is read from stdin or a file (also `add`).
-    #[command(alias = "add", group(ArgGroup::new("secret").required(true).args(["secret_stdin", "secret_file"])))]
+    /// Add an account; the credential is read from stdin or a file, or Claude Code's credentials file
+    /// for a claude-oauth account (also `add`).
+    #[command(alias = "add", group(ArgGroup::new("secret").required(true).args(["secret_stdin", "secret_file", "credentials_file"])))]
     Create(AccountAdd),
+    /// Log in to a Claude subscription (OAuth with PKCE) and add it as a claude-oauth account: prints a
+    /// URL to open and approve, then reads the code the page shows (CODE#STATE) from stdin. The PKCE
+    /// verifier never leaves this process; the tokens go to the control plane, encrypted at rest.
+    Login(AccountLogin),
     /// List accounts.
     #[command(alias = "ls")]
     List,
@@ -180,6 +185,37 @@ pub struct AccountAdd {
     /// OAuth accounts: when the access token expires (RFC 3339).
     #[arg(long, value_name = "RFC3339", value_parser = instant_arg)]
     pub expires: Option<i64>,
+    /// claude-oauth accounts: import Claude Code's credentials file (`~/.claude/.credentials.json`,
+    /// written by `claude login`): access and refresh tokens, expiry, scopes, subscription type.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["refresh_token_file", "expires"])]
+    pub credentials_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AccountLogin {
+    /// A name for the account (letters, digits, '-', '_', '.').
+    pub name: String,
+    /// Upstream base URL (default: https://api.anthropic.com).
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
+    /// Lower is tried first.
+    #[arg(long, allow_negative_numbers = true)]
+    pub priority: Option<i32>,
+    /// Traffic share within a priority tier (default 1).
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// Group membership (repeatable or comma-separated; default: "default").
+    #[arg(long = "group", value_name = "GROUP", value_delimiter = ',')]
+    pub groups: Vec<String>,
+    /// Concurrent requests allowed on this account (0 = unlimited).
+    #[arg(long)]
+    pub max_concurrency: Option<u32>,
+    /// Outbound proxy, for the token exchange and then the account's traffic.
+    #[arg(long, value_name = "URL", conflicts_with = "proxy_url_file")]
+    pub proxy_url: Option<String>,
+    /// Read the proxy URL from this file (for one with a password in it).
+    #[arg(long, value_name = "PATH")]
+    pub proxy_url_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -147,6 +147,11 @@ pub struct Account {
     /// Bumped by every change that clears the account's health (reset, enable,
     /// new credential, base URL or proxy); data planes follow it.
     pub reset_generation: u64,
+    /// OAuth accounts: the granted scopes, the subscription type (`pro`, `max`, …) and the organization,
+    /// as the login or the imported credentials said (empty when unknown).
+    pub scopes: Vec<String>,
+    pub subscription_type: String,
+    pub organization: String,
     pub created_at: Millis,
     pub updated_at: Millis,
     /// The revision that last wrote this row (optimistic concurrency).

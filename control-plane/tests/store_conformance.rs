@@ -69,6 +69,9 @@ fn account(id: &str, name: &str, group_ids: &[&str]) -> Account {
         proxy_url: String::new(),
         proxy_url_enc: None,
         reset_generation: 0,
+        scopes: Vec::new(),
+        subscription_type: String::new(),
+        organization: String::new(),
         created_at: T0,
         updated_at: T0,
         revision: 0,
@@ -85,6 +88,9 @@ fn oauth_account(id: &str, name: &str, group_ids: &[&str]) -> Account {
         status: AccountStatus::Disabled,
         proxy_url: "socks5://…@127.0.0.1:1080".into(),
         proxy_url_enc: Some(vec![4, 5, 6]),
+        scopes: vec!["user:inference".into(), "user:profile".into()],
+        subscription_type: "max".into(),
+        organization: "Acme Inc".into(),
         ..account(id, name, group_ids)
     }
 }

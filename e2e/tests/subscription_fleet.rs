@@ -188,7 +188,15 @@ async fn admin_at(
 }
 
 /// Clients sending requests through `dps` until `stop`; counts answers and failures.
-fn traffic(dps: Vec<Arc<DataPlane>>, key: String, stop: Arc<AtomicBool>) -> (Arc<AtomicU64>, Arc<AtomicU64>, Vec<tokio::task::JoinHandle<Vec<String>>>) {
+fn traffic(
+    dps: Vec<Arc<DataPlane>>,
+    key: String,
+    stop: Arc<AtomicBool>,
+) -> (
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    Vec<tokio::task::JoinHandle<Vec<String>>>,
+) {
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut tasks = Vec::new();
     for (i, dp) in dps.into_iter().enumerate() {
@@ -240,7 +248,9 @@ async fn three_replicas_refresh_every_expiry_exactly_once_under_traffic() {
         .into_inner()
         .key;
     // Exactly one replica leads.
-    let leader = wait_for(Duration::from_secs(20), "a leader", || f.leader(1)).await.unwrap();
+    let leader = wait_for(Duration::from_secs(20), "a leader", || f.leader(1))
+        .await
+        .unwrap();
     assert!(f.replicas.iter().any(|r| r.name == leader), "{leader}");
     // Two data planes on two replicas.
     let dp1 = Arc::new(f.data_plane(0, "dp-1").await);
@@ -256,7 +266,12 @@ async fn three_replicas_refresh_every_expiry_exactly_once_under_traffic() {
     let c = f.mock.oauth_counters();
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(ok > 100, "{ok} requests served");
-    assert_eq!(failed, 0, "client requests failed: {:?}", &errors[..errors.len().min(5)]);
+    assert_eq!(
+        failed,
+        0,
+        "client requests failed: {:?}",
+        &errors[..errors.len().min(5)]
+    );
     assert_eq!(c.rejected_access_tokens, 0, "an expired token was used: {c:?}");
     assert_eq!(c.invalid_grants, 0, "a refresh token was reused: {c:?}");
     assert_eq!(c.refresh_grants, c.rotations, "{c:?}");
@@ -308,7 +323,11 @@ async fn a_leader_killed_between_answer_and_commit_loses_nothing() {
     wait_for(Duration::from_secs(10), "the answer to be kept", || async {
         let c = tokio_postgres::connect(&f.db.url, tokio_postgres::NoTls).await.ok()?;
         tokio::spawn(c.1);
-        let n: i64 = c.0.query_one("SELECT count(*) FROM oauth_pending", &[]).await.ok()?.get(0);
+        let n: i64 =
+            c.0.query_one("SELECT count(*) FROM oauth_pending", &[])
+                .await
+                .ok()?
+                .get(0);
         (n == 1).then_some(())
     })
     .await
@@ -322,7 +341,11 @@ async fn a_leader_killed_between_answer_and_commit_loses_nothing() {
     })
     .await
     .unwrap();
-    assert!(killed_at.elapsed() <= Duration::from_secs(TTL_SECS * 2), "{next} took over after {:?}", killed_at.elapsed());
+    assert!(
+        killed_at.elapsed() <= Duration::from_secs(TTL_SECS * 2),
+        "{next} took over after {:?}",
+        killed_at.elapsed()
+    );
     wait_for(Duration::from_secs(30), "refreshes to go on", || async {
         (f.mock.oauth_counters().rotations >= 4).then_some(())
     })
@@ -361,7 +384,10 @@ async fn with_etcd_down_nobody_refreshes_and_refresh_resumes_when_it_returns() {
     let during = f.mock.oauth_counters();
     tokio::time::sleep(Duration::from_secs(6)).await;
     let after = f.mock.oauth_counters();
-    assert_eq!(after.refresh_grants, during.refresh_grants, "someone refreshed without leading");
+    assert_eq!(
+        after.refresh_grants, during.refresh_grants,
+        "someone refreshed without leading"
+    );
     assert!(f.leader(0).await.is_some(), "the last leader's record stays readable");
     f.etcd.restart().await.unwrap();
     wait_for(Duration::from_secs(30), "refresh to resume", || async {

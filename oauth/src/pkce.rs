@@ -130,7 +130,7 @@ pub fn parse_pasted(pasted: &str, expected_state: &str) -> Result<String, OAuthE
             "the pasted code is empty or holds spaces: expected CODE#STATE".into(),
         ));
     }
-    if !bool::from(subtle_eq(state.as_bytes(), expected_state.as_bytes())) {
+    if !subtle_eq(state.as_bytes(), expected_state.as_bytes()) {
         return Err(OAuthError::StateMismatch);
     }
     Ok(code)

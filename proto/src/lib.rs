@@ -70,7 +70,8 @@ redacted_debug! {
     }
     Settings { plain: [values], secret: [api_key_hash_secret] }
     CreateAccountRequest {
-        plain: [name, kind, base_url, priority, weight, groups, max_concurrency, credential_expires_at_ms],
+        plain: [name, kind, base_url, priority, weight, groups, max_concurrency, credential_expires_at_ms,
+                scopes, subscription_type, organization],
         secret: [credential, proxy_url, refresh_token]
     }
     UpdateAccountRequest {

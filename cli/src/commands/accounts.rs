@@ -6,8 +6,11 @@ use relay_proto::v1::{
     GetAccountRequest, ListAccountsRequest, ResetAccountRequest, UpdateAccountRequest,
 };
 
+use anyhow::{anyhow, bail, Context as _};
+use relay_proto::v1::ListSettingsRequest;
+
 use super::{clean_list, read_secret, read_secret_file, Deleted};
-use crate::args::{AccountAdd, AccountCmd, AccountKindArg, AccountUpdate};
+use crate::args::{AccountAdd, AccountCmd, AccountKindArg, AccountLogin, AccountUpdate};
 use crate::client::{Api, Conn, RpcResult};
 use crate::output::{Column, Output, Value};
 use crate::parse::enum_label;
@@ -178,6 +181,9 @@ pub const COLUMNS: &[Column<AccountInfo>] = &[
     Column::detail("max_concurrency", "Max concurrency", |a| {
         Value::limit(u64::from(a.max_concurrency))
     }),
+    Column::detail("subscription_type", "Plan", |a| Value::opt_text(&a.subscription_type)),
+    Column::detail("organization", "Organization", |a| Value::opt_text(&a.organization)),
+    Column::detail("scopes", "Scopes", |a| Value::list(&a.scopes, "-")),
     Column::detail("credential_hint", "Credential", |a| Value::opt_text(&a.credential_hint)),
     // Data planes that took the account out of service (they cannot use it).
     Column::detail("config_errors", "Out of service on", |a| {
@@ -223,6 +229,11 @@ pub async fn run(conn: &mut Conn, out: Output, cmd: AccountCmd) -> Result<()> {
     match cmd {
         AccountCmd::Create(args) => {
             let req = create_request(args)?;
+            let info = api.create_account(req).await.or_report(&server)?;
+            out.one(COLUMNS, &info)
+        }
+        AccountCmd::Login(args) => {
+            let req = login(api, &server, args).await?;
             let info = api.create_account(req).await.or_report(&server)?;
             out.one(COLUMNS, &info)
         }
@@ -297,7 +308,89 @@ async fn set_status(api: &mut Api, server: &str, out: Output, account: String, s
     out.one_or_text(COLUMNS, &info, &text)
 }
 
+/// How long relayctl waits for the token endpoint.
+const TOKEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The PKCE login, done here on the operator's machine: the verifier never leaves this process. Prints the
+/// authorize URL, reads `CODE#STATE` from stdin, checks the state and exchanges the code; the request that
+/// creates the account comes back.
+async fn login(api: &mut Api, server: &str, args: AccountLogin) -> Result<CreateAccountRequest> {
+    use std::io::Write as _;
+    let proxy_url = proxy_url(args.proxy_url, args.proxy_url_file.as_deref())?.unwrap_or_default();
+    let proxy = match proxy_url.trim() {
+        "" => None,
+        url => Some(relay_oauth::ProxySpec::parse(url).map_err(|e| anyhow!("the proxy URL is not usable: {e}"))?),
+    };
+    let settings = api.list_settings(ListSettingsRequest {}).await.or_report(server)?;
+    let cfg = relay_oauth::OAuthConfig::from_settings(&settings.values.into_iter().collect());
+    let pkce = relay_oauth::Pkce::new();
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "Open this URL, approve, and paste the code shown (CODE#STATE):")?;
+        writeln!(stdout, "{}", relay_oauth::authorize_url(&cfg, &pkce))?;
+        stdout.flush()?;
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the code from standard input")?;
+    let code = relay_oauth::parse_pasted(&line, &pkce.state).map_err(|e| anyhow!("{e}; no account was created"))?;
+    let client = relay_oauth::TokenClient::new(&relay_oauth::ClientOptions::default(), TOKEN_TIMEOUT)
+        .map_err(|e| anyhow!("{e}"))?;
+    let tokens = client
+        .exchange_code(&cfg, &code, &pkce.state, pkce.verifier(), proxy.as_ref())
+        .await
+        .map_err(|e| anyhow!("the login failed: {e}; no account was created"))?;
+    Ok(CreateAccountRequest {
+        name: args.name,
+        kind: AccountKind::ClaudeOauth as i32,
+        base_url: args.base_url.unwrap_or_default(),
+        credential: tokens.access_token,
+        priority: args.priority.unwrap_or(0),
+        weight: args.weight.unwrap_or(0),
+        groups: clean_list(&args.groups),
+        max_concurrency: args.max_concurrency.unwrap_or(0),
+        proxy_url,
+        refresh_token: tokens.refresh_token.unwrap_or_default(),
+        credential_expires_at_ms: tokens.expires_at_ms.unwrap_or(0),
+        scopes: tokens.scopes,
+        subscription_type: tokens.subscription_type.unwrap_or_default(),
+        organization: tokens.organization.unwrap_or_default(),
+    })
+}
+
+/// `--credentials-file`: Claude Code's `.credentials.json`, for a claude-oauth account.
+fn import_credentials(args: AccountAdd) -> Result<CreateAccountRequest> {
+    let Some(path) = args.credentials_file.as_deref() else {
+        bail!("no credentials file given");
+    };
+    if args.kind != AccountKindArg::ClaudeOauth {
+        bail!("--credentials-file is Claude Code's credentials file: it needs --kind claude-oauth");
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read the credentials file {}", path.display()))?;
+    let tokens = relay_oauth::parse_credentials_file(&bytes).map_err(|e| anyhow!("{} ({})", e, path.display()))?;
+    Ok(CreateAccountRequest {
+        name: args.name,
+        kind: AccountKind::ClaudeOauth as i32,
+        base_url: args.base_url.unwrap_or_default(),
+        credential: tokens.access_token,
+        priority: args.priority.unwrap_or(0),
+        weight: args.weight.unwrap_or(0),
+        groups: clean_list(&args.groups),
+        max_concurrency: args.max_concurrency.unwrap_or(0),
+        proxy_url: proxy_url(args.proxy_url, args.proxy_url_file.as_deref())?.unwrap_or_default(),
+        refresh_token: tokens.refresh_token.unwrap_or_default(),
+        credential_expires_at_ms: tokens.expires_at_ms.unwrap_or(0),
+        scopes: tokens.scopes,
+        subscription_type: tokens.subscription_type.unwrap_or_default(),
+        organization: tokens.organization.unwrap_or_default(),
+    })
+}
+
 fn create_request(args: AccountAdd) -> Result<CreateAccountRequest> {
+    if args.credentials_file.is_some() {
+        return import_credentials(args);
+    }
     let credential = read_secret(&args.secret)?.unwrap_or_default();
     let refresh_token = match &args.refresh_token_file {
         Some(p) => read_secret_file(p, "refresh token")?,
@@ -315,6 +408,7 @@ fn create_request(args: AccountAdd) -> Result<CreateAccountRequest> {
         proxy_url: proxy_url(args.proxy_url, args.proxy_url_file.as_deref())?.unwrap_or_default(),
         refresh_token,
         credential_expires_at_ms: args.expires.unwrap_or(0),
+        ..Default::default()
     })
 }
 

@@ -339,10 +339,19 @@ impl AdminService {
                 AccountStatus::Disabled => pb::AccountStatus::Disabled,
             } as i32,
             proxy_url: redact_url(&a.proxy_url),
-            credential_hint: a.credential_hint.clone(),
+            // A claude-oauth account without a refresh token holds a long-lived setup token: nothing
+            // refreshes it, the operator replaces it.
+            credential_hint: if a.kind == AccountKind::ClaudeOauth && a.refresh_token_enc.is_none() {
+                format!("setup token (no refresh) {}", a.credential_hint)
+            } else {
+                a.credential_hint.clone()
+            },
             created_at_ms: a.created_at,
             updated_at_ms: a.updated_at,
             credential_expires_at_ms: a.credential_expires_at.unwrap_or(0),
+            scopes: a.scopes.clone(),
+            subscription_type: a.subscription_type.clone(),
+            organization: a.organization.clone(),
         }
     }
 
@@ -659,6 +668,44 @@ pub fn admin_token_row(key: &MasterKey, name: &str, role: Role, token: &str) -> 
     }
 }
 
+/// The OAuth facts of a new account (scopes, subscription type, organization): only for claude-oauth
+/// accounts, short, one line each.
+fn validate_oauth_fields(
+    kind: AccountKind,
+    r: &pb::CreateAccountRequest,
+) -> Result<(Vec<String>, String, String), Status> {
+    let scopes: Vec<String> = r
+        .scopes
+        .iter()
+        .flat_map(|s| s.split_whitespace())
+        .map(str::to_string)
+        .collect();
+    let sub = r.subscription_type.trim().to_string();
+    let org = r.organization.trim().to_string();
+    if kind != AccountKind::ClaudeOauth && (!scopes.is_empty() || !sub.is_empty() || !org.is_empty()) {
+        return Err(Status::invalid_argument(
+            "scopes, subscription type and organization are for claude-oauth accounts only",
+        ));
+    }
+    if scopes.len() > 32
+        || scopes
+            .iter()
+            .any(|s| s.len() > 128 || !s.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(Status::invalid_argument(
+            "scopes: at most 32, each at most 128 visible ASCII characters",
+        ));
+    }
+    for (what, v) in [("subscription type", &sub), ("organization", &org)] {
+        if v.chars().count() > 200 || v.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(format!(
+                "{what}: at most 200 characters, on one line"
+            )));
+        }
+    }
+    Ok((scopes, sub, org))
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn create_account(
@@ -684,6 +731,7 @@ impl Admin for AdminService {
             validate_proxy_url(&r.proxy_url)?;
         }
         let weight = validate_weight(r.weight)?;
+        let (scopes, subscription_type, organization) = validate_oauth_fields(kind, &r)?;
         let group_ids = self.resolve_groups(&r.groups).await?;
         let id = new_id();
         let seal = |v: &str, ctx: &str| {
@@ -713,6 +761,9 @@ impl Admin for AdminService {
             proxy_url: redact_url(&r.proxy_url),
             proxy_url_enc: self.seal_proxy_url(&r.proxy_url, &id)?,
             reset_generation: 0,
+            scopes,
+            subscription_type,
+            organization,
             created_at: now,
             updated_at: now,
             revision: 0,
@@ -723,6 +774,8 @@ impl Admin for AdminService {
             "id": id, "kind": kind.as_str(), "base_url": row.base_url, "priority": row.priority,
             "weight": row.weight, "groups": info.groups, "max_concurrency": row.max_concurrency,
             "proxy_url": info.proxy_url, "credential": "set",
+            "refresh_token": if r.refresh_token.is_empty() { "none" } else { "set" },
+            "scopes": row.scopes, "subscription_type": row.subscription_type, "organization": row.organization,
         });
         self.apply(
             &actor,

@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../../migrations/postgres/0006_group_limits.sql")),
     (7, include_str!("../../migrations/postgres/0007_deleted_names.sql")),
     (8, include_str!("../../migrations/postgres/0008_leadership.sql")),
+    (9, include_str!("../../migrations/postgres/0009_oauth_accounts.sql")),
     (
         10,
         include_str!("../../migrations/postgres/0010_quotas_and_refresh.sql"),
@@ -258,6 +259,13 @@ fn account_from(row: &Row, group_ids: Vec<String>) -> Result<Account> {
         proxy_url: row.get("proxy_url"),
         proxy_url_enc: row.get("proxy_url_enc"),
         reset_generation: to_u64(row.get("reset_generation"), "reset_generation")?,
+        scopes: row
+            .get::<_, &str>("oauth_scopes")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+        subscription_type: row.get("subscription_type"),
+        organization: row.get("organization"),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
         revision: to_u64(row.get("revision"), "revision")?,
@@ -353,7 +361,7 @@ fn write_err<'a>(kind: &'static str, name: &'a str) -> impl FnOnce(tokio_postgre
 
 const ACCOUNT_COLS: &str = "id, name, kind, base_url, credential_enc, refresh_token_enc, credential_hint, \
      credential_expires_at, priority, weight, max_concurrency, status, proxy_url, created_at, updated_at, revision, proxy_url_enc, \
-     reset_generation";
+     reset_generation, oauth_scopes, subscription_type, organization";
 
 async fn load_accounts(c: &impl deadpool_postgres::GenericClient, filter: Option<&str>) -> Result<Vec<Account>> {
     let rows = match filter {
@@ -440,12 +448,14 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
             let weight = i32::try_from(a.weight).map_err(db)?;
             let maxc = i32::try_from(a.max_concurrency).map_err(db)?;
             let generation = to_i64(a.reset_generation, "reset_generation")?;
+            let scopes = a.scopes.join(" ");
             let n = if let Mutation::UpdateAccount { expect_revision, .. } = m {
                 let expect = to_i64(*expect_revision, "revision")?;
                 tx.execute(
                     "UPDATE accounts SET name=$2, kind=$3, base_url=$4, credential_enc=$5, refresh_token_enc=$6, \
                      credential_hint=$7, credential_expires_at=$8, priority=$9, weight=$10, max_concurrency=$11, \
-                     status=$12, proxy_url=$13, updated_at=$14, revision=$15, proxy_url_enc=$17, reset_generation=$18 \
+                     status=$12, proxy_url=$13, updated_at=$14, revision=$15, proxy_url_enc=$17, reset_generation=$18, \
+                     oauth_scopes=$19, subscription_type=$20, organization=$21 \
                      WHERE id=$1 AND revision=$16",
                     &[
                         &a.id,
@@ -466,18 +476,21 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
                         &expect,
                         &a.proxy_url_enc,
                         &generation,
+                        &scopes,
+                        &a.subscription_type,
+                        &a.organization,
                     ],
                 )
                 .await
                 .map_err(write_err("account", &a.name))?
             } else {
                 tx.execute(
-                    &format!("INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)"),
+                    &format!("INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)"),
                     &[
                         &a.id, &a.name, &a.kind.as_str(), &a.base_url, &a.credential_enc, &a.refresh_token_enc,
                         &a.credential_hint, &a.credential_expires_at, &a.priority, &weight, &maxc,
                         &a.status.as_str(), &a.proxy_url, &a.created_at, &a.updated_at, &rev, &a.proxy_url_enc,
-                        &generation,
+                        &generation, &scopes, &a.subscription_type, &a.organization,
                     ],
                 )
                 .await

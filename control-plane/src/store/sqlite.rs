@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../../migrations/sqlite/0006_group_limits.sql")),
     (7, include_str!("../../migrations/sqlite/0007_deleted_names.sql")),
     (8, include_str!("../../migrations/sqlite/0008_leadership.sql")),
+    (9, include_str!("../../migrations/sqlite/0009_oauth_accounts.sql")),
     (10, include_str!("../../migrations/sqlite/0010_quotas_and_refresh.sql")),
 ];
 
@@ -261,7 +262,8 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 
 const ACCOUNT_COLS: &str = "id, name, kind, base_url, credential_enc, refresh_token_enc, \
      credential_hint, credential_expires_at, priority, weight, max_concurrency, status, \
-     proxy_url, created_at, updated_at, revision, proxy_url_enc, reset_generation";
+     proxy_url, created_at, updated_at, revision, proxy_url_enc, reset_generation, \
+     oauth_scopes, subscription_type, organization";
 
 fn account_from_row(row: &Row<'_>) -> rusqlite::Result<Account> {
     Ok(Account {
@@ -284,10 +286,17 @@ fn account_from_row(row: &Row<'_>) -> rusqlite::Result<Account> {
         revision: col_u64(row, 15)?,
         proxy_url_enc: row.get(16)?,
         reset_generation: col_u64(row, 17)?,
+        scopes: row
+            .get::<_, String>(18)?
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+        subscription_type: row.get(19)?,
+        organization: row.get(20)?,
     })
 }
 
-/// Values for `ACCOUNT_COLS` as `?1..?18`.
+/// Values for `ACCOUNT_COLS` as `?1..?21`.
 fn account_values(a: &Account, revision: i64) -> Result<Vec<Value>> {
     Ok(vec![
         Value::Text(a.id.clone()),
@@ -308,6 +317,9 @@ fn account_values(a: &Account, revision: i64) -> Result<Vec<Value>> {
         Value::Integer(revision),
         a.proxy_url_enc.clone().map_or(Value::Null, Value::Blob),
         Value::Integer(to_i64(a.reset_generation, "reset_generation")?),
+        Value::Text(a.scopes.join(" ")),
+        Value::Text(a.subscription_type.clone()),
+        Value::Text(a.organization.clone()),
     ])
 }
 
@@ -665,7 +677,7 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
             tx.execute(
                 &format!(
                     "INSERT INTO accounts ({ACCOUNT_COLS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
                 ),
                 params_from_iter(account_values(a, rev)?),
             )
@@ -683,7 +695,8 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
                      refresh_token_enc = ?6, credential_hint = ?7, credential_expires_at = ?8, \
                      priority = ?9, weight = ?10, max_concurrency = ?11, status = ?12, \
                      proxy_url = ?13, updated_at = ?15, revision = ?16, proxy_url_enc = ?17, \
-                     reset_generation = ?18 WHERE id = ?1 AND revision = ?19",
+                     reset_generation = ?18, oauth_scopes = ?19, subscription_type = ?20, \
+                     organization = ?21 WHERE id = ?1 AND revision = ?22",
                     params_from_iter(values),
                 )
                 .map_err(write_err(ResourceKind::Account, &row.name))?;
