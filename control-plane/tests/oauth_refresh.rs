@@ -92,6 +92,9 @@ impl Fixture {
             created_at: now_ms(),
             updated_at: now_ms(),
             revision: 0,
+            scopes: vec!["user:inference".into()],
+            subscription_type: "max".into(),
+            organization: "Test Org".into(),
         };
         self.store
             .apply(vec![Mutation::InsertAccount(row)], audit())

@@ -479,6 +479,9 @@ impl Refresher {
                 row.refresh_token_enc = Some(seal(t, &refresh_context(&cur.id))?);
             }
             row.credential_expires_at = r.expires_at_ms;
+            if !r.scopes.is_empty() {
+                row.scopes = r.scopes.clone();
+            }
             // Data planes drop what they knew of the old token (a 401 it earned, its breaker).
             row.reset_generation = cur.reset_generation.saturating_add(1);
             row.updated_at = now_ms();
