@@ -43,6 +43,8 @@ pub struct Options {
     /// Where keys' live counters are (Redis, or the standalone data plane's): `relayctl key show`
     /// shows them. None: not known here.
     pub limiter: Option<std::sync::Arc<relay_limits::Limiter>>,
+    /// This replica's part in the leader election (`GetStatus` reports it). None: not known here.
+    pub leadership: Option<crate::leader::Leadership>,
 }
 
 impl Default for Options {
@@ -53,6 +55,7 @@ impl Default for Options {
             tls: None,
             max_connections: 4096,
             limiter: None,
+            leadership: None,
         }
     }
 }
@@ -111,10 +114,13 @@ pub async fn serve(
         .with_token_watch(tokens);
     let gate = crate::api::gate::GateLayer::new(auth.clone());
     let spend = std::sync::Arc::new(crate::spend::SpendCache::new(store.clone()));
-    let admin =
-        AdminServer::new(AdminService::new(store.clone(), key.clone(), spend.clone()).with_live(opts.limiter.clone()))
-            .max_decoding_message_size(crate::api::gate::ADMIN_MAX_DECODE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = AdminServer::new(
+        AdminService::new(store.clone(), key.clone(), spend.clone())
+            .with_live(opts.limiter.clone())
+            .with_replica(&opts.replica, opts.leadership.clone()),
+    )
+    .max_decoding_message_size(crate::api::gate::ADMIN_MAX_DECODE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let discovery = ConfigDiscoveryServer::new(DiscoveryService::new(
         publisher.subscribe(),
         store.clone(),

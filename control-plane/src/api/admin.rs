@@ -38,12 +38,22 @@ pub struct AdminService {
     spend: Arc<SpendCache>,
     /// Keys' live counters (requests and tokens this minute, in flight).
     live: Option<Arc<relay_limits::Limiter>>,
+    /// This replica's name and its part in the leader election (`GetStatus`).
+    replica: String,
+    leadership: Option<crate::leader::Leadership>,
 }
 
 impl AdminService {
     /// Reads live counters from this limiter (Redis, or the standalone data plane's).
     pub fn with_live(mut self, live: Option<Arc<relay_limits::Limiter>>) -> Self {
         self.live = live;
+        self
+    }
+
+    /// Names this replica and its leadership in `GetStatus`.
+    pub fn with_replica(mut self, replica: &str, leadership: Option<crate::leader::Leadership>) -> Self {
+        self.replica = replica.to_string();
+        self.leadership = leadership;
         self
     }
 
@@ -97,6 +107,8 @@ impl AdminService {
             auth,
             spend,
             live: None,
+            replica: String::new(),
+            leadership: None,
         }
     }
 
@@ -1691,6 +1703,27 @@ impl Admin for AdminService {
         self.authorize(&req, Need::Read, "get_config_version").await?;
         let v = self.store.head().await.map_err(status_from_store)?;
         Ok(Response::new(version_pb(v)))
+    }
+
+    async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
+        self.authorize(&req, Need::Read, "get_status").await?;
+        let leader = self.store.leader().await.map_err(status_from_store)?;
+        Ok(Response::new(pb::GetStatusResponse {
+            replica: self.replica.clone(),
+            leader: leader.map(|l| pb::LeaderInfo {
+                holder: l.holder,
+                mechanism: l.mechanism,
+                since_ms: l.since_ms,
+                term: l.term,
+                detail: l.detail,
+            }),
+            replica_is_leader: self.leadership.as_ref().is_some_and(|l| l.role().is_leading()),
+            replica_mechanism: self
+                .leadership
+                .as_ref()
+                .map(|l| l.mechanism().to_string())
+                .unwrap_or_default(),
+        }))
     }
 }
 
