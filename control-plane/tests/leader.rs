@@ -329,3 +329,42 @@ async fn retention_deletes_usage_older_than_the_setting_and_keeps_the_rest() {
     job.abort();
     assert_eq!(usage_rows(&store).await, 3, "usage newer than 30 days stays");
 }
+
+mod common;
+
+#[tokio::test]
+async fn get_status_names_the_replica_and_the_leader() {
+    let cp = common::start(common::Backend::Sqlite).await;
+    let mut admin = cp.admin().await;
+    let st = admin
+        .get_status(relay_proto::v1::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.leader, None, "nobody claimed a term yet");
+    let term = cp
+        .store
+        .claim_term("cp-7", "etcd", "etcd key /relay/leader create revision 12", 1_000)
+        .await
+        .unwrap();
+    let st = admin
+        .get_status(relay_proto::v1::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let l = st.leader.unwrap();
+    assert_eq!(
+        (
+            l.holder.as_str(),
+            l.mechanism.as_str(),
+            l.since_ms,
+            l.term,
+            l.detail.as_str()
+        ),
+        ("cp-7", "etcd", 1_000, term, "etcd key /relay/leader create revision 12")
+    );
+    assert!(!st.replica.is_empty());
+    // Read-only tokens may ask too.
+    let mut ro = cp.admin_as(Some(common::RO_TOKEN)).await;
+    ro.get_status(relay_proto::v1::GetStatusRequest {}).await.unwrap();
+}
