@@ -65,7 +65,8 @@ pub enum Command {
     /// Tokens for the control plane: admin, read-only and data-plane tokens.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// One screen: config version, data planes and their lag, accounts by state, the last hour.
+    /// One screen: config version, data planes and their lag, accounts by state, the last hour,
+    /// and which control-plane replica leads the singleton jobs (mechanism, since when, term).
     Status,
     /// The control plane's current config version (`epoch:revision`).
     Version,

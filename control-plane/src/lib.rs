@@ -9,7 +9,10 @@ pub mod bootstrap;
 pub mod config;
 pub mod crypto;
 pub mod jobs;
+
+pub mod leader;
 pub mod model;
+pub mod retention;
 pub mod server;
 pub mod spend;
 pub mod store;

@@ -59,6 +59,17 @@ struct Args {
     /// A file holding the Redis password (instead of one in the URL).
     #[arg(long, env = "RELAY_REDIS_PASSWORD_FILE", requires = "redis_url")]
     redis_password_file: Option<PathBuf>,
+    /// etcd members (`http://HOST:2379`, comma-separated) to elect the leader replica with; without
+    /// it the replicas elect one with a Postgres advisory lock.
+    #[arg(long, env = "RELAY_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Prefix of relay's etcd keys (the leader key is PREFIX + "leader").
+    #[arg(long, env = "RELAY_ETCD_PREFIX", default_value = "/relay/")]
+    etcd_prefix: String,
+    /// Leader lease TTL in seconds: a leader cut off steps down within it, a dead leader is
+    /// replaced within it.
+    #[arg(long, env = "RELAY_LEADER_TTL_SECS", default_value_t = 10)]
+    leader_ttl_secs: u64,
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -161,6 +172,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.standalone && args.redis_url.is_some() {
         bail!("--standalone counts limits in process; drop --redis-url (or run the distributed mode)");
+    }
+    if args.standalone && !args.etcd_endpoints.is_empty() {
+        bail!("--standalone is its own leader; drop --etcd-endpoints (or run the distributed mode)");
     }
     if !args.standalone && args.database_url.is_none() {
         bail!("choose a mode: --standalone (embedded store) or --database-url postgres://… (distributed)");
@@ -268,7 +282,26 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    // Who runs the singleton jobs (usage retention, token refresh): one replica of the fleet.
+    let leadership = match &args.database_url {
+        None => relay_control_plane::leader::Leadership::standalone(&store, &replica).await?,
+        Some(url) => {
+            let ttl = Duration::from_secs(args.leader_ttl_secs);
+            if args.etcd_endpoints.is_empty() {
+                relay_control_plane::leader::Leadership::postgres(store.clone(), &replica, url, ttl)?
+            } else {
+                let mut etcd = relay_control_plane::leader::EtcdOptions::new(&args.etcd_endpoints.join(","));
+                etcd.prefix = args.etcd_prefix.clone();
+                etcd.ttl = ttl;
+                relay_control_plane::leader::Leadership::etcd(store.clone(), &replica, etcd)?
+            }
+        }
+    };
+    println!("relay: leader election: {}", leadership.mechanism());
+    let retention =
+        relay_control_plane::retention::start(store.clone(), &leadership, relay_control_plane::retention::INTERVAL);
     let opts = Options {
+        leadership: Some(leadership.clone()),
         replica,
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
         tls,
@@ -322,6 +355,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(dp) = dp {
         dp.shutdown().await;
     }
+    // Hand the singleton jobs over at once (revokes the etcd lease, releases the lock).
+    retention.abort();
+    leadership.shutdown().await;
     let _ = stop_cp.send(());
     let result = match ended_early {
         Some(r) => r,

@@ -45,6 +45,8 @@ pub struct Options {
     /// Where keys' live counters are (Redis, or the standalone data plane's): `relayctl key show`
     /// shows them. None: not known here.
     pub limiter: Option<std::sync::Arc<relay_limits::Limiter>>,
+    /// This replica's part in the leader election (`GetStatus` reports it). None: not known here.
+    pub leadership: Option<crate::leader::Leadership>,
 }
 
 impl Default for Options {
@@ -55,6 +57,7 @@ impl Default for Options {
             tls: None,
             max_connections: 4096,
             limiter: None,
+            leadership: None,
         }
     }
 }
@@ -90,6 +93,17 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "control-plane".to_string())
 }
 
+/// Aborts its tasks when dropped (when serving ends, however it ends).
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     store: DynStore,
@@ -122,10 +136,31 @@ pub async fn serve(
         key: key.clone(),
         upstreams: upstreams.clone(),
     });
+    // The leader's jobs: OAuth refresh and probes of accounts in trouble (retention is started by
+    // the binary). They stop the moment this replica stops leading, and when serving ends.
+    let jobs = match &opts.leadership {
+        Some(l) => {
+            let refresher = std::sync::Arc::new(crate::jobs::oauth_refresh::Refresher {
+                store: store.clone(),
+                key: key.clone(),
+                endpoint: std::sync::Arc::new(crate::jobs::oauth_refresh::OAuthEndpoint {
+                    client: relay_oauth::TokenClient::with_upstreams(upstreams.clone(), relay_oauth::DEFAULT_TIMEOUT),
+                }),
+            });
+            let probes = prober.clone();
+            vec![
+                crate::leader::run_while_leading(l, "oauth-refresh", move |term| refresher.clone().run(term)),
+                crate::leader::run_while_leading(l, "account-probe", move |term| probes.clone().run(term)),
+            ]
+        }
+        None => Vec::new(),
+    };
+    let _jobs = AbortOnDrop(jobs);
     let admin = AdminServer::new(
         AdminService::new(store.clone(), key.clone(), spend.clone())
             .with_live(opts.limiter.clone())
-            .with_prober(Some(prober.clone())),
+            .with_prober(Some(prober.clone()))
+            .with_replica(&opts.replica, opts.leadership.clone()),
     )
     .max_decoding_message_size(crate::api::gate::ADMIN_MAX_DECODE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -356,6 +356,14 @@ pub const SETTINGS: &[Setting] = &[
         "3600000",
         "a whole upstream response",
     ),
+    ms(
+        "usage.retention_days",
+        0,
+        36_500,
+        "0",
+        "days of usage the control plane keeps (older rows are deleted every few minutes by the leader replica); 0 keeps it forever",
+    )
+    .count(),
 ];
 
 impl Setting {

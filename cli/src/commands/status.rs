@@ -2,8 +2,8 @@
 
 use anyhow::{anyhow, Result};
 use relay_proto::v1::{
-    AuditEntry, ConfigVersion, GetConfigVersionRequest, ListAuditRequest, ListProxiesRequest, ProxyState,
-    QueryUsageRequest, UsageBucket, UsageGroupBy, UsageRow,
+    AuditEntry, ConfigVersion, GetConfigVersionRequest, GetStatusRequest, GetStatusResponse, LeaderInfo,
+    ListAuditRequest, ListProxiesRequest, ProxyState, QueryUsageRequest, UsageBucket, UsageGroupBy, UsageRow,
 };
 
 use super::version_string;
@@ -120,6 +120,31 @@ struct Overview {
     errors: u64,
     flagged: u64,
     cost_pico_usd: u64,
+    /// Who leads the singleton jobs, and which replica answered (None: an older control plane).
+    status: Option<GetStatusResponse>,
+    now_ms: i64,
+}
+
+/// A duration as people read it: "45s", "5m", "3h", "2d".
+fn ago(ms: i64) -> String {
+    let s = (ms / 1000).max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// "cp-2 (etcd) since 5m ago, term 7".
+fn leader_text(l: &LeaderInfo, now_ms: i64) -> String {
+    format!(
+        "{} ({}) since {} ago, term {}",
+        l.holder,
+        l.mechanism,
+        ago(now_ms - l.since_ms),
+        l.term
+    )
 }
 
 impl Overview {
@@ -153,6 +178,25 @@ impl Overview {
             out.push_str(&format!(", {} usage rows flagged", self.flagged));
         }
         out.push('\n');
+        if let Some(st) = &self.status {
+            let leader = st
+                .leader
+                .as_ref()
+                .map_or_else(|| "none yet".to_string(), |l| leader_text(l, self.now_ms));
+            out.push_str(&format!("leader: {leader}\n"));
+            if !st.replica.is_empty() {
+                out.push_str(&format!(
+                    "answered by: {} ({}{})\n",
+                    st.replica,
+                    st.replica_mechanism,
+                    if st.replica_is_leader {
+                        ", leading"
+                    } else {
+                        ", following"
+                    }
+                ));
+            }
+        }
         out
     }
 }
@@ -183,6 +227,33 @@ const OVERVIEW_COLUMNS: &[Column<Overview>] = &[
     Column::new("last_hour_cost_usd", "Spend (1h)", |o| {
         Value::Decimal(format_cost(o.cost_pico_usd))
     }),
+    Column::new("leader", "Leader", |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.leader.as_ref())
+            .map_or(Value::Null, |l| Value::text(&l.holder))
+    }),
+    Column::new("leader_mechanism", "Mechanism", |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.leader.as_ref())
+            .map_or(Value::Null, |l| Value::text(&l.mechanism))
+    }),
+    Column::new("leader_since", "Leader since", |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.leader.as_ref())
+            .map_or(Value::Null, |l| Value::Time(l.since_ms))
+    }),
+    Column::new("leader_term", "Term", |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.leader.as_ref())
+            .map_or(Value::Null, |l| Value::UInt(l.term))
+    }),
+    Column::new("replica", "Replica", |o| {
+        o.status.as_ref().map_or(Value::Null, |s| Value::opt_text(&s.replica))
+    }),
 ];
 
 pub async fn status(conn: &mut Conn, out: Output) -> Result<()> {
@@ -208,8 +279,16 @@ pub async fn status(conn: &mut Conn, out: Output) -> Result<()> {
         })
         .await
         .or_report(&server)?;
+    // An older control plane has no GetStatus: the rest still shows.
+    let status = match conn.api.get_status(GetStatusRequest {}).await {
+        Ok(r) => Some(r.into_inner()),
+        Err(s) if s.code() == tonic::Code::Unimplemented => None,
+        Err(s) => return Err(crate::client::status_error(&s, &server)),
+    };
     let mut o = Overview {
         version: Some(version),
+        status,
+        now_ms: chrono::Utc::now().timestamp_millis(),
         ..Overview::default()
     };
     for p in proxies.proxies {
@@ -446,6 +525,36 @@ mod tests {
             cost_pico_usd: 3_000_000_000,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_leader_line_reads_naturally() {
+        let l = LeaderInfo {
+            holder: "cp-2".into(),
+            mechanism: "etcd".into(),
+            since_ms: 1_000,
+            term: 7,
+            detail: String::new(),
+        };
+        assert_eq!(
+            leader_text(&l, 1_000 + 5 * 60_000 + 10),
+            "cp-2 (etcd) since 5m ago, term 7"
+        );
+        assert_eq!(ago(59_999), "59s");
+        assert_eq!(ago(3 * 3_600_000), "3h");
+        let o = Overview {
+            status: Some(GetStatusResponse {
+                replica: "cp-1".into(),
+                leader: Some(l),
+                replica_is_leader: false,
+                replica_mechanism: "etcd".into(),
+            }),
+            now_ms: 1_000 + 5 * 60_000,
+            ..Overview::default()
+        };
+        let text = o.text();
+        assert!(text.contains("leader: cp-2 (etcd) since 5m ago, term 7\n"), "{text}");
+        assert!(text.contains("answered by: cp-1 (etcd, following)"), "{text}");
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct AdminService {
     live: Option<Arc<relay_limits::Limiter>>,
     /// Runs `CheckAccounts` probes (None: refused).
     prober: Option<Arc<crate::jobs::probe::Prober>>,
+
+    /// This replica's name and its part in the leader election (`GetStatus`).
+    replica: String,
+    leadership: Option<crate::leader::Leadership>,
 }
 
 impl AdminService {
@@ -52,6 +56,13 @@ impl AdminService {
     /// Probes accounts for `CheckAccounts` with this prober.
     pub fn with_prober(mut self, prober: Option<Arc<crate::jobs::probe::Prober>>) -> Self {
         self.prober = prober;
+        self
+    }
+
+    /// Names this replica and its leadership in `GetStatus`.
+    pub fn with_replica(mut self, replica: &str, leadership: Option<crate::leader::Leadership>) -> Self {
+        self.replica = replica.to_string();
+        self.leadership = leadership;
         self
     }
 
@@ -106,6 +117,9 @@ impl AdminService {
             spend,
             live: None,
             prober: None,
+
+            replica: String::new(),
+            leadership: None,
         }
     }
 
@@ -1795,6 +1809,27 @@ impl Admin for AdminService {
             .collect();
         checks.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::new(pb::CheckAccountsResponse { checks }))
+    }
+
+    async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
+        self.authorize(&req, Need::Read, "get_status").await?;
+        let leader = self.store.leader().await.map_err(status_from_store)?;
+        Ok(Response::new(pb::GetStatusResponse {
+            replica: self.replica.clone(),
+            leader: leader.map(|l| pb::LeaderInfo {
+                holder: l.holder,
+                mechanism: l.mechanism,
+                since_ms: l.since_ms,
+                term: l.term,
+                detail: l.detail,
+            }),
+            replica_is_leader: self.leadership.as_ref().is_some_and(|l| l.role().is_leading()),
+            replica_mechanism: self
+                .leadership
+                .as_ref()
+                .map(|l| l.mechanism().to_string())
+                .unwrap_or_default(),
+        }))
     }
 }
 
