@@ -14,8 +14,8 @@
 //! ```
 //!
 //! * **Kept before anything else.** The answer is stored (sealed with the master key) the moment
-//!   it arrives, before the commit; when even that write fails it is held in memory and retried on
-//!   every tick. A kept answer is applied by whichever leader comes next (a leader killed between
+//!   it arrives, before the commit, by a task of its own that retries until the store takes it and
+//!   that losing leadership does not cancel. A kept answer is applied by whichever leader comes next (a leader killed between
 //!   the answer and the commit loses nothing), and only while the account still holds the refresh
 //!   token that was spent (so a stale answer never overwrites a newer login).
 //! * **Fenced.** The commit carries the leadership term (`Mutation::CheckTerm`): a replica that lost
@@ -143,8 +143,6 @@ struct Backoff {
 #[derive(Default)]
 struct Memory {
     backoff: HashMap<String, Backoff>,
-    /// Answers the store could not take yet: retried every tick, never dropped.
-    unsaved: Vec<OAuthPending>,
     /// (account, token) pairs a 401 already triggered a refresh for, and when.
     after_401: HashMap<String, (String, Millis)>,
 }
@@ -198,15 +196,6 @@ impl Refresher {
 
     /// One pass: kept answers first, then every due account.
     async fn tick(&self, term: u64, mem: &mut Memory) -> Result<(), JobError> {
-        // Answers not yet kept in the store: keep them now.
-        let mut still = Vec::new();
-        for p in std::mem::take(&mut mem.unsaved) {
-            match self.store.stash_oauth(&p).await {
-                Ok(()) | Err(StoreError::NotFound { .. }) => {}
-                Err(_) => still.push(p),
-            }
-        }
-        mem.unsaved = still;
         let settings = match self.store.settings().await {
             Ok(s) => s,
             Err(e) => {
@@ -281,7 +270,6 @@ impl Refresher {
                 Outcome::Done => {
                     mem.backoff.remove(&id);
                 }
-                Outcome::Unsaved(p) => mem.unsaved.push(p),
                 Outcome::Retry { first, max } => {
                     let next = mem.backoff.get(&id).map_or(first, |b| (b.next * 2).min(max));
                     mem.backoff.insert(
@@ -323,54 +311,70 @@ impl Refresher {
             None => (!a.proxy_url.is_empty()).then(|| a.proxy_url.clone()),
         };
         let from_hash = token_hash(&rt);
-        let started = std::time::Instant::now();
-        let answer = self.endpoint.refresh(settings, &rt, proxy.as_deref()).await;
-        metrics::histogram!("relay_oauth_refresh_duration_seconds").record(started.elapsed().as_secs_f64());
-        match answer {
-            Ok(r) => {
-                let Ok(json) = serde_json::to_string(&r) else {
-                    return Outcome::Done;
+        // The token endpoint call and the keeping of its answer run on a task of their own: if
+        // leadership ends meanwhile and this job is dropped, the answer is still kept (a dropped
+        // answer would lose the account), and the next leader applies it.
+        let spend = tokio::spawn({
+            let (endpoint, store, key, settings) = (
+                self.endpoint.clone(),
+                self.store.clone(),
+                self.key.clone(),
+                settings.clone(),
+            );
+            let (id, name, from_hash) = (a.id.clone(), a.name.clone(), from_hash.clone());
+            async move {
+                let started = std::time::Instant::now();
+                let answer = endpoint.refresh(&settings, &rt, proxy.as_deref()).await;
+                metrics::histogram!("relay_oauth_refresh_duration_seconds").record(started.elapsed().as_secs_f64());
+                let r = match answer {
+                    Ok(r) => r,
+                    Err(e) => return Err(e),
                 };
-                let sealed = match self.key.seal(&json, &pending_context(&a.id)) {
-                    Ok(s) => s,
-                    Err(_) => {
-                        // Cannot happen with a valid key; the answer is still committed below.
-                        tracing::error!(account = %a.name, "OAuth refresh: cannot seal the answer to keep it");
-                        Vec::new()
-                    }
+                let sealed = serde_json::to_string(&r)
+                    .ok()
+                    .and_then(|json| key.seal(&json, &pending_context(&id)).ok());
+                let Some(sealed) = sealed else {
+                    // Cannot happen with a valid key; the answer is still committed by the caller.
+                    tracing::error!(account = %name, "OAuth refresh: cannot seal the answer to keep it");
+                    return Ok((r, None));
                 };
                 let kept = OAuthPending {
-                    account_id: a.id.clone(),
-                    from_hash: from_hash.clone(),
+                    account_id: id,
+                    from_hash,
                     sealed,
                     created_at: now_ms(),
                 };
-                let stored = match self.store.stash_oauth(&kept).await {
-                    Ok(()) => true,
-                    Err(StoreError::NotFound { .. }) => return Outcome::Done,
-                    Err(e) => {
-                        tracing::error!(account = %a.name, error = %e, "OAuth refresh: cannot keep the answer in the store; holding it in memory");
-                        false
+                let mut pause = Duration::from_millis(200);
+                loop {
+                    match store.stash_oauth(&kept).await {
+                        Ok(()) => return Ok((r, Some(kept))),
+                        // The account is gone: nothing to keep.
+                        Err(StoreError::NotFound { .. }) => return Ok((r, None)),
+                        Err(e) => {
+                            tracing::error!(account = %name, error = %e, "OAuth refresh: cannot keep the answer in the store yet; retrying");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(10));
+                        }
                     }
-                };
+                }
+            }
+        });
+        let answer = match spend.await {
+            Ok(a) => a,
+            Err(_) => return Outcome::Done,
+        };
+        match answer {
+            Ok((r, _kept)) => {
                 failpoint("oauth-after-answer").await;
                 match self.commit(term, &a.id, &from_hash, &r, why.as_str()).await {
                     Ok(()) => Outcome::Done,
-                    Err(e @ StoreError::Fenced { .. }) => {
-                        if !stored {
-                            // Another replica leads: it cannot see this answer unless it is kept.
-                            let _ = self.store.stash_oauth(&kept).await;
-                        }
-                        Outcome::Fenced(e)
-                    }
+                    // The kept answer waits for the replica that leads now.
+                    Err(e @ StoreError::Fenced { .. }) => Outcome::Fenced(e),
                     Err(e) => {
+                        // Kept: the next tick applies it.
                         tracing::error!(account = %a.name, error = %e, "OAuth refresh: cannot commit the new tokens; retrying");
                         metrics::counter!("relay_oauth_refresh_total", "outcome" => "commit_failed").increment(1);
-                        if stored {
-                            Outcome::Done
-                        } else {
-                            Outcome::Unsaved(kept)
-                        }
+                        Outcome::Done
                     }
                 }
             }
@@ -557,7 +561,6 @@ impl Refresher {
 
 enum Outcome {
     Done,
-    Unsaved(OAuthPending),
     Retry { first: Duration, max: Duration },
     Fenced(StoreError),
 }
