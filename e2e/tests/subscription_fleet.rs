@@ -225,7 +225,7 @@ fn traffic(
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let mut body = message_body("claude-sonnet-4-5", n % 2 == 0);
+                let mut body = message_body("claude-sonnet-4-5", n.is_multiple_of(2));
                 body["messages"][0]["content"] = format!("client {i} request {n}").into();
                 let r = post_messages(&dp, &key, &body).await;
                 if r.status == 200 && (n % 2 == 1 || String::from_utf8_lossy(&r.body).contains("message_stop")) {

@@ -136,5 +136,14 @@ d = render({})
 dpw = [x for x in d if x["kind"] in ("Deployment", "StatefulSet") and "data-plane" in x["metadata"]["name"]][0]
 check("RELAY_REDIS_URL" not in env(container(dpw)), "no Redis unless asked")
 refuses({"redis": {"url": "http://redis"}}, "redis")
+# Leader election: etcd when enabled, else the Postgres advisory lock (no etcd env at all).
+d = render({"etcd": {"enabled": True, "endpoints": ["http://etcd-0.etcd:2379", "http://etcd-1.etcd:2379"], "leaderTtlSecs": 6}})
+e = env(container(one(d, "Deployment", "control-plane")))
+check(e.get("RELAY_ETCD_ENDPOINTS") == "http://etcd-0.etcd:2379,http://etcd-1.etcd:2379", f"etcd env: {e}")
+check(e.get("RELAY_LEADER_TTL_SECS") == "6" and e.get("RELAY_ETCD_PREFIX") == "/relay/", f"etcd env: {e}")
+e = env(container(one(render({}), "Deployment", "control-plane")))
+check("RELAY_ETCD_ENDPOINTS" not in e and e.get("RELAY_LEADER_TTL_SECS") == "10", f"no etcd: {e}")
+refuses({"etcd": {"enabled": True}}, "etcd.endpoints")
+refuses({"etcd": {"enabled": True, "endpoints": ["https://etcd:2379"]}}, "etcd")
 
 print("chart security rendering: ok")
