@@ -366,3 +366,83 @@ async fn a_failing_token_endpoint_is_retried_with_backoff() {
     let c = f.mock.oauth_counters();
     assert_eq!((c.injected_failures, c.rotations, c.invalid_grants), (1, 1, 0), "{c:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leaders_probe_brings_a_repaired_account_back() {
+    use relay_control_plane::jobs::probe::Prober;
+    let f = fixture(false).await;
+    // An API-key account a data plane took out with a 401; the upstream then repairs it.
+    let id = "acc-key".to_string();
+    let mut row = Account {
+        id: id.clone(),
+        name: "key-account".into(),
+        kind: AccountKind::AnthropicApiKey,
+        base_url: f.mock.base_url(),
+        credential_enc: f.key.seal("key-broken", &id).unwrap(),
+        refresh_token_enc: None,
+        credential_hint: "…".into(),
+        credential_expires_at: None,
+        priority: 0,
+        weight: 1,
+        group_ids: Vec::new(),
+        max_concurrency: 0,
+        status: AccountStatus::Enabled,
+        proxy_url: String::new(),
+        proxy_url_enc: None,
+        reset_generation: 0,
+        created_at: now_ms(),
+        updated_at: now_ms(),
+        revision: 0,
+        scopes: Vec::new(),
+        subscription_type: String::new(),
+        organization: String::new(),
+    };
+    f.mock
+        .set_fault("key-broken", Some(relay_mock_upstream::Fault::Unauthorized));
+    f.store
+        .apply(vec![Mutation::InsertAccount(row.clone())], audit())
+        .await
+        .unwrap();
+    let st = AccountState {
+        account_id: id.clone(),
+        scope: String::new(),
+        health: AccountHealth::Unauthorized,
+        reason: "401 authentication_error".into(),
+        until: 0,
+        since: now_ms(),
+        reported_by: "dp-1".into(),
+        revision: 0,
+    };
+    f.store
+        .apply(vec![Mutation::SetAccountState(st)], audit())
+        .await
+        .unwrap();
+    let prober = Arc::new(Prober {
+        store: f.store.clone(),
+        key: f.key.clone(),
+        upstreams: Arc::new(relay_data_plane::upstream::client::Upstreams::new(&Default::default()).unwrap()),
+    });
+    let term = leader_term(&f.store, "cp-1").await;
+    let job = tokio::spawn(prober.clone().run(term));
+    // Still broken: the first probe leaves the data plane's state as it is.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(f.store.list_account_states().await.unwrap().len(), 1);
+    let probes = f.mock.requests().iter().filter(|r| r.path() == "/v1/models").count();
+    assert_eq!(probes, 1, "one probe, then backoff");
+    // Repaired upstream-side: the next probe (after its 30 s backoff) brings it back.
+    f.mock.set_fault("key-broken", None);
+    wait_for(
+        Duration::from_secs(45),
+        "the probe to bring the account back",
+        || async { f.store.list_account_states().await.unwrap().is_empty().then_some(()) },
+    )
+    .await
+    .unwrap();
+    job.abort();
+    row = f.get(&id).await;
+    assert_eq!(row.reset_generation, 1, "reset like `relayctl account reset`");
+    let audits = f.store.list_audit(50, None).await.unwrap();
+    assert!(audits
+        .iter()
+        .any(|e| e.action == "account.check" && e.actor == "control-plane:probe"));
+}

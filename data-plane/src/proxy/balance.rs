@@ -183,9 +183,9 @@ impl Balancer {
         self.pick_at(tier, &mut rand::thread_rng(), self.inner.now(), |_| 1.0)
     }
 
-    /// [`Self::pick`] with each account's weight scaled by its `headroom` (0..=1: the share of its
-    /// subscription quota left, 1 when unknown), so that within a tier a pool of subscription
-    /// accounts drains evenly rather than one account at a time.
+    /// [`Self::pick`] weighing each account's `headroom` (0..=1: the share of its subscription quota
+    /// left, 1 when unknown): its weight is scaled by it and its cost divided by it, so within a
+    /// tier a pool of subscription accounts drains evenly rather than one account at a time.
     pub fn pick_with_headroom<'a>(
         &self,
         tier: &[&'a Arc<AccountEntry>],
@@ -206,12 +206,16 @@ impl Balancer {
             [only] => return Some(only),
             _ => {}
         }
-        // Weights in thousandths, scaled by headroom; never below one thousandth.
-        let weight = |a: &AccountEntry| {
+        let share = |a: &AccountEntry| {
             let h = headroom(&a.id);
-            let h = if h.is_finite() { h.clamp(0.0, 1.0) } else { 1.0 };
-            ((f64::from(a.weight.max(1)) * 1000.0 * h) as u64).max(1)
+            if h.is_finite() {
+                h.clamp(0.001, 1.0)
+            } else {
+                1.0
+            }
         };
+        // Weights in thousandths, scaled by headroom; never below one thousandth.
+        let weight = |a: &AccountEntry| ((f64::from(a.weight.max(1)) * 1000.0 * share(a)) as u64).max(1);
         let total: u64 = tier.iter().map(|a| weight(a)).sum();
         let i = weighted_index(tier, rng.gen_range(0..total), None, weight);
         let j = weighted_index(tier, rng.gen_range(0..total - weight(tier[i])), Some(i), weight);
@@ -229,7 +233,9 @@ impl Balancer {
             let outstanding = load.map_or(0, |l| l.outstanding.load(Ordering::Relaxed));
             // Outstanding per unit of weight: at equal latency, accounts whose
             // load is in proportion to their weights cost the same.
-            est.unwrap_or(default) * (1.0 + f64::from(outstanding) * 1000.0 / weight(acct) as f64)
+            // Less headroom costs more: an account with a tenth of its subscription quota left
+            // must be ten times faster to be preferred to one with all of it.
+            est.unwrap_or(default) * (1.0 + f64::from(outstanding) * 1000.0 / weight(acct) as f64) / share(acct)
         };
         // `a` was drawn by weight, so with equal costs (idle, equally fast
         // accounts) weights set the traffic shares exactly; `b` takes over
@@ -511,21 +517,30 @@ mod tests {
     }
 
     #[test]
-    fn more_headroom_takes_more_traffic_within_a_tier() {
-        // Equal weights, idle and equally fast: a subscription account with 90% of its quota left
-        // takes about three times the traffic of one with 30% left.
+    fn more_headroom_wins_within_a_tier_unless_it_is_much_slower() {
+        // Equally fast accounts: the one with more of its subscription quota left takes the
+        // requests, until it is down to the other's level (the pool drains evenly).
         let b = Balancer::new();
         let (fresh, spent) = (acct("fresh", 1, 0), acct("spent", 1, 0));
         let tier = [&fresh, &spent];
         let headroom = |id: &str| if id == "fresh" { 0.9 } else { 0.3 };
-        let fresh_picks = (0..20_000)
+        let fresh_picks = (0..10_000)
             .filter(|_| b.pick_with_headroom(&tier, headroom).unwrap().id == "fresh")
             .count();
-        let ratio = fresh_picks as f64 / (20_000 - fresh_picks) as f64;
-        assert!((2.5..3.6).contains(&ratio), "0.9:0.3 headroom gave {ratio}");
-        // No headroom known: weights alone.
-        let even = (0..20_000).filter(|_| b.pick(&tier).unwrap().id == "fresh").count();
+        assert_eq!(fresh_picks, 10_000);
+        observe(&b, &fresh, 100, 1);
+        observe(&b, &spent, 100, 1);
+        assert!((0..1000).all(|_| b.pick_with_headroom(&tier, headroom).unwrap().id == "fresh"));
+        // Equal headroom: weights and load as ever.
+        let even = (0..20_000)
+            .filter(|_| b.pick_with_headroom(&tier, |_| 0.5).unwrap().id == "fresh")
+            .count();
         assert!((9_000..11_000).contains(&even), "{even}");
+        // Less headroom is outweighed only by far lower latency (here 20x for 3x the headroom).
+        let b = Balancer::new();
+        observe(&b, &fresh, 1000, 1);
+        observe(&b, &spent, 50, 1);
+        assert!((0..1000).all(|_| b.pick_with_headroom(&tier, headroom).unwrap().id == "spent"));
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! Each data plane keeps the newest observation per account ([`Quotas`]), sends what it saw to the
 //! control plane every few seconds and takes back the fleet's newest ([`merge`](Quotas::merge)),
 //! so every data plane knows every account's headroom, even one it has not used lately. Scheduling
-//! reads [`Quotas::headroom`]: within a priority tier, an account with more headroom left takes
-//! proportionally more traffic, so a pool drains evenly rather than one account at a time.
+//! reads [`Quotas::headroom`]: within a priority tier, the account with the most headroom left
+//! takes the traffic (latency and load being similar) until it is down to the others' level, so a
+//! pool drains evenly rather than one account at a time (see `balance`).
 
 use http::{HeaderMap, HeaderName};
 use relay_proto::v1 as pb;
