@@ -146,6 +146,7 @@ pub async fn serve(
                 endpoint: std::sync::Arc::new(crate::jobs::oauth_refresh::OAuthEndpoint {
                     client: relay_oauth::TokenClient::with_upstreams(upstreams.clone(), relay_oauth::DEFAULT_TIMEOUT),
                 }),
+                rejection_grace: crate::jobs::oauth_refresh::REJECTION_GRACE,
             });
             let probes = prober.clone();
             vec![

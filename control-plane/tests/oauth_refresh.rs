@@ -110,6 +110,7 @@ impl Fixture {
             endpoint: Arc::new(OAuthEndpoint {
                 client: relay_oauth::TokenClient::new(&Default::default(), Duration::from_secs(5)).unwrap(),
             }),
+            rejection_grace: Duration::from_secs(2),
         })
     }
 
@@ -445,4 +446,66 @@ async fn the_leaders_probe_brings_a_repaired_account_back() {
     assert!(audits
         .iter()
         .any(|e| e.action == "account.check" && e.actor == "control-plane:probe"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_waits_for_a_paused_ex_leaders_kept_answer() {
+    use relay_control_plane::jobs::oauth_refresh::{token_hash, Refreshed};
+    let f = fixture(false).await;
+    let (id, rt) = f.account("sub", 1000).await;
+    // A replica that lost leadership spent the refresh token and froze before keeping the answer.
+    let (_, token_url) = f.mock.oauth_urls();
+    let cfg = relay_oauth::OAuthConfig {
+        token_url,
+        ..Default::default()
+    };
+    let client = relay_oauth::TokenClient::new(&Default::default(), Duration::from_secs(5)).unwrap();
+    let answer = client.refresh(&cfg, &rt, None).await.unwrap();
+    // The leader's own refresh of that token is rejected …
+    let refresher = Arc::new(Refresher {
+        rejection_grace: Duration::from_secs(8),
+        ..Arc::try_unwrap(f.refresher()).ok().unwrap()
+    });
+    let term = leader_term(&f.store, "cp-2").await;
+    let job = tokio::spawn(refresher.run(term));
+    wait_for(Duration::from_secs(10), "the leader's refresh to be rejected", || async {
+        (f.mock.oauth_counters().invalid_grants == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    // … and the account stays in service while the ex-leader wakes up and keeps its answer.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(f.store.list_account_states().await.unwrap().is_empty(), "taken out too early");
+    let kept = Refreshed {
+        access_token: answer.access_token.clone(),
+        refresh_token: answer.refresh_token.clone(),
+        expires_at_ms: answer.expires_at_ms,
+        scopes: Vec::new(),
+    };
+    let sealed = f
+        .key
+        .seal(&serde_json::to_string(&kept).unwrap(), &format!("{id}/oauth-pending"))
+        .unwrap();
+    f.store
+        .stash_oauth(&OAuthPending {
+            account_id: id.clone(),
+            from_hash: token_hash(&rt),
+            sealed,
+            created_at: now_ms(),
+        })
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(10), "the kept answer to be applied", || async {
+        let a = f.get(&id).await;
+        (Some(f.refresh_token(&a)) == answer.refresh_token).then_some(())
+    })
+    .await
+    .unwrap();
+    // Past the grace: still in service, never taken out, no false alarm in the audit.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    job.abort();
+    assert!(f.store.list_account_states().await.unwrap().is_empty());
+    let audits = f.store.list_audit(50, None).await.unwrap();
+    assert!(!audits.iter().any(|e| e.action == "account.oauth_refresh_failed"));
+    assert!(f.token_works(&f.access_token(&f.get(&id).await)).await);
 }

@@ -145,6 +145,15 @@ struct Memory {
     backoff: HashMap<String, Backoff>,
     /// (account, token) pairs a 401 already triggered a refresh for, and when.
     after_401: HashMap<String, (String, Millis)>,
+    /// Accounts whose refresh token was rejected, waiting out the grace before they are taken out.
+    rejected: HashMap<String, Rejection>,
+}
+
+struct Rejection {
+    /// SHA-256 of the refresh token that was rejected.
+    from_hash: String,
+    since: Millis,
+    why: String,
 }
 
 /// The refresh job of one control-plane replica.
@@ -152,7 +161,16 @@ pub struct Refresher {
     pub store: DynStore,
     pub key: MasterKey,
     pub endpoint: Arc<dyn TokenEndpoint>,
+    /// How long a rejected refresh token waits for another replica's kept answer before the
+    /// account is taken out ([`REJECTION_GRACE`]).
+    pub rejection_grace: Duration,
 }
+
+/// A refresh token rejected with `invalid_grant` may have been spent by a replica that lost
+/// leadership while it waited on the token endpoint (paused, partitioned): its answer is kept as
+/// soon as that replica runs again. The account is taken out only when no kept answer shows up
+/// within this long; meanwhile it keeps serving with its current access token.
+pub const REJECTION_GRACE: Duration = Duration::from_secs(60);
 
 enum Reason {
     Expiry,
@@ -229,6 +247,46 @@ impl Refresher {
             if mem.backoff.get(&a.id).is_some_and(|b| b.until > now) {
                 continue;
             }
+            if let Some(r) = mem.rejected.get(&a.id) {
+                let holds = a
+                    .refresh_token_enc
+                    .as_ref()
+                    .and_then(|s| self.key.open(s, &refresh_context(&a.id)).ok())
+                    .is_some_and(|t| token_hash(&t) == r.from_hash);
+                if !holds {
+                    // A kept answer (or a new login) replaced the rejected token.
+                    tracing::info!(account = %a.name, "OAuth refresh: the rejected refresh token was replaced; the account carries on");
+                    mem.rejected.remove(&a.id);
+                } else if now - r.since < self.rejection_grace.as_millis() as i64 {
+                    continue;
+                } else {
+                    let (why, from_hash) = (r.why.clone(), r.from_hash.clone());
+                    mem.rejected.remove(&a.id);
+                    metrics::counter!("relay_oauth_refresh_total", "outcome" => "invalid_grant").increment(1);
+                    tracing::error!(account = %a.name, "OAuth refresh: the refresh token was rejected (invalid_grant); the account is out until it logs in again");
+                    let reason: String = format!(
+                        "refresh token rejected by the token endpoint (invalid_grant: {}); log in again with `relayctl account login`",
+                        why.chars().take(200).collect::<String>()
+                    );
+                    match self.mark_unauthorized(term, &a, &reason).await {
+                        Ok(()) => {}
+                        Err(e @ StoreError::Fenced { .. }) => return Err(JobError::Fenced(e)),
+                        Err(e) => {
+                            // Tried again next tick.
+                            tracing::warn!(account = %a.name, error = %e, "OAuth refresh: cannot record the rejection");
+                            mem.rejected.insert(
+                                a.id.clone(),
+                                Rejection {
+                                    from_hash,
+                                    since: 0,
+                                    why,
+                                },
+                            );
+                        }
+                    }
+                    continue;
+                }
+            }
             let mine = states
                 .iter()
                 .any(|s| s.account_id == a.id && s.health == AccountHealth::Unauthorized && s.reported_by == ACTOR);
@@ -281,6 +339,13 @@ impl Refresher {
                     );
                 }
                 Outcome::Fenced(e) => return Err(JobError::Fenced(e)),
+                Outcome::Rejected { from_hash, why } => {
+                    mem.rejected.entry(id).or_insert(Rejection {
+                        from_hash,
+                        since: now_ms(),
+                        why,
+                    });
+                }
             }
         }
         Ok(())
@@ -390,23 +455,12 @@ impl Refresher {
                     Ok(Some(cur)) if cur.refresh_token_enc == a.refresh_token_enc => {}
                     _ => return Outcome::Done,
                 }
-                metrics::counter!("relay_oauth_refresh_total", "outcome" => "invalid_grant").increment(1);
-                tracing::error!(account = %a.name, "OAuth refresh: the refresh token was rejected (invalid_grant); the account is out until it logs in again");
-                let reason: String = format!(
-                    "refresh token rejected by the token endpoint (invalid_grant: {}); log in again with `relayctl account login`",
-                    why.chars().take(200).collect::<String>()
+                tracing::warn!(
+                    account = %a.name,
+                    grace_secs = self.rejection_grace.as_secs(),
+                    "OAuth refresh: the refresh token was rejected (invalid_grant); waiting for a kept answer from another replica before taking the account out"
                 );
-                match self.mark_unauthorized(term, &a, &reason).await {
-                    Ok(()) => Outcome::Done,
-                    Err(e @ StoreError::Fenced { .. }) => Outcome::Fenced(e),
-                    Err(e) => {
-                        tracing::warn!(account = %a.name, error = %e, "OAuth refresh: cannot record the rejection");
-                        Outcome::Retry {
-                            first: Duration::from_secs(5),
-                            max: Duration::from_secs(60),
-                        }
-                    }
-                }
+                Outcome::Rejected { from_hash, why }
             }
             Err(RefreshError::Transient(why)) => {
                 metrics::counter!("relay_oauth_refresh_total", "outcome" => "transient").increment(1);
@@ -561,6 +615,8 @@ impl Refresher {
 
 enum Outcome {
     Done,
+    /// `invalid_grant`: waits out [`REJECTION_GRACE`] for a kept answer.
+    Rejected { from_hash: String, why: String },
     Retry { first: Duration, max: Duration },
     Fenced(StoreError),
 }
