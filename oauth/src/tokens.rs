@@ -146,8 +146,18 @@ pub fn parse_credentials_file(json: &[u8]) -> Result<Tokens, OAuthError> {
         Some(n) => Some(
             n.as_i64()
                 .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
-                .filter(|ms| *ms > 0)
-                .ok_or_else(|| malformed("the credentials file: claudeAiOauth.expiresAt is not a time in ms"))?,
+                .ok_or_else(|| malformed("the credentials file: claudeAiOauth.expiresAt is not a time in ms"))
+                .and_then(|ms| {
+                    // Milliseconds since the epoch between 2001 and 2100: a value in seconds (or
+                    // garbage) would otherwise be stored as "expired long ago" or "never expires".
+                    if (1_000_000_000_000..=4_102_444_800_000).contains(&ms) {
+                        Ok(ms)
+                    } else {
+                        Err(malformed(
+                            "the credentials file: claudeAiOauth.expiresAt must be a time in milliseconds since the epoch (e.g. 1760000000000)",
+                        ))
+                    }
+                })?,
         ),
     };
     let scopes = match o.get("scopes") {
@@ -246,6 +256,19 @@ mod tests {
                 "expiresAt",
             ),
             (br#"{"claudeAiOauth":{"accessToken":"x","scopes":[1]}}"#, "scopes"),
+            // Seconds, not milliseconds.
+            (
+                br#"{"claudeAiOauth":{"accessToken":"x","expiresAt":1760000000}}"#,
+                "milliseconds",
+            ),
+            (
+                br#"{"claudeAiOauth":{"accessToken":"x","expiresAt":1e300}}"#,
+                "milliseconds",
+            ),
+            (
+                br#"{"claudeAiOauth":{"accessToken":"x","expiresAt":-5}}"#,
+                "milliseconds",
+            ),
             (
                 br#"{"claudeAiOauth":{"accessToken":"x","refreshToken":5}}"#,
                 "refreshToken",
