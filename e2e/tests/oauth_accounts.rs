@@ -278,3 +278,53 @@ async fn a_code_pasted_with_another_logins_state_is_refused_and_creates_nothing(
     assert!(err.contains("CODE#STATE"), "{err}");
     assert_eq!(relay.json(&["account", "list"], None), serde_json::json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_login_that_could_not_be_stored_is_refused_before_the_url_is_shown() {
+    let mock = mock(MockConfig::default()).await;
+    let relay = Relay::start(&mock).await;
+    relay.ctl(
+        &[
+            "account",
+            "add",
+            "taken",
+            "--kind",
+            "claude-oauth",
+            "--secret-stdin",
+            "--base-url",
+            &mock.base_url(),
+        ],
+        Some("sk-ant-oat01-setup"),
+    );
+    for (args, needle) in [
+        (vec!["taken"], "already exists"),
+        (vec!["fresh", "--group", "no-such-group"], "no-such-group"),
+        (vec!["fresh", "--base-url", "ftp://example.com"], "base URL"),
+        (vec!["bad name!"], "invalid account name"),
+    ] {
+        let out = Command::new(workspace_bin("relayctl"))
+            .args(["account", "login"])
+            .args(&args)
+            .env("RELAY_SERVER", relay.standalone.server())
+            .env("RELAY_ADMIN_TOKEN", &relay.token)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(!out.status.success(), "{args:?}: {stdout}");
+        assert!(!stdout.contains("http"), "{args:?}: the URL was shown: {stdout}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    assert_eq!(mock.oauth_counters().code_grants, 0);
+    let names: Vec<String> = relay
+        .json(&["account", "list"], None)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["taken"]);
+}

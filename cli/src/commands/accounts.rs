@@ -321,6 +321,26 @@ async fn login(api: &mut Api, server: &str, args: AccountLogin) -> Result<Create
         "" => None,
         url => Some(relay_oauth::ProxySpec::parse(url).map_err(|e| anyhow!("the proxy URL is not usable: {e}"))?),
     };
+    let mut req = CreateAccountRequest {
+        name: args.name,
+        kind: AccountKind::ClaudeOauth as i32,
+        base_url: args.base_url.unwrap_or_default(),
+        // Stands in for the token while the control plane checks the rest.
+        credential: "login-pending".to_string(),
+        priority: args.priority.unwrap_or(0),
+        weight: args.weight.unwrap_or(0),
+        groups: clean_list(&args.groups),
+        max_concurrency: args.max_concurrency.unwrap_or(0),
+        proxy_url,
+        validate_only: true,
+        ..Default::default()
+    };
+    // Everything the control plane would refuse (a taken name, an unknown group, a bad URL) is
+    // refused before the operator spends a login on it.
+    api.create_account(req.clone())
+        .await
+        .or_report(server)
+        .context("the account cannot be created; nothing was asked of the login")?;
     let settings = api.list_settings(ListSettingsRequest {}).await.or_report(server)?;
     let cfg = relay_oauth::OAuthConfig::from_settings(&settings.values.into_iter().collect());
     let pkce = relay_oauth::Pkce::new();
@@ -341,22 +361,14 @@ async fn login(api: &mut Api, server: &str, args: AccountLogin) -> Result<Create
         .exchange_code(&cfg, &code, &pkce.state, pkce.verifier(), proxy.as_ref())
         .await
         .map_err(|e| anyhow!("the login failed: {e}; no account was created"))?;
-    Ok(CreateAccountRequest {
-        name: args.name,
-        kind: AccountKind::ClaudeOauth as i32,
-        base_url: args.base_url.unwrap_or_default(),
-        credential: tokens.access_token,
-        priority: args.priority.unwrap_or(0),
-        weight: args.weight.unwrap_or(0),
-        groups: clean_list(&args.groups),
-        max_concurrency: args.max_concurrency.unwrap_or(0),
-        proxy_url,
-        refresh_token: tokens.refresh_token.unwrap_or_default(),
-        credential_expires_at_ms: tokens.expires_at_ms.unwrap_or(0),
-        scopes: tokens.scopes,
-        subscription_type: tokens.subscription_type.unwrap_or_default(),
-        organization: tokens.organization.unwrap_or_default(),
-    })
+    req.validate_only = false;
+    req.credential = tokens.access_token;
+    req.refresh_token = tokens.refresh_token.unwrap_or_default();
+    req.credential_expires_at_ms = tokens.expires_at_ms.unwrap_or(0);
+    req.scopes = tokens.scopes;
+    req.subscription_type = tokens.subscription_type.unwrap_or_default();
+    req.organization = tokens.organization.unwrap_or_default();
+    Ok(req)
 }
 
 /// `--credentials-file`: Claude Code's `.credentials.json`, for a claude-oauth account.
@@ -384,6 +396,7 @@ fn import_credentials(args: AccountAdd) -> Result<CreateAccountRequest> {
         scopes: tokens.scopes,
         subscription_type: tokens.subscription_type.unwrap_or_default(),
         organization: tokens.organization.unwrap_or_default(),
+        validate_only: false,
     })
 }
 

@@ -784,6 +784,18 @@ impl Admin for AdminService {
         };
         self.check_usable(&row)?;
         let info = Self::account_info(&row, &self.account_view().await?);
+        if r.validate_only {
+            if self
+                .store
+                .get_account(&r.name)
+                .await
+                .map_err(status_from_store)?
+                .is_some()
+            {
+                return Err(Status::already_exists(format!("account {:?} already exists", r.name)));
+            }
+            return Ok(Response::new(info));
+        }
         let detail = json!({
             "id": id, "kind": kind.as_str(), "base_url": row.base_url, "priority": row.priority,
             "weight": row.weight, "groups": info.groups, "max_concurrency": row.max_concurrency,
