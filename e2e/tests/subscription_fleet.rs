@@ -408,6 +408,13 @@ async fn with_etcd_down_nobody_refreshes_and_refresh_resumes_when_it_returns() {
         "someone refreshed without leading"
     );
     assert!(f.leader(0).await.is_some(), "the last leader's record stays readable");
+    // … but no replica claims that anyone leads now.
+    for i in 0..3 {
+        let mut a = admin_at(f.url(i)).await.unwrap();
+        let s = a.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+        assert_eq!(s.current_leader.as_deref(), Some(""), "replica {i}: {s:?}");
+        assert!(!s.replica_is_leader);
+    }
     f.etcd.restart().await.unwrap();
     wait_for(Duration::from_secs(30), "refresh to resume", || async {
         (f.mock.oauth_counters().rotations > after.rotations).then_some(())

@@ -103,7 +103,7 @@ const PROXY_COLUMNS: &[Column<ProxyRow>] = &[
 ];
 
 /// What `relayctl status` shows.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Overview {
     version: Option<ConfigVersion>,
     data_planes: u64,
@@ -179,10 +179,16 @@ impl Overview {
         }
         out.push('\n');
         if let Some(st) = &self.status {
-            let leader = st
-                .leader
-                .as_ref()
-                .map_or_else(|| "none yet".to_string(), |l| leader_text(l, self.now_ms));
+            let last = st.leader.as_ref().map(|l| leader_text(l, self.now_ms));
+            let leader = match (st.current_leader.as_deref(), last) {
+                // The replica takes no part in elections: the last recorded win is all there is.
+                (None, last) => last.unwrap_or_else(|| "none yet".to_string()),
+                (Some(""), None) => "none now".to_string(),
+                (Some(""), Some(last)) => format!("none now (last: {last})"),
+                (Some(now), Some(last)) if st.leader.as_ref().is_some_and(|l| l.holder == now) => last,
+                (Some(now), Some(last)) => format!("{now} (last recorded: {last})"),
+                (Some(now), None) => now.to_string(),
+            };
             out.push_str(&format!("leader: {leader}\n"));
             if !st.replica.is_empty() {
                 out.push_str(&format!(
@@ -232,6 +238,13 @@ const OVERVIEW_COLUMNS: &[Column<Overview>] = &[
             .as_ref()
             .and_then(|s| s.leader.as_ref())
             .map_or(Value::Null, |l| Value::text(&l.holder))
+    }),
+    Column::new("leader_now", "Leading now", |o| {
+        // What the answering replica sees: null when it takes no part, "" when nobody leads.
+        o.status
+            .as_ref()
+            .and_then(|s| s.current_leader.as_deref())
+            .map_or(Value::Null, Value::text)
     }),
     Column::new("leader_mechanism", "Mechanism", |o| {
         o.status
@@ -548,6 +561,7 @@ mod tests {
                 leader: Some(l),
                 replica_is_leader: false,
                 replica_mechanism: "etcd".into(),
+                current_leader: Some("cp-2".into()),
             }),
             now_ms: 1_000 + 5 * 60_000,
             ..Overview::default()
@@ -555,6 +569,23 @@ mod tests {
         let text = o.text();
         assert!(text.contains("leader: cp-2 (etcd) since 5m ago, term 7\n"), "{text}");
         assert!(text.contains("answered by: cp-1 (etcd, following)"), "{text}");
+        // The recorded leader is gone and nobody leads: say so rather than show the old one.
+        let mut gone = o.clone();
+        gone.status.as_mut().unwrap().current_leader = Some(String::new());
+        assert!(
+            gone.text()
+                .contains("leader: none now (last: cp-2 (etcd) since 5m ago, term 7)\n"),
+            "{}",
+            gone.text()
+        );
+        // Another replica has just won and not yet recorded it.
+        let mut next = o.clone();
+        next.status.as_mut().unwrap().current_leader = Some("cp-3".into());
+        assert!(
+            next.text().contains("leader: cp-3 (last recorded: cp-2"),
+            "{}",
+            next.text()
+        );
     }
 
     #[test]

@@ -1841,6 +1841,10 @@ impl Admin for AdminService {
                 .as_ref()
                 .map(|l| l.mechanism().to_string())
                 .unwrap_or_default(),
+            current_leader: self.leadership.as_ref().map(|l| match l.role() {
+                crate::leader::Role::Leading { .. } => self.replica.clone(),
+                crate::leader::Role::Following { leader } => leader.unwrap_or_default(),
+            }),
         }))
     }
 }
