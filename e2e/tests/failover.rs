@@ -176,12 +176,12 @@ async fn unreachable_account_fails_over_and_reset_brings_an_account_back() {
         let r = post_messages(&f.dp, &f.key, &message_body("claude-sonnet-4-5", i % 2 == 0)).await;
         assert_complete(&r, i % 2 == 0);
     }
-    // 401 takes acct-0 out until an operator resets it; with no other live
-    // account the client gets the upstream's answer, then the reset brings it back.
+    // 401 takes acct-0 out until an operator resets it; with no other live account the client
+    // gets relay's 502 (never a 401: the client's key is fine), then the reset brings it back.
     f.mock.set_fault(&cred(0), Some(Fault::Unauthorized));
     let r = post_messages(&f.dp, &f.key, &message_body("claude-sonnet-4-5", false)).await;
-    assert_eq!(r.status, 401, "the last upstream error reaches the client");
-    assert_eq!(r.error_type(), "authentication_error");
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.error_type(), "api_error");
     wait_for(Duration::from_secs(5), "unauthorized state", || async {
         (!account_states(&f.cp, "acct-0").await.is_empty()).then_some(())
     })
@@ -325,6 +325,140 @@ async fn chaos_two_of_four_accounts_failing_at_random() {
         0,
         "no slot leaked"
     );
+}
+
+/// Eight accounts, six failing in every way (rate limited, overloaded, server errors, streams
+/// that open with an error or drop, a revoked credential, a port nobody listens on) and coming
+/// back to fail again, two working: with the default retry settings every one of 2,000 requests,
+/// streaming and not, succeeds, and usage is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn six_of_eight_accounts_failing_every_way_never_fail_a_request() {
+    let f = fleet(
+        6,
+        MockConfig::default(),
+        &[
+            // Failing accounts come back quickly, to fail again.
+            ("cooldown.min_ms", "0"),
+            ("cooldown.max_ms", "50"),
+            ("cooldown.overloaded_ms", "50"),
+            ("cooldown.erroring_ms", "50"),
+            ("cooldown.rate_limit_default_ms", "50"),
+        ],
+    )
+    .await;
+    // The backoff as shipped: the fleet helper makes it fast for other tests.
+    f.cp.set_setting("retry.backoff_base_ms", "25").await;
+    f.cp.set_setting("retry.backoff_max_ms", "1000").await;
+    let dead_port = relay_test_support::free_port();
+    f.cp.add_account("dead", &format!("http://127.0.0.1:{dead_port}"), "cred-dead")
+        .await;
+    f.cp.add_account("good-a", &f.mock.base_url(), "cred-good-a").await;
+    f.cp.add_account("good-b", &f.mock.base_url(), "cred-good-b").await;
+    // The working accounts are the last tier: every failing account that is available is in
+    // the way first.
+    for good in ["good-a", "good-b"] {
+        f.cp.admin()
+            .await
+            .update_account(pb::UpdateAccountRequest {
+                account: good.into(),
+                priority: Some(1),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    f.dp.wait_version(f.cp.head().await).await;
+    // acct-5's credential is revoked; accounts 0..=4 flip between failures every few ms.
+    f.mock.set_fault(&cred(5), Some(Fault::Unauthorized));
+    let toggler = {
+        let mock = f.mock.clone();
+        tokio::spawn(async move {
+            // Now and then one answers, which brings it back into rotation to fail again.
+            let faults = [
+                Some(Fault::RateLimited { retry_after_secs: 0 }),
+                Some(Fault::Overloaded),
+                Some(Fault::ServerError),
+                Some(Fault::ErrorEventMidStream { after_events: 0 }),
+                Some(Fault::DropMidStream { after_events: 0 }),
+                None,
+            ];
+            let mut n = 0usize;
+            loop {
+                for i in 0..5 {
+                    let pick = (n.wrapping_mul(2654435761) >> 7) % faults.len();
+                    mock.set_fault(&cred(i), faults[pick]);
+                    n += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+    let total = 2000usize;
+    let body_s = message_body("claude-sonnet-4-5", true);
+    let body_n = message_body("claude-sonnet-4-5", false);
+    let sem = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let url = f.dp.url("/v1/messages");
+        let key = f.key.clone();
+        let body = if i % 2 == 0 { body_s.clone() } else { body_n.clone() };
+        tasks.push(tokio::spawn(async move {
+            let h = sdk_headers(&key);
+            let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = send("POST", &url, &hs, body.to_string()).await;
+            drop(permit);
+            (i % 2 == 0, r)
+        }));
+    }
+    let mut failed = Vec::new();
+    for t in tasks {
+        let (stream, r) = t.await.unwrap();
+        let complete = r.status == 200
+            && (!stream || {
+                let text = String::from_utf8_lossy(&r.body);
+                text.contains("event: message_stop") && !text.contains("event: error")
+            });
+        if !complete {
+            failed.push(format!("{} {}", r.status, String::from_utf8_lossy(&r.body)));
+        }
+    }
+    toggler.abort();
+    let failing_hits: usize = (0..6).map(|i| hits(&f.mock, &cred(i))).sum();
+    eprintln!(
+        "attempts: failing {:?}, good {} + {}, all {}",
+        (0..6).map(|i| hits(&f.mock, &cred(i))).collect::<Vec<_>>(),
+        hits(&f.mock, "cred-good-a"),
+        hits(&f.mock, "cred-good-b"),
+        f.mock.request_count()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {total} requests failed; first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    // The failing accounts were really in the way.
+    // (With every failure counted against retry.max_attempts, about one request in 150 failed.)
+    assert!(
+        failing_hits >= 20,
+        "the failing accounts took only {failing_hits} attempts"
+    );
+    let expected = expected_usage(&body_s);
+    let store = f.cp.store.clone();
+    let stored = wait_for(Duration::from_secs(30), "every usage event", || async {
+        let rows = store
+            .query_usage(relay_control_plane::model::UsageQuery::default())
+            .await
+            .unwrap();
+        let t = rows.into_iter().next().unwrap_or_default();
+        (t.requests - t.errors >= total as u64).then_some(t)
+    })
+    .await
+    .unwrap();
+    assert_eq!(stored.requests - stored.errors, total as u64);
+    assert_eq!(stored.input_tokens, total as u64 * expected.input_tokens);
+    assert_eq!(stored.output_tokens, total as u64 * expected.output_tokens);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -309,9 +309,16 @@ pub const SETTINGS: &[Setting] = &[
         1,
         20,
         "4",
-        "attempts per client request, across accounts",
+        "failed attempts that took real time (at least retry.quick_failure_ms) allowed per client request; quicker refusals do not count, and each eligible account is tried at most once",
     )
     .count(),
+    ms(
+        "retry.quick_failure_ms",
+        0,
+        60_000,
+        "2000",
+        "a failed attempt answered faster than this (a 429 or 529 at once, a refused connection) does not count against retry.max_attempts",
+    ),
     ms(
         "sticky.ttl_ms",
         1,

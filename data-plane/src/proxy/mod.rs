@@ -451,7 +451,11 @@ impl Proxy {
     }
 
     /// The retry loop: an account, an attempt, and on failure another account, until an answer
-    /// is accepted, the attempts or the deadline run out, or nothing is left to try.
+    /// is accepted, the deadline runs out, nothing is left to try, or `retry.max_attempts`
+    /// attempts that took real time have failed. Each account is tried at most once; a failure
+    /// quicker than `retry.quick_failure_ms` (a 429 or 529 at once, a refused connection) costs
+    /// no attempt, so a group with healthy accounts is never given up on because its broken ones
+    /// answered first.
     async fn attempts(
         &self,
         ctx: &AttemptCtx<'_>,
@@ -460,16 +464,16 @@ impl Proxy {
     ) -> Result<Response<Body>, ApiError> {
         let (policy, deadline, request_id) = (ctx.policy, ctx.deadline, ctx.request_id);
         let mut tried: Vec<String> = Vec::new();
-        let mut last: Option<Failure> = None;
-        let mut attempts = 0u32;
-        while attempts < policy.max_attempts {
+        let mut failures: Vec<Failure> = Vec::new();
+        let mut costly = 0u32;
+        while costly < policy.max_attempts {
             let Some((account, slot)) = self.acquire(ctx, &tried, bound, deadline).await? else {
                 break;
             };
-            attempts += 1;
-            if attempts > 1 {
+            if !tried.is_empty() {
                 metrics::counter!("relay_failovers_total").increment(1);
             }
+            let began = Instant::now();
             match self.attempt(ctx, account.clone(), slot).await {
                 Ok(resp) => {
                     if let Some(k) = session {
@@ -484,32 +488,36 @@ impl Proxy {
                     return Ok(resp);
                 }
                 Err((failure, retry)) => {
-                    metrics::counter!("relay_attempts_total", "outcome" => "failed").increment(1);
+                    let slow = began.elapsed() >= policy.quick_failure;
+                    metrics::counter!("relay_attempts_total", "outcome" => if slow { "failed" } else { "refused" })
+                        .increment(1);
                     tried.push(account.id.clone());
-                    // An upstream's own answer says more than the relay's "unreachable".
-                    last = match (last, failure) {
-                        (Some(prev @ Failure::Upstream { .. }), Failure::Relay(_)) => Some(prev),
-                        (_, f) => Some(f),
-                    };
                     if !retry {
-                        break;
+                        // The request itself was refused (invalid, too large): no account would
+                        // take it, and the client gets that answer as it is.
+                        return Ok(failure.into_response(request_id));
                     }
-                    let pause = policy.backoff(attempts).min(remaining_until(deadline));
-                    tokio::time::sleep(pause).await;
+                    failures.push(failure);
+                    if slow {
+                        costly += 1;
+                        let pause = policy.backoff(costly).min(remaining_until(deadline));
+                        tokio::time::sleep(pause).await;
+                    }
                 }
             }
         }
-        match last {
-            Some(f) => Ok(f.into_response(request_id)),
-            None => Err(ApiError::overloaded(
+        if failures.is_empty() {
+            return Err(ApiError::overloaded(
                 "no upstream account is available for this key right now",
-                self.retry_after_hint(ctx),
-            )),
+                self.retry_after_hint(ctx).unwrap_or(5),
+            ));
         }
+        Ok(final_answer(failures, self.retry_after_hint(ctx)).into_response(request_id))
     }
 
-    /// When some account of the key's group will be available again, in seconds (at least 1).
-    fn retry_after_hint(&self, ctx: &AttemptCtx<'_>) -> u64 {
+    /// When some account of the key's group will be available again, in seconds (at least 1);
+    /// None when no account's return is known.
+    fn retry_after_hint(&self, ctx: &AttemptCtx<'_>) -> Option<u64> {
         let now = chrono::Utc::now().timestamp_millis();
         let soonest = ctx
             .cfg
@@ -520,7 +528,7 @@ impl Proxy {
                 _ => None,
             })
             .min();
-        soonest.map_or(5, |t| ((t - now).max(0) as u64).div_ceil(1000).clamp(1, 3600))
+        soonest.map(|t| ((t - now).max(0) as u64).div_ceil(1000).clamp(1, 3600))
     }
 
     /// An account and a concurrency slot on it, waiting (bounded) when none
@@ -1106,6 +1114,73 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// How much the answer tells the client, lower first: when to come back (429), that the
+    /// service is busy (529), the upstream's own server error, relay's (timeout, unreachable, not
+    /// an Anthropic answer), and last an account's own refusal of its credentials or URL.
+    fn rank(&self) -> u8 {
+        match self {
+            Failure::Upstream { status, .. } => match status.as_u16() {
+                429 => 0,
+                529 => 1,
+                500..=599 => 2,
+                _ => 4,
+            },
+            Failure::Relay(_) => 3,
+        }
+    }
+}
+
+/// The answer a client gets when every attempt failed: the most informative failure (see
+/// [`Failure::rank`]; the latest among equals). A rate limit or overload carries the soonest
+/// `retry-after` any attempt was told, or any account of the group is known to return at
+/// (`hint_secs`). An account's 401/403/404 concerns relay's credentials or the account's URL, not
+/// the client's key: it becomes relay's 502 naming the status, never the upstream's 401.
+fn final_answer(failures: Vec<Failure>, hint_secs: Option<u64>) -> Failure {
+    let soonest = failures
+        .iter()
+        .filter_map(|f| match f {
+            Failure::Upstream {
+                status, retry_after, ..
+            } if matches!(status.as_u16(), 429 | 529) => *retry_after,
+            _ => None,
+        })
+        .chain(hint_secs.map(Duration::from_secs))
+        .min();
+    let n = failures.len();
+    let best = failures.into_iter().enumerate().min_by_key(|(i, f)| (f.rank(), n - i));
+    match best {
+        Some((_, f)) if f.rank() == 4 => {
+            let what = match &f {
+                Failure::Upstream { status, .. } => status.as_u16().to_string(),
+                Failure::Relay(_) => String::new(),
+            };
+            Failure::Relay(ApiError::upstream_unreachable(format!(
+                "no upstream account could take this request: the upstream refused the account ({what}); the relay's operator must check its credentials or base URL"
+            )))
+        }
+        Some((
+            _,
+            Failure::Upstream {
+                status,
+                headers,
+                body,
+                retry_after,
+            },
+        )) if matches!(status.as_u16(), 429 | 529) => Failure::Upstream {
+            status,
+            headers,
+            body,
+            retry_after: soonest.or(retry_after),
+        },
+        Some((_, f)) => f,
+        None => Failure::Relay(ApiError::overloaded(
+            "no upstream account is available for this key right now",
+            hint_secs.unwrap_or(5),
+        )),
+    }
+}
+
 /// A place in the bounded wait queue; leaves it when dropped.
 struct QueueTicket<'a>(&'a AtomicUsize, Instant);
 
@@ -1224,4 +1299,87 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         next = cause.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn upstream(status: u16, retry_after_secs: Option<u64>) -> Failure {
+        Failure::Upstream {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: HeaderMap::new(),
+            body: Bytes::from(upstream_error_body(StatusCode::from_u16(status).unwrap())),
+            retry_after: retry_after_secs.map(Duration::from_secs),
+        }
+    }
+
+    fn answer(failures: Vec<Failure>, hint: Option<u64>) -> (u16, Option<String>, String) {
+        let r = final_answer(failures, hint).into_response("req_1");
+        let retry_after = r
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string());
+        let status = r.status().as_u16();
+        let body = futures_body(r);
+        (status, retry_after, body)
+    }
+
+    fn futures_body(r: Response<Body>) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let b = rt.block_on(body_bytes(r.into_body())).unwrap();
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_rate_limit_wins_and_carries_the_soonest_retry_after() {
+        let (status, ra, _) = answer(
+            vec![
+                upstream(500, None),
+                upstream(429, Some(40)),
+                Failure::Relay(ApiError::upstream_unreachable("x")),
+                upstream(529, Some(7)),
+                upstream(429, Some(30)),
+            ],
+            Some(20),
+        );
+        assert_eq!((status, ra.as_deref()), (429, Some("7")));
+        // The group's soonest return counts too.
+        let (_, ra, _) = answer(vec![upstream(429, Some(40))], Some(3));
+        assert_eq!(ra.as_deref(), Some("3"));
+    }
+
+    #[test]
+    fn an_upstream_server_error_says_more_than_relays_own() {
+        let (status, _, body) = answer(
+            vec![
+                upstream(500, None),
+                Failure::Relay(ApiError::upstream_unreachable("the upstream could not be reached")),
+            ],
+            None,
+        );
+        assert_eq!(status, 500, "{body}");
+        let (status, _, _) = answer(vec![upstream(529, None), upstream(503, None)], None);
+        assert_eq!(status, 529);
+        // Among equals, the latest.
+        let (status, _, _) = answer(vec![upstream(500, None), upstream(503, None)], None);
+        assert_eq!(status, 503);
+    }
+
+    #[test]
+    fn an_accounts_refused_credentials_never_reach_the_client_as_its_own() {
+        let (status, _, body) = answer(vec![upstream(401, None), upstream(403, None)], None);
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("refused the account (403)"), "{body}");
+        assert!(body.contains("\"type\":\"api_error\""), "{body}");
+        // Any other failure is more telling.
+        let (status, _, _) = answer(
+            vec![upstream(401, None), Failure::Relay(ApiError::upstream_unreachable("x"))],
+            None,
+        );
+        assert_eq!(status, 502);
+        let (status, _, _) = answer(vec![upstream(401, None), upstream(529, Some(2))], None);
+        assert_eq!(status, 529);
+    }
 }

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
+    /// Failed attempts that took real time (see `quick_failure`) allowed per request.
     pub max_attempts: u32,
+    /// A failed attempt quicker than this costs no attempt.
+    pub quick_failure: Duration,
     pub retry_deadline: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -54,6 +57,7 @@ impl Policy {
     pub fn from_settings(values: &BTreeMap<String, String>) -> Self {
         Self {
             max_attempts: u32::try_from(value(values, "retry.max_attempts")).unwrap_or(u32::MAX),
+            quick_failure: ms(values, "retry.quick_failure_ms"),
             retry_deadline: ms(values, "retry.deadline_ms"),
             backoff_base: ms(values, "retry.backoff_base_ms"),
             backoff_max: ms(values, "retry.backoff_max_ms"),
@@ -114,6 +118,7 @@ mod tests {
         );
         for name in [
             "retry.max_attempts",
+            "retry.quick_failure_ms",
             "retry.deadline_ms",
             "retry.backoff_base_ms",
             "retry.backoff_max_ms",
