@@ -779,3 +779,62 @@ async fn a_connect_that_hangs_times_out_and_fails_over() {
     // The default connect timeout is 10 s; the 200 ms setting is what let it move on.
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
+
+/// With every account out until someone acts (here: a revoked credential), a request waits for a
+/// recovery instead of failing at once: the operator's reset lets it through; with no recovery it
+/// gets 529 when `queue.max_wait_ms` is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_waits_for_an_operators_recovery() {
+    let f = fleet(1, MockConfig::default(), &[("queue.max_wait_ms", "10000")]).await;
+    f.mock.set_fault(&cred(0), Some(Fault::Unauthorized));
+    let r = post_messages(&f.dp, &f.key, &message_body("claude-sonnet-4-5", false)).await;
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    wait_for(Duration::from_secs(5), "unauthorized state", || async {
+        (!account_states(&f.cp, "acct-0").await.is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    f.dp.wait_version(f.cp.head().await).await;
+    f.mock.clear_faults();
+    // The next request finds nothing and waits …
+    let waiting = {
+        let (dp_url, key) = (f.dp.url("/v1/messages"), f.key.clone());
+        tokio::spawn(async move {
+            let h = sdk_headers(&key);
+            let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let started = std::time::Instant::now();
+            let r = send("POST", &dp_url, &hs, message_body("claude-sonnet-4-5", true).to_string()).await;
+            (r, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!waiting.is_finished(), "the request did not wait");
+    // … until the operator resets the account.
+    f.cp.admin()
+        .await
+        .reset_account(pb::ResetAccountRequest {
+            account: "acct-0".into(),
+        })
+        .await
+        .unwrap();
+    let (r, took) = waiting.await.unwrap();
+    assert_complete(&r, true);
+    assert!(took < Duration::from_secs(8), "{took:?}");
+
+    // Nothing recovers: 529 once the wait is up.
+    f.cp.set_setting("queue.max_wait_ms", "1000").await;
+    f.mock.set_fault(&cred(0), Some(Fault::Unauthorized));
+    let r = post_messages(&f.dp, &f.key, &message_body("claude-sonnet-4-5", false)).await;
+    assert_eq!(r.status, 502);
+    wait_for(Duration::from_secs(5), "unauthorized state", || async {
+        (!account_states(&f.cp, "acct-0").await.is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    f.dp.wait_version(f.cp.head().await).await;
+    let started = std::time::Instant::now();
+    let r = post_messages(&f.dp, &f.key, &message_body("claude-sonnet-4-5", false)).await;
+    assert_eq!(r.status, 529, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.error_type(), "overloaded_error");
+    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+}

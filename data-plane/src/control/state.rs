@@ -288,6 +288,8 @@ impl ServingConfig {
 #[derive(Default)]
 pub struct ConfigHolder {
     current: ArcSwapOption<ServingConfig>,
+    /// Woken on every new config (requests suspended for a recovery look again).
+    changed: tokio::sync::Notify,
 }
 
 impl ConfigHolder {
@@ -299,6 +301,12 @@ impl ConfigHolder {
         metrics::gauge!("relay_config_revision").set(cfg.version.revision as f64);
         metrics::gauge!("relay_config_resources_out_of_service").set(cfg.rejected.len() as f64);
         self.current.store(Some(Arc::new(cfg)));
+        self.changed.notify_waiters();
+    }
+
+    /// Completes at the next [`Self::swap`]; create it before looking at the current config.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 }
 

@@ -37,6 +37,8 @@ use sticky::SessionStore;
 
 /// How often a request waiting for an account whose fleet-wide slots are all taken looks again.
 const FLEET_SLOT_POLL_MS: i64 = 50;
+/// How often a request suspended for a recovery looks again (a new config wakes it at once).
+const SUSPENDED_POLL_MS: i64 = 250;
 
 /// Requests to the Messages API may be up to 32 MB.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -531,8 +533,12 @@ impl Proxy {
         soonest.map(|t| ((t - now).max(0) as u64).div_ceil(1000).clamp(1, 3600))
     }
 
-    /// An account and a concurrency slot on it, waiting (bounded) when none
-    /// is available now but one will be. None: nothing to try.
+    /// An account and a concurrency slot on it, waiting (bounded by `queue.max_wait_ms`, the
+    /// deadline and `queue.max_size`) when none is available now: for the soonest known return
+    /// or a free slot, and, when nothing is known to return (every untried account of the group
+    /// unauthorized, blocked or otherwise out until someone acts), suspended for a recovery: a
+    /// new config (an operator's reset or enable, a probe's verdict) or a local success. None:
+    /// nothing to try.
     async fn acquire(
         &self,
         ctx: &AttemptCtx<'_>,
@@ -545,9 +551,12 @@ impl Proxy {
         // Accounts whose fleet-wide slots (their max_concurrency across every data plane) were
         // all taken when last asked; looked at again after a short wait.
         let mut full: Vec<String> = Vec::new();
+        // While suspended, each look is at the newest config (an operator may have acted).
+        let mut fresh: Option<Arc<ServingConfig>> = None;
         loop {
-            // Created before looking, so a release in between is not missed.
+            // Created before looking, so a release or a new config in between is not missed.
             let released = self.balancer.released();
+            let changed = self.holder.changed();
             let now = chrono::Utc::now().timestamp_millis();
             let skip: Vec<String>;
             let excluded = if full.is_empty() {
@@ -556,7 +565,11 @@ impl Proxy {
                 skip = tried.iter().chain(full.iter()).cloned().collect();
                 &skip
             };
-            let choice = match self.choose(ctx, excluded, bound, now) {
+            let looked_at = match &fresh {
+                Some(cfg) => AttemptCtx { cfg, ..ctx.clone() },
+                None => ctx.clone(),
+            };
+            let choice = match self.choose(&looked_at, excluded, bound, now) {
                 Choice::Ready(a, mut slot) => {
                     if a.max_concurrency == 0 || !self.limiter.is_shared() {
                         return Ok(Some((a, slot)));
@@ -576,31 +589,53 @@ impl Proxy {
                 }
                 // Other data planes hold the slots: they tell nobody here when one frees up.
                 Choice::Nothing if !full.is_empty() => Choice::Later(Some(now + FLEET_SLOT_POLL_MS)),
+                // Nothing tried yet and accounts that could come back: wait for a recovery.
+                Choice::Nothing
+                    if tried.is_empty()
+                        && looked_at
+                            .cfg
+                            .accounts_of(&ctx.key.group_id)
+                            .iter()
+                            .any(|a| a.enabled && a.weight > 0) =>
+                {
+                    Choice::Suspended
+                }
                 c => c,
             };
-            match choice {
+            let at = match choice {
                 Choice::Ready(..) | Choice::Nothing => return Ok(None),
-                Choice::Later(at) => {
-                    full.clear();
-                    if ticket.is_none() {
-                        ticket = Some(
-                            QueueTicket::take(&self.queued, ctx.policy.queue_max_size).ok_or_else(|| {
-                                ApiError::overloaded("too many requests are waiting for an upstream account", 1)
-                            })?,
-                        );
+                Choice::Later(at) => at,
+                Choice::Suspended => Some(now + SUSPENDED_POLL_MS),
+            };
+            full.clear();
+            if ticket.is_none() {
+                ticket = Some(
+                    QueueTicket::take(&self.queued, ctx.policy.queue_max_size).ok_or_else(|| {
+                        ApiError::overloaded("too many requests are waiting for an upstream account", 1)
+                    })?,
+                );
+            }
+            let now_i = tokio::time::Instant::now();
+            if now_i >= wait_until {
+                return Ok(None);
+            }
+            let wake = at
+                .map(|t| now_i + Duration::from_millis((t - now).max(1) as u64))
+                .unwrap_or(wait_until)
+                .min(wait_until);
+            tokio::select! {
+                _ = released => {}
+                _ = changed => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            if matches!(choice, Choice::Suspended) {
+                if let Some(cfg) = self.holder.get() {
+                    // A key revoked or expired meanwhile is not served from the newer config.
+                    let key = authenticate(&cfg, &ctx.parts.headers)?;
+                    if key.id != ctx.key.id {
+                        return Err(ApiError::authentication("invalid x-api-key"));
                     }
-                    let now_i = tokio::time::Instant::now();
-                    if now_i >= wait_until {
-                        return Ok(None);
-                    }
-                    let wake = at
-                        .map(|t| now_i + Duration::from_millis((t - now).max(1) as u64))
-                        .unwrap_or(wait_until)
-                        .min(wait_until);
-                    tokio::select! {
-                        _ = released => {}
-                        _ = tokio::time::sleep_until(wake) => {}
-                    }
+                    fresh = Some(cfg);
                 }
             }
         }
@@ -1051,6 +1086,7 @@ fn upstream_error_body(status: StatusCode) -> String {
 }
 
 /// Everything about the client's request that every attempt needs.
+#[derive(Clone)]
 struct AttemptCtx<'a> {
     cfg: &'a Arc<ServingConfig>,
     key: &'a Arc<KeyEntry>,
@@ -1073,6 +1109,8 @@ enum Choice {
     Ready(Arc<AccountEntry>, SlotGuard),
     /// Nothing now; maybe at this time (None: when a slot frees up).
     Later(Option<i64>),
+    /// Nothing now, nor known to come back: waiting for a recovery.
+    Suspended,
     Nothing,
 }
 
