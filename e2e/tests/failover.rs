@@ -803,7 +803,13 @@ async fn a_request_waits_for_an_operators_recovery() {
             let h = sdk_headers(&key);
             let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let started = std::time::Instant::now();
-            let r = send("POST", &dp_url, &hs, message_body("claude-sonnet-4-5", true).to_string()).await;
+            let r = send(
+                "POST",
+                &dp_url,
+                &hs,
+                message_body("claude-sonnet-4-5", true).to_string(),
+            )
+            .await;
             (r, started.elapsed())
         })
     };
@@ -836,5 +842,45 @@ async fn a_request_waits_for_an_operators_recovery() {
     let r = post_messages(&f.dp, &f.key, &message_body("claude-sonnet-4-5", false)).await;
     assert_eq!(r.status, 529, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.error_type(), "overloaded_error");
-    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// An upstream that answers under another model's name (a compatible endpoint mapping names):
+/// the usage record names the model that answered (the count and the log line are unit-tested:
+/// the in-process data plane has no metrics recorder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_the_request_did_not_ask_for_is_recorded_as_answered() {
+    let f = fleet(1, MockConfig::default(), &[]).await;
+    let h = sdk_headers(&f.key);
+    let mut hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    hs.push(("x-mock-answer-model", "glm-4.6"));
+    for stream in [false, true] {
+        let r = send(
+            "POST",
+            &f.dp.url("/v1/messages"),
+            &hs,
+            message_body("claude-sonnet-4-5", stream).to_string(),
+        )
+        .await;
+        assert_complete(&r, stream);
+    }
+    let store = f.cp.store.clone();
+    wait_for(Duration::from_secs(10), "usage under the answered model", || async {
+        let rows = store
+            .query_usage(relay_control_plane::model::UsageQuery {
+                group_by: relay_control_plane::model::UsageGroupBy::Model,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        rows.iter()
+            .any(|r| r.group == "glm-4.6" && r.requests == 2)
+            .then_some(())
+    })
+    .await
+    .unwrap();
 }

@@ -376,7 +376,9 @@ async fn a_spent_daily_budget_refuses_on_every_replica_until_tomorrow() {
         assert_eq!(
             r.header("x-should-retry"),
             Some("false"),
-            "SDKs must not retry a spent budget"
+            "SDKs must not retry a spent budget: {} {:?}",
+            String::from_utf8_lossy(&r.body),
+            r.headers
         );
         assert!(r.json()["error"]["message"]
             .as_str()

@@ -36,6 +36,8 @@
 //!   default [`DEFAULT_FAULT_AFTER_EVENTS`]) and `x-mock-retry-after: S` (for `rate-limited`, default
 //!   [`DEFAULT_RETRY_AFTER_SECS`]);
 //! - `x-mock-cache-read: N`: report `cache_read_input_tokens = N`.
+//! - `x-mock-answer-model: M`: the answer names model `M` whatever the request asked (a compatible
+//!   endpoint that maps model names).
 //!
 //! ## Answers
 //! - Content: a `thinking` block first (`thinking_events` `thinking_delta`s then one `signature_delta`) when the

@@ -557,7 +557,12 @@ async fn messages(cx: &Cx<'_>, h: &HeaderMap, body: &[u8]) -> Response<MockBody>
         message_id: format!("msg_mock_{}", uuid::Uuid::new_v4().simple()),
         tool_use_id: format!("toolu_mock_{}", uuid::Uuid::new_v4().simple()),
     };
-    let model = value.get("model").cloned().unwrap_or(Value::Null);
+    // `x-mock-answer-model`: answer under another model's name, as a compatible endpoint that
+    // maps model names does.
+    let model = match header_str(h, "x-mock-answer-model") {
+        Some(m) if !m.trim().is_empty() => Value::String(m.trim().to_string()),
+        _ => value.get("model").cloned().unwrap_or(Value::Null),
+    };
     let streaming = value.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let shared = cx.shared;
 

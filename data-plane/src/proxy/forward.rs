@@ -651,6 +651,45 @@ fn error_event(message: &str) -> Bytes {
     Bytes::from(format!("event: error\ndata: {data}\n\n"))
 }
 
+/// Whether an answer names another model than the request asked for. A dated id answering its
+/// alias (`claude-sonnet-4-5` → `claude-sonnet-4-5-20250929`, `…-latest` → `…-20241022`) is the
+/// same model; anything else is a mapping the upstream made (a compatible endpoint's names).
+pub fn model_mismatch(requested: &str, answered: &str) -> bool {
+    let req = requested.strip_suffix("-latest").unwrap_or(requested);
+    // `a` is `b` or `b` with a date: `-YYYYMMDD`.
+    let same = |a: &str, b: &str| {
+        a.eq_ignore_ascii_case(b)
+            || a.strip_prefix(b)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|d| d.len() == 8 && d.bytes().all(|c| c.is_ascii_digit()))
+    };
+    !(same(answered, req) || same(req, answered))
+}
+
+/// (account, requested, answered) triples already logged; bounded so a hostile upstream naming a
+/// new model in every answer cannot grow it (past the bound each mismatch is counted, not logged).
+static MISMATCHES_SEEN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<(String, String, String)>>> =
+    std::sync::LazyLock::new(Default::default);
+const MAX_MISMATCHES_LOGGED: usize = 1024;
+
+/// Logs a model mismatch once per (account, requested, answered) and counts every one.
+fn note_model_mismatch(account: &str, requested: &str, answered: &str) {
+    metrics::counter!("relay_model_mismatch_total", "account" => account.to_string()).increment(1);
+    let mut seen = MISMATCHES_SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if seen.len() < MAX_MISMATCHES_LOGGED
+        && seen.insert((account.to_string(), requested.to_string(), answered.to_string()))
+    {
+        tracing::warn!(
+            account,
+            requested,
+            answered,
+            "the upstream answered with another model than the request asked for (logged once per account and pair)"
+        );
+    }
+}
+
 /// Builds the usage event and hands it to the spool (asynchronously: the
 /// client already has its answer).
 pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
@@ -662,6 +701,11 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         .as_ref()
         .is_some_and(|m| m.len() > 200 || m.chars().any(|c| c.is_control() || c.is_whitespace()));
     let requested = a.model.clone();
+    if let Some(m) = answered.as_deref().filter(|_| !implausible) {
+        if model_mismatch(&requested, m) {
+            note_model_mismatch(&a.account.name, &requested, m);
+        }
+    }
     let billed_model = answered.filter(|_| !implausible).unwrap_or(a.model);
     let now = chrono::Utc::now().timestamp_millis();
     let usage = r.usage;
@@ -1040,5 +1084,45 @@ impl Drop for TappedBody {
         if self.attempt.is_some() {
             self.finish(Outcome2::Cancelled);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model_mismatch;
+
+    #[test]
+    fn a_dated_id_for_its_alias_is_no_mismatch_but_another_model_is() {
+        for (req, ans) in [
+            ("claude-sonnet-4-5", "claude-sonnet-4-5-20250929"),
+            ("claude-3-5-sonnet-latest", "claude-3-5-sonnet-20241022"),
+            ("claude-opus-4-1-20250805", "claude-opus-4-1-20250805"),
+            ("claude-haiku-4-5-20251001", "claude-haiku-4-5"),
+        ] {
+            assert!(!model_mismatch(req, ans), "{req} → {ans}");
+        }
+        for (req, ans) in [
+            ("claude-opus-4-1", "claude-sonnet-4-5-20250929"),
+            ("claude-sonnet-4", "claude-sonnet-4-5-20250929"),
+            ("claude-sonnet-4-5", "glm-4.6"),
+        ] {
+            assert!(model_mismatch(req, ans), "{req} → {ans}");
+        }
+    }
+
+    #[test]
+    fn every_mismatch_is_counted_per_account() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            for _ in 0..3 {
+                super::note_model_mismatch("acct-mapped", "claude-sonnet-4-5", "glm-4.6");
+            }
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("relay_model_mismatch_total{account=\"acct-mapped\"} 3"),
+            "{text}"
+        );
     }
 }
