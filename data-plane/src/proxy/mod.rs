@@ -7,6 +7,7 @@
 //! usage goes to the local spool.
 
 pub mod balance;
+pub mod estimate;
 pub mod forward;
 pub mod health;
 pub mod held;
