@@ -141,6 +141,19 @@ pub fn warm_up() {
     let _ = tokenizer();
 }
 
+/// Whether an upstream's error body is the API's own "model not found" (`not_found_error`, "model: NAME"): the
+/// client asked for a model that does not exist, which an estimate must not hide.
+pub fn unknown_model(body: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    let e = &v["error"];
+    e["type"].as_str() == Some("not_found_error")
+        && e["message"]
+            .as_str()
+            .is_some_and(|m| m.trim_start().to_ascii_lowercase().starts_with("model"))
+}
+
 /// Counts scaled BPE tokens.
 struct Counter {
     prose: f64,

@@ -485,3 +485,77 @@ fn not_a_messages_request_is_invalid() {
     assert!(estimate_value(&odd).unwrap() > PDF_PAGE_TOKENS as u64);
     assert_eq!(estimate(br#"{"model":"m","messages":[]}"#).unwrap(), PER_REQUEST as u64);
 }
+
+mod fallback {
+    use super::super::super::estimate_unanswered;
+    use crate::errors::{full, ApiError};
+    use bytes::Bytes;
+    use http::{Response, StatusCode};
+
+    fn upstream(status: u16, body: &str) -> Result<Response<crate::errors::Body>, ApiError> {
+        let mut r = Response::new(full(body.to_string()));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        Ok(r)
+    }
+
+    const BODY: &str = r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"Hello, Claude"}]}"#;
+
+    async fn run(out: Result<Response<crate::errors::Body>, ApiError>, body: &str) -> (u16, Option<String>, String) {
+        let r = match estimate_unanswered(out, &Bytes::from(body.to_string()), "req_1").await {
+            Ok(r) => r,
+            Err(e) => e.into_response("req_1"),
+        };
+        let status = r.status().as_u16();
+        let mark = r
+            .headers()
+            .get("x-relay-estimate")
+            .map(|v| v.to_str().unwrap().to_string());
+        let text = String::from_utf8(crate::proxy::body_bytes(r.into_body()).await.unwrap().to_vec()).unwrap();
+        (status, mark, text)
+    }
+
+    #[tokio::test]
+    async fn what_is_replaced_and_what_is_passed_on() {
+        // The upstream's own count: as it is.
+        assert_eq!(
+            run(upstream(200, r#"{"input_tokens":7}"#), BODY).await,
+            (200, None, r#"{"input_tokens":7}"#.into())
+        );
+        // Errors about the request itself: as they are.
+        let bad = r#"{"type":"error","error":{"type":"invalid_request_error","message":"messages: Field required"}}"#;
+        assert_eq!(run(upstream(400, bad), BODY).await, (400, None, bad.into()));
+        assert_eq!(run(upstream(413, "{}"), BODY).await.0, 413);
+        let unknown = r#"{"type":"error","error":{"type":"not_found_error","message":"model: claude-nope"}}"#;
+        assert_eq!(run(upstream(404, unknown), BODY).await, (404, None, unknown.into()));
+        assert_eq!(run(Err(ApiError::invalid_request("x")), BODY).await.0, 400);
+        // No account could answer: the estimate, marked.
+        let missing = r#"{"type":"error","error":{"type":"not_found_error","message":"Not found: POST /v1/messages/count_tokens"}}"#;
+        for out in [
+            upstream(404, missing),
+            upstream(404, "<html>nope</html>"),
+            upstream(405, ""),
+            upstream(429, "{}"),
+            upstream(529, "{}"),
+            upstream(500, "{}"),
+            upstream(401, "{}"),
+            Err(ApiError::overloaded(
+                "no upstream account is available for this key right now",
+                5,
+            )),
+        ] {
+            let (status, mark, text) = run(out, BODY).await;
+            assert_eq!((status, mark.as_deref()), (200, Some("true")), "{text}");
+            let n = serde_json::from_str::<serde_json::Value>(&text).unwrap()["input_tokens"]
+                .as_u64()
+                .unwrap();
+            assert!((5..=20).contains(&n), "{n}");
+        }
+        // A body that is no Messages request: Anthropic's error for it, not an estimate.
+        let (status, mark, text) = run(upstream(429, "{}"), r#"{"model":"m"}"#).await;
+        assert_eq!((status, mark), (400, None));
+        assert!(
+            text.contains("invalid_request_error") && text.contains("messages: Field required"),
+            "{text}"
+        );
+    }
+}

@@ -436,6 +436,12 @@ impl Proxy {
             charge: admitted.charge.clone(),
         };
         let out = self.attempts(&ctx, session.as_deref(), bound.as_deref()).await;
+        // count_tokens that no account could answer: relay's own estimate (never for usage).
+        let out = if is_messages {
+            out
+        } else {
+            estimate_unanswered(out, &body, request_id).await
+        };
         // A limited key's standing goes on every answer, success or not.
         match out {
             Ok(mut resp) => {
@@ -803,15 +809,24 @@ impl Proxy {
                 _ => Vec::new(),
             };
             tap.feed(&body);
-            let verdict = sink.observe(
-                &account.id,
-                ctx.model,
-                &Outcome::Response {
-                    status,
-                    headers: &rparts.headers,
-                    body: &body,
-                },
-            );
+            // count_tokens on an upstream that does not serve it (a compatible endpoint without it): not the
+            // account's fault (its Messages API is untouched), and another account may serve it.
+            let verdict = if !ctx.is_messages && matches!(status, 404 | 405) && !estimate::unknown_model(&body) {
+                health::Verdict {
+                    retry_elsewhere: true,
+                    retry_after: None,
+                }
+            } else {
+                sink.observe(
+                    &account.id,
+                    ctx.model,
+                    &Outcome::Response {
+                        status,
+                        headers: &rparts.headers,
+                        body: &body,
+                    },
+                )
+            };
             if let Some(a) = guard.take() {
                 forward::record_failed(a, &tap, None);
             }
@@ -1041,6 +1056,52 @@ fn upstream_error_body(status: StatusCode) -> String {
         "error": {"type": kind, "message": format!("the upstream answered {status} without a readable error body")},
     })
     .to_string()
+}
+
+/// A count_tokens answer that says no account could count: relay's estimate instead (`x-relay-estimate: true`).
+/// Passed on as they are: an upstream's count, and the answers that are about the request itself (400, 413,
+/// a 404 for an unknown model, …). Replaced: no account available, and upstream answers that are about the
+/// account or the upstream (401, 403, 404/405 for a missing endpoint, 408, 429, 5xx, 529).
+async fn estimate_unanswered(
+    out: Result<Response<Body>, ApiError>,
+    body: &Bytes,
+    request_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let why = match out {
+        Ok(resp) if resp.status().is_success() => return Ok(resp),
+        Ok(resp) => match resp.status().as_u16() {
+            404 | 405 => {
+                // Read the (small) error body: an unknown model is the client's error.
+                let (parts, b) = resp.into_parts();
+                let bytes = body_bytes(b).await.unwrap_or_default();
+                if estimate::unknown_model(&bytes) {
+                    return Ok(Response::from_parts(parts, full(bytes)));
+                }
+                "endpoint_missing"
+            }
+            401 | 403 | 408 | 429 | 500..=599 => "upstream_error",
+            _ => return Ok(resp),
+        },
+        Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS || e.status.is_server_error() => "no_account",
+        Err(e) => return Err(e),
+    };
+    let owned = body.clone();
+    let n = match tokio::task::spawn_blocking(move || estimate::estimate(&owned)).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(invalid)) => return Err(ApiError::invalid_request(invalid.0)),
+        Err(_) => return Err(ApiError::internal("the token estimate failed")),
+    };
+    metrics::counter!("relay_count_tokens_estimated_total", "why" => why).increment(1);
+    tracing::debug!(
+        request_id,
+        why,
+        input_tokens = n,
+        "count_tokens answered with relay's estimate"
+    );
+    let mut resp = json_response(StatusCode::OK, &serde_json::json!({"input_tokens": n}), request_id);
+    resp.headers_mut()
+        .insert("x-relay-estimate", HeaderValue::from_static("true"));
+    Ok(resp)
 }
 
 /// Everything about the client's request that every attempt needs.
