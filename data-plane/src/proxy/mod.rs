@@ -39,6 +39,9 @@ use sticky::SessionStore;
 /// How often a request waiting for an account whose fleet-wide slots are all taken looks again.
 const FLEET_SLOT_POLL_MS: i64 = 50;
 
+/// The longest a count_tokens request waits for an account (its answer otherwise is relay's estimate).
+const COUNT_TOKENS_MAX_WAIT: Duration = Duration::from_secs(2);
+
 /// Requests to the Messages API may be up to 32 MB.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// Claude Code's telemetry batches are a few KB; they are acknowledged, never kept.
@@ -539,7 +542,13 @@ impl Proxy {
         bound: Option<&str>,
         deadline: tokio::time::Instant,
     ) -> Result<Option<(Arc<AccountEntry>, SlotGuard)>, ApiError> {
-        let wait_until = deadline.min(tokio::time::Instant::now() + ctx.policy.queue_max_wait);
+        // count_tokens waits little: when no account frees up soon, relay answers it with an estimate.
+        let max_wait = if ctx.is_messages {
+            ctx.policy.queue_max_wait
+        } else {
+            ctx.policy.queue_max_wait.min(COUNT_TOKENS_MAX_WAIT)
+        };
+        let wait_until = deadline.min(tokio::time::Instant::now() + max_wait);
         let mut ticket: Option<QueueTicket<'_>> = None;
         // Accounts whose fleet-wide slots (their max_concurrency across every data plane) were
         // all taken when last asked; looked at again after a short wait.
