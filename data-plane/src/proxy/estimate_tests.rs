@@ -229,7 +229,7 @@ fn mock_rows() -> Vec<Row> {
             "code in a message",
             json!({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": code()}]}),
             false,
-            "the mock counts JSON escapes (\\n, \\\") as text",
+            "code has fewer than the mock's 4 bytes a token",
         ),
         (
             "conversation + one tool",
@@ -248,7 +248,7 @@ fn mock_rows() -> Vec<Row> {
                 {"type": "text", "text": "What is in this picture?"},
             ]}]}),
             false,
-            "the mock counts the base64 bytes, not the image",
+            "the mock counts the base64 as text, not the 200x200 image",
         ),
     ];
     rows.into_iter()
