@@ -136,11 +136,6 @@ fn tokenizer() -> Option<&'static tiktoken_rs::CoreBPE> {
     .as_ref()
 }
 
-/// Loads the tokenizer now (it takes a moment the first time).
-pub fn warm_up() {
-    let _ = tokenizer();
-}
-
 /// Whether an upstream's error body is the API's own "model not found" (`not_found_error`, "model: NAME"): the
 /// client asked for a model that does not exist, which an estimate must not hide.
 pub fn unknown_model(body: &[u8]) -> bool {

@@ -559,3 +559,16 @@ mod fallback {
         );
     }
 }
+
+#[test]
+#[ignore = "measures memory; run by hand"]
+fn tokenizer_footprint() {
+    let rss = || {
+        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+        s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096 / (1 << 20)
+    };
+    let before = rss();
+    let t = std::time::Instant::now();
+    tokenizer().unwrap();
+    println!("o200k: {:?}, +{} MiB", t.elapsed(), rss() - before);
+}
