@@ -575,7 +575,12 @@ fn pdf_pages(pdf: &[u8]) -> u64 {
     }
     let mut n = 0u64;
     let mut rest = pdf;
+    // What all the streams may inflate to, together (a deflate bomb costs no more than this).
+    let mut budget: u64 = 64 * 1024 * 1024;
     while let Some(start) = find(rest, b"stream") {
+        if budget == 0 {
+            break;
+        }
         let mut body = &rest[start + 6..];
         if body.starts_with(b"\r\n") {
             body = &body[2..];
@@ -586,7 +591,8 @@ fn pdf_pages(pdf: &[u8]) -> u64 {
         let mut out = Vec::new();
         let decoder = flate2::read::ZlibDecoder::new(&body[..end]);
         use std::io::Read as _;
-        let _ = decoder.take(16 * 1024 * 1024).read_to_end(&mut out);
+        let _ = decoder.take(budget.min(16 * 1024 * 1024)).read_to_end(&mut out);
+        budget = budget.saturating_sub(out.len() as u64);
         n += count_page_objects(&out);
         rest = &body[end..];
     }

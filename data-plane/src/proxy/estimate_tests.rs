@@ -572,3 +572,30 @@ fn tokenizer_footprint() {
     tokenizer().unwrap();
     println!("o200k: {:?}, +{} MiB", t.elapsed(), rss() - before);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Whatever a well-formed request carries (any text, any bytes as an image or a PDF, any image size), the
+    /// estimate is an answer, never a panic.
+    #[test]
+    fn never_panics(text in "\\PC{0,300}", data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600), w in 1u32..100_000, h in 1u32..100_000) {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&data);
+        let mut pdf = b"%PDF-1.5\nstream\n".to_vec();
+        pdf.extend_from_slice(&data);
+        let body = json!({"model": "claude-opus-4-7", "system": text, "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": text},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png_b64(w, h)}},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": text}},
+                {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                    "data": base64::engine::general_purpose::STANDARD.encode(&pdf)}},
+            ]},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": text}]},
+        ]});
+        let n = estimate_value(&body).unwrap();
+        proptest::prop_assert!(n >= 2 * PDF_PAGE_TOKENS as u64);
+        proptest::prop_assert!(image_tokens_for(&profile("claude-sonnet-4-5"), w as u64, h as u64) <= 1568);
+    }
+}
