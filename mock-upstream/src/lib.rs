@@ -7,7 +7,8 @@
 //!   HTTPS with ALPN `h2` and `http/1.1`), serving
 //!   `POST /v1/messages` (JSON or SSE), `POST /v1/messages/count_tokens`, `GET /v1/models` and
 //!   `GET /v1/models/{id}`; every other route is a 404 `not_found_error` (and is still recorded, so a test can
-//!   assert that relay never forwarded e.g. `/api/event_logging/batch`);
+//!   assert that relay never forwarded e.g. `/api/event_logging/batch`), and so is `count_tokens` after
+//!   [`MockUpstream::set_count_tokens_served`]`(false)` (an upstream that lacks it);
 //! - **deterministic usage** ([`expected_usage`], [`MockConfig::expected_usage`]): the exact token counts the
 //!   mock reports for a request body, so tests can assert relay's accounting;
 //! - **fault injection** ([`Fault`]): per credential ([`MockConfig::faults_by_credential`],
@@ -248,6 +249,7 @@ impl MockUpstream {
             max_in_flight: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
             oauth: oauth::OAuthServer::new(config.oauth.clone()),
+            count_tokens_served: std::sync::atomic::AtomicBool::new(true),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(());
         let accept = tokio::spawn(server::accept_loop(listener, shared.clone(), tls, shutdown_rx));
@@ -354,6 +356,13 @@ impl MockUpstream {
             next.insert(token.to_string(), five_hour);
             next
         });
+    }
+
+    /// Whether `POST /v1/messages/count_tokens` is served (default true). When not, it is answered like any
+    /// unknown route, 404 `not_found_error` "Not found: POST /v1/messages/count_tokens", as by an upstream that
+    /// lacks the endpoint (a compatible API).
+    pub fn set_count_tokens_served(&self, served: bool) {
+        self.shared.count_tokens_served.store(served, Ordering::Release);
     }
 
     /// Clears every per-credential fault.

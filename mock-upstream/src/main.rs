@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! relay-mock-upstream --listen 127.0.0.1:9999 [--ttfb-ms N] [--event-delay-ms N] [--text-events N]
-//!     [--event-bytes N] [--fault CREDENTIAL=KIND[:N]]... [--no-record] [--oauth-token-lifetime-secs N]
+//!     [--event-bytes N] [--fault CREDENTIAL=KIND[:N]]... [--no-record] [--no-count-tokens]
+//!     [--oauth-token-lifetime-secs N]
 //! ```
 //! Prints `listening on ADDR` on stdout once bound, then serves until SIGINT/SIGTERM.
 
@@ -43,6 +44,9 @@ struct Args {
     /// Do not record requests and response bodies.
     #[arg(long)]
     no_record: bool,
+    /// Answer `POST /v1/messages/count_tokens` with 404 `not_found_error`, as an upstream that lacks it.
+    #[arg(long)]
+    no_count_tokens: bool,
     /// OAuth: lifetime (`expires_in`) of the access tokens the mock's OAuth server issues, in seconds.
     #[arg(long, default_value_t = 3600)]
     oauth_token_lifetime_secs: u64,
@@ -89,6 +93,9 @@ async fn main() -> anyhow::Result<()> {
     let mock = MockUpstream::start(config)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    if args.no_count_tokens {
+        mock.set_count_tokens_served(false);
+    }
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {}", mock.addr())?;

@@ -70,6 +70,9 @@ pub(crate) struct Shared {
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
     pub oauth: crate::oauth::OAuthServer,
+    /// False: `count_tokens` is answered like an unknown route (404 `not_found_error`), as by an upstream
+    /// that does not serve it.
+    pub count_tokens_served: std::sync::atomic::AtomicBool,
 }
 
 /// One request in flight, from its head until its response body is done or dropped.
@@ -253,7 +256,9 @@ async fn handle(
     };
     let resp = match (&parts.method, path) {
         (&Method::POST, "/v1/messages") => messages(&cx, &parts.headers, &body).await,
-        (&Method::POST, "/v1/messages/count_tokens") => count_tokens(&cx, &parts.headers, &body),
+        (&Method::POST, "/v1/messages/count_tokens") if shared.count_tokens_served.load(Ordering::Acquire) => {
+            count_tokens(&cx, &parts.headers, &body)
+        }
         (&Method::GET, "/v1/models") => models(&cx, &parts.headers, query),
         (&Method::GET, p) if p.starts_with("/v1/models/") => model(&cx, &parts.headers, &p["/v1/models/".len()..]),
         (&Method::GET, "/oauth/authorize") => oauth_answer(shared.oauth.authorize(query)),

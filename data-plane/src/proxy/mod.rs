@@ -7,6 +7,7 @@
 //! usage goes to the local spool.
 
 pub mod balance;
+pub mod estimate;
 pub mod forward;
 pub mod health;
 pub mod held;
@@ -39,6 +40,9 @@ use sticky::SessionStore;
 const FLEET_SLOT_POLL_MS: i64 = 50;
 /// How often a request suspended for a recovery looks again (a new config wakes it at once).
 const SUSPENDED_POLL_MS: i64 = 250;
+
+/// The longest a count_tokens request waits for an account (its answer otherwise is relay's estimate).
+const COUNT_TOKENS_MAX_WAIT: Duration = Duration::from_secs(2);
 
 /// Requests to the Messages API may be up to 32 MB.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -437,6 +441,12 @@ impl Proxy {
             charge: admitted.charge.clone(),
         };
         let out = self.attempts(&ctx, session.as_deref(), bound.as_deref()).await;
+        // count_tokens that no account could answer: relay's own estimate (never for usage).
+        let out = if is_messages {
+            out
+        } else {
+            estimate_unanswered(out, &body, request_id).await
+        };
         // A limited key's standing goes on every answer, success or not.
         match out {
             Ok(mut resp) => {
@@ -514,7 +524,8 @@ impl Proxy {
                 self.retry_after_hint(ctx).unwrap_or(5),
             ));
         }
-        Ok(final_answer(failures, self.retry_after_hint(ctx)).into_response(request_id))
+        // count_tokens keeps the upstreams' own answers: `estimate_unanswered` reads them.
+        Ok(final_answer(failures, self.retry_after_hint(ctx), ctx.is_messages).into_response(request_id))
     }
 
     /// When some account of the key's group will be available again, in seconds (at least 1);
@@ -546,7 +557,13 @@ impl Proxy {
         bound: Option<&str>,
         deadline: tokio::time::Instant,
     ) -> Result<Option<(Arc<AccountEntry>, SlotGuard)>, ApiError> {
-        let wait_until = deadline.min(tokio::time::Instant::now() + ctx.policy.queue_max_wait);
+        // count_tokens waits little: when no account frees up soon, relay answers it with an estimate.
+        let max_wait = if ctx.is_messages {
+            ctx.policy.queue_max_wait
+        } else {
+            ctx.policy.queue_max_wait.min(COUNT_TOKENS_MAX_WAIT)
+        };
+        let wait_until = deadline.min(tokio::time::Instant::now() + max_wait);
         let mut ticket: Option<QueueTicket<'_>> = None;
         // Accounts whose fleet-wide slots (their max_concurrency across every data plane) were
         // all taken when last asked; looked at again after a short wait.
@@ -845,15 +862,24 @@ impl Proxy {
                 _ => Vec::new(),
             };
             tap.feed(&body);
-            let verdict = sink.observe(
-                &account.id,
-                ctx.model,
-                &Outcome::Response {
-                    status,
-                    headers: &rparts.headers,
-                    body: &body,
-                },
-            );
+            // count_tokens on an upstream that does not serve it (a compatible endpoint without it): not the
+            // account's fault (its Messages API is untouched), and another account may serve it.
+            let verdict = if !ctx.is_messages && matches!(status, 404 | 405) && !estimate::unknown_model(&body) {
+                health::Verdict {
+                    retry_elsewhere: true,
+                    retry_after: None,
+                }
+            } else {
+                sink.observe(
+                    &account.id,
+                    ctx.model,
+                    &Outcome::Response {
+                        status,
+                        headers: &rparts.headers,
+                        body: &body,
+                    },
+                )
+            };
             if let Some(a) = guard.take() {
                 forward::record_failed(a, &tap, None);
             }
@@ -1085,6 +1111,52 @@ fn upstream_error_body(status: StatusCode) -> String {
     .to_string()
 }
 
+/// A count_tokens answer that says no account could count: relay's estimate instead (`x-relay-estimate: true`).
+/// Passed on as they are: an upstream's count, and the answers that are about the request itself (400, 413,
+/// a 404 for an unknown model, …). Replaced: no account available, and upstream answers that are about the
+/// account or the upstream (401, 403, 404/405 for a missing endpoint, 408, 429, 5xx, 529).
+async fn estimate_unanswered(
+    out: Result<Response<Body>, ApiError>,
+    body: &Bytes,
+    request_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let why = match out {
+        Ok(resp) if resp.status().is_success() => return Ok(resp),
+        Ok(resp) => match resp.status().as_u16() {
+            404 | 405 => {
+                // Read the (small) error body: an unknown model is the client's error.
+                let (parts, b) = resp.into_parts();
+                let bytes = body_bytes(b).await.unwrap_or_default();
+                if estimate::unknown_model(&bytes) {
+                    return Ok(Response::from_parts(parts, full(bytes)));
+                }
+                "endpoint_missing"
+            }
+            401 | 403 | 408 | 429 | 500..=599 => "upstream_error",
+            _ => return Ok(resp),
+        },
+        Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS || e.status.is_server_error() => "no_account",
+        Err(e) => return Err(e),
+    };
+    let owned = body.clone();
+    let n = match tokio::task::spawn_blocking(move || estimate::estimate(&owned)).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(invalid)) => return Err(ApiError::invalid_request(invalid.0)),
+        Err(_) => return Err(ApiError::internal("the token estimate failed")),
+    };
+    metrics::counter!("relay_count_tokens_estimated_total", "why" => why).increment(1);
+    tracing::debug!(
+        request_id,
+        why,
+        input_tokens = n,
+        "count_tokens answered with relay's estimate"
+    );
+    let mut resp = json_response(StatusCode::OK, &serde_json::json!({"input_tokens": n}), request_id);
+    resp.headers_mut()
+        .insert("x-relay-estimate", HeaderValue::from_static("true"));
+    Ok(resp)
+}
+
 /// Everything about the client's request that every attempt needs.
 #[derive(Clone)]
 struct AttemptCtx<'a> {
@@ -1174,7 +1246,7 @@ impl Failure {
 /// `retry-after` any attempt was told, or any account of the group is known to return at
 /// (`hint_secs`). An account's 401/403/404 concerns relay's credentials or the account's URL, not
 /// the client's key: it becomes relay's 502 naming the status, never the upstream's 401.
-fn final_answer(failures: Vec<Failure>, hint_secs: Option<u64>) -> Failure {
+fn final_answer(failures: Vec<Failure>, hint_secs: Option<u64>, hide_account_refusals: bool) -> Failure {
     let soonest = failures
         .iter()
         .filter_map(|f| match f {
@@ -1188,7 +1260,7 @@ fn final_answer(failures: Vec<Failure>, hint_secs: Option<u64>) -> Failure {
     let n = failures.len();
     let best = failures.into_iter().enumerate().min_by_key(|(i, f)| (f.rank(), n - i));
     match best {
-        Some((_, f)) if f.rank() == 4 => {
+        Some((_, f)) if f.rank() == 4 && hide_account_refusals => {
             let what = match &f {
                 Failure::Upstream { status, .. } => status.as_u16().to_string(),
                 Failure::Relay(_) => String::new(),
@@ -1354,7 +1426,7 @@ mod tests {
     }
 
     fn answer(failures: Vec<Failure>, hint: Option<u64>) -> (u16, Option<String>, String) {
-        let r = final_answer(failures, hint).into_response("req_1");
+        let r = final_answer(failures, hint, true).into_response("req_1");
         let retry_after = r
             .headers()
             .get(header::RETRY_AFTER)
