@@ -468,14 +468,19 @@ async fn a_rejection_waits_for_a_paused_ex_leaders_kept_answer() {
     });
     let term = leader_term(&f.store, "cp-2").await;
     let job = tokio::spawn(refresher.run(term));
-    wait_for(Duration::from_secs(10), "the leader's refresh to be rejected", || async {
-        (f.mock.oauth_counters().invalid_grants == 1).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "the leader's refresh to be rejected",
+        || async { (f.mock.oauth_counters().invalid_grants == 1).then_some(()) },
+    )
     .await
     .unwrap();
     // … and the account stays in service while the ex-leader wakes up and keeps its answer.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(f.store.list_account_states().await.unwrap().is_empty(), "taken out too early");
+    assert!(
+        f.store.list_account_states().await.unwrap().is_empty(),
+        "taken out too early"
+    );
     let kept = Refreshed {
         access_token: answer.access_token.clone(),
         refresh_token: answer.refresh_token.clone(),

@@ -616,8 +616,14 @@ impl Refresher {
 enum Outcome {
     Done,
     /// `invalid_grant`: waits out [`REJECTION_GRACE`] for a kept answer.
-    Rejected { from_hash: String, why: String },
-    Retry { first: Duration, max: Duration },
+    Rejected {
+        from_hash: String,
+        why: String,
+    },
+    Retry {
+        first: Duration,
+        max: Duration,
+    },
     Fenced(StoreError),
 }
 
