@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use sticky::SessionStore;
+use tracing::Instrument;
 
 /// How often a request waiting for an account whose fleet-wide slots are all taken looks again.
 const FLEET_SLOT_POLL_MS: i64 = 50;
@@ -76,6 +77,16 @@ pub struct Proxy {
 
 fn new_request_id() -> String {
     format!("req_relay_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// The client's own id for its request: `x-request-id`, else `request-id`, kept only when it is
+/// 1..=128 visible ASCII characters (`relay_proto::bounds::client_request_id`).
+fn client_request_id(h: &HeaderMap) -> Option<&str> {
+    ["x-request-id", "request-id"]
+        .iter()
+        .find_map(|n| h.get(*n))
+        .and_then(|v| v.to_str().ok())
+        .and_then(relay_proto::bounds::client_request_id)
 }
 
 fn json_response(status: StatusCode, body: &serde_json::Value, request_id: &str) -> Response<Body> {
@@ -155,7 +166,17 @@ impl Proxy {
         let started = Instant::now();
         let request_id = new_request_id();
         let route = route_label(req.method(), req.uri().path());
-        let resp = match self.route(req, &request_id, started).await {
+        // Every line logged while the request is routed carries relay's id and the client's own.
+        let span = tracing::info_span!(
+            "request",
+            request_id = %request_id,
+            client_request_id = tracing::field::Empty,
+        );
+        if let Some(id) = client_request_id(req.headers()) {
+            span.record("client_request_id", id);
+        }
+        let method = req.method().clone();
+        let resp = match self.route(req, &request_id, started).instrument(span.clone()).await {
             Ok(r) => r,
             Err(e) => {
                 metrics::counter!("relay_relay_errors_total", "type" => e.kind).increment(1);
@@ -165,6 +186,15 @@ impl Proxy {
         metrics::counter!("relay_requests_total", "route" => route, "status" => status_class(resp.status()))
             .increment(1);
         metrics::histogram!("relay_request_head_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+        span.in_scope(|| {
+            tracing::debug!(
+                method = %method,
+                route,
+                status = resp.status().as_u16(),
+                head_ms = started.elapsed().as_millis() as u64,
+                "answered"
+            )
+        });
         Ok(resp)
     }
 
@@ -428,6 +458,7 @@ impl Proxy {
             model: &model,
             stream,
             request_id,
+            client_request_id: client_request_id(&parts.headers).unwrap_or(""),
             started,
             policy,
             deadline,
@@ -712,6 +743,7 @@ impl Proxy {
             started: ctx.started,
             status: 0,
             upstream_request_id: String::new(),
+            client_request_id: ctx.client_request_id.to_string(),
             charge: ctx.charge.clone(),
         });
         let sent_at = Instant::now();
@@ -1051,6 +1083,8 @@ struct AttemptCtx<'a> {
     model: &'a str,
     stream: bool,
     request_id: &'a str,
+    /// The client's own id for its request ("" when none).
+    client_request_id: &'a str,
     started: Instant,
     policy: &'a policy::Policy,
     /// When the whole request (every attempt) must be done.
