@@ -7,6 +7,7 @@
 //! usage goes to the local spool.
 
 pub mod balance;
+pub mod cors;
 pub mod forward;
 pub mod health;
 pub mod held;
@@ -175,13 +176,24 @@ impl Proxy {
         if let Some(id) = client_request_id(req.headers()) {
             span.record("client_request_id", id);
         }
+        let cors = match self.holder.get() {
+            Some(cfg) => cfg.policy.cors.judge(req.uri().path(), req.headers()),
+            None => cors::Verdict::Off,
+        };
         let method = req.method().clone();
-        let resp = match self.route(req, &request_id, started).instrument(span.clone()).await {
-            Ok(r) => r,
-            Err(e) => {
-                metrics::counter!("relay_relay_errors_total", "type" => e.kind).increment(1);
-                e.into_response(&request_id)
-            }
+        let resp = if method == Method::OPTIONS && cors.answers_preflight() {
+            // A browser's preflight: answered here, without a key.
+            cors::preflight(&cors, req.headers(), &request_id)
+        } else {
+            let mut resp = match self.route(req, &request_id, started).instrument(span.clone()).await {
+                Ok(r) => r,
+                Err(e) => {
+                    metrics::counter!("relay_relay_errors_total", "type" => e.kind).increment(1);
+                    e.into_response(&request_id)
+                }
+            };
+            cors::decorate(&cors, &mut resp);
+            resp
         };
         metrics::counter!("relay_requests_total", "route" => route, "status" => status_class(resp.status()))
             .increment(1);
@@ -728,6 +740,12 @@ impl Proxy {
             }
         };
         *up.headers_mut() = forward::upstream_headers(&ctx.parts.headers, &account, ctx.policy.forward_client_ip);
+        if ctx.policy.cors.is_on() {
+            // relay is the server the browser calls: the upstream call is relay's own, not a
+            // browser's. (Anthropic's API answers a call with an Origin and no
+            // anthropic-dangerous-direct-browser-access with a 401, which would take the account out.)
+            up.headers_mut().remove(header::ORIGIN);
+        }
         // From here on the attempt leaves exactly one usage row, however it ends (if the
         // client goes away before the upstream answers, the guard records it as cancelled).
         let mut guard = AttemptGuard::new(Attempt {
