@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine or a developer's box.
 #
-# Installs what the tests need when it is missing (Postgres, Redis, etcd from
-# Debian's packages; rustfmt and clippy), makes sure the servers run, then runs
+# Installs what the tests need when it is missing (Postgres, Redis, etcd,
+# Chromium and chromedriver from Debian's packages; Python's anthropic SDK,
+# selenium and helm-python-sdk; rustfmt and clippy), makes sure the servers run, then runs
 # the format check, clippy and every test of the workspace.
 #
 #   scripts/test.sh            everything
@@ -65,6 +66,21 @@ ensure_python_sdk() {
   python3 -c 'import anthropic'
 }
 
+# e2e/tests/browser.rs drives a real browser: headless Chromium and chromedriver from Debian's
+# packages, through Python's selenium (which must use them, never download its own).
+ensure_browser() {
+  command -v python3 >/dev/null || apt_install python3
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    apt_install chromium chromium-driver
+  fi
+  if python3 -c 'import selenium' >/dev/null 2>&1; then return; fi
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  log "installing selenium (Python)"
+  python3 -m pip install --quiet selenium ||
+    python3 -m pip install --quiet --break-system-packages selenium
+  python3 -c 'import selenium'
+}
+
 # e2e/tests/chart.rs renders the Helm chart with Helm's own library (no helm binary).
 ensure_helm_sdk() {
   if python3 -c 'import helm_python, yaml' >/dev/null 2>&1; then return; fi
@@ -90,6 +106,7 @@ ensure_postgres
 ensure_redis
 ensure_etcd
 ensure_python_sdk
+ensure_browser
 ensure_helm_sdk
 ensure_promtool
 

@@ -391,6 +391,7 @@ fn event(node: &str, i: u64) -> pb::UsageEvent {
         upstream_request_id: format!("req_upstream_{i}"),
         web_search_requests: 0,
         anomaly: String::new(),
+        client_request_id: String::new(),
     }
 }
 

@@ -337,6 +337,9 @@ pub struct UsageEvent {
     pub web_search_requests: u64,
     /// Why the counts cannot be fully trusted ("" when they can); see `relay_proto::bounds`.
     pub anomaly: String,
+    /// The client's own id for its request (`x-request-id` / `request-id`), "" when none; see
+    /// `relay_proto::bounds::client_request_id`.
+    pub client_request_id: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

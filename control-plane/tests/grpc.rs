@@ -1211,6 +1211,12 @@ both_stores!(settings_are_declared_checked_and_unset, |cp: Cp| async move {
         ("retry.max_attempts", "", "integer in 1..=20"),
         ("unified.threshold", "-1", "fraction"),
         ("account.main.retry.max_attempts", "2", "cannot be set per account"),
+        (
+            "cors.allowed_origins",
+            "https://app.example/",
+            "\"https://app.example/\" has a path",
+        ),
+        ("cors.allowed_origins", "app.example", "scheme://host[:port]"),
     ] {
         let e = admin.set_setting(set(name, value)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{name}={value}");

@@ -274,6 +274,7 @@ fn usage(n: u64, ts: Millis) -> UsageEvent {
         upstream_request_id: String::new(),
         web_search_requests: 0,
         anomaly: String::new(),
+        client_request_id: String::new(),
     }
 }
 

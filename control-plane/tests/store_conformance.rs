@@ -210,6 +210,11 @@ fn usage(n: u64, ts: Millis, key: &str, acct: &str, model: &str, http_status: u3
         upstream_request_id: format!("msg_{n}"),
         web_search_requests: n % 3,
         anomaly: if n == 3 { "suspect".into() } else { String::new() },
+        client_request_id: if n.is_multiple_of(2) {
+            format!("client-{n}")
+        } else {
+            String::new()
+        },
     }
 }
 

@@ -929,3 +929,101 @@ async fn operations_endpoints_can_live_off_the_public_port() {
     let on_ops = send("POST", &format!("http://{ops}/v1/messages"), &hs, body.to_string()).await;
     assert_eq!(on_ops.status, 404);
 }
+
+/// `upstream request id → (request_id, client_request_id)` of every stored usage row.
+async fn stored_request_ids(cp: &ControlPlane) -> std::collections::BTreeMap<String, (String, String)> {
+    const SQL: &str = "SELECT upstream_request_id, request_id, client_request_id FROM usage_events";
+    match &cp.db {
+        Some(db) => {
+            let (c, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c.query(SQL, &[])
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.get(0), (r.get(1), r.get(2))))
+                .collect()
+        }
+        None => {
+            let conn = rusqlite::Connection::open(cp.sqlite_path().unwrap()).unwrap();
+            let mut stmt = conn.prepare(SQL).unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        }
+    }
+}
+
+/// A client's own request id (`x-request-id`, else `request-id`) lands in its usage row beside
+/// relay's; one that is too long or not visible ASCII is ignored; relay's `request-id` and the
+/// upstream's (`x-upstream-request-id`) are returned as before, and the client's header still
+/// reaches the upstream.
+async fn client_request_ids_are_kept(backend: Backend) {
+    let s = setup(backend, MockConfig::default()).await;
+    let long = "x".repeat(129);
+    let max = "y".repeat(128);
+    // (path, stream, the client's headers, the id stored)
+    type Case<'a> = (&'a str, bool, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        ("/v1/messages", true, vec![("x-request-id", "abc-123")], "abc-123"),
+        ("/v1/messages", false, vec![("x-request-id", "abc-124")], "abc-124"),
+        ("/v1/messages", false, vec![("request-id", "sdk-req-7")], "sdk-req-7"),
+        (
+            "/v1/messages",
+            false,
+            vec![("request-id", "second"), ("x-request-id", "x-first")],
+            "x-first",
+        ),
+        ("/v1/messages", false, vec![("x-request-id", &max)], &max),
+        ("/v1/messages", false, vec![("x-request-id", &long)], ""),
+        ("/v1/messages", false, vec![("x-request-id", "has a space")], ""),
+        ("/v1/messages", false, vec![], ""),
+        (
+            "/v1/messages/count_tokens",
+            false,
+            vec![("x-request-id", "count-1")],
+            "count-1",
+        ),
+    ];
+    let mut expected = std::collections::BTreeMap::new();
+    for (path, stream, headers, want) in &cases {
+        let mut body = message_body("claude-sonnet-4-5", *stream);
+        if path.ends_with("count_tokens") {
+            body = json!({"model": "claude-sonnet-4-5", "messages": body["messages"]});
+        }
+        let r = post(&s.dp, path, &s.key, &body, headers).await;
+        assert_eq!(r.status, 200, "{headers:?}: {}", String::from_utf8_lossy(&r.body));
+        let relay_id = r.header("request-id").unwrap().to_string();
+        assert!(relay_id.starts_with("req_relay_"), "{relay_id}");
+        assert!(r.header("x-request-id").is_none(), "the client's id is not echoed");
+        let upstream_id = r.header("x-upstream-request-id").unwrap().to_string();
+        let sent = s
+            .mock
+            .requests()
+            .into_iter()
+            .find(|q| q.request_id == upstream_id)
+            .unwrap();
+        for (k, v) in headers {
+            assert_eq!(sent.header(k), Some(*v), "{k} is forwarded as before");
+        }
+        expected.insert(upstream_id, (relay_id, want.to_string()));
+    }
+    let stored = wait_for(Duration::from_secs(10), "usage rows to be stored", || async {
+        let rows = stored_request_ids(&s.cp).await;
+        (rows.len() >= cases.len()).then_some(rows)
+    })
+    .await
+    .unwrap();
+    assert_eq!(stored, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_request_ids_are_kept_postgres() {
+    client_request_ids_are_kept(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_request_ids_are_kept_sqlite() {
+    client_request_ids_are_kept(Backend::Sqlite).await;
+}

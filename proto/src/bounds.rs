@@ -14,6 +14,17 @@ pub const MAX_WEB_SEARCHES_PER_REQUEST: u64 = 100_000;
 pub const MAX_COST_PICO_USD_PER_REQUEST: u64 = 100_000 * 1_000_000_000_000;
 /// Latency and time to first byte: one week, in milliseconds.
 pub const MAX_LATENCY_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The longest client request id kept (`x-request-id` / `request-id`), in bytes.
+pub const MAX_CLIENT_REQUEST_ID_LEN: usize = 128;
+
+/// A client's own request id as relay keeps it: 1..=[`MAX_CLIENT_REQUEST_ID_LEN`] visible ASCII
+/// characters (no spaces, no control characters), surrounding whitespace trimmed; anything else is
+/// ignored (None), so a client cannot bloat usage rows or forge log lines with it.
+pub fn client_request_id(raw: &str) -> Option<&str> {
+    let v = raw.trim();
+    (!v.is_empty() && v.len() <= MAX_CLIENT_REQUEST_ID_LEN && v.bytes().all(|b| b.is_ascii_graphic())).then_some(v)
+}
+
 /// The anomaly for a clamped count.
 pub const SUSPECT: &str = "suspect";
 /// The anomaly for usage that could not be read from the answer.
@@ -62,6 +73,17 @@ pub fn clamp(e: &mut UsageEvent) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_request_ids_are_short_visible_ascii() {
+        assert_eq!(client_request_id("abc-123"), Some("abc-123"));
+        assert_eq!(client_request_id(" req_01HX:42/a "), Some("req_01HX:42/a"));
+        assert_eq!(client_request_id(&"x".repeat(128)).map(str::len), Some(128));
+        for bad in ["", "  ", "a b", "a\tb", "a\nb", "é", "a\u{7f}"] {
+            assert_eq!(client_request_id(bad), None, "{bad:?}");
+        }
+        assert_eq!(client_request_id(&"x".repeat(129)), None);
+    }
 
     #[test]
     fn clamps_and_flags_once() {

@@ -27,6 +27,8 @@ pub enum Type {
     Url,
     /// One line of visible text (words separated by single spaces allowed).
     Text,
+    /// Exact browser origins (`scheme://host[:port]`), comma-separated, or `*` alone.
+    Origins,
 }
 
 impl Type {
@@ -41,6 +43,7 @@ impl Type {
             Type::TimeZone => "time zone",
             Type::Url => "URL",
             Type::Text => "text",
+            Type::Origins => "origin list",
         }
     }
 }
@@ -138,6 +141,16 @@ pub const SETTINGS: &[Setting] = &[
         "60000",
         "how long a 429 without any reset header keeps an account out",
     )),
+    Setting {
+        name: "cors.allowed_origins",
+        ty: Type::Origins,
+        min: 0,
+        max: 0,
+        default: "",
+        per_account: false,
+        choices: &[],
+        description: "browser origins that may call the Messages API (CORS: preflights answered without a key, CORS headers on answers); unset: CORS off",
+    },
     Setting {
         name: "headers.expose_ratelimit",
         ty: Type::Bool,
@@ -409,6 +422,7 @@ impl Setting {
             Type::TimeZone => "an IANA name such as UTC or Europe/Berlin".into(),
             Type::Url => "http:// or https:// URL".into(),
             Type::Text => "visible text, at most 512 characters".into(),
+            Type::Origins => "exact origins scheme://host[:port], comma-separated, or * alone".into(),
         }
     }
 
@@ -424,6 +438,7 @@ impl Setting {
         // `settings list` stays small whatever is stored.
         let cap = match self.ty {
             Type::Models => usize::MAX,
+            Type::Origins => MAX_ORIGINS_BYTES,
             Type::Url | Type::Text => 512,
             _ => 32,
         };
@@ -463,6 +478,13 @@ impl Setting {
                     Err(invalid())
                 }
             }
+            Type::Origins => match parse_origins(v) {
+                Ok(_) => Ok(()),
+                Err(reason) => Err(SettingError::BadOrigins {
+                    name: self.name.to_string(),
+                    reason,
+                }),
+            },
             Type::Models => {
                 let ok = !v.is_empty()
                     && v.split(',')
@@ -541,6 +563,121 @@ fn is_http_url(v: &str) -> bool {
     !host.is_empty() && !host.starts_with(':') && v.chars().all(|c| c.is_ascii_graphic()) && !v.contains('#')
 }
 
+/// The longest `cors.allowed_origins` value, in bytes.
+pub const MAX_ORIGINS_BYTES: usize = 4096;
+
+/// What `cors.allowed_origins` allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedOrigins {
+    /// `*`: every origin.
+    Any,
+    /// These exact origins, lowercased (browsers send scheme and host in lowercase).
+    List(Vec<String>),
+}
+
+/// Parses a `cors.allowed_origins` value: `*` alone, or exact origins `scheme://host[:port]`,
+/// comma-separated. Err: why not, naming the offending origin.
+pub fn parse_origins(value: &str) -> Result<AllowedOrigins, String> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err("no origin given (to turn CORS off: relayctl settings unset cors.allowed_origins)".into());
+    }
+    if v == "*" {
+        return Ok(AllowedOrigins::Any);
+    }
+    let mut out = Vec::new();
+    for o in v.split(',').map(str::trim) {
+        check_origin(o)?;
+        let o = o.to_ascii_lowercase();
+        if !out.contains(&o) {
+            out.push(o);
+        }
+    }
+    Ok(AllowedOrigins::List(out))
+}
+
+/// One exact origin: `scheme://host[:port]`, nothing else.
+fn check_origin(o: &str) -> Result<(), String> {
+    let shown: String = o.chars().take(80).collect();
+    let bad = |why: &str| Err(format!("{shown:?} {why}"));
+    if o.is_empty() {
+        return Err("an empty origin (two commas, or one at an end)".into());
+    }
+    if o == "*" {
+        return bad("must stand alone (* allows every origin; it cannot be listed with others)");
+    }
+    if o.eq_ignore_ascii_case("null") {
+        return bad("is not allowed (the null origin is shared by sandboxed pages and local files)");
+    }
+    if !o.chars().all(|c| c.is_ascii_graphic()) {
+        return bad("is not an origin (spaces or characters outside visible ASCII)");
+    }
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return bad("is not an origin: expected scheme://host[:port], such as https://app.example.com");
+    };
+    let scheme_ok = scheme.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !scheme_ok {
+        return bad("has no valid scheme: expected scheme://host[:port], such as https://app.example.com");
+    }
+    if rest.contains(['/', '?', '#']) {
+        return bad("has a path, query or fragment: an origin is scheme://host[:port] only (no trailing slash)");
+    }
+    if rest.contains('@') {
+        return bad("has a user name: an origin is scheme://host[:port] only");
+    }
+    if rest.contains('*') {
+        return bad("has a wildcard: list exact origins, or * alone for every origin");
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let Some((addr, after)) = v6.split_once(']') else {
+            return bad("has an unclosed [ in its host");
+        };
+        if addr.is_empty() || !addr.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.') {
+            return bad("has an invalid IPv6 host");
+        }
+        match after {
+            "" => (addr, None),
+            p => match p.strip_prefix(':') {
+                Some(p) => (addr, Some(p)),
+                None => return bad("has something after its host that is not :port"),
+            },
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    let host_ok = !host.is_empty()
+        && !host.starts_with(['.', '-'])
+        && !host.ends_with('-')
+        && (rest.starts_with('[')
+            || host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')));
+    if !host_ok {
+        return bad("has no valid host: expected scheme://host[:port], such as https://app.example.com");
+    }
+    if let Some(p) = port {
+        let n = match p.parse::<u16>() {
+            Ok(n) if n > 0 && p.chars().all(|c| c.is_ascii_digit()) && !p.starts_with('0') => n,
+            _ => return bad("has an invalid port (1..=65535)"),
+        };
+        let default = match scheme.to_ascii_lowercase().as_str() {
+            "http" | "ws" => Some(80),
+            "https" | "wss" => Some(443),
+            _ => None,
+        };
+        if default == Some(n) {
+            return bad("names its scheme's default port: browsers send the origin without it, so leave it out");
+        }
+    }
+    Ok(())
+}
+
 /// A utilization or threshold as a fraction in (0, 1]: values above 1.0 are percentages.
 pub fn fraction(v: f64) -> Option<f64> {
     if !v.is_finite() || v <= 0.0 || v > 100.0 {
@@ -582,6 +719,10 @@ pub enum SettingError {
     NotPerAccount(String, String),
     #[error("the value is {0} bytes; at most {MAX_VALUE_BYTES}")]
     TooLong(usize),
+    #[error(
+        "invalid value for {name}: {reason}; expected exact origins scheme://host[:port], comma-separated, or * alone"
+    )]
+    BadOrigins { name: String, reason: String },
 }
 
 fn names() -> String {
@@ -663,10 +804,10 @@ pub fn markdown_table() -> String {
         "| setting | type | range | default | per account | meaning |\n| --- | --- | --- | --- | --- | --- |\n",
     );
     for s in SETTINGS {
-        let default = if s.default.is_empty() {
-            "(built-in list)"
-        } else {
-            s.default
+        let default = match (s.default.is_empty(), s.ty) {
+            (true, Type::Origins) => "(none: off)",
+            (true, _) => "(built-in list)",
+            (false, _) => s.default,
         };
         out.push_str(&format!(
             "| `{}` | {} | {} | {} | {} | {} |\n",
@@ -689,7 +830,7 @@ mod tests {
     #[test]
     fn every_default_fits_its_own_rules() {
         for s in SETTINGS {
-            if s.ty != Type::Models {
+            if !s.default.is_empty() {
                 assert_eq!(s.check(s.default), Ok(()), "{}", s.name);
             }
         }
@@ -790,6 +931,55 @@ mod tests {
             "docs/operations.md must hold this table (Settings section):\n{}",
             markdown_table()
         );
+    }
+
+    #[test]
+    fn origins_are_exact_and_refused_with_a_reason() {
+        let name = "cors.allowed_origins";
+        assert_eq!(parse_origins(" * ").unwrap(), AllowedOrigins::Any);
+        assert_eq!(
+            parse_origins(
+                "https://App.Example.com, http://localhost:5173,chrome-extension://abcdef, http://[::1]:8080"
+            )
+            .unwrap(),
+            AllowedOrigins::List(vec![
+                "https://app.example.com".into(),
+                "http://localhost:5173".into(),
+                "chrome-extension://abcdef".into(),
+                "http://[::1]:8080".into(),
+            ])
+        );
+        assert!(check(name, "https://a.example, https://a.example").is_ok());
+        for (bad, why) in [
+            ("", "no origin given"),
+            ("https://app.example.com/", "has a path"),
+            ("https://app.example.com/chat", "has a path"),
+            ("app.example.com", "expected scheme://host[:port]"),
+            ("https://", "no valid host"),
+            ("https://:8080", "no valid host"),
+            ("https://a.example:0", "invalid port"),
+            ("https://a.example:65536", "invalid port"),
+            ("https://a.example:", "invalid port"),
+            ("https://a.example:443", "default port"),
+            ("http://a.example:80", "default port"),
+            ("https://*.example.com", "wildcard"),
+            ("*, https://a.example", "must stand alone"),
+            ("https://a.example,", "empty origin"),
+            ("null", "null origin"),
+            ("https://user@a.example", "user name"),
+            ("https://a b.example", "visible ASCII"),
+            ("1http://a.example", "no valid scheme"),
+            ("https://a_b.example", "no valid host"),
+            ("http://[::1", "unclosed"),
+        ] {
+            let e = check(name, bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+            assert!(e.contains("cors.allowed_origins"), "{e}");
+        }
+        let long = vec!["https://a.example"; 300].join(",");
+        assert!(check(name, &long).is_err(), "at most {MAX_ORIGINS_BYTES} bytes");
+        // A value that no longer parses reads as the default: off.
+        assert!(known(name).default.is_empty());
     }
 
     #[test]

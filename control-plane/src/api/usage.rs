@@ -90,6 +90,11 @@ pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
             upstream_request_id: e.upstream_request_id.clone(),
             web_search_requests: e.web_search_requests,
             anomaly: e.anomaly.clone(),
+            // Checked again here: a data plane of another build, or a broken one, cannot store
+            // anything longer or stranger than the data plane keeps.
+            client_request_id: relay_proto::bounds::client_request_id(&e.client_request_id)
+                .unwrap_or("")
+                .to_string(),
         });
     }
     (ok, rejected)

@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (8, include_str!("../../migrations/sqlite/0008_leadership.sql")),
     (9, include_str!("../../migrations/sqlite/0009_oauth_accounts.sql")),
     (10, include_str!("../../migrations/sqlite/0010_quotas_and_refresh.sql")),
+    (11, include_str!("../../migrations/sqlite/0011_client_request_id.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1026,9 +1027,9 @@ fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<Inges
                  api_key_id, account_id, model, input_tokens, output_tokens, \
                  cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, \
                  http_status, error_type, stream, cancelled, latency_ms, ttfb_ms, \
-                 upstream_request_id, web_search_requests, received_at, anomaly) VALUES \
+                 upstream_request_id, web_search_requests, received_at, anomaly, client_request_id) VALUES \
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-                 ?18, ?19, ?20, ?21, ?22, ?23)",
+                 ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
             )
             .map_err(db)?;
         for e in events {
@@ -1057,6 +1058,7 @@ fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<Inges
                     to_i64(e.web_search_requests, "web_search_requests")?,
                     received_at,
                     e.anomaly,
+                    e.client_request_id,
                 ])
                 .map_err(db)?;
             inserted += u64::try_from(n).map_err(|_| StoreError::Database("row count".into()))?;

@@ -278,6 +278,8 @@ pub struct Attempt {
     /// The upstream's status; 0 until its response head arrived.
     pub status: u16,
     pub upstream_request_id: String,
+    /// The client's own id for its request (`x-request-id` / `request-id`), "" when none.
+    pub client_request_id: String,
     /// The request's reservation against its key's limits: what this attempt used is added.
     pub charge: Option<Arc<relay_limits::Charge>>,
 }
@@ -732,6 +734,7 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         upstream_request_id: a.upstream_request_id,
         web_search_requests: usage.web_search_requests,
         anomaly: String::new(),
+        client_request_id: a.client_request_id,
     };
     if r.unparsed {
         relay_proto::bounds::flag(&mut event, relay_proto::bounds::UNPARSED);
@@ -767,6 +770,7 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         metrics::counter!("relay_usage_anomalies_total", "anomaly" => relay_proto::bounds::SUSPECT).increment(1);
         tracing::warn!(
             request_id = %event.request_id,
+            client_request_id = %event.client_request_id,
             account_id = %event.account_id,
             "the upstream reported usage beyond what one request can carry: clamped and flagged suspect"
         );

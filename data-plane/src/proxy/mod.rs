@@ -7,6 +7,7 @@
 //! usage goes to the local spool.
 
 pub mod balance;
+pub mod cors;
 pub mod estimate;
 pub mod forward;
 pub mod health;
@@ -35,6 +36,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use sticky::SessionStore;
+use tracing::Instrument;
 
 /// How often a request waiting for an account whose fleet-wide slots are all taken looks again.
 const FLEET_SLOT_POLL_MS: i64 = 50;
@@ -82,6 +84,16 @@ pub struct Proxy {
 
 fn new_request_id() -> String {
     format!("req_relay_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// The client's own id for its request: `x-request-id`, else `request-id`, kept only when it is
+/// 1..=128 visible ASCII characters (`relay_proto::bounds::client_request_id`).
+fn client_request_id(h: &HeaderMap) -> Option<&str> {
+    ["x-request-id", "request-id"]
+        .iter()
+        .find_map(|n| h.get(*n))
+        .and_then(|v| v.to_str().ok())
+        .and_then(relay_proto::bounds::client_request_id)
 }
 
 fn json_response(status: StatusCode, body: &serde_json::Value, request_id: &str) -> Response<Body> {
@@ -161,16 +173,46 @@ impl Proxy {
         let started = Instant::now();
         let request_id = new_request_id();
         let route = route_label(req.method(), req.uri().path());
-        let resp = match self.route(req, &request_id, started).await {
-            Ok(r) => r,
-            Err(e) => {
-                metrics::counter!("relay_relay_errors_total", "type" => e.kind).increment(1);
-                e.into_response(&request_id)
-            }
+        // Every line logged while the request is routed carries relay's id and the client's own.
+        let span = tracing::info_span!(
+            "request",
+            request_id = %request_id,
+            client_request_id = tracing::field::Empty,
+        );
+        if let Some(id) = client_request_id(req.headers()) {
+            span.record("client_request_id", id);
+        }
+        let cors = match self.holder.get() {
+            Some(cfg) => cfg.policy.cors.judge(req.uri().path(), req.headers()),
+            None => cors::Verdict::Off,
+        };
+        let method = req.method().clone();
+        let resp = if method == Method::OPTIONS && cors.answers_preflight() {
+            // A browser's preflight: answered here, without a key.
+            cors::preflight(&cors, req.headers(), &request_id)
+        } else {
+            let mut resp = match self.route(req, &request_id, started).instrument(span.clone()).await {
+                Ok(r) => r,
+                Err(e) => {
+                    metrics::counter!("relay_relay_errors_total", "type" => e.kind).increment(1);
+                    e.into_response(&request_id)
+                }
+            };
+            cors::decorate(&cors, &mut resp);
+            resp
         };
         metrics::counter!("relay_requests_total", "route" => route, "status" => status_class(resp.status()))
             .increment(1);
         metrics::histogram!("relay_request_head_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+        span.in_scope(|| {
+            tracing::debug!(
+                method = %method,
+                route,
+                status = resp.status().as_u16(),
+                head_ms = started.elapsed().as_millis() as u64,
+                "answered"
+            )
+        });
         Ok(resp)
     }
 
@@ -434,6 +476,7 @@ impl Proxy {
             model: &model,
             stream,
             request_id,
+            client_request_id: client_request_id(&parts.headers).unwrap_or(""),
             started,
             policy,
             deadline,
@@ -757,6 +800,11 @@ impl Proxy {
             }
         };
         *up.headers_mut() = forward::upstream_headers(&ctx.parts.headers, &account, ctx.policy.forward_client_ip);
+        // relay is the server a browser calls: the upstream call is relay's own, never a
+        // browser's, whether CORS is on or not. (Anthropic's API answers a call with an Origin and
+        // no anthropic-dangerous-direct-browser-access with a 401, which would take the account
+        // out for every client.)
+        up.headers_mut().remove(header::ORIGIN);
         // From here on the attempt leaves exactly one usage row, however it ends (if the
         // client goes away before the upstream answers, the guard records it as cancelled).
         let mut guard = AttemptGuard::new(Attempt {
@@ -772,6 +820,7 @@ impl Proxy {
             started: ctx.started,
             status: 0,
             upstream_request_id: String::new(),
+            client_request_id: ctx.client_request_id.to_string(),
             charge: ctx.charge.clone(),
         });
         let sent_at = Instant::now();
@@ -1167,6 +1216,8 @@ struct AttemptCtx<'a> {
     model: &'a str,
     stream: bool,
     request_id: &'a str,
+    /// The client's own id for its request ("" when none).
+    client_request_id: &'a str,
     started: Instant,
     policy: &'a policy::Policy,
     /// When the whole request (every attempt) must be done.

@@ -36,6 +36,8 @@ pub struct Policy {
     pub count_cache_reads: bool,
     /// Budgets' days and months (`limits.timezone`).
     pub timezone: chrono_tz::Tz,
+    /// Browser origins allowed to call the Messages API (`cors.allowed_origins`; off when unset).
+    pub cors: super::cors::Cors,
 }
 
 impl Default for Policy {
@@ -76,6 +78,7 @@ impl Policy {
             limits_store_timeout: ms(values, "limits.store_timeout_ms"),
             count_cache_reads: settings::known("limits.count_cache_reads").bool_in(values),
             timezone: settings::known("limits.timezone").tz_in(values),
+            cors: super::cors::Cors::from_settings(values),
         }
     }
 
