@@ -392,6 +392,8 @@ fn event(node: &str, i: u64) -> pb::UsageEvent {
         web_search_requests: 0,
         anomaly: String::new(),
         client_request_id: String::new(),
+        queue_wait_ms: 0,
+        waited_for: String::new(),
     }
 }
 

@@ -340,6 +340,10 @@ pub struct UsageEvent {
     /// The client's own id for its request (`x-request-id` / `request-id`), "" when none; see
     /// `relay_proto::bounds::client_request_id`.
     pub client_request_id: String,
+    /// How long the request waited for an account before this attempt, and for what ("",
+    /// "slot", "cooldown", "recovery"; see the proto's `UsageEvent`).
+    pub queue_wait_ms: u64,
+    pub waited_for: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

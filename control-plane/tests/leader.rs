@@ -275,6 +275,8 @@ fn usage(n: u64, ts: Millis) -> UsageEvent {
         web_search_requests: 0,
         anomaly: String::new(),
         client_request_id: String::new(),
+        queue_wait_ms: 0,
+        waited_for: String::new(),
     }
 }
 

@@ -215,6 +215,12 @@ fn usage(n: u64, ts: Millis, key: &str, acct: &str, model: &str, http_status: u3
         } else {
             String::new()
         },
+        queue_wait_ms: if n.is_multiple_of(3) { 250 * n } else { 0 },
+        waited_for: if n.is_multiple_of(3) {
+            "recovery".into()
+        } else {
+            String::new()
+        },
     }
 }
 

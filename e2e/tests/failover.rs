@@ -826,6 +826,25 @@ async fn a_request_waits_for_an_operators_recovery() {
     let (r, took) = waiting.await.unwrap();
     assert_complete(&r, true);
     assert!(took < Duration::from_secs(8), "{took:?}");
+    // Its usage row says what it waited for, and how long.
+    let request_id = r.header("request-id").unwrap().to_string();
+    let path = f.cp.sqlite_path().unwrap();
+    let (waited_ms, waited_for) = wait_for(Duration::from_secs(10), "the waiting request's usage row", || {
+        let (path, request_id) = (path.clone(), request_id.clone());
+        async move {
+            let conn = rusqlite::Connection::open(path).ok()?;
+            conn.query_row(
+                "SELECT queue_wait_ms, waited_for FROM usage_events WHERE request_id = ?1 AND http_status = 200",
+                [&request_id],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+            )
+            .ok()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(waited_for, "recovery");
+    assert!((1000..8000).contains(&waited_ms), "{waited_ms}");
 
     // Nothing recovers: 529 once the wait is up.
     f.cp.set_setting("queue.max_wait_ms", "1000").await;

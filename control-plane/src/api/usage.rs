@@ -95,6 +95,12 @@ pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
             client_request_id: relay_proto::bounds::client_request_id(&e.client_request_id)
                 .unwrap_or("")
                 .to_string(),
+            // At most a day (no request waits longer); an unknown reason is kept as "other".
+            queue_wait_ms: e.queue_wait_ms.min(86_400_000),
+            waited_for: match e.waited_for.as_str() {
+                w @ ("" | "slot" | "cooldown" | "recovery") => w.to_string(),
+                _ => "other".to_string(),
+            },
         });
     }
     (ok, rejected)

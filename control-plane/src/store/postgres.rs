@@ -30,6 +30,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/postgres/0010_quotas_and_refresh.sql"),
     ),
     (11, include_str!("../../migrations/postgres/0011_client_request_id.sql")),
+    (12, include_str!("../../migrations/postgres/0012_queue_wait.sql")),
 ];
 const NOTIFY_CHANNEL: &str = "relay_config";
 /// `application_name` of the LISTEN connection.
@@ -1196,6 +1197,8 @@ impl Store for PostgresStore {
         let mut upstream = Vec::with_capacity(n);
         let mut anomaly = Vec::with_capacity(n);
         let mut client_id = Vec::with_capacity(n);
+        let mut waited_ms = Vec::with_capacity(n);
+        let mut waited_for = Vec::with_capacity(n);
         for e in events {
             ids.push(e.event_id);
             req.push(e.request_id.as_str());
@@ -1224,6 +1227,8 @@ impl Store for PostgresStore {
             upstream.push(e.upstream_request_id.as_str());
             anomaly.push(e.anomaly.as_str());
             client_id.push(e.client_request_id.as_str());
+            waited_ms.push(i64::try_from(e.queue_wait_ms).unwrap_or(i64::MAX));
+            waited_for.push(e.waited_for.as_str());
         }
         let now = now_ms();
         let c = self.client().await?;
@@ -1232,16 +1237,39 @@ impl Store for PostgresStore {
                 "INSERT INTO usage_events (event_id, request_id, ts, node_id, api_key_id, account_id, model, \
                  input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, \
                  cost_pico_usd, latency_ms, ttfb_ms, web_search_requests, http_status, error_type, stream, \
-                 cancelled, upstream_request_id, anomaly, client_request_id, received_at) \
+                 cancelled, upstream_request_id, anomaly, client_request_id, queue_wait_ms, waited_for, received_at) \
                  SELECT *, $21::BIGINT FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
                  $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], \
                  $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::int[], $18::text[], $19::bool[], \
-                 $20::bool[], $22::text[], $23::text[], $24::text[]) \
+                 $20::bool[], $22::text[], $23::text[], $24::text[], $25::bigint[], $26::text[]) \
                  ON CONFLICT (event_id) DO NOTHING",
                 &[
-                    &ids, &req, &ts, &node, &key, &acct, &model, &nums[0], &nums[1], &nums[2], &nums[3], &nums[4],
-                    &nums[5], &nums[6], &nums[7], &nums[8], &status, &err, &stream, &cancelled, &now, &upstream,
-                    &anomaly, &client_id,
+                    &ids,
+                    &req,
+                    &ts,
+                    &node,
+                    &key,
+                    &acct,
+                    &model,
+                    &nums[0],
+                    &nums[1],
+                    &nums[2],
+                    &nums[3],
+                    &nums[4],
+                    &nums[5],
+                    &nums[6],
+                    &nums[7],
+                    &nums[8],
+                    &status,
+                    &err,
+                    &stream,
+                    &cancelled,
+                    &now,
+                    &upstream,
+                    &anomaly,
+                    &client_id,
+                    &waited_ms,
+                    &waited_for,
                 ],
             )
             .await

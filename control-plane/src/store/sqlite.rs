@@ -29,6 +29,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (9, include_str!("../../migrations/sqlite/0009_oauth_accounts.sql")),
     (10, include_str!("../../migrations/sqlite/0010_quotas_and_refresh.sql")),
     (11, include_str!("../../migrations/sqlite/0011_client_request_id.sql")),
+    (12, include_str!("../../migrations/sqlite/0012_queue_wait.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1027,9 +1028,10 @@ fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<Inges
                  api_key_id, account_id, model, input_tokens, output_tokens, \
                  cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, \
                  http_status, error_type, stream, cancelled, latency_ms, ttfb_ms, \
-                 upstream_request_id, web_search_requests, received_at, anomaly, client_request_id) VALUES \
+                 upstream_request_id, web_search_requests, received_at, anomaly, client_request_id, \
+                 queue_wait_ms, waited_for) VALUES \
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-                 ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
+                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
             )
             .map_err(db)?;
         for e in events {
@@ -1059,6 +1061,8 @@ fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<Inges
                     received_at,
                     e.anomaly,
                     e.client_request_id,
+                    to_i64(e.queue_wait_ms, "queue_wait_ms")?,
+                    e.waited_for,
                 ])
                 .map_err(db)?;
             inserted += u64::try_from(n).map_err(|_| StoreError::Database("row count".into()))?;

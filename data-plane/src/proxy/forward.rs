@@ -280,6 +280,8 @@ pub struct Attempt {
     pub upstream_request_id: String,
     /// The client's own id for its request (`x-request-id` / `request-id`), "" when none.
     pub client_request_id: String,
+    /// How long the request waited for an account before this attempt, and for what.
+    pub waited: super::Waited,
     /// The request's reservation against its key's limits: what this attempt used is added.
     pub charge: Option<Arc<relay_limits::Charge>>,
 }
@@ -735,6 +737,8 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         web_search_requests: usage.web_search_requests,
         anomaly: String::new(),
         client_request_id: a.client_request_id,
+        queue_wait_ms: a.waited.ms,
+        waited_for: a.waited.what.to_string(),
     };
     if r.unparsed {
         relay_proto::bounds::flag(&mut event, relay_proto::bounds::UNPARSED);

@@ -521,15 +521,16 @@ impl Proxy {
         let mut tried: Vec<String> = Vec::new();
         let mut failures: Vec<Failure> = Vec::new();
         let mut costly = 0u32;
+        let mut waited = Waited::default();
         while costly < policy.max_attempts {
-            let Some((account, slot)) = self.acquire(ctx, &tried, bound, deadline).await? else {
+            let Some((account, slot)) = self.acquire(ctx, &tried, bound, deadline, &mut waited).await? else {
                 break;
             };
             if !tried.is_empty() {
                 metrics::counter!("relay_failovers_total").increment(1);
             }
             let began = Instant::now();
-            match self.attempt(ctx, account.clone(), slot).await {
+            match self.attempt(ctx, account.clone(), slot, waited).await {
                 Ok(resp) => {
                     if let Some(k) = session {
                         if bound != Some(account.id.as_str()) {
@@ -599,6 +600,7 @@ impl Proxy {
         tried: &[String],
         bound: Option<&str>,
         deadline: tokio::time::Instant,
+        waited: &mut Waited,
     ) -> Result<Option<(Arc<AccountEntry>, SlotGuard)>, ApiError> {
         // count_tokens waits little: when no account frees up soon, relay answers it with an estimate.
         let max_wait = if ctx.is_messages {
@@ -662,10 +664,11 @@ impl Proxy {
                 }
                 c => c,
             };
-            let at = match choice {
+            let (at, what) = match choice {
                 Choice::Ready(..) | Choice::Nothing => return Ok(None),
-                Choice::Later(at) => at,
-                Choice::Suspended => Some(now + SUSPENDED_POLL_MS),
+                Choice::Later(None) => (None, "slot"),
+                Choice::Later(at) => (at, "cooldown"),
+                Choice::Suspended => (Some(now + SUSPENDED_POLL_MS), "recovery"),
             };
             full.clear();
             if ticket.is_none() {
@@ -688,6 +691,10 @@ impl Proxy {
                 _ = changed => {}
                 _ = tokio::time::sleep_until(wake) => {}
             }
+            waited.what = what;
+            waited.ms = waited
+                .ms
+                .saturating_add(now_i.elapsed().as_millis().try_into().unwrap_or(u64::MAX));
             if matches!(choice, Choice::Suspended) {
                 if let Some(cfg) = self.holder.get() {
                     // A key revoked or expired meanwhile is not served from the newer config.
@@ -774,6 +781,7 @@ impl Proxy {
         ctx: &AttemptCtx<'_>,
         account: Arc<AccountEntry>,
         slot: SlotGuard,
+        waited: Waited,
     ) -> Result<Response<Body>, (Failure, bool)> {
         let sink = HealthSink {
             registry: self.health.clone(),
@@ -821,6 +829,7 @@ impl Proxy {
             status: 0,
             upstream_request_id: String::new(),
             client_request_id: ctx.client_request_id.to_string(),
+            waited,
             charge: ctx.charge.clone(),
         });
         let sent_at = Instant::now();
@@ -1204,6 +1213,14 @@ async fn estimate_unanswered(
     resp.headers_mut()
         .insert("x-relay-estimate", HeaderValue::from_static("true"));
     Ok(resp)
+}
+
+/// How long a request waited for an account so far, and for what (the last thing it waited for):
+/// "slot", "cooldown", "recovery"; "" when it did not wait.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Waited {
+    pub ms: u64,
+    pub what: &'static str,
 }
 
 /// Everything about the client's request that every attempt needs.
