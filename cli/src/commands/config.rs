@@ -58,6 +58,7 @@ fn group_update_request(args: &GroupUpdate) -> UpdateGroupRequest {
         name: args.name.clone(),
         description: args.description.clone(),
         limits: None,
+        ..Default::default()
     }
 }
 
@@ -70,6 +71,7 @@ pub async fn group(conn: &mut Conn, out: Output, cmd: GroupCmd) -> Result<()> {
                 name: args.name,
                 description: args.description,
                 limits: Some(lim::apply(KeyLimits::default(), &args.limits)),
+                ..Default::default()
             };
             let info = api.create_group(req).await.or_report(&server)?;
             out.one(GROUP_COLUMNS, &info)
