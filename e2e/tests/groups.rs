@@ -54,7 +54,7 @@ impl Relay {
 
     /// A conversation of its own (sessions would stick to one account otherwise).
     async fn ask(&self, key: &str, n: usize) -> HttpResponse {
-        let mut body = message_body("claude-sonnet-4-5", n % 2 == 0);
+        let mut body = message_body("claude-sonnet-4-5", n.is_multiple_of(2));
         body["messages"][0]["content"] = json!(format!("conversation {n}: {}", uuid::Uuid::new_v4()));
         let h = sdk_headers(key);
         let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -85,7 +85,7 @@ async fn serve_ok(relay: &Relay, key: &str, from: usize, n: usize) {
     for i in from..from + n {
         let r = relay.ask(key, i).await;
         assert_eq!(r.status, 200, "request {i}: {}", String::from_utf8_lossy(&r.body));
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             assert!(String::from_utf8_lossy(&r.body).contains("event: message_stop"));
         }
     }
