@@ -81,6 +81,7 @@ pub async fn setup(admin: &mut Admin, fast_mock: &str, slow_mock: &str) -> Resul
             name: "slow".into(),
             description: "slow-stream mock".into(),
             limits: None,
+            ..Default::default()
         })
         .await
         .context("creating the slow group")?;
@@ -293,6 +294,7 @@ pub async fn propagation(
                 name: format!("prop-{tag}-{w}"),
                 description: String::new(),
                 limits: None,
+                ..Default::default()
             })
             .await
             .context("admin write")?;

@@ -376,11 +376,27 @@ pub enum GroupCmd {
         /// The group's name or id.
         group: String,
     },
-    /// Change a group (rename, description, limits); only the given fields change.
+    /// Change a group (rename, description, limits, fallbacks); only the given fields change.
     Update(GroupUpdate),
-    /// Delete a group (also `delete`, `remove`).
+    /// Delete a group (also `delete`, `remove`); refused while another group names it as a fallback.
     #[command(aliases = ["delete", "remove"])]
     Rm {
+        /// The group's name or id.
+        group: String,
+    },
+    /// Pause a group: its accounts serve nobody through it, its keys go straight to its fallbacks
+    /// (or get an error saying the group is paused). Every data plane within a second.
+    Pause {
+        /// The group's name or id.
+        group: String,
+    },
+    /// Resume a paused (or activated) group: back to normal.
+    Resume {
+        /// The group's name or id.
+        group: String,
+    },
+    /// Activate a group: keys whose group falls back to it use it first, before their own group.
+    Activate {
         /// The group's name or id.
         group: String,
     },
@@ -393,6 +409,10 @@ pub struct GroupCreate {
     /// What the group is for.
     #[arg(long, default_value = "")]
     pub description: String,
+    /// Groups whose accounts serve this group's keys when none of its own can, in order
+    /// (comma-separated or repeated).
+    #[arg(long = "fallback", value_name = "GROUP", value_delimiter = ',')]
+    pub fallbacks: Vec<String>,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -407,6 +427,17 @@ pub struct GroupUpdate {
     /// A new description.
     #[arg(long)]
     pub description: Option<String>,
+    /// Replace the fallback groups, in order (comma-separated or repeated; '' clears them).
+    #[arg(
+        long = "fallback",
+        value_name = "GROUP",
+        value_delimiter = ',',
+        conflicts_with = "no_fallback"
+    )]
+    pub fallbacks: Option<Vec<String>>,
+    /// Remove every fallback group.
+    #[arg(long)]
+    pub no_fallback: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -859,6 +890,34 @@ mod tests {
                 let text = err.to_string();
                 assert!(text.contains(flag) && text.contains(says), "{args:?}: {text}");
             }
+        }
+    }
+
+    #[test]
+    fn group_fallbacks_and_states() {
+        let cli = parse(&["group", "create", "a", "--fallback", "b,c", "--fallback", "d"]).unwrap();
+        let Command::Group(GroupCmd::Create(g)) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(g.fallbacks, ["b", "c", "d"]);
+        let fallbacks = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Group(GroupCmd::Update(u)) => (u.fallbacks, u.no_fallback),
+            _ => unreachable!(),
+        };
+        assert_eq!(
+            fallbacks(&["group", "update", "a", "--fallback", "c,b"]),
+            (Some(vec!["c".to_string(), "b".to_string()]), false)
+        );
+        assert_eq!(
+            fallbacks(&["group", "update", "a", "--fallback", ""]),
+            (Some(vec![String::new()]), false)
+        );
+        assert_eq!(fallbacks(&["group", "update", "a", "--no-fallback"]), (None, true));
+        assert_eq!(fallbacks(&["group", "update", "a", "--name", "x"]), (None, false));
+        assert!(parse(&["group", "update", "a", "--fallback", "b", "--no-fallback"]).is_err());
+        for verb in ["pause", "resume", "activate"] {
+            assert!(parse(&["group", verb, "a"]).is_ok(), "{verb}");
+            assert!(parse(&["group", verb]).is_err(), "{verb} needs a group");
         }
     }
 

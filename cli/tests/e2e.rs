@@ -588,6 +588,65 @@ async fn limits_walkthrough(env: &Env) {
     );
 }
 
+/// Groups that fail over and that an operator steers: fallbacks set, refused when they would
+/// loop, cleared; pause, resume and activate shown with since when and by whom, audited.
+fn groups_walkthrough(env: &Env) {
+    env.ok(&["group", "create", "backup"], None);
+    let p = env.json(&["group", "create", "primary", "--fallback", "backup"], None);
+    assert_eq!(p["fallbacks"], serde_json::json!(["backup"]), "{p}");
+    assert_eq!(
+        (p["state"].as_str(), p["state_since"].is_null()),
+        (Some("active"), true),
+        "{p}"
+    );
+    let t = env.json(&["group", "create", "third", "--fallback", "primary,backup"], None);
+    assert_eq!(t["fallbacks"], serde_json::json!(["primary", "backup"]), "{t}");
+    // A loop is refused with the path it would take; nothing changes.
+    let out = env.relayctl(&["group", "update", "backup", "--fallback", "third"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("cycle: backup → third → primary → backup"), "{why}");
+    let out = env.relayctl(&["group", "update", "backup", "--fallback", "nope"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"nope\" not found"));
+
+    let paused = env.json(&["group", "pause", "primary"], None);
+    assert_eq!(paused["state"], "paused", "{paused}");
+    assert!(paused["state_since"].as_str().is_some(), "{paused}");
+    assert!(!paused["state_by"].as_str().unwrap_or("").is_empty(), "{paused}");
+    let table = env.ok(&["group", "list"], None);
+    for want in ["Fallbacks", "State", "Since", "paused", "primary, backup"] {
+        assert!(table.contains(want), "{want}: {table}");
+    }
+    let shown = env.json(&["group", "show", "backup"], None);
+    assert_eq!(shown["fallback_of"], serde_json::json!(["primary", "third"]), "{shown}");
+    assert_eq!(env.json(&["group", "resume", "primary"], None)["state"], "active");
+    assert_eq!(env.json(&["group", "activate", "backup"], None)["state"], "activated");
+
+    // A group that is someone's fallback stays until they let it go.
+    let out = env.relayctl(&["group", "rm", "backup"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("is a fallback of"), "{why}");
+    let p = env.json(&["group", "update", "primary", "--no-fallback"], None);
+    assert_eq!(p["fallbacks"], serde_json::json!([]), "{p}");
+    let t = env.json(&["group", "update", "third", "--fallback", ""], None);
+    assert_eq!(t["fallbacks"], serde_json::json!([]), "{t}");
+    env.ok(&["group", "resume", "backup"], None);
+    env.ok(&["group", "rm", "backup"], None);
+    let audit = env.json(&["audit", "--limit", "30"], None);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    for want in ["group.pause", "group.resume", "group.activate", "group.delete"] {
+        assert!(actions.contains(&want), "{want}: {actions:?}");
+    }
+    env.ok(&["group", "rm", "third"], None);
+    env.ok(&["group", "rm", "primary"], None);
+}
+
 /// Settings: every one listed on a fresh install, typos and bad values refused
 /// with what to type instead, unset back to the default.
 fn settings_walkthrough(env: &Env) {
@@ -723,6 +782,7 @@ async fn standalone_walkthrough() {
 
     let env = Env { server, token, dir };
     let (api_key, ro) = operator_walkthrough(&env).await;
+    groups_walkthrough(&env);
 
     // One screen of status: the accounts the walkthrough made, and the last hour.
     let text = env.ok(&["status"], None);

@@ -137,15 +137,13 @@ fn system() -> AuditRecord {
 pub async fn ensure_defaults(store: &DynStore) -> Result<(), BootstrapError> {
     if store.get_group(DEFAULT_GROUP).await?.is_none() {
         let now = now_ms();
-        let g = Group {
-            id: DEFAULT_GROUP.to_string(),
-            name: DEFAULT_GROUP.to_string(),
-            description: "accounts and keys without an explicit group".into(),
-            limits: KeyLimits::default(),
-            created_at: now,
-            updated_at: now,
-            revision: 0,
-        };
+        let g = Group::new(
+            DEFAULT_GROUP,
+            DEFAULT_GROUP,
+            "accounts and keys without an explicit group",
+            KeyLimits::default(),
+            now,
+        );
         let audit = AuditRecord {
             action: "group.create".into(),
             target: DEFAULT_GROUP.into(),

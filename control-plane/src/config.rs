@@ -180,6 +180,9 @@ pub fn build_resources(state: &ConfigState, key: &MasterKey) -> Result<pb::Resou
                 description: g.description.clone(),
                 // Absent when unlimited, as before groups had limits (same config hash).
                 limits: (g.limits != model::KeyLimits::default()).then(|| limits_to_pb(&g.limits)),
+                // Empty and active (both the proto default) unless set: the same hash as before.
+                fallback_ids: g.fallback_ids.clone(),
+                state: group_state_to_pb(g.state) as i32,
             })
             .collect(),
         prices: state.prices.iter().map(price_to_pb).collect(),
@@ -225,6 +228,14 @@ pub fn account_to_pb(a: &model::Account, key: &MasterKey) -> Result<pb::Account,
         credential_expires_at_ms: a.credential_expires_at.unwrap_or(0),
         reset_generation: a.reset_generation,
     })
+}
+
+pub fn group_state_to_pb(s: model::GroupState) -> pb::GroupState {
+    match s {
+        model::GroupState::Active => pb::GroupState::Active,
+        model::GroupState::Paused => pb::GroupState::Paused,
+        model::GroupState::Activated => pb::GroupState::Activated,
+    }
 }
 
 pub fn version_pb(v: Version) -> pb::ConfigVersion {

@@ -69,6 +69,17 @@ str_enum!(AccountStatus { Enabled => "enabled", Disabled => "disabled" });
 str_enum!(KeyStatus { Active => "active", Disabled => "disabled", Revoked => "revoked" });
 
 str_enum!(
+    /// How an operator steers a group: `active` (normal), `paused` (its accounts serve nobody
+    /// through it; its keys go to its fallbacks), `activated` (first for keys whose group falls
+    /// back to it).
+    GroupState {
+        Active => "active",
+        Paused => "paused",
+        Activated => "activated",
+    }
+);
+
+str_enum!(
     /// What an admin token may do.
     Role {
         Admin => "admin",
@@ -201,9 +212,66 @@ pub struct Group {
     pub description: String,
     /// The group's total across its keys (0 = unlimited for each).
     pub limits: KeyLimits,
+    /// Groups whose accounts serve this group's keys when none of its own is eligible, in order
+    /// (ids). Never itself, never forming a cycle (checked by the store in the write).
+    pub fallback_ids: Vec<String>,
+    pub state: GroupState,
+    /// When `state` was last set (0 = never) and by which actor ("" = never).
+    pub state_since: Millis,
+    pub state_by: String,
     pub created_at: Millis,
     pub updated_at: Millis,
     pub revision: u64,
+}
+
+impl Group {
+    /// A new, active group without fallbacks.
+    pub fn new(id: &str, name: &str, description: &str, limits: KeyLimits, now: Millis) -> Self {
+        Self {
+            id: id.to_string(),
+            name: name.to_string(),
+            description: description.to_string(),
+            limits,
+            fallback_ids: Vec::new(),
+            state: GroupState::Active,
+            state_since: 0,
+            state_by: String::new(),
+            created_at: now,
+            updated_at: now,
+            revision: 0,
+        }
+    }
+}
+
+/// A cycle among groups' fallbacks through `start`, as the ids along it (`start`, …, `start`),
+/// if `edges` (each group's fallbacks) has one. A group naming itself is a cycle of one.
+pub fn fallback_cycle<'a>(
+    edges: &'a std::collections::HashMap<String, Vec<String>>,
+    start: &'a str,
+) -> Option<Vec<&'a str>> {
+    // Depth-first from `start`; the path back to it is the cycle. Each group is visited once.
+    let mut seen = std::collections::HashSet::new();
+    let mut path: Vec<&'a str> = vec![start];
+    let mut stack: Vec<std::slice::Iter<'a, String>> = vec![edges.get(start).map(|v| v.iter()).unwrap_or_default()];
+    while let Some(top) = stack.last_mut() {
+        match top.next() {
+            Some(next) if next == start => {
+                path.push(start);
+                return Some(path);
+            }
+            Some(next) => {
+                if seen.insert(next.as_str()) {
+                    path.push(next.as_str());
+                    stack.push(edges.get(next.as_str()).map(|v| v.iter()).unwrap_or_default());
+                }
+            }
+            None => {
+                stack.pop();
+                path.pop();
+            }
+        }
+    }
+    None
 }
 
 /// Prices in micro-USD per million tokens.
@@ -516,5 +584,32 @@ impl std::fmt::Debug for OAuthPending {
             .field("account_id", &self.account_id)
             .field("created_at", &self.created_at)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn edges(list: &[(&str, &[&str])]) -> HashMap<String, Vec<String>> {
+        list.iter()
+            .map(|(g, f)| (g.to_string(), f.iter().map(|x| x.to_string()).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn fallback_cycles_are_found_through_the_group_changed() {
+        let e = edges(&[("a", &["b", "c"]), ("b", &["c"]), ("c", &[])]);
+        assert_eq!(fallback_cycle(&e, "a"), None);
+        let e = edges(&[("a", &["a"])]);
+        assert_eq!(fallback_cycle(&e, "a").unwrap(), ["a", "a"]);
+        let e = edges(&[("a", &["b", "c"]), ("b", &["d"]), ("c", &["d"]), ("d", &["a"])]);
+        assert_eq!(fallback_cycle(&e, "a").unwrap(), ["a", "b", "d", "a"]);
+        // A diamond without a way back is no cycle; unknown ids end a path.
+        let e = edges(&[("a", &["b", "c"]), ("b", &["d", "x"]), ("c", &["d"]), ("d", &[])]);
+        assert_eq!(fallback_cycle(&e, "a"), None);
+        assert_eq!(fallback_cycle(&e, "nope"), None);
     }
 }

@@ -122,6 +122,7 @@ both_stores!(nack_keeps_old_version_and_is_not_resent, |cp: Cp| async move {
             name: "g1".into(),
             description: String::new(),
             limits: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -145,6 +146,7 @@ both_stores!(nack_keeps_old_version_and_is_not_resent, |cp: Cp| async move {
             name: "g2".into(),
             description: String::new(),
             limits: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -237,6 +239,7 @@ async fn lagging_replica_never_moves_a_data_plane_backwards() {
             name: "newer".into(),
             description: String::new(),
             limits: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -264,6 +267,7 @@ both_stores!(one_update_in_flight_and_coalescing, |cp: Cp| async move {
                 name: format!("storm-{i}"),
                 description: String::new(),
                 limits: None,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -297,6 +301,7 @@ both_stores!(concurrent_admin_writers_skip_no_revision, |cp: Cp| async move {
                     name: format!("w-{i}"),
                     description: String::new(),
                     limits: None,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -674,6 +679,7 @@ both_stores!(groups_carry_limits_and_update_in_place, |cp: Cp| async move {
             name: "team".into(),
             description: "Team A".into(),
             limits: Some(limits),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -704,6 +710,7 @@ both_stores!(groups_carry_limits_and_update_in_place, |cp: Cp| async move {
             name: Some("team-a".into()),
             description: Some("Team A, renamed".into()),
             limits: Some(new_limits),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1074,6 +1081,7 @@ both_stores!(admin_auth_and_roles, |cp: Cp| async move {
                     name: name.into(),
                     description: String::new(),
                     limits: None,
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ())
@@ -1127,6 +1135,7 @@ both_stores!(a_group_whose_keys_are_all_revoked_can_be_removed, |cp: Cp| async m
                 name: g.into(),
                 description: String::new(),
                 limits: None,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -1184,6 +1193,217 @@ both_stores!(a_group_whose_keys_are_all_revoked_can_be_removed, |cp: Cp| async m
         .into_inner()
         .groups;
     assert!(groups.iter().all(|g| g.name != "team"));
+});
+
+both_stores!(
+    group_fallbacks_are_validated_shipped_and_block_deletion,
+    |cp: Cp| async move {
+        let mut admin = cp.admin().await;
+        let create = |name: &str, fallbacks: &[&str]| pb::CreateGroupRequest {
+            name: name.into(),
+            fallbacks: fallbacks.iter().map(|f| f.to_string()).collect(),
+            ..Default::default()
+        };
+        admin.create_group(create("c", &[])).await.unwrap();
+        let b = admin.create_group(create("b", &[])).await.unwrap().into_inner();
+        // Created with fallbacks by name or id, kept in the order given.
+        let a = admin
+            .create_group(create("a", &["c", &b.id]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(a.fallbacks, ["c", "b"]);
+        assert_eq!(a.state, pb::GroupState::Active as i32);
+        let set = |group: &str, fallbacks: &[&str]| pb::UpdateGroupRequest {
+            group: group.into(),
+            set_fallbacks: true,
+            fallbacks: fallbacks.iter().map(|f| f.to_string()).collect(),
+            ..Default::default()
+        };
+        let a = admin.update_group(set("a", &["b", "c"])).await.unwrap().into_inner();
+        assert_eq!(a.fallbacks, ["b", "c"]);
+
+        // Refused, with a message that says why: unknown, self, twice, a cycle.
+        let refused = |r: Result<tonic::Response<pb::GroupInfo>, tonic::Status>| {
+            let e = r.unwrap_err();
+            (e.code(), e.message().to_string())
+        };
+        let (code, msg) = refused(admin.update_group(set("a", &["nope"])).await);
+        assert_eq!(code, Code::NotFound, "{msg}");
+        assert!(msg.contains("\"nope\" not found"), "{msg}");
+        let (code, msg) = refused(admin.update_group(set("a", &["a"])).await);
+        assert_eq!(code, Code::InvalidArgument, "{msg}");
+        assert!(msg.contains("cannot be its own fallback"), "{msg}");
+        let (code, msg) = refused(admin.update_group(set("a", &["b", "b"])).await);
+        assert_eq!(code, Code::InvalidArgument, "{msg}");
+        assert!(msg.contains("twice"), "{msg}");
+        admin.update_group(set("b", &["c"])).await.unwrap();
+        let (code, msg) = refused(admin.update_group(set("c", &["a"])).await);
+        assert_eq!(code, Code::InvalidArgument, "{msg}");
+        assert!(msg.contains("cycle: c → a → b → c"), "{msg}");
+        let (code, msg) = refused(admin.create_group(create("d", &["d"])).await);
+        assert_eq!(
+            code,
+            Code::NotFound,
+            "a group cannot name itself before it exists: {msg}"
+        );
+        // A reader cannot change fallbacks.
+        let e = cp
+            .admin_as(Some(RO_TOKEN))
+            .await
+            .update_group(set("a", &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+
+        // Audited, by name; shipped to data planes by id, in order.
+        let audit = admin
+            .list_audit(pb::ListAuditRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        let e = audit
+            .iter()
+            .find(|e| e.action == "group.update" && e.target == "b")
+            .unwrap();
+        assert!(e.detail.contains(r#""fallbacks":["c"]"#), "{}", e.detail);
+        let groups = admin
+            .list_groups(pb::ListGroupsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .groups;
+        let id = |n: &str| groups.iter().find(|g| g.name == n).unwrap().id.clone();
+        let c = groups.iter().find(|g| g.name == "c").unwrap();
+        assert_eq!(c.fallback_of, ["a", "b"], "whose fallback it is");
+        let shipped = snapshot(&cp, "dp-fallbacks").await;
+        let sa = shipped.groups.iter().find(|g| g.id == id("a")).unwrap();
+        assert_eq!(sa.fallback_ids, [id("b"), id("c")]);
+
+        // A group that is someone's fallback cannot be deleted; the refusal names who.
+        let e = admin
+            .delete_group(pb::DeleteGroupRequest { group: "c".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(e.message().contains("fallback of [\"a\", \"b\"]"), "{}", e.message());
+        // Cleared (`--no-fallback`), then it can go.
+        let a = admin.update_group(set("a", &[])).await.unwrap().into_inner();
+        assert!(a.fallbacks.is_empty());
+        admin.update_group(set("b", &[])).await.unwrap();
+        admin
+            .delete_group(pb::DeleteGroupRequest { group: "c".into() })
+            .await
+            .unwrap();
+    }
+);
+
+both_stores!(group_states_are_audited_shipped_and_shown, |cp: Cp| async move {
+    let mut admin = cp.admin().await;
+    admin
+        .create_group(pb::CreateGroupRequest {
+            name: "team".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let state = |group: &str, state: pb::GroupState| pb::SetGroupStateRequest {
+        group: group.into(),
+        state: state as i32,
+    };
+    let before = relay_control_plane::model::now_ms();
+    let g = admin
+        .set_group_state(state("team", pb::GroupState::Paused))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.state, pb::GroupState::Paused as i32);
+    assert!(g.state_since_ms >= before, "{g:?}");
+    assert!(g.state_by.starts_with("bootstrap-"), "the admin token's name: {g:?}");
+    let shipped = snapshot(&cp, "dp-state").await;
+    let sg = shipped.groups.iter().find(|x| x.id == g.id).unwrap();
+    assert_eq!(sg.state, pb::GroupState::Paused as i32);
+    let h = head(&cp).await;
+
+    // The same state again changes nothing: no write, the since-time kept.
+    let again = admin
+        .set_group_state(state("team", pb::GroupState::Paused))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.state_since_ms, g.state_since_ms);
+    assert_eq!(head(&cp).await, h);
+
+    let g = admin
+        .set_group_state(state(&g.id, pb::GroupState::Activated))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.state, pb::GroupState::Activated as i32);
+    let g = admin
+        .set_group_state(state("team", pb::GroupState::Active))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = admin
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .groups;
+    let l = listed.iter().find(|x| x.name == "team").unwrap();
+    assert_eq!(
+        (l.state, l.state_since_ms),
+        (pb::GroupState::Active as i32, g.state_since_ms)
+    );
+    let shipped = snapshot(&cp, "dp-state-2").await;
+    let sg = shipped.groups.iter().find(|x| x.id == g.id).unwrap();
+    assert_eq!(sg.state, pb::GroupState::Active as i32);
+
+    // Each change is in the audit log, newest first.
+    let audit = admin
+        .list_audit(pb::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let actions: Vec<_> = audit
+        .iter()
+        .take(3)
+        .map(|e| (e.action.as_str(), e.target.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("group.resume", "team"),
+            ("group.activate", "team"),
+            ("group.pause", "team")
+        ]
+    );
+    assert!(audit[0].detail.contains(r#""from":"activated""#), "{}", audit[0].detail);
+
+    // Refused: a missing group, an unknown state, a reader.
+    let e = admin
+        .set_group_state(state("nope", pb::GroupState::Paused))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = admin
+        .set_group_state(pb::SetGroupStateRequest {
+            group: "team".into(),
+            state: 42,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = cp
+        .admin_as(Some(RO_TOKEN))
+        .await
+        .set_group_state(state("team", pb::GroupState::Paused))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
 });
 
 both_stores!(settings_are_declared_checked_and_unset, |cp: Cp| async move {
@@ -1395,6 +1615,7 @@ async fn replicas_on_one_database_converge() {
                     name: format!("r-{i}"),
                     description: String::new(),
                     limits: None,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -1588,6 +1809,7 @@ async fn notify_wakes_other_replicas_and_the_poll_covers_a_dead_listener() {
                     name: name.into(),
                     description: String::new(),
                     limits: None,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

@@ -40,15 +40,7 @@ const T0: Millis = 1_700_000_000_000;
 const HOUR: Millis = 3_600_000;
 
 fn group(id: &str, name: &str) -> Group {
-    Group {
-        id: id.into(),
-        name: name.into(),
-        description: format!("the {name} group"),
-        limits: KeyLimits::default(),
-        created_at: T0,
-        updated_at: T0,
-        revision: 0,
-    }
+    Group::new(id, name, &format!("the {name} group"), KeyLimits::default(), T0)
 }
 
 fn account(id: &str, name: &str, group_ids: &[&str]) -> Account {
@@ -819,6 +811,125 @@ macro_rules! conformance_suite {
             .await;
             assert!(store.get_group("g-acc").await.unwrap().is_none());
             assert!(store.get_group("g-key").await.unwrap().is_some());
+        }
+
+        #[tokio::test]
+        async fn groups_keep_fallbacks_in_order_and_their_state() {
+            let (store, _guard) = fresh().await;
+            apply_ok(
+                &store,
+                vec![
+                    Mutation::InsertGroup(group("g-b", "bravo")),
+                    Mutation::InsertGroup(group("g-c", "charlie")),
+                ],
+            )
+            .await;
+            // Created with fallbacks, in the order given (not sorted).
+            let a = Group { fallback_ids: vec!["g-c".into(), "g-b".into()], ..group("g-a", "alpha") };
+            let v1 = apply_ok(&store, vec![Mutation::InsertGroup(a.clone())]).await;
+            let got = store.get_group("alpha").await.unwrap().unwrap();
+            assert_eq!(got, group_at(&a, v1.revision));
+            assert_eq!(got.state, GroupState::Active);
+
+            // Paused, by whom and since when; the list reordered.
+            let next = Group {
+                fallback_ids: vec!["g-b".into(), "g-c".into()],
+                state: GroupState::Paused,
+                state_since: T0 + HOUR,
+                state_by: "ops".into(),
+                updated_at: T0 + HOUR,
+                ..got.clone()
+            };
+            let v2 = apply_ok(
+                &store,
+                vec![Mutation::UpdateGroup { row: next.clone(), expect_revision: got.revision }],
+            )
+            .await;
+            assert_eq!(store.get_group("g-a").await.unwrap().unwrap(), group_at(&next, v2.revision));
+            let listed = store.list_groups().await.unwrap();
+            assert_eq!(listed.iter().find(|g| g.id == "g-a"), Some(&group_at(&next, v2.revision)));
+            let config = store.load_config().await.unwrap();
+            let in_config = config.groups.iter().find(|g| g.id == "g-a").unwrap();
+            assert_eq!(in_config.fallback_ids, ["g-b", "g-c"]);
+            assert_eq!((in_config.state, in_config.state_by.as_str()), (GroupState::Paused, "ops"));
+            assert!(config.groups.iter().filter(|g| g.id != "g-a").all(|g| g.fallback_ids.is_empty()));
+
+            // Activated, fallbacks cleared.
+            let cleared = Group {
+                fallback_ids: vec![],
+                state: GroupState::Activated,
+                ..group_at(&next, v2.revision)
+            };
+            let v3 = apply_ok(
+                &store,
+                vec![Mutation::UpdateGroup { row: cleared.clone(), expect_revision: v2.revision }],
+            )
+            .await;
+            assert_eq!(store.get_group("g-a").await.unwrap().unwrap(), group_at(&cleared, v3.revision));
+        }
+
+        #[tokio::test]
+        async fn fallbacks_that_are_unknown_repeated_self_or_cyclic_are_refused() {
+            let (store, _guard) = fresh().await;
+            let b = Group { fallback_ids: vec!["g-c".into()], ..group("g-b", "bravo") };
+            apply_ok(
+                &store,
+                vec![
+                    Mutation::InsertGroup(group("g-c", "charlie")),
+                    Mutation::InsertGroup(b),
+                    Mutation::InsertGroup(group("g-a", "alpha")),
+                ],
+            )
+            .await;
+            let a = store.get_group("g-a").await.unwrap().unwrap();
+            let with = |f: &[&str]| Mutation::UpdateGroup {
+                row: Group { fallback_ids: f.iter().map(|x| x.to_string()).collect(), ..a.clone() },
+                expect_revision: a.revision,
+            };
+            let err = apply_err(&store, vec![with(&["g-nope"])]).await;
+            assert!(matches!(&err, StoreError::NotFound { name, .. } if name == "g-nope"), "{err:?}");
+            let err = apply_err(&store, vec![with(&["g-a"])]).await;
+            assert!(
+                matches!(&err, StoreError::Invalid(m) if m.contains("\"alpha\" cannot be its own fallback")),
+                "{err:?}"
+            );
+            let err = apply_err(&store, vec![with(&["g-b", "g-b"])]).await;
+            assert!(matches!(&err, StoreError::Invalid(m) if m.contains("twice")), "{err:?}");
+            // alpha → bravo is fine; then charlie → alpha would close alpha → bravo → charlie → alpha.
+            let v = apply_ok(&store, vec![with(&["g-b"])]).await;
+            let c = store.get_group("g-c").await.unwrap().unwrap();
+            let err = apply_err(
+                &store,
+                vec![Mutation::UpdateGroup {
+                    row: Group { fallback_ids: vec!["g-a".into()], ..c.clone() },
+                    expect_revision: c.revision,
+                }],
+            )
+            .await;
+            assert!(
+                matches!(&err, StoreError::Invalid(m) if m.contains("charlie → alpha → bravo → charlie")),
+                "{err:?}"
+            );
+            // Nothing was left half-written by the refusals.
+            assert_eq!(store.get_group("g-a").await.unwrap().unwrap().fallback_ids, ["g-b"]);
+            assert!(store.get_group("g-a").await.unwrap().unwrap().revision == v.revision);
+        }
+
+        #[tokio::test]
+        async fn deleting_a_group_that_is_a_fallback_is_refused() {
+            let (store, _guard) = fresh().await;
+            let a = Group { fallback_ids: vec!["g-b".into()], ..group("g-a", "alpha") };
+            apply_ok(
+                &store,
+                vec![Mutation::InsertGroup(group("g-b", "bravo")), Mutation::InsertGroup(a)],
+            )
+            .await;
+            let err = apply_err(&store, vec![Mutation::DeleteGroup { id: "g-b".into() }]).await;
+            assert!(matches!(err, StoreError::InUse(_)), "{err:?}");
+            // The group naming it can go (its list with it), and then the fallback too.
+            apply_ok(&store, vec![Mutation::DeleteGroup { id: "g-a".into() }]).await;
+            apply_ok(&store, vec![Mutation::DeleteGroup { id: "g-b".into() }]).await;
+            assert!(store.list_groups().await.unwrap().iter().all(|g| g.id != "g-a" && g.id != "g-b"));
         }
 
         #[tokio::test]

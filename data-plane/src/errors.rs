@@ -78,6 +78,11 @@ impl ApiError {
     pub fn stale_config(m: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", m)
     }
+    /// The key's group is paused by an operator and no fallback group can stand in: 503, and
+    /// SDKs are told not to retry (the pause lasts until an operator resumes the group).
+    pub fn group_paused(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", m).no_retry()
+    }
     pub fn upstream_unreachable(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "api_error", m)
     }

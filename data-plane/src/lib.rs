@@ -234,13 +234,16 @@ pub async fn start(
         sessions.clone()
     };
     // What every config that starts serving (cached or received) sets beyond itself.
+    let group_cooling = Arc::new(proxy::groups::GroupCooling::default());
     let on_apply: control::watch::OnApply = {
         let health = health.clone();
+        let group_cooling = group_cooling.clone();
         let upstreams = upstreams.clone();
         let sessions = sessions.clone();
         let limiter = limiter.clone();
         Arc::new(move |cfg: &ServingConfig| {
             health.sync(&cfg.resources);
+            group_cooling.refresh(Some(cfg), chrono::Utc::now().timestamp_millis());
             upstreams.set_connect_timeout(cfg.policy.connect_timeout);
             sessions.set_ttl(cfg.policy.sticky_ttl);
             limiter.configure(cfg.policy.limits_on_store_down, cfg.policy.limits_store_timeout);
@@ -353,6 +356,7 @@ pub async fn start(
         ops_separate: opts.ops_listen.is_some(),
         limiter,
         spend,
+        groups: group_cooling,
     });
     let limits = ConnLimits {
         header_read_timeout: opts.header_read_timeout,

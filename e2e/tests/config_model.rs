@@ -272,6 +272,7 @@ impl World {
                         name,
                         description: String::new(),
                         limits: None,
+                        ..Default::default()
                     })
                     .await
                     .unwrap();

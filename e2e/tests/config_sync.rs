@@ -265,6 +265,7 @@ async fn a_restored_database_starts_a_new_epoch_everywhere() {
                 name: format!("g-{i}"),
                 description: String::new(),
                 limits: None,
+                ..Default::default()
             })
             .await
             .unwrap();

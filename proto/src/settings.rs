@@ -141,6 +141,13 @@ pub const SETTINGS: &[Setting] = &[
         "60000",
         "how long a 429 without any reset header keeps an account out",
     )),
+    ms(
+        "groups.cooldown_ms",
+        0,
+        DAY_MS,
+        "600000",
+        "how long a group whose accounts have all failed lets its fallback groups go first (0: never)",
+    ),
     Setting {
         name: "cors.allowed_origins",
         ty: Type::Origins,

@@ -2,12 +2,12 @@
 
 use anyhow::{anyhow, Result};
 use relay_proto::v1::{
-    CreateGroupRequest, DeleteGroupRequest, DeletePriceRequest, GroupInfo, KeyLimits, ListGroupsRequest,
-    ListPricesRequest, ListSettingsRequest, ListSettingsResponse, Price, SetPriceRequest, SetSettingRequest,
-    SettingInfo, UnsetSettingRequest, UpdateGroupRequest,
+    CreateGroupRequest, DeleteGroupRequest, DeletePriceRequest, GroupInfo, GroupState, KeyLimits, ListGroupsRequest,
+    ListPricesRequest, ListSettingsRequest, ListSettingsResponse, Price, SetGroupStateRequest, SetPriceRequest,
+    SetSettingRequest, SettingInfo, UnsetSettingRequest, UpdateGroupRequest,
 };
 
-use super::{limits as lim, Deleted};
+use super::{clean_list, limits as lim, Deleted};
 use crate::args::{GroupCmd, GroupUpdate, PriceRm, PriceSet, PricingCmd, SettingsCmd};
 use crate::client::{Conn, RpcResult};
 use crate::output::{Column, Format, Output, Value};
@@ -40,7 +40,22 @@ const GROUP_COLUMNS: &[Column<GroupInfo>] = &[
     Column::detail("monthly_budget_usd", "Monthly budget ($)", |g| {
         Value::budget(group_limits(g).monthly_budget_micro_usd)
     }),
+    Column::new("fallbacks", "Fallbacks", |g| Value::list(&g.fallbacks, "-")),
+    Column::detail("fallback_of", "Fallback of", |g| Value::list(&g.fallback_of, "-")),
+    Column::new("state", "State", |g| Value::text(group_state(g.state))),
+    Column::new("state_since", "Since", |g| Value::Time(g.state_since_ms)),
+    Column::detail("state_by", "By", |g| Value::opt_text(&g.state_by)),
 ];
+
+/// How `group list` names a state.
+fn group_state(s: i32) -> &'static str {
+    match GroupState::try_from(s) {
+        Ok(GroupState::Active) => "active",
+        Ok(GroupState::Paused) => "paused",
+        Ok(GroupState::Activated) => "activated",
+        Err(_) => "unknown",
+    }
+}
 
 /// A group by id, else by name.
 fn find_group<'a>(groups: &'a [GroupInfo], wanted: &str) -> Result<&'a GroupInfo> {
@@ -51,13 +66,21 @@ fn find_group<'a>(groups: &'a [GroupInfo], wanted: &str) -> Result<&'a GroupInfo
         .ok_or_else(|| anyhow!("not found: group {wanted:?}"))
 }
 
-/// The update without limits (those need the group's current values).
+/// The update without limits (those need the group's current values). `--fallback ''` and
+/// `--no-fallback` clear the fallbacks.
 fn group_update_request(args: &GroupUpdate) -> UpdateGroupRequest {
+    let fallbacks = match (&args.fallbacks, args.no_fallback) {
+        (_, true) => Some(Vec::new()),
+        (Some(f), false) => Some(clean_list(f)),
+        (None, false) => None,
+    };
     UpdateGroupRequest {
         group: args.group.clone(),
         name: args.name.clone(),
         description: args.description.clone(),
         limits: None,
+        set_fallbacks: fallbacks.is_some(),
+        fallbacks: fallbacks.unwrap_or_default(),
     }
 }
 
@@ -70,6 +93,7 @@ pub async fn group(conn: &mut Conn, out: Output, cmd: GroupCmd) -> Result<()> {
                 name: args.name,
                 description: args.description,
                 limits: Some(lim::apply(KeyLimits::default(), &args.limits)),
+                fallbacks: clean_list(&args.fallbacks),
             };
             let info = api.create_group(req).await.or_report(&server)?;
             out.one(GROUP_COLUMNS, &info)
@@ -105,7 +129,27 @@ pub async fn group(conn: &mut Conn, out: Output, cmd: GroupCmd) -> Result<()> {
             }
             .print(out, "deleted")
         }
+        GroupCmd::Pause { group } => set_group_state(api, &server, out, group, GroupState::Paused).await,
+        GroupCmd::Resume { group } => set_group_state(api, &server, out, group, GroupState::Active).await,
+        GroupCmd::Activate { group } => set_group_state(api, &server, out, group, GroupState::Activated).await,
     }
+}
+
+async fn set_group_state(
+    api: &mut crate::client::Api,
+    server: &str,
+    out: Output,
+    group: String,
+    state: GroupState,
+) -> Result<()> {
+    let info = api
+        .set_group_state(SetGroupStateRequest {
+            group,
+            state: state as i32,
+        })
+        .await
+        .or_report(server)?;
+    out.one(GROUP_COLUMNS, &info)
 }
 
 /// Prices are USD per million tokens (exact decimals in JSON).

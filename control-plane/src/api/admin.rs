@@ -384,10 +384,26 @@ impl AdminService {
         }
     }
 
-    /// A group with its limits and how many accounts and live keys it holds.
-    fn group_info(g: &Group, accounts: &[Account], keys: &[ApiKey]) -> pb::GroupInfo {
+    /// A group with its limits, how many accounts and live keys it holds, its fallbacks (and
+    /// whose fallback it is) by name, and its state. `groups`: every group (for the names).
+    fn group_info(g: &Group, groups: &[Group], accounts: &[Account], keys: &[ApiKey]) -> pb::GroupInfo {
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let name = |id: &String| {
+            groups
+                .iter()
+                .find(|x| x.id == *id)
+                .map_or_else(|| id.clone(), |x| x.name.clone())
+        };
         pb::GroupInfo {
+            fallbacks: g.fallback_ids.iter().map(name).collect(),
+            fallback_of: groups
+                .iter()
+                .filter(|x| x.fallback_ids.contains(&g.id))
+                .map(|x| x.name.clone())
+                .collect(),
+            state: crate::config::group_state_to_pb(g.state) as i32,
+            state_since_ms: g.state_since,
+            state_by: g.state_by.clone(),
             account_count: count(accounts.iter().filter(|a| a.group_ids.contains(&g.id)).count()),
             key_count: count(
                 keys.iter()
@@ -402,9 +418,67 @@ impl AdminService {
     }
 
     async fn group_info_now(&self, g: &Group) -> Result<pb::GroupInfo, Status> {
+        let groups = self.store.list_groups().await.map_err(status_from_store)?;
         let accounts = self.store.list_accounts().await.map_err(status_from_store)?;
         let keys = self.store.list_api_keys().await.map_err(status_from_store)?;
-        Ok(Self::group_info(g, &accounts, &keys))
+        Ok(Self::group_info(g, &groups, &accounts, &keys))
+    }
+
+    /// A group's fallbacks as given (names or ids, in order), checked against every group and the
+    /// fallbacks they name: each exists, none repeats, none is `g` itself, and no cycle forms
+    /// (the store checks the same inside the write, so two writers cannot make one together).
+    /// Returns the ids.
+    async fn resolve_fallbacks(&self, g: &Group, wanted: &[String]) -> Result<Vec<String>, Status> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all = self.store.list_groups().await.map_err(status_from_store)?;
+        let mut ids: Vec<String> = Vec::with_capacity(wanted.len());
+        for w in wanted {
+            let w = w.trim();
+            if w.is_empty() {
+                return Err(Status::invalid_argument("an empty group name among the fallbacks"));
+            }
+            let f = all
+                .iter()
+                .find(|x| x.id == w)
+                .or_else(|| all.iter().find(|x| x.name == w))
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "fallback group {w:?} not found (create it with `relayctl group add {w}`)"
+                    ))
+                })?;
+            if f.id == g.id {
+                return Err(Status::invalid_argument(format!(
+                    "group {:?} cannot be its own fallback",
+                    g.name
+                )));
+            }
+            if ids.contains(&f.id) {
+                return Err(Status::invalid_argument(format!(
+                    "group {:?} is named twice among the fallbacks",
+                    f.name
+                )));
+            }
+            ids.push(f.id.clone());
+        }
+        let mut edges: std::collections::HashMap<String, Vec<String>> =
+            all.iter().map(|x| (x.id.clone(), x.fallback_ids.clone())).collect();
+        edges.insert(g.id.clone(), ids.clone());
+        let mut names: std::collections::HashMap<String, String> =
+            all.iter().map(|x| (x.id.clone(), x.name.clone())).collect();
+        names.insert(g.id.clone(), g.name.clone());
+        crate::store::check_fallbacks(&edges, &names, &g.id).map_err(status_from_store)?;
+        Ok(ids)
+    }
+
+    /// The names of fallback ids, for audit details.
+    async fn fallback_names(&self, ids: &[String]) -> Result<Vec<String>, Status> {
+        let names = self.group_names().await?;
+        Ok(ids
+            .iter()
+            .map(|id| names.get(id).cloned().unwrap_or_else(|| id.clone()))
+            .collect())
     }
 
     async fn group(&self, id_or_name: &str) -> Result<Group, Status> {
@@ -1231,26 +1305,20 @@ impl Admin for AdminService {
         validate_name("group", &r.name)?;
         validate_description(&r.description)?;
         let limits = validate_limits("group", r.limits.as_ref())?;
-        let now = now_ms();
-        let g = Group {
-            id: new_id(),
-            name: r.name.clone(),
-            description: r.description.clone(),
-            limits,
-            created_at: now,
-            updated_at: now,
-            revision: 0,
-        };
+        let mut g = Group::new(&new_id(), &r.name, &r.description, limits, now_ms());
+        g.fallback_ids = self.resolve_fallbacks(&g, &r.fallbacks).await?;
+        let fallbacks = self.fallback_names(&g.fallback_ids).await?;
         self.apply(
             &actor,
             "group.create",
             &g.name,
-            json!({"id": g.id, "description": g.description, "limits": limits_json(&g.limits)}),
+            json!({"id": g.id, "description": g.description, "limits": limits_json(&g.limits),
+                   "fallbacks": fallbacks}),
             vec![Mutation::InsertGroup(g.clone())],
         )
         .await
         .map_err(status_from_store)?;
-        Ok(Response::new(Self::group_info(&g, &[], &[])))
+        Ok(Response::new(self.group_info_now(&g).await?))
     }
 
     async fn update_group(&self, req: Request<pb::UpdateGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
@@ -1288,6 +1356,12 @@ impl Admin for AdminService {
                 g.limits = l;
                 changed.insert("limits".into(), limits_json(&g.limits));
             }
+            if r.set_fallbacks {
+                g.fallback_ids = self.resolve_fallbacks(&cur, &r.fallbacks).await?;
+                if g.fallback_ids != cur.fallback_ids {
+                    changed.insert("fallbacks".into(), json!(self.fallback_names(&g.fallback_ids).await?));
+                }
+            }
             if g == cur {
                 return Ok(g);
             }
@@ -1320,13 +1394,65 @@ impl Admin for AdminService {
         let accounts = self.store.list_accounts().await.map_err(status_from_store)?;
         let keys = self.store.list_api_keys().await.map_err(status_from_store)?;
         Ok(Response::new(pb::ListGroupsResponse {
-            groups: groups.iter().map(|g| Self::group_info(g, &accounts, &keys)).collect(),
+            groups: groups
+                .iter()
+                .map(|g| Self::group_info(g, &groups, &accounts, &keys))
+                .collect(),
         }))
     }
 
-    /// A group can go when no account and no live key uses it. Revoked keys
-    /// never authenticate again: they move to the default group in the same
-    /// write (their usage history stays).
+    /// `relayctl group pause|resume|activate`: the state, when and by whom, in one audited write
+    /// that every data plane gets with the config. Setting the state a group already has changes
+    /// nothing (and keeps its since-time).
+    async fn set_group_state(&self, req: Request<pb::SetGroupStateRequest>) -> Result<Response<pb::GroupInfo>, Status> {
+        let actor = self.authorize(&req, Need::Write, "set_group_state").await?;
+        let r = req.into_inner();
+        let state = match pb::GroupState::try_from(r.state) {
+            Ok(pb::GroupState::Active) => GroupState::Active,
+            Ok(pb::GroupState::Paused) => GroupState::Paused,
+            Ok(pb::GroupState::Activated) => GroupState::Activated,
+            Err(_) => return Err(Status::invalid_argument(format!("unknown group state {}", r.state))),
+        };
+        let action = match state {
+            GroupState::Active => "group.resume",
+            GroupState::Paused => "group.pause",
+            GroupState::Activated => "group.activate",
+        };
+        let row = retry_conflicts(|| async {
+            let cur = self.group(&r.group).await?;
+            if cur.state == state {
+                return Ok(cur);
+            }
+            let now = now_ms();
+            let g = Group {
+                state,
+                state_since: now,
+                state_by: actor.name.clone(),
+                updated_at: now,
+                ..cur.clone()
+            };
+            self.apply(
+                &actor,
+                action,
+                &cur.name,
+                json!({"id": g.id, "from": cur.state.as_str(), "to": state.as_str()}),
+                vec![Mutation::UpdateGroup {
+                    row: g.clone(),
+                    expect_revision: cur.revision,
+                }],
+            )
+            .await
+            .map_err(status_from_store)?;
+            Ok(g)
+        })
+        .await?;
+        Ok(Response::new(self.group_info_now(&row).await?))
+    }
+
+    /// A group can go when no account and no live key uses it and no group names it as a
+    /// fallback (refused, naming those groups: the operator decides where their keys go
+    /// instead). Its own fallback list goes with it. Revoked keys never authenticate again:
+    /// they move to the default group in the same write (their usage history stays).
     async fn delete_group(&self, req: Request<pb::DeleteGroupRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         let actor = self.authorize(&req, Need::Write, "delete_group").await?;
         let name = req.get_ref().group.clone();
@@ -1339,6 +1465,22 @@ impl Admin for AdminService {
                 .ok_or_else(|| Status::not_found(format!("group {name:?} not found")))?;
             if g.name == DEFAULT_GROUP {
                 return Err(Status::failed_precondition("the default group cannot be removed"));
+            }
+            let fallback_of: Vec<String> = self
+                .store
+                .list_groups()
+                .await
+                .map_err(status_from_store)?
+                .into_iter()
+                .filter(|x| x.fallback_ids.contains(&g.id))
+                .map(|x| x.name)
+                .collect();
+            if !fallback_of.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "group {:?} is a fallback of {fallback_of:?}; remove it from their fallbacks first \
+                     (`relayctl group update {} --fallback …`)",
+                    g.name, fallback_of[0]
+                )));
             }
             let default = self.resolve_groups(&[DEFAULT_GROUP.to_string()]).await?.remove(0);
             let keys = self.store.list_api_keys().await.map_err(status_from_store)?;

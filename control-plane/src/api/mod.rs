@@ -39,6 +39,7 @@ pub fn status_from_store(e: StoreError) -> Status {
         StoreError::NotFound { .. } => Status::not_found(e.to_string()),
         StoreError::Conflict { .. } => Status::aborted(e.to_string()),
         StoreError::InUse(_) | StoreError::Fenced { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
         StoreError::Database(_) | StoreError::Migration(_) => {
             tracing::error!(error = %e, "store failure");
             Status::unavailable("the control plane's database is unavailable; retry")

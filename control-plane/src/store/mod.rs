@@ -24,6 +24,10 @@ pub enum StoreError {
     Conflict { kind: &'static str, id: String },
     #[error("{0} is still in use")]
     InUse(String),
+    /// The write would break a rule the store keeps (a group falling back to itself, fallbacks
+    /// forming a cycle); the message names what, by name.
+    #[error("{0}")]
+    Invalid(String),
     #[error("database error: {0}")]
     Database(String),
     #[error("migration failed: {0}")]
@@ -141,3 +145,27 @@ pub trait Store: Send + Sync + 'static {
 }
 
 pub type DynStore = Arc<dyn Store>;
+
+/// The check both stores run, inside the write, after setting `group_id`'s fallbacks: no group
+/// falls back to itself, directly or through others. `edges` holds every group's fallbacks as
+/// written, `names` every group's name (for the message).
+pub fn check_fallbacks(
+    edges: &std::collections::HashMap<String, Vec<String>>,
+    names: &std::collections::HashMap<String, String>,
+    group_id: &str,
+) -> Result<()> {
+    match crate::model::fallback_cycle(edges, group_id) {
+        None => Ok(()),
+        Some(path) => {
+            let name = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_string());
+            Err(StoreError::Invalid(if path.len() <= 2 {
+                format!("group {:?} cannot be its own fallback", name(group_id))
+            } else {
+                format!(
+                    "fallbacks may not form a cycle: {}",
+                    path.iter().map(|id| name(id)).collect::<Vec<_>>().join(" → ")
+                )
+            }))
+        }
+    }
+}

@@ -7,7 +7,7 @@
 use super::{IngestResult, LeaderRecord, Result, Store, StoreError};
 use crate::model::*;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +31,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (11, include_str!("../../migrations/postgres/0011_client_request_id.sql")),
     (12, include_str!("../../migrations/postgres/0012_queue_wait.sql")),
+    (13, include_str!("../../migrations/postgres/0013_group_routing.sql")),
 ];
 const NOTIFY_CHANNEL: &str = "relay_config";
 /// `application_name` of the LISTEN connection.
@@ -298,7 +299,7 @@ fn key_from(row: &Row) -> Result<ApiKey> {
     })
 }
 
-fn group_from(row: &Row) -> Result<Group> {
+fn group_from(row: &Row, fallback_ids: Vec<String>) -> Result<Group> {
     Ok(Group {
         id: row.get("id"),
         name: row.get("name"),
@@ -310,6 +311,10 @@ fn group_from(row: &Row) -> Result<Group> {
             daily_budget: to_u64(row.get("daily_budget"), "daily_budget")?,
             monthly_budget: to_u64(row.get("monthly_budget"), "monthly_budget")?,
         },
+        fallback_ids,
+        state: parse(row.get::<_, &str>("state"))?,
+        state_since: row.get("state_since"),
+        state_by: row.get("state_by"),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
         revision: to_u64(row.get("revision"), "revision")?,
@@ -398,6 +403,90 @@ async fn load_accounts(c: &impl deadpool_postgres::GenericClient, filter: Option
             account_from(r, memberships.remove(&id).unwrap_or_default())
         })
         .collect()
+}
+
+/// Every group's fallbacks, in order.
+async fn load_fallbacks(c: &impl deadpool_postgres::GenericClient) -> Result<HashMap<String, Vec<String>>> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for r in c
+        .query(
+            "SELECT group_id, fallback_id FROM group_fallbacks ORDER BY group_id, position",
+            &[],
+        )
+        .await
+        .map_err(pg)?
+    {
+        out.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    Ok(out)
+}
+
+/// Every group by name, or the one with this id (else name).
+async fn load_groups(c: &impl deadpool_postgres::GenericClient, filter: Option<&str>) -> Result<Vec<Group>> {
+    let rows = match filter {
+        None => c.query("SELECT * FROM groups ORDER BY name", &[]).await,
+        Some(f) => {
+            c.query(
+                "SELECT * FROM groups WHERE id = $1 OR name = $1 ORDER BY (id = $1) DESC LIMIT 1",
+                &[&f],
+            )
+            .await
+        }
+    }
+    .map_err(pg)?;
+    let mut fallbacks = load_fallbacks(c).await?;
+    rows.iter()
+        .map(|r| {
+            let id: String = r.get("id");
+            group_from(r, fallbacks.remove(&id).unwrap_or_default())
+        })
+        .collect()
+}
+
+/// Replaces a group's fallbacks (in the write's transaction) and checks what the store keeps:
+/// every fallback exists, none repeats, none is the group itself, no cycle.
+async fn set_fallbacks(tx: &deadpool_postgres::Transaction<'_>, g: &Group) -> Result<()> {
+    tx.execute("DELETE FROM group_fallbacks WHERE group_id = $1", &[&g.id])
+        .await
+        .map_err(pg)?;
+    if g.fallback_ids.is_empty() {
+        return Ok(());
+    }
+    let names: HashMap<String, String> = tx
+        .query("SELECT id, name FROM groups", &[])
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (i, f) in g.fallback_ids.iter().enumerate() {
+        if !names.contains_key(f) {
+            return Err(StoreError::NotFound {
+                kind: "group",
+                name: f.clone(),
+            });
+        }
+        if g.fallback_ids[..i].contains(f) {
+            return Err(StoreError::Invalid(format!(
+                "group {:?} is named twice among {:?}'s fallbacks",
+                names.get(f).unwrap_or(f),
+                g.name
+            )));
+        }
+    }
+    let mut edges = load_fallbacks(tx).await?;
+    edges.insert(g.id.clone(), g.fallback_ids.clone());
+    super::check_fallbacks(&edges, &names, &g.id)?;
+    for (i, f) in g.fallback_ids.iter().enumerate() {
+        let position = i32::try_from(i).map_err(db)?;
+        tx.execute(
+            "INSERT INTO group_fallbacks (group_id, position, fallback_id) VALUES ($1, $2, $3)",
+            &[&g.id, &position, f],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    Ok(())
 }
 
 async fn load_settings(c: &impl deadpool_postgres::GenericClient) -> Result<BTreeMap<String, String>> {
@@ -605,7 +694,8 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
                 let expect = to_i64(*expect_revision, "revision")?;
                 tx.execute(
                     "UPDATE groups SET name=$2, description=$3, updated_at=$4, revision=$5, rpm=$6, tpm=$7, \
-                     max_concurrency=$8, daily_budget=$9, monthly_budget=$10 WHERE id=$1 AND revision=$11",
+                     max_concurrency=$8, daily_budget=$9, monthly_budget=$10, state=$12, state_since=$13, \
+                     state_by=$14 WHERE id=$1 AND revision=$11",
                     &[
                         &g.id,
                         &g.name,
@@ -618,6 +708,9 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
                         &daily,
                         &monthly,
                         &expect,
+                        &g.state.as_str(),
+                        &g.state_since,
+                        &g.state_by,
                     ],
                 )
                 .await
@@ -625,7 +718,8 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
             } else {
                 tx.execute(
                     "INSERT INTO groups (id, name, description, created_at, updated_at, revision, rpm, tpm, \
-                     max_concurrency, daily_budget, monthly_budget) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+                     max_concurrency, daily_budget, monthly_budget, state, state_since, state_by) \
+                     VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
                     &[
                         &g.id,
                         &g.name,
@@ -638,6 +732,9 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
                         &maxc,
                         &daily,
                         &monthly,
+                        &g.state.as_str(),
+                        &g.state_since,
+                        &g.state_by,
                     ],
                 )
                 .await
@@ -646,6 +743,7 @@ async fn apply_one(tx: &deadpool_postgres::Transaction<'_>, m: &Mutation, rev: i
             if n == 0 {
                 return Err(missing_or_conflict(tx, "groups", "group", &g.id).await);
             }
+            set_fallbacks(tx, g).await?;
         }
         Mutation::DeleteGroup { id } => {
             let n = tx
@@ -941,13 +1039,7 @@ impl Store for PostgresStore {
             .map(key_from)
             .collect::<Result<_>>()?;
         let accounts = load_accounts(&tx, None).await?;
-        let groups = tx
-            .query("SELECT * FROM groups ORDER BY name", &[])
-            .await
-            .map_err(pg)?
-            .iter()
-            .map(group_from)
-            .collect::<Result<_>>()?;
+        let groups = load_groups(&tx, None).await?;
         let prices = tx
             .query("SELECT * FROM prices ORDER BY model_pattern, effective_from", &[])
             .await
@@ -1004,26 +1096,14 @@ impl Store for PostgresStore {
     }
 
     async fn list_groups(&self) -> Result<Vec<Group>> {
-        let c = self.client().await?;
-        c.query("SELECT * FROM groups ORDER BY name", &[])
-            .await
-            .map_err(pg)?
-            .iter()
-            .map(group_from)
-            .collect()
+        load_groups(&self.client().await?, None).await
     }
 
     async fn get_group(&self, id_or_name: &str) -> Result<Option<Group>> {
-        let c = self.client().await?;
-        c.query_opt(
-            "SELECT * FROM groups WHERE id = $1 OR name = $1 ORDER BY (id = $1) DESC LIMIT 1",
-            &[&id_or_name],
-        )
-        .await
-        .map_err(pg)?
-        .as_ref()
-        .map(group_from)
-        .transpose()
+        Ok(load_groups(&self.client().await?, Some(id_or_name))
+            .await?
+            .into_iter()
+            .next())
     }
 
     async fn list_prices(&self) -> Result<Vec<Price>> {

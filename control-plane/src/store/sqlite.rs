@@ -30,6 +30,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (10, include_str!("../../migrations/sqlite/0010_quotas_and_refresh.sql")),
     (11, include_str!("../../migrations/sqlite/0011_client_request_id.sql")),
     (12, include_str!("../../migrations/sqlite/0012_queue_wait.sql")),
+    (13, include_str!("../../migrations/sqlite/0013_group_routing.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -380,8 +381,9 @@ fn api_key_values(k: &ApiKey, revision: i64) -> Result<Vec<Value>> {
 }
 
 const GROUP_COLS: &str = "id, name, description, created_at, updated_at, revision, rpm, tpm, \
-     max_concurrency, daily_budget, monthly_budget";
+     max_concurrency, daily_budget, monthly_budget, state, state_since, state_by";
 
+/// A group row; its fallbacks are read apart ([`with_fallbacks`]).
 fn group_from_row(row: &Row<'_>) -> rusqlite::Result<Group> {
     Ok(Group {
         id: row.get(0)?,
@@ -394,13 +396,79 @@ fn group_from_row(row: &Row<'_>) -> rusqlite::Result<Group> {
             daily_budget: col_u64(row, 9)?,
             monthly_budget: col_u64(row, 10)?,
         },
+        fallback_ids: Vec::new(),
+        state: col_parse(row, 11)?,
+        state_since: row.get(12)?,
+        state_by: row.get(13)?,
         created_at: row.get(3)?,
         updated_at: row.get(4)?,
         revision: col_u64(row, 5)?,
     })
 }
 
-/// Values for `GROUP_COLS` as `?1..?11`.
+/// Every group's fallbacks, in order.
+fn read_fallbacks(conn: &Connection) -> Result<HashMap<String, Vec<String>>> {
+    let pairs = query_list(
+        conn,
+        "SELECT group_id, fallback_id FROM group_fallbacks ORDER BY group_id, position",
+        [],
+        |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+    )?;
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for (g, f) in pairs {
+        out.entry(g).or_default().push(f);
+    }
+    Ok(out)
+}
+
+/// Fills in the groups' fallbacks.
+fn with_fallbacks(conn: &Connection, mut groups: Vec<Group>) -> Result<Vec<Group>> {
+    let mut all = read_fallbacks(conn)?;
+    for g in &mut groups {
+        g.fallback_ids = all.remove(&g.id).unwrap_or_default();
+    }
+    Ok(groups)
+}
+
+/// Replaces a group's fallbacks (in the write's transaction) and checks what the store keeps:
+/// every fallback exists, none repeats, none is the group itself, no cycle.
+fn set_fallbacks(tx: &Transaction<'_>, g: &Group) -> Result<()> {
+    tx.execute("DELETE FROM group_fallbacks WHERE group_id = ?1", [&g.id])
+        .map_err(db)?;
+    if g.fallback_ids.is_empty() {
+        return Ok(());
+    }
+    let names: HashMap<String, String> = query_list(tx, "SELECT id, name FROM groups", [], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?
+    .into_iter()
+    .collect();
+    for (i, f) in g.fallback_ids.iter().enumerate() {
+        if !names.contains_key(f) {
+            return Err(not_found(ResourceKind::Group, f));
+        }
+        if g.fallback_ids[..i].contains(f) {
+            return Err(StoreError::Invalid(format!(
+                "group {:?} is named twice among {:?}'s fallbacks",
+                names.get(f).unwrap_or(f),
+                g.name
+            )));
+        }
+    }
+    let mut edges = read_fallbacks(tx)?;
+    edges.insert(g.id.clone(), g.fallback_ids.clone());
+    super::check_fallbacks(&edges, &names, &g.id)?;
+    for (i, f) in g.fallback_ids.iter().enumerate() {
+        tx.execute(
+            "INSERT INTO group_fallbacks (group_id, position, fallback_id) VALUES (?1, ?2, ?3)",
+            params![g.id, to_i64(i as u64, "position")?, f],
+        )
+        .map_err(db)?;
+    }
+    Ok(())
+}
+
+/// Values for `GROUP_COLS` as `?1..?14`.
 fn group_values(g: &Group, revision: i64) -> Result<Vec<Value>> {
     let l = &g.limits;
     Ok(vec![
@@ -415,6 +483,9 @@ fn group_values(g: &Group, revision: i64) -> Result<Vec<Value>> {
         Value::Integer(to_i64(l.max_concurrency, "max_concurrency")?),
         Value::Integer(to_i64(l.daily_budget, "daily_budget")?),
         Value::Integer(to_i64(l.monthly_budget, "monthly_budget")?),
+        Value::Text(g.state.as_str().to_string()),
+        Value::Integer(g.state_since),
+        Value::Text(g.state_by.clone()),
     ])
 }
 
@@ -570,12 +641,13 @@ fn read_api_keys(conn: &Connection) -> Result<Vec<ApiKey>> {
 }
 
 fn read_groups(conn: &Connection) -> Result<Vec<Group>> {
-    query_list(
+    let groups = query_list(
         conn,
         &format!("SELECT {GROUP_COLS} FROM groups ORDER BY name"),
         [],
         group_from_row,
-    )
+    )?;
+    with_fallbacks(conn, groups)
 }
 
 fn read_prices(conn: &Connection) -> Result<Vec<Price>> {
@@ -755,10 +827,14 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
         }
         Mutation::InsertGroup(g) => {
             tx.execute(
-                &format!("INSERT INTO groups ({GROUP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                &format!(
+                    "INSERT INTO groups ({GROUP_COLS}) VALUES \
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                ),
                 params_from_iter(group_values(g, rev)?),
             )
             .map_err(write_err(ResourceKind::Group, &g.name))?;
+            set_fallbacks(tx, g)?;
         }
         Mutation::UpdateGroup { row, expect_revision } => {
             let mut values = group_values(row, rev)?;
@@ -767,14 +843,15 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
             let n = tx
                 .execute(
                     "UPDATE groups SET name = ?2, description = ?3, updated_at = ?5, revision = ?6, rpm = ?7, \
-                     tpm = ?8, max_concurrency = ?9, daily_budget = ?10, monthly_budget = ?11 \
-                     WHERE id = ?1 AND revision = ?12",
+                     tpm = ?8, max_concurrency = ?9, daily_budget = ?10, monthly_budget = ?11, state = ?12, \
+                     state_since = ?13, state_by = ?14 WHERE id = ?1 AND revision = ?15",
                     params_from_iter(values),
                 )
                 .map_err(write_err(ResourceKind::Group, &row.name))?;
             if n == 0 {
                 return Err(update_miss(tx, "groups", ResourceKind::Group, &row.id));
             }
+            set_fallbacks(tx, row)?;
         }
         Mutation::DeleteGroup { id } => {
             let name: Option<String> = tx
@@ -787,7 +864,8 @@ fn apply_mutation(tx: &Transaction<'_>, m: &Mutation, rev: i64) -> Result<()> {
             let in_use = tx
                 .query_row(
                     "SELECT EXISTS (SELECT 1 FROM api_keys WHERE group_id = ?1) \
-                         OR EXISTS (SELECT 1 FROM account_groups WHERE group_id = ?1)",
+                         OR EXISTS (SELECT 1 FROM account_groups WHERE group_id = ?1) \
+                         OR EXISTS (SELECT 1 FROM group_fallbacks WHERE fallback_id = ?1)",
                     [id],
                     |r| r.get::<_, bool>(0),
                 )
@@ -1250,8 +1328,11 @@ impl Store for SqliteStore {
 
     async fn get_group(&self, id_or_name: &str) -> Result<Option<Group>> {
         let key = id_or_name.to_owned();
-        self.with_conn(move |c| get_by_id_or_name(c, "groups", GROUP_COLS, &key, group_from_row))
-            .await
+        self.with_conn(move |c| {
+            let found = get_by_id_or_name(c, "groups", GROUP_COLS, &key, group_from_row)?;
+            Ok(with_fallbacks(c, found.into_iter().collect())?.into_iter().next())
+        })
+        .await
     }
 
     async fn list_prices(&self) -> Result<Vec<Price>> {

@@ -282,6 +282,38 @@ impl ServingConfig {
     pub fn accounts_of(&self, group_id: &str) -> &[Arc<AccountEntry>] {
         self.accounts_by_group.get(group_id).map(Vec::as_slice).unwrap_or(&[])
     }
+
+    /// An operator's state of a group (unknown groups are active).
+    pub fn group_state(&self, group_id: &str) -> pb::GroupState {
+        self.groups.get(group_id).map_or(pb::GroupState::Active, |g| g.state())
+    }
+
+    /// The groups whose accounts serve a key of `group_id`, in the order they are tried: the
+    /// group and then its fallbacks in their order, except that fallbacks an operator activated
+    /// come first, groups `cooling` (all their accounts failed recently) come after the others
+    /// (an activated one stays first), and paused groups are left out. Fallbacks are not
+    /// transitive (a fallback's own fallbacks are not used); unknown ids and repeats are skipped.
+    /// Empty only when the group is paused and no fallback can stand in.
+    pub fn route_groups<'a>(&'a self, group_id: &'a str, cooling: impl Fn(&str) -> bool) -> Vec<&'a str> {
+        let Some(g) = self.groups.get(group_id) else {
+            return vec![group_id];
+        };
+        let mut route: Vec<&'a str> = Vec::with_capacity(1 + g.fallback_ids.len());
+        route.push(g.id.as_str());
+        for f in &g.fallback_ids {
+            if self.groups.contains_key(f) && !route.contains(&f.as_str()) {
+                route.push(f.as_str());
+            }
+        }
+        route.retain(|id| self.group_state(id) != pb::GroupState::Paused);
+        // A stable sort: within each rank, the operator's order.
+        route.sort_by_key(|id| match self.group_state(id) {
+            pb::GroupState::Activated => 0,
+            _ if cooling(id) => 2,
+            _ => 1,
+        });
+        route
+    }
 }
 
 /// The config being served; `None` until the first one arrives.
@@ -380,6 +412,63 @@ mod tests {
         );
         assert!(cfg.rejected.iter().all(|x| !x.error.contains("hunter2")));
         assert_eq!(cfg.keys_by_hash.len(), 1, "the key naming an unknown group is out too");
+    }
+
+    fn routed(groups: Vec<pb::Group>) -> ServingConfig {
+        let mut r = resources();
+        r.groups = groups;
+        relay_proto::canonicalize(&mut r);
+        ServingConfig::build(pb::ConfigVersion::new(1, 1), r).unwrap()
+    }
+
+    fn grp(id: &str, fallbacks: &[&str], state: pb::GroupState) -> pb::Group {
+        pb::Group {
+            id: id.into(),
+            name: format!("{id}-name"),
+            fallback_ids: fallbacks.iter().map(|f| f.to_string()).collect(),
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn routes_put_the_group_first_then_its_fallbacks_in_order() {
+        use pb::GroupState::{Activated, Active, Paused};
+        let cfg = routed(vec![
+            grp("g", &["c", "b", "gone", "c", "g"], Active),
+            grp("b", &["x"], Active),
+            grp("c", &[], Active),
+            grp("x", &[], Active),
+        ]);
+        let none = |_: &str| false;
+        // Unknown ids, repeats and the group itself are skipped; b's own fallback x is not used.
+        assert_eq!(cfg.route_groups("g", none), ["g", "c", "b"]);
+        assert_eq!(cfg.route_groups("b", none), ["b", "x"]);
+        assert_eq!(cfg.route_groups("unknown", none), ["unknown"]);
+        // Cooling: after the others, in order.
+        assert_eq!(cfg.route_groups("g", |id| id == "g"), ["c", "b", "g"]);
+        assert_eq!(cfg.route_groups("g", |id| id != "b"), ["b", "g", "c"]);
+
+        // Paused: left out, for its own keys and for those falling back to it.
+        let cfg = routed(vec![
+            grp("g", &["c", "b"], Paused),
+            grp("b", &[], Active),
+            grp("c", &[], Paused),
+        ]);
+        assert_eq!(cfg.route_groups("g", none), ["b"]);
+        let cfg = routed(vec![grp("g", &[], Paused)]);
+        assert!(cfg.route_groups("g", none).is_empty());
+
+        // Activated: first for keys that fall back to it, even over a cooling own group;
+        // activation wins over cooling.
+        let cfg = routed(vec![
+            grp("g", &["c", "b"], Active),
+            grp("b", &[], Activated),
+            grp("c", &[], Active),
+        ]);
+        assert_eq!(cfg.route_groups("g", none), ["b", "g", "c"]);
+        assert_eq!(cfg.route_groups("g", |id| id == "b" || id == "g"), ["b", "c", "g"]);
+        assert_eq!(cfg.route_groups("b", none), ["b"]);
     }
 
     #[test]

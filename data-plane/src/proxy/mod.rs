@@ -10,6 +10,7 @@ pub mod balance;
 pub mod cors;
 pub mod estimate;
 pub mod forward;
+pub mod groups;
 pub mod health;
 pub mod held;
 pub mod limit;
@@ -80,6 +81,8 @@ pub struct Proxy {
     pub limiter: Arc<relay_limits::Limiter>,
     /// Committed spend from the control plane, for budgets.
     pub spend: Arc<crate::control::spend::SpendBook>,
+    /// Groups cooling down after all their accounts failed (their fallbacks go first).
+    pub groups: Arc<groups::GroupCooling>,
 }
 
 fn new_request_id() -> String {
@@ -330,6 +333,9 @@ impl Proxy {
     }
 
     fn metrics_text(&self) -> Response<Body> {
+        // Cooldowns end by themselves: the gauge is brought up to date before it is read.
+        self.groups
+            .refresh(self.holder.get().as_deref(), chrono::Utc::now().timestamp_millis());
         let text = self.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
         let mut r = Response::new(full(text));
         r.headers_mut().insert(
@@ -453,6 +459,10 @@ impl Proxy {
             .and_then(|v| v.as_u64())
             .unwrap_or(0)
             .min(1 << 24);
+        // A paused group with nowhere to fall back to: refused before anything is counted.
+        if let Some(e) = groups::paused_refusal(&cfg, &key.group_id) {
+            return Err(e);
+        }
         let (tokens, cost) = limit::estimate(&cfg, &model, body.len(), max_tokens, is_messages);
         let admitted = limit::admit(&self.limiter, &self.spend, &cfg, &key, &model, tokens, cost).await?;
 
@@ -572,14 +582,16 @@ impl Proxy {
         Ok(final_answer(failures, self.retry_after_hint(ctx), ctx.is_messages).into_response(request_id))
     }
 
-    /// When some account of the key's group will be available again, in seconds (at least 1);
-    /// None when no account's return is known.
+    /// When some account that may serve the key (its group's and its fallback groups', as
+    /// `choose` routes them) will be available again, in seconds (at least 1); None when no
+    /// account's return is known.
     fn retry_after_hint(&self, ctx: &AttemptCtx<'_>) -> Option<u64> {
         let now = chrono::Utc::now().timestamp_millis();
         let soonest = ctx
             .cfg
-            .accounts_of(&ctx.key.group_id)
-            .iter()
+            .route_groups(&ctx.key.group_id, |_| false)
+            .into_iter()
+            .flat_map(|g| ctx.cfg.accounts_of(g).iter())
             .filter_map(|a| match self.health.availability(a.id.as_str(), ctx.model, now) {
                 Availability::At(t) => Some(t),
                 _ => None,
@@ -656,8 +668,9 @@ impl Proxy {
                     if tried.is_empty()
                         && looked_at
                             .cfg
-                            .accounts_of(&ctx.key.group_id)
-                            .iter()
+                            .route_groups(&ctx.key.group_id, |_| false)
+                            .into_iter()
+                            .flat_map(|g| looked_at.cfg.accounts_of(g).iter())
                             .any(|a| a.enabled && a.weight > 0) =>
                 {
                     Choice::Suspended
@@ -708,64 +721,88 @@ impl Proxy {
         }
     }
 
-    /// Priority tier first; within it the balancer's choice among accounts
-    /// that are enabled, healthy, untried and have a free slot. The session's
-    /// account comes first when it qualifies.
+    /// Groups in their route's order ([`ServingConfig::route_groups`]: the key's group, then its
+    /// fallbacks; activated ones first, cooling ones last, paused ones never); within a group,
+    /// priority tier first; within a tier the balancer's choice among accounts that are enabled,
+    /// healthy, untried and have a free slot. The session's account comes first within its
+    /// group when it qualifies. A group found with every enabled account unavailable begins a
+    /// cooldown (`groups.cooldown_ms`, see [`groups`]).
     fn choose(&self, ctx: &AttemptCtx<'_>, tried: &[String], bound: Option<&str>, now: i64) -> Choice {
-        let candidates = ctx.cfg.accounts_of(&ctx.key.group_id);
+        let route = ctx
+            .cfg
+            .route_groups(&ctx.key.group_id, |g| self.groups.is_cooling(g, now));
         let usable = |a: &Arc<AccountEntry>| a.enabled && a.weight > 0 && !tried.contains(&a.id);
         let mut later: Option<i64> = None;
         let mut waiting_for_slot = false;
-        if let Some(id) = bound {
-            if let Some(a) = candidates.iter().find(|a| a.id == id && usable(a)) {
-                match self.health.availability(&a.id, ctx.model, now) {
-                    Availability::Now | Availability::Probe => match self.balancer.try_acquire(a) {
-                        Some(slot) => return Choice::Ready(a.clone(), slot),
-                        None => {
-                            self.health.release_probe(&a.id);
-                        }
-                    },
-                    _ => {}
-                }
-            }
-        }
-        let mut i = 0;
-        while i < candidates.len() {
-            let priority = candidates[i].priority;
-            let tier_end = candidates[i..]
-                .iter()
-                .position(|a| a.priority != priority)
-                .map_or(candidates.len(), |n| i + n);
-            let mut ready: Vec<&Arc<AccountEntry>> = Vec::new();
-            for a in candidates[i..tier_end].iter().filter(|a| usable(a)) {
-                match self.health.availability(&a.id, ctx.model, now) {
-                    Availability::Now => ready.push(a),
-                    Availability::Probe => match self.balancer.try_acquire(a) {
-                        // The half-open breaker's one probe goes to this request.
-                        Some(slot) => return Choice::Ready(a.clone(), slot),
-                        None => {
-                            self.health.release_probe(&a.id);
-                            waiting_for_slot = true;
-                        }
-                    },
-                    Availability::At(t) => later = Some(later.map_or(t, |l: i64| l.min(t))),
-                    Availability::Never => {}
-                }
-            }
-            while let Some(a) = self
-                .balancer
-                .pick_with_headroom(&ready, |id| self.health.quotas.headroom(id, now))
-            {
-                match self.balancer.try_acquire(a) {
-                    Some(slot) => return Choice::Ready(a.clone(), slot),
-                    None => {
-                        waiting_for_slot = true;
-                        let id = a.id.clone();
-                        ready.retain(|x| x.id != id);
+        for group_id in route {
+            let candidates = ctx.cfg.accounts_of(group_id);
+            if let Some(id) = bound {
+                if let Some(a) = candidates.iter().find(|a| a.id == id && usable(a)) {
+                    match self.health.availability(&a.id, ctx.model, now) {
+                        Availability::Now | Availability::Probe => match self.balancer.try_acquire(a) {
+                            Some(slot) => return Choice::Ready(a.clone(), slot),
+                            None => {
+                                self.health.release_probe(&a.id);
+                            }
+                        },
+                        _ => {}
                     }
                 }
             }
-            i = tier_end;
+            // Whether every enabled account of the group was looked at and found unavailable.
+            let (mut enabled, mut unavailable, mut all_seen) = (0usize, 0usize, true);
+            let mut i = 0;
+            while i < candidates.len() {
+                let priority = candidates[i].priority;
+                let tier_end = candidates[i..]
+                    .iter()
+                    .position(|a| a.priority != priority)
+                    .map_or(candidates.len(), |n| i + n);
+                let mut ready: Vec<&Arc<AccountEntry>> = Vec::new();
+                for a in candidates[i..tier_end].iter().filter(|a| a.enabled && a.weight > 0) {
+                    enabled += 1;
+                    if !usable(a) {
+                        all_seen = false;
+                        continue;
+                    }
+                    match self.health.availability(&a.id, ctx.model, now) {
+                        Availability::Now => ready.push(a),
+                        Availability::Probe => match self.balancer.try_acquire(a) {
+                            // The half-open breaker's one probe goes to this request.
+                            Some(slot) => return Choice::Ready(a.clone(), slot),
+                            None => {
+                                self.health.release_probe(&a.id);
+                                waiting_for_slot = true;
+                            }
+                        },
+                        Availability::At(t) => {
+                            unavailable += 1;
+                            later = Some(later.map_or(t, |l: i64| l.min(t)));
+                        }
+                        Availability::Never => unavailable += 1,
+                    }
+                }
+                while let Some(a) = self
+                    .balancer
+                    .pick_with_headroom(&ready, |id| self.health.quotas.headroom(id, now))
+                {
+                    match self.balancer.try_acquire(a) {
+                        Some(slot) => return Choice::Ready(a.clone(), slot),
+                        None => {
+                            waiting_for_slot = true;
+                            let id = a.id.clone();
+                            ready.retain(|x| x.id != id);
+                        }
+                    }
+                }
+                i = tier_end;
+            }
+            if enabled > 0 && all_seen && unavailable == enabled {
+                let cooldown = u64::try_from(ctx.policy.group_cooldown.as_millis()).unwrap_or(u64::MAX);
+                if self.groups.all_failed(ctx.cfg, group_id, now, cooldown) {
+                    metrics::counter!("relay_group_cooldowns_total").increment(1);
+                }
+            }
         }
         if later.is_some() || waiting_for_slot {
             Choice::Later(if waiting_for_slot { None } else { later })

@@ -24,6 +24,9 @@ pub struct Policy {
     pub idle_timeout: Duration,
     pub total_timeout: Duration,
     pub sticky_ttl: Duration,
+    /// How long a group whose accounts have all failed lets its fallbacks go first
+    /// (`groups.cooldown_ms`; zero: never).
+    pub group_cooldown: Duration,
     /// Clients see the upstream account's `anthropic-ratelimit-*` headers.
     pub expose_ratelimit: bool,
     /// Upstreams see the client's `x-forwarded-*`, `forwarded`, `x-real-ip` and `via` headers.
@@ -70,6 +73,7 @@ impl Policy {
             idle_timeout: ms(values, "upstream.idle_timeout_ms"),
             total_timeout: ms(values, "upstream.total_timeout_ms"),
             sticky_ttl: ms(values, "sticky.ttl_ms"),
+            group_cooldown: ms(values, "groups.cooldown_ms"),
             expose_ratelimit: settings::known("headers.expose_ratelimit").bool_in(values),
             forward_client_ip: settings::known("headers.forward_client_ip").bool_in(values),
             limits_on_store_down: relay_limits::Policy::parse(
@@ -132,9 +136,15 @@ mod tests {
             "upstream.idle_timeout_ms",
             "upstream.total_timeout_ms",
             "sticky.ttl_ms",
+            "groups.cooldown_ms",
         ] {
             assert!(settings::get(name).is_some(), "{name} is declared");
         }
         assert!(p.backoff(1) <= p.backoff_max && p.backoff(30) <= p.backoff_max);
+        assert_eq!(
+            d.group_cooldown,
+            Duration::from_secs(600),
+            "ten minutes, as cc-forwarder"
+        );
     }
 }
