@@ -255,6 +255,16 @@ async fn bad_input_gets_anthropic_errors() {
     );
     let r = send("POST", &url, &[v, ("x-api-key", &s.key)], "{not json").await;
     assert_eq!((r.status, r.error_type().as_str()), (400, "invalid_request_error"));
+    // An array in the head's field order is not a request.
+    for body in [r#"["claude-sonnet-4-5", 5, false]"#, "[]"] {
+        let r = send("POST", &url, &[v, ("x-api-key", &s.key)], body).await;
+        assert_eq!(
+            (r.status, r.error_type().as_str()),
+            (400, "invalid_request_error"),
+            "{body}"
+        );
+        assert!(String::from_utf8_lossy(&r.body).contains("must be a JSON object"));
+    }
     let r = send(
         "POST",
         &url,

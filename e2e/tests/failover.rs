@@ -903,3 +903,79 @@ async fn a_model_the_request_did_not_ask_for_is_recorded_as_answered() {
     .await
     .unwrap();
 }
+
+/// A request waiting for an account (here: the only one is rate limited for a few seconds) goes
+/// on only as its key now allows: revoked meanwhile, it gets 401 instead of being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_revoked_while_its_request_waits_is_not_served() {
+    let f = fleet(1, MockConfig::default(), &[("queue.max_wait_ms", "10000")]).await;
+    f.mock
+        .set_fault(&cred(0), Some(Fault::RateLimited { retry_after_secs: 4 }));
+    let r = post_messages(&f.dp, &f.key, &message_body("claude-sonnet-4-5", false)).await;
+    assert_eq!(r.status, 429);
+    f.mock.clear_faults();
+    let waiting = {
+        let (dp_url, key) = (f.dp.url("/v1/messages"), f.key.clone());
+        tokio::spawn(async move {
+            let h = sdk_headers(&key);
+            let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            send(
+                "POST",
+                &dp_url,
+                &hs,
+                message_body("claude-sonnet-4-5", false).to_string(),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!waiting.is_finished(), "the request did not wait for the cooldown");
+    let keys =
+        f.cp.admin()
+            .await
+            .list_api_keys(pb::ListApiKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    let id = keys.keys[0].id.clone();
+    f.cp.admin()
+        .await
+        .revoke_api_key(pb::RevokeApiKeyRequest { key: id })
+        .await
+        .unwrap();
+    f.dp.wait_version(f.cp.head().await).await;
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        f.mock.request_count(),
+        1,
+        "the revoked key's request never reached an upstream"
+    );
+}
+
+/// An account that opens a stream and then never sends an event does not hold a streaming
+/// request for `upstream.head_timeout_ms` (ten minutes): a stream must start within the retry
+/// deadline (at least 10 s), and the request goes on to a healthy account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_black_holed_stream_fails_over_within_the_retry_deadline() {
+    let f = fleet(1, MockConfig::default(), &[("retry.deadline_ms", "3000")]).await;
+    f.cp.add_account("good", &f.mock.base_url(), "cred-good").await;
+    f.cp.admin()
+        .await
+        .update_account(pb::UpdateAccountRequest {
+            account: "good".into(),
+            priority: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    f.dp.wait_version(f.cp.head().await).await;
+    f.mock.set_fault(&cred(0), Some(Fault::Stall { after_events: 0 }));
+    let started = std::time::Instant::now();
+    let r = post_messages(&f.dp, &f.key, &message_body("claude-sonnet-4-5", true)).await;
+    assert_complete(&r, true);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "held for {took:?}");
+    assert_eq!(hits(&f.mock, &cred(0)), 1);
+    assert_eq!(hits(&f.mock, "cred-good"), 1);
+}

@@ -265,9 +265,24 @@ fn looks_like_code(text: &str) -> bool {
 
 /// The estimated input tokens of a Messages request body (as count_tokens would count it).
 pub fn estimate(body: &[u8]) -> Result<u64, Invalid> {
+    // A body of very many tiny blocks would cost some 1.5 KB of memory per block as a parsed
+    // document (a 32 MB body: gigabytes): past MAX_STRUCTURES objects and arrays (counted as
+    // bytes, an upper bound) it is estimated from its size without being parsed.
+    let structures = body.iter().filter(|b| matches!(b, b'{' | b'[')).count();
+    if structures > MAX_STRUCTURES {
+        serde_json::from_slice::<serde::de::IgnoredAny>(body)
+            .map_err(|e| Invalid(format!("request body is not valid JSON: {e}")))?;
+        return Ok((body.len() as f64 / BYTES_PER_TOKEN_UNPARSED).ceil() as u64);
+    }
     let v: Value = serde_json::from_slice(body).map_err(|e| Invalid(format!("request body is not valid JSON: {e}")))?;
     estimate_value(&v)
 }
+
+/// More JSON objects and arrays than this, and the body is estimated from its size.
+pub const MAX_STRUCTURES: usize = 50_000;
+/// Bytes per token of a body estimated from its size (JSON syntax included: a low guess of
+/// tokens, about what prose gives).
+const BYTES_PER_TOKEN_UNPARSED: f64 = 4.0;
 
 pub fn estimate_value(v: &Value) -> Result<u64, Invalid> {
     let obj = v

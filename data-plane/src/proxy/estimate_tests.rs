@@ -599,3 +599,18 @@ proptest::proptest! {
         proptest::prop_assert!(image_tokens_for(&profile("claude-sonnet-4-5"), w as u64, h as u64) <= 1568);
     }
 }
+
+#[test]
+fn a_body_of_very_many_blocks_is_estimated_from_its_size_without_being_parsed() {
+    let block = r#"{"type":"text","text":"hi"},"#;
+    let n = MAX_STRUCTURES + 10;
+    let mut body = String::from(r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":["#);
+    body.push_str(&block.repeat(n));
+    body.pop();
+    body.push_str("]}]}");
+    let est = estimate(body.as_bytes()).unwrap();
+    assert_eq!(est, (body.len() as f64 / 4.0).ceil() as u64);
+    // Still refused when it is not JSON.
+    let broken = &body[..body.len() - 3];
+    assert!(estimate(broken.as_bytes()).is_err());
+}

@@ -674,7 +674,7 @@ pub fn model_mismatch(requested: &str, answered: &str) -> bool {
 /// new model in every answer cannot grow it (past the bound each mismatch is counted, not logged).
 static MISMATCHES_SEEN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<(String, String, String)>>> =
     std::sync::LazyLock::new(Default::default);
-const MAX_MISMATCHES_LOGGED: usize = 1024;
+const MAX_MISMATCHES_LOGGED: usize = 64;
 
 /// Logs a model mismatch once per (account, requested, answered) and counts every one.
 fn note_model_mismatch(account: &str, requested: &str, answered: &str) {

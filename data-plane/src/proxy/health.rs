@@ -347,13 +347,31 @@ fn classify_response(status: u16, h: &HeaderMap, body: &[u8], model: &str, s: &H
             };
             Plan::new(true, retry_after(h, now), BreakerEvent::Failure(what))
         }
-        // A 404 that is not the API's own not_found_error (an unknown model) means the account's
-        // URL leads nowhere (a base URL ending in /v1, a proxy path): the account's fault.
-        404 if ErrorInfo::parse(body).kind() != Some("not_found_error") => Plan::new(
+        // A 404 that is not about the request's model ("model: …", the client's error) means the
+        // account's URL leads nowhere (a base URL ending in /v1, a proxy path): the account's fault.
+        404 if !ErrorInfo::parse(body).about_the_model() => Plan::new(
             true,
             None,
-            BreakerEvent::Failure("404 that is not an API error: check the account's base URL".into()),
+            BreakerEvent::Failure("404 that is not about the model: check the account's base URL".into()),
         ),
+        // The upstream timed the request out: another account may well answer.
+        408 => Plan::new(
+            true,
+            retry_after(h, now),
+            BreakerEvent::Failure("408 request timeout".into()),
+        ),
+        // An account out of credit (402 billing_error, or 400 "credit balance is too low"): out
+        // until an operator tops it up and resets it; never the client's answer.
+        400 | 402 if status == 402 || ErrorInfo::parse(body).out_of_credit(body) => {
+            let mut plan = Plan::new(true, None, BreakerEvent::Success);
+            plan.push(Some(NewState {
+                health: pb::AccountHealth::Blocked,
+                scope: "",
+                until_ms: 0,
+                reason: format!("{status}: out of credit (billing)"),
+            }));
+            plan
+        }
         400..=499 => {
             let err = ErrorInfo::parse(body);
             let mut plan = Plan::new(true, None, BreakerEvent::Success);
@@ -727,6 +745,20 @@ impl<'a> ErrorInfo<'a> {
     }
 
     /// "This organization has been disabled." (in the message, or anywhere in a body that is not JSON).
+    /// A 404 about the request's model (`not_found_error` "model: …"): the client's error.
+    fn about_the_model(&self) -> bool {
+        self.kind() == Some("not_found_error")
+            && self
+                .message()
+                .is_some_and(|m| m.trim_start().to_ascii_lowercase().starts_with("model"))
+    }
+
+    /// The account has no credit left (Anthropic: 400 "Your credit balance is too low …").
+    fn out_of_credit(&self, body: &[u8]) -> bool {
+        let hay = self.message().map_or(body, str::as_bytes);
+        self.kind() == Some("billing_error") || contains_ci(hay, b"credit balance is too low")
+    }
+
     fn org_disabled(&self, body: &[u8]) -> bool {
         const NEEDLES: [&[u8]; 2] = [b"organization has been disabled", b"organization is disabled"];
         let hay = self.message().map_or(body, str::as_bytes);
@@ -2171,16 +2203,74 @@ mod tests {
     }
 
     #[test]
+    fn an_account_out_of_credit_or_at_a_wrong_url_is_the_accounts_fault() {
+        let reg = HealthRegistry::new("dp-1");
+        let credit = err_body(
+            "invalid_request_error",
+            "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits.",
+        );
+        let (v, st) = respond(&reg, "a", SONNET, 400, &[], &credit, NOW);
+        assert!(v.retry_elsewhere);
+        let st = st.unwrap();
+        assert_eq!(st.health, pb::AccountHealth::Blocked as i32);
+        assert!(st.reason.contains("out of credit"), "{}", st.reason);
+        let (v, st) = respond(
+            &reg,
+            "b",
+            SONNET,
+            402,
+            &[],
+            &err_body("billing_error", "no credit"),
+            NOW,
+        );
+        assert!(v.retry_elsewhere);
+        assert_eq!(st.unwrap().health, pb::AccountHealth::Blocked as i32);
+        // Anthropic's own 404 for a path that does not exist (a base URL with a stray prefix).
+        let (v, _) = respond(
+            &reg,
+            "c",
+            SONNET,
+            404,
+            &[],
+            &err_body("not_found_error", "Not Found"),
+            NOW,
+        );
+        assert!(v.retry_elsewhere);
+        let (v, _) = respond(
+            &reg,
+            "d",
+            SONNET,
+            408,
+            &[],
+            &err_body("timeout_error", "Request timed out"),
+            NOW,
+        );
+        assert!(v.retry_elsewhere);
+    }
+
+    #[test]
     fn other_client_errors_are_the_clients_fault() {
         let reg = HealthRegistry::new("dp-1");
-        for (status, kind) in [
-            (400, "invalid_request_error"),
-            (404, "not_found_error"),
-            (413, "request_too_large"),
-            (403, "invalid_request_error"),
-            (422, "invalid_request_error"),
+        for (status, kind, message) in [
+            (
+                400,
+                "invalid_request_error",
+                "messages: at least one message is required",
+            ),
+            (404, "not_found_error", "model: claude-nonexistent"),
+            (413, "request_too_large", "messages: at least one message is required"),
+            (
+                403,
+                "invalid_request_error",
+                "messages: at least one message is required",
+            ),
+            (
+                422,
+                "invalid_request_error",
+                "messages: at least one message is required",
+            ),
         ] {
-            let body = err_body(kind, "messages: at least one message is required");
+            let body = err_body(kind, message);
             let (v, st) = respond(&reg, "a", SONNET, status, &[], &body, NOW);
             assert_eq!(
                 v,

@@ -41,6 +41,9 @@ use tracing::Instrument;
 
 /// How often a request waiting for an account whose fleet-wide slots are all taken looks again.
 const FLEET_SLOT_POLL_MS: i64 = 50;
+/// The least time a stream is given to start (head and first event), however little of the retry
+/// deadline is left.
+const STREAM_START_MIN: Duration = Duration::from_secs(10);
 /// How often a request suspended for a recovery looks again (a new config wakes it at once).
 const SUSPENDED_POLL_MS: i64 = 250;
 
@@ -441,6 +444,10 @@ impl Proxy {
             }
             return Err(ApiError::too_large("request body exceeds the 32 MB limit"));
         };
+        // A JSON array would deserialize into the head's fields in order: only an object is a request.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::invalid_request("request body must be a JSON object"));
+        }
         let head: RequestHead = serde_json::from_slice(&body)
             .map_err(|e| ApiError::invalid_request(format!("request body is not valid JSON: {e}")))?;
         let model = match head.model {
@@ -532,6 +539,7 @@ impl Proxy {
         let mut failures: Vec<Failure> = Vec::new();
         let mut costly = 0u32;
         let mut waited = Waited::default();
+        let mut endpoint_missing = 0u32;
         while costly < policy.max_attempts {
             let Some((account, slot)) = self.acquire(ctx, &tried, bound, deadline, &mut waited).await? else {
                 break;
@@ -563,7 +571,16 @@ impl Proxy {
                         // take it, and the client gets that answer as it is.
                         return Ok(failure.into_response(request_id));
                     }
+                    // count_tokens on upstreams without the endpoint: two such answers say
+                    // enough; the estimate answers instead of every account being asked.
+                    let missing = !ctx.is_messages && failure.status().is_some_and(|s| matches!(s, 404 | 405));
                     failures.push(failure);
+                    if missing {
+                        endpoint_missing += 1;
+                        if endpoint_missing >= 2 {
+                            break;
+                        }
+                    }
                     if slow {
                         costly += 1;
                         let pause = policy.backoff(costly).min(remaining_until(deadline));
@@ -708,13 +725,26 @@ impl Proxy {
             waited.ms = waited
                 .ms
                 .saturating_add(now_i.elapsed().as_millis().try_into().unwrap_or(u64::MAX));
-            if matches!(choice, Choice::Suspended) {
-                if let Some(cfg) = self.holder.get() {
-                    // A key revoked or expired meanwhile is not served from the newer config.
-                    let key = authenticate(&cfg, &ctx.parts.headers)?;
-                    if key.id != ctx.key.id {
-                        return Err(ApiError::authentication("invalid x-api-key"));
-                    }
+            // Whatever it waited for, the request goes on only as the key now allows: a key
+            // revoked, expired, narrowed or moved meanwhile is not served as it was admitted.
+            if let Some(cfg) = self.holder.get() {
+                let key = authenticate(&cfg, &ctx.parts.headers)?;
+                if key.id != ctx.key.id {
+                    return Err(ApiError::authentication("invalid x-api-key"));
+                }
+                if !key.allows(ctx.model) {
+                    return Err(ApiError::permission(format!(
+                        "this API key may not use model {}",
+                        ctx.model
+                    )));
+                }
+                if key.group_id != ctx.key.group_id {
+                    return Err(ApiError::overloaded(
+                        "this API key was moved to another group while the request waited; retry it",
+                        1,
+                    ));
+                }
+                if matches!(choice, Choice::Suspended) {
                     fresh = Some(cfg);
                 }
             }
@@ -870,7 +900,18 @@ impl Proxy {
             charge: ctx.charge.clone(),
         });
         let sent_at = Instant::now();
-        let head_deadline = tokio::time::Instant::now() + ctx.policy.head_timeout;
+        // An upstream sends a stream's head and first event at once (the generation follows), so
+        // a stream that has not started within what is left of the retry deadline (at least
+        // STREAM_START_MIN) is a black hole: fail over. A non-streaming answer's head comes
+        // when the whole answer is ready: `upstream.head_timeout_ms` (minutes).
+        let head_wait = if ctx.stream {
+            ctx.policy
+                .head_timeout
+                .min(remaining_until(ctx.deadline).max(STREAM_START_MIN))
+        } else {
+            ctx.policy.head_timeout
+        };
+        let head_deadline = tokio::time::Instant::now() + head_wait;
         let resp = match tokio::time::timeout_at(head_deadline, self.upstreams.request(account.proxy.as_ref(), up))
             .await
         {
@@ -1330,6 +1371,14 @@ impl Failure {
 }
 
 impl Failure {
+    /// The upstream's status, when the upstream answered.
+    fn status(&self) -> Option<u16> {
+        match self {
+            Failure::Upstream { status, .. } => Some(status.as_u16()),
+            Failure::Relay(_) => None,
+        }
+    }
+
     /// How much the answer tells the client, lower first: when to come back (429), that the
     /// service is busy (529), the upstream's own server error, relay's (timeout, unreachable, not
     /// an Anthropic answer), and last an account's own refusal of its credentials or URL.
@@ -1338,7 +1387,7 @@ impl Failure {
             Failure::Upstream { status, .. } => match status.as_u16() {
                 429 => 0,
                 529 => 1,
-                500..=599 => 2,
+                408 | 500..=599 => 2,
                 _ => 4,
             },
             Failure::Relay(_) => 3,
