@@ -637,6 +637,8 @@ impl Proxy {
         } else {
             ctx.policy.queue_max_wait.min(COUNT_TOKENS_MAX_WAIT)
         };
+        // The wait is the request's, not each look's: what earlier attempts waited counts.
+        let max_wait = max_wait.saturating_sub(Duration::from_millis(waited.ms));
         let wait_until = deadline.min(tokio::time::Instant::now() + max_wait);
         let mut ticket: Option<QueueTicket<'_>> = None;
         // Accounts whose fleet-wide slots (their max_concurrency across every data plane) were
