@@ -833,6 +833,12 @@ impl Admin for AdminService {
         if let Some(p) = r.proxy_url.as_deref().filter(|p| !p.is_empty()) {
             validate_proxy_url(p)?;
         }
+        // 0 is not "the default" in an update: it would silently become 1.
+        if r.weight == Some(0) {
+            return Err(Status::invalid_argument(format!(
+                "weight 0 is refused: a weight is in 1..={MAX_WEIGHT}; to stop routing to an account, disable it"
+            )));
+        }
         let weight = r.weight.map(validate_weight).transpose()?;
         let status = match r.status.map(pb::AccountStatus::try_from) {
             None => None,
