@@ -70,6 +70,13 @@ async fn sigterm_with_a_connected_data_plane_stops_at_once() {
     let status = exits_within(&mut relay.proc, Duration::from_secs(10)).await;
     assert!(status.success(), "{status}:\n{}", relay.proc.log_text());
     assert!(started.elapsed() < Duration::from_secs(10));
+    // A clean shutdown is no warning: not a WARN or ERROR line from start to exit.
+    let log = relay.proc.log_text();
+    let noisy: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(noisy.is_empty(), "a clean start and stop logged: {noisy:#?}");
     // The data plane keeps serving its config while the control plane is gone.
     assert_eq!(try_send("GET", &ready).await.map(|r| r.status), Some(200));
     assert!(dp.log_text().contains("config stream"), "{}", dp.log_text());
