@@ -47,8 +47,9 @@ pub enum Value {
     },
     /// Structured data (JSON in JSON output, compact JSON text elsewhere).
     Json(serde_json::Value),
-    /// An id: whole in JSON, CSV and wide tables; its first [`SHORT_ID`] characters in tables
-    /// (enough to tell ids apart, like git's short hashes; every command takes names too).
+    /// An id: whole in JSON, CSV and wide tables; in list tables its shortest prefix (at least
+    /// [`SHORT_ID`] characters) that tells it from every other id of its column, like git's short
+    /// hashes (see [`unique_prefix_len`]); commands take such a prefix wherever they take an id.
     Id(String),
     /// A limit where zero means unlimited: tables show `-` for it, JSON and
     /// CSV the value itself.
@@ -127,7 +128,7 @@ impl Value {
             Value::Time(ms) => chrono::DateTime::<chrono::Utc>::from_timestamp_millis(*ms)
                 .filter(|_| *ms != 0)
                 .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
-            Value::Id(s) if !wide => s.chars().take(SHORT_ID).collect(),
+            Value::Id(s) if !wide => short_id(s, SHORT_ID),
             Value::List { items, empty } if items.is_empty() => (*empty).into(),
             Value::List { items, .. } => items.join(", "),
             Value::Limit { unlimited: true, .. } => UNLIMITED.into(),
@@ -152,8 +153,30 @@ impl Value {
     }
 }
 
-/// Characters of an id a table shows.
+/// Characters of an id a table shows at least.
 pub const SHORT_ID: usize = 8;
+
+/// The first `len` characters of `id`, one more when that would end on a `-` of a UUID.
+fn short_id(id: &str, len: usize) -> String {
+    let mut short: String = id.chars().take(len).collect();
+    if short.ends_with('-') {
+        short.extend(id.chars().nth(len));
+    }
+    short
+}
+
+/// How many characters of each id a table shows so that no two ids of a column look the same:
+/// at least `min`, else the shortest prefix length that tells every pair apart. relay's ids are
+/// UUIDv7s, whose first 12 hex digits are the creation time in milliseconds: things made within
+/// a minute share 8 characters, within a millisecond 13 or more, so the length grows to what the
+/// listing needs (`01a240bb-3e8` and `01a240bb-3e9`), the same for the whole column.
+pub fn unique_prefix_len<'a>(ids: impl IntoIterator<Item = &'a str>, min: usize) -> usize {
+    let mut ids: Vec<&str> = ids.into_iter().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let common = |a: &str, b: &str| a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
+    ids.windows(2).map(|w| common(w[0], w[1]) + 1).fold(min, usize::max)
+}
 /// How every table shows a limit or budget of 0.
 pub const UNLIMITED: &str = "unlimited";
 
@@ -239,10 +262,27 @@ pub fn render_list<T>(format: Format, cols: &[Column<T>], items: &[T]) -> Result
         Format::Table | Format::Wide => {
             let wide = format == Format::Wide;
             let shown: Vec<&Column<T>> = cols.iter().filter(|c| c.in_table || wide).collect();
+            let rows: Vec<Vec<Value>> = items
+                .iter()
+                .map(|i| shown.iter().map(|c| (c.get)(i)).collect())
+                .collect();
+            // Per column: how much of its ids tells them apart.
+            let id_len: Vec<usize> = (0..shown.len())
+                .map(|col| {
+                    let ids = rows.iter().filter_map(|r| match &r[col] {
+                        Value::Id(id) => Some(id.as_str()),
+                        _ => None,
+                    });
+                    unique_prefix_len(ids, SHORT_ID)
+                })
+                .collect();
             let mut t = new_table();
             t.set_header(shown.iter().map(|c| c.header));
-            for i in items {
-                t.add_row(shown.iter().map(|c| (c.get)(i).to_cell(wide)));
+            for row in rows {
+                t.add_row(row.iter().zip(&id_len).map(|(v, len)| match v {
+                    Value::Id(id) if !wide => short_id(id, *len),
+                    v => v.to_cell(wide),
+                }));
             }
             Ok(format!("{t}\n"))
         }
@@ -438,6 +478,51 @@ mod tests {
         assert!(s.contains("Name") && s.contains("Cost (USD)"));
         assert!(!s.contains("At"));
         assert!(s.contains("(all)") && s.contains("x, y") && s.contains("0.003000"));
+    }
+
+    /// UUIDv7s made in the same minute share their first 8 characters: a table shows as many as
+    /// tell them apart, never a column of identical ids.
+    #[test]
+    fn short_ids_are_unique_within_a_listing() {
+        let ids = [
+            "01a240bb-3e84-7348-8e4d-8fdee19ae7ed",
+            "01a240bb-3e95-7021-b19b-4e9f2e185be9",
+            "01a240bb-3ea3-7328-94af-d68cc5628979",
+        ];
+        assert_eq!(unique_prefix_len(ids, SHORT_ID), 12);
+        assert_eq!(short_id(ids[0], 12), "01a240bb-3e8");
+        assert_eq!(short_id(ids[0], 8), "01a240bb");
+        // Ids apart by more than a minute keep 8 characters; one id alone too.
+        assert_eq!(
+            unique_prefix_len(["01a240bb-0000", "01a240cc-0000"], SHORT_ID),
+            SHORT_ID
+        );
+        assert_eq!(unique_prefix_len([ids[0]], SHORT_ID), SHORT_ID);
+        // The same millisecond: into the random part.
+        assert_eq!(
+            unique_prefix_len(
+                [
+                    "01a240bb-3e84-7348-8e4d-8fdee19ae7ed",
+                    "01a240bb-3e84-7349-b19b-4e9f2e185be9"
+                ],
+                SHORT_ID
+            ),
+            18
+        );
+
+        struct R(&'static str, &'static str);
+        const C: &[Column<R>] = &[
+            Column::new("name", "Name", |r| Value::text(r.0)),
+            Column::new("id", "ID", |r| Value::Id(r.1.to_string())),
+        ];
+        let rows: Vec<R> = ids.iter().zip(["a", "b", "c"]).map(|(id, n)| R(n, id)).collect();
+        let table = render_list(Format::Table, C, &rows).unwrap();
+        for short in ["01a240bb-3e8 ", "01a240bb-3e9 ", "01a240bb-3ea "] {
+            assert!(table.contains(short), "{table}");
+        }
+        assert!(!table.contains("7348"), "{table}");
+        let wide = render_list(Format::Wide, C, &rows).unwrap();
+        assert!(wide.contains(ids[0]), "{wide}");
     }
 
     #[test]

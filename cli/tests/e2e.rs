@@ -194,6 +194,37 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
     assert_eq!(a["status"], "enabled");
     assert!(!accounts.to_string().contains(UPSTREAM_SECRET));
 
+    // Short ids: each row's id is told apart from the others' (the accounts were made within a
+    // second, so their first 8 characters are the same), and taken where an id is.
+    let mut shorts = Vec::new();
+    for line in table.lines().filter(|l| l.contains("acct-")) {
+        let cells: Vec<&str> = line
+            .split('┆')
+            .map(|c| c.trim_matches(|ch: char| ch == '│' || ch.is_whitespace()))
+            .collect();
+        let (name, short) = (cells[0], cells[1]);
+        let full = accounts.as_array().unwrap().iter().find(|a| a["name"] == name).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            full.starts_with(short) && short.len() >= 8 && short.len() < full.len(),
+            "{table}"
+        );
+        assert_eq!(env.json(&["account", "show", short], None)["name"], name);
+        shorts.push(short.to_string());
+    }
+    assert_eq!(shorts.len(), 2, "{table}");
+    assert_ne!(shorts[0], shorts[1], "{table}");
+    let out = env.relayctl(&["account", "show", &shorts[0][..4]], None);
+    assert!(!out.status.success());
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        why.contains("acct-1, acct-proxied") || why.contains("acct-proxied, acct-1"),
+        "{why}"
+    );
+    assert!(why.contains("give more of the id, or the name"), "{why}");
+
     let keys = env.json(&["key", "list"], None);
     let k = &keys.as_array().unwrap()[0];
     assert_eq!(k["name"], "team-a-key");

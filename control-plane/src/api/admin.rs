@@ -276,18 +276,20 @@ impl AdminService {
     }
 
     async fn account(&self, id_or_name: &str) -> Result<Account, Status> {
-        self.store
-            .get_account(id_or_name)
-            .await
-            .map_err(status_from_store)?
+        if let Some(a) = self.store.get_account(id_or_name).await.map_err(status_from_store)? {
+            return Ok(a);
+        }
+        let all = self.store.list_accounts().await.map_err(status_from_store)?;
+        by_id_prefix(all, id_or_name, "account", |a| (&a.id, &a.name))?
             .ok_or_else(|| Status::not_found(format!("account {id_or_name:?} not found")))
     }
 
     async fn api_key(&self, id_or_name: &str) -> Result<ApiKey, Status> {
-        self.store
-            .get_api_key(id_or_name)
-            .await
-            .map_err(status_from_store)?
+        if let Some(k) = self.store.get_api_key(id_or_name).await.map_err(status_from_store)? {
+            return Ok(k);
+        }
+        let all = self.store.list_api_keys().await.map_err(status_from_store)?;
+        by_id_prefix(all, id_or_name, "key", |k| (&k.id, &k.name))?
             .ok_or_else(|| Status::not_found(format!("key {id_or_name:?} not found")))
     }
 
@@ -408,11 +410,45 @@ impl AdminService {
     }
 
     async fn group(&self, id_or_name: &str) -> Result<Group, Status> {
-        self.store
-            .get_group(id_or_name)
-            .await
-            .map_err(status_from_store)?
+        if let Some(g) = self.store.get_group(id_or_name).await.map_err(status_from_store)? {
+            return Ok(g);
+        }
+        let all = self.store.list_groups().await.map_err(status_from_store)?;
+        by_id_prefix(all, id_or_name, "group", |g| (&g.id, &g.name))?
             .ok_or_else(|| Status::not_found(format!("group {id_or_name:?} not found")))
+    }
+}
+
+/// Fewest characters of an id taken as that id (after the exact name and id found nothing).
+const MIN_ID_PREFIX: usize = 4;
+
+/// The one item whose id starts with `prefix`, as relayctl's tables show ids (like git's short
+/// hashes). Only a name or an exact id is looked up before this, so a name always wins. `None`
+/// when it is no id prefix or nothing matches; an error naming the candidates when several do.
+fn by_id_prefix<T>(
+    items: Vec<T>,
+    prefix: &str,
+    what: &str,
+    id_and_name: impl Fn(&T) -> (&String, &String),
+) -> Result<Option<T>, Status> {
+    let p = prefix.to_ascii_lowercase();
+    if p.len() < MIN_ID_PREFIX || !p.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return Ok(None);
+    }
+    let mut matches: Vec<T> = items
+        .into_iter()
+        .filter(|i| id_and_name(i).0.to_ascii_lowercase().starts_with(&p))
+        .collect();
+    match matches.len() {
+        0 => Ok(None),
+        1 => Ok(matches.pop()),
+        n => {
+            let names: Vec<&String> = matches.iter().map(|i| id_and_name(i).1).collect();
+            Err(Status::invalid_argument(format!(
+                "{prefix:?} is the start of the ids of {n} {what}s ({}): give more of the id, or the name",
+                names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+            )))
+        }
     }
 }
 
@@ -1337,12 +1373,7 @@ impl Admin for AdminService {
         let actor = self.authorize(&req, Need::Write, "delete_group").await?;
         let name = req.get_ref().group.clone();
         let v = retry_conflicts(|| async {
-            let g = self
-                .store
-                .get_group(&name)
-                .await
-                .map_err(status_from_store)?
-                .ok_or_else(|| Status::not_found(format!("group {name:?} not found")))?;
+            let g = self.group(&name).await?;
             if g.name == DEFAULT_GROUP {
                 return Err(Status::failed_precondition("the default group cannot be removed"));
             }
@@ -1763,10 +1794,11 @@ impl Admin for AdminService {
         let actor = self.authorize(&req, Need::Write, "revoke_admin_token").await?;
         let name = &req.get_ref().token;
         let tokens = self.store.list_admin_tokens().await.map_err(status_from_store)?;
-        let t = tokens
-            .iter()
-            .find(|t| &t.id == name || &t.name == name)
-            .ok_or_else(|| Status::not_found(format!("token {name:?} not found")))?;
+        let t = match tokens.iter().find(|t| &t.id == name || &t.name == name) {
+            Some(t) => t,
+            None => by_id_prefix(tokens.iter().collect(), name, "token", |t| (&t.id, &t.name))?
+                .ok_or_else(|| Status::not_found(format!("token {name:?} not found")))?,
+        };
         if t.role == Role::Admin && tokens.iter().filter(|t| t.role == Role::Admin).count() == 1 {
             return Err(Status::failed_precondition(
                 "this is the last admin token; create another before revoking it",
@@ -1907,6 +1939,46 @@ mod tests {
         assert!(validate_models(&["claude-*".into()]).is_ok());
         assert!(validate_models(&["cl*aude".into()]).is_err());
         assert_eq!(validate_weight(0).ok(), Some(1));
+    }
+
+    /// Ids are taken by a prefix, as relayctl's tables show them; several matches are refused
+    /// with their names; too short or not hex is no prefix.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn ids_are_taken_by_a_unique_prefix() {
+        let items = || {
+            vec![
+                ("01a240bb-3e84-7348-8e4d-8fdee19ae7ed".to_string(), "mock".to_string()),
+                ("01a240bb-3e95-7021-b19b-4e9f2e185be9".to_string(), "mock2".to_string()),
+            ]
+        };
+        fn f(i: &(String, String)) -> (&String, &String) {
+            (&i.0, &i.1)
+        }
+        let one = by_id_prefix(items(), "01a240bb-3e9", "account", f).unwrap();
+        assert_eq!(one.map(|i| i.1), Some("mock2".to_string()));
+        assert_eq!(
+            by_id_prefix(items(), "01A240BB-3E84", "account", f)
+                .unwrap()
+                .map(|i| i.1),
+            Some("mock".to_string())
+        );
+        let err = by_id_prefix(items(), "01a240bb", "account", f).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains("2 accounts (mock, mock2)") && err.message().contains("give more of the id"),
+            "{}",
+            err.message()
+        );
+        assert!(
+            by_id_prefix(items(), "01a", "account", f).unwrap().is_none(),
+            "too short"
+        );
+        assert!(
+            by_id_prefix(items(), "mock", "account", f).unwrap().is_none(),
+            "not hex"
+        );
+        assert!(by_id_prefix(items(), "ffff", "account", f).unwrap().is_none());
         assert!(validate_weight(MAX_WEIGHT + 1).is_err());
     }
 }
