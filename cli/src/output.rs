@@ -11,7 +11,7 @@
 use std::io::Write;
 
 use anyhow::{Context, Result};
-use comfy_table::{presets, ContentArrangement, Table};
+use comfy_table::{presets, ColumnConstraint, ContentArrangement, Table, Width};
 use serde_json::{Map, Number};
 
 use crate::parse::{format_micros, format_time};
@@ -219,11 +219,45 @@ pub fn json_object<T>(cols: &[Column<T>], item: &T) -> Map<String, serde_json::V
         .collect()
 }
 
-fn new_table() -> Table {
+/// A table as wide as the terminal (`width`: a fixed width instead, for tests).
+fn new_table(width: Option<u16>) -> Table {
     let mut t = Table::new();
     t.load_preset(presets::UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Dynamic);
+    if let Some(w) = width {
+        t.set_width(w);
+    }
     t
+}
+
+/// Longest word a table keeps whole; longer ones (URLs, whole UUIDs) may be cut.
+const WHOLE_WORD: usize = 32;
+
+/// The table as text, its words whole: no column is narrowed below its longest word (up to
+/// [`WHOLE_WORD`], plus padding), so a narrow terminal wraps cells between words
+/// (`cooldown.rate_limit_default_ms` stays one piece). A table whose words cannot fit is wider
+/// than the terminal instead.
+fn finish(mut t: Table) -> String {
+    let longest_word = |text: &str| {
+        text.split_whitespace()
+            .map(|w| w.chars().count().min(WHOLE_WORD))
+            .max()
+            .unwrap_or(0)
+    };
+    let mut widths = vec![0usize; t.column_count()];
+    let rows = t.header().into_iter().chain(t.row_iter());
+    for row in rows {
+        for (i, cell) in row.cell_iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(longest_word(&cell.content()));
+            }
+        }
+    }
+    for (col, w) in t.column_iter_mut().zip(widths) {
+        let w = u16::try_from(w + 2).unwrap_or(u16::MAX);
+        col.set_constraint(ColumnConstraint::LowerBoundary(Width::Fixed(w)));
+    }
+    format!("{t}\n")
 }
 
 fn csv_string(header: Vec<&str>, rows: Vec<Vec<String>>) -> Result<String> {
@@ -244,6 +278,11 @@ fn json_string(v: &serde_json::Value) -> Result<String> {
 
 /// Renders a list of items.
 pub fn render_list<T>(format: Format, cols: &[Column<T>], items: &[T]) -> Result<String> {
+    render_list_at(format, cols, items, None)
+}
+
+/// [`render_list`], tables `width` columns wide (`None`: the terminal's).
+fn render_list_at<T>(format: Format, cols: &[Column<T>], items: &[T], width: Option<u16>) -> Result<String> {
     match format {
         Format::Json => {
             let rows = items
@@ -276,7 +315,7 @@ pub fn render_list<T>(format: Format, cols: &[Column<T>], items: &[T]) -> Result
                     unique_prefix_len(ids, SHORT_ID)
                 })
                 .collect();
-            let mut t = new_table();
+            let mut t = new_table(width);
             t.set_header(shown.iter().map(|c| c.header));
             for row in rows {
                 t.add_row(row.iter().zip(&id_len).map(|(v, len)| match v {
@@ -284,7 +323,7 @@ pub fn render_list<T>(format: Format, cols: &[Column<T>], items: &[T]) -> Result
                     v => v.to_cell(wide),
                 }));
             }
-            Ok(format!("{t}\n"))
+            Ok(finish(t))
         }
     }
 }
@@ -292,16 +331,27 @@ pub fn render_list<T>(format: Format, cols: &[Column<T>], items: &[T]) -> Result
 /// Renders a single item; `only_table_columns` limits a table to the list
 /// columns (for short summaries).
 pub fn render_one<T>(format: Format, cols: &[Column<T>], item: &T, only_table_columns: bool) -> Result<String> {
+    render_one_at(format, cols, item, only_table_columns, None)
+}
+
+/// [`render_one`], tables `width` columns wide (`None`: the terminal's).
+fn render_one_at<T>(
+    format: Format,
+    cols: &[Column<T>],
+    item: &T,
+    only_table_columns: bool,
+    width: Option<u16>,
+) -> Result<String> {
     match format {
         Format::Json => json_string(&serde_json::Value::Object(json_object(cols, item))),
         Format::Csv => render_list(format, cols, std::slice::from_ref(item)),
         Format::Table | Format::Wide => {
             // One item shows every field, ids and times in full.
-            let mut t = new_table();
+            let mut t = new_table(width);
             for c in cols.iter().filter(|c| c.in_table || !only_table_columns) {
                 t.add_row(vec![c.header.to_string(), (c.get)(item).to_cell(true)]);
             }
-            Ok(format!("{t}\n"))
+            Ok(finish(t))
         }
     }
 }
@@ -329,14 +379,14 @@ pub fn render_pair<A, B>(format: Format, a_cols: &[Column<A>], a: &A, b_cols: &[
             csv_string(header, vec![row])
         }
         Format::Table | Format::Wide => {
-            let mut t = new_table();
+            let mut t = new_table(None);
             for c in a_cols {
                 t.add_row(vec![c.header.to_string(), (c.get)(a).to_cell(true)]);
             }
             for c in b_cols {
                 t.add_row(vec![c.header.to_string(), (c.get)(b).to_cell(true)]);
             }
-            Ok(format!("{t}\n"))
+            Ok(finish(t))
         }
     }
 }
@@ -523,6 +573,56 @@ mod tests {
         assert!(!table.contains("7348"), "{table}");
         let wide = render_list(Format::Wide, C, &rows).unwrap();
         assert!(wide.contains(ids[0]), "{wide}");
+    }
+
+    /// In a 100-column terminal cells wrap between words, never inside one (setting names, model
+    /// patterns and audit changes were cut mid-word), and the table still fits.
+    #[test]
+    fn tables_at_100_columns_keep_words_whole() {
+        struct R([&'static str; 5]);
+        const C: &[Column<R>] = &[
+            Column::new("name", "Name", |r| Value::text(r.0[0])),
+            Column::new("value", "Value", |r| Value::text(r.0[1])),
+            Column::detail("default", "Default", |r| Value::text(r.0[2])),
+            Column::new("set", "Set", |r| Value::text(r.0[3])),
+            Column::new("changes", "Changes", |r| Value::text(r.0[4])),
+        ];
+        let rows = vec![
+            R([
+                "cooldown.rate_limit_default_ms",
+                "60000",
+                "60000",
+                "no",
+                "base_url=http://127.0.0.1:9999, credential=set, groups=[\"default\"], kind=anthropic-compatible",
+            ]),
+            R([
+                "headers.expose_ratelimit",
+                "org:create_api_key user:profile user:inference",
+                "false",
+                "yes",
+                "group=default, daily budget=$5.00, accounts and keys without an explicit group",
+            ]),
+            R(["claude-3-5-haiku*", "0.80", "4.00", "no", "-"]),
+        ];
+        let text = render_list_at(Format::Table, C, &rows, Some(100)).unwrap();
+        for line in text.lines() {
+            assert!(line.chars().count() <= 100, "wider than 100 columns: {line}\n{text}");
+        }
+        let words_in_output: Vec<&str> = text
+            .split(|c: char| c.is_whitespace() || c == '│' || c == '┆')
+            .filter(|w| !w.is_empty())
+            .collect();
+        for r in &rows {
+            for cell in [r.0[0], r.0[1], r.0[3], r.0[4]] {
+                for word in cell.split_whitespace() {
+                    assert!(words_in_output.contains(&word), "{word:?} was split:\n{text}");
+                }
+            }
+        }
+        // A field/value table too.
+        let one = render_one_at(Format::Table, C, &rows[0], false, Some(60)).unwrap();
+        assert!(one.contains("cooldown.rate_limit_default_ms"), "{one}");
+        assert!(one.contains("groups=[\"default\"],"), "{one}");
     }
 
     #[test]
