@@ -385,20 +385,22 @@ fn audit_summary(e: &AuditEntry) -> Value {
         if k == "id" || v.is_null() || v == &serde_json::json!("") || v == &serde_json::json!([]) {
             continue;
         }
-        let shown = match v {
-            serde_json::Value::String(s) => s.clone(),
+        let (k, shown) = match v {
             serde_json::Value::Object(o) => {
                 let set: Vec<String> = o
                     .iter()
                     .filter(|(_, x)| !matches!(x, serde_json::Value::Number(n) if n.as_u64() == Some(0)))
-                    .map(|(k, x)| format!("{k}:{x}"))
+                    .map(|(k, x)| {
+                        let (k, x) = audit_field(k, x);
+                        format!("{k}:{x}")
+                    })
                     .collect();
                 if set.is_empty() {
                     continue;
                 }
-                set.join(" ")
+                (k.clone(), set.join(" "))
             }
-            other => other.to_string(),
+            v => audit_field(k, v),
         };
         parts.push(format!("{k}={shown}"));
     }
@@ -407,6 +409,24 @@ fn audit_summary(e: &AuditEntry) -> Value {
         text = text.chars().take(79).collect::<String>() + "…";
     }
     Value::Text(text)
+}
+
+/// One field of an audit detail as a table shows it: money in dollars and cents
+/// (`daily_budget_micro_usd: 5000000` → `daily_budget` `$5.00`; a budget of 0 is `unlimited`).
+fn audit_field(k: &str, v: &serde_json::Value) -> (String, String) {
+    if let (Some(name), Some(n)) = (k.strip_suffix("_micro_usd"), v.as_u64()) {
+        let shown = if n == 0 && name.contains("budget") {
+            crate::output::UNLIMITED.to_string()
+        } else {
+            format!("${}", crate::parse::format_micros(n))
+        };
+        return (name.to_string(), shown);
+    }
+    let shown = match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    (k.to_string(), shown)
 }
 
 const AUDIT_COLUMNS: &[Column<AuditEntry>] = &[
@@ -715,6 +735,28 @@ mod tests {
             wide.contains(&format!("{epoch}:139")) && wide.contains("2025-12-04T08:00:05Z"),
             "{wide}"
         );
+    }
+
+    /// The audit table shows money in dollars, never micro-dollars, and "unlimited" for a budget
+    /// cleared to 0.
+    #[test]
+    fn audit_summary_shows_money_in_dollars() {
+        let entry = |detail: &str| AuditEntry {
+            detail: detail.to_string(),
+            ..Default::default()
+        };
+        let Value::Text(t) = audit_summary(&entry(
+            r#"{"group":"default","limits":{"daily_budget_micro_usd":5000000,"rpm":60,"tpm":0}}"#,
+        )) else {
+            panic!("not text")
+        };
+        assert_eq!(t, "group=default, limits=daily_budget:$5.00 rpm:60");
+        let Value::Text(t) = audit_summary(&entry(
+            r#"{"monthly_budget_micro_usd":0,"daily_budget_micro_usd":12500000}"#,
+        )) else {
+            panic!("not text")
+        };
+        assert_eq!(t, "daily_budget=$12.50, monthly_budget=unlimited");
     }
 
     #[test]
