@@ -745,18 +745,18 @@ mod tests {
             detail: detail.to_string(),
             ..Default::default()
         };
-        let Value::Text(t) = audit_summary(&entry(
-            r#"{"group":"default","limits":{"daily_budget_micro_usd":5000000,"rpm":60,"tpm":0}}"#,
-        )) else {
-            panic!("not text")
-        };
-        assert_eq!(t, "group=default, limits=daily_budget:$5.00 rpm:60");
-        let Value::Text(t) = audit_summary(&entry(
-            r#"{"monthly_budget_micro_usd":0,"daily_budget_micro_usd":12500000}"#,
-        )) else {
-            panic!("not text")
-        };
-        assert_eq!(t, "daily_budget=$12.50, monthly_budget=unlimited");
+        assert_eq!(
+            audit_summary(&entry(
+                r#"{"group":"default","limits":{"daily_budget_micro_usd":5000000,"rpm":60,"tpm":0}}"#,
+            )),
+            Value::text("group=default, limits=daily_budget:$5.00 rpm:60")
+        );
+        assert_eq!(
+            audit_summary(&entry(
+                r#"{"monthly_budget_micro_usd":0,"daily_budget_micro_usd":12500000}"#
+            )),
+            Value::text("daily_budget=$12.50, monthly_budget=unlimited")
+        );
     }
 
     #[test]
