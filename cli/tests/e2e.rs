@@ -705,8 +705,16 @@ async fn standalone_walkthrough() {
     let data = dir.path().join("data");
     let log = dir.path().join("cp.log");
     let data_s = data.to_str().unwrap();
-    let (mut cp, server) = start_control_plane(&["--standalone", "--data-dir", data_s], &[], &log);
+    let proxy_listen = format!("127.0.0.1:{}", free_port());
+    let standalone = ["--standalone", "--data-dir", data_s, "--proxy-listen", &proxy_listen];
+    let (mut cp, server) = start_control_plane(&standalone, &[], &log);
     wait_listening(&mut cp).await;
+    wait_for(Duration::from_secs(30), "the in-process data plane", || {
+        let text = cp.log_text();
+        async move { text.contains("serving the Anthropic API").then_some(()) }
+    })
+    .await
+    .unwrap();
 
     // The first admin token was generated into the data dir, mode 0600, and only its path printed.
     let token_file = data.join("admin.token");
@@ -733,7 +741,16 @@ async fn standalone_walkthrough() {
             }
         }
     }
-    // Where every file it made is: the token and the master key.
+    // Where every file it made is: the token, the master key, the store and the data plane's.
+    for made in ["relay.db", "data-plane"] {
+        let path = data.join(made);
+        assert!(path.exists(), "{made}");
+        assert!(
+            cp.log_text().contains(path.to_str().unwrap()),
+            "{made}: {}",
+            cp.log_text()
+        );
+    }
     assert!(cp.log_text().contains(token_file.to_str().unwrap()));
     assert!(
         cp.log_text().contains(data.join("master.key").to_str().unwrap()),
@@ -767,11 +784,7 @@ async fn standalone_walkthrough() {
 
     // Restart: everything is still there, the token file is reused.
     cp.kill();
-    let (mut cp2, server2) = start_control_plane(
-        &["--standalone", "--data-dir", data_s],
-        &[],
-        &env.dir.path().join("cp2.log"),
-    );
+    let (mut cp2, server2) = start_control_plane(&standalone, &[], &env.dir.path().join("cp2.log"));
     wait_listening(&mut cp2).await;
     assert!(cp2.log_text().contains("admin token is in"));
     let env2 = Env {
