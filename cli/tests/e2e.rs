@@ -880,6 +880,34 @@ async fn postgres_walkthrough() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("opening the Postgres store"), "{stderr}");
     assert!(stderr.contains("nothing listens there"), "says what to check: {stderr}");
+    // The server's own message, and what to do: a role or a database that does not exist.
+    let (scheme, rest) = db.url.split_once("://").unwrap();
+    let host_and_db = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let no_role = format!("{scheme}://relay_no_such_role@{host_and_db}");
+    let (base, _) = db.url.rsplit_once('/').unwrap();
+    let no_db = format!("{base}/relay_no_such_database");
+    for (url, server_says, what_to_do) in [
+        (no_role.as_str(), "relay_no_such_role", "the user in the database URL"),
+        (
+            no_db.as_str(),
+            "database \"relay_no_such_database\" does not exist",
+            "create the database",
+        ),
+    ] {
+        let out = Command::new(workspace_bin("relay-control-plane"))
+            .args(["--database-url", url, "--listen", "127.0.0.1:0"])
+            .env("RELAY_MASTER_KEY", master)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(server_says), "the server's message: {stderr}");
+        assert!(
+            stderr.contains(what_to_do) || stderr.contains("password in the database URL"),
+            "what to do: {stderr}"
+        );
+    }
 
     // A second start on the same database: its log is plain text (not a terminal), with no
     // NOTICE from the migrations.
