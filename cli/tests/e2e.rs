@@ -357,6 +357,19 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
         .unwrap()
         .to_string();
     assert!(env.relayctl_as(&ro, &["account", "list"], None).status.success());
+    // `token list` says where each token came from.
+    let tokens = env.json(&["token", "list"], None);
+    let viewer = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "viewer")
+        .unwrap();
+    assert!(
+        viewer["source"].as_str().unwrap().starts_with("created by "),
+        "{tokens}"
+    );
+    assert!(env.ok(&["token", "list"], None).contains("Source"));
     let denied = env.relayctl_as(&ro, &["group", "add", "nope"], None);
     assert_eq!(denied.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&denied.stderr).contains("permission denied"));
@@ -771,6 +784,15 @@ async fn standalone_walkthrough() {
 
     let env = Env { server, token, dir };
     let (api_key, ro) = operator_walkthrough(&env).await;
+    let tokens = env.json(&["token", "list"], None);
+    let source = |name: &str| {
+        tokens.as_array().unwrap().iter().find(|t| t["name"] == name).unwrap()["source"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(source("admin"), "generated at first start", "{tokens}");
+    assert_eq!(source("standalone-data-plane"), "standalone start", "{tokens}");
 
     // One screen of status: the accounts the walkthrough made, and the last hour.
     let text = env.ok(&["status"], None);
@@ -827,12 +849,27 @@ async fn postgres_walkthrough() {
         &log,
     );
     wait_listening(&mut cp).await;
+    // It says what it did with RELAY_ADMIN_TOKEN, and `token list` where that token came from.
+    assert!(
+        cp.log_text()
+            .contains("registered RELAY_ADMIN_TOKEN as the first admin token"),
+        "{}",
+        cp.log_text()
+    );
     let env = Env {
         server,
         token: token.to_string(),
         dir,
     };
     let (api_key, ro) = operator_walkthrough(&env).await;
+    let tokens = env.json(&["token", "list"], None);
+    let boot = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"].as_str().unwrap().starts_with("bootstrap-"))
+        .unwrap_or_else(|| panic!("{tokens}"));
+    assert_eq!(boot["source"], "RELAY_ADMIN_TOKEN", "{tokens}");
 
     // No secret anywhere in the database (every table, as text), nor in the log.
     let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
@@ -922,4 +959,18 @@ async fn postgres_walkthrough() {
     let text = std::fs::read_to_string(&log2).unwrap();
     assert!(!text.contains('\u{1b}'), "ANSI colour codes in a log file: {text}");
     assert!(!text.contains("already exists"), "{text}");
+    assert!(text.contains("RELAY_ADMIN_TOKEN is a registered admin token"), "{text}");
+    // Another replica given a new RELAY_ADMIN_TOKEN says it did not register it.
+    cp2.kill();
+    let log3 = env.dir.path().join("cp3.log");
+    let other = "rat-another-replica-token-0123456789abcdefghij";
+    let (mut cp3, _) = start_control_plane(
+        &["--database-url", &db.url],
+        &[("RELAY_MASTER_KEY", master), ("RELAY_ADMIN_TOKEN", other)],
+        &log3,
+    );
+    wait_listening(&mut cp3).await;
+    let text = cp3.log_text();
+    assert!(text.contains("it was not registered"), "{text}");
+    assert!(!text.contains(other), "the token itself is never logged");
 }

@@ -702,7 +702,17 @@ fn token_info(t: &AdminToken) -> pb::AdminTokenInfo {
         role: role_to_pb(t.role) as i32,
         token_prefix: t.token_prefix.clone(),
         created_at_ms: t.created_at,
+        source: String::new(),
     }
+}
+
+/// Where a token came from, as the audit entry of the change that stored it says: the bootstrap's
+/// `source` (RELAY_ADMIN_TOKEN, generated at first start, standalone start), else who created it.
+fn token_source(entry: &AuditEntry) -> String {
+    let source = serde_json::from_str::<serde_json::Value>(&entry.detail)
+        .ok()
+        .and_then(|d| d.get("source").and_then(|s| s.as_str()).map(str::to_string));
+    source.unwrap_or_else(|| format!("created by {}", entry.actor))
 }
 
 /// Creates an admin token row for `token` (not stored: only its hash).
@@ -1782,8 +1792,28 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListAdminTokensResponse>, Status> {
         self.authorize(&req, Need::Read, "list_admin_tokens").await?;
         let tokens = self.store.list_admin_tokens().await.map_err(status_from_store)?;
+        let revisions: Vec<u64> = tokens.iter().map(|t| t.revision).collect();
+        let created = self
+            .store
+            .audit_at_revisions(&revisions)
+            .await
+            .map_err(status_from_store)?;
         Ok(Response::new(pb::ListAdminTokensResponse {
-            tokens: tokens.iter().map(token_info).collect(),
+            tokens: tokens
+                .iter()
+                .map(|t| pb::AdminTokenInfo {
+                    source: created
+                        .iter()
+                        .find(|e| {
+                            e.revision == t.revision
+                                && e.target == t.name
+                                && (e.action == "token.create" || e.action == "token.rotate")
+                        })
+                        .map(token_source)
+                        .unwrap_or_default(),
+                    ..token_info(t)
+                })
+                .collect(),
         }))
     }
 

@@ -1097,6 +1097,34 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn audit_at_revisions(&self, revisions: &[u64]) -> Result<Vec<AuditEntry>> {
+        let revisions = revisions
+            .iter()
+            .map(|r| to_i64(*r, "revision"))
+            .collect::<Result<Vec<i64>>>()?;
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT id, at, actor, action, target, detail, revision FROM audit_log WHERE revision = ANY($1)",
+                &[&revisions],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: to_u64(r.get(0), "id")?,
+                    at: r.get(1),
+                    actor: r.get(2),
+                    action: r.get(3),
+                    target: r.get(4),
+                    detail: r.get(5),
+                    revision: to_u64(r.get(6), "revision")?,
+                })
+            })
+            .collect()
+    }
+
     async fn record_proxy(&self, node_id: &str, replica: &str, event: ProxyEvent) -> Result<()> {
         let c = self.client().await?;
         let now = now_ms();
