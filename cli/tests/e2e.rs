@@ -781,6 +781,16 @@ async fn standalone_walkthrough() {
     assert!(!out.status.success());
     let why = String::from_utf8_lossy(&out.stderr);
     assert!(why.contains("does not speak TLS"), "{why}");
+    // The data plane's port given as --server: relayctl says it is not the admin port.
+    let wrong = Env {
+        server: proxy_listen.clone(),
+        token: token.clone(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let out = wrong.relayctl(&["account", "list"], None);
+    assert!(!out.status.success());
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("is not a relay control plane's admin port"), "{why}");
 
     let env = Env { server, token, dir };
     let (api_key, ro) = operator_walkthrough(&env).await;
