@@ -940,6 +940,17 @@ mod help_tests {
         assert!(missing.is_empty(), "no help text: {missing:#?}");
     }
 
+    /// `usage --help` says which time window it reports when given none.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn usage_help_says_the_default_window() {
+        let mut cmd = Cli::command();
+        let usage = cmd.find_subcommand_mut("usage").unwrap();
+        let help = usage.render_long_help().to_string();
+        assert!(help.contains("default: everything stored"), "{help}");
+        assert!(help.contains("default now"), "{help}");
+    }
+
     #[test]
     fn completions_cover_every_command_and_the_data_planes_name() {
         for shell in [
