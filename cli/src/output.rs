@@ -131,6 +131,9 @@ impl Value {
             Value::Id(s) if !wide => short_id(s, SHORT_ID),
             Value::List { items, empty } if items.is_empty() => (*empty).into(),
             Value::List { items, .. } => items.join(", "),
+            // Nothing to show reads as nothing, not as `null` or `[]`.
+            Value::Json(v) if v.is_null() || v.as_array().is_some_and(Vec::is_empty) => "-".into(),
+            Value::Json(v) if v.as_object().is_some_and(serde_json::Map::is_empty) => "-".into(),
             Value::Limit { unlimited: true, .. } => UNLIMITED.into(),
             Value::Limit { value, .. } => value.to_cell(wide),
             other => other.to_csv(),
@@ -623,6 +626,15 @@ mod tests {
         let one = render_one_at(Format::Table, C, &rows[0], false, Some(60)).unwrap();
         assert!(one.contains("cooldown.rate_limit_default_ms"), "{one}");
         assert!(one.contains("groups=[\"default\"],"), "{one}");
+    }
+
+    #[test]
+    fn empty_structured_values_read_as_a_dash_in_tables() {
+        for v in [serde_json::json!(null), serde_json::json!([]), serde_json::json!({})] {
+            assert_eq!(Value::Json(v.clone()).to_cell(true), "-", "{v}");
+            assert_eq!(Value::Json(v.clone()).to_json(), v, "JSON keeps it");
+        }
+        assert_eq!(Value::Json(serde_json::json!(["a"])).to_cell(true), "[\"a\"]");
     }
 
     #[test]
