@@ -813,6 +813,12 @@ async fn standalone_walkthrough() {
     let accounts = env.json(&["account", "list"], None).as_array().unwrap().len() as u64;
     assert_eq!(st["accounts"].as_u64(), Some(accounts), "{st}");
     assert!(st["last_hour_requests"].as_u64().is_some(), "{st}");
+    assert_eq!(
+        st["build_version"],
+        env!("CARGO_PKG_VERSION"),
+        "the control plane's version: {st}"
+    );
+    assert!(text.contains(&format!("relay {}", env!("CARGO_PKG_VERSION"))), "{text}");
 
     // Restart: everything is still there, the token file is reused.
     cp.kill();

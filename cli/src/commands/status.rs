@@ -191,8 +191,13 @@ impl Overview {
             };
             out.push_str(&format!("leader: {leader}\n"));
             if !st.replica.is_empty() {
+                let build = if st.build_version.is_empty() {
+                    String::new()
+                } else {
+                    format!("relay {}, ", st.build_version)
+                };
                 out.push_str(&format!(
-                    "answered by: {} ({}{})\n",
+                    "answered by: {} ({build}{}{})\n",
                     st.replica,
                     st.replica_mechanism,
                     if st.replica_is_leader {
@@ -266,6 +271,11 @@ const OVERVIEW_COLUMNS: &[Column<Overview>] = &[
     }),
     Column::new("replica", "Replica", |o| {
         o.status.as_ref().map_or(Value::Null, |s| Value::opt_text(&s.replica))
+    }),
+    Column::new("build_version", "Control plane version", |o| {
+        o.status
+            .as_ref()
+            .map_or(Value::Null, |s| Value::opt_text(&s.build_version))
     }),
 ];
 
@@ -582,6 +592,7 @@ mod tests {
                 replica_is_leader: false,
                 replica_mechanism: "etcd".into(),
                 current_leader: Some("cp-2".into()),
+                build_version: String::new(),
             }),
             now_ms: 1_000 + 5 * 60_000,
             ..Overview::default()
@@ -589,6 +600,16 @@ mod tests {
         let text = o.text();
         assert!(text.contains("leader: cp-2 (etcd) since 5m ago, term 7\n"), "{text}");
         assert!(text.contains("answered by: cp-1 (etcd, following)"), "{text}");
+        // The control plane's version, when it says it.
+        let mut versioned = o.clone();
+        versioned.status.as_mut().unwrap().build_version = "0.1.0".into();
+        assert!(
+            versioned
+                .text()
+                .contains("answered by: cp-1 (relay 0.1.0, etcd, following)"),
+            "{}",
+            versioned.text()
+        );
         // The recorded leader is gone and nobody leads: say so rather than show the old one.
         let mut gone = o.clone();
         gone.status.as_mut().unwrap().current_leader = Some(String::new());

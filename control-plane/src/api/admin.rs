@@ -1896,6 +1896,7 @@ impl Admin for AdminService {
         let leader = self.store.leader().await.map_err(status_from_store)?;
         Ok(Response::new(pb::GetStatusResponse {
             replica: self.replica.clone(),
+            build_version: env!("CARGO_PKG_VERSION").to_string(),
             leader: leader.map(|l| pb::LeaderInfo {
                 holder: l.holder,
                 mechanism: l.mechanism,
