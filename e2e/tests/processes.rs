@@ -80,6 +80,16 @@ async fn sigterm_with_a_connected_data_plane_stops_at_once() {
     // The data plane keeps serving its config while the control plane is gone.
     assert_eq!(try_send("GET", &ready).await.map(|r| r.status), Some(200));
     assert!(dp.log_text().contains("config stream"), "{}", dp.log_text());
+    // It said where its files are.
+    for made in ["cache.key", "spool"] {
+        let path = dir.path().join("dp").join(made);
+        assert!(path.exists(), "{made}");
+        assert!(
+            dp.log_text().contains(path.to_str().unwrap()),
+            "{made}: {}",
+            dp.log_text()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
