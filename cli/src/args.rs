@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::output::Format;
-use crate::parse::{budget_arg, concurrency_arg, expiry_arg, instant_arg, rpm_arg, time_arg, tpm_arg, usd_arg};
+use crate::parse::{
+    budget_arg, concurrency_arg, expiry_arg, instant_arg, rpm_arg, time_arg, tpm_arg, usd_arg, weight_arg,
+};
 
 const GLOBAL: &str = "Global options";
 
@@ -165,8 +167,8 @@ pub struct AccountAdd {
     /// Lower is tried first.
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i32>,
-    /// Traffic share within a priority tier (default 1).
-    #[arg(long)]
+    /// Traffic share within a priority tier, 1..=10000 (default 1; 0 is refused: use `account disable`).
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = weight_arg)]
     pub weight: Option<u32>,
     /// Group membership (repeatable or comma-separated; default: "default").
     #[arg(long = "group", value_name = "GROUP", value_delimiter = ',')]
@@ -202,8 +204,8 @@ pub struct AccountLogin {
     /// Lower is tried first.
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i32>,
-    /// Traffic share within a priority tier (default 1).
-    #[arg(long)]
+    /// Traffic share within a priority tier, 1..=10000 (default 1; 0 is refused: use `account disable`).
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = weight_arg)]
     pub weight: Option<u32>,
     /// Group membership (repeatable or comma-separated; default: "default").
     #[arg(long = "group", value_name = "GROUP", value_delimiter = ',')]
@@ -234,8 +236,8 @@ pub struct AccountUpdate {
     /// New priority: lower is tried first.
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i32>,
-    /// New traffic share within its priority tier.
-    #[arg(long)]
+    /// New traffic share within its priority tier, 1..=10000 (0 is refused: use `account disable`).
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = weight_arg)]
     pub weight: Option<u32>,
     /// Replace the group memberships (repeatable or comma-separated).
     #[arg(long = "group", value_name = "GROUP", value_delimiter = ',')]
@@ -893,6 +895,35 @@ mod tests {
         }
     }
 
+    /// Weight 0 was taken silently as 1: it is refused with what to do instead.
+    #[test]
+    fn weight_zero_is_refused_with_what_to_do() {
+        for cmd in [
+            &["account", "add", "a", "--kind", "anthropic-api-key", "--secret-stdin"][..],
+            &["account", "update", "a"],
+            &["account", "login", "a"],
+        ] {
+            let mut args = cmd.to_vec();
+            args.extend(["--weight", "0"]);
+            let err = parse(&args).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{args:?}");
+            let text = err.to_string();
+            assert!(
+                text.contains("weight 0 is not a weight") && text.contains("relayctl account disable"),
+                "{args:?}: {text}"
+            );
+            for (bad, says) in [("-1", "whole number in 1..=10000"), ("10001", "at most 10000")] {
+                let mut args = cmd.to_vec();
+                args.extend(["--weight", bad]);
+                let text = parse(&args).unwrap_err().to_string();
+                assert!(text.contains(says), "{args:?}: {text}");
+            }
+            let mut args = cmd.to_vec();
+            args.extend(["--weight", "10000"]);
+            assert!(parse(&args).is_ok(), "{args:?}");
+        }
+    }
+
     #[test]
     fn group_fallbacks_and_states() {
         let cli = parse(&["group", "create", "a", "--fallback", "b,c", "--fallback", "d"]).unwrap();
@@ -966,6 +997,17 @@ mod help_tests {
         let mut missing = Vec::new();
         walk(&Cli::command(), "relayctl", &mut missing);
         assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    /// `usage --help` says which time window it reports when given none.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn usage_help_says_the_default_window() {
+        let mut cmd = Cli::command();
+        let usage = cmd.find_subcommand_mut("usage").unwrap();
+        let help = usage.render_long_help().to_string();
+        assert!(help.contains("default: everything stored"), "{help}");
+        assert!(help.contains("default now"), "{help}");
     }
 
     #[test]

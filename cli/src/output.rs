@@ -11,7 +11,7 @@
 use std::io::Write;
 
 use anyhow::{Context, Result};
-use comfy_table::{presets, ContentArrangement, Table};
+use comfy_table::{presets, ColumnConstraint, ContentArrangement, Table, Width};
 use serde_json::{Map, Number};
 
 use crate::parse::{format_micros, format_time};
@@ -47,8 +47,9 @@ pub enum Value {
     },
     /// Structured data (JSON in JSON output, compact JSON text elsewhere).
     Json(serde_json::Value),
-    /// An id: whole in JSON, CSV and wide tables; its first [`SHORT_ID`] characters in tables
-    /// (enough to tell ids apart, like git's short hashes; every command takes names too).
+    /// An id: whole in JSON, CSV and wide tables; in list tables its shortest prefix (at least
+    /// [`SHORT_ID`] characters) that tells it from every other id of its column, like git's short
+    /// hashes (see [`unique_prefix_len`]); commands take such a prefix wherever they take an id.
     Id(String),
     /// A limit where zero means unlimited: tables show `-` for it, JSON and
     /// CSV the value itself.
@@ -127,9 +128,12 @@ impl Value {
             Value::Time(ms) => chrono::DateTime::<chrono::Utc>::from_timestamp_millis(*ms)
                 .filter(|_| *ms != 0)
                 .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
-            Value::Id(s) if !wide => s.chars().take(SHORT_ID).collect(),
+            Value::Id(s) if !wide => short_id(s, SHORT_ID),
             Value::List { items, empty } if items.is_empty() => (*empty).into(),
             Value::List { items, .. } => items.join(", "),
+            // Nothing to show reads as nothing, not as `null` or `[]`.
+            Value::Json(v) if v.is_null() || v.as_array().is_some_and(Vec::is_empty) => "-".into(),
+            Value::Json(v) if v.as_object().is_some_and(serde_json::Map::is_empty) => "-".into(),
             Value::Limit { unlimited: true, .. } => UNLIMITED.into(),
             Value::Limit { value, .. } => value.to_cell(wide),
             other => other.to_csv(),
@@ -152,8 +156,30 @@ impl Value {
     }
 }
 
-/// Characters of an id a table shows.
+/// Characters of an id a table shows at least.
 pub const SHORT_ID: usize = 8;
+
+/// The first `len` characters of `id`, one more when that would end on a `-` of a UUID.
+fn short_id(id: &str, len: usize) -> String {
+    let mut short: String = id.chars().take(len).collect();
+    if short.ends_with('-') {
+        short.extend(id.chars().nth(len));
+    }
+    short
+}
+
+/// How many characters of each id a table shows so that no two ids of a column look the same:
+/// at least `min`, else the shortest prefix length that tells every pair apart. relay's ids are
+/// UUIDv7s, whose first 12 hex digits are the creation time in milliseconds: things made within
+/// a minute share 8 characters, within a millisecond 13 or more, so the length grows to what the
+/// listing needs (`01a240bb-3e8` and `01a240bb-3e9`), the same for the whole column.
+pub fn unique_prefix_len<'a>(ids: impl IntoIterator<Item = &'a str>, min: usize) -> usize {
+    let mut ids: Vec<&str> = ids.into_iter().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let common = |a: &str, b: &str| a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
+    ids.windows(2).map(|w| common(w[0], w[1]) + 1).fold(min, usize::max)
+}
 /// How every table shows a limit or budget of 0.
 pub const UNLIMITED: &str = "unlimited";
 
@@ -196,11 +222,45 @@ pub fn json_object<T>(cols: &[Column<T>], item: &T) -> Map<String, serde_json::V
         .collect()
 }
 
-fn new_table() -> Table {
+/// A table as wide as the terminal (`width`: a fixed width instead, for tests).
+fn new_table(width: Option<u16>) -> Table {
     let mut t = Table::new();
     t.load_preset(presets::UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Dynamic);
+    if let Some(w) = width {
+        t.set_width(w);
+    }
     t
+}
+
+/// Longest word a table keeps whole; longer ones (URLs, whole UUIDs) may be cut.
+const WHOLE_WORD: usize = 32;
+
+/// The table as text, its words whole: no column is narrowed below its longest word (up to
+/// [`WHOLE_WORD`], plus padding), so a narrow terminal wraps cells between words
+/// (`cooldown.rate_limit_default_ms` stays one piece). A table whose words cannot fit is wider
+/// than the terminal instead.
+fn finish(mut t: Table) -> String {
+    let longest_word = |text: &str| {
+        text.split_whitespace()
+            .map(|w| w.chars().count().min(WHOLE_WORD))
+            .max()
+            .unwrap_or(0)
+    };
+    let mut widths = vec![0usize; t.column_count()];
+    let rows = t.header().into_iter().chain(t.row_iter());
+    for row in rows {
+        for (i, cell) in row.cell_iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(longest_word(&cell.content()));
+            }
+        }
+    }
+    for (col, w) in t.column_iter_mut().zip(widths) {
+        let w = u16::try_from(w + 2).unwrap_or(u16::MAX);
+        col.set_constraint(ColumnConstraint::LowerBoundary(Width::Fixed(w)));
+    }
+    format!("{t}\n")
 }
 
 fn csv_string(header: Vec<&str>, rows: Vec<Vec<String>>) -> Result<String> {
@@ -221,6 +281,11 @@ fn json_string(v: &serde_json::Value) -> Result<String> {
 
 /// Renders a list of items.
 pub fn render_list<T>(format: Format, cols: &[Column<T>], items: &[T]) -> Result<String> {
+    render_list_at(format, cols, items, None)
+}
+
+/// [`render_list`], tables `width` columns wide (`None`: the terminal's).
+fn render_list_at<T>(format: Format, cols: &[Column<T>], items: &[T], width: Option<u16>) -> Result<String> {
     match format {
         Format::Json => {
             let rows = items
@@ -239,12 +304,29 @@ pub fn render_list<T>(format: Format, cols: &[Column<T>], items: &[T]) -> Result
         Format::Table | Format::Wide => {
             let wide = format == Format::Wide;
             let shown: Vec<&Column<T>> = cols.iter().filter(|c| c.in_table || wide).collect();
-            let mut t = new_table();
+            let rows: Vec<Vec<Value>> = items
+                .iter()
+                .map(|i| shown.iter().map(|c| (c.get)(i)).collect())
+                .collect();
+            // Per column: how much of its ids tells them apart.
+            let id_len: Vec<usize> = (0..shown.len())
+                .map(|col| {
+                    let ids = rows.iter().filter_map(|r| match &r[col] {
+                        Value::Id(id) => Some(id.as_str()),
+                        _ => None,
+                    });
+                    unique_prefix_len(ids, SHORT_ID)
+                })
+                .collect();
+            let mut t = new_table(width);
             t.set_header(shown.iter().map(|c| c.header));
-            for i in items {
-                t.add_row(shown.iter().map(|c| (c.get)(i).to_cell(wide)));
+            for row in rows {
+                t.add_row(row.iter().zip(&id_len).map(|(v, len)| match v {
+                    Value::Id(id) if !wide => short_id(id, *len),
+                    v => v.to_cell(wide),
+                }));
             }
-            Ok(format!("{t}\n"))
+            Ok(finish(t))
         }
     }
 }
@@ -252,16 +334,27 @@ pub fn render_list<T>(format: Format, cols: &[Column<T>], items: &[T]) -> Result
 /// Renders a single item; `only_table_columns` limits a table to the list
 /// columns (for short summaries).
 pub fn render_one<T>(format: Format, cols: &[Column<T>], item: &T, only_table_columns: bool) -> Result<String> {
+    render_one_at(format, cols, item, only_table_columns, None)
+}
+
+/// [`render_one`], tables `width` columns wide (`None`: the terminal's).
+fn render_one_at<T>(
+    format: Format,
+    cols: &[Column<T>],
+    item: &T,
+    only_table_columns: bool,
+    width: Option<u16>,
+) -> Result<String> {
     match format {
         Format::Json => json_string(&serde_json::Value::Object(json_object(cols, item))),
         Format::Csv => render_list(format, cols, std::slice::from_ref(item)),
         Format::Table | Format::Wide => {
             // One item shows every field, ids and times in full.
-            let mut t = new_table();
+            let mut t = new_table(width);
             for c in cols.iter().filter(|c| c.in_table || !only_table_columns) {
                 t.add_row(vec![c.header.to_string(), (c.get)(item).to_cell(true)]);
             }
-            Ok(format!("{t}\n"))
+            Ok(finish(t))
         }
     }
 }
@@ -289,14 +382,14 @@ pub fn render_pair<A, B>(format: Format, a_cols: &[Column<A>], a: &A, b_cols: &[
             csv_string(header, vec![row])
         }
         Format::Table | Format::Wide => {
-            let mut t = new_table();
+            let mut t = new_table(None);
             for c in a_cols {
                 t.add_row(vec![c.header.to_string(), (c.get)(a).to_cell(true)]);
             }
             for c in b_cols {
                 t.add_row(vec![c.header.to_string(), (c.get)(b).to_cell(true)]);
             }
-            Ok(format!("{t}\n"))
+            Ok(finish(t))
         }
     }
 }
@@ -438,6 +531,110 @@ mod tests {
         assert!(s.contains("Name") && s.contains("Cost (USD)"));
         assert!(!s.contains("At"));
         assert!(s.contains("(all)") && s.contains("x, y") && s.contains("0.003000"));
+    }
+
+    /// UUIDv7s made in the same minute share their first 8 characters: a table shows as many as
+    /// tell them apart, never a column of identical ids.
+    #[test]
+    fn short_ids_are_unique_within_a_listing() {
+        let ids = [
+            "01a240bb-3e84-7348-8e4d-8fdee19ae7ed",
+            "01a240bb-3e95-7021-b19b-4e9f2e185be9",
+            "01a240bb-3ea3-7328-94af-d68cc5628979",
+        ];
+        assert_eq!(unique_prefix_len(ids, SHORT_ID), 12);
+        assert_eq!(short_id(ids[0], 12), "01a240bb-3e8");
+        assert_eq!(short_id(ids[0], 8), "01a240bb");
+        // Ids apart by more than a minute keep 8 characters; one id alone too.
+        assert_eq!(
+            unique_prefix_len(["01a240bb-0000", "01a240cc-0000"], SHORT_ID),
+            SHORT_ID
+        );
+        assert_eq!(unique_prefix_len([ids[0]], SHORT_ID), SHORT_ID);
+        // The same millisecond: into the random part.
+        assert_eq!(
+            unique_prefix_len(
+                [
+                    "01a240bb-3e84-7348-8e4d-8fdee19ae7ed",
+                    "01a240bb-3e84-7349-b19b-4e9f2e185be9"
+                ],
+                SHORT_ID
+            ),
+            18
+        );
+
+        struct R(&'static str, &'static str);
+        const C: &[Column<R>] = &[
+            Column::new("name", "Name", |r| Value::text(r.0)),
+            Column::new("id", "ID", |r| Value::Id(r.1.to_string())),
+        ];
+        let rows: Vec<R> = ids.iter().zip(["a", "b", "c"]).map(|(id, n)| R(n, id)).collect();
+        let table = render_list(Format::Table, C, &rows).unwrap();
+        for short in ["01a240bb-3e8 ", "01a240bb-3e9 ", "01a240bb-3ea "] {
+            assert!(table.contains(short), "{table}");
+        }
+        assert!(!table.contains("7348"), "{table}");
+        let wide = render_list(Format::Wide, C, &rows).unwrap();
+        assert!(wide.contains(ids[0]), "{wide}");
+    }
+
+    /// In a 100-column terminal cells wrap between words, never inside one (setting names, model
+    /// patterns and audit changes were cut mid-word), and the table still fits.
+    #[test]
+    fn tables_at_100_columns_keep_words_whole() {
+        struct R([&'static str; 5]);
+        const C: &[Column<R>] = &[
+            Column::new("name", "Name", |r| Value::text(r.0[0])),
+            Column::new("value", "Value", |r| Value::text(r.0[1])),
+            Column::detail("default", "Default", |r| Value::text(r.0[2])),
+            Column::new("set", "Set", |r| Value::text(r.0[3])),
+            Column::new("changes", "Changes", |r| Value::text(r.0[4])),
+        ];
+        let rows = vec![
+            R([
+                "cooldown.rate_limit_default_ms",
+                "60000",
+                "60000",
+                "no",
+                "base_url=http://127.0.0.1:9999, credential=set, groups=[\"default\"], kind=anthropic-compatible",
+            ]),
+            R([
+                "headers.expose_ratelimit",
+                "org:create_api_key user:profile user:inference",
+                "false",
+                "yes",
+                "group=default, daily budget=$5.00, accounts and keys without an explicit group",
+            ]),
+            R(["claude-3-5-haiku*", "0.80", "4.00", "no", "-"]),
+        ];
+        let text = render_list_at(Format::Table, C, &rows, Some(100)).unwrap();
+        for line in text.lines() {
+            assert!(line.chars().count() <= 100, "wider than 100 columns: {line}\n{text}");
+        }
+        let words_in_output: Vec<&str> = text
+            .split(|c: char| c.is_whitespace() || c == '│' || c == '┆')
+            .filter(|w| !w.is_empty())
+            .collect();
+        for r in &rows {
+            for cell in [r.0[0], r.0[1], r.0[3], r.0[4]] {
+                for word in cell.split_whitespace() {
+                    assert!(words_in_output.contains(&word), "{word:?} was split:\n{text}");
+                }
+            }
+        }
+        // A field/value table too.
+        let one = render_one_at(Format::Table, C, &rows[0], false, Some(60)).unwrap();
+        assert!(one.contains("cooldown.rate_limit_default_ms"), "{one}");
+        assert!(one.contains("groups=[\"default\"],"), "{one}");
+    }
+
+    #[test]
+    fn empty_structured_values_read_as_a_dash_in_tables() {
+        for v in [serde_json::json!(null), serde_json::json!([]), serde_json::json!({})] {
+            assert_eq!(Value::Json(v.clone()).to_cell(true), "-", "{v}");
+            assert_eq!(Value::Json(v.clone()).to_json(), v, "JSON keeps it");
+        }
+        assert_eq!(Value::Json(serde_json::json!(["a"])).to_cell(true), "[\"a\"]");
     }
 
     #[test]

@@ -228,6 +228,28 @@ pub fn concurrency_arg(s: &str) -> Result<u32, String> {
     count_arg(s, "concurrent requests", 4, u64::from(u32::MAX)).map(|v| u32::try_from(v).unwrap_or(u32::MAX))
 }
 
+/// Largest account weight the control plane accepts.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// Clap value parser for `--weight`: a share of its priority tier's traffic, 1..=10000. 0 is
+/// refused (it used to be taken silently as 1): an account that should get no traffic is
+/// disabled, not weighted 0.
+pub fn weight_arg(s: &str) -> Result<u32, String> {
+    let expected =
+        format!("expected a whole number in 1..={MAX_WEIGHT} (the account's share of its priority tier's traffic)");
+    let t = s.trim();
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(expected);
+    }
+    match t.parse::<u32>() {
+        Ok(0) => Err(format!(
+            "weight 0 is not a weight; {expected}. To stop routing to an account, use `relayctl account disable ACCOUNT`"
+        )),
+        Ok(v) if v <= MAX_WEIGHT => Ok(v),
+        _ => Err(format!("at most {MAX_WEIGHT}; {expected}")),
+    }
+}
+
 /// Unix milliseconds as RFC 3339 UTC (fractional seconds only when non-zero);
 /// `None` for 0 (unset) or out-of-range values.
 pub fn format_time(ms: i64) -> Option<String> {

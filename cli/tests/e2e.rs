@@ -194,6 +194,37 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
     assert_eq!(a["status"], "enabled");
     assert!(!accounts.to_string().contains(UPSTREAM_SECRET));
 
+    // Short ids: each row's id is told apart from the others' (the accounts were made within a
+    // second, so their first 8 characters are the same), and taken where an id is.
+    let mut shorts = Vec::new();
+    for line in table.lines().filter(|l| l.contains("acct-")) {
+        let cells: Vec<&str> = line
+            .split('┆')
+            .map(|c| c.trim_matches(|ch: char| ch == '│' || ch.is_whitespace()))
+            .collect();
+        let (name, short) = (cells[0], cells[1]);
+        let full = accounts.as_array().unwrap().iter().find(|a| a["name"] == name).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            full.starts_with(short) && short.len() >= 8 && short.len() < full.len(),
+            "{table}"
+        );
+        assert_eq!(env.json(&["account", "show", short], None)["name"], name);
+        shorts.push(short.to_string());
+    }
+    assert_eq!(shorts.len(), 2, "{table}");
+    assert_ne!(shorts[0], shorts[1], "{table}");
+    let out = env.relayctl(&["account", "show", &shorts[0][..4]], None);
+    assert!(!out.status.success());
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        why.contains("acct-1, acct-proxied") || why.contains("acct-proxied, acct-1"),
+        "{why}"
+    );
+    assert!(why.contains("give more of the id, or the name"), "{why}");
+
     let keys = env.json(&["key", "list"], None);
     let k = &keys.as_array().unwrap()[0];
     assert_eq!(k["name"], "team-a-key");
@@ -326,6 +357,19 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
         .unwrap()
         .to_string();
     assert!(env.relayctl_as(&ro, &["account", "list"], None).status.success());
+    // `token list` says where each token came from.
+    let tokens = env.json(&["token", "list"], None);
+    let viewer = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "viewer")
+        .unwrap();
+    assert!(
+        viewer["source"].as_str().unwrap().starts_with("created by "),
+        "{tokens}"
+    );
+    assert!(env.ok(&["token", "list"], None).contains("Source"));
     let denied = env.relayctl_as(&ro, &["group", "add", "nope"], None);
     assert_eq!(denied.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&denied.stderr).contains("permission denied"));
@@ -733,8 +777,16 @@ async fn standalone_walkthrough() {
     let data = dir.path().join("data");
     let log = dir.path().join("cp.log");
     let data_s = data.to_str().unwrap();
-    let (mut cp, server) = start_control_plane(&["--standalone", "--data-dir", data_s], &[], &log);
+    let proxy_listen = format!("127.0.0.1:{}", free_port());
+    let standalone = ["--standalone", "--data-dir", data_s, "--proxy-listen", &proxy_listen];
+    let (mut cp, server) = start_control_plane(&standalone, &[], &log);
     wait_listening(&mut cp).await;
+    wait_for(Duration::from_secs(30), "the in-process data plane", || {
+        let text = cp.log_text();
+        async move { text.contains("serving the Anthropic API").then_some(()) }
+    })
+    .await
+    .unwrap();
 
     // The first admin token was generated into the data dir, mode 0600, and only its path printed.
     let token_file = data.join("admin.token");
@@ -761,7 +813,16 @@ async fn standalone_walkthrough() {
             }
         }
     }
-    // Where every file it made is: the token and the master key.
+    // Where every file it made is: the token, the master key, the store and the data plane's.
+    for made in ["relay.db", "data-plane"] {
+        let path = data.join(made);
+        assert!(path.exists(), "{made}");
+        assert!(
+            cp.log_text().contains(path.to_str().unwrap()),
+            "{made}: {}",
+            cp.log_text()
+        );
+    }
     assert!(cp.log_text().contains(token_file.to_str().unwrap()));
     assert!(
         cp.log_text().contains(data.join("master.key").to_str().unwrap()),
@@ -779,10 +840,29 @@ async fn standalone_walkthrough() {
     assert!(!out.status.success());
     let why = String::from_utf8_lossy(&out.stderr);
     assert!(why.contains("does not speak TLS"), "{why}");
+    // The data plane's port given as --server: relayctl says it is not the admin port.
+    let wrong = Env {
+        server: proxy_listen.clone(),
+        token: token.clone(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let out = wrong.relayctl(&["account", "list"], None);
+    assert!(!out.status.success());
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("is not a relay control plane's admin port"), "{why}");
 
     let env = Env { server, token, dir };
     let (api_key, ro) = operator_walkthrough(&env).await;
     groups_walkthrough(&env);
+    let tokens = env.json(&["token", "list"], None);
+    let source = |name: &str| {
+        tokens.as_array().unwrap().iter().find(|t| t["name"] == name).unwrap()["source"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(source("admin"), "generated at first start", "{tokens}");
+    assert_eq!(source("standalone-data-plane"), "standalone start", "{tokens}");
 
     // One screen of status: the accounts the walkthrough made, and the last hour.
     let text = env.ok(&["status"], None);
@@ -793,14 +873,16 @@ async fn standalone_walkthrough() {
     let accounts = env.json(&["account", "list"], None).as_array().unwrap().len() as u64;
     assert_eq!(st["accounts"].as_u64(), Some(accounts), "{st}");
     assert!(st["last_hour_requests"].as_u64().is_some(), "{st}");
+    assert_eq!(
+        st["build_version"],
+        env!("CARGO_PKG_VERSION"),
+        "the control plane's version: {st}"
+    );
+    assert!(text.contains(&format!("relay {}", env!("CARGO_PKG_VERSION"))), "{text}");
 
     // Restart: everything is still there, the token file is reused.
     cp.kill();
-    let (mut cp2, server2) = start_control_plane(
-        &["--standalone", "--data-dir", data_s],
-        &[],
-        &env.dir.path().join("cp2.log"),
-    );
+    let (mut cp2, server2) = start_control_plane(&standalone, &[], &env.dir.path().join("cp2.log"));
     wait_listening(&mut cp2).await;
     assert!(cp2.log_text().contains("admin token is in"));
     let env2 = Env {
@@ -843,12 +925,27 @@ async fn postgres_walkthrough() {
         &log,
     );
     wait_listening(&mut cp).await;
+    // It says what it did with RELAY_ADMIN_TOKEN, and `token list` where that token came from.
+    assert!(
+        cp.log_text()
+            .contains("registered RELAY_ADMIN_TOKEN as the first admin token"),
+        "{}",
+        cp.log_text()
+    );
     let env = Env {
         server,
         token: token.to_string(),
         dir,
     };
     let (api_key, ro) = operator_walkthrough(&env).await;
+    let tokens = env.json(&["token", "list"], None);
+    let boot = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"].as_str().unwrap().starts_with("bootstrap-"))
+        .unwrap_or_else(|| panic!("{tokens}"));
+    assert_eq!(boot["source"], "RELAY_ADMIN_TOKEN", "{tokens}");
 
     // No secret anywhere in the database (every table, as text), nor in the log.
     let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
@@ -896,6 +993,34 @@ async fn postgres_walkthrough() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("opening the Postgres store"), "{stderr}");
     assert!(stderr.contains("nothing listens there"), "says what to check: {stderr}");
+    // The server's own message, and what to do: a role or a database that does not exist.
+    let (scheme, rest) = db.url.split_once("://").unwrap();
+    let host_and_db = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let no_role = format!("{scheme}://relay_no_such_role@{host_and_db}");
+    let (base, _) = db.url.rsplit_once('/').unwrap();
+    let no_db = format!("{base}/relay_no_such_database");
+    for (url, server_says, what_to_do) in [
+        (no_role.as_str(), "relay_no_such_role", "the user in the database URL"),
+        (
+            no_db.as_str(),
+            "database \"relay_no_such_database\" does not exist",
+            "create the database",
+        ),
+    ] {
+        let out = Command::new(workspace_bin("relay-control-plane"))
+            .args(["--database-url", url, "--listen", "127.0.0.1:0"])
+            .env("RELAY_MASTER_KEY", master)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(server_says), "the server's message: {stderr}");
+        assert!(
+            stderr.contains(what_to_do) || stderr.contains("password in the database URL"),
+            "what to do: {stderr}"
+        );
+    }
 
     // A second start on the same database: its log is plain text (not a terminal), with no
     // NOTICE from the migrations.
@@ -910,4 +1035,18 @@ async fn postgres_walkthrough() {
     let text = std::fs::read_to_string(&log2).unwrap();
     assert!(!text.contains('\u{1b}'), "ANSI colour codes in a log file: {text}");
     assert!(!text.contains("already exists"), "{text}");
+    assert!(text.contains("RELAY_ADMIN_TOKEN is a registered admin token"), "{text}");
+    // Another replica given a new RELAY_ADMIN_TOKEN says it did not register it.
+    cp2.kill();
+    let log3 = env.dir.path().join("cp3.log");
+    let other = "rat-another-replica-token-0123456789abcdefghij";
+    let (mut cp3, _) = start_control_plane(
+        &["--database-url", &db.url],
+        &[("RELAY_MASTER_KEY", master), ("RELAY_ADMIN_TOKEN", other)],
+        &log3,
+    );
+    wait_listening(&mut cp3).await;
+    let text = cp3.log_text();
+    assert!(text.contains("it was not registered"), "{text}");
+    assert!(!text.contains(other), "the token itself is never logged");
 }

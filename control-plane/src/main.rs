@@ -208,7 +208,15 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => {
             let db = args.data_dir.join("relay.db");
-            Arc::new(SqliteStore::open(&db).with_context(|| format!("opening the embedded store {}", db.display()))?)
+            let existed = db.exists();
+            let store =
+                SqliteStore::open(&db).with_context(|| format!("opening the embedded store {}", db.display()))?;
+            println!(
+                "relay: {} the embedded store at {} (mode 0600, with its -wal and -shm files): accounts, keys, usage; back it up",
+                if existed { "opened" } else { "created" },
+                db.display()
+            );
+            Arc::new(store)
         }
     };
     bootstrap::ensure_defaults(&store).await.context("creating defaults")?;
@@ -340,8 +348,9 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("starting the in-process data plane")?;
             println!(
-                "relay: data plane (in-process) serving the Anthropic API on http://{}",
-                dp.local_addr()
+                "relay: data plane (in-process) serving the Anthropic API on http://{}; its usage spool and config cache are in {}",
+                dp.local_addr(),
+                args.data_dir.join("data-plane").display()
             );
             Some(dp)
         }

@@ -1774,6 +1774,25 @@ both_stores!(new_credential_or_enable_clears_account_states, |cp: Cp| async move
         .into_inner();
     assert_eq!(after.states.len(), 1);
     assert!(cp.store.load_config().await.unwrap().account_states.len() == 1);
+    // Weight 0 in an update is refused (it was silently taken as 1); the weight stays.
+    let err = admin
+        .update_account(pb::UpdateAccountRequest {
+            account: "acct-s".into(),
+            weight: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("weight 0 is refused"), "{}", err.message());
+    let shown = admin
+        .get_account(pb::GetAccountRequest {
+            account: "acct-s".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.weight, 7);
 });
 
 /// Follows a watch stream, ACKing, until it holds `target`.

@@ -1090,6 +1090,16 @@ macro_rules! conformance_suite {
             let oldest_at = entries[2].at;
             let since_oldest = store.list_audit(100, Some(oldest_at + 1)).await.unwrap();
             assert!(since_oldest.iter().all(|e| e.at > oldest_at));
+
+            // By revision: the entry each change wrote (what `token list` reads a source from).
+            let mut at = store
+                .audit_at_revisions(&[versions[0].revision, versions[2].revision, 999_999])
+                .await
+                .unwrap();
+            at.sort_by_key(|e| e.revision);
+            let targets: Vec<&str> = at.iter().map(|e| e.target.as_str()).collect();
+            assert_eq!(targets, ["target-0", "target-2"]);
+            assert!(store.audit_at_revisions(&[]).await.unwrap().is_empty());
         }
 
         #[tokio::test]

@@ -186,6 +186,17 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting the data plane")?;
     println!("relay: data plane {node_id} listening on {}", dp.local_addr());
+    let key_file = if std::env::var_os("RELAY_DP_CACHE_KEY").is_some() {
+        "RELAY_DP_CACHE_KEY".to_string()
+    } else {
+        args.data_dir.join("cache.key").display().to_string()
+    };
+    println!(
+        "relay: data directory {}: the config cache (encrypted with {key_file}, mode 0600) and the usage spool \
+         ({}); keep it across restarts",
+        args.data_dir.display(),
+        args.data_dir.join("spool").display()
+    );
     if let Some(ops) = dp.ops_addr() {
         println!("relay: /metrics, /readyz and /healthz on http://{ops}");
     }

@@ -70,9 +70,26 @@ async fn sigterm_with_a_connected_data_plane_stops_at_once() {
     let status = exits_within(&mut relay.proc, Duration::from_secs(10)).await;
     assert!(status.success(), "{status}:\n{}", relay.proc.log_text());
     assert!(started.elapsed() < Duration::from_secs(10));
+    // A clean shutdown is no warning: not a WARN or ERROR line from start to exit.
+    let log = relay.proc.log_text();
+    let noisy: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(noisy.is_empty(), "a clean start and stop logged: {noisy:#?}");
     // The data plane keeps serving its config while the control plane is gone.
     assert_eq!(try_send("GET", &ready).await.map(|r| r.status), Some(200));
     assert!(dp.log_text().contains("config stream"), "{}", dp.log_text());
+    // It said where its files are.
+    for made in ["cache.key", "spool"] {
+        let path = dir.path().join("dp").join(made);
+        assert!(path.exists(), "{made}");
+        assert!(
+            dp.log_text().contains(path.to_str().unwrap()),
+            "{made}: {}",
+            dp.log_text()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -114,4 +131,37 @@ async fn two_processes_never_share_a_data_directory() {
     exits_within(&mut first.proc, Duration::from_secs(20)).await;
     let mut again = Standalone::spawn(&data, &dir.path().join("again.log"), &[]);
     again.ready().await;
+}
+
+/// A data plane whose control plane is not there says why (the whole error, not tonic's
+/// "transport error"), and keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_says_why_it_cannot_reach_its_control_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(workspace_bin("relay-data-plane"));
+    cmd.args(["--control-plane", &format!("http://127.0.0.1:{}", free_port())])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--node-id",
+            "dp-alone",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("dp"))
+        .env("RELAY_DATAPLANE_TOKEN", "rat-not-checked-here");
+    let mut dp = Proc::spawn(cmd, &dir.path().join("dp.log")).unwrap();
+    wait_for(Duration::from_secs(20), "the connection failure to be logged", || {
+        let text = dp.log_text();
+        async move {
+            let line = text
+                .lines()
+                .find(|l| l.contains("cannot connect to the control plane"))?;
+            Some(line.to_string())
+        }
+    })
+    .await
+    .map(|line| assert!(line.to_lowercase().contains("connection refused"), "{line}"))
+    .unwrap_or_else(|e| panic!("{e}: {}", dp.log_text()));
+    assert!(dp.try_wait().is_none(), "it keeps running: {}", dp.log_text());
+    dp.kill();
 }

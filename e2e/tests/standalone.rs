@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use relay_mock_upstream::{expected_usage, MockConfig};
+use relay_mock_upstream::{expected_usage, Fault, MockConfig};
 use relay_test_support::{free_port, wait_for, workspace_bin, Proc};
 use std::process::Command;
 use std::time::Duration;
@@ -107,5 +107,27 @@ async fn quickstart_from_nothing_to_a_streamed_answer() {
         serde_json::from_str(&relayctl(&server, &token, &["-o", "json", "proxies", "list"], None)).unwrap();
     assert_eq!(proxies[0]["node_id"], "standalone");
     assert_eq!(proxies[0]["connected"], true);
+
+    // 6. The account gets rate limited: the log names its health, not a number, in plain text.
+    mock.set_fault(
+        "mock-upstream-credential",
+        Some(Fault::RateLimited { retry_after_secs: 30 }),
+    );
+    let h = sdk_headers(&key);
+    let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = send("POST", &format!("{base}/v1/messages"), &hs, body.to_string()).await;
+    assert_ne!(r.status, 200);
+    let line = wait_for(Duration::from_secs(10), "the state change to be logged", || {
+        let text = relay.log_text();
+        async move {
+            text.lines()
+                .find(|l| l.contains("account state changed"))
+                .map(str::to_string)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(line.contains("RATE_LIMITED"), "{line}");
+    assert!(!line.contains("health=1") && !line.contains('\u{1b}'), "{line}");
     relay.kill();
 }

@@ -236,7 +236,9 @@ pub async fn pricing(conn: &mut Conn, out: Output, cmd: PricingCmd) -> Result<()
 const SETTING_COLUMNS: &[Column<SettingInfo>] = &[
     Column::new("name", "Name", |s| Value::text(&s.name)),
     Column::new("value", "Value", |s| Value::opt_text(&s.value)),
-    Column::new("default", "Default", |s| Value::opt_text(&s.default_value)),
+    // In wide and `settings show`: `Set` says whether the value is the default, and the
+    // defaults' URLs would not fit a 100-column table beside the values.
+    Column::detail("default", "Default", |s| Value::opt_text(&s.default_value)),
     Column::new("set", "Set", |s| Value::Bool(s.set)),
     Column::new("type", "Type", |s| Value::opt_text(&s.r#type)),
     Column::detail("range", "Range", |s| Value::opt_text(&s.range)),

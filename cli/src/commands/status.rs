@@ -191,8 +191,13 @@ impl Overview {
             };
             out.push_str(&format!("leader: {leader}\n"));
             if !st.replica.is_empty() {
+                let build = if st.build_version.is_empty() {
+                    String::new()
+                } else {
+                    format!("relay {}, ", st.build_version)
+                };
                 out.push_str(&format!(
-                    "answered by: {} ({}{})\n",
+                    "answered by: {} ({build}{}{})\n",
                     st.replica,
                     st.replica_mechanism,
                     if st.replica_is_leader {
@@ -266,6 +271,11 @@ const OVERVIEW_COLUMNS: &[Column<Overview>] = &[
     }),
     Column::new("replica", "Replica", |o| {
         o.status.as_ref().map_or(Value::Null, |s| Value::opt_text(&s.replica))
+    }),
+    Column::new("build_version", "Control plane version", |o| {
+        o.status
+            .as_ref()
+            .map_or(Value::Null, |s| Value::opt_text(&s.build_version))
     }),
 ];
 
@@ -385,20 +395,22 @@ fn audit_summary(e: &AuditEntry) -> Value {
         if k == "id" || v.is_null() || v == &serde_json::json!("") || v == &serde_json::json!([]) {
             continue;
         }
-        let shown = match v {
-            serde_json::Value::String(s) => s.clone(),
+        let (k, shown) = match v {
             serde_json::Value::Object(o) => {
                 let set: Vec<String> = o
                     .iter()
                     .filter(|(_, x)| !matches!(x, serde_json::Value::Number(n) if n.as_u64() == Some(0)))
-                    .map(|(k, x)| format!("{k}:{x}"))
+                    .map(|(k, x)| {
+                        let (k, x) = audit_field(k, x);
+                        format!("{k}:{x}")
+                    })
                     .collect();
                 if set.is_empty() {
                     continue;
                 }
-                set.join(" ")
+                (k.clone(), set.join(" "))
             }
-            other => other.to_string(),
+            v => audit_field(k, v),
         };
         parts.push(format!("{k}={shown}"));
     }
@@ -407,6 +419,24 @@ fn audit_summary(e: &AuditEntry) -> Value {
         text = text.chars().take(79).collect::<String>() + "…";
     }
     Value::Text(text)
+}
+
+/// One field of an audit detail as a table shows it: money in dollars and cents
+/// (`daily_budget_micro_usd: 5000000` → `daily_budget` `$5.00`; a budget of 0 is `unlimited`).
+fn audit_field(k: &str, v: &serde_json::Value) -> (String, String) {
+    if let (Some(name), Some(n)) = (k.strip_suffix("_micro_usd"), v.as_u64()) {
+        let shown = if n == 0 && name.contains("budget") {
+            crate::output::UNLIMITED.to_string()
+        } else {
+            format!("${}", crate::parse::format_micros(n))
+        };
+        return (name.to_string(), shown);
+    }
+    let shown = match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    (k.to_string(), shown)
 }
 
 const AUDIT_COLUMNS: &[Column<AuditEntry>] = &[
@@ -562,6 +592,7 @@ mod tests {
                 replica_is_leader: false,
                 replica_mechanism: "etcd".into(),
                 current_leader: Some("cp-2".into()),
+                build_version: String::new(),
             }),
             now_ms: 1_000 + 5 * 60_000,
             ..Overview::default()
@@ -569,6 +600,16 @@ mod tests {
         let text = o.text();
         assert!(text.contains("leader: cp-2 (etcd) since 5m ago, term 7\n"), "{text}");
         assert!(text.contains("answered by: cp-1 (etcd, following)"), "{text}");
+        // The control plane's version, when it says it.
+        let mut versioned = o.clone();
+        versioned.status.as_mut().unwrap().build_version = "0.1.0".into();
+        assert!(
+            versioned
+                .text()
+                .contains("answered by: cp-1 (relay 0.1.0, etcd, following)"),
+            "{}",
+            versioned.text()
+        );
         // The recorded leader is gone and nobody leads: say so rather than show the old one.
         let mut gone = o.clone();
         gone.status.as_mut().unwrap().current_leader = Some(String::new());
@@ -714,6 +755,28 @@ mod tests {
         assert!(
             wide.contains(&format!("{epoch}:139")) && wide.contains("2025-12-04T08:00:05Z"),
             "{wide}"
+        );
+    }
+
+    /// The audit table shows money in dollars, never micro-dollars, and "unlimited" for a budget
+    /// cleared to 0.
+    #[test]
+    fn audit_summary_shows_money_in_dollars() {
+        let entry = |detail: &str| AuditEntry {
+            detail: detail.to_string(),
+            ..Default::default()
+        };
+        assert_eq!(
+            audit_summary(&entry(
+                r#"{"group":"default","limits":{"daily_budget_micro_usd":5000000,"rpm":60,"tpm":0}}"#,
+            )),
+            Value::text("group=default, limits=daily_budget:$5.00 rpm:60")
+        );
+        assert_eq!(
+            audit_summary(&entry(
+                r#"{"monthly_budget_micro_usd":0,"daily_budget_micro_usd":12500000}"#
+            )),
+            Value::text("daily_budget=$12.50, monthly_budget=unlimited")
         );
     }
 

@@ -35,8 +35,9 @@ const COLUMNS: &[Column<AdminTokenInfo>] = &[
     Column::new("name", "Name", |t| Value::text(&t.name)),
     Column::new("id", "ID", |t| Value::Id(t.id.clone())),
     Column::new("role", "Role", |t| Value::Text(role_label(t.role))),
-    Column::new("token_prefix", "Prefix", |t| Value::text(&t.token_prefix)),
+    Column::new("source", "Source", |t| Value::opt_text(&t.source)),
     Column::new("created_at", "Created", |t| Value::Time(t.created_at_ms)),
+    Column::detail("token_prefix", "Prefix", |t| Value::text(&t.token_prefix)),
 ];
 
 pub async fn run(conn: &mut Conn, out: Output, cmd: TokenCmd) -> Result<()> {

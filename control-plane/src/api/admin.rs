@@ -276,18 +276,20 @@ impl AdminService {
     }
 
     async fn account(&self, id_or_name: &str) -> Result<Account, Status> {
-        self.store
-            .get_account(id_or_name)
-            .await
-            .map_err(status_from_store)?
+        if let Some(a) = self.store.get_account(id_or_name).await.map_err(status_from_store)? {
+            return Ok(a);
+        }
+        let all = self.store.list_accounts().await.map_err(status_from_store)?;
+        by_id_prefix(all, id_or_name, "account", |a| (&a.id, &a.name))?
             .ok_or_else(|| Status::not_found(format!("account {id_or_name:?} not found")))
     }
 
     async fn api_key(&self, id_or_name: &str) -> Result<ApiKey, Status> {
-        self.store
-            .get_api_key(id_or_name)
-            .await
-            .map_err(status_from_store)?
+        if let Some(k) = self.store.get_api_key(id_or_name).await.map_err(status_from_store)? {
+            return Ok(k);
+        }
+        let all = self.store.list_api_keys().await.map_err(status_from_store)?;
+        by_id_prefix(all, id_or_name, "key", |k| (&k.id, &k.name))?
             .ok_or_else(|| Status::not_found(format!("key {id_or_name:?} not found")))
     }
 
@@ -482,11 +484,45 @@ impl AdminService {
     }
 
     async fn group(&self, id_or_name: &str) -> Result<Group, Status> {
-        self.store
-            .get_group(id_or_name)
-            .await
-            .map_err(status_from_store)?
+        if let Some(g) = self.store.get_group(id_or_name).await.map_err(status_from_store)? {
+            return Ok(g);
+        }
+        let all = self.store.list_groups().await.map_err(status_from_store)?;
+        by_id_prefix(all, id_or_name, "group", |g| (&g.id, &g.name))?
             .ok_or_else(|| Status::not_found(format!("group {id_or_name:?} not found")))
+    }
+}
+
+/// Fewest characters of an id taken as that id (after the exact name and id found nothing).
+const MIN_ID_PREFIX: usize = 4;
+
+/// The one item whose id starts with `prefix`, as relayctl's tables show ids (like git's short
+/// hashes). Only a name or an exact id is looked up before this, so a name always wins. `None`
+/// when it is no id prefix or nothing matches; an error naming the candidates when several do.
+fn by_id_prefix<T>(
+    items: Vec<T>,
+    prefix: &str,
+    what: &str,
+    id_and_name: impl Fn(&T) -> (&String, &String),
+) -> Result<Option<T>, Status> {
+    let p = prefix.to_ascii_lowercase();
+    if p.len() < MIN_ID_PREFIX || !p.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return Ok(None);
+    }
+    let mut matches: Vec<T> = items
+        .into_iter()
+        .filter(|i| id_and_name(i).0.to_ascii_lowercase().starts_with(&p))
+        .collect();
+    match matches.len() {
+        0 => Ok(None),
+        1 => Ok(matches.pop()),
+        n => {
+            let names: Vec<&String> = matches.iter().map(|i| id_and_name(i).1).collect();
+            Err(Status::invalid_argument(format!(
+                "{prefix:?} is the start of the ids of {n} {what}s ({}): give more of the id, or the name",
+                names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+            )))
+        }
     }
 }
 
@@ -740,7 +776,17 @@ fn token_info(t: &AdminToken) -> pb::AdminTokenInfo {
         role: role_to_pb(t.role) as i32,
         token_prefix: t.token_prefix.clone(),
         created_at_ms: t.created_at,
+        source: String::new(),
     }
+}
+
+/// Where a token came from, as the audit entry of the change that stored it says: the bootstrap's
+/// `source` (RELAY_ADMIN_TOKEN, generated at first start, standalone start), else who created it.
+fn token_source(entry: &AuditEntry) -> String {
+    let source = serde_json::from_str::<serde_json::Value>(&entry.detail)
+        .ok()
+        .and_then(|d| d.get("source").and_then(|s| s.as_str()).map(str::to_string));
+    source.unwrap_or_else(|| format!("created by {}", entry.actor))
 }
 
 /// Creates an admin token row for `token` (not stored: only its hash).
@@ -906,6 +952,12 @@ impl Admin for AdminService {
         }
         if let Some(p) = r.proxy_url.as_deref().filter(|p| !p.is_empty()) {
             validate_proxy_url(p)?;
+        }
+        // 0 is not "the default" in an update: it would silently become 1.
+        if r.weight == Some(0) {
+            return Err(Status::invalid_argument(format!(
+                "weight 0 is refused: a weight is in 1..={MAX_WEIGHT}; to stop routing to an account, disable it"
+            )));
         }
         let weight = r.weight.map(validate_weight).transpose()?;
         let status = match r.status.map(pb::AccountStatus::try_from) {
@@ -1457,12 +1509,7 @@ impl Admin for AdminService {
         let actor = self.authorize(&req, Need::Write, "delete_group").await?;
         let name = req.get_ref().group.clone();
         let v = retry_conflicts(|| async {
-            let g = self
-                .store
-                .get_group(&name)
-                .await
-                .map_err(status_from_store)?
-                .ok_or_else(|| Status::not_found(format!("group {name:?} not found")))?;
+            let g = self.group(&name).await?;
             if g.name == DEFAULT_GROUP {
                 return Err(Status::failed_precondition("the default group cannot be removed"));
             }
@@ -1887,8 +1934,28 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListAdminTokensResponse>, Status> {
         self.authorize(&req, Need::Read, "list_admin_tokens").await?;
         let tokens = self.store.list_admin_tokens().await.map_err(status_from_store)?;
+        let revisions: Vec<u64> = tokens.iter().map(|t| t.revision).collect();
+        let created = self
+            .store
+            .audit_at_revisions(&revisions)
+            .await
+            .map_err(status_from_store)?;
         Ok(Response::new(pb::ListAdminTokensResponse {
-            tokens: tokens.iter().map(token_info).collect(),
+            tokens: tokens
+                .iter()
+                .map(|t| pb::AdminTokenInfo {
+                    source: created
+                        .iter()
+                        .find(|e| {
+                            e.revision == t.revision
+                                && e.target == t.name
+                                && (e.action == "token.create" || e.action == "token.rotate")
+                        })
+                        .map(token_source)
+                        .unwrap_or_default(),
+                    ..token_info(t)
+                })
+                .collect(),
         }))
     }
 
@@ -1899,10 +1966,11 @@ impl Admin for AdminService {
         let actor = self.authorize(&req, Need::Write, "revoke_admin_token").await?;
         let name = &req.get_ref().token;
         let tokens = self.store.list_admin_tokens().await.map_err(status_from_store)?;
-        let t = tokens
-            .iter()
-            .find(|t| &t.id == name || &t.name == name)
-            .ok_or_else(|| Status::not_found(format!("token {name:?} not found")))?;
+        let t = match tokens.iter().find(|t| &t.id == name || &t.name == name) {
+            Some(t) => t,
+            None => by_id_prefix(tokens.iter().collect(), name, "token", |t| (&t.id, &t.name))?
+                .ok_or_else(|| Status::not_found(format!("token {name:?} not found")))?,
+        };
         if t.role == Role::Admin && tokens.iter().filter(|t| t.role == Role::Admin).count() == 1 {
             return Err(Status::failed_precondition(
                 "this is the last admin token; create another before revoking it",
@@ -1970,6 +2038,7 @@ impl Admin for AdminService {
         let leader = self.store.leader().await.map_err(status_from_store)?;
         Ok(Response::new(pb::GetStatusResponse {
             replica: self.replica.clone(),
+            build_version: env!("CARGO_PKG_VERSION").to_string(),
             leader: leader.map(|l| pb::LeaderInfo {
                 holder: l.holder,
                 mechanism: l.mechanism,
@@ -2043,6 +2112,46 @@ mod tests {
         assert!(validate_models(&["claude-*".into()]).is_ok());
         assert!(validate_models(&["cl*aude".into()]).is_err());
         assert_eq!(validate_weight(0).ok(), Some(1));
+    }
+
+    /// Ids are taken by a prefix, as relayctl's tables show them; several matches are refused
+    /// with their names; too short or not hex is no prefix.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn ids_are_taken_by_a_unique_prefix() {
+        let items = || {
+            vec![
+                ("01a240bb-3e84-7348-8e4d-8fdee19ae7ed".to_string(), "mock".to_string()),
+                ("01a240bb-3e95-7021-b19b-4e9f2e185be9".to_string(), "mock2".to_string()),
+            ]
+        };
+        fn f(i: &(String, String)) -> (&String, &String) {
+            (&i.0, &i.1)
+        }
+        let one = by_id_prefix(items(), "01a240bb-3e9", "account", f).unwrap();
+        assert_eq!(one.map(|i| i.1), Some("mock2".to_string()));
+        assert_eq!(
+            by_id_prefix(items(), "01A240BB-3E84", "account", f)
+                .unwrap()
+                .map(|i| i.1),
+            Some("mock".to_string())
+        );
+        let err = by_id_prefix(items(), "01a240bb", "account", f).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains("2 accounts (mock, mock2)") && err.message().contains("give more of the id"),
+            "{}",
+            err.message()
+        );
+        assert!(
+            by_id_prefix(items(), "01a", "account", f).unwrap().is_none(),
+            "too short"
+        );
+        assert!(
+            by_id_prefix(items(), "mock", "account", f).unwrap().is_none(),
+            "not hex"
+        );
+        assert!(by_id_prefix(items(), "ffff", "account", f).unwrap().is_none());
         assert!(validate_weight(MAX_WEIGHT + 1).is_err());
     }
 }

@@ -428,9 +428,9 @@ async fn hold(
         }
         if Instant::now() >= deadline {
             return Held::Lost(format!(
-                "no keepalive answered for {:?} (lease TTL {:?})",
-                deadline - last_good,
-                t.ttl
+                "no keepalive answered for {:.1}s (lease TTL {:.1}s)",
+                (deadline - last_good).as_secs_f64(),
+                t.ttl.as_secs_f64()
             ));
         }
         let sent = Instant::now();

@@ -21,6 +21,7 @@ pub mod pg_lock;
 
 use crate::store::StoreError;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -63,6 +64,8 @@ pub enum LeaderError {
 /// Sets the role seen by [`Leadership`]: logs and counts transitions, keeps the gauge.
 pub(crate) struct RoleSink {
     tx: Arc<watch::Sender<Role>>,
+    /// Set when the process shuts down: stepping down then is the plan, not a warning.
+    stopping: Arc<AtomicBool>,
     mechanism: &'static str,
     replica: String,
 }
@@ -89,6 +92,11 @@ impl RoleSink {
             Role::Leading { term, .. } => {
                 tracing::info!(replica = %self.replica, mechanism = self.mechanism, term, "leading")
             }
+            Role::Following { .. } if was_leading && self.stopping.load(Ordering::SeqCst) => tracing::info!(
+                replica = %self.replica,
+                mechanism = self.mechanism,
+                "stepped down: shutting down"
+            ),
             Role::Following { leader } if was_leading => tracing::warn!(
                 replica = %self.replica,
                 mechanism = self.mechanism,
@@ -114,6 +122,8 @@ impl Drop for RoleSink {
 
 struct Inner {
     mechanism: &'static str,
+    /// Shared with the sink: the process is shutting down.
+    stopping: Arc<AtomicBool>,
     replica: String,
     rx: watch::Receiver<Role>,
     /// Keeps the role channel open while any `Leadership` lives (standalone has no task).
@@ -126,6 +136,8 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // The last `Leadership` is gone: the process is stopping, whatever the sink logs next.
+        self.stopping.store(true, Ordering::SeqCst);
         if let Ok(mut t) = self.task.lock() {
             if let Some(t) = t.take() {
                 t.abort();
@@ -168,8 +180,10 @@ impl Leadership {
         let (tx, rx) = watch::channel(Role::Following { leader: None });
         let tx = Arc::new(tx);
         let (stop_tx, stop_rx) = watch::channel(false);
+        let stopping = Arc::new(AtomicBool::new(false));
         let sink = RoleSink {
             tx: tx.clone(),
+            stopping: stopping.clone(),
             mechanism,
             replica: replica.to_string(),
         };
@@ -178,6 +192,7 @@ impl Leadership {
             inner: Arc::new(Inner {
                 mechanism,
                 replica: replica.to_string(),
+                stopping,
                 rx,
                 _tx: tx,
                 stop: stop_tx,
@@ -191,8 +206,10 @@ impl Leadership {
     pub(crate) fn fixed(mechanism: &'static str, replica: &str, term: u64, since_ms: i64) -> Self {
         let (tx, rx) = watch::channel(Role::Following { leader: None });
         let tx = Arc::new(tx);
+        let stopping = Arc::new(AtomicBool::new(false));
         let sink = RoleSink {
             tx: tx.clone(),
+            stopping: stopping.clone(),
             mechanism,
             replica: replica.to_string(),
         };
@@ -202,6 +219,7 @@ impl Leadership {
             inner: Arc::new(Inner {
                 mechanism,
                 replica: replica.to_string(),
+                stopping,
                 rx,
                 _tx: tx,
                 stop,
@@ -236,6 +254,7 @@ impl Leadership {
     /// Steps down and hands over at once (revokes the etcd lease, releases the advisory lock),
     /// then stops the coordinator. The role is `Following` afterwards.
     pub async fn shutdown(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
         let _ = self.inner.stop.send(true);
         let task = self.inner.task.lock().ok().and_then(|mut t| t.take());
         if let Some(task) = task {

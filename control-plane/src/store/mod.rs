@@ -109,6 +109,9 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first; `limit` entries at most.
     async fn list_audit(&self, limit: u32, since: Option<Millis>) -> Result<Vec<AuditEntry>>;
 
+    /// The audit entries written at these revisions (each change writes one), in no order.
+    async fn audit_at_revisions(&self, revisions: &[u64]) -> Result<Vec<AuditEntry>>;
+
     async fn record_proxy(&self, node_id: &str, replica: &str, event: ProxyEvent) -> Result<()>;
     async fn list_proxies(&self) -> Result<Vec<ProxyState>>;
 

@@ -81,15 +81,25 @@ fn explain(e: &tokio_postgres::Error) -> String {
         out.push_str(&cause.to_string());
         next = cause.source();
     }
-    let lower = out.to_ascii_lowercase();
-    if lower.contains("server does not support tls") {
-        out.push_str(" (the server offers no TLS: use sslmode=prefer or disable, or turn ssl on in the server)");
-    } else if lower.contains("connection refused") {
-        out.push_str(" (nothing listens there: check the host and port in the database URL, and that Postgres runs)");
-    } else if lower.contains("invalidcertificate") || lower.contains("certificate") {
-        out.push_str(" (the server's certificate did not verify: check sslrootcert and the host name in the URL)");
-    }
+    out.push_str(connection_hint(&out));
     out
+}
+
+/// What to do about a connection that failed before the server said anything, from its error
+/// chain ("" when there is nothing useful to add).
+fn connection_hint(chain: &str) -> &'static str {
+    let lower = chain.to_ascii_lowercase();
+    if lower.contains("server does not support tls") {
+        " (the server offers no TLS: use sslmode=prefer or disable, or turn ssl on in the server)"
+    } else if lower.contains("connection refused") {
+        " (nothing listens there: check the host and port in the database URL, and that Postgres runs)"
+    } else if lower.contains("failed to lookup address") || lower.contains("name or service not known") {
+        " (the host name in the database URL does not resolve: check it, and this machine's DNS)"
+    } else if lower.contains("invalidcertificate") || lower.contains("certificate") {
+        " (the server's certificate did not verify: check sslrootcert and the host name in the URL)"
+    } else {
+        ""
+    }
 }
 
 /// A pool error: the connection's own error when there is one.
@@ -1169,6 +1179,34 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn audit_at_revisions(&self, revisions: &[u64]) -> Result<Vec<AuditEntry>> {
+        let revisions = revisions
+            .iter()
+            .map(|r| to_i64(*r, "revision"))
+            .collect::<Result<Vec<i64>>>()?;
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT id, at, actor, action, target, detail, revision FROM audit_log WHERE revision = ANY($1)",
+                &[&revisions],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: to_u64(r.get(0), "id")?,
+                    at: r.get(1),
+                    actor: r.get(2),
+                    action: r.get(3),
+                    target: r.get(4),
+                    detail: r.get(5),
+                    revision: to_u64(r.get(6), "revision")?,
+                })
+            })
+            .collect()
+    }
+
     async fn record_proxy(&self, node_id: &str, replica: &str, event: ProxyEvent) -> Result<()> {
         let c = self.client().await?;
         let now = now_ms();
@@ -1614,4 +1652,32 @@ pub(crate) fn quota_windows_from(text: String) -> Result<Vec<QuotaWindow>> {
 /// a BIGINT column is NUMERIC, which never overflows; only the cast back could).
 fn saturating_sum(col: &str) -> String {
     format!("LEAST(SUM({col}), 9223372036854775807)::BIGINT")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_hint;
+
+    /// A connection that failed before the server spoke says what to check.
+    #[test]
+    fn connection_failures_say_what_to_check() {
+        for (chain, says) in [
+            (
+                "error connecting to server: failed to lookup address information: Name or service not known",
+                "does not resolve",
+            ),
+            (
+                "error connecting to server: Connection refused (os error 111)",
+                "nothing listens there",
+            ),
+            (
+                "error performing TLS handshake: server does not support TLS",
+                "offers no TLS",
+            ),
+            ("invalid peer certificate: UnknownIssuer", "sslrootcert"),
+        ] {
+            assert!(connection_hint(chain).contains(says), "{chain}");
+        }
+        assert_eq!(connection_hint("something else"), "");
+    }
 }

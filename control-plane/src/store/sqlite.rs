@@ -1386,6 +1386,24 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn audit_at_revisions(&self, revisions: &[u64]) -> Result<Vec<AuditEntry>> {
+        let revisions = revisions.to_vec();
+        self.with_conn(move |c| {
+            let mut out = Vec::new();
+            for r in revisions {
+                let r = i64::try_from(r).map_err(|_| StoreError::Database("revision out of range".into()))?;
+                out.extend(query_list(
+                    c,
+                    "SELECT id, at, actor, action, target, detail, revision FROM audit_log WHERE revision = ?1",
+                    params![r],
+                    audit_from_row,
+                )?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn record_proxy(&self, node_id: &str, replica: &str, event: ProxyEvent) -> Result<()> {
         let node_id = node_id.to_owned();
         let replica = replica.to_owned();

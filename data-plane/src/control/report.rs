@@ -113,8 +113,18 @@ pub fn usage_client(channel: Channel, token: BearerToken) -> UsageClient {
     UsageIngestClient::with_interceptor(channel, token)
 }
 
+/// Why a connection failed, with its causes (tonic's own Display says only "transport error").
+#[derive(Debug)]
+pub struct ConnectError(String);
+
+impl Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A boxed connection attempt, as [`connector`] returns.
-pub type ConnectFuture = Pin<Box<dyn Future<Output = Result<UsageClient, tonic::transport::Error>> + Send>>;
+pub type ConnectFuture = Pin<Box<dyn Future<Output = Result<UsageClient, ConnectError>> + Send>>;
 
 /// A `connect` factory for [`run_reporter`]: each call opens a new
 /// connection to `endpoint` (configure TLS and timeouts on it).
@@ -122,7 +132,13 @@ pub fn connector(endpoint: Endpoint, token: BearerToken) -> impl Fn() -> Connect
     move || {
         let endpoint = endpoint.clone();
         let token = token.clone();
-        Box::pin(async move { Ok(usage_client(endpoint.connect().await?, token)) })
+        Box::pin(async move {
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| ConnectError(crate::proxy::error_chain(&e)))?;
+            Ok(usage_client(channel, token))
+        })
     }
 }
 

@@ -136,12 +136,11 @@ impl Watcher {
     }
 
     async fn session(&self) -> Result<(), tonic::Status> {
-        let channel = self
-            .link
-            .endpoint
-            .connect()
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("cannot connect to the control plane: {e}")))?;
+        let channel = self.link.endpoint.connect().await.map_err(|e| {
+            // The whole chain: tonic's own Display says only "transport error".
+            let why = crate::proxy::error_chain(&e);
+            tonic::Status::unavailable(format!("cannot connect to the control plane: {why}"))
+        })?;
         let bearer = self.link.bearer()?;
         let mut client = ConfigDiscoveryClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
             r.metadata_mut().insert("authorization", bearer.clone());

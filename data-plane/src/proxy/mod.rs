@@ -1556,12 +1556,18 @@ pub async fn body_bytes(b: Body) -> Result<Bytes, crate::errors::BoxError> {
 
 /// An error and its sources, "outer: inner: innermost" (hyper's own Display
 /// says only "client error (Connect)").
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
+    let mut last = out.clone();
     let mut next = e.source();
     while let Some(cause) = next {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
+        // hyper wraps an error in one that says the same ("tcp connect error: tcp connect error").
+        let text = cause.to_string();
+        if text != last {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
         next = cause.source();
     }
     out
