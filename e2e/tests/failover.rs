@@ -72,6 +72,46 @@ fn assert_complete(r: &HttpResponse, stream: bool) {
     }
 }
 
+/// Flips each credential's fault among `faults` every few milliseconds, forever.
+async fn toggle_faults(mock: &MockUpstream, creds: &[String], faults: &[Option<Fault>]) {
+    let mut n = 0usize;
+    loop {
+        for c in creds {
+            let pick = (n.wrapping_mul(2654435761) >> 7) % faults.len();
+            mock.set_fault(c, faults[pick]);
+            n += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+}
+
+/// `total` requests through the fleet's data plane, 16 at a time, every other one streaming:
+/// (streamed, response) each, in order.
+async fn load(f: &Fleet, total: usize) -> Vec<(bool, HttpResponse)> {
+    let body_s = message_body("claude-sonnet-4-5", true);
+    let body_n = message_body("claude-sonnet-4-5", false);
+    let sem = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let url = f.dp.url("/v1/messages");
+        let key = f.key.clone();
+        let body = if i % 2 == 0 { body_s.clone() } else { body_n.clone() };
+        tasks.push(tokio::spawn(async move {
+            let h = sdk_headers(&key);
+            let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = send("POST", &url, &hs, body.to_string()).await;
+            drop(permit);
+            (i % 2 == 0, r)
+        }));
+    }
+    let mut out = Vec::with_capacity(total);
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 async fn account_states(cp: &ControlPlane, name: &str) -> Vec<pb::AccountState> {
     cp.admin()
         .await
@@ -266,38 +306,13 @@ async fn chaos_two_of_four_accounts_failing_at_random() {
                 Some(Fault::ErrorEventMidStream { after_events: 0 }),
                 Some(Fault::DropMidStream { after_events: 0 }),
             ];
-            let mut n = 0usize;
-            loop {
-                for c in [cred(0), cred(1)] {
-                    let pick = (n.wrapping_mul(2654435761) >> 7) % faults.len();
-                    mock.set_fault(&c, faults[pick]);
-                    n += 1;
-                }
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
+            toggle_faults(&mock, &[cred(0), cred(1)], &faults).await
         })
     };
     let total = 2000usize;
     let body_s = message_body("claude-sonnet-4-5", true);
-    let body_n = message_body("claude-sonnet-4-5", false);
-    let sem = Arc::new(tokio::sync::Semaphore::new(16));
-    let mut tasks = Vec::new();
-    for i in 0..total {
-        let permit = sem.clone().acquire_owned().await.unwrap();
-        let url = f.dp.url("/v1/messages");
-        let key = f.key.clone();
-        let body = if i % 2 == 0 { body_s.clone() } else { body_n.clone() };
-        tasks.push(tokio::spawn(async move {
-            let h = sdk_headers(&key);
-            let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let r = send("POST", &url, &hs, body.to_string()).await;
-            drop(permit);
-            (i % 2 == 0, r)
-        }));
-    }
     let mut ok = 0;
-    for t in tasks {
-        let (stream, r) = t.await.unwrap();
+    for (stream, r) in load(&f, total).await {
         assert_complete(&r, stream);
         ok += 1;
     }
@@ -382,38 +397,14 @@ async fn six_of_eight_accounts_failing_every_way_never_fail_a_request() {
                 Some(Fault::DropMidStream { after_events: 0 }),
                 None,
             ];
-            let mut n = 0usize;
-            loop {
-                for i in 0..5 {
-                    let pick = (n.wrapping_mul(2654435761) >> 7) % faults.len();
-                    mock.set_fault(&cred(i), faults[pick]);
-                    n += 1;
-                }
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
+            let creds: Vec<String> = (0..5).map(cred).collect();
+            toggle_faults(&mock, &creds, &faults).await
         })
     };
     let total = 2000usize;
     let body_s = message_body("claude-sonnet-4-5", true);
-    let body_n = message_body("claude-sonnet-4-5", false);
-    let sem = Arc::new(tokio::sync::Semaphore::new(16));
-    let mut tasks = Vec::new();
-    for i in 0..total {
-        let permit = sem.clone().acquire_owned().await.unwrap();
-        let url = f.dp.url("/v1/messages");
-        let key = f.key.clone();
-        let body = if i % 2 == 0 { body_s.clone() } else { body_n.clone() };
-        tasks.push(tokio::spawn(async move {
-            let h = sdk_headers(&key);
-            let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let r = send("POST", &url, &hs, body.to_string()).await;
-            drop(permit);
-            (i % 2 == 0, r)
-        }));
-    }
     let mut failed = Vec::new();
-    for t in tasks {
-        let (stream, r) = t.await.unwrap();
+    for (stream, r) in load(&f, total).await {
         let complete = r.status == 200
             && (!stream || {
                 let text = String::from_utf8_lossy(&r.body);
