@@ -27,6 +27,32 @@ async fn exits_within(proc: &mut Proc, limit: Duration) -> std::process::ExitSta
     .unwrap_or_else(|e| panic!("{e}:\n{}", proc.log_text()))
 }
 
+/// A duration with more than three decimals (`1.234567891s`, `12.5001ms`): Debug formatting.
+fn overprecise_duration(word: &str) -> bool {
+    let w = word.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '.');
+    let Some(num) = ["ms", "µs", "ns", "s"].iter().find_map(|u| w.strip_suffix(u)) else {
+        return false;
+    };
+    match num.split_once('.') {
+        Some((int, frac)) => {
+            !int.is_empty()
+                && int.bytes().all(|b| b.is_ascii_digit())
+                && frac.len() > 3
+                && frac.bytes().all(|b| b.is_ascii_digit())
+        }
+        None => false,
+    }
+}
+
+#[test]
+fn overprecise_durations_are_told_from_rounded_ones() {
+    assert!(overprecise_duration("1.234567891s"));
+    assert!(overprecise_duration("(12.50001ms)"));
+    assert!(!overprecise_duration("6.7s"));
+    assert!(!overprecise_duration("250ms"));
+    assert!(!overprecise_duration("v0.1.0"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_with_a_connected_data_plane_stops_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -80,6 +106,11 @@ async fn sigterm_with_a_connected_data_plane_stops_at_once() {
     // The data plane keeps serving its config while the control plane is gone.
     assert_eq!(try_send("GET", &ready).await.map(|r| r.status), Some(200));
     assert!(dp.log_text().contains("config stream"), "{}", dp.log_text());
+    // Durations read as people write them (6.7s, 250ms), never Debug's nanoseconds.
+    for text in [relay.proc.log_text(), dp.log_text()] {
+        let raw: Vec<&str> = text.split_whitespace().filter(|w| overprecise_duration(w)).collect();
+        assert!(raw.is_empty(), "unrounded durations logged: {raw:?}");
+    }
     // It said where its files are.
     for made in ["cache.key", "spool"] {
         let path = dir.path().join("dp").join(made);
