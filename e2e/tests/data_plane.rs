@@ -988,6 +988,13 @@ async fn client_request_ids_are_kept(backend: Backend) {
         ("/v1/messages", false, vec![("x-request-id", &max)], &max),
         ("/v1/messages", false, vec![("x-request-id", &long)], ""),
         ("/v1/messages", false, vec![("x-request-id", "has a space")], ""),
+        // An empty x-request-id does not hide a good request-id.
+        (
+            "/v1/messages",
+            false,
+            vec![("x-request-id", ""), ("request-id", "fallback-1")],
+            "fallback-1",
+        ),
         ("/v1/messages", false, vec![], ""),
         (
             "/v1/messages/count_tokens",

@@ -92,14 +92,15 @@ fn new_request_id() -> String {
     format!("req_relay_{}", uuid::Uuid::now_v7().simple())
 }
 
-/// The client's own id for its request: `x-request-id`, else `request-id`, kept only when it is
-/// 1..=128 visible ASCII characters (`relay_proto::bounds::client_request_id`).
+/// The client's own id for its request: the first of `x-request-id` and `request-id` that is
+/// 1..=128 visible ASCII characters (`relay_proto::bounds::client_request_id`); an empty or
+/// unusable `x-request-id` does not hide a good `request-id`.
 fn client_request_id(h: &HeaderMap) -> Option<&str> {
-    ["x-request-id", "request-id"]
-        .iter()
-        .find_map(|n| h.get(*n))
-        .and_then(|v| v.to_str().ok())
-        .and_then(relay_proto::bounds::client_request_id)
+    ["x-request-id", "request-id"].iter().find_map(|n| {
+        h.get(*n)
+            .and_then(|v| v.to_str().ok())
+            .and_then(relay_proto::bounds::client_request_id)
+    })
 }
 
 fn json_response(status: StatusCode, body: &serde_json::Value, request_id: &str) -> Response<Body> {
