@@ -201,7 +201,7 @@ impl Proxy {
             let mut resp = match self.route(req, &request_id, started).instrument(span.clone()).await {
                 Ok(r) => r,
                 Err(e) => {
-                    metrics::counter!("relay_relay_errors_total", "type" => e.kind).increment(1);
+                    metrics::counter!("relay_error_answers_total", "type" => e.kind).increment(1);
                     e.into_response(&request_id)
                 }
             };
