@@ -145,17 +145,25 @@ pub fn fd_budget(requested: usize, fds_per_connection: u64, limit: Option<u64>, 
     let fit = usize::try_from(limit.saturating_sub(FD_RESERVE) / fds_per_connection.max(1)).unwrap_or(usize::MAX);
     if requested > fit {
         let fit = fit.max(1);
-        // Said once at start (also on stdout): a cap, not a fault.
+        // What would hold them all: each connection's descriptors plus the reserve.
+        let needed = (requested as u64)
+            .saturating_mul(fds_per_connection.max(1))
+            .saturating_add(FD_RESERVE);
+        // Said once at start: a cap, not a fault.
         tracing::info!(
             listener = name,
             requested,
             allowed = fit,
             open_file_limit = limit,
-            "the open-file limit cannot hold this many connections; capping (raise `ulimit -n` to allow more)"
+            fds_per_connection,
+            needed,
+            "capping connections to what the open-file limit holds: each connection may take {fds_per_connection} \
+             descriptors (client and upstream) and {FD_RESERVE} are kept for the rest; `ulimit -n {needed}` \
+             would allow them all"
         );
         println!(
-            "relay: {name}: at most {fit} connections at once, not {requested}: the open-file limit is {limit} \
-             (raise `ulimit -n` to allow more)"
+            "relay: {name}: at most {fit} connections at once, not {requested}: each may take \
+             {fds_per_connection} open files and the limit is {limit} (`ulimit -n {needed}` would allow {requested})"
         );
         return fit;
     }
