@@ -647,6 +647,8 @@ impl Proxy {
         let mut full: Vec<String> = Vec::new();
         // While suspended, each look is at the newest config (an operator may have acted).
         let mut fresh: Option<Arc<ServingConfig>> = None;
+        // The config the key was last checked against.
+        let mut checked: Arc<ServingConfig> = ctx.cfg.clone();
         loop {
             // Created before looking, so a release or a new config in between is not missed.
             let released = self.balancer.released();
@@ -730,7 +732,14 @@ impl Proxy {
                 .saturating_add(now_i.elapsed().as_millis().try_into().unwrap_or(u64::MAX));
             // Whatever it waited for, the request goes on only as the key now allows: a key
             // revoked, expired, narrowed or moved meanwhile is not served as it was admitted.
-            if let Some(cfg) = self.holder.get() {
+            // The key is looked up again only when the config changed (the lookup hashes the
+            // presented key, and a release wakes every waiter); its expiry is checked each time.
+            if ctx.key.expires_at_ms > 0 && ctx.key.expires_at_ms <= chrono::Utc::now().timestamp_millis() {
+                return Err(ApiError::authentication("this API key has expired"));
+            }
+            let newer = self.holder.get().filter(|cfg| !Arc::ptr_eq(cfg, &checked));
+            if let Some(cfg) = newer {
+                checked = cfg.clone();
                 let key = authenticate(&cfg, &ctx.parts.headers)?;
                 if key.id != ctx.key.id {
                     return Err(ApiError::authentication("invalid x-api-key"));
