@@ -112,6 +112,11 @@ async fn load(f: &Fleet, total: usize) -> Vec<(bool, HttpResponse)> {
     out
 }
 
+/// Applies an account update through the Admin API.
+async fn update_account(f: &Fleet, req: pb::UpdateAccountRequest) {
+    f.cp.admin().await.update_account(req).await.unwrap();
+}
+
 async fn account_states(cp: &ControlPlane, name: &str) -> Vec<pb::AccountState> {
     cp.admin()
         .await
@@ -372,15 +377,15 @@ async fn six_of_eight_accounts_failing_every_way_never_fail_a_request() {
     // The working accounts are the last tier: every failing account that is available is in
     // the way first.
     for good in ["good-a", "good-b"] {
-        f.cp.admin()
-            .await
-            .update_account(pb::UpdateAccountRequest {
+        update_account(
+            &f,
+            pb::UpdateAccountRequest {
                 account: good.into(),
                 priority: Some(1),
                 ..Default::default()
-            })
-            .await
-            .unwrap();
+            },
+        )
+        .await;
     }
     f.dp.wait_version(f.cp.head().await).await;
     // acct-5's credential is revoked; accounts 0..=4 flip between failures every few ms.
@@ -586,15 +591,15 @@ async fn slots_never_leak_whatever_way_requests_end() {
     .await;
     // Both accounts allow 4 concurrent requests.
     for name in ["acct-0", "acct-1"] {
-        f.cp.admin()
-            .await
-            .update_account(pb::UpdateAccountRequest {
+        update_account(
+            &f,
+            pb::UpdateAccountRequest {
                 account: name.into(),
                 max_concurrency: Some(4),
                 ..Default::default()
-            })
-            .await
-            .unwrap();
+            },
+        )
+        .await;
     }
     f.dp.wait_version(f.cp.head().await).await;
     let sem = Arc::new(tokio::sync::Semaphore::new(32));
@@ -670,15 +675,15 @@ async fn requests_wait_for_a_slot_instead_of_failing() {
         &[],
     )
     .await;
-    f.cp.admin()
-        .await
-        .update_account(pb::UpdateAccountRequest {
+    update_account(
+        &f,
+        pb::UpdateAccountRequest {
             account: "acct-0".into(),
             max_concurrency: Some(1),
             ..Default::default()
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     f.dp.wait_version(f.cp.head().await).await;
     let body = message_body("claude-sonnet-4-5", true);
     let (a, b) = tokio::join!(post_messages(&f.dp, &f.key, &body), post_messages(&f.dp, &f.key, &body));
@@ -951,15 +956,15 @@ async fn a_key_revoked_while_its_request_waits_is_not_served() {
 async fn a_black_holed_stream_fails_over_within_the_retry_deadline() {
     let f = fleet(1, MockConfig::default(), &[("retry.deadline_ms", "3000")]).await;
     f.cp.add_account("good", &f.mock.base_url(), "cred-good").await;
-    f.cp.admin()
-        .await
-        .update_account(pb::UpdateAccountRequest {
+    update_account(
+        &f,
+        pb::UpdateAccountRequest {
             account: "good".into(),
             priority: Some(1),
             ..Default::default()
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     f.dp.wait_version(f.cp.head().await).await;
     f.mock.set_fault(&cred(0), Some(Fault::Stall { after_events: 0 }));
     let started = std::time::Instant::now();
