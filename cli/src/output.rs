@@ -191,6 +191,9 @@ pub struct Column<T> {
     pub header: &'static str,
     /// Whether list tables show it (JSON, CSV and single-result tables always do).
     pub in_table: bool,
+    /// A short form of detail columns (priority and weight as "10/3"): list tables
+    /// show it, and nothing else does (the detail columns stand in for it).
+    pub summary: bool,
     pub get: fn(&T) -> Value,
 }
 
@@ -200,6 +203,7 @@ impl<T> Column<T> {
             key,
             header,
             in_table: true,
+            summary: false,
             get,
         }
     }
@@ -210,6 +214,19 @@ impl<T> Column<T> {
             key,
             header,
             in_table: false,
+            summary: false,
+            get,
+        }
+    }
+
+    /// A list-table-only short form of detail columns: JSON, CSV, wide tables and
+    /// the full view of one item show those columns instead.
+    pub const fn summary(key: &'static str, header: &'static str, get: fn(&T) -> Value) -> Self {
+        Column {
+            key,
+            header,
+            in_table: true,
+            summary: true,
             get,
         }
     }
@@ -218,6 +235,7 @@ impl<T> Column<T> {
 /// The JSON object for one item.
 pub fn json_object<T>(cols: &[Column<T>], item: &T) -> Map<String, serde_json::Value> {
     cols.iter()
+        .filter(|c| !c.summary)
         .map(|c| (c.key.to_string(), (c.get)(item).to_json()))
         .collect()
 }
@@ -294,16 +312,22 @@ fn render_list_at<T>(format: Format, cols: &[Column<T>], items: &[T], width: Opt
                 .collect();
             json_string(&serde_json::Value::Array(rows))
         }
-        Format::Csv => csv_string(
-            cols.iter().map(|c| c.key).collect(),
-            items
-                .iter()
-                .map(|i| cols.iter().map(|c| (c.get)(i).to_csv()).collect())
-                .collect(),
-        ),
+        Format::Csv => {
+            let cols: Vec<&Column<T>> = cols.iter().filter(|c| !c.summary).collect();
+            csv_string(
+                cols.iter().map(|c| c.key).collect(),
+                items
+                    .iter()
+                    .map(|i| cols.iter().map(|c| (c.get)(i).to_csv()).collect())
+                    .collect(),
+            )
+        }
         Format::Table | Format::Wide => {
             let wide = format == Format::Wide;
-            let shown: Vec<&Column<T>> = cols.iter().filter(|c| c.in_table || wide).collect();
+            let shown: Vec<&Column<T>> = cols
+                .iter()
+                .filter(|c| if wide { !c.summary } else { c.in_table })
+                .collect();
             let rows: Vec<Vec<Value>> = items
                 .iter()
                 .map(|i| shown.iter().map(|c| (c.get)(i)).collect())
@@ -351,7 +375,10 @@ fn render_one_at<T>(
         Format::Table | Format::Wide => {
             // One item shows every field, ids and times in full.
             let mut t = new_table(width);
-            for c in cols.iter().filter(|c| c.in_table || !only_table_columns) {
+            let shown = cols
+                .iter()
+                .filter(|c| if only_table_columns { c.in_table } else { !c.summary });
+            for c in shown {
                 t.add_row(vec![c.header.to_string(), (c.get)(item).to_cell(true)]);
             }
             Ok(finish(t))
@@ -369,6 +396,8 @@ pub fn render_pair<A, B>(format: Format, a_cols: &[Column<A>], a: &A, b_cols: &[
             json_string(&serde_json::Value::Object(obj))
         }
         Format::Csv => {
+            let a_cols: Vec<&Column<A>> = a_cols.iter().filter(|c| !c.summary).collect();
+            let b_cols: Vec<&Column<B>> = b_cols.iter().filter(|c| !c.summary).collect();
             let header = a_cols
                 .iter()
                 .map(|c| c.key)
@@ -383,10 +412,10 @@ pub fn render_pair<A, B>(format: Format, a_cols: &[Column<A>], a: &A, b_cols: &[
         }
         Format::Table | Format::Wide => {
             let mut t = new_table(None);
-            for c in a_cols {
+            for c in a_cols.iter().filter(|c| !c.summary) {
                 t.add_row(vec![c.header.to_string(), (c.get)(a).to_cell(true)]);
             }
-            for c in b_cols {
+            for c in b_cols.iter().filter(|c| !c.summary) {
                 t.add_row(vec![c.header.to_string(), (c.get)(b).to_cell(true)]);
             }
             Ok(finish(t))
@@ -576,6 +605,37 @@ mod tests {
         assert!(!table.contains("7348"), "{table}");
         let wide = render_list(Format::Wide, C, &rows).unwrap();
         assert!(wide.contains(ids[0]), "{wide}");
+    }
+
+    /// A summary column ("Prio/Wt") is for list tables only: one item's full view, wide tables,
+    /// JSON and CSV show the detail columns it sums up, never both.
+    #[test]
+    fn a_summary_column_shows_in_list_tables_only() {
+        struct R(i64, u64);
+        const C: &[Column<R>] = &[
+            Column::summary("routing", "Prio/Wt", |r| Value::Text(format!("{}/{}", r.0, r.1))),
+            Column::detail("priority", "Priority", |r| Value::Int(r.0)),
+            Column::detail("weight", "Weight", |r| Value::UInt(r.1)),
+        ];
+        let rows = [R(10, 3)];
+        let table = render_list(Format::Table, C, &rows).unwrap();
+        assert!(table.contains("Prio/Wt") && table.contains("10/3"), "{table}");
+        assert!(!table.contains("Priority"), "{table}");
+        for (what, out) in [
+            ("wide", render_list(Format::Wide, C, &rows).unwrap()),
+            ("one", render_one(Format::Table, C, &rows[0], false).unwrap()),
+            ("json", render_one(Format::Json, C, &rows[0], false).unwrap()),
+            ("csv", render_list(Format::Csv, C, &rows).unwrap()),
+            ("pair", render_pair(Format::Table, C, &rows[0], C, &rows[0]).unwrap()),
+        ] {
+            assert!(
+                !out.contains("10/3") && !out.to_lowercase().contains("routing"),
+                "{what}: {out}"
+            );
+            assert!(out.to_lowercase().contains("priority"), "{what}: {out}");
+        }
+        let short = render_one(Format::Table, C, &rows[0], true).unwrap();
+        assert!(short.contains("10/3") && !short.contains("Priority"), "{short}");
     }
 
     /// In a 100-column terminal cells wrap between words, never inside one (setting names, model

@@ -103,6 +103,10 @@ async fn sigterm_with_a_connected_data_plane_stops_at_once() {
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
         .collect();
     assert!(noisy.is_empty(), "a clean start and stop logged: {noisy:#?}");
+    // "stopped" is the last word: stepping down as leader is said before it.
+    let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    assert!(last.ends_with("stopped"), "the last line is {last:?}:\n{log}");
+    assert!(log.contains("stepped down: shutting down"), "{log}");
     // The data plane keeps serving its config while the control plane is gone.
     assert_eq!(try_send("GET", &ready).await.map(|r| r.status), Some(200));
     assert!(dp.log_text().contains("config stream"), "{}", dp.log_text());

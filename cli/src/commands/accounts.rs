@@ -147,8 +147,8 @@ pub const COLUMNS: &[Column<AccountInfo>] = &[
     Column::new("id", "ID", |a| Value::Id(a.id.clone())),
     Column::new("kind", "Kind", |a| Value::Text(kind_label(a.kind))),
     Column::new("status", "Status", |a| Value::Text(status_label(a.status))),
-    // Tables show priority and weight together ("10/3"); JSON and wide have each.
-    Column::new("routing", "Prio/Wt", |a| {
+    // List tables show priority and weight together ("10/3"); everything else shows each.
+    Column::summary("routing", "Prio/Wt", |a| {
         Value::Text(format!("{}/{}", a.priority, a.weight))
     }),
     Column::detail("priority", "Priority", |a| Value::Int(i64::from(a.priority))),

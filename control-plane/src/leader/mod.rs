@@ -131,7 +131,7 @@ struct Inner {
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
     /// Standalone's sink (no coordinator task owns it).
-    _sink: Option<RoleSink>,
+    sink: Mutex<Option<RoleSink>>,
 }
 
 impl Drop for Inner {
@@ -197,7 +197,7 @@ impl Leadership {
                 _tx: tx,
                 stop: stop_tx,
                 task: Mutex::new(Some(task)),
-                _sink: None,
+                sink: Mutex::new(None),
             }),
         }
     }
@@ -224,7 +224,7 @@ impl Leadership {
                 _tx: tx,
                 stop,
                 task: Mutex::new(None),
-                _sink: Some(sink),
+                sink: Mutex::new(Some(sink)),
             }),
         }
     }
@@ -260,6 +260,9 @@ impl Leadership {
         if let Some(task) = task {
             let _ = task.await;
         }
+        // A fixed leader (standalone) steps down here too, before the process says it stopped.
+        let sink = self.inner.sink.lock().ok().and_then(|mut s| s.take());
+        drop(sink);
     }
 }
 
