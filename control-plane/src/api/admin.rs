@@ -857,7 +857,10 @@ impl Admin for AdminService {
                 ))
             }
             ("", _) => ANTHROPIC_BASE_URL.to_string(),
-            (u, _) => relay_proto::validate::normalize_base_url(u),
+            (u, _) => {
+                relay_proto::validate::base_url_names_no_route(u).map_err(Status::invalid_argument)?;
+                relay_proto::validate::normalize_base_url(u)
+            }
         };
         validate_url("base URL", &base_url, &["http", "https"])?;
         validate_credential(&r.credential)?;
@@ -980,6 +983,7 @@ impl Admin for AdminService {
                 changed.insert("name".into(), json!(n));
             }
             if let Some(u) = &r.base_url {
+                relay_proto::validate::base_url_names_no_route(u).map_err(Status::invalid_argument)?;
                 a.base_url = relay_proto::validate::normalize_base_url(u);
                 changed.insert("base_url".into(), json!(a.base_url));
                 // The stored credential would go to another host: only when it is given
