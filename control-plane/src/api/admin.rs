@@ -301,8 +301,9 @@ impl AdminService {
     /// states, and what connected data planes could not use.
     async fn account_view(&self) -> Result<AccountView, Status> {
         let mut config_errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let now = crate::model::now_ms();
         for p in self.store.list_proxies().await.map_err(status_from_store)? {
-            if !p.connected {
+            if !p.live(now) {
                 continue;
             }
             for r in p.rejected.iter().filter(|r| r.kind == ResourceKind::Account.as_str()) {
@@ -1801,10 +1802,12 @@ impl Admin for AdminService {
         self.authorize(&req, Need::Read, "list_proxies").await?;
         let head = self.store.head().await.map_err(status_from_store)?;
         let proxies = self.store.list_proxies().await.map_err(status_from_store)?;
+        let now = crate::model::now_ms();
         Ok(Response::new(pb::ListProxiesResponse {
             proxies: proxies
                 .into_iter()
                 .map(|p| pb::ProxyState {
+                    connected: p.live(now),
                     node_id: p.node_id,
                     build_version: p.build_version,
                     acked: p.acked.map(version_pb),
@@ -1812,7 +1815,6 @@ impl Admin for AdminService {
                     last_nack_error: p.nack_error,
                     last_nack_at_ms: p.nack_at,
                     last_seen_ms: p.last_seen,
-                    connected: p.connected,
                     replica: p.replica,
                     rejected: p
                         .rejected

@@ -336,6 +336,11 @@ async fn run_stream(s: StreamParts) {
     // The first answer goes out at once, even when the data plane is current
     // (then it is an empty delta), unless it is ahead of this replica.
     let mut first = true;
+    let mut seen = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_millis(crate::model::PROXY_SEEN_EVERY_MS as u64),
+        Duration::from_millis(crate::model::PROXY_SEEN_EVERY_MS as u64),
+    );
+    seen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if in_flight.is_none() {
             let p = published.borrow_and_update().clone();
@@ -445,6 +450,7 @@ async fn run_stream(s: StreamParts) {
                 let _ = tx.send(Err(status)).await;
                 break;
             }
+            _ = seen.tick() => recorder.record(&node, &replica, ProxyEvent::Seen),
             _ = tx.closed() => break,
         }
     }

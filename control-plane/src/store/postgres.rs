@@ -1254,6 +1254,13 @@ impl Store for PostgresStore {
                 )
                 .await
             }
+            ProxyEvent::Seen => {
+                c.execute(
+                    "UPDATE proxies SET last_seen=$3 WHERE node_id=$1 AND replica=$2 AND connected",
+                    &[&node_id, &replica, &now],
+                )
+                .await
+            }
             ProxyEvent::Disconnected => {
                 c.execute(
                     "UPDATE proxies SET connected = (replica <> $2) AND connected, last_seen=$3 WHERE node_id=$1",
