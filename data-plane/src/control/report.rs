@@ -173,10 +173,7 @@ pub async fn run_reporter<F, Fut, E>(
                 return;
             }
             if Instant::now() >= deadline {
-                tracing::warn!(
-                    pending,
-                    "usage drain deadline passed; the rest stays spooled for the next start"
-                );
+                deadline_passed(pending);
                 return;
             }
         }
@@ -187,11 +184,13 @@ pub async fn run_reporter<F, Fut, E>(
             tokio::select! {
                 r = &mut attempt => break r,
                 () = stop_signal(&mut shutdown, phase) => {
+                    // Still connecting and nothing to send: no reason to wait for the control plane.
+                    if spool.depth() == 0 {
+                        tracing::info!("usage spool drained");
+                        return;
+                    }
                     if !phase.advance(drain_deadline) {
-                        tracing::warn!(
-                            pending = spool.depth(),
-                            "usage drain deadline passed; the rest stays spooled for the next start"
-                        );
+                        deadline_passed(spool.depth());
                         return;
                     }
                 }
@@ -218,10 +217,7 @@ pub async fn run_reporter<F, Fut, E>(
                 return;
             }
             Ok(End::Deadline) => {
-                tracing::warn!(
-                    pending = spool.depth(),
-                    "usage drain deadline passed; the rest stays spooled for the next start"
-                );
+                deadline_passed(spool.depth());
                 return;
             }
             Err(e) => health.failed(&e, spool.depth()),
@@ -232,10 +228,7 @@ pub async fn run_reporter<F, Fut, E>(
             () = tokio::time::sleep(wait) => {}
             () = stop_signal(&mut shutdown, phase) => {
                 if !phase.advance(drain_deadline) {
-                    tracing::warn!(
-                        pending = spool.depth(),
-                        "usage drain deadline passed; the rest stays spooled for the next start"
-                    );
+                    deadline_passed(spool.depth());
                     return;
                 }
             }
@@ -283,6 +276,18 @@ enum End {
     Drained,
     /// Shut down and the drain deadline passed.
     Deadline,
+}
+
+/// The drain deadline passed: a warning when usage stays spooled, none when nothing was left.
+fn deadline_passed(pending: u64) {
+    if pending == 0 {
+        tracing::info!("usage spool drained");
+    } else {
+        tracing::warn!(
+            pending,
+            "usage drain deadline passed; the rest stays spooled for the next start"
+        );
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -477,7 +482,8 @@ impl Health {
     fn failed(&mut self, error: &SessionError, pending: u64) {
         if self.outage_since.is_none() {
             self.outage_since = Some(Instant::now());
-            tracing::error!(%error, pending, "cannot report usage to the control plane; spooling and retrying");
+            let hint = super::address_hint(&error.to_string()).unwrap_or_default();
+            tracing::error!(%error, hint, pending, "cannot report usage to the control plane; spooling and retrying");
         } else {
             tracing::debug!(%error, pending, "usage report retry failed");
         }

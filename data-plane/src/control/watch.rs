@@ -117,7 +117,8 @@ impl Watcher {
             match result {
                 Ok(()) => tracing::info!("config stream closed by the control plane; reconnecting"),
                 Err(e) if !reported_outage => {
-                    tracing::warn!(error = %e, "config stream to the control plane failed; serving the last config and retrying");
+                    let hint = super::address_hint(&e.to_string()).unwrap_or_default();
+                    tracing::warn!(error = %e, hint, "config stream to the control plane failed; serving the last config and retrying");
                     reported_outage = true;
                 }
                 Err(e) => tracing::debug!(error = %e, "config stream still failing"),
