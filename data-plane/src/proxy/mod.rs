@@ -471,6 +471,13 @@ impl Proxy {
         if let Some(e) = groups::paused_refusal(&cfg, &key.group_id) {
             return Err(e);
         }
+        // No enabled account on the route at all: a configuration gap, said as such (count_tokens
+        // is answered by the estimate instead).
+        if is_messages {
+            if let Some(e) = groups::no_account_refusal(&cfg, &key.group_id) {
+                return Err(e);
+            }
+        }
         let (tokens, cost) = limit::estimate(&cfg, &model, body.len(), max_tokens, is_messages);
         let admitted = limit::admit(&self.limiter, &self.spend, &cfg, &key, &model, tokens, cost).await?;
 
