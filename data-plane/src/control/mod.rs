@@ -34,6 +34,7 @@ pub fn address_hint(error: &str) -> Option<&'static str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     #[test]
     fn wrong_addresses_get_a_hint_and_other_errors_none() {
