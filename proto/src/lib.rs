@@ -87,6 +87,7 @@ redacted_debug! {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/relay_descriptor.bin"));
 
 pub mod bounds;
+pub mod metrics;
 pub mod periods;
 pub mod settings;
 pub mod validate;
