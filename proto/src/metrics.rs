@@ -173,14 +173,14 @@ catalogue! {
         "relay's own error answers to clients, by Anthropic error type (formerly relay_relay_errors_total).";
     FAILOVERS_TOTAL = "relay_failovers_total": Counter, "", DataPlane, [],
         "Attempts made on another account after one failed.";
-    GRPC_REFUSED_BEFORE_DECODE_TOTAL = "relay_grpc_refused_before_decode_total": Counter, "", ControlPlane, [],
-        "gRPC calls refused from their head (unknown token, or a role that may not call the service).";
     GROUP_ACCOUNTS_AVAILABLE = "relay_group_accounts_available": Gauge, "", DataPlane, ["group"],
         "Accounts of a group that are enabled and in no account-wide state, as this data plane sees them.";
     GROUP_COOLDOWNS_TOTAL = "relay_group_cooldowns_total": Counter, "", DataPlane, [],
         "Group cooldowns begun (every account of the group was found unavailable).";
     GROUP_COOLING = "relay_group_cooling": Gauge, "", DataPlane, ["group"],
         "1 while the group cools down (its fallback groups go first), 0 after.";
+    GRPC_REFUSED_BEFORE_DECODE_TOTAL = "relay_grpc_refused_before_decode_total": Counter, "", ControlPlane, [],
+        "gRPC calls refused from their head (unknown token, or a role that may not call the service).";
     LEADER_INFO = "relay_leader_info": Gauge, "", ControlPlane, ["replica"],
         "1 on the replica that leads the singleton jobs, labelled with its replica name; 0 after it stepped down.";
     LEADER_IS_LEADER = "relay_leader_is_leader": Gauge, "", ControlPlane, [],
