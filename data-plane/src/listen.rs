@@ -113,7 +113,8 @@ pub fn incoming(
                     return Some((Ok(c), (listener, cap)));
                 }
                 Err(_) => {
-                    metrics::counter!(relay_proto::metrics::CLIENT_CONNECTIONS_REFUSED_TOTAL, "listener" => name).increment(1);
+                    metrics::counter!(relay_proto::metrics::CLIENT_CONNECTIONS_REFUSED_TOTAL, "listener" => name)
+                        .increment(1);
                     drop(stream);
                 }
             }

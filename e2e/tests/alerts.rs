@@ -58,7 +58,10 @@ fn every_alert_has_a_runbook() {
         }
     }
     for section in runbooks.lines().filter_map(|l| l.strip_prefix("## ")) {
-        assert!(alerts.iter().any(|a| a == section), "docs/runbooks.md has a section for no alert: {section}");
+        assert!(
+            alerts.iter().any(|a| a == section),
+            "docs/runbooks.md has a section for no alert: {section}"
+        );
     }
     // What the issue asks runbooks for, at least.
     for needed in [

@@ -212,7 +212,8 @@ impl Limiter {
             return;
         }
         self.publish_mode();
-        metrics::counter!(relay_proto::metrics::LIMITS_MODE_TRANSITIONS_TOTAL, "to" => self.mode().as_str()).increment(1);
+        metrics::counter!(relay_proto::metrics::LIMITS_MODE_TRANSITIONS_TOTAL, "to" => self.mode().as_str())
+            .increment(1);
         match why {
             Some(e) => tracing::warn!(
                 error = %e,
@@ -243,7 +244,8 @@ impl Limiter {
         if let Some(shared) = self.shared.as_ref().filter(|_| !self.down.load(Ordering::Acquire)) {
             match shared.admit(&ask, &lease, None).await {
                 Ok(r) => {
-                    metrics::histogram!(relay_proto::metrics::LIMITS_CHECK_SECONDS).record(started.elapsed().as_secs_f64());
+                    metrics::histogram!(relay_proto::metrics::LIMITS_CHECK_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
                     return self.decided(Ok(r), ask, lease, true);
                 }
                 Err(e) => {

@@ -66,10 +66,11 @@ pub const OVERHEAD_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
-/// Buckets (seconds) for upstream and end-to-end times: from 10 ms to ten minutes (a long
-/// generation streams for minutes).
+/// Buckets (seconds) for upstream and end-to-end times: from 1 ms (relay's own answers) to ten
+/// minutes (a long generation streams for minutes).
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0, 120.0,
+    300.0, 600.0,
 ];
 
 /// Buckets (seconds) for internal calls (Redis, Postgres, the token endpoint): 250 µs to 10 s.
@@ -284,9 +285,7 @@ pub fn find(name: &str) -> Option<&'static MetricDef> {
     }
     ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
         let base = name.strip_suffix(suffix)?;
-        CATALOGUE
-            .iter()
-            .find(|m| m.name == base && m.kind == Kind::Histogram)
+        CATALOGUE.iter().find(|m| m.name == base && m.kind == Kind::Histogram)
     })
 }
 
@@ -319,9 +318,15 @@ mod tests {
             assert!(w[0].name < w[1].name, "{} then {}", w[0].name, w[1].name);
         }
         for m in CATALOGUE {
-            assert!(m.name.starts_with("relay_") && !m.name.starts_with("relay_relay_"), "{}", m.name);
             assert!(
-                m.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                m.name.starts_with("relay_") && !m.name.starts_with("relay_relay_"),
+                "{}",
+                m.name
+            );
+            assert!(
+                m.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
                 "{}",
                 m.name
             );
@@ -337,7 +342,10 @@ mod tests {
 
     #[test]
     fn histogram_series_names_resolve_to_their_histogram() {
-        assert_eq!(find("relay_overhead_seconds_bucket").map(|m| m.name), Some(OVERHEAD_SECONDS));
+        assert_eq!(
+            find("relay_overhead_seconds_bucket").map(|m| m.name),
+            Some(OVERHEAD_SECONDS)
+        );
         assert_eq!(find("relay_requests_total").map(|m| m.kind), Some(Kind::Counter));
         assert!(find("relay_requests_total_count").is_none());
         assert!(find("relay_relay_errors_total").is_none());

@@ -190,7 +190,8 @@ impl Authenticator {
                 match found.filter(|t| hashes_equal(&t.token_hash, &hash)) {
                     Some(t) => t.role,
                     None => {
-                        metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "unknown_token").increment(1);
+                        metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "unknown_token")
+                            .increment(1);
                         return Err(Status::unauthenticated("invalid token"));
                     }
                 }
@@ -217,7 +218,8 @@ impl Authenticator {
             .await
             .map_err(super::status_from_store)?;
         let Some(t) = found.filter(|t| hashes_equal(&t.token_hash, &hash)) else {
-            metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "unknown_token").increment(1);
+            metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "unknown_token")
+                .increment(1);
             return Err(Status::unauthenticated("invalid token"));
         };
         let allowed = match need {

@@ -69,7 +69,8 @@ impl LiveNodes {
         if let Some((held_by, _, end)) = map.get(node) {
             let same_process = !instance.is_empty() && held_by == instance;
             if !same_process && !end.is_closed() {
-                metrics::counter!(relay_proto::metrics::WATCH_REFUSED_TOTAL, "reason" => "duplicate_node_id").increment(1);
+                metrics::counter!(relay_proto::metrics::WATCH_REFUSED_TOTAL, "reason" => "duplicate_node_id")
+                    .increment(1);
                 return Err(Status::already_exists(format!(
                     "node id {node:?} is already connected to this control plane from another data-plane process; \
                      give each data plane its own --node-id"
@@ -227,8 +228,7 @@ impl Drop for NodeGauges {
         }
         metrics::gauge!(relay_proto::metrics::DATA_PLANE_CONNECTED, "node_id" => self.node.clone()).set(0.0);
         // Not this replica's to say once the stream is gone (the data plane may be on another).
-        metrics::gauge!(relay_proto::metrics::DATA_PLANE_CONFIG_LAG_REVISIONS, "node_id" => self.node.clone())
-            .set(0.0);
+        metrics::gauge!(relay_proto::metrics::DATA_PLANE_CONFIG_LAG_REVISIONS, "node_id" => self.node.clone()).set(0.0);
     }
 }
 
@@ -557,7 +557,8 @@ impl ConfigDiscovery for DiscoveryService {
         };
         if st.reset_generation < account.reset_generation {
             // Seen before an operator cleared the account: the reset wins.
-            metrics::counter!(relay_proto::metrics::ACCOUNT_STATE_REPORTS_IGNORED_TOTAL, "reason" => "before_reset").increment(1);
+            metrics::counter!(relay_proto::metrics::ACCOUNT_STATE_REPORTS_IGNORED_TOTAL, "reason" => "before_reset")
+                .increment(1);
             return stale().await;
         }
         let now = crate::model::now_ms();

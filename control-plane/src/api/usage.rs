@@ -171,14 +171,17 @@ async fn run(
         let (events, rejected) = convert(&batch);
         if rejected > 0 {
             tracing::warn!(node_id = %batch.node_id, rejected, "usage events that can never be stored were dropped");
-            metrics::counter!(relay_proto::metrics::USAGE_EVENTS_TOTAL, "outcome" => "rejected").increment(rejected as u64);
+            metrics::counter!(relay_proto::metrics::USAGE_EVENTS_TOTAL, "outcome" => "rejected")
+                .increment(rejected as u64);
         }
         let started = Instant::now();
         match store.insert_usage(&events).await {
             Ok(r) => {
                 metrics::histogram!(relay_proto::metrics::USAGE_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-                metrics::counter!(relay_proto::metrics::USAGE_EVENTS_TOTAL, "outcome" => "inserted").increment(r.inserted);
-                metrics::counter!(relay_proto::metrics::USAGE_EVENTS_TOTAL, "outcome" => "duplicate").increment(r.duplicates);
+                metrics::counter!(relay_proto::metrics::USAGE_EVENTS_TOTAL, "outcome" => "inserted")
+                    .increment(r.inserted);
+                metrics::counter!(relay_proto::metrics::USAGE_EVENTS_TOTAL, "outcome" => "duplicate")
+                    .increment(r.duplicates);
                 let ack = pb::BatchAck {
                     batch_id: batch.batch_id,
                     inserted: u32::try_from(r.inserted).unwrap_or(u32::MAX),

@@ -407,7 +407,8 @@ async fn session(
         }
     };
     if result.is_err() && !in_flight.is_empty() {
-        metrics::counter!(relay_proto::metrics::USAGE_BATCHES_TOTAL, "outcome" => "failed").increment(in_flight.len() as u64);
+        metrics::counter!(relay_proto::metrics::USAGE_BATCHES_TOTAL, "outcome" => "failed")
+            .increment(in_flight.len() as u64);
     }
     result
 }

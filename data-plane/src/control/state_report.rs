@@ -55,7 +55,8 @@ async fn run(link: ControlPlaneLink, node_id: String, mut rx: mpsc::Receiver<pb:
             match c.report_account_state(req).await {
                 Ok(r) => {
                     let outcome = if r.get_ref().applied { "applied" } else { "known" };
-                    metrics::counter!(relay_proto::metrics::ACCOUNT_STATE_REPORTS_TOTAL, "outcome" => outcome).increment(1);
+                    metrics::counter!(relay_proto::metrics::ACCOUNT_STATE_REPORTS_TOTAL, "outcome" => outcome)
+                        .increment(1);
                     break;
                 }
                 Err(e) => {

@@ -742,7 +742,8 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     };
     if r.unparsed {
         relay_proto::bounds::flag(&mut event, relay_proto::bounds::UNPARSED);
-        metrics::counter!(relay_proto::metrics::USAGE_ANOMALIES_TOTAL, "anomaly" => relay_proto::bounds::UNPARSED).increment(1);
+        metrics::counter!(relay_proto::metrics::USAGE_ANOMALIES_TOTAL, "anomaly" => relay_proto::bounds::UNPARSED)
+            .increment(1);
     }
     // Counts beyond what one request can carry are clamped first, and the cost is that of the
     // clamped counts: an absurd claim is never billed as such.
@@ -777,7 +778,8 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     }
     suspect |= relay_proto::bounds::clamp(&mut event);
     if suspect {
-        metrics::counter!(relay_proto::metrics::USAGE_ANOMALIES_TOTAL, "anomaly" => relay_proto::bounds::SUSPECT).increment(1);
+        metrics::counter!(relay_proto::metrics::USAGE_ANOMALIES_TOTAL, "anomaly" => relay_proto::bounds::SUSPECT)
+            .increment(1);
         tracing::warn!(
             request_id = %event.request_id,
             client_request_id = %event.client_request_id,
@@ -1066,7 +1068,8 @@ impl HttpBody for TappedBody {
             Poll::Pending => {
                 if this.idle.as_mut().poll(cx).is_ready() {
                     // Stalled: end the stream (with an SSE error event when it is a stream).
-                    metrics::counter!(relay_proto::metrics::UPSTREAM_STREAM_ERRORS_TOTAL, "kind" => "stalled").increment(1);
+                    metrics::counter!(relay_proto::metrics::UPSTREAM_STREAM_ERRORS_TOTAL, "kind" => "stalled")
+                        .increment(1);
                     if matches!(this.tap, Tap::Sse(_)) {
                         let ev = this.fail("upstream stream stalled");
                         return Poll::Ready(Some(Ok(Frame::data(ev))));

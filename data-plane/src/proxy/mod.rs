@@ -10,8 +10,8 @@ pub mod balance;
 pub mod cors;
 pub mod estimate;
 pub mod forward;
-pub mod groups;
 pub mod gauges;
+pub mod groups;
 pub mod health;
 pub mod held;
 pub mod limit;
@@ -231,7 +231,8 @@ impl Proxy {
         };
         metrics::counter!(relay_proto::metrics::REQUESTS_TOTAL, "route" => route, "status" => status_class(resp.status()))
             .increment(1);
-        metrics::histogram!(relay_proto::metrics::REQUEST_HEAD_SECONDS, "route" => route).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(relay_proto::metrics::REQUEST_HEAD_SECONDS, "route" => route)
+            .record(started.elapsed().as_secs_f64());
         span.in_scope(|| {
             tracing::debug!(
                 method = %method,
@@ -954,7 +955,8 @@ impl Proxy {
         not_ours(sent_at.elapsed());
         let resp = match answered {
             Ok(Ok(r)) => {
-                metrics::histogram!(relay_proto::metrics::UPSTREAM_TTFB_SECONDS).record(sent_at.elapsed().as_secs_f64());
+                metrics::histogram!(relay_proto::metrics::UPSTREAM_TTFB_SECONDS)
+                    .record(sent_at.elapsed().as_secs_f64());
                 r
             }
             Ok(Err(e)) => {
@@ -986,7 +988,8 @@ impl Proxy {
             }
         };
         let (rparts, mut rbody) = resp.into_parts();
-        metrics::counter!(relay_proto::metrics::UPSTREAM_RESPONSES_TOTAL, "status" => status_class(rparts.status)).increment(1);
+        metrics::counter!(relay_proto::metrics::UPSTREAM_RESPONSES_TOTAL, "status" => status_class(rparts.status))
+            .increment(1);
         let status = rparts.status.as_u16();
         if let Some(a) = guard.get_mut() {
             a.status = status;
