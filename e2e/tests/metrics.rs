@@ -262,6 +262,48 @@ fn check_against_catalogue(what: &str, text: &str) -> Scrape {
     s
 }
 
+/// Every cataloged metric, each recorded once with every label it may carry, rendered by the
+/// exporter relay installs: `promtool check metrics` is silent on all of them (not only on those a
+/// scrape happens to hold), and each histogram has the catalogue's buckets.
+#[test]
+fn every_cataloged_metric_passes_promtool_with_its_buckets() {
+    let recorder = relay_data_plane::metrics_builder().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || {
+        catalogue::describe_all();
+        for m in CATALOGUE {
+            let labels: Vec<metrics::Label> = m.labels.iter().map(|l| metrics::Label::new(*l, "x")).collect();
+            match m.kind {
+                Kind::Counter => metrics::counter!(m.name, labels).increment(1),
+                Kind::Gauge => metrics::gauge!(m.name, labels).set(1.0),
+                Kind::Histogram => metrics::histogram!(m.name, labels).record(0.0002),
+            }
+        }
+    });
+    let text = handle.render();
+    let s = check_against_catalogue("every cataloged metric", &text);
+    for m in CATALOGUE {
+        assert_eq!(
+            s.kind.get(m.name).map(String::as_str),
+            Some(m.kind.as_str()),
+            "{}",
+            m.name
+        );
+        if m.kind == Kind::Histogram {
+            let les: Vec<f64> = s
+                .samples
+                .iter()
+                .filter(|(n, _, _)| *n == format!("{}_bucket", m.name))
+                .filter_map(|(_, l, _)| l.split(',').find_map(|p| p.strip_prefix("le=\"")))
+                .map(|v| v.trim_end_matches('"'))
+                .filter(|v| *v != "+Inf")
+                .map(|v| v.parse().unwrap())
+                .collect();
+            assert_eq!(les, m.buckets(), "{} buckets", m.name);
+        }
+    }
+}
+
 async fn scrape(url: &str) -> String {
     let r = send("GET", url, &[], "").await;
     assert_eq!(r.status, 200, "{url}");

@@ -293,11 +293,6 @@ impl ServingConfig {
         self.keys_by_hash.values()
     }
 
-    /// An account by id, from any of its groups.
-    pub fn account(&self, id: &str) -> Option<&Arc<AccountEntry>> {
-        self.accounts_by_group.values().flatten().find(|a| a.id == id)
-    }
-
     /// Every group of the config.
     pub fn groups(&self) -> impl Iterator<Item = &pb::Group> {
         self.groups.values()

@@ -12,7 +12,7 @@ use crate::control::state::ServingConfig;
 use relay_limits::Kind;
 use relay_proto::metrics::{ACCOUNT_STATE, BUDGET_USED_RATIO, GROUP_ACCOUNTS_AVAILABLE};
 use relay_proto::v1 as pb;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, PoisonError};
 
 /// The values `relay_account_state{state}` takes.
@@ -49,15 +49,17 @@ static WRITTEN: Mutex<Option<Written>> = Mutex::new(None);
 
 /// Brings the gauges up to date with `cfg`, the health view and committed spend.
 pub fn refresh(cfg: &ServingConfig, health: &HealthRegistry, spend: &SpendBook, now_ms: i64) {
-    let mut states: BTreeMap<&str, &'static str> = BTreeMap::new();
-    for st in health.states(now_ms) {
-        if !st.scope.is_empty() {
-            continue; // a model family's state leaves the account serving the others
-        }
-        if let Some(a) = cfg.account(&st.account_id) {
-            states.insert(a.id.as_str(), health_label(st.health()));
-        }
-    }
+    // Account-wide states by account id (a model family's state leaves the account serving the
+    // others).
+    let states: HashMap<String, &'static str> = health
+        .states(now_ms)
+        .into_iter()
+        .filter(|st| st.scope.is_empty())
+        .map(|st| {
+            let label = health_label(st.health());
+            (st.account_id, label)
+        })
+        .collect();
     let mut accounts: BTreeSet<String> = BTreeSet::new();
     let mut groups: BTreeSet<String> = BTreeSet::new();
     for g in cfg.groups() {
