@@ -154,6 +154,15 @@ fn the_observability_doc_lists_every_metric_and_alert() {
         "docs/observability.md (section Metrics) should have these rows:\n{}",
         missing.join("\n")
     );
+    // A renamed metric is documented with its new name, and no longer emitted.
+    for (old, new) in catalogue::DEPRECATED {
+        assert!(catalogue::find(old).is_none(), "{old} is both renamed and cataloged");
+        assert!(
+            doc.lines()
+                .any(|l| l.contains(&format!("`{old}`")) && l.contains(&format!("`{new}`"))),
+            "docs/observability.md does not say {old} is now {new}"
+        );
+    }
     let rules = std::fs::read_to_string(repo("helm/relay/alerts/relay.rules.yaml")).unwrap();
     for name in rules.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")) {
         assert!(
