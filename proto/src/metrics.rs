@@ -207,7 +207,7 @@ catalogue! {
     OAUTH_REFRESH_TOTAL = "relay_oauth_refresh_total": Counter, "", ControlPlane, ["outcome"],
         "Subscription token refreshes by outcome (ok, invalid_grant, transient, rejected, commit_failed).";
     OVERHEAD_SECONDS = "relay_overhead_seconds": Histogram, "seconds", DataPlane, ["route"],
-        "relay's own time in a request up to its response head: the head time less the time spent waiting on upstreams, for an account slot and reading the client's body.";
+        "relay's own time in a request up to its response head: the head time less the time spent waiting on upstreams, for an account slot, for the client's body and between failed attempts.";
     QUEUE_LENGTH = "relay_queue_length": Gauge, "", DataPlane, [],
         "Requests waiting for an account slot.";
     QUEUE_WAIT_SECONDS = "relay_queue_wait_seconds": Histogram, "seconds", DataPlane, [],

@@ -168,7 +168,8 @@ fn check_version(h: &HeaderMap) -> Result<(), ApiError> {
 
 tokio::task_local! {
     /// The time of the request being served that is not relay's own: waiting on upstreams, for
-    /// an account, and for the client's body. What is left of its head time is relay's overhead.
+    /// an account, for the client's body, and the backoff between failed attempts. What is left
+    /// of its head time is relay's overhead.
     static NOT_OURS: std::cell::Cell<Duration>;
 }
 
@@ -612,6 +613,7 @@ impl Proxy {
                         costly += 1;
                         let pause = policy.backoff(costly).min(remaining_until(deadline));
                         tokio::time::sleep(pause).await;
+                        not_ours(pause);
                     }
                 }
             }
