@@ -194,6 +194,9 @@ async fn main() -> anyhow::Result<()> {
                 .context("installing the metrics recorder")?,
         )
     };
+    // Every metric's type and help from the catalogue, in this process's one recorder (the
+    // in-process data plane's too, in standalone mode).
+    relay_proto::metrics::describe_all();
     // The embedded store's directory is this process's alone.
     let _dir_lock = match &args.database_url {
         None => Some(relay_data_plane::datadir::lock(&args.data_dir)?),

@@ -368,12 +368,14 @@ both_stores!(usage_ingest_is_idempotent, |cp: Cp| async move {
             batch_id: 1,
             node_id: "dp-u".into(),
             events: bad,
+            oldest_unacked_age_ms: 0,
         },
         // The same events again (a resend after a lost ACK).
         pb::UsageBatch {
             batch_id: 2,
             node_id: "dp-u".into(),
             events: events.clone(),
+            oldest_unacked_age_ms: 0,
         },
     ];
     let mut acks = client
@@ -393,6 +395,7 @@ both_stores!(usage_ingest_is_idempotent, |cp: Cp| async move {
             batch_id: 1,
             node_id: "dp-u".into(),
             events: events.clone(),
+            oldest_unacked_age_ms: 0,
         }]))
         .await
         .unwrap()
@@ -463,6 +466,7 @@ both_stores!(absurd_usage_is_clamped_flagged_and_reportable, |cp: Cp| async move
             batch_id: 1,
             node_id: "dp-u".into(),
             events: vec![absurd(1), absurd(2), sane],
+            oldest_unacked_age_ms: 0,
         }]))
         .await
         .unwrap()
@@ -838,6 +842,7 @@ async fn report(cp: &Cp, events: Vec<pb::UsageEvent>) {
             batch_id: 1,
             node_id: "dp-spend".into(),
             events,
+            oldest_unacked_age_ms: 0,
         }]))
         .await
         .unwrap()

@@ -216,6 +216,16 @@ pub const SETTINGS: &[Setting] = &[
         description: "the time zone whose calendar days and months daily and monthly budgets count",
     },
     Setting {
+        name: "metrics.key_labels",
+        ty: Type::Bool,
+        min: 0,
+        max: 0,
+        default: "false",
+        per_account: false,
+        choices: &[],
+        description: "label the token, cost and budget metrics with each API key's name (one series per key and model: turn on only for a bounded number of keys); off: by key group only",
+    },
+    Setting {
         name: "models",
         ty: Type::Models,
         min: 0,

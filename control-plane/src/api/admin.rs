@@ -126,7 +126,8 @@ impl AdminService {
     async fn authorize<T>(&self, req: &Request<T>, need: Need, method: &'static str) -> Result<Actor, Status> {
         let r = self.auth.check(req.metadata(), need).await;
         let outcome = if r.is_ok() { "ok" } else { "denied" };
-        metrics::counter!("relay_admin_requests_total", "method" => method, "auth" => outcome).increment(1);
+        metrics::counter!(relay_proto::metrics::ADMIN_REQUESTS_TOTAL, "method" => method, "auth" => outcome)
+            .increment(1);
         r
     }
 

@@ -314,7 +314,7 @@ impl Prober {
         futures::stream::iter(accounts)
             .map(|a| async move {
                 let v = self.probe(&a).await;
-                metrics::counter!("relay_account_probes_total", "verdict" => v.label()).increment(1);
+                metrics::counter!(relay_proto::metrics::ACCOUNT_PROBES_TOTAL, "verdict" => v.label()).increment(1);
                 let marked = self.mark(&a, &v, None, actor).await;
                 (a, v, marked)
             })
@@ -351,7 +351,7 @@ impl Prober {
                     continue;
                 }
                 let v = self.probe(&a).await;
-                metrics::counter!("relay_account_probes_total", "verdict" => v.label()).increment(1);
+                metrics::counter!(relay_proto::metrics::ACCOUNT_PROBES_TOTAL, "verdict" => v.label()).increment(1);
                 let next = backoff
                     .get(&a.id)
                     .map_or(FIRST_BACKOFF, |(_, d)| (*d * 2).min(MAX_BACKOFF));

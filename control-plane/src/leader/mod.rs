@@ -85,8 +85,11 @@ impl RoleSink {
             return;
         }
         if was_leading != role.is_leading() {
-            metrics::counter!("relay_leader_transitions_total").increment(1);
-            metrics::gauge!("relay_leader_is_leader").set(if role.is_leading() { 1.0 } else { 0.0 });
+            metrics::counter!(relay_proto::metrics::LEADER_TRANSITIONS_TOTAL).increment(1);
+            metrics::gauge!(relay_proto::metrics::LEADER_IS_LEADER).set(if role.is_leading() { 1.0 } else { 0.0 });
+            // Who leads: the leader's own series says 1, with its replica name.
+            metrics::gauge!(relay_proto::metrics::LEADER_INFO, "replica" => self.replica.clone())
+                .set(if role.is_leading() { 1.0 } else { 0.0 });
         }
         match &role {
             Role::Leading { term, .. } => {

@@ -369,6 +369,9 @@ async fn session(
                 batch_id,
                 node_id: cfg.node_id.clone(),
                 events: events.into_iter().map(|(_, e)| e).collect(),
+                oldest_unacked_age_ms: spool
+                    .oldest_unacked_ms()
+                    .map_or(0, |ts| (chrono::Utc::now().timestamp_millis() - ts).max(0) as u64),
             };
             // Cannot be full: the channel holds max_in_flight and fewer are unACKed.
             if tx.try_send(batch).is_err() {
@@ -409,7 +412,8 @@ async fn session(
         }
     };
     if result.is_err() && !in_flight.is_empty() {
-        metrics::counter!("relay_usage_batches_total", "outcome" => "failed").increment(in_flight.len() as u64);
+        metrics::counter!(relay_proto::metrics::USAGE_BATCHES_TOTAL, "outcome" => "failed")
+            .increment(in_flight.len() as u64);
     }
     result
 }
@@ -435,8 +439,8 @@ async fn on_ack(spool: &Arc<Spool>, in_flight: &mut VecDeque<InFlight>, ack: &Ba
             got: ack.batch_id,
         });
     };
-    metrics::histogram!("relay_usage_report_seconds").record(batch.sent.elapsed().as_secs_f64());
-    metrics::counter!("relay_usage_batches_total", "outcome" => "acked").increment(1);
+    metrics::histogram!(relay_proto::metrics::USAGE_REPORT_SECONDS).record(batch.sent.elapsed().as_secs_f64());
+    metrics::counter!(relay_proto::metrics::USAGE_BATCHES_TOTAL, "outcome" => "acked").increment(1);
     if ack.rejected > 0 {
         tracing::warn!(
             batch_id = ack.batch_id,
@@ -523,7 +527,7 @@ async fn age_gauge(spool: Arc<Spool>) {
         let age = spool.oldest_unacked_ms().map_or(0.0, |ts| {
             (chrono::Utc::now().timestamp_millis() - ts).max(0) as f64 / 1000.0
         });
-        metrics::gauge!("relay_usage_spool_oldest_age_seconds").set(age);
+        metrics::gauge!(relay_proto::metrics::USAGE_SPOOL_OLDEST_AGE_SECONDS).set(age);
     }
 }
 

@@ -37,7 +37,7 @@ pub struct GroupCooling {
 }
 
 fn gauge(name: &str, value: f64) {
-    metrics::gauge!("relay_group_cooling", "group" => name.to_string()).set(value);
+    metrics::gauge!(relay_proto::metrics::GROUP_COOLING, "group" => name.to_string()).set(value);
 }
 
 impl GroupCooling {

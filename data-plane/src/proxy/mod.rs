@@ -10,6 +10,7 @@ pub mod balance;
 pub mod cors;
 pub mod estimate;
 pub mod forward;
+pub mod gauges;
 pub mod groups;
 pub mod health;
 pub mod held;
@@ -165,6 +166,18 @@ fn check_version(h: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+tokio::task_local! {
+    /// The time of the request being served that is not relay's own: waiting on upstreams, for
+    /// an account, for the client's body, and the backoff between failed attempts. What is left
+    /// of its head time is relay's overhead.
+    static NOT_OURS: std::cell::Cell<Duration>;
+}
+
+/// Adds `d` to the current request's time that is not relay's own (no-op outside a request).
+fn not_ours(d: Duration) {
+    let _ = NOT_OURS.try_with(|c| c.set(c.get().saturating_add(d)));
+}
+
 #[derive(serde::Deserialize)]
 struct RequestHead {
     model: Option<serde_json::Value>,
@@ -198,19 +211,29 @@ impl Proxy {
             // A browser's preflight: answered here, without a key.
             cors::preflight(&cors, req.headers(), &request_id)
         } else {
-            let mut resp = match self.route(req, &request_id, started).instrument(span.clone()).await {
+            let routed = NOT_OURS.scope(std::cell::Cell::new(Duration::ZERO), async {
+                let r = self.route(req, &request_id, started).instrument(span.clone()).await;
+                (r, NOT_OURS.with(std::cell::Cell::get))
+            });
+            let (routed, waited) = routed.await;
+            if matches!(route, "messages" | "count_tokens") {
+                metrics::histogram!(relay_proto::metrics::OVERHEAD_SECONDS, "route" => route)
+                    .record(started.elapsed().saturating_sub(waited).as_secs_f64());
+            }
+            let mut resp = match routed {
                 Ok(r) => r,
                 Err(e) => {
-                    metrics::counter!("relay_error_answers_total", "type" => e.kind).increment(1);
+                    metrics::counter!(relay_proto::metrics::ERROR_ANSWERS_TOTAL, "type" => e.kind).increment(1);
                     e.into_response(&request_id)
                 }
             };
             cors::decorate(&cors, &mut resp);
             resp
         };
-        metrics::counter!("relay_requests_total", "route" => route, "status" => status_class(resp.status()))
+        metrics::counter!(relay_proto::metrics::REQUESTS_TOTAL, "route" => route, "status" => status_class(resp.status()))
             .increment(1);
-        metrics::histogram!("relay_request_head_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(relay_proto::metrics::REQUEST_HEAD_SECONDS, "route" => route)
+            .record(started.elapsed().as_secs_f64());
         span.in_scope(|| {
             tracing::debug!(
                 method = %method,
@@ -338,8 +361,11 @@ impl Proxy {
 
     fn metrics_text(&self) -> Response<Body> {
         // Cooldowns end by themselves: the gauge is brought up to date before it is read.
-        self.groups
-            .refresh(self.holder.get().as_deref(), chrono::Utc::now().timestamp_millis());
+        let now = chrono::Utc::now().timestamp_millis();
+        self.groups.refresh(self.holder.get().as_deref(), now);
+        if let Some(cfg) = self.holder.get() {
+            gauges::refresh(&cfg, &self.health, &self.spend, now);
+        }
         let text = self.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
         let mut r = Response::new(full(text));
         r.headers_mut().insert(
@@ -354,7 +380,7 @@ impl Proxy {
     fn stale(&self) -> Option<ApiError> {
         let max = self.max_config_staleness?;
         let age = self.freshness.stale_for(max)?;
-        metrics::counter!("relay_requests_refused_stale_config_total").increment(1);
+        metrics::counter!(relay_proto::metrics::REQUESTS_REFUSED_STALE_CONFIG_TOTAL).increment(1);
         let mut e = ApiError::stale_config(format!(
             "relay has not reached its control plane for {} minutes (at most {} allowed): it no longer serves a \
              config that may still hold revoked keys",
@@ -420,9 +446,10 @@ impl Proxy {
                 Ok(Some(buf.freeze()))
             };
             // A client trickling its body does not hold a connection and its buffer forever.
-            tokio::time::timeout(self.body_read_timeout, read)
-                .await
-                .map_err(|_| ApiError::body_timeout("the request body did not arrive in time"))??
+            let reading = Instant::now();
+            let read = tokio::time::timeout(self.body_read_timeout, read).await;
+            not_ours(reading.elapsed());
+            read.map_err(|_| ApiError::body_timeout("the request body did not arrive in time"))??
         };
         let Some(body) = body else {
             // Read (and discard) what the client is still sending, so it gets
@@ -553,7 +580,7 @@ impl Proxy {
                 break;
             };
             if !tried.is_empty() {
-                metrics::counter!("relay_failovers_total").increment(1);
+                metrics::counter!(relay_proto::metrics::FAILOVERS_TOTAL).increment(1);
             }
             let began = Instant::now();
             match self.attempt(ctx, account.clone(), slot, waited).await {
@@ -561,17 +588,17 @@ impl Proxy {
                     if let Some(k) = session {
                         if bound != Some(account.id.as_str()) {
                             if bound.is_some() {
-                                metrics::counter!("relay_sticky_moves_total").increment(1);
+                                metrics::counter!(relay_proto::metrics::STICKY_MOVES_TOTAL).increment(1);
                             }
                             self.sessions.bind(k, &account.id).await;
                         }
                     }
-                    metrics::counter!("relay_attempts_total", "outcome" => "ok").increment(1);
+                    metrics::counter!(relay_proto::metrics::ATTEMPTS_TOTAL, "outcome" => "ok").increment(1);
                     return Ok(resp);
                 }
                 Err((failure, retry)) => {
                     let slow = began.elapsed() >= policy.quick_failure;
-                    metrics::counter!("relay_attempts_total", "outcome" => if slow { "failed" } else { "refused" })
+                    metrics::counter!(relay_proto::metrics::ATTEMPTS_TOTAL, "outcome" => if slow { "failed" } else { "refused" })
                         .increment(1);
                     tried.push(account.id.clone());
                     if !retry {
@@ -593,6 +620,7 @@ impl Proxy {
                         costly += 1;
                         let pause = policy.backoff(costly).min(remaining_until(deadline));
                         tokio::time::sleep(pause).await;
+                        not_ours(pause);
                     }
                 }
             }
@@ -733,6 +761,7 @@ impl Proxy {
                 _ = changed => {}
                 _ = tokio::time::sleep_until(wake) => {}
             }
+            not_ours(now_i.elapsed());
             waited.what = what;
             waited.ms = waited
                 .ms
@@ -849,7 +878,7 @@ impl Proxy {
             if enabled > 0 && all_seen && unavailable == enabled {
                 let cooldown = u64::try_from(ctx.policy.group_cooldown.as_millis()).unwrap_or(u64::MAX);
                 if self.groups.all_failed(ctx.cfg, group_id, now, cooldown) {
-                    metrics::counter!("relay_group_cooldowns_total").increment(1);
+                    metrics::counter!(relay_proto::metrics::GROUP_COOLDOWNS_TOTAL).increment(1);
                 }
             }
         }
@@ -931,12 +960,16 @@ impl Proxy {
             ctx.policy.head_timeout
         };
         let head_deadline = tokio::time::Instant::now() + head_wait;
-        let resp = match tokio::time::timeout_at(head_deadline, self.upstreams.request(account.proxy.as_ref(), up))
-            .await
-        {
-            Ok(Ok(r)) => r,
+        let answered = tokio::time::timeout_at(head_deadline, self.upstreams.request(account.proxy.as_ref(), up)).await;
+        not_ours(sent_at.elapsed());
+        let resp = match answered {
+            Ok(Ok(r)) => {
+                metrics::histogram!(relay_proto::metrics::UPSTREAM_TTFB_SECONDS)
+                    .record(sent_at.elapsed().as_secs_f64());
+                r
+            }
             Ok(Err(e)) => {
-                metrics::counter!("relay_upstream_errors_total", "kind" => "connect").increment(1);
+                metrics::counter!(relay_proto::metrics::UPSTREAM_ERRORS_TOTAL, "kind" => "connect").increment(1);
                 let via = account.proxy.as_ref().map(|p| p.endpoint()).unwrap_or_default();
                 tracing::warn!(account = %account.name, proxy = %via, error = %error_chain(&e), "upstream request failed");
                 sink.observe(&account.id, ctx.model, &Outcome::ConnectError);
@@ -949,7 +982,7 @@ impl Proxy {
                 ));
             }
             Err(_) => {
-                metrics::counter!("relay_upstream_errors_total", "kind" => "timeout").increment(1);
+                metrics::counter!(relay_proto::metrics::UPSTREAM_ERRORS_TOTAL, "kind" => "timeout").increment(1);
                 sink.observe(&account.id, ctx.model, &Outcome::Timeout);
                 if let Some(a) = guard.take() {
                     forward::record_failed(a, &Tap::for_content(false), Some("api_error"));
@@ -964,7 +997,8 @@ impl Proxy {
             }
         };
         let (rparts, mut rbody) = resp.into_parts();
-        metrics::counter!("relay_upstream_responses_total", "status" => status_class(rparts.status)).increment(1);
+        metrics::counter!(relay_proto::metrics::UPSTREAM_RESPONSES_TOTAL, "status" => status_class(rparts.status))
+            .increment(1);
         let status = rparts.status.as_u16();
         if let Some(a) = guard.get_mut() {
             a.status = status;
@@ -987,7 +1021,7 @@ impl Proxy {
         // An answer that is not an Anthropic answer: an upstream fault. Fail over, feed the
         // breaker, record it; the client never sees it.
         let invalid = |guard: &mut AttemptGuard, tap: &Tap, what: &str| {
-            metrics::counter!("relay_upstream_errors_total", "kind" => "invalid_answer").increment(1);
+            metrics::counter!(relay_proto::metrics::UPSTREAM_ERRORS_TOTAL, "kind" => "invalid_answer").increment(1);
             tracing::warn!(account = %account.name, status, what, "the upstream's answer is not a valid Anthropic answer");
             sink.observe(&account.id, ctx.model, &Outcome::Invalid { what });
             if let Some(a) = guard.take() {
@@ -1009,8 +1043,10 @@ impl Proxy {
 
         if !rparts.status.is_success() {
             // A failed attempt: read its (small) error body, within the request's deadline.
+            let reading = Instant::now();
             let (raw, whole) =
                 read_capped(&mut rbody, MAX_ERROR_BODY_BYTES, ctx.policy.idle_timeout, ctx.deadline).await;
+            not_ours(reading.elapsed());
             let body = match encoding.as_ref().map(|e| e.decode(&raw, MAX_ERROR_BODY_BYTES)) {
                 Ok(Ok(b)) => b,
                 // Undecodable: judged by its status alone; the client gets relay's own error body.
@@ -1076,7 +1112,7 @@ impl Proxy {
             let total_deadline = tokio::time::Instant::now() + ctx.policy.total_timeout;
             let Some(raw) = read_whole(&mut rbody, MAX_BODY_BYTES, ctx.policy.idle_timeout, total_deadline).await
             else {
-                metrics::counter!("relay_upstream_errors_total", "kind" => "body").increment(1);
+                metrics::counter!(relay_proto::metrics::UPSTREAM_ERRORS_TOTAL, "kind" => "body").increment(1);
                 sink.observe(&account.id, ctx.model, &Outcome::ConnectError);
                 if let Some(mut a) = guard.take() {
                     a.status = 502;
@@ -1299,7 +1335,7 @@ async fn estimate_unanswered(
         Ok(Err(invalid)) => return Err(ApiError::invalid_request(invalid.0)),
         Err(_) => return Err(ApiError::internal("the token estimate failed")),
     };
-    metrics::counter!("relay_count_tokens_estimated_total", "why" => why).increment(1);
+    metrics::counter!(relay_proto::metrics::COUNT_TOKENS_ESTIMATED_TOTAL, "why" => why).increment(1);
     tracing::debug!(
         request_id,
         why,
@@ -1474,7 +1510,7 @@ impl<'a> QueueTicket<'a> {
             counter.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        metrics::gauge!("relay_queue_length").increment(1.0);
+        metrics::gauge!(relay_proto::metrics::QUEUE_LENGTH).increment(1.0);
         Some(Self(counter, Instant::now()))
     }
 }
@@ -1482,8 +1518,8 @@ impl<'a> QueueTicket<'a> {
 impl Drop for QueueTicket<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!("relay_queue_length").decrement(1.0);
-        metrics::histogram!("relay_queue_wait_seconds").record(self.1.elapsed().as_secs_f64());
+        metrics::gauge!(relay_proto::metrics::QUEUE_LENGTH).decrement(1.0);
+        metrics::histogram!(relay_proto::metrics::QUEUE_WAIT_SECONDS).record(self.1.elapsed().as_secs_f64());
     }
 }
 
