@@ -47,6 +47,11 @@ pub enum Value {
     },
     /// Structured data (JSON in JSON output, compact JSON text elsewhere).
     Json(serde_json::Value),
+    /// Structured data for JSON, with the text people read in tables and CSV ("-" when empty).
+    Described {
+        json: serde_json::Value,
+        text: String,
+    },
     /// An id: whole in JSON, CSV and wide tables; in list tables its shortest prefix (at least
     /// [`SHORT_ID`] characters) that tells it from every other id of its column, like git's short
     /// hashes (see [`unique_prefix_len`]); commands take such a prefix wherever they take an id.
@@ -115,6 +120,7 @@ impl Value {
             Value::Time(ms) => format_time(*ms).map_or(J::Null, J::String),
             Value::List { items, .. } => J::Array(items.iter().cloned().map(J::String).collect()),
             Value::Json(v) => v.clone(),
+            Value::Described { json, .. } => json.clone(),
             Value::Limit { value, .. } => value.to_json(),
             Value::Id(s) => J::String(s.clone()),
         }
@@ -134,6 +140,7 @@ impl Value {
             // Nothing to show reads as nothing, not as `null` or `[]`.
             Value::Json(v) if v.is_null() || v.as_array().is_some_and(Vec::is_empty) => "-".into(),
             Value::Json(v) if v.as_object().is_some_and(serde_json::Map::is_empty) => "-".into(),
+            Value::Described { text, .. } if text.is_empty() => "-".into(),
             Value::Limit { unlimited: true, .. } => UNLIMITED.into(),
             Value::Limit { value, .. } => value.to_cell(wide),
             other => other.to_csv(),
@@ -150,6 +157,7 @@ impl Value {
             Value::Time(ms) => format_time(*ms).unwrap_or_default(),
             Value::List { items, .. } => items.join(";"),
             Value::Json(v) => v.to_string(),
+            Value::Described { text, .. } => text.clone(),
             Value::Limit { value, .. } => value.to_csv(),
             Value::Id(s) => s.clone(),
         }
@@ -245,6 +253,20 @@ fn new_table(width: Option<u16>) -> Table {
     let mut t = Table::new();
     t.load_preset(presets::UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Dynamic);
+    // Not a terminal (piped, captured): `COLUMNS`, when set, is the width to fit, as for other
+    // tools; a terminal's own width is read by the table itself.
+    let width = width.or_else(|| {
+        use std::io::IsTerminal;
+        if std::io::stdout().is_terminal() {
+            return None;
+        }
+        std::env::var("COLUMNS")
+            .ok()?
+            .trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|w| *w >= 40)
+    });
     if let Some(w) = width {
         t.set_width(w);
     }
@@ -362,7 +384,7 @@ pub fn render_one<T>(format: Format, cols: &[Column<T>], item: &T, only_table_co
 }
 
 /// [`render_one`], tables `width` columns wide (`None`: the terminal's).
-fn render_one_at<T>(
+pub(crate) fn render_one_at<T>(
     format: Format,
     cols: &[Column<T>],
     item: &T,
