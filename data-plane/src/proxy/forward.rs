@@ -238,6 +238,8 @@ pub struct HealthSink {
     pub settings: HealthSettings,
     /// The account's `reset_generation` in the config the attempt was sent under.
     pub generation: u64,
+    /// Its name, for the log line of a state change.
+    pub account: Arc<crate::control::state::AccountEntry>,
 }
 
 impl HealthSink {
@@ -252,10 +254,21 @@ impl HealthSink {
             self.registry
                 .observe_as_of(account_id, self.generation, model, outcome, &self.settings, now);
         if let Some(state) = report {
+            // By name, as relayctl shows it ("rate_limited"), not the proto constant.
             let health = pb::AccountHealth::try_from(state.health)
-                .map(|h| h.as_str_name())
-                .unwrap_or("UNKNOWN");
-            tracing::info!(account_id, health, reason = %state.reason, "account state changed");
+                .map(|h| {
+                    h.as_str_name()
+                        .trim_start_matches("ACCOUNT_HEALTH_")
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_else(|_| "unknown".into());
+            tracing::info!(
+                account = %self.account.name,
+                account_id,
+                health,
+                reason = %state.reason,
+                "account state changed"
+            );
             self.reporter.report(state);
         }
         verdict

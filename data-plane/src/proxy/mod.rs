@@ -903,6 +903,7 @@ impl Proxy {
             reporter: self.reporter.clone(),
             settings: ctx.cfg.health_settings(&account.id).clone(),
             generation: account.reset_generation,
+            account: account.clone(),
         };
         let uri = format!(
             "{}{}",
