@@ -43,7 +43,7 @@ struct Args {
     /// generates data-dir/master.key when neither is set).
     #[arg(long, env = "RELAY_MASTER_KEY_FILE")]
     master_key_file: Option<PathBuf>,
-    /// This replica's name, as `relayctl proxies list` shows it (default: host name).
+    /// This replica's name, as `relayctl status` and `relayctl data-planes list` show it (default: host name).
     #[arg(long, env = "RELAY_REPLICA")]
     replica: Option<String>,
     /// How often to poll the config head besides the NOTIFY hint, in milliseconds.

@@ -746,6 +746,13 @@ fn names() -> String {
     SETTINGS.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
 }
 
+/// Pairs of settings where the first must not exceed the second (a floor and its cap): a change
+/// to either that would invert them is refused.
+pub const ORDERED: &[(&str, &str)] = &[
+    ("cooldown.min_ms", "cooldown.max_ms"),
+    ("retry.backoff_base_ms", "retry.backoff_max_ms"),
+];
+
 /// What a setting name addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
