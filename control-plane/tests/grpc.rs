@@ -520,6 +520,15 @@ both_stores!(tokens_are_checked_before_messages_are_decoded, |cp: Cp| async move
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{token:?}: {e}");
     }
+    // A client's API key in place of the admin token: told apart.
+    let e = cp
+        .admin_as(Some("rk-0123456789abcdef0123456789abcdef"))
+        .await
+        .list_accounts(pb::ListAccountsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("client API key"), "{}", e.message());
     // A data-plane token may not call Admin at all; an operator token may not Watch.
     let e = cp
         .admin_as(Some(DP_TOKEN))

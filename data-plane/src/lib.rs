@@ -129,6 +129,12 @@ impl Options {
 
 /// Refuses a plaintext control-plane URL whose host is not this machine, unless allowed.
 pub fn check_control_plane_url(url: &str, insecure_allowed: bool) -> Result<(), StartError> {
+    if url.contains(',') {
+        return Err(StartError::ControlPlaneUrl(format!(
+            "{url}: --control-plane takes one URL; put a Service or load balancer in front of the replicas \
+             and give its address"
+        )));
+    }
     let uri: http::Uri = url
         .parse()
         .map_err(|e: http::uri::InvalidUri| StartError::ControlPlaneUrl(e.to_string()))?;
@@ -542,6 +548,14 @@ pub fn metrics_builder() -> metrics_exporter_prometheus::PrometheusBuilder {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn several_control_plane_urls_are_refused_with_what_to_do() {
+        let e = super::check_control_plane_url("http://127.0.0.1:50051,http://127.0.0.1:50052", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("takes one URL") && e.contains("load balancer"), "{e}");
+    }
+
     #[test]
     fn plaintext_control_planes_only_on_this_host_or_when_allowed() {
         for ok in [

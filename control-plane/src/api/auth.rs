@@ -192,7 +192,7 @@ impl Authenticator {
                     None => {
                         metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "unknown_token")
                             .increment(1);
-                        return Err(Status::unauthenticated("invalid token"));
+                        return Err(unknown_token(token));
                     }
                 }
             }
@@ -220,7 +220,7 @@ impl Authenticator {
         let Some(t) = found.filter(|t| hashes_equal(&t.token_hash, &hash)) else {
             metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "unknown_token")
                 .increment(1);
-            return Err(Status::unauthenticated("invalid token"));
+            return Err(unknown_token(token));
         };
         let allowed = match need {
             Need::Read => matches!(t.role, Role::Admin | Role::ReadOnly),
@@ -239,4 +239,16 @@ impl Authenticator {
             role: t.role,
         })
     }
+}
+
+/// UNAUTHENTICATED for a token this deployment does not know; a client's API key given in its
+/// place is told apart (an easy slip: both are relay's secrets).
+fn unknown_token(token: &str) -> Status {
+    if token.starts_with(crate::crypto::API_KEY_PREFIX) {
+        return Status::unauthenticated(
+            "invalid token: this is a client API key (rk-…), not an admin token (rat-…); the admin token is in \
+             RELAY_ADMIN_TOKEN or, standalone, in the data directory's admin.token",
+        );
+    }
+    Status::unauthenticated("invalid token")
 }

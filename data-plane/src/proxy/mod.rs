@@ -340,7 +340,7 @@ impl Proxy {
                     ))
                 })
             }
-            _ => Err(ApiError::not_found(format!("no route for {} {path}", req.method()))),
+            _ => Err(ApiError::not_found(not_routed(req.method(), &path))),
         }
     }
 
@@ -1501,6 +1501,22 @@ fn final_answer(failures: Vec<Failure>, hint_secs: Option<u64>, hide_account_ref
     }
 }
 
+/// The 404 message for a path relay does not serve, with what the client likely meant: a base
+/// URL that already ended in `/v1` (`/v1/v1/messages`), or an API relay does not relay yet.
+fn not_routed(method: &Method, path: &str) -> String {
+    let trimmed = path.trim_end_matches('/');
+    let hint = if path.starts_with("/v1/v1/") || path.starts_with("//") {
+        " (the client's base URL ends in /v1 or a slash: give relay's root, e.g. http://relay:8080, as ANTHROPIC_BASE_URL)"
+    } else if trimmed != path && matches!(trimmed, "/v1/messages" | "/v1/messages/count_tokens" | "/v1/models") {
+        " (without the trailing slash)"
+    } else if path.starts_with("/v1/files") || path.starts_with("/v1/messages/batches") {
+        " (the Files and Message Batches APIs are not relayed yet)"
+    } else {
+        ""
+    };
+    format!("no route for {method} {path}{hint}")
+}
+
 /// A place in the bounded wait queue; leaves it when dropped.
 struct QueueTicket<'a>(&'a AtomicUsize, Instant);
 
@@ -1631,6 +1647,21 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn paths_relay_does_not_serve_say_what_was_likely_meant() {
+        let m = |p: &str| not_routed(&Method::POST, p);
+        assert!(
+            m("/v1/v1/messages").contains("base URL ends in /v1"),
+            "{}",
+            m("/v1/v1/messages")
+        );
+        assert!(m("//v1/messages").contains("base URL ends in /v1 or a slash"));
+        assert!(m("/v1/messages/").contains("without the trailing slash"));
+        assert!(m("/v1/messages/batches").contains("not relayed yet"));
+        assert!(not_routed(&Method::GET, "/v1/files").contains("not relayed yet"));
+        assert_eq!(m("/v2/other"), "no route for POST /v2/other");
+    }
 
     fn upstream(status: u16, retry_after_secs: Option<u64>) -> Failure {
         Failure::Upstream {
