@@ -563,6 +563,11 @@ both_stores!(tokens_are_checked_before_messages_are_decoded, |cp: Cp| async move
         .await
         .unwrap()
         .into_inner();
+    // Where it came from, as `token list` will say it.
+    assert!(
+        created.info.as_ref().unwrap().source.starts_with("created by "),
+        "{created:?}"
+    );
     let listed = cp
         .admin_as(Some(&created.token))
         .await

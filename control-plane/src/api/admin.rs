@@ -2021,8 +2021,11 @@ impl Admin for AdminService {
         )
         .await
         .map_err(status_from_store)?;
+        let mut info = token_info(&row);
+        // As `token list` will say it.
+        info.source = format!("created by {}", actor.name);
         Ok(Response::new(pb::CreateAdminTokenResponse {
-            info: Some(token_info(&row)),
+            info: Some(info),
             token,
         }))
     }
