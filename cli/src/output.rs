@@ -531,7 +531,7 @@ mod tests {
         Column::new("n", "Count", |r| Value::UInt(r.n)),
         Column::detail("at", "At", |r| Value::Time(r.at)),
         Column::new("tags", "Tags", |r| Value::list(&r.tags, "(all)")),
-        Column::new("cost_usd", "Cost (USD)", |r| Value::Decimal(r.cost.to_string())),
+        Column::new("cost_usd", "Cost ($)", |r| Value::Decimal(r.cost.to_string())),
     ];
 
     fn rows() -> Vec<Row> {
@@ -579,7 +579,7 @@ mod tests {
     #[test]
     fn table_list_uses_headers_and_hides_details() {
         let s = render_list(Format::Table, COLS, &rows()).unwrap();
-        assert!(s.contains("Name") && s.contains("Cost (USD)"));
+        assert!(s.contains("Name") && s.contains("Cost ($)"));
         assert!(!s.contains("At"));
         assert!(s.contains("(all)") && s.contains("x, y") && s.contains("0.003000"));
     }
