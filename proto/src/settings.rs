@@ -125,7 +125,7 @@ pub const SETTINGS: &[Setting] = &[
         0,
         DAY_MS,
         "1000",
-        "floor of every timed account state (a reset already in the past still counts this long)",
+        "floor of every timed account state (a reset already in the past still counts this long); above cooldown.max_ms it counts as that",
     )),
     per_account(ms(
         "cooldown.overloaded_ms",
@@ -318,7 +318,7 @@ pub const SETTINGS: &[Setting] = &[
         0,
         60_000,
         "25",
-        "first backoff between attempts (jittered, doubling)",
+        "first backoff between attempts (jittered, doubling); above retry.backoff_max_ms it counts as that",
     ),
     ms(
         "retry.backoff_max_ms",
@@ -745,13 +745,6 @@ pub enum SettingError {
 fn names() -> String {
     SETTINGS.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
 }
-
-/// Pairs of settings where the first must not exceed the second (a floor and its cap): a change
-/// to either that would invert them is refused.
-pub const ORDERED: &[(&str, &str)] = &[
-    ("cooldown.min_ms", "cooldown.max_ms"),
-    ("retry.backoff_base_ms", "retry.backoff_max_ms"),
-];
 
 /// What a setting name addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]

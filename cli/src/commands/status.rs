@@ -506,9 +506,7 @@ fn usage_columns(by: Option<UsageBy>, bucketed: bool) -> Vec<Column<UsageRow>> {
         Column::new("errors", "Errors", |r| Value::UInt(r.errors)),
         // Rows whose counts were clamped or could not be read (see docs/operations.md).
         Column::new("anomalies", "Flagged", |r| Value::UInt(r.anomalies)),
-        Column::new("cost_usd", "Cost ($)", |r| {
-            Value::Decimal(format_cost(r.cost_pico_usd))
-        }),
+        Column::new("cost_usd", "Cost ($)", |r| Value::Decimal(format_cost(r.cost_pico_usd))),
         Column::detail("cost_pico_usd", "Cost (pico-USD)", |r| Value::UInt(r.cost_pico_usd)),
     ];
     cols.extend(totals);

@@ -519,52 +519,6 @@ fn not_found(what: &str, given: &str, names: &[String]) -> String {
     }
 }
 
-/// Refuses a floor set above its cap, or a cap below its floor ([`settings::ORDERED`]), as they
-/// will be in force for the target (an account's override, else the global value, else the
-/// default).
-fn check_order(
-    target: &settings::Target,
-    stored_name: &str,
-    value: &str,
-    stored: &BTreeMap<String, String>,
-) -> Result<(), Status> {
-    let setting = match target {
-        settings::Target::Global(s) => s,
-        settings::Target::Account { setting, .. } => setting,
-    };
-    let prefix = &stored_name[..stored_name.len() - setting.name.len()];
-    let in_force = |name: &str| -> Option<u64> {
-        let decl = settings::get(name)?;
-        stored
-            .get(&format!("{prefix}{name}"))
-            .or_else(|| stored.get(name))
-            .map_or(decl.default, String::as_str)
-            .parse()
-            .ok()
-    };
-    let Ok(v) = value.parse::<u64>() else {
-        return Ok(());
-    };
-    for (floor, cap) in settings::ORDERED {
-        if setting.name == *floor {
-            if let Some(c) = in_force(cap).filter(|c| v > *c) {
-                return Err(Status::invalid_argument(format!(
-                    "{} {v} is above {cap} ({c}) for the same target: raise {cap} first",
-                    setting.name
-                )));
-            }
-        } else if setting.name == *cap {
-            if let Some(f) = in_force(floor).filter(|f| v < *f) {
-                return Err(Status::invalid_argument(format!(
-                    "{} {v} is below {floor} ({f}) for the same target: lower {floor} first",
-                    setting.name
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Fewest characters of an id taken as that id (after the exact name and id found nothing).
 const MIN_ID_PREFIX: usize = 4;
 
@@ -1840,7 +1794,6 @@ impl Admin for AdminService {
             )));
         }
         let value = r.value.trim().to_string();
-        check_order(&target, &name, &value, &stored)?;
         self.apply(
             &actor,
             "setting.set",
