@@ -206,7 +206,14 @@ impl AdminService {
     /// Every declared setting (value in force, default), the account overrides
     /// stored, and stored names relay does not know (so they can be unset).
     async fn settings_response(&self) -> Result<pb::ListSettingsResponse, Status> {
-        let values = self.store.settings().await.map_err(status_from_store)?;
+        let mut values = self.store.settings().await.map_err(status_from_store)?;
+        // Secrets are shown masked (a URL's scheme and host), never in clear.
+        for name in settings::SECRET {
+            if let Some(v) = values.get_mut(*name) {
+                let clear = crate::notify::open_setting(&self.key, name, v).unwrap_or_default();
+                *v = settings::mask(&clear);
+            }
+        }
         let info = |name: String, value: Option<&String>, decl: Option<&settings::Setting>| pb::SettingInfo {
             name,
             set: value.is_some(),
@@ -1839,13 +1846,22 @@ impl Admin for AdminService {
                 "{MAX_STORED_SETTINGS} settings are stored already; unset some first"
             )));
         }
-        let value = r.value.trim().to_string();
+        let mut value = r.value.trim().to_string();
         check_order(&target, &name, &value, &stored)?;
+        // Secrets are audited masked and stored sealed with the master key.
+        let audited = if settings::is_secret(&name) {
+            let shown = settings::mask(&value);
+            value = crate::notify::seal_setting(&self.key, &name, &value)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            shown
+        } else {
+            value.clone()
+        };
         self.apply(
             &actor,
             "setting.set",
             &name,
-            json!({"value": value}),
+            json!({"value": audited}),
             vec![Mutation::SetSetting {
                 name: name.clone(),
                 value,
