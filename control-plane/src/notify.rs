@@ -289,10 +289,8 @@ impl Notifier {
     /// Writes every event the fleet state shows at `now` (each once: the outbox deduplicates).
     pub async fn observe(&self, values: &BTreeMap<String, String>, now: Millis) -> StoreResult<()> {
         let open = self.store.notify_open_episodes().await?;
-        let open: HashMap<(String, String), String> = open
-            .into_iter()
-            .map(|o| ((o.kind, o.subject), o.episode))
-            .collect();
+        let open: HashMap<(String, String), String> =
+            open.into_iter().map(|o| ((o.kind, o.subject), o.episode)).collect();
         let mut current: HashMap<(String, String), Event> = HashMap::new();
 
         // Accounts in trouble.
@@ -455,11 +453,27 @@ impl Notifier {
         let mut checks: Vec<(&str, &str, &str, u64, u64, u64, u64)> = Vec::new();
         for k in &budgeted_keys {
             let s = totals.of_key(&k.id);
-            checks.push(("key", &k.id, &k.name, k.limits.daily_budget, s.day, k.limits.monthly_budget, s.month));
+            checks.push((
+                "key",
+                &k.id,
+                &k.name,
+                k.limits.daily_budget,
+                s.day,
+                k.limits.monthly_budget,
+                s.month,
+            ));
         }
         for g in &budgeted_groups {
             let s = totals.of_group(&g.id, &keys);
-            checks.push(("group", &g.id, &g.name, g.limits.daily_budget, s.day, g.limits.monthly_budget, s.month));
+            checks.push((
+                "group",
+                &g.id,
+                &g.name,
+                g.limits.daily_budget,
+                s.day,
+                g.limits.monthly_budget,
+                s.month,
+            ));
         }
         for (kind, id, name, day_budget, day_spent, month_budget, month_spent) in checks {
             for (period, label, budget, spent) in [
@@ -588,7 +602,10 @@ fn not_live_since(p: &ProxyState) -> Millis {
 /// POSTs one event; Ok(HTTP status) or Err(a class of failure that never holds the URL).
 pub async fn send(upstreams: &Upstreams, hook: &Webhook, doc: &Value) -> Result<u16, String> {
     let body = render(doc, hook.slack);
-    let uri: http::Uri = hook.url.parse().map_err(|_| "notify.webhook_url is not a URL".to_string())?;
+    let uri: http::Uri = hook
+        .url
+        .parse()
+        .map_err(|_| "notify.webhook_url is not a URL".to_string())?;
     let kind = doc.get("type").and_then(Value::as_str).unwrap_or("");
     let id = doc.get("id").and_then(Value::as_str).unwrap_or("");
     let mut req = http::Request::builder()
@@ -600,16 +617,23 @@ pub async fn send(upstreams: &Upstreams, hook: &Webhook, doc: &Value) -> Result<
         .header("x-relay-delivery", id)
         .header("idempotency-key", id);
     if let Some(secret) = &hook.secret {
-        req = req.header("x-relay-signature", signature(secret, chrono::Utc::now().timestamp(), &body));
+        req = req.header(
+            "x-relay-signature",
+            signature(secret, chrono::Utc::now().timestamp(), &body),
+        );
     }
     let req = req
         .body(Full::new(Bytes::from(body)))
         .map_err(|_| "cannot build the request".to_string())?;
     let call = async {
-        let resp = upstreams
-            .request(None, req)
-            .await
-            .map_err(|e| if e.is_connect() { "cannot connect to the receiver" } else { "the request failed" }.to_string())?;
+        let resp = upstreams.request(None, req).await.map_err(|e| {
+            if e.is_connect() {
+                "cannot connect to the receiver"
+            } else {
+                "the request failed"
+            }
+            .to_string()
+        })?;
         Ok::<u16, String>(resp.status().as_u16())
     };
     match tokio::time::timeout(DELIVERY_TIMEOUT, call).await {
@@ -681,7 +705,10 @@ mod tests {
         let key = MasterKey::generate();
         let s = seal_setting(&key, WEBHOOK_URL, "https://hooks.example/T/B/X").unwrap();
         assert!(!s.contains("hooks.example"));
-        assert_eq!(open_setting(&key, WEBHOOK_URL, &s).as_deref(), Some("https://hooks.example/T/B/X"));
+        assert_eq!(
+            open_setting(&key, WEBHOOK_URL, &s).as_deref(),
+            Some("https://hooks.example/T/B/X")
+        );
         assert_eq!(open_setting(&key, SIGNING_SECRET, &s), None);
         assert_eq!(open_setting(&MasterKey::generate(), WEBHOOK_URL, &s), None);
     }

@@ -59,7 +59,9 @@ impl Receiver {
         let (g, f) = (got.clone(), fail.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (g, f) = (g.clone(), f.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -72,9 +74,12 @@ impl Receiver {
                                     .unwrap_or("")
                                     .to_string()
                             };
-                            let (event, id, signature) = (h("x-relay-event"), h("x-relay-delivery"), h("x-relay-signature"));
+                            let (event, id, signature) =
+                                (h("x-relay-event"), h("x-relay-delivery"), h("x-relay-signature"));
                             let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let failing = f.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+                            let failing = f
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                                .is_ok();
                             let status = if failing { 500 } else { 204 };
                             g.lock().unwrap().push(Delivery {
                                 status,
@@ -277,7 +282,11 @@ async fn fleet_events_are_notified_once_signed_and_secrets_stay_secret() {
     );
     assert!(!relay_control_plane::notify::verify("another", &d.signature, &d.body));
     // Every attempt was the same event (same id); two refused, then one accepted.
-    let attempts: Vec<Delivery> = rx.all().into_iter().filter(|x| x.event == "account.unauthorized").collect();
+    let attempts: Vec<Delivery> = rx
+        .all()
+        .into_iter()
+        .filter(|x| x.event == "account.unauthorized")
+        .collect();
     assert_eq!(attempts.len(), 3, "{attempts:?}");
     assert!(attempts.iter().all(|x| x.id == d.id));
     assert_eq!(rx.fail_first.load(Ordering::SeqCst), 0);
@@ -323,7 +332,11 @@ async fn fleet_events_are_notified_once_signed_and_secrets_stay_secret() {
     assert!(slack["text"].as_str().unwrap().contains("dp-notify"), "{slack}");
     assert_eq!(slack["blocks"][0]["type"], "section");
     assert_eq!(slack["blocks"][0]["text"]["type"], "mrkdwn");
-    assert!(relay_control_plane::notify::verify(SIGNING_SECRET, &lost[0].signature, &lost[0].body));
+    assert!(relay_control_plane::notify::verify(
+        SIGNING_SECRET,
+        &lost[0].signature,
+        &lost[0].body
+    ));
 
     // Watch a few more rounds (both replicas stay up; the leader changes when one stops): nothing
     // is sent twice.
@@ -348,14 +361,23 @@ async fn fleet_events_are_notified_once_signed_and_secrets_stay_secret() {
         let url = survivor.clone();
         let old = leader.clone();
         async move {
-            let s = admin_at(&url).await?.get_status(pb::GetStatusRequest {}).await.ok()?.into_inner();
+            let s = admin_at(&url)
+                .await?
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
             s.leader.filter(|l| !l.holder.is_empty() && l.holder != old).map(|_| ())
         }
     })
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    for (event, n) in [("account.unauthorized", 1), ("budget.threshold", 2), ("data_plane.lost", 1)] {
+    for (event, n) in [
+        ("account.unauthorized", 1),
+        ("budget.threshold", 2),
+        ("data_plane.lost", 1),
+    ] {
         let got = rx.accepted(event);
         assert_eq!(got.len(), n, "{event}: {got:?}");
         let mut ids: Vec<&str> = got.iter().map(|d| d.id.as_str()).collect();
@@ -378,6 +400,12 @@ async fn fleet_events_are_notified_once_signed_and_secrets_stay_secret() {
         .values;
     assert!(pushed.keys().all(|k| !k.starts_with("notify.")), "{pushed:?}");
     let audit = format!("{:?}", store.list_audit(1000, None).await.unwrap());
+    // The logs were captured (the leaders said what they sent), and the audit names the host only.
+    assert!(
+        format!("{}{}", p0.log_text(), p1.log_text()).contains("notification sent"),
+        "no delivery logged"
+    );
+    assert!(audit.contains(&format!("http://127.0.0.1:{}/…", rx.port)), "{audit}");
     let mut texts = vec![
         ("settings list", listed),
         ("settings list --json", listed_json),
@@ -387,7 +415,10 @@ async fn fleet_events_are_notified_once_signed_and_secrets_stay_secret() {
         ("cp-b log", p1.log_text()),
     ];
     for f in walk(&dp_dir) {
-        texts.push(("data-plane file", String::from_utf8_lossy(&std::fs::read(&f).unwrap()).to_string()));
+        texts.push((
+            "data-plane file",
+            String::from_utf8_lossy(&std::fs::read(&f).unwrap()).to_string(),
+        ));
     }
     for (what, text) in &texts {
         for secret in [URL_TOKEN, SIGNING_SECRET] {

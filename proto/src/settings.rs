@@ -999,10 +999,20 @@ mod tests {
 
     #[test]
     fn secrets_are_masked_and_never_repeated_in_errors() {
-        let e = check("notify.webhook_url", "https://hooks.slack.com/services/T0/B0/sekrit value").unwrap_err();
+        let e = check(
+            "notify.webhook_url",
+            "https://hooks.slack.com/services/T0/B0/sekrit value",
+        )
+        .unwrap_err();
         assert!(!e.to_string().contains("sekrit"), "{e}");
-        assert_eq!(mask("https://hooks.slack.com/services/T0/B0/sekrit"), "https://hooks.slack.com/…");
-        assert_eq!(mask("https://user:pw@example.com:8443/x?token=1"), "https://example.com:8443/…");
+        assert_eq!(
+            mask("https://hooks.slack.com/services/T0/B0/sekrit"),
+            "https://hooks.slack.com/…"
+        );
+        assert_eq!(
+            mask("https://user:pw@example.com:8443/x?token=1"),
+            "https://example.com:8443/…"
+        );
         assert_eq!(mask("whsec_abcdef"), "…");
         for n in SECRET {
             assert!(is_control_plane_only(n), "{n}");

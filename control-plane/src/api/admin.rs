@@ -1851,8 +1851,8 @@ impl Admin for AdminService {
         // Secrets are audited masked and stored sealed with the master key.
         let audited = if settings::is_secret(&name) {
             let shown = settings::mask(&value);
-            value = crate::notify::seal_setting(&self.key, &name, &value)
-                .map_err(|e| Status::internal(e.to_string()))?;
+            value =
+                crate::notify::seal_setting(&self.key, &name, &value).map_err(|e| Status::internal(e.to_string()))?;
             shown
         } else {
             value.clone()

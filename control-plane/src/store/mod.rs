@@ -83,9 +83,14 @@ pub struct Notification {
 pub enum EpisodeChange {
     None,
     /// Opens episode `episode` of (`kind`, the notification's subject).
-    Open { kind: String, episode: String },
+    Open {
+        kind: String,
+        episode: String,
+    },
     /// Closes the open episode of (`kind`, the notification's subject).
-    Close { kind: String },
+    Close {
+        kind: String,
+    },
 }
 
 /// An episode opened by a notification and not closed yet.
@@ -102,9 +107,14 @@ pub struct OpenEpisode {
 pub enum DeliveryOutcome {
     Sent,
     /// Failed; try again at `next_attempt_ms`.
-    Retry { next_attempt_ms: Millis, error: String },
+    Retry {
+        next_attempt_ms: Millis,
+        error: String,
+    },
     /// Failed for good.
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 /// The outbox's waiting notifications.
