@@ -292,6 +292,9 @@ impl Notifier {
         let open: HashMap<(String, String), String> =
             open.into_iter().map(|o| ((o.kind, o.subject), o.episode)).collect();
         let mut current: HashMap<(String, String), Event> = HashMap::new();
+        // Troubles still going on that do not (or no longer) qualify for a new event: an open
+        // episode of one is not over (a rate limit below a threshold raised since).
+        let mut ongoing: HashSet<(String, String)> = HashSet::new();
 
         // Accounts in trouble.
         let accounts = self.store.list_accounts().await?;
@@ -311,6 +314,7 @@ impl Notifier {
                     let long = now.saturating_sub(s.since) >= limited_after
                         || (s.until > 0 && s.until.saturating_sub(s.since) >= limited_after);
                     if !long {
+                        ongoing.insert(("account.rate_limited".into(), account_subject(&s.account_id, &s.scope)));
                         continue;
                     }
                     ("account.rate_limited", "warning", "is rate limited")
@@ -393,7 +397,8 @@ impl Notifier {
         }
         // Episodes over.
         for ((kind, subject), episode) in &open {
-            if current.contains_key(&(kind.clone(), subject.clone())) {
+            let k = (kind.clone(), subject.clone());
+            if current.contains_key(&k) || ongoing.contains(&k) {
                 continue;
             }
             let e = if let Some(dp_kind) = kind.strip_prefix("data_plane.") {
