@@ -70,6 +70,9 @@ pub enum Command {
     /// One screen: config version, data planes and their lag, accounts by state, the last hour,
     /// and which control-plane replica leads the singleton jobs (mechanism, since when, term).
     Status,
+    /// Webhook notifications (`notify.*` settings).
+    #[command(subcommand)]
+    Notify(NotifyCmd),
     /// The control plane's current config version (`epoch:revision`).
     Version,
     /// Print a shell completion script (e.g. `relayctl completions bash > /etc/bash_completion.d/relayctl`).
@@ -78,6 +81,13 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NotifyCmd {
+    /// Send a test notification through the configured webhook now and print the receiver's HTTP
+    /// status (fails unless it answers 2xx).
+    Test,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

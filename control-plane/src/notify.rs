@@ -208,6 +208,20 @@ impl Event {
     }
 }
 
+/// The document `relayctl notify test` sends (type `test`, a fresh id each time).
+pub fn test_document(actor: &str, now: Millis) -> Value {
+    let e = Event {
+        kind: "test".into(),
+        subject: "test".into(),
+        episode: uuid::Uuid::new_v4().simple().to_string(),
+        severity: "info",
+        summary: format!("Test notification from relay (sent by {actor})"),
+        subject_doc: json!({"kind": "test", "id": "test", "name": "test"}),
+        details: json!({"sent_by": actor}),
+    };
+    e.document(now)
+}
+
 /// The body sent for a stored event document.
 pub fn render(doc: &Value, slack: bool) -> Vec<u8> {
     if !slack {

@@ -385,6 +385,17 @@ async fn fleet_events_are_notified_once_signed_and_secrets_stay_secret() {
         assert_eq!(ids.len(), n, "{event}: {got:?}");
     }
 
+    // `relayctl notify test` goes through the same webhook and prints the receiver's status.
+    let tested = relayctl(survivor, ADMIN_TOKEN, &["notify", "test"], None);
+    assert!(tested.contains("HTTP 204"), "{tested}");
+    assert!(tested.contains("slack") && tested.contains("signed"), "{tested}");
+    let test = rx.wait_accepted("test", 1).await;
+    assert!(relay_control_plane::notify::verify(
+        SIGNING_SECRET,
+        &test[0].signature,
+        &test[0].body
+    ));
+
     // Secrets: masked by `settings list`, absent from every data-plane config and every log.
     let listed = relayctl(survivor, ADMIN_TOKEN, &["settings", "list"], None);
     let listed_json = relayctl(survivor, ADMIN_TOKEN, &["settings", "list", "-o", "json"], None);
@@ -409,6 +420,7 @@ async fn fleet_events_are_notified_once_signed_and_secrets_stay_secret() {
     let mut texts = vec![
         ("settings list", listed),
         ("settings list --json", listed_json),
+        ("notify test", tested),
         ("stored settings", stored),
         ("audit", audit),
         ("cp-a log", p0.log_text()),

@@ -2150,6 +2150,39 @@ impl Admin for AdminService {
         Ok(Response::new(pb::CheckAccountsResponse { checks }))
     }
 
+    async fn test_notification(
+        &self,
+        req: Request<pb::TestNotificationRequest>,
+    ) -> Result<Response<pb::TestNotificationResponse>, Status> {
+        let actor = self.authorize(&req, Need::Write, "test_notification").await?;
+        let values = self.store.settings().await.map_err(status_from_store)?;
+        let hook = crate::notify::Webhook::from_settings(&values, &self.key).ok_or_else(|| {
+            Status::failed_precondition(
+                "no webhook is configured: relayctl settings set notify.webhook_url URL (see docs/operations.md, Notifications)",
+            )
+        })?;
+        let upstreams = match &self.prober {
+            Some(p) => p.upstreams.clone(),
+            None => Arc::new(
+                relay_data_plane::upstream::client::Upstreams::new(&Default::default())
+                    .map_err(|e| Status::internal(format!("cannot build the HTTP client: {e}")))?,
+            ),
+        };
+        let doc = crate::notify::test_document(&actor.name, crate::model::now_ms());
+        let (http_status, error) = match crate::notify::send(&upstreams, &hook, &doc).await {
+            Ok(s) => (u32::from(s), String::new()),
+            Err(e) => (0, e),
+        };
+        tracing::info!(actor = %actor.name, http_status, "test notification sent");
+        Ok(Response::new(pb::TestNotificationResponse {
+            http_status,
+            error,
+            webhook: settings::mask(&hook.url),
+            format: if hook.slack { "slack" } else { "json" }.into(),
+            signed: hook.secret.is_some(),
+        }))
+    }
+
     async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
         self.authorize(&req, Need::Read, "get_status").await?;
         let leader = self.store.leader().await.map_err(status_from_store)?;
