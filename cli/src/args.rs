@@ -85,6 +85,13 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum NotifyCmd {
+    /// The newest notifications and their delivery (pending, sent, failed; attempts, last error).
+    #[command(alias = "ls")]
+    List {
+        /// How many, newest first (at most 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// Send a test notification through the configured webhook now and print the receiver's HTTP
     /// status (fails unless it answers 2xx).
     Test,
@@ -837,6 +844,7 @@ mod tests {
             ("settings", &["list", "show", "set", "unset"]),
             ("token", &["create", "list", "revoke"]),
             ("data-planes", &["list"]),
+            ("notify", &["list", "test"]),
         ] {
             let res = cli.find_subcommand(resource).unwrap();
             for v in verbs {

@@ -396,6 +396,19 @@ async fn fleet_events_are_notified_once_signed_and_secrets_stay_secret() {
         &test[0].body
     ));
 
+    // `relayctl notify list`: the unauthorized event sent after three attempts.
+    let listed_notifications = relayctl(survivor, ADMIN_TOKEN, &["notify", "list", "-o", "json"], None);
+    let rows: Value = serde_json::from_str(&listed_notifications).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "account.unauthorized")
+        .unwrap();
+    assert_eq!(row["state"], "sent", "{row}");
+    assert_eq!(row["attempts"], 3, "{row}");
+    assert_eq!(row["id"], d.id.as_str(), "{row}");
+
     // Secrets: masked by `settings list`, absent from every data-plane config and every log.
     let listed = relayctl(survivor, ADMIN_TOKEN, &["settings", "list"], None);
     let listed_json = relayctl(survivor, ADMIN_TOKEN, &["settings", "list", "-o", "json"], None);
@@ -421,6 +434,7 @@ async fn fleet_events_are_notified_once_signed_and_secrets_stay_secret() {
         ("settings list", listed),
         ("settings list --json", listed_json),
         ("notify test", tested),
+        ("notify list", listed_notifications),
         ("stored settings", stored),
         ("audit", audit),
         ("cp-a log", p0.log_text()),

@@ -574,9 +574,31 @@ const NOTIFY_TEST_COLUMNS: &[Column<relay_proto::v1::TestNotificationResponse>] 
     Column::new("error", "Error", |r| Value::Text(r.error.clone())),
 ];
 
-/// `relayctl notify test`.
+const NOTIFICATION_COLUMNS: &[Column<relay_proto::v1::Notification>] = &[
+    Column::new("created_at", "Created", |n| Value::Time(n.created_at_ms)),
+    Column::new("type", "Type", |n| Value::text(&n.r#type)),
+    Column::new("state", "State", |n| Value::text(&n.state)),
+    Column::new("attempts", "Attempts", |n| Value::UInt(u64::from(n.attempts))),
+    Column::new("summary", "Summary", |n| Value::text(&n.summary)),
+    Column::new("last_error", "Last error", |n| Value::opt_text(&n.last_error)),
+    Column::detail("id", "ID", |n| Value::text(&n.id)),
+    Column::detail("next_attempt_at", "Next attempt", |n| {
+        Value::Time(if n.state == "pending" { n.next_attempt_at_ms } else { 0 })
+    }),
+    Column::detail("done_at", "Done", |n| Value::Time(n.done_at_ms)),
+];
+
+/// `relayctl notify list|test`.
 pub async fn notify(conn: &mut Conn, out: Output, cmd: NotifyCmd) -> Result<()> {
     match cmd {
+        NotifyCmd::List { limit } => {
+            let r = conn
+                .api
+                .list_notifications(relay_proto::v1::ListNotificationsRequest { limit })
+                .await
+                .or_report(&conn.server)?;
+            out.list(NOTIFICATION_COLUMNS, &r.notifications)
+        }
         NotifyCmd::Test => {
             let r = conn
                 .api

@@ -2150,6 +2150,37 @@ impl Admin for AdminService {
         Ok(Response::new(pb::CheckAccountsResponse { checks }))
     }
 
+    async fn list_notifications(
+        &self,
+        req: Request<pb::ListNotificationsRequest>,
+    ) -> Result<Response<pb::ListNotificationsResponse>, Status> {
+        self.authorize(&req, Need::Read, "list_notifications").await?;
+        let limit = match req.get_ref().limit {
+            0 => 50,
+            n => n.min(1000),
+        };
+        let rows = self.store.notify_recent(limit).await.map_err(status_from_store)?;
+        let notifications = rows
+            .into_iter()
+            .map(|e| {
+                let doc: serde_json::Value = serde_json::from_str(&e.notification.payload).unwrap_or_default();
+                let text = |k: &str| doc.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+                pb::Notification {
+                    id: text("id"),
+                    r#type: e.notification.kind.clone(),
+                    summary: text("summary"),
+                    created_at_ms: e.notification.created_ms,
+                    state: e.state,
+                    attempts: e.notification.attempts,
+                    next_attempt_at_ms: e.next_attempt_ms,
+                    last_error: e.last_error,
+                    done_at_ms: e.done_ms,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListNotificationsResponse { notifications }))
+    }
+
     async fn test_notification(
         &self,
         req: Request<pb::TestNotificationRequest>,

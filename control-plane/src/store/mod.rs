@@ -117,6 +117,18 @@ pub enum DeliveryOutcome {
     },
 }
 
+/// A notification as `relayctl notify list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub notification: Notification,
+    /// pending, sent or failed.
+    pub state: String,
+    pub next_attempt_ms: Millis,
+    pub last_error: String,
+    /// When it was sent or given up (0 while pending).
+    pub done_ms: Millis,
+}
+
 /// The outbox's waiting notifications.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OutboxStats {
@@ -216,6 +228,8 @@ pub trait Store: Send + Sync + 'static {
     /// Records a delivery attempt of a pending notification.
     async fn notify_mark(&self, dedup_key: &str, outcome: &DeliveryOutcome, now: Millis) -> Result<()>;
     async fn notify_stats(&self) -> Result<OutboxStats>;
+    /// The newest notifications, newest first, `limit` at most.
+    async fn notify_recent(&self, limit: u32) -> Result<Vec<OutboxEntry>>;
 }
 
 pub type DynStore = Arc<dyn Store>;

@@ -5,8 +5,8 @@
 //! config watcher also polls).
 
 use super::{
-    DeliveryOutcome, EpisodeChange, IngestResult, LeaderRecord, Notification, OpenEpisode, OutboxStats, Result, Store,
-    StoreError,
+    DeliveryOutcome, EpisodeChange, IngestResult, LeaderRecord, Notification, OpenEpisode, OutboxEntry, OutboxStats,
+    Result, Store, StoreError,
 };
 use crate::model::*;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -1758,6 +1758,35 @@ impl Store for PostgresStore {
         .await
         .map_err(pg)?;
         Ok(())
+    }
+
+    async fn notify_recent(&self, limit: u32) -> Result<Vec<OutboxEntry>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT dedup_key, kind, subject, payload, created_ms, attempts, state, next_attempt_ms, \
+                 last_error, done_ms FROM notify_outbox ORDER BY created_ms DESC, dedup_key LIMIT $1",
+                &[&i64::from(limit)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| OutboxEntry {
+                notification: Notification {
+                    dedup_key: r.get(0),
+                    kind: r.get(1),
+                    subject: r.get(2),
+                    payload: r.get(3),
+                    created_ms: r.get(4),
+                    attempts: u32::try_from(r.get::<_, i32>(5)).unwrap_or(0),
+                },
+                state: r.get(6),
+                next_attempt_ms: r.get(7),
+                last_error: r.get(8),
+                done_ms: r.get(9),
+            })
+            .collect())
     }
 
     async fn notify_stats(&self) -> Result<OutboxStats> {

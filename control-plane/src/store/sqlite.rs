@@ -6,8 +6,8 @@
 //! order equals revision order.
 
 use super::{
-    DeliveryOutcome, EpisodeChange, IngestResult, LeaderRecord, Notification, OpenEpisode, OutboxStats, Result, Store,
-    StoreError,
+    DeliveryOutcome, EpisodeChange, IngestResult, LeaderRecord, Notification, OpenEpisode, OutboxEntry, OutboxStats,
+    Result, Store, StoreError,
 };
 use crate::model::*;
 use rusqlite::types::{Type, Value};
@@ -1738,6 +1738,34 @@ impl Store for SqliteStore {
             )
             .map_err(db)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn notify_recent(&self, limit: u32) -> Result<Vec<OutboxEntry>> {
+        self.with_conn(move |c| {
+            query_list(
+                c,
+                "SELECT dedup_key, kind, subject, payload, created_ms, attempts, state, next_attempt_ms, \
+                 last_error, done_ms FROM notify_outbox ORDER BY created_ms DESC, dedup_key LIMIT ?1",
+                params![i64::from(limit)],
+                |r| {
+                    Ok(OutboxEntry {
+                        notification: Notification {
+                            dedup_key: r.get(0)?,
+                            kind: r.get(1)?,
+                            subject: r.get(2)?,
+                            payload: r.get(3)?,
+                            created_ms: r.get(4)?,
+                            attempts: u32::try_from(r.get::<_, i64>(5)?).unwrap_or(u32::MAX),
+                        },
+                        state: r.get(6)?,
+                        next_attempt_ms: r.get(7)?,
+                        last_error: r.get(8)?,
+                        done_ms: r.get(9)?,
+                    })
+                },
+            )
         })
         .await
     }
