@@ -1846,6 +1846,19 @@ macro_rules! conformance_suite {
                 .await
                 .unwrap();
             assert!(store.notify_due(T0 + HOUR, 10).await.unwrap().is_empty(), "failed is final");
+            let recent = store.notify_recent(10).await.unwrap();
+            let states: Vec<(&str, &str, u32)> = recent
+                .iter()
+                .map(|e| (e.notification.kind.as_str(), e.state.as_str(), e.notification.attempts))
+                .collect();
+            assert_eq!(
+                states,
+                vec![("account.recovered", "failed", 1), ("account.unauthorized", "sent", 2)],
+                "newest first"
+            );
+            assert_eq!(recent[1].last_error, "", "a success clears the error");
+            assert_eq!(recent[0].done_ms, T0 + 10);
+            assert_eq!(store.notify_recent(1).await.unwrap().len(), 1);
         }
     };
 }
