@@ -227,3 +227,102 @@ async fn troubles_are_queued_once_and_their_recoveries_once() {
         .iter()
         .all(|e| e.subject != "dp-x"));
 }
+
+#[tokio::test]
+async fn budget_thresholds_are_queued_once_per_period_and_follow_the_setting() {
+    let store = Arc::new(SqliteStore::open_in_memory().unwrap()) as DynStore;
+    let now = now_ms();
+    let mut group = Group::new("g1", "team-group", "", KeyLimits::default(), now);
+    // The group: $10 a month; the key: $1 a day.
+    group.limits.monthly_budget = 10_000_000;
+    let key = ApiKey {
+        id: "k1".into(),
+        name: "ci".into(),
+        key_hash: "hash-k1".into(),
+        key_prefix: "rk-k1".into(),
+        status: KeyStatus::Active,
+        expires_at: None,
+        group_id: "g1".into(),
+        allowed_models: vec![],
+        limits: KeyLimits {
+            daily_budget: 1_000_000,
+            ..KeyLimits::default()
+        },
+        created_at: now,
+        updated_at: now,
+        revision: 0,
+    };
+    store
+        .apply(vec![Mutation::InsertGroup(group), Mutation::InsertApiKey(key)], audit())
+        .await
+        .unwrap();
+    let spend = |n: u8, usd: f64| UsageEvent {
+        event_id: uuid::Uuid::from_bytes([n; 16]),
+        request_id: format!("req-{n}"),
+        ts: now_ms(),
+        node_id: "dp-1".into(),
+        api_key_id: "k1".into(),
+        account_id: "a1".into(),
+        model: "m".into(),
+        cost_pico_usd: (usd * 1e12) as u64,
+        http_status: 200,
+        ..Default::default()
+    };
+    let notifier = Notifier {
+        store: store.clone(),
+        key: MasterKey::generate(),
+        upstreams: Arc::new(relay_data_plane::upstream::client::Upstreams::new(&Default::default()).unwrap()),
+        spend: Arc::new(SpendCache::new(store.clone())),
+    };
+    let mut values = BTreeMap::new();
+    let budget_events = |store: DynStore| async move {
+        let mut out: Vec<(String, u64, String)> = store
+            .notify_due(i64::MAX, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|n| n.kind == "budget.threshold")
+            .map(|n| {
+                let doc: Value = serde_json::from_str(&n.payload).unwrap();
+                (
+                    doc["subject"]["name"].as_str().unwrap().to_string(),
+                    doc["details"]["threshold_percent"].as_u64().unwrap(),
+                    doc["details"]["period"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+
+    // $0.70: below 80% of the key's day.
+    store.insert_usage(&[spend(1, 0.70)]).await.unwrap();
+    notifier.observe(&values, now_ms()).await.unwrap();
+    assert!(budget_events(store.clone()).await.is_empty());
+    // $0.85: 80% of the day, once however often it is looked at.
+    store.insert_usage(&[spend(2, 0.15)]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await; // the spend cache's TTL
+    notifier.observe(&values, now_ms()).await.unwrap();
+    notifier.observe(&values, now_ms()).await.unwrap();
+    assert_eq!(
+        budget_events(store.clone()).await,
+        vec![("ci".into(), 80, "daily".into())]
+    );
+    // Thresholds 50 and 100 instead: 50% is crossed already; the group's month is at 8.5%.
+    values.insert("notify.budget_thresholds".to_string(), "50,100".to_string());
+    notifier.observe(&values, now_ms()).await.unwrap();
+    // $5.20 more: the key's day is past 100%, the group's month past 50%.
+    store.insert_usage(&[spend(3, 5.20)]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    notifier.observe(&values, now_ms()).await.unwrap();
+    notifier.observe(&values, now_ms()).await.unwrap();
+    assert_eq!(
+        budget_events(store.clone()).await,
+        vec![
+            ("ci".into(), 50, "daily".into()),
+            ("ci".into(), 80, "daily".into()),
+            ("ci".into(), 100, "daily".into()),
+            ("team-group".into(), 50, "monthly".into()),
+        ]
+    );
+}
