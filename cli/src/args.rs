@@ -70,6 +70,9 @@ pub enum Command {
     /// One screen: config version, data planes and their lag, accounts by state, the last hour,
     /// and which control-plane replica leads the singleton jobs (mechanism, since when, term).
     Status,
+    /// Webhook notifications (`notify.*` settings).
+    #[command(subcommand)]
+    Notify(NotifyCmd),
     /// The control plane's current config version (`epoch:revision`).
     Version,
     /// Print a shell completion script (e.g. `relayctl completions bash > /etc/bash_completion.d/relayctl`).
@@ -78,6 +81,20 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NotifyCmd {
+    /// The newest notifications and their delivery (pending, sent, failed; attempts, last error).
+    #[command(alias = "ls")]
+    List {
+        /// How many, newest first (at most 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Send a test notification through the configured webhook now and print the receiver's HTTP
+    /// status (fails unless it answers 2xx).
+    Test,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -827,6 +844,7 @@ mod tests {
             ("settings", &["list", "show", "set", "unset"]),
             ("token", &["create", "list", "revoke"]),
             ("data-planes", &["list"]),
+            ("notify", &["list", "test"]),
         ] {
             let res = cli.find_subcommand(resource).unwrap();
             for v in verbs {

@@ -188,7 +188,13 @@ pub fn build_resources(state: &ConfigState, key: &MasterKey) -> Result<pb::Resou
         prices: state.prices.iter().map(price_to_pb).collect(),
         settings: Some(pb::Settings {
             api_key_hash_secret: key.api_key_hash_secret().to_vec(),
-            values: state.settings.clone(),
+            // Control-plane-only settings (the webhook URL and its signing secret among them) stay here.
+            values: state
+                .settings
+                .iter()
+                .filter(|(name, _)| !relay_proto::settings::is_control_plane_only(name))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }),
         account_states: state.account_states.iter().map(account_state_to_pb).collect(),
     };

@@ -12,6 +12,7 @@ pub mod jobs;
 
 pub mod leader;
 pub mod model;
+pub mod notify;
 pub mod retention;
 pub mod server;
 pub mod spend;

@@ -136,7 +136,7 @@ pub async fn serve(
         key: key.clone(),
         upstreams: upstreams.clone(),
     });
-    // The leader's jobs: OAuth refresh and probes of accounts in trouble (retention is started by
+    // The leader's jobs: OAuth refresh, probes of accounts in trouble and webhook notifications (retention is started by
     // the binary). They stop the moment this replica stops leading, and when serving ends.
     let jobs = match &opts.leadership {
         Some(l) => {
@@ -149,9 +149,16 @@ pub async fn serve(
                 rejection_grace: crate::jobs::oauth_refresh::REJECTION_GRACE,
             });
             let probes = prober.clone();
+            let notifier = std::sync::Arc::new(crate::notify::Notifier {
+                store: store.clone(),
+                key: key.clone(),
+                upstreams: upstreams.clone(),
+                spend: spend.clone(),
+            });
             vec![
                 crate::leader::run_while_leading(l, "oauth-refresh", move |term| refresher.clone().run(term)),
                 crate::leader::run_while_leading(l, "account-probe", move |term| probes.clone().run(term)),
+                crate::leader::run_while_leading(l, "notifications", move |term| notifier.clone().run(term)),
             ]
         }
         None => Vec::new(),

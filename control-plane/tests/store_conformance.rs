@@ -1794,6 +1794,72 @@ macro_rules! conformance_suite {
             assert_eq!(left.iter().map(|r| r.requests).sum::<u64>(), 3, "newer usage stays");
             assert_eq!(store.delete_usage_before(T0 + HOUR, 100).await.unwrap(), 0);
         }
+
+        #[tokio::test]
+        async fn the_notification_outbox_stores_each_event_once_and_keeps_episodes() {
+            use relay_control_plane::store::{DeliveryOutcome, EpisodeChange, Notification, OutboxStats};
+            let (store, _guard) = fresh().await;
+            let n = |key: &str, kind: &str, at: Millis| Notification {
+                dedup_key: key.into(),
+                kind: kind.into(),
+                subject: "acc_1".into(),
+                payload: format!("{{\"type\":\"{kind}\"}}"),
+                created_ms: at,
+                attempts: 0,
+            };
+            let open = EpisodeChange::Open {
+                kind: "account.unauthorized".into(),
+                episode: "7".into(),
+            };
+            let first = n("account.unauthorized/acc_1/7", "account.unauthorized", T0);
+            assert!(store.notify_enqueue(&first, &open).await.unwrap());
+            // The same event again (another replica, a new leader): nothing changes.
+            assert!(!store.notify_enqueue(&n("account.unauthorized/acc_1/7", "account.unauthorized", T0 + 5), &open).await.unwrap());
+            let eps = store.notify_open_episodes().await.unwrap();
+            assert_eq!(eps.len(), 1);
+            assert_eq!((eps[0].kind.as_str(), eps[0].subject.as_str(), eps[0].episode.as_str()), ("account.unauthorized", "acc_1", "7"));
+            assert_eq!(
+                store.notify_stats().await.unwrap(),
+                OutboxStats { pending: 1, oldest_created_ms: Some(T0) }
+            );
+            let due = store.notify_due(T0, 10).await.unwrap();
+            assert_eq!(due, vec![first.clone()]);
+            assert!(store.notify_due(T0 - 1, 10).await.unwrap().is_empty(), "not due before it was made");
+            // A failed attempt: due again only at its retry time, with the attempt counted.
+            let retry = DeliveryOutcome::Retry { next_attempt_ms: T0 + 1_000, error: "HTTP 500".into() };
+            store.notify_mark(&first.dedup_key, &retry, T0).await.unwrap();
+            assert!(store.notify_due(T0 + 999, 10).await.unwrap().is_empty());
+            assert_eq!(store.notify_due(T0 + 1_000, 10).await.unwrap()[0].attempts, 1);
+            store.notify_mark(&first.dedup_key, &DeliveryOutcome::Sent, T0 + 1_000).await.unwrap();
+            assert!(store.notify_due(T0 + HOUR, 10).await.unwrap().is_empty(), "sent once");
+            assert_eq!(store.notify_stats().await.unwrap(), OutboxStats::default());
+            // Marking a sent one again changes nothing (a stale leader's late answer).
+            store.notify_mark(&first.dedup_key, &retry, T0 + 2_000).await.unwrap();
+            assert!(store.notify_due(T0 + HOUR, 10).await.unwrap().is_empty());
+            // The recovery closes the episode.
+            let rec = n("account.recovered/acc_1/account.unauthorized:7", "account.recovered", T0 + 9);
+            let close = EpisodeChange::Close { kind: "account.unauthorized".into() };
+            assert!(store.notify_enqueue(&rec, &close).await.unwrap());
+            assert!(store.notify_open_episodes().await.unwrap().is_empty());
+            store
+                .notify_mark(&rec.dedup_key, &DeliveryOutcome::Failed { error: "gone".into() }, T0 + 10)
+                .await
+                .unwrap();
+            assert!(store.notify_due(T0 + HOUR, 10).await.unwrap().is_empty(), "failed is final");
+            let recent = store.notify_recent(10).await.unwrap();
+            let states: Vec<(&str, &str, u32)> = recent
+                .iter()
+                .map(|e| (e.notification.kind.as_str(), e.state.as_str(), e.notification.attempts))
+                .collect();
+            assert_eq!(
+                states,
+                vec![("account.recovered", "failed", 1), ("account.unauthorized", "sent", 2)],
+                "newest first"
+            );
+            assert_eq!(recent[1].last_error, "", "a success clears the error");
+            assert_eq!(recent[0].done_ms, T0 + 10);
+            assert_eq!(store.notify_recent(1).await.unwrap().len(), 1);
+        }
     };
 }
 

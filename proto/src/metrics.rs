@@ -202,6 +202,14 @@ catalogue! {
         "Redis calls that failed or timed out.";
     MODEL_MISMATCH_TOTAL = "relay_model_mismatch_total": Counter, "", DataPlane, ["account"],
         "Answers naming another model than the request asked for.";
+    NOTIFY_DELIVERIES_TOTAL = "relay_notify_deliveries_total": Counter, "", ControlPlane, ["outcome"],
+        "Webhook notification delivery attempts by outcome (sent; retry: failed, tried again later; failed: given up after the attempts or age allowed).";
+    NOTIFY_EVENTS_TOTAL = "relay_notify_events_total": Counter, "", ControlPlane, ["kind"],
+        "Notifications queued in the outbox by event kind (account.unauthorized, data_plane.lost, budget.threshold, ...).";
+    NOTIFY_OUTBOX_OLDEST_AGE_SECONDS = "relay_notify_outbox_oldest_age_seconds": Gauge, "seconds", ControlPlane, [],
+        "Age of the oldest notification still waiting for delivery (0: none), on the leader replica.";
+    NOTIFY_OUTBOX_PENDING = "relay_notify_outbox_pending": Gauge, "", ControlPlane, [],
+        "Notifications waiting for delivery (first attempt or a retry), on the leader replica.";
     OAUTH_REFRESH_DURATION_SECONDS = "relay_oauth_refresh_duration_seconds": Histogram, "seconds", ControlPlane, [],
         "Time of one call to the OAuth token endpoint.";
     OAUTH_REFRESH_TOTAL = "relay_oauth_refresh_total": Counter, "", ControlPlane, ["outcome"],

@@ -29,6 +29,8 @@ pub enum Type {
     Text,
     /// Exact browser origins (`scheme://host[:port]`), comma-separated, or `*` alone.
     Origins,
+    /// Percentages in 1..=100, comma-separated (`80,100`).
+    Percents,
 }
 
 impl Type {
@@ -44,6 +46,7 @@ impl Type {
             Type::Url => "URL",
             Type::Text => "text",
             Type::Origins => "origin list",
+            Type::Percents => "percentages",
         }
     }
 }
@@ -74,6 +77,63 @@ pub const READ_OUTSIDE_THE_PLANES: &[&str] = &[
     "oauth.scopes",
     "oauth.token_url",
 ];
+
+/// Settings only the control plane reads: they are never pushed to data planes.
+pub const CONTROL_PLANE_ONLY: &[&str] = &[
+    "notify.budget_thresholds",
+    "notify.data_plane_lost_after_ms",
+    "notify.rate_limited_after_ms",
+    "notify.signing_secret",
+    "notify.webhook_format",
+    "notify.webhook_url",
+];
+
+/// Secret settings: stored sealed with the master key, shown masked by `settings list`, audited
+/// masked, kept out of error messages, never pushed to data planes (they are in
+/// [`CONTROL_PLANE_ONLY`] too).
+pub const SECRET: &[&str] = &["notify.signing_secret", "notify.webhook_url"];
+
+/// Whether `name` is a secret setting ([`SECRET`]).
+pub fn is_secret(name: &str) -> bool {
+    SECRET.contains(&name)
+}
+
+/// Whether `name` stays on the control plane ([`CONTROL_PLANE_ONLY`]).
+pub fn is_control_plane_only(name: &str) -> bool {
+    CONTROL_PLANE_ONLY.contains(&name)
+}
+
+/// How a secret setting's value is shown: a URL as its scheme and host then `…`, anything else
+/// as `…` alone (never a character of the secret beyond a URL's host).
+pub fn mask(value: &str) -> String {
+    let v = value.trim();
+    if v.is_empty() {
+        return String::new();
+    }
+    match v.split_once("://") {
+        Some((scheme, rest)) if scheme == "http" || scheme == "https" => {
+            let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+            format!("{scheme}://{host}/…")
+        }
+        _ => "…".to_string(),
+    }
+}
+
+/// Parses a `Percents` value: each percentage in 1..=100, sorted, without repeats.
+pub fn parse_percents(value: &str) -> Option<Vec<u64>> {
+    let mut out = Vec::new();
+    for p in value.split(',').map(str::trim) {
+        let n = p.strip_suffix('%').unwrap_or(p).trim().parse::<u64>().ok()?;
+        if !(1..=100).contains(&n) {
+            return None;
+        }
+        out.push(n);
+    }
+    out.sort_unstable();
+    out.dedup();
+    (!out.is_empty()).then_some(out)
+}
 
 const HOUR_MS: u64 = 3_600_000;
 const DAY_MS: u64 = 24 * HOUR_MS;
@@ -234,6 +294,60 @@ pub const SETTINGS: &[Setting] = &[
         per_account: false,
         choices: &[],
         description: "the model ids GET /v1/models lists (comma-separated); unset: the built-in list",
+    },
+    Setting {
+        name: "notify.budget_thresholds",
+        ty: Type::Percents,
+        min: 0,
+        max: 0,
+        default: "80,100",
+        per_account: false,
+        choices: &[],
+        description: "notifications: the percentages of a key's or group's daily or monthly budget whose crossing is notified (once per period each)",
+    },
+    ms(
+        "notify.data_plane_lost_after_ms",
+        0,
+        DAY_MS,
+        "60000",
+        "notifications: how long a data plane must stay disconnected before data_plane.lost is sent",
+    ),
+    ms(
+        "notify.rate_limited_after_ms",
+        0,
+        7 * DAY_MS,
+        "900000",
+        "notifications: how long an account must be (or be set to stay) rate limited before account.rate_limited is sent",
+    ),
+    Setting {
+        name: "notify.signing_secret",
+        ty: Type::Text,
+        min: 0,
+        max: 0,
+        default: "",
+        per_account: false,
+        choices: &[],
+        description: "notifications: the secret that signs each webhook body (X-Relay-Signature, HMAC-SHA256); secret: stored sealed, shown masked; unset: unsigned",
+    },
+    Setting {
+        name: "notify.webhook_format",
+        ty: Type::Choice,
+        min: 0,
+        max: 0,
+        default: "json",
+        per_account: false,
+        choices: &["json", "slack"],
+        description: "notifications: the body sent, json (relay's event document) or slack (a Slack incoming-webhook message)",
+    },
+    Setting {
+        name: "notify.webhook_url",
+        ty: Type::Url,
+        min: 0,
+        max: 0,
+        default: "",
+        per_account: false,
+        choices: &[],
+        description: "notifications: where the leader replica POSTs fleet events (account trouble, budgets, data planes lost); secret: stored sealed, shown masked; unset: no notifications",
     },
     Setting {
         name: "oauth.authorize_url",
@@ -440,6 +554,7 @@ impl Setting {
             Type::Url => "http:// or https:// URL".into(),
             Type::Text => "visible text, at most 512 characters".into(),
             Type::Origins => "exact origins scheme://host[:port], comma-separated, or * alone".into(),
+            Type::Percents => "percentages 1..=100, comma-separated".into(),
         }
     }
 
@@ -448,7 +563,12 @@ impl Setting {
         let v = value.trim();
         let invalid = || SettingError::Invalid {
             name: self.name.to_string(),
-            value: value.chars().take(64).collect(),
+            // A secret is never repeated back (it would reach logs and terminals).
+            value: if is_secret(self.name) {
+                "(secret, not shown)".to_string()
+            } else {
+                value.chars().take(64).collect()
+            },
             expected: format!("{} in {}", self.ty.as_str(), self.range()),
         };
         // A number is short: with the value cap only a model list may be long, so
@@ -495,6 +615,10 @@ impl Setting {
                     Err(invalid())
                 }
             }
+            Type::Percents => match parse_percents(v) {
+                Some(_) => Ok(()),
+                None => Err(invalid()),
+            },
             Type::Origins => match parse_origins(v) {
                 Ok(_) => Ok(()),
                 Err(reason) => Err(SettingError::BadOrigins {
@@ -542,6 +666,15 @@ impl Setting {
     pub fn choice_in(&self, values: &BTreeMap<String, String>) -> &'static str {
         let v = values.get(self.name).map(|v| v.trim()).unwrap_or("");
         self.choices.iter().copied().find(|c| *c == v).unwrap_or(self.default)
+    }
+
+    /// The value in `values` as percentages ([`parse_percents`]), else the default.
+    pub fn percents_in(&self, values: &BTreeMap<String, String>) -> Vec<u64> {
+        values
+            .get(self.name)
+            .and_then(|v| parse_percents(v))
+            .or_else(|| parse_percents(self.default))
+            .unwrap_or_default()
     }
 
     /// The value in `values` (trimmed) if it passes [`Setting::check`], else the default (`Url`, `Text`).
@@ -822,7 +955,7 @@ pub fn markdown_table() -> String {
     );
     for s in SETTINGS {
         let default = match (s.default.is_empty(), s.ty) {
-            (true, Type::Origins) => "(none: off)",
+            (true, Type::Origins | Type::Url | Type::Text) => "(none: off)",
             (true, _) => "(built-in list)",
             (false, _) => s.default,
         };
@@ -855,6 +988,34 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), SETTINGS.len(), "unique names");
+    }
+
+    #[test]
+    fn secrets_are_masked_and_never_repeated_in_errors() {
+        let e = check(
+            "notify.webhook_url",
+            "https://hooks.slack.com/services/T0/B0/sekrit value",
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("sekrit"), "{e}");
+        assert_eq!(
+            mask("https://hooks.slack.com/services/T0/B0/sekrit"),
+            "https://hooks.slack.com/…"
+        );
+        assert_eq!(
+            mask("https://user:pw@example.com:8443/x?token=1"),
+            "https://example.com:8443/…"
+        );
+        assert_eq!(mask("whsec_abcdef"), "…");
+        for n in SECRET {
+            assert!(is_control_plane_only(n), "{n}");
+        }
+        assert_eq!(parse_percents("100, 80,80%"), Some(vec![80, 100]));
+        assert_eq!(parse_percents("0"), None);
+        assert_eq!(parse_percents("101"), None);
+        assert_eq!(parse_percents(""), None);
+        assert!(check("notify.budget_thresholds", "50,90,100").is_ok());
+        assert!(check("notify.budget_thresholds", "50,x").is_err());
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Usage(args) => status::usage(&mut conn, out, args).await,
         Command::Token(cmd) => tokens::run(&mut conn, out, cmd).await,
         Command::Version => status::version(&mut conn, out).await,
+        Command::Notify(cmd) => status::notify(&mut conn, out, cmd).await,
         Command::Status => status::status(&mut conn, out).await,
         Command::Completions { .. } => Ok(()),
     }

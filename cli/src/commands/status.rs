@@ -7,7 +7,7 @@ use relay_proto::v1::{
 };
 
 use super::version_string;
-use crate::args::{AuditArgs, BucketArg, ProxiesCmd, UsageArgs, UsageBy};
+use crate::args::{AuditArgs, BucketArg, NotifyCmd, ProxiesCmd, UsageArgs, UsageBy};
 use crate::client::{Conn, RpcResult};
 use crate::output::{Column, Format, Output, Value};
 use crate::parse::format_cost;
@@ -559,6 +559,72 @@ pub async fn version(conn: &mut Conn, out: Output) -> Result<()> {
     match out.format {
         Format::Table | Format::Wide => out.one_or_text(VERSION_COLUMNS, &v, &v.to_string()),
         Format::Json | Format::Csv => out.one(VERSION_COLUMNS, &v),
+    }
+}
+
+const NOTIFY_TEST_COLUMNS: &[Column<relay_proto::v1::TestNotificationResponse>] = &[
+    Column::new("webhook", "Webhook", |r| Value::Text(r.webhook.clone())),
+    Column::new("format", "Format", |r| Value::Text(r.format.clone())),
+    Column::new("signed", "Signed", |r| {
+        Value::Text(if r.signed { "yes" } else { "no" }.into())
+    }),
+    Column::new("http_status", "HTTP status", |r| Value::UInt(u64::from(r.http_status))),
+    Column::new("error", "Error", |r| Value::Text(r.error.clone())),
+];
+
+const NOTIFICATION_COLUMNS: &[Column<relay_proto::v1::Notification>] = &[
+    Column::new("created_at", "Created", |n| Value::Time(n.created_at_ms)),
+    Column::new("type", "Type", |n| Value::text(&n.r#type)),
+    Column::new("state", "State", |n| Value::text(&n.state)),
+    Column::new("attempts", "Attempts", |n| Value::UInt(u64::from(n.attempts))),
+    Column::new("summary", "Summary", |n| Value::text(&n.summary)),
+    Column::new("last_error", "Last error", |n| Value::opt_text(&n.last_error)),
+    Column::detail("id", "ID", |n| Value::text(&n.id)),
+    Column::detail("next_attempt_at", "Next attempt", |n| {
+        Value::Time(if n.state == "pending" { n.next_attempt_at_ms } else { 0 })
+    }),
+    Column::detail("done_at", "Done", |n| Value::Time(n.done_at_ms)),
+];
+
+/// `relayctl notify list|test`.
+pub async fn notify(conn: &mut Conn, out: Output, cmd: NotifyCmd) -> Result<()> {
+    match cmd {
+        NotifyCmd::List { limit } => {
+            let r = conn
+                .api
+                .list_notifications(relay_proto::v1::ListNotificationsRequest { limit })
+                .await
+                .or_report(&conn.server)?;
+            out.list(NOTIFICATION_COLUMNS, &r.notifications)
+        }
+        NotifyCmd::Test => {
+            let r = conn
+                .api
+                .test_notification(relay_proto::v1::TestNotificationRequest {})
+                .await
+                .or_report(&conn.server)?;
+            let text = match r.http_status {
+                0 => format!(
+                    "test notification to {} ({}): no answer: {}",
+                    r.webhook, r.format, r.error
+                ),
+                s => format!(
+                    "test notification to {} ({}{}): HTTP {s}",
+                    r.webhook,
+                    r.format,
+                    if r.signed { ", signed" } else { "" }
+                ),
+            };
+            match out.format {
+                Format::Table | Format::Wide => out.one_or_text(NOTIFY_TEST_COLUMNS, &r, &text)?,
+                Format::Json | Format::Csv => out.one(NOTIFY_TEST_COLUMNS, &r)?,
+            }
+            if (200..300).contains(&r.http_status) {
+                Ok(())
+            } else {
+                Err(anyhow!("the receiver did not accept the test notification"))
+            }
+        }
     }
 }
 

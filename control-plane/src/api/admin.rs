@@ -206,7 +206,14 @@ impl AdminService {
     /// Every declared setting (value in force, default), the account overrides
     /// stored, and stored names relay does not know (so they can be unset).
     async fn settings_response(&self) -> Result<pb::ListSettingsResponse, Status> {
-        let values = self.store.settings().await.map_err(status_from_store)?;
+        let mut values = self.store.settings().await.map_err(status_from_store)?;
+        // Secrets are shown masked (a URL's scheme and host), never in clear.
+        for name in settings::SECRET {
+            if let Some(v) = values.get_mut(*name) {
+                let clear = crate::notify::open_setting(&self.key, name, v).unwrap_or_default();
+                *v = settings::mask(&clear);
+            }
+        }
         let info = |name: String, value: Option<&String>, decl: Option<&settings::Setting>| pb::SettingInfo {
             name,
             set: value.is_some(),
@@ -1793,12 +1800,21 @@ impl Admin for AdminService {
                 "{MAX_STORED_SETTINGS} settings are stored already; unset some first"
             )));
         }
-        let value = r.value.trim().to_string();
+        let mut value = r.value.trim().to_string();
+        // Secrets are audited masked and stored sealed with the master key.
+        let audited = if settings::is_secret(&name) {
+            let shown = settings::mask(&value);
+            value =
+                crate::notify::seal_setting(&self.key, &name, &value).map_err(|e| Status::internal(e.to_string()))?;
+            shown
+        } else {
+            value.clone()
+        };
         self.apply(
             &actor,
             "setting.set",
             &name,
-            json!({"value": value}),
+            json!({"value": audited}),
             vec![Mutation::SetSetting {
                 name: name.clone(),
                 value,
@@ -2085,6 +2101,70 @@ impl Admin for AdminService {
             .collect();
         checks.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::new(pb::CheckAccountsResponse { checks }))
+    }
+
+    async fn list_notifications(
+        &self,
+        req: Request<pb::ListNotificationsRequest>,
+    ) -> Result<Response<pb::ListNotificationsResponse>, Status> {
+        self.authorize(&req, Need::Read, "list_notifications").await?;
+        let limit = match req.get_ref().limit {
+            0 => 50,
+            n => n.min(1000),
+        };
+        let rows = self.store.notify_recent(limit).await.map_err(status_from_store)?;
+        let notifications = rows
+            .into_iter()
+            .map(|e| {
+                let doc: serde_json::Value = serde_json::from_str(&e.notification.payload).unwrap_or_default();
+                let text = |k: &str| doc.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+                pb::Notification {
+                    id: text("id"),
+                    r#type: e.notification.kind.clone(),
+                    summary: text("summary"),
+                    created_at_ms: e.notification.created_ms,
+                    state: e.state,
+                    attempts: e.notification.attempts,
+                    next_attempt_at_ms: e.next_attempt_ms,
+                    last_error: e.last_error,
+                    done_at_ms: e.done_ms,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListNotificationsResponse { notifications }))
+    }
+
+    async fn test_notification(
+        &self,
+        req: Request<pb::TestNotificationRequest>,
+    ) -> Result<Response<pb::TestNotificationResponse>, Status> {
+        let actor = self.authorize(&req, Need::Write, "test_notification").await?;
+        let values = self.store.settings().await.map_err(status_from_store)?;
+        let hook = crate::notify::Webhook::from_settings(&values, &self.key).ok_or_else(|| {
+            Status::failed_precondition(
+                "no webhook is configured: relayctl settings set notify.webhook_url URL (see docs/operations.md, Notifications)",
+            )
+        })?;
+        let upstreams = match &self.prober {
+            Some(p) => p.upstreams.clone(),
+            None => Arc::new(
+                relay_data_plane::upstream::client::Upstreams::new(&Default::default())
+                    .map_err(|e| Status::internal(format!("cannot build the HTTP client: {e}")))?,
+            ),
+        };
+        let doc = crate::notify::test_document(&actor.name, crate::model::now_ms());
+        let (http_status, error) = match crate::notify::send(&upstreams, &hook, &doc).await {
+            Ok(s) => (u32::from(s), String::new()),
+            Err(e) => (0, e),
+        };
+        tracing::info!(actor = %actor.name, http_status, "test notification sent");
+        Ok(Response::new(pb::TestNotificationResponse {
+            http_status,
+            error,
+            webhook: settings::mask(&hook.url),
+            format: if hook.slack { "slack" } else { "json" }.into(),
+            signed: hook.secret.is_some(),
+        }))
     }
 
     async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {

@@ -64,6 +64,79 @@ pub struct IngestResult {
     pub duplicates: u64,
 }
 
+/// One webhook notification in the outbox (`crate::notify`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// `KIND/SUBJECT/EPISODE`: the same event written twice is stored once.
+    pub dedup_key: String,
+    pub kind: String,
+    pub subject: String,
+    /// The event document (JSON), as the generic format sends it.
+    pub payload: String,
+    pub created_ms: Millis,
+    /// Delivery attempts made so far.
+    pub attempts: u32,
+}
+
+/// What storing a notification does to the open episodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EpisodeChange {
+    None,
+    /// Opens episode `episode` of (`kind`, the notification's subject).
+    Open {
+        kind: String,
+        episode: String,
+    },
+    /// Closes the open episode of (`kind`, the notification's subject).
+    Close {
+        kind: String,
+    },
+}
+
+/// An episode opened by a notification and not closed yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenEpisode {
+    pub kind: String,
+    pub subject: String,
+    pub episode: String,
+    pub opened_ms: Millis,
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    Sent,
+    /// Failed; try again at `next_attempt_ms`.
+    Retry {
+        next_attempt_ms: Millis,
+        error: String,
+    },
+    /// Failed for good.
+    Failed {
+        error: String,
+    },
+}
+
+/// A notification as `relayctl notify list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub notification: Notification,
+    /// pending, sent or failed.
+    pub state: String,
+    pub next_attempt_ms: Millis,
+    pub last_error: String,
+    /// When it was sent or given up (0 while pending).
+    pub done_ms: Millis,
+}
+
+/// The outbox's waiting notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxStats {
+    pub pending: u64,
+    /// `created_ms` of the oldest one.
+    pub oldest_created_ms: Option<Millis>,
+}
+
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Which implementation this is ("postgres" or "sqlite"), for logs and metrics.
@@ -145,6 +218,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// The last recorded leader, if any replica ever claimed a term.
     async fn leader(&self) -> Result<Option<LeaderRecord>>;
+
+    /// Stores a pending notification unless one with its dedup key is stored already (then
+    /// returns false and changes nothing); a stored one applies `change` in the same transaction.
+    async fn notify_enqueue(&self, n: &Notification, change: &EpisodeChange) -> Result<bool>;
+    async fn notify_open_episodes(&self) -> Result<Vec<OpenEpisode>>;
+    /// Pending notifications due at `now`, oldest first, `limit` at most.
+    async fn notify_due(&self, now: Millis, limit: u32) -> Result<Vec<Notification>>;
+    /// Records a delivery attempt of a pending notification.
+    async fn notify_mark(&self, dedup_key: &str, outcome: &DeliveryOutcome, now: Millis) -> Result<()>;
+    async fn notify_stats(&self) -> Result<OutboxStats>;
+    /// The newest notifications, newest first, `limit` at most.
+    async fn notify_recent(&self, limit: u32) -> Result<Vec<OutboxEntry>>;
 }
 
 pub type DynStore = Arc<dyn Store>;

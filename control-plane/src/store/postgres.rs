@@ -4,7 +4,10 @@
 //! `LISTEN`s for head changes committed by other replicas (a hint only: the
 //! config watcher also polls).
 
-use super::{IngestResult, LeaderRecord, Result, Store, StoreError};
+use super::{
+    DeliveryOutcome, EpisodeChange, IngestResult, LeaderRecord, Notification, OpenEpisode, OutboxEntry, OutboxStats,
+    Result, Store, StoreError,
+};
 use crate::model::*;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +35,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("../../migrations/postgres/0011_client_request_id.sql")),
     (12, include_str!("../../migrations/postgres/0012_queue_wait.sql")),
     (13, include_str!("../../migrations/postgres/0013_group_routing.sql")),
+    (15, include_str!("../../migrations/postgres/0015_notify_outbox.sql")),
 ];
 const NOTIFY_CHANNEL: &str = "relay_config";
 /// `application_name` of the LISTEN connection.
@@ -1655,6 +1659,149 @@ impl Store for PostgresStore {
             })
         })
         .transpose()
+    }
+
+    async fn notify_enqueue(&self, n: &Notification, change: &EpisodeChange) -> Result<bool> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO notify_outbox (dedup_key, kind, subject, payload, created_ms, next_attempt_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (dedup_key) DO NOTHING",
+                &[&n.dedup_key, &n.kind, &n.subject, &n.payload, &n.created_ms],
+            )
+            .await
+            .map_err(pg)?
+            > 0;
+        if inserted {
+            match change {
+                EpisodeChange::None => {}
+                EpisodeChange::Open { kind, episode } => {
+                    tx.execute(
+                        "INSERT INTO notify_episodes (kind, subject, episode, opened_ms) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (kind, subject) DO NOTHING",
+                        &[kind, &n.subject, episode, &n.created_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                }
+                EpisodeChange::Close { kind } => {
+                    tx.execute(
+                        "DELETE FROM notify_episodes WHERE kind = $1 AND subject = $2",
+                        &[kind, &n.subject],
+                    )
+                    .await
+                    .map_err(pg)?;
+                }
+            }
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(inserted)
+    }
+
+    async fn notify_open_episodes(&self) -> Result<Vec<OpenEpisode>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT kind, subject, episode, opened_ms FROM notify_episodes ORDER BY kind, subject",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| OpenEpisode {
+                kind: r.get(0),
+                subject: r.get(1),
+                episode: r.get(2),
+                opened_ms: r.get(3),
+            })
+            .collect())
+    }
+
+    async fn notify_due(&self, now: Millis, limit: u32) -> Result<Vec<Notification>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT dedup_key, kind, subject, payload, created_ms, attempts FROM notify_outbox \
+                 WHERE state = 'pending' AND next_attempt_ms <= $1 ORDER BY created_ms, dedup_key LIMIT $2",
+                &[&now, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| Notification {
+                dedup_key: r.get(0),
+                kind: r.get(1),
+                subject: r.get(2),
+                payload: r.get(3),
+                created_ms: r.get(4),
+                attempts: u32::try_from(r.get::<_, i32>(5)).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    async fn notify_mark(&self, dedup_key: &str, outcome: &DeliveryOutcome, now: Millis) -> Result<()> {
+        let (state, next, error) = match outcome {
+            DeliveryOutcome::Sent => ("sent", now, String::new()),
+            DeliveryOutcome::Retry { next_attempt_ms, error } => ("pending", *next_attempt_ms, error.clone()),
+            DeliveryOutcome::Failed { error } => ("failed", now, error.clone()),
+        };
+        let done: i64 = if state == "pending" { 0 } else { now };
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE notify_outbox SET state = $2, attempts = attempts + 1, next_attempt_ms = $3, \
+             last_error = $4, done_ms = $5 WHERE dedup_key = $1 AND state = 'pending'",
+            &[&dedup_key, &state, &next, &error, &done],
+        )
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn notify_recent(&self, limit: u32) -> Result<Vec<OutboxEntry>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT dedup_key, kind, subject, payload, created_ms, attempts, state, next_attempt_ms, \
+                 last_error, done_ms FROM notify_outbox ORDER BY created_ms DESC, dedup_key LIMIT $1",
+                &[&i64::from(limit)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| OutboxEntry {
+                notification: Notification {
+                    dedup_key: r.get(0),
+                    kind: r.get(1),
+                    subject: r.get(2),
+                    payload: r.get(3),
+                    created_ms: r.get(4),
+                    attempts: u32::try_from(r.get::<_, i32>(5)).unwrap_or(0),
+                },
+                state: r.get(6),
+                next_attempt_ms: r.get(7),
+                last_error: r.get(8),
+                done_ms: r.get(9),
+            })
+            .collect())
+    }
+
+    async fn notify_stats(&self) -> Result<OutboxStats> {
+        let c = self.client().await?;
+        let r = c
+            .query_one(
+                "SELECT COUNT(*), MIN(created_ms) FROM notify_outbox WHERE state = 'pending'",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(OutboxStats {
+            pending: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
+            oldest_created_ms: r.get(1),
+        })
     }
 }
 

@@ -5,7 +5,10 @@
 //! Config writes take the write lock up front (`BEGIN IMMEDIATE`), so commit
 //! order equals revision order.
 
-use super::{IngestResult, LeaderRecord, Result, Store, StoreError};
+use super::{
+    DeliveryOutcome, EpisodeChange, IngestResult, LeaderRecord, Notification, OpenEpisode, OutboxEntry, OutboxStats,
+    Result, Store, StoreError,
+};
 use crate::model::*;
 use rusqlite::types::{Type, Value};
 use rusqlite::{ffi, params, params_from_iter, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
@@ -31,6 +34,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("../../migrations/sqlite/0011_client_request_id.sql")),
     (12, include_str!("../../migrations/sqlite/0012_queue_wait.sql")),
     (13, include_str!("../../migrations/sqlite/0013_group_routing.sql")),
+    (15, include_str!("../../migrations/sqlite/0015_notify_outbox.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1632,6 +1636,152 @@ impl Store for SqliteStore {
                 },
             )
             .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn notify_enqueue(&self, n: &Notification, change: &EpisodeChange) -> Result<bool> {
+        let n = n.clone();
+        let change = change.clone();
+        self.with_conn(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let inserted = tx
+                .execute(
+                    "INSERT INTO notify_outbox (dedup_key, kind, subject, payload, created_ms, next_attempt_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (dedup_key) DO NOTHING",
+                    params![n.dedup_key, n.kind, n.subject, n.payload, n.created_ms],
+                )
+                .map_err(db)?
+                > 0;
+            if inserted {
+                match &change {
+                    EpisodeChange::None => {}
+                    EpisodeChange::Open { kind, episode } => {
+                        tx.execute(
+                            "INSERT INTO notify_episodes (kind, subject, episode, opened_ms) VALUES (?1, ?2, ?3, ?4) \
+                             ON CONFLICT (kind, subject) DO NOTHING",
+                            params![kind, n.subject, episode, n.created_ms],
+                        )
+                        .map_err(db)?;
+                    }
+                    EpisodeChange::Close { kind } => {
+                        tx.execute(
+                            "DELETE FROM notify_episodes WHERE kind = ?1 AND subject = ?2",
+                            params![kind, n.subject],
+                        )
+                        .map_err(db)?;
+                    }
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(inserted)
+        })
+        .await
+    }
+
+    async fn notify_open_episodes(&self) -> Result<Vec<OpenEpisode>> {
+        self.with_conn(|c| {
+            query_list(
+                c,
+                "SELECT kind, subject, episode, opened_ms FROM notify_episodes ORDER BY kind, subject",
+                [],
+                |r| {
+                    Ok(OpenEpisode {
+                        kind: r.get(0)?,
+                        subject: r.get(1)?,
+                        episode: r.get(2)?,
+                        opened_ms: r.get(3)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn notify_due(&self, now: Millis, limit: u32) -> Result<Vec<Notification>> {
+        self.with_conn(move |c| {
+            query_list(
+                c,
+                "SELECT dedup_key, kind, subject, payload, created_ms, attempts FROM notify_outbox \
+                 WHERE state = 'pending' AND next_attempt_ms <= ?1 ORDER BY created_ms, dedup_key LIMIT ?2",
+                params![now, i64::from(limit)],
+                |r| {
+                    Ok(Notification {
+                        dedup_key: r.get(0)?,
+                        kind: r.get(1)?,
+                        subject: r.get(2)?,
+                        payload: r.get(3)?,
+                        created_ms: r.get(4)?,
+                        attempts: u32::try_from(r.get::<_, i64>(5)?).unwrap_or(u32::MAX),
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn notify_mark(&self, dedup_key: &str, outcome: &DeliveryOutcome, now: Millis) -> Result<()> {
+        let key = dedup_key.to_string();
+        let outcome = outcome.clone();
+        self.with_conn(move |c| {
+            let (state, next, error) = match &outcome {
+                DeliveryOutcome::Sent => ("sent", now, String::new()),
+                DeliveryOutcome::Retry { next_attempt_ms, error } => ("pending", *next_attempt_ms, error.clone()),
+                DeliveryOutcome::Failed { error } => ("failed", now, error.clone()),
+            };
+            let done = if state == "pending" { 0 } else { now };
+            c.execute(
+                "UPDATE notify_outbox SET state = ?2, attempts = attempts + 1, next_attempt_ms = ?3, \
+                 last_error = ?4, done_ms = ?5 WHERE dedup_key = ?1 AND state = 'pending'",
+                params![key, state, next, error, done],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn notify_recent(&self, limit: u32) -> Result<Vec<OutboxEntry>> {
+        self.with_conn(move |c| {
+            query_list(
+                c,
+                "SELECT dedup_key, kind, subject, payload, created_ms, attempts, state, next_attempt_ms, \
+                 last_error, done_ms FROM notify_outbox ORDER BY created_ms DESC, dedup_key LIMIT ?1",
+                params![i64::from(limit)],
+                |r| {
+                    Ok(OutboxEntry {
+                        notification: Notification {
+                            dedup_key: r.get(0)?,
+                            kind: r.get(1)?,
+                            subject: r.get(2)?,
+                            payload: r.get(3)?,
+                            created_ms: r.get(4)?,
+                            attempts: u32::try_from(r.get::<_, i64>(5)?).unwrap_or(u32::MAX),
+                        },
+                        state: r.get(6)?,
+                        next_attempt_ms: r.get(7)?,
+                        last_error: r.get(8)?,
+                        done_ms: r.get(9)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn notify_stats(&self) -> Result<OutboxStats> {
+        self.with_conn(|c| {
+            c.query_row(
+                "SELECT COUNT(*), MIN(created_ms) FROM notify_outbox WHERE state = 'pending'",
+                [],
+                |r| {
+                    Ok(OutboxStats {
+                        pending: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                        oldest_created_ms: r.get(1)?,
+                    })
+                },
+            )
             .map_err(db)
         })
         .await
