@@ -12,6 +12,7 @@ pub mod jobs;
 
 pub mod leader;
 pub mod model;
+pub mod requests;
 pub mod retention;
 pub mod server;
 pub mod spend;

@@ -414,6 +414,18 @@ pub struct UsageEvent {
     pub waited_for: String,
 }
 
+/// Which requests one page of the request log covers (`Store::request_page`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestPage {
+    /// Inclusive, on a request's latest event time.
+    pub since: Option<Millis>,
+    /// Exclusive.
+    pub until: Option<Millis>,
+    /// Only requests before this `(time, request id)`: the previous page's last one.
+    pub before: Option<(Millis, String)>,
+    pub limit: u32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UsageGroupBy {
     #[default]

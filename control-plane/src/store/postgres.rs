@@ -32,6 +32,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("../../migrations/postgres/0011_client_request_id.sql")),
     (12, include_str!("../../migrations/postgres/0012_queue_wait.sql")),
     (13, include_str!("../../migrations/postgres/0013_group_routing.sql")),
+    (14, include_str!("../../migrations/postgres/0014_request_log.sql")),
 ];
 const NOTIFY_CHANNEL: &str = "relay_config";
 /// `application_name` of the LISTEN connection.
@@ -1588,6 +1589,69 @@ impl Store for PostgresStore {
         .map_err(pg)?;
         Ok(())
     }
+    async fn request_page(&self, page: RequestPage) -> Result<Vec<(Millis, String)>> {
+        let (before_ts, before_id) = page.before.unwrap_or((Millis::MAX, String::new()));
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT MAX(ts) AS t, request_id FROM usage_events WHERE ts >= $1 GROUP BY request_id \
+                 HAVING MAX(ts) < $2 AND (MAX(ts) < $3 OR (MAX(ts) = $3 AND request_id COLLATE \"C\" < $4)) \
+                 ORDER BY t DESC, request_id COLLATE \"C\" DESC LIMIT $5",
+                &[
+                    &page.since.unwrap_or(Millis::MIN),
+                    &page.until.unwrap_or(Millis::MAX),
+                    &before_ts,
+                    &before_id,
+                    &i64::from(page.limit),
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn request_events(&self, request_ids: &[String]) -> Result<Vec<UsageEvent>> {
+        if request_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = self.client().await?;
+        let sql = format!(
+            "SELECT {} FROM usage_events WHERE request_id = ANY($1)",
+            super::USAGE_COLUMNS
+        );
+        let rows = c.query(&sql, &[&request_ids]).await.map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| UsageEvent {
+                event_id: r.get(0),
+                request_id: r.get(1),
+                ts: r.get(2),
+                node_id: r.get(3),
+                api_key_id: r.get(4),
+                account_id: r.get(5),
+                model: r.get(6),
+                input_tokens: super::count(r.get(7)),
+                output_tokens: super::count(r.get(8)),
+                cache_write_5m_tokens: super::count(r.get(9)),
+                cache_write_1h_tokens: super::count(r.get(10)),
+                cache_read_tokens: super::count(r.get(11)),
+                cost_pico_usd: super::count(r.get(12)),
+                http_status: u32::try_from(r.get::<_, i32>(13)).unwrap_or(0),
+                error_type: r.get(14),
+                stream: r.get(15),
+                cancelled: r.get(16),
+                latency_ms: super::count(r.get(17)),
+                ttfb_ms: super::count(r.get(18)),
+                upstream_request_id: r.get(19),
+                web_search_requests: super::count(r.get(20)),
+                anomaly: r.get(21),
+                client_request_id: r.get(22),
+                queue_wait_ms: super::count(r.get(23)),
+                waited_for: r.get(24),
+            })
+            .collect())
+    }
+
     async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64> {
         let c = self.client().await?;
         let n = c

@@ -31,6 +31,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("../../migrations/sqlite/0011_client_request_id.sql")),
     (12, include_str!("../../migrations/sqlite/0012_queue_wait.sql")),
     (13, include_str!("../../migrations/sqlite/0013_group_routing.sql")),
+    (14, include_str!("../../migrations/sqlite/0014_request_log.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1572,6 +1573,95 @@ impl Store for SqliteStore {
         })
         .await
     }
+    async fn request_page(&self, page: RequestPage) -> Result<Vec<(Millis, String)>> {
+        self.with_conn(move |c| {
+            let (before_ts, before_id) = page.before.unwrap_or((Millis::MAX, String::new()));
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT MAX(ts) AS t, request_id FROM usage_events WHERE ts >= ?1 GROUP BY request_id \
+                     HAVING MAX(ts) < ?2 AND (MAX(ts) < ?3 OR (MAX(ts) = ?3 AND request_id < ?4)) \
+                     ORDER BY t DESC, request_id DESC LIMIT ?5",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        page.since.unwrap_or(Millis::MIN),
+                        page.until.unwrap_or(Millis::MAX),
+                        before_ts,
+                        before_id,
+                        i64::from(page.limit)
+                    ],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                )
+                .map_err(db)?;
+            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn request_events(&self, request_ids: &[String]) -> Result<Vec<UsageEvent>> {
+        if request_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = request_ids.to_vec();
+        self.with_conn(move |c| {
+            let mut out = Vec::new();
+            // SQLite's bound-parameter limit: at most 500 ids per statement.
+            for chunk in ids.chunks(500) {
+                let marks = vec!["?"; chunk.len()].join(", ");
+                let sql = format!(
+                    "SELECT {} FROM usage_events WHERE request_id IN ({marks})",
+                    super::USAGE_COLUMNS
+                );
+                let mut stmt = c.prepare(&sql).map_err(db)?;
+                let rows = stmt
+                    .query_map(params_from_iter(chunk.iter()), |r| {
+                        let id: String = r.get(0)?;
+                        Ok((
+                            id,
+                            UsageEvent {
+                                event_id: uuid::Uuid::nil(),
+                                request_id: r.get(1)?,
+                                ts: r.get(2)?,
+                                node_id: r.get(3)?,
+                                api_key_id: r.get(4)?,
+                                account_id: r.get(5)?,
+                                model: r.get(6)?,
+                                input_tokens: super::count(r.get(7)?),
+                                output_tokens: super::count(r.get(8)?),
+                                cache_write_5m_tokens: super::count(r.get(9)?),
+                                cache_write_1h_tokens: super::count(r.get(10)?),
+                                cache_read_tokens: super::count(r.get(11)?),
+                                cost_pico_usd: super::count(r.get(12)?),
+                                http_status: u32::try_from(r.get::<_, i64>(13)?).unwrap_or(0),
+                                error_type: r.get(14)?,
+                                stream: r.get(15)?,
+                                cancelled: r.get(16)?,
+                                latency_ms: super::count(r.get(17)?),
+                                ttfb_ms: super::count(r.get(18)?),
+                                upstream_request_id: r.get(19)?,
+                                web_search_requests: super::count(r.get(20)?),
+                                anomaly: r.get(21)?,
+                                client_request_id: r.get(22)?,
+                                queue_wait_ms: super::count(r.get(23)?),
+                                waited_for: r.get(24)?,
+                            },
+                        ))
+                    })
+                    .map_err(db)?;
+                for row in rows {
+                    let (id, mut e) = row.map_err(db)?;
+                    e.event_id = uuid::Uuid::parse_str(&id)
+                        .map_err(|_| StoreError::Corrupt(format!("usage event id {id:?} is not a UUID")))?;
+                    out.push(e);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64> {
         self.with_conn(move |c| {
             let n = c

@@ -1,0 +1,4 @@
+-- The request log (relayctl requests …) groups usage rows by the client request they belong to:
+-- a record's attempts are fetched by request id, and pages are walked by each request's latest
+-- event time (see control-plane/src/requests.rs).
+CREATE INDEX IF NOT EXISTS usage_events_request ON usage_events (request_id, ts);
