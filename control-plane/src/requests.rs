@@ -41,8 +41,10 @@ pub struct RequestRecord {
     pub status: u32,
     /// The final attempt's error type ("" on success).
     pub error_type: String,
-    /// The client went away before the final attempt ended.
+    /// The client went away before the final attempt ended (or before any).
     pub cancelled: bool,
+    /// What the request came to, as [`outcome`] names it for its last row.
+    pub outcome: String,
     pub client_request_id: String,
     /// From the request's start to the answering attempt's first byte (0: none came).
     pub ttfb_ms: u64,
@@ -53,7 +55,9 @@ pub struct RequestRecord {
     pub cache_write_1h_tokens: u64,
     pub cache_read_tokens: u64,
     pub cost_pico_usd: u64,
-    /// Oldest first; the last one is the final attempt.
+    /// The upstream attempts, oldest first; the last one answered the client. Empty when the
+    /// request never reached an upstream (refused by its limits, no account available, a bad
+    /// body, the client gone first): then its one row, without an account, says how it ended.
     pub attempts: Vec<UsageEvent>,
 }
 
@@ -98,6 +102,7 @@ impl RequestRecord {
             status: last.http_status,
             error_type: last.error_type.clone(),
             cancelled: last.cancelled,
+            outcome: outcome(&last),
             client_request_id: events
                 .iter()
                 .map(|e| e.client_request_id.as_str())
@@ -112,7 +117,7 @@ impl RequestRecord {
             cache_write_1h_tokens: sum(|e| e.cache_write_1h_tokens),
             cache_read_tokens: sum(|e| e.cache_read_tokens),
             cost_pico_usd: sum(|e| e.cost_pico_usd),
-            attempts: events,
+            attempts: events.into_iter().filter(|e| !e.account_id.is_empty()).collect(),
         })
     }
 
@@ -121,9 +126,9 @@ impl RequestRecord {
         self.attempts.last()
     }
 
-    /// Whether the client got a successful answer (the final attempt's outcome is "ok").
+    /// Whether the client got a successful answer (the last row's outcome is "ok").
     pub fn is_ok(&self) -> bool {
-        self.final_attempt().is_some_and(|e| outcome(e) == "ok")
+        self.outcome == "ok"
     }
 }
 
@@ -229,7 +234,7 @@ impl Filter {
             Some(StatusFilter::Error) => !r.is_ok(),
             Some(StatusFilter::Code(c)) => r.status == *c,
             Some(StatusFilter::Class(c)) => r.status / 100 == *c,
-            Some(StatusFilter::Outcome(o)) => r.final_attempt().is_some_and(|e| &outcome(e) == o),
+            Some(StatusFilter::Outcome(o)) => &r.outcome == o,
         }
     }
 }

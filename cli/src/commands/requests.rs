@@ -149,8 +149,11 @@ fn attempt_json(a: &RequestAttempt) -> serde_json::Value {
     })
 }
 
-/// "acct-a:overloaded_error → acct-b:ok".
+/// "acct-a:overloaded_error → acct-b:ok" ("no upstream: <outcome>" without attempts).
 fn attempts_text(r: &RequestRecord) -> String {
+    if r.attempts.is_empty() {
+        return format!("no upstream: {}", r.outcome);
+    }
     r.attempts
         .iter()
         .map(|a| format!("{}:{}", a.account, a.outcome))
@@ -167,6 +170,7 @@ const RECORD_COLUMNS: &[Column<RequestRecord>] = &[
     Column::new("group", "Group", |r| Value::opt_text(&r.group)),
     Column::new("model", "Model", |r| Value::text(&r.model)),
     Column::new("status", "Status", |r| Value::UInt(u64::from(r.status))),
+    Column::detail("outcome", "Outcome", |r| Value::text(&r.outcome)),
     Column::detail("error_type", "Error", |r| Value::opt_text(&r.error_type)),
     Column::detail("cancelled", "Cancelled", |r| Value::Bool(r.cancelled)),
     Column::new("stream", "Stream", |r| Value::Bool(r.stream)),
@@ -198,6 +202,7 @@ const SHOW_COLUMNS: &[Column<RequestRecord>] = &[
     Column::new("group", "Group", |r| Value::opt_text(&r.group)),
     Column::new("model", "Model", |r| Value::text(&r.model)),
     Column::new("status", "Status", |r| Value::UInt(u64::from(r.status))),
+    Column::new("outcome", "Outcome", |r| Value::text(&r.outcome)),
     Column::new("error_type", "Error", |r| Value::opt_text(&r.error_type)),
     Column::new("stream", "Stream", |r| Value::Bool(r.stream)),
     Column::new("cancelled", "Cancelled", |r| Value::Bool(r.cancelled)),

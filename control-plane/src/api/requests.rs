@@ -64,6 +64,7 @@ impl Names {
             status: r.status,
             error_type: r.error_type.clone(),
             cancelled: r.cancelled,
+            outcome: r.outcome.clone(),
             client_request_id: r.client_request_id.clone(),
             ttfb_ms: r.ttfb_ms,
             duration_ms: r.duration_ms,

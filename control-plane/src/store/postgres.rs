@@ -1427,7 +1427,7 @@ impl Store for PostgresStore {
              {input}, {output}, {w5m}, {w1h}, {read}, {cost}, \
              COUNT(*) FILTER (WHERE e.http_status >= 400 OR e.error_type <> '')::BIGINT, \
              COUNT(*) FILTER (WHERE e.anomaly <> '')::BIGINT \
-             FROM usage_events e {join} WHERE e.ts >= $1 AND e.ts < $2 \
+             FROM usage_events e {join} WHERE e.ts >= $1 AND e.ts < $2 AND e.account_id <> '' \
              GROUP BY 1, 2 ORDER BY 1, 3",
             input = saturating_sum("e.input_tokens"),
             output = saturating_sum("e.output_tokens"),

@@ -1184,7 +1184,7 @@ fn query_usage_tx(conn: &Connection, q: UsageQuery) -> Result<Vec<UsageRow>> {
          SUM(CASE WHEN u.http_status >= 400 OR u.error_type <> '' THEN 1 ELSE 0 END), \
          SUM(CASE WHEN u.anomaly <> '' THEN 1 ELSE 0 END) \
          FROM usage_events u {join} \
-         WHERE (?1 IS NULL OR u.ts >= ?1) AND (?2 IS NULL OR u.ts < ?2) \
+         WHERE (?1 IS NULL OR u.ts >= ?1) AND (?2 IS NULL OR u.ts < ?2) AND u.account_id <> '' \
          GROUP BY bucket_start, gid, grp \
          ORDER BY bucket_start, grp, gid"
     );

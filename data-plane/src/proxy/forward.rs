@@ -798,8 +798,12 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     if event.cancelled {
         metrics::counter!("relay_requests_cancelled_total").increment(1);
     }
-    let spool = a.spool;
-    let pending = a.pending;
+    spool_event(&a.spool, &a.pending, event);
+}
+
+/// Hands one usage event to the spool; the shutdown drain waits for it.
+fn spool_event(spool: &Arc<Spool>, pending: &Arc<Pending>, event: pb::UsageEvent) {
+    let pending = pending.clone();
     pending.0.fetch_add(1, Ordering::AcqRel);
     spool.append_then(event, move |result| {
         if let Err(e) = result {
@@ -810,6 +814,57 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
             pending.1.notify_waiters();
         }
     });
+}
+
+/// A client request (its key known) that has not reached an upstream yet. If it ends without any
+/// attempt (refused by its limits, no account available, a bad body, an estimate for count_tokens,
+/// or the client gone first), it still leaves one usage row, with no account (`account_id` ""),
+/// no tokens and no cost: the request log has exactly one record per request. Usage reports
+/// leave such rows out.
+pub struct Unattempted {
+    pub spool: Arc<Spool>,
+    pub pending: Arc<Pending>,
+    pub node_id: Arc<str>,
+    pub request_id: String,
+    pub key_id: String,
+    /// The requested model ("" until the body was read).
+    pub model: String,
+    pub stream: bool,
+    pub started: Instant,
+    pub client_request_id: String,
+    /// Set by the first attempt: then that attempt's row stands for the request.
+    pub attempted: Arc<std::sync::atomic::AtomicBool>,
+    /// The answer's status and error type; None when the client went away first.
+    pub outcome: Option<(u16, String)>,
+}
+
+impl Drop for Unattempted {
+    fn drop(&mut self) {
+        if self.attempted.load(Ordering::Acquire) {
+            return;
+        }
+        let (status, error_type, cancelled) = match self.outcome.take() {
+            Some((s, e)) => (s, e, false),
+            None => (0, String::new(), true),
+        };
+        let event = pb::UsageEvent {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            request_id: std::mem::take(&mut self.request_id),
+            timestamp_ms: chrono::Utc::now().timestamp_millis(),
+            node_id: self.node_id.to_string(),
+            api_key_id: std::mem::take(&mut self.key_id),
+            model: std::mem::take(&mut self.model),
+            http_status: u32::from(status),
+            error_type,
+            stream: self.stream,
+            cancelled,
+            latency_ms: self.started.elapsed().as_millis() as u64,
+            client_request_id: std::mem::take(&mut self.client_request_id),
+            ..pb::UsageEvent::default()
+        };
+        metrics::counter!("relay_requests_unattempted_total").increment(1);
+        spool_event(&self.spool, &self.pending, event);
+    }
 }
 
 pub fn cost_of(prices: &PriceTable, model: &str, at_ms: i64, usage: &Usage) -> u64 {
