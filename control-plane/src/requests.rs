@@ -77,14 +77,10 @@ pub fn outcome(e: &UsageEvent) -> String {
 impl RequestRecord {
     /// The record of these rows (all of one request); `None` when there are none.
     pub fn from_events(mut events: Vec<UsageEvent>) -> Option<Self> {
-        events.sort_by(|a, b| (a.ts, a.event_id).cmp(&(b.ts, b.event_id)));
+        events.sort_by_key(|a| (a.ts, a.event_id));
         let last = events.last()?.clone();
         let first = events.first()?;
-        let started = events
-            .iter()
-            .map(|e| start_of(e))
-            .min()
-            .unwrap_or(first.ts);
+        let started = events.iter().map(start_of).min().unwrap_or(first.ts);
         let time = last.ts;
         let sum = |f: fn(&UsageEvent) -> u64| events.iter().fold(0u64, |acc, e| acc.saturating_add(f(e)));
         let ttfb_ms = if last.ttfb_ms > 0 && !last.cancelled {
@@ -281,11 +277,10 @@ async fn records_of(store: &dyn Store, ids: &[(Millis, String)]) -> Result<Vec<R
     for e in store.request_events(&wanted).await? {
         by_id.entry(e.request_id.clone()).or_default().push(e);
     }
-    Ok(
-        ids.iter()
-            .filter_map(|(_, id)| by_id.remove(id).and_then(RequestRecord::from_events))
-            .collect(),
-    )
+    Ok(ids
+        .iter()
+        .filter_map(|(_, id)| by_id.remove(id).and_then(RequestRecord::from_events))
+        .collect())
 }
 
 /// A page of at most `limit` records matching `filter`, older than `cursor`.
@@ -331,7 +326,12 @@ pub async fn list(store: &DynStore, filter: &Filter, cursor: Option<Cursor>, lim
                 }
                 before = Some(last);
             }
-            _ => return Ok(Page { records: out, next: None }),
+            _ => {
+                return Ok(Page {
+                    records: out,
+                    next: None,
+                })
+            }
         }
     }
 }

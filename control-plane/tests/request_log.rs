@@ -51,15 +51,20 @@ struct RequestSpec {
 }
 
 fn attempt() -> impl Strategy<Value = AttemptSpec> {
-    (0..ACCOUNTS.len(), 0..STATUSES.len(), prop::bool::weighted(0.1), 0u64..4, 0u64..50).prop_map(
-        |(account, status, cancelled, latency, output)| AttemptSpec {
+    (
+        0..ACCOUNTS.len(),
+        0..STATUSES.len(),
+        prop::bool::weighted(0.1),
+        0u64..4,
+        0u64..50,
+    )
+        .prop_map(|(account, status, cancelled, latency, output)| AttemptSpec {
             account,
             status,
             cancelled,
             latency,
             output,
-        },
-    )
+        })
 }
 
 fn request() -> impl Strategy<Value = RequestSpec> {
@@ -260,7 +265,10 @@ async fn check_case(
         let filter = Filter {
             since: Some(base + f.since.unwrap_or(0)),
             until: Some(base + f.until.unwrap_or(WINDOW)),
-            keys: f.keys.as_ref().map(|k| k.iter().map(|i| KEYS[*i].to_string()).collect()),
+            keys: f
+                .keys
+                .as_ref()
+                .map(|k| k.iter().map(|i| KEYS[*i].to_string()).collect()),
             account_id: f.account.map(|a| ACCOUNTS[a].to_string()),
             model: f.model.map(|m| MODELS[m].to_string()),
             status: f.status.map(status_filter),
@@ -389,7 +397,9 @@ async fn retention_while_ingesting(store: DynStore) {
     // More old rows than one retention batch, on both sides of the cutoff.
     let old_count = u64::from(relay_control_plane::retention::BATCH) * 2 + 123;
     let old: Vec<UsageEvent> = (0..old_count).map(|n| row(n, cutoff - 1 - (n as i64 % 1000))).collect();
-    let kept: Vec<UsageEvent> = (0..500).map(|n| row(old_count + n, cutoff + (n as i64 % 1000))).collect();
+    let kept: Vec<UsageEvent> = (0..500)
+        .map(|n| row(old_count + n, cutoff + (n as i64 % 1000)))
+        .collect();
     for chunk in old.chunks(1000).chain(kept.chunks(1000)) {
         store.insert_usage(chunk).await.unwrap();
     }

@@ -117,7 +117,7 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
     let dir = tempfile::tempdir().unwrap();
     let dp1 = DataPlane::start(&server, "dp-1", dir.path().join("dp1")).await;
     let dp2 = DataPlane::start(&server, "dp-2", dir.path().join("dp2")).await;
-    dp1.wait_version(head.clone()).await;
+    dp1.wait_version(head).await;
     dp2.wait_version(head).await;
 
     // Mixed traffic, alternating data planes.
@@ -274,11 +274,13 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
             assert!(r.get(field).is_some(), "{field} in {r}");
         }
     }
-    assert_eq!(seen_flaky, flaky_attempts, "every attempt on the overloaded account is in a record");
+    assert_eq!(
+        seen_flaky, flaky_attempts,
+        "every attempt on the overloaded account is in a record"
+    );
     assert!(no_upstream >= 2, "the bad body and team-c's request: {no_upstream}");
     // Requests that never reached an upstream are no usage: `relayctl usage` counts attempts.
-    let usage: Value =
-        serde_json::from_str(&relayctl(&server, ADMIN_TOKEN, &["usage", "-o", "json"], None)).unwrap();
+    let usage: Value = serde_json::from_str(&relayctl(&server, ADMIN_TOKEN, &["usage", "-o", "json"], None)).unwrap();
     let attempts_total: usize = records.iter().map(|r| r["attempts"].as_array().unwrap().len()).sum();
     assert_eq!(usage[0]["requests"], attempts_total, "{usage}");
 
@@ -290,28 +292,46 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
         .filter(|(_, s)| s.key == "team-b")
         .map(|(i, _)| i.clone())
         .collect();
-    assert_eq!(ids(&json_list(&server, &["list", "--all", "--group", "broken"])), team_b);
+    assert_eq!(
+        ids(&json_list(&server, &["list", "--all", "--group", "broken"])),
+        team_b
+    );
     assert_eq!(ids(&json_list(&server, &["list", "--all", "--key", "team-b"])), team_b);
     let server_errors: BTreeSet<String> = sent
         .iter()
         .filter(|(_, s)| s.key != "team-a")
         .map(|(i, _)| i.clone())
         .collect();
-    assert_eq!(ids(&json_list(&server, &["list", "--all", "--status", "5xx"])), server_errors);
+    assert_eq!(
+        ids(&json_list(&server, &["list", "--all", "--status", "5xx"])),
+        server_errors
+    );
     let cancelled: BTreeSet<String> = sent
         .iter()
         .filter(|(_, s)| s.disconnected)
         .map(|(i, _)| i.clone())
         .collect();
-    assert_eq!(ids(&json_list(&server, &["list", "--all", "--status", "cancelled"])), cancelled);
+    assert_eq!(
+        ids(&json_list(&server, &["list", "--all", "--status", "cancelled"])),
+        cancelled
+    );
     let ok: BTreeSet<String> = sent.iter().filter(|(_, s)| s.ok).map(|(i, _)| i.clone()).collect();
     assert_eq!(ids(&json_list(&server, &["list", "--all", "--status", "ok"])), ok);
     let via_flaky: BTreeSet<String> = records
         .iter()
-        .filter(|r| r["attempts"].as_array().unwrap().iter().any(|a| a["account"] == "flaky"))
+        .filter(|r| {
+            r["attempts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["account"] == "flaky")
+        })
         .map(|r| r["id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(ids(&json_list(&server, &["list", "--all", "--account", "flaky"])), via_flaky);
+    assert_eq!(
+        ids(&json_list(&server, &["list", "--all", "--account", "flaky"])),
+        via_flaky
+    );
     // A page of two is the newest two.
     let page = json_list(&server, &["list", "--limit", "2"]);
     assert_eq!(page.len(), 2);
@@ -319,17 +339,30 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
     assert_eq!(page[1]["id"], records[1]["id"]);
 
     // show: the same record, with its attempts.
-    let one = records.iter().find(|r| r["attempts"].as_array().unwrap().len() > 1).unwrap_or(&records[0]);
+    let one = records
+        .iter()
+        .find(|r| r["attempts"].as_array().unwrap().len() > 1)
+        .unwrap_or(&records[0]);
     let id = one["id"].as_str().unwrap();
-    let shown: Value =
-        serde_json::from_str(&relayctl(&server, ADMIN_TOKEN, &["requests", "show", id, "-o", "json"], None)).unwrap();
+    let shown: Value = serde_json::from_str(&relayctl(
+        &server,
+        ADMIN_TOKEN,
+        &["requests", "show", id, "-o", "json"],
+        None,
+    ))
+    .unwrap();
     assert_eq!(&shown, one);
     let table = relayctl(&server, ADMIN_TOKEN, &["requests", "show", id], None);
     assert!(table.contains(id) && table.contains("attempts ("), "{table}");
 
     // stats: what a direct computation over the listed records gives.
-    let stats: Vec<Value> =
-        serde_json::from_str(&relayctl(&server, ADMIN_TOKEN, &["requests", "stats", "-o", "json"], None)).unwrap();
+    let stats: Vec<Value> = serde_json::from_str(&relayctl(
+        &server,
+        ADMIN_TOKEN,
+        &["requests", "stats", "-o", "json"],
+        None,
+    ))
+    .unwrap();
     let total = stats.iter().find(|r| r["by"] == "total").unwrap();
     assert_eq!(total["requests"], records.len());
     let errors = sent.values().filter(|s| !s.ok).count();
@@ -346,7 +379,10 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
         .map(|r| r["requests"].as_u64().unwrap())
         .sum();
     assert_eq!(by_key, records.len() as u64);
-    let b = stats.iter().find(|r| r["by"] == "key" && r["name"] == "team-b").unwrap();
+    let b = stats
+        .iter()
+        .find(|r| r["by"] == "key" && r["name"] == "team-b")
+        .unwrap();
     assert_eq!(b["requests"], team_b.len());
     assert_eq!(b["errors"], team_b.len());
     let csv = relayctl(&server, ADMIN_TOKEN, &["requests", "list", "-o", "csv"], None);

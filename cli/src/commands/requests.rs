@@ -189,7 +189,9 @@ const RECORD_COLUMNS: &[Column<RequestRecord>] = &[
     Column::detail("client_request_id", "Client request id", |r| {
         Value::opt_text(&r.client_request_id)
     }),
-    Column::new("cost_usd", "Cost (USD)", |r| Value::Decimal(format_cost(r.cost_pico_usd))),
+    Column::new("cost_usd", "Cost (USD)", |r| {
+        Value::Decimal(format_cost(r.cost_pico_usd))
+    }),
     Column::detail("cost_pico_usd", "Cost (pico-USD)", |r| Value::UInt(r.cost_pico_usd)),
 ];
 
@@ -220,8 +222,12 @@ const SHOW_COLUMNS: &[Column<RequestRecord>] = &[
         Value::UInt(r.cache_write_1h_tokens)
     }),
     Column::new("cache_read_tokens", "Cache read", |r| Value::UInt(r.cache_read_tokens)),
-    Column::new("cost_usd", "Cost (USD)", |r| Value::Decimal(format_cost(r.cost_pico_usd))),
-    Column::new("captured_bodies", "Captured bodies", |_| Value::text("none (capture is not built yet)")),
+    Column::new("cost_usd", "Cost (USD)", |r| {
+        Value::Decimal(format_cost(r.cost_pico_usd))
+    }),
+    Column::new("captured_bodies", "Captured bodies", |_| {
+        Value::text("none (capture is not built yet)")
+    }),
 ];
 
 const ATTEMPT_COLUMNS: &[Column<RequestAttempt>] = &[
@@ -242,7 +248,9 @@ const ATTEMPT_COLUMNS: &[Column<RequestAttempt>] = &[
                 .saturating_add(a.cache_read_tokens),
         )
     }),
-    Column::new("cost_usd", "Cost (USD)", |a| Value::Decimal(format_cost(a.cost_pico_usd))),
+    Column::new("cost_usd", "Cost (USD)", |a| {
+        Value::Decimal(format_cost(a.cost_pico_usd))
+    }),
     Column::new("upstream_request_id", "Upstream request id", |a| {
         Value::opt_text(&a.upstream_request_id)
     }),
@@ -267,7 +275,9 @@ const STATS_COLUMNS: &[Column<StatsRow>] = &[
     Column::detail("id", "ID", |r| Value::opt_text(&r.1.id)),
     Column::new("requests", "Requests", |r| Value::UInt(r.1.requests)),
     Column::new("errors", "Errors", |r| Value::UInt(r.1.errors)),
-    Column::new("error_ratio", "Error ratio", |r| Value::Decimal(format!("{:.4}", r.1.error_ratio))),
+    Column::new("error_ratio", "Error ratio", |r| {
+        Value::Decimal(format!("{:.4}", r.1.error_ratio))
+    }),
     Column::new("duration_p50_ms", "p50 ms", |r| Value::UInt(r.1.duration_p50_ms)),
     Column::new("duration_p90_ms", "p90 ms", |r| Value::UInt(r.1.duration_p90_ms)),
     Column::new("duration_p99_ms", "p99 ms", |r| Value::UInt(r.1.duration_p99_ms)),
@@ -282,8 +292,12 @@ const STATS_COLUMNS: &[Column<StatsRow>] = &[
     Column::detail("cache_write_1h_tokens", "Cache write 1h", |r| {
         Value::UInt(r.1.cache_write_1h_tokens)
     }),
-    Column::detail("cache_read_tokens", "Cache read", |r| Value::UInt(r.1.cache_read_tokens)),
-    Column::new("cost_usd", "Cost (USD)", |r| Value::Decimal(format_cost(r.1.cost_pico_usd))),
+    Column::detail("cache_read_tokens", "Cache read", |r| {
+        Value::UInt(r.1.cache_read_tokens)
+    }),
+    Column::new("cost_usd", "Cost (USD)", |r| {
+        Value::Decimal(format_cost(r.1.cost_pico_usd))
+    }),
     Column::detail("cost_pico_usd", "Cost (pico-USD)", |r| Value::UInt(r.1.cost_pico_usd)),
 ];
 

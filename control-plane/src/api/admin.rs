@@ -1917,12 +1917,16 @@ impl Admin for AdminService {
         req: Request<pb::ListRequestsRequest>,
     ) -> Result<Response<pb::ListRequestsResponse>, Status> {
         self.authorize(&req, Need::Read, "list_requests").await?;
-        super::requests::list(&self.store, req.get_ref()).await.map(Response::new)
+        super::requests::list(&self.store, req.get_ref())
+            .await
+            .map(Response::new)
     }
 
     async fn get_request(&self, req: Request<pb::GetRequestRequest>) -> Result<Response<pb::RequestRecord>, Status> {
         self.authorize(&req, Need::Read, "get_request").await?;
-        super::requests::get(&self.store, &req.get_ref().id).await.map(Response::new)
+        super::requests::get(&self.store, &req.get_ref().id)
+            .await
+            .map(Response::new)
     }
 
     async fn request_stats(
@@ -1930,7 +1934,9 @@ impl Admin for AdminService {
         req: Request<pb::RequestStatsRequest>,
     ) -> Result<Response<pb::RequestStatsResponse>, Status> {
         self.authorize(&req, Need::Read, "request_stats").await?;
-        super::requests::stats(&self.store, req.get_ref()).await.map(Response::new)
+        super::requests::stats(&self.store, req.get_ref())
+            .await
+            .map(Response::new)
     }
 
     type TailRequestsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::RequestRecord, Status>>;

@@ -220,7 +220,11 @@ fn not_found(kind: &'static str, name: &str) -> Status {
 
 pub async fn list(store: &DynStore, r: &pb::ListRequestsRequest) -> Result<pb::ListRequestsResponse, Status> {
     let f = filter(store, r.filter.as_ref()).await?;
-    let limit = if r.limit == 0 { DEFAULT_LIMIT } else { r.limit.min(MAX_LIMIT) };
+    let limit = if r.limit == 0 {
+        DEFAULT_LIMIT
+    } else {
+        r.limit.min(MAX_LIMIT)
+    };
     let cursor = if r.cursor.is_empty() {
         None
     } else {
