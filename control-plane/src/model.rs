@@ -412,6 +412,9 @@ pub struct UsageEvent {
     /// "slot", "cooldown", "recovery"; see the proto's `UsageEvent`).
     pub queue_wait_ms: u64,
     pub waited_for: String,
+    /// A stream's events and the longest gap between two of them (ms); 0 for JSON answers.
+    pub stream_events: u64,
+    pub max_event_gap_ms: u64,
 }
 
 /// Which requests one page of the request log covers (`Store::request_page`).

@@ -49,6 +49,9 @@ pub struct RequestRecord {
     /// From the request's start to the answering attempt's first byte (0: none came).
     pub ttfb_ms: u64,
     pub duration_ms: u64,
+    /// The answering attempt's stream: its events and the longest gap between two (ms).
+    pub stream_events: u64,
+    pub max_event_gap_ms: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cache_write_5m_tokens: u64,
@@ -107,6 +110,8 @@ impl RequestRecord {
                 .to_string(),
             ttfb_ms,
             duration_ms: u64::try_from(time.saturating_sub(started)).unwrap_or(0),
+            stream_events: last.stream_events,
+            max_event_gap_ms: last.max_event_gap_ms,
             input_tokens: sum(|e| e.input_tokens),
             output_tokens: sum(|e| e.output_tokens),
             cache_write_5m_tokens: sum(|e| e.cache_write_5m_tokens),

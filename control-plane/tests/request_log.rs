@@ -199,6 +199,8 @@ fn events(specs: &[RequestSpec], base: Millis, case: u64, ids: &AtomicU64) -> Ve
                 cancelled: a.cancelled,
                 latency_ms: a.latency,
                 ttfb_ms: u64::from(!a.cancelled),
+                stream_events: a.output,
+                max_event_gap_ms: a.latency + 7,
                 ..UsageEvent::default()
             });
         }
@@ -259,6 +261,10 @@ async fn check_case(
         prop_assert_eq!(r.duration_ms, exp[i].1.duration);
         prop_assert_eq!(r.is_ok(), exp[i].1.ok);
         prop_assert_eq!(r.cost_pico_usd, exp[i].1.cost);
+        // The gap summary round-trips through the store (the answering attempt's).
+        let last = spec.attempts.last().unwrap();
+        prop_assert_eq!(r.stream_events, last.output);
+        prop_assert_eq!(r.max_event_gap_ms, last.latency + 7);
     }
 
     for (f, page_size) in filters {

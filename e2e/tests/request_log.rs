@@ -269,6 +269,12 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
             assert!(r["output_tokens"].as_u64().unwrap() > 0, "{r}");
             assert!(r["cost_usd"].as_f64().unwrap() > 0.0, "{r}");
             assert_eq!(r["group"], "default", "{r}");
+            if s.stream {
+                // message_start … message_stop, pings included, as the client received them.
+                assert!(r["stream_events"].as_u64().unwrap() > 30, "{r}");
+            } else {
+                assert_eq!(r["stream_events"], 0, "{r}");
+            }
         }
         for field in ["time", "ttfb_ms", "duration_ms", "input_tokens", "cache_read_tokens"] {
             assert!(r.get(field).is_some(), "{field} in {r}");

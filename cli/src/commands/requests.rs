@@ -146,6 +146,8 @@ fn attempt_json(a: &RequestAttempt) -> serde_json::Value {
         "cache_read_tokens": a.cache_read_tokens,
         "cost_usd": format_cost(a.cost_pico_usd).parse::<serde_json::Number>().ok(),
         "anomaly": a.anomaly,
+        "stream_events": a.stream_events,
+        "max_event_gap_ms": a.max_event_gap_ms,
     })
 }
 
@@ -177,6 +179,8 @@ const RECORD_COLUMNS: &[Column<RequestRecord>] = &[
     Column::new("attempts", "Attempts", |r| Value::Json(attempts_json(r))),
     Column::new("ttfb_ms", "TTFB ms", |r| Value::UInt(r.ttfb_ms)),
     Column::new("duration_ms", "ms", |r| Value::UInt(r.duration_ms)),
+    Column::detail("stream_events", "Events", |r| Value::UInt(r.stream_events)),
+    Column::detail("max_event_gap_ms", "Max gap ms", |r| Value::UInt(r.max_event_gap_ms)),
     Column::detail("input_tokens", "Input", |r| Value::UInt(r.input_tokens)),
     Column::detail("output_tokens", "Output", |r| Value::UInt(r.output_tokens)),
     Column::detail("cache_write_5m_tokens", "Cache write 5m", |r| {
@@ -213,6 +217,10 @@ const SHOW_COLUMNS: &[Column<RequestRecord>] = &[
     }),
     Column::new("ttfb_ms", "TTFB ms", |r| Value::UInt(r.ttfb_ms)),
     Column::new("duration_ms", "Duration ms", |r| Value::UInt(r.duration_ms)),
+    Column::new("stream_events", "Stream events", |r| Value::UInt(r.stream_events)),
+    Column::new("max_event_gap_ms", "Max event gap ms", |r| {
+        Value::UInt(r.max_event_gap_ms)
+    }),
     Column::new("input_tokens", "Input", |r| Value::UInt(r.input_tokens)),
     Column::new("output_tokens", "Output", |r| Value::UInt(r.output_tokens)),
     Column::new("cache_write_5m_tokens", "Cache write 5m", |r| {

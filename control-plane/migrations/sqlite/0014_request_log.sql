@@ -2,3 +2,6 @@
 -- a record's attempts are fetched by request id, and pages are walked by each request's latest
 -- event time (see control-plane/src/requests.rs).
 CREATE INDEX IF NOT EXISTS usage_events_request ON usage_events (request_id, ts);
+-- A stream's event count and the longest gap between two events (ms), per attempt.
+ALTER TABLE usage_events ADD COLUMN stream_events BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE usage_events ADD COLUMN max_event_gap_ms BIGINT NOT NULL DEFAULT 0;

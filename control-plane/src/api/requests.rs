@@ -68,6 +68,8 @@ impl Names {
             client_request_id: r.client_request_id.clone(),
             ttfb_ms: r.ttfb_ms,
             duration_ms: r.duration_ms,
+            stream_events: r.stream_events,
+            max_event_gap_ms: r.max_event_gap_ms,
             input_tokens: r.input_tokens,
             output_tokens: r.output_tokens,
             cache_write_5m_tokens: r.cache_write_5m_tokens,
@@ -99,6 +101,8 @@ impl Names {
                     cache_read_tokens: e.cache_read_tokens,
                     cost_pico_usd: e.cost_pico_usd,
                     anomaly: e.anomaly.clone(),
+                    stream_events: e.stream_events,
+                    max_event_gap_ms: e.max_event_gap_ms,
                 })
                 .collect(),
         }

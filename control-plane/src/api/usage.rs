@@ -101,6 +101,9 @@ pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
                 w @ ("" | "slot" | "cooldown" | "recovery") => w.to_string(),
                 _ => "other".to_string(),
             },
+            stream_events: u64::from(e.stream_events),
+            // At most a day, like the wait.
+            max_event_gap_ms: e.max_event_gap_ms.min(86_400_000),
         });
     }
     (ok, rejected)

@@ -356,6 +356,9 @@ impl Tap {
                 unparsed: t.usage_unparsed(),
                 suspect: t.counts_unreadable(),
                 cancelled: false,
+                // Filled in by the body, which saw when they arrived.
+                stream_events: 0,
+                max_event_gap_ms: 0,
             },
             Tap::Buffer(b, _) if status >= 400 => Recorded {
                 error_type: Usage::parse_error_type(b).unwrap_or_else(|| "api_error".into()),
@@ -389,6 +392,9 @@ pub struct Recorded {
     /// A usage count was there but not a whole number of tokens (left out, row flagged).
     pub suspect: bool,
     pub cancelled: bool,
+    /// A stream's events and the longest gap between two of them arriving (ms).
+    pub stream_events: u64,
+    pub max_event_gap_ms: u64,
 }
 
 impl Recorded {
@@ -446,6 +452,11 @@ pub struct TappedBody {
     /// Bytes sent to the client so far.
     sent: u64,
     done: bool,
+    /// Events the tap had counted when bytes last arrived, when the last new one arrived, and
+    /// the longest gap between two arrivals (ms): the usage row's gap summary.
+    events_seen: u64,
+    last_event_at: Option<Instant>,
+    max_event_gap_ms: u64,
 }
 
 enum Deferred {
@@ -494,6 +505,9 @@ impl TappedBody {
             tail: bytes::BytesMut::new(),
             sent: 0,
             done: false,
+            events_seen: 0,
+            last_event_at: None,
+            max_event_gap_ms: 0,
         };
         body.prefix = prefix.and_then(|p| body.release(p));
         body
@@ -510,6 +524,16 @@ impl TappedBody {
             self.sent += data.len() as u64;
             return (!data.is_empty()).then_some(data);
         };
+        // New events arrived with these bytes: the gap since the previous ones.
+        if t.events() > self.events_seen {
+            let now = Instant::now();
+            if let Some(last) = self.last_event_at {
+                let gap = now.saturating_duration_since(last).as_millis() as u64;
+                self.max_event_gap_ms = self.max_event_gap_ms.max(gap);
+            }
+            self.last_event_at = Some(now);
+            self.events_seen = t.events();
+        }
         let complete = t.complete_bytes();
         let fed = t.fed();
         // Everything fed is either sent, held in `tail`, or in `data`; an event too large to hold
@@ -590,6 +614,8 @@ impl TappedBody {
             r.error_type = "api_error".to_string();
         }
         r.cancelled = outcome == Outcome2::Cancelled;
+        r.stream_events = self.events_seen;
+        r.max_event_gap_ms = self.max_event_gap_ms;
         // The account's health: a stream that failed after its head counts against it.
         match outcome {
             Outcome2::UpstreamFailed => {
@@ -739,6 +765,8 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         client_request_id: a.client_request_id,
         queue_wait_ms: a.waited.ms,
         waited_for: a.waited.what.to_string(),
+        stream_events: u32::try_from(r.stream_events).unwrap_or(u32::MAX),
+        max_event_gap_ms: r.max_event_gap_ms,
     };
     if r.unparsed {
         relay_proto::bounds::flag(&mut event, relay_proto::bounds::UNPARSED);
