@@ -444,3 +444,70 @@ async fn postgres_retention_deletes_what_is_old_while_ingest_continues() {
     let store = Arc::new(PostgresStore::connect(&db.url, 8).await.unwrap()) as DynStore;
     retention_while_ingesting(store).await;
 }
+
+/// The row cap keeps exactly the newest rows, deleting the rest in batches.
+async fn row_cap_keeps_the_newest(store: DynStore) {
+    store
+        .apply(
+            vec![Mutation::SetSetting {
+                name: relay_control_plane::retention::MAX_ROWS_SETTING.into(),
+                value: "7000".into(),
+            }],
+            AuditRecord {
+                actor: "test".into(),
+                action: "settings.set".into(),
+                target: relay_control_plane::retention::MAX_ROWS_SETTING.into(),
+                detail: "{}".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let rows: Vec<UsageEvent> = (0..12_000u64)
+        .map(|n| UsageEvent {
+            event_id: uuid::Uuid::from_u128(u128::from(n) + 1),
+            request_id: format!("r{n:05}"),
+            ts: T0 + n as i64,
+            api_key_id: "k".into(),
+            account_id: "a".into(),
+            model: "m".into(),
+            http_status: 200,
+            ..UsageEvent::default()
+        })
+        .collect();
+    for chunk in rows.chunks(1000) {
+        store.insert_usage(chunk).await.unwrap();
+    }
+    // No age limit: only the cap applies.
+    let deleted = relay_control_plane::retention::run_once(&store, T0 + 1_000_000)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 5_000);
+    assert_eq!(store.usage_row_count().await.unwrap(), 7_000);
+    let left: BTreeSet<String> = requests::all(&store, &Filter::default(), 1_000_000)
+        .await
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let want: BTreeSet<String> = (5_000..12_000u64).map(|n| format!("r{n:05}")).collect();
+    assert_eq!(left, want, "the newest rows stay");
+    assert_eq!(
+        relay_control_plane::retention::run_once(&store, T0 + 1_000_000)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn sqlite_row_cap_keeps_the_newest() {
+    row_cap_keeps_the_newest(Arc::new(SqliteStore::open_in_memory().unwrap())).await;
+}
+
+#[tokio::test]
+async fn postgres_row_cap_keeps_the_newest() {
+    let db = relay_test_support::TestDb::new().await.unwrap();
+    let store = Arc::new(PostgresStore::connect(&db.url, 8).await.unwrap()) as DynStore;
+    row_cap_keeps_the_newest(store).await;
+}

@@ -142,6 +142,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every stored usage row of these requests, in no particular order.
     async fn request_events(&self, request_ids: &[String]) -> Result<Vec<UsageEvent>>;
 
+    /// How many usage rows are stored.
+    async fn usage_row_count(&self) -> Result<u64>;
+    /// Deletes the `limit` oldest usage rows (by `ts`); returns how many went.
+    async fn delete_oldest_usage(&self, limit: u32) -> Result<u64>;
+
     /// Deletes at most `limit` usage rows with `ts < before_ms`; returns how many went. Callers
     /// loop until it returns less than `limit` (bounded transactions on big tables).
     async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64>;

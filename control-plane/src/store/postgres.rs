@@ -1662,6 +1662,26 @@ impl Store for PostgresStore {
             .collect())
     }
 
+    async fn usage_row_count(&self) -> Result<u64> {
+        let c = self.client().await?;
+        let row = c
+            .query_one("SELECT COUNT(*) FROM usage_events", &[])
+            .await
+            .map_err(pg)?;
+        Ok(super::count(row.get(0)))
+    }
+
+    async fn delete_oldest_usage(&self, limit: u32) -> Result<u64> {
+        let c = self.client().await?;
+        c.execute(
+            "DELETE FROM usage_events WHERE ctid = ANY(ARRAY(\
+             SELECT ctid FROM usage_events ORDER BY ts LIMIT $1))",
+            &[&i64::from(limit)],
+        )
+        .await
+        .map_err(pg)
+    }
+
     async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64> {
         let c = self.client().await?;
         let n = c

@@ -1666,6 +1666,29 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn usage_row_count(&self) -> Result<u64> {
+        self.with_conn(|c| {
+            c.query_row("SELECT COUNT(*) FROM usage_events", [], |r| r.get::<_, i64>(0))
+                .map(super::count)
+                .map_err(db)
+        })
+        .await
+    }
+
+    async fn delete_oldest_usage(&self, limit: u32) -> Result<u64> {
+        self.with_conn(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM usage_events WHERE rowid IN \
+                     (SELECT rowid FROM usage_events ORDER BY ts LIMIT ?1)",
+                    params![i64::from(limit)],
+                )
+                .map_err(db)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64> {
         self.with_conn(move |c| {
             let n = c
