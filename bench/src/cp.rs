@@ -398,6 +398,7 @@ fn event(node: &str, i: u64) -> pb::UsageEvent {
         waited_for: String::new(),
         stream_events: 0,
         max_event_gap_ms: 0,
+        error_message: String::new(),
     }
 }
 

@@ -415,6 +415,8 @@ pub struct UsageEvent {
     /// A stream's events and the longest gap between two of them (ms); 0 for JSON answers.
     pub stream_events: u64,
     pub max_event_gap_ms: u64,
+    /// relay's own words on how it failed ("" on success or for an upstream's own error).
+    pub error_message: String,
 }
 
 /// Which requests one page of the request log covers (`Store::request_page`).

@@ -41,6 +41,8 @@ pub struct RequestRecord {
     pub status: u32,
     /// The final attempt's error type ("" on success).
     pub error_type: String,
+    /// relay's words on how it failed ("" on success or for an upstream's own error answer).
+    pub error_message: String,
     /// The client went away before the final attempt ended (or before any).
     pub cancelled: bool,
     /// What the request came to, as [`outcome`] names it for its last row.
@@ -100,6 +102,7 @@ impl RequestRecord {
             stream: events.iter().any(|e| e.stream),
             status: last.http_status,
             error_type: last.error_type.clone(),
+            error_message: last.error_message.clone(),
             cancelled: last.cancelled,
             outcome: outcome(&last),
             client_request_id: events

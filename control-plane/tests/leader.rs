@@ -279,6 +279,7 @@ fn usage(n: u64, ts: Millis) -> UsageEvent {
         waited_for: String::new(),
         stream_events: 0,
         max_event_gap_ms: 0,
+        error_message: String::new(),
     }
 }
 

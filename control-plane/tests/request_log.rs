@@ -201,6 +201,11 @@ fn events(specs: &[RequestSpec], base: Millis, case: u64, ids: &AtomicU64) -> Ve
                 ttfb_ms: u64::from(!a.cancelled),
                 stream_events: a.output,
                 max_event_gap_ms: a.latency + 7,
+                error_message: if a.cancelled {
+                    format!("gone {i}")
+                } else {
+                    String::new()
+                },
                 ..UsageEvent::default()
             });
         }
@@ -265,6 +270,12 @@ async fn check_case(
         let last = spec.attempts.last().unwrap();
         prop_assert_eq!(r.stream_events, last.output);
         prop_assert_eq!(r.max_event_gap_ms, last.latency + 7);
+        let message = if last.cancelled {
+            format!("gone {i}")
+        } else {
+            String::new()
+        };
+        prop_assert_eq!(&r.error_message, &message);
     }
 
     for (f, page_size) in filters {

@@ -215,6 +215,7 @@ fn usage(n: u64, ts: Millis, key: &str, acct: &str, model: &str, http_status: u3
         },
         stream_events: n,
         max_event_gap_ms: 3 * n,
+        error_message: if n == 2 { "relay's words".into() } else { String::new() },
     }
 }
 

@@ -235,10 +235,15 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
             if s.bad_body {
                 assert_eq!(r["status"], 400, "{r}");
                 assert_eq!(r["outcome"], "invalid_request_error", "{r}");
+                assert!(r["error_message"].as_str().unwrap().contains("not valid JSON"), "{r}");
             } else {
                 assert!(["team-b", "team-c"].contains(&s.key), "{r}");
                 assert_eq!(r["outcome"], "overloaded_error", "{r}");
                 assert_eq!(r["status"], 529, "{r}");
+                assert!(
+                    r["error_message"].as_str().unwrap().contains("no upstream account"),
+                    "{r}"
+                );
             }
             assert_eq!(r["cost_usd"].as_f64().unwrap(), 0.0, "{r}");
             no_upstream += 1;

@@ -148,6 +148,7 @@ fn attempt_json(a: &RequestAttempt) -> serde_json::Value {
         "anomaly": a.anomaly,
         "stream_events": a.stream_events,
         "max_event_gap_ms": a.max_event_gap_ms,
+        "error_message": a.error_message,
     })
 }
 
@@ -174,6 +175,7 @@ const RECORD_COLUMNS: &[Column<RequestRecord>] = &[
     Column::new("status", "Status", |r| Value::UInt(u64::from(r.status))),
     Column::detail("outcome", "Outcome", |r| Value::text(&r.outcome)),
     Column::detail("error_type", "Error", |r| Value::opt_text(&r.error_type)),
+    Column::detail("error_message", "Error message", |r| Value::opt_text(&r.error_message)),
     Column::detail("cancelled", "Cancelled", |r| Value::Bool(r.cancelled)),
     Column::new("stream", "Stream", |r| Value::Bool(r.stream)),
     Column::new("attempts", "Attempts", |r| Value::Json(attempts_json(r))),
@@ -210,6 +212,7 @@ const SHOW_COLUMNS: &[Column<RequestRecord>] = &[
     Column::new("status", "Status", |r| Value::UInt(u64::from(r.status))),
     Column::new("outcome", "Outcome", |r| Value::text(&r.outcome)),
     Column::new("error_type", "Error", |r| Value::opt_text(&r.error_type)),
+    Column::new("error_message", "Error message", |r| Value::opt_text(&r.error_message)),
     Column::new("stream", "Stream", |r| Value::Bool(r.stream)),
     Column::new("cancelled", "Cancelled", |r| Value::Bool(r.cancelled)),
     Column::new("client_request_id", "Client request id", |r| {

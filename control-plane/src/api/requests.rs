@@ -70,6 +70,7 @@ impl Names {
             duration_ms: r.duration_ms,
             stream_events: r.stream_events,
             max_event_gap_ms: r.max_event_gap_ms,
+            error_message: r.error_message.clone(),
             input_tokens: r.input_tokens,
             output_tokens: r.output_tokens,
             cache_write_5m_tokens: r.cache_write_5m_tokens,
@@ -103,6 +104,7 @@ impl Names {
                     anomaly: e.anomaly.clone(),
                     stream_events: e.stream_events,
                     max_event_gap_ms: e.max_event_gap_ms,
+                    error_message: e.error_message.clone(),
                 })
                 .collect(),
         }

@@ -165,7 +165,7 @@ pub type DynStore = Arc<dyn Store>;
 pub(crate) const USAGE_COLUMNS: &str = "event_id, request_id, ts, node_id, api_key_id, account_id, model, \
      input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, \
      http_status, error_type, stream, cancelled, latency_ms, ttfb_ms, upstream_request_id, web_search_requests, \
-     anomaly, client_request_id, queue_wait_ms, waited_for, stream_events, max_event_gap_ms";
+     anomaly, client_request_id, queue_wait_ms, waited_for, stream_events, max_event_gap_ms, error_message";
 
 /// A stored count back to what it counts (a negative value cannot be stored; read as 0).
 pub(crate) fn count(v: i64) -> u64 {

@@ -1320,6 +1320,7 @@ impl Store for PostgresStore {
         let mut waited_for = Vec::with_capacity(n);
         let mut stream_events = Vec::with_capacity(n);
         let mut max_gap = Vec::with_capacity(n);
+        let mut messages = Vec::with_capacity(n);
         for e in events {
             ids.push(e.event_id);
             req.push(e.request_id.as_str());
@@ -1352,6 +1353,7 @@ impl Store for PostgresStore {
             waited_for.push(e.waited_for.as_str());
             stream_events.push(to_i64(e.stream_events, "stream_events")?);
             max_gap.push(to_i64(e.max_event_gap_ms, "max_event_gap_ms")?);
+            messages.push(e.error_message.as_str());
         }
         let now = now_ms();
         let c = self.client().await?;
@@ -1361,12 +1363,12 @@ impl Store for PostgresStore {
                  input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, \
                  cost_pico_usd, latency_ms, ttfb_ms, web_search_requests, http_status, error_type, stream, \
                  cancelled, upstream_request_id, anomaly, client_request_id, queue_wait_ms, waited_for, \
-                 stream_events, max_event_gap_ms, received_at) \
+                 stream_events, max_event_gap_ms, error_message, received_at) \
                  SELECT *, $21::BIGINT FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
                  $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], \
                  $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::int[], $18::text[], $19::bool[], \
                  $20::bool[], $22::text[], $23::text[], $24::text[], $25::bigint[], $26::text[], $27::bigint[], \
-                 $28::bigint[]) \
+                 $28::bigint[], $29::text[]) \
                  ON CONFLICT (event_id) DO NOTHING",
                 &[
                     &ids,
@@ -1397,6 +1399,7 @@ impl Store for PostgresStore {
                     &waited_for,
                     &stream_events,
                     &max_gap,
+                    &messages,
                 ],
             )
             .await
@@ -1658,6 +1661,7 @@ impl Store for PostgresStore {
                 waited_for: r.get(24),
                 stream_events: super::count(r.get(25)),
                 max_event_gap_ms: super::count(r.get(26)),
+                error_message: r.get(27),
             })
             .collect())
     }

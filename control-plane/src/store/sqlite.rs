@@ -1108,9 +1108,9 @@ fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<Inges
                  cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, \
                  http_status, error_type, stream, cancelled, latency_ms, ttfb_ms, \
                  upstream_request_id, web_search_requests, received_at, anomaly, client_request_id, \
-                 queue_wait_ms, waited_for, stream_events, max_event_gap_ms) VALUES \
+                 queue_wait_ms, waited_for, stream_events, max_event_gap_ms, error_message) VALUES \
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)",
+                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)",
             )
             .map_err(db)?;
         for e in events {
@@ -1144,6 +1144,7 @@ fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<Inges
                     e.waited_for,
                     to_i64(e.stream_events, "stream_events")?,
                     to_i64(e.max_event_gap_ms, "max_event_gap_ms")?,
+                    e.error_message,
                 ])
                 .map_err(db)?;
             inserted += u64::try_from(n).map_err(|_| StoreError::Database("row count".into()))?;
@@ -1650,6 +1651,7 @@ impl Store for SqliteStore {
                                 waited_for: r.get(24)?,
                                 stream_events: super::count(r.get(25)?),
                                 max_event_gap_ms: super::count(r.get(26)?),
+                                error_message: r.get(27)?,
                             },
                         ))
                     })

@@ -359,6 +359,7 @@ impl Tap {
                 // Filled in by the body, which saw when they arrived.
                 stream_events: 0,
                 max_event_gap_ms: 0,
+                error_message: String::new(),
             },
             Tap::Buffer(b, _) if status >= 400 => Recorded {
                 error_type: Usage::parse_error_type(b).unwrap_or_else(|| "api_error".into()),
@@ -395,6 +396,8 @@ pub struct Recorded {
     /// A stream's events and the longest gap between two of them arriving (ms).
     pub stream_events: u64,
     pub max_event_gap_ms: u64,
+    /// relay's own words on how the attempt failed ("" otherwise; an upstream's text is not kept).
+    pub error_message: String,
 }
 
 impl Recorded {
@@ -614,6 +617,11 @@ impl TappedBody {
             r.error_type = "api_error".to_string();
         }
         r.cancelled = outcome == Outcome2::Cancelled;
+        r.error_message = match outcome {
+            Outcome2::UpstreamFailed => "the upstream stream failed or stalled after it started".into(),
+            Outcome2::Truncated => "the upstream stream ended before message_stop".into(),
+            Outcome2::Complete | Outcome2::Cancelled => String::new(),
+        };
         r.stream_events = self.events_seen;
         r.max_event_gap_ms = self.max_event_gap_ms;
         // The account's health: a stream that failed after its head counts against it.
@@ -767,6 +775,7 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         waited_for: a.waited.what.to_string(),
         stream_events: u32::try_from(r.stream_events).unwrap_or(u32::MAX),
         max_event_gap_ms: r.max_event_gap_ms,
+        error_message: r.error_message,
     };
     if r.unparsed {
         relay_proto::bounds::flag(&mut event, relay_proto::bounds::UNPARSED);
@@ -862,8 +871,8 @@ pub struct Unattempted {
     pub client_request_id: String,
     /// Set by the first attempt: then that attempt's row stands for the request.
     pub attempted: Arc<std::sync::atomic::AtomicBool>,
-    /// The answer's status and error type; None when the client went away first.
-    pub outcome: Option<(u16, String)>,
+    /// The answer's status, error type and relay's message; None when the client went away first.
+    pub outcome: Option<(u16, String, String)>,
 }
 
 impl Drop for Unattempted {
@@ -871,9 +880,14 @@ impl Drop for Unattempted {
         if self.attempted.load(Ordering::Acquire) {
             return;
         }
-        let (status, error_type, cancelled) = match self.outcome.take() {
-            Some((s, e)) => (s, e, false),
-            None => (0, String::new(), true),
+        let (status, error_type, error_message, cancelled) = match self.outcome.take() {
+            Some((s, e, m)) => (s, e, m, false),
+            None => (
+                0,
+                String::new(),
+                "the client went away before any upstream was called".into(),
+                true,
+            ),
         };
         let event = pb::UsageEvent {
             event_id: uuid::Uuid::now_v7().to_string(),
@@ -884,6 +898,14 @@ impl Drop for Unattempted {
             model: std::mem::take(&mut self.model),
             http_status: u32::from(status),
             error_type,
+            // The same bound the control plane keeps (512 bytes, on a character boundary).
+            error_message: {
+                let mut end = error_message.len().min(512);
+                while !error_message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                error_message[..end].to_string()
+            },
             stream: self.stream,
             cancelled,
             latency_ms: self.started.elapsed().as_millis() as u64,

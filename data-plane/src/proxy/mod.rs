@@ -400,8 +400,8 @@ impl Proxy {
             .forward_admitted(req, request_id, started, is_messages, cfg, key, &mut unattempted)
             .await;
         unattempted.outcome = Some(match &out {
-            Ok(r) => (r.status().as_u16(), String::new()),
-            Err(e) => (e.status.as_u16(), e.kind.to_string()),
+            Ok(r) => (r.status().as_u16(), String::new(), String::new()),
+            Err(e) => (e.status.as_u16(), e.kind.to_string(), e.message.clone()),
         });
         out
     }
