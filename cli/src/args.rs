@@ -64,6 +64,10 @@ pub enum Command {
     Audit(AuditArgs),
     /// Usage and cost.
     Usage(UsageArgs),
+    /// The request log: every client request with its attempts, timings, tokens and cost (also
+    /// `request`, `req`).
+    #[command(subcommand, alias = "request", alias = "req")]
+    Requests(RequestsCmd),
     /// Tokens for the control plane: admin, read-only and data-plane tokens.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -576,6 +580,77 @@ pub struct UsageArgs {
     /// Split rows into time buckets.
     #[arg(long, value_enum)]
     pub bucket: Option<BucketArg>,
+}
+
+/// Which requests a `requests` command covers.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RequestFilterArgs {
+    /// From this time (RFC 3339, or a duration ago: 30m, 24h, 7d; default: everything stored).
+    #[arg(long, value_name = "TIME", value_parser = time_arg)]
+    pub since: Option<i64>,
+    /// Up to this time (RFC 3339 or a duration ago; default now).
+    #[arg(long, value_name = "TIME", value_parser = time_arg)]
+    pub until: Option<i64>,
+    /// Only this API key's requests (name or id).
+    #[arg(long, value_name = "NAME")]
+    pub key: Option<String>,
+    /// Only requests of the keys in this group (name or id).
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+    /// Only requests with an attempt on this account (name or id).
+    #[arg(long, value_name = "NAME")]
+    pub account: Option<String>,
+    /// Only this model (as billed: the answer's model id).
+    #[arg(long, value_name = "MODEL")]
+    pub model: Option<String>,
+    /// ok, error, an HTTP status (429), a class (5xx), or an error type (overloaded_error, cancelled).
+    #[arg(long, value_name = "STATUS")]
+    pub status: Option<String>,
+    /// Only streaming requests.
+    #[arg(long, conflicts_with = "no_stream")]
+    pub stream: bool,
+    /// Only non-streaming requests.
+    #[arg(long)]
+    pub no_stream: bool,
+    /// Only requests that took at least this long (e.g. 500ms, 2s, 1m).
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse::short_duration_ms)]
+    pub min_duration: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RequestsCmd {
+    /// Requests, newest first (also `ls`).
+    #[command(alias = "ls")]
+    List {
+        #[command(flatten)]
+        filter: RequestFilterArgs,
+        /// Records per page (at most 1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        /// Continue after a previous page (the cursor it printed on stderr).
+        #[arg(long, value_name = "CURSOR", conflicts_with = "all")]
+        cursor: Option<String>,
+        /// Every matching record, page after page.
+        #[arg(long)]
+        all: bool,
+    },
+    /// One request: its attempts, timings, usage and cost (also `get`).
+    #[command(alias = "get")]
+    Show {
+        /// relay's request id (the `request-id` header the client received).
+        id: String,
+    },
+    /// Counts, error ratio, latency percentiles, tokens and cost over the filter, in total and by
+    /// model, key and account.
+    Stats {
+        #[command(flatten)]
+        filter: RequestFilterArgs,
+    },
+    /// Follow new requests as they are stored (until interrupted); JSON output is one object a line.
+    Tail {
+        #[command(flatten)]
+        filter: RequestFilterArgs,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

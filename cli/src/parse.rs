@@ -86,6 +86,20 @@ pub fn default_cache_prices(input: u64) -> Result<(u64, u64, u64), String> {
     Ok((narrow((wide * 5 + 2) / 4)?, narrow(wide * 2)?, narrow((wide + 5) / 10)?))
 }
 
+/// A duration as milliseconds: `500ms`, a plain number of milliseconds, or what
+/// [`parse_duration_ms`] takes (`2s`, `1m`, …).
+pub fn short_duration_ms(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let ms = match t.strip_suffix("ms") {
+        Some(n) => n.trim().parse::<i64>().map_err(|_| format!("invalid duration {t:?}"))?,
+        None if t.bytes().all(|b| b.is_ascii_digit()) && !t.is_empty() => {
+            t.parse::<i64>().map_err(|_| format!("invalid duration {t:?}"))?
+        }
+        None => parse_duration_ms(t)?,
+    };
+    u64::try_from(ms).map_err(|_| format!("invalid duration {t:?}"))
+}
+
 /// Parses a duration such as `30m`, `24h`, `7d` or `1d12h` into milliseconds.
 /// Units: `s`, `m`, `h`, `d`, `w`.
 pub fn parse_duration_ms(s: &str) -> Result<i64, String> {

@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod leader;
 pub mod model;
 pub mod notify;
+pub mod requests;
 pub mod retention;
 pub mod server;
 pub mod spend;

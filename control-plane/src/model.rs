@@ -428,6 +428,23 @@ pub struct UsageEvent {
     /// "slot", "cooldown", "recovery"; see the proto's `UsageEvent`).
     pub queue_wait_ms: u64,
     pub waited_for: String,
+    /// A stream's events and the longest gap between two of them (ms); 0 for JSON answers.
+    pub stream_events: u64,
+    pub max_event_gap_ms: u64,
+    /// relay's own words on how it failed ("" on success or for an upstream's own error).
+    pub error_message: String,
+}
+
+/// Which requests one page of the request log covers (`Store::request_page`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestPage {
+    /// Inclusive, on a request's latest event time.
+    pub since: Option<Millis>,
+    /// Exclusive.
+    pub until: Option<Millis>,
+    /// Only requests before this `(time, request id)`: the previous page's last one.
+    pub before: Option<(Millis, String)>,
+    pub limit: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

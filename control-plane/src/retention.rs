@@ -1,6 +1,9 @@
 //! Usage retention: the leader replica deletes usage rows older than the `usage.retention_days`
-//! setting (0, the default, keeps everything) every few minutes, in bounded batches. Not fenced:
-//! deleting what is past the cutoff is idempotent, so a stale leader doing it too is harmless.
+//! setting (0, the default, keeps everything), then the oldest rows beyond `usage.retention_max_rows`
+//! (0, the default: no cap), every few minutes, in bounded batches (each its own short
+//! transaction, so ingest goes on meanwhile). The request log's records are made of these rows, so
+//! this is its retention too. Not fenced: deleting what is past the cutoff is idempotent, and a
+//! stale leader trimming to the cap at the same time deletes at most one batch too many.
 
 use crate::leader::{run_while_leading, Leadership};
 use crate::model::Millis;
@@ -9,6 +12,8 @@ use std::time::Duration;
 
 /// The setting this job reads.
 pub const SETTING: &str = "usage.retention_days";
+/// The row cap it also enforces.
+pub const MAX_ROWS_SETTING: &str = "usage.retention_max_rows";
 /// How often the leader looks.
 pub const INTERVAL: Duration = Duration::from_secs(300);
 /// Rows per delete (one short transaction each).
@@ -34,9 +39,45 @@ pub fn start(store: DynStore, leadership: &Leadership, interval: Duration) -> to
 pub async fn run_once(store: &DynStore, now_ms: Millis) -> Result<u64> {
     let settings = store.settings().await?;
     let days = relay_proto::settings::known(SETTING).u64_in(&settings);
-    if days == 0 {
-        return Ok(0);
+    let max_rows = relay_proto::settings::known(MAX_ROWS_SETTING).u64_in(&settings);
+    let mut total = if days == 0 {
+        0
+    } else {
+        by_age(store, now_ms, days).await?
+    };
+    if max_rows > 0 {
+        total += to_cap(store, max_rows).await?;
     }
+    Ok(total)
+}
+
+/// Deletes the oldest rows beyond `max_rows`.
+async fn to_cap(store: &DynStore, max_rows: u64) -> Result<u64> {
+    let mut over = store.usage_row_count().await?.saturating_sub(max_rows);
+    let mut total = 0u64;
+    while over > 0 {
+        let n = store
+            .delete_oldest_usage(u32::try_from(over.min(u64::from(BATCH))).unwrap_or(BATCH))
+            .await?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+        over = over.saturating_sub(n);
+        tokio::task::yield_now().await;
+    }
+    if total > 0 {
+        tracing::info!(
+            rows = total,
+            max_rows,
+            "usage retention: deleted the oldest usage beyond the row cap"
+        );
+    }
+    Ok(total)
+}
+
+/// Deletes the rows older than `days` at `now_ms`.
+async fn by_age(store: &DynStore, now_ms: Millis, days: u64) -> Result<u64> {
     let days = i64::try_from(days).unwrap_or(i64::MAX);
     let cutoff = now_ms.saturating_sub(days.saturating_mul(DAY_MS));
     let mut total = 0u64;

@@ -168,7 +168,8 @@ pub async fn serve(
         AdminService::new(store.clone(), key.clone(), spend.clone())
             .with_live(opts.limiter.clone())
             .with_prober(Some(prober.clone()))
-            .with_replica(&opts.replica, opts.leadership.clone()),
+            .with_replica(&opts.replica, opts.leadership.clone())
+            .with_closing(closing.clone()),
     )
     .max_decoding_message_size(crate::api::gate::ADMIN_MAX_DECODE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -277,6 +277,9 @@ fn usage(n: u64, ts: Millis) -> UsageEvent {
         client_request_id: String::new(),
         queue_wait_ms: 0,
         waited_for: String::new(),
+        stream_events: 0,
+        max_event_gap_ms: 0,
+        error_message: String::new(),
     }
 }
 

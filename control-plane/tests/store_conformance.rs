@@ -213,6 +213,9 @@ fn usage(n: u64, ts: Millis, key: &str, acct: &str, model: &str, http_status: u3
         } else {
             String::new()
         },
+        stream_events: n,
+        max_event_gap_ms: 3 * n,
+        error_message: if n == 2 { "relay's words".into() } else { String::new() },
     }
 }
 

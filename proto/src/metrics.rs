@@ -234,6 +234,8 @@ catalogue! {
         "Requests refused because no control plane was heard from for --max-config-staleness-mins.";
     REQUESTS_TOTAL = "relay_requests_total": Counter, "", DataPlane, ["route", "status"],
         "Requests answered, by route and status class.";
+    REQUESTS_UNATTEMPTED_TOTAL = "relay_requests_unattempted_total": Counter, "", DataPlane, [],
+        "Client requests (their key known) that ended without reaching an upstream; each still leaves one request-log row.";
     STICKY_EVICTIONS_TOTAL = "relay_sticky_evictions_total": Counter, "", DataPlane, [],
         "Sticky sessions evicted from the in-process session store.";
     STICKY_MOVES_TOTAL = "relay_sticky_moves_total": Counter, "", DataPlane, [],

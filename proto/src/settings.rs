@@ -515,6 +515,14 @@ pub const SETTINGS: &[Setting] = &[
         "days of usage the control plane keeps (older rows are deleted every few minutes by the leader replica); 0 keeps it forever",
     )
     .count(),
+    ms(
+        "usage.retention_max_rows",
+        0,
+        100_000_000_000,
+        "0",
+        "usage rows (the request log's records are made of them) the control plane keeps at most: the oldest beyond it are deleted every few minutes by the leader replica; 0 sets no cap",
+    )
+    .count(),
 ];
 
 impl Setting {

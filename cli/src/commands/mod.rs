@@ -5,6 +5,7 @@ mod accounts;
 mod config;
 mod keys;
 mod limits;
+mod requests;
 mod status;
 mod tokens;
 
@@ -48,6 +49,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Proxies(cmd) => status::proxies(&mut conn, out, cmd).await,
         Command::Audit(args) => status::audit(&mut conn, out, args).await,
         Command::Usage(args) => status::usage(&mut conn, out, args).await,
+        Command::Requests(cmd) => requests::run(&mut conn, out, cmd).await,
         Command::Token(cmd) => tokens::run(&mut conn, out, cmd).await,
         Command::Version => status::version(&mut conn, out).await,
         Command::Notify(cmd) => status::notify(&mut conn, out, cmd).await,

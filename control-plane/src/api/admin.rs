@@ -44,6 +44,8 @@ pub struct AdminService {
     /// This replica's name and its part in the leader election (`GetStatus`).
     replica: String,
     leadership: Option<crate::leader::Leadership>,
+    /// Ends `TailRequests` streams when the control plane shuts down.
+    closing: Option<super::Closing>,
 }
 
 impl AdminService {
@@ -63,6 +65,12 @@ impl AdminService {
     pub fn with_replica(mut self, replica: &str, leadership: Option<crate::leader::Leadership>) -> Self {
         self.replica = replica.to_string();
         self.leadership = leadership;
+        self
+    }
+
+    /// Ends open `TailRequests` streams when `closing` turns true.
+    pub fn with_closing(mut self, closing: super::Closing) -> Self {
+        self.closing = Some(closing);
         self
     }
 
@@ -117,6 +125,7 @@ impl AdminService {
             spend,
             live: None,
             prober: None,
+            closing: None,
 
             replica: String::new(),
             leadership: None,
@@ -1969,6 +1978,60 @@ impl Admin for AdminService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn list_requests(
+        &self,
+        req: Request<pb::ListRequestsRequest>,
+    ) -> Result<Response<pb::ListRequestsResponse>, Status> {
+        self.authorize(&req, Need::Read, "list_requests").await?;
+        super::requests::list(&self.store, req.get_ref())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_request(&self, req: Request<pb::GetRequestRequest>) -> Result<Response<pb::RequestRecord>, Status> {
+        self.authorize(&req, Need::Read, "get_request").await?;
+        super::requests::get(&self.store, &req.get_ref().id)
+            .await
+            .map(Response::new)
+    }
+
+    async fn request_stats(
+        &self,
+        req: Request<pb::RequestStatsRequest>,
+    ) -> Result<Response<pb::RequestStatsResponse>, Status> {
+        self.authorize(&req, Need::Read, "request_stats").await?;
+        super::requests::stats(&self.store, req.get_ref())
+            .await
+            .map(Response::new)
+    }
+
+    type TailRequestsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::RequestRecord, Status>>;
+
+    async fn tail_requests(
+        &self,
+        req: Request<pb::TailRequestsRequest>,
+    ) -> Result<Response<Self::TailRequestsStream>, Status> {
+        self.authorize(&req, Need::Read, "tail_requests").await?;
+        let filter = super::requests::filter(&self.store, req.get_ref().filter.as_ref()).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let tail = super::requests::tail(self.store.clone(), filter, tx.clone());
+        let closing = self.closing.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tail => {}
+                _ = async move {
+                    match closing {
+                        Some(mut c) => super::closed(&mut c).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let _ = tx.send(Err(super::shutting_down())).await;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     async fn create_admin_token(

@@ -2,7 +2,8 @@
 //! domain model. `auth` checks bearer tokens; `admin` serves `relayctl`;
 //! `discovery` serves `ConfigDiscovery.Watch`; `usage` serves `UsageIngest.Report`;
 //! `identity` ties a data plane's TLS client certificate to its node id; `gate` checks every
-//! call's token before its messages are decoded; `quota` converts subscription quota windows.
+//! call's token before its messages are decoded; `quota` converts subscription quota windows;
+//! `requests` serves the request log's calls.
 
 pub mod admin;
 pub mod auth;
@@ -10,6 +11,7 @@ pub mod discovery;
 pub mod gate;
 pub mod identity;
 pub mod quota;
+pub mod requests;
 pub mod usage;
 
 use crate::store::StoreError;

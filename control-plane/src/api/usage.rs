@@ -39,6 +39,19 @@ impl UsageService {
     }
 }
 
+/// An error message as stored: at most [`MAX_ERROR_MESSAGE_BYTES`] (cut on a character boundary),
+/// control characters replaced by spaces.
+pub fn bounded_message(m: &str) -> String {
+    let mut end = m.len().min(MAX_ERROR_MESSAGE_BYTES);
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    m[..end].chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// The longest error message a usage row keeps.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 512;
+
 /// Converts the wire events; those that can never be stored are returned apart.
 pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
     let mut ok = Vec::with_capacity(batch.events.len());
@@ -101,6 +114,10 @@ pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
                 w @ ("" | "slot" | "cooldown" | "recovery") => w.to_string(),
                 _ => "other".to_string(),
             },
+            stream_events: u64::from(e.stream_events),
+            // At most a day, like the wait.
+            max_event_gap_ms: e.max_event_gap_ms.min(86_400_000),
+            error_message: bounded_message(&e.error_message),
         });
     }
     (ok, rejected)

@@ -208,6 +208,18 @@ pub trait Store: Send + Sync + 'static {
     async fn list_oauth_pending(&self) -> Result<Vec<OAuthPending>>;
     async fn drop_oauth_pending(&self, account_id: &str, from_hash: &str) -> Result<()>;
 
+    /// One page of the request log (see `crate::requests`): the client requests (usage rows grouped
+    /// by `request_id`) whose latest event time `t` has `since <= t < until` and `(t, id) < before`
+    /// (ids compared bytewise), newest first, at most `limit`, as `(t, request_id)`.
+    async fn request_page(&self, page: RequestPage) -> Result<Vec<(Millis, String)>>;
+    /// Every stored usage row of these requests, in no particular order.
+    async fn request_events(&self, request_ids: &[String]) -> Result<Vec<UsageEvent>>;
+
+    /// How many usage rows are stored.
+    async fn usage_row_count(&self) -> Result<u64>;
+    /// Deletes the `limit` oldest usage rows (by `ts`); returns how many went.
+    async fn delete_oldest_usage(&self, limit: u32) -> Result<u64>;
+
     /// Deletes at most `limit` usage rows with `ts < before_ms`; returns how many went. Callers
     /// loop until it returns less than `limit` (bounded transactions on big tables).
     async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64>;
@@ -233,6 +245,17 @@ pub trait Store: Send + Sync + 'static {
 }
 
 pub type DynStore = Arc<dyn Store>;
+
+/// The columns `Store::request_events` reads, in the order both stores map them.
+pub(crate) const USAGE_COLUMNS: &str = "event_id, request_id, ts, node_id, api_key_id, account_id, model, \
+     input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, \
+     http_status, error_type, stream, cancelled, latency_ms, ttfb_ms, upstream_request_id, web_search_requests, \
+     anomaly, client_request_id, queue_wait_ms, waited_for, stream_events, max_event_gap_ms, error_message";
+
+/// A stored count back to what it counts (a negative value cannot be stored; read as 0).
+pub(crate) fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
 
 /// The check both stores run, inside the write, after setting `group_id`'s fallbacks: no group
 /// falls back to itself, directly or through others. `edges` holds every group's fallbacks as

@@ -35,6 +35,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("../../migrations/postgres/0011_client_request_id.sql")),
     (12, include_str!("../../migrations/postgres/0012_queue_wait.sql")),
     (13, include_str!("../../migrations/postgres/0013_group_routing.sql")),
+    (14, include_str!("../../migrations/postgres/0014_request_log.sql")),
     (15, include_str!("../../migrations/postgres/0015_notify_outbox.sql")),
 ];
 const NOTIFY_CHANNEL: &str = "relay_config";
@@ -1340,6 +1341,9 @@ impl Store for PostgresStore {
         let mut client_id = Vec::with_capacity(n);
         let mut waited_ms = Vec::with_capacity(n);
         let mut waited_for = Vec::with_capacity(n);
+        let mut stream_events = Vec::with_capacity(n);
+        let mut max_gap = Vec::with_capacity(n);
+        let mut messages = Vec::with_capacity(n);
         for e in events {
             ids.push(e.event_id);
             req.push(e.request_id.as_str());
@@ -1370,6 +1374,9 @@ impl Store for PostgresStore {
             client_id.push(e.client_request_id.as_str());
             waited_ms.push(i64::try_from(e.queue_wait_ms).unwrap_or(i64::MAX));
             waited_for.push(e.waited_for.as_str());
+            stream_events.push(to_i64(e.stream_events, "stream_events")?);
+            max_gap.push(to_i64(e.max_event_gap_ms, "max_event_gap_ms")?);
+            messages.push(e.error_message.as_str());
         }
         let now = now_ms();
         let c = self.client().await?;
@@ -1378,11 +1385,13 @@ impl Store for PostgresStore {
                 "INSERT INTO usage_events (event_id, request_id, ts, node_id, api_key_id, account_id, model, \
                  input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, \
                  cost_pico_usd, latency_ms, ttfb_ms, web_search_requests, http_status, error_type, stream, \
-                 cancelled, upstream_request_id, anomaly, client_request_id, queue_wait_ms, waited_for, received_at) \
+                 cancelled, upstream_request_id, anomaly, client_request_id, queue_wait_ms, waited_for, \
+                 stream_events, max_event_gap_ms, error_message, received_at) \
                  SELECT *, $21::BIGINT FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
                  $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], \
                  $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::int[], $18::text[], $19::bool[], \
-                 $20::bool[], $22::text[], $23::text[], $24::text[], $25::bigint[], $26::text[]) \
+                 $20::bool[], $22::text[], $23::text[], $24::text[], $25::bigint[], $26::text[], $27::bigint[], \
+                 $28::bigint[], $29::text[]) \
                  ON CONFLICT (event_id) DO NOTHING",
                 &[
                     &ids,
@@ -1411,6 +1420,9 @@ impl Store for PostgresStore {
                     &client_id,
                     &waited_ms,
                     &waited_for,
+                    &stream_events,
+                    &max_gap,
+                    &messages,
                 ],
             )
             .await
@@ -1449,7 +1461,7 @@ impl Store for PostgresStore {
              {input}, {output}, {w5m}, {w1h}, {read}, {cost}, \
              COUNT(*) FILTER (WHERE e.http_status >= 400 OR e.error_type <> '')::BIGINT, \
              COUNT(*) FILTER (WHERE e.anomaly <> '')::BIGINT \
-             FROM usage_events e {join} WHERE e.ts >= $1 AND e.ts < $2 \
+             FROM usage_events e {join} WHERE e.ts >= $1 AND e.ts < $2 AND e.account_id <> '' \
              GROUP BY 1, 2 ORDER BY 1, 3",
             input = saturating_sum("e.input_tokens"),
             output = saturating_sum("e.output_tokens"),
@@ -1611,6 +1623,92 @@ impl Store for PostgresStore {
         .map_err(pg)?;
         Ok(())
     }
+    async fn request_page(&self, page: RequestPage) -> Result<Vec<(Millis, String)>> {
+        let (before_ts, before_id) = page.before.unwrap_or((Millis::MAX, String::new()));
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT MAX(ts) AS t, request_id FROM usage_events WHERE ts >= $1 GROUP BY request_id \
+                 HAVING MAX(ts) < $2 AND (MAX(ts) < $3 OR (MAX(ts) = $3 AND request_id COLLATE \"C\" < $4)) \
+                 ORDER BY t DESC, request_id COLLATE \"C\" DESC LIMIT $5",
+                &[
+                    &page.since.unwrap_or(Millis::MIN),
+                    &page.until.unwrap_or(Millis::MAX),
+                    &before_ts,
+                    &before_id,
+                    &i64::from(page.limit),
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn request_events(&self, request_ids: &[String]) -> Result<Vec<UsageEvent>> {
+        if request_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = self.client().await?;
+        let sql = format!(
+            "SELECT {} FROM usage_events WHERE request_id = ANY($1)",
+            super::USAGE_COLUMNS
+        );
+        let rows = c.query(&sql, &[&request_ids]).await.map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| UsageEvent {
+                event_id: r.get(0),
+                request_id: r.get(1),
+                ts: r.get(2),
+                node_id: r.get(3),
+                api_key_id: r.get(4),
+                account_id: r.get(5),
+                model: r.get(6),
+                input_tokens: super::count(r.get(7)),
+                output_tokens: super::count(r.get(8)),
+                cache_write_5m_tokens: super::count(r.get(9)),
+                cache_write_1h_tokens: super::count(r.get(10)),
+                cache_read_tokens: super::count(r.get(11)),
+                cost_pico_usd: super::count(r.get(12)),
+                http_status: u32::try_from(r.get::<_, i32>(13)).unwrap_or(0),
+                error_type: r.get(14),
+                stream: r.get(15),
+                cancelled: r.get(16),
+                latency_ms: super::count(r.get(17)),
+                ttfb_ms: super::count(r.get(18)),
+                upstream_request_id: r.get(19),
+                web_search_requests: super::count(r.get(20)),
+                anomaly: r.get(21),
+                client_request_id: r.get(22),
+                queue_wait_ms: super::count(r.get(23)),
+                waited_for: r.get(24),
+                stream_events: super::count(r.get(25)),
+                max_event_gap_ms: super::count(r.get(26)),
+                error_message: r.get(27),
+            })
+            .collect())
+    }
+
+    async fn usage_row_count(&self) -> Result<u64> {
+        let c = self.client().await?;
+        let row = c
+            .query_one("SELECT COUNT(*) FROM usage_events", &[])
+            .await
+            .map_err(pg)?;
+        Ok(super::count(row.get(0)))
+    }
+
+    async fn delete_oldest_usage(&self, limit: u32) -> Result<u64> {
+        let c = self.client().await?;
+        c.execute(
+            "DELETE FROM usage_events WHERE ctid = ANY(ARRAY(\
+             SELECT ctid FROM usage_events ORDER BY ts LIMIT $1))",
+            &[&i64::from(limit)],
+        )
+        .await
+        .map_err(pg)
+    }
+
     async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64> {
         let c = self.client().await?;
         let n = c

@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("../../migrations/sqlite/0011_client_request_id.sql")),
     (12, include_str!("../../migrations/sqlite/0012_queue_wait.sql")),
     (13, include_str!("../../migrations/sqlite/0013_group_routing.sql")),
+    (14, include_str!("../../migrations/sqlite/0014_request_log.sql")),
     (15, include_str!("../../migrations/sqlite/0015_notify_outbox.sql")),
 ];
 
@@ -1118,9 +1119,9 @@ fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<Inges
                  cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, \
                  http_status, error_type, stream, cancelled, latency_ms, ttfb_ms, \
                  upstream_request_id, web_search_requests, received_at, anomaly, client_request_id, \
-                 queue_wait_ms, waited_for) VALUES \
+                 queue_wait_ms, waited_for, stream_events, max_event_gap_ms, error_message) VALUES \
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
+                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)",
             )
             .map_err(db)?;
         for e in events {
@@ -1152,6 +1153,9 @@ fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<Inges
                     e.client_request_id,
                     to_i64(e.queue_wait_ms, "queue_wait_ms")?,
                     e.waited_for,
+                    to_i64(e.stream_events, "stream_events")?,
+                    to_i64(e.max_event_gap_ms, "max_event_gap_ms")?,
+                    e.error_message,
                 ])
                 .map_err(db)?;
             inserted += u64::try_from(n).map_err(|_| StoreError::Database("row count".into()))?;
@@ -1194,7 +1198,7 @@ fn query_usage_tx(conn: &Connection, q: UsageQuery) -> Result<Vec<UsageRow>> {
          SUM(CASE WHEN u.http_status >= 400 OR u.error_type <> '' THEN 1 ELSE 0 END), \
          SUM(CASE WHEN u.anomaly <> '' THEN 1 ELSE 0 END) \
          FROM usage_events u {join} \
-         WHERE (?1 IS NULL OR u.ts >= ?1) AND (?2 IS NULL OR u.ts < ?2) \
+         WHERE (?1 IS NULL OR u.ts >= ?1) AND (?2 IS NULL OR u.ts < ?2) AND u.account_id <> '' \
          GROUP BY bucket_start, gid, grp \
          ORDER BY bucket_start, grp, gid"
     );
@@ -1583,6 +1587,121 @@ impl Store for SqliteStore {
         })
         .await
     }
+    async fn request_page(&self, page: RequestPage) -> Result<Vec<(Millis, String)>> {
+        self.with_conn(move |c| {
+            let (before_ts, before_id) = page.before.unwrap_or((Millis::MAX, String::new()));
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT MAX(ts) AS t, request_id FROM usage_events WHERE ts >= ?1 GROUP BY request_id \
+                     HAVING MAX(ts) < ?2 AND (MAX(ts) < ?3 OR (MAX(ts) = ?3 AND request_id < ?4)) \
+                     ORDER BY t DESC, request_id DESC LIMIT ?5",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        page.since.unwrap_or(Millis::MIN),
+                        page.until.unwrap_or(Millis::MAX),
+                        before_ts,
+                        before_id,
+                        i64::from(page.limit)
+                    ],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                )
+                .map_err(db)?;
+            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn request_events(&self, request_ids: &[String]) -> Result<Vec<UsageEvent>> {
+        if request_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = request_ids.to_vec();
+        self.with_conn(move |c| {
+            let mut out = Vec::new();
+            // SQLite's bound-parameter limit: at most 500 ids per statement.
+            for chunk in ids.chunks(500) {
+                let marks = vec!["?"; chunk.len()].join(", ");
+                let sql = format!(
+                    "SELECT {} FROM usage_events WHERE request_id IN ({marks})",
+                    super::USAGE_COLUMNS
+                );
+                let mut stmt = c.prepare(&sql).map_err(db)?;
+                let rows = stmt
+                    .query_map(params_from_iter(chunk.iter()), |r| {
+                        let id: String = r.get(0)?;
+                        Ok((
+                            id,
+                            UsageEvent {
+                                event_id: uuid::Uuid::nil(),
+                                request_id: r.get(1)?,
+                                ts: r.get(2)?,
+                                node_id: r.get(3)?,
+                                api_key_id: r.get(4)?,
+                                account_id: r.get(5)?,
+                                model: r.get(6)?,
+                                input_tokens: super::count(r.get(7)?),
+                                output_tokens: super::count(r.get(8)?),
+                                cache_write_5m_tokens: super::count(r.get(9)?),
+                                cache_write_1h_tokens: super::count(r.get(10)?),
+                                cache_read_tokens: super::count(r.get(11)?),
+                                cost_pico_usd: super::count(r.get(12)?),
+                                http_status: u32::try_from(r.get::<_, i64>(13)?).unwrap_or(0),
+                                error_type: r.get(14)?,
+                                stream: r.get(15)?,
+                                cancelled: r.get(16)?,
+                                latency_ms: super::count(r.get(17)?),
+                                ttfb_ms: super::count(r.get(18)?),
+                                upstream_request_id: r.get(19)?,
+                                web_search_requests: super::count(r.get(20)?),
+                                anomaly: r.get(21)?,
+                                client_request_id: r.get(22)?,
+                                queue_wait_ms: super::count(r.get(23)?),
+                                waited_for: r.get(24)?,
+                                stream_events: super::count(r.get(25)?),
+                                max_event_gap_ms: super::count(r.get(26)?),
+                                error_message: r.get(27)?,
+                            },
+                        ))
+                    })
+                    .map_err(db)?;
+                for row in rows {
+                    let (id, mut e) = row.map_err(db)?;
+                    e.event_id = uuid::Uuid::parse_str(&id)
+                        .map_err(|_| StoreError::Corrupt(format!("usage event id {id:?} is not a UUID")))?;
+                    out.push(e);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn usage_row_count(&self) -> Result<u64> {
+        self.with_conn(|c| {
+            c.query_row("SELECT COUNT(*) FROM usage_events", [], |r| r.get::<_, i64>(0))
+                .map(super::count)
+                .map_err(db)
+        })
+        .await
+    }
+
+    async fn delete_oldest_usage(&self, limit: u32) -> Result<u64> {
+        self.with_conn(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM usage_events WHERE rowid IN \
+                     (SELECT rowid FROM usage_events ORDER BY ts LIMIT ?1)",
+                    params![i64::from(limit)],
+                )
+                .map_err(db)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64> {
         self.with_conn(move |c| {
             let n = c

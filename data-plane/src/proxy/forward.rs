@@ -369,6 +369,10 @@ impl Tap {
                 unparsed: t.usage_unparsed(),
                 suspect: t.counts_unreadable(),
                 cancelled: false,
+                // Filled in by the body, which saw when they arrived.
+                stream_events: 0,
+                max_event_gap_ms: 0,
+                error_message: String::new(),
             },
             Tap::Buffer(b, _) if status >= 400 => Recorded {
                 error_type: Usage::parse_error_type(b).unwrap_or_else(|| "api_error".into()),
@@ -402,6 +406,11 @@ pub struct Recorded {
     /// A usage count was there but not a whole number of tokens (left out, row flagged).
     pub suspect: bool,
     pub cancelled: bool,
+    /// A stream's events and the longest gap between two of them arriving (ms).
+    pub stream_events: u64,
+    pub max_event_gap_ms: u64,
+    /// relay's own words on how the attempt failed ("" otherwise; an upstream's text is not kept).
+    pub error_message: String,
 }
 
 impl Recorded {
@@ -459,6 +468,11 @@ pub struct TappedBody {
     /// Bytes sent to the client so far.
     sent: u64,
     done: bool,
+    /// Events the tap had counted when bytes last arrived, when the last new one arrived, and
+    /// the longest gap between two arrivals (ms): the usage row's gap summary.
+    events_seen: u64,
+    last_event_at: Option<Instant>,
+    max_event_gap_ms: u64,
 }
 
 enum Deferred {
@@ -507,6 +521,9 @@ impl TappedBody {
             tail: bytes::BytesMut::new(),
             sent: 0,
             done: false,
+            events_seen: 0,
+            last_event_at: None,
+            max_event_gap_ms: 0,
         };
         body.prefix = prefix.and_then(|p| body.release(p));
         body
@@ -523,6 +540,16 @@ impl TappedBody {
             self.sent += data.len() as u64;
             return (!data.is_empty()).then_some(data);
         };
+        // New events arrived with these bytes: the gap since the previous ones.
+        if t.events() > self.events_seen {
+            let now = Instant::now();
+            if let Some(last) = self.last_event_at {
+                let gap = now.saturating_duration_since(last).as_millis() as u64;
+                self.max_event_gap_ms = self.max_event_gap_ms.max(gap);
+            }
+            self.last_event_at = Some(now);
+            self.events_seen = t.events();
+        }
         let complete = t.complete_bytes();
         let fed = t.fed();
         // Everything fed is either sent, held in `tail`, or in `data`; an event too large to hold
@@ -603,6 +630,13 @@ impl TappedBody {
             r.error_type = "api_error".to_string();
         }
         r.cancelled = outcome == Outcome2::Cancelled;
+        r.error_message = match outcome {
+            Outcome2::UpstreamFailed => "the upstream stream failed or stalled after it started".into(),
+            Outcome2::Truncated => "the upstream stream ended before message_stop".into(),
+            Outcome2::Complete | Outcome2::Cancelled => String::new(),
+        };
+        r.stream_events = self.events_seen;
+        r.max_event_gap_ms = self.max_event_gap_ms;
         // The account's health: a stream that failed after its head counts against it.
         match outcome {
             Outcome2::UpstreamFailed => {
@@ -752,6 +786,9 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         client_request_id: a.client_request_id,
         queue_wait_ms: a.waited.ms,
         waited_for: a.waited.what.to_string(),
+        stream_events: u32::try_from(r.stream_events).unwrap_or(u32::MAX),
+        max_event_gap_ms: r.max_event_gap_ms,
+        error_message: r.error_message,
     };
     if r.unparsed {
         relay_proto::bounds::flag(&mut event, relay_proto::bounds::UNPARSED);
@@ -822,8 +859,12 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     if event.cancelled {
         metrics::counter!(relay_proto::metrics::REQUESTS_CANCELLED_TOTAL).increment(1);
     }
-    let spool = a.spool;
-    let pending = a.pending;
+    spool_event(&a.spool, &a.pending, event);
+}
+
+/// Hands one usage event to the spool; the shutdown drain waits for it.
+fn spool_event(spool: &Arc<Spool>, pending: &Arc<Pending>, event: pb::UsageEvent) {
+    let pending = pending.clone();
     pending.0.fetch_add(1, Ordering::AcqRel);
     spool.append_then(event, move |result| {
         if let Err(e) = result {
@@ -863,6 +904,70 @@ fn count_usage(cfg: &ServingConfig, key: &KeyEntry, model: String, event: &pb::U
             metrics::counter!(TOKENS, "kind" => kind, "model" => model.clone(), "group" => group.clone()).increment(n);
         }
         metrics::counter!(COST, "model" => model, "group" => group).increment(micro_usd);
+    }
+}
+
+/// A client request (its key known) that has not reached an upstream yet. If it ends without any
+/// attempt (refused by its limits, no account available, a bad body, an estimate for count_tokens,
+/// or the client gone first), it still leaves one usage row, with no account (`account_id` ""),
+/// no tokens and no cost: the request log has exactly one record per request. Usage reports
+/// leave such rows out.
+pub struct Unattempted {
+    pub spool: Arc<Spool>,
+    pub pending: Arc<Pending>,
+    pub node_id: Arc<str>,
+    pub request_id: String,
+    pub key_id: String,
+    /// The requested model ("" until the body was read).
+    pub model: String,
+    pub stream: bool,
+    pub started: Instant,
+    pub client_request_id: String,
+    /// Set by the first attempt: then that attempt's row stands for the request.
+    pub attempted: Arc<std::sync::atomic::AtomicBool>,
+    /// The answer's status, error type and relay's message; None when the client went away first.
+    pub outcome: Option<(u16, String, String)>,
+}
+
+impl Drop for Unattempted {
+    fn drop(&mut self) {
+        if self.attempted.load(Ordering::Acquire) {
+            return;
+        }
+        let (status, error_type, error_message, cancelled) = match self.outcome.take() {
+            Some((s, e, m)) => (s, e, m, false),
+            None => (
+                0,
+                String::new(),
+                "the client went away before any upstream was called".into(),
+                true,
+            ),
+        };
+        let event = pb::UsageEvent {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            request_id: std::mem::take(&mut self.request_id),
+            timestamp_ms: chrono::Utc::now().timestamp_millis(),
+            node_id: self.node_id.to_string(),
+            api_key_id: std::mem::take(&mut self.key_id),
+            model: std::mem::take(&mut self.model),
+            http_status: u32::from(status),
+            error_type,
+            // The same bound the control plane keeps (512 bytes, on a character boundary).
+            error_message: {
+                let mut end = error_message.len().min(512);
+                while !error_message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                error_message[..end].to_string()
+            },
+            stream: self.stream,
+            cancelled,
+            latency_ms: self.started.elapsed().as_millis() as u64,
+            client_request_id: std::mem::take(&mut self.client_request_id),
+            ..pb::UsageEvent::default()
+        };
+        metrics::counter!(relay_proto::metrics::REQUESTS_UNATTEMPTED_TOTAL).increment(1);
+        spool_event(&self.spool, &self.pending, event);
     }
 }
 

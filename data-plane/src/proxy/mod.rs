@@ -408,6 +408,41 @@ impl Proxy {
         is_messages: bool,
     ) -> Result<Response<Body>, ApiError> {
         let (cfg, key) = self.admit(req.headers())?;
+        // From here on (the key known) the request leaves a usage row even if no attempt does.
+        let mut unattempted = forward::Unattempted {
+            spool: self.spool.clone(),
+            pending: self.pending.clone(),
+            node_id: self.node_id.clone(),
+            request_id: request_id.to_string(),
+            key_id: key.id.clone(),
+            model: String::new(),
+            stream: false,
+            started,
+            client_request_id: client_request_id(req.headers()).unwrap_or("").to_string(),
+            attempted: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            outcome: None,
+        };
+        let out = self
+            .forward_admitted(req, request_id, started, is_messages, cfg, key, &mut unattempted)
+            .await;
+        unattempted.outcome = Some(match &out {
+            Ok(r) => (r.status().as_u16(), String::new(), String::new()),
+            Err(e) => (e.status.as_u16(), e.kind.to_string(), e.message.clone()),
+        });
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_admitted(
+        &self,
+        req: Request<Incoming>,
+        request_id: &str,
+        started: Instant,
+        is_messages: bool,
+        cfg: Arc<ServingConfig>,
+        key: Arc<KeyEntry>,
+        unattempted: &mut forward::Unattempted,
+    ) -> Result<Response<Body>, ApiError> {
         check_version(req.headers())?;
         let (parts, mut incoming) = req.into_parts();
         let declared = parts
@@ -484,6 +519,8 @@ impl Proxy {
             None => return Err(ApiError::invalid_request("model: Field required")),
         };
         let stream = is_messages && matches!(head.stream, Some(serde_json::Value::Bool(true)));
+        unattempted.model = model.clone();
+        unattempted.stream = stream;
         if !key.allows(&model) {
             return Err(ApiError::permission(format!("this API key may not use model {model}")));
         }
@@ -534,6 +571,7 @@ impl Proxy {
             deadline,
             is_messages,
             charge: admitted.charge.clone(),
+            attempted: &unattempted.attempted,
         };
         let out = self.attempts(&ctx, session.as_deref(), bound.as_deref()).await;
         // count_tokens that no account could answer: relay's own estimate (never for usage).
@@ -931,6 +969,7 @@ impl Proxy {
         up.headers_mut().remove(header::ORIGIN);
         // From here on the attempt leaves exactly one usage row, however it ends (if the
         // client goes away before the upstream answers, the guard records it as cancelled).
+        ctx.attempted.store(true, std::sync::atomic::Ordering::Release);
         let mut guard = AttemptGuard::new(Attempt {
             spool: self.spool.clone(),
             pending: self.pending.clone(),
@@ -1377,6 +1416,8 @@ struct AttemptCtx<'a> {
     is_messages: bool,
     /// The request's reservation against its key's limits (None: the key has none).
     charge: Option<Arc<relay_limits::Charge>>,
+    /// Set once an attempt exists (its usage row then stands for the request).
+    attempted: &'a std::sync::atomic::AtomicBool,
 }
 
 enum Choice {

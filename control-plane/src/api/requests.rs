@@ -1,0 +1,308 @@
+//! The request log's Admin calls (`ListRequests`, `GetRequest`, `RequestStats`, `TailRequests`):
+//! proto filters to [`crate::requests::Filter`] (names resolved to ids), records to proto (ids
+//! to names). The rules themselves are in `crate::requests`.
+
+use super::status_from_store;
+use crate::requests::{self, Cursor, Filter, RequestRecord, StatusFilter};
+use crate::store::{DynStore, StoreError};
+use relay_proto::v1 as pb;
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+use tonic::Status;
+
+/// Records a page holds when the caller asks for 0, and at most.
+pub const DEFAULT_LIMIT: u32 = 50;
+pub const MAX_LIMIT: u32 = 1_000;
+/// How often `TailRequests` looks for new records.
+pub const TAIL_POLL: Duration = Duration::from_millis(500);
+/// A record is shown by tail once its last row is this old (ms): the attempts of one request
+/// usually arrive together, and this gives a late one time to join its record.
+pub const TAIL_SETTLE_MS: i64 = 2_000;
+/// How far back tail looks on each poll for records stored late (ms).
+pub const TAIL_WINDOW_MS: i64 = 300_000;
+
+/// Names of keys, accounts and groups by id, for showing records.
+#[derive(Default)]
+pub struct Names {
+    keys: HashMap<String, (String, String)>,
+    accounts: HashMap<String, String>,
+    groups: HashMap<String, String>,
+}
+
+impl Names {
+    pub async fn load(store: &DynStore) -> Result<Self, Status> {
+        let keys = store.list_api_keys().await.map_err(status_from_store)?;
+        let accounts = store.list_accounts().await.map_err(status_from_store)?;
+        let groups = store.list_groups().await.map_err(status_from_store)?;
+        Ok(Names {
+            keys: keys.into_iter().map(|k| (k.id, (k.name, k.group_id))).collect(),
+            accounts: accounts.into_iter().map(|a| (a.id, a.name)).collect(),
+            groups: groups.into_iter().map(|g| (g.id, g.name)).collect(),
+        })
+    }
+
+    fn account(&self, id: &str) -> String {
+        self.accounts.get(id).cloned().unwrap_or_else(|| id.to_string())
+    }
+
+    pub fn record(&self, r: &RequestRecord) -> pb::RequestRecord {
+        let (key, group_id) = self
+            .keys
+            .get(&r.api_key_id)
+            .cloned()
+            .unwrap_or_else(|| (r.api_key_id.clone(), String::new()));
+        pb::RequestRecord {
+            id: r.id.clone(),
+            time_ms: r.time,
+            started_ms: r.started,
+            key,
+            key_id: r.api_key_id.clone(),
+            group: self.groups.get(&group_id).cloned().unwrap_or_default(),
+            group_id,
+            model: r.model.clone(),
+            stream: r.stream,
+            status: r.status,
+            error_type: r.error_type.clone(),
+            cancelled: r.cancelled,
+            outcome: r.outcome.clone(),
+            client_request_id: r.client_request_id.clone(),
+            ttfb_ms: r.ttfb_ms,
+            duration_ms: r.duration_ms,
+            stream_events: r.stream_events,
+            max_event_gap_ms: r.max_event_gap_ms,
+            error_message: r.error_message.clone(),
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            cache_write_5m_tokens: r.cache_write_5m_tokens,
+            cache_write_1h_tokens: r.cache_write_1h_tokens,
+            cache_read_tokens: r.cache_read_tokens,
+            cost_pico_usd: r.cost_pico_usd,
+            attempts: r
+                .attempts
+                .iter()
+                .map(|e| pb::RequestAttempt {
+                    event_id: e.event_id.to_string(),
+                    time_ms: e.ts,
+                    account: self.account(&e.account_id),
+                    account_id: e.account_id.clone(),
+                    node_id: e.node_id.clone(),
+                    model: e.model.clone(),
+                    status: e.http_status,
+                    outcome: requests::outcome(e),
+                    error_type: e.error_type.clone(),
+                    latency_ms: e.latency_ms,
+                    ttfb_ms: e.ttfb_ms,
+                    queue_wait_ms: e.queue_wait_ms,
+                    waited_for: e.waited_for.clone(),
+                    upstream_request_id: e.upstream_request_id.clone(),
+                    input_tokens: e.input_tokens,
+                    output_tokens: e.output_tokens,
+                    cache_write_5m_tokens: e.cache_write_5m_tokens,
+                    cache_write_1h_tokens: e.cache_write_1h_tokens,
+                    cache_read_tokens: e.cache_read_tokens,
+                    cost_pico_usd: e.cost_pico_usd,
+                    anomaly: e.anomaly.clone(),
+                    stream_events: e.stream_events,
+                    max_event_gap_ms: e.max_event_gap_ms,
+                    error_message: e.error_message.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn stats_row(&self, s: &requests::Stats, name: String) -> pb::RequestStatsRow {
+        pb::RequestStatsRow {
+            id: s.name.clone(),
+            name,
+            requests: s.requests,
+            errors: s.errors,
+            error_ratio: s.error_ratio,
+            duration_p50_ms: s.duration_p50_ms,
+            duration_p90_ms: s.duration_p90_ms,
+            duration_p99_ms: s.duration_p99_ms,
+            ttfb_p50_ms: s.ttfb_p50_ms,
+            ttfb_p90_ms: s.ttfb_p90_ms,
+            ttfb_p99_ms: s.ttfb_p99_ms,
+            input_tokens: s.input_tokens,
+            output_tokens: s.output_tokens,
+            cache_write_5m_tokens: s.cache_write_5m_tokens,
+            cache_write_1h_tokens: s.cache_write_1h_tokens,
+            cache_read_tokens: s.cache_read_tokens,
+            cost_pico_usd: s.cost_pico_usd,
+        }
+    }
+
+    pub fn stats(&self, r: &requests::StatsReport) -> pb::RequestStatsResponse {
+        pb::RequestStatsResponse {
+            total: Some(self.stats_row(&r.total, String::new())),
+            by_model: r.by_model.iter().map(|s| self.stats_row(s, s.name.clone())).collect(),
+            by_key: r
+                .by_key
+                .iter()
+                .map(|s| {
+                    let name = self.keys.get(&s.name).map_or_else(|| s.name.clone(), |k| k.0.clone());
+                    self.stats_row(s, name)
+                })
+                .collect(),
+            by_account: r
+                .by_account
+                .iter()
+                .map(|s| self.stats_row(s, self.account(&s.name)))
+                .collect(),
+            truncated: r.truncated,
+        }
+    }
+}
+
+/// The proto filter as the domain's, names resolved (an unknown name is NOT_FOUND).
+pub async fn filter(store: &DynStore, f: Option<&pb::RequestFilter>) -> Result<Filter, Status> {
+    let Some(f) = f else { return Ok(Filter::default()) };
+    let since = (f.since_ms > 0).then_some(f.since_ms);
+    let until = (f.until_ms > 0).then_some(f.until_ms);
+    requests::check_range(since, until).map_err(status_from_store)?;
+    let mut keys: Option<BTreeSet<String>> = None;
+    if !f.key.is_empty() {
+        let k = store
+            .get_api_key(&f.key)
+            .await
+            .map_err(status_from_store)?
+            .ok_or_else(|| not_found("key", &f.key))?;
+        keys = Some(BTreeSet::from([k.id]));
+    }
+    if !f.group.is_empty() {
+        let g = store
+            .get_group(&f.group)
+            .await
+            .map_err(status_from_store)?
+            .ok_or_else(|| not_found("group", &f.group))?;
+        let in_group: BTreeSet<String> = store
+            .list_api_keys()
+            .await
+            .map_err(status_from_store)?
+            .into_iter()
+            .filter(|k| k.group_id == g.id)
+            .map(|k| k.id)
+            .collect();
+        keys = Some(match keys {
+            Some(k) => k.intersection(&in_group).cloned().collect(),
+            None => in_group,
+        });
+    }
+    let account_id = if f.account.is_empty() {
+        None
+    } else {
+        Some(
+            store
+                .get_account(&f.account)
+                .await
+                .map_err(status_from_store)?
+                .ok_or_else(|| not_found("account", &f.account))?
+                .id,
+        )
+    };
+    let status = if f.status.is_empty() {
+        None
+    } else {
+        Some(f.status.parse::<StatusFilter>().map_err(Status::invalid_argument)?)
+    };
+    Ok(Filter {
+        since,
+        until,
+        keys,
+        account_id,
+        model: (!f.model.is_empty()).then(|| f.model.clone()),
+        status,
+        stream: f.stream,
+        min_duration_ms: f.min_duration_ms,
+    })
+}
+
+fn not_found(kind: &'static str, name: &str) -> Status {
+    status_from_store(StoreError::NotFound {
+        kind,
+        name: name.to_string(),
+    })
+}
+
+pub async fn list(store: &DynStore, r: &pb::ListRequestsRequest) -> Result<pb::ListRequestsResponse, Status> {
+    let f = filter(store, r.filter.as_ref()).await?;
+    let limit = if r.limit == 0 {
+        DEFAULT_LIMIT
+    } else {
+        r.limit.min(MAX_LIMIT)
+    };
+    let cursor = if r.cursor.is_empty() {
+        None
+    } else {
+        Some(Cursor::decode(&r.cursor).map_err(Status::invalid_argument)?)
+    };
+    let page = requests::list(store, &f, cursor, limit as usize)
+        .await
+        .map_err(status_from_store)?;
+    let names = Names::load(store).await?;
+    Ok(pb::ListRequestsResponse {
+        records: page.records.iter().map(|r| names.record(r)).collect(),
+        next_cursor: page.next.map(|c| c.encode()).unwrap_or_default(),
+    })
+}
+
+pub async fn get(store: &DynStore, id: &str) -> Result<pb::RequestRecord, Status> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(Status::invalid_argument("a request id is 1 to 128 characters"));
+    }
+    let r = requests::get(store, id)
+        .await
+        .map_err(status_from_store)?
+        .ok_or_else(|| not_found("request", id))?;
+    Ok(Names::load(store).await?.record(&r))
+}
+
+pub async fn stats(store: &DynStore, r: &pb::RequestStatsRequest) -> Result<pb::RequestStatsResponse, Status> {
+    let f = filter(store, r.filter.as_ref()).await?;
+    let (records, truncated) = requests::all(store, &f, requests::MAX_STATS_SCAN)
+        .await
+        .map_err(status_from_store)?;
+    let report = requests::stats_report(&records, truncated);
+    Ok(Names::load(store).await?.stats(&report))
+}
+
+/// Sends every new record matching the filter, each once, until the receiver is dropped.
+pub async fn tail(store: DynStore, f: Filter, tx: tokio::sync::mpsc::Sender<Result<pb::RequestRecord, Status>>) {
+    let started = crate::model::now_ms();
+    // Shown ids with their time, forgotten once older than the window.
+    let mut shown: HashMap<String, i64> = HashMap::new();
+    loop {
+        let now = crate::model::now_ms();
+        let mut window = f.clone();
+        window.since = Some(f.since.unwrap_or(started).max(now - TAIL_WINDOW_MS).max(started));
+        let mut fresh = match requests::all(&store, &window, 100_000).await {
+            Ok((records, _)) => records,
+            Err(e) => {
+                let _ = tx.send(Err(status_from_store(e))).await;
+                return;
+            }
+        };
+        fresh.retain(|r| r.time <= now - TAIL_SETTLE_MS && !shown.contains_key(&r.id));
+        fresh.reverse();
+        if !fresh.is_empty() {
+            let names = match Names::load(&store).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            for r in &fresh {
+                shown.insert(r.id.clone(), r.time);
+                if tx.send(Ok(names.record(r))).await.is_err() {
+                    return;
+                }
+            }
+        }
+        shown.retain(|_, t| *t >= now - 2 * TAIL_WINDOW_MS);
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(TAIL_POLL) => {}
+        }
+    }
+}
