@@ -284,6 +284,10 @@ pub struct Attempt {
     pub waited: super::Waited,
     /// The request's reservation against its key's limits: what this attempt used is added.
     pub charge: Option<Arc<relay_limits::Charge>>,
+    /// The request's log line, which this attempt's record adds to.
+    pub log: Arc<super::reqlog::RequestLog>,
+    /// The attempt's trace span (a GenAI `chat {model}` client span); ends with the record.
+    pub span: tracing::Span,
 }
 
 /// An attempt in flight: records it as cancelled, with what is known, if it is dropped before its
@@ -352,6 +356,7 @@ impl Tap {
             Tap::Sse(t) => Recorded {
                 usage: t.usage(),
                 model: t.model().map(str::to_string),
+                response_id: t.message_id().map(str::to_string),
                 error_type: t.error_type().map(str::to_string).unwrap_or_default(),
                 unparsed: t.usage_unparsed(),
                 suspect: t.counts_unreadable(),
@@ -389,6 +394,8 @@ pub struct Recorded {
     /// A usage count was there but not a whole number of tokens (left out, row flagged).
     pub suspect: bool,
     pub cancelled: bool,
+    /// The answer's message id (`msg_…`), when the tap read it.
+    pub response_id: Option<String>,
 }
 
 impl Recorded {
@@ -711,6 +718,7 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         }
     }
     let billed_model = answered.filter(|_| !implausible).unwrap_or(a.model);
+    let response_id = r.response_id;
     let now = chrono::Utc::now().timestamp_millis();
     let usage = r.usage;
     let mut event = pb::UsageEvent {
@@ -798,6 +806,9 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     if event.cancelled {
         metrics::counter!("relay_requests_cancelled_total").increment(1);
     }
+    let ok = !event.cancelled && event.error_type.is_empty() && (200..400).contains(&event.http_status);
+    a.log.attempt(&a.account.name, ttfb_ms, ok, &event);
+    trace_attempt(&a.span, &event, response_id.as_deref(), ok);
     let spool = a.spool;
     let pending = a.pending;
     pending.0.fetch_add(1, Ordering::AcqRel);
@@ -810,6 +821,42 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
             pending.1.notify_waiters();
         }
     });
+}
+
+/// Records what the usage record says on the attempt's span (GenAI semantic conventions and
+/// relay's own attributes). Never a credential, a key or any body text.
+fn trace_attempt(span: &tracing::Span, event: &pb::UsageEvent, response_id: Option<&str>, ok: bool) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("gen_ai.response.model", event.model.as_str());
+    if let Some(id) = response_id.filter(|id| id.len() <= 256) {
+        span.record("gen_ai.response.id", id);
+    }
+    span.record("gen_ai.usage.input_tokens", event.input_tokens);
+    span.record("gen_ai.usage.output_tokens", event.output_tokens);
+    span.record("relay.usage.cache_read_tokens", event.cache_read_tokens);
+    span.record(
+        "relay.usage.cache_write_tokens",
+        event.cache_write_5m_tokens + event.cache_write_1h_tokens,
+    );
+    span.record("relay.cost_usd", event.cost_pico_usd as f64 / 1e12);
+    if event.http_status > 0 {
+        span.record("http.response.status_code", event.http_status);
+    }
+    let outcome = if event.cancelled {
+        "cancelled"
+    } else if ok {
+        "ok"
+    } else {
+        "failed"
+    };
+    span.record("relay.attempt.outcome", outcome);
+    if !ok {
+        let t = if event.error_type.is_empty() { "cancelled" } else { event.error_type.as_str() };
+        span.record("error.type", t);
+        span.record("otel.status_code", "ERROR");
+    }
 }
 
 pub fn cost_of(prices: &PriceTable, model: &str, at_ms: i64, usage: &Usage) -> u64 {
