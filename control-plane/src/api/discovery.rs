@@ -17,6 +17,7 @@
 //! - One live stream per node id on a replica: a second process claiming the
 //!   same node id is refused; the same process reconnecting replaces its own.
 
+use tracing::Instrument;
 use super::auth::{Authenticator, Need};
 use crate::config::{version_pb, Published};
 use crate::model::{ProxyEvent, Version};
@@ -350,7 +351,14 @@ async fn run_stream(s: StreamParts) {
                 in_flight = Some((u.nonce.clone(), head, p.snapshot.hash.clone(), u.full));
                 metrics::counter!("relay_config_updates_sent_total", "kind" => if u.full { "full" } else { "delta" })
                     .increment(1);
-                if tx.send(Ok(u)).await.is_err() {
+                let span = tracing::info_span!(
+                    "watch update",
+                    otel.name = "config.push",
+                    node_id = %node,
+                    relay.config.version = %head,
+                    relay.config.full = in_flight.as_ref().is_some_and(|f| f.3),
+                );
+                if tx.send(Ok(u)).instrument(span).await.is_err() {
                     break;
                 }
             }

@@ -4,6 +4,7 @@
 //! `UsageIngest.Spend`: the committed spend of every key and group with a budget
 //! (see [`crate::spend`]).
 
+use tracing::Instrument;
 use super::auth::{Authenticator, Need};
 use crate::model::UsageEvent;
 use crate::spend::SpendCache;
@@ -169,7 +170,14 @@ async fn run(
             metrics::counter!("relay_usage_events_total", "outcome" => "rejected").increment(rejected as u64);
         }
         let started = Instant::now();
-        match store.insert_usage(&events).await {
+        let span = tracing::info_span!(
+            "usage ingest",
+            otel.name = "usage.ingest",
+            node_id = %batch.node_id,
+            relay.usage.events = events.len(),
+            relay.usage.rejected = rejected,
+        );
+        match store.insert_usage(&events).instrument(span).await {
             Ok(r) => {
                 metrics::histogram!("relay_usage_commit_seconds").record(started.elapsed().as_secs_f64());
                 metrics::counter!("relay_usage_events_total", "outcome" => "inserted").increment(r.inserted);

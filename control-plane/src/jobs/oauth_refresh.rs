@@ -25,6 +25,7 @@
 //!
 //! Nothing here logs a token.
 
+use tracing::Instrument;
 use crate::crypto::{self, MasterKey};
 use crate::model::{
     now_ms, Account, AccountHealth, AccountKind, AccountState, AuditRecord, Millis, Mutation, OAuthPending,
@@ -201,7 +202,8 @@ impl Refresher {
         let mut mem = Memory::default();
         tracing::info!(term, "OAuth refresh job started");
         loop {
-            match self.tick(term, &mut mem).await {
+            let span = tracing::info_span!("oauth refresh", otel.name = "leader.oauth_refresh", term);
+            match self.tick(term, &mut mem).instrument(span).await {
                 Ok(()) => {}
                 Err(JobError::Fenced(e)) => {
                     tracing::warn!(term, error = %e, "OAuth refresh job stops: this replica no longer leads");

@@ -7,6 +7,7 @@
 //! takes it out until its credential changes, `rate limited` until the reset the upstream gave,
 //! `unreachable` and server errors for a minute.
 
+use tracing::Instrument;
 use crate::crypto::MasterKey;
 use crate::model::{now_ms, Account, AccountHealth, AccountKind, AccountState, AuditRecord, Millis, Mutation};
 use crate::store::{DynStore, StoreError};
@@ -305,7 +306,15 @@ impl Prober {
                 if !troubled || backoff.get(&a.id).is_some_and(|(at, _)| *at > now) {
                     continue;
                 }
-                let v = self.probe(&a).await;
+                let span = tracing::info_span!(
+                    "probe",
+                    otel.name = "leader.probe",
+                    relay.account.id = a.id.as_str(),
+                    relay.account.name = a.name.as_str(),
+                    relay.probe.verdict = tracing::field::Empty,
+                );
+                let v = self.probe(&a).instrument(span.clone()).await;
+                span.record("relay.probe.verdict", v.label());
                 metrics::counter!("relay_account_probes_total", "verdict" => v.label()).increment(1);
                 let next = backoff
                     .get(&a.id)
