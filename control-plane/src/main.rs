@@ -94,7 +94,6 @@ fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
 }
 
-
 fn master_key(args: &Args) -> anyhow::Result<MasterKey> {
     if let Ok(v) = std::env::var("RELAY_MASTER_KEY") {
         return MasterKey::from_base64(&v).context("RELAY_MASTER_KEY");
@@ -146,7 +145,10 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = relay_telemetry::init(relay_telemetry::LogFormat::parse(&args.log_format), "relay-control-plane")?;
+    let telemetry = relay_telemetry::init(
+        relay_telemetry::LogFormat::parse(&args.log_format),
+        "relay-control-plane",
+    )?;
     if args.standalone && args.database_url.is_some() {
         bail!(
             "--standalone uses the embedded store; drop --database-url (or drop --standalone for the distributed mode)"

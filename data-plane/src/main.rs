@@ -83,7 +83,6 @@ struct Args {
     log_format: String,
 }
 
-
 async fn terminated() {
     #[cfg(unix)]
     {

@@ -98,9 +98,7 @@ pub struct TraceConfig {
 /// and `OTEL_SDK_DISABLED` is not `true`. The endpoint itself, the service name,
 /// resource attributes, sampler and headers are read by the SDK from the same
 /// variables.
-pub fn trace_config_from_env(
-    var: impl Fn(&str) -> Option<String>,
-) -> Result<Option<TraceConfig>, TelemetryError> {
+pub fn trace_config_from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<TraceConfig>, TelemetryError> {
     let set = |k: &str| var(k).filter(|v| !v.trim().is_empty());
     if set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
         return Ok(None);
@@ -151,14 +149,29 @@ impl Telemetry {
 pub fn init(format: LogFormat, service: &str) -> Result<Telemetry, TelemetryError> {
     let config = trace_config_from_env(|k| std::env::var(k).ok())?;
     let (otel_layer, telemetry) = match config {
-        None => (None, Telemetry { provider: None, flush: None }),
+        None => (
+            None,
+            Telemetry {
+                provider: None,
+                flush: None,
+            },
+        ),
         Some(c) => {
             let (provider, flush) = provider(c.protocol, service)?;
             let tracer = provider.tracer("relay");
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
+                .with_tracked_inactivity(false)
+                .with_threads(false)
+                .with_target(false)
                 .with_filter(tracing_subscriber::filter::filter_fn(|m| m.is_span()));
-            (Some(layer), Telemetry { provider: Some(provider), flush: Some(flush) })
+            (
+                Some(layer),
+                Telemetry {
+                    provider: Some(provider),
+                    flush: Some(flush),
+                },
+            )
         }
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
@@ -188,7 +201,10 @@ type Flush = mpsc::Sender<oneshot::Sender<()>>;
 
 fn provider(protocol: Protocol, service: &str) -> Result<(SdkTracerProvider, Flush), TelemetryError> {
     let mut resource = Resource::builder();
-    if std::env::var("OTEL_SERVICE_NAME").map(|s| s.trim().is_empty()).unwrap_or(true) {
+    if std::env::var("OTEL_SERVICE_NAME")
+        .map(|s| s.trim().is_empty())
+        .unwrap_or(true)
+    {
         resource = resource.with_service_name(service.to_string());
     }
     let resource = resource.build();
@@ -221,7 +237,10 @@ fn provider(protocol: Protocol, service: &str) -> Result<(SdkTracerProvider, Flu
     // always-on, so a client's sampled traceparent is honoured).
     let provider = SdkTracerProvider::builder()
         .with_resource(resource)
-        .with_span_processor(QueueProcessor { tx, closed: Arc::new(AtomicBool::new(false)) })
+        .with_span_processor(QueueProcessor {
+            tx,
+            closed: Arc::new(AtomicBool::new(false)),
+        })
         .build();
     Ok((provider, flush_tx))
 }
@@ -367,20 +386,32 @@ mod tests {
     fn export_is_off_without_an_endpoint() {
         assert_eq!(trace_config_from_env(env(&[])).unwrap(), None);
         assert_eq!(trace_config_from_env(env(&[("OTEL_SERVICE_NAME", "x")])).unwrap(), None);
-        let disabled = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_SDK_DISABLED", "true")];
+        let disabled = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ];
         assert_eq!(trace_config_from_env(env(&disabled)).unwrap(), None);
     }
 
     #[test]
     fn protocol_comes_from_the_standard_variables() {
         let grpc = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317")];
-        assert_eq!(trace_config_from_env(env(&grpc)).unwrap().unwrap().protocol, Protocol::Grpc);
+        assert_eq!(
+            trace_config_from_env(env(&grpc)).unwrap().unwrap().protocol,
+            Protocol::Grpc
+        );
         let http = [
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4318/v1/traces"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
         ];
-        assert_eq!(trace_config_from_env(env(&http)).unwrap().unwrap().protocol, Protocol::HttpProtobuf);
-        let json = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")];
+        assert_eq!(
+            trace_config_from_env(env(&http)).unwrap().unwrap().protocol,
+            Protocol::HttpProtobuf
+        );
+        let json = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ];
         let e = trace_config_from_env(env(&json)).unwrap_err().to_string();
         assert!(e.contains("http/json") && e.contains("http/protobuf"), "{e}");
     }

@@ -17,7 +17,6 @@
 //! - One live stream per node id on a replica: a second process claiming the
 //!   same node id is refused; the same process reconnecting replaces its own.
 
-use tracing::Instrument;
 use super::auth::{Authenticator, Need};
 use crate::config::{version_pb, Published};
 use crate::model::{ProxyEvent, Version};
@@ -32,6 +31,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -4,7 +4,6 @@
 //! `UsageIngest.Spend`: the committed spend of every key and group with a budget
 //! (see [`crate::spend`]).
 
-use tracing::Instrument;
 use super::auth::{Authenticator, Need};
 use crate::model::UsageEvent;
 use crate::spend::SpendCache;
@@ -18,6 +17,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 /// Largest batch accepted in one message.
 pub const MAX_BATCH: usize = 10_000;

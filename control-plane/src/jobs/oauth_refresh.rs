@@ -25,7 +25,6 @@
 //!
 //! Nothing here logs a token.
 
-use tracing::Instrument;
 use crate::crypto::{self, MasterKey};
 use crate::model::{
     now_ms, Account, AccountHealth, AccountKind, AccountState, AuditRecord, Millis, Mutation, OAuthPending,
@@ -35,6 +34,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Who the states and audit entries this job writes name.
 pub const ACTOR: &str = "control-plane:oauth-refresh";

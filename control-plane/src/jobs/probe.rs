@@ -7,7 +7,6 @@
 //! takes it out until its credential changes, `rate limited` until the reset the upstream gave,
 //! `unreachable` and server errors for a minute.
 
-use tracing::Instrument;
 use crate::crypto::MasterKey;
 use crate::model::{now_ms, Account, AccountHealth, AccountKind, AccountState, AuditRecord, Millis, Mutation};
 use crate::store::{DynStore, StoreError};
@@ -17,6 +16,7 @@ use relay_data_plane::upstream::client::{ProxySpec, Upstreams};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Who the states and audit entries probes write name.
 pub const ACTOR: &str = "control-plane:probe";

@@ -833,16 +833,18 @@ fn trace_attempt(span: &tracing::Span, event: &pb::UsageEvent, response_id: Opti
     if let Some(id) = response_id.filter(|id| id.len() <= 256) {
         span.record("gen_ai.response.id", id);
     }
-    span.record("gen_ai.usage.input_tokens", event.input_tokens);
-    span.record("gen_ai.usage.output_tokens", event.output_tokens);
-    span.record("relay.usage.cache_read_tokens", event.cache_read_tokens);
+    // Signed: an unsigned field is exported as a string.
+    let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    span.record("gen_ai.usage.input_tokens", int(event.input_tokens));
+    span.record("gen_ai.usage.output_tokens", int(event.output_tokens));
+    span.record("relay.usage.cache_read_tokens", int(event.cache_read_tokens));
     span.record(
         "relay.usage.cache_write_tokens",
-        event.cache_write_5m_tokens + event.cache_write_1h_tokens,
+        int(event.cache_write_5m_tokens + event.cache_write_1h_tokens),
     );
     span.record("relay.cost_usd", event.cost_pico_usd as f64 / 1e12);
     if event.http_status > 0 {
-        span.record("http.response.status_code", event.http_status);
+        span.record("http.response.status_code", i64::from(event.http_status));
     }
     let outcome = if event.cancelled {
         "cancelled"
@@ -853,7 +855,11 @@ fn trace_attempt(span: &tracing::Span, event: &pb::UsageEvent, response_id: Opti
     };
     span.record("relay.attempt.outcome", outcome);
     if !ok {
-        let t = if event.error_type.is_empty() { "cancelled" } else { event.error_type.as_str() };
+        let t = if event.error_type.is_empty() {
+            "cancelled"
+        } else {
+            event.error_type.as_str()
+        };
         span.record("error.type", t);
         span.record("otel.status_code", "ERROR");
     }

@@ -218,7 +218,11 @@ impl Proxy {
             // A browser's preflight: answered here, without a key.
             cors::preflight(&cors, req.headers(), &request_id)
         } else {
-            let mut resp = match self.route(req, &request_id, started, &log).instrument(span.clone()).await {
+            let mut resp = match self
+                .route(req, &request_id, started, &log)
+                .instrument(span.clone())
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => {
                     metrics::counter!("relay_error_answers_total", "type" => e.kind).increment(1);
@@ -233,7 +237,7 @@ impl Proxy {
         metrics::counter!("relay_requests_total", "route" => route, "status" => status_class(resp.status()))
             .increment(1);
         log.answered(resp.status().as_u16(), None);
-        span.record("http.response.status_code", resp.status().as_u16());
+        span.record("http.response.status_code", i64::from(resp.status().as_u16()));
         if resp.status().is_server_error() {
             span.record("otel.status_code", "ERROR");
         }
@@ -585,7 +589,6 @@ impl Proxy {
             }
             let began = Instant::now();
             let span = attempt_span(ctx, &account, tried.len() + 1);
-            tracing::Span::current().record("relay.attempts", tried.len() + 1);
             match self.attempt(ctx, account.clone(), slot, waited, span.clone()).await {
                 Ok(resp) => {
                     if let Some(k) = session {
@@ -597,6 +600,7 @@ impl Proxy {
                         }
                     }
                     metrics::counter!("relay_attempts_total", "outcome" => "ok").increment(1);
+                    tracing::Span::current().record("relay.attempts", tried.len() as i64 + 1);
                     return Ok(resp);
                 }
                 Err((failure, retry)) => {
@@ -611,6 +615,7 @@ impl Proxy {
                     if !retry {
                         // The request itself was refused (invalid, too large): no account would
                         // take it, and the client gets that answer as it is.
+                        tracing::Span::current().record("relay.attempts", tried.len() as i64);
                         return Ok(failure.into_response(request_id));
                     }
                     // count_tokens on upstreams without the endpoint: two such answers say
@@ -631,6 +636,7 @@ impl Proxy {
                 }
             }
         }
+        tracing::Span::current().record("relay.attempts", tried.len() as i64);
         if failures.is_empty() {
             return Err(ApiError::overloaded(
                 "no upstream account is available for this key right now",
@@ -1609,14 +1615,14 @@ fn attempt_span(ctx: &AttemptCtx<'_>, account: &AccountEntry, n: usize) -> traci
         gen_ai.operation.name = operation,
         gen_ai.provider.name = "anthropic",
         gen_ai.request.model = ctx.model,
-        gen_ai.request.max_tokens = ctx.max_tokens,
+        gen_ai.request.max_tokens = i64::try_from(ctx.max_tokens).unwrap_or(i64::MAX),
         gen_ai.response.model = tracing::field::Empty,
         gen_ai.response.id = tracing::field::Empty,
         gen_ai.usage.input_tokens = tracing::field::Empty,
         gen_ai.usage.output_tokens = tracing::field::Empty,
         relay.account.id = account.id.as_str(),
         relay.account.name = account.name.as_str(),
-        relay.attempt = n,
+        relay.attempt = n as i64,
         relay.stream = ctx.stream,
         relay.attempt.outcome = tracing::field::Empty,
         relay.retry_reason = tracing::field::Empty,
