@@ -439,6 +439,7 @@ pub async fn ingest(
                 batch_id: id,
                 node_id: node.to_string(),
                 events: (0..k).map(|j| event(node, n + j)).collect(),
+                oldest_unacked_age_ms: 0,
             });
             n += k;
             left -= k;

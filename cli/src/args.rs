@@ -594,6 +594,15 @@ pub enum TokenCmd {
     },
 }
 
+/// A tip for a usage error people make often: `pricing set … --output 2` meant the output price
+/// (`--output` is the global output format).
+pub fn parse_error_tip(err: &clap::Error, argv: &[String]) -> Option<&'static str> {
+    let is_format = err.kind() == clap::error::ErrorKind::InvalidValue && err.to_string().contains("<FORMAT>");
+    (is_format && argv.iter().any(|a| a == "pricing")).then_some(
+        "the price of output tokens is --output-price; -o/--output is the output format (table, wide, json, csv)",
+    )
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -713,9 +722,18 @@ mod tests {
             args.extend_from_slice(&set);
             assert_eq!(parse(&args).unwrap().output, want, "{args:?}");
         }
-        // `--output 2` is a format, not a price, any more.
-        let err = parse(&["pricing", "set", "m", "--input-price", "1", "--output", "2"]).unwrap_err();
+        // `--output 2` is a format, not a price, any more: the error comes with the flag to use.
+        let argv = ["relayctl", "pricing", "set", "m", "--input-price", "1", "--output", "2"];
+        let err = parse(&argv[1..]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue, "{err}");
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        assert!(parse_error_tip(&err, &argv).unwrap().contains("--output-price"));
+        let other = parse(&["key", "list", "-o", "yaml"]).unwrap_err();
+        let argv: Vec<String> = ["relayctl", "key", "list", "-o", "yaml"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(parse_error_tip(&other, &argv), None);
         // The old names of the other prices still work.
         let cli = parse(&[
             "pricing",

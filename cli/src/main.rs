@@ -20,8 +20,19 @@ use clap::Parser;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    // Usage errors print themselves and exit with 2.
-    let cli = args::Cli::parse();
+    // Usage errors print themselves (with a tip where a common slip is recognized) and exit with 2.
+    let cli = match args::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let argv: Vec<String> = std::env::args().collect();
+            if let Some(tip) = args::parse_error_tip(&e, &argv) {
+                let _ = e.print();
+                eprintln!("\n  tip: {tip}");
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
     match commands::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,

@@ -47,6 +47,11 @@ pub enum Value {
     },
     /// Structured data (JSON in JSON output, compact JSON text elsewhere).
     Json(serde_json::Value),
+    /// Structured data for JSON, with the text people read in tables and CSV ("-" when empty).
+    Described {
+        json: serde_json::Value,
+        text: String,
+    },
     /// An id: whole in JSON, CSV and wide tables; in list tables its shortest prefix (at least
     /// [`SHORT_ID`] characters) that tells it from every other id of its column, like git's short
     /// hashes (see [`unique_prefix_len`]); commands take such a prefix wherever they take an id.
@@ -115,6 +120,7 @@ impl Value {
             Value::Time(ms) => format_time(*ms).map_or(J::Null, J::String),
             Value::List { items, .. } => J::Array(items.iter().cloned().map(J::String).collect()),
             Value::Json(v) => v.clone(),
+            Value::Described { json, .. } => json.clone(),
             Value::Limit { value, .. } => value.to_json(),
             Value::Id(s) => J::String(s.clone()),
         }
@@ -134,6 +140,7 @@ impl Value {
             // Nothing to show reads as nothing, not as `null` or `[]`.
             Value::Json(v) if v.is_null() || v.as_array().is_some_and(Vec::is_empty) => "-".into(),
             Value::Json(v) if v.as_object().is_some_and(serde_json::Map::is_empty) => "-".into(),
+            Value::Described { text, .. } if text.is_empty() => "-".into(),
             Value::Limit { unlimited: true, .. } => UNLIMITED.into(),
             Value::Limit { value, .. } => value.to_cell(wide),
             other => other.to_csv(),
@@ -150,6 +157,7 @@ impl Value {
             Value::Time(ms) => format_time(*ms).unwrap_or_default(),
             Value::List { items, .. } => items.join(";"),
             Value::Json(v) => v.to_string(),
+            Value::Described { text, .. } => text.clone(),
             Value::Limit { value, .. } => value.to_csv(),
             Value::Id(s) => s.clone(),
         }
@@ -191,6 +199,9 @@ pub struct Column<T> {
     pub header: &'static str,
     /// Whether list tables show it (JSON, CSV and single-result tables always do).
     pub in_table: bool,
+    /// A short form of detail columns (priority and weight as "10/3"): list tables
+    /// show it, and nothing else does (the detail columns stand in for it).
+    pub summary: bool,
     pub get: fn(&T) -> Value,
 }
 
@@ -200,6 +211,7 @@ impl<T> Column<T> {
             key,
             header,
             in_table: true,
+            summary: false,
             get,
         }
     }
@@ -210,6 +222,19 @@ impl<T> Column<T> {
             key,
             header,
             in_table: false,
+            summary: false,
+            get,
+        }
+    }
+
+    /// A list-table-only short form of detail columns: JSON, CSV, wide tables and
+    /// the full view of one item show those columns instead.
+    pub const fn summary(key: &'static str, header: &'static str, get: fn(&T) -> Value) -> Self {
+        Column {
+            key,
+            header,
+            in_table: true,
+            summary: true,
             get,
         }
     }
@@ -218,6 +243,7 @@ impl<T> Column<T> {
 /// The JSON object for one item.
 pub fn json_object<T>(cols: &[Column<T>], item: &T) -> Map<String, serde_json::Value> {
     cols.iter()
+        .filter(|c| !c.summary)
         .map(|c| (c.key.to_string(), (c.get)(item).to_json()))
         .collect()
 }
@@ -227,6 +253,20 @@ fn new_table(width: Option<u16>) -> Table {
     let mut t = Table::new();
     t.load_preset(presets::UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Dynamic);
+    // Not a terminal (piped, captured): `COLUMNS`, when set, is the width to fit, as for other
+    // tools; a terminal's own width is read by the table itself.
+    let width = width.or_else(|| {
+        use std::io::IsTerminal;
+        if std::io::stdout().is_terminal() {
+            return None;
+        }
+        std::env::var("COLUMNS")
+            .ok()?
+            .trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|w| *w >= 40)
+    });
     if let Some(w) = width {
         t.set_width(w);
     }
@@ -294,16 +334,22 @@ fn render_list_at<T>(format: Format, cols: &[Column<T>], items: &[T], width: Opt
                 .collect();
             json_string(&serde_json::Value::Array(rows))
         }
-        Format::Csv => csv_string(
-            cols.iter().map(|c| c.key).collect(),
-            items
-                .iter()
-                .map(|i| cols.iter().map(|c| (c.get)(i).to_csv()).collect())
-                .collect(),
-        ),
+        Format::Csv => {
+            let cols: Vec<&Column<T>> = cols.iter().filter(|c| !c.summary).collect();
+            csv_string(
+                cols.iter().map(|c| c.key).collect(),
+                items
+                    .iter()
+                    .map(|i| cols.iter().map(|c| (c.get)(i).to_csv()).collect())
+                    .collect(),
+            )
+        }
         Format::Table | Format::Wide => {
             let wide = format == Format::Wide;
-            let shown: Vec<&Column<T>> = cols.iter().filter(|c| c.in_table || wide).collect();
+            let shown: Vec<&Column<T>> = cols
+                .iter()
+                .filter(|c| if wide { !c.summary } else { c.in_table })
+                .collect();
             let rows: Vec<Vec<Value>> = items
                 .iter()
                 .map(|i| shown.iter().map(|c| (c.get)(i)).collect())
@@ -338,7 +384,7 @@ pub fn render_one<T>(format: Format, cols: &[Column<T>], item: &T, only_table_co
 }
 
 /// [`render_one`], tables `width` columns wide (`None`: the terminal's).
-fn render_one_at<T>(
+pub(crate) fn render_one_at<T>(
     format: Format,
     cols: &[Column<T>],
     item: &T,
@@ -351,7 +397,10 @@ fn render_one_at<T>(
         Format::Table | Format::Wide => {
             // One item shows every field, ids and times in full.
             let mut t = new_table(width);
-            for c in cols.iter().filter(|c| c.in_table || !only_table_columns) {
+            let shown = cols
+                .iter()
+                .filter(|c| if only_table_columns { c.in_table } else { !c.summary });
+            for c in shown {
                 t.add_row(vec![c.header.to_string(), (c.get)(item).to_cell(true)]);
             }
             Ok(finish(t))
@@ -369,6 +418,8 @@ pub fn render_pair<A, B>(format: Format, a_cols: &[Column<A>], a: &A, b_cols: &[
             json_string(&serde_json::Value::Object(obj))
         }
         Format::Csv => {
+            let a_cols: Vec<&Column<A>> = a_cols.iter().filter(|c| !c.summary).collect();
+            let b_cols: Vec<&Column<B>> = b_cols.iter().filter(|c| !c.summary).collect();
             let header = a_cols
                 .iter()
                 .map(|c| c.key)
@@ -383,10 +434,10 @@ pub fn render_pair<A, B>(format: Format, a_cols: &[Column<A>], a: &A, b_cols: &[
         }
         Format::Table | Format::Wide => {
             let mut t = new_table(None);
-            for c in a_cols {
+            for c in a_cols.iter().filter(|c| !c.summary) {
                 t.add_row(vec![c.header.to_string(), (c.get)(a).to_cell(true)]);
             }
-            for c in b_cols {
+            for c in b_cols.iter().filter(|c| !c.summary) {
                 t.add_row(vec![c.header.to_string(), (c.get)(b).to_cell(true)]);
             }
             Ok(finish(t))
@@ -480,7 +531,7 @@ mod tests {
         Column::new("n", "Count", |r| Value::UInt(r.n)),
         Column::detail("at", "At", |r| Value::Time(r.at)),
         Column::new("tags", "Tags", |r| Value::list(&r.tags, "(all)")),
-        Column::new("cost_usd", "Cost (USD)", |r| Value::Decimal(r.cost.to_string())),
+        Column::new("cost_usd", "Cost ($)", |r| Value::Decimal(r.cost.to_string())),
     ];
 
     fn rows() -> Vec<Row> {
@@ -528,7 +579,7 @@ mod tests {
     #[test]
     fn table_list_uses_headers_and_hides_details() {
         let s = render_list(Format::Table, COLS, &rows()).unwrap();
-        assert!(s.contains("Name") && s.contains("Cost (USD)"));
+        assert!(s.contains("Name") && s.contains("Cost ($)"));
         assert!(!s.contains("At"));
         assert!(s.contains("(all)") && s.contains("x, y") && s.contains("0.003000"));
     }
@@ -576,6 +627,37 @@ mod tests {
         assert!(!table.contains("7348"), "{table}");
         let wide = render_list(Format::Wide, C, &rows).unwrap();
         assert!(wide.contains(ids[0]), "{wide}");
+    }
+
+    /// A summary column ("Prio/Wt") is for list tables only: one item's full view, wide tables,
+    /// JSON and CSV show the detail columns it sums up, never both.
+    #[test]
+    fn a_summary_column_shows_in_list_tables_only() {
+        struct R(i64, u64);
+        const C: &[Column<R>] = &[
+            Column::summary("routing", "Prio/Wt", |r| Value::Text(format!("{}/{}", r.0, r.1))),
+            Column::detail("priority", "Priority", |r| Value::Int(r.0)),
+            Column::detail("weight", "Weight", |r| Value::UInt(r.1)),
+        ];
+        let rows = [R(10, 3)];
+        let table = render_list(Format::Table, C, &rows).unwrap();
+        assert!(table.contains("Prio/Wt") && table.contains("10/3"), "{table}");
+        assert!(!table.contains("Priority"), "{table}");
+        for (what, out) in [
+            ("wide", render_list(Format::Wide, C, &rows).unwrap()),
+            ("one", render_one(Format::Table, C, &rows[0], false).unwrap()),
+            ("json", render_one(Format::Json, C, &rows[0], false).unwrap()),
+            ("csv", render_list(Format::Csv, C, &rows).unwrap()),
+            ("pair", render_pair(Format::Table, C, &rows[0], C, &rows[0]).unwrap()),
+        ] {
+            assert!(
+                !out.contains("10/3") && !out.to_lowercase().contains("routing"),
+                "{what}: {out}"
+            );
+            assert!(out.to_lowercase().contains("priority"), "{what}: {out}");
+        }
+        let short = render_one(Format::Table, C, &rows[0], true).unwrap();
+        assert!(short.contains("10/3") && !short.contains("Priority"), "{short}");
     }
 
     /// In a 100-column terminal cells wrap between words, never inside one (setting names, model

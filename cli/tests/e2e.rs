@@ -112,6 +112,7 @@ async fn report_usage(server: &str, dp_token: &str, events: Vec<pb::UsageEvent>)
         batch_id: 1,
         node_id: "e2e".into(),
         events,
+        oldest_unacked_age_ms: 0,
     };
     let mut acks = client
         .report(futures::stream::iter(vec![batch]))

@@ -360,7 +360,7 @@ impl ConfigPublisher {
 fn snapshot(state: &ConfigState, tokens: &[model::AdminToken], key: &MasterKey) -> Result<Snapshot, ConfigError> {
     let resources = build_resources(state, key)?;
     let hash = relay_proto::config_hash(&resources);
-    metrics::gauge!("relay_config_head_revision").set(state.version.revision as f64);
+    metrics::gauge!(relay_proto::metrics::CONFIG_HEAD_REVISION).set(state.version.revision as f64);
     Ok(Snapshot {
         version: state.version,
         resources,
@@ -385,7 +385,7 @@ async fn follow(store: DynStore, key: MasterKey, poll: Duration, tx: watch::Send
             }
             Ok(None) => {}
             Err(e) => {
-                metrics::counter!("relay_config_refresh_errors_total").increment(1);
+                metrics::counter!(relay_proto::metrics::CONFIG_REFRESH_ERRORS_TOTAL).increment(1);
                 tracing::warn!(error = %e, "cannot refresh config from the store; serving the last head");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -418,7 +418,7 @@ pub async fn rewound(store: &DynStore, head: Version, seen: Version) -> Result<(
         .start_new_epoch(head, seen.epoch.saturating_add(1), &reason)
         .await?;
     if new != head {
-        metrics::counter!("relay_config_epochs_started_total").increment(1);
+        metrics::counter!(relay_proto::metrics::CONFIG_EPOCHS_STARTED_TOTAL).increment(1);
         tracing::warn!(%head, %seen, epoch = new.epoch, "the store's history was rewound (restored from a backup?); started a new epoch: every data plane takes a full snapshot");
     }
     Ok(())

@@ -43,7 +43,7 @@ struct Args {
     /// generates data-dir/master.key when neither is set).
     #[arg(long, env = "RELAY_MASTER_KEY_FILE")]
     master_key_file: Option<PathBuf>,
-    /// This replica's name, as `relayctl proxies list` shows it (default: host name).
+    /// This replica's name, as `relayctl status` and `relayctl data-planes list` show it (default: host name).
     #[arg(long, env = "RELAY_REPLICA")]
     replica: Option<String>,
     /// How often to poll the config head besides the NOTIFY hint, in milliseconds.
@@ -181,6 +181,9 @@ async fn main() -> anyhow::Result<()> {
                 .context("installing the metrics recorder")?,
         )
     };
+    // Every metric's type and help from the catalogue, in this process's one recorder (the
+    // in-process data plane's too, in standalone mode).
+    relay_proto::metrics::describe_all();
     // The embedded store's directory is this process's alone.
     let _dir_lock = match &args.database_url {
         None => Some(relay_data_plane::datadir::lock(&args.data_dir)?),

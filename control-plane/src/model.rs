@@ -333,10 +333,24 @@ pub struct ProxyState {
     pub nack_error: String,
     pub nack_at: Millis,
     pub last_seen: Millis,
+    /// As stored: the replica serving its stream said so last. See [`ProxyState::live`].
     pub connected: bool,
     pub replica: String,
     /// Resources the data plane took out of service in the config it acked.
     pub rejected: Vec<Rejected>,
+}
+
+/// How often the replica serving a data plane's Watch stream marks it seen.
+pub const PROXY_SEEN_EVERY_MS: Millis = 15_000;
+/// A data plane not seen for this long is not connected, whatever the stored flag says: the
+/// replica that served it died without recording the disconnect.
+pub const PROXY_STALE_AFTER_MS: Millis = 3 * PROXY_SEEN_EVERY_MS;
+
+impl ProxyState {
+    /// Connected now: recorded so, and seen within [`PROXY_STALE_AFTER_MS`].
+    pub fn live(&self, now: Millis) -> bool {
+        self.connected && now.saturating_sub(self.last_seen) <= PROXY_STALE_AFTER_MS
+    }
 }
 
 /// A resource a data plane cannot use (it serves the rest of the config).
@@ -376,6 +390,8 @@ pub enum ProxyEvent {
         serving: Option<Version>,
         error: String,
     },
+    /// Still connected (sent every [`PROXY_SEEN_EVERY_MS`] by the serving replica).
+    Seen,
     Disconnected,
 }
 

@@ -182,7 +182,8 @@ impl SpendCache {
             .filter(|k| k.limits.has_budget() && k.status != KeyStatus::Revoked)
             .collect();
         let budgeted_groups: Vec<&Group> = groups.iter().filter(|g| g.limits.has_budget()).collect();
-        let connected = self.store.list_proxies().await?.iter().filter(|d| d.connected).count();
+        let now = crate::model::now_ms();
+        let connected = self.store.list_proxies().await?.iter().filter(|d| d.live(now)).count();
         let mut out = pb::SpendResponse {
             day: p.day.clone(),
             month: p.month.clone(),

@@ -1208,6 +1208,26 @@ macro_rules! conformance_suite {
             assert_eq!(all[1].replica, "cp-2");
             assert_eq!(all[1].acked, Some(v6));
             assert_eq!(all[0].acked, None);
+
+            // Seen: only the replica serving it refreshes it; a data plane whose replica died
+            // (no disconnect recorded, no longer seen) is not live, whatever the stored flag says.
+            let now = now_ms();
+            let b = all[1].clone();
+            assert!(b.live(now));
+            assert!(!b.live(b.last_seen + relay_control_plane::model::PROXY_STALE_AFTER_MS + 1));
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            store.record_proxy("dp-b", "cp-1", ProxyEvent::Seen).await.unwrap();
+            let p = store.list_proxies().await.unwrap().remove(1);
+            assert_eq!(p.last_seen, b.last_seen, "another replica's tick does not refresh it");
+            store.record_proxy("dp-b", "cp-2", ProxyEvent::Seen).await.unwrap();
+            let p = store.list_proxies().await.unwrap().remove(1);
+            assert!(p.last_seen > b.last_seen, "the serving replica's tick does");
+            assert!(p.connected);
+            store.record_proxy("dp-b", "cp-2", ProxyEvent::Disconnected).await.unwrap();
+            let seen = store.list_proxies().await.unwrap().remove(1).last_seen;
+            store.record_proxy("dp-b", "cp-2", ProxyEvent::Seen).await.unwrap();
+            let p = store.list_proxies().await.unwrap().remove(1);
+            assert!(!p.connected && p.last_seen == seen, "a late tick does not reconnect it");
         }
 
         #[tokio::test]

@@ -61,13 +61,22 @@ pub fn lock(dir: &Path) -> Result<DirLock, LockError> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.join(LOCK_FILE))
-        .map_err(io)?;
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        // It holds only a pid, but like everything else in the directory it is the owner's.
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(dir.join(LOCK_FILE)).map_err(io)?;
+    #[cfg(unix)]
+    {
+        // A lock file made by an older version (0644) is tightened too.
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
+    }
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -112,6 +121,15 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o700);
+            let lock_file = dir.path().join(LOCK_FILE);
+            let mode = std::fs::metadata(&lock_file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "the lock file is the owner's only");
+            // One left by an older version, open to others, is tightened on the next start.
+            drop(_again);
+            std::fs::set_permissions(&lock_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let _third = lock(dir.path()).unwrap();
+            let mode = std::fs::metadata(&lock_file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
         }
     }
 

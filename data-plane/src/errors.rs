@@ -83,6 +83,11 @@ impl ApiError {
     pub fn group_paused(m: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", m).no_retry()
     }
+    /// No enabled account serves the key's group: a configuration gap an operator must close.
+    /// 503, and SDKs are told not to retry.
+    pub fn not_configured(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", m).no_retry()
+    }
     pub fn upstream_unreachable(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "api_error", m)
     }

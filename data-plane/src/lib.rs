@@ -129,6 +129,12 @@ impl Options {
 
 /// Refuses a plaintext control-plane URL whose host is not this machine, unless allowed.
 pub fn check_control_plane_url(url: &str, insecure_allowed: bool) -> Result<(), StartError> {
+    if url.contains(',') {
+        return Err(StartError::ControlPlaneUrl(format!(
+            "{url}: --control-plane takes one URL; put a Service or load balancer in front of the replicas \
+             and give its address"
+        )));
+    }
     let uri: http::Uri = url
         .parse()
         .map_err(|e: http::uri::InvalidUri| StartError::ControlPlaneUrl(e.to_string()))?;
@@ -405,7 +411,7 @@ async fn serve_ops(listener: tokio::net::TcpListener, proxy: Arc<Proxy>, mut sto
             _ = stopped(&mut stop) => return,
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            metrics::counter!("relay_client_connections_refused_total", "listener" => "ops").increment(1);
+            metrics::counter!(relay_proto::metrics::CLIENT_CONNECTIONS_REFUSED_TOTAL, "listener" => "ops").increment(1);
             continue;
         };
         let proxy = proxy.clone();
@@ -451,7 +457,7 @@ async fn serve(
             _ = stopped(&mut stop) => break,
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            metrics::counter!("relay_client_connections_refused_total", "listener" => "api").increment(1);
+            metrics::counter!(relay_proto::metrics::CLIENT_CONNECTIONS_REFUSED_TOTAL, "listener" => "api").increment(1);
             drop(stream);
             continue;
         };
@@ -518,23 +524,38 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await.map(|_| ());
 }
 
-/// The Prometheus exporter every relay process uses: histograms (not
-/// summaries) for every `*_seconds` metric, so dashboards can aggregate
-/// percentiles across data planes.
+/// The Prometheus exporter every relay process uses: histograms (not summaries), so dashboards
+/// can aggregate percentiles across data planes, with each histogram's buckets from the metric
+/// catalogue (`relay_proto::metrics`). Call [`relay_proto::metrics::describe_all`] once the
+/// recorder is installed.
 pub fn metrics_builder() -> metrics_exporter_prometheus::PrometheusBuilder {
-    const BUCKETS: &[f64] = &[
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
-    ];
-    let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
-    match builder.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), BUCKETS) {
-        Ok(b) => b,
-        Err(_) => metrics_exporter_prometheus::PrometheusBuilder::new(),
+    use metrics_exporter_prometheus::Matcher;
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+    for m in relay_proto::metrics::CATALOGUE {
+        let buckets = m.buckets();
+        if buckets.is_empty() {
+            continue;
+        }
+        // Fails only for an empty bucket list, which was skipped.
+        builder = match builder.set_buckets_for_metric(Matcher::Full(m.name.to_string()), buckets) {
+            Ok(b) => b,
+            Err(_) => metrics_exporter_prometheus::PrometheusBuilder::new(),
+        };
     }
+    builder
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn several_control_plane_urls_are_refused_with_what_to_do() {
+        let e = super::check_control_plane_url("http://127.0.0.1:50051,http://127.0.0.1:50052", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("takes one URL") && e.contains("load balancer"), "{e}");
+    }
+
     #[test]
     fn plaintext_control_planes_only_on_this_host_or_when_allowed() {
         for ok in [

@@ -42,7 +42,7 @@ pub async fn accept(listener: &TcpListener, name: &'static str) -> TcpStream {
             Err(e) if per_connection(&e) => continue,
             Err(e) => {
                 backoff = (backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
-                metrics::counter!("relay_accept_errors_total", "listener" => name).increment(1);
+                metrics::counter!(relay_proto::metrics::ACCEPT_ERRORS_TOTAL, "listener" => name).increment(1);
                 tracing::warn!(listener = name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
                 tokio::time::sleep(backoff).await;
             }
@@ -113,7 +113,8 @@ pub fn incoming(
                     return Some((Ok(c), (listener, cap)));
                 }
                 Err(_) => {
-                    metrics::counter!("relay_client_connections_refused_total", "listener" => name).increment(1);
+                    metrics::counter!(relay_proto::metrics::CLIENT_CONNECTIONS_REFUSED_TOTAL, "listener" => name)
+                        .increment(1);
                     drop(stream);
                 }
             }

@@ -125,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
     let metrics = relay_data_plane::metrics_builder()
         .install_recorder()
         .context("installing the metrics recorder")?;
+    relay_proto::metrics::describe_all();
     let node_id = args.node_id.clone().unwrap_or_else(default_node_id);
     let mut opts = relay_data_plane::Options::new(
         &args.control_plane,

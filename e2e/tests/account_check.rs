@@ -45,10 +45,14 @@ async fn check_prints_verdicts_marks_accounts_and_brings_a_repaired_one_back() {
     let closed = relay_test_support::free_port();
     cp.add_account("gone", &format!("http://127.0.0.1:{closed}"), "key-gone")
         .await;
+    // A server that answers, but not the Messages API where the base URL leads: 404 on the
+    // models list and on the Messages route alike. Not "ok".
+    cp.add_account("wrongpath", &format!("{}/nothing/here", mock.base_url()), "key-good")
+        .await;
 
     let (ok, table, err) = relayctl_status(&cp.url(), &["account", "check", "--all"]);
     assert!(!ok, "some accounts are not ok, so the exit status says so: {table}");
-    assert!(err.contains("3 of 4 account(s) not ok"), "{err}");
+    assert!(err.contains("4 of 5 account(s) not ok"), "{err}");
     assert!(table.contains("rate limited until"), "{table}");
     assert!(!table.contains("key-"), "no credential in the output: {table}");
     let (_, out, _) = relayctl_status(&cp.url(), &["account", "check", "--all", "-o", "json"]);
@@ -70,11 +74,30 @@ async fn check_prints_verdicts_marks_accounts_and_brings_a_repaired_one_back() {
         "{out}"
     );
     assert_eq!(row("gone")["verdict"], "unreachable", "{out}");
+    assert_eq!(row("wrongpath")["verdict"], "erroring", "{out}");
+    assert!(
+        row("wrongpath")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("does not lead to the Messages API"),
+        "{out}"
+    );
     // The second check found the same: nothing new to mark.
     assert_eq!(row("bad")["marked"], "unchanged", "{out}");
 
-    // The probes cost no tokens: only model listings reached the upstream.
-    assert!(mock.requests().iter().all(|r| r.path() == "/v1/models"));
+    // The probes cost no tokens: model listings, and for the one without a list the Messages
+    // route with a request no model runs.
+    for r in mock.requests() {
+        assert!(
+            r.path() == "/v1/models" || r.path().starts_with("/nothing/here/v1/"),
+            "{}",
+            r.path()
+        );
+    }
+    assert!(mock
+        .requests()
+        .iter()
+        .any(|r| r.path() == "/nothing/here/v1/messages" && r.body.as_ref() == b"{}"));
 
     // Marked: the bad one out until its credential changes, the busy one until its reset.
     let bad = states(&cp, "bad").await;

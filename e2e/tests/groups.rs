@@ -198,6 +198,22 @@ async fn groups_fail_over_cool_down_and_follow_the_operator() {
     assert_eq!(by_group(&mock), (6, 0), "resumed: a's own accounts again");
     assert_eq!(relay.ask(&key_solo, 36).await.status, 200);
 
+    // 4b. Its only account disabled: a configuration gap, said as one (not an overload to retry).
+    relay.ctl(&["account", "disable", "s-1"]);
+    relay.synced().await;
+    let r = relay.ask(&key_solo, 37).await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.error_type(), "api_error");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("no enabled upstream account") && message.contains("--groups solo"),
+        "{message}"
+    );
+    relay.ctl(&["account", "enable", "s-1"]);
+    relay.synced().await;
+    assert_eq!(relay.ask(&key_solo, 38).await.status, 200);
+
     // 5. b activated: first for keys that fall back to it.
     relay.ctl(&["group", "activate", "b"]);
     relay.synced().await;

@@ -786,6 +786,35 @@ async fn a_base_url_ending_in_v1_is_stored_without_it() {
         assert_eq!(post_messages(&dp, &key, &body(false)).await.status, 200);
     }
     assert!(m.requests().iter().all(|r| r.path() == "/v1/messages"));
+    // A base URL that names the route itself is refused, with the root to give instead.
+    let mut admin = cp.admin().await;
+    let err = admin
+        .create_account(pb::CreateAccountRequest {
+            name: "with-route".into(),
+            kind: pb::AccountKind::AnthropicCompatible as i32,
+            base_url: format!("{}/v1/messages", m.base_url()),
+            credential: "cred".into(),
+            weight: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains(&format!("give the server's root, {:?}", m.base_url())),
+        "{}",
+        err.message()
+    );
+    let err = admin
+        .update_account(pb::UpdateAccountRequest {
+            account: "with-v1".into(),
+            base_url: Some(format!("{}/v1/messages/", m.base_url())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

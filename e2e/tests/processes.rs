@@ -103,6 +103,10 @@ async fn sigterm_with_a_connected_data_plane_stops_at_once() {
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
         .collect();
     assert!(noisy.is_empty(), "a clean start and stop logged: {noisy:#?}");
+    // "stopped" is the last word: stepping down as leader is said before it.
+    let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    assert!(last.ends_with("stopped"), "the last line is {last:?}:\n{log}");
+    assert!(log.contains("stepped down: shutting down"), "{log}");
     // The data plane keeps serving its config while the control plane is gone.
     assert_eq!(try_send("GET", &ready).await.map(|r| r.status), Some(200));
     assert!(dp.log_text().contains("config stream"), "{}", dp.log_text());
@@ -195,4 +199,39 @@ async fn a_data_plane_says_why_it_cannot_reach_its_control_plane() {
     .unwrap_or_else(|e| panic!("{e}: {}", dp.log_text()));
     assert!(dp.try_wait().is_none(), "it keeps running: {}", dp.log_text());
     dp.kill();
+}
+
+/// A data plane given a data plane's API port (plain HTTP) as its control plane says that this is
+/// not a control plane's port, in words, not in tonic's ("invalid compression flag"); and, with
+/// nothing spooled, it stops at once on SIGTERM, without a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_pointed_at_a_wrong_port_says_so_and_stops_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Standalone::spawn(&dir.path().join("relay-data"), &dir.path().join("relay.log"), &[]);
+    relay.ready().await;
+    let mut cmd = std::process::Command::new(workspace_bin("relay-data-plane"));
+    cmd.args(["--control-plane", &format!("http://127.0.0.1:{}", relay.proxy)])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--node-id",
+            "dp-lost",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("dp"))
+        .env("RELAY_DATAPLANE_TOKEN", "rat-not-checked-here");
+    let mut dp = Proc::spawn(cmd, &dir.path().join("dp.log")).unwrap();
+    wait_for(Duration::from_secs(20), "the wrong address to be explained", || {
+        let text = dp.log_text();
+        async move { text.contains("not a relay control plane's gRPC port").then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", dp.log_text()));
+    let started = Instant::now();
+    sigterm(&dp);
+    let status = exits_within(&mut dp, Duration::from_secs(8)).await;
+    assert!(status.success(), "{status}: {}", dp.log_text());
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let log = dp.log_text();
+    assert!(!log.contains("deadline passed"), "nothing was spooled: {log}");
 }

@@ -127,7 +127,12 @@ async fn quickstart_from_nothing_to_a_streamed_answer() {
     })
     .await
     .unwrap();
-    assert!(line.contains("RATE_LIMITED"), "{line}");
+    assert!(
+        line.contains("health=rate_limited") || line.contains("health=\"rate_limited\""),
+        "{line}"
+    );
+    assert!(!line.contains("ACCOUNT_HEALTH_"), "{line}");
+    assert!(line.contains("account=main"), "the account is named: {line}");
     assert!(!line.contains("health=1") && !line.contains('\u{1b}'), "{line}");
     relay.kill();
 }

@@ -1,7 +1,8 @@
 """Renders the chart with Helm's own library (helm-python-sdk) and checks what the security
 settings produce: TLS on by default (a generated CA and certificate, https:// for data planes,
 no --insecure-control-plane), bring-your-own and off modes, mTLS through cert-manager's
-csi-driver, the NetworkPolicy, and refusals of settings that cannot work. Exits non-zero with
+csi-driver, the NetworkPolicy, refusals of settings that cannot work, and that the PrometheusRule
+and the dashboard ConfigMap carry alerts/relay.rules.yaml and dashboards/relay.json unchanged. Exits non-zero with
 the reason on the first failure. Run by e2e/tests/chart.rs."""
 
 import sys
@@ -145,5 +146,18 @@ e = env(container(one(render({}), "Deployment", "control-plane")))
 check("RELAY_ETCD_ENDPOINTS" not in e and e.get("RELAY_LEADER_TTL_SECS") == "10", f"no etcd: {e}")
 refuses({"etcd": {"enabled": True}}, "etcd.endpoints")
 refuses({"etcd": {"enabled": True, "endpoints": ["https://etcd:2379"]}}, "etcd")
+# Monitoring: the PrometheusRule carries alerts/relay.rules.yaml's groups unchanged (templates in
+# annotations included), and the dashboard ConfigMap the dashboard JSON.
+import json  # noqa: E402
+import os  # noqa: E402
+
+d = render({"metrics": {"prometheusRule": {"enabled": True}}})
+rule = one(d, "PrometheusRule", "demo")
+with open(os.path.join(CHART, "alerts", "relay.rules.yaml")) as f:
+    check(rule["spec"]["groups"] == yaml.safe_load(f)["groups"], "the PrometheusRule is alerts/relay.rules.yaml")
+check(not [x for x in render({}) if x["kind"] == "PrometheusRule"], "no PrometheusRule unless enabled")
+cm = one(render({}), "ConfigMap", "dashboard")
+with open(os.path.join(CHART, "dashboards", "relay.json")) as f:
+    check(json.loads(cm["data"]["relay.json"]) == json.load(f), "the dashboard ConfigMap is dashboards/relay.json")
 
 print("chart security rendering: ok")

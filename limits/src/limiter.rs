@@ -203,7 +203,7 @@ impl Limiter {
     fn publish_mode(&self) {
         let mode = self.mode().as_str();
         for m in ALL_MODES {
-            metrics::gauge!("relay_limits_mode", "mode" => m).set(if m == mode { 1.0 } else { 0.0 });
+            metrics::gauge!(relay_proto::metrics::LIMITS_MODE, "mode" => m).set(if m == mode { 1.0 } else { 0.0 });
         }
     }
 
@@ -212,7 +212,8 @@ impl Limiter {
             return;
         }
         self.publish_mode();
-        metrics::counter!("relay_limits_mode_transitions_total", "to" => self.mode().as_str()).increment(1);
+        metrics::counter!(relay_proto::metrics::LIMITS_MODE_TRANSITIONS_TOTAL, "to" => self.mode().as_str())
+            .increment(1);
         match why {
             Some(e) => tracing::warn!(
                 error = %e,
@@ -243,11 +244,12 @@ impl Limiter {
         if let Some(shared) = self.shared.as_ref().filter(|_| !self.down.load(Ordering::Acquire)) {
             match shared.admit(&ask, &lease, None).await {
                 Ok(r) => {
-                    metrics::histogram!("relay_limits_check_seconds").record(started.elapsed().as_secs_f64());
+                    metrics::histogram!(relay_proto::metrics::LIMITS_CHECK_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
                     return self.decided(Ok(r), ask, lease, true);
                 }
                 Err(e) => {
-                    metrics::counter!("relay_limits_store_errors_total").increment(1);
+                    metrics::counter!(relay_proto::metrics::LIMITS_STORE_ERRORS_TOTAL).increment(1);
                     self.set_down(true, Some(&e));
                     // The script may still run once Redis catches up: undo it then.
                     let (shared, subjects, lease, periods) =
@@ -328,7 +330,7 @@ impl Limiter {
                 })
             }
             Ok(Err(refusal)) => {
-                metrics::counter!("relay_limits_refused_total", "limit" => refusal.kind.as_str(), "subject" => ask.subjects.get(refusal.subject).map_or("key", |s| s.kind.as_str())).increment(1);
+                metrics::counter!(relay_proto::metrics::LIMITS_REFUSED_TOTAL, "limit" => refusal.kind.as_str(), "subject" => ask.subjects.get(refusal.subject).map_or("key", |s| s.kind.as_str())).increment(1);
                 let subject = ask.subjects.get(refusal.subject).cloned().unwrap_or(Subject {
                     kind: Kind::Key,
                     id: String::new(),
@@ -375,7 +377,7 @@ impl Limiter {
 
     /// Reports a failed call to the shared store made outside the limiter (sticky sessions).
     pub fn store_failed(&self, e: &Error) {
-        metrics::counter!("relay_limits_store_errors_total").increment(1);
+        metrics::counter!(relay_proto::metrics::LIMITS_STORE_ERRORS_TOTAL).increment(1);
         self.set_down(true, Some(e));
     }
 
@@ -403,7 +405,7 @@ impl Limiter {
                     Ok(planes) => {
                         self.planes.store(planes, Ordering::Release);
                         self.counted.store(true, Ordering::Release);
-                        metrics::gauge!("relay_limits_live_data_planes").set(planes as f64);
+                        metrics::gauge!(relay_proto::metrics::LIMITS_LIVE_DATA_PLANES).set(planes as f64);
                         self.set_down(false, None);
                         down_for = 0;
                     }
@@ -477,7 +479,7 @@ impl Limiter {
                 {
                     return;
                 }
-                metrics::counter!("relay_limits_store_errors_total").increment(1);
+                metrics::counter!(relay_proto::metrics::LIMITS_STORE_ERRORS_TOTAL).increment(1);
                 // Retried with a longer bound; failing that the lease expires by itself and the
                 // spend reaches the budget through the control plane's stored usage.
                 for _ in 0..BACKGROUND_TRIES {

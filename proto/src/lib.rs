@@ -5,7 +5,8 @@
 //! fingerprint ([`config_hash`]), delta semantics ([`apply_update`]) and the
 //! delta between two configs ([`changed`], [`delta`]), so a data plane can
 //! prove it applied exactly what the control plane meant; and what makes a
-//! config usable ([`validate`]).
+//! config usable ([`validate`]); and the catalogue of every metric relay
+//! emits ([`metrics`]).
 
 #[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used)]
 pub mod v1 {
@@ -87,6 +88,7 @@ redacted_debug! {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/relay_descriptor.bin"));
 
 pub mod bounds;
+pub mod metrics;
 pub mod periods;
 pub mod settings;
 pub mod validate;

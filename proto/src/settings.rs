@@ -125,7 +125,7 @@ pub const SETTINGS: &[Setting] = &[
         0,
         DAY_MS,
         "1000",
-        "floor of every timed account state (a reset already in the past still counts this long)",
+        "floor of every timed account state (a reset already in the past still counts this long); above cooldown.max_ms it counts as that",
     )),
     per_account(ms(
         "cooldown.overloaded_ms",
@@ -234,6 +234,16 @@ pub const SETTINGS: &[Setting] = &[
         description: "the time zone whose calendar days and months daily and monthly budgets count",
     },
     Setting {
+        name: "metrics.key_labels",
+        ty: Type::Bool,
+        min: 0,
+        max: 0,
+        default: "false",
+        per_account: false,
+        choices: &[],
+        description: "label the token, cost and budget metrics with each API key's name (one series per key and model: turn on only for a bounded number of keys); off: by key group only",
+    },
+    Setting {
         name: "models",
         ty: Type::Models,
         min: 0,
@@ -326,7 +336,7 @@ pub const SETTINGS: &[Setting] = &[
         0,
         60_000,
         "25",
-        "first backoff between attempts (jittered, doubling)",
+        "first backoff between attempts (jittered, doubling); above retry.backoff_max_ms it counts as that",
     ),
     ms(
         "retry.backoff_max_ms",

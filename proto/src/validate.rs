@@ -143,6 +143,33 @@ pub fn normalize_base_url(url: &str) -> String {
     u.to_string()
 }
 
+/// Refuses a base URL that already names an API route (`…/v1/messages`, `…/v1/models`): relay
+/// appends the route itself, so requests would go to `/v1/messages/v1/messages`. The message
+/// says what to give instead. (A trailing `/v1` alone is dropped by [`normalize_base_url`].)
+pub fn base_url_names_no_route(url: &str) -> Result<(), String> {
+    let u = url.trim().trim_end_matches('/');
+    let path = u
+        .split_once("://")
+        .map_or(u, |(_, rest)| rest.split_once('/').map_or("", |(_, p)| p));
+    let lower = format!("/{}", path.to_ascii_lowercase());
+    // Only Anthropic's own routes: gateways put `/v1/` in their roots
+    // (`https://gateway.ai.cloudflare.com/v1/ACCOUNT/GATEWAY/anthropic`).
+    let route = lower.rfind("/v1/").filter(|&at| {
+        let tail = &lower[at + 4..];
+        ["messages", "models", "complete"]
+            .iter()
+            .any(|r| tail == *r || tail.starts_with(&format!("{r}/")))
+    });
+    if let Some(at) = route {
+        let root = &u[..u.len() - (lower.len() - at)];
+        return Err(format!(
+            "the base URL {u:?} already names an API route ({}): give the server's root, {root:?}; relay appends /v1/messages itself",
+            &lower[at..]
+        ));
+    }
+    Ok(())
+}
+
 /// An account's base URL: absolute http(s) with a host.
 pub fn base_url(url: &str) -> Result<http::Uri, ResourceError> {
     let uri: http::Uri = url
@@ -261,6 +288,34 @@ mod tests {
             ("https://gw.example/v1beta", "https://gw.example/v1beta"),
         ] {
             assert_eq!(normalize_base_url(given), stored, "{given}");
+        }
+    }
+
+    #[test]
+    fn base_urls_that_name_a_route_are_refused_with_the_root_to_give() {
+        for ok in [
+            "https://api.anthropic.com",
+            "https://gw.example/anthropic",
+            "http://127.0.0.1:9999",
+            "https://gateway.ai.cloudflare.com/v1/acct/gw/anthropic",
+            "https://gw.example/v1/messages-proxy",
+        ] {
+            assert_eq!(base_url_names_no_route(ok), Ok(()), "{ok}");
+        }
+        for (bad, root) in [
+            ("http://127.0.0.1:9999/v1/messages", "http://127.0.0.1:9999"),
+            (
+                "https://gw.example/anthropic/v1/messages/",
+                "https://gw.example/anthropic",
+            ),
+            ("https://api.anthropic.com/V1/models", "https://api.anthropic.com"),
+            ("https://gw.example/v1/messages/count_tokens", "https://gw.example"),
+        ] {
+            let e = base_url_names_no_route(bad).unwrap_err();
+            assert!(
+                e.contains(&format!("{root:?}")) && e.contains("appends /v1/messages"),
+                "{e}"
+            );
         }
     }
 

@@ -260,7 +260,7 @@ impl SpanProcessor for QueueProcessor {
             return;
         }
         if self.tx.try_send(span).is_err() {
-            metrics::counter!("relay_trace_spans_dropped_total").increment(1);
+            metrics::counter!(relay_proto::metrics::TRACE_SPANS_DROPPED_TOTAL).increment(1);
         }
     }
 
@@ -318,7 +318,7 @@ async fn send<E: SpanExporter>(exporter: &E, batch: &mut Vec<SpanData>) {
     }
     let n = batch.len();
     if let Err(e) = exporter.export(std::mem::take(batch)).await {
-        metrics::counter!("relay_trace_spans_dropped_total").increment(n as u64);
+        metrics::counter!(relay_proto::metrics::TRACE_SPANS_DROPPED_TOTAL).increment(n as u64);
         tracing::warn!(spans = n, error = %e, "trace export failed; these spans are dropped");
     }
 }

@@ -134,6 +134,36 @@ fn states_json(states: &[AccountState]) -> serde_json::Value {
     )
 }
 
+/// Each state on a line of its own, as people read it: "erroring until 2026-12-04 14:05:03Z, since
+/// 14:04:33Z, reported by dp-1: 3 consecutive failures (…)".
+fn states_text(states: &[AccountState]) -> String {
+    states
+        .iter()
+        .map(|s| {
+            let scope = if s.scope.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", s.scope)
+            };
+            let until =
+                crate::parse::format_time(s.until_ms).map_or_else(|| " until reset".into(), |t| format!(" until {t}"));
+            let since = crate::parse::format_time(s.since_ms).map_or_else(String::new, |t| format!(", since {t}"));
+            let by = if s.reported_by.is_empty() {
+                String::new()
+            } else {
+                format!(", reported by {}", s.reported_by)
+            };
+            let reason = if s.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", s.reason)
+            };
+            format!("{}{scope}{until}{since}{by}{reason}", health_label(s.health))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn kind(arg: AccountKindArg) -> AccountKind {
     match arg {
         AccountKindArg::AnthropicApiKey => AccountKind::AnthropicApiKey,
@@ -147,8 +177,8 @@ pub const COLUMNS: &[Column<AccountInfo>] = &[
     Column::new("id", "ID", |a| Value::Id(a.id.clone())),
     Column::new("kind", "Kind", |a| Value::Text(kind_label(a.kind))),
     Column::new("status", "Status", |a| Value::Text(status_label(a.status))),
-    // Tables show priority and weight together ("10/3"); JSON and wide have each.
-    Column::new("routing", "Prio/Wt", |a| {
+    // List tables show priority and weight together ("10/3"); everything else shows each.
+    Column::summary("routing", "Prio/Wt", |a| {
         Value::Text(format!("{}/{}", a.priority, a.weight))
     }),
     Column::detail("priority", "Priority", |a| Value::Int(i64::from(a.priority))),
@@ -189,7 +219,10 @@ pub const COLUMNS: &[Column<AccountInfo>] = &[
     Column::detail("config_errors", "Out of service on", |a| {
         Value::list(&a.config_errors, "-")
     }),
-    Column::detail("states", "States", |a| Value::Json(states_json(&a.states))),
+    Column::detail("states", "States", |a| Value::Described {
+        json: states_json(&a.states),
+        text: states_text(&a.states),
+    }),
     Column::detail("base_url", "Base URL", |a| Value::opt_text(&a.base_url)),
     Column::detail("proxy_url", "Proxy URL", |a| Value::opt_text(&a.proxy_url)),
     Column::detail("credential_expires_at", "Credential expires", |a| {
@@ -476,6 +509,35 @@ mod width_tests {
             credential_hint: "sk-ant-…XYZ1".into(),
             ..Default::default()
         }
+    }
+
+    /// `account show` of an account in trouble: its states as sentences in the table, one per
+    /// line, so it fits a terminal; JSON keeps the structured list.
+    #[test]
+    fn states_read_as_sentences_in_tables_and_stay_structured_in_json() {
+        let mut a = account();
+        a.states = vec![relay_proto::v1::AccountState {
+            account_id: a.id.clone(),
+            health: relay_proto::v1::AccountHealth::Erroring as i32,
+            reason: "3 consecutive failures (last: 404 that is not about the model: check the account's base URL)"
+                .into(),
+            until_ms: 1_796_400_000_000,
+            since_ms: 1_796_399_970_000,
+            reported_by: "dp-1".into(),
+            ..Default::default()
+        }];
+        let shown = crate::output::render_one_at(Format::Table, COLUMNS, &a, false, Some(100)).unwrap();
+        assert!(!shown.contains("\"health\""), "{shown}");
+        assert!(
+            shown.contains("erroring until") && shown.contains("by dp-1: 3 consecutive"),
+            "{shown}"
+        );
+        for line in shown.lines() {
+            assert!(line.chars().count() <= 100, "{} columns: {line}", line.chars().count());
+        }
+        let json: serde_json::Value =
+            serde_json::from_str(&crate::output::render_one(Format::Json, COLUMNS, &a, false).unwrap()).unwrap();
+        assert_eq!(json["states"][0]["health"], "erroring", "{json}");
     }
 
     /// A 100-column terminal holds the account list: names first, ids short; `-o wide` has it all.

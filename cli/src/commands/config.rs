@@ -296,6 +296,10 @@ pub async fn settings(conn: &mut Conn, out: Output, cmd: SettingsCmd) -> Result<
                 .await
                 .or_report(&server)?;
             let text = match list.settings.iter().find(|s| s.name == name) {
+                Some(s) if s.default_value.is_empty() && name == "models" => {
+                    format!("{name} unset: back to the default (the built-in model list)")
+                }
+                Some(s) if s.default_value.is_empty() => format!("{name} unset: back to the default (none)"),
                 Some(s) => format!("{name} unset: back to the default {}", s.default_value),
                 None => format!("{name} unset"),
             };

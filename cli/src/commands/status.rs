@@ -390,6 +390,18 @@ fn audit_summary(e: &AuditEntry) -> Value {
     let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&e.detail) else {
         return Value::opt_text(&e.detail);
     };
+    // A price: dollars per million tokens, input and output first.
+    if map.get("unit").and_then(|u| u.as_str()) == Some("micro-USD per million tokens") {
+        let text = ["input", "output", "cache_read", "cache_write_5m", "cache_write_1h"]
+            .iter()
+            .filter_map(|k| {
+                let n = map.get(*k)?.as_u64()?;
+                Some(format!("{k}=${}/MTok", crate::parse::format_micros(n)))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Value::Text(text);
+    }
     let mut parts = Vec::new();
     for (k, v) in &map {
         if k == "id" || v.is_null() || v == &serde_json::json!("") || v == &serde_json::json!([]) {
@@ -494,9 +506,7 @@ fn usage_columns(by: Option<UsageBy>, bucketed: bool) -> Vec<Column<UsageRow>> {
         Column::new("errors", "Errors", |r| Value::UInt(r.errors)),
         // Rows whose counts were clamped or could not be read (see docs/operations.md).
         Column::new("anomalies", "Flagged", |r| Value::UInt(r.anomalies)),
-        Column::new("cost_usd", "Cost (USD)", |r| {
-            Value::Decimal(format_cost(r.cost_pico_usd))
-        }),
+        Column::new("cost_usd", "Cost ($)", |r| Value::Decimal(format_cost(r.cost_pico_usd))),
         Column::detail("cost_pico_usd", "Cost (pico-USD)", |r| Value::UInt(r.cost_pico_usd)),
     ];
     cols.extend(totals);
@@ -777,6 +787,15 @@ mod tests {
                 r#"{"monthly_budget_micro_usd":0,"daily_budget_micro_usd":12500000}"#
             )),
             Value::text("daily_budget=$12.50, monthly_budget=unlimited")
+        );
+        // Prices: dollars per million tokens, input and output first (they were cut off).
+        assert_eq!(
+            audit_summary(&entry(
+                r#"{"cache_read":300000,"cache_write_1h":6000000,"cache_write_5m":3750000,"effective_from_ms":0,"input":3000000,"output":15000000,"unit":"micro-USD per million tokens"}"#
+            )),
+            Value::text(
+                "input=$3.00/MTok, output=$15.00/MTok, cache_read=$0.30/MTok, cache_write_5m=$3.75/MTok, cache_write_1h=$6.00/MTok"
+            )
         );
     }
 

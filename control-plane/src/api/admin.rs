@@ -126,7 +126,8 @@ impl AdminService {
     async fn authorize<T>(&self, req: &Request<T>, need: Need, method: &'static str) -> Result<Actor, Status> {
         let r = self.auth.check(req.metadata(), need).await;
         let outcome = if r.is_ok() { "ok" } else { "denied" };
-        metrics::counter!("relay_admin_requests_total", "method" => method, "auth" => outcome).increment(1);
+        metrics::counter!(relay_proto::metrics::ADMIN_REQUESTS_TOTAL, "method" => method, "auth" => outcome)
+            .increment(1);
         r
     }
 
@@ -280,8 +281,7 @@ impl AdminService {
             return Ok(a);
         }
         let all = self.store.list_accounts().await.map_err(status_from_store)?;
-        by_id_prefix(all, id_or_name, "account", |a| (&a.id, &a.name))?
-            .ok_or_else(|| Status::not_found(format!("account {id_or_name:?} not found")))
+        lookup(all, id_or_name, "account", |a| (&a.id, &a.name))
     }
 
     async fn api_key(&self, id_or_name: &str) -> Result<ApiKey, Status> {
@@ -289,8 +289,7 @@ impl AdminService {
             return Ok(k);
         }
         let all = self.store.list_api_keys().await.map_err(status_from_store)?;
-        by_id_prefix(all, id_or_name, "key", |k| (&k.id, &k.name))?
-            .ok_or_else(|| Status::not_found(format!("key {id_or_name:?} not found")))
+        lookup(all, id_or_name, "key", |k| (&k.id, &k.name))
     }
 
     async fn states(&self) -> Result<Vec<AccountState>, Status> {
@@ -301,8 +300,9 @@ impl AdminService {
     /// states, and what connected data planes could not use.
     async fn account_view(&self) -> Result<AccountView, Status> {
         let mut config_errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let now = crate::model::now_ms();
         for p in self.store.list_proxies().await.map_err(status_from_store)? {
-            if !p.connected {
+            if !p.live(now) {
                 continue;
             }
             for r in p.rejected.iter().filter(|r| r.kind == ResourceKind::Account.as_str()) {
@@ -488,8 +488,34 @@ impl AdminService {
             return Ok(g);
         }
         let all = self.store.list_groups().await.map_err(status_from_store)?;
-        by_id_prefix(all, id_or_name, "group", |g| (&g.id, &g.name))?
-            .ok_or_else(|| Status::not_found(format!("group {id_or_name:?} not found")))
+        lookup(all, id_or_name, "group", |g| (&g.id, &g.name))
+    }
+}
+
+/// The item named `given` by an id prefix (after the exact name and id found nothing), or
+/// NOT_FOUND saying so, with the closest name when one is near ("did you mean").
+fn lookup<T>(
+    items: Vec<T>,
+    given: &str,
+    what: &str,
+    id_and_name: impl Fn(&T) -> (&String, &String),
+) -> Result<T, Status> {
+    let names: Vec<String> = items.iter().map(|i| id_and_name(i).1.clone()).collect();
+    by_id_prefix(items, given, what, id_and_name)?.ok_or_else(|| Status::not_found(not_found(what, given, &names)))
+}
+
+/// "account \"mokc\" not found; did you mean \"mock\"?": the closest name, when a typo away
+/// (a case difference, or at most two edits for names of five or more characters).
+fn not_found(what: &str, given: &str, names: &[String]) -> String {
+    let g = given.to_lowercase();
+    let near = names
+        .iter()
+        .map(|n| (strsim::damerau_levenshtein(&g, &n.to_lowercase()), n))
+        .filter(|(d, n)| *d == 0 || (*d <= 2 && g.chars().count() >= 5 && n.chars().count() >= 5) || *d <= 1)
+        .min_by_key(|(d, _)| *d);
+    match near {
+        Some((_, n)) => format!("{what} {given:?} not found; did you mean {n:?}?"),
+        None => format!("{what} {given:?} not found"),
     }
 }
 
@@ -544,6 +570,18 @@ fn new_id() -> String {
 
 /// Names: 1 to 64 characters of letters, digits, '.', '_', '-', '@'.
 fn validate_name(what: &str, name: &str) -> Result<(), Status> {
+    // A name that reads as an id prefix would shadow the item whose id starts so (names win).
+    // (Shaped as relayctl shows ids: eight hex digits or more, then nothing but hex and '-'.)
+    let id_like = name.len() >= 8
+        && name.bytes().take(8).all(|b| b.is_ascii_hexdigit())
+        && name.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_digit());
+    if id_like {
+        return Err(Status::invalid_argument(format!(
+            "invalid {what} name {name:?}: it reads as the start of an id (hex digits and '-'), which \
+             relayctl takes as an id; add a letter beyond a-f"
+        )));
+    }
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -857,7 +895,10 @@ impl Admin for AdminService {
                 ))
             }
             ("", _) => ANTHROPIC_BASE_URL.to_string(),
-            (u, _) => relay_proto::validate::normalize_base_url(u),
+            (u, _) => {
+                relay_proto::validate::base_url_names_no_route(u).map_err(Status::invalid_argument)?;
+                relay_proto::validate::normalize_base_url(u)
+            }
         };
         validate_url("base URL", &base_url, &["http", "https"])?;
         validate_credential(&r.credential)?;
@@ -980,6 +1021,7 @@ impl Admin for AdminService {
                 changed.insert("name".into(), json!(n));
             }
             if let Some(u) = &r.base_url {
+                relay_proto::validate::base_url_names_no_route(u).map_err(Status::invalid_argument)?;
                 a.base_url = relay_proto::validate::normalize_base_url(u);
                 changed.insert("base_url".into(), json!(a.base_url));
                 // The stored credential would go to another host: only when it is given
@@ -1524,9 +1566,11 @@ impl Admin for AdminService {
                 .collect();
             if !fallback_of.is_empty() {
                 return Err(Status::failed_precondition(format!(
-                    "group {:?} is a fallback of {fallback_of:?}; remove it from their fallbacks first \
+                    "group {:?} is a fallback of {}; remove it from their fallbacks first \
                      (`relayctl group update {} --fallback …`)",
-                    g.name, fallback_of[0]
+                    g.name,
+                    fallback_of.join(", "),
+                    fallback_of[0]
                 )));
             }
             let default = self.resolve_groups(&[DEFAULT_GROUP.to_string()]).await?.remove(0);
@@ -1543,10 +1587,17 @@ impl Admin for AdminService {
                 .map(|a| a.name.as_str())
                 .collect();
             if !live.is_empty() || !members.is_empty() {
+                let mut users = Vec::new();
+                if !members.is_empty() {
+                    users.push(format!("accounts {}", members.join(", ")));
+                }
+                if !live.is_empty() {
+                    users.push(format!("keys {}", live.join(", ")));
+                }
                 return Err(Status::failed_precondition(format!(
-                    "group {:?} is still used by accounts {members:?} and keys {live:?}; move them to another group \
-                     (or revoke the keys) first",
-                    g.name
+                    "group {:?} is still used by {}; move them to another group (or revoke the keys) first",
+                    g.name,
+                    users.join(" and ")
                 )));
             }
             let mut muts: Vec<Mutation> = keys
@@ -1797,10 +1848,12 @@ impl Admin for AdminService {
         self.authorize(&req, Need::Read, "list_proxies").await?;
         let head = self.store.head().await.map_err(status_from_store)?;
         let proxies = self.store.list_proxies().await.map_err(status_from_store)?;
+        let now = crate::model::now_ms();
         Ok(Response::new(pb::ListProxiesResponse {
             proxies: proxies
                 .into_iter()
                 .map(|p| pb::ProxyState {
+                    connected: p.live(now),
                     node_id: p.node_id,
                     build_version: p.build_version,
                     acked: p.acked.map(version_pb),
@@ -1808,7 +1861,6 @@ impl Admin for AdminService {
                     last_nack_error: p.nack_error,
                     last_nack_at_ms: p.nack_at,
                     last_seen_ms: p.last_seen,
-                    connected: p.connected,
                     replica: p.replica,
                     rejected: p
                         .rejected
@@ -1922,8 +1974,11 @@ impl Admin for AdminService {
         )
         .await
         .map_err(status_from_store)?;
+        let mut info = token_info(&row);
+        // As `token list` will say it.
+        info.source = format!("created by {}", actor.name);
         Ok(Response::new(pb::CreateAdminTokenResponse {
-            info: Some(token_info(&row)),
+            info: Some(info),
             token,
         }))
     }
@@ -1968,8 +2023,7 @@ impl Admin for AdminService {
         let tokens = self.store.list_admin_tokens().await.map_err(status_from_store)?;
         let t = match tokens.iter().find(|t| &t.id == name || &t.name == name) {
             Some(t) => t,
-            None => by_id_prefix(tokens.iter().collect(), name, "token", |t| (&t.id, &t.name))?
-                .ok_or_else(|| Status::not_found(format!("token {name:?} not found")))?,
+            None => lookup(tokens.iter().collect(), name, "token", |t| (&t.id, &t.name))?,
         };
         if t.role == Role::Admin && tokens.iter().filter(|t| t.role == Role::Admin).count() == 1 {
             return Err(Status::failed_precondition(
@@ -2153,5 +2207,17 @@ mod tests {
         );
         assert!(by_id_prefix(items(), "ffff", "account", f).unwrap().is_none());
         assert!(validate_weight(MAX_WEIGHT + 1).is_err());
+        // A name shaped like an id prefix would shadow an id: refused; words of hex letters not.
+        assert!(validate_name("account", "01a2414c-9e06").is_err());
+        assert!(validate_name("account", "01a2414c").is_err());
+        for ok in ["cafe", "team-1", "acc-1", "1234", "deadbeef"] {
+            assert!(validate_name("account", ok).is_ok(), "{ok}");
+        }
+        // A typo gets the closest name.
+        let names: Vec<String> = ["mock", "team-alpha", "MOCK2"].iter().map(|s| s.to_string()).collect();
+        assert!(not_found("account", "mokc", &names).ends_with("did you mean \"mock\"?"));
+        assert!(not_found("account", "team-alhpa", &names).ends_with("did you mean \"team-alpha\"?"));
+        assert!(not_found("account", "mock2", &names).ends_with("did you mean \"MOCK2\"?"));
+        assert_eq!(not_found("account", "zzz", &names), "account \"zzz\" not found");
     }
 }

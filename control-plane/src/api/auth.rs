@@ -85,7 +85,7 @@ impl StreamAuth {
         let _ = rx
             .wait_for(|(v, m)| at_or_after(*v, since) && m.get(hash) != Some(&role))
             .await;
-        metrics::counter!("relay_streams_closed_total", "reason" => "token_revoked").increment(1);
+        metrics::counter!(relay_proto::metrics::STREAMS_CLOSED_TOTAL, "reason" => "token_revoked").increment(1);
         Status::unauthenticated("the token of this stream was revoked or its role changed")
     }
 }
@@ -190,8 +190,9 @@ impl Authenticator {
                 match found.filter(|t| hashes_equal(&t.token_hash, &hash)) {
                     Some(t) => t.role,
                     None => {
-                        metrics::counter!("relay_admin_auth_failures_total", "reason" => "unknown_token").increment(1);
-                        return Err(Status::unauthenticated("invalid token"));
+                        metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "unknown_token")
+                            .increment(1);
+                        return Err(unknown_token(token));
                     }
                 }
             }
@@ -199,7 +200,7 @@ impl Authenticator {
         if roles.contains(&role) {
             Ok(())
         } else {
-            metrics::counter!("relay_admin_auth_failures_total", "reason" => "role").increment(1);
+            metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "role").increment(1);
             Err(Status::permission_denied(format!(
                 "a token with role {role} may not call this service"
             )))
@@ -217,8 +218,9 @@ impl Authenticator {
             .await
             .map_err(super::status_from_store)?;
         let Some(t) = found.filter(|t| hashes_equal(&t.token_hash, &hash)) else {
-            metrics::counter!("relay_admin_auth_failures_total", "reason" => "unknown_token").increment(1);
-            return Err(Status::unauthenticated("invalid token"));
+            metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "unknown_token")
+                .increment(1);
+            return Err(unknown_token(token));
         };
         let allowed = match need {
             Need::Read => matches!(t.role, Role::Admin | Role::ReadOnly),
@@ -226,7 +228,7 @@ impl Authenticator {
             Need::DataPlane => t.role == Role::DataPlane,
         };
         if !allowed {
-            metrics::counter!("relay_admin_auth_failures_total", "reason" => "role").increment(1);
+            metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "role").increment(1);
             return Err(Status::permission_denied(format!(
                 "token {:?} has role {}, which may not do this",
                 t.name, t.role
@@ -237,4 +239,16 @@ impl Authenticator {
             role: t.role,
         })
     }
+}
+
+/// UNAUTHENTICATED for a token this deployment does not know; a client's API key given in its
+/// place is told apart (an easy slip: both are relay's secrets).
+fn unknown_token(token: &str) -> Status {
+    if token.starts_with(crate::crypto::API_KEY_PREFIX) {
+        return Status::unauthenticated(
+            "invalid token: this is a client API key (rk-…), not an admin token (rat-…); the admin token is in \
+             RELAY_ADMIN_TOKEN or, standalone, in the data directory's admin.token",
+        );
+    }
+    Status::unauthenticated("invalid token")
 }

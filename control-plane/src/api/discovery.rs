@@ -70,7 +70,8 @@ impl LiveNodes {
         if let Some((held_by, _, end)) = map.get(node) {
             let same_process = !instance.is_empty() && held_by == instance;
             if !same_process && !end.is_closed() {
-                metrics::counter!("relay_watch_refused_total", "reason" => "duplicate_node_id").increment(1);
+                metrics::counter!(relay_proto::metrics::WATCH_REFUSED_TOTAL, "reason" => "duplicate_node_id")
+                    .increment(1);
                 return Err(Status::already_exists(format!(
                     "node id {node:?} is already connected to this control plane from another data-plane process; \
                      give each data plane its own --node-id"
@@ -179,7 +180,7 @@ struct NackingGauge(bool);
 impl NackingGauge {
     fn set(&mut self, nacking: bool) {
         if nacking != self.0 {
-            metrics::gauge!("relay_data_planes_nacking").increment(if nacking { 1.0 } else { -1.0 });
+            metrics::gauge!(relay_proto::metrics::DATA_PLANES_NACKING).increment(if nacking { 1.0 } else { -1.0 });
             self.0 = nacking;
         }
     }
@@ -191,16 +192,57 @@ impl Drop for NackingGauge {
     }
 }
 
+/// `relay_data_plane_connected{node_id}` and `relay_data_plane_config_lag_revisions{node_id}`
+/// of one Watch stream: connected while the stream lives, the lag as of the head it last looked
+/// at. The label is the data plane's node id: one series per data plane of the fleet.
+struct NodeGauges {
+    node: String,
+    /// A newer stream of the same data plane took over: its gauges are that stream's now.
+    replaced: bool,
+}
+
+impl NodeGauges {
+    fn new(node: &str) -> Self {
+        metrics::gauge!(relay_proto::metrics::DATA_PLANE_CONNECTED, "node_id" => node.to_string()).set(1.0);
+        NodeGauges {
+            node: node.to_string(),
+            replaced: false,
+        }
+    }
+
+    /// Revisions the data plane is behind `head`: all of them when it holds nothing or another
+    /// epoch's config.
+    fn lag(&self, head: Version, held: Option<Version>) {
+        let lag = match held {
+            Some(h) if h.epoch == head.epoch => head.revision.saturating_sub(h.revision),
+            _ => head.revision,
+        };
+        metrics::gauge!(relay_proto::metrics::DATA_PLANE_CONFIG_LAG_REVISIONS, "node_id" => self.node.clone())
+            .set(lag as f64);
+    }
+}
+
+impl Drop for NodeGauges {
+    fn drop(&mut self) {
+        if self.replaced {
+            return;
+        }
+        metrics::gauge!(relay_proto::metrics::DATA_PLANE_CONNECTED, "node_id" => self.node.clone()).set(0.0);
+        // Not this replica's to say once the stream is gone (the data plane may be on another).
+        metrics::gauge!(relay_proto::metrics::DATA_PLANE_CONFIG_LAG_REVISIONS, "node_id" => self.node.clone()).set(0.0);
+    }
+}
+
 struct StreamGauge;
 impl StreamGauge {
     fn new() -> Self {
-        metrics::gauge!("relay_watch_streams").increment(1.0);
+        metrics::gauge!(relay_proto::metrics::WATCH_STREAMS).increment(1.0);
         StreamGauge
     }
 }
 impl Drop for StreamGauge {
     fn drop(&mut self) {
-        metrics::gauge!("relay_watch_streams").decrement(1.0);
+        metrics::gauge!(relay_proto::metrics::WATCH_STREAMS).decrement(1.0);
     }
 }
 
@@ -333,14 +375,21 @@ async fn run_stream(s: StreamParts) {
     let mut in_flight: Option<(String, Version, String, bool)> = None;
     let mut nacked: Option<Version> = None;
     let mut nacking = NackingGauge::default();
+    let mut node_gauges = NodeGauges::new(&node);
     let mut rejected: Vec<pb::RejectedResource> = Vec::new();
     // The first answer goes out at once, even when the data plane is current
     // (then it is an empty delta), unless it is ahead of this replica.
     let mut first = true;
+    let mut seen = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_millis(crate::model::PROXY_SEEN_EVERY_MS as u64),
+        Duration::from_millis(crate::model::PROXY_SEEN_EVERY_MS as u64),
+    );
+    seen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if in_flight.is_none() {
             let p = published.borrow_and_update().clone();
             let head = p.snapshot.version;
+            node_gauges.lag(head, held.as_ref().map(|h| h.0));
             if !auth.valid_at(&p.snapshot) {
                 // Revoked (or re-roled) at or before this head: nothing more goes out.
                 let _ = tx.send(Err(auth.revoked().await)).await;
@@ -349,7 +398,7 @@ async fn run_stream(s: StreamParts) {
             if should_send(&held, &p, first) && nacked != Some(head) {
                 let u = build_update(&p, &held);
                 in_flight = Some((u.nonce.clone(), head, p.snapshot.hash.clone(), u.full));
-                metrics::counter!("relay_config_updates_sent_total", "kind" => if u.full { "full" } else { "delta" })
+                metrics::counter!(relay_proto::metrics::CONFIG_UPDATES_SENT_TOTAL, "kind" => if u.full { "full" } else { "delta" })
                     .increment(1);
                 let span = tracing::info_span!(
                     "watch update",
@@ -379,7 +428,7 @@ async fn run_stream(s: StreamParts) {
                                     let r = x.r#ref.clone().unwrap_or_default();
                                     tracing::warn!(node_id = %node, id = %r.id, error = %x.error, "data plane took a resource out of service");
                                 }
-                                metrics::counter!("relay_config_rejected_resources_total").increment(a.rejected.len() as u64);
+                                metrics::counter!(relay_proto::metrics::CONFIG_REJECTED_RESOURCES_TOTAL).increment(a.rejected.len() as u64);
                                 rejected = a.rejected.clone();
                             }
                             recorder.record(&node, &replica, ProxyEvent::Acked {
@@ -400,11 +449,11 @@ async fn run_stream(s: StreamParts) {
                             if diverged {
                                 // The delta did not reproduce the config: a full snapshot, at once.
                                 tracing::info!(node_id = %node, version = %v, error = %n.error, "data plane diverged; sending a full snapshot");
-                                metrics::counter!("relay_config_nacks_total", "reason" => "diverged").increment(1);
+                                metrics::counter!(relay_proto::metrics::CONFIG_NACKS_TOTAL, "reason" => "diverged").increment(1);
                                 held = None;
                             } else {
                                 tracing::warn!(node_id = %node, version = %v, error = %n.error, "data plane rejected config; it keeps serving its last one");
-                                metrics::counter!("relay_config_nacks_total", "reason" => "invalid").increment(1);
+                                metrics::counter!(relay_proto::metrics::CONFIG_NACKS_TOTAL, "reason" => "invalid").increment(1);
                                 nacked = Some(v);
                                 nacking.set(true);
                                 held = match (n.serving.as_ref().map(to_model), held.take()) {
@@ -442,6 +491,7 @@ async fn run_stream(s: StreamParts) {
             _ = async { replaced.wait_for(|r| *r).await.map(|_| ()) } => {
                 // The newer stream has recorded itself as connected already.
                 tracing::info!(node_id = %node, "a newer stream of the same data plane replaced this one");
+                node_gauges.replaced = true;
                 return;
             }
             _ = super::closed(&mut closing) => {
@@ -453,6 +503,7 @@ async fn run_stream(s: StreamParts) {
                 let _ = tx.send(Err(status)).await;
                 break;
             }
+            _ = seen.tick() => recorder.record(&node, &replica, ProxyEvent::Seen),
             _ = tx.closed() => break,
         }
     }
@@ -520,7 +571,8 @@ impl ConfigDiscovery for DiscoveryService {
         };
         if st.reset_generation < account.reset_generation {
             // Seen before an operator cleared the account: the reset wins.
-            metrics::counter!("relay_account_state_reports_ignored_total", "reason" => "before_reset").increment(1);
+            metrics::counter!(relay_proto::metrics::ACCOUNT_STATE_REPORTS_IGNORED_TOTAL, "reason" => "before_reset")
+                .increment(1);
             return stale().await;
         }
         let now = crate::model::now_ms();
@@ -571,12 +623,12 @@ impl ConfigDiscovery for DiscoveryService {
         {
             Ok(v) => v,
             Err(crate::store::StoreError::Conflict { .. }) => {
-                metrics::counter!("relay_account_state_reports_ignored_total", "reason" => "before_reset").increment(1);
+                metrics::counter!(relay_proto::metrics::ACCOUNT_STATE_REPORTS_IGNORED_TOTAL, "reason" => "before_reset").increment(1);
                 return stale().await;
             }
             Err(e) => return Err(super::status_from_store(e)),
         };
-        metrics::counter!("relay_account_state_changes_total", "health" => health.as_str()).increment(1);
+        metrics::counter!(relay_proto::metrics::ACCOUNT_STATE_CHANGES_TOTAL, "health" => health.as_str()).increment(1);
         Ok(Response::new(pb::AccountStateAck {
             applied: true,
             version: Some(version_pb(v)),

@@ -91,7 +91,7 @@ where
             let admin = roles.contains(&Role::Admin);
             let md = MetadataMap::from_headers(req.headers().clone());
             if let Err(status) = auth.admit(&md, roles).await {
-                metrics::counter!("relay_grpc_refused_before_decode_total").increment(1);
+                metrics::counter!(relay_proto::metrics::GRPC_REFUSED_BEFORE_DECODE_TOTAL).increment(1);
                 return Ok(status.into_http());
             }
             if admin {

@@ -41,7 +41,8 @@ impl NodeIdentity {
         let chain = match self {
             Self::Unchecked => return Ok(()),
             Self::Missing => {
-                metrics::counter!("relay_admin_auth_failures_total", "reason" => "no_client_certificate").increment(1);
+                metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "no_client_certificate")
+                    .increment(1);
                 return Err(Status::unauthenticated(
                     "this control plane requires data planes to present a TLS client certificate",
                 ));
@@ -59,7 +60,8 @@ impl NodeIdentity {
         if valid {
             Ok(())
         } else {
-            metrics::counter!("relay_admin_auth_failures_total", "reason" => "node_id_mismatch").increment(1);
+            metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "node_id_mismatch")
+                .increment(1);
             Err(Status::permission_denied(format!(
                 "the TLS client certificate is not valid for node id {node_id:?}"
             )))

@@ -67,11 +67,11 @@ pub fn export(quotas: &[AccountQuota], name_of: impl Fn(&str) -> Option<String>,
         let Some(name) = name_of(&q.account_id) else { continue };
         for w in &q.windows {
             if w.utilization >= 0.0 {
-                metrics::gauge!("relay_account_quota_utilization", "account" => name.clone(), "window" => w.name.clone())
+                metrics::gauge!(relay_proto::metrics::ACCOUNT_QUOTA_UTILIZATION, "account" => name.clone(), "window" => w.name.clone())
                     .set(w.utilization);
             }
             if w.reset_ms > 0 {
-                metrics::gauge!("relay_account_quota_resets_in_seconds", "account" => name.clone(), "window" => w.name.clone())
+                metrics::gauge!(relay_proto::metrics::ACCOUNT_QUOTA_RESETS_IN_SECONDS, "account" => name.clone(), "window" => w.name.clone())
                     .set(((w.reset_ms - now_ms).max(0) as f64) / 1000.0);
             }
         }

@@ -53,7 +53,7 @@ pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
         // dropped and never stored as is (they would overflow every sum).
         let mut e = e.clone();
         if relay_proto::bounds::clamp(&mut e) {
-            metrics::counter!("relay_usage_rows_flagged_total", "anomaly" => relay_proto::bounds::SUSPECT).increment(1);
+            metrics::counter!(relay_proto::metrics::USAGE_ROWS_FLAGGED_TOTAL, "anomaly" => relay_proto::bounds::SUSPECT).increment(1);
             tracing::warn!(
                 node_id = %batch.node_id,
                 request_id = %e.request_id,
@@ -61,7 +61,7 @@ pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
             );
         }
         if e.anomaly.split(',').any(|a| a == relay_proto::bounds::UNPARSED) {
-            metrics::counter!("relay_usage_rows_flagged_total", "anomaly" => relay_proto::bounds::UNPARSED)
+            metrics::counter!(relay_proto::metrics::USAGE_ROWS_FLAGGED_TOTAL, "anomaly" => relay_proto::bounds::UNPARSED)
                 .increment(1);
         }
         ok.push(UsageEvent {
@@ -164,10 +164,16 @@ async fn run(
             }
             checked = Some(node);
         }
+        if batch.oldest_unacked_age_ms > 0 && !batch.node_id.is_empty() {
+            // The data plane's usage ingest lag: how old the oldest event it still holds is.
+            metrics::gauge!(relay_proto::metrics::DATA_PLANE_INGEST_LAG_SECONDS, "node_id" => batch.node_id.clone())
+                .set(batch.oldest_unacked_age_ms as f64 / 1000.0);
+        }
         let (events, rejected) = convert(&batch);
         if rejected > 0 {
             tracing::warn!(node_id = %batch.node_id, rejected, "usage events that can never be stored were dropped");
-            metrics::counter!("relay_usage_events_total", "outcome" => "rejected").increment(rejected as u64);
+            metrics::counter!(relay_proto::metrics::USAGE_EVENTS_TOTAL, "outcome" => "rejected")
+                .increment(rejected as u64);
         }
         let started = Instant::now();
         let span = tracing::info_span!(
@@ -179,9 +185,11 @@ async fn run(
         );
         match store.insert_usage(&events).instrument(span).await {
             Ok(r) => {
-                metrics::histogram!("relay_usage_commit_seconds").record(started.elapsed().as_secs_f64());
-                metrics::counter!("relay_usage_events_total", "outcome" => "inserted").increment(r.inserted);
-                metrics::counter!("relay_usage_events_total", "outcome" => "duplicate").increment(r.duplicates);
+                metrics::histogram!(relay_proto::metrics::USAGE_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                metrics::counter!(relay_proto::metrics::USAGE_EVENTS_TOTAL, "outcome" => "inserted")
+                    .increment(r.inserted);
+                metrics::counter!(relay_proto::metrics::USAGE_EVENTS_TOTAL, "outcome" => "duplicate")
+                    .increment(r.duplicates);
                 let ack = pb::BatchAck {
                     batch_id: batch.batch_id,
                     inserted: u32::try_from(r.inserted).unwrap_or(u32::MAX),

@@ -264,7 +264,8 @@ impl Refresher {
                 } else {
                     let (why, from_hash) = (r.why.clone(), r.from_hash.clone());
                     mem.rejected.remove(&a.id);
-                    metrics::counter!("relay_oauth_refresh_total", "outcome" => "invalid_grant").increment(1);
+                    metrics::counter!(relay_proto::metrics::OAUTH_REFRESH_TOTAL, "outcome" => "invalid_grant")
+                        .increment(1);
                     tracing::error!(account = %a.name, "OAuth refresh: the refresh token was rejected (invalid_grant); the account is out until it logs in again");
                     let reason: String = format!(
                         "refresh token rejected by the token endpoint (invalid_grant: {}); log in again with `relayctl account login`",
@@ -392,7 +393,8 @@ impl Refresher {
             async move {
                 let started = std::time::Instant::now();
                 let answer = endpoint.refresh(&settings, &rt, proxy.as_deref()).await;
-                metrics::histogram!("relay_oauth_refresh_duration_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!(relay_proto::metrics::OAUTH_REFRESH_DURATION_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
                 let r = match answer {
                     Ok(r) => r,
                     Err(e) => return Err(e),
@@ -440,7 +442,8 @@ impl Refresher {
                     Err(e) => {
                         // Kept: the next tick applies it.
                         tracing::error!(account = %a.name, error = %e, "OAuth refresh: cannot commit the new tokens; retrying");
-                        metrics::counter!("relay_oauth_refresh_total", "outcome" => "commit_failed").increment(1);
+                        metrics::counter!(relay_proto::metrics::OAUTH_REFRESH_TOTAL, "outcome" => "commit_failed")
+                            .increment(1);
                         Outcome::Done
                     }
                 }
@@ -465,7 +468,7 @@ impl Refresher {
                 Outcome::Rejected { from_hash, why }
             }
             Err(RefreshError::Transient(why)) => {
-                metrics::counter!("relay_oauth_refresh_total", "outcome" => "transient").increment(1);
+                metrics::counter!(relay_proto::metrics::OAUTH_REFRESH_TOTAL, "outcome" => "transient").increment(1);
                 tracing::warn!(account = %a.name, error = %why, "OAuth refresh failed; retrying with backoff");
                 Outcome::Retry {
                     first: Duration::from_secs(5),
@@ -473,7 +476,7 @@ impl Refresher {
                 }
             }
             Err(RefreshError::Rejected(why)) => {
-                metrics::counter!("relay_oauth_refresh_total", "outcome" => "rejected").increment(1);
+                metrics::counter!(relay_proto::metrics::OAUTH_REFRESH_TOTAL, "outcome" => "rejected").increment(1);
                 tracing::error!(account = %a.name, error = %why, "OAuth refresh refused; check the oauth.* settings");
                 Outcome::Retry {
                     first: Duration::from_secs(60),
@@ -573,7 +576,7 @@ impl Refresher {
             };
             match self.store.apply(muts, audit).await {
                 Ok(_) => {
-                    metrics::counter!("relay_oauth_refresh_total", "outcome" => "ok").increment(1);
+                    metrics::counter!(relay_proto::metrics::OAUTH_REFRESH_TOTAL, "outcome" => "ok").increment(1);
                     tracing::info!(account = %cur.name, why, "OAuth tokens refreshed");
                     if let Err(e) = self.store.drop_oauth_pending(account_id, from_hash).await {
                         // Harmless: a kept answer whose token the account no longer holds is dropped later.

@@ -157,8 +157,55 @@ impl Prober {
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => return Verdict::Unreachable(format!("the proxy URL: {e}")),
         };
-        let url = format!("{}/v1/models", a.base_url.trim_end_matches('/'));
-        let mut req = http::Request::get(&url)
+        let models = match self.call(a, &credential, proxy.as_ref(), "GET", "/v1/models").await {
+            Ok(x) => x,
+            Err(v) => return v,
+        };
+        let (parts, body) = match models.0.status.as_u16() {
+            // No models list (some compatible servers have none): the Messages route itself, with a
+            // request it must refuse before any model runs (`{}`: 400, no tokens), tells a server
+            // that serves it from a wrong base URL (404 there too).
+            404 | 405 => match self.call(a, &credential, proxy.as_ref(), "POST", "/v1/messages").await {
+                Ok((p, _)) if matches!(p.status.as_u16(), 400 | 422) => return Verdict::Ok,
+                Ok((p, _)) if matches!(p.status.as_u16(), 404 | 405) => {
+                    return Verdict::Erroring(format!(
+                        "HTTP {} on {}/v1/messages: the base URL does not lead to the Messages API (give the server's root, as for https://api.anthropic.com)",
+                        p.status.as_u16(),
+                        a.base_url.trim_end_matches('/')
+                    ))
+                }
+                Ok(x) => x,
+                Err(v) => return v,
+            },
+            _ => models,
+        };
+        let now = now_ms();
+        let msg = error_message(&body);
+        match parts.status.as_u16() {
+            200..=299 => Verdict::Ok,
+            401 | 403 => Verdict::Unauthorized(format!("HTTP {} {msg}", parts.status.as_u16())),
+            429 => Verdict::RateLimited(reset_of(&parts.headers, now), format!("HTTP 429 {msg}")),
+            529 => Verdict::Overloaded(format!("HTTP 529 {msg}")),
+            400 if msg.to_ascii_lowercase().contains("disabled") => Verdict::Blocked(format!("HTTP 400 {msg}")),
+            s @ 500..=599 => Verdict::Erroring(format!("HTTP {s} {msg}")),
+            s => Verdict::Erroring(format!("unexpected HTTP {s} {msg}")),
+        }
+    }
+
+    /// One bounded call to `path` under the account's base URL, with its credential (a POST
+    /// carries `{}`); a transport failure or timeout is the verdict.
+    async fn call(
+        &self,
+        a: &Account,
+        credential: &str,
+        proxy: Option<&ProxySpec>,
+        method: &str,
+        path: &str,
+    ) -> Result<(http::response::Parts, Bytes), Verdict> {
+        let url = format!("{}{path}", a.base_url.trim_end_matches('/'));
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(&url)
             .header("anthropic-version", "2023-06-01")
             .header("accept", "application/json")
             .header("accept-encoding", "identity")
@@ -169,11 +216,19 @@ impl Prober {
                 .header("anthropic-beta", "oauth-2025-04-20"),
             _ => req.header("x-api-key", credential),
         };
-        let Ok(req) = req.body(Full::new(Bytes::new())) else {
-            return Verdict::Unreachable("the base URL or credential does not make a valid request".into());
+        let body = if method == "POST" {
+            req = req.header("content-type", "application/json");
+            Bytes::from_static(b"{}")
+        } else {
+            Bytes::new()
+        };
+        let Ok(req) = req.body(Full::new(body)) else {
+            return Err(Verdict::Unreachable(
+                "the base URL or credential does not make a valid request".into(),
+            ));
         };
         let answer = tokio::time::timeout(PROBE_TIMEOUT, async {
-            let resp = self.upstreams.request(proxy.as_ref(), req).await?;
+            let resp = self.upstreams.request(proxy, req).await?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, 64 * 1024)
                 .collect()
@@ -183,27 +238,17 @@ impl Prober {
             Ok::<_, hyper_util::client::legacy::Error>((parts, body))
         })
         .await;
-        let (parts, body) = match answer {
-            Err(_) => return Verdict::Unreachable(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
+        match answer {
+            Err(_) => Err(Verdict::Unreachable(format!(
+                "no answer within {}s",
+                PROBE_TIMEOUT.as_secs()
+            ))),
             Ok(Err(e)) => {
                 use std::error::Error;
                 let why = e.source().map_or_else(|| e.to_string(), |s| s.to_string());
-                return Verdict::Unreachable(why.chars().take(200).collect());
+                Err(Verdict::Unreachable(why.chars().take(200).collect()))
             }
-            Ok(Ok(x)) => x,
-        };
-        let now = now_ms();
-        let msg = error_message(&body);
-        match parts.status.as_u16() {
-            200..=299 => Verdict::Ok,
-            // An upstream without a models list (some compatible servers) still answered, authenticated.
-            404 | 405 => Verdict::Ok,
-            401 | 403 => Verdict::Unauthorized(format!("HTTP {} {msg}", parts.status.as_u16())),
-            429 => Verdict::RateLimited(reset_of(&parts.headers, now), format!("HTTP 429 {msg}")),
-            529 => Verdict::Overloaded(format!("HTTP 529 {msg}")),
-            400 if msg.to_ascii_lowercase().contains("disabled") => Verdict::Blocked(format!("HTTP 400 {msg}")),
-            s @ 500..=599 => Verdict::Erroring(format!("HTTP {s} {msg}")),
-            s => Verdict::Erroring(format!("unexpected HTTP {s} {msg}")),
+            Ok(Ok(x)) => Ok(x),
         }
     }
 
@@ -270,7 +315,7 @@ impl Prober {
         futures::stream::iter(accounts)
             .map(|a| async move {
                 let v = self.probe(&a).await;
-                metrics::counter!("relay_account_probes_total", "verdict" => v.label()).increment(1);
+                metrics::counter!(relay_proto::metrics::ACCOUNT_PROBES_TOTAL, "verdict" => v.label()).increment(1);
                 let marked = self.mark(&a, &v, None, actor).await;
                 (a, v, marked)
             })
@@ -315,7 +360,7 @@ impl Prober {
                 );
                 let v = self.probe(&a).instrument(span.clone()).await;
                 span.record("relay.probe.verdict", v.label());
-                metrics::counter!("relay_account_probes_total", "verdict" => v.label()).increment(1);
+                metrics::counter!(relay_proto::metrics::ACCOUNT_PROBES_TOTAL, "verdict" => v.label()).increment(1);
                 let next = backoff
                     .get(&a.id)
                     .map_or(FIRST_BACKOFF, |(_, d)| (*d * 2).min(MAX_BACKOFF));

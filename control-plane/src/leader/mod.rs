@@ -85,8 +85,11 @@ impl RoleSink {
             return;
         }
         if was_leading != role.is_leading() {
-            metrics::counter!("relay_leader_transitions_total").increment(1);
-            metrics::gauge!("relay_leader_is_leader").set(if role.is_leading() { 1.0 } else { 0.0 });
+            metrics::counter!(relay_proto::metrics::LEADER_TRANSITIONS_TOTAL).increment(1);
+            metrics::gauge!(relay_proto::metrics::LEADER_IS_LEADER).set(if role.is_leading() { 1.0 } else { 0.0 });
+            // Who leads: the leader's own series says 1, with its replica name.
+            metrics::gauge!(relay_proto::metrics::LEADER_INFO, "replica" => self.replica.clone())
+                .set(if role.is_leading() { 1.0 } else { 0.0 });
         }
         match &role {
             Role::Leading { term, .. } => {
@@ -131,7 +134,7 @@ struct Inner {
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
     /// Standalone's sink (no coordinator task owns it).
-    _sink: Option<RoleSink>,
+    sink: Mutex<Option<RoleSink>>,
 }
 
 impl Drop for Inner {
@@ -197,7 +200,7 @@ impl Leadership {
                 _tx: tx,
                 stop: stop_tx,
                 task: Mutex::new(Some(task)),
-                _sink: None,
+                sink: Mutex::new(None),
             }),
         }
     }
@@ -224,7 +227,7 @@ impl Leadership {
                 _tx: tx,
                 stop,
                 task: Mutex::new(None),
-                _sink: Some(sink),
+                sink: Mutex::new(Some(sink)),
             }),
         }
     }
@@ -260,6 +263,9 @@ impl Leadership {
         if let Some(task) = task {
             let _ = task.await;
         }
+        // A fixed leader (standalone) steps down here too, before the process says it stopped.
+        let sink = self.inner.sink.lock().ok().and_then(|mut s| s.take());
+        drop(sink);
     }
 }
 

@@ -85,6 +85,9 @@ fn explain(e: &tokio_postgres::Error) -> String {
     out
 }
 
+/// How long a new database connection may take to become a session (TCP, TLS, authentication).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// What to do about a connection that failed before the server said anything, from its error
 /// chain ("" when there is nothing useful to add).
 fn connection_hint(chain: &str) -> &'static str {
@@ -106,6 +109,11 @@ fn connection_hint(chain: &str) -> &'static str {
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => StoreError::Database(explain(&e)),
+        deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Create) => StoreError::Database(format!(
+            "no Postgres session within {}s at the database URL's host and port (is a Postgres server listening \
+             there, not another service? is the network between here and there slow or filtered?)",
+            CONNECT_TIMEOUT.as_secs()
+        )),
         deadpool_postgres::PoolError::Timeout(_) => {
             StoreError::Database("timed out waiting for a database connection".to_string())
         }
@@ -136,8 +144,12 @@ impl PostgresStore {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        // A new connection that does not become a Postgres session in time (a host:port where
+        // something else listens) is an error that says so, not a silent hang.
         let pool = Pool::builder(mgr)
             .max_size(max_connections.max(2))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(db)?;
         migrate(&pool).await?;
@@ -1254,6 +1266,13 @@ impl Store for PostgresStore {
                 )
                 .await
             }
+            ProxyEvent::Seen => {
+                c.execute(
+                    "UPDATE proxies SET last_seen=$3 WHERE node_id=$1 AND replica=$2 AND connected",
+                    &[&node_id, &replica, &now],
+                )
+                .await
+            }
             ProxyEvent::Disconnected => {
                 c.execute(
                     "UPDATE proxies SET connected = (replica <> $2) AND connected, last_seen=$3 WHERE node_id=$1",
@@ -1655,8 +1674,31 @@ fn saturating_sum(col: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::connection_hint;
+
+    /// A database URL pointing at a port where something else listens (it accepts and says
+    /// nothing Postgres understands) fails with a message, not a hang.
+    #[tokio::test]
+    async fn a_port_that_is_not_postgres_is_an_error_not_a_hang() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                open.push(sock);
+            }
+        });
+        let url = format!("postgres://relay@127.0.0.1:{port}/relay?sslmode=disable");
+        let started = std::time::Instant::now();
+        let err = match super::PostgresStore::connect(&url, 2).await {
+            Ok(_) => panic!("connected to a silent port"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("no Postgres session within 15s"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(40));
+    }
 
     /// A connection that failed before the server spoke says what to check.
     #[test]

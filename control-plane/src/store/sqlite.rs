@@ -1082,6 +1082,13 @@ fn record_proxy_tx(conn: &Connection, node_id: &str, replica: &str, event: &Prox
             )
             .map_err(db)?;
         }
+        ProxyEvent::Seen => {
+            conn.execute(
+                "UPDATE proxies SET last_seen = ?3 WHERE node_id = ?1 AND replica = ?2 AND connected",
+                params![node_id, replica, now],
+            )
+            .map_err(db)?;
+        }
         ProxyEvent::Disconnected => {
             conn.execute(
                 "UPDATE proxies SET last_seen = ?3, \

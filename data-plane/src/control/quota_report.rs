@@ -60,7 +60,7 @@ pub async fn run(
             Ok(r) => {
                 quotas.sent(&unsent);
                 quotas.merge(r.into_inner().fleet);
-                metrics::counter!("relay_quota_reports_total", "outcome" => "ok").increment(1);
+                metrics::counter!(relay_proto::metrics::QUOTA_REPORTS_TOTAL, "outcome" => "ok").increment(1);
             }
             Err(e) if e.code() == tonic::Code::Unimplemented => {
                 // A control plane from before quota reports: nothing to send there.
@@ -68,7 +68,7 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot report quota windows; they go with the next report");
-                metrics::counter!("relay_quota_reports_total", "outcome" => "failed").increment(1);
+                metrics::counter!(relay_proto::metrics::QUOTA_REPORTS_TOTAL, "outcome" => "failed").increment(1);
                 client = None;
             }
         }

@@ -173,10 +173,7 @@ pub async fn run_reporter<F, Fut, E>(
                 return;
             }
             if Instant::now() >= deadline {
-                tracing::warn!(
-                    pending,
-                    "usage drain deadline passed; the rest stays spooled for the next start"
-                );
+                deadline_passed(pending);
                 return;
             }
         }
@@ -187,11 +184,13 @@ pub async fn run_reporter<F, Fut, E>(
             tokio::select! {
                 r = &mut attempt => break r,
                 () = stop_signal(&mut shutdown, phase) => {
+                    // Still connecting and nothing to send: no reason to wait for the control plane.
+                    if spool.depth() == 0 {
+                        tracing::info!("usage spool drained");
+                        return;
+                    }
                     if !phase.advance(drain_deadline) {
-                        tracing::warn!(
-                            pending = spool.depth(),
-                            "usage drain deadline passed; the rest stays spooled for the next start"
-                        );
+                        deadline_passed(spool.depth());
                         return;
                     }
                 }
@@ -218,10 +217,7 @@ pub async fn run_reporter<F, Fut, E>(
                 return;
             }
             Ok(End::Deadline) => {
-                tracing::warn!(
-                    pending = spool.depth(),
-                    "usage drain deadline passed; the rest stays spooled for the next start"
-                );
+                deadline_passed(spool.depth());
                 return;
             }
             Err(e) => health.failed(&e, spool.depth()),
@@ -232,10 +228,7 @@ pub async fn run_reporter<F, Fut, E>(
             () = tokio::time::sleep(wait) => {}
             () = stop_signal(&mut shutdown, phase) => {
                 if !phase.advance(drain_deadline) {
-                    tracing::warn!(
-                        pending = spool.depth(),
-                        "usage drain deadline passed; the rest stays spooled for the next start"
-                    );
+                    deadline_passed(spool.depth());
                     return;
                 }
             }
@@ -283,6 +276,18 @@ enum End {
     Drained,
     /// Shut down and the drain deadline passed.
     Deadline,
+}
+
+/// The drain deadline passed: a warning when usage stays spooled, none when nothing was left.
+fn deadline_passed(pending: u64) {
+    if pending == 0 {
+        tracing::info!("usage spool drained");
+    } else {
+        tracing::warn!(
+            pending,
+            "usage drain deadline passed; the rest stays spooled for the next start"
+        );
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -364,6 +369,9 @@ async fn session(
                 batch_id,
                 node_id: cfg.node_id.clone(),
                 events: events.into_iter().map(|(_, e)| e).collect(),
+                oldest_unacked_age_ms: spool
+                    .oldest_unacked_ms()
+                    .map_or(0, |ts| (chrono::Utc::now().timestamp_millis() - ts).max(0) as u64),
             };
             // Cannot be full: the channel holds max_in_flight and fewer are unACKed.
             if tx.try_send(batch).is_err() {
@@ -404,7 +412,8 @@ async fn session(
         }
     };
     if result.is_err() && !in_flight.is_empty() {
-        metrics::counter!("relay_usage_batches_total", "outcome" => "failed").increment(in_flight.len() as u64);
+        metrics::counter!(relay_proto::metrics::USAGE_BATCHES_TOTAL, "outcome" => "failed")
+            .increment(in_flight.len() as u64);
     }
     result
 }
@@ -430,8 +439,8 @@ async fn on_ack(spool: &Arc<Spool>, in_flight: &mut VecDeque<InFlight>, ack: &Ba
             got: ack.batch_id,
         });
     };
-    metrics::histogram!("relay_usage_report_seconds").record(batch.sent.elapsed().as_secs_f64());
-    metrics::counter!("relay_usage_batches_total", "outcome" => "acked").increment(1);
+    metrics::histogram!(relay_proto::metrics::USAGE_REPORT_SECONDS).record(batch.sent.elapsed().as_secs_f64());
+    metrics::counter!(relay_proto::metrics::USAGE_BATCHES_TOTAL, "outcome" => "acked").increment(1);
     if ack.rejected > 0 {
         tracing::warn!(
             batch_id = ack.batch_id,
@@ -477,7 +486,8 @@ impl Health {
     fn failed(&mut self, error: &SessionError, pending: u64) {
         if self.outage_since.is_none() {
             self.outage_since = Some(Instant::now());
-            tracing::error!(%error, pending, "cannot report usage to the control plane; spooling and retrying");
+            let hint = super::address_hint(&error.to_string()).unwrap_or_default();
+            tracing::error!(%error, hint, pending, "cannot report usage to the control plane; spooling and retrying");
         } else {
             tracing::debug!(%error, pending, "usage report retry failed");
         }
@@ -517,7 +527,7 @@ async fn age_gauge(spool: Arc<Spool>) {
         let age = spool.oldest_unacked_ms().map_or(0.0, |ts| {
             (chrono::Utc::now().timestamp_millis() - ts).max(0) as f64 / 1000.0
         });
-        metrics::gauge!("relay_usage_spool_oldest_age_seconds").set(age);
+        metrics::gauge!(relay_proto::metrics::USAGE_SPOOL_OLDEST_AGE_SECONDS).set(age);
     }
 }
 

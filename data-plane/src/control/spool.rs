@@ -251,7 +251,7 @@ impl Spool {
         if depth > 0 {
             tracing::info!(pending = depth, dir = %dir.display(), "usage spool: recovered un-ACKed events");
         }
-        metrics::gauge!("relay_usage_spool_depth").set(depth as f64);
+        metrics::gauge!(relay_proto::metrics::USAGE_SPOOL_DEPTH).set(depth as f64);
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             state: Mutex::new(State {
@@ -347,7 +347,7 @@ impl Spool {
                 while st.pending.front().is_some_and(|(s, _)| *s <= upto) {
                     st.pending.pop_front();
                 }
-                metrics::gauge!("relay_usage_spool_depth").set(st.pending.len() as f64);
+                metrics::gauge!(relay_proto::metrics::USAGE_SPOOL_DEPTH).set(st.pending.len() as f64);
             }
             st.acked
         };
@@ -476,7 +476,7 @@ impl Writer {
         }
         self.len += buf.len() as u64;
         self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("relay_usage_spool_fsyncs_total").increment(1);
+        metrics::counter!(relay_proto::metrics::USAGE_SPOOL_FSYNCS_TOTAL).increment(1);
 
         let mut st = lock(&self.shared.state);
         if let Some((last, _)) = records.last() {
@@ -486,7 +486,7 @@ impl Writer {
             }
         }
         st.pending.extend(records);
-        metrics::gauge!("relay_usage_spool_depth").set(st.pending.len() as f64);
+        metrics::gauge!(relay_proto::metrics::USAGE_SPOOL_DEPTH).set(st.pending.len() as f64);
         Ok(())
     }
 

@@ -283,6 +283,21 @@ impl ServingConfig {
         self.accounts_by_group.get(group_id).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// A group's name ("" for an unknown id).
+    pub fn group_name(&self, group_id: &str) -> &str {
+        self.groups.get(group_id).map_or("", |g| g.name.as_str())
+    }
+
+    /// Every key of the config.
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
+        self.keys_by_hash.values()
+    }
+
+    /// Every group of the config.
+    pub fn groups(&self) -> impl Iterator<Item = &pb::Group> {
+        self.groups.values()
+    }
+
     /// An operator's state of a group (unknown groups are active).
     pub fn group_state(&self, group_id: &str) -> pb::GroupState {
         self.groups.get(group_id).map_or(pb::GroupState::Active, |g| g.state())
@@ -330,8 +345,8 @@ impl ConfigHolder {
     }
 
     pub fn swap(&self, cfg: ServingConfig) {
-        metrics::gauge!("relay_config_revision").set(cfg.version.revision as f64);
-        metrics::gauge!("relay_config_resources_out_of_service").set(cfg.rejected.len() as f64);
+        metrics::gauge!(relay_proto::metrics::CONFIG_REVISION).set(cfg.version.revision as f64);
+        metrics::gauge!(relay_proto::metrics::CONFIG_RESOURCES_OUT_OF_SERVICE).set(cfg.rejected.len() as f64);
         self.current.store(Some(Arc::new(cfg)));
         self.changed.notify_waiters();
     }

@@ -32,7 +32,7 @@ impl StateReporter {
 
     pub fn report(&self, state: pb::AccountState) {
         if self.tx.try_send(state).is_err() {
-            metrics::counter!("relay_account_state_reports_total", "outcome" => "dropped").increment(1);
+            metrics::counter!(relay_proto::metrics::ACCOUNT_STATE_REPORTS_TOTAL, "outcome" => "dropped").increment(1);
         }
     }
 }
@@ -55,7 +55,8 @@ async fn run(link: ControlPlaneLink, node_id: String, mut rx: mpsc::Receiver<pb:
             match c.report_account_state(req).await {
                 Ok(r) => {
                     let outcome = if r.get_ref().applied { "applied" } else { "known" };
-                    metrics::counter!("relay_account_state_reports_total", "outcome" => outcome).increment(1);
+                    metrics::counter!(relay_proto::metrics::ACCOUNT_STATE_REPORTS_TOTAL, "outcome" => outcome)
+                        .increment(1);
                     break;
                 }
                 Err(e) => {

@@ -108,16 +108,17 @@ impl Watcher {
                 r = self.session() => r,
                 _ = crate::stopped(&mut stop) => return,
             };
-            metrics::gauge!("relay_control_plane_connected").set(0.0);
+            metrics::gauge!(relay_proto::metrics::CONTROL_PLANE_CONNECTED).set(0.0);
             self.freshness.disconnected();
             if result.is_err() {
                 self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                metrics::counter!("relay_config_stream_failures_total").increment(1);
+                metrics::counter!(relay_proto::metrics::CONFIG_STREAM_FAILURES_TOTAL).increment(1);
             }
             match result {
                 Ok(()) => tracing::info!("config stream closed by the control plane; reconnecting"),
                 Err(e) if !reported_outage => {
-                    tracing::warn!(error = %e, "config stream to the control plane failed; serving the last config and retrying");
+                    let hint = super::address_hint(&e.to_string()).unwrap_or_default();
+                    tracing::warn!(error = %e, hint, "config stream to the control plane failed; serving the last config and retrying");
                     reported_outage = true;
                 }
                 Err(e) => tracing::debug!(error = %e, "config stream still failing"),
@@ -162,7 +163,7 @@ impl Watcher {
         .await
         .map_err(|_| tonic::Status::internal("watch request channel closed"))?;
         let mut inbound = client.watch(ReceiverStream::new(rx)).await?.into_inner();
-        metrics::gauge!("relay_control_plane_connected").set(1.0);
+        metrics::gauge!(relay_proto::metrics::CONTROL_PLANE_CONNECTED).set(1.0);
         self.freshness.connected();
         tracing::info!(held = ?held.map(|v| v.to_string()), "config stream open");
         let mut tick = tokio::time::interval(Duration::from_secs(30));
@@ -216,13 +217,13 @@ impl Watcher {
                     self.holder.swap(next);
                     if let (Some(cache), Some(r)) = (&self.cache, resources) {
                         if let Err(e) = cache.store(version, &r) {
-                            metrics::counter!("relay_config_cache_errors_total").increment(1);
+                            metrics::counter!(relay_proto::metrics::CONFIG_CACHE_ERRORS_TOTAL).increment(1);
                             tracing::error!(error = %e, "cannot persist the config cache");
                         }
                     }
                     tracing::info!(version = %version, full = update.full, "config applied");
                 }
-                metrics::counter!("relay_config_updates_total", "outcome" => "ack").increment(1);
+                metrics::counter!(relay_proto::metrics::CONFIG_UPDATES_TOTAL, "outcome" => "ack").increment(1);
                 pb::WatchRequest {
                     kind: Some(pb::watch_request::Kind::Ack(pb::Ack {
                         nonce: update.nonce.clone(),
@@ -232,7 +233,7 @@ impl Watcher {
                 }
             }
             Err(e) => {
-                metrics::counter!("relay_config_updates_total", "outcome" => "nack").increment(1);
+                metrics::counter!(relay_proto::metrics::CONFIG_UPDATES_TOTAL, "outcome" => "nack").increment(1);
                 tracing::warn!(error = %e, version = ?update.version.map(|v| v.to_string()), "config rejected; keeping the one served");
                 pb::WatchRequest {
                     kind: Some(pb::watch_request::Kind::Nack(pb::Nack {

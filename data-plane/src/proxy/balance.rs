@@ -18,14 +18,14 @@
 //!
 //! [`Balancer::pick`] is the power of two choices: two distinct accounts of
 //! the tier drawn at random with probability proportional to their weight,
-//! and the one with the lower `cost = latency * (outstanding + 1) / weight`
-//! wins (ties go to the first drawn). An account without a latency sample yet
+//! and the one with the lower `cost = latency * (1 + outstanding / weight)`
+//! wins (ties go to the first drawn). Latencies within a factor of two of each
+//! other count as equal, so the weighted draw sets the traffic shares of
+//! similar accounts (idle or not: outstanding requests settle in proportion
+//! to the weights), and only a clearly slower account (twice the latency)
+//! yields its share to a faster one. An account without a latency sample yet
 //! is costed at the median of the tier's estimates (or a neutral default when
 //! no account of the tier has one), so new accounts get traffic.
-//! Because the weight divides the cost, weights shape the share of traffic
-//! under concurrency: with equal latencies, outstanding requests settle in
-//! proportion to the weights. With nothing in flight the comparison is
-//! decided by latency / weight alone.
 //!
 //! The request path takes no lock here: the per-account state lives in a
 //! copy-on-write map (`arc_swap`), replaced under a mutex only the first time
@@ -48,6 +48,8 @@ const NEUTRAL_LATENCY_NS: f64 = 1e9;
 /// Estimates never go below this (a zero would erase the outstanding count
 /// from the cost).
 const FLOOR_NS: f64 = 1e3;
+/// Latency estimates closer than this factor are treated as equal (see [`Balancer::pick`]).
+const LATENCY_TOLERANCE: f64 = 2.0;
 /// How many sampled accounts of a tier the median is taken over (a stack buffer: no allocation).
 const MEDIAN_SAMPLE: usize = 32;
 
@@ -228,6 +230,15 @@ impl Balancer {
             median_estimate(tier, &loads, now)
         } else {
             NEUTRAL_LATENCY_NS
+        };
+        // Latencies within LATENCY_TOLERANCE of each other count as equal: weights then set the
+        // shares (an upstream's times vary more than that from call to call); only an account
+        // clearly slower loses its share to a faster one.
+        let (xa, xb) = (ea.unwrap_or(default), eb.unwrap_or(default));
+        let (ea, eb) = if xa.max(xb) <= xa.min(xb) * LATENCY_TOLERANCE {
+            (Some(1.0), Some(1.0))
+        } else {
+            (Some(xa), Some(xb))
         };
         let cost = |acct: &AccountEntry, load: Option<&Arc<Load>>, est: Option<f64>| {
             let outstanding = load.map_or(0, |l| l.outstanding.load(Ordering::Relaxed));
@@ -583,7 +594,7 @@ mod tests {
         let b = Balancer::new();
         let (old1, old2, new) = (acct("old1", 1, 0), acct("old2", 1, 0), acct("new", 1, 0));
         observe(&b, &old1, 100, 1);
-        observe(&b, &old2, 300, 1);
+        observe(&b, &old2, 500, 1);
         let tier = [&old1, &old2, &new];
         let mut rng = StdRng::seed_from_u64(3);
         let mut counts = HashMap::new();
@@ -592,9 +603,29 @@ mod tests {
                 .entry(b.pick_at(&tier, &mut rng, 1, |_| 1.0).unwrap().id.clone())
                 .or_insert(0) += 1;
         }
-        // Median 200 ms: "new" beats old2 (300) and loses to old1 (100).
-        assert!(counts.get("new").copied().unwrap_or(0) > 600, "{counts:?}");
-        assert!(!counts.contains_key("old2"), "{counts:?}");
+        // Median 300 ms: "new" is as fast as old2 (500, within 2x: they share) and loses to
+        // old1 (100, over 3x faster), which also beats old2 every time.
+        let n = |id: &str| counts.get(id).copied().unwrap_or(0);
+        assert!(n("new") > 300, "{counts:?}");
+        assert!(n("old1") > 1800, "{counts:?}");
+        assert!(n("old2") < n("new") * 2, "{counts:?}");
+    }
+
+    #[test]
+    fn weights_hold_between_accounts_of_similar_latency() {
+        // 120 ms against 100 ms is noise, not a reason to starve the heavier account: 10:1
+        // weights give about 10:1 shares, one request at a time.
+        let b = Balancer::new();
+        let (fast, heavy) = (acct("fast", 1, 0), acct("heavy", 10, 0));
+        observe(&b, &fast, 100, 1);
+        observe(&b, &heavy, 120, 1);
+        let tier = [&fast, &heavy];
+        let mut rng = StdRng::seed_from_u64(5);
+        let heavy_picks = (0..11_000)
+            .filter(|_| b.pick_at(&tier, &mut rng, 1, |_| 1.0).unwrap().id == "heavy")
+            .count();
+        let ratio = heavy_picks as f64 / (11_000 - heavy_picks) as f64;
+        assert!((8.0..12.5).contains(&ratio), "10:1 weights gave {ratio}");
     }
 
     #[test]

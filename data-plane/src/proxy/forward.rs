@@ -190,7 +190,7 @@ pub fn client_headers(upstream: &HeaderMap, request_id: &str, expose_ratelimit: 
         h.append(name.clone(), value.clone());
     }
     if dropped > 0 {
-        metrics::counter!("relay_upstream_headers_dropped_total").increment(dropped);
+        metrics::counter!(relay_proto::metrics::UPSTREAM_HEADERS_DROPPED_TOTAL).increment(dropped);
     }
     if let Some(up) = upstream.get(&REQUEST_ID).filter(|v| v.len() <= 256) {
         h.insert(X_UPSTREAM_REQUEST_ID.clone(), up.clone());
@@ -238,6 +238,8 @@ pub struct HealthSink {
     pub settings: HealthSettings,
     /// The account's `reset_generation` in the config the attempt was sent under.
     pub generation: u64,
+    /// Its name, for the log line of a state change.
+    pub account: Arc<crate::control::state::AccountEntry>,
 }
 
 impl HealthSink {
@@ -252,10 +254,21 @@ impl HealthSink {
             self.registry
                 .observe_as_of(account_id, self.generation, model, outcome, &self.settings, now);
         if let Some(state) = report {
+            // By name, as relayctl shows it ("rate_limited"), not the proto constant.
             let health = pb::AccountHealth::try_from(state.health)
-                .map(|h| h.as_str_name())
-                .unwrap_or("UNKNOWN");
-            tracing::info!(account_id, health, reason = %state.reason, "account state changed");
+                .map(|h| {
+                    h.as_str_name()
+                        .trim_start_matches("ACCOUNT_HEALTH_")
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_else(|_| "unknown".into());
+            tracing::info!(
+                account = %self.account.name,
+                account_id,
+                health,
+                reason = %state.reason,
+                "account state changed"
+            );
             self.reporter.report(state);
         }
         verdict
@@ -551,7 +564,7 @@ impl TappedBody {
             Tap::Buffer(..) => false,
         };
         if truncated {
-            metrics::counter!("relay_upstream_stream_errors_total", "kind" => "truncated").increment(1);
+            metrics::counter!(relay_proto::metrics::UPSTREAM_STREAM_ERRORS_TOTAL, "kind" => "truncated").increment(1);
             self.finish(Outcome2::Truncated);
             self.tail.clear();
             return Some(self.after_partial(error_event("upstream stream ended before message_stop")));
@@ -582,7 +595,7 @@ impl TappedBody {
         if ok {
             return self.end();
         }
-        metrics::counter!("relay_upstream_stream_errors_total", "kind" => "corrupt").increment(1);
+        metrics::counter!(relay_proto::metrics::UPSTREAM_STREAM_ERRORS_TOTAL, "kind" => "corrupt").increment(1);
         Some(self.fail("the upstream sent an event that is not valid JSON"))
     }
 
@@ -685,7 +698,7 @@ const MAX_MISMATCHES_LOGGED: usize = 64;
 
 /// Logs a model mismatch once per (account, requested, answered) and counts every one.
 fn note_model_mismatch(account: &str, requested: &str, answered: &str) {
-    metrics::counter!("relay_model_mismatch_total", "account" => account.to_string()).increment(1);
+    metrics::counter!(relay_proto::metrics::MODEL_MISMATCH_TOTAL, "account" => account.to_string()).increment(1);
     let mut seen = MISMATCHES_SEEN
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -750,7 +763,8 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     };
     if r.unparsed {
         relay_proto::bounds::flag(&mut event, relay_proto::bounds::UNPARSED);
-        metrics::counter!("relay_usage_anomalies_total", "anomaly" => relay_proto::bounds::UNPARSED).increment(1);
+        metrics::counter!(relay_proto::metrics::USAGE_ANOMALIES_TOTAL, "anomaly" => relay_proto::bounds::UNPARSED)
+            .increment(1);
     }
     // Counts beyond what one request can carry are clamped first, and the cost is that of the
     // clamped counts: an absurd claim is never billed as such.
@@ -773,13 +787,20 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         event.model.as_str()
     };
     event.cost_pico_usd = cost_of(&a.config.prices, price_model, now, &counted);
+    // The metrics' model label: the price table's pattern, never the client's string.
+    let model_label = a
+        .config
+        .prices
+        .lookup(price_model, now)
+        .map_or_else(|| "other".to_string(), |p| p.model_pattern.clone());
     if implausible {
         relay_proto::bounds::flag(&mut event, relay_proto::bounds::SUSPECT);
         suspect = true;
     }
     suspect |= relay_proto::bounds::clamp(&mut event);
     if suspect {
-        metrics::counter!("relay_usage_anomalies_total", "anomaly" => relay_proto::bounds::SUSPECT).increment(1);
+        metrics::counter!(relay_proto::metrics::USAGE_ANOMALIES_TOTAL, "anomaly" => relay_proto::bounds::SUSPECT)
+            .increment(1);
         tracing::warn!(
             request_id = %event.request_id,
             client_request_id = %event.client_request_id,
@@ -801,10 +822,13 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
             event.cost_pico_usd,
         );
     }
-    metrics::counter!("relay_usage_tokens_total", "kind" => "input").increment(event.input_tokens);
-    metrics::counter!("relay_usage_tokens_total", "kind" => "output").increment(event.output_tokens);
+    count_usage(&a.config, &a.key, model_label, &event);
+    if (200..300).contains(&event.http_status) && !event.cancelled {
+        metrics::histogram!(relay_proto::metrics::REQUEST_DURATION_SECONDS, "stream" => if a.stream { "true" } else { "false" })
+            .record(a.started.elapsed().as_secs_f64());
+    }
     if event.cancelled {
-        metrics::counter!("relay_requests_cancelled_total").increment(1);
+        metrics::counter!(relay_proto::metrics::REQUESTS_CANCELLED_TOTAL).increment(1);
     }
     let ok = !event.cancelled && event.error_type.is_empty() && (200..400).contains(&event.http_status);
     a.log.attempt(&a.account.name, ttfb_ms, ok, &event);
@@ -814,7 +838,7 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     pending.0.fetch_add(1, Ordering::AcqRel);
     spool.append_then(event, move |result| {
         if let Err(e) = result {
-            metrics::counter!("relay_usage_spool_errors_total").increment(1);
+            metrics::counter!(relay_proto::metrics::USAGE_SPOOL_ERRORS_TOTAL).increment(1);
             tracing::error!(error = %e, "cannot write a usage event to the spool");
         }
         if pending.0.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -865,12 +889,42 @@ fn trace_attempt(span: &tracing::Span, event: &pb::UsageEvent, response_id: Opti
     }
 }
 
+/// Tokens and cost into `relay_usage_tokens_total` and `relay_usage_cost_micro_usd_total`, by
+/// price-table model pattern ("other" for a model the table does not price: the label never holds
+/// a client's string) and key group; by key name too with `metrics.key_labels`.
+fn count_usage(cfg: &ServingConfig, key: &KeyEntry, model: String, event: &pb::UsageEvent) {
+    let group = cfg.group_name(&key.group_id).to_string();
+    let cache_write = event.cache_write_5m_tokens.saturating_add(event.cache_write_1h_tokens);
+    let tokens = [
+        ("input", event.input_tokens),
+        ("output", event.output_tokens),
+        ("cache_read", event.cache_read_tokens),
+        ("cache_write", cache_write),
+    ];
+    // Rounded to the nearest micro-USD per event (a counter counts whole units).
+    let micro_usd = event.cost_pico_usd.saturating_add(500_000) / 1_000_000;
+    use relay_proto::metrics::{USAGE_COST_MICRO_USD_TOTAL as COST, USAGE_TOKENS_TOTAL as TOKENS};
+    if cfg.policy.key_labels {
+        let k = key.name.clone();
+        for (kind, n) in tokens {
+            metrics::counter!(TOKENS, "kind" => kind, "model" => model.clone(), "group" => group.clone(), "key" => k.clone())
+                .increment(n);
+        }
+        metrics::counter!(COST, "model" => model, "group" => group, "key" => k).increment(micro_usd);
+    } else {
+        for (kind, n) in tokens {
+            metrics::counter!(TOKENS, "kind" => kind, "model" => model.clone(), "group" => group.clone()).increment(n);
+        }
+        metrics::counter!(COST, "model" => model, "group" => group).increment(micro_usd);
+    }
+}
+
 pub fn cost_of(prices: &PriceTable, model: &str, at_ms: i64, usage: &Usage) -> u64 {
     match prices.lookup(model, at_ms) {
         Some(p) => crate::upstream::usage::cost_pico_usd(p, usage),
         None => {
             if usage != &Usage::default() {
-                metrics::counter!("relay_usage_unpriced_total").increment(1);
+                metrics::counter!(relay_proto::metrics::USAGE_UNPRICED_TOTAL).increment(1);
             }
             0
         }
@@ -1080,7 +1134,8 @@ impl HttpBody for TappedBody {
             Poll::Pending => {
                 if this.idle.as_mut().poll(cx).is_ready() {
                     // Stalled: end the stream (with an SSE error event when it is a stream).
-                    metrics::counter!("relay_upstream_stream_errors_total", "kind" => "stalled").increment(1);
+                    metrics::counter!(relay_proto::metrics::UPSTREAM_STREAM_ERRORS_TOTAL, "kind" => "stalled")
+                        .increment(1);
                     if matches!(this.tap, Tap::Sse(_)) {
                         let ev = this.fail("upstream stream stalled");
                         return Poll::Ready(Some(Ok(Frame::data(ev))));
@@ -1109,7 +1164,7 @@ impl HttpBody for TappedBody {
                 this.coalesce(cx, data, true)
             }
             Poll::Ready(Some(Err(e))) => {
-                metrics::counter!("relay_upstream_stream_errors_total", "kind" => "failed").increment(1);
+                metrics::counter!(relay_proto::metrics::UPSTREAM_STREAM_ERRORS_TOTAL, "kind" => "failed").increment(1);
                 if matches!(this.tap, Tap::Sse(_)) {
                     // The client already has a 200 and events: tell it in-band, then end.
                     let ev = this.fail("upstream connection lost mid-stream");

@@ -37,7 +37,7 @@ pub struct GroupCooling {
 }
 
 fn gauge(name: &str, value: f64) {
-    metrics::gauge!("relay_group_cooling", "group" => name.to_string()).set(value);
+    metrics::gauge!(relay_proto::metrics::GROUP_COOLING, "group" => name.to_string()).set(value);
 }
 
 impl GroupCooling {
@@ -133,6 +133,31 @@ pub fn paused_refusal(cfg: &ServingConfig, group_id: &str) -> Option<ApiError> {
     )))
 }
 
+/// The answer for a Messages request whose key's route (its group and fallback groups) has no
+/// enabled account at all: a configuration gap, not an overload. 503 `api_error` naming the group
+/// and what to do, `x-should-retry: false` (no retry helps until an operator adds or enables an
+/// account). None when some enabled account could serve it, in whatever health.
+pub fn no_account_refusal(cfg: &ServingConfig, group_id: &str) -> Option<ApiError> {
+    let route = cfg.route_groups(group_id, |_| false);
+    let any = route
+        .iter()
+        .flat_map(|g| cfg.accounts_of(g).iter())
+        .any(|a| a.enabled && a.weight > 0);
+    if any || route.is_empty() {
+        return None;
+    }
+    let name = cfg.group(group_id).map_or(group_id, |g| g.name.as_str());
+    let fallbacks = if route.len() > 1 {
+        " nor to its fallback groups"
+    } else {
+        ""
+    };
+    Some(ApiError::not_configured(format!(
+        "no enabled upstream account belongs to the group {name:?} this API key uses{fallbacks}: an operator must \
+         add one (relayctl account update ACCOUNT --groups {name}) or enable one"
+    )))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -187,6 +212,45 @@ mod tests {
         assert!(g.all_failed(&c, "a", 1_800, 500));
         g.refresh(Some(&cfg(vec![grp("b", &[], pb::GroupState::Active)])), 1_800);
         assert!(!g.is_cooling("a", 1_800), "a group gone is forgotten");
+    }
+
+    #[test]
+    fn a_route_without_an_enabled_account_is_refused_as_a_configuration_gap() {
+        let mut r = pb::Resources {
+            groups: vec![
+                grp("a", &["b"], pb::GroupState::Active),
+                grp("b", &[], pb::GroupState::Active),
+            ],
+            accounts: vec![pb::Account {
+                id: "acc".into(),
+                name: "acc".into(),
+                kind: pb::AccountKind::AnthropicApiKey as i32,
+                base_url: "https://api.anthropic.com".into(),
+                credential: "c".into(),
+                weight: 1,
+                group_ids: vec!["b".into()],
+                status: pb::AccountStatus::Disabled as i32,
+                ..Default::default()
+            }],
+            settings: Some(pb::Settings {
+                api_key_hash_secret: vec![3; 32],
+                values: Default::default(),
+            }),
+            ..Default::default()
+        };
+        relay_proto::canonicalize(&mut r);
+        let c = ServingConfig::build(pb::ConfigVersion::new(1, 1), r.clone()).unwrap();
+        let e = no_account_refusal(&c, "a").unwrap();
+        assert_eq!((e.status.as_u16(), e.should_retry), (503, Some(false)));
+        assert!(
+            e.message.contains("\"a-name\"") && e.message.contains("fallback") && e.message.contains("--groups a-name"),
+            "{}",
+            e.message
+        );
+        // The fallback group's account enabled: it can serve.
+        r.accounts[0].status = pb::AccountStatus::Enabled as i32;
+        let c = ServingConfig::build(pb::ConfigVersion::new(1, 2), r).unwrap();
+        assert!(no_account_refusal(&c, "a").is_none());
     }
 
     #[test]

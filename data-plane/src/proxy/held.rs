@@ -53,7 +53,8 @@ impl HeldBodies {
         };
         let now = held.get(&key).copied().unwrap_or(0);
         if now + add > self.limit {
-            metrics::counter!("relay_request_bodies_refused_total", "reason" => "per_key_held_bytes").increment(1);
+            metrics::counter!(relay_proto::metrics::REQUEST_BODIES_REFUSED_TOTAL, "reason" => "per_key_held_bytes")
+                .increment(1);
             return Err(OverLimit { limit: self.limit });
         }
         held.insert(key.clone(), now + add);

@@ -112,7 +112,8 @@ pub async fn admit(
         }
         Decision::Refused { refusal, subject } => Err(refused(cfg, &refusal, &subject)),
         Decision::StoreDown => {
-            metrics::counter!("relay_limits_refused_total", "limit" => "store_down", "subject" => "key").increment(1);
+            metrics::counter!(relay_proto::metrics::LIMITS_REFUSED_TOTAL, "limit" => "store_down", "subject" => "key")
+                .increment(1);
             Err(ApiError::overloaded(
                 "relay cannot check this API key's limits right now (its limit store is unreachable and \
                  limits.on_store_down is deny); retry shortly",

@@ -10,6 +10,7 @@ pub mod balance;
 pub mod cors;
 pub mod estimate;
 pub mod forward;
+pub mod gauges;
 pub mod groups;
 pub mod health;
 pub mod held;
@@ -166,6 +167,18 @@ fn check_version(h: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+tokio::task_local! {
+    /// The time of the request being served that is not relay's own: waiting on upstreams, for
+    /// an account, for the client's body, and the backoff between failed attempts. What is left
+    /// of its head time is relay's overhead.
+    static NOT_OURS: std::cell::Cell<Duration>;
+}
+
+/// Adds `d` to the current request's time that is not relay's own (no-op outside a request).
+fn not_ours(d: Duration) {
+    let _ = NOT_OURS.try_with(|c| c.set(c.get().saturating_add(d)));
+}
+
 #[derive(serde::Deserialize)]
 struct RequestHead {
     model: Option<serde_json::Value>,
@@ -218,14 +231,22 @@ impl Proxy {
             // A browser's preflight: answered here, without a key.
             cors::preflight(&cors, req.headers(), &request_id)
         } else {
-            let mut resp = match self
-                .route(req, &request_id, started, &log)
-                .instrument(span.clone())
-                .await
-            {
+            let routed = NOT_OURS.scope(std::cell::Cell::new(Duration::ZERO), async {
+                let r = self
+                    .route(req, &request_id, started, &log)
+                    .instrument(span.clone())
+                    .await;
+                (r, NOT_OURS.with(std::cell::Cell::get))
+            });
+            let (routed, waited) = routed.await;
+            if matches!(route, "messages" | "count_tokens") {
+                metrics::histogram!(relay_proto::metrics::OVERHEAD_SECONDS, "route" => route)
+                    .record(started.elapsed().saturating_sub(waited).as_secs_f64());
+            }
+            let mut resp = match routed {
                 Ok(r) => r,
                 Err(e) => {
-                    metrics::counter!("relay_error_answers_total", "type" => e.kind).increment(1);
+                    metrics::counter!(relay_proto::metrics::ERROR_ANSWERS_TOTAL, "type" => e.kind).increment(1);
                     log.answered(e.status.as_u16(), Some(e.kind));
                     span.record("error.type", e.kind);
                     e.into_response(&request_id)
@@ -234,14 +255,15 @@ impl Proxy {
             cors::decorate(&cors, &mut resp);
             resp
         };
-        metrics::counter!("relay_requests_total", "route" => route, "status" => status_class(resp.status()))
+        metrics::counter!(relay_proto::metrics::REQUESTS_TOTAL, "route" => route, "status" => status_class(resp.status()))
             .increment(1);
         log.answered(resp.status().as_u16(), None);
         span.record("http.response.status_code", i64::from(resp.status().as_u16()));
         if resp.status().is_server_error() {
             span.record("otel.status_code", "ERROR");
         }
-        metrics::histogram!("relay_request_head_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(relay_proto::metrics::REQUEST_HEAD_SECONDS, "route" => route)
+            .record(started.elapsed().as_secs_f64());
         span.in_scope(|| {
             tracing::debug!(
                 method = %method,
@@ -349,7 +371,7 @@ impl Proxy {
                     ))
                 })
             }
-            _ => Err(ApiError::not_found(format!("no route for {} {path}", req.method()))),
+            _ => Err(ApiError::not_found(not_routed(req.method(), &path))),
         }
     }
 
@@ -370,8 +392,11 @@ impl Proxy {
 
     fn metrics_text(&self) -> Response<Body> {
         // Cooldowns end by themselves: the gauge is brought up to date before it is read.
-        self.groups
-            .refresh(self.holder.get().as_deref(), chrono::Utc::now().timestamp_millis());
+        let now = chrono::Utc::now().timestamp_millis();
+        self.groups.refresh(self.holder.get().as_deref(), now);
+        if let Some(cfg) = self.holder.get() {
+            gauges::refresh(&cfg, &self.health, &self.spend, now);
+        }
         let text = self.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
         let mut r = Response::new(full(text));
         r.headers_mut().insert(
@@ -386,7 +411,7 @@ impl Proxy {
     fn stale(&self) -> Option<ApiError> {
         let max = self.max_config_staleness?;
         let age = self.freshness.stale_for(max)?;
-        metrics::counter!("relay_requests_refused_stale_config_total").increment(1);
+        metrics::counter!(relay_proto::metrics::REQUESTS_REFUSED_STALE_CONFIG_TOTAL).increment(1);
         let mut e = ApiError::stale_config(format!(
             "relay has not reached its control plane for {} minutes (at most {} allowed): it no longer serves a \
              config that may still hold revoked keys",
@@ -456,9 +481,10 @@ impl Proxy {
                 Ok(Some(buf.freeze()))
             };
             // A client trickling its body does not hold a connection and its buffer forever.
-            tokio::time::timeout(self.body_read_timeout, read)
-                .await
-                .map_err(|_| ApiError::body_timeout("the request body did not arrive in time"))??
+            let reading = Instant::now();
+            let read = tokio::time::timeout(self.body_read_timeout, read).await;
+            not_ours(reading.elapsed());
+            read.map_err(|_| ApiError::body_timeout("the request body did not arrive in time"))??
         };
         let Some(body) = body else {
             // Read (and discard) what the client is still sending, so it gets
@@ -507,6 +533,13 @@ impl Proxy {
         // A paused group with nowhere to fall back to: refused before anything is counted.
         if let Some(e) = groups::paused_refusal(&cfg, &key.group_id) {
             return Err(e);
+        }
+        // No enabled account on the route at all: a configuration gap, said as such (count_tokens
+        // is answered by the estimate instead).
+        if is_messages {
+            if let Some(e) = groups::no_account_refusal(&cfg, &key.group_id) {
+                return Err(e);
+            }
         }
         let (tokens, cost) = limit::estimate(&cfg, &model, body.len(), max_tokens, is_messages);
         let admitted = limit::admit(&self.limiter, &self.spend, &cfg, &key, &model, tokens, cost).await?;
@@ -585,7 +618,7 @@ impl Proxy {
                 break;
             };
             if !tried.is_empty() {
-                metrics::counter!("relay_failovers_total").increment(1);
+                metrics::counter!(relay_proto::metrics::FAILOVERS_TOTAL).increment(1);
             }
             let began = Instant::now();
             let span = attempt_span(ctx, &account, tried.len() + 1);
@@ -594,12 +627,12 @@ impl Proxy {
                     if let Some(k) = session {
                         if bound != Some(account.id.as_str()) {
                             if bound.is_some() {
-                                metrics::counter!("relay_sticky_moves_total").increment(1);
+                                metrics::counter!(relay_proto::metrics::STICKY_MOVES_TOTAL).increment(1);
                             }
                             self.sessions.bind(k, &account.id).await;
                         }
                     }
-                    metrics::counter!("relay_attempts_total", "outcome" => "ok").increment(1);
+                    metrics::counter!(relay_proto::metrics::ATTEMPTS_TOTAL, "outcome" => "ok").increment(1);
                     tracing::Span::current().record("relay.attempts", tried.len() as i64 + 1);
                     return Ok(resp);
                 }
@@ -609,7 +642,7 @@ impl Proxy {
                     }
                     drop(span);
                     let slow = began.elapsed() >= policy.quick_failure;
-                    metrics::counter!("relay_attempts_total", "outcome" => if slow { "failed" } else { "refused" })
+                    metrics::counter!(relay_proto::metrics::ATTEMPTS_TOTAL, "outcome" => if slow { "failed" } else { "refused" })
                         .increment(1);
                     tried.push(account.id.clone());
                     if !retry {
@@ -632,6 +665,7 @@ impl Proxy {
                         costly += 1;
                         let pause = policy.backoff(costly).min(remaining_until(deadline));
                         tokio::time::sleep(pause).await;
+                        not_ours(pause);
                     }
                 }
             }
@@ -773,6 +807,7 @@ impl Proxy {
                 _ = changed => {}
                 _ = tokio::time::sleep_until(wake) => {}
             }
+            not_ours(now_i.elapsed());
             waited.what = what;
             waited.ms = waited
                 .ms
@@ -889,7 +924,7 @@ impl Proxy {
             if enabled > 0 && all_seen && unavailable == enabled {
                 let cooldown = u64::try_from(ctx.policy.group_cooldown.as_millis()).unwrap_or(u64::MAX);
                 if self.groups.all_failed(ctx.cfg, group_id, now, cooldown) {
-                    metrics::counter!("relay_group_cooldowns_total").increment(1);
+                    metrics::counter!(relay_proto::metrics::GROUP_COOLDOWNS_TOTAL).increment(1);
                 }
             }
         }
@@ -915,6 +950,7 @@ impl Proxy {
             reporter: self.reporter.clone(),
             settings: ctx.cfg.health_settings(&account.id).clone(),
             generation: account.reset_generation,
+            account: account.clone(),
         };
         let uri = format!(
             "{}{}",
@@ -981,12 +1017,16 @@ impl Proxy {
             ctx.policy.head_timeout
         };
         let head_deadline = tokio::time::Instant::now() + head_wait;
-        let resp = match tokio::time::timeout_at(head_deadline, self.upstreams.request(account.proxy.as_ref(), up))
-            .await
-        {
-            Ok(Ok(r)) => r,
+        let answered = tokio::time::timeout_at(head_deadline, self.upstreams.request(account.proxy.as_ref(), up)).await;
+        not_ours(sent_at.elapsed());
+        let resp = match answered {
+            Ok(Ok(r)) => {
+                metrics::histogram!(relay_proto::metrics::UPSTREAM_TTFB_SECONDS)
+                    .record(sent_at.elapsed().as_secs_f64());
+                r
+            }
             Ok(Err(e)) => {
-                metrics::counter!("relay_upstream_errors_total", "kind" => "connect").increment(1);
+                metrics::counter!(relay_proto::metrics::UPSTREAM_ERRORS_TOTAL, "kind" => "connect").increment(1);
                 let via = account.proxy.as_ref().map(|p| p.endpoint()).unwrap_or_default();
                 tracing::warn!(account = %account.name, proxy = %via, error = %error_chain(&e), "upstream request failed");
                 sink.observe(&account.id, ctx.model, &Outcome::ConnectError);
@@ -999,7 +1039,7 @@ impl Proxy {
                 ));
             }
             Err(_) => {
-                metrics::counter!("relay_upstream_errors_total", "kind" => "timeout").increment(1);
+                metrics::counter!(relay_proto::metrics::UPSTREAM_ERRORS_TOTAL, "kind" => "timeout").increment(1);
                 sink.observe(&account.id, ctx.model, &Outcome::Timeout);
                 if let Some(a) = guard.take() {
                     forward::record_failed(a, &Tap::for_content(false), Some("api_error"));
@@ -1014,7 +1054,8 @@ impl Proxy {
             }
         };
         let (rparts, mut rbody) = resp.into_parts();
-        metrics::counter!("relay_upstream_responses_total", "status" => status_class(rparts.status)).increment(1);
+        metrics::counter!(relay_proto::metrics::UPSTREAM_RESPONSES_TOTAL, "status" => status_class(rparts.status))
+            .increment(1);
         let status = rparts.status.as_u16();
         if let Some(a) = guard.get_mut() {
             a.status = status;
@@ -1037,7 +1078,7 @@ impl Proxy {
         // An answer that is not an Anthropic answer: an upstream fault. Fail over, feed the
         // breaker, record it; the client never sees it.
         let invalid = |guard: &mut AttemptGuard, tap: &Tap, what: &str| {
-            metrics::counter!("relay_upstream_errors_total", "kind" => "invalid_answer").increment(1);
+            metrics::counter!(relay_proto::metrics::UPSTREAM_ERRORS_TOTAL, "kind" => "invalid_answer").increment(1);
             tracing::warn!(account = %account.name, status, what, "the upstream's answer is not a valid Anthropic answer");
             sink.observe(&account.id, ctx.model, &Outcome::Invalid { what });
             if let Some(a) = guard.take() {
@@ -1059,8 +1100,10 @@ impl Proxy {
 
         if !rparts.status.is_success() {
             // A failed attempt: read its (small) error body, within the request's deadline.
+            let reading = Instant::now();
             let (raw, whole) =
                 read_capped(&mut rbody, MAX_ERROR_BODY_BYTES, ctx.policy.idle_timeout, ctx.deadline).await;
+            not_ours(reading.elapsed());
             let body = match encoding.as_ref().map(|e| e.decode(&raw, MAX_ERROR_BODY_BYTES)) {
                 Ok(Ok(b)) => b,
                 // Undecodable: judged by its status alone; the client gets relay's own error body.
@@ -1126,7 +1169,7 @@ impl Proxy {
             let total_deadline = tokio::time::Instant::now() + ctx.policy.total_timeout;
             let Some(raw) = read_whole(&mut rbody, MAX_BODY_BYTES, ctx.policy.idle_timeout, total_deadline).await
             else {
-                metrics::counter!("relay_upstream_errors_total", "kind" => "body").increment(1);
+                metrics::counter!(relay_proto::metrics::UPSTREAM_ERRORS_TOTAL, "kind" => "body").increment(1);
                 sink.observe(&account.id, ctx.model, &Outcome::ConnectError);
                 if let Some(mut a) = guard.take() {
                     a.status = 502;
@@ -1349,7 +1392,7 @@ async fn estimate_unanswered(
         Ok(Err(invalid)) => return Err(ApiError::invalid_request(invalid.0)),
         Err(_) => return Err(ApiError::internal("the token estimate failed")),
     };
-    metrics::counter!("relay_count_tokens_estimated_total", "why" => why).increment(1);
+    metrics::counter!(relay_proto::metrics::COUNT_TOKENS_ESTIMATED_TOTAL, "why" => why).increment(1);
     tracing::debug!(
         request_id,
         why,
@@ -1526,6 +1569,22 @@ fn final_answer(failures: Vec<Failure>, hint_secs: Option<u64>, hide_account_ref
     }
 }
 
+/// The 404 message for a path relay does not serve, with what the client likely meant: a base
+/// URL that already ended in `/v1` (`/v1/v1/messages`), or an API relay does not relay yet.
+fn not_routed(method: &Method, path: &str) -> String {
+    let trimmed = path.trim_end_matches('/');
+    let hint = if path.starts_with("/v1/v1/") || path.starts_with("//") {
+        " (the client's base URL ends in /v1 or a slash: give relay's root, e.g. http://relay:8080, as ANTHROPIC_BASE_URL)"
+    } else if trimmed != path && matches!(trimmed, "/v1/messages" | "/v1/messages/count_tokens" | "/v1/models") {
+        " (without the trailing slash)"
+    } else if path.starts_with("/v1/files") || path.starts_with("/v1/messages/batches") {
+        " (the Files and Message Batches APIs are not relayed yet)"
+    } else {
+        ""
+    };
+    format!("no route for {method} {path}{hint}")
+}
+
 /// A place in the bounded wait queue; leaves it when dropped.
 struct QueueTicket<'a>(&'a AtomicUsize, Instant);
 
@@ -1536,7 +1595,7 @@ impl<'a> QueueTicket<'a> {
             counter.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        metrics::gauge!("relay_queue_length").increment(1.0);
+        metrics::gauge!(relay_proto::metrics::QUEUE_LENGTH).increment(1.0);
         Some(Self(counter, Instant::now()))
     }
 }
@@ -1544,8 +1603,8 @@ impl<'a> QueueTicket<'a> {
 impl Drop for QueueTicket<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!("relay_queue_length").decrement(1.0);
-        metrics::histogram!("relay_queue_wait_seconds").record(self.1.elapsed().as_secs_f64());
+        metrics::gauge!(relay_proto::metrics::QUEUE_LENGTH).decrement(1.0);
+        metrics::histogram!(relay_proto::metrics::QUEUE_WAIT_SECONDS).record(self.1.elapsed().as_secs_f64());
     }
 }
 
@@ -1688,6 +1747,21 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn paths_relay_does_not_serve_say_what_was_likely_meant() {
+        let m = |p: &str| not_routed(&Method::POST, p);
+        assert!(
+            m("/v1/v1/messages").contains("base URL ends in /v1"),
+            "{}",
+            m("/v1/v1/messages")
+        );
+        assert!(m("//v1/messages").contains("base URL ends in /v1 or a slash"));
+        assert!(m("/v1/messages/").contains("without the trailing slash"));
+        assert!(m("/v1/messages/batches").contains("not relayed yet"));
+        assert!(not_routed(&Method::GET, "/v1/files").contains("not relayed yet"));
+        assert_eq!(m("/v2/other"), "no route for POST /v2/other");
+    }
 
     fn upstream(status: u16, retry_after_secs: Option<u64>) -> Failure {
         Failure::Upstream {

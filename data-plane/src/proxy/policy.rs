@@ -29,6 +29,8 @@ pub struct Policy {
     pub group_cooldown: Duration,
     /// Clients see the upstream account's `anthropic-ratelimit-*` headers.
     pub expose_ratelimit: bool,
+    /// The token, cost and budget metrics carry a `key` label (`metrics.key_labels`).
+    pub key_labels: bool,
     /// Upstreams see the client's `x-forwarded-*`, `forwarded`, `x-real-ip` and `via` headers.
     pub forward_client_ip: bool,
     /// `tracing.propagate_upstream`: send the attempt's `traceparent` upstream.
@@ -80,6 +82,7 @@ impl Policy {
             group_cooldown: ms(values, "groups.cooldown_ms"),
             expose_ratelimit: settings::known("headers.expose_ratelimit").bool_in(values),
             forward_client_ip: settings::known("headers.forward_client_ip").bool_in(values),
+            key_labels: settings::known("metrics.key_labels").bool_in(values),
             propagate_upstream: settings::known("tracing.propagate_upstream").bool_in(values),
             success_sample: {
                 let s = settings::known("log.success_sample");

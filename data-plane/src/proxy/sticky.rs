@@ -679,7 +679,7 @@ impl MemorySessions {
                 let (_, &mut cut, _) = used.select_nth_unstable(n - 1);
                 map.retain(|_, b| b.used > cut);
             }
-            metrics::counter!("relay_sticky_evictions_total").increment((before - map.len()) as u64);
+            metrics::counter!(relay_proto::metrics::STICKY_EVICTIONS_TOTAL).increment((before - map.len()) as u64);
         }
     }
 }
