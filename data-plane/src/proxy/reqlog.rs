@@ -94,9 +94,9 @@ impl RequestLog {
             s.cache_read_tokens += event.cache_read_tokens;
             s.cache_write_tokens += event.cache_write_5m_tokens + event.cache_write_1h_tokens;
             s.cost_pico_usd += event.cost_pico_usd;
-            if ok {
-                s.error_type = event.error_type.clone();
-            } else if s.error_type.is_empty() || !event.error_type.is_empty() {
+            // The last attempt's error type stands (a success clears an earlier failure's),
+            // except that a failure without a type does not hide an earlier one's.
+            if ok || s.error_type.is_empty() || !event.error_type.is_empty() {
                 s.error_type = event.error_type.clone();
             }
         });
