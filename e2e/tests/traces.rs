@@ -308,6 +308,14 @@ fn check_tree(run: &Run, spans: &[Span]) {
     assert!(attr_str(ok, "gen_ai.response.model").starts_with("claude-sonnet-4-5"));
     assert!(attr_int(ok, "gen_ai.usage.input_tokens") > 0);
     assert!(attr_int(ok, "gen_ai.usage.output_tokens") > 0);
+    assert!(attr_str(ok, "gen_ai.response.id").starts_with("msg_"));
+    match attr(ok, "gen_ai.response.finish_reasons") {
+        Some(Value::ArrayValue(a)) => {
+            let reasons: Vec<_> = a.values.iter().filter_map(|v| v.value.clone()).collect();
+            assert_eq!(reasons, vec![Value::StringValue("end_turn".into())]);
+        }
+        other => panic!("finish_reasons is {other:?}"),
+    }
     // The resource names the service as OTEL_SERVICE_NAME says.
     assert!(run.received.service_names().iter().all(|n| n == "relay-under-test"));
     // Nothing secret and no prompt anywhere in what was exported (every span, not just this trace's).

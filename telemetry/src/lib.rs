@@ -281,6 +281,7 @@ async fn export_loop<E: SpanExporter + 'static>(
 ) {
     let mut batch = Vec::with_capacity(BATCH_SIZE);
     let mut tick = tokio::time::interval(BATCH_DELAY);
+    let mut flush_open = true;
     loop {
         let mut done: Option<oneshot::Sender<()>> = None;
         tokio::select! {
@@ -294,14 +295,13 @@ async fn export_loop<E: SpanExporter + 'static>(
                 None => return send(&exporter, &mut batch).await,
             },
             _ = tick.tick() => {}
-            f = flush.recv() => {
+            f = flush.recv(), if flush_open => {
                 while let Ok(s) = rx.try_recv() {
                     batch.push(s);
                 }
-                match f {
-                    Some(f) => done = Some(f),
-                    None => {}
-                }
+                // The handle was dropped without a shutdown: keep exporting, stop asking.
+                flush_open = f.is_some();
+                done = f;
             }
         }
         send(&exporter, &mut batch).await;
@@ -362,6 +362,14 @@ pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) 
 pub fn inject_headers(span: &tracing::Span, headers: &mut http::HeaderMap) {
     let cx = span.context();
     TraceContextPropagator::new().inject_context(&cx, &mut HeaderWriter(headers));
+}
+
+/// Sets a string-array attribute on `span` (a `tracing` field cannot hold an array), e.g.
+/// `gen_ai.response.finish_reasons`. Does nothing when the span is not exported.
+pub fn set_string_array(span: &tracing::Span, key: &'static str, values: &[&str]) {
+    use opentelemetry::{Array, StringValue, Value};
+    let values: Vec<StringValue> = values.iter().map(|v| StringValue::from(v.to_string())).collect();
+    span.set_attribute(key, Value::Array(Array::String(values)));
 }
 
 /// The trace id of `span` as 32 hex digits, when it has a valid one (export on,

@@ -370,6 +370,7 @@ impl Tap {
                 usage: t.usage(),
                 model: t.model().map(str::to_string),
                 response_id: t.message_id().map(str::to_string),
+                stop_reason: t.stop_reason().map(str::to_string),
                 error_type: t.error_type().map(str::to_string).unwrap_or_default(),
                 unparsed: t.usage_unparsed(),
                 suspect: t.counts_unreadable(),
@@ -380,9 +381,11 @@ impl Tap {
                 ..Recorded::default()
             },
             Tap::Buffer(b, overflowed) => match Usage::parse_message_body(b) {
-                Some((usage, model, _)) => Recorded {
+                Some((usage, model, id, stop_reason)) => Recorded {
                     usage,
                     model,
+                    response_id: id,
+                    stop_reason,
                     ..Recorded::default()
                 },
                 None => Recorded {
@@ -409,6 +412,8 @@ pub struct Recorded {
     pub cancelled: bool,
     /// The answer's message id (`msg_…`), when the tap read it.
     pub response_id: Option<String>,
+    /// The answer's `stop_reason`, when the tap read it.
+    pub stop_reason: Option<String>,
 }
 
 impl Recorded {
@@ -732,6 +737,7 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     }
     let billed_model = answered.filter(|_| !implausible).unwrap_or(a.model);
     let response_id = r.response_id;
+    let stop_reason = r.stop_reason;
     let now = chrono::Utc::now().timestamp_millis();
     let usage = r.usage;
     let mut event = pb::UsageEvent {
@@ -832,7 +838,7 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     }
     let ok = !event.cancelled && event.error_type.is_empty() && (200..400).contains(&event.http_status);
     a.log.attempt(&a.account.name, ttfb_ms, ok, &event);
-    trace_attempt(&a.span, &event, response_id.as_deref(), ok);
+    trace_attempt(&a.span, &event, response_id.as_deref(), stop_reason.as_deref(), ok);
     let spool = a.spool;
     let pending = a.pending;
     pending.0.fetch_add(1, Ordering::AcqRel);
@@ -849,9 +855,19 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
 
 /// Records what the usage record says on the attempt's span (GenAI semantic conventions and
 /// relay's own attributes). Never a credential, a key or any body text.
-fn trace_attempt(span: &tracing::Span, event: &pb::UsageEvent, response_id: Option<&str>, ok: bool) {
+fn trace_attempt(
+    span: &tracing::Span,
+    event: &pb::UsageEvent,
+    response_id: Option<&str>,
+    stop_reason: Option<&str>,
+    ok: bool,
+) {
     if span.is_disabled() {
         return;
+    }
+    // Anthropic's stop_reason values are a short fixed list; anything else is not exported.
+    if let Some(r) = stop_reason.filter(|r| r.len() <= 64 && r.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')) {
+        relay_telemetry::set_string_array(span, "gen_ai.response.finish_reasons", &[r]);
     }
     span.record("gen_ai.response.model", event.model.as_str());
     if let Some(id) = response_id.filter(|id| id.len() <= 256) {
@@ -956,6 +972,8 @@ pub fn check_answer(is_messages: bool, body: &[u8]) -> Result<Recorded, &'static
         kind: Option<serde_json::Value>,
         usage: Option<serde_json::Value>,
         model: Option<serde_json::Value>,
+        id: Option<serde_json::Value>,
+        stop_reason: Option<serde_json::Value>,
         input_tokens: Option<serde_json::Value>,
     }
     let a: Answer = serde_json::from_slice(body).map_err(|_| "the body is not a JSON object")?;
@@ -968,19 +986,26 @@ pub fn check_answer(is_messages: bool, body: &[u8]) -> Result<Recorded, &'static
     if a.kind.as_ref().and_then(|k| k.as_str()) != Some("message") {
         return Err("the body is not a message");
     }
-    let model = match a.model {
-        Some(serde_json::Value::String(m)) => Some(m),
+    let string = |v: Option<serde_json::Value>| match v {
+        Some(serde_json::Value::String(s)) => Some(s),
         _ => None,
     };
+    let model = string(a.model);
+    let response_id = string(a.id);
+    let stop_reason = string(a.stop_reason);
     Ok(match a.usage {
         Some(u) if u.is_object() => Recorded {
             usage: Usage::from_json(&u),
             suspect: Usage::has_unreadable_counts(&u),
             model,
+            response_id,
+            stop_reason,
             ..Recorded::default()
         },
         _ => Recorded {
             model,
+            response_id,
+            stop_reason,
             unparsed: true,
             ..Recorded::default()
         },
