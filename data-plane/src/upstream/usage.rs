@@ -44,6 +44,9 @@ fn u64_field(obj: &Value, key: &str) -> Option<u64> {
     obj.get(key).and_then(Value::as_u64)
 }
 
+/// What [`Usage::parse_message_body`] reads: usage, `model`, `id`, `stop_reason`.
+pub type MessageBody = (Usage, Option<String>, Option<String>, Option<String>);
+
 impl Usage {
     /// Reads an API `usage` object (`input_tokens`, `output_tokens`, `cache_creation_input_tokens`,
     /// `cache_creation.ephemeral_{5m,1h}_input_tokens`, `cache_read_input_tokens`,
@@ -135,7 +138,7 @@ impl Usage {
     /// `stop_reason`. `None` if
     /// the body is not JSON or has no `usage` object. The rest of the body (the content) is skipped
     /// without being materialized.
-    pub fn parse_message_body(body: &[u8]) -> Option<(Usage, Option<String>, Option<String>, Option<String>)> {
+    pub fn parse_message_body(body: &[u8]) -> Option<MessageBody> {
         #[derive(Deserialize)]
         struct Body {
             usage: Option<Value>,
