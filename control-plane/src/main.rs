@@ -94,22 +94,6 @@ fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only on a terminal: a log file or a collector gets plain text.
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn master_key(args: &Args) -> anyhow::Result<MasterKey> {
     if let Ok(v) = std::env::var("RELAY_MASTER_KEY") {
         return MasterKey::from_base64(&v).context("RELAY_MASTER_KEY");
@@ -161,7 +145,10 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(&args.log_format);
+    let telemetry = relay_telemetry::init(
+        relay_telemetry::LogFormat::parse(&args.log_format),
+        "relay-control-plane",
+    )?;
     if args.standalone && args.database_url.is_some() {
         bail!(
             "--standalone uses the embedded store; drop --database-url (or drop --standalone for the distributed mode)"
@@ -381,10 +368,12 @@ async fn main() -> anyhow::Result<()> {
                     "requests still in flight after the shutdown grace period; exiting"
                 );
                 cp.abort();
+                telemetry.shutdown(Duration::from_secs(5)).await;
                 return Ok(());
             }
         },
     };
+    telemetry.shutdown(Duration::from_secs(5)).await;
     result.context("control plane task")?.context("serving")?;
     tracing::info!("stopped");
     Ok(())

@@ -209,6 +209,22 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Streams a connection may have open at once (a data plane needs two or three).
         .max_concurrent_streams(Some(128))
+        // One SERVER span per Admin call (a trace each); streams (Watch, Report) are traced per
+        // update and per usage batch instead.
+        .trace_fn(|req| {
+            let path = req.uri().path();
+            if path.starts_with("/relay.v1.Admin/") {
+                tracing::info_span!(
+                    "admin",
+                    otel.name = %path.trim_start_matches('/'),
+                    otel.kind = "server",
+                    rpc.system = "grpc",
+                    rpc.method = %path.rsplit('/').next().unwrap_or(""),
+                )
+            } else {
+                tracing::Span::none()
+            }
+        })
         .layer(gate)
         .add_service(health)
         .add_service(reflection)

@@ -83,21 +83,6 @@ struct Args {
     log_format: String,
 }
 
-fn init_logging(format: &str) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn terminated() {
     #[cfg(unix)]
     {
@@ -126,7 +111,7 @@ fn default_node_id() -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(&args.log_format);
+    let telemetry = relay_telemetry::init(relay_telemetry::LogFormat::parse(&args.log_format), "relay-data-plane")?;
     let token = match (&args.token_file, std::env::var("RELAY_DATAPLANE_TOKEN")) {
         (Some(f), _) => std::fs::read_to_string(f)
             .with_context(|| format!("reading {}", f.display()))?
@@ -204,5 +189,6 @@ async fn main() -> anyhow::Result<()> {
     terminated().await;
     tracing::info!("SIGTERM: draining");
     dp.shutdown().await;
+    telemetry.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }

@@ -242,6 +242,8 @@ catalogue! {
         "Sticky sessions moved to another account.";
     STREAMS_CLOSED_TOTAL = "relay_streams_closed_total": Counter, "", ControlPlane, ["reason"],
         "Watch and Report streams ended because their token was revoked.";
+    TRACE_SPANS_DROPPED_TOTAL = "relay_trace_spans_dropped_total": Counter, "", Both, [],
+        "Finished spans dropped instead of exported because the OTLP export queue was full or the exporter failed (traces are off unless OTEL_EXPORTER_OTLP_ENDPOINT is set).";
     UPSTREAM_ERRORS_TOTAL = "relay_upstream_errors_total": Counter, "", DataPlane, ["kind"],
         "Upstream attempts that failed without a usable answer (connect, timeout, invalid_answer, body).";
     UPSTREAM_HEADERS_DROPPED_TOTAL = "relay_upstream_headers_dropped_total": Counter, "", DataPlane, [],

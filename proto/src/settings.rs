@@ -238,6 +238,24 @@ pub const SETTINGS: &[Setting] = &[
         choices: &[],
         description: "pass the client's x-forwarded-*, forwarded, x-real-ip and via headers on to upstreams",
     },
+    ms(
+        "log.success_sample",
+        0,
+        0,
+        "1",
+        "share of successful client requests whose relay::request log line is written (errors always are); for very high request rates",
+    )
+    .fraction(),
+    Setting {
+        name: "tracing.propagate_upstream",
+        ty: Type::Bool,
+        min: 0,
+        max: 0,
+        default: "false",
+        per_account: false,
+        choices: &[],
+        description: "send each upstream attempt's W3C traceparent to the upstream (off: upstreams never see relay's or the client's trace context)",
+    },
     Setting {
         name: "limits.count_cache_reads",
         ty: Type::Bool,

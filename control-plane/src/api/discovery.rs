@@ -31,6 +31,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -399,7 +400,14 @@ async fn run_stream(s: StreamParts) {
                 in_flight = Some((u.nonce.clone(), head, p.snapshot.hash.clone(), u.full));
                 metrics::counter!(relay_proto::metrics::CONFIG_UPDATES_SENT_TOTAL, "kind" => if u.full { "full" } else { "delta" })
                     .increment(1);
-                if tx.send(Ok(u)).await.is_err() {
+                let span = tracing::info_span!(
+                    "watch update",
+                    otel.name = "config.push",
+                    node_id = %node,
+                    relay.config.version = %head,
+                    relay.config.full = in_flight.as_ref().is_some_and(|f| f.3),
+                );
+                if tx.send(Ok(u)).instrument(span).await.is_err() {
                     break;
                 }
             }

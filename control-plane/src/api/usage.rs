@@ -17,6 +17,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 /// Largest batch accepted in one message.
 pub const MAX_BATCH: usize = 10_000;
@@ -192,7 +193,14 @@ async fn run(
                 .increment(rejected as u64);
         }
         let started = Instant::now();
-        match store.insert_usage(&events).await {
+        let span = tracing::info_span!(
+            "usage ingest",
+            otel.name = "usage.ingest",
+            node_id = %batch.node_id,
+            relay.usage.events = events.len(),
+            relay.usage.rejected = rejected,
+        );
+        match store.insert_usage(&events).instrument(span).await {
             Ok(r) => {
                 metrics::histogram!(relay_proto::metrics::USAGE_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
                 metrics::counter!(relay_proto::metrics::USAGE_EVENTS_TOTAL, "outcome" => "inserted")

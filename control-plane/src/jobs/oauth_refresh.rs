@@ -34,6 +34,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Who the states and audit entries this job writes name.
 pub const ACTOR: &str = "control-plane:oauth-refresh";
@@ -201,7 +202,8 @@ impl Refresher {
         let mut mem = Memory::default();
         tracing::info!(term, "OAuth refresh job started");
         loop {
-            match self.tick(term, &mut mem).await {
+            let span = tracing::info_span!("oauth refresh", otel.name = "leader.oauth_refresh", term);
+            match self.tick(term, &mut mem).instrument(span).await {
                 Ok(()) => {}
                 Err(JobError::Fenced(e)) => {
                     tracing::warn!(term, error = %e, "OAuth refresh job stops: this replica no longer leads");

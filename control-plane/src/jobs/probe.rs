@@ -16,6 +16,7 @@ use relay_data_plane::upstream::client::{ProxySpec, Upstreams};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Who the states and audit entries probes write name.
 pub const ACTOR: &str = "control-plane:probe";
@@ -350,7 +351,15 @@ impl Prober {
                 if !troubled || backoff.get(&a.id).is_some_and(|(at, _)| *at > now) {
                     continue;
                 }
-                let v = self.probe(&a).await;
+                let span = tracing::info_span!(
+                    "probe",
+                    otel.name = "leader.probe",
+                    relay.account.id = a.id.as_str(),
+                    relay.account.name = a.name.as_str(),
+                    relay.probe.verdict = tracing::field::Empty,
+                );
+                let v = self.probe(&a).instrument(span.clone()).await;
+                span.record("relay.probe.verdict", v.label());
                 metrics::counter!(relay_proto::metrics::ACCOUNT_PROBES_TOTAL, "verdict" => v.label()).increment(1);
                 let next = backoff
                     .get(&a.id)

@@ -297,6 +297,10 @@ pub struct Attempt {
     pub waited: super::Waited,
     /// The request's reservation against its key's limits: what this attempt used is added.
     pub charge: Option<Arc<relay_limits::Charge>>,
+    /// The request's log line, which this attempt's record adds to.
+    pub log: Arc<super::reqlog::RequestLog>,
+    /// The attempt's trace span (a GenAI `chat {model}` client span); ends with the record.
+    pub span: tracing::Span,
 }
 
 /// An attempt in flight: records it as cancelled, with what is known, if it is dropped before its
@@ -365,6 +369,8 @@ impl Tap {
             Tap::Sse(t) => Recorded {
                 usage: t.usage(),
                 model: t.model().map(str::to_string),
+                response_id: t.message_id().map(str::to_string),
+                stop_reason: t.stop_reason().map(str::to_string),
                 error_type: t.error_type().map(str::to_string).unwrap_or_default(),
                 unparsed: t.usage_unparsed(),
                 suspect: t.counts_unreadable(),
@@ -379,9 +385,11 @@ impl Tap {
                 ..Recorded::default()
             },
             Tap::Buffer(b, overflowed) => match Usage::parse_message_body(b) {
-                Some((usage, model, _)) => Recorded {
+                Some((usage, model, id, stop_reason)) => Recorded {
                     usage,
                     model,
+                    response_id: id,
+                    stop_reason,
                     ..Recorded::default()
                 },
                 None => Recorded {
@@ -411,6 +419,10 @@ pub struct Recorded {
     pub max_event_gap_ms: u64,
     /// relay's own words on how the attempt failed ("" otherwise; an upstream's text is not kept).
     pub error_message: String,
+    /// The answer's message id (`msg_…`), when the tap read it.
+    pub response_id: Option<String>,
+    /// The answer's `stop_reason`, when the tap read it.
+    pub stop_reason: Option<String>,
 }
 
 impl Recorded {
@@ -758,6 +770,8 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         }
     }
     let billed_model = answered.filter(|_| !implausible).unwrap_or(a.model);
+    let response_id = r.response_id;
+    let stop_reason = r.stop_reason;
     let now = chrono::Utc::now().timestamp_millis();
     let usage = r.usage;
     let mut event = pb::UsageEvent {
@@ -859,6 +873,9 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     if event.cancelled {
         metrics::counter!(relay_proto::metrics::REQUESTS_CANCELLED_TOTAL).increment(1);
     }
+    let ok = !event.cancelled && event.error_type.is_empty() && (200..400).contains(&event.http_status);
+    a.log.attempt(&a.account.name, ttfb_ms, ok, &event);
+    trace_attempt(&a.span, &event, response_id.as_deref(), stop_reason.as_deref(), ok);
     spool_event(&a.spool, &a.pending, event);
 }
 
@@ -875,6 +892,58 @@ fn spool_event(spool: &Arc<Spool>, pending: &Arc<Pending>, event: pb::UsageEvent
             pending.1.notify_waiters();
         }
     });
+}
+
+/// Records what the usage record says on the attempt's span (GenAI semantic conventions and
+/// relay's own attributes). Never a credential, a key or any body text.
+fn trace_attempt(
+    span: &tracing::Span,
+    event: &pb::UsageEvent,
+    response_id: Option<&str>,
+    stop_reason: Option<&str>,
+    ok: bool,
+) {
+    if span.is_disabled() {
+        return;
+    }
+    // Anthropic's stop_reason values are a short fixed list; anything else is not exported.
+    if let Some(r) = stop_reason.filter(|r| r.len() <= 64 && r.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')) {
+        relay_telemetry::set_string_array(span, "gen_ai.response.finish_reasons", &[r]);
+    }
+    span.record("gen_ai.response.model", event.model.as_str());
+    if let Some(id) = response_id.filter(|id| id.len() <= 256) {
+        span.record("gen_ai.response.id", id);
+    }
+    // Signed: an unsigned field is exported as a string.
+    let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    span.record("gen_ai.usage.input_tokens", int(event.input_tokens));
+    span.record("gen_ai.usage.output_tokens", int(event.output_tokens));
+    span.record("relay.usage.cache_read_tokens", int(event.cache_read_tokens));
+    span.record(
+        "relay.usage.cache_write_tokens",
+        int(event.cache_write_5m_tokens + event.cache_write_1h_tokens),
+    );
+    span.record("relay.cost_usd", event.cost_pico_usd as f64 / 1e12);
+    if event.http_status > 0 {
+        span.record("http.response.status_code", i64::from(event.http_status));
+    }
+    let outcome = if event.cancelled {
+        "cancelled"
+    } else if ok {
+        "ok"
+    } else {
+        "failed"
+    };
+    span.record("relay.attempt.outcome", outcome);
+    if !ok {
+        let t = if event.error_type.is_empty() {
+            "cancelled"
+        } else {
+            event.error_type.as_str()
+        };
+        span.record("error.type", t);
+        span.record("otel.status_code", "ERROR");
+    }
 }
 
 /// Tokens and cost into `relay_usage_tokens_total` and `relay_usage_cost_micro_usd_total`, by
@@ -1008,6 +1077,8 @@ pub fn check_answer(is_messages: bool, body: &[u8]) -> Result<Recorded, &'static
         kind: Option<serde_json::Value>,
         usage: Option<serde_json::Value>,
         model: Option<serde_json::Value>,
+        id: Option<serde_json::Value>,
+        stop_reason: Option<serde_json::Value>,
         input_tokens: Option<serde_json::Value>,
     }
     let a: Answer = serde_json::from_slice(body).map_err(|_| "the body is not a JSON object")?;
@@ -1020,19 +1091,26 @@ pub fn check_answer(is_messages: bool, body: &[u8]) -> Result<Recorded, &'static
     if a.kind.as_ref().and_then(|k| k.as_str()) != Some("message") {
         return Err("the body is not a message");
     }
-    let model = match a.model {
-        Some(serde_json::Value::String(m)) => Some(m),
+    let string = |v: Option<serde_json::Value>| match v {
+        Some(serde_json::Value::String(s)) => Some(s),
         _ => None,
     };
+    let model = string(a.model);
+    let response_id = string(a.id);
+    let stop_reason = string(a.stop_reason);
     Ok(match a.usage {
         Some(u) if u.is_object() => Recorded {
             usage: Usage::from_json(&u),
             suspect: Usage::has_unreadable_counts(&u),
             model,
+            response_id,
+            stop_reason,
             ..Recorded::default()
         },
         _ => Recorded {
             model,
+            response_id,
+            stop_reason,
             unparsed: true,
             ..Recorded::default()
         },

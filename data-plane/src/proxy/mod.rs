@@ -18,6 +18,7 @@ pub mod limit;
 pub mod models;
 pub mod policy;
 pub mod quota;
+pub mod reqlog;
 pub mod sticky;
 
 use crate::control::spool::Spool;
@@ -194,14 +195,33 @@ impl Proxy {
         let request_id = new_request_id();
         let route = route_label(req.method(), req.uri().path());
         // Every line logged while the request is routed carries relay's id and the client's own.
+        // Exported, it is the trace's SERVER span (a child of the client's `traceparent`).
         let span = tracing::info_span!(
             "request",
             request_id = %request_id,
             client_request_id = tracing::field::Empty,
+            otel.name = %format!("{} {route}", req.method()),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %req.method(),
+            http.route = route,
+            http.response.status_code = tracing::field::Empty,
+            relay.key.name = tracing::field::Empty,
+            relay.group = tracing::field::Empty,
+            relay.attempts = tracing::field::Empty,
+            error.type = tracing::field::Empty,
         );
         if let Some(id) = client_request_id(req.headers()) {
             span.record("client_request_id", id);
         }
+        relay_telemetry::set_parent_from_headers(&span, req.headers());
+        let log = reqlog::RequestLog::new(
+            &request_id,
+            client_request_id(req.headers()),
+            relay_telemetry::trace_id(&span),
+            route,
+            started,
+        );
         let cors = match self.holder.get() {
             Some(cfg) => cfg.policy.cors.judge(req.uri().path(), req.headers()),
             None => cors::Verdict::Off,
@@ -212,7 +232,10 @@ impl Proxy {
             cors::preflight(&cors, req.headers(), &request_id)
         } else {
             let routed = NOT_OURS.scope(std::cell::Cell::new(Duration::ZERO), async {
-                let r = self.route(req, &request_id, started).instrument(span.clone()).await;
+                let r = self
+                    .route(req, &request_id, started, &log)
+                    .instrument(span.clone())
+                    .await;
                 (r, NOT_OURS.with(std::cell::Cell::get))
             });
             let (routed, waited) = routed.await;
@@ -224,6 +247,8 @@ impl Proxy {
                 Ok(r) => r,
                 Err(e) => {
                     metrics::counter!(relay_proto::metrics::ERROR_ANSWERS_TOTAL, "type" => e.kind).increment(1);
+                    log.answered(e.status.as_u16(), Some(e.kind));
+                    span.record("error.type", e.kind);
                     e.into_response(&request_id)
                 }
             };
@@ -232,6 +257,11 @@ impl Proxy {
         };
         metrics::counter!(relay_proto::metrics::REQUESTS_TOTAL, "route" => route, "status" => status_class(resp.status()))
             .increment(1);
+        log.answered(resp.status().as_u16(), None);
+        span.record("http.response.status_code", i64::from(resp.status().as_u16()));
+        if resp.status().is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
         metrics::histogram!(relay_proto::metrics::REQUEST_HEAD_SECONDS, "route" => route)
             .record(started.elapsed().as_secs_f64());
         span.in_scope(|| {
@@ -273,6 +303,7 @@ impl Proxy {
         req: Request<Incoming>,
         request_id: &str,
         started: Instant,
+        log: &Arc<reqlog::RequestLog>,
     ) -> Result<Response<Body>, ApiError> {
         let path = req.uri().path().to_string();
         match (req.method(), path.as_str()) {
@@ -299,8 +330,8 @@ impl Proxy {
                     .map_err(|_| ApiError::body_timeout("the request body did not arrive in time"))??;
                 Ok(json_response(StatusCode::OK, &serde_json::json!({}), request_id))
             }
-            (&Method::POST, "/v1/messages") => self.forward(req, request_id, started, true).await,
-            (&Method::POST, "/v1/messages/count_tokens") => self.forward(req, request_id, started, false).await,
+            (&Method::POST, "/v1/messages") => self.forward(req, request_id, started, log, true).await,
+            (&Method::POST, "/v1/messages/count_tokens") => self.forward(req, request_id, started, log, false).await,
             (&Method::GET, "/relay/v1/key") => {
                 // The key holder's own view: authenticated with the key itself.
                 let (cfg, key) = self.admit(req.headers())?;
@@ -405,9 +436,13 @@ impl Proxy {
         req: Request<Incoming>,
         request_id: &str,
         started: Instant,
+        log: &Arc<reqlog::RequestLog>,
         is_messages: bool,
     ) -> Result<Response<Body>, ApiError> {
         let (cfg, key) = self.admit(req.headers())?;
+        let span = tracing::Span::current();
+        span.record("relay.key.name", key.name.as_str());
+        span.record("relay.group", key.group_id.as_str());
         // From here on (the key known) the request leaves a usage row even if no attempt does.
         let mut unattempted = forward::Unattempted {
             spool: self.spool.clone(),
@@ -423,7 +458,7 @@ impl Proxy {
             outcome: None,
         };
         let out = self
-            .forward_admitted(req, request_id, started, is_messages, cfg, key, &mut unattempted)
+            .forward_admitted(req, request_id, started, log, is_messages, cfg, key, &mut unattempted)
             .await;
         unattempted.outcome = Some(match &out {
             Ok(r) => (r.status().as_u16(), String::new(), String::new()),
@@ -438,6 +473,7 @@ impl Proxy {
         req: Request<Incoming>,
         request_id: &str,
         started: Instant,
+        log: &Arc<reqlog::RequestLog>,
         is_messages: bool,
         cfg: Arc<ServingConfig>,
         key: Arc<KeyEntry>,
@@ -521,6 +557,7 @@ impl Proxy {
         let stream = is_messages && matches!(head.stream, Some(serde_json::Value::Bool(true)));
         unattempted.model = model.clone();
         unattempted.stream = stream;
+        log.admitted(&key.name, &key.group_id, &model, stream, cfg.policy.success_sample);
         if !key.allows(&model) {
             return Err(ApiError::permission(format!("this API key may not use model {model}")));
         }
@@ -572,6 +609,8 @@ impl Proxy {
             is_messages,
             charge: admitted.charge.clone(),
             attempted: &unattempted.attempted,
+            log,
+            max_tokens,
         };
         let out = self.attempts(&ctx, session.as_deref(), bound.as_deref()).await;
         // count_tokens that no account could answer: relay's own estimate (never for usage).
@@ -621,7 +660,8 @@ impl Proxy {
                 metrics::counter!(relay_proto::metrics::FAILOVERS_TOTAL).increment(1);
             }
             let began = Instant::now();
-            match self.attempt(ctx, account.clone(), slot, waited).await {
+            let span = attempt_span(ctx, &account, tried.len() + 1);
+            match self.attempt(ctx, account.clone(), slot, waited, span.clone()).await {
                 Ok(resp) => {
                     if let Some(k) = session {
                         if bound != Some(account.id.as_str()) {
@@ -632,9 +672,14 @@ impl Proxy {
                         }
                     }
                     metrics::counter!(relay_proto::metrics::ATTEMPTS_TOTAL, "outcome" => "ok").increment(1);
+                    tracing::Span::current().record("relay.attempts", tried.len() as i64 + 1);
                     return Ok(resp);
                 }
                 Err((failure, retry)) => {
+                    if retry {
+                        span.record("relay.retry_reason", failure.reason().as_str());
+                    }
+                    drop(span);
                     let slow = began.elapsed() >= policy.quick_failure;
                     metrics::counter!(relay_proto::metrics::ATTEMPTS_TOTAL, "outcome" => if slow { "failed" } else { "refused" })
                         .increment(1);
@@ -642,6 +687,7 @@ impl Proxy {
                     if !retry {
                         // The request itself was refused (invalid, too large): no account would
                         // take it, and the client gets that answer as it is.
+                        tracing::Span::current().record("relay.attempts", tried.len() as i64);
                         return Ok(failure.into_response(request_id));
                     }
                     // count_tokens on upstreams without the endpoint: two such answers say
@@ -663,6 +709,7 @@ impl Proxy {
                 }
             }
         }
+        tracing::Span::current().record("relay.attempts", tried.len() as i64);
         if failures.is_empty() {
             return Err(ApiError::overloaded(
                 "no upstream account is available for this key right now",
@@ -935,6 +982,7 @@ impl Proxy {
         account: Arc<AccountEntry>,
         slot: SlotGuard,
         waited: Waited,
+        span: tracing::Span,
     ) -> Result<Response<Body>, (Failure, bool)> {
         let sink = HealthSink {
             registry: self.health.clone(),
@@ -967,6 +1015,13 @@ impl Proxy {
         // no anthropic-dangerous-direct-browser-access with a 401, which would take the account
         // out for every client.)
         up.headers_mut().remove(header::ORIGIN);
+        // The upstream sees a trace context only when the operator asks for it: then the
+        // attempt span's own (a child of the client's, when it sent one).
+        up.headers_mut().remove("traceparent");
+        up.headers_mut().remove("tracestate");
+        if ctx.policy.propagate_upstream {
+            relay_telemetry::inject_headers(&span, up.headers_mut());
+        }
         // From here on the attempt leaves exactly one usage row, however it ends (if the
         // client goes away before the upstream answers, the guard records it as cancelled).
         ctx.attempted.store(true, std::sync::atomic::Ordering::Release);
@@ -986,6 +1041,8 @@ impl Proxy {
             client_request_id: ctx.client_request_id.to_string(),
             waited,
             charge: ctx.charge.clone(),
+            log: ctx.log.clone(),
+            span,
         });
         let sent_at = Instant::now();
         // An upstream sends a stream's head and first event at once (the generation follows), so
@@ -1418,6 +1475,10 @@ struct AttemptCtx<'a> {
     charge: Option<Arc<relay_limits::Charge>>,
     /// Set once an attempt exists (its usage row then stands for the request).
     attempted: &'a std::sync::atomic::AtomicBool,
+    /// The request's `relay::request` log line.
+    log: &'a Arc<reqlog::RequestLog>,
+    /// The request's `max_tokens` (0 when absent).
+    max_tokens: u64,
 }
 
 enum Choice {
@@ -1468,6 +1529,14 @@ impl Failure {
 }
 
 impl Failure {
+    /// Why another account is tried after this failure (a span attribute).
+    fn reason(&self) -> String {
+        match self {
+            Failure::Upstream { status, .. } => format!("upstream_{}", status.as_u16()),
+            Failure::Relay(e) => e.kind.to_string(),
+        }
+    }
+
     /// The upstream's status, when the upstream answered.
     fn status(&self) -> Option<u16> {
         match self {
@@ -1632,6 +1701,38 @@ async fn read_capped(
             _ => return (out, false),
         }
     }
+}
+
+/// One upstream attempt's span: a GenAI client span (`chat {model}`, OpenTelemetry semantic
+/// conventions [`relay_telemetry::SEMCONV_VERSION`]) with relay's own attributes. What the
+/// answer said is recorded with the attempt's usage ([`forward::record`]).
+fn attempt_span(ctx: &AttemptCtx<'_>, account: &AccountEntry, n: usize) -> tracing::Span {
+    let operation = if ctx.is_messages { "chat" } else { "count_tokens" };
+    tracing::info_span!(
+        "attempt",
+        otel.name = %format!("{operation} {}", ctx.model),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        gen_ai.operation.name = operation,
+        gen_ai.provider.name = "anthropic",
+        gen_ai.request.model = ctx.model,
+        gen_ai.request.max_tokens = i64::try_from(ctx.max_tokens).unwrap_or(i64::MAX),
+        gen_ai.response.model = tracing::field::Empty,
+        gen_ai.response.id = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        relay.account.id = account.id.as_str(),
+        relay.account.name = account.name.as_str(),
+        relay.attempt = n as i64,
+        relay.stream = ctx.stream,
+        relay.attempt.outcome = tracing::field::Empty,
+        relay.retry_reason = tracing::field::Empty,
+        relay.usage.cache_read_tokens = tracing::field::Empty,
+        relay.usage.cache_write_tokens = tracing::field::Empty,
+        relay.cost_usd = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
 }
 
 fn route_label(m: &Method, path: &str) -> &'static str {

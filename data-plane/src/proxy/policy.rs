@@ -33,6 +33,10 @@ pub struct Policy {
     pub key_labels: bool,
     /// Upstreams see the client's `x-forwarded-*`, `forwarded`, `x-real-ip` and `via` headers.
     pub forward_client_ip: bool,
+    /// `tracing.propagate_upstream`: send the attempt's `traceparent` upstream.
+    pub propagate_upstream: bool,
+    /// `log.success_sample`: share of successful requests whose log line is written.
+    pub success_sample: f64,
     /// What limited requests get while Redis is down (`limits.on_store_down`).
     pub limits_on_store_down: relay_limits::Policy,
     /// Every limit check's bound on Redis (`limits.store_timeout_ms`).
@@ -79,6 +83,11 @@ impl Policy {
             expose_ratelimit: settings::known("headers.expose_ratelimit").bool_in(values),
             forward_client_ip: settings::known("headers.forward_client_ip").bool_in(values),
             key_labels: settings::known("metrics.key_labels").bool_in(values),
+            propagate_upstream: settings::known("tracing.propagate_upstream").bool_in(values),
+            success_sample: {
+                let s = settings::known("log.success_sample");
+                s.fraction_of(values.get(s.name).map(String::as_str))
+            },
             limits_on_store_down: relay_limits::Policy::parse(
                 settings::known("limits.on_store_down").choice_in(values),
             ),

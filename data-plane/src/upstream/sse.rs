@@ -91,6 +91,8 @@ pub struct SseTap {
     usage: Usage,
     model: Option<String>,
     message_id: Option<String>,
+    /// `message_delta.delta.stop_reason` (the last one seen).
+    stop_reason: Option<String>,
     saw_message_start: bool,
     saw_message_stop: bool,
     error_type: Option<String>,
@@ -136,6 +138,7 @@ impl SseTap {
             usage: Usage::default(),
             model: None,
             message_id: None,
+            stop_reason: None,
             saw_message_start: false,
             saw_message_stop: false,
             error_type: None,
@@ -259,6 +262,11 @@ impl SseTap {
     /// `message_start.message.id`.
     pub fn message_id(&self) -> Option<&str> {
         self.message_id.as_deref()
+    }
+
+    /// `message_delta.delta.stop_reason` (`end_turn`, `max_tokens`, `tool_use`, …).
+    pub fn stop_reason(&self) -> Option<&str> {
+        self.stop_reason.as_deref()
     }
 
     /// A `message_start` event was dispatched.
@@ -433,6 +441,12 @@ impl SseTap {
                 self.message_id = string("id");
             }
             Kind::MessageDelta => {
+                if let Some(r) = value
+                    .and_then(|v| v.pointer("/delta/stop_reason"))
+                    .and_then(Value::as_str)
+                {
+                    self.stop_reason = Some(r.to_owned());
+                }
                 if let Some(usage) = value.and_then(|v| v.get("usage")) {
                     self.counts_unreadable |= Usage::has_unreadable_counts(usage);
                     self.usage.merge_delta(usage);

@@ -44,6 +44,9 @@ fn u64_field(obj: &Value, key: &str) -> Option<u64> {
     obj.get(key).and_then(Value::as_u64)
 }
 
+/// What [`Usage::parse_message_body`] reads: usage, `model`, `id`, `stop_reason`.
+pub type MessageBody = (Usage, Option<String>, Option<String>, Option<String>);
+
 impl Usage {
     /// Reads an API `usage` object (`input_tokens`, `output_tokens`, `cache_creation_input_tokens`,
     /// `cache_creation.ephemeral_{5m,1h}_input_tokens`, `cache_read_input_tokens`,
@@ -131,15 +134,17 @@ impl Usage {
             || bad(web.and_then(|w| w.get("web_search_requests")))
     }
 
-    /// Reads a non-streaming Messages response: its top-level `usage`, `model` and `id`. `None` if
+    /// Reads a non-streaming Messages response: its top-level `usage`, `model`, `id` and
+    /// `stop_reason`. `None` if
     /// the body is not JSON or has no `usage` object. The rest of the body (the content) is skipped
     /// without being materialized.
-    pub fn parse_message_body(body: &[u8]) -> Option<(Usage, Option<String>, Option<String>)> {
+    pub fn parse_message_body(body: &[u8]) -> Option<MessageBody> {
         #[derive(Deserialize)]
         struct Body {
             usage: Option<Value>,
             model: Option<Value>,
             id: Option<Value>,
+            stop_reason: Option<Value>,
         }
         let body: Body = serde_json::from_slice(body).ok()?;
         let usage = body.usage.filter(Value::is_object)?;
@@ -147,7 +152,12 @@ impl Usage {
             Some(Value::String(s)) => Some(s),
             _ => None,
         };
-        Some((Usage::from_json(&usage), string(body.model), string(body.id)))
+        Some((
+            Usage::from_json(&usage),
+            string(body.model),
+            string(body.id),
+            string(body.stop_reason),
+        ))
     }
 
     /// The `error.type` of an Anthropic error body (`{"type":"error","error":{"type":"…",…}}`),
@@ -460,12 +470,13 @@ mod tests {
             "usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,
             "cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},
             "output_tokens":6,"service_tier":"standard"}}"#;
-        let (u, model, id) = Usage::parse_message_body(body).unwrap();
+        let (u, model, id, stop) = Usage::parse_message_body(body).unwrap();
+        assert_eq!(stop.as_deref(), Some("end_turn"));
         assert_eq!((u.input_tokens, u.output_tokens), (12, 6));
         assert_eq!(model.as_deref(), Some("claude-sonnet-4-5-20250929"));
         assert_eq!(id.as_deref(), Some("msg_01XFDUDYJgAACzvnptvVoYEL"));
 
-        let (u, model, id) = Usage::parse_message_body(br#"{"usage":{"output_tokens":3},"model":5}"#).unwrap();
+        let (u, model, id, _) = Usage::parse_message_body(br#"{"usage":{"output_tokens":3},"model":5}"#).unwrap();
         assert_eq!(u.output_tokens, 3);
         assert_eq!((model, id), (None, None));
 

@@ -1,0 +1,153 @@
+//! The one `relay::request` log line per client request.
+//!
+//! A [`RequestLog`] is shared (`Arc`) by the request handler and every attempt of the
+//! request; each attempt adds what its usage record says when it is recorded. The line
+//! is written when the last holder lets go: after the answer's head for a request that
+//! failed or was refused, at the end of the body (or when the client went away) for a
+//! streamed or buffered answer. Nothing secret and no bodies: ids, names, counts.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// The log target operators filter on.
+pub const TARGET: &str = "relay::request";
+
+/// What one request did, filled in as it goes.
+#[derive(Default)]
+struct State {
+    key_name: String,
+    group: String,
+    model: String,
+    stream: bool,
+    accounts: Vec<String>,
+    attempts: u32,
+    status: u16,
+    ttfb_ms: Option<u64>,
+    input_tokens: u64,
+    output_tokens: u64,
+    cache_read_tokens: u64,
+    cache_write_tokens: u64,
+    cost_pico_usd: u64,
+    error_type: String,
+    success_sample: f64,
+}
+
+/// The request's log line in the making. Written once, on drop.
+pub struct RequestLog {
+    request_id: String,
+    client_request_id: String,
+    trace_id: Option<String>,
+    route: &'static str,
+    started: Instant,
+    state: Mutex<State>,
+}
+
+impl RequestLog {
+    pub fn new(
+        request_id: &str,
+        client_request_id: Option<&str>,
+        trace_id: Option<String>,
+        route: &'static str,
+        started: Instant,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            request_id: request_id.to_string(),
+            client_request_id: client_request_id.unwrap_or("").to_string(),
+            trace_id,
+            route,
+            started,
+            state: Mutex::new(State {
+                success_sample: 1.0,
+                ..State::default()
+            }),
+        })
+    }
+
+    fn with(&self, f: impl FnOnce(&mut State)) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+    }
+
+    /// Who asked for what (known once the key is admitted and the body read).
+    pub fn admitted(&self, key_name: &str, group: &str, model: &str, stream: bool, success_sample: f64) {
+        self.with(|s| {
+            s.key_name = key_name.to_string();
+            s.group = group.to_string();
+            s.model = model.to_string();
+            s.stream = stream;
+            s.success_sample = success_sample;
+        });
+    }
+
+    /// One attempt's usage record.
+    pub fn attempt(&self, account: &str, ttfb_ms: u64, ok: bool, event: &relay_proto::v1::UsageEvent) {
+        self.with(|s| {
+            s.attempts += 1;
+            if !s.accounts.iter().any(|a| a == account) {
+                s.accounts.push(account.to_string());
+            }
+            if ok && s.ttfb_ms.is_none() {
+                s.ttfb_ms = Some(ttfb_ms);
+            }
+            s.input_tokens += event.input_tokens;
+            s.output_tokens += event.output_tokens;
+            s.cache_read_tokens += event.cache_read_tokens;
+            s.cache_write_tokens += event.cache_write_5m_tokens + event.cache_write_1h_tokens;
+            s.cost_pico_usd += event.cost_pico_usd;
+            // The last attempt's error type stands (a success clears an earlier failure's),
+            // except that a failure without a type does not hide an earlier one's.
+            if ok || s.error_type.is_empty() || !event.error_type.is_empty() {
+                s.error_type = event.error_type.clone();
+            }
+        });
+    }
+
+    /// The status the client got, and relay's own error type when relay answered with an error.
+    pub fn answered(&self, status: u16, error_type: Option<&str>) {
+        self.with(|s| {
+            s.status = status;
+            if let Some(t) = error_type {
+                s.error_type = t.to_string();
+            }
+        });
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        // Health checks and scrapes are not client requests.
+        if self.route == "ops" {
+            return;
+        }
+        let s = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        let failed = s.status >= 400 || s.status == 0 || !s.error_type.is_empty();
+        if !failed && s.success_sample < 1.0 && rand::random::<f64>() >= s.success_sample {
+            return;
+        }
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let cost_usd = s.cost_pico_usd as f64 / 1e12;
+        tracing::info!(
+            target: TARGET,
+            request_id = %self.request_id,
+            client_request_id = %self.client_request_id,
+            trace_id = self.trace_id.as_deref().unwrap_or(""),
+            route = self.route,
+            key_name = %s.key_name,
+            group = %s.group,
+            accounts = %s.accounts.join(","),
+            model = %s.model,
+            stream = s.stream,
+            status = s.status,
+            attempts = s.attempts,
+            ttfb_ms = s.ttfb_ms.unwrap_or(0),
+            duration_ms,
+            input_tokens = s.input_tokens,
+            output_tokens = s.output_tokens,
+            cache_read_tokens = s.cache_read_tokens,
+            cache_write_tokens = s.cache_write_tokens,
+            cost_usd,
+            error_type = %s.error_type,
+            "request"
+        );
+    }
+}

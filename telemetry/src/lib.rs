@@ -1,0 +1,426 @@
+//! Logging and trace export shared by relay's binaries (control plane, data
+//! plane, mock upstream).
+//!
+//! This crate owns:
+//! - the log subscriber: `text` or `json` on stderr, colour only on a terminal,
+//!   filtered by `RUST_LOG` (default `info`);
+//! - OpenTelemetry trace export over OTLP (gRPC or HTTP/protobuf), configured
+//!   only by the standard `OTEL_*` variables and off when none is set;
+//! - the `tracing-opentelemetry` layer that turns `tracing` spans into
+//!   OpenTelemetry spans;
+//! - W3C trace-context helpers for HTTP headers (read the client's
+//!   `traceparent`, write one upstream).
+//!
+//! The span queue is bounded and never blocks: a span that finds it full is
+//! dropped and counted in `relay_trace_spans_dropped_total`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
+use opentelemetry_sdk::Resource;
+use tokio::sync::{mpsc, oneshot};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+pub use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The OpenTelemetry semantic-conventions release relay's span names and
+/// attributes follow (GenAI client spans included).
+pub const SEMCONV_VERSION: &str = "1.37.0";
+
+/// Spans waiting for export at most; more are dropped (and counted).
+pub const QUEUE_CAPACITY: usize = 2048;
+/// Spans sent in one export call at most.
+const BATCH_SIZE: usize = 512;
+/// A partial batch is sent after this long.
+const BATCH_DELAY: Duration = Duration::from_secs(2);
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL` (or the traces variant) names a protocol relay does not speak.
+    #[error("OTEL_EXPORTER_OTLP_PROTOCOL={0} is not supported: use grpc or http/protobuf")]
+    Protocol(String),
+    /// The OTLP exporter could not be built (bad endpoint, TLS set-up).
+    #[error("building the OTLP trace exporter: {0}")]
+    Exporter(String),
+    /// A global subscriber was already installed.
+    #[error("installing the log subscriber: {0}")]
+    Subscriber(String),
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+impl LogFormat {
+    /// `"json"` is JSON; anything else (the CLI only accepts `text`) is text.
+    pub fn parse(s: &str) -> Self {
+        if s == "json" {
+            Self::Json
+        } else {
+            Self::Text
+        }
+    }
+}
+
+/// Which OTLP transport to export over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP/gRPC (default port 4317).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (default port 4318).
+    HttpProtobuf,
+}
+
+/// The trace settings read from the standard `OTEL_*` variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceConfig {
+    /// The transport.
+    pub protocol: Protocol,
+}
+
+/// Reads the `OTEL_*` variables: `None` (export off) unless an OTLP endpoint
+/// is set (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
+/// and `OTEL_SDK_DISABLED` is not `true`. The endpoint itself, the service name,
+/// resource attributes, sampler and headers are read by the SDK from the same
+/// variables.
+pub fn trace_config_from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<TraceConfig>, TelemetryError> {
+    let set = |k: &str| var(k).filter(|v| !v.trim().is_empty());
+    if set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return Ok(None);
+    }
+    if set("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() && set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none() {
+        return Ok(None);
+    }
+    let protocol = match set("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| set("OTEL_EXPORTER_OTLP_PROTOCOL")) {
+        None => Protocol::Grpc,
+        Some(p) => match p.trim() {
+            "grpc" => Protocol::Grpc,
+            "http/protobuf" => Protocol::HttpProtobuf,
+            other => return Err(TelemetryError::Protocol(other.to_string())),
+        },
+    };
+    Ok(Some(TraceConfig { protocol }))
+}
+
+/// Flushes queued spans on shutdown. Keep it alive for the life of the process.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+    flush: Option<mpsc::Sender<oneshot::Sender<()>>>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Sends the spans still queued (waiting at most `grace`), then stops export.
+    pub async fn shutdown(mut self, grace: Duration) {
+        if let Some(flush) = self.flush.take() {
+            let (tx, rx) = oneshot::channel();
+            if flush.send(tx).await.is_ok() {
+                let _ = tokio::time::timeout(grace, rx).await;
+            }
+        }
+        if let Some(p) = self.provider.take() {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Installs the global log subscriber and, when the `OTEL_*` variables ask for
+/// it, OTLP trace export. `service` names the process when `OTEL_SERVICE_NAME`
+/// is unset. Call once, inside the Tokio runtime.
+pub fn init(format: LogFormat, service: &str) -> Result<Telemetry, TelemetryError> {
+    let config = trace_config_from_env(|k| std::env::var(k).ok())?;
+    let (otel_layer, telemetry) = match config {
+        None => (
+            None,
+            Telemetry {
+                provider: None,
+                flush: None,
+            },
+        ),
+        Some(c) => {
+            let (provider, flush) = provider(c.protocol, service)?;
+            let tracer = provider.tracer("relay");
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_tracked_inactivity(false)
+                .with_threads(false)
+                .with_target(false)
+                .with_filter(tracing_subscriber::filter::filter_fn(|m| m.is_span()));
+            (
+                Some(layer),
+                Telemetry {
+                    provider: Some(provider),
+                    flush: Some(flush),
+                },
+            )
+        }
+    };
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel_layer)
+        .try_init()
+        .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
+    if telemetry.exporting() {
+        tracing::info!(semconv = SEMCONV_VERSION, "exporting traces over OTLP");
+    }
+    Ok(telemetry)
+}
+
+type Flush = mpsc::Sender<oneshot::Sender<()>>;
+
+fn provider(protocol: Protocol, service: &str) -> Result<(SdkTracerProvider, Flush), TelemetryError> {
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME")
+        .map(|s| s.trim().is_empty())
+        .unwrap_or(true)
+    {
+        resource = resource.with_service_name(service.to_string());
+    }
+    let resource = resource.build();
+    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    let (flush_tx, flush_rx) = mpsc::channel(1);
+    match protocol {
+        Protocol::Grpc => {
+            let mut e = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            e.set_resource(&resource);
+            tokio::spawn(export_loop(e, rx, flush_rx));
+        }
+        Protocol::HttpProtobuf => {
+            let mut e = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_http_client(opentelemetry_http::hyper::HyperClient::with_default_connector(
+                    Duration::from_secs(10),
+                    None,
+                ))
+                .build()
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            e.set_resource(&resource);
+            tokio::spawn(export_loop(e, rx, flush_rx));
+        }
+    }
+    // The SDK reads OTEL_TRACES_SAMPLER / _ARG itself (default: parent-based
+    // always-on, so a client's sampled traceparent is honoured).
+    let provider = SdkTracerProvider::builder()
+        .with_resource(resource)
+        .with_span_processor(QueueProcessor {
+            tx,
+            closed: Arc::new(AtomicBool::new(false)),
+        })
+        .build();
+    Ok((provider, flush_tx))
+}
+
+/// Hands finished spans to the export task through a bounded queue; never waits.
+#[derive(Debug)]
+struct QueueProcessor {
+    tx: mpsc::Sender<SpanData>,
+    closed: Arc<AtomicBool>,
+}
+
+impl SpanProcessor for QueueProcessor {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() || self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.tx.try_send(span).is_err() {
+            metrics::counter!(relay_proto::metrics::TRACE_SPANS_DROPPED_TOTAL).increment(1);
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        self.closed.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+async fn export_loop<E: SpanExporter + 'static>(
+    exporter: E,
+    mut rx: mpsc::Receiver<SpanData>,
+    mut flush: mpsc::Receiver<oneshot::Sender<()>>,
+) {
+    let mut batch = Vec::with_capacity(BATCH_SIZE);
+    let mut tick = tokio::time::interval(BATCH_DELAY);
+    let mut flush_open = true;
+    loop {
+        let mut done: Option<oneshot::Sender<()>> = None;
+        tokio::select! {
+            span = rx.recv() => match span {
+                Some(s) => {
+                    batch.push(s);
+                    if batch.len() < BATCH_SIZE {
+                        continue;
+                    }
+                }
+                None => return send(&exporter, &mut batch).await,
+            },
+            _ = tick.tick() => {}
+            f = flush.recv(), if flush_open => {
+                while let Ok(s) = rx.try_recv() {
+                    batch.push(s);
+                }
+                // The handle was dropped without a shutdown: keep exporting, stop asking.
+                flush_open = f.is_some();
+                done = f;
+            }
+        }
+        send(&exporter, &mut batch).await;
+        if let Some(d) = done {
+            let _ = d.send(());
+            return;
+        }
+    }
+}
+
+async fn send<E: SpanExporter>(exporter: &E, batch: &mut Vec<SpanData>) {
+    if batch.is_empty() {
+        return;
+    }
+    let n = batch.len();
+    if let Err(e) = exporter.export(std::mem::take(batch)).await {
+        metrics::counter!(relay_proto::metrics::TRACE_SPANS_DROPPED_TOTAL).increment(n as u64);
+        tracing::warn!(spans = n, error = %e, "trace export failed; these spans are dropped");
+    }
+}
+
+/// Reads W3C trace context from HTTP headers.
+struct HeaderReader<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderReader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct HeaderWriter<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderWriter<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            http::header::HeaderName::from_bytes(key.as_bytes()),
+            http::header::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// Makes `span` a child of the W3C `traceparent` in `headers`, if any.
+pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
+    if headers.get("traceparent").is_none() {
+        return;
+    }
+    let cx = TraceContextPropagator::new().extract(&HeaderReader(headers));
+    let _ = span.set_parent(cx);
+}
+
+/// Writes `span`'s W3C `traceparent` (and `tracestate`) into `headers`.
+/// Writes nothing when the span is not exported.
+pub fn inject_headers(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    let cx = span.context();
+    TraceContextPropagator::new().inject_context(&cx, &mut HeaderWriter(headers));
+}
+
+/// Sets a string-array attribute on `span` (a `tracing` field cannot hold an array), e.g.
+/// `gen_ai.response.finish_reasons`. Does nothing when the span is not exported.
+pub fn set_string_array(span: &tracing::Span, key: &'static str, values: &[&str]) {
+    use opentelemetry::{Array, StringValue, Value};
+    let values: Vec<StringValue> = values.iter().map(|v| StringValue::from(v.to_string())).collect();
+    span.set_attribute(key, Value::Array(Array::String(values)));
+}
+
+/// The trace id of `span` as 32 hex digits, when it has a valid one (export on,
+/// or a client `traceparent` was honoured).
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn export_is_off_without_an_endpoint() {
+        assert_eq!(trace_config_from_env(env(&[])).unwrap(), None);
+        assert_eq!(trace_config_from_env(env(&[("OTEL_SERVICE_NAME", "x")])).unwrap(), None);
+        let disabled = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ];
+        assert_eq!(trace_config_from_env(env(&disabled)).unwrap(), None);
+    }
+
+    #[test]
+    fn protocol_comes_from_the_standard_variables() {
+        let grpc = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317")];
+        assert_eq!(
+            trace_config_from_env(env(&grpc)).unwrap().unwrap().protocol,
+            Protocol::Grpc
+        );
+        let http = [
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4318/v1/traces"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ];
+        assert_eq!(
+            trace_config_from_env(env(&http)).unwrap().unwrap().protocol,
+            Protocol::HttpProtobuf
+        );
+        let json = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ];
+        let e = trace_config_from_env(env(&json)).unwrap_err().to_string();
+        assert!(e.contains("http/json") && e.contains("http/protobuf"), "{e}");
+    }
+}
