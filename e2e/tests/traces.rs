@@ -150,6 +150,8 @@ struct Run {
     received: Received,
     secrets: Vec<String>,
     prompt: String,
+    /// The `traceparent` each upstream request carried, in order.
+    upstream_traceparents: Vec<Option<String>>,
     _dir: tempfile::TempDir,
 }
 
@@ -158,7 +160,8 @@ const PARENT_ID: &str = "00f067aa0ba902b7";
 
 /// A standalone relay exporting to `endpoint` over `protocol`, a broken account tried first and a
 /// good one, and one client request with a `traceparent` that fails over.
-async fn failover_run(protocol: &str, endpoint: String, received: Received) -> Run {
+/// With `propagate`, the operator turned `tracing.propagate_upstream` on.
+async fn failover_run(protocol: &str, endpoint: String, received: Received, propagate: bool) -> Run {
     let mock = mock(MockConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("relay-data");
@@ -186,6 +189,9 @@ async fn failover_run(protocol: &str, endpoint: String, received: Received) -> R
     let ctl = |args: &[&str], stdin: Option<&str>| relayctl(&relay.server(), &token, args, stdin);
     ctl(&["settings", "set", "retry.backoff_base_ms", "1"], None);
     ctl(&["settings", "set", "retry.backoff_max_ms", "5"], None);
+    if propagate {
+        ctl(&["settings", "set", "tracing.propagate_upstream", "true"], None);
+    }
     let (broken, good) = ("cred-broken-7f3a9c", "cred-good-2b8e1d");
     for (name, cred, priority) in [("broken", broken, "0"), ("good", good, "1")] {
         ctl(
@@ -230,19 +236,28 @@ async fn failover_run(protocol: &str, endpoint: String, received: Received) -> R
     .unwrap();
     let resp = send("POST", &url, &hs, body.to_string()).await;
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    // Both accounts were asked, the broken one first; the client's traceparent never went upstream.
+    // Both accounts were asked, the broken one first; without the setting no traceparent went
+    // upstream (with it, each attempt's own: checked against the spans by the caller).
     let reqs = mock.requests();
     assert!(reqs.iter().any(|r| r.header("x-api-key") == Some(broken)));
     assert!(reqs.iter().any(|r| r.header("x-api-key") == Some(good)));
-    assert!(
-        reqs.iter().all(|r| r.header("traceparent").is_none()),
-        "traceparent went upstream"
-    );
+    let upstream_traceparents: Vec<Option<String>> = reqs
+        .iter()
+        .filter(|r| r.header("x-api-key").is_some())
+        .map(|r| r.header("traceparent").map(str::to_string))
+        .collect();
+    if !propagate {
+        assert!(
+            upstream_traceparents.iter().all(Option::is_none),
+            "traceparent went upstream"
+        );
+    }
     Run {
         relay,
         received,
         secrets: vec![broken.to_string(), good.to_string(), key, token],
         prompt,
+        upstream_traceparents,
         _dir: dir,
     }
 }
@@ -329,7 +344,7 @@ fn check_tree(run: &Run, spans: &[Span]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failover_is_one_trace_over_otlp_grpc_and_one_json_log_line() {
     let (endpoint, received) = grpc_receiver().await;
-    let run = failover_run("grpc", endpoint, received).await;
+    let run = failover_run("grpc", endpoint, received, false).await;
     let spans = trace_of(&run).await;
     check_tree(&run, &spans);
 
@@ -371,9 +386,18 @@ async fn a_failover_is_one_trace_over_otlp_grpc_and_one_json_log_line() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn spans_export_over_otlp_http_protobuf_too() {
+async fn spans_export_over_otlp_http_protobuf_too_and_upstreams_get_the_attempts_traceparent_when_asked() {
     let (endpoint, received) = http_receiver().await;
-    let run = failover_run("http/protobuf", endpoint, received).await;
+    let run = failover_run("http/protobuf", endpoint, received, true).await;
     let spans = trace_of(&run).await;
     check_tree(&run, &spans);
+    // tracing.propagate_upstream: each upstream request carried its attempt span's context (the
+    // client's trace id, the attempt span as parent), not the client's own span.
+    let mut attempts: Vec<&Span> = spans.iter().filter(|s| s.kind == SpanKind::Client as i32).collect();
+    attempts.sort_by_key(|s| s.start_time_unix_nano);
+    let expected: Vec<Option<String>> = attempts
+        .iter()
+        .map(|a| Some(format!("00-{TRACE_ID}-{}-01", hex(&a.span_id))))
+        .collect();
+    assert_eq!(run.upstream_traceparents, expected);
 }
