@@ -28,9 +28,11 @@ fn ports_free(base: u16) -> bool {
 impl Fleet {
     fn up() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut base = 20_000 + (std::process::id() % 200) as u16 * 100;
+        // Tests of this binary run at once: each fleet takes its own block of 100 ports.
+        static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        let mut base = 20_000 + (std::process::id() % 100) as u16 * 200 + NEXT.fetch_add(1, Ordering::Relaxed) * 100;
         while !ports_free(base) {
-            base += 100;
+            base = if base > 59_000 { 20_000 } else { base + 100 };
         }
         let fleet = Self { dir, base };
         fleet.script(&["up"]);
