@@ -145,6 +145,21 @@ impl Fleet {
         holder["replica"].as_str().map(str::to_string)
     }
 
+    /// How many replicas say they lead (`relay_leader_is_leader` on each metrics port).
+    async fn leading(&self) -> u32 {
+        let mut n = 0;
+        for port in [self.base + 11, self.base + 21] {
+            if let Some(r) = common::try_send("GET", &format!("http://127.0.0.1:{port}/metrics")).await {
+                let text = String::from_utf8_lossy(&r.body).to_string();
+                n += text
+                    .lines()
+                    .filter(|l| l.starts_with("relay_leader_is_leader") && l.trim_end().ends_with(" 1"))
+                    .count() as u32;
+            }
+        }
+        n
+    }
+
     /// (usage events, distinct request ids) in Postgres.
     async fn usage(&self) -> (i64, i64) {
         let url = format!("postgres://postgres@127.0.0.1:{}/relay", self.base);
@@ -326,5 +341,73 @@ async fn pausing_a_data_plane_loses_no_request_and_no_usage() {
     let before = traffic.sent.load(Ordering::Relaxed);
     traffic.wait_sent(before + 60).await;
     let sent = traffic.finish().await + others.finish().await;
+    assert_usage_exact(&fleet, sent).await;
+}
+
+/// Restart Postgres (a fast shutdown, then `fleet.sh up` starts it again) while traffic runs:
+/// data planes serve from their config and spool usage while the control planes cannot store it;
+/// afterwards every request has exactly one usage event.
+#[tokio::test(flavor = "multi_thread")]
+async fn restarting_postgres_loses_no_request_and_no_usage() {
+    let fleet = Fleet::up();
+    let traffic = Traffic::start(&fleet, &[1, 2, 3], 6);
+    traffic.wait_sent(60).await;
+    // SIGINT is Postgres' fast shutdown: sessions are cut, the server stops.
+    fleet.signal("postgres", "INT");
+    let url = format!("postgres://postgres@127.0.0.1:{}/relay", fleet.base);
+    wait_for(Duration::from_secs(60), "Postgres to stop", || {
+        let url = url.clone();
+        async move {
+            tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let before = traffic.sent.load(Ordering::Relaxed);
+    traffic.wait_sent(before + 60).await;
+    fleet.script(&["up"]);
+    let before = traffic.sent.load(Ordering::Relaxed);
+    traffic.wait_sent(before + 60).await;
+    let sent = traffic.finish().await;
+    assert_usage_exact(&fleet, sent).await;
+}
+
+/// Stop etcd while traffic runs: the leader steps down within its lease, nobody leads, the data
+/// planes serve and usage is stored (the collector does not need the leader); when etcd is back
+/// (`fleet.sh up`) a replica leads again.
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_etcd_loses_no_request_and_no_usage() {
+    let fleet = Fleet::up();
+    wait_for(Duration::from_secs(30), "a leader", || fleet.leader())
+        .await
+        .unwrap();
+    let traffic = Traffic::start(&fleet, &[1, 2, 3], 6);
+    traffic.wait_sent(60).await;
+    wait_for(Duration::from_secs(30), "one replica leading", || async {
+        (fleet.leading().await == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    fleet.signal("etcd", "TERM");
+    // The leader cannot renew its lease: it steps down within --leader-ttl-secs.
+    wait_for(Duration::from_secs(60), "the leader to step down", || async {
+        (fleet.leading().await == 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    let before = traffic.sent.load(Ordering::Relaxed);
+    traffic.wait_sent(before + 60).await;
+    fleet.script(&["up"]);
+    wait_for(Duration::from_secs(60), "one replica leading again", || async {
+        (fleet.leading().await == 1).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    let before = traffic.sent.load(Ordering::Relaxed);
+    traffic.wait_sent(before + 60).await;
+    let sent = traffic.finish().await;
     assert_usage_exact(&fleet, sent).await;
 }
