@@ -3,7 +3,7 @@
 #
 # Installs what the tests need when it is missing (Postgres, Redis, etcd,
 # Chromium and chromedriver from Debian's packages; Python's anthropic SDK,
-# selenium and helm-python-sdk; rustfmt and clippy), makes sure the servers run, then runs
+# selenium, helm-python-sdk and kubernetes-validate; rustfmt and clippy), makes sure the servers run, then runs
 # the format check, clippy and every test of the workspace.
 #
 #   scripts/test.sh            everything
@@ -81,14 +81,15 @@ ensure_browser() {
   python3 -c 'import selenium'
 }
 
-# e2e/tests/chart.rs renders the Helm chart with Helm's own library (no helm binary).
+# e2e/tests/chart.rs renders the Helm chart with Helm's own library (no helm binary) and
+# validates what it renders against Kubernetes' schemas (kubernetes-validate).
 ensure_helm_sdk() {
-  if python3 -c 'import helm_python, yaml' >/dev/null 2>&1; then return; fi
+  if python3 -c 'import helm_python, yaml, kubernetes_validate' >/dev/null 2>&1; then return; fi
   python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
-  log "installing helm-python-sdk (Helm's Go library) and PyYAML"
-  python3 -m pip install --quiet helm-python-sdk pyyaml ||
-    python3 -m pip install --quiet --break-system-packages helm-python-sdk pyyaml
-  python3 -c 'import helm_python, yaml'
+  log "installing helm-python-sdk (Helm's Go library), PyYAML and kubernetes-validate"
+  python3 -m pip install --quiet helm-python-sdk pyyaml kubernetes-validate ||
+    python3 -m pip install --quiet --break-system-packages helm-python-sdk pyyaml kubernetes-validate
+  python3 -c 'import helm_python, yaml, kubernetes_validate'
 }
 
 # e2e/tests/alerts.rs checks the chart's alerting rules with promtool.

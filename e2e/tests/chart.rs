@@ -26,3 +26,45 @@ fn chart_secures_the_control_plane_link_by_default() {
     );
     assert!(text.contains("chart security rendering: ok"), "{text}");
 }
+
+/// `helm lint`, then a render under ten value sets (defaults with secrets, existing Secrets,
+/// persistence, HPA, TLS from a Secret with mTLS, TLS off, Redis and etcd, ServiceMonitor and
+/// PrometheusRule, dashboards, everything at once), every manifest validated with
+/// kubernetes-validate (strict: unknown fields fail) against each Kubernetes version Chart.yaml's
+/// kubeVersion admits, and the default render compared with helm/tests/snapshots/default.yaml.
+/// After a meant change: `RELAY_UPDATE_SNAPSHOTS=1 cargo test -p relay-e2e --test chart`, and
+/// commit the snapshot with the change.
+#[test]
+fn chart_lints_renders_and_validates_on_every_supported_kubernetes() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cmd = Command::new("python3");
+    cmd.arg(root.join("helm/tests/render_matrix.py"))
+        .arg(root.join("helm/relay"));
+    if std::env::var_os("RELAY_UPDATE_SNAPSHOTS").is_some() {
+        cmd.arg("--update");
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run python3 ({e}): scripts/test.sh installs it"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "chart lint/render/validation failed (scripts/test.sh installs helm-python-sdk, pyyaml and kubernetes-validate):\n{text}"
+    );
+    assert!(text.contains("chart lint, render and validation: ok"), "{text}");
+    for set in [
+        "existing Secrets",
+        "persistence on",
+        "HPA on",
+        "mTLS on",
+        "Redis and etcd on",
+        "PrometheusRule on",
+        "dashboards on",
+    ] {
+        assert!(text.contains(set), "value set {set:?} not rendered:\n{text}");
+    }
+}

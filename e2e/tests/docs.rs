@@ -77,3 +77,72 @@ fn the_readme_says_what_is_served_and_links_to_existing_sections() {
         );
     }
 }
+
+/// The README's first two fenced commands are the two a newcomer copies on a fresh machine:
+/// one script that builds and starts relay standalone, one that runs the whole test suite. The
+/// scripts exist, are executable, and do what the README says (without running a release build).
+#[test]
+fn the_readme_starts_with_two_commands_that_exist() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let mut blocks = Vec::new();
+    let mut current: Option<Vec<&str>> = None;
+    for line in readme.lines() {
+        if line.trim_start().starts_with("```") {
+            match current.take() {
+                Some(body) => blocks.push(body),
+                None => current = Some(Vec::new()),
+            }
+        } else if let Some(body) = current.as_mut() {
+            body.push(line);
+        }
+    }
+    assert!(blocks.len() >= 2, "the README has fewer than two fenced blocks");
+    let first: Vec<&str> = blocks[0].iter().copied().filter(|l| !l.trim().is_empty()).collect();
+    let second: Vec<&str> = blocks[1].iter().copied().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(first, ["scripts/standalone.sh"], "the README's first command");
+    assert_eq!(second, ["scripts/test.sh"], "the README's second command");
+    for script in ["scripts/standalone.sh", "scripts/test.sh"] {
+        let meta = std::fs::metadata(root.join(script)).unwrap();
+        assert!(meta.permissions().mode() & 0o111 != 0, "{script} is not executable");
+        let text = std::fs::read_to_string(root.join(script)).unwrap();
+        assert!(text.starts_with("#!/usr/bin/env bash"), "{script} has no shebang");
+        let syntax = std::process::Command::new("bash")
+            .arg("-n")
+            .arg(root.join(script))
+            .status()
+            .unwrap();
+        assert!(syntax.success(), "{script} is not valid bash");
+    }
+    // The standalone script builds the three binaries and starts the control plane standalone
+    // with arguments the binary accepts, and says where the admin token is.
+    let standalone = std::fs::read_to_string(root.join("scripts/standalone.sh")).unwrap();
+    assert!(standalone.contains("cargo build --release"));
+    for package in ["relay-control-plane", "relay-data-plane", "relayctl"] {
+        assert!(
+            standalone.contains(&format!("-p {package}")),
+            "standalone.sh does not build {package}"
+        );
+    }
+    assert!(
+        standalone.contains("admin.token"),
+        "standalone.sh does not say where the admin token is"
+    );
+    let exec = standalone
+        .lines()
+        .find(|l| l.starts_with("exec "))
+        .expect("standalone.sh ends by exec-ing the control plane");
+    let help = std::process::Command::new(relay_test_support::workspace_bin("relay-control-plane"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
+        assert!(help.contains(flag), "relay-control-plane does not accept {flag}");
+    }
+    assert!(exec.contains("--standalone") && exec.contains("--data-dir"), "{exec}");
+    // The test script runs the whole workspace's tests.
+    let test = std::fs::read_to_string(root.join("scripts/test.sh")).unwrap();
+    assert!(test.contains("cargo test --workspace --all-targets"));
+}

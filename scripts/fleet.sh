@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# A distributed relay on one machine, as real processes: Postgres, Redis and etcd (Debian's
+# packages), two control-plane replicas (leader elected on etcd), three data planes and the mock
+# upstream (standing in for api.anthropic.com), with TLS and mTLS between data planes and control
+# planes (a private CA made here with openssl). How to try the distributed mode in a minute, and
+# what the fleet tests run on.
+#
+#   scripts/fleet.sh up        build (debug), start everything, print how to reach it
+#   scripts/fleet.sh status    what runs, where, and whether each data plane is ready
+#   scripts/fleet.sh down      stop everything (the state stays: `up` again resumes it)
+#   scripts/fleet.sh down --purge   stop and delete the state directory
+#
+# RELAY_FLEET_DIR   state: data, certificates, tokens, logs, pids (default ./.fleet)
+# RELAY_FLEET_PORT  the first of the ports used (default 17100; it uses the next 60)
+# RELAY_FLEET_BIN   where the binaries are (default target/debug, built by `up`; set it to skip
+#                   the build, e.g. target/release)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LOG_TAG=fleet.sh
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+DIR="$(mkdir -p "${RELAY_FLEET_DIR:-.fleet}" && cd "${RELAY_FLEET_DIR:-.fleet}" && pwd)"
+BASE="${RELAY_FLEET_PORT:-17100}"
+PG_PORT=$((BASE + 0))
+REDIS_PORT=$((BASE + 1))
+ETCD_PORT=$((BASE + 2))
+ETCD_PEER_PORT=$((BASE + 3))
+MOCK_PORT=$((BASE + 4))
+cp_port() { echo $((BASE + 10 + 10 * ($1 - 1))); }        # gRPC; metrics on +1
+dp_port() { echo $((BASE + 40 + $1)); }
+DP_CP=(0 1 2 1)                                          # dp-N's control plane replica
+BIN="${RELAY_FLEET_BIN:-}"
+
+as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+
+pid_of() { cat "$DIR/pids/$1.pid" 2>/dev/null || true; }
+running() { local p; p=$(pid_of "$1"); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+
+# start NAME CMD...: runs CMD in the background (its own session), logs to logs/NAME.log.
+start() {
+  local name=$1; shift
+  if running "$name"; then return; fi
+  setsid "$@" >>"$DIR/logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$DIR/pids/$name.pid"
+}
+
+wait_until() { # wait_until WHAT CMD...: up to 60 s
+  local what=$1; shift
+  for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  log "$what did not come up; see $DIR/logs/"
+  return 1
+}
+tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+http_ok() { curl -fsS -o /dev/null "http://127.0.0.1:$1$2"; }
+
+ensure_packages() {
+  [ -n "$(pg_bin)" ] || apt_install postgresql
+  command -v redis-server >/dev/null || apt_install redis-server
+  command -v etcd >/dev/null || apt_install etcd-server
+  command -v openssl >/dev/null || apt_install openssl
+  command -v curl >/dev/null || apt_install curl
+}
+
+certs() {
+  local c="$DIR/certs"
+  [ -f "$c/dp-3.pem" ] && return
+  mkdir -p "$c"
+  log "making a private CA, the control planes' certificate and one per data plane (mTLS)"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+    -subj /CN=relay-fleet-ca -keyout "$c/ca.key" -out "$c/ca.pem" 2>/dev/null
+  issue() { # issue NAME SAN EKU
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$1" \
+      -keyout "$c/$1.key" -out "$c/$1.csr" 2>/dev/null
+    openssl x509 -req -in "$c/$1.csr" -CA "$c/ca.pem" -CAkey "$c/ca.key" -CAcreateserial -days 365 \
+      -extfile <(printf 'subjectAltName=%s\nextendedKeyUsage=%s\n' "$2" "$3") -out "$c/$1.pem" 2>/dev/null
+  }
+  issue cp "DNS:localhost,IP:127.0.0.1" serverAuth
+  for n in 1 2 3; do issue "dp-$n" "DNS:dp-$n" clientAuth; done
+  chmod 600 "$c"/*.key
+}
+
+secrets() {
+  umask 077
+  [ -f "$DIR/master.key" ] || openssl rand -base64 32 >"$DIR/master.key"
+  [ -f "$DIR/admin.token" ] || printf 'rat-%s\n' "$(openssl rand -hex 32)" >"$DIR/admin.token"
+  umask 022
+}
+
+start_postgres() {
+  local bin; bin=$(pg_bin)
+  if [ ! -f "$DIR/pg/data/PG_VERSION" ]; then
+    log "initdb ($DIR/pg)"
+    mkdir -p "$DIR/pg"
+    [ "$(id -u)" = 0 ] && chown -R postgres "$DIR/pg"
+    as_postgres "$bin/initdb" -D "$DIR/pg/data" -U postgres --auth=trust -E UTF8 >"$DIR/logs/initdb.log" 2>&1
+  fi
+  if ! running postgres; then
+    # Its own session; as the postgres user when run by root (Postgres refuses root).
+    local as=()
+    [ "$(id -u)" = 0 ] && as=(runuser -u postgres --)
+    rm -f "$DIR/pids/postgres.pid"
+    setsid "${as[@]}" "$bin/postgres" -D "$DIR/pg/data" -p "$PG_PORT" -k "$DIR/pg" \
+      -c listen_addresses=127.0.0.1 >>"$DIR/logs/postgres.log" 2>&1 </dev/null &
+  fi
+  wait_until Postgres "$bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"
+  # The postmaster's own pid (not runuser's): what `down` and the failure tests signal.
+  head -n 1 "$DIR/pg/data/postmaster.pid" >"$DIR/pids/postgres.pid"
+  "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='relay'" | grep -q 1 ||
+    "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "CREATE DATABASE relay"
+}
+
+database_url() { echo "postgres://postgres@127.0.0.1:$PG_PORT/relay"; }
+
+relayctl_() {
+  RELAY_SERVER="https://localhost:$(cp_port 1)" RELAY_CA_FILE="$DIR/certs/ca.pem" \
+    RELAY_ADMIN_TOKEN="$(cat "$DIR/admin.token")" "$BIN/relayctl" "$@"
+}
+
+start_control_plane() {
+  local n=$1 port; port=$(cp_port "$1")
+  start "cp-$n" env RELAY_ADMIN_TOKEN="$(cat "$DIR/admin.token")" RUST_LOG=info \
+    "$BIN/relay-control-plane" --database-url "$(database_url)" \
+    --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$((port + 1))" \
+    --master-key-file "$DIR/master.key" --replica "cp-$n" \
+    --redis-url "redis://127.0.0.1:$REDIS_PORT" --etcd-endpoints "http://127.0.0.1:$ETCD_PORT" \
+    --tls-cert "$DIR/certs/cp.pem" --tls-key "$DIR/certs/cp.key" --client-ca "$DIR/certs/ca.pem"
+  wait_until "control plane cp-$n" tcp_open "$port"
+}
+
+start_data_plane() {
+  local n=$1
+  mkdir -p "$DIR/dp-$n"
+  start "dp-$n" env RUST_LOG=info "$BIN/relay-data-plane" \
+    --control-plane "https://localhost:$(cp_port "${DP_CP[$n]}")" --control-plane-ca "$DIR/certs/ca.pem" \
+    --tls-cert "$DIR/certs/dp-$n.pem" --tls-key "$DIR/certs/dp-$n.key" \
+    --listen "127.0.0.1:$(dp_port "$n")" --node-id "dp-$n" --data-dir "$DIR/dp-$n" \
+    --token-file "$DIR/dp.token" --redis-url "redis://127.0.0.1:$REDIS_PORT"
+}
+
+up() {
+  ensure_packages
+  if [ -z "${RELAY_FLEET_BIN:-}" ]; then
+    log "cargo build (relay-control-plane, relay-data-plane, relayctl, relay-mock-upstream)"
+    cargo build --quiet -p relay-control-plane -p relay-data-plane -p relayctl -p relay-mock-upstream
+    BIN="$PWD/target/debug"
+  fi
+  mkdir -p "$DIR/logs" "$DIR/pids" "$DIR/redis" "$DIR/etcd"
+  certs
+  secrets
+  start_postgres
+  start redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$DIR/redis" --save "" --appendonly no
+  wait_until Redis redis-cli -p "$REDIS_PORT" ping
+  start etcd etcd --name fleet --data-dir "$DIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "fleet=http://127.0.0.1:$ETCD_PEER_PORT"
+  wait_until etcd curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
+  start mock "$BIN/relay-mock-upstream" --listen "127.0.0.1:$MOCK_PORT"
+  wait_until "the mock upstream" tcp_open "$MOCK_PORT"
+  # One replica first (it migrates the schema), then the second.
+  start_control_plane 1
+  start_control_plane 2
+  if [ ! -s "$DIR/dp.token" ]; then
+    log "creating the data planes' token, an account on the mock upstream and a client key"
+    umask 077
+    relayctl_ -o json token create fleet-data-planes --role data-plane |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' >"$DIR/dp.token"
+    printf 'mock-upstream-credential' |
+      relayctl_ account create mock --kind anthropic-compatible --base-url "http://127.0.0.1:$MOCK_PORT" --secret-stdin >/dev/null
+    relayctl_ -o json key create fleet | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])' >"$DIR/client.key"
+    umask 022
+  fi
+  for n in 1 2 3; do start_data_plane "$n"; done
+  for n in 1 2 3; do wait_until "data plane dp-$n" http_ok "$(dp_port "$n")" /readyz; done
+  status
+  cat <<EOF2
+
+The fleet is up (state in $DIR). Try it:
+
+  curl -sS http://127.0.0.1:$(dp_port 1)/v1/messages -H "x-api-key: \$(cat $DIR/client.key)" \\
+    -H 'anthropic-version: 2023-06-01' -H 'content-type: application/json' \\
+    -d '{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}'
+
+  export RELAY_SERVER=https://localhost:$(cp_port 1) RELAY_CA_FILE=$DIR/certs/ca.pem
+  export RELAY_ADMIN_TOKEN="\$(cat $DIR/admin.token)"
+  $BIN/relayctl proxies list
+
+  scripts/fleet.sh down      # stop (state kept); down --purge deletes it
+EOF2
+}
+
+status() {
+  printf '%-10s %-8s %-8s %s\n' PROCESS PID STATE ADDRESS
+  row() { local st=stopped; running "$1" && st=running; printf '%-10s %-8s %-8s %s\n' "$1" "$(pid_of "$1")" "$st" "$2"; }
+  row postgres "$(database_url)"
+  row redis "redis://127.0.0.1:$REDIS_PORT"
+  row etcd "http://127.0.0.1:$ETCD_PORT"
+  row mock "http://127.0.0.1:$MOCK_PORT (the upstream)"
+  for n in 1 2; do row "cp-$n" "https://localhost:$(cp_port "$n") (gRPC, mTLS), metrics http://127.0.0.1:$(($(cp_port "$n") + 1))/metrics"; done
+  for n in 1 2 3; do
+    local ready=not-ready
+    http_ok "$(dp_port "$n")" /readyz 2>/dev/null && ready=ready
+    row "dp-$n" "http://127.0.0.1:$(dp_port "$n") ($ready; config from cp-${DP_CP[$n]})"
+  done
+}
+
+down() {
+  local name p
+  for name in dp-1 dp-2 dp-3 cp-2 cp-1 mock etcd redis postgres; do
+    p=$(pid_of "$name")
+    [ -n "$p" ] || continue
+    if kill -0 "$p" 2>/dev/null; then
+      kill -TERM "$p" 2>/dev/null || true
+      # A stopped (SIGSTOP) process cannot act on TERM: continue it.
+      kill -CONT "$p" 2>/dev/null || true
+      for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$p" 2>/dev/null || true
+    fi
+    rm -f "$DIR/pids/$name.pid"
+  done
+  log "stopped"
+  if [ "${1:-}" = --purge ]; then rm -rf "$DIR"; log "removed $DIR"; fi
+}
+
+[ -z "$BIN" ] || BIN="$(cd "$BIN" && pwd)"
+[ -n "$BIN" ] || BIN="$PWD/target/debug"
+case "${1:-}" in
+  up) up ;;
+  status) mkdir -p "$DIR/pids"; status ;;
+  down) shift; down "$@" ;;
+  *) echo "usage: scripts/fleet.sh up|status|down [--purge]" >&2; exit 2 ;;
+esac
