@@ -105,7 +105,11 @@ start_postgres() {
     setsid "${as[@]}" "$bin/postgres" -D "$DIR/pg/data" -p "$PG_PORT" -k "$DIR/pg" \
       -c listen_addresses=127.0.0.1 >>"$DIR/logs/postgres.log" 2>&1 </dev/null &
   fi
-  wait_until Postgres "$bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"
+  # Ours, not another server on the port: its pid file is there and it accepts connections.
+  wait_until Postgres bash -c '[ -s "$1/pg/data/postmaster.pid" ] && "$2/pg_isready" -q -h 127.0.0.1 -p "$3"' _ "$DIR" "$bin" "$PG_PORT" || {
+    tail -n 20 "$DIR/logs/postgres.log" >&2
+    return 1
+  }
   # The postmaster's own pid (not runuser's): what `down` and the failure tests signal.
   head -n 1 "$DIR/pg/data/postmaster.pid" >"$DIR/pids/postgres.pid"
   "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='relay'" | grep -q 1 ||

@@ -30,9 +30,11 @@ impl Fleet {
         let dir = tempfile::tempdir().unwrap();
         // Tests of this binary run at once: each fleet takes its own block of 100 ports.
         static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-        let mut base = 20_000 + (std::process::id() % 100) as u16 * 200 + NEXT.fetch_add(1, Ordering::Relaxed) * 100;
+        let mut base = 20_000 + (std::process::id() % 60) as u16 * 200 + NEXT.fetch_add(1, Ordering::Relaxed) * 100;
         while !ports_free(base) {
-            base = if base > 59_000 { 20_000 } else { base + 100 };
+            // Below the kernel's ephemeral range (32768 and up), where outgoing connections
+            // could take a port between this check and the fleet's start.
+            base = if base > 32_000 { 20_000 } else { base + 100 };
         }
         let fleet = Self { dir, base };
         fleet.script(&["up"]);

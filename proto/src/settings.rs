@@ -577,7 +577,7 @@ impl Setting {
             Type::Bool => "true or false".into(),
             Type::Choice => self.choices.join(", "),
             Type::TimeZone => "an IANA name such as UTC or Europe/Berlin".into(),
-            Type::Url => "http:// or https:// URL".into(),
+            Type::Url => "http:// or https:// URL, without user:password@".into(),
             Type::Text => "visible text, at most 512 characters".into(),
             Type::Origins => "exact origins scheme://host[:port], comma-separated, or * alone".into(),
             Type::Percents => "percentages 1..=100, comma-separated".into(),
@@ -735,8 +735,13 @@ fn is_http_url(v: &str) -> bool {
         return false;
     };
     let host = rest.split(['/', '?']).next().unwrap_or("");
-    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-    !host.is_empty() && !host.starts_with(':') && v.chars().all(|c| c.is_ascii_graphic()) && !v.contains('#')
+    // No `user:password@`: an HTTP client does not send it, and its connection pool logs the
+    // authority (put a token in the path, or use notify.signing_secret).
+    !host.contains('@')
+        && !host.is_empty()
+        && !host.starts_with(':')
+        && v.chars().all(|c| c.is_ascii_graphic())
+        && !v.contains('#')
 }
 
 /// The longest `cors.allowed_origins` value, in bytes.
@@ -1014,6 +1019,20 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), SETTINGS.len(), "unique names");
+    }
+
+    #[test]
+    fn setting_urls_take_no_user_and_password() {
+        for name in ["notify.webhook_url", "oauth.token_url"] {
+            let e = check(name, "https://user:pw@hooks.example/T/B/x")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("without user:password@"), "{e}");
+            if SECRET.contains(&name) {
+                assert!(!e.contains("pw@"), "a secret refused is not repeated: {e}");
+            }
+            assert!(check(name, "https://hooks.example/T/B/x?token=1").is_ok());
+        }
     }
 
     #[test]

@@ -181,8 +181,9 @@ async fn run(
             }
             checked = Some(node);
         }
-        if batch.oldest_unacked_age_ms > 0 && !batch.node_id.is_empty() {
-            // The data plane's usage ingest lag: how old the oldest event it still holds is.
+        if !batch.node_id.is_empty() {
+            // The data plane's usage ingest lag: how old the oldest event it still holds is (0: it
+            // holds nothing older than this batch, or it is a version that does not say).
             metrics::gauge!(relay_proto::metrics::DATA_PLANE_INGEST_LAG_SECONDS, "node_id" => batch.node_id.clone())
                 .set(batch.oldest_unacked_age_ms as f64 / 1000.0);
         }

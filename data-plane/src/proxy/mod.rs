@@ -442,7 +442,7 @@ impl Proxy {
         let (cfg, key) = self.admit(req.headers())?;
         let span = tracing::Span::current();
         span.record("relay.key.name", key.name.as_str());
-        span.record("relay.group", key.group_id.as_str());
+        span.record("relay.group", cfg.group_name(&key.group_id));
         // From here on (the key known) the request leaves a usage row even if no attempt does.
         let mut unattempted = forward::Unattempted {
             spool: self.spool.clone(),
@@ -557,7 +557,13 @@ impl Proxy {
         let stream = is_messages && matches!(head.stream, Some(serde_json::Value::Bool(true)));
         unattempted.model = model.clone();
         unattempted.stream = stream;
-        log.admitted(&key.name, &key.group_id, &model, stream, cfg.policy.success_sample);
+        log.admitted(
+            &key.name,
+            cfg.group_name(&key.group_id),
+            &model,
+            stream,
+            cfg.policy.success_sample,
+        );
         if !key.allows(&model) {
             return Err(ApiError::permission(format!("this API key may not use model {model}")));
         }
