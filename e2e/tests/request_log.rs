@@ -168,10 +168,10 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
             },
         );
     }
-    // No account at all: 529 at once, still one record.
+    // No enabled account at all: a configuration gap, 503 at once, still one record.
     {
         let r = post_messages(&dp2, &empty_key, &message_body(MODEL, false)).await;
-        assert_eq!(r.status, 529);
+        assert_eq!(r.status, 503);
         sent.insert(
             r.header("request-id").unwrap().to_string(),
             Sent {
@@ -236,8 +236,19 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
                 assert_eq!(r["status"], 400, "{r}");
                 assert_eq!(r["outcome"], "invalid_request_error", "{r}");
                 assert!(r["error_message"].as_str().unwrap().contains("not valid JSON"), "{r}");
+            } else if s.key == "team-c" {
+                // The group has no enabled account: said as a configuration gap.
+                assert_eq!(r["outcome"], "api_error", "{r}");
+                assert_eq!(r["status"], 503, "{r}");
+                assert!(
+                    r["error_message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("no enabled upstream account"),
+                    "{r}"
+                );
             } else {
-                assert!(["team-b", "team-c"].contains(&s.key), "{r}");
+                assert_eq!(s.key, "team-b", "{r}");
                 assert_eq!(r["outcome"], "overloaded_error", "{r}");
                 assert_eq!(r["status"], 529, "{r}");
                 assert!(
