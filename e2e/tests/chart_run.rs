@@ -358,28 +358,7 @@ fn start_pod(
 }
 
 fn relayctl(server: &str, ca: &Path, token: &str, args: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write;
-    let mut child = Command::new(workspace_bin("relayctl"))
-        .args(args)
-        .env("RELAY_SERVER", server)
-        .env("RELAY_CA_FILE", ca)
-        .env("RELAY_ADMIN_TOKEN", token)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "relayctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::relayctl_with(server, token, &[("RELAY_CA_FILE", ca.as_os_str())], args, stdin)
 }
 
 #[tokio::test(flavor = "multi_thread")]

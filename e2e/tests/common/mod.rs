@@ -503,12 +503,24 @@ impl TestCa {
 
 /// Runs the relayctl binary against `server` with an admin token; fails the test when it fails.
 pub fn relayctl(server: &str, token: &str, args: &[&str], stdin: Option<&str>) -> String {
+    relayctl_with(server, token, &[], args, stdin)
+}
+
+/// [`relayctl`] with more environment (`RELAY_CA_FILE`, ...).
+pub fn relayctl_with(
+    server: &str,
+    token: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+    args: &[&str],
+    stdin: Option<&str>,
+) -> String {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let mut child = Command::new(relay_test_support::workspace_bin("relayctl"))
         .args(args)
         .env("RELAY_SERVER", server)
         .env("RELAY_ADMIN_TOKEN", token)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
