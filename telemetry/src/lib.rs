@@ -49,6 +49,16 @@ pub enum TelemetryError {
     /// `OTEL_EXPORTER_OTLP_PROTOCOL` (or the traces variant) names a protocol relay does not speak.
     #[error("OTEL_EXPORTER_OTLP_PROTOCOL={0} is not supported: use grpc or http/protobuf")]
     Protocol(String),
+    /// An `OTEL_*` variable holds a value relay would otherwise ignore or misread.
+    #[error("{name}={value:?} is not valid: {why}")]
+    Setting {
+        /// The variable.
+        name: &'static str,
+        /// What it holds (these variables carry no secret; headers are not checked here).
+        value: String,
+        /// What it must be.
+        why: &'static str,
+    },
     /// The OTLP exporter could not be built (bad endpoint, TLS set-up).
     #[error("building the OTLP trace exporter: {0}")]
     Exporter(String),
@@ -106,6 +116,7 @@ pub fn trace_config_from_env(var: impl Fn(&str) -> Option<String>) -> Result<Opt
     if set("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() && set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none() {
         return Ok(None);
     }
+    check_variables(&set)?;
     let protocol = match set("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| set("OTEL_EXPORTER_OTLP_PROTOCOL")) {
         None => Protocol::Grpc,
         Some(p) => match p.trim() {
@@ -115,6 +126,68 @@ pub fn trace_config_from_env(var: impl Fn(&str) -> Option<String>) -> Result<Opt
         },
     };
     Ok(Some(TraceConfig { protocol }))
+}
+
+/// The samplers the SDK implements; any other name would be ignored by it.
+const SAMPLERS: &[&str] = &[
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+];
+
+/// Refuses the values the SDK would silently ignore or fall back from: an
+/// endpoint that is not an `http(s)://host` URL, an unknown sampler, a ratio
+/// outside 0..=1, a timeout that is not whole milliseconds.
+fn check_variables(set: &impl Fn(&str) -> Option<String>) -> Result<(), TelemetryError> {
+    let bad = |name: &'static str, value: String, why: &'static str| Err(TelemetryError::Setting { name, value, why });
+    for name in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] {
+        if let Some(v) = set(name) {
+            let ok = v.trim().parse::<http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some_and(|h| !h.is_empty())
+            });
+            if !ok {
+                return bad(
+                    name,
+                    v,
+                    "an http:// or https:// URL with a host, e.g. http://collector:4317",
+                );
+            }
+        }
+    }
+    let sampler = set("OTEL_TRACES_SAMPLER").map(|v| v.trim().to_ascii_lowercase());
+    if let Some(v) = &sampler {
+        if !SAMPLERS.contains(&v.as_str()) {
+            return bad(
+                "OTEL_TRACES_SAMPLER",
+                v.clone(),
+                "one of always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio",
+            );
+        }
+    }
+    if let Some(arg) = set("OTEL_TRACES_SAMPLER_ARG") {
+        let ratio = sampler.as_deref().is_some_and(|s| s.ends_with("traceidratio"));
+        if !ratio {
+            return bad(
+                "OTEL_TRACES_SAMPLER_ARG",
+                arg,
+                "only read with OTEL_TRACES_SAMPLER=traceidratio or parentbased_traceidratio",
+            );
+        }
+        if !arg.trim().parse::<f64>().is_ok_and(|r| (0.0..=1.0).contains(&r)) {
+            return bad("OTEL_TRACES_SAMPLER_ARG", arg, "a ratio from 0 to 1, e.g. 0.1");
+        }
+    }
+    for name in ["OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"] {
+        if let Some(v) = set(name) {
+            if v.trim().parse::<u64>().is_err() {
+                return bad(name, v, "whole milliseconds, e.g. 10000");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Flushes queued spans on shutdown. Keep it alive for the life of the process.
@@ -422,5 +495,45 @@ mod tests {
         ];
         let e = trace_config_from_env(env(&json)).unwrap_err().to_string();
         assert!(e.contains("http/json") && e.contains("http/protobuf"), "{e}");
+    }
+
+    #[test]
+    fn values_the_sdk_would_ignore_are_refused_by_name() {
+        let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317");
+        let refused = |extra: (&'static str, &'static str)| {
+            let pairs = [extra, endpoint];
+            trace_config_from_env(env(&pairs)).unwrap_err().to_string()
+        };
+        for (name, value) in [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://c:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "collector:4317"),
+            ("OTEL_TRACES_SAMPLER", "jaeger_remote"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "10s"),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1"),
+        ] {
+            let e = refused((name, value));
+            assert!(e.contains(name) && e.contains(value), "{name}={value}: {e}");
+        }
+        let pairs = [
+            endpoint,
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+        ];
+        let e = trace_config_from_env(env(&pairs)).unwrap_err().to_string();
+        assert!(e.contains("from 0 to 1"), "{e}");
+        let pairs = [
+            endpoint,
+            ("OTEL_TRACES_SAMPLER", "always_on"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+        ];
+        let e = trace_config_from_env(env(&pairs)).unwrap_err().to_string();
+        assert!(e.contains("traceidratio"), "{e}");
+        let good = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example:4317"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "5000"),
+        ];
+        assert!(trace_config_from_env(env(&good)).unwrap().is_some());
     }
 }
