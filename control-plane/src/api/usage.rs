@@ -198,8 +198,8 @@ async fn run(
             "usage ingest",
             otel.name = "usage.ingest",
             node_id = %batch.node_id,
-            relay.usage.events = events.len(),
-            relay.usage.rejected = rejected,
+            relay.usage.events = events.len() as i64,
+            relay.usage.rejected = rejected as i64,
         );
         match store.insert_usage(&events).instrument(span).await {
             Ok(r) => {
