@@ -498,6 +498,41 @@ mod tests {
     }
 
     #[test]
+    fn a_full_span_queue_drops_and_counts_and_never_waits() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        use opentelemetry::trace::{Tracer, TracerProvider as _};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let (tx, mut rx) = mpsc::channel(2);
+        metrics::with_local_recorder(&recorder, || {
+            let provider = SdkTracerProvider::builder()
+                .with_span_processor(QueueProcessor {
+                    tx,
+                    closed: Arc::new(AtomicBool::new(false)),
+                })
+                .build();
+            let tracer = provider.tracer("test");
+            // Nobody reads the queue: the third span onwards finds it full.
+            for i in 0..5 {
+                drop(tracer.start(format!("span {i}")));
+            }
+        });
+        let mut queued = 0;
+        while rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, 2);
+        let dropped: Vec<_> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| k.key().name() == relay_proto::metrics::TRACE_SPANS_DROPPED_TOTAL)
+            .map(|(.., v)| v)
+            .collect();
+        assert_eq!(dropped, vec![DebugValue::Counter(3)]);
+    }
+
+    #[test]
     fn values_the_sdk_would_ignore_are_refused_by_name() {
         let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317");
         let refused = |extra: (&'static str, &'static str)| {
