@@ -79,6 +79,29 @@ async fn grpc_receiver() -> (String, Received) {
     (format!("http://{addr}"), received)
 }
 
+/// An OTLP/gRPC receiver over TLS that requires a client certificate from `ca`.
+async fn grpc_tls_receiver(ca: &TestCa) -> (String, Received) {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let received = Received::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (cert, key) = ca.issue(&["localhost"], false);
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(&ca.pem));
+    let svc = TraceServiceServer::new(received.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    (format!("https://localhost:{port}"), received)
+}
+
 /// An OTLP/HTTP receiver (POST /v1/traces, protobuf bodies) on a free port.
 async fn http_receiver() -> (String, Received) {
     use http_body_util::BodyExt;
@@ -164,6 +187,17 @@ const PARENT_ID: &str = "00f067aa0ba902b7";
 /// good one, and one client request with a `traceparent` that fails over.
 /// With `propagate`, the operator turned `tracing.propagate_upstream` on.
 async fn failover_run(protocol: &str, endpoint: String, received: Received, propagate: bool) -> Run {
+    failover_run_with(protocol, endpoint, received, propagate, &[]).await
+}
+
+/// [`failover_run`] with more `OTEL_*` variables for the relay process.
+async fn failover_run_with(
+    protocol: &str,
+    endpoint: String,
+    received: Received,
+    propagate: bool,
+    env: &[(&str, std::path::PathBuf)],
+) -> Run {
     let mock = mock(MockConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("relay-data");
@@ -180,7 +214,8 @@ async fn failover_run(protocol: &str, endpoint: String, received: Received, prop
         .env("RUST_LOG", "info,relay_data_plane::proxy=debug")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
-        .env("OTEL_SERVICE_NAME", "relay-under-test");
+        .env("OTEL_SERVICE_NAME", "relay-under-test")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())));
     let proc = relay_test_support::Proc::spawn(cmd, &dir.path().join("relay.log")).unwrap();
     let mut relay = Standalone { proc, grpc, proxy };
     relay.ready().await;
@@ -479,4 +514,24 @@ async fn spans_export_over_otlp_http_protobuf_too_and_upstreams_get_the_attempts
     assert_eq!(attempt.name, "chat claude-sonnet-4-5");
     assert!(attr_int(attempt, "gen_ai.usage.output_tokens") > 0, "{attempt:?}");
     assert!(attr_str(attempt, "gen_ai.response.id").starts_with("msg_"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spans_export_over_otlp_grpc_with_tls_a_private_ca_and_a_client_certificate() {
+    let ca = TestCa::new("otel test ca");
+    let (endpoint, received) = grpc_tls_receiver(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.issue(&["relay"], true);
+    let files = [("ca.pem", ca.pem.clone()), ("client.pem", cert), ("client.key", key)];
+    for (name, pem) in &files {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let env = [
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", dir.path().join("ca.pem")),
+        ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", dir.path().join("client.pem")),
+        ("OTEL_EXPORTER_OTLP_CLIENT_KEY", dir.path().join("client.key")),
+    ];
+    let run = failover_run_with("grpc", endpoint, received, false, &env).await;
+    let spans = trace_of(&run).await;
+    check_tree(&run, &spans);
 }

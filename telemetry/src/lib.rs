@@ -32,6 +32,9 @@ use tracing_subscriber::Layer;
 
 pub use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+mod tls;
+pub use tls::TlsFiles;
+
 /// The OpenTelemetry semantic-conventions release relay's span names and
 /// attributes follow (GenAI client spans included).
 pub const SEMCONV_VERSION: &str = "1.37.0";
@@ -58,6 +61,14 @@ pub enum TelemetryError {
         value: String,
         /// What it must be.
         why: &'static str,
+    },
+    /// A certificate variable names a file that cannot be used.
+    #[error("{name}: {reason}")]
+    Tls {
+        /// The variable.
+        name: &'static str,
+        /// Why.
+        reason: String,
     },
     /// The OTLP exporter could not be built (bad endpoint, TLS set-up).
     #[error("building the OTLP trace exporter: {0}")]
@@ -101,13 +112,17 @@ pub enum Protocol {
 pub struct TraceConfig {
     /// The transport.
     pub protocol: Protocol,
+    /// Whether the endpoint is `https://` (then [`TraceConfig::tls`] applies).
+    pub https: bool,
+    /// Extra CA and client certificate from the `OTEL_*` certificate variables.
+    pub tls: TlsFiles,
 }
 
 /// Reads the `OTEL_*` variables: `None` (export off) unless an OTLP endpoint
 /// is set (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
 /// and `OTEL_SDK_DISABLED` is not `true`. The endpoint itself, the service name,
 /// resource attributes, sampler and headers are read by the SDK from the same
-/// variables.
+/// variables; the certificate variables (which the SDK does not read) here.
 pub fn trace_config_from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<TraceConfig>, TelemetryError> {
     let set = |k: &str| var(k).filter(|v| !v.trim().is_empty());
     if set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
@@ -125,7 +140,20 @@ pub fn trace_config_from_env(var: impl Fn(&str) -> Option<String>) -> Result<Opt
             other => return Err(TelemetryError::Protocol(other.to_string())),
         },
     };
-    Ok(Some(TraceConfig { protocol }))
+    let endpoint = set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .unwrap_or_default();
+    let https = endpoint.trim().to_ascii_lowercase().starts_with("https://");
+    let tls = TlsFiles::from_env(&set)?;
+    if !https && tls != TlsFiles::default() {
+        return Err(TelemetryError::Setting {
+            name: "OTEL_EXPORTER_OTLP_ENDPOINT",
+            value: endpoint,
+            why:
+                "certificates are set (OTEL_EXPORTER_OTLP_*CERTIFICATE, *_CLIENT_KEY), so the endpoint must be https://",
+        });
+    }
+    Ok(Some(TraceConfig { protocol, https, tls }))
 }
 
 /// The samplers the SDK implements; any other name would be ignored by it.
@@ -230,7 +258,7 @@ pub fn init(format: LogFormat, service: &str) -> Result<Telemetry, TelemetryErro
             },
         ),
         Some(c) => {
-            let (provider, flush) = provider(c.protocol, service)?;
+            let (provider, flush) = provider(&c, service)?;
             let tracer = provider.tracer("relay");
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
@@ -272,7 +300,7 @@ pub fn init(format: LogFormat, service: &str) -> Result<Telemetry, TelemetryErro
 
 type Flush = mpsc::Sender<oneshot::Sender<()>>;
 
-fn provider(protocol: Protocol, service: &str) -> Result<(SdkTracerProvider, Flush), TelemetryError> {
+fn provider(config: &TraceConfig, service: &str) -> Result<(SdkTracerProvider, Flush), TelemetryError> {
     let mut resource = Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME")
         .map(|s| s.trim().is_empty())
@@ -283,12 +311,14 @@ fn provider(protocol: Protocol, service: &str) -> Result<(SdkTracerProvider, Flu
     let resource = resource.build();
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
     let (flush_tx, flush_rx) = mpsc::channel(1);
-    match protocol {
+    match config.protocol {
         Protocol::Grpc => {
-            let mut e = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .build()
-                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            use opentelemetry_otlp::WithTonicConfig;
+            let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            if config.https {
+                b = b.with_tls_config(config.tls.tonic());
+            }
+            let mut e = b.build().map_err(|e| TelemetryError::Exporter(e.to_string()))?;
             e.set_resource(&resource);
             tokio::spawn(export_loop(e, rx, flush_rx));
         }
@@ -296,7 +326,12 @@ fn provider(protocol: Protocol, service: &str) -> Result<(SdkTracerProvider, Flu
             let mut e = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_http_client(opentelemetry_http::hyper::HyperClient::with_default_connector(
+                .with_http_client(opentelemetry_http::hyper::HyperClient::new(
+                    hyper_rustls::HttpsConnectorBuilder::new()
+                        .with_tls_config(config.tls.rustls()?)
+                        .https_or_http()
+                        .enable_http1()
+                        .build(),
                     Duration::from_secs(10),
                     None,
                 ))
