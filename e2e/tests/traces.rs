@@ -387,7 +387,8 @@ async fn a_failover_is_one_trace_over_otlp_grpc_and_one_json_log_line() {
     check_tree(&run, &spans);
 
     // The control plane's own work is traced too: Admin calls (SERVER spans named by method),
-    // config pushes to the data plane, and the usage batch that carried this request's records.
+    // config pushes to the data plane, the usage batch that carried this request's records, and
+    // leader jobs.
     let cp = wait_for(Duration::from_secs(30), "the control plane's spans", || {
         let spans = run.received.spans();
         async move {
@@ -398,7 +399,9 @@ async fn a_failover_is_one_trace_over_otlp_grpc_and_one_json_log_line() {
             let ingest = spans
                 .iter()
                 .any(|s| s.name == "usage.ingest" && attr_int(s, "relay.usage.events") >= 1);
-            (admin && push && ingest).then_some(spans)
+            // A leader job's run (the standalone replica leads; its OAuth refresh pass runs at start).
+            let leader = spans.iter().any(|s| s.name.starts_with("leader."));
+            (admin && push && ingest && leader).then_some(spans)
         }
     })
     .await
