@@ -166,7 +166,7 @@ impl AdminApi {
             vec![Mutation::InsertGroup(g.clone())],
         )
         .await?;
-        Ok(self.group_info_now(&g).await?)
+        self.group_info_now(&g).await
     }
 
     pub(super) async fn update_group(&self, actor: &Actor, r: pb::UpdateGroupRequest) -> Result<pb::GroupInfo, Status> {
@@ -227,7 +227,7 @@ impl AdminApi {
             Ok(g)
         })
         .await?;
-        Ok(self.group_info_now(&row).await?)
+        self.group_info_now(&row).await
     }
 
     pub(super) async fn list_groups(
@@ -292,7 +292,7 @@ impl AdminApi {
             Ok(g)
         })
         .await?;
-        Ok(self.group_info_now(&row).await?)
+        self.group_info_now(&row).await
     }
 
     /// A group can go when no account and no live key uses it and no group names it as a

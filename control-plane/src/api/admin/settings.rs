@@ -72,7 +72,7 @@ impl AdminApi {
         _actor: &Actor,
         _r: pb::ListSettingsRequest,
     ) -> Result<pb::ListSettingsResponse, Status> {
-        Ok(self.settings_response().await?)
+        self.settings_response().await
     }
 
     /// Refused unless `relay_proto::settings` declares the name and the value
@@ -111,7 +111,7 @@ impl AdminApi {
             }],
         )
         .await?;
-        Ok(self.settings_response().await?)
+        self.settings_response().await
     }
 
     pub(super) async fn unset_setting(
@@ -141,6 +141,6 @@ impl AdminApi {
             vec![Mutation::UnsetSetting { name: name.clone() }],
         )
         .await?;
-        Ok(self.settings_response().await?)
+        self.settings_response().await
     }
 }
