@@ -164,3 +164,55 @@ where
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::model::Role;
+    use relay_proto::v1 as pb;
+
+    /// A console calling the service layer in process gets what relayctl gets over gRPC: a
+    /// read-only caller is refused a write (and nothing is stored), reads are served, and an
+    /// admin's write is audited under the caller's name.
+    #[tokio::test]
+    async fn in_process_calls_are_authorized_and_audited() {
+        let store: DynStore = Arc::new(crate::store::sqlite::SqliteStore::open_in_memory().unwrap());
+        crate::bootstrap::ensure_defaults(&store).await.unwrap();
+        let api = AdminApi::new(
+            store.clone(),
+            MasterKey::generate(),
+            Arc::new(SpendCache::new(store.clone())),
+        );
+        let viewer = Actor {
+            name: "console:viewer".into(),
+            role: Role::ReadOnly,
+        };
+        let alice = Actor {
+            name: "console:alice".into(),
+            role: Role::Admin,
+        };
+        let create = || pb::CreateGroupRequest {
+            name: "team-a".into(),
+            ..Default::default()
+        };
+        let head = store.head().await.unwrap();
+        let refused = api.call(&viewer, create()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+        assert_eq!(store.head().await.unwrap(), head, "a refused write stored something");
+
+        let made = api.call(&alice, create()).await.unwrap();
+        assert_eq!(made.name, "team-a");
+        let groups = api.call(&viewer, pb::ListGroupsRequest {}).await.unwrap();
+        assert!(groups.groups.iter().any(|g| g.name == "team-a"));
+        let audit = api
+            .call(&viewer, pb::ListAuditRequest { limit: 10, since_ms: 0 })
+            .await
+            .unwrap();
+        let entry = audit.entries.iter().find(|e| e.action == "group.create").unwrap();
+        assert_eq!(
+            (entry.actor.as_str(), entry.target.as_str()),
+            ("console:alice", "team-a")
+        );
+    }
+}
