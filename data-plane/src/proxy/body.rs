@@ -40,8 +40,8 @@ enum Outcome2 {
 /// are held until the event ends, so a stream that dies inside an event is followed by relay's
 /// `event: error` on a clean event boundary, never glued onto half an event. An event larger than
 /// [`MAX_HELD_BYTES`] is passed on in pieces (memory stays bounded).
-pub struct TappedBody {
-    inner: hyper::body::Incoming,
+pub struct TappedBody<B = hyper::body::Incoming> {
+    inner: B,
     prefix: Option<Bytes>,
     tap: Tap,
     attempt: Option<Attempt>,
@@ -71,7 +71,7 @@ pub struct TappedBody {
 }
 
 enum Deferred {
-    Error(hyper::Error),
+    Error(BoxError),
     End,
 }
 
@@ -83,11 +83,11 @@ const IDLE_TURNS: u8 = 2;
 /// The most bytes of an incomplete event held back; a larger event is passed on as it comes.
 pub const MAX_HELD_BYTES: usize = crate::upstream::sse::MAX_EVENT_BYTES;
 
-impl TappedBody {
+impl<B> TappedBody<B> {
     /// `prefix` holds bytes already read from `inner` (and already fed to `tap`).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        inner: hyper::body::Incoming,
+        inner: B,
         prefix: Option<Bytes>,
         tap: Tap,
         attempt: Attempt,
@@ -122,10 +122,6 @@ impl TappedBody {
         };
         body.prefix = prefix.and_then(|p| body.release(p));
         body
-    }
-
-    pub fn boxed(self) -> Body {
-        BodyExt::boxed(self)
     }
 
     /// The part of `data` (already fed to the tap) that completes events, with whatever was held
@@ -291,7 +287,15 @@ fn remaining(deadline: tokio::time::Instant) -> Duration {
     deadline.saturating_duration_since(tokio::time::Instant::now())
 }
 
-impl TappedBody {
+impl<B> TappedBody<B>
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    pub fn boxed(self) -> Body {
+        BodyExt::boxed(self)
+    }
+
     /// Sends `data` (already fed to the tap) merged with whatever else the
     /// upstream connection has already delivered, up to [`COALESCE_BYTES`].
     ///
@@ -325,7 +329,7 @@ impl TappedBody {
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    self.deferred = Some(Deferred::Error(e));
+                    self.deferred = Some(Deferred::Error(e.into()));
                     break;
                 }
                 Poll::Ready(None) => {
@@ -387,7 +391,11 @@ impl TappedBody {
     }
 }
 
-impl HttpBody for TappedBody {
+impl<B> HttpBody for TappedBody<B>
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -417,7 +425,12 @@ impl HttpBody for TappedBody {
         let polled = match this.deferred.take() {
             Some(Deferred::Error(e)) => Poll::Ready(Some(Err(e))),
             Some(Deferred::End) => Poll::Ready(None),
-            None => Pin::new(&mut this.inner).poll_frame(cx),
+            None => match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
         };
         match polled {
             Poll::Pending => {
@@ -461,7 +474,7 @@ impl HttpBody for TappedBody {
                 }
                 this.finish(Outcome2::UpstreamFailed);
                 this.done = true;
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => match this.end() {
                 Some(last) => Poll::Ready(Some(Ok(Frame::data(last)))),
@@ -481,7 +494,7 @@ impl HttpBody for TappedBody {
     }
 }
 
-impl Drop for TappedBody {
+impl<B> Drop for TappedBody<B> {
     fn drop(&mut self) {
         // Dropped before the end: the client went away. Dropping `inner`
         // closes the upstream connection, which cancels the upstream request;

@@ -47,6 +47,8 @@ pub mod schedule;
 pub mod session;
 pub mod sink;
 pub mod sticky;
+#[cfg(test)]
+mod testkit;
 pub mod usage;
 
 use crate::control::spool::Spool;

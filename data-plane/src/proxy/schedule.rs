@@ -359,3 +359,7 @@ impl Drop for QueueTicket<'_> {
         metrics::histogram!(relay_proto::metrics::QUEUE_WAIT_SECONDS).record(self.1.elapsed().as_secs_f64());
     }
 }
+
+#[cfg(test)]
+#[path = "schedule_tests.rs"]
+mod tests;
