@@ -633,3 +633,7 @@ pub(super) fn attempt_span(ctx: &AttemptCtx<'_>, account: &AccountEntry, n: usiz
         error.type = tracing::field::Empty,
     )
 }
+
+#[cfg(test)]
+#[path = "attempt_tests.rs"]
+mod tests;

@@ -103,7 +103,7 @@ pub(super) enum Failure {
 }
 
 impl Failure {
-    fn into_response(self, request_id: &str) -> Response<Body> {
+    pub(super) fn into_response(self, request_id: &str) -> Response<Body> {
         match self {
             Failure::Upstream {
                 status,
@@ -291,5 +291,47 @@ mod tests {
         assert_eq!(status, 502);
         let (status, _, _) = answer(vec![upstream(401, None), upstream(529, Some(2))], None);
         assert_eq!(status, 529);
+    }
+
+    /// The client's status after the retry loop over accounts answering these, in order.
+    async fn retried(answers: [String; 2]) -> (u16, String) {
+        use crate::proxy::testkit::{self, Acct};
+        let a = testkit::upstream(vec![answers[0].clone()]).await;
+        let b = testkit::upstream(vec![answers[1].clone()]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let accounts = [Acct::new("a").at(&a).priority(0), Acct::new("b").at(&b).priority(1)];
+        let p = testkit::proxy(
+            testkit::config(1, &accounts, relay_proto::v1::KeyStatus::Active, &[]),
+            dir.path(),
+        );
+        let req = testkit::request(&p, true);
+        let log = testkit::log();
+        let attempted = std::sync::atomic::AtomicBool::new(false);
+        let ctx = AttemptCtx::new(&req, "req_test", Instant::now(), None, &attempted, &log);
+        let r = p.attempts(&ctx, &Session::default()).await.unwrap();
+        let status = r.status().as_u16();
+        let body = crate::proxy::body_bytes(r.into_body()).await.unwrap();
+        (status, String::from_utf8_lossy(&body).to_string())
+    }
+
+    #[tokio::test]
+    async fn the_retry_loop_fails_over_to_the_next_account_and_answers_with_the_most_telling_failure() {
+        use crate::proxy::testkit::{answer, STREAM_OK};
+        let overloaded = r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        let limited = r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#;
+        let (status, body) = retried([
+            answer(529, "application/json", overloaded),
+            answer(200, "text/event-stream", STREAM_OK),
+        ])
+        .await;
+        assert_eq!(status, 200);
+        assert!(body.contains("message_stop"), "{body}");
+        let (status, body) = retried([
+            answer(429, "application/json", limited),
+            answer(500, "text/plain", "oops"),
+        ])
+        .await;
+        assert_eq!(status, 429, "a rate limit says more than a server error: {body}");
+        assert!(body.contains("slow down"), "{body}");
     }
 }
