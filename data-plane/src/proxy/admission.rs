@@ -250,3 +250,43 @@ pub fn check_model(req: &ClientRequest) -> Result<(), ApiError> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn the_head_is_a_json_object_naming_a_model() {
+        let h = Head::parse(br#" {"model":"m","stream":true,"max_tokens":99999999999}"#, true).unwrap();
+        assert_eq!(
+            h,
+            Head {
+                model: "m".into(),
+                stream: true,
+                max_tokens: 1 << 24
+            }
+        );
+        assert!(
+            !Head::parse(br#"{"model":"m","stream":true}"#, false).unwrap().stream,
+            "count_tokens never streams"
+        );
+        let refused = |b: &[u8]| Head::parse(b, true).unwrap_err().message;
+        assert_eq!(refused(br#"["m", true]"#), "request body must be a JSON object");
+        assert_eq!(refused(br#"{"model":""}"#), "model: must be a string");
+        assert_eq!(refused(br#"{"max_tokens":1}"#), "model: Field required");
+        assert!(refused(b"{nope").starts_with("request body is not valid JSON"));
+    }
+
+    #[test]
+    fn anthropic_version_must_be_a_date() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("anthropic-version", http::HeaderValue::from_static(v));
+            check_version(&h)
+        };
+        assert!(with("2023-06-01").is_ok());
+        assert!(with("2023-6-1").is_err() && with("latest").is_err());
+        assert_eq!(check_version(&HeaderMap::new()).unwrap_err().status.as_u16(), 400);
+    }
+}

@@ -504,3 +504,7 @@ impl<B> Drop for TappedBody<B> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "body_tests.rs"]
+mod tests;

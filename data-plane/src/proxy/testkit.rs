@@ -241,6 +241,8 @@ pub const STREAM_OK: &str = concat!(
 /// the body wakes itself so the step after it comes on the next poll).
 pub struct ScriptedBody {
     steps: VecDeque<Step>,
+    /// A failed body has not ended (as a connection that broke).
+    failed: bool,
 }
 
 pub enum Step {
@@ -253,7 +255,10 @@ pub enum Step {
 
 impl ScriptedBody {
     pub fn new(steps: Vec<Step>) -> Self {
-        ScriptedBody { steps: steps.into() }
+        ScriptedBody {
+            steps: steps.into(),
+            failed: false,
+        }
     }
 }
 
@@ -272,12 +277,15 @@ impl http_body::Body for ScriptedBody {
                 self.steps.push_front(Step::Stall);
                 Poll::Pending
             }
-            Some(Step::Fail) => Poll::Ready(Some(Err("connection reset".into()))),
+            Some(Step::Fail) => {
+                self.failed = true;
+                Poll::Ready(Some(Err("connection reset".into())))
+            }
             None => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.steps.is_empty()
+        self.steps.is_empty() && !self.failed
     }
 }
