@@ -192,7 +192,7 @@ async fn acquire_gives_up_at_the_wait_limit_and_refuses_past_the_queue_size() {
         .scheduler()
         .acquire(&w, &[], None, deadline, &mut Waited::default())
         .await;
-    let e = refused.err().expect("the queue is full");
+    let Err(e) = refused else { panic!("the queue is full") };
     assert_eq!((e.status.as_u16(), e.retry_after_secs), (529, Some(1)));
     assert!(e.message.contains("too many requests are waiting"), "{}", e.message);
     let (none, ms) = waiter.await.unwrap();
@@ -227,6 +227,8 @@ async fn a_suspended_request_sees_its_key_revoked_in_a_newer_config() {
         .swap(testkit::config(2, &[Acct::new("a")], pb::KeyStatus::Revoked, &[]));
     let (r, what) = waiter.await.unwrap();
     assert_eq!(what, "recovery");
-    let e = r.err().expect("the key was revoked meanwhile");
+    let Err(e) = r else {
+        panic!("the key was revoked meanwhile")
+    };
     assert_eq!(e.status.as_u16(), 401);
 }
