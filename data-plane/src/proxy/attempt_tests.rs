@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use super::*;
-use crate::proxy::testkit::{self, answer, Acct, ScriptedBody, Step, STREAM_OK};
+use crate::proxy::testkit::{self, answer, deadline, Acct, ScriptedBody, Step, STREAM_OK};
 use relay_proto::v1 as pb;
 
 const OVERLOADED_STREAM: &str =
@@ -101,7 +101,7 @@ async fn attempt_on(raw: String, stream: bool) -> Result<u16, (u16, bool, String
     let req = testkit::request(&p, stream);
     let log = testkit::log();
     let attempted = std::sync::atomic::AtomicBool::new(false);
-    let ctx = AttemptCtx::new(&req, "req_test", Instant::now(), None, &attempted, &log);
+    let ctx = AttemptCtx::new(&req, "req_test", Instant::now(), deadline(&req), None, &attempted, &log);
     let account = req.cfg.accounts_of("g")[0].clone();
     let slot = p.balancer.try_acquire(&account).unwrap();
     let span = attempt_span(&ctx, &account, 1);

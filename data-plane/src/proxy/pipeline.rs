@@ -79,11 +79,14 @@ impl Proxy {
         admission::check_model(&req)?;
         groups::check(&req)?;
         let limited = limit::check(&self.limiter, &self.spend, &req).await?;
+        // Every attempt must be done within `retry.deadline_ms` from here.
+        let deadline = tokio::time::Instant::now() + req.cfg.policy.retry_deadline;
         let session = session::lookup(self.sessions.as_ref(), &req).await;
         let ctx = AttemptCtx::new(
             &req,
             request_id,
             started,
+            deadline,
             limited.charge.clone(),
             &unattempted.attempted,
             log,

@@ -295,7 +295,7 @@ mod tests {
 
     /// The client's status after the retry loop over accounts answering these, in order.
     async fn retried(answers: [String; 2]) -> (u16, String) {
-        use crate::proxy::testkit::{self, Acct};
+        use crate::proxy::testkit::{self, deadline, Acct};
         let a = testkit::upstream(vec![answers[0].clone()]).await;
         let b = testkit::upstream(vec![answers[1].clone()]).await;
         let dir = tempfile::tempdir().unwrap();
@@ -307,7 +307,7 @@ mod tests {
         let req = testkit::request(&p, true);
         let log = testkit::log();
         let attempted = std::sync::atomic::AtomicBool::new(false);
-        let ctx = AttemptCtx::new(&req, "req_test", Instant::now(), None, &attempted, &log);
+        let ctx = AttemptCtx::new(&req, "req_test", Instant::now(), deadline(&req), None, &attempted, &log);
         let r = p.attempts(&ctx, &Session::default()).await.unwrap();
         let status = r.status().as_u16();
         let body = crate::proxy::body_bytes(r.into_body()).await.unwrap();

@@ -289,3 +289,8 @@ impl http_body::Body for ScriptedBody {
         self.steps.is_empty() && !self.failed
     }
 }
+
+/// The retry deadline of a request admitted now.
+pub fn deadline(req: &ClientRequest) -> tokio::time::Instant {
+    tokio::time::Instant::now() + req.cfg.policy.retry_deadline
+}
