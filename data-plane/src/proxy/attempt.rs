@@ -21,6 +21,7 @@ use crate::upstream::encoding::Encoding;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -109,7 +110,7 @@ impl Proxy {
         slot: SlotGuard,
         waited: Waited,
         span: tracing::Span,
-    ) -> Result<Response<Body>, (Failure, bool)> {
+    ) -> Attempted {
         let sink = HealthSink {
             registry: self.health.clone(),
             reporter: self.reporter.clone(),
@@ -117,37 +118,10 @@ impl Proxy {
             generation: account.reset_generation,
             account: account.clone(),
         };
-        let uri = format!(
-            "{}{}",
-            account.base_url,
-            ctx.parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
-        );
-        let mut up = match Request::builder()
-            .method(ctx.parts.method.clone())
-            .uri(&uri)
-            .body(Full::new(ctx.body.clone()))
-        {
+        let up = match upstream_request(ctx, &account, &span) {
             Ok(r) => r,
-            Err(_) => {
-                return Err((
-                    Failure::Relay(ApiError::internal("cannot build the upstream request")),
-                    false,
-                ))
-            }
+            Err(e) => return Err((Failure::Relay(e), false)),
         };
-        *up.headers_mut() = headers::upstream_headers(&ctx.parts.headers, &account, ctx.policy.forward_client_ip);
-        // relay is the server a browser calls: the upstream call is relay's own, never a
-        // browser's, whether CORS is on or not. (Anthropic's API answers a call with an Origin and
-        // no anthropic-dangerous-direct-browser-access with a 401, which would take the account
-        // out for every client.)
-        up.headers_mut().remove(header::ORIGIN);
-        // The upstream sees a trace context only when the operator asks for it: then the
-        // attempt span's own (a child of the client's, when it sent one).
-        up.headers_mut().remove("traceparent");
-        up.headers_mut().remove("tracestate");
-        if ctx.policy.propagate_upstream {
-            relay_telemetry::inject_headers(&span, up.headers_mut());
-        }
         // From here on the attempt leaves exactly one usage row, however it ends (if the
         // client goes away before the upstream answers, the guard records it as cancelled).
         ctx.attempted.store(true, std::sync::atomic::Ordering::Release);
@@ -171,17 +145,7 @@ impl Proxy {
             span,
         });
         let sent_at = Instant::now();
-        // An upstream sends a stream's head and first event at once (the generation follows), so
-        // a stream that has not started within what is left of the retry deadline (at least
-        // STREAM_START_MIN) is a black hole: fail over. A non-streaming answer's head comes
-        // when the whole answer is ready: `upstream.head_timeout_ms` (minutes).
-        let head_wait = if ctx.stream {
-            ctx.policy
-                .head_timeout
-                .min(remaining_until(ctx.deadline).max(STREAM_START_MIN))
-        } else {
-            ctx.policy.head_timeout
-        };
+        let head_wait = head_wait(ctx);
         let head_deadline = tokio::time::Instant::now() + head_wait;
         let answered = tokio::time::timeout_at(head_deadline, self.upstreams.request(account.proxy.as_ref(), up)).await;
         not_ours(sent_at.elapsed());
@@ -219,13 +183,13 @@ impl Proxy {
                 ));
             }
         };
-        let (rparts, mut rbody) = resp.into_parts();
-        metrics::counter!(relay_proto::metrics::UPSTREAM_RESPONSES_TOTAL, "status" => status_class(rparts.status))
+        let (parts, body) = resp.into_parts();
+        metrics::counter!(relay_proto::metrics::UPSTREAM_RESPONSES_TOTAL, "status" => status_class(parts.status))
             .increment(1);
-        let status = rparts.status.as_u16();
+        let status = parts.status.as_u16();
         if let Some(a) = guard.get_mut() {
             a.status = status;
-            a.upstream_request_id = rparts
+            a.upstream_request_id = parts
                 .headers
                 .get("request-id")
                 .and_then(|v| v.to_str().ok())
@@ -233,171 +197,275 @@ impl Proxy {
                 .unwrap_or("")
                 .to_string();
         }
-        let content_type = rparts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let is_sse = content_type.starts_with("text/event-stream");
-        let encoding = Encoding::of(&rparts.headers);
-        let mut tap = Tap::for_content(is_sse);
-        // An answer that is not an Anthropic answer: an upstream fault. Fail over, feed the
-        // breaker, record it; the client never sees it.
-        let invalid = |guard: &mut AttemptGuard, tap: &Tap, what: &str| {
-            metrics::counter!(relay_proto::metrics::UPSTREAM_ERRORS_TOTAL, "kind" => "invalid_answer").increment(1);
-            tracing::warn!(account = %account.name, status, what, "the upstream's answer is not a valid Anthropic answer");
-            sink.observe(&account.id, ctx.model, &Outcome::Invalid { what });
-            if let Some(a) = guard.take() {
-                usage::record_failed(a, tap, Some(INVALID_ANSWER));
-            }
-            (
-                Failure::Relay(ApiError::bad_upstream_answer(
-                    "the upstream's answer was not a valid Anthropic API response",
-                )),
-                true,
-            )
+        let is_sse = content_type_of(&parts.headers).starts_with("text/event-stream");
+        let encoding = Encoding::of(&parts.headers);
+        let mut answered = Answered {
+            ctx,
+            account,
+            sink,
+            guard,
+            tap: Tap::for_content(is_sse),
+            parts,
+            body,
+            status,
+            sent_at,
+            head_deadline,
         };
-
         // 1xx (101 included), 3xx (a redirect's Location is never followed nor forwarded) and
         // anything outside the status range HTTP defines are not Messages answers.
         if !anthropic_status(status) {
-            return Err(invalid(&mut guard, &tap, &format!("status {status}")));
+            return Err(answered.invalid(&format!("status {status}")));
         }
-
-        if !rparts.status.is_success() {
-            // A failed attempt: read its (small) error body, within the request's deadline.
-            let reading = Instant::now();
-            let (raw, whole) =
-                read_capped(&mut rbody, MAX_ERROR_BODY_BYTES, ctx.policy.idle_timeout, ctx.deadline).await;
-            not_ours(reading.elapsed());
-            let body = match encoding.as_ref().map(|e| e.decode(&raw, MAX_ERROR_BODY_BYTES)) {
-                Ok(Ok(b)) => b,
-                // Undecodable: judged by its status alone; the client gets relay's own error body.
-                _ => Vec::new(),
-            };
-            tap.feed(&body);
-            // count_tokens on an upstream that does not serve it (a compatible endpoint without it): not the
-            // account's fault (its Messages API is untouched), and another account may serve it.
-            let verdict = if endpoint_missing(ctx.is_messages, status, &body) {
-                health::Verdict {
-                    retry_elsewhere: true,
-                    retry_after: None,
-                }
-            } else {
-                sink.observe(
-                    &account.id,
-                    ctx.model,
-                    &Outcome::Response {
-                        status,
-                        headers: &rparts.headers,
-                        body: &body,
-                    },
-                )
-            };
-            if let Some(a) = guard.take() {
-                usage::record_failed(a, &tap, None);
-            }
-            // Only a whole Anthropic error reaches the client as the upstream sent it; an HTML
-            // page, an event stream, a body cut at the deadline get relay's own error JSON.
-            let mut headers = headers::client_headers(&rparts.headers, ctx.request_id, ctx.policy.expose_ratelimit);
-            let body = if whole && usage::is_api_error(&body) {
-                Bytes::from(body)
-            } else {
-                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                errors::upstream_error_body(rparts.status)
-            };
-            let failure = Failure::Upstream {
-                status: rparts.status,
-                headers,
-                body,
-                retry_after: verdict.retry_after,
-            };
-            return Err((failure, verdict.retry_elsewhere));
+        if !answered.parts.status.is_success() {
+            return Err(answered.error_status(encoding).await);
         }
-
         let encoding = match encoding {
             Ok(e) => e,
-            Err(e) => return Err(invalid(&mut guard, &tap, &e.to_string())),
+            Err(e) => return Err(answered.invalid(&e.to_string())),
         };
         if is_sse != ctx.stream {
             let what = if ctx.stream {
-                format!("a {content_type:?} answer to a streaming request")
+                format!(
+                    "a {:?} answer to a streaming request",
+                    content_type_of(&answered.parts.headers)
+                )
             } else {
                 "an event stream answer to a non-streaming request".to_string()
             };
-            return Err(invalid(&mut guard, &tap, &what));
+            return Err(answered.invalid(&what));
         }
-
         if !is_sse {
-            // A complete JSON answer: read it whole before answering, so an
-            // answer cut off midway can still go to another account (the
-            // upstream produces it whole anyway, so this costs no latency).
-            let total_deadline = tokio::time::Instant::now() + ctx.policy.total_timeout;
-            let Some(raw) = read_whole(&mut rbody, MAX_BODY_BYTES, ctx.policy.idle_timeout, total_deadline).await
-            else {
-                metrics::counter!(relay_proto::metrics::UPSTREAM_ERRORS_TOTAL, "kind" => "body").increment(1);
-                sink.observe(&account.id, ctx.model, &Outcome::ConnectError);
-                if let Some(mut a) = guard.take() {
-                    a.status = 502;
-                    usage::record_failed(a, &tap, None);
-                }
-                return Err((
-                    Failure::Relay(ApiError::upstream_unreachable("the upstream's answer was cut off")),
-                    true,
-                ));
-            };
-            let bytes = match encoding {
-                Encoding::Identity => raw,
-                e => match e.decode(&raw, MAX_BODY_BYTES) {
-                    Ok(b) => Bytes::from(b),
-                    Err(err) => return Err(invalid(&mut guard, &tap, &err.to_string())),
-                },
-            };
-            // (No content-type at all is tolerated when the body is a message; the client gets one.)
-            if !content_type.is_empty() && !content_type.starts_with("application/json") {
-                return Err(invalid(&mut guard, &tap, &format!("content-type {content_type:?}")));
+            return answered.json(encoding, slot).await;
+        }
+        if encoding != Encoding::Identity {
+            // An event stream is tapped as it passes; relay does not decode one on the fly.
+            return Err(answered.invalid("a compressed event stream"));
+        }
+        answered.stream(slot).await
+    }
+}
+
+/// The upstream request for one attempt: the client's method, path and body to the account's
+/// base URL, with [`headers::upstream_headers`], never the browser's `Origin`, and a trace
+/// context only when the operator asks for it.
+fn upstream_request(
+    ctx: &AttemptCtx<'_>,
+    account: &AccountEntry,
+    span: &tracing::Span,
+) -> Result<Request<Full<Bytes>>, ApiError> {
+    let uri = format!(
+        "{}{}",
+        account.base_url,
+        ctx.parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+    );
+    let mut up = Request::builder()
+        .method(ctx.parts.method.clone())
+        .uri(&uri)
+        .body(Full::new(ctx.body.clone()))
+        .map_err(|_| ApiError::internal("cannot build the upstream request"))?;
+    *up.headers_mut() = headers::upstream_headers(&ctx.parts.headers, account, ctx.policy.forward_client_ip);
+    // relay is the server a browser calls: the upstream call is relay's own, never a
+    // browser's, whether CORS is on or not. (Anthropic's API answers a call with an Origin and
+    // no anthropic-dangerous-direct-browser-access with a 401, which would take the account
+    // out for every client.)
+    up.headers_mut().remove(header::ORIGIN);
+    // The upstream sees a trace context only when the operator asks for it: then the
+    // attempt span's own (a child of the client's, when it sent one).
+    up.headers_mut().remove("traceparent");
+    up.headers_mut().remove("tracestate");
+    if ctx.policy.propagate_upstream {
+        relay_telemetry::inject_headers(span, up.headers_mut());
+    }
+    Ok(up)
+}
+
+/// How long an attempt waits for the upstream's head.
+fn head_wait(ctx: &AttemptCtx<'_>) -> Duration {
+    // An upstream sends a stream's head and first event at once (the generation follows), so
+    // a stream that has not started within what is left of the retry deadline (at least
+    // STREAM_START_MIN) is a black hole: fail over. A non-streaming answer's head comes
+    // when the whole answer is ready: `upstream.head_timeout_ms` (minutes).
+    if ctx.stream {
+        ctx.policy
+            .head_timeout
+            .min(remaining_until(ctx.deadline).max(STREAM_START_MIN))
+    } else {
+        ctx.policy.head_timeout
+    }
+}
+
+/// The upstream's `content-type` ("" when none or not text).
+fn content_type_of(h: &HeaderMap) -> &str {
+    h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+/// What an attempt's result is: the client's response, or what failed and whether another
+/// account may be tried.
+type Attempted = Result<Response<Body>, (Failure, bool)>;
+
+/// An attempt whose upstream sent a response head: what judging the answer needs.
+struct Answered<'c, 'a> {
+    ctx: &'c AttemptCtx<'a>,
+    account: Arc<AccountEntry>,
+    sink: HealthSink,
+    /// Records the attempt's usage row (as cancelled if dropped before it was taken).
+    guard: AttemptGuard,
+    /// What was read of the answer.
+    tap: Tap,
+    parts: http::response::Parts,
+    body: Incoming,
+    status: u16,
+    sent_at: Instant,
+    /// A stream's first event must have come by then.
+    head_deadline: tokio::time::Instant,
+}
+
+impl Answered<'_, '_> {
+    /// An answer that is not an Anthropic answer: an upstream fault. Fail over, feed the
+    /// breaker, record it; the client never sees it.
+    fn invalid(&mut self, what: &str) -> (Failure, bool) {
+        metrics::counter!(relay_proto::metrics::UPSTREAM_ERRORS_TOTAL, "kind" => "invalid_answer").increment(1);
+        tracing::warn!(account = %self.account.name, status = self.status, what, "the upstream's answer is not a valid Anthropic answer");
+        self.sink
+            .observe(&self.account.id, self.ctx.model, &Outcome::Invalid { what });
+        if let Some(a) = self.guard.take() {
+            usage::record_failed(a, &self.tap, Some(INVALID_ANSWER));
+        }
+        (
+            Failure::Relay(ApiError::bad_upstream_answer(
+                "the upstream's answer was not a valid Anthropic API response",
+            )),
+            true,
+        )
+    }
+
+    /// An error status: its (small) error body is read within the request's deadline and judged.
+    async fn error_status<E>(mut self, encoding: Result<Encoding, E>) -> (Failure, bool) {
+        let ctx = self.ctx;
+        let reading = Instant::now();
+        let (raw, whole) = read_capped(
+            &mut self.body,
+            MAX_ERROR_BODY_BYTES,
+            ctx.policy.idle_timeout,
+            ctx.deadline,
+        )
+        .await;
+        not_ours(reading.elapsed());
+        let body = match encoding.map(|e| e.decode(&raw, MAX_ERROR_BODY_BYTES)) {
+            Ok(Ok(b)) => b,
+            // Undecodable: judged by its status alone; the client gets relay's own error body.
+            _ => Vec::new(),
+        };
+        self.tap.feed(&body);
+        let status = self.status;
+        let verdict = if endpoint_missing(ctx.is_messages, status, &body) {
+            health::Verdict {
+                retry_elsewhere: true,
+                retry_after: None,
             }
-            let answer = match usage::check_answer(ctx.is_messages, &bytes) {
-                Ok(a) => a,
-                Err(what) => return Err(invalid(&mut guard, &tap, what)),
-            };
-            slot.observe_latency(sent_at.elapsed());
-            sink.observe(
-                &account.id,
+        } else {
+            self.sink.observe(
+                &self.account.id,
                 ctx.model,
                 &Outcome::Response {
                     status,
-                    headers: &rparts.headers,
-                    body: &[],
+                    headers: &self.parts.headers,
+                    body: &body,
                 },
-            );
-            if let Some(a) = guard.take() {
-                let ttfb = a.started.elapsed().as_millis() as u64;
-                usage::record(a, answer, ttfb);
-            }
-            drop(slot);
-            let mut out = Response::new(full(bytes));
-            *out.status_mut() = rparts.status;
-            *out.headers_mut() = headers::client_headers(&rparts.headers, ctx.request_id, ctx.policy.expose_ratelimit);
-            if content_type.is_empty() {
-                out.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            }
-            return Ok(out);
+            )
+        };
+        if let Some(a) = self.guard.take() {
+            usage::record_failed(a, &self.tap, None);
         }
+        // Only a whole Anthropic error reaches the client as the upstream sent it; an HTML
+        // page, an event stream, a body cut at the deadline get relay's own error JSON.
+        let mut headers = headers::client_headers(&self.parts.headers, ctx.request_id, ctx.policy.expose_ratelimit);
+        let body = if whole && usage::is_api_error(&body) {
+            Bytes::from(body)
+        } else {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            errors::upstream_error_body(self.parts.status)
+        };
+        let failure = Failure::Upstream {
+            status: self.parts.status,
+            headers,
+            body,
+            retry_after: verdict.retry_after,
+        };
+        (failure, verdict.retry_elsewhere)
+    }
 
-        if encoding != Encoding::Identity {
-            // An event stream is tapped as it passes; relay does not decode one on the fly.
-            return Err(invalid(&mut guard, &tap, "a compressed event stream"));
+    /// A complete JSON answer: read whole before answering, so an answer cut off midway can
+    /// still go to another account (the upstream produces it whole anyway, so this costs no
+    /// latency).
+    async fn json(mut self, encoding: Encoding, slot: SlotGuard) -> Attempted {
+        let ctx = self.ctx;
+        let total_deadline = tokio::time::Instant::now() + ctx.policy.total_timeout;
+        let Some(raw) = read_whole(&mut self.body, MAX_BODY_BYTES, ctx.policy.idle_timeout, total_deadline).await
+        else {
+            metrics::counter!(relay_proto::metrics::UPSTREAM_ERRORS_TOTAL, "kind" => "body").increment(1);
+            self.sink.observe(&self.account.id, ctx.model, &Outcome::ConnectError);
+            if let Some(mut a) = self.guard.take() {
+                a.status = 502;
+                usage::record_failed(a, &self.tap, None);
+            }
+            return Err((
+                Failure::Relay(ApiError::upstream_unreachable("the upstream's answer was cut off")),
+                true,
+            ));
+        };
+        let bytes = match encoding {
+            Encoding::Identity => raw,
+            e => match e.decode(&raw, MAX_BODY_BYTES) {
+                Ok(b) => Bytes::from(b),
+                Err(err) => return Err(self.invalid(&err.to_string())),
+            },
+        };
+        // (No content-type at all is tolerated when the body is a message; the client gets one.)
+        let content_type = content_type_of(&self.parts.headers).to_string();
+        if !content_type.is_empty() && !content_type.starts_with("application/json") {
+            return Err(self.invalid(&format!("content-type {content_type:?}")));
         }
-        // Hold the head until the first event: a stream that opens with `event: error` (or with
-        // anything but message_start) can still go to another account.
-        let prefix = match hold_first_event(&mut rbody, &mut tap, head_deadline).await {
+        let answer = match usage::check_answer(ctx.is_messages, &bytes) {
+            Ok(a) => a,
+            Err(what) => return Err(self.invalid(what)),
+        };
+        slot.observe_latency(self.sent_at.elapsed());
+        self.sink.observe(
+            &self.account.id,
+            ctx.model,
+            &Outcome::Response {
+                status: self.status,
+                headers: &self.parts.headers,
+                body: &[],
+            },
+        );
+        if let Some(a) = self.guard.take() {
+            let ttfb = a.started.elapsed().as_millis() as u64;
+            usage::record(a, answer, ttfb);
+        }
+        drop(slot);
+        let mut out = Response::new(full(bytes));
+        *out.status_mut() = self.parts.status;
+        *out.headers_mut() = headers::client_headers(&self.parts.headers, ctx.request_id, ctx.policy.expose_ratelimit);
+        if content_type.is_empty() {
+            out.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        Ok(out)
+    }
+
+    /// An event stream: its head is held until the first event (so a stream that opens with
+    /// `event: error`, or with anything but message_start, can still go to another account),
+    /// then the client gets the tapped body.
+    async fn stream(mut self, slot: SlotGuard) -> Attempted {
+        let ctx = self.ctx;
+        let prefix = match hold_first_event(&mut self.body, &mut self.tap, self.head_deadline).await {
             Ok(held) => held,
             Err(outcome) => {
-                sink.observe(&account.id, ctx.model, &outcome);
-                if let Some(a) = guard.take() {
-                    usage::record_failed(a, &tap, None);
+                self.sink.observe(&self.account.id, ctx.model, &outcome);
+                if let Some(a) = self.guard.take() {
+                    usage::record_failed(a, &self.tap, None);
                 }
                 return Err((
                     Failure::Relay(ApiError::upstream_unreachable(
@@ -407,21 +475,21 @@ impl Proxy {
                 ));
             }
         };
-        match first_event(&tap) {
+        match first_event(&self.tap) {
             FirstEvent::Started => {}
             FirstEvent::NotAnthropic => {
-                return Err(invalid(&mut guard, &tap, "the stream did not open with message_start"));
+                return Err(self.invalid("the stream did not open with message_start"));
             }
             FirstEvent::Error(error_type) => {
-                let verdict = sink.observe(
-                    &account.id,
+                let verdict = self.sink.observe(
+                    &self.account.id,
                     ctx.model,
                     &Outcome::StreamError {
                         error_type: &error_type,
                     },
                 );
-                if let Some(a) = guard.take() {
-                    usage::record_failed(a, &tap, None);
+                if let Some(a) = self.guard.take() {
+                    usage::record_failed(a, &self.tap, None);
                 }
                 let mut headers = HeaderMap::new();
                 headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -435,18 +503,17 @@ impl Proxy {
             }
         }
         // Success: the account answered.
-        let head_latency = sent_at.elapsed();
-        slot.observe_latency(head_latency);
-        sink.observe(
-            &account.id,
+        slot.observe_latency(self.sent_at.elapsed());
+        self.sink.observe(
+            &self.account.id,
             ctx.model,
             &Outcome::Response {
-                status,
-                headers: &rparts.headers,
+                status: self.status,
+                headers: &self.parts.headers,
                 body: &[],
             },
         );
-        let Some(attempt) = guard.take() else {
+        let Some(attempt) = self.guard.take() else {
             return Err((
                 Failure::Relay(ApiError::internal("the attempt was already recorded")),
                 false,
@@ -457,10 +524,13 @@ impl Proxy {
             idle: ctx.policy.idle_timeout,
             total_deadline: tokio::time::Instant::now() + ctx.policy.total_timeout,
         };
-        let body = TappedBody::new(rbody, Some(prefix), tap, attempt, sink, Some(slot), timeouts, ttfb);
+        let Answered {
+            sink, tap, parts, body, ..
+        } = self;
+        let body = TappedBody::new(body, Some(prefix), tap, attempt, sink, Some(slot), timeouts, ttfb);
         let mut out = Response::new(body.boxed());
-        *out.status_mut() = rparts.status;
-        *out.headers_mut() = headers::client_headers(&rparts.headers, ctx.request_id, ctx.policy.expose_ratelimit);
+        *out.status_mut() = parts.status;
+        *out.headers_mut() = headers::client_headers(&parts.headers, ctx.request_id, ctx.policy.expose_ratelimit);
         Ok(out)
     }
 }
