@@ -42,11 +42,15 @@ pub fn status_from_store(e: StoreError) -> Status {
         StoreError::Conflict { .. } => Status::aborted(e.to_string()),
         StoreError::InUse(_) | StoreError::Fenced { .. } => Status::failed_precondition(e.to_string()),
         StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
-        StoreError::Database(_) | StoreError::Migration(_) => {
-            tracing::error!(error = %e, "store failure");
+        StoreError::Unavailable { .. } => {
+            tracing::error!(error = %e, "store unavailable");
             Status::unavailable("the control plane's database is unavailable; retry")
         }
-        StoreError::Corrupt(_) => {
+        StoreError::Internal { .. } | StoreError::Migration { .. } => {
+            tracing::error!(error = %e, "store failure");
+            Status::internal("the control plane's database refused the request; see the control-plane log")
+        }
+        StoreError::Corrupt { .. } => {
             tracing::error!(error = %e, "stored data is invalid");
             Status::internal("stored data is invalid; see the control-plane log")
         }
