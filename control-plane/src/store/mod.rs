@@ -4,7 +4,10 @@
 //!
 //! Architecture invariant: every config write goes through [`Store::apply`],
 //! which bumps the head revision and writes the audit entry in the same
-//! transaction as the change. Nothing else writes config.
+//! transaction as the change. Nothing else writes config. What a write checks
+//! and records is written once, in `rules.rs`, for both stores; each store
+//! directory holds only its SQL. Errors are typed ([`StoreError`]): callers
+//! decide by kind, and only `Unavailable` is worth a retry.
 
 use crate::model::*;
 use std::sync::Arc;

@@ -85,3 +85,33 @@ pub(super) fn col_version(row: &Row<'_>, epoch: usize, revision: usize) -> rusql
 pub(super) fn opt_i64(v: Option<i64>) -> Value {
     v.map_or(Value::Null, Value::Integer)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::db;
+    use crate::store::StoreError;
+    use rusqlite::ffi;
+
+    fn failure(code: i32) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(ffi::Error::new(code), Some("detail".into()))
+    }
+
+    /// A busy, locked or unwritable database is worth a retry; a bad statement is not; a value
+    /// that does not convert is corrupt data. Each keeps rusqlite's error as its source.
+    #[test]
+    fn errors_are_sorted_by_what_a_caller_can_do() {
+        for code in [ffi::SQLITE_BUSY, ffi::SQLITE_LOCKED, ffi::SQLITE_CANTOPEN, ffi::SQLITE_IOERR, ffi::SQLITE_FULL] {
+            let e = db(failure(code));
+            assert!(matches!(e, StoreError::Unavailable { .. }), "{code}: {e:?}");
+            assert!(std::error::Error::source(&e).is_some());
+        }
+        let e = db(failure(ffi::SQLITE_ERROR));
+        assert!(matches!(e, StoreError::Internal { .. }), "{e:?}");
+        assert!(std::error::Error::source(&e).is_some());
+        let e = db(rusqlite::Error::IntegralValueOutOfRange(3, -1));
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e:?}");
+        assert!(e.to_string().starts_with("stored data is invalid: "), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+    }
+}
