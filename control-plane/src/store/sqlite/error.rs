@@ -101,7 +101,13 @@ mod tests {
     /// that does not convert is corrupt data. Each keeps rusqlite's error as its source.
     #[test]
     fn errors_are_sorted_by_what_a_caller_can_do() {
-        for code in [ffi::SQLITE_BUSY, ffi::SQLITE_LOCKED, ffi::SQLITE_CANTOPEN, ffi::SQLITE_IOERR, ffi::SQLITE_FULL] {
+        for code in [
+            ffi::SQLITE_BUSY,
+            ffi::SQLITE_LOCKED,
+            ffi::SQLITE_CANTOPEN,
+            ffi::SQLITE_IOERR,
+            ffi::SQLITE_FULL,
+        ] {
             let e = db(failure(code));
             assert!(matches!(e, StoreError::Unavailable { .. }), "{code}: {e:?}");
             assert!(std::error::Error::source(&e).is_some());
