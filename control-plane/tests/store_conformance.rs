@@ -875,6 +875,21 @@ macro_rules! conformance_suite {
                 store.get_api_key("key-1").await.unwrap().unwrap(),
                 key_at(&revoked, v2.revision)
             );
+            // A key's hash and prefix are its identity: an update never changes them.
+            let v3 = apply_ok(
+                &store,
+                vec![Mutation::UpdateApiKey {
+                    row: ApiKey {
+                        key_hash: "another-hash".into(),
+                        key_prefix: "rk-other".into(),
+                        ..key_at(&revoked, v2.revision)
+                    },
+                    expect_revision: v2.revision,
+                }],
+            )
+            .await;
+            let kept = store.get_api_key("key-1").await.unwrap().unwrap();
+            assert_eq!(kept, key_at(&revoked, v3.revision));
 
             let mut stale = key_at(&key, v.revision);
             stale.status = KeyStatus::Disabled;

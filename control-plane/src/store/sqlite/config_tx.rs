@@ -169,9 +169,10 @@ impl ConfigTx for SqliteTx<'_, '_> {
             ),
             Some(expect) => {
                 values.push(Value::Integer(expect));
-                // created_at (?14) is immutable (left unreferenced).
+                // key_hash (?3), key_prefix (?4) and created_at (?14) never change (left
+                // unreferenced).
                 self.tx.execute(
-                    "UPDATE api_keys SET name = ?2, key_hash = ?3, key_prefix = ?4, status = ?5, \
+                    "UPDATE api_keys SET name = ?2, status = ?5, \
                      expires_at = ?6, group_id = ?7, allowed_models = ?8, rpm = ?9, tpm = ?10, \
                      max_concurrency = ?11, daily_budget = ?12, monthly_budget = ?13, \
                      updated_at = ?15, revision = ?16 \
