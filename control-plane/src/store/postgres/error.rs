@@ -14,27 +14,54 @@ pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// A driver error, by kind (see the module doc).
 pub(super) fn pg(e: tokio_postgres::Error) -> StoreError {
     let message = explain(&e);
-    if unavailable(&e) {
-        StoreError::unavailable(message, e)
-    } else {
-        StoreError::internal(message, e)
+    match kind(&e) {
+        Kind::Unavailable => StoreError::unavailable(message, e),
+        Kind::Corrupt => StoreError::corrupt_from(message, e),
+        Kind::Internal => StoreError::internal(message, e),
     }
 }
 
-/// Whether retrying later may succeed: no answer from the server (connection refused, lost,
-/// closed, TLS), or a SQLSTATE that says the server cannot serve now or this client at all
-/// (connection exceptions, shutdown, no slots, authentication, a missing database), or a
-/// transaction that lost a race (serialization failure, deadlock).
-fn unavailable(e: &tokio_postgres::Error) -> bool {
-    let Some(d) = e.as_db_error() else {
-        return true;
-    };
-    let code = d.code().code();
-    code.starts_with("08")
-        || code.starts_with("53")
-        || code.starts_with("57P")
-        || code.starts_with("28")
-        || matches!(code, "3D000" | "40001" | "40P01")
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Unavailable,
+    Corrupt,
+    Internal,
+}
+
+/// Unavailable (retrying later may succeed): no answer from the server (connection refused,
+/// lost or closed, TLS, a timeout), or a SQLSTATE that says the server cannot serve now or this
+/// client at all (connection exceptions, shutdown, no slots, authentication, a missing
+/// database), or a transaction that lost a race (serialization failure, deadlock). Corrupt: a
+/// column that does not convert. Anything else the server or driver refused is Internal.
+fn kind(e: &tokio_postgres::Error) -> Kind {
+    if let Some(d) = e.as_db_error() {
+        let code = d.code().code();
+        let unavailable = code.starts_with("08")
+            || code.starts_with("53")
+            || code.starts_with("57P")
+            || code.starts_with("28")
+            || matches!(code, "3D000" | "40001" | "40P01");
+        return if unavailable { Kind::Unavailable } else { Kind::Internal };
+    }
+    // The driver's own kinds are private; their messages are stable and say which.
+    let text = e.to_string();
+    if e.is_closed()
+        || [
+            "error connecting",
+            "error performing TLS",
+            "error communicating",
+            "timeout",
+            "connection closed",
+        ]
+        .iter()
+        .any(|p| text.starts_with(p))
+    {
+        Kind::Unavailable
+    } else if text.starts_with("error deserializing column") {
+        Kind::Corrupt
+    } else {
+        Kind::Internal
+    }
 }
 
 /// What went wrong, as an operator can act on it: the server's own message (never query
@@ -115,7 +142,7 @@ pub(super) fn parse<T: FromStr<Err = String>>(s: &str) -> Result<T> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::panic)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::connection_hint;
     use crate::store::StoreError;
@@ -158,6 +185,31 @@ mod tests {
         assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
         assert!(std::error::Error::source(&err).is_some(), "{err:?}");
         assert!(err.to_string().contains("nothing listens there"), "{err}");
+    }
+
+    /// A refused statement is Internal (not "retry"); a lost connection is Unavailable.
+    #[tokio::test]
+    async fn a_refused_statement_is_internal_and_a_closed_connection_unavailable() {
+        let url = std::env::var("DATABASE_URL").expect("DATABASE_URL: the test Postgres server");
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        let driver = tokio::spawn(conn);
+        let err = super::pg(client.batch_execute("SELECT * FROM no_such_table").await.unwrap_err());
+        assert!(matches!(err, StoreError::Internal { .. }), "{err:?}");
+        assert!(err.to_string().starts_with("database error: 42P01: "), "{err}");
+        assert!(std::error::Error::source(&err).is_some());
+        let err = super::pg(
+            client
+                .query_one("SELECT 'x'::TEXT", &[])
+                .await
+                .unwrap()
+                .try_get::<_, i64>(0)
+                .unwrap_err(),
+        );
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+        driver.abort();
+        let _ = driver.await;
+        let err = super::pg(client.batch_execute("SELECT 1").await.unwrap_err());
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
     }
 
     /// A connection that failed before the server spoke says what to check.
