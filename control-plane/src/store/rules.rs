@@ -323,3 +323,199 @@ pub fn check_fallbacks(
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The rules over a fake transaction: what they decide, without a database (the conformance
+    //! suite runs the same rules over both real stores).
+    use super::*;
+    use std::collections::HashSet;
+
+    /// Rows that exist, by table and key; every call is logged.
+    #[derive(Default)]
+    struct Fake {
+        rows: HashSet<(&'static str, String)>,
+        groups: HashMap<String, String>,
+        in_use: HashSet<String>,
+        /// What an update writes (0: its revision no longer matches).
+        update_rows: u64,
+        log: Vec<String>,
+    }
+
+    impl Fake {
+        fn with(mut self, table: Table, key: &str) -> Self {
+            self.rows.insert((table.name(), key.to_string()));
+            self
+        }
+    }
+
+    impl ConfigTx for Fake {
+        async fn bump_head(&mut self) -> Result<Version> {
+            self.log.push("bump".into());
+            Ok(Version { epoch: 1, revision: 7 })
+        }
+        async fn exists(&mut self, table: Table, key: &str) -> Result<bool> {
+            Ok(self.rows.contains(&(table.name(), key.to_string())))
+        }
+        async fn group_names(&mut self) -> Result<HashMap<String, String>> {
+            Ok(self.groups.clone())
+        }
+        async fn fallbacks(&mut self) -> Result<HashMap<String, Vec<String>>> {
+            Ok(HashMap::new())
+        }
+        async fn group_in_use(&mut self, group_id: &str) -> Result<bool> {
+            Ok(self.in_use.contains(group_id))
+        }
+        async fn reset_generation(&mut self, _: &str) -> Result<Option<u64>> {
+            Ok(None)
+        }
+        async fn leader_term(&mut self) -> Result<u64> {
+            Ok(0)
+        }
+        async fn write_account(&mut self, _: &Account, _: i64, _: Option<i64>) -> Result<Written> {
+            Ok(Written::Rows(1))
+        }
+        async fn set_account_groups(&mut self, _: &str, _: &[String]) -> Result<()> {
+            Ok(())
+        }
+        async fn delete_account(&mut self, _: &str) -> Result<u64> {
+            Ok(0)
+        }
+        async fn write_api_key(&mut self, _: &ApiKey, _: i64, _: Option<i64>) -> Result<Written> {
+            Ok(Written::Rows(1))
+        }
+        async fn write_group(&mut self, g: &Group, rev: i64, expect: Option<i64>) -> Result<Written> {
+            self.log.push(format!("group {} at {rev}", g.id));
+            Ok(Written::Rows(if expect.is_some() { self.update_rows } else { 1 }))
+        }
+        async fn set_fallbacks(&mut self, _: &str, _: &[String]) -> Result<()> {
+            Ok(())
+        }
+        async fn delete(&mut self, table: Table, key: &str) -> Result<u64> {
+            self.log.push(format!("delete {} {key}", table.name()));
+            Ok(1)
+        }
+        async fn upsert_price(&mut self, _: &Price, _: i64) -> Result<Written> {
+            Ok(Written::Duplicate)
+        }
+        async fn set_setting(&mut self, name: &str, _: &str, rev: i64) -> Result<()> {
+            self.log.push(format!("setting {name} at {rev}"));
+            Ok(())
+        }
+        async fn insert_admin_token(&mut self, _: &AdminToken, _: i64) -> Result<Written> {
+            Ok(Written::Duplicate)
+        }
+        async fn set_account_state(&mut self, _: &AccountState, _: i64) -> Result<()> {
+            Ok(())
+        }
+        async fn clear_account_state(&mut self, _: &str, _: &str) -> Result<()> {
+            Ok(())
+        }
+        async fn append_audit(&mut self, audit: &AuditRecord, rev: i64) -> Result<()> {
+            self.log.push(format!("audit {} at {rev}", audit.action));
+            Ok(())
+        }
+    }
+
+    fn audit() -> AuditRecord {
+        AuditRecord {
+            actor: "ops".into(),
+            action: "test.write".into(),
+            target: String::new(),
+            detail: String::new(),
+        }
+    }
+
+    fn setting(name: &str) -> Mutation {
+        Mutation::SetSetting {
+            name: name.into(),
+            value: "v".into(),
+        }
+    }
+
+    fn run(tx: &mut Fake, mutations: &[Mutation]) -> Result<Version> {
+        futures::executor::block_on(apply(tx, mutations, &audit()))
+    }
+
+    /// One head move, every write at its revision, one audit entry last.
+    #[test]
+    fn a_write_moves_the_head_once_and_is_audited_last() {
+        let mut tx = Fake::default();
+        let head = run(&mut tx, &[setting("a"), setting("b")]).unwrap();
+        assert_eq!(head, Version { epoch: 1, revision: 7 });
+        assert_eq!(
+            tx.log,
+            ["bump", "setting a at 7", "setting b at 7", "audit test.write at 7"]
+        );
+    }
+
+    /// A refused mutation stops the write before its audit entry (the store rolls back).
+    #[test]
+    fn a_refusal_stops_before_the_audit() {
+        let mut tx = Fake::default();
+        let err = run(
+            &mut tx,
+            &[
+                setting("a"),
+                Mutation::DeleteGroup { id: "g-none".into() },
+                setting("b"),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "group \"g-none\" not found");
+        assert_eq!(tx.log, ["bump", "setting a at 7"]);
+    }
+
+    /// An update that wrote nothing: changed since read when the row is there, else missing.
+    #[test]
+    fn an_update_that_wrote_nothing_is_a_conflict_or_not_found() {
+        let group = Group::new("g1", "one", "", KeyLimits::default(), 0);
+        let update = [Mutation::UpdateGroup {
+            row: group,
+            expect_revision: 3,
+        }];
+        let mut tx = Fake::default().with(Table::Groups, "g1");
+        let err = run(&mut tx, &update).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { kind: "group", .. }), "{err:?}");
+        assert_eq!(err.to_string(), "concurrent modification of group g1; retry");
+        let mut tx = Fake::default();
+        let err = run(&mut tx, &update).unwrap_err();
+        assert_eq!(err.to_string(), "group \"g1\" not found");
+    }
+
+    /// A group in use is not deleted, and the refusal names it; a free one is.
+    #[test]
+    fn a_group_in_use_is_refused_by_name() {
+        let mut tx = Fake::default();
+        tx.groups.insert("g1".into(), "one".into());
+        tx.in_use.insert("g1".into());
+        let delete = [Mutation::DeleteGroup { id: "g1".into() }];
+        let err = run(&mut tx, &delete).unwrap_err();
+        assert!(matches!(err, StoreError::InUse(_)), "{err:?}");
+        assert_eq!(err.to_string(), "group \"one\" is still in use");
+        tx.in_use.clear();
+        tx.log.clear();
+        run(&mut tx, &delete).unwrap();
+        assert_eq!(tx.log, ["bump", "delete groups g1", "audit test.write at 7"]);
+    }
+
+    /// A unique violation is AlreadyExists, named as the operator knows the resource.
+    #[test]
+    fn duplicates_are_named() {
+        let price = Price {
+            id: "p1".into(),
+            model_pattern: "claude-*".into(),
+            effective_from: 5,
+            input: 1,
+            output: 1,
+            cache_write_5m: 1,
+            cache_write_1h: 1,
+            cache_read: 1,
+            source: "operator".into(),
+            revision: 0,
+        };
+        let err = run(&mut Fake::default(), &[Mutation::UpsertPrice(price)]).unwrap_err();
+        assert_eq!(err.to_string(), "price \"claude-*@5\" already exists");
+    }
+}
