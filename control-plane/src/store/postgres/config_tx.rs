@@ -3,7 +3,7 @@
 //! checks themselves are in `store/rules.rs`.
 
 use super::error::{pg, to_u64};
-use super::rows::{load_fallbacks, ACCOUNT_COLS};
+use super::rows::{col, load_fallbacks, ACCOUNT_COLS};
 use crate::model::*;
 use crate::store::rules::{to_i64, ConfigTx, Table, Written};
 use crate::store::{Result, StoreError};
@@ -52,8 +52,8 @@ impl ConfigTx for PgTx<'_, '_> {
             .await
             .map_err(pg)?;
         Ok(Version {
-            epoch: to_u64(head.get(0), "epoch")?,
-            revision: to_u64(head.get(1), "revision")?,
+            epoch: to_u64(col(&head, 0)?, "epoch")?,
+            revision: to_u64(col(&head, 1)?, "revision")?,
         })
     }
 
@@ -63,14 +63,13 @@ impl ConfigTx for PgTx<'_, '_> {
     }
 
     async fn group_names(&mut self) -> Result<HashMap<String, String>> {
-        Ok(self
-            .tx
+        self.tx
             .query("SELECT id, name FROM groups", &[])
             .await
             .map_err(pg)?
             .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect())
+            .map(|r| Ok((col(r, 0)?, col(r, 1)?)))
+            .collect()
     }
 
     async fn fallbacks(&mut self) -> Result<HashMap<String, Vec<String>>> {
@@ -88,7 +87,7 @@ impl ConfigTx for PgTx<'_, '_> {
             )
             .await
             .map_err(pg)?;
-        Ok(row.get(0))
+        col(&row, 0)
     }
 
     async fn reset_generation(&mut self, account_id: &str) -> Result<Option<u64>> {
@@ -96,7 +95,7 @@ impl ConfigTx for PgTx<'_, '_> {
             .query_opt("SELECT reset_generation FROM accounts WHERE id = $1", &[&account_id])
             .await
             .map_err(pg)?
-            .map(|r| to_u64(r.get(0), "reset_generation"))
+            .map(|r| to_u64(col(&r, 0)?, "reset_generation"))
             .transpose()
     }
 
@@ -107,7 +106,7 @@ impl ConfigTx for PgTx<'_, '_> {
             .query_opt("SELECT term FROM leadership WHERE name = 'leader' FOR SHARE", &[])
             .await
             .map_err(pg)?;
-        row.map_or(Ok(0), |r| to_u64(r.get(0), "term"))
+        row.map_or(Ok(0), |r| to_u64(col(&r, 0)?, "term"))
     }
 
     async fn write_account(&mut self, a: &Account, rev: i64, expect: Option<i64>) -> Result<Written> {

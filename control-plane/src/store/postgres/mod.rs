@@ -111,11 +111,12 @@ async fn migrate(pool: &Pool) -> Result<()> {
         .map_err(pg)?;
     // Created only when missing (under the lock): `IF NOT EXISTS` would have the server send a
     // NOTICE ("relation already exists") on every start.
-    let exists: bool = tx
-        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
-        .await
-        .map_err(pg)?
-        .get(0);
+    let exists: bool = col(
+        &tx.query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .await
+            .map_err(pg)?,
+        0,
+    )?;
     if !exists {
         tx.batch_execute("CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")
             .await
@@ -126,8 +127,8 @@ async fn migrate(pool: &Pool) -> Result<()> {
         .await
         .map_err(pg)?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| col(r, 0))
+        .collect::<Result<_>>()?;
     for (version, sql) in MIGRATIONS {
         if done.contains(version) {
             continue;
@@ -392,13 +393,13 @@ impl Store for PostgresStore {
         rows.iter()
             .map(|r| {
                 Ok(AuditEntry {
-                    id: to_u64(r.get(0), "id")?,
-                    at: r.get(1),
-                    actor: r.get(2),
-                    action: r.get(3),
-                    target: r.get(4),
-                    detail: r.get(5),
-                    revision: to_u64(r.get(6), "revision")?,
+                    id: to_u64(col(r, 0)?, "id")?,
+                    at: col(r, 1)?,
+                    actor: col(r, 2)?,
+                    action: col(r, 3)?,
+                    target: col(r, 4)?,
+                    detail: col(r, 5)?,
+                    revision: to_u64(col(r, 6)?, "revision")?,
                 })
             })
             .collect()
@@ -420,13 +421,13 @@ impl Store for PostgresStore {
         rows.iter()
             .map(|r| {
                 Ok(AuditEntry {
-                    id: to_u64(r.get(0), "id")?,
-                    at: r.get(1),
-                    actor: r.get(2),
-                    action: r.get(3),
-                    target: r.get(4),
-                    detail: r.get(5),
-                    revision: to_u64(r.get(6), "revision")?,
+                    id: to_u64(col(r, 0)?, "id")?,
+                    at: col(r, 1)?,
+                    actor: col(r, 2)?,
+                    action: col(r, 3)?,
+                    target: col(r, 4)?,
+                    detail: col(r, 5)?,
+                    revision: to_u64(col(r, 6)?, "revision")?,
                 })
             })
             .collect()

@@ -3,7 +3,7 @@
 //! notification outbox with its episodes.
 
 use super::error::{pg, to_u64};
-use super::rows::version_opt;
+use super::rows::{col, version_opt};
 use super::PostgresStore;
 use crate::model::*;
 use crate::store::rules::to_i64;
@@ -92,16 +92,16 @@ pub(super) async fn list_proxies(store: &PostgresStore) -> Result<Vec<ProxyState
     rows.iter()
         .map(|r| {
             Ok(ProxyState {
-                node_id: r.get(0),
-                build_version: r.get(1),
-                acked: version_opt(r.get(2), r.get(3))?,
-                nack_version: version_opt(r.get(4), r.get(5))?,
-                nack_error: r.get(6),
-                nack_at: r.get(7),
-                last_seen: r.get(8),
-                connected: r.get(9),
-                replica: r.get(10),
-                rejected: rejected_from_json(r.get(11)),
+                node_id: col(r, 0)?,
+                build_version: col(r, 1)?,
+                acked: version_opt(col(r, 2)?, col(r, 3)?)?,
+                nack_version: version_opt(col(r, 4)?, col(r, 5)?)?,
+                nack_error: col(r, 6)?,
+                nack_at: col(r, 7)?,
+                last_seen: col(r, 8)?,
+                connected: col(r, 9)?,
+                replica: col(r, 10)?,
+                rejected: rejected_from_json(col(r, 11)?),
             })
         })
         .collect()
@@ -158,12 +158,12 @@ pub(super) async fn list_quotas(store: &PostgresStore) -> Result<Vec<AccountQuot
     .iter()
     .map(|r| {
         Ok(AccountQuota {
-            account_id: r.get(0),
-            observed_at: r.get(1),
-            observed_by: r.get(2),
-            status: r.get(3),
-            reset_at: r.get(4),
-            windows: quota_windows_from(r.get(5))?,
+            account_id: col(r, 0)?,
+            observed_at: col(r, 1)?,
+            observed_by: col(r, 2)?,
+            status: col(r, 3)?,
+            reset_at: col(r, 4)?,
+            windows: quota_windows_from(col(r, 5)?)?,
         })
     })
     .collect()
@@ -190,20 +190,22 @@ pub(super) async fn stash_oauth(store: &PostgresStore, p: &OAuthPending) -> Resu
 
 pub(super) async fn list_oauth_pending(store: &PostgresStore) -> Result<Vec<OAuthPending>> {
     let c = store.client().await?;
-    Ok(c.query(
+    c.query(
         "SELECT account_id, from_hash, sealed, created_at FROM oauth_pending ORDER BY created_at",
         &[],
     )
     .await
     .map_err(pg)?
     .iter()
-    .map(|r| OAuthPending {
-        account_id: r.get(0),
-        from_hash: r.get(1),
-        sealed: r.get(2),
-        created_at: r.get(3),
+    .map(|r| {
+        Ok(OAuthPending {
+            account_id: col(r, 0)?,
+            from_hash: col(r, 1)?,
+            sealed: col(r, 2)?,
+            created_at: col(r, 3)?,
+        })
     })
-    .collect())
+    .collect::<Result<_>>()
 }
 
 pub(super) async fn drop_oauth_pending(store: &PostgresStore, account_id: &str, from_hash: &str) -> Result<()> {
@@ -236,7 +238,7 @@ pub(super) async fn claim_term(
         )
         .await
         .map_err(pg)?;
-    to_u64(row.get(0), "term")
+    to_u64(col(&row, 0)?, "term")
 }
 
 pub(super) async fn leader(store: &PostgresStore) -> Result<Option<LeaderRecord>> {
@@ -250,11 +252,11 @@ pub(super) async fn leader(store: &PostgresStore) -> Result<Option<LeaderRecord>
         .map_err(pg)?;
     row.map(|r| {
         Ok(LeaderRecord {
-            term: to_u64(r.get(0), "term")?,
-            holder: r.get::<_, Option<String>>(1).unwrap_or_default(),
-            mechanism: r.get::<_, Option<String>>(2).unwrap_or_default(),
-            since_ms: r.get::<_, Option<i64>>(3).unwrap_or_default(),
-            detail: r.get::<_, Option<String>>(4).unwrap_or_default(),
+            term: to_u64(col(&r, 0)?, "term")?,
+            holder: col::<Option<String>, _>(&r, 1)?.unwrap_or_default(),
+            mechanism: col::<Option<String>, _>(&r, 2)?.unwrap_or_default(),
+            since_ms: col::<Option<i64>, _>(&r, 3)?.unwrap_or_default(),
+            detail: col::<Option<String>, _>(&r, 4)?.unwrap_or_default(),
         })
     })
     .transpose()
@@ -307,15 +309,16 @@ pub(super) async fn notify_open_episodes(store: &PostgresStore) -> Result<Vec<Op
         )
         .await
         .map_err(pg)?;
-    Ok(rows
-        .iter()
-        .map(|r| OpenEpisode {
-            kind: r.get(0),
-            subject: r.get(1),
-            episode: r.get(2),
-            opened_ms: r.get(3),
+    rows.iter()
+        .map(|r| {
+            Ok(OpenEpisode {
+                kind: col(r, 0)?,
+                subject: col(r, 1)?,
+                episode: col(r, 2)?,
+                opened_ms: col(r, 3)?,
+            })
         })
-        .collect())
+        .collect::<Result<_>>()
 }
 
 pub(super) async fn notify_due(store: &PostgresStore, now: Millis, limit: u32) -> Result<Vec<Notification>> {
@@ -328,17 +331,18 @@ pub(super) async fn notify_due(store: &PostgresStore, now: Millis, limit: u32) -
         )
         .await
         .map_err(pg)?;
-    Ok(rows
-        .iter()
-        .map(|r| Notification {
-            dedup_key: r.get(0),
-            kind: r.get(1),
-            subject: r.get(2),
-            payload: r.get(3),
-            created_ms: r.get(4),
-            attempts: u32::try_from(r.get::<_, i32>(5)).unwrap_or(0),
+    rows.iter()
+        .map(|r| {
+            Ok(Notification {
+                dedup_key: col(r, 0)?,
+                kind: col(r, 1)?,
+                subject: col(r, 2)?,
+                payload: col(r, 3)?,
+                created_ms: col(r, 4)?,
+                attempts: u32::try_from(col::<i32, _>(r, 5)?).unwrap_or(0),
+            })
         })
-        .collect())
+        .collect::<Result<_>>()
 }
 
 pub(super) async fn notify_mark(
@@ -374,23 +378,24 @@ pub(super) async fn notify_recent(store: &PostgresStore, limit: u32) -> Result<V
         )
         .await
         .map_err(pg)?;
-    Ok(rows
-        .iter()
-        .map(|r| OutboxEntry {
-            notification: Notification {
-                dedup_key: r.get(0),
-                kind: r.get(1),
-                subject: r.get(2),
-                payload: r.get(3),
-                created_ms: r.get(4),
-                attempts: u32::try_from(r.get::<_, i32>(5)).unwrap_or(0),
-            },
-            state: r.get(6),
-            next_attempt_ms: r.get(7),
-            last_error: r.get(8),
-            done_ms: r.get(9),
+    rows.iter()
+        .map(|r| {
+            Ok(OutboxEntry {
+                notification: Notification {
+                    dedup_key: col(r, 0)?,
+                    kind: col(r, 1)?,
+                    subject: col(r, 2)?,
+                    payload: col(r, 3)?,
+                    created_ms: col(r, 4)?,
+                    attempts: u32::try_from(col::<i32, _>(r, 5)?).unwrap_or(0),
+                },
+                state: col(r, 6)?,
+                next_attempt_ms: col(r, 7)?,
+                last_error: col(r, 8)?,
+                done_ms: col(r, 9)?,
+            })
         })
-        .collect())
+        .collect::<Result<_>>()
 }
 
 pub(super) async fn notify_stats(store: &PostgresStore) -> Result<OutboxStats> {
@@ -403,7 +408,7 @@ pub(super) async fn notify_stats(store: &PostgresStore) -> Result<OutboxStats> {
         .await
         .map_err(pg)?;
     Ok(OutboxStats {
-        pending: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
-        oldest_created_ms: r.get(1),
+        pending: u64::try_from(col::<i64, _>(&r, 0)?).unwrap_or(0),
+        oldest_created_ms: col(&r, 1)?,
     })
 }

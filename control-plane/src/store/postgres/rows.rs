@@ -8,6 +8,16 @@ use crate::store::StoreError;
 use std::collections::{BTreeMap, HashMap};
 use tokio_postgres::Row;
 
+/// A column's value; one that does not convert (a type or a NULL the code does not expect) is
+/// `Corrupt`, not a panic.
+pub(super) fn col<'a, T, I>(row: &'a Row, idx: I) -> Result<T>
+where
+    T: tokio_postgres::types::FromSql<'a>,
+    I: tokio_postgres::row::RowIndex + std::fmt::Display,
+{
+    row.try_get(idx).map_err(pg)
+}
+
 pub(super) fn version_opt(epoch: Option<i64>, revision: Option<i64>) -> Result<Option<Version>> {
     Ok(match (epoch, revision) {
         (Some(e), Some(r)) => Some(Version {
@@ -20,106 +30,105 @@ pub(super) fn version_opt(epoch: Option<i64>, revision: Option<i64>) -> Result<O
 
 pub(super) fn account_from(row: &Row, group_ids: Vec<String>) -> Result<Account> {
     Ok(Account {
-        id: row.get("id"),
-        name: row.get("name"),
-        kind: parse(row.get::<_, &str>("kind"))?,
-        base_url: row.get("base_url"),
-        credential_enc: row.get("credential_enc"),
-        refresh_token_enc: row.get("refresh_token_enc"),
-        credential_hint: row.get("credential_hint"),
-        credential_expires_at: row.get("credential_expires_at"),
-        priority: row.get("priority"),
-        weight: to_u32(row.get("weight"), "weight")?,
+        id: col(row, "id")?,
+        name: col(row, "name")?,
+        kind: parse(col::<&str, _>(row, "kind")?)?,
+        base_url: col(row, "base_url")?,
+        credential_enc: col(row, "credential_enc")?,
+        refresh_token_enc: col(row, "refresh_token_enc")?,
+        credential_hint: col(row, "credential_hint")?,
+        credential_expires_at: col(row, "credential_expires_at")?,
+        priority: col(row, "priority")?,
+        weight: to_u32(col(row, "weight")?, "weight")?,
         group_ids,
-        max_concurrency: to_u32(row.get("max_concurrency"), "max_concurrency")?,
-        status: parse(row.get::<_, &str>("status"))?,
-        proxy_url: row.get("proxy_url"),
-        proxy_url_enc: row.get("proxy_url_enc"),
-        reset_generation: to_u64(row.get("reset_generation"), "reset_generation")?,
-        scopes: row
-            .get::<_, &str>("oauth_scopes")
+        max_concurrency: to_u32(col(row, "max_concurrency")?, "max_concurrency")?,
+        status: parse(col::<&str, _>(row, "status")?)?,
+        proxy_url: col(row, "proxy_url")?,
+        proxy_url_enc: col(row, "proxy_url_enc")?,
+        reset_generation: to_u64(col(row, "reset_generation")?, "reset_generation")?,
+        scopes: col::<&str, _>(row, "oauth_scopes")?
             .split_whitespace()
             .map(str::to_string)
             .collect(),
-        subscription_type: row.get("subscription_type"),
-        organization: row.get("organization"),
-        created_at: row.get("created_at"),
-        updated_at: row.get("updated_at"),
-        revision: to_u64(row.get("revision"), "revision")?,
+        subscription_type: col(row, "subscription_type")?,
+        organization: col(row, "organization")?,
+        created_at: col(row, "created_at")?,
+        updated_at: col(row, "updated_at")?,
+        revision: to_u64(col(row, "revision")?, "revision")?,
     })
 }
 
 pub(super) fn key_from(row: &Row) -> Result<ApiKey> {
-    let models: String = row.get("allowed_models");
+    let models: String = col(row, "allowed_models")?;
     Ok(ApiKey {
-        id: row.get("id"),
-        name: row.get("name"),
-        key_hash: row.get("key_hash"),
-        key_prefix: row.get("key_prefix"),
-        status: parse(row.get::<_, &str>("status"))?,
-        expires_at: row.get("expires_at"),
-        group_id: row.get("group_id"),
+        id: col(row, "id")?,
+        name: col(row, "name")?,
+        key_hash: col(row, "key_hash")?,
+        key_prefix: col(row, "key_prefix")?,
+        status: parse(col::<&str, _>(row, "status")?)?,
+        expires_at: col(row, "expires_at")?,
+        group_id: col(row, "group_id")?,
         allowed_models: serde_json::from_str(&models)
             .map_err(|e| StoreError::corrupt_from(format!("allowed_models: {e}"), e))?,
         limits: KeyLimits {
-            rpm: to_u64(row.get("rpm"), "rpm")?,
-            tpm: to_u64(row.get("tpm"), "tpm")?,
-            max_concurrency: to_u64(row.get("max_concurrency"), "max_concurrency")?,
-            daily_budget: to_u64(row.get("daily_budget"), "daily_budget")?,
-            monthly_budget: to_u64(row.get("monthly_budget"), "monthly_budget")?,
+            rpm: to_u64(col(row, "rpm")?, "rpm")?,
+            tpm: to_u64(col(row, "tpm")?, "tpm")?,
+            max_concurrency: to_u64(col(row, "max_concurrency")?, "max_concurrency")?,
+            daily_budget: to_u64(col(row, "daily_budget")?, "daily_budget")?,
+            monthly_budget: to_u64(col(row, "monthly_budget")?, "monthly_budget")?,
         },
-        created_at: row.get("created_at"),
-        updated_at: row.get("updated_at"),
-        revision: to_u64(row.get("revision"), "revision")?,
+        created_at: col(row, "created_at")?,
+        updated_at: col(row, "updated_at")?,
+        revision: to_u64(col(row, "revision")?, "revision")?,
     })
 }
 
 pub(super) fn group_from(row: &Row, fallback_ids: Vec<String>) -> Result<Group> {
     Ok(Group {
-        id: row.get("id"),
-        name: row.get("name"),
-        description: row.get("description"),
+        id: col(row, "id")?,
+        name: col(row, "name")?,
+        description: col(row, "description")?,
         limits: KeyLimits {
-            rpm: to_u64(row.get("rpm"), "rpm")?,
-            tpm: to_u64(row.get("tpm"), "tpm")?,
-            max_concurrency: to_u64(row.get("max_concurrency"), "max_concurrency")?,
-            daily_budget: to_u64(row.get("daily_budget"), "daily_budget")?,
-            monthly_budget: to_u64(row.get("monthly_budget"), "monthly_budget")?,
+            rpm: to_u64(col(row, "rpm")?, "rpm")?,
+            tpm: to_u64(col(row, "tpm")?, "tpm")?,
+            max_concurrency: to_u64(col(row, "max_concurrency")?, "max_concurrency")?,
+            daily_budget: to_u64(col(row, "daily_budget")?, "daily_budget")?,
+            monthly_budget: to_u64(col(row, "monthly_budget")?, "monthly_budget")?,
         },
         fallback_ids,
-        state: parse(row.get::<_, &str>("state"))?,
-        state_since: row.get("state_since"),
-        state_by: row.get("state_by"),
-        created_at: row.get("created_at"),
-        updated_at: row.get("updated_at"),
-        revision: to_u64(row.get("revision"), "revision")?,
+        state: parse(col::<&str, _>(row, "state")?)?,
+        state_since: col(row, "state_since")?,
+        state_by: col(row, "state_by")?,
+        created_at: col(row, "created_at")?,
+        updated_at: col(row, "updated_at")?,
+        revision: to_u64(col(row, "revision")?, "revision")?,
     })
 }
 
 pub(super) fn price_from(row: &Row) -> Result<Price> {
     Ok(Price {
-        id: row.get("id"),
-        model_pattern: row.get("model_pattern"),
-        effective_from: row.get("effective_from"),
-        input: to_u64(row.get("input"), "price")?,
-        output: to_u64(row.get("output"), "price")?,
-        cache_write_5m: to_u64(row.get("cache_write_5m"), "price")?,
-        cache_write_1h: to_u64(row.get("cache_write_1h"), "price")?,
-        cache_read: to_u64(row.get("cache_read"), "price")?,
-        source: row.get("source"),
-        revision: to_u64(row.get("revision"), "revision")?,
+        id: col(row, "id")?,
+        model_pattern: col(row, "model_pattern")?,
+        effective_from: col(row, "effective_from")?,
+        input: to_u64(col(row, "input")?, "price")?,
+        output: to_u64(col(row, "output")?, "price")?,
+        cache_write_5m: to_u64(col(row, "cache_write_5m")?, "price")?,
+        cache_write_1h: to_u64(col(row, "cache_write_1h")?, "price")?,
+        cache_read: to_u64(col(row, "cache_read")?, "price")?,
+        source: col(row, "source")?,
+        revision: to_u64(col(row, "revision")?, "revision")?,
     })
 }
 
 pub(super) fn token_from(row: &Row) -> Result<AdminToken> {
     Ok(AdminToken {
-        id: row.get("id"),
-        name: row.get("name"),
-        token_hash: row.get("token_hash"),
-        token_prefix: row.get("token_prefix"),
-        role: parse(row.get::<_, &str>("role"))?,
-        created_at: row.get("created_at"),
-        revision: to_u64(row.get("revision"), "revision")?,
+        id: col(row, "id")?,
+        name: col(row, "name")?,
+        token_hash: col(row, "token_hash")?,
+        token_prefix: col(row, "token_prefix")?,
+        role: parse(col::<&str, _>(row, "role")?)?,
+        created_at: col(row, "created_at")?,
+        revision: to_u64(col(row, "revision")?, "revision")?,
     })
 }
 
@@ -155,11 +164,11 @@ pub(super) async fn load_accounts(
         .await
         .map_err(pg)?
     {
-        memberships.entry(r.get(0)).or_default().push(r.get(1));
+        memberships.entry(col(&r, 0)?).or_default().push(col(&r, 1)?);
     }
     rows.iter()
         .map(|r| {
-            let id: String = r.get("id");
+            let id: String = col(r, "id")?;
             account_from(r, memberships.remove(&id).unwrap_or_default())
         })
         .collect()
@@ -176,7 +185,7 @@ pub(super) async fn load_fallbacks(c: &impl deadpool_postgres::GenericClient) ->
         .await
         .map_err(pg)?
     {
-        out.entry(r.get(0)).or_default().push(r.get(1));
+        out.entry(col(&r, 0)?).or_default().push(col(&r, 1)?);
     }
     Ok(out)
 }
@@ -197,19 +206,19 @@ pub(super) async fn load_groups(c: &impl deadpool_postgres::GenericClient, filte
     let mut fallbacks = load_fallbacks(c).await?;
     rows.iter()
         .map(|r| {
-            let id: String = r.get("id");
+            let id: String = col(r, "id")?;
             group_from(r, fallbacks.remove(&id).unwrap_or_default())
         })
         .collect()
 }
 
 pub(super) async fn load_settings(c: &impl deadpool_postgres::GenericClient) -> Result<BTreeMap<String, String>> {
-    Ok(c.query("SELECT name, value FROM settings ORDER BY name", &[])
+    c.query("SELECT name, value FROM settings ORDER BY name", &[])
         .await
         .map_err(pg)?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect())
+        .map(|r| Ok((col(r, 0)?, col(r, 1)?)))
+        .collect()
 }
 
 pub(super) async fn load_states(c: &impl deadpool_postgres::GenericClient) -> Result<Vec<AccountState>> {
@@ -223,14 +232,14 @@ pub(super) async fn load_states(c: &impl deadpool_postgres::GenericClient) -> Re
     .iter()
     .map(|r| {
         Ok(AccountState {
-            account_id: r.get(0),
-            scope: r.get(1),
-            health: parse(r.get::<_, &str>(2))?,
-            reason: r.get(3),
-            until: r.get(4),
-            since: r.get(5),
-            reported_by: r.get(6),
-            revision: to_u64(r.get(7), "revision")?,
+            account_id: col(r, 0)?,
+            scope: col(r, 1)?,
+            health: parse(col::<&str, _>(r, 2)?)?,
+            reason: col(r, 3)?,
+            until: col(r, 4)?,
+            since: col(r, 5)?,
+            reported_by: col(r, 6)?,
+            revision: to_u64(col(r, 7)?, "revision")?,
         })
     })
     .collect()
@@ -242,7 +251,7 @@ pub(super) async fn head_of(c: &impl deadpool_postgres::GenericClient) -> Result
         .await
         .map_err(pg)?;
     Ok(Version {
-        epoch: to_u64(r.get(0), "epoch")?,
-        revision: to_u64(r.get(1), "revision")?,
+        epoch: to_u64(col(&r, 0)?, "epoch")?,
+        revision: to_u64(col(&r, 1)?, "revision")?,
     })
 }

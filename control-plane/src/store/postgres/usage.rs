@@ -2,6 +2,7 @@
 //! log's pages and events, and retention deletes.
 
 use super::error::{pg, to_u64};
+use super::rows::col;
 use super::PostgresStore;
 use crate::model::*;
 use crate::store::rules::to_i64;
@@ -178,18 +179,18 @@ pub(super) async fn query_usage(store: &PostgresStore, q: UsageQuery) -> Result<
     rows.iter()
         .map(|r| {
             Ok(UsageRow {
-                bucket_start: r.get(0),
-                group_id: r.get(1),
-                group: r.get(2),
-                requests: to_u64(r.get(3), "count")?,
-                input_tokens: to_u64(r.get(4), "sum")?,
-                output_tokens: to_u64(r.get(5), "sum")?,
-                cache_write_5m_tokens: to_u64(r.get(6), "sum")?,
-                cache_write_1h_tokens: to_u64(r.get(7), "sum")?,
-                cache_read_tokens: to_u64(r.get(8), "sum")?,
-                cost_pico_usd: to_u64(r.get(9), "sum")?,
-                errors: to_u64(r.get(10), "count")?,
-                anomalies: to_u64(r.get(11), "count")?,
+                bucket_start: col(r, 0)?,
+                group_id: col(r, 1)?,
+                group: col(r, 2)?,
+                requests: to_u64(col(r, 3)?, "count")?,
+                input_tokens: to_u64(col(r, 4)?, "sum")?,
+                output_tokens: to_u64(col(r, 5)?, "sum")?,
+                cache_write_5m_tokens: to_u64(col(r, 6)?, "sum")?,
+                cache_write_1h_tokens: to_u64(col(r, 7)?, "sum")?,
+                cache_read_tokens: to_u64(col(r, 8)?, "sum")?,
+                cost_pico_usd: to_u64(col(r, 9)?, "sum")?,
+                errors: to_u64(col(r, 10)?, "count")?,
+                anomalies: to_u64(col(r, 11)?, "count")?,
             })
         })
         .collect()
@@ -203,7 +204,7 @@ pub(super) async fn spend_by_key(store: &PostgresStore, since: Millis, until: Mi
     let c = store.client().await?;
     let rows = c.query(&sql, &[&since, &until]).await.map_err(pg)?;
     rows.iter()
-        .map(|r| Ok((r.get::<_, String>(0), to_u64(r.get(1), "sum")?)))
+        .map(|r| Ok((col::<String, _>(r, 0)?, to_u64(col(r, 1)?, "sum")?)))
         .collect()
 }
 
@@ -225,7 +226,7 @@ pub(super) async fn request_page(store: &PostgresStore, page: RequestPage) -> Re
         )
         .await
         .map_err(pg)?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    rows.iter().map(|r| Ok((col(r, 0)?, col(r, 1)?))).collect::<Result<_>>()
 }
 
 pub(super) async fn request_events(store: &PostgresStore, request_ids: &[String]) -> Result<Vec<UsageEvent>> {
@@ -238,39 +239,40 @@ pub(super) async fn request_events(store: &PostgresStore, request_ids: &[String]
         crate::store::USAGE_COLUMNS
     );
     let rows = c.query(&sql, &[&request_ids]).await.map_err(pg)?;
-    Ok(rows
-        .iter()
-        .map(|r| UsageEvent {
-            event_id: r.get(0),
-            request_id: r.get(1),
-            ts: r.get(2),
-            node_id: r.get(3),
-            api_key_id: r.get(4),
-            account_id: r.get(5),
-            model: r.get(6),
-            input_tokens: crate::store::count(r.get(7)),
-            output_tokens: crate::store::count(r.get(8)),
-            cache_write_5m_tokens: crate::store::count(r.get(9)),
-            cache_write_1h_tokens: crate::store::count(r.get(10)),
-            cache_read_tokens: crate::store::count(r.get(11)),
-            cost_pico_usd: crate::store::count(r.get(12)),
-            http_status: u32::try_from(r.get::<_, i32>(13)).unwrap_or(0),
-            error_type: r.get(14),
-            stream: r.get(15),
-            cancelled: r.get(16),
-            latency_ms: crate::store::count(r.get(17)),
-            ttfb_ms: crate::store::count(r.get(18)),
-            upstream_request_id: r.get(19),
-            web_search_requests: crate::store::count(r.get(20)),
-            anomaly: r.get(21),
-            client_request_id: r.get(22),
-            queue_wait_ms: crate::store::count(r.get(23)),
-            waited_for: r.get(24),
-            stream_events: crate::store::count(r.get(25)),
-            max_event_gap_ms: crate::store::count(r.get(26)),
-            error_message: r.get(27),
+    rows.iter()
+        .map(|r| {
+            Ok(UsageEvent {
+                event_id: col(r, 0)?,
+                request_id: col(r, 1)?,
+                ts: col(r, 2)?,
+                node_id: col(r, 3)?,
+                api_key_id: col(r, 4)?,
+                account_id: col(r, 5)?,
+                model: col(r, 6)?,
+                input_tokens: crate::store::count(col(r, 7)?),
+                output_tokens: crate::store::count(col(r, 8)?),
+                cache_write_5m_tokens: crate::store::count(col(r, 9)?),
+                cache_write_1h_tokens: crate::store::count(col(r, 10)?),
+                cache_read_tokens: crate::store::count(col(r, 11)?),
+                cost_pico_usd: crate::store::count(col(r, 12)?),
+                http_status: u32::try_from(col::<i32, _>(r, 13)?).unwrap_or(0),
+                error_type: col(r, 14)?,
+                stream: col(r, 15)?,
+                cancelled: col(r, 16)?,
+                latency_ms: crate::store::count(col(r, 17)?),
+                ttfb_ms: crate::store::count(col(r, 18)?),
+                upstream_request_id: col(r, 19)?,
+                web_search_requests: crate::store::count(col(r, 20)?),
+                anomaly: col(r, 21)?,
+                client_request_id: col(r, 22)?,
+                queue_wait_ms: crate::store::count(col(r, 23)?),
+                waited_for: col(r, 24)?,
+                stream_events: crate::store::count(col(r, 25)?),
+                max_event_gap_ms: crate::store::count(col(r, 26)?),
+                error_message: col(r, 27)?,
+            })
         })
-        .collect())
+        .collect::<Result<_>>()
 }
 
 pub(super) async fn usage_row_count(store: &PostgresStore) -> Result<u64> {
@@ -279,7 +281,7 @@ pub(super) async fn usage_row_count(store: &PostgresStore) -> Result<u64> {
         .query_one("SELECT COUNT(*) FROM usage_events", &[])
         .await
         .map_err(pg)?;
-    Ok(crate::store::count(row.get(0)))
+    Ok(crate::store::count(col(&row, 0)?))
 }
 
 pub(super) async fn delete_oldest_usage(store: &PostgresStore, limit: u32) -> Result<u64> {
