@@ -16,10 +16,19 @@
 //! by streams as the latest head only (coalescing). When the store's head moves
 //! backwards within an epoch (a database restored from a backup), it starts a
 //! new epoch, so every data plane takes a full snapshot.
+//!
+//! A head reached only by account-state writes (a data plane's report, a failed OAuth refresh:
+//! the audit actions in [`STATE_ONLY_ACTIONS`], written through [`apply_state_write`], which
+//! refuses anything else) is published by patching the last snapshot: its account states are
+//! read again, the rest is kept, and the hash is finished from the kept hasher state
+//! ([`relay_proto::patch::StatesHasher`]); no credential is opened. Every other write (accounts,
+//! keys, groups, prices, settings, tokens) goes through the full build. Both give the same
+//! config (`tests/incremental_config.rs` compares them on both stores).
 
 use crate::crypto::MasterKey;
-use crate::model::{self, ConfigState, Version};
+use crate::model::{self, AuditRecord, ConfigState, Mutation, Version};
 use crate::store::{DynStore, StoreError};
+use relay_proto::patch::StatesHasher;
 use relay_proto::v1 as pb;
 use relay_proto::ResourceKey;
 use std::collections::{BTreeSet, VecDeque};
@@ -33,6 +42,44 @@ use tokio::sync::watch;
 pub const MAX_POINTS: usize = 1024;
 /// The most resource changes kept across those heads.
 pub const MAX_CHANGES: usize = 200_000;
+
+/// The audit action of a data plane's account-state report.
+pub const ACTION_ACCOUNT_STATE: &str = "account.state";
+/// The audit action of "unauthorized" set after an OAuth refresh the token endpoint refused.
+pub const ACTION_OAUTH_REFRESH_FAILED: &str = "account.oauth_refresh_failed";
+/// Audit actions of writes that change account states and nothing else: the publisher patches
+/// its last snapshot when every revision since it carries one of these. Written only through
+/// [`apply_state_write`].
+pub const STATE_ONLY_ACTIONS: &[&str] = &[ACTION_ACCOUNT_STATE, ACTION_OAUTH_REFRESH_FAILED];
+
+/// The most revisions one patch covers; a publisher further behind builds in full.
+const MAX_PATCH_REVISIONS: u64 = 1024;
+
+/// Applies a write that changes account states only (sets and clears, with their guards),
+/// audited with one of [`STATE_ONLY_ACTIONS`]. Anything else is refused (`StoreError::Invalid`)
+/// before it reaches the store: the publisher trusts these actions to mean "states only".
+pub async fn apply_state_write(
+    store: &DynStore,
+    mutations: Vec<Mutation>,
+    audit: AuditRecord,
+) -> Result<Version, StoreError> {
+    let states_only = mutations.iter().all(|m| {
+        matches!(
+            m,
+            Mutation::SetAccountState(_)
+                | Mutation::ClearAccountState { .. }
+                | Mutation::RequireResetGeneration { .. }
+                | Mutation::CheckTerm { .. }
+        )
+    });
+    if !STATE_ONLY_ACTIONS.contains(&audit.action.as_str()) || !states_only {
+        return Err(StoreError::Invalid(format!(
+            "a state-only write ({}) may change account states only",
+            audit.action
+        )));
+    }
+    store.apply(mutations, audit).await
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -52,6 +99,8 @@ pub struct Snapshot {
     /// sends this config only to a token still valid here (a revocation moves
     /// the head, so it is seen before anything newer goes out).
     pub tokens: Arc<std::collections::HashMap<String, model::Role>>,
+    /// The hash state after everything but the account states: a patch finishes it.
+    hasher: StatesHasher,
 }
 
 /// An earlier head: its version and content hash, and what changed from it
@@ -79,10 +128,26 @@ impl Published {
         }
     }
 
+    /// Whether `next` continues this head's history (same epoch, later revision).
+    fn continued_by(&self, next: Version) -> bool {
+        let prev = self.snapshot.version;
+        prev.epoch == next.epoch && prev.revision < next.revision
+    }
+
     /// The head that follows this one: `next` with the changes from here to it.
     fn then(&self, next: Snapshot) -> Self {
+        let to_next = if self.continued_by(next.version) {
+            relay_proto::changed(&self.snapshot.resources, &next.resources)
+        } else {
+            BTreeSet::new()
+        };
+        self.then_with(next, to_next)
+    }
+
+    /// The head that follows this one: `next`, which differs from it by `to_next` exactly.
+    fn then_with(&self, next: Snapshot, to_next: BTreeSet<ResourceKey>) -> Self {
         let prev = &self.snapshot;
-        let same_history = prev.version.epoch == next.version.epoch && prev.version.revision < next.version.revision;
+        let same_history = self.continued_by(next.version);
         let mut points = if same_history {
             (*self.points).clone()
         } else {
@@ -92,7 +157,7 @@ impl Published {
             points.push_back(Point {
                 version: prev.version,
                 hash: prev.hash.clone(),
-                to_next: Arc::new(relay_proto::changed(&prev.resources, &next.resources)),
+                to_next: Arc::new(to_next),
             });
         }
         let mut total: usize = points.iter().map(|p| p.to_next.len()).sum();
@@ -346,9 +411,7 @@ impl ConfigPublisher {
     /// Loads the head once (so the first Watch stream has something to send)
     /// and starts following.
     pub async fn start(store: DynStore, key: MasterKey, poll: Duration) -> Result<Self, ConfigError> {
-        let state = store.load_config().await?;
-        let tokens = store.list_admin_tokens().await?;
-        let first = Arc::new(Published::first(snapshot(&state, &tokens, &key)?));
+        let first = Arc::new(build_full(&store, &key).await?);
         let (tx, rx) = watch::channel(first);
         tokio::spawn(follow(store, key, poll, tx));
         Ok(Self { rx })
@@ -364,15 +427,126 @@ impl ConfigPublisher {
 }
 
 fn snapshot(state: &ConfigState, tokens: &[model::AdminToken], key: &MasterKey) -> Result<Snapshot, ConfigError> {
-    let resources = build_resources(state, key)?;
-    let hash = relay_proto::config_hash(&resources);
+    // Canonical already: the hasher sees what `config_hash` would.
+    let mut resources = build_resources(state, key)?;
+    let hasher = StatesHasher::new(&mut resources);
+    let hash = hasher.hash_with(&resources.account_states);
     metrics::gauge!(relay_proto::metrics::CONFIG_HEAD_REVISION).set(state.version.revision as f64);
     Ok(Snapshot {
         version: state.version,
         resources,
         hash,
         tokens: Arc::new(tokens.iter().map(|t| (t.token_hash.clone(), t.role)).collect()),
+        hasher,
     })
+}
+
+/// How the publisher reached a new head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Built {
+    /// The last snapshot with the account states read again (only states changed since).
+    Patched,
+    /// Everything loaded and every credential opened.
+    Full,
+}
+
+/// Builds the complete config at the store's head, from scratch.
+pub async fn build_full(store: &DynStore, key: &MasterKey) -> Result<Published, ConfigError> {
+    let state = store.load_config().await?;
+    let tokens = store.list_admin_tokens().await?;
+    Ok(Published::first(snapshot(&state, &tokens, key)?))
+}
+
+/// The head that follows `current` when the store moved: patched when only account states
+/// changed since (see the module doc), else built in full. `None` when the head did not move,
+/// or moved backwards (then a new epoch is started, and the next call builds it).
+pub async fn next_head(
+    store: &DynStore,
+    key: &MasterKey,
+    current: &Published,
+) -> Result<Option<(Published, Built)>, ConfigError> {
+    let head = store.head().await?;
+    let have = current.snapshot.version;
+    if head == have {
+        return Ok(None);
+    }
+    if (head.epoch, head.revision) < (have.epoch, have.revision) {
+        // The store went back in time under us: restored from a backup.
+        rewound(store, head, have).await?;
+        return Ok(None);
+    }
+    if let Some(next) = patch_states(store, current, head).await? {
+        return Ok(Some((next, Built::Patched)));
+    }
+    let state = store.load_config().await?;
+    let tokens = store.list_admin_tokens().await?;
+    Ok(Some((current.then(snapshot(&state, &tokens, key)?), Built::Full)))
+}
+
+/// Whether every write from `have` (exclusive) to `head` (inclusive) changed account states
+/// only: exactly one audit entry per revision, each with a [`STATE_ONLY_ACTIONS`] action.
+async fn states_only_since(store: &DynStore, have: Version, head: Version) -> Result<bool, StoreError> {
+    if head.epoch != have.epoch || head.revision <= have.revision || head.revision - have.revision > MAX_PATCH_REVISIONS
+    {
+        return Ok(false);
+    }
+    let wanted = have.revision + 1..=head.revision;
+    let judge = |entries: &[model::AuditEntry]| -> Option<bool> {
+        let mut seen = BTreeSet::new();
+        for e in entries.iter().filter(|e| wanted.contains(&e.revision)) {
+            if !STATE_ONLY_ACTIONS.contains(&e.action.as_str()) || !seen.insert(e.revision) {
+                return Some(false);
+            }
+        }
+        // Not every revision seen: cannot tell from these entries.
+        (seen.len() as u64 == head.revision - have.revision).then_some(true)
+    };
+    // The newest entries first (the primary key, backwards): later writes may have landed.
+    let gap = u32::try_from(head.revision - have.revision).unwrap_or(u32::MAX);
+    let newest = store.list_audit(gap.saturating_add(64), None).await?;
+    if let Some(answer) = judge(&newest) {
+        return Ok(answer);
+    }
+    let revisions: Vec<u64> = wanted.clone().collect();
+    Ok(judge(&store.audit_at_revisions(&revisions).await?).unwrap_or(false))
+}
+
+/// `current` with the account states at `head`, when only states changed since; `None` when
+/// something else changed, or the store moved on while the states were read.
+async fn patch_states(store: &DynStore, current: &Published, head: Version) -> Result<Option<Published>, ConfigError> {
+    let prev = &current.snapshot;
+    if !states_only_since(store, prev.version, head).await? {
+        return Ok(None);
+    }
+    let stored = store.list_account_states().await?;
+    // The states are the head's only if nothing committed since the head was read.
+    if store.head().await? != head {
+        return Ok(None);
+    }
+    let mut states: Vec<pb::AccountState> = stored.iter().map(account_state_to_pb).collect();
+    states.sort_by(|a, b| (&a.account_id, &a.scope).cmp(&(&b.account_id, &b.scope)));
+    let hash = prev.hasher.hash_with(&states);
+    let to_next = relay_proto::changed(
+        &pb::Resources {
+            account_states: prev.resources.account_states.clone(),
+            ..Default::default()
+        },
+        &pb::Resources {
+            account_states: states.clone(),
+            ..Default::default()
+        },
+    );
+    let mut resources = prev.resources.clone();
+    resources.account_states = states;
+    metrics::gauge!(relay_proto::metrics::CONFIG_HEAD_REVISION).set(head.revision as f64);
+    let next = Snapshot {
+        version: head,
+        resources,
+        hash,
+        tokens: prev.tokens.clone(),
+        hasher: prev.hasher.clone(),
+    };
+    Ok(Some(current.then_with(next, to_next)))
 }
 
 async fn follow(store: DynStore, key: MasterKey, poll: Duration, tx: watch::Sender<Arc<Published>>) {
@@ -384,9 +558,9 @@ async fn follow(store: DynStore, key: MasterKey, poll: Duration, tx: watch::Send
             _ = tx.closed() => return,
         }
         let current = tx.borrow().clone();
-        match refresh(&store, &key, &current).await {
-            Ok(Some(next)) => {
-                tracing::debug!(version = %next.snapshot.version, "config head moved");
+        match next_head(&store, &key, &current).await {
+            Ok(Some((next, built))) => {
+                tracing::debug!(version = %next.snapshot.version, ?built, "config head moved");
                 tx.send_replace(Arc::new(next));
             }
             Ok(None) => {}
@@ -397,22 +571,6 @@ async fn follow(store: DynStore, key: MasterKey, poll: Duration, tx: watch::Send
             }
         }
     }
-}
-
-async fn refresh(store: &DynStore, key: &MasterKey, current: &Published) -> Result<Option<Published>, ConfigError> {
-    let head = store.head().await?;
-    let have = current.snapshot.version;
-    if head == have {
-        return Ok(None);
-    }
-    if (head.epoch, head.revision) < (have.epoch, have.revision) {
-        // The store went back in time under us: restored from a backup.
-        rewound(store, head, have).await?;
-        return Ok(None);
-    }
-    let state = store.load_config().await?;
-    let tokens = store.list_admin_tokens().await?;
-    Ok(Some(current.then(snapshot(&state, &tokens, key)?)))
 }
 
 /// History was rewound to `head` while `seen` (a later revision of the same
