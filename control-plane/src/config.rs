@@ -22,8 +22,10 @@
 //! refuses anything else) is published by patching the last snapshot: its account states are
 //! read again, the rest is kept, and the hash is finished from the kept hasher state
 //! ([`relay_proto::patch::StatesHasher`]); no credential is opened. Every other write (accounts,
-//! keys, groups, prices, settings, tokens) goes through the full build. Both give the same
-//! config (`tests/incremental_config.rs` compares them on both stores).
+//! keys, groups, prices, settings, tokens) goes through the full build, which opens only the
+//! credentials and proxy URLs sealed anew since the last head (the others are kept by their
+//! sealed bytes). Both give the same config (`tests/incremental_config.rs` compares them with a
+//! build from scratch on both stores).
 
 use crate::crypto::MasterKey;
 use crate::model::{self, AuditRecord, ConfigState, Mutation, Version};
@@ -101,6 +103,28 @@ pub struct Snapshot {
     pub tokens: Arc<std::collections::HashMap<String, model::Role>>,
     /// The hash state after everything but the account states: a patch finishes it.
     hasher: StatesHasher,
+    /// Every account's secrets as opened for this head, by the sealed bytes: the next full build
+    /// opens only what was sealed anew.
+    opened: Arc<Opened>,
+}
+
+/// Accounts' opened credentials and proxy URLs by account id, each with the sealed bytes it was
+/// opened from (opening is a function of those bytes and the account id, so equal bytes open to
+/// the same secret).
+#[derive(Default)]
+struct Opened(std::collections::HashMap<String, OpenedAccount>);
+
+struct OpenedAccount {
+    credential_enc: Vec<u8>,
+    proxy_url_enc: Option<Vec<u8>>,
+    credential: String,
+    proxy_url: String,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Opened({} accounts)", self.0.len())
+    }
 }
 
 /// An earlier head: its version and content hash, and what changed from it
@@ -233,6 +257,12 @@ impl Published {
 /// Turns the stored config into what data planes receive: credentials opened,
 /// group names resolved to ids, every list in canonical (id) order.
 pub fn build_resources(state: &ConfigState, key: &MasterKey) -> Result<pb::Resources, ConfigError> {
+    build_with(state, key, &Opened::default()).map(|(r, _)| r)
+}
+
+/// [`build_resources`], opening only the secrets `before` does not hold for the same sealed bytes;
+/// returns what is opened now too.
+fn build_with(state: &ConfigState, key: &MasterKey, before: &Opened) -> Result<(pb::Resources, Opened), ConfigError> {
     let mut r = pb::Resources {
         api_keys: state.api_keys.iter().map(api_key_to_pb).collect(),
         accounts: Vec::with_capacity(state.accounts.len()),
@@ -263,15 +293,33 @@ pub fn build_resources(state: &ConfigState, key: &MasterKey) -> Result<pb::Resou
         }),
         account_states: state.account_states.iter().map(account_state_to_pb).collect(),
     };
+    let mut opened = Opened(std::collections::HashMap::with_capacity(state.accounts.len()));
     for a in &state.accounts {
-        r.accounts.push(account_to_pb(a, key)?);
+        let kept = before
+            .0
+            .get(&a.id)
+            .filter(|o| o.credential_enc == a.credential_enc && o.proxy_url_enc == a.proxy_url_enc);
+        let (credential, proxy_url) = match kept {
+            Some(o) => (o.credential.clone(), o.proxy_url.clone()),
+            None => open_secrets(a, key)?,
+        };
+        opened.0.insert(
+            a.id.clone(),
+            OpenedAccount {
+                credential_enc: a.credential_enc.clone(),
+                proxy_url_enc: a.proxy_url_enc.clone(),
+                credential: credential.clone(),
+                proxy_url: proxy_url.clone(),
+            },
+        );
+        r.accounts.push(account_pb(a, credential, proxy_url));
     }
     relay_proto::canonicalize(&mut r);
-    Ok(r)
+    Ok((r, opened))
 }
 
-/// An account as data planes receive it: credential and proxy URL opened.
-pub fn account_to_pb(a: &model::Account, key: &MasterKey) -> Result<pb::Account, ConfigError> {
+/// An account's credential and proxy URL, opened.
+fn open_secrets(a: &model::Account, key: &MasterKey) -> Result<(String, String), ConfigError> {
     let credential = key
         .open(&a.credential_enc, &a.id)
         .map_err(|_| ConfigError::Credential(a.name.clone()))?;
@@ -281,7 +329,18 @@ pub fn account_to_pb(a: &model::Account, key: &MasterKey) -> Result<pb::Account,
             .map_err(|_| ConfigError::Credential(a.name.clone()))?,
         None => a.proxy_url.clone(),
     };
-    Ok(pb::Account {
+    Ok((credential, proxy_url))
+}
+
+/// An account as data planes receive it: credential and proxy URL opened.
+pub fn account_to_pb(a: &model::Account, key: &MasterKey) -> Result<pb::Account, ConfigError> {
+    let (credential, proxy_url) = open_secrets(a, key)?;
+    Ok(account_pb(a, credential, proxy_url))
+}
+
+/// An account as data planes receive it, with its secrets opened already.
+fn account_pb(a: &model::Account, credential: String, proxy_url: String) -> pb::Account {
+    pb::Account {
         id: a.id.clone(),
         name: a.name.clone(),
         kind: account_kind_to_pb(a.kind) as i32,
@@ -298,7 +357,7 @@ pub fn account_to_pb(a: &model::Account, key: &MasterKey) -> Result<pb::Account,
         proxy_url,
         credential_expires_at_ms: a.credential_expires_at.unwrap_or(0),
         reset_generation: a.reset_generation,
-    })
+    }
 }
 
 pub fn group_state_to_pb(s: model::GroupState) -> pb::GroupState {
@@ -426,9 +485,14 @@ impl ConfigPublisher {
     }
 }
 
-fn snapshot(state: &ConfigState, tokens: &[model::AdminToken], key: &MasterKey) -> Result<Snapshot, ConfigError> {
+fn snapshot(
+    state: &ConfigState,
+    tokens: &[model::AdminToken],
+    key: &MasterKey,
+    before: &Opened,
+) -> Result<Snapshot, ConfigError> {
     // Canonical already: the hasher sees what `config_hash` would.
-    let mut resources = build_resources(state, key)?;
+    let (mut resources, opened) = build_with(state, key, before)?;
     let hasher = StatesHasher::new(&mut resources);
     let hash = hasher.hash_with(&resources.account_states);
     metrics::gauge!(relay_proto::metrics::CONFIG_HEAD_REVISION).set(state.version.revision as f64);
@@ -438,6 +502,7 @@ fn snapshot(state: &ConfigState, tokens: &[model::AdminToken], key: &MasterKey) 
         hash,
         tokens: Arc::new(tokens.iter().map(|t| (t.token_hash.clone(), t.role)).collect()),
         hasher,
+        opened: Arc::new(opened),
     })
 }
 
@@ -446,7 +511,7 @@ fn snapshot(state: &ConfigState, tokens: &[model::AdminToken], key: &MasterKey) 
 pub enum Built {
     /// The last snapshot with the account states read again (only states changed since).
     Patched,
-    /// Everything loaded and every credential opened.
+    /// Everything loaded again; only credentials and proxy URLs sealed anew are opened.
     Full,
 }
 
@@ -454,7 +519,7 @@ pub enum Built {
 pub async fn build_full(store: &DynStore, key: &MasterKey) -> Result<Published, ConfigError> {
     let state = store.load_config().await?;
     let tokens = store.list_admin_tokens().await?;
-    Ok(Published::first(snapshot(&state, &tokens, key)?))
+    Ok(Published::first(snapshot(&state, &tokens, key, &Opened::default())?))
 }
 
 /// The head that follows `current` when the store moved: patched when only account states
@@ -480,7 +545,8 @@ pub async fn next_head(
     }
     let state = store.load_config().await?;
     let tokens = store.list_admin_tokens().await?;
-    Ok(Some((current.then(snapshot(&state, &tokens, key)?), Built::Full)))
+    let next = snapshot(&state, &tokens, key, &current.snapshot.opened)?;
+    Ok(Some((current.then(next), Built::Full)))
 }
 
 /// Whether every write from `have` (exclusive) to `head` (inclusive) changed account states
@@ -545,6 +611,7 @@ async fn patch_states(store: &DynStore, current: &Published, head: Version) -> R
         hash,
         tokens: prev.tokens.clone(),
         hasher: prev.hasher.clone(),
+        opened: prev.opened.clone(),
     };
     Ok(Some(current.then_with(next, to_next)))
 }

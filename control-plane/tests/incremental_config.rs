@@ -175,6 +175,49 @@ async fn sequence(store: DynStore) {
         .unwrap();
     p = step(&store, &key, &p, Built::Full, "a report and an account update").await;
 
+    // A new credential and a sealed proxy URL are opened anew; the others are kept.
+    let mut a = store.get_account("acc-004").await.unwrap().unwrap();
+    let rev = a.revision;
+    a.credential_enc = key.seal("sk-ant-rotated", &a.id).unwrap();
+    let mut b = store.get_account("acc-006").await.unwrap().unwrap();
+    let rev_b = b.revision;
+    b.proxy_url_enc = Some(
+        key.seal(
+            "http://user:pw@proxy.example:3128",
+            &relay_control_plane::api::admin::proxy_seal_context(&b.id),
+        )
+        .unwrap(),
+    );
+    store
+        .apply(
+            vec![
+                Mutation::UpdateAccount {
+                    row: a,
+                    expect_revision: rev,
+                },
+                Mutation::UpdateAccount {
+                    row: b,
+                    expect_revision: rev_b,
+                },
+            ],
+            audit("account.update"),
+        )
+        .await
+        .unwrap();
+    p = step(&store, &key, &p, Built::Full, "a new credential and proxy URL").await;
+    let opened = |id: &str| {
+        p.snapshot
+            .resources
+            .accounts
+            .iter()
+            .find(|x| x.id == id)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(opened("acc-004").credential, "sk-ant-rotated");
+    assert_eq!(opened("acc-006").proxy_url, "http://user:pw@proxy.example:3128");
+    assert_eq!(opened("acc-005").credential, "sk-ant-secret-5");
+
     report(&store, state(7, "", AccountHealth::Blocked, 0)).await;
     p = step(&store, &key, &p, Built::Patched, "a report after a full build").await;
 
