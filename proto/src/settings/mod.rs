@@ -191,4 +191,5 @@ pub fn markdown_table() -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;
