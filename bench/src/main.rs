@@ -4,7 +4,7 @@
 //! relay-bench run [--quick] [--out bench/results] [--bin-dir target/release] [--only latency,saturation,limits,…]
 //! relay-bench env --secs N                  # start everything, print addresses and pids, hold (for profiling)
 //! relay-bench load --url URL --key K [--stream] [--rate R --secs S | --closed N --concurrency C]
-//! relay-bench publish [--bin-dir target/release] [--accounts 5000] [--changes 30] [--updates 10]
+//! relay-bench publish [--bin-dir target/release] [--compare-bin-dir DIR] [--accounts 5000] [--rounds 3]
 //! ```
 //! `scripts/bench.sh` is the one command: it installs what is missing, builds
 //! the release binaries and runs `relay-bench run`.
@@ -125,9 +125,13 @@ enum Cmd {
     /// `--accounts` accounts configured (and, for comparison, account updates: full builds).
     /// Needs only relay-control-plane and Postgres. Prints JSON.
     Publish {
-        /// Where relay-control-plane is.
+        /// Where relay-control-plane is (label "a").
         #[arg(long, default_value = "target/release")]
         bin_dir: PathBuf,
+        /// Another build to compare (label "b"), e.g. one from before a change: run alternately
+        /// with --bin-dir on the same database, order rotating each round.
+        #[arg(long)]
+        compare_bin_dir: Option<PathBuf>,
         #[arg(
             long,
             env = "DATABASE_URL",
@@ -136,9 +140,14 @@ enum Cmd {
         database_url: String,
         #[arg(long, default_value_t = 5000)]
         accounts: usize,
-        #[arg(long, default_value_t = 30)]
+        /// Rounds; each (re)starts every build once.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// State reports timed per round and build.
+        #[arg(long, default_value_t = 20)]
         changes: usize,
-        #[arg(long, default_value_t = 10)]
+        /// Account updates timed per round and build.
+        #[arg(long, default_value_t = 5)]
         updates: usize,
         /// Keep the run's Postgres database.
         #[arg(long)]
@@ -349,19 +358,26 @@ async fn main() -> Result<()> {
         }
         Cmd::Publish {
             bin_dir,
+            compare_bin_dir,
             database_url,
             accounts,
+            rounds,
             changes,
             updates,
             keep_db,
         } => {
-            let bins = std::fs::canonicalize(&bin_dir).with_context(|| format!("bin dir {}", bin_dir.display()))?;
-            if !bins.join("relay-control-plane").exists() {
-                bail!("{} not found", bins.join("relay-control-plane").display());
+            let mut bins = Vec::new();
+            for dir in std::iter::once(bin_dir).chain(compare_bin_dir) {
+                let dir = std::fs::canonicalize(&dir).with_context(|| format!("bin dir {}", dir.display()))?;
+                if !dir.join("relay-control-plane").exists() {
+                    bail!("{} not found", dir.join("relay-control-plane").display());
+                }
+                bins.push(dir);
             }
             let work = tempfile::Builder::new().prefix("relay-bench-publish-").tempdir()?;
             let opts = publish::PublishOpts {
                 bins,
+                rounds: rounds.clamp(1, 100),
                 database_url,
                 accounts: accounts.clamp(1, 100_000),
                 changes: changes.clamp(1, 10_000),
