@@ -1,5 +1,5 @@
 //! Talking to the control plane: the admin setup of a run, simulated data
-//! planes watching config (propagation), and a usage-ingest driver.
+//! planes watching config (propagation, `publish`), and a usage-ingest driver.
 
 use crate::stats::Dist;
 use anyhow::{bail, Context, Result};
@@ -148,11 +148,11 @@ pub async fn limited_key(admin: &mut Admin, name: &str) -> Result<(String, Strin
 }
 
 /// One receipt: watcher index, revision, when it arrived.
-type Receipt = (usize, u64, Instant);
+pub type Receipt = (usize, u64, Instant);
 
 /// One simulated data plane: its own connection, Hello, then ACK every update
 /// at once, reporting each receipt.
-async fn watcher(
+pub async fn watcher(
     url: String,
     token: String,
     idx: usize,

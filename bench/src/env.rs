@@ -114,6 +114,47 @@ pub async fn wait_ready(addr: SocketAddr, since: Instant, timeout: Duration) -> 
     tokio::task::spawn_blocking(move || procs::wait_http_200(addr, "/readyz", since, timeout)).await?
 }
 
+/// Starts `relay-control-plane` on `db_url` with a fresh master key and admin token; returns
+/// the process, its gRPC URL and the admin token.
+pub async fn control_plane(bins: &Path, db_url: &str, logs: &Path) -> Result<(Proc, String, String)> {
+    let (master_key, admin_token) = new_secrets();
+    let (p, url) = control_plane_with(bins, db_url, logs, &master_key, &admin_token, "control-plane").await?;
+    Ok((p, url, admin_token))
+}
+
+/// A fresh master key (base64) and admin token.
+pub fn new_secrets() -> (String, String) {
+    let mut key = [0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut key[..]);
+    let master_key = base64::engine::general_purpose::STANDARD.encode(key);
+    (master_key, format!("rat-bench-{}", uuid::Uuid::new_v4().simple()))
+}
+
+/// Starts `relay-control-plane` on `db_url` with these secrets (a restart on the same database);
+/// its log is `logs/<name>.log`. Returns the process and its gRPC URL.
+pub async fn control_plane_with(
+    bins: &Path,
+    db_url: &str,
+    logs: &Path,
+    master_key: &str,
+    admin_token: &str,
+    name: &str,
+) -> Result<(Proc, String)> {
+    let cp_port = procs::free_port()?;
+    let mut cmd = Command::new(bins.join("relay-control-plane"));
+    cmd.arg("--database-url")
+        .arg(db_url)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{cp_port}"))
+        .arg("--replica")
+        .arg("bench-cp")
+        .env("RELAY_MASTER_KEY", master_key)
+        .env("RELAY_ADMIN_TOKEN", admin_token);
+    let mut cp_p = Proc::spawn(name, cmd, logs)?;
+    let cp_addr = cp_p.wait_line("listening on ", Duration::from_secs(120)).await?;
+    Ok((cp_p, format!("http://{cp_addr}")))
+}
+
 impl Env {
     pub async fn start(opts: EnvOpts, run_id: &str) -> Result<Env> {
         let logs = opts.work.join("logs");
@@ -136,23 +177,7 @@ impl Env {
             .context("creating the run's database")?;
         let db_url = with_db(&opts.database_url, &db_name);
 
-        let mut key = [0u8; 32];
-        rand::Rng::fill(&mut rand::thread_rng(), &mut key[..]);
-        let master_key = base64::engine::general_purpose::STANDARD.encode(key);
-        let admin_token = format!("rat-bench-{}", uuid::Uuid::new_v4().simple());
-        let cp_port = procs::free_port()?;
-        let mut cmd = Command::new(opts.bins.join("relay-control-plane"));
-        cmd.arg("--database-url")
-            .arg(&db_url)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{cp_port}"))
-            .arg("--replica")
-            .arg("bench-cp")
-            .env("RELAY_MASTER_KEY", &master_key)
-            .env("RELAY_ADMIN_TOKEN", &admin_token);
-        let mut cp_p = Proc::spawn("control-plane", cmd, &logs)?;
-        let cp_addr = cp_p.wait_line("listening on ", Duration::from_secs(60)).await?;
-        let cp_url = format!("http://{cp_addr}");
+        let (cp_p, cp_url, admin_token) = control_plane(&opts.bins, &db_url, &logs).await?;
         let mut admin = cp::admin(&cp_url, &admin_token).await?;
         let setup = cp::setup(
             &mut admin,

@@ -4,6 +4,7 @@
 //! relay-bench run [--quick] [--out bench/results] [--bin-dir target/release] [--only latency,saturation,limits,…]
 //! relay-bench env --secs N                  # start everything, print addresses and pids, hold (for profiling)
 //! relay-bench load --url URL --key K [--stream] [--rate R --secs S | --closed N --concurrency C]
+//! relay-bench publish [--bin-dir target/release] [--compare-bin-dir DIR] [--accounts 5000] [--rounds 3]
 //! ```
 //! `scripts/bench.sh` is the one command: it installs what is missing, builds
 //! the release binaries and runs `relay-bench run`.
@@ -13,6 +14,7 @@ mod env;
 mod load;
 mod nginx;
 mod procs;
+mod publish;
 mod redis;
 mod report;
 mod run;
@@ -118,6 +120,38 @@ enum Cmd {
         closed: Option<u64>,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+    },
+    /// Time one account-state change from the report to a watching data plane, with
+    /// `--accounts` accounts configured (and, for comparison, account updates: full builds).
+    /// Needs only relay-control-plane and Postgres. Prints JSON.
+    Publish {
+        /// Where relay-control-plane is (label "a").
+        #[arg(long, default_value = "target/release")]
+        bin_dir: PathBuf,
+        /// Another build to compare (label "b"), e.g. one from before a change: run alternately
+        /// with --bin-dir on the same database, order rotating each round.
+        #[arg(long)]
+        compare_bin_dir: Option<PathBuf>,
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres:postgres@127.0.0.1:5432/postgres"
+        )]
+        database_url: String,
+        #[arg(long, default_value_t = 5000)]
+        accounts: usize,
+        /// Rounds; each (re)starts every build once.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// State reports timed per round and build.
+        #[arg(long, default_value_t = 20)]
+        changes: usize,
+        /// Account updates timed per round and build.
+        #[arg(long, default_value_t = 5)]
+        updates: usize,
+        /// Keep the run's Postgres database.
+        #[arg(long)]
+        keep_db: bool,
     },
 }
 
@@ -321,6 +355,51 @@ async fn main() -> Result<()> {
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
+        }
+        Cmd::Publish {
+            bin_dir,
+            compare_bin_dir,
+            database_url,
+            accounts,
+            rounds,
+            changes,
+            updates,
+            keep_db,
+        } => {
+            let mut bins = Vec::new();
+            for dir in std::iter::once(bin_dir).chain(compare_bin_dir) {
+                let dir = std::fs::canonicalize(&dir).with_context(|| format!("bin dir {}", dir.display()))?;
+                if !dir.join("relay-control-plane").exists() {
+                    bail!("{} not found", dir.join("relay-control-plane").display());
+                }
+                bins.push(dir);
+            }
+            let work = tempfile::Builder::new().prefix("relay-bench-publish-").tempdir()?;
+            let opts = publish::PublishOpts {
+                bins,
+                rounds: rounds.clamp(1, 100),
+                database_url,
+                accounts: accounts.clamp(1, 100_000),
+                changes: changes.clamp(1, 10_000),
+                updates: updates.min(10_000),
+                work: work.path().to_path_buf(),
+                keep_db,
+            };
+            let out = tokio::select! {
+                r = publish::run(opts) => r,
+                _ = stop_requested() => bail!("interrupted; everything the run started is stopped"),
+            };
+            match out {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    Ok(())
+                }
+                Err(e) => {
+                    let kept = work.keep();
+                    eprintln!("logs kept in {}", kept.join("logs").display());
+                    Err(e)
+                }
+            }
         }
     }
 }

@@ -89,6 +89,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 pub mod bounds;
 pub mod metrics;
+pub mod patch;
 pub mod periods;
 pub mod settings;
 pub mod validate;

@@ -602,7 +602,7 @@ impl ConfigDiscovery for DiscoveryService {
         };
         let audit = crate::model::AuditRecord {
             actor: format!("data-plane:{}", r.node_id),
-            action: "account.state".into(),
+            action: crate::config::ACTION_ACCOUNT_STATE.into(),
             target: st.account_id.clone(),
             detail: serde_json::json!({
                 "health": health.as_str(), "scope": row.scope, "until_ms": row.until, "reason": row.reason,
@@ -615,11 +615,8 @@ impl ConfigDiscovery for DiscoveryService {
             account_id: st.account_id.clone(),
             at_most: st.reset_generation,
         };
-        let v = match self
-            .store
-            .apply(vec![guard, crate::model::Mutation::SetAccountState(row)], audit)
-            .await
-        {
+        let write = vec![guard, crate::model::Mutation::SetAccountState(row)];
+        let v = match crate::config::apply_state_write(&self.store, write, audit).await {
             Ok(v) => v,
             Err(crate::store::StoreError::Conflict { .. }) => {
                 metrics::counter!(relay_proto::metrics::ACCOUNT_STATE_REPORTS_IGNORED_TOTAL, "reason" => "before_reset").increment(1);

@@ -15,6 +15,8 @@ use super::convert::{
 };
 use crate::crypto::MasterKey;
 use crate::model::{self, ConfigState, Version};
+use crate::store::{DynStore, StoreError};
+use relay_proto::patch::StatesHasher;
 use relay_proto::v1 as pb;
 use relay_proto::ResourceKey;
 use std::collections::{BTreeSet, VecDeque};
@@ -42,6 +44,30 @@ pub struct Snapshot {
     /// sends this config only to a token still valid here (a revocation moves
     /// the head, so it is seen before anything newer goes out).
     pub tokens: Arc<std::collections::HashMap<String, model::Role>>,
+    /// The hash state after everything but the account states: a patch finishes it.
+    pub(crate) hasher: StatesHasher,
+    /// Every account's secrets as opened for this head, by the sealed bytes: the next full build
+    /// opens only what was sealed anew.
+    pub(crate) opened: Arc<Opened>,
+}
+
+/// Accounts' opened credentials and proxy URLs by account id, each with the sealed bytes it was
+/// opened from (opening is a function of those bytes and the account id, so equal bytes open to
+/// the same secret).
+#[derive(Default)]
+pub struct Opened(std::collections::HashMap<String, OpenedAccount>);
+
+struct OpenedAccount {
+    credential_enc: Vec<u8>,
+    proxy_url_enc: Option<Vec<u8>>,
+    credential: String,
+    proxy_url: String,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Opened({} accounts)", self.0.len())
+    }
 }
 
 /// An earlier head: its version and content hash, and what changed from it
@@ -69,10 +95,26 @@ impl Published {
         }
     }
 
+    /// Whether `next` continues this head's history (same epoch, later revision).
+    fn continued_by(&self, next: Version) -> bool {
+        let prev = self.snapshot.version;
+        prev.epoch == next.epoch && prev.revision < next.revision
+    }
+
     /// The head that follows this one: `next` with the changes from here to it.
     pub fn then(&self, next: Snapshot) -> Self {
+        let to_next = if self.continued_by(next.version) {
+            relay_proto::changed(&self.snapshot.resources, &next.resources)
+        } else {
+            BTreeSet::new()
+        };
+        self.then_with(next, to_next)
+    }
+
+    /// The head that follows this one: `next`, which differs from it by `to_next` exactly.
+    fn then_with(&self, next: Snapshot, to_next: BTreeSet<ResourceKey>) -> Self {
         let prev = &self.snapshot;
-        let same_history = prev.version.epoch == next.version.epoch && prev.version.revision < next.version.revision;
+        let same_history = self.continued_by(next.version);
         let mut points = if same_history {
             (*self.points).clone()
         } else {
@@ -82,7 +124,7 @@ impl Published {
             points.push_back(Point {
                 version: prev.version,
                 hash: prev.hash.clone(),
-                to_next: Arc::new(relay_proto::changed(&prev.resources, &next.resources)),
+                to_next: Arc::new(to_next),
             });
         }
         let mut total: usize = points.iter().map(|p| p.to_next.len()).sum();
@@ -155,26 +197,42 @@ impl Published {
     }
 }
 
-/// The complete config at `state`'s version: built, hashed, with the admin tokens read with it.
+/// The complete config at `state`'s version: built (opening only the secrets `before` does not
+/// hold for the same sealed bytes), hashed, with the admin tokens read with it.
 pub fn snapshot(
     state: &ConfigState,
     tokens: &[model::AdminToken],
     key: &MasterKey,
+    before: &Opened,
 ) -> Result<Snapshot, CredentialError> {
-    let resources = build_resources(state, key)?;
-    let hash = relay_proto::config_hash(&resources);
+    // Canonical already: the hasher sees what `config_hash` would.
+    let (mut resources, opened) = build_with(state, key, before)?;
+    let hasher = StatesHasher::new(&mut resources);
+    let hash = hasher.hash_with(&resources.account_states);
     metrics::gauge!(relay_proto::metrics::CONFIG_HEAD_REVISION).set(state.version.revision as f64);
     Ok(Snapshot {
         version: state.version,
         resources,
         hash,
         tokens: Arc::new(tokens.iter().map(|t| (t.token_hash.clone(), t.role)).collect()),
+        hasher,
+        opened: Arc::new(opened),
     })
 }
 
 /// Turns the stored config into what data planes receive: credentials opened,
 /// group names resolved to ids, every list in canonical (id) order.
 pub fn build_resources(state: &ConfigState, key: &MasterKey) -> Result<pb::Resources, CredentialError> {
+    build_with(state, key, &Opened::default()).map(|(r, _)| r)
+}
+
+/// [`build_resources`], opening only the secrets `before` does not hold for the same sealed bytes;
+/// returns what is opened now too.
+fn build_with(
+    state: &ConfigState,
+    key: &MasterKey,
+    before: &Opened,
+) -> Result<(pb::Resources, Opened), CredentialError> {
     let mut r = pb::Resources {
         api_keys: state.api_keys.iter().map(api_key_to_pb).collect(),
         accounts: Vec::with_capacity(state.accounts.len()),
@@ -205,15 +263,33 @@ pub fn build_resources(state: &ConfigState, key: &MasterKey) -> Result<pb::Resou
         }),
         account_states: state.account_states.iter().map(account_state_to_pb).collect(),
     };
+    let mut opened = Opened(std::collections::HashMap::with_capacity(state.accounts.len()));
     for a in &state.accounts {
-        r.accounts.push(account_to_pb(a, key)?);
+        let kept = before
+            .0
+            .get(&a.id)
+            .filter(|o| o.credential_enc == a.credential_enc && o.proxy_url_enc == a.proxy_url_enc);
+        let (credential, proxy_url) = match kept {
+            Some(o) => (o.credential.clone(), o.proxy_url.clone()),
+            None => open_secrets(a, key)?,
+        };
+        opened.0.insert(
+            a.id.clone(),
+            OpenedAccount {
+                credential_enc: a.credential_enc.clone(),
+                proxy_url_enc: a.proxy_url_enc.clone(),
+                credential: credential.clone(),
+                proxy_url: proxy_url.clone(),
+            },
+        );
+        r.accounts.push(account_pb(a, credential, proxy_url));
     }
     relay_proto::canonicalize(&mut r);
-    Ok(r)
+    Ok((r, opened))
 }
 
-/// An account as data planes receive it: credential and proxy URL opened.
-pub fn account_to_pb(a: &model::Account, key: &MasterKey) -> Result<pb::Account, CredentialError> {
+/// An account's credential and proxy URL, opened.
+fn open_secrets(a: &model::Account, key: &MasterKey) -> Result<(String, String), CredentialError> {
     let credential = key
         .open(&a.credential_enc, &a.id)
         .map_err(|_| CredentialError(a.name.clone()))?;
@@ -223,7 +299,18 @@ pub fn account_to_pb(a: &model::Account, key: &MasterKey) -> Result<pb::Account,
             .map_err(|_| CredentialError(a.name.clone()))?,
         None => a.proxy_url.clone(),
     };
-    Ok(pb::Account {
+    Ok((credential, proxy_url))
+}
+
+/// An account as data planes receive it: credential and proxy URL opened.
+pub fn account_to_pb(a: &model::Account, key: &MasterKey) -> Result<pb::Account, CredentialError> {
+    let (credential, proxy_url) = open_secrets(a, key)?;
+    Ok(account_pb(a, credential, proxy_url))
+}
+
+/// An account as data planes receive it, with its secrets opened already.
+fn account_pb(a: &model::Account, credential: String, proxy_url: String) -> pb::Account {
+    pb::Account {
         id: a.id.clone(),
         name: a.name.clone(),
         kind: account_kind_to_pb(a.kind) as i32,
@@ -240,7 +327,7 @@ pub fn account_to_pb(a: &model::Account, key: &MasterKey) -> Result<pb::Account,
         proxy_url,
         credential_expires_at_ms: a.credential_expires_at.unwrap_or(0),
         reset_generation: a.reset_generation,
-    })
+    }
 }
 
 fn api_key_to_pb(k: &model::ApiKey) -> pb::ApiKey {
@@ -255,4 +342,44 @@ fn api_key_to_pb(k: &model::ApiKey) -> pb::ApiKey {
         allowed_models: k.allowed_models.clone(),
         limits: Some(limits_to_pb(&k.limits)),
     }
+}
+
+/// `current` with the account states at `head`, the caller having checked that only states
+/// changed since (`crate::config`); `None` when the store moved on while the states were read.
+pub async fn patch_states(
+    store: &DynStore,
+    current: &Published,
+    head: Version,
+) -> Result<Option<Published>, StoreError> {
+    let prev = &current.snapshot;
+    let stored = store.list_account_states().await?;
+    // The states are the head's only if nothing committed since the head was read.
+    if store.head().await? != head {
+        return Ok(None);
+    }
+    let mut states: Vec<pb::AccountState> = stored.iter().map(account_state_to_pb).collect();
+    states.sort_by(|a, b| (&a.account_id, &a.scope).cmp(&(&b.account_id, &b.scope)));
+    let hash = prev.hasher.hash_with(&states);
+    let to_next = relay_proto::changed(
+        &pb::Resources {
+            account_states: prev.resources.account_states.clone(),
+            ..Default::default()
+        },
+        &pb::Resources {
+            account_states: states.clone(),
+            ..Default::default()
+        },
+    );
+    let mut resources = prev.resources.clone();
+    resources.account_states = states;
+    metrics::gauge!(relay_proto::metrics::CONFIG_HEAD_REVISION).set(head.revision as f64);
+    let next = Snapshot {
+        version: head,
+        resources,
+        hash,
+        tokens: prev.tokens.clone(),
+        hasher: prev.hasher.clone(),
+        opened: prev.opened.clone(),
+    };
+    Ok(Some(current.then_with(next, to_next)))
 }

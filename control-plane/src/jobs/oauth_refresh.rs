@@ -607,12 +607,12 @@ impl Refresher {
         };
         let audit = AuditRecord {
             actor: ACTOR.into(),
-            action: "account.oauth_refresh_failed".into(),
+            action: crate::config::ACTION_OAUTH_REFRESH_FAILED.into(),
             target: a.id.clone(),
             detail: serde_json::json!({ "account": a.name, "reason": reason, "term": term }).to_string(),
         };
-        self.store
-            .apply(vec![Mutation::CheckTerm { term }, Mutation::SetAccountState(st)], audit)
+        let write = vec![Mutation::CheckTerm { term }, Mutation::SetAccountState(st)];
+        crate::config::apply_state_write(&self.store, write, audit)
             .await
             .map(|_| ())
     }
