@@ -110,9 +110,9 @@ pub const SETTINGS: &[Setting] = &[
         0,
         0,
         "1",
-        "share of successful client requests whose relay::request log line is written (errors always are); for very high request rates",
+        "share of successful client requests whose relay::request log line is written (errors and cancelled requests always are; 0: none); for very high request rates",
     )
-    .fraction(),
+    .share(),
     Setting {
         name: "tracing.propagate_upstream",
         ty: Type::Bool,
@@ -414,6 +414,13 @@ impl Setting {
     const fn count(self) -> Self {
         Setting {
             ty: Type::Count,
+            ..self
+        }
+    }
+
+    const fn share(self) -> Self {
+        Setting {
+            ty: Type::Share,
             ..self
         }
     }

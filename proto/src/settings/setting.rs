@@ -1,7 +1,7 @@
 //! What a setting is: its type, bounds, default and meaning; checking a value against it, and
 //! reading a stored value (the default when absent or unparseable).
 
-use super::values::{fraction, is_http_url, parse_origins, parse_percents, MAX_ORIGINS_BYTES};
+use super::values::{fraction, is_http_url, parse_origins, parse_percents, share, MAX_ORIGINS_BYTES};
 use super::{is_secret, SettingError};
 use std::collections::BTreeMap;
 
@@ -14,6 +14,8 @@ pub enum Type {
     Count,
     /// A fraction in (0, 1], or a percentage in (1, 100].
     Fraction,
+    /// A share in [0, 1], or a percentage in (1, 100]: 0 means none.
+    Share,
     /// A comma-separated list of model ids.
     Models,
     /// `true` or `false`.
@@ -38,6 +40,7 @@ impl Type {
             Type::Millis => "milliseconds",
             Type::Count => "integer",
             Type::Fraction => "fraction",
+            Type::Share => "share",
             Type::Models => "model list",
             Type::Bool => "boolean",
             Type::Choice => "choice",
@@ -72,6 +75,7 @@ impl Setting {
         match self.ty {
             Type::Millis | Type::Count => format!("{}..={}", self.min, self.max),
             Type::Fraction => "0 < x <= 1, or a percentage 1 < x <= 100".into(),
+            Type::Share => "0 <= x <= 1 (0: none), or a percentage 1 < x <= 100".into(),
             Type::Models => "model ids, comma-separated".into(),
             Type::Bool => "true or false".into(),
             Type::Choice => self.choices.join(", "),
@@ -113,6 +117,10 @@ impl Setting {
                 _ => Err(invalid()),
             },
             Type::Fraction => match v.parse::<f64>().ok().and_then(fraction) {
+                Some(_) => Ok(()),
+                None => Err(invalid()),
+            },
+            Type::Share => match v.parse::<f64>().ok().and_then(share) {
                 Some(_) => Ok(()),
                 None => Err(invalid()),
             },
@@ -219,10 +227,11 @@ impl Setting {
             .unwrap_or(chrono_tz::UTC)
     }
 
-    /// `raw` parsed as a fraction, else the default.
+    /// `raw` parsed as a fraction (a share, 0 allowed, for [`Type::Share`]), else the default.
     pub fn fraction_of(&self, raw: Option<&str>) -> f64 {
+        let parse = if self.ty == Type::Share { share } else { fraction };
         raw.and_then(|v| v.trim().parse::<f64>().ok())
-            .and_then(fraction)
+            .and_then(parse)
             .or_else(|| self.default.parse::<f64>().ok())
             .unwrap_or(1.0)
     }

@@ -169,3 +169,22 @@ fn reading_falls_back_to_the_default() {
     assert_eq!(s.u64_in(&v), 7);
     assert_eq!(known("unified.threshold").fraction_of(Some("90")), 0.9);
 }
+
+#[test]
+fn the_log_sample_may_be_zero_and_other_fractions_may_not() {
+    let s = known("log.success_sample");
+    for ok in ["0", "0.0", "0.25", "1", "50"] {
+        assert!(s.check(ok).is_ok(), "{ok}");
+    }
+    for bad in ["-0.1", "101", "NaN", "x"] {
+        assert!(s.check(bad).is_err(), "{bad}");
+    }
+    assert_eq!(s.fraction_of(Some("0")), 0.0);
+    assert_eq!(s.fraction_of(Some("50")), 0.5);
+    // A threshold of 0 would mean "always": still refused where a fraction is asked.
+    let fractions: Vec<_> = SETTINGS.iter().filter(|s| s.ty == Type::Fraction).collect();
+    assert!(!fractions.is_empty());
+    for f in fractions {
+        assert!(f.check("0").is_err(), "{}", f.name);
+    }
+}

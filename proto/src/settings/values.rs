@@ -163,6 +163,14 @@ fn check_origin(o: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A share in [0, 1] (0: none): values above 1.0 are percentages.
+pub fn share(v: f64) -> Option<f64> {
+    if v == 0.0 {
+        return Some(0.0);
+    }
+    fraction(v)
+}
+
 /// A utilization or threshold as a fraction in (0, 1]: values above 1.0 are percentages.
 pub fn fraction(v: f64) -> Option<f64> {
     if !v.is_finite() || v <= 0.0 || v > 100.0 {
