@@ -377,6 +377,14 @@ pub async fn start(
         }
         None => None,
     };
+    if proxy.metrics.is_none() {
+        // Scraped from the process's own metrics listener: keep the state gauges current anyway.
+        tokio::spawn(
+            proxy
+                .clone()
+                .refresh_gauges_every(std::time::Duration::from_secs(5), stop_rx.clone()),
+        );
+    }
     let server = tokio::spawn(serve(listener, proxy, stop_rx, limits));
     Ok(RunningDataPlane {
         local_addr,

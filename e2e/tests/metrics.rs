@@ -561,3 +561,54 @@ async fn a_scrape_of_both_binaries_after_traffic_matches_the_catalogue() {
         .is_some());
     drop(dp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_a_metrics_listener_the_api_port_says_where_metrics_are_and_state_gauges_stay_current() {
+    let mock = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = free_port();
+    let listen = format!("127.0.0.1:{metrics_port}");
+    let mut relay = Standalone::spawn(
+        &dir.path().join("relay-data"),
+        &dir.path().join("relay.log"),
+        &["--metrics-listen", &listen],
+    );
+    relay.ready().await;
+    let token = std::fs::read_to_string(dir.path().join("relay-data/admin.token")).unwrap();
+    // Not an empty 200 that a scraper would take for a healthy target with nothing to say.
+    let on_api = send("GET", &format!("http://127.0.0.1:{}/metrics", relay.proxy), &[], "").await;
+    assert_eq!(on_api.status, 404);
+    let body = String::from_utf8_lossy(&on_api.body);
+    assert!(
+        body.contains("--metrics-listen") && body.contains("not_found_error"),
+        "{body}"
+    );
+    // An account added after start shows in the state gauge without any scrape of the API port.
+    relayctl(
+        &relay.server(),
+        token.trim(),
+        &[
+            "account",
+            "add",
+            "gauged",
+            "--kind",
+            "anthropic-compatible",
+            "--base-url",
+            &mock.base_url(),
+            "--secret-stdin",
+        ],
+        Some("sk-gauged\n"),
+    );
+    let url = format!("http://{listen}/metrics");
+    wait_for(Duration::from_secs(20), "the account's state gauge", || {
+        let url = url.clone();
+        async move {
+            let text = scrape(&url).await;
+            text.lines()
+                .any(|l| l.starts_with("relay_account_state{") && l.contains("account=\"gauged\""))
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", relay.proc.log_text()));
+}

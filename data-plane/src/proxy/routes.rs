@@ -129,7 +129,7 @@ impl Proxy {
     fn ops(&self, path: &str, request_id: &str) -> Response<Body> {
         match path {
             "/readyz" => self.readyz(request_id),
-            "/metrics" => self.metrics_text(),
+            "/metrics" => self.metrics_text(request_id),
             _ => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}), request_id),
         }
     }
@@ -226,14 +226,40 @@ impl Proxy {
         json_response(status, &body, request_id)
     }
 
-    fn metrics_text(&self) -> Response<Body> {
-        // Cooldowns end by themselves: the gauge is brought up to date before it is read.
+    /// Brings the state gauges (account states, group cooling, spend) up to date: cooldowns end
+    /// by themselves, so they are refreshed before each scrape, or on a beat when the scrape is
+    /// served elsewhere ([`Proxy::refresh_gauges_every`]).
+    pub fn refresh_gauges(&self) {
         let now = chrono::Utc::now().timestamp_millis();
         self.groups.refresh(self.holder.get().as_deref(), now);
         if let Some(cfg) = self.holder.get() {
             gauges::refresh(&cfg, &self.health, &self.spend, now);
         }
-        let text = self.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    }
+
+    /// Refreshes the state gauges every `period` until `stop`: for a process whose metrics are
+    /// scraped from a listener that does not go through this proxy (`--metrics-listen`).
+    pub async fn refresh_gauges_every(self: Arc<Self>, period: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            self.refresh_gauges();
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    fn metrics_text(&self, request_id: &str) -> Response<Body> {
+        let Some(handle) = self.metrics.as_ref() else {
+            // This process's metrics are served on their own listener; an empty 200 here would
+            // look like a healthy scrape of nothing.
+            return ApiError::not_found(
+                "metrics are not served on this port: scrape the address given by --metrics-listen",
+            )
+            .into_response(request_id);
+        };
+        self.refresh_gauges();
+        let text = handle.render();
         let mut r = Response::new(full(text));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
