@@ -4,8 +4,9 @@
 //!   (5 minutes / 1 hour), cache reads and web-search requests. [`Usage::from_json`] reads an API
 //!   `usage` object; [`Usage::merge_delta`] applies a streaming `message_delta.usage` (whose values
 //!   are cumulative, so present fields replace ours).
-//! * [`Usage::parse_message_body`] and [`Usage::parse_error_type`] read non-streaming bodies
-//!   (streams go through [`super::sse::SseTap`]).
+//! * [`Usage::parse_message_body`] reads a non-streaming body and [`Usage::parse_error_type`] an
+//!   error body's type (through `relay_proto::anthropic`, the one error-body parser; streams go
+//!   through [`super::sse::SseTap`]).
 //! * [`PriceTable`] answers "what did model M cost at time T" from the operator's price list
 //!   ([`relay_proto::v1::Price`], micro-USD per million tokens), and [`cost_pico_usd`] turns a price
 //!   and a usage into an exact cost in pico-USD (1 token × 1 µUSD/MTok = 1 pUSD, so no rounding).
@@ -15,6 +16,7 @@
 
 use std::collections::HashMap;
 
+use relay_proto::anthropic::ApiError;
 use relay_proto::v1::Price;
 use serde::Deserialize;
 use serde_json::Value;
@@ -162,16 +164,9 @@ impl Usage {
 
     /// The `error.type` of an Anthropic error body (`{"type":"error","error":{"type":"…",…}}`),
     /// e.g. `"overloaded_error"`. `None` if the body is not JSON or has no string `error.type`.
+    /// Read by the one error-body parser, [`relay_proto::anthropic::ApiError`].
     pub fn parse_error_type(body: &[u8]) -> Option<String> {
-        #[derive(Deserialize)]
-        struct Body {
-            error: Option<Value>,
-        }
-        let body: Body = serde_json::from_slice(body).ok()?;
-        match body.error?.get_mut("type").map(Value::take) {
-            Some(Value::String(s)) => Some(s),
-            _ => None,
-        }
+        ApiError::parse(body)?.kind().map(str::to_owned)
     }
 }
 
