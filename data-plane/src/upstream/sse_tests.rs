@@ -446,9 +446,7 @@ fn error_mid_stream() {
 fn error_before_anything() {
     let mut tap = SseTap::new();
     assert!(!tap.first_event_complete());
-    tap.feed(
-        b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"x\"}}\n",
-    );
+    tap.feed(b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"x\"}}\n");
     assert!(!tap.first_event_complete(), "not complete before the blank line");
     tap.feed(b"\n");
     assert!(tap.first_event_complete());
@@ -511,9 +509,7 @@ fn nameless_events_are_classified_by_type() {
     assert_any_chunking(s.as_bytes(), &expected_full());
     // `type` not the first key: found by a full parse.
     let mut tap = SseTap::new();
-    tap.feed(
-        b"data: {\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":2}},\"type\":\"message_start\"}\n\n",
-    );
+    tap.feed(b"data: {\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":2}},\"type\":\"message_start\"}\n\n");
     tap.feed(b"data: {\"usage\":{\"output_tokens\":3},\"type\":\"message_delta\"}\n\n");
     tap.feed(b"data: { \"type\" : \"message_stop\" }\n\n");
     assert_eq!(tap.model(), Some("m"));
@@ -575,9 +571,7 @@ fn oversized_event_is_dropped_but_counted() {
     // Buffers were released and later events parse normally.
     assert!(tap.line.capacity() <= RETAIN_CAPACITY);
     assert!(tap.data.capacity() <= RETAIN_CAPACITY);
-    tap.feed(
-        b"event: message_delta\ndata: {\"usage\":{\"output_tokens\":77}}\n\nevent: message_stop\ndata: {}\n\n",
-    );
+    tap.feed(b"event: message_delta\ndata: {\"usage\":{\"output_tokens\":77}}\n\nevent: message_stop\ndata: {}\n\n");
     assert_eq!(tap.usage().output_tokens, 77);
     assert_eq!(tap.usage().input_tokens, 0);
     assert!(tap.saw_message_stop());
@@ -587,8 +581,7 @@ fn oversized_event_is_dropped_but_counted() {
 #[test]
 fn garbage_data_marks_the_stream_corrupt_and_nothing_after_message_stop_counts() {
     let mut tap = SseTap::new();
-    let good =
-        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"abc\"}}\n\n";
+    let good = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"abc\"}}\n\n";
     tap.feed(good.as_bytes());
     assert_eq!((tap.events(), tap.corrupt()), (1, false));
     tap.feed(b"event: content_block_delta\ndata: {not json at all\n\n");

@@ -275,3 +275,7 @@ pub(super) fn bounded(now: i64, end: i64, s: &HealthSettings) -> (i64, &'static 
         (end, "")
     }
 }
+
+#[cfg(test)]
+#[path = "classify_tests.rs"]
+mod tests;
