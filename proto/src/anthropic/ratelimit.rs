@@ -229,6 +229,9 @@ mod tests {
 
     const NOW: i64 = 1_700_000_000_000;
 
+    /// Headers, and what they should read as.
+    type Case = (&'static [(&'static str, &'static str)], Option<u64>);
+
     fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -239,7 +242,7 @@ mod tests {
 
     #[test]
     fn retry_after_forms() {
-        let cases: &[(&[(&str, &str)], Option<u64>)] = &[
+        let cases: &[Case] = &[
             (&[("retry-after", "30")], Some(30_000)),
             (&[("retry-after", " 1.5 ")], Some(1_500)),
             (&[("retry-after-ms", "250")], Some(250)),
