@@ -258,6 +258,10 @@ pub struct Notifier {
 impl Notifier {
     /// Observes and delivers until aborted (leadership lost, shutdown).
     pub async fn run(self: Arc<Self>, _term: u64) {
+        // The outbox gauges are refreshed on their own beat: a slow receiver holds a
+        // delivery batch for up to BATCH × the send timeout, and the gauges must show
+        // the backlog growing meanwhile, not the value from before the batch.
+        let _gauges = GaugeTask(tokio::spawn(Arc::clone(&self).refresh_gauges()));
         let mut last_observed: Option<tokio::time::Instant> = None;
         loop {
             let values = self.store.settings().await.unwrap_or_default();
@@ -271,6 +275,13 @@ impl Notifier {
             if let Err(e) = self.deliver_due(hook.as_ref()).await {
                 tracing::warn!(error = %e, "notifications: cannot read the outbox; trying again");
             }
+            tokio::time::sleep(DELIVER_EVERY).await;
+        }
+    }
+
+    /// Sets the outbox gauges every [`DELIVER_EVERY`], independently of delivery.
+    async fn refresh_gauges(self: Arc<Self>) {
+        loop {
             if let Ok(st) = self.store.notify_stats().await {
                 metrics::gauge!(m::NOTIFY_OUTBOX_PENDING).set(st.pending as f64);
                 let age = st
@@ -588,6 +599,15 @@ impl Notifier {
             self.store.notify_mark(&n.dedup_key, &outcome, now).await?;
         }
         Ok(())
+    }
+}
+
+/// Aborts the gauge task when the job stops (leadership lost, shutdown).
+struct GaugeTask(tokio::task::JoinHandle<()>);
+
+impl Drop for GaugeTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -2,16 +2,13 @@
 //! UsageIngest, `grpc.health.v1` and server reflection (so `grpcurl` works),
 //! in plain gRPC or TLS, optionally with data-plane client certificates (mTLS).
 
-use crate::api::admin::AdminService;
+use crate::api::admin::{AdminApi, AdminService};
 use crate::api::auth::Authenticator;
 use crate::api::discovery::DiscoveryService;
 use crate::api::usage::UsageService;
 use crate::config::{ConfigError, ConfigPublisher};
 use crate::crypto::MasterKey;
 use crate::store::DynStore;
-use relay_proto::v1::admin_server::AdminServer;
-use relay_proto::v1::config_discovery_server::ConfigDiscoveryServer;
-use relay_proto::v1::usage_ingest_server::UsageIngestServer;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -164,32 +161,27 @@ pub async fn serve(
         None => Vec::new(),
     };
     let _jobs = AbortOnDrop(jobs);
-    let admin = AdminServer::new(
-        AdminService::new(store.clone(), key.clone(), spend.clone())
-            .with_live(opts.limiter.clone())
-            .with_prober(Some(prober.clone()))
-            .with_replica(&opts.replica, opts.leadership.clone())
-            .with_closing(closing.clone()),
-    )
-    .max_decoding_message_size(crate::api::gate::ADMIN_MAX_DECODE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let discovery = ConfigDiscoveryServer::new(DiscoveryService::new(
+    let admin = AdminService::new(
+        std::sync::Arc::new(
+            AdminApi::new(store.clone(), key.clone(), spend.clone())
+                .with_live(opts.limiter.clone())
+                .with_prober(Some(prober.clone()))
+                .with_replica(&opts.replica, opts.leadership.clone())
+                .with_closing(closing.clone()),
+        ),
+        auth.clone(),
+    );
+    let discovery = DiscoveryService::new(
         publisher.subscribe(),
         store.clone(),
         auth.clone(),
         opts.replica.clone(),
         closing.clone(),
-    ))
-    .max_decoding_message_size(crate::api::gate::DISCOVERY_MAX_DECODE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let usage = UsageIngestServer::new(UsageService::new(store.clone(), auth, closing, spend))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    );
+    let usage = UsageService::new(store.clone(), auth, closing, spend);
 
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<AdminServer<AdminService>>().await;
-    reporter.set_serving::<ConfigDiscoveryServer<DiscoveryService>>().await;
-    reporter.set_serving::<UsageIngestServer<UsageService>>().await;
+    let routes = crate::api::routes(admin, discovery, usage, &reporter).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(relay_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -226,11 +218,7 @@ pub async fn serve(
             }
         })
         .layer(gate)
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(admin)
-        .add_service(discovery)
-        .add_service(usage)
+        .add_routes(routes.add_service(health).add_service(reflection))
         .serve_with_incoming_shutdown(
             relay_data_plane::listen::incoming(listener, "grpc", opts.max_connections),
             shutdown,

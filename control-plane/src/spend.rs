@@ -13,7 +13,6 @@ use crate::model::{ApiKey, Group, KeyStatus, Millis};
 use crate::store::{DynStore, Result};
 use relay_proto::periods::{periods, Periods};
 use relay_proto::settings;
-use relay_proto::v1 as pb;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +39,22 @@ impl Spent {
             month: self.month.saturating_add(o.month),
         }
     }
+}
+
+/// The `UsageIngest.Spend` answer (`api::usage` sends it): the spend of every key and group with a
+/// budget, in the periods named, and how many data planes share the budgets.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SpendReport {
+    pub day: String,
+    pub month: String,
+    /// Unix ms when the sums were taken.
+    pub computed_at_ms: Millis,
+    /// Data planes connected now.
+    pub data_planes: u32,
+    /// (key id, spend) of every budgeted key.
+    pub keys: Vec<(String, Spent)>,
+    /// (group id, spend) of every budgeted group.
+    pub groups: Vec<(String, Spent)>,
 }
 
 /// Every key's spend in one pair of periods (keys without usage are absent).
@@ -84,7 +99,7 @@ impl<T> Cached<T> {
 
 #[derive(Default)]
 struct State {
-    answer: Option<Cached<Arc<pb::SpendResponse>>>,
+    answer: Option<Cached<Arc<SpendReport>>>,
     today: Option<Cached<Arc<Totals>>>,
     earlier: Option<Cached<Arc<BTreeMap<String, u64>>>>,
 }
@@ -158,7 +173,7 @@ impl SpendCache {
     /// The `UsageIngest.Spend` answer: every key and group with a daily or monthly budget (keys
     /// that are revoked aside), at most [`ANSWER_TTL`] old. No usage is summed while nothing
     /// has a budget.
-    pub async fn report(&self) -> Result<Arc<pb::SpendResponse>> {
+    pub async fn report(&self) -> Result<Arc<SpendReport>> {
         let mut st = self.state.lock().await;
         if let Some(c) = st.answer.as_ref().filter(|c| c.at.elapsed() < ANSWER_TTL) {
             return Ok(c.value.clone());
@@ -176,7 +191,7 @@ impl SpendCache {
         Ok(answer)
     }
 
-    async fn build(&self, st: &mut State, p: &Periods, keys: &[ApiKey], groups: &[Group]) -> Result<pb::SpendResponse> {
+    async fn build(&self, st: &mut State, p: &Periods, keys: &[ApiKey], groups: &[Group]) -> Result<SpendReport> {
         let budgeted_keys: Vec<&ApiKey> = keys
             .iter()
             .filter(|k| k.limits.has_budget() && k.status != KeyStatus::Revoked)
@@ -184,7 +199,7 @@ impl SpendCache {
         let budgeted_groups: Vec<&Group> = groups.iter().filter(|g| g.limits.has_budget()).collect();
         let now = crate::model::now_ms();
         let connected = self.store.list_proxies().await?.iter().filter(|d| d.live(now)).count();
-        let mut out = pb::SpendResponse {
+        let mut out = SpendReport {
             day: p.day.clone(),
             month: p.month.clone(),
             computed_at_ms: crate::model::now_ms(),
@@ -196,11 +211,7 @@ impl SpendCache {
         }
         // Summed now: an answer served for a second is never older than that.
         let totals = self.totals_locked(st, p, Duration::ZERO).await?;
-        let spend = |id: &str, s: Spent| pb::Spend {
-            id: id.to_string(),
-            day_pico_usd: s.day,
-            month_pico_usd: s.month,
-        };
+        let spend = |id: &str, s: Spent| (id.to_string(), s);
         out.computed_at_ms = totals.computed_at;
         out.keys = budgeted_keys
             .iter()

@@ -2217,3 +2217,74 @@ both_stores!(
         assert_eq!(e.code(), Code::NotFound);
     }
 );
+
+/// Every method of the Admin service, from the proto descriptor (so a new RPC is covered the day
+/// it is added), called over gRPC with an empty request by each kind of token: a read-only token
+/// is refused every write and let through every read; an admin token is let through every
+/// method; a data-plane token is refused every method. A write refused leaves the head where it
+/// was. What each method needs is `api::admin::rpcs::RPCS`.
+#[tokio::test]
+async fn every_admin_rpc_is_authorized_as_declared() {
+    use prost::Message;
+    use relay_control_plane::api::auth::Need;
+    let cp = common::start(common::Backend::Sqlite).await;
+    let set = prost_types::FileDescriptorSet::decode(relay_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let admin = set
+        .file
+        .iter()
+        .flat_map(|f| f.service.iter())
+        .find(|s| s.name() == "Admin")
+        .unwrap()
+        .clone();
+    assert!(admin.method.len() >= 30);
+    let channel = cp.channel().await;
+    // (code or OK) of one call: the request is empty (every field at its default).
+    let call = |token: &'static str, method: String, streaming: bool| {
+        let channel = channel.clone();
+        async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.unwrap();
+            let mut req = tonic::Request::new(());
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            let path: http::uri::PathAndQuery = format!("/relay.v1.Admin/{method}").parse().unwrap();
+            let codec = tonic_prost::ProstCodec::<(), ()>::default();
+            let r = if streaming {
+                grpc.server_streaming(req, path, codec).await.map(|_| ())
+            } else {
+                grpc.unary(req, path, codec).await.map(|_| ())
+            };
+            r.err().map(|s| s.code())
+        }
+    };
+    let refused = |c: Option<Code>| matches!(c, Some(Code::PermissionDenied | Code::Unauthenticated));
+    let (mut reads, mut writes) = (0, 0);
+    for m in &admin.method {
+        let name = m.name().to_string();
+        let need = relay_control_plane::api::admin::rpcs::need(&name)
+            .unwrap_or_else(|| panic!("Admin.{name} declares no need"));
+        let streaming = m.server_streaming();
+        let before = head(&cp).await;
+        let ro = call(RO_TOKEN, name.clone(), streaming).await;
+        match need {
+            Need::Read => {
+                reads += 1;
+                assert!(!refused(ro), "read-only token refused on read Admin.{name}: {ro:?}");
+            }
+            _ => {
+                writes += 1;
+                assert_eq!(
+                    ro,
+                    Some(Code::PermissionDenied),
+                    "read-only token on write Admin.{name}"
+                );
+                assert_eq!(head(&cp).await, before, "a refused Admin.{name} changed the config");
+            }
+        }
+        let dp = call(DP_TOKEN, name.clone(), streaming).await;
+        assert_eq!(dp, Some(Code::PermissionDenied), "data-plane token on Admin.{name}");
+        let admin = call(ADMIN_TOKEN, name.clone(), streaming).await;
+        assert!(!refused(admin), "admin token refused on Admin.{name}: {admin:?}");
+    }
+    assert!(reads > 10 && writes > 10, "{reads} reads, {writes} writes");
+}

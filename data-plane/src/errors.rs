@@ -2,6 +2,13 @@
 //! Anthropic error shape every SDK parses:
 //! `{"type":"error","error":{"type":…,"message":…},"request_id":…}` plus a
 //! `request-id` header, and `x-should-retry: false` where retrying cannot help.
+//!
+//! Every Anthropic-format error body relay writes is built here: relay's own
+//! ([`ApiError`]), the stand-in for an upstream error whose body was unreadable
+//! ([`upstream_error_body`]), the body of a stream that opened with an error
+//! ([`stream_opened_with_error_body`]) and the mid-stream SSE `event: error` frame
+//! ([`sse_error_event`]). `data-plane/tests/architecture.rs` checks that no other
+//! file builds one.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
@@ -137,6 +144,42 @@ impl ApiError {
         }
         resp
     }
+}
+
+/// The error body `{"type":"error","error":{"type":…,"message":…}}` (no request id: an
+/// upstream's answer that the client gets in place of the upstream's own body).
+fn error_body(kind: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": "error",
+        "error": {"type": kind, "message": message},
+    })
+}
+
+/// An Anthropic error body for an upstream error whose own body was empty or unreadable.
+pub fn upstream_error_body(status: StatusCode) -> Bytes {
+    let kind = match status.as_u16() {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    };
+    let message = format!("the upstream answered {status} without a readable error body");
+    Bytes::from(error_body(kind, &message).to_string())
+}
+
+/// The JSON error body for an upstream stream whose first event was `event: error` of this type.
+pub fn stream_opened_with_error_body(error_type: &str) -> Bytes {
+    Bytes::from(error_body(error_type, "the upstream stream opened with an error").to_string())
+}
+
+/// The SSE event sent to a client whose stream failed after it started.
+pub fn sse_error_event(message: &str) -> Bytes {
+    let data = error_body("api_error", message);
+    Bytes::from(format!("event: error\ndata: {data}\n\n"))
 }
 
 pub fn full(b: impl Into<Bytes>) -> Body {

@@ -19,7 +19,7 @@ use control::spool::Spool;
 use control::state::{ConfigHolder, ServingConfig};
 use control::watch::{ControlPlaneLink, Watcher};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use proxy::forward::Pending;
+use proxy::usage::Pending;
 use proxy::Proxy;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
-use relay_data_plane::proxy::forward::check_answer;
 use relay_data_plane::proxy::sticky::session_key;
+use relay_data_plane::proxy::usage::check_answer;
 use relay_data_plane::upstream::encoding::Encoding;
 use relay_data_plane::upstream::usage::Usage;
 

@@ -22,7 +22,9 @@ mod common;
 use common::{Backend, ControlPlane, DP_TOKEN};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use relay_control_plane::config::{version_pb, ConfigPublisher, Published};
+use relay_control_plane::api::convert::version_pb;
+use relay_control_plane::api::publish::Published;
+use relay_control_plane::config::ConfigPublisher;
 use relay_control_plane::model::Version;
 use relay_data_plane::control::state::ServingConfig;
 use relay_data_plane::proxy::health::{HealthRegistry, Outcome};
@@ -494,7 +496,7 @@ impl World {
         let mut cp: BTreeMap<(String, String), (i32, i64)> = BTreeMap::new();
         for s in self.cp.store.list_account_states().await.unwrap() {
             if s.until == 0 || s.until > now {
-                let h = relay_control_plane::config::health_to_pb(s.health) as i32;
+                let h = relay_control_plane::api::convert::health_to_pb(s.health) as i32;
                 cp.insert((s.account_id.clone(), s.scope.clone()), (h, s.until));
             }
         }

@@ -417,11 +417,12 @@ async fn fleet_events_are_notified_once_signed_and_secrets_stay_secret() {
     let store = Arc::new(PostgresStore::connect(&db.url, 2).await.unwrap()) as DynStore;
     let state = store.load_config().await.unwrap();
     let stored = format!("{:?}", state.settings);
-    let pushed = relay_control_plane::config::build_resources(&state, &MasterKey::from_base64(MASTER_KEY).unwrap())
-        .unwrap()
-        .settings
-        .unwrap()
-        .values;
+    let pushed =
+        relay_control_plane::api::publish::build_resources(&state, &MasterKey::from_base64(MASTER_KEY).unwrap())
+            .unwrap()
+            .settings
+            .unwrap()
+            .values;
     assert!(pushed.keys().all(|k| !k.starts_with("notify.")), "{pushed:?}");
     let audit = format!("{:?}", store.list_audit(1000, None).await.unwrap());
     // The logs were captured (the leaders said what they sent), and the audit names the host only.

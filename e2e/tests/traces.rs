@@ -79,6 +79,29 @@ async fn grpc_receiver() -> (String, Received) {
     (format!("http://{addr}"), received)
 }
 
+/// An OTLP/gRPC receiver over TLS that requires a client certificate from `ca`.
+async fn grpc_tls_receiver(ca: &TestCa) -> (String, Received) {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let received = Received::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (cert, key) = ca.issue(&["localhost"], false);
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(&ca.pem));
+    let svc = TraceServiceServer::new(received.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    (format!("https://localhost:{port}"), received)
+}
+
 /// An OTLP/HTTP receiver (POST /v1/traces, protobuf bodies) on a free port.
 async fn http_receiver() -> (String, Received) {
     use http_body_util::BodyExt;
@@ -152,6 +175,8 @@ struct Run {
     prompt: String,
     /// The `traceparent` each upstream request carried, in order.
     upstream_traceparents: Vec<Option<String>>,
+    /// The upstream, kept alive for requests after the failover.
+    _mock: relay_mock_upstream::MockUpstream,
     _dir: tempfile::TempDir,
 }
 
@@ -162,6 +187,17 @@ const PARENT_ID: &str = "00f067aa0ba902b7";
 /// good one, and one client request with a `traceparent` that fails over.
 /// With `propagate`, the operator turned `tracing.propagate_upstream` on.
 async fn failover_run(protocol: &str, endpoint: String, received: Received, propagate: bool) -> Run {
+    failover_run_with(protocol, endpoint, received, propagate, &[]).await
+}
+
+/// [`failover_run`] with more `OTEL_*` variables for the relay process.
+async fn failover_run_with(
+    protocol: &str,
+    endpoint: String,
+    received: Received,
+    propagate: bool,
+    env: &[(&str, std::path::PathBuf)],
+) -> Run {
     let mock = mock(MockConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("relay-data");
@@ -178,7 +214,8 @@ async fn failover_run(protocol: &str, endpoint: String, received: Received, prop
         .env("RUST_LOG", "info,relay_data_plane::proxy=debug")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
-        .env("OTEL_SERVICE_NAME", "relay-under-test");
+        .env("OTEL_SERVICE_NAME", "relay-under-test")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())));
     let proc = relay_test_support::Proc::spawn(cmd, &dir.path().join("relay.log")).unwrap();
     let mut relay = Standalone { proc, grpc, proxy };
     relay.ready().await;
@@ -258,6 +295,7 @@ async fn failover_run(protocol: &str, endpoint: String, received: Received, prop
         secrets: vec![broken.to_string(), good.to_string(), key, token],
         prompt,
         upstream_traceparents,
+        _mock: mock,
         _dir: dir,
     }
 }
@@ -348,6 +386,43 @@ async fn a_failover_is_one_trace_over_otlp_grpc_and_one_json_log_line() {
     let spans = trace_of(&run).await;
     check_tree(&run, &spans);
 
+    // The control plane's own work is traced too: Admin calls (SERVER spans named by method),
+    // config pushes to the data plane, the usage batch that carried this request's records, and
+    // leader jobs.
+    let cp = wait_for(Duration::from_secs(30), "the control plane's spans", || {
+        let spans = run.received.spans();
+        async move {
+            let admin = spans
+                .iter()
+                .any(|s| s.name.starts_with("relay.v1.Admin/") && s.kind == SpanKind::Server as i32);
+            let push = spans.iter().any(|s| s.name == "config.push");
+            let ingest = spans
+                .iter()
+                .any(|s| s.name == "usage.ingest" && attr_int(s, "relay.usage.events") >= 1);
+            // A leader job's run (the standalone replica leads; its OAuth refresh pass runs at start).
+            let leader = spans.iter().any(|s| s.name.starts_with("leader."));
+            (admin && push && ingest && leader).then_some(spans)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: got {:?}",
+            run.received.spans().iter().map(|s| &s.name).collect::<Vec<_>>()
+        )
+    });
+    let create_key = cp
+        .iter()
+        .find(|s| s.name == "relay.v1.Admin/CreateApiKey")
+        .unwrap_or_else(|| {
+            panic!(
+                "no CreateApiKey span in {:?}",
+                cp.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(attr_str(create_key, "rpc.system"), "grpc");
+    assert_eq!(attr_str(create_key, "rpc.method"), "CreateApiKey");
+
     // The per-request line on stderr: JSON, target relay::request, the fields an operator reads.
     let log = run.relay.proc.log_text();
     let lines: Vec<serde_json::Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
@@ -400,4 +475,66 @@ async fn spans_export_over_otlp_http_protobuf_too_and_upstreams_get_the_attempts
         .map(|a| Some(format!("00-{TRACE_ID}-{}-01", hex(&a.span_id))))
         .collect();
     assert_eq!(run.upstream_traceparents, expected);
+
+    // A streamed answer is one trace too; its attempt span carries the usage read from the stream.
+    const STREAM_TRACE: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let mut body = message_body("claude-sonnet-4-5", true);
+    body["messages"][0]["content"] = serde_json::json!("stream please");
+    let key = run.secrets[2].clone();
+    let headers = sdk_headers(&key);
+    let traceparent = format!("00-{STREAM_TRACE}-{PARENT_ID}-01");
+    let mut hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    hs.push(("traceparent", traceparent.as_str()));
+    let url = format!("http://127.0.0.1:{}/v1/messages", run.relay.proxy);
+    let resp = send("POST", &url, &hs, body.to_string()).await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert!(String::from_utf8_lossy(&resp.body).contains("event: message_stop"));
+    let spans = wait_for(Duration::from_secs(30), "the stream's spans", || {
+        let spans: Vec<Span> = run
+            .received
+            .spans()
+            .into_iter()
+            .filter(|s| hex(&s.trace_id) == STREAM_TRACE)
+            .collect();
+        async move {
+            // The broken account is still tried first: wait for the attempt that answered.
+            let answered = spans
+                .iter()
+                .any(|s| s.kind == SpanKind::Client as i32 && attr_str(s, "relay.attempt.outcome") == "ok");
+            let server = spans.iter().any(|s| s.kind == SpanKind::Server as i32);
+            (server && answered).then_some(spans)
+        }
+    })
+    .await
+    .unwrap();
+    let server = spans.iter().find(|s| s.kind == SpanKind::Server as i32).unwrap();
+    assert_eq!(attr_int(server, "http.response.status_code"), 200);
+    let attempt = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Client as i32 && attr_str(s, "relay.attempt.outcome") == "ok")
+        .unwrap();
+    assert_eq!(hex(&attempt.parent_span_id), hex(&server.span_id));
+    assert_eq!(attempt.name, "chat claude-sonnet-4-5");
+    assert!(attr_int(attempt, "gen_ai.usage.output_tokens") > 0, "{attempt:?}");
+    assert!(attr_str(attempt, "gen_ai.response.id").starts_with("msg_"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spans_export_over_otlp_grpc_with_tls_a_private_ca_and_a_client_certificate() {
+    let ca = TestCa::new("otel test ca");
+    let (endpoint, received) = grpc_tls_receiver(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.issue(&["relay"], true);
+    let files = [("ca.pem", ca.pem.clone()), ("client.pem", cert), ("client.key", key)];
+    for (name, pem) in &files {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let env = [
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", dir.path().join("ca.pem")),
+        ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", dir.path().join("client.pem")),
+        ("OTEL_EXPORTER_OTLP_CLIENT_KEY", dir.path().join("client.key")),
+    ];
+    let run = failover_run_with("grpc", endpoint, received, false, &env).await;
+    let spans = trace_of(&run).await;
+    check_tree(&run, &spans);
 }

@@ -233,7 +233,7 @@ catalogue! {
     REQUESTS_REFUSED_STALE_CONFIG_TOTAL = "relay_requests_refused_stale_config_total": Counter, "", DataPlane, [],
         "Requests refused because no control plane was heard from for --max-config-staleness-mins.";
     REQUESTS_TOTAL = "relay_requests_total": Counter, "", DataPlane, ["route", "status"],
-        "Requests answered, by route and status class.";
+        "Requests answered, by route and status: 2xx as a class; 400, 401, 403, 404, 413, 429 and 529 exactly; other statuses as 4xx or 5xx.";
     REQUESTS_UNATTEMPTED_TOTAL = "relay_requests_unattempted_total": Counter, "", DataPlane, [],
         "Client requests (their key known) that ended without reaching an upstream; each still leaves one request-log row.";
     STICKY_EVICTIONS_TOTAL = "relay_sticky_evictions_total": Counter, "", DataPlane, [],

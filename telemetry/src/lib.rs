@@ -32,6 +32,9 @@ use tracing_subscriber::Layer;
 
 pub use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+mod tls;
+pub use tls::TlsFiles;
+
 /// The OpenTelemetry semantic-conventions release relay's span names and
 /// attributes follow (GenAI client spans included).
 pub const SEMCONV_VERSION: &str = "1.37.0";
@@ -49,6 +52,24 @@ pub enum TelemetryError {
     /// `OTEL_EXPORTER_OTLP_PROTOCOL` (or the traces variant) names a protocol relay does not speak.
     #[error("OTEL_EXPORTER_OTLP_PROTOCOL={0} is not supported: use grpc or http/protobuf")]
     Protocol(String),
+    /// An `OTEL_*` variable holds a value relay would otherwise ignore or misread.
+    #[error("{name}={value:?} is not valid: {why}")]
+    Setting {
+        /// The variable.
+        name: &'static str,
+        /// What it holds (these variables carry no secret; headers are not checked here).
+        value: String,
+        /// What it must be.
+        why: &'static str,
+    },
+    /// A certificate variable names a file that cannot be used.
+    #[error("{name}: {reason}")]
+    Tls {
+        /// The variable.
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The OTLP exporter could not be built (bad endpoint, TLS set-up).
     #[error("building the OTLP trace exporter: {0}")]
     Exporter(String),
@@ -91,13 +112,17 @@ pub enum Protocol {
 pub struct TraceConfig {
     /// The transport.
     pub protocol: Protocol,
+    /// Whether the endpoint is `https://` (then [`TraceConfig::tls`] applies).
+    pub https: bool,
+    /// Extra CA and client certificate from the `OTEL_*` certificate variables.
+    pub tls: TlsFiles,
 }
 
 /// Reads the `OTEL_*` variables: `None` (export off) unless an OTLP endpoint
 /// is set (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
 /// and `OTEL_SDK_DISABLED` is not `true`. The endpoint itself, the service name,
 /// resource attributes, sampler and headers are read by the SDK from the same
-/// variables.
+/// variables; the certificate variables (which the SDK does not read) here.
 pub fn trace_config_from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<TraceConfig>, TelemetryError> {
     let set = |k: &str| var(k).filter(|v| !v.trim().is_empty());
     if set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
@@ -106,6 +131,7 @@ pub fn trace_config_from_env(var: impl Fn(&str) -> Option<String>) -> Result<Opt
     if set("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() && set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none() {
         return Ok(None);
     }
+    check_variables(&set)?;
     let protocol = match set("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| set("OTEL_EXPORTER_OTLP_PROTOCOL")) {
         None => Protocol::Grpc,
         Some(p) => match p.trim() {
@@ -114,7 +140,82 @@ pub fn trace_config_from_env(var: impl Fn(&str) -> Option<String>) -> Result<Opt
             other => return Err(TelemetryError::Protocol(other.to_string())),
         },
     };
-    Ok(Some(TraceConfig { protocol }))
+    let endpoint = set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .unwrap_or_default();
+    let https = endpoint.trim().to_ascii_lowercase().starts_with("https://");
+    let tls = TlsFiles::from_env(&set)?;
+    if !https && tls != TlsFiles::default() {
+        return Err(TelemetryError::Setting {
+            name: "OTEL_EXPORTER_OTLP_ENDPOINT",
+            value: endpoint,
+            why:
+                "certificates are set (OTEL_EXPORTER_OTLP_*CERTIFICATE, *_CLIENT_KEY), so the endpoint must be https://",
+        });
+    }
+    Ok(Some(TraceConfig { protocol, https, tls }))
+}
+
+/// The samplers the SDK implements; any other name would be ignored by it.
+const SAMPLERS: &[&str] = &[
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+];
+
+/// Refuses the values the SDK would silently ignore or fall back from: an
+/// endpoint that is not an `http(s)://host` URL, an unknown sampler, a ratio
+/// outside 0..=1, a timeout that is not whole milliseconds.
+fn check_variables(set: &impl Fn(&str) -> Option<String>) -> Result<(), TelemetryError> {
+    let bad = |name: &'static str, value: String, why: &'static str| Err(TelemetryError::Setting { name, value, why });
+    for name in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] {
+        if let Some(v) = set(name) {
+            let ok = v.trim().parse::<http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some_and(|h| !h.is_empty())
+            });
+            if !ok {
+                return bad(
+                    name,
+                    v,
+                    "an http:// or https:// URL with a host, e.g. http://collector:4317",
+                );
+            }
+        }
+    }
+    let sampler = set("OTEL_TRACES_SAMPLER").map(|v| v.trim().to_ascii_lowercase());
+    if let Some(v) = &sampler {
+        if !SAMPLERS.contains(&v.as_str()) {
+            return bad(
+                "OTEL_TRACES_SAMPLER",
+                v.clone(),
+                "one of always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio",
+            );
+        }
+    }
+    if let Some(arg) = set("OTEL_TRACES_SAMPLER_ARG") {
+        let ratio = sampler.as_deref().is_some_and(|s| s.ends_with("traceidratio"));
+        if !ratio {
+            return bad(
+                "OTEL_TRACES_SAMPLER_ARG",
+                arg,
+                "only read with OTEL_TRACES_SAMPLER=traceidratio or parentbased_traceidratio",
+            );
+        }
+        if !arg.trim().parse::<f64>().is_ok_and(|r| (0.0..=1.0).contains(&r)) {
+            return bad("OTEL_TRACES_SAMPLER_ARG", arg, "a ratio from 0 to 1, e.g. 0.1");
+        }
+    }
+    for name in ["OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"] {
+        if let Some(v) = set(name) {
+            if v.trim().parse::<u64>().is_err() {
+                return bad(name, v, "whole milliseconds, e.g. 10000");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Flushes queued spans on shutdown. Keep it alive for the life of the process.
@@ -157,7 +258,7 @@ pub fn init(format: LogFormat, service: &str) -> Result<Telemetry, TelemetryErro
             },
         ),
         Some(c) => {
-            let (provider, flush) = provider(c.protocol, service)?;
+            let (provider, flush) = provider(&c, service)?;
             let tracer = provider.tracer("relay");
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
@@ -199,7 +300,7 @@ pub fn init(format: LogFormat, service: &str) -> Result<Telemetry, TelemetryErro
 
 type Flush = mpsc::Sender<oneshot::Sender<()>>;
 
-fn provider(protocol: Protocol, service: &str) -> Result<(SdkTracerProvider, Flush), TelemetryError> {
+fn provider(config: &TraceConfig, service: &str) -> Result<(SdkTracerProvider, Flush), TelemetryError> {
     let mut resource = Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME")
         .map(|s| s.trim().is_empty())
@@ -210,12 +311,14 @@ fn provider(protocol: Protocol, service: &str) -> Result<(SdkTracerProvider, Flu
     let resource = resource.build();
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
     let (flush_tx, flush_rx) = mpsc::channel(1);
-    match protocol {
+    match config.protocol {
         Protocol::Grpc => {
-            let mut e = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .build()
-                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            use opentelemetry_otlp::WithTonicConfig;
+            let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            if config.https {
+                b = b.with_tls_config(config.tls.tonic());
+            }
+            let mut e = b.build().map_err(|e| TelemetryError::Exporter(e.to_string()))?;
             e.set_resource(&resource);
             tokio::spawn(export_loop(e, rx, flush_rx));
         }
@@ -223,7 +326,12 @@ fn provider(protocol: Protocol, service: &str) -> Result<(SdkTracerProvider, Flu
             let mut e = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_http_client(opentelemetry_http::hyper::HyperClient::with_default_connector(
+                .with_http_client(opentelemetry_http::hyper::HyperClient::new(
+                    hyper_rustls::HttpsConnectorBuilder::new()
+                        .with_tls_config(config.tls.rustls()?)
+                        .https_or_http()
+                        .enable_http1()
+                        .build(),
                     Duration::from_secs(10),
                     None,
                 ))
@@ -422,5 +530,80 @@ mod tests {
         ];
         let e = trace_config_from_env(env(&json)).unwrap_err().to_string();
         assert!(e.contains("http/json") && e.contains("http/protobuf"), "{e}");
+    }
+
+    #[test]
+    fn a_full_span_queue_drops_and_counts_and_never_waits() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        use opentelemetry::trace::{Tracer, TracerProvider as _};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let (tx, mut rx) = mpsc::channel(2);
+        metrics::with_local_recorder(&recorder, || {
+            let provider = SdkTracerProvider::builder()
+                .with_span_processor(QueueProcessor {
+                    tx,
+                    closed: Arc::new(AtomicBool::new(false)),
+                })
+                .build();
+            let tracer = provider.tracer("test");
+            // Nobody reads the queue: the third span onwards finds it full.
+            for i in 0..5 {
+                drop(tracer.start(format!("span {i}")));
+            }
+        });
+        let mut queued = 0;
+        while rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, 2);
+        let dropped: Vec<_> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| k.key().name() == relay_proto::metrics::TRACE_SPANS_DROPPED_TOTAL)
+            .map(|(.., v)| v)
+            .collect();
+        assert_eq!(dropped, vec![DebugValue::Counter(3)]);
+    }
+
+    #[test]
+    fn values_the_sdk_would_ignore_are_refused_by_name() {
+        let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317");
+        let refused = |extra: (&'static str, &'static str)| {
+            let pairs = [extra, endpoint];
+            trace_config_from_env(env(&pairs)).unwrap_err().to_string()
+        };
+        for (name, value) in [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://c:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "collector:4317"),
+            ("OTEL_TRACES_SAMPLER", "jaeger_remote"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "10s"),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1"),
+        ] {
+            let e = refused((name, value));
+            assert!(e.contains(name) && e.contains(value), "{name}={value}: {e}");
+        }
+        let pairs = [
+            endpoint,
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+        ];
+        let e = trace_config_from_env(env(&pairs)).unwrap_err().to_string();
+        assert!(e.contains("from 0 to 1"), "{e}");
+        let pairs = [
+            endpoint,
+            ("OTEL_TRACES_SAMPLER", "always_on"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+        ];
+        let e = trace_config_from_env(env(&pairs)).unwrap_err().to_string();
+        assert!(e.contains("traceidratio"), "{e}");
+        let good = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example:4317"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "5000"),
+        ];
+        assert!(trace_config_from_env(env(&good)).unwrap().is_some());
     }
 }

@@ -603,17 +603,14 @@ pub async fn notify(conn: &mut Conn, out: Output, cmd: NotifyCmd) -> Result<()> 
                 .test_notification(relay_proto::v1::TestNotificationRequest {})
                 .await
                 .or_report(&conn.server)?;
+            // Whether the body was signed does not depend on the receiver answering.
+            let signed = if r.signed { ", signed" } else { "" };
             let text = match r.http_status {
                 0 => format!(
-                    "test notification to {} ({}): no answer: {}",
+                    "test notification to {} ({}{signed}): no answer: {}",
                     r.webhook, r.format, r.error
                 ),
-                s => format!(
-                    "test notification to {} ({}{}): HTTP {s}",
-                    r.webhook,
-                    r.format,
-                    if r.signed { ", signed" } else { "" }
-                ),
+                s => format!("test notification to {} ({}{signed}): HTTP {s}", r.webhook, r.format),
             };
             match out.format {
                 Format::Table | Format::Wide => out.one_or_text(NOTIFY_TEST_COLUMNS, &r, &text)?,

@@ -32,7 +32,7 @@ pub struct TokenWatch {
 }
 
 impl TokenWatch {
-    pub fn start(mut published: watch::Receiver<Arc<crate::config::Published>>) -> Self {
+    pub fn start(mut published: watch::Receiver<Arc<crate::api::publish::Published>>) -> Self {
         let first = {
             let p = published.borrow_and_update();
             (p.snapshot.version, p.snapshot.tokens.clone())
@@ -68,7 +68,7 @@ pub struct StreamAuth {
 
 impl StreamAuth {
     /// Whether the token still authorizes the stream in `tokens` (a head's view).
-    pub fn valid_at(&self, head: &crate::config::Snapshot) -> bool {
+    pub fn valid_at(&self, head: &crate::api::publish::Snapshot) -> bool {
         self.rx.is_none() || !self.revoked_in(&(head.version, head.tokens.clone()))
     }
 
@@ -145,7 +145,7 @@ impl Authenticator {
         let actor = self.check(md, need).await?;
         // Read after the check: a head at or past this one was published from a
         // store that had the token (unless it was revoked since).
-        let since = self.store.head().await.map_err(super::status_from_store)?;
+        let since = self.store.head().await?;
         let hash = bearer(md).map(|t| self.key.hash_admin_token(t)).unwrap_or_default();
         let role = actor.role;
         Ok((
@@ -182,11 +182,7 @@ impl Authenticator {
         let role = match known {
             Some(role) => role,
             None => {
-                let found = self
-                    .store
-                    .find_admin_token(&hash)
-                    .await
-                    .map_err(super::status_from_store)?;
+                let found = self.store.find_admin_token(&hash).await?;
                 match found.filter(|t| hashes_equal(&t.token_hash, &hash)) {
                     Some(t) => t.role,
                     None => {
@@ -207,38 +203,49 @@ impl Authenticator {
         }
     }
 
+    /// Who the call's bearer token belongs to (UNAUTHENTICATED when nobody), and [`permit`]s it.
     pub async fn check(&self, md: &MetadataMap, need: Need) -> Result<Actor, Status> {
+        let actor = self.identify(md).await?;
+        permit(&actor, need)?;
+        Ok(actor)
+    }
+
+    /// Who the call's bearer token belongs to, from the store: UNAUTHENTICATED when it is
+    /// missing or unknown. What the caller may do is [`permit`]'s question.
+    pub async fn identify(&self, md: &MetadataMap) -> Result<Actor, Status> {
         let token = bearer(md)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Status::unauthenticated("missing bearer token (authorization: Bearer <token>)"))?;
         let hash = self.key.hash_admin_token(token);
-        let found = self
-            .store
-            .find_admin_token(&hash)
-            .await
-            .map_err(super::status_from_store)?;
+        let found = self.store.find_admin_token(&hash).await?;
         let Some(t) = found.filter(|t| hashes_equal(&t.token_hash, &hash)) else {
             metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "unknown_token")
                 .increment(1);
             return Err(unknown_token(token));
         };
-        let allowed = match need {
-            Need::Read => matches!(t.role, Role::Admin | Role::ReadOnly),
-            Need::Write => t.role == Role::Admin,
-            Need::DataPlane => t.role == Role::DataPlane,
-        };
-        if !allowed {
-            metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "role").increment(1);
-            return Err(Status::permission_denied(format!(
-                "token {:?} has role {}, which may not do this",
-                t.name, t.role
-            )));
-        }
         Ok(Actor {
             name: t.name,
             role: t.role,
         })
     }
+}
+
+/// Whether `actor`'s role allows `need`: reads to admin and read-only tokens, writes to admin
+/// tokens, Watch and Report to data-plane tokens. PERMISSION_DENIED otherwise.
+pub fn permit(actor: &Actor, need: Need) -> Result<(), Status> {
+    let allowed = match need {
+        Need::Read => matches!(actor.role, Role::Admin | Role::ReadOnly),
+        Need::Write => actor.role == Role::Admin,
+        Need::DataPlane => actor.role == Role::DataPlane,
+    };
+    if allowed {
+        return Ok(());
+    }
+    metrics::counter!(relay_proto::metrics::ADMIN_AUTH_FAILURES_TOTAL, "reason" => "role").increment(1);
+    Err(Status::permission_denied(format!(
+        "token {:?} has role {}, which may not do this",
+        actor.name, actor.role
+    )))
 }
 
 /// UNAUTHENTICATED for a token this deployment does not know; a client's API key given in its

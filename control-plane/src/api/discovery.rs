@@ -18,7 +18,8 @@
 //!   same node id is refused; the same process reconnecting replaces its own.
 
 use super::auth::{Authenticator, Need};
-use crate::config::{version_pb, Published};
+use super::convert::version_pb;
+use super::publish::Published;
 use crate::model::{ProxyEvent, Version};
 use crate::store::DynStore;
 use futures::Stream;
@@ -514,7 +515,7 @@ async fn run_stream(s: StreamParts) {
 fn rejected_to_model(x: &pb::RejectedResource) -> crate::model::Rejected {
     let r = x.r#ref.clone().unwrap_or_default();
     crate::model::Rejected {
-        kind: super::admin::resource_kind_from_pb(r.kind).into(),
+        kind: super::convert::resource_kind_from_pb(r.kind).into(),
         id: r.id.chars().take(200).collect(),
         error: x.error.chars().take(500).collect(),
     }
@@ -555,15 +556,14 @@ impl ConfigDiscovery for DiscoveryService {
         identity.check(&r.node_id)?;
         let st = r.state.ok_or_else(|| Status::invalid_argument("state is required"))?;
         let health =
-            crate::config::health_from_pb(st.health).ok_or_else(|| Status::invalid_argument("health is required"))?;
+            super::convert::health_from_pb(st.health).ok_or_else(|| Status::invalid_argument("health is required"))?;
         let account = self
             .store
             .get_account(&st.account_id)
-            .await
-            .map_err(super::status_from_store)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("account {} not found", st.account_id)))?;
         let stale = || async {
-            let head = self.store.head().await.map_err(super::status_from_store)?;
+            let head = self.store.head().await?;
             Ok::<_, Status>(Response::new(pb::AccountStateAck {
                 applied: false,
                 version: Some(version_pb(head)),
@@ -579,8 +579,7 @@ impl ConfigDiscovery for DiscoveryService {
         let existing = self
             .store
             .list_account_states()
-            .await
-            .map_err(super::status_from_store)?
+            .await?
             .into_iter()
             .find(|s| s.account_id == st.account_id && s.scope == st.scope);
         // Many data planes report the same limit: only a material change is applied.
@@ -626,7 +625,7 @@ impl ConfigDiscovery for DiscoveryService {
                 metrics::counter!(relay_proto::metrics::ACCOUNT_STATE_REPORTS_IGNORED_TOTAL, "reason" => "before_reset").increment(1);
                 return stale().await;
             }
-            Err(e) => return Err(super::status_from_store(e)),
+            Err(e) => return Err(e.into()),
         };
         metrics::counter!(relay_proto::metrics::ACCOUNT_STATE_CHANGES_TOTAL, "health" => health.as_str()).increment(1);
         Ok(Response::new(pb::AccountStateAck {
@@ -656,11 +655,8 @@ impl ConfigDiscovery for DiscoveryService {
                 row
             })
             .collect();
-        self.store
-            .upsert_quotas(&rows)
-            .await
-            .map_err(super::status_from_store)?;
-        let fleet = self.store.list_quotas().await.map_err(super::status_from_store)?;
+        self.store.upsert_quotas(&rows).await?;
+        let fleet = self.store.list_quotas().await?;
         if let Ok(accounts) = self.store.list_accounts().await {
             let names: HashMap<String, String> = accounts.into_iter().map(|a| (a.id, a.name)).collect();
             super::quota::export(&fleet, |id| names.get(id).cloned(), now);

@@ -198,8 +198,8 @@ async fn run(
             "usage ingest",
             otel.name = "usage.ingest",
             node_id = %batch.node_id,
-            relay.usage.events = events.len(),
-            relay.usage.rejected = rejected,
+            relay.usage.events = events.len() as i64,
+            relay.usage.rejected = rejected as i64,
         );
         match store.insert_usage(&events).instrument(span).await {
             Ok(r) => {
@@ -253,7 +253,24 @@ impl UsageIngest for UsageService {
 
     async fn spend(&self, req: Request<pb::SpendRequest>) -> Result<Response<pb::SpendResponse>, Status> {
         self.auth.check(req.metadata(), Need::DataPlane).await?;
-        let answer = self.spend.report().await.map_err(super::status_from_store)?;
-        Ok(Response::new(pb::SpendResponse::clone(&answer)))
+        let answer = self.spend.report().await?;
+        Ok(Response::new(spend_to_pb(&answer)))
+    }
+}
+
+/// The `Spend` answer as the wire carries it.
+fn spend_to_pb(r: &crate::spend::SpendReport) -> pb::SpendResponse {
+    let spend = |(id, s): &(String, crate::spend::Spent)| pb::Spend {
+        id: id.clone(),
+        day_pico_usd: s.day,
+        month_pico_usd: s.month,
+    };
+    pb::SpendResponse {
+        day: r.day.clone(),
+        month: r.month.clone(),
+        computed_at_ms: r.computed_at_ms,
+        data_planes: r.data_planes,
+        keys: r.keys.iter().map(spend).collect(),
+        groups: r.groups.iter().map(spend).collect(),
     }
 }

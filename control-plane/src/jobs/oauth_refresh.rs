@@ -533,7 +533,7 @@ impl Refresher {
             let seal = |v: &str, ctx: &str| {
                 self.key
                     .seal(v, ctx)
-                    .map_err(|_| StoreError::Corrupt("cannot seal a credential".into()))
+                    .map_err(|_| StoreError::internal_msg("cannot seal a credential"))
             };
             let mut row = cur.clone();
             row.credential_enc = seal(&r.access_token, &cur.id)?;

@@ -4,7 +4,10 @@
 //!
 //! Architecture invariant: every config write goes through [`Store::apply`],
 //! which bumps the head revision and writes the audit entry in the same
-//! transaction as the change. Nothing else writes config.
+//! transaction as the change. Nothing else writes config. What a write checks
+//! and records is written once, in `rules.rs`, for both stores; each store
+//! directory holds only its SQL. Errors are typed ([`StoreError`]): callers
+//! decide by kind, and only `Unavailable` is worth a retry.
 
 use crate::model::*;
 use std::sync::Arc;
@@ -12,31 +15,106 @@ use tokio::sync::Notify;
 
 pub mod pg_tls;
 pub mod postgres;
+mod rules;
 pub mod sqlite;
 
+/// The cause an error carries for logs and `source()` chains (never shown to a client).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong in the store, by what a caller can do about it. Messages name resources by
+/// name or id, never a secret (no SQL parameter value of a credential column).
+///
+/// `Unavailable` is the only kind worth retrying as it is; `Internal`, `Corrupt` and `Migration`
+/// keep their cause (`#[source]`) for the log and are not the caller's to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{kind} {name:?} already exists")]
     AlreadyExists { kind: &'static str, name: String },
     #[error("{kind} {name:?} not found")]
     NotFound { kind: &'static str, name: String },
+    /// An update from a revision that is no longer the row's (optimistic concurrency).
     #[error("concurrent modification of {kind} {id}; retry")]
     Conflict { kind: &'static str, id: String },
+    /// A delete refused because other rows still name the resource.
     #[error("{0} is still in use")]
     InUse(String),
     /// The write would break a rule the store keeps (a group falling back to itself, fallbacks
-    /// forming a cycle); the message names what, by name.
+    /// forming a cycle, a value out of range); the message names what, by name.
     #[error("{0}")]
     Invalid(String),
-    #[error("database error: {0}")]
-    Database(String),
-    #[error("migration failed: {0}")]
-    Migration(String),
-    #[error("stored data is invalid: {0}")]
-    Corrupt(String),
     /// A `Mutation::CheckTerm` failed: another replica became leader since (see `crate::leader`).
     #[error("fenced: this replica's leadership term {held} is stale (current term {current})")]
     Fenced { held: u64, current: u64 },
+    /// The database cannot be reached or did not answer in time (connection refused or lost,
+    /// pool timeout, server starting or shutting down, lock busy): retrying later may succeed.
+    #[error("database unavailable: {message}")]
+    Unavailable {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The database refused a statement for a reason a retry does not fix.
+    #[error("database error: {message}")]
+    Internal {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A stored row does not convert to the domain type.
+    #[error("stored data is invalid: {message}")]
+    Corrupt {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    #[error("migration failed: {message}")]
+    Migration {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl StoreError {
+    /// `Unavailable` with its cause.
+    pub fn unavailable(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// `Internal` with its cause.
+    pub fn internal(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Internal {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// `Internal` without an underlying error (an invariant of the store itself broke).
+    pub fn internal_msg(message: impl Into<String>) -> Self {
+        Self::Internal {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// `Corrupt` without an underlying error.
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        Self::Corrupt {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// `Corrupt` with its cause.
+    pub fn corrupt_from(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Corrupt {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -257,26 +335,14 @@ pub(crate) fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// The check both stores run, inside the write, after setting `group_id`'s fallbacks: no group
-/// falls back to itself, directly or through others. `edges` holds every group's fallbacks as
-/// written, `names` every group's name (for the message).
-pub fn check_fallbacks(
-    edges: &std::collections::HashMap<String, Vec<String>>,
-    names: &std::collections::HashMap<String, String>,
-    group_id: &str,
-) -> Result<()> {
-    match crate::model::fallback_cycle(edges, group_id) {
-        None => Ok(()),
-        Some(path) => {
-            let name = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_string());
-            Err(StoreError::Invalid(if path.len() <= 2 {
-                format!("group {:?} cannot be its own fallback", name(group_id))
-            } else {
-                format!(
-                    "fallbacks may not form a cycle: {}",
-                    path.iter().map(|id| name(id)).collect::<Vec<_>>().join(" → ")
-                )
-            }))
-        }
-    }
+pub use rules::check_fallbacks;
+
+/// A quota's windows as stored (JSON text), in both stores.
+pub(crate) fn quota_windows_json(w: &[QuotaWindow]) -> Result<String> {
+    serde_json::to_string(w).map_err(|e| StoreError::internal("cannot encode quota windows", e))
+}
+
+/// Stored quota windows back to their type.
+pub(crate) fn quota_windows_from(text: String) -> Result<Vec<QuotaWindow>> {
+    serde_json::from_str(&text).map_err(|e| StoreError::corrupt_from(format!("quota windows: {e}"), e))
 }

@@ -39,7 +39,7 @@ pub struct PgTarget {
 }
 
 fn invalid(m: impl Into<String>) -> StoreError {
-    StoreError::Database(format!("invalid database URL: {}", m.into()))
+    StoreError::Invalid(format!("invalid database URL: {}", m.into()))
 }
 
 /// The URL without the TLS parameters relay handles itself, and those parameters.

@@ -487,8 +487,8 @@ fn not_a_messages_request_is_invalid() {
 }
 
 mod fallback {
-    use super::super::super::estimate_unanswered;
     use crate::errors::{full, ApiError};
+    use crate::proxy::fallback::answer_or_estimate as estimate_unanswered;
     use bytes::Bytes;
     use http::{Response, StatusCode};
 

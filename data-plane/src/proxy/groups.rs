@@ -107,6 +107,21 @@ impl GroupCooling {
     }
 }
 
+/// The groups stage: a paused group with nowhere to fall back to is refused before anything is
+/// counted; a Messages request whose route has no enabled account at all is refused as a
+/// configuration gap (count_tokens is answered by the estimate instead).
+pub fn check(req: &super::admission::ClientRequest) -> Result<(), ApiError> {
+    if let Some(e) = paused_refusal(&req.cfg, &req.key.group_id) {
+        return Err(e);
+    }
+    if req.is_messages {
+        if let Some(e) = no_account_refusal(&req.cfg, &req.key.group_id) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// The answer for a key whose group is paused and whose fallbacks cannot stand in (none, or all
 /// paused too): 503 `api_error` naming the group, with `x-should-retry: false` (an operator's
 /// pause lasts until they resume it; retrying at once cannot help). None when the key's

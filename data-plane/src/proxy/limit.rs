@@ -3,11 +3,12 @@
 //! limit, and the `anthropic-ratelimit-*` headers that tell a limited client where it
 //! stands (as Anthropic's own API does).
 
+use super::admission::ClientRequest;
 use crate::control::spend::SpendBook;
 use crate::control::state::{KeyEntry, ServingConfig};
-use crate::errors::ApiError;
+use crate::errors::{ApiError, Body};
 use crate::upstream::usage::Usage;
-use http::{HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue, Response};
 use relay_limits::{Ask, Charge, Decision, Kind, LimitKind, Limiter, Limits, Refusal, Subject, Use};
 use relay_proto::periods::{periods, Periods};
 use std::sync::Arc;
@@ -73,6 +74,31 @@ pub fn counted_tokens(u: &Usage, count_cache_reads: bool) -> u64 {
         t = t.saturating_add(u.cache_read_tokens);
     }
     t
+}
+
+/// The limits stage: the request's tokens and cost estimated, then checked and counted against
+/// its key's and group's limits before any upstream is called.
+pub async fn check(limiter: &Arc<Limiter>, spend: &SpendBook, req: &ClientRequest) -> Result<Admitted, ApiError> {
+    let (tokens, cost) = estimate(&req.cfg, &req.model, req.body.len(), req.max_tokens, req.is_messages);
+    admit(limiter, spend, &req.cfg, &req.key, &req.model, tokens, cost).await
+}
+
+impl Admitted {
+    /// A limited key's standing goes on every answer, success or not.
+    pub fn decorate(self, out: Result<Response<Body>, ApiError>) -> Result<Response<Body>, ApiError> {
+        match out {
+            Ok(mut resp) => {
+                for (name, value) in self.headers {
+                    resp.headers_mut().insert(name, value);
+                }
+                Ok(resp)
+            }
+            Err(mut e) => {
+                e.headers.extend(self.headers);
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Checks and counts one request.

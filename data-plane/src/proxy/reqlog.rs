@@ -29,7 +29,25 @@ struct State {
     cache_write_tokens: u64,
     cost_pico_usd: u64,
     error_type: String,
+    /// The client went away before the answer was complete.
+    cancelled: bool,
     success_sample: f64,
+}
+
+impl State {
+    /// What the request came to, in the request log's words: "ok", "cancelled", the error
+    /// type, or "http_<status>".
+    fn outcome(&self) -> String {
+        if self.cancelled {
+            "cancelled".into()
+        } else if !self.error_type.is_empty() {
+            self.error_type.clone()
+        } else if self.status >= 400 || self.status == 0 {
+            format!("http_{}", self.status)
+        } else {
+            "ok".into()
+        }
+    }
 }
 
 /// The request's log line in the making. Written once, on drop.
@@ -94,6 +112,7 @@ impl RequestLog {
             s.cache_read_tokens += event.cache_read_tokens;
             s.cache_write_tokens += event.cache_write_5m_tokens + event.cache_write_1h_tokens;
             s.cost_pico_usd += event.cost_pico_usd;
+            s.cancelled |= event.cancelled;
             // The last attempt's error type stands (a success clears an earlier failure's),
             // except that a failure without a type does not hide an earlier one's.
             if ok || s.error_type.is_empty() || !event.error_type.is_empty() {
@@ -120,8 +139,10 @@ impl Drop for RequestLog {
             return;
         }
         let s = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        let failed = s.status >= 400 || s.status == 0 || !s.error_type.is_empty();
-        if !failed && s.success_sample < 1.0 && rand::random::<f64>() >= s.success_sample {
+        let outcome = s.outcome();
+        // Only a complete success may be sampled away: a cancelled stream was answered 200 but
+        // is what an operator looks for when a client complains.
+        if outcome == "ok" && s.success_sample < 1.0 && rand::random::<f64>() >= s.success_sample {
             return;
         }
         let duration_ms = self.started.elapsed().as_millis() as u64;
@@ -147,7 +168,86 @@ impl Drop for RequestLog {
             cache_write_tokens = s.cache_write_tokens,
             cost_usd,
             error_type = %s.error_type,
+            outcome = %outcome,
             "request"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use relay_proto::v1::UsageEvent;
+    use std::io::Write;
+
+    /// Collects what the JSON formatter writes.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The `relay::request` lines written while `f` runs, as JSON.
+    fn lines(f: impl FnOnce()) -> Vec<serde_json::Value> {
+        let sink = Sink::default();
+        let w = sink.clone();
+        let sub = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || w.clone())
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let out = sink.0.lock().unwrap().clone();
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l["target"] == TARGET)
+            .collect()
+    }
+
+    fn request(sample: f64, status: u16, event: UsageEvent) {
+        let log = RequestLog::new("req_1", Some("client-1"), None, "messages", Instant::now());
+        log.admitted("k", "g", "claude-sonnet-4-5", true, sample);
+        log.attempt("acct", 5, event.error_type.is_empty(), &event);
+        log.answered(status, None);
+    }
+
+    #[test]
+    fn a_cancelled_stream_is_always_logged_and_says_so() {
+        let cancelled = UsageEvent {
+            cancelled: true,
+            output_tokens: 3,
+            ..Default::default()
+        };
+        let got = lines(|| request(0.0, 200, cancelled));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["fields"]["status"], 200);
+        assert_eq!(got[0]["fields"]["outcome"], "cancelled");
+        assert_eq!(got[0]["fields"]["output_tokens"], 3);
+    }
+
+    #[test]
+    fn successes_follow_the_sample_and_failures_do_not() {
+        assert!(lines(|| request(0.0, 200, UsageEvent::default())).is_empty());
+        let all = lines(|| request(1.0, 200, UsageEvent::default()));
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0]["fields"]["outcome"], "ok");
+        let failed = UsageEvent {
+            error_type: "overloaded_error".into(),
+            ..Default::default()
+        };
+        let got = lines(|| request(0.0, 529, failed));
+        assert_eq!(got[0]["fields"]["outcome"], "overloaded_error");
+        let got = lines(|| request(0.0, 502, UsageEvent::default()));
+        assert_eq!(got[0]["fields"]["outcome"], "http_502");
     }
 }

@@ -2,7 +2,8 @@
 //! proto filters to [`crate::requests::Filter`] (names resolved to ids), records to proto (ids
 //! to names). The rules themselves are in `crate::requests`.
 
-use super::status_from_store;
+use super::AdminApi;
+use crate::api::auth::Actor;
 use crate::requests::{self, Cursor, Filter, RequestRecord, StatusFilter};
 use crate::store::{DynStore, StoreError};
 use relay_proto::v1 as pb;
@@ -31,9 +32,9 @@ pub struct Names {
 
 impl Names {
     pub async fn load(store: &DynStore) -> Result<Self, Status> {
-        let keys = store.list_api_keys().await.map_err(status_from_store)?;
-        let accounts = store.list_accounts().await.map_err(status_from_store)?;
-        let groups = store.list_groups().await.map_err(status_from_store)?;
+        let keys = store.list_api_keys().await?;
+        let accounts = store.list_accounts().await?;
+        let groups = store.list_groups().await?;
         Ok(Names {
             keys: keys.into_iter().map(|k| (k.id, (k.name, k.group_id))).collect(),
             accounts: accounts.into_iter().map(|a| (a.id, a.name)).collect(),
@@ -159,26 +160,23 @@ pub async fn filter(store: &DynStore, f: Option<&pb::RequestFilter>) -> Result<F
     let Some(f) = f else { return Ok(Filter::default()) };
     let since = (f.since_ms > 0).then_some(f.since_ms);
     let until = (f.until_ms > 0).then_some(f.until_ms);
-    requests::check_range(since, until).map_err(status_from_store)?;
+    requests::check_range(since, until)?;
     let mut keys: Option<BTreeSet<String>> = None;
     if !f.key.is_empty() {
         let k = store
             .get_api_key(&f.key)
-            .await
-            .map_err(status_from_store)?
+            .await?
             .ok_or_else(|| not_found("key", &f.key))?;
         keys = Some(BTreeSet::from([k.id]));
     }
     if !f.group.is_empty() {
         let g = store
             .get_group(&f.group)
-            .await
-            .map_err(status_from_store)?
+            .await?
             .ok_or_else(|| not_found("group", &f.group))?;
         let in_group: BTreeSet<String> = store
             .list_api_keys()
-            .await
-            .map_err(status_from_store)?
+            .await?
             .into_iter()
             .filter(|k| k.group_id == g.id)
             .map(|k| k.id)
@@ -194,8 +192,7 @@ pub async fn filter(store: &DynStore, f: Option<&pb::RequestFilter>) -> Result<F
         Some(
             store
                 .get_account(&f.account)
-                .await
-                .map_err(status_from_store)?
+                .await?
                 .ok_or_else(|| not_found("account", &f.account))?
                 .id,
         )
@@ -218,10 +215,11 @@ pub async fn filter(store: &DynStore, f: Option<&pb::RequestFilter>) -> Result<F
 }
 
 fn not_found(kind: &'static str, name: &str) -> Status {
-    status_from_store(StoreError::NotFound {
+    StoreError::NotFound {
         kind,
         name: name.to_string(),
-    })
+    }
+    .into()
 }
 
 pub async fn list(store: &DynStore, r: &pb::ListRequestsRequest) -> Result<pb::ListRequestsResponse, Status> {
@@ -236,9 +234,7 @@ pub async fn list(store: &DynStore, r: &pb::ListRequestsRequest) -> Result<pb::L
     } else {
         Some(Cursor::decode(&r.cursor).map_err(Status::invalid_argument)?)
     };
-    let page = requests::list(store, &f, cursor, limit as usize)
-        .await
-        .map_err(status_from_store)?;
+    let page = requests::list(store, &f, cursor, limit as usize).await?;
     let names = Names::load(store).await?;
     Ok(pb::ListRequestsResponse {
         records: page.records.iter().map(|r| names.record(r)).collect(),
@@ -251,17 +247,14 @@ pub async fn get(store: &DynStore, id: &str) -> Result<pb::RequestRecord, Status
         return Err(Status::invalid_argument("a request id is 1 to 128 characters"));
     }
     let r = requests::get(store, id)
-        .await
-        .map_err(status_from_store)?
+        .await?
         .ok_or_else(|| not_found("request", id))?;
     Ok(Names::load(store).await?.record(&r))
 }
 
 pub async fn stats(store: &DynStore, r: &pb::RequestStatsRequest) -> Result<pb::RequestStatsResponse, Status> {
     let f = filter(store, r.filter.as_ref()).await?;
-    let (records, truncated) = requests::all(store, &f, requests::MAX_STATS_SCAN)
-        .await
-        .map_err(status_from_store)?;
+    let (records, truncated) = requests::all(store, &f, requests::MAX_STATS_SCAN).await?;
     let report = requests::stats_report(&records, truncated);
     Ok(Names::load(store).await?.stats(&report))
 }
@@ -278,7 +271,7 @@ pub async fn tail(store: DynStore, f: Filter, tx: tokio::sync::mpsc::Sender<Resu
         let mut fresh = match requests::all(&store, &window, 100_000).await {
             Ok((records, _)) => records,
             Err(e) => {
-                let _ = tx.send(Err(status_from_store(e))).await;
+                let _ = tx.send(Err(e.into())).await;
                 return;
             }
         };
@@ -304,5 +297,55 @@ pub async fn tail(store: DynStore, f: Filter, tx: tokio::sync::mpsc::Sender<Resu
             _ = tx.closed() => return,
             _ = tokio::time::sleep(TAIL_POLL) => {}
         }
+    }
+}
+
+/// What `TailRequests` answers with: records as they are stored, until the caller goes away.
+pub type TailStream = tokio_stream::wrappers::ReceiverStream<Result<pb::RequestRecord, Status>>;
+
+impl AdminApi {
+    pub(super) async fn list_requests(
+        &self,
+        _actor: &Actor,
+        r: pb::ListRequestsRequest,
+    ) -> Result<pb::ListRequestsResponse, Status> {
+        list(&self.store, &r).await
+    }
+
+    pub(super) async fn get_request(
+        &self,
+        _actor: &Actor,
+        r: pb::GetRequestRequest,
+    ) -> Result<pb::RequestRecord, Status> {
+        get(&self.store, &r.id).await
+    }
+
+    pub(super) async fn request_stats(
+        &self,
+        _actor: &Actor,
+        r: pb::RequestStatsRequest,
+    ) -> Result<pb::RequestStatsResponse, Status> {
+        stats(&self.store, &r).await
+    }
+
+    pub(super) async fn tail_requests(&self, _actor: &Actor, r: pb::TailRequestsRequest) -> Result<TailStream, Status> {
+        let filter = filter(&self.store, r.filter.as_ref()).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let tail = tail(self.store.clone(), filter, tx.clone());
+        let closing = self.closing.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tail => {}
+                _ = async move {
+                    match closing {
+                        Some(mut c) => crate::api::closed(&mut c).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let _ = tx.send(Err(crate::api::shutting_down())).await;
+                }
+            }
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 }

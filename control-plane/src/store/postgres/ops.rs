@@ -1,0 +1,414 @@
+//! Postgres: what is not config but kept all the same: data planes' Watch records, quota
+//! observations, OAuth answers waiting for their commit, the leadership term, and the
+//! notification outbox with its episodes.
+
+use super::error::{pg, to_u64};
+use super::rows::{col, version_opt};
+use super::PostgresStore;
+use crate::model::*;
+use crate::store::rules::to_i64;
+use crate::store::{
+    quota_windows_from, quota_windows_json, DeliveryOutcome, EpisodeChange, LeaderRecord, Notification, OpenEpisode,
+    OutboxEntry, OutboxStats, Result, StoreError,
+};
+use tokio_postgres::error::SqlState;
+
+pub(super) async fn record_proxy(store: &PostgresStore, node_id: &str, replica: &str, event: ProxyEvent) -> Result<()> {
+    let c = store.client().await?;
+    let now = now_ms();
+    c.execute(
+        "INSERT INTO proxies (node_id, last_seen, connected, replica) VALUES ($1, $2, FALSE, $3) \
+         ON CONFLICT (node_id) DO NOTHING",
+        &[&node_id, &now, &replica],
+    )
+    .await
+    .map_err(pg)?;
+    let v = |v: Option<Version>| -> Result<(Option<i64>, Option<i64>)> {
+        Ok(match v {
+            Some(v) => (Some(to_i64(v.epoch, "epoch")?), Some(to_i64(v.revision, "revision")?)),
+            None => (None, None),
+        })
+    };
+    match event {
+        ProxyEvent::Connected { build_version, .. } => {
+            c.execute(
+                "UPDATE proxies SET build_version=$2, connected=TRUE, replica=$3, last_seen=$4 WHERE node_id=$1",
+                &[&node_id, &build_version, &replica, &now],
+            )
+            .await
+        }
+        ProxyEvent::Acked { version, rejected } => {
+            let (e, r) = v(Some(version))?;
+            // A NACK is history once a later version is applied.
+            c.execute(
+                "UPDATE proxies SET acked_epoch=$2, acked_revision=$3, last_seen=$4, rejected=$5, \
+                 nack_epoch = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN NULL ELSE nack_epoch END, \
+                 nack_revision = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN NULL ELSE nack_revision END, \
+                 nack_error = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN '' ELSE nack_error END, \
+                 nack_at = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN 0 ELSE nack_at END \
+                 WHERE node_id=$1",
+                &[&node_id, &e, &r, &now, &rejected_to_json(&rejected)],
+            )
+            .await
+        }
+        ProxyEvent::Nacked { version, error, .. } => {
+            let (e, r) = v(Some(version))?;
+            c.execute(
+                "UPDATE proxies SET nack_epoch=$2, nack_revision=$3, nack_error=$4, nack_at=$5, last_seen=$5 \
+                 WHERE node_id=$1",
+                &[&node_id, &e, &r, &error, &now],
+            )
+            .await
+        }
+        ProxyEvent::Seen => {
+            c.execute(
+                "UPDATE proxies SET last_seen=$3 WHERE node_id=$1 AND replica=$2 AND connected",
+                &[&node_id, &replica, &now],
+            )
+            .await
+        }
+        ProxyEvent::Disconnected => {
+            c.execute(
+                "UPDATE proxies SET connected = (replica <> $2) AND connected, last_seen=$3 WHERE node_id=$1",
+                &[&node_id, &replica, &now],
+            )
+            .await
+        }
+    }
+    .map_err(pg)?;
+    Ok(())
+}
+
+pub(super) async fn list_proxies(store: &PostgresStore) -> Result<Vec<ProxyState>> {
+    let c = store.client().await?;
+    let rows = c
+        .query(
+            "SELECT node_id, build_version, acked_epoch, acked_revision, nack_epoch, nack_revision, nack_error, \
+             nack_at, last_seen, connected, replica, rejected FROM proxies ORDER BY node_id",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    rows.iter()
+        .map(|r| {
+            Ok(ProxyState {
+                node_id: col(r, 0)?,
+                build_version: col(r, 1)?,
+                acked: version_opt(col(r, 2)?, col(r, 3)?)?,
+                nack_version: version_opt(col(r, 4)?, col(r, 5)?)?,
+                nack_error: col(r, 6)?,
+                nack_at: col(r, 7)?,
+                last_seen: col(r, 8)?,
+                connected: col(r, 9)?,
+                replica: col(r, 10)?,
+                rejected: rejected_from_json(col(r, 11)?),
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn upsert_quotas(store: &PostgresStore, quotas: &[AccountQuota]) -> Result<()> {
+    if quotas.is_empty() {
+        return Ok(());
+    }
+    let c = store.client().await?;
+    let stmt = c
+        .prepare_cached(
+            "INSERT INTO account_quotas (account_id, observed_at, observed_by, status, reset_at, windows) \
+             SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM accounts WHERE id = $1) \
+             ON CONFLICT (account_id) DO UPDATE SET observed_at = EXCLUDED.observed_at, \
+             observed_by = EXCLUDED.observed_by, status = EXCLUDED.status, reset_at = EXCLUDED.reset_at, \
+             windows = EXCLUDED.windows WHERE account_quotas.observed_at < EXCLUDED.observed_at",
+        )
+        .await
+        .map_err(pg)?;
+    for q in quotas {
+        let windows = quota_windows_json(&q.windows)?;
+        match c
+            .execute(
+                &stmt,
+                &[
+                    &q.account_id,
+                    &q.observed_at,
+                    &q.observed_by,
+                    &q.status,
+                    &q.reset_at,
+                    &windows,
+                ],
+            )
+            .await
+        {
+            Ok(_) => {}
+            // The account was deleted meanwhile.
+            Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {}
+            Err(e) => return Err(pg(e)),
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn list_quotas(store: &PostgresStore) -> Result<Vec<AccountQuota>> {
+    let c = store.client().await?;
+    c.query(
+        "SELECT account_id, observed_at, observed_by, status, reset_at, windows FROM account_quotas",
+        &[],
+    )
+    .await
+    .map_err(pg)?
+    .iter()
+    .map(|r| {
+        Ok(AccountQuota {
+            account_id: col(r, 0)?,
+            observed_at: col(r, 1)?,
+            observed_by: col(r, 2)?,
+            status: col(r, 3)?,
+            reset_at: col(r, 4)?,
+            windows: quota_windows_from(col(r, 5)?)?,
+        })
+    })
+    .collect()
+}
+
+pub(super) async fn stash_oauth(store: &PostgresStore, p: &OAuthPending) -> Result<()> {
+    let c = store.client().await?;
+    let r = c
+        .execute(
+            "INSERT INTO oauth_pending (account_id, from_hash, sealed, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (account_id, from_hash) DO UPDATE SET sealed = EXCLUDED.sealed, created_at = EXCLUDED.created_at",
+            &[&p.account_id, &p.from_hash, &p.sealed, &p.created_at],
+        )
+        .await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => Err(StoreError::NotFound {
+            kind: "account",
+            name: p.account_id.clone(),
+        }),
+        Err(e) => Err(pg(e)),
+    }
+}
+
+pub(super) async fn list_oauth_pending(store: &PostgresStore) -> Result<Vec<OAuthPending>> {
+    let c = store.client().await?;
+    c.query(
+        "SELECT account_id, from_hash, sealed, created_at FROM oauth_pending ORDER BY created_at",
+        &[],
+    )
+    .await
+    .map_err(pg)?
+    .iter()
+    .map(|r| {
+        Ok(OAuthPending {
+            account_id: col(r, 0)?,
+            from_hash: col(r, 1)?,
+            sealed: col(r, 2)?,
+            created_at: col(r, 3)?,
+        })
+    })
+    .collect::<Result<_>>()
+}
+
+pub(super) async fn drop_oauth_pending(store: &PostgresStore, account_id: &str, from_hash: &str) -> Result<()> {
+    let c = store.client().await?;
+    c.execute(
+        "DELETE FROM oauth_pending WHERE account_id = $1 AND from_hash = $2",
+        &[&account_id, &from_hash],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+pub(super) async fn claim_term(
+    store: &PostgresStore,
+    holder: &str,
+    mechanism: &str,
+    detail: &str,
+    now_ms: Millis,
+) -> Result<u64> {
+    let c = store.client().await?;
+    let row = c
+        .query_one(
+            "INSERT INTO leadership (name, term, holder, mechanism, since_ms, detail) \
+             VALUES ('leader', 1, $1, $2, $3, $4) \
+             ON CONFLICT (name) DO UPDATE SET term = leadership.term + 1, holder = EXCLUDED.holder, \
+             mechanism = EXCLUDED.mechanism, since_ms = EXCLUDED.since_ms, detail = EXCLUDED.detail \
+             RETURNING term",
+            &[&holder, &mechanism, &now_ms, &detail],
+        )
+        .await
+        .map_err(pg)?;
+    to_u64(col(&row, 0)?, "term")
+}
+
+pub(super) async fn leader(store: &PostgresStore) -> Result<Option<LeaderRecord>> {
+    let c = store.client().await?;
+    let row = c
+        .query_opt(
+            "SELECT term, holder, mechanism, since_ms, detail FROM leadership WHERE name = 'leader'",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    row.map(|r| {
+        Ok(LeaderRecord {
+            term: to_u64(col(&r, 0)?, "term")?,
+            holder: col::<Option<String>, _>(&r, 1)?.unwrap_or_default(),
+            mechanism: col::<Option<String>, _>(&r, 2)?.unwrap_or_default(),
+            since_ms: col::<Option<i64>, _>(&r, 3)?.unwrap_or_default(),
+            detail: col::<Option<String>, _>(&r, 4)?.unwrap_or_default(),
+        })
+    })
+    .transpose()
+}
+
+pub(super) async fn notify_enqueue(store: &PostgresStore, n: &Notification, change: &EpisodeChange) -> Result<bool> {
+    let mut c = store.client().await?;
+    let tx = c.transaction().await.map_err(pg)?;
+    let inserted = tx
+        .execute(
+            "INSERT INTO notify_outbox (dedup_key, kind, subject, payload, created_ms, next_attempt_ms) \
+             VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (dedup_key) DO NOTHING",
+            &[&n.dedup_key, &n.kind, &n.subject, &n.payload, &n.created_ms],
+        )
+        .await
+        .map_err(pg)?
+        > 0;
+    if inserted {
+        match change {
+            EpisodeChange::None => {}
+            EpisodeChange::Open { kind, episode } => {
+                tx.execute(
+                    "INSERT INTO notify_episodes (kind, subject, episode, opened_ms) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (kind, subject) DO NOTHING",
+                    &[kind, &n.subject, episode, &n.created_ms],
+                )
+                .await
+                .map_err(pg)?;
+            }
+            EpisodeChange::Close { kind } => {
+                tx.execute(
+                    "DELETE FROM notify_episodes WHERE kind = $1 AND subject = $2",
+                    &[kind, &n.subject],
+                )
+                .await
+                .map_err(pg)?;
+            }
+        }
+    }
+    tx.commit().await.map_err(pg)?;
+    Ok(inserted)
+}
+
+pub(super) async fn notify_open_episodes(store: &PostgresStore) -> Result<Vec<OpenEpisode>> {
+    let c = store.client().await?;
+    let rows = c
+        .query(
+            "SELECT kind, subject, episode, opened_ms FROM notify_episodes ORDER BY kind, subject",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    rows.iter()
+        .map(|r| {
+            Ok(OpenEpisode {
+                kind: col(r, 0)?,
+                subject: col(r, 1)?,
+                episode: col(r, 2)?,
+                opened_ms: col(r, 3)?,
+            })
+        })
+        .collect::<Result<_>>()
+}
+
+pub(super) async fn notify_due(store: &PostgresStore, now: Millis, limit: u32) -> Result<Vec<Notification>> {
+    let c = store.client().await?;
+    let rows = c
+        .query(
+            "SELECT dedup_key, kind, subject, payload, created_ms, attempts FROM notify_outbox \
+             WHERE state = 'pending' AND next_attempt_ms <= $1 ORDER BY created_ms, dedup_key LIMIT $2",
+            &[&now, &i64::from(limit)],
+        )
+        .await
+        .map_err(pg)?;
+    rows.iter()
+        .map(|r| {
+            Ok(Notification {
+                dedup_key: col(r, 0)?,
+                kind: col(r, 1)?,
+                subject: col(r, 2)?,
+                payload: col(r, 3)?,
+                created_ms: col(r, 4)?,
+                attempts: u32::try_from(col::<i32, _>(r, 5)?).unwrap_or(0),
+            })
+        })
+        .collect::<Result<_>>()
+}
+
+pub(super) async fn notify_mark(
+    store: &PostgresStore,
+    dedup_key: &str,
+    outcome: &DeliveryOutcome,
+    now: Millis,
+) -> Result<()> {
+    let (state, next, error) = match outcome {
+        DeliveryOutcome::Sent => ("sent", now, String::new()),
+        DeliveryOutcome::Retry { next_attempt_ms, error } => ("pending", *next_attempt_ms, error.clone()),
+        DeliveryOutcome::Failed { error } => ("failed", now, error.clone()),
+    };
+    let done: i64 = if state == "pending" { 0 } else { now };
+    let c = store.client().await?;
+    c.execute(
+        "UPDATE notify_outbox SET state = $2, attempts = attempts + 1, next_attempt_ms = $3, \
+         last_error = $4, done_ms = $5 WHERE dedup_key = $1 AND state = 'pending'",
+        &[&dedup_key, &state, &next, &error, &done],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+pub(super) async fn notify_recent(store: &PostgresStore, limit: u32) -> Result<Vec<OutboxEntry>> {
+    let c = store.client().await?;
+    let rows = c
+        .query(
+            "SELECT dedup_key, kind, subject, payload, created_ms, attempts, state, next_attempt_ms, \
+             last_error, done_ms FROM notify_outbox ORDER BY created_ms DESC, dedup_key LIMIT $1",
+            &[&i64::from(limit)],
+        )
+        .await
+        .map_err(pg)?;
+    rows.iter()
+        .map(|r| {
+            Ok(OutboxEntry {
+                notification: Notification {
+                    dedup_key: col(r, 0)?,
+                    kind: col(r, 1)?,
+                    subject: col(r, 2)?,
+                    payload: col(r, 3)?,
+                    created_ms: col(r, 4)?,
+                    attempts: u32::try_from(col::<i32, _>(r, 5)?).unwrap_or(0),
+                },
+                state: col(r, 6)?,
+                next_attempt_ms: col(r, 7)?,
+                last_error: col(r, 8)?,
+                done_ms: col(r, 9)?,
+            })
+        })
+        .collect::<Result<_>>()
+}
+
+pub(super) async fn notify_stats(store: &PostgresStore) -> Result<OutboxStats> {
+    let c = store.client().await?;
+    let r = c
+        .query_one(
+            "SELECT COUNT(*), MIN(created_ms) FROM notify_outbox WHERE state = 'pending'",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    Ok(OutboxStats {
+        pending: u64::try_from(col::<i64, _>(&r, 0)?).unwrap_or(0),
+        oldest_created_ms: col(&r, 1)?,
+    })
+}
