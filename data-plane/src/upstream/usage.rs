@@ -4,9 +4,8 @@
 //!   (5 minutes / 1 hour), cache reads and web-search requests. [`Usage::from_json`] reads an API
 //!   `usage` object; [`Usage::merge_delta`] applies a streaming `message_delta.usage` (whose values
 //!   are cumulative, so present fields replace ours).
-//! * [`Usage::parse_message_body`] reads a non-streaming body and [`Usage::parse_error_type`] an
-//!   error body's type (through `relay_proto::anthropic`, the one error-body parser; streams go
-//!   through [`super::sse::SseTap`]).
+//! * [`Usage::parse_message_body`] reads a non-streaming body (streams go through
+//!   [`super::sse::SseTap`]; error bodies through `relay_proto::anthropic::ApiError`).
 //! * [`PriceTable`] answers "what did model M cost at time T" from the operator's price list
 //!   ([`relay_proto::v1::Price`], micro-USD per million tokens), and [`cost_pico_usd`] turns a price
 //!   and a usage into an exact cost in pico-USD (1 token × 1 µUSD/MTok = 1 pUSD, so no rounding).
@@ -16,7 +15,6 @@
 
 use std::collections::HashMap;
 
-use relay_proto::anthropic::ApiError;
 use relay_proto::v1::Price;
 use serde::Deserialize;
 use serde_json::Value;
@@ -160,13 +158,6 @@ impl Usage {
             string(body.id),
             string(body.stop_reason),
         ))
-    }
-
-    /// The `error.type` of an Anthropic error body (`{"type":"error","error":{"type":"…",…}}`),
-    /// e.g. `"overloaded_error"`. `None` if the body is not JSON or has no string `error.type`.
-    /// Read by the one error-body parser, [`relay_proto::anthropic::ApiError`].
-    pub fn parse_error_type(body: &[u8]) -> Option<String> {
-        ApiError::parse(body)?.kind().map(str::to_owned)
     }
 }
 
@@ -481,20 +472,6 @@ mod tests {
         assert!(Usage::parse_message_body(br#"{"usage":null}"#).is_none());
         assert!(Usage::parse_message_body(br#"[1]"#).is_none());
         assert!(Usage::parse_message_body(br#"{"usage":{"output_tokens":3}"#).is_none());
-    }
-
-    #[test]
-    fn error_type() {
-        let body =
-            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"},"request_id":"req_1"}"#;
-        assert_eq!(Usage::parse_error_type(body).as_deref(), Some("overloaded_error"));
-        let body = br#"{"type":"error","error":{"type":"rate_limit_error","message":"x"}}"#;
-        assert_eq!(Usage::parse_error_type(body).as_deref(), Some("rate_limit_error"));
-        assert_eq!(Usage::parse_error_type(b"<html>502</html>"), None);
-        assert_eq!(Usage::parse_error_type(br#"{"error":"boom"}"#), None);
-        assert_eq!(Usage::parse_error_type(br#"{"error":{"message":"x"}}"#), None);
-        assert_eq!(Usage::parse_error_type(br#"{"error":{"type":7}}"#), None);
-        assert_eq!(Usage::parse_error_type(br#"{"type":"message"}"#), None);
     }
 
     #[test]

@@ -70,9 +70,9 @@ mod family;
 mod fleet;
 mod ratelimit;
 mod registry;
-mod settings;
 #[cfg(test)]
-mod tests;
+mod registry_tests;
+mod settings;
 
 pub use classify::{Outcome, Verdict};
 pub use family::model_family;
