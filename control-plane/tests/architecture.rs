@@ -2,7 +2,7 @@
 //! types appear on the control plane only in `src/api/`: the wire side (the Admin API and its
 //! gRPC adapter, Watch, Report, the published config in wire form, the domain ↔ proto
 //! conversions). Everywhere else in `control-plane/src`, a path into `relay_proto` may name only
-//! the crate's proto-free modules (`metrics`, `settings`, `periods`) and the encoded descriptor
+//! the crate's proto-free modules (`metrics`, `settings`, `periods`, `anthropic`) and the encoded descriptor
 //! set (`FILE_DESCRIPTOR_SET`, bytes for reflection): `relay_proto::v1`, an alias of the crate, a
 //! grouped import naming anything else, and the functions over proto types (`config_hash`,
 //! `changed`, `delta`, `validate`, ...) all fail. The check is textual: comment lines are skipped.
@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 /// The parts of `relay_proto` that hold no proto type, usable anywhere.
-const PROTO_FREE: &[&str] = &["metrics", "settings", "periods", "FILE_DESCRIPTOR_SET"];
+const PROTO_FREE: &[&str] = &["metrics", "settings", "periods", "anthropic", "FILE_DESCRIPTOR_SET"];
 
 /// Where proto types may appear, under `control-plane/src`.
 const WIRE_SIDE: &str = "api/";

@@ -45,7 +45,7 @@ proptest! {
     fn upstream_answers_never_panic(body in json_like(), messages in any::<bool>()) {
         let _ = check_answer(messages, &body);
         let _ = Usage::parse_message_body(&body);
-        let _ = Usage::parse_error_type(&body);
+        let _ = relay_proto::anthropic::ApiError::parse(&body);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use http::header::{ACCEPT, CONTENT_TYPE, USER_AGENT};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full, Limited};
 use relay_data_plane::upstream::client::{ClientOptions, ProxySpec, Upstreams};
+use relay_proto::anthropic::ApiError;
 use serde_json::{json, Value};
 
 use crate::{now_ms, parse_token_response, OAuthConfig, OAuthError, Tokens};
@@ -138,13 +139,13 @@ impl TokenClient {
 fn classify(status: StatusCode, body: &[u8], secrets: &[&str]) -> OAuthError {
     let v: Option<Value> = serde_json::from_slice(body).ok();
     let field = |name: &str| {
-        v.as_ref().and_then(|v| v.get(name)).and_then(|f| match f {
-            Value::String(s) => Some(s.clone()),
-            // Anthropic's API error shape: {"type":"error","error":{"type","message"}}.
-            Value::Object(o) => o.get("message").and_then(Value::as_str).map(str::to_string),
-            _ => None,
-        })
+        v.as_ref()
+            .and_then(|v| v.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_string)
     };
+    // Anthropic's API error shape, {"type":"error","error":{"type","message"}}: the one parser.
+    let api_message = || ApiError::parse(body).and_then(|e| e.message().map(str::to_string));
     let code = v
         .as_ref()
         .and_then(|v| v.get("error"))
@@ -152,6 +153,7 @@ fn classify(status: StatusCode, body: &[u8], secrets: &[&str]) -> OAuthError {
         .map(str::to_string);
     let message = field("error_description")
         .or_else(|| field("error"))
+        .or_else(api_message)
         .unwrap_or_else(|| status.canonical_reason().unwrap_or("no description").to_string());
     let message = scrub(&message, secrets);
     if status == StatusCode::BAD_REQUEST && code.as_deref() == Some("invalid_grant") {

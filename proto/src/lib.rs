@@ -5,8 +5,9 @@
 //! fingerprint ([`config_hash`]), delta semantics ([`apply_update`]) and the
 //! delta between two configs ([`changed`], [`delta`]), so a data plane can
 //! prove it applied exactly what the control plane meant; and what makes a
-//! config usable ([`validate`]); and the catalogue of every metric relay
-//! emits ([`metrics`]).
+//! config usable ([`validate`]); the catalogue of every metric relay
+//! emits ([`metrics`]); and how an upstream answer's error body and
+//! rate-limit headers read ([`anthropic`]), for every reader of upstreams.
 
 #[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used)]
 pub mod v1 {
@@ -87,6 +88,7 @@ redacted_debug! {
 /// The encoded `FileDescriptorSet` of `relay.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/relay_descriptor.bin"));
 
+pub mod anthropic;
 pub mod bounds;
 pub mod metrics;
 pub mod patch;

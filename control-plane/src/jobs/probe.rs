@@ -13,6 +13,7 @@ use crate::store::{DynStore, StoreError};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use relay_data_plane::upstream::client::{ProxySpec, Upstreams};
+use relay_proto::anthropic::{ratelimit, ApiError};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,33 +109,31 @@ pub struct Prober {
     pub upstreams: Arc<Upstreams>,
 }
 
-/// The error message inside an Anthropic error body, bounded.
+/// The error type and message of an Anthropic error body (read by the one parser,
+/// `relay_proto::anthropic`), bounded.
 fn error_message(body: &[u8]) -> String {
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let msg = v["error"]["message"].as_str().unwrap_or_default();
-    let kind = v["error"]["type"].as_str().unwrap_or_default();
-    let s = match (kind.is_empty(), msg.is_empty()) {
-        (true, true) => String::new(),
-        (false, true) => kind.to_string(),
-        (true, false) => msg.to_string(),
-        (false, false) => format!("{kind}: {msg}"),
+    let err = ApiError::parse(body).unwrap_or_default();
+    let s = match (err.kind().unwrap_or_default(), err.message().unwrap_or_default()) {
+        ("", "") => String::new(),
+        (kind, "") => kind.to_string(),
+        ("", msg) => msg.to_string(),
+        (kind, msg) => format!("{kind}: {msg}"),
     };
     s.chars().take(200).collect()
 }
 
-/// `retry-after` seconds, else an `anthropic-ratelimit-*-reset` (RFC 3339) or unified reset (unix s).
+/// Until when a 429 keeps the account out: `retry-after` (at most a day), else the unified reset
+/// (subscription accounts), else the limiting `anthropic-ratelimit-*-reset`, else a minute. The
+/// headers are read by the one parser, `relay_proto::anthropic::ratelimit`.
 fn reset_of(h: &http::HeaderMap, now: Millis) -> Millis {
-    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
-    if let Some(s) = get("retry-after").and_then(|v| v.parse::<u64>().ok()) {
-        return now + (s.min(86_400) as Millis) * 1000;
+    if let Some(d) = ratelimit::retry_after(h, now) {
+        return now + d.min(Duration::from_secs(86_400)).as_millis() as Millis;
     }
-    if let Some(u) = get("anthropic-ratelimit-unified-reset").and_then(|v| v.parse::<i64>().ok()) {
-        return u.saturating_mul(1000);
+    if let Some(u) = ratelimit::Unified::parse(h).and_then(|u| u.reset_ms) {
+        return u;
     }
-    for n in ["anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset"] {
-        if let Some(t) = get(n).and_then(|v| chrono::DateTime::parse_from_rfc3339(v).ok()) {
-            return t.timestamp_millis();
-        }
+    if let Some((at, _)) = ratelimit::limiting_reset(h) {
+        return at;
     }
     now + COOL_DOWN_MS
 }
@@ -378,6 +377,59 @@ impl Prober {
                     Err(e) => tracing::warn!(account = %a.name, error = %e, "probe: cannot mark the account"),
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const NOW: Millis = 1_700_000_000_000;
+
+    fn hm(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn error_message_names_type_and_message() {
+        let body = br#"{"type":"error","error":{"type":"permission_error","message":"not allowed"}}"#;
+        assert_eq!(error_message(body), "permission_error: not allowed");
+        assert_eq!(error_message(br#"{"error":{"type":"api_error"}}"#), "api_error");
+        assert_eq!(error_message(b"<html>bad gateway</html>"), "");
+        let long = format!(r#"{{"error":{{"message":"{}"}}}}"#, "x".repeat(500));
+        assert_eq!(error_message(long.as_bytes()).len(), 200);
+    }
+
+    #[test]
+    fn a_429_keeps_the_account_out_until_the_reset_given() {
+        let cases: &[(&[(&str, &str)], Millis)] = &[
+            (&[("retry-after", "30")], NOW + 30_000),
+            (&[("retry-after", "999999")], NOW + 86_400_000),
+            (
+                &[
+                    ("retry-after", "30"),
+                    ("anthropic-ratelimit-unified-reset", "1700000600"),
+                ],
+                NOW + 30_000,
+            ),
+            (&[("anthropic-ratelimit-unified-reset", "1700000600")], NOW + 600_000),
+            (
+                &[("anthropic-ratelimit-requests-reset", "2023-11-14T22:14:20Z")],
+                NOW + 60_000,
+            ),
+            (&[], NOW + COOL_DOWN_MS),
+        ];
+        for (headers, want) in cases {
+            assert_eq!(reset_of(&hm(headers), NOW), *want, "{headers:?}");
         }
     }
 }

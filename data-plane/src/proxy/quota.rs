@@ -1,5 +1,6 @@
 //! Subscription accounts' quota windows: the `anthropic-ratelimit-unified-*` headers every answer
-//! from a Claude subscription account carries (5-hour and 7-day utilization, status and reset).
+//! from a Claude subscription account carries (5-hour and 7-day utilization, status and reset),
+//! read by `relay_proto::anthropic::ratelimit`.
 //!
 //! Each data plane keeps the newest observation per account ([`Quotas`]), sends what it saw to the
 //! control plane every few seconds and takes back the fleet's newest ([`merge`](Quotas::merge)),
@@ -8,74 +9,34 @@
 //! takes the traffic (latency and load being similar) until it is down to the others' level, so a
 //! pool drains evenly rather than one account at a time (see `balance`).
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderMap;
+use relay_proto::anthropic::ratelimit::Unified;
 use relay_proto::v1 as pb;
 use std::collections::HashMap;
 use std::sync::{PoisonError, RwLock};
-
-const STATUS: HeaderName = HeaderName::from_static("anthropic-ratelimit-unified-status");
-const RESET: HeaderName = HeaderName::from_static("anthropic-ratelimit-unified-reset");
-/// (window, utilization, reset, status).
-const WINDOWS: [(&str, HeaderName, HeaderName, HeaderName); 2] = [
-    (
-        "5h",
-        HeaderName::from_static("anthropic-ratelimit-unified-5h-utilization"),
-        HeaderName::from_static("anthropic-ratelimit-unified-5h-reset"),
-        HeaderName::from_static("anthropic-ratelimit-unified-5h-status"),
-    ),
-    (
-        "7d",
-        HeaderName::from_static("anthropic-ratelimit-unified-7d-utilization"),
-        HeaderName::from_static("anthropic-ratelimit-unified-7d-reset"),
-        HeaderName::from_static("anthropic-ratelimit-unified-7d-status"),
-    ),
-];
 
 /// The least share of its weight an account keeps however little headroom it reports, so a nearly
 /// used-up account still sees the odd request (and so fresh headers) until the threshold takes it out.
 const MIN_HEADROOM: f64 = 0.02;
 
-fn header<'h>(h: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
-    h.get(name)?.to_str().ok().map(str::trim).filter(|v| !v.is_empty())
-}
-
-/// Unix seconds (as the headers give them) to unix ms; a value clearly already in ms is kept.
-fn unix_ms(v: &str) -> i64 {
-    match v.parse::<f64>() {
-        Ok(x) if x.is_finite() && x > 0.0 => {
-            let ms = if x > 1e11 { x } else { x * 1000.0 };
-            ms.min(i64::MAX as f64) as i64
-        }
-        _ => 0,
-    }
-}
-
-/// A fraction in 0..=1 (a value above 1 is taken as a percentage); None when unusable.
-fn fraction(v: &str) -> Option<f64> {
-    let x = v.parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0)?;
-    Some(if x > 1.0 { (x / 100.0).min(1.0) } else { x })
-}
-
 /// The quota an answer's headers describe; None when they carry no unified header (API-key
 /// accounts, most error answers). Status strings are kept as sent, bounded in length.
 pub fn parse(h: &HeaderMap, account_id: &str, node_id: &str, now_ms: i64) -> Option<pb::AccountQuota> {
-    let bounded = |s: &str| s.chars().take(32).collect::<String>();
-    let windows: Vec<pb::QuotaWindow> = WINDOWS
+    let u = Unified::parse(h)?;
+    let bounded = |s: Option<&str>| s.map(|s| s.chars().take(32).collect::<String>()).unwrap_or_default();
+    let windows: Vec<pb::QuotaWindow> = u
+        .windows
         .iter()
-        .filter_map(|(name, util, reset, status)| {
-            let utilization = header(h, util).and_then(fraction);
-            let reset_ms = header(h, reset).map(unix_ms).unwrap_or(0);
-            let status = header(h, status).map(bounded).unwrap_or_default();
-            (utilization.is_some() || reset_ms > 0 || !status.is_empty()).then(|| pb::QuotaWindow {
-                name: (*name).to_string(),
-                utilization: utilization.unwrap_or(-1.0),
-                reset_ms,
-                status,
-            })
+        .filter(|w| w.present())
+        .map(|w| pb::QuotaWindow {
+            name: w.name.to_string(),
+            utilization: w.utilization.map_or(-1.0, |x| x.min(1.0)),
+            reset_ms: w.reset_ms.unwrap_or(0),
+            status: bounded(w.status),
         })
         .collect();
-    let status = header(h, &STATUS).map(bounded).unwrap_or_default();
-    let reset_ms = header(h, &RESET).map(unix_ms).unwrap_or(0);
+    let status = bounded(u.status);
+    let reset_ms = u.reset_ms.unwrap_or(0);
     if windows.is_empty() && status.is_empty() && reset_ms == 0 {
         return None;
     }
@@ -199,7 +160,7 @@ impl Quotas {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use http::HeaderValue;
+    use http::{HeaderName, HeaderValue};
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -7,6 +7,7 @@ use crate::control::spool::Spool;
 use crate::control::state::{AccountEntry, KeyEntry, ServingConfig};
 use crate::upstream::sse::SseTap;
 use crate::upstream::usage::{PriceTable, Usage};
+use relay_proto::anthropic::ApiError;
 use relay_proto::v1 as pb;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -140,7 +141,9 @@ impl Tap {
                 error_message: String::new(),
             },
             Tap::Buffer(b, _) if status >= 400 => Recorded {
-                error_type: Usage::parse_error_type(b).unwrap_or_else(|| "api_error".into()),
+                error_type: ApiError::parse(b)
+                    .and_then(|e| e.kind().map(str::to_owned))
+                    .unwrap_or_else(|| "api_error".into()),
                 ..Recorded::default()
             },
             Tap::Buffer(b, overflowed) => match Usage::parse_message_body(b) {

@@ -4,8 +4,8 @@
 //!   (5 minutes / 1 hour), cache reads and web-search requests. [`Usage::from_json`] reads an API
 //!   `usage` object; [`Usage::merge_delta`] applies a streaming `message_delta.usage` (whose values
 //!   are cumulative, so present fields replace ours).
-//! * [`Usage::parse_message_body`] and [`Usage::parse_error_type`] read non-streaming bodies
-//!   (streams go through [`super::sse::SseTap`]).
+//! * [`Usage::parse_message_body`] reads a non-streaming body (streams go through
+//!   [`super::sse::SseTap`]; error bodies through `relay_proto::anthropic::ApiError`).
 //! * [`PriceTable`] answers "what did model M cost at time T" from the operator's price list
 //!   ([`relay_proto::v1::Price`], micro-USD per million tokens), and [`cost_pico_usd`] turns a price
 //!   and a usage into an exact cost in pico-USD (1 token × 1 µUSD/MTok = 1 pUSD, so no rounding).
@@ -158,20 +158,6 @@ impl Usage {
             string(body.id),
             string(body.stop_reason),
         ))
-    }
-
-    /// The `error.type` of an Anthropic error body (`{"type":"error","error":{"type":"…",…}}`),
-    /// e.g. `"overloaded_error"`. `None` if the body is not JSON or has no string `error.type`.
-    pub fn parse_error_type(body: &[u8]) -> Option<String> {
-        #[derive(Deserialize)]
-        struct Body {
-            error: Option<Value>,
-        }
-        let body: Body = serde_json::from_slice(body).ok()?;
-        match body.error?.get_mut("type").map(Value::take) {
-            Some(Value::String(s)) => Some(s),
-            _ => None,
-        }
     }
 }
 
@@ -486,20 +472,6 @@ mod tests {
         assert!(Usage::parse_message_body(br#"{"usage":null}"#).is_none());
         assert!(Usage::parse_message_body(br#"[1]"#).is_none());
         assert!(Usage::parse_message_body(br#"{"usage":{"output_tokens":3}"#).is_none());
-    }
-
-    #[test]
-    fn error_type() {
-        let body =
-            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"},"request_id":"req_1"}"#;
-        assert_eq!(Usage::parse_error_type(body).as_deref(), Some("overloaded_error"));
-        let body = br#"{"type":"error","error":{"type":"rate_limit_error","message":"x"}}"#;
-        assert_eq!(Usage::parse_error_type(body).as_deref(), Some("rate_limit_error"));
-        assert_eq!(Usage::parse_error_type(b"<html>502</html>"), None);
-        assert_eq!(Usage::parse_error_type(br#"{"error":"boom"}"#), None);
-        assert_eq!(Usage::parse_error_type(br#"{"error":{"message":"x"}}"#), None);
-        assert_eq!(Usage::parse_error_type(br#"{"error":{"type":7}}"#), None);
-        assert_eq!(Usage::parse_error_type(br#"{"type":"message"}"#), None);
     }
 
     #[test]
