@@ -310,7 +310,10 @@ impl DataPlane {
             dir.clone(),
         );
         tweak(&mut opts);
-        let dp = relay_data_plane::start(opts, None).await.unwrap();
+        // A recorder of its own (not installed: tests share the process): /metrics answers as in
+        // the binary, which always has one.
+        let metrics = relay_data_plane::metrics_builder().build_recorder().handle();
+        let dp = relay_data_plane::start(opts, Some(metrics)).await.unwrap();
         let addr = dp.local_addr();
         Self {
             dp: Some(dp),
