@@ -72,7 +72,7 @@ impl MasterKey {
             path: path.display().to_string(),
             reason: e.to_string(),
         };
-        relay_data_plane::datadir::check_private(path).map_err(|reason| CryptoError::KeyFile {
+        relay_runtime::datadir::check_private(path).map_err(|reason| CryptoError::KeyFile {
             path: path.display().to_string(),
             reason,
         })?;
