@@ -141,10 +141,6 @@ fn attr_int(span: &Span, key: &str) -> i64 {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 struct Run {
     relay: Standalone,
     received: Received,
@@ -269,7 +265,7 @@ async fn trace_of(run: &Run) -> Vec<Span> {
             .received
             .spans()
             .into_iter()
-            .filter(|s| hex(&s.trace_id) == TRACE_ID)
+            .filter(|s| relay_proto::hex(&s.trace_id) == TRACE_ID)
             .collect();
         async move {
             let attempts = spans.iter().filter(|s| s.kind == SpanKind::Client as i32).count();
@@ -292,7 +288,7 @@ fn check_tree(run: &Run, spans: &[Span]) {
     let server: Vec<&Span> = spans.iter().filter(|s| s.kind == SpanKind::Server as i32).collect();
     assert_eq!(server.len(), 1, "{spans:?}");
     let server = server[0];
-    assert_eq!(hex(&server.parent_span_id), PARENT_ID);
+    assert_eq!(relay_proto::hex(&server.parent_span_id), PARENT_ID);
     assert_eq!(server.name, "POST messages");
     assert_eq!(attr_int(server, "http.response.status_code"), 200);
     assert_eq!(attr_str(server, "relay.key.name"), "k-trace");
@@ -397,7 +393,7 @@ async fn spans_export_over_otlp_http_protobuf_too_and_upstreams_get_the_attempts
     attempts.sort_by_key(|s| s.start_time_unix_nano);
     let expected: Vec<Option<String>> = attempts
         .iter()
-        .map(|a| Some(format!("00-{TRACE_ID}-{}-01", hex(&a.span_id))))
+        .map(|a| Some(format!("00-{TRACE_ID}-{}-01", relay_proto::hex(&a.span_id))))
         .collect();
     assert_eq!(run.upstream_traceparents, expected);
 }

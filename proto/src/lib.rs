@@ -5,8 +5,10 @@
 //! fingerprint ([`config_hash`]), delta semantics ([`apply_update`]) and the
 //! delta between two configs ([`changed`], [`delta`]), so a data plane can
 //! prove it applied exactly what the control plane meant; and what makes a
-//! config usable ([`validate`]); and the catalogue of every metric relay
-//! emits ([`metrics`]).
+//! config usable ([`validate`]); the catalogue of every metric relay
+//! emits ([`metrics`]); the keyed hash of client keys and the hex encoding
+//! both planes write hashes in ([`keyed_hash`], [`hex`]); and the Claude
+//! models relay lists ([`models`]).
 
 #[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used)]
 pub mod v1 {
@@ -88,10 +90,14 @@ redacted_debug! {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/relay_descriptor.bin"));
 
 pub mod bounds;
+mod hashing;
 pub mod metrics;
+pub mod models;
 pub mod periods;
 pub mod settings;
 pub mod validate;
+
+pub use hashing::{hex, keyed_hash};
 
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -121,12 +127,7 @@ pub fn account_state_id(s: &v1::AccountState) -> String {
 pub fn config_hash(resources: &v1::Resources) -> String {
     let mut r = resources.clone();
     canonicalize(&mut r);
-    let digest = Sha256::digest(r.encode_to_vec());
-    let mut s = String::with_capacity(64);
-    for b in digest {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    hex(&Sha256::digest(r.encode_to_vec()))
 }
 
 impl v1::ConfigVersion {
