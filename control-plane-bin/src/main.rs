@@ -349,3 +349,26 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    /// Standalone mode is assembled here and nowhere else: the control-plane library (and
+    /// relay-oauth, which it and relayctl use) never depend on the data plane.
+    #[test]
+    fn only_this_package_depends_on_both_planes() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        for manifest in [
+            "control-plane/Cargo.toml",
+            "oauth/Cargo.toml",
+            "net/Cargo.toml",
+            "runtime/Cargo.toml",
+        ] {
+            let text = std::fs::read_to_string(root.join(manifest)).unwrap();
+            assert!(
+                !text.lines().any(|l| l.trim_start().starts_with("relay-data-plane")),
+                "{manifest} depends on relay-data-plane"
+            );
+        }
+    }
+}

@@ -310,10 +310,12 @@ mod tests {
     #[test]
     fn every_known_model_has_a_default_price() {
         for (id, _, _) in relay_proto::models::KNOWN {
-            let priced = super::DEFAULT_PRICES.iter().any(|(pattern, ..)| match pattern.strip_suffix('*') {
-                Some(prefix) => id.starts_with(prefix),
-                None => pattern == id,
-            });
+            let priced = super::DEFAULT_PRICES
+                .iter()
+                .any(|(pattern, ..)| match pattern.strip_suffix('*') {
+                    Some(prefix) => id.starts_with(prefix),
+                    None => pattern == id,
+                });
             assert!(priced, "{id} has no default price");
         }
     }

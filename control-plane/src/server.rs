@@ -128,8 +128,7 @@ pub async fn serve(
     let gate = crate::api::gate::GateLayer::new(auth.clone());
     let spend = std::sync::Arc::new(crate::spend::SpendCache::new(store.clone()));
     let upstreams = std::sync::Arc::new(
-        relay_net::client::Upstreams::new(&Default::default())
-            .map_err(|e| ServeError::Upstream(e.to_string()))?,
+        relay_net::client::Upstreams::new(&Default::default()).map_err(|e| ServeError::Upstream(e.to_string()))?,
     );
     let prober = std::sync::Arc::new(crate::jobs::probe::Prober {
         store: store.clone(),

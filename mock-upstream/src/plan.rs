@@ -192,7 +192,10 @@ pub(crate) fn plan(shape: &Shape, body: &Value, cache_read: u64) -> Plan {
     let mut blocks = Vec::new();
     if thinking_enabled(body) {
         let deltas = filler_pieces(THINKING_FILLER, shape.thinking_events, shape.event_bytes);
-        let signature = format!("mocksig_{}", relay_proto::hex(&Sha256::digest(deltas.concat().as_bytes())));
+        let signature = format!(
+            "mocksig_{}",
+            relay_proto::hex(&Sha256::digest(deltas.concat().as_bytes()))
+        );
         blocks.push(Block::Thinking { deltas, signature });
     }
     let stop_reason = match chosen_tool(body) {
