@@ -23,7 +23,7 @@ COPY . .
 # The build needs no system packages: protobufs compile with protox (pure Rust), TLS is rustls.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p relay-control-plane -p relay-data-plane -p relayctl \
+    cargo build --release --locked -p relay-control-plane-bin -p relay-data-plane -p relayctl \
  && mkdir -p /out \
  && cp target/release/relay-control-plane target/release/relay-data-plane target/release/relayctl /out/
 

@@ -148,7 +148,7 @@ up() {
   ensure_packages
   if [ -z "${RELAY_FLEET_BIN:-}" ]; then
     log "cargo build (relay-control-plane, relay-data-plane, relayctl, relay-mock-upstream)"
-    cargo build --quiet -p relay-control-plane -p relay-data-plane -p relayctl -p relay-mock-upstream
+    cargo build --quiet -p relay-control-plane-bin -p relay-data-plane -p relayctl -p relay-mock-upstream
     BIN="$PWD/target/debug"
   fi
   mkdir -p "$DIR/logs" "$DIR/pids" "$DIR/redis" "$DIR/etcd"

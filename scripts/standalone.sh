@@ -14,7 +14,7 @@ LOG_TAG=standalone.sh
 
 command -v cargo >/dev/null || { echo "standalone.sh: cargo not found: install a Rust toolchain (https://rustup.rs)" >&2; exit 1; }
 log "cargo build --release (relay-control-plane, relay-data-plane, relayctl): the first build takes a few minutes"
-cargo build --release --quiet -p relay-control-plane -p relay-data-plane -p relayctl
+cargo build --release --quiet -p relay-control-plane-bin -p relay-data-plane -p relayctl
 
 data_dir="${RELAY_DATA_DIR:-./relay-data}"
 bin="$PWD/target/release"

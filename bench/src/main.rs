@@ -232,7 +232,9 @@ async fn main() -> Result<()> {
                     Ok(r) => r?,
                     Err(_) => bail!("the run took longer than --max-secs {max_secs}; everything it started is stopped"),
                 },
-                _ = stop_requested() => bail!("interrupted; everything the run started is stopped"),
+                // Ctrl-C or SIGTERM (`kill`, `pkill`): either way the processes a run or an env started
+                // are stopped, not left behind holding ports and database connections.
+                _ = relay_runtime::signal::shutdown() => bail!("interrupted; everything the run started is stopped"),
             };
             std::fs::create_dir_all(&out)?;
             let json_path = out.join(format!("{run_id}.json"));
@@ -265,7 +267,7 @@ async fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&info)?);
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(secs)) => {}
-                _ = stop_requested() => {}
+                _ = relay_runtime::signal::shutdown() => {}
             }
             e.shutdown(false).await
         }
@@ -387,7 +389,7 @@ async fn main() -> Result<()> {
             };
             let out = tokio::select! {
                 r = publish::run(opts) => r,
-                _ = stop_requested() => bail!("interrupted; everything the run started is stopped"),
+                _ = relay_runtime::signal::shutdown() => bail!("interrupted; everything the run started is stopped"),
             };
             match out {
                 Ok(v) => {
@@ -401,22 +403,5 @@ async fn main() -> Result<()> {
                 }
             }
         }
-    }
-}
-
-/// Ctrl-C or SIGTERM (`kill`, `pkill`): either way the processes a run or an
-/// env started are stopped, not left behind holding ports and database connections.
-async fn stop_requested() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
     }
 }

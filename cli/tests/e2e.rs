@@ -972,7 +972,7 @@ async fn postgres_walkthrough() {
             assert!(!dump.contains(s), "a secret is stored in table {t}");
         }
         // bytea columns print as hex: check the hex form of the upstream secret too.
-        let hex: String = UPSTREAM_SECRET.bytes().map(|b| format!("{b:02x}")).collect();
+        let hex = relay_proto::hex(UPSTREAM_SECRET.as_bytes());
         assert!(!dump.contains(&hex), "the credential is stored unencrypted in {t}");
     }
     assert_no_secret_in(

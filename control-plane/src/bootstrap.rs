@@ -302,3 +302,21 @@ pub async fn standalone_data_plane_token(store: &DynStore, key: &MasterKey) -> R
     store.apply(muts, audit).await?;
     Ok(token)
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every model a data plane lists by default has a built-in price: its usage is never
+    /// accounted at zero cost on a fresh install.
+    #[test]
+    fn every_known_model_has_a_default_price() {
+        for (id, _, _) in relay_proto::models::KNOWN {
+            let priced = super::DEFAULT_PRICES
+                .iter()
+                .any(|(pattern, ..)| match pattern.strip_suffix('*') {
+                    Some(prefix) => id.starts_with(prefix),
+                    None => pattern == id,
+                });
+            assert!(priced, "{id} has no default price");
+        }
+    }
+}

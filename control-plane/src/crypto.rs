@@ -72,7 +72,7 @@ impl MasterKey {
             path: path.display().to_string(),
             reason: e.to_string(),
         };
-        relay_data_plane::datadir::check_private(path).map_err(|reason| CryptoError::KeyFile {
+        relay_runtime::datadir::check_private(path).map_err(|reason| CryptoError::KeyFile {
             path: path.display().to_string(),
             reason,
         })?;
@@ -159,22 +159,8 @@ fn unreachable_hmac() -> Hmac<Sha256> {
     panic!("HMAC-SHA256 accepts keys of any length")
 }
 
-/// HMAC-SHA256(secret, value) as lower-case hex.
-pub fn keyed_hash(secret: &[u8], value: &str) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable_hmac());
-    mac.update(value.as_bytes());
-    hex(&mac.finalize().into_bytes())
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
-}
+// The keyed hash and its hex are the contract's: a data plane computes the same one.
+pub use relay_proto::{hex, keyed_hash};
 
 /// Compares two hashes in constant time.
 pub fn hashes_equal(a: &str, b: &str) -> bool {

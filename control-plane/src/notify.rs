@@ -24,7 +24,7 @@ use base64::Engine;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http_body_util::Full;
-use relay_data_plane::upstream::client::Upstreams;
+use relay_net::client::Upstreams;
 use relay_proto::metrics as m;
 use relay_proto::settings;
 use serde_json::{json, Value};

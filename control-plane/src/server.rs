@@ -37,7 +37,7 @@ pub struct Options {
     pub poll_interval: Duration,
     /// TLS on the listener (plain gRPC when `None`).
     pub tls: Option<ServerTls>,
-    /// Most connections open at once on the listener (see `relay_data_plane::listen`).
+    /// Most connections open at once on the listener (see `relay_net::listen`).
     pub max_connections: usize,
     /// Where keys' live counters are (Redis, or the standalone data plane's): `relayctl key show`
     /// shows them. None: not known here.
@@ -125,8 +125,7 @@ pub async fn serve(
     let gate = crate::api::gate::GateLayer::new(auth.clone());
     let spend = std::sync::Arc::new(crate::spend::SpendCache::new(store.clone()));
     let upstreams = std::sync::Arc::new(
-        relay_data_plane::upstream::client::Upstreams::new(&Default::default())
-            .map_err(|e| ServeError::Upstream(e.to_string()))?,
+        relay_net::client::Upstreams::new(&Default::default()).map_err(|e| ServeError::Upstream(e.to_string()))?,
     );
     let prober = std::sync::Arc::new(crate::jobs::probe::Prober {
         store: store.clone(),
@@ -220,7 +219,7 @@ pub async fn serve(
         .layer(gate)
         .add_routes(routes.add_service(health).add_service(reflection))
         .serve_with_incoming_shutdown(
-            relay_data_plane::listen::incoming(listener, "grpc", opts.max_connections),
+            relay_net::listen::incoming(listener, "grpc", opts.max_connections),
             shutdown,
         )
         .await?;

@@ -119,7 +119,7 @@ async fn troubles_are_queued_once_and_their_recoveries_once() {
     let notifier = Notifier {
         store: store.clone(),
         key: MasterKey::generate(),
-        upstreams: Arc::new(relay_data_plane::upstream::client::Upstreams::new(&Default::default()).unwrap()),
+        upstreams: Arc::new(relay_net::client::Upstreams::new(&Default::default()).unwrap()),
         spend: Arc::new(SpendCache::new(store.clone())),
     };
     let mut values = BTreeMap::new();
@@ -271,7 +271,7 @@ async fn budget_thresholds_are_queued_once_per_period_and_follow_the_setting() {
     let notifier = Notifier {
         store: store.clone(),
         key: MasterKey::generate(),
-        upstreams: Arc::new(relay_data_plane::upstream::client::Upstreams::new(&Default::default()).unwrap()),
+        upstreams: Arc::new(relay_net::client::Upstreams::new(&Default::default()).unwrap()),
         spend: Arc::new(SpendCache::new(store.clone())),
     };
     let mut values = BTreeMap::new();

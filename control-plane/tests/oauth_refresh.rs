@@ -421,7 +421,7 @@ async fn the_leaders_probe_brings_a_repaired_account_back() {
     let prober = Arc::new(Prober {
         store: f.store.clone(),
         key: f.key.clone(),
-        upstreams: Arc::new(relay_data_plane::upstream::client::Upstreams::new(&Default::default()).unwrap()),
+        upstreams: Arc::new(relay_net::client::Upstreams::new(&Default::default()).unwrap()),
     });
     let term = leader_term(&f.store, "cp-1").await;
     let job = tokio::spawn(prober.clone().run(term));

@@ -8,11 +8,13 @@
 //! HTTP listener. [`RunningDataPlane::shutdown`] stops it gracefully.
 
 pub mod control;
-pub mod datadir;
 pub mod errors;
-pub mod listen;
 pub mod proxy;
 pub mod upstream;
+
+// Shared with the control plane (standalone mode locks its data directory too).
+pub use relay_net::listen;
+pub use relay_runtime::datadir;
 
 use control::cache::ConfigCache;
 use control::spool::Spool;
@@ -530,27 +532,6 @@ impl RunningDataPlane {
 /// Resolves once `rx` holds `true` (or its sender is gone).
 pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await.map(|_| ());
-}
-
-/// The Prometheus exporter every relay process uses: histograms (not summaries), so dashboards
-/// can aggregate percentiles across data planes, with each histogram's buckets from the metric
-/// catalogue (`relay_proto::metrics`). Call [`relay_proto::metrics::describe_all`] once the
-/// recorder is installed.
-pub fn metrics_builder() -> metrics_exporter_prometheus::PrometheusBuilder {
-    use metrics_exporter_prometheus::Matcher;
-    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
-    for m in relay_proto::metrics::CATALOGUE {
-        let buckets = m.buckets();
-        if buckets.is_empty() {
-            continue;
-        }
-        // Fails only for an empty bucket list, which was skipped.
-        builder = match builder.set_buckets_for_metric(Matcher::Full(m.name.to_string()), buckets) {
-            Ok(b) => b,
-            Err(_) => metrics_exporter_prometheus::PrometheusBuilder::new(),
-        };
-    }
-    builder
 }
 
 #[cfg(test)]

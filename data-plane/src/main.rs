@@ -83,20 +83,6 @@ struct Args {
     log_format: String,
 }
 
-async fn terminated() {
-    #[cfg(unix)]
-    {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = s.recv() => {},
-                _ = tokio::signal::ctrl_c() => {},
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 /// The host name (`HOSTNAME`, else the kernel's), else a random name: never
 /// one fixed name that every data plane would share.
 fn default_node_id() -> String {
@@ -111,7 +97,7 @@ fn default_node_id() -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = relay_telemetry::init(relay_telemetry::LogFormat::parse(&args.log_format), "relay-data-plane")?;
+    let telemetry = relay_runtime::init_logging(&args.log_format, "relay-data-plane")?;
     let token = match (&args.token_file, std::env::var("RELAY_DATAPLANE_TOKEN")) {
         (Some(f), _) => std::fs::read_to_string(f)
             .with_context(|| format!("reading {}", f.display()))?
@@ -122,10 +108,7 @@ async fn main() -> anyhow::Result<()> {
             "no data-plane token: set RELAY_DATAPLANE_TOKEN or --token-file (create one with `relayctl token create NAME --role data-plane`)"
         ),
     };
-    let metrics = relay_data_plane::metrics_builder()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    relay_proto::metrics::describe_all();
+    let metrics = relay_runtime::metrics::install_recorder().context("installing the metrics recorder")?;
     let node_id = args.node_id.clone().unwrap_or_else(default_node_id);
     let mut opts = relay_data_plane::Options::new(
         &args.control_plane,
@@ -186,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(ops) = dp.ops_addr() {
         println!("relay: /metrics, /readyz and /healthz on http://{ops}");
     }
-    terminated().await;
+    relay_runtime::signal::shutdown().await;
     tracing::info!("SIGTERM: draining");
     dp.shutdown().await;
     telemetry.shutdown(Duration::from_secs(5)).await;

@@ -58,7 +58,7 @@ async fn count(s: &Setup, body: &serde_json::Value) -> HttpResponse {
 /// The process's metrics (installed once, before the first data plane of this test binary starts).
 fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
     static H: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
-    H.get_or_init(|| relay_data_plane::metrics_builder().install_recorder().unwrap())
+    H.get_or_init(|| relay_runtime::metrics::builder().install_recorder().unwrap())
 }
 
 /// `relay_count_tokens_estimated_total{why}` (tests of this file run at once: each looks at its own `why`).

@@ -119,7 +119,7 @@ fn the_readme_starts_with_two_commands_that_exist() {
     // with arguments the binary accepts, and says where the admin token is.
     let standalone = std::fs::read_to_string(root.join("scripts/standalone.sh")).unwrap();
     assert!(standalone.contains("cargo build --release"));
-    for package in ["relay-control-plane", "relay-data-plane", "relayctl"] {
+    for package in ["relay-control-plane-bin", "relay-data-plane", "relayctl"] {
         assert!(
             standalone.contains(&format!("-p {package}")),
             "standalone.sh does not build {package}"

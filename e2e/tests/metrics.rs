@@ -276,7 +276,7 @@ fn check_against_catalogue(what: &str, text: &str) -> Scrape {
 /// scrape happens to hold), and each histogram has the catalogue's buckets.
 #[test]
 fn every_cataloged_metric_passes_promtool_with_its_buckets() {
-    let recorder = relay_data_plane::metrics_builder().build_recorder();
+    let recorder = relay_runtime::metrics::builder().build_recorder();
     let handle = recorder.handle();
     metrics::with_local_recorder(&recorder, || {
         catalogue::describe_all();

@@ -164,10 +164,6 @@ fn attr_int(span: &Span, key: &str) -> i64 {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 struct Run {
     relay: Standalone,
     received: Received,
@@ -307,7 +303,7 @@ async fn trace_of(run: &Run) -> Vec<Span> {
             .received
             .spans()
             .into_iter()
-            .filter(|s| hex(&s.trace_id) == TRACE_ID)
+            .filter(|s| relay_proto::hex(&s.trace_id) == TRACE_ID)
             .collect();
         async move {
             let attempts = spans.iter().filter(|s| s.kind == SpanKind::Client as i32).count();
@@ -330,7 +326,7 @@ fn check_tree(run: &Run, spans: &[Span]) {
     let server: Vec<&Span> = spans.iter().filter(|s| s.kind == SpanKind::Server as i32).collect();
     assert_eq!(server.len(), 1, "{spans:?}");
     let server = server[0];
-    assert_eq!(hex(&server.parent_span_id), PARENT_ID);
+    assert_eq!(relay_proto::hex(&server.parent_span_id), PARENT_ID);
     assert_eq!(server.name, "POST messages");
     assert_eq!(attr_int(server, "http.response.status_code"), 200);
     assert_eq!(attr_str(server, "relay.key.name"), "k-trace");
@@ -472,7 +468,7 @@ async fn spans_export_over_otlp_http_protobuf_too_and_upstreams_get_the_attempts
     attempts.sort_by_key(|s| s.start_time_unix_nano);
     let expected: Vec<Option<String>> = attempts
         .iter()
-        .map(|a| Some(format!("00-{TRACE_ID}-{}-01", hex(&a.span_id))))
+        .map(|a| Some(format!("00-{TRACE_ID}-{}-01", relay_proto::hex(&a.span_id))))
         .collect();
     assert_eq!(run.upstream_traceparents, expected);
 
@@ -494,7 +490,7 @@ async fn spans_export_over_otlp_http_protobuf_too_and_upstreams_get_the_attempts
             .received
             .spans()
             .into_iter()
-            .filter(|s| hex(&s.trace_id) == STREAM_TRACE)
+            .filter(|s| relay_proto::hex(&s.trace_id) == STREAM_TRACE)
             .collect();
         async move {
             // The broken account is still tried first: wait for the attempt that answered.
@@ -513,7 +509,10 @@ async fn spans_export_over_otlp_http_protobuf_too_and_upstreams_get_the_attempts
         .iter()
         .find(|s| s.kind == SpanKind::Client as i32 && attr_str(s, "relay.attempt.outcome") == "ok")
         .unwrap();
-    assert_eq!(hex(&attempt.parent_span_id), hex(&server.span_id));
+    assert_eq!(
+        relay_proto::hex(&attempt.parent_span_id),
+        relay_proto::hex(&server.span_id)
+    );
     assert_eq!(attempt.name, "chat claude-sonnet-4-5");
     assert!(attr_int(attempt, "gen_ai.usage.output_tokens") > 0, "{attempt:?}");
     assert!(attr_str(attempt, "gen_ai.response.id").starts_with("msg_"));

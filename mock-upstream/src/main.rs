@@ -101,29 +101,7 @@ async fn main() -> anyhow::Result<()> {
         writeln!(out, "listening on {}", mock.addr())?;
         out.flush()?;
     }
-    shutdown_signal().await;
+    relay_runtime::signal::shutdown().await;
     drop(mock);
     Ok(())
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -164,10 +164,6 @@ fn tool_input(tool: &Value) -> Value {
     Value::Object(input)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 pub(crate) fn thinking_enabled(body: &Value) -> bool {
     matches!(
         body.get("thinking").and_then(|t| t.get("type")).and_then(Value::as_str),
@@ -196,7 +192,10 @@ pub(crate) fn plan(shape: &Shape, body: &Value, cache_read: u64) -> Plan {
     let mut blocks = Vec::new();
     if thinking_enabled(body) {
         let deltas = filler_pieces(THINKING_FILLER, shape.thinking_events, shape.event_bytes);
-        let signature = format!("mocksig_{}", hex(&Sha256::digest(deltas.concat().as_bytes())));
+        let signature = format!(
+            "mocksig_{}",
+            relay_proto::hex(&Sha256::digest(deltas.concat().as_bytes()))
+        );
         blocks.push(Block::Thinking { deltas, signature });
     }
     let stop_reason = match chosen_tool(body) {

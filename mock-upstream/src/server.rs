@@ -26,20 +26,8 @@ use crate::plan::{self, Ids, Shape};
 use crate::tls::TlsInfo;
 use crate::RecordedRequest;
 
-/// Model ids listed by `GET /v1/models`, in the order they are listed.
-pub const MODELS: &[(&str, &str, &str)] = &[
-    (
-        "claude-sonnet-4-5-20250929",
-        "Claude Sonnet 4.5",
-        "2025-09-29T00:00:00Z",
-    ),
-    ("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24T00:00:00Z"),
-    ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z"),
-    ("claude-opus-4-1-20250805", "Claude Opus 4.1", "2025-08-05T00:00:00Z"),
-    ("claude-opus-4-20250514", "Claude Opus 4", "2025-05-22T00:00:00Z"),
-    ("claude-sonnet-4-20250514", "Claude Sonnet 4", "2025-05-22T00:00:00Z"),
-    ("claude-3-5-haiku-20241022", "Claude Haiku 3.5", "2024-10-22T00:00:00Z"),
-];
+/// Model ids listed by `GET /v1/models`, in the order they are listed: the models relay knows.
+pub use relay_proto::models::KNOWN as MODELS;
 
 /// Rate limits advertised in the success headers.
 const REQUESTS_LIMIT: u64 = 4000;

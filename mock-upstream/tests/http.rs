@@ -795,7 +795,7 @@ async fn models_page_shape() {
     let v: Value = serde_json::from_slice(&b).unwrap();
     let data = v["data"].as_array().unwrap();
     assert_eq!(data.len(), relay_mock_upstream::MODELS.len());
-    assert_eq!(data[0]["id"], "claude-sonnet-4-5-20250929");
+    assert_eq!(data[0]["id"], relay_mock_upstream::MODELS[0].0);
     for m in data {
         assert_eq!(m["type"], "model");
         assert!(m["id"].as_str().unwrap().starts_with("claude"));

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_TYPE, USER_AGENT};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full, Limited};
-use relay_data_plane::upstream::client::{ClientOptions, ProxySpec, Upstreams};
+use relay_net::client::{ClientOptions, ProxySpec, Upstreams};
 use relay_proto::anthropic::ApiError;
 use serde_json::{json, Value};
 

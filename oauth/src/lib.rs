@@ -7,8 +7,8 @@
 //!   settings ([`OAuthConfig::from_settings`]) so they can change without a release;
 //! - [`Pkce`]: the PKCE S256 pair and the `state`, made where the operator runs the login (relayctl): the
 //!   verifier never leaves that process; [`authorize_url`] and [`parse_pasted`] (`CODE#STATE`);
-//! - [`TokenClient`]: the token endpoint (authorization-code exchange and refresh-token grant) over the data
-//!   plane's upstream client (HTTP, HTTPS, outbound proxies), with a timeout and typed errors ([`OAuthError`]:
+//! - [`TokenClient`]: the token endpoint (authorization-code exchange and refresh-token grant) over the shared
+//!   upstream client of `relay-net` (HTTP, HTTPS, outbound proxies), with a timeout and typed errors ([`OAuthError`]:
 //!   never retry an [`OAuthError::InvalidGrant`], retry an [`OAuthError::Transient`] with backoff);
 //! - [`parse_token_response`] and [`parse_credentials_file`] (the `.credentials.json` Claude Code writes after
 //!   `claude login`), both giving [`Tokens`].
@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 pub use client::{TokenClient, DEFAULT_TIMEOUT};
 pub use pkce::{authorize_url, parse_pasted, Pkce};
-pub use relay_data_plane::upstream::client::{ClientOptions, ProxySpec};
+pub use relay_net::client::{ClientOptions, ProxySpec};
 pub use tokens::{parse_credentials_file, parse_token_response, Tokens};
 
 /// The settings this crate reads.

@@ -6,8 +6,11 @@
 //! delta between two configs ([`changed`], [`delta`]), so a data plane can
 //! prove it applied exactly what the control plane meant; and what makes a
 //! config usable ([`validate`]); the catalogue of every metric relay
-//! emits ([`metrics`]); and how an upstream answer's error body and
-//! rate-limit headers read ([`anthropic`]), for every reader of upstreams.
+//! emits ([`metrics`]); how an upstream answer's error body and
+//! rate-limit headers read ([`anthropic`]), for every reader of upstreams;
+//! the keyed hash of client keys and the hex encoding both planes write
+//! hashes in ([`keyed_hash`], [`hex`]); and the Claude models relay lists
+//! ([`models`]).
 
 #[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used)]
 pub mod v1 {
@@ -90,11 +93,15 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 pub mod anthropic;
 pub mod bounds;
+mod hashing;
 pub mod metrics;
+pub mod models;
 pub mod patch;
 pub mod periods;
 pub mod settings;
 pub mod validate;
+
+pub use hashing::{hex, keyed_hash};
 
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -124,12 +131,7 @@ pub fn account_state_id(s: &v1::AccountState) -> String {
 pub fn config_hash(resources: &v1::Resources) -> String {
     let mut r = resources.clone();
     canonicalize(&mut r);
-    let digest = Sha256::digest(r.encode_to_vec());
-    let mut s = String::with_capacity(64);
-    for b in digest {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    hex(&Sha256::digest(r.encode_to_vec()))
 }
 
 impl v1::ConfigVersion {

@@ -1,6 +1,7 @@
 //! relay-test-support: what relay's tests share. Fresh Postgres databases per
 //! test, free ports, child processes, and waiting for a condition instead of
-//! sleeping, outbound proxies (`proxy`: HTTP CONNECT and SOCKS5) and throwaway etcd members (`etcd`).
+//! sleeping, outbound proxies (`proxy`: HTTP CONNECT and SOCKS5), throwaway etcd members (`etcd`),
+//! and, with the `control-plane` feature, the one in-process control plane (`control_plane`).
 //!
 //! The Postgres server is the one named by `DATABASE_URL`; else a local server
 //! on 127.0.0.1:5432 when one answers; else an ephemeral server this process
@@ -9,6 +10,8 @@
 //! test command (`scripts/test.sh`) installs PostgreSQL when it is missing and
 //! exports `DATABASE_URL`. `RELAY_TEST_PG=ephemeral` forces the ephemeral server.
 
+#[cfg(feature = "control-plane")]
+pub mod control_plane;
 pub mod etcd;
 pub mod proxy;
 

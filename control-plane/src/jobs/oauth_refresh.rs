@@ -649,7 +649,7 @@ impl TokenEndpoint for OAuthEndpoint {
         let cfg = relay_oauth::OAuthConfig::from_settings(settings);
         let proxy = match proxy_url {
             Some(u) => Some(
-                relay_data_plane::upstream::client::ProxySpec::parse(u)
+                relay_net::client::ProxySpec::parse(u)
                     .map_err(|e| RefreshError::Rejected(format!("the account's proxy URL: {e}")))?,
             ),
             None => None,

@@ -12,7 +12,7 @@ use crate::model::{now_ms, Account, AccountHealth, AccountKind, AccountState, Au
 use crate::store::{DynStore, StoreError};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use relay_data_plane::upstream::client::{ProxySpec, Upstreams};
+use relay_net::client::{ProxySpec, Upstreams};
 use relay_proto::anthropic::{ratelimit, ApiError};
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -249,16 +249,9 @@ impl ServingConfig {
 
     /// O(1): the keyed hash of the presented key, then one map lookup.
     pub fn key_for(&self, presented: &str) -> Option<&Arc<KeyEntry>> {
-        use hmac::Mac;
-        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.hash_secret).ok()?;
-        mac.update(presented.as_bytes());
-        let digest = mac.finalize().into_bytes();
-        let mut hex = String::with_capacity(64);
-        for b in digest {
-            use std::fmt::Write;
-            let _ = write!(hex, "{b:02x}");
-        }
-        self.keys_by_hash.get(&hex)
+        // The control plane stored the key's hash with this same function.
+        self.keys_by_hash
+            .get(&relay_proto::keyed_hash(&self.hash_secret, presented))
     }
 
     /// Health tunables for an account.

@@ -4,27 +4,9 @@
 use crate::control::state::{model_matches, KeyEntry, ServingConfig};
 use serde_json::{json, Value};
 
-/// Current Claude models: (id, display name, created_at). Operators can
-/// replace the list with the `models` setting (comma-separated ids).
-const KNOWN: &[(&str, &str, &str)] = &[
-    ("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24T00:00:00Z"),
-    ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z"),
-    (
-        "claude-sonnet-4-5-20250929",
-        "Claude Sonnet 4.5",
-        "2025-09-29T00:00:00Z",
-    ),
-    ("claude-opus-4-1-20250805", "Claude Opus 4.1", "2025-08-05T00:00:00Z"),
-    ("claude-opus-4-20250514", "Claude Opus 4", "2025-05-22T00:00:00Z"),
-    ("claude-sonnet-4-20250514", "Claude Sonnet 4", "2025-05-22T00:00:00Z"),
-    (
-        "claude-3-7-sonnet-20250219",
-        "Claude Sonnet 3.7",
-        "2025-02-24T00:00:00Z",
-    ),
-    ("claude-3-5-haiku-20241022", "Claude Haiku 3.5", "2024-10-22T00:00:00Z"),
-    ("claude-3-haiku-20240307", "Claude Haiku 3", "2024-03-07T00:00:00Z"),
-];
+// Current Claude models (one list, in relay-proto). Operators can replace the list with the
+// `models` setting (comma-separated ids).
+use relay_proto::models::KNOWN;
 
 fn entry(id: &str, display: &str, created: &str) -> Value {
     json!({"type": "model", "id": id, "display_name": display, "created_at": created})

@@ -116,13 +116,7 @@ fn metadata_session(raw: &RawValue) -> Option<String> {
 }
 
 fn hex32(digest: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(32);
-    for b in digest.iter().take(16) {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
-    s
+    relay_proto::hex(&digest[..digest.len().min(16)])
 }
 
 /// `prefix` + the value if it is short plain printable ASCII, else + 32 hex digits of its SHA-256.

@@ -52,10 +52,7 @@ impl<'a> Acct<'a> {
 }
 
 fn key_hash(presented: &str) -> String {
-    use hmac::Mac;
-    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&SECRET).unwrap();
-    mac.update(presented.as_bytes());
-    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    relay_proto::keyed_hash(&SECRET, presented)
 }
 
 /// A config version `n`: group `g` with these accounts, the key [`KEY`] in it (active unless

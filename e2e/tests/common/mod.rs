@@ -1,288 +1,25 @@
 //! A whole relay in one test process: a control plane (SQLite or Postgres) on
 //! a free port, data planes started on demand, the mock upstream, and an
 //! HTTP client speaking to the data planes like an SDK would.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use relay_control_plane::api::admin::admin_token_row;
-use relay_control_plane::bootstrap;
-use relay_control_plane::crypto::MasterKey;
-use relay_control_plane::model::{AuditRecord, Mutation, Role};
-use relay_control_plane::server::{self, Options};
-use relay_control_plane::store::postgres::PostgresStore;
-use relay_control_plane::store::sqlite::SqliteStore;
-use relay_control_plane::store::DynStore;
 use relay_data_plane::RunningDataPlane;
 use relay_mock_upstream::{MockConfig, MockTls, MockUpstream};
 use relay_proto::v1 as pb;
-use relay_proto::v1::admin_client::AdminClient;
-use relay_test_support::{wait_for, TestDb};
+use relay_test_support::wait_for;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
-pub const ADMIN_TOKEN: &str = "rat-e2e-admin-token-0123456789abcdefghijklmnopq";
-pub const DP_TOKEN: &str = "rat-e2e-data-plane-token-0123456789abcdefghijkl";
 pub const ACCOUNT_SECRET: &str = "sk-ant-api03-e2e-ACCOUNT-SECRET-0123456789";
 
-#[derive(Clone, Copy, Debug)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// A control plane that can be stopped and started again on the same port and store.
-pub struct ControlPlane {
-    pub addr: SocketAddr,
-    pub store: DynStore,
-    pub key: MasterKey,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    pub db: Option<Arc<TestDb>>,
-    _dir: Option<Arc<tempfile::TempDir>>,
-    /// TLS for the listener, applied by the next `resume`.
-    pub tls: Option<relay_control_plane::server::ServerTls>,
-    /// The CA the admin client verifies a TLS listener with.
-    pub tls_ca: Option<Vec<u8>>,
-    /// Where `GetApiKey` reads keys' live counters, applied by the next `resume`.
-    pub limiter: Option<Arc<relay_limits::Limiter>>,
-}
-
-impl ControlPlane {
-    pub async fn start(backend: Backend) -> Self {
-        let mut cp = Self::create(backend).await;
-        cp.resume().await;
-        cp
-    }
-
-    /// A store with the defaults, the admin token and the data-plane token, and a
-    /// free port reserved for it, not serving yet (`resume` starts it).
-    pub async fn create(backend: Backend) -> Self {
-        let (store, db, dir) = match backend {
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                let s = Arc::new(SqliteStore::open(&dir.path().join("relay.db")).unwrap()) as DynStore;
-                (s, None, Some(Arc::new(dir)))
-            }
-            Backend::Postgres => {
-                let db = TestDb::new().await.unwrap();
-                let s = Arc::new(PostgresStore::connect(&db.url, 16).await.unwrap()) as DynStore;
-                (s, Some(Arc::new(db)), None)
-            }
-        };
-        let key = MasterKey::generate();
-        bootstrap::ensure_defaults(&store).await.unwrap();
-        bootstrap::ensure_admin_token(&store, &key, Some(ADMIN_TOKEN), None)
-            .await
-            .unwrap();
-        store
-            .apply(
-                vec![Mutation::InsertAdminToken(admin_token_row(
-                    &key,
-                    "dp",
-                    Role::DataPlane,
-                    DP_TOKEN,
-                ))],
-                AuditRecord {
-                    actor: "test".into(),
-                    action: "token.create".into(),
-                    target: "dp".into(),
-                    detail: "{}".into(),
-                },
-            )
-            .await
-            .unwrap();
-        let port = relay_test_support::free_port();
-        Self {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            store,
-            key,
-            stop: None,
-            task: None,
-            db,
-            _dir: dir,
-            tls: None,
-            tls_ca: None,
-            limiter: None,
-        }
-    }
-
-    /// (Re)starts serving on the same address.
-    pub async fn resume(&mut self) {
-        let listener = wait_for(Duration::from_secs(10), "control-plane port to be free", || {
-            let addr = self.addr;
-            async move { tokio::net::TcpListener::bind(addr).await.ok() }
-        })
-        .await
-        .unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let opts = Options {
-            replica: "e2e".into(),
-            poll_interval: Duration::from_millis(100),
-            tls: self.tls.clone(),
-            limiter: self.limiter.clone(),
-            ..Options::default()
-        };
-        let fut = server::serve(self.store.clone(), self.key.clone(), listener, opts, async {
-            let _ = rx.await;
-        });
-        self.task = Some(tokio::spawn(async move {
-            let _ = fut.await;
-        }));
-        self.stop = Some(tx);
-    }
-
-    /// Stops serving (open streams are cut) and waits until it has.
-    pub async fn kill(&mut self) {
-        if let Some(t) = self.stop.take() {
-            let _ = t.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
-        }
-    }
-
-    /// SQLite only: stops serving, closes the store, runs `f` on the database
-    /// file (e.g. to restore a backup over it), reopens it and serves again.
-    pub async fn with_store_closed(&mut self, f: impl FnOnce(&std::path::Path)) {
-        let path = self
-            ._dir
-            .as_ref()
-            .expect("with_store_closed needs the SQLite backend")
-            .path()
-            .join("relay.db");
-        self.kill().await;
-        let placeholder = Arc::new(SqliteStore::open_in_memory().unwrap()) as DynStore;
-        let old = std::mem::replace(&mut self.store, placeholder);
-        // The server's tasks let go of their clones as they wind down.
-        wait_for(Duration::from_secs(10), "the store to be closed", || {
-            let n = Arc::strong_count(&old);
-            async move { (n == 1).then_some(()) }
-        })
-        .await
-        .unwrap();
-        drop(old);
-        f(&path);
-        self.store = Arc::new(SqliteStore::open(&path).unwrap()) as DynStore;
-        self.resume().await;
-    }
-
-    /// `https://localhost:PORT` once TLS is on (the test certificates name localhost).
-    pub fn url(&self) -> String {
-        match self.tls {
-            Some(_) => format!("https://localhost:{}", self.addr.port()),
-            None => format!("http://{}", self.addr),
-        }
-    }
-
-    pub async fn admin(&self) -> AdminClient<InterceptedService<Channel, impl tonic::service::Interceptor + Clone>> {
-        let channel = wait_for(Duration::from_secs(10), "control plane to accept", || {
-            let url = self.url();
-            let ca = self.tls_ca.clone();
-            async move {
-                let mut endpoint = Channel::from_shared(url).ok()?;
-                if let Some(ca) = ca {
-                    let tls = tonic::transport::ClientTlsConfig::new()
-                        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
-                    endpoint = endpoint.tls_config(tls).ok()?;
-                }
-                endpoint.connect().await.ok()
-            }
-        })
-        .await
-        .unwrap();
-        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {ADMIN_TOKEN}").parse().unwrap();
-        AdminClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", bearer.clone());
-            Ok(r)
-        })
-    }
-
-    /// Adds an anthropic-compatible account pointing at `base_url`, returns its id.
-    pub async fn add_account(&self, name: &str, base_url: &str, secret: &str) -> String {
-        self.admin()
-            .await
-            .create_account(pb::CreateAccountRequest {
-                name: name.into(),
-                kind: pb::AccountKind::AnthropicCompatible as i32,
-                base_url: base_url.into(),
-                credential: secret.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .id
-    }
-
-    /// Sets an operator setting (`relayctl settings set NAME VALUE`).
-    pub async fn set_setting(&self, name: &str, value: &str) {
-        self.admin()
-            .await
-            .set_setting(pb::SetSettingRequest {
-                name: name.into(),
-                value: value.into(),
-            })
-            .await
-            .unwrap();
-    }
-
-    /// Creates a key; returns (id, secret).
-    pub async fn add_key(&self, name: &str, models: &[&str]) -> (String, String) {
-        let r = self
-            .admin()
-            .await
-            .create_api_key(pb::CreateApiKeyRequest {
-                name: name.into(),
-                allowed_models: models.iter().map(|m| m.to_string()).collect(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        (r.info.unwrap().id, r.key)
-    }
-
-    pub async fn head(&self) -> pb::ConfigVersion {
-        let v = self.store.head().await.unwrap();
-        pb::ConfigVersion::new(v.epoch, v.revision)
-    }
-
-    /// The SQLite database file (SQLite control planes only).
-    pub fn sqlite_path(&self) -> Option<std::path::PathBuf> {
-        self._dir.as_ref().map(|d| d.path().join("relay.db"))
-    }
-
-    /// Usage totals over everything stored.
-    pub async fn usage_total(&self) -> relay_control_plane::model::UsageRow {
-        self.store
-            .query_usage(Default::default())
-            .await
-            .unwrap()
-            .into_iter()
-            .next()
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        if let Some(t) = self.stop.take() {
-            let _ = t.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
+/// The in-process control plane, shared with the control plane's own tests: it can be stopped
+/// and started again on the same port and store.
+pub use relay_test_support::control_plane::{Backend, ControlPlane, ADMIN_TOKEN, DP_TOKEN};
 
 pub struct DataPlane {
     pub dp: Option<RunningDataPlane>,
@@ -312,7 +49,7 @@ impl DataPlane {
         tweak(&mut opts);
         // A recorder of its own (not installed: tests share the process): /metrics answers as in
         // the binary, which always has one.
-        let metrics = relay_data_plane::metrics_builder().build_recorder().handle();
+        let metrics = relay_runtime::metrics::builder().build_recorder().handle();
         let dp = relay_data_plane::start(opts, Some(metrics)).await.unwrap();
         let addr = dp.local_addr();
         Self {

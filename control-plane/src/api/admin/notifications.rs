@@ -53,7 +53,7 @@ impl AdminApi {
         let upstreams = match &self.prober {
             Some(p) => p.upstreams.clone(),
             None => Arc::new(
-                relay_data_plane::upstream::client::Upstreams::new(&Default::default())
+                relay_net::client::Upstreams::new(&Default::default())
                     .map_err(|e| Status::internal(format!("cannot build the HTTP client: {e}")))?,
             ),
         };

@@ -1,5 +1,6 @@
-//! `relay-control-plane`: parses flags, opens the store, bootstraps, serves.
-//! Everything else lives in the library.
+//! `relay-control-plane`: parses flags, opens the store, bootstraps, serves; in standalone mode
+//! it also starts the data plane in the same process. Everything else lives in the libraries
+//! (`relay-control-plane`, `relay-data-plane`); this package is the one place both meet.
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -99,7 +100,7 @@ fn master_key(args: &Args) -> anyhow::Result<MasterKey> {
         return MasterKey::from_base64(&v).context("RELAY_MASTER_KEY");
     }
     if let Some(f) = &args.master_key_file {
-        relay_data_plane::datadir::check_private(f).map_err(anyhow::Error::msg)?;
+        relay_runtime::datadir::check_private(f).map_err(anyhow::Error::msg)?;
         let s = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         return MasterKey::from_base64(&s).with_context(|| format!("master key file {}", f.display()));
     }
@@ -120,35 +121,10 @@ fn master_key(args: &Args) -> anyhow::Result<MasterKey> {
     bail!("no master key: set RELAY_MASTER_KEY (32 bytes, base64) or --master-key-file")
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down");
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = relay_telemetry::init(
-        relay_telemetry::LogFormat::parse(&args.log_format),
-        "relay-control-plane",
-    )?;
+    let telemetry = relay_runtime::init_logging(&args.log_format, "relay-control-plane")?;
     if args.standalone && args.database_url.is_some() {
         bail!(
             "--standalone uses the embedded store; drop --database-url (or drop --standalone for the distributed mode)"
@@ -168,25 +144,17 @@ async fn main() -> anyhow::Result<()> {
     }
     // One recorder per process: in standalone mode the in-process data plane
     // serves it on its /metrics; --metrics-listen serves it on its own port.
+    // Every metric's type and help from the catalogue are described in this process's one recorder
+    // (the in-process data plane's too, in standalone mode).
     let metrics = if let Some(addr) = args.metrics_listen {
-        relay_data_plane::metrics_builder()
-            .with_http_listener(addr)
-            .install()
-            .context("starting the metrics listener")?;
+        relay_runtime::metrics::install_with_listener(addr).context("starting the metrics listener")?;
         None
     } else {
-        Some(
-            relay_data_plane::metrics_builder()
-                .install_recorder()
-                .context("installing the metrics recorder")?,
-        )
+        Some(relay_runtime::metrics::install_recorder().context("installing the metrics recorder")?)
     };
-    // Every metric's type and help from the catalogue, in this process's one recorder (the
-    // in-process data plane's too, in standalone mode).
-    relay_proto::metrics::describe_all();
     // The embedded store's directory is this process's alone.
     let _dir_lock = match &args.database_url {
-        None => Some(relay_data_plane::datadir::lock(&args.data_dir)?),
+        None => Some(relay_runtime::datadir::lock(&args.data_dir)?),
         Some(_) => None,
     };
     let key = master_key(&args)?;
@@ -303,10 +271,10 @@ async fn main() -> anyhow::Result<()> {
         replica,
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
         tls,
-        max_connections: relay_data_plane::listen::fd_budget(
+        max_connections: relay_net::listen::fd_budget(
             args.max_connections,
             1,
-            relay_data_plane::listen::raise_fd_limit(),
+            relay_net::listen::raise_fd_limit(),
             "control-plane listener",
         ),
         limiter: limiter.clone(),
@@ -347,7 +315,10 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let ended_early = tokio::select! {
-        _ = shutdown_signal() => None,
+        _ = relay_runtime::signal::shutdown() => {
+            tracing::info!("shutting down");
+            None
+        }
         r = &mut cp => Some(r),
     };
     // The data plane first: it drains its usage into the control plane.
@@ -377,4 +348,27 @@ async fn main() -> anyhow::Result<()> {
     result.context("control plane task")?.context("serving")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    /// Standalone mode is assembled here and nowhere else: the control-plane library (and
+    /// relay-oauth, which it and relayctl use) never depend on the data plane.
+    #[test]
+    fn only_this_package_depends_on_both_planes() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        for manifest in [
+            "control-plane/Cargo.toml",
+            "oauth/Cargo.toml",
+            "net/Cargo.toml",
+            "runtime/Cargo.toml",
+        ] {
+            let text = std::fs::read_to_string(root.join(manifest)).unwrap();
+            assert!(
+                !text.lines().any(|l| l.trim_start().starts_with("relay-data-plane")),
+                "{manifest} depends on relay-data-plane"
+            );
+        }
+    }
 }
