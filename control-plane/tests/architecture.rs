@@ -11,7 +11,16 @@
 use std::path::{Path, PathBuf};
 
 /// The parts of `relay_proto` that hold no proto type, usable anywhere.
-const PROTO_FREE: &[&str] = &["metrics", "settings", "periods", "anthropic", "FILE_DESCRIPTOR_SET"];
+const PROTO_FREE: &[&str] = &[
+    "metrics",
+    "settings",
+    "periods",
+    "anthropic",
+    "models",
+    "hex",
+    "keyed_hash",
+    "FILE_DESCRIPTOR_SET",
+];
 
 /// Where proto types may appear, under `control-plane/src`.
 const WIRE_SIDE: &str = "api/";
