@@ -344,6 +344,50 @@ async fn tokens_per_minute_count_the_real_usage_of_each_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spent_monthly_budget_refuses_on_every_replica_until_next_month() {
+    let mock = mock(MockConfig::default()).await;
+    let fleet = Fleet::start(&redis_url(), 2).await;
+    fleet.cp.add_account("a", &mock.base_url(), ACCOUNT_SECRET).await;
+    // No daily budget; one micro-dollar a month: the first answer spends it.
+    let key = fleet
+        .key(
+            "monthly",
+            pb::KeyLimits {
+                monthly_budget_micro_usd: 1,
+                ..limits()
+            },
+        )
+        .await;
+    let body = message_body("claude-sonnet-4-5", false);
+    assert_eq!(post_to(fleet.url(0), &key, &body, &[]).await.status, 200);
+    for i in 0..4 {
+        let r = wait_for(Duration::from_secs(5), "the spend to count", || {
+            let (url, key, body) = (fleet.url(i).to_string(), key.clone(), body.clone());
+            async move {
+                let r = post_to(&url, &key, &body, &[]).await;
+                (r.status == 429).then_some(r)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.error_type(), "rate_limit_error");
+        assert_eq!(r.header("x-should-retry"), Some("false"));
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("monthly budget of $0.00"), "{message}");
+        // It renews at the start of next month: at most 31 days away.
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=31 * 86_400).contains(&retry), "{retry}");
+    }
+    assert_eq!(
+        mock.request_count(),
+        1,
+        "nothing after the budget was spent reached an upstream"
+    );
+    let s = key_status(fleet.url(1), &key).await;
+    assert_eq!(s["limits"]["monthly_budget"]["remaining_usd"], 0.0, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_spent_daily_budget_refuses_on_every_replica_until_tomorrow() {
     let mock = mock(MockConfig::default()).await;
     let fleet = Fleet::start(&redis_url(), 3).await;
