@@ -18,9 +18,14 @@ ARG RUST_VERSION=1.95.0
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
 FROM docker.io/library/rust:${RUST_VERSION}-slim-bookworm AS build
+# The slim image has a C compiler (ring, zstd and the bundled SQLite need nothing more; protobufs
+# compile with protox, pure Rust; TLS is rustls) but no make, which tikv-jemalloc-sys (the data
+# plane's allocator) runs to build jemalloc.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-# The build needs no system packages: protobufs compile with protox (pure Rust), TLS is rustls.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p relay-control-plane-bin -p relay-data-plane -p relayctl \

@@ -10,18 +10,25 @@
 #   scripts/fleet.sh down      stop everything (the state stays: `up` again resumes it)
 #   scripts/fleet.sh down --purge   stop and delete the state directory
 #
-# RELAY_FLEET_DIR   state: data, certificates, tokens, logs, pids (default ./.fleet)
+# RELAY_FLEET_DIR   state: data, certificates, tokens, logs, pids (default: .fleet in the clone; a
+#                   relative path is taken from the directory you run this from)
 # RELAY_FLEET_PORT  the first of the ports used (default 17100; it uses the next 60)
 # RELAY_FLEET_BIN   where the binaries are (default target/debug, built by `up`; set it to skip
 #                   the build, e.g. target/release)
+# RELAY_FLEET_DP<N>_CONTROL_PLANE  the --control-plane of dp-N instead of its replica's URL (the
+#                   fleet tests put a partition in between: a forwarder they can cut)
 set -euo pipefail
+caller="$PWD"
 cd "$(dirname "$0")/.."
+# Relative paths given in the environment are the caller's, not the repository's.
+absolute() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$caller/${1#./}" ;; esac; }
 
 LOG_TAG=fleet.sh
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-DIR="$(mkdir -p "${RELAY_FLEET_DIR:-.fleet}" && cd "${RELAY_FLEET_DIR:-.fleet}" && pwd)"
+if [ -n "${RELAY_FLEET_DIR:-}" ]; then DIR=$(absolute "$RELAY_FLEET_DIR"); else DIR="$PWD/.fleet"; fi
+DIR="$(mkdir -p "$DIR" && cd "$DIR" && pwd)"
 BASE="${RELAY_FLEET_PORT:-17100}"
 PG_PORT=$((BASE + 0))
 REDIS_PORT=$((BASE + 1))
@@ -30,30 +37,68 @@ ETCD_PEER_PORT=$((BASE + 3))
 MOCK_PORT=$((BASE + 4))
 cp_port() { echo $((BASE + 10 + 10 * ($1 - 1))); }        # gRPC; metrics on +1
 dp_port() { echo $((BASE + 40 + $1)); }
-DP_CP=(0 1 2 1)                                          # dp-N's control plane replica
+DP_CP=(0 1 2 1)                 # dp-N's preferred control-plane replica (it is given both, this one first)
 BIN="${RELAY_FLEET_BIN:-}"
+[ -z "$BIN" ] || BIN=$(absolute "$BIN")
 
 as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 
 pid_of() { cat "$DIR/pids/$1.pid" 2>/dev/null || true; }
-running() { local p; p=$(pid_of "$1"); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+# A process's start time (clock ticks after boot, /proc/PID/stat field 22): with its pid, what
+# tells our process from a later one that got the same pid (after kill -9, a crash, a reboot).
+start_time() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20; }
+# remember NAME PID: records the process as NAME's.
+remember() { echo "$2" >"$DIR/pids/$1.pid"; start_time "$2" >"$DIR/pids/$1.start"; }
+running() {
+  local p; p=$(pid_of "$1")
+  [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 1
+  # Pid files from before start times were recorded: the pid alone.
+  [ -f "$DIR/pids/$1.start" ] || return 0
+  [ "$(start_time "$p")" = "$(cat "$DIR/pids/$1.start")" ]
+}
+forget() { rm -f "$DIR/pids/$1.pid" "$DIR/pids/$1.start"; }
 
-# start NAME CMD...: runs CMD in the background (its own session), logs to logs/NAME.log.
-start() {
-  local name=$1; shift
-  if running "$name"; then return; fi
-  setsid "$@" >>"$DIR/logs/$name.log" 2>&1 </dev/null &
-  echo $! >"$DIR/pids/$name.pid"
+tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# port_free NAME PORT...: fails, saying so, when another process (not our NAME) listens there.
+port_free() {
+  local name=$1 port; shift
+  for port in "$@"; do
+    if tcp_open "$port"; then
+      log "$name: port $port is in use by another process (another fleet?): stop it, or give this fleet other ports with RELAY_FLEET_PORT"
+      return 1
+    fi
+  done
 }
 
-wait_until() { # wait_until WHAT CMD...: up to 60 s
-  local what=$1; shift
-  for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+# start NAME PORTS CMD...: runs CMD in the background (its own session), logs to logs/NAME.log;
+# PORTS (space-separated) must be free first.
+start() {
+  local name=$1 ports=$2; shift 2
+  if running "$name"; then return; fi
+  forget "$name"
+  # shellcheck disable=SC2086
+  port_free "$name" $ports
+  setsid "$@" >>"$DIR/logs/$name.log" 2>&1 </dev/null &
+  remember "$name" $!
+}
+
+# wait_until NAME WHAT CMD...: up to 60 s, and only while NAME's process runs ("-": no process).
+wait_until() {
+  local name=$1 what=$2; shift 2
+  for _ in $(seq 1 300); do
+    "$@" >/dev/null 2>&1 && return 0
+    if [ "$name" != - ] && ! running "$name"; then
+      log "$what exited; the end of $DIR/logs/$name.log:"
+      tail -n 20 "$DIR/logs/$name.log" >&2 || true
+      return 1
+    fi
+    sleep 0.2
+  done
   log "$what did not come up; see $DIR/logs/"
   return 1
 }
-tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 http_ok() { curl -fsS -o /dev/null "http://127.0.0.1:$1$2"; }
 
 ensure_packages() {
@@ -62,6 +107,7 @@ ensure_packages() {
   command -v etcd >/dev/null || apt_install etcd-server
   command -v openssl >/dev/null || apt_install openssl
   command -v curl >/dev/null || apt_install curl
+  command -v python3 >/dev/null || apt_install python3
 }
 
 certs() {
@@ -89,29 +135,51 @@ secrets() {
   umask 022
 }
 
-start_postgres() {
-  local bin; bin=$(pg_bin)
-  if [ ! -f "$DIR/pg/data/PG_VERSION" ]; then
-    log "initdb ($DIR/pg)"
-    mkdir -p "$DIR/pg"
-    [ "$(id -u)" = 0 ] && chown -R postgres "$DIR/pg"
-    as_postgres "$bin/initdb" -D "$DIR/pg/data" -U postgres --auth=trust -E UTF8 >"$DIR/logs/initdb.log" 2>&1
+# Where Postgres keeps its cluster: $DIR/pg, or, when run by root in a directory the postgres user
+# cannot reach (a clone under /root, mode 0700), a directory under /var/tmp that $DIR/pg links to.
+pg_dir() {
+  if [ -L "$DIR/pg" ]; then readlink "$DIR/pg"; return; fi
+  if [ "$(id -u)" = 0 ] && [ ! -d "$DIR/pg" ] && ! runuser -u postgres -- test -x "$DIR" 2>/dev/null; then
+    local elsewhere; elsewhere="/var/tmp/relay-fleet-$(printf '%s' "$DIR" | cksum | cut -d' ' -f1)/pg"
+    mkdir -p "$elsewhere"
+    ln -s "$elsewhere" "$DIR/pg"
+    log "the postgres user cannot reach $DIR: Postgres keeps its data in $elsewhere ($DIR/pg links to it)"
+    echo "$elsewhere"
+    return
   fi
+  echo "$DIR/pg"
+}
+
+start_postgres() {
+  local bin pg; bin=$(pg_bin); pg=$(pg_dir)
+  if [ ! -f "$pg/data/PG_VERSION" ]; then
+    log "initdb ($pg)"
+    mkdir -p "$pg"
+    [ "$(id -u)" = 0 ] && chown -R postgres "$pg"
+    as_postgres "$bin/initdb" -D "$pg/data" -U postgres --auth=trust -E UTF8 >"$DIR/logs/initdb.log" 2>&1 || {
+      log "initdb failed; the end of $DIR/logs/initdb.log:"
+      tail -n 20 "$DIR/logs/initdb.log" >&2
+      return 1
+    }
+  fi
+  local launcher=-
   if ! running postgres; then
+    forget postgres
+    port_free postgres "$PG_PORT"
     # Its own session; as the postgres user when run by root (Postgres refuses root).
     local as=()
     [ "$(id -u)" = 0 ] && as=(runuser -u postgres --)
-    rm -f "$DIR/pids/postgres.pid"
-    setsid "${as[@]}" "$bin/postgres" -D "$DIR/pg/data" -p "$PG_PORT" -k "$DIR/pg" \
+    setsid "${as[@]}" "$bin/postgres" -D "$pg/data" -p "$PG_PORT" -k "$pg" \
       -c listen_addresses=127.0.0.1 >>"$DIR/logs/postgres.log" 2>&1 </dev/null &
+    # runuser (when root) waits for the postmaster: it lives exactly as long.
+    remember postgres-launch $!
+    launcher=postgres-launch
   fi
   # Ours, not another server on the port: its pid file is there and it accepts connections.
-  wait_until Postgres bash -c '[ -s "$1/pg/data/postmaster.pid" ] && "$2/pg_isready" -q -h 127.0.0.1 -p "$3"' _ "$DIR" "$bin" "$PG_PORT" || {
-    tail -n 20 "$DIR/logs/postgres.log" >&2
-    return 1
-  }
+  wait_until "$launcher" Postgres bash -c '[ -s "$1/data/postmaster.pid" ] && "$2/pg_isready" -q -h 127.0.0.1 -p "$3"' _ "$pg" "$bin" "$PG_PORT"
+  forget postgres-launch
   # The postmaster's own pid (not runuser's): what `down` and the failure tests signal.
-  head -n 1 "$DIR/pg/data/postmaster.pid" >"$DIR/pids/postgres.pid"
+  running postgres || remember postgres "$(head -n 1 "$pg/data/postmaster.pid")"
   "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='relay'" | grep -q 1 ||
     "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "CREATE DATABASE relay"
 }
@@ -125,20 +193,27 @@ relayctl_() {
 
 start_control_plane() {
   local n=$1 port; port=$(cp_port "$1")
-  start "cp-$n" env RELAY_ADMIN_TOKEN="$(cat "$DIR/admin.token")" RUST_LOG=info \
+  start "cp-$n" "$port $((port + 1))" env RELAY_ADMIN_TOKEN="$(cat "$DIR/admin.token")" RUST_LOG=info \
     "$BIN/relay-control-plane" --database-url "$(database_url)" \
     --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$((port + 1))" \
     --master-key-file "$DIR/master.key" --replica "cp-$n" \
     --redis-url "redis://127.0.0.1:$REDIS_PORT" --etcd-endpoints "http://127.0.0.1:$ETCD_PORT" \
     --tls-cert "$DIR/certs/cp.pem" --tls-key "$DIR/certs/cp.key" --client-ca "$DIR/certs/ca.pem"
-  wait_until "control plane cp-$n" tcp_open "$port"
+  wait_until "cp-$n" "control plane cp-$n" tcp_open "$port"
+}
+
+# dp-N's --control-plane: both replicas, its preferred one first (it fails over to the other), or
+# RELAY_FLEET_DP<N>_CONTROL_PLANE.
+dp_control_plane() {
+  local var="RELAY_FLEET_DP$1_CONTROL_PLANE" pref=${DP_CP[$1]}
+  echo "${!var:-https://localhost:$(cp_port "$pref"),https://localhost:$(cp_port $((3 - pref)))}"
 }
 
 start_data_plane() {
   local n=$1
   mkdir -p "$DIR/dp-$n"
-  start "dp-$n" env RUST_LOG=info "$BIN/relay-data-plane" \
-    --control-plane "https://localhost:$(cp_port "${DP_CP[$n]}")" --control-plane-ca "$DIR/certs/ca.pem" \
+  start "dp-$n" "$(dp_port "$n")" env RUST_LOG=info "$BIN/relay-data-plane" \
+    --control-plane "$(dp_control_plane "$n")" --control-plane-ca "$DIR/certs/ca.pem" \
     --tls-cert "$DIR/certs/dp-$n.pem" --tls-key "$DIR/certs/dp-$n.key" \
     --listen "127.0.0.1:$(dp_port "$n")" --node-id "dp-$n" --data-dir "$DIR/dp-$n" \
     --token-file "$DIR/dp.token" --redis-url "redis://127.0.0.1:$REDIS_PORT"
@@ -147,6 +222,7 @@ start_data_plane() {
 up() {
   ensure_packages
   if [ -z "${RELAY_FLEET_BIN:-}" ]; then
+    ensure_build_tools
     log "cargo build (relay-control-plane, relay-data-plane, relayctl, relay-mock-upstream)"
     cargo build --quiet -p relay-control-plane-bin -p relay-data-plane -p relayctl -p relay-mock-upstream
     BIN="$PWD/target/debug"
@@ -155,15 +231,15 @@ up() {
   certs
   secrets
   start_postgres
-  start redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$DIR/redis" --save "" --appendonly no
-  wait_until Redis redis-cli -p "$REDIS_PORT" ping
-  start etcd etcd --name fleet --data-dir "$DIR/etcd" \
+  start redis "$REDIS_PORT" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$DIR/redis" --save "" --appendonly no
+  wait_until redis Redis redis-cli -p "$REDIS_PORT" ping
+  start etcd "$ETCD_PORT $ETCD_PEER_PORT" etcd --name fleet --data-dir "$DIR/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-cluster "fleet=http://127.0.0.1:$ETCD_PEER_PORT"
-  wait_until etcd curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
-  start mock "$BIN/relay-mock-upstream" --listen "127.0.0.1:$MOCK_PORT"
-  wait_until "the mock upstream" tcp_open "$MOCK_PORT"
+  wait_until etcd etcd curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
+  start mock "$MOCK_PORT" "$BIN/relay-mock-upstream" --listen "127.0.0.1:$MOCK_PORT"
+  wait_until mock "the mock upstream" tcp_open "$MOCK_PORT"
   # One replica first (it migrates the schema), then the second.
   start_control_plane 1
   start_control_plane 2
@@ -178,8 +254,12 @@ up() {
     umask 022
   fi
   for n in 1 2 3; do start_data_plane "$n"; done
-  for n in 1 2 3; do wait_until "data plane dp-$n" http_ok "$(dp_port "$n")" /readyz; done
+  for n in 1 2 3; do wait_until "dp-$n" "data plane dp-$n" http_ok "$(dp_port "$n")" /readyz; done
   status
+  # How to run this script again: from anywhere, with the settings this fleet was started with.
+  local again="$PWD/scripts/fleet.sh"
+  [ -z "${RELAY_FLEET_PORT:-}" ] || again="RELAY_FLEET_PORT=$BASE $again"
+  [ -z "${RELAY_FLEET_DIR:-}" ] || again="RELAY_FLEET_DIR=$DIR $again"
   cat <<EOF2
 
 The fleet is up (state in $DIR). Try it:
@@ -188,11 +268,12 @@ The fleet is up (state in $DIR). Try it:
     -H 'anthropic-version: 2023-06-01' -H 'content-type: application/json' \\
     -d '{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}'
 
-  export RELAY_SERVER=https://localhost:$(cp_port 1) RELAY_CA_FILE=$DIR/certs/ca.pem
+  export RELAY_SERVER=https://localhost:$(cp_port 1) RELAY_CA_FILE=$DIR/certs/ca.pem   # cp-2: https://localhost:$(cp_port 2)
   export RELAY_ADMIN_TOKEN="\$(cat $DIR/admin.token)"
   $BIN/relayctl proxies list
 
-  scripts/fleet.sh down      # stop (state kept); down --purge deletes it
+  $again status
+  $again down      # stop (state kept); down --purge deletes it
 EOF2
 }
 
@@ -206,8 +287,10 @@ status() {
   for n in 1 2; do row "cp-$n" "https://localhost:$(cp_port "$n") (gRPC, mTLS), metrics http://127.0.0.1:$(($(cp_port "$n") + 1))/metrics"; done
   for n in 1 2 3; do
     local ready=not-ready
-    http_ok "$(dp_port "$n")" /readyz 2>/dev/null && ready=ready
-    row "dp-$n" "http://127.0.0.1:$(dp_port "$n") ($ready; config from cp-${DP_CP[$n]})"
+    running "dp-$n" && http_ok "$(dp_port "$n")" /readyz 2>/dev/null && ready=ready
+    local from="cp-${DP_CP[$n]}, else cp-$((3 - DP_CP[n]))" var="RELAY_FLEET_DP${n}_CONTROL_PLANE"
+    [ -z "${!var:-}" ] || from="${!var}"
+    row "dp-$n" "http://127.0.0.1:$(dp_port "$n") ($ready; config from $from)"
   done
 }
 
@@ -216,17 +299,23 @@ down() {
   for name in dp-1 dp-2 dp-3 cp-2 cp-1 mock etcd redis postgres; do
     p=$(pid_of "$name")
     [ -n "$p" ] || continue
-    if kill -0 "$p" 2>/dev/null; then
+    # Only our process: a pid reused by another one since is left alone.
+    if running "$name"; then
       kill -TERM "$p" 2>/dev/null || true
       # A stopped (SIGSTOP) process cannot act on TERM: continue it.
       kill -CONT "$p" 2>/dev/null || true
       for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
       kill -KILL "$p" 2>/dev/null || true
     fi
-    rm -f "$DIR/pids/$name.pid"
+    forget "$name"
   done
   log "stopped"
-  if [ "${1:-}" = --purge ]; then rm -rf "$DIR"; log "removed $DIR"; fi
+  if [ "${1:-}" = --purge ]; then
+    # Postgres' directory elsewhere (see pg_dir) goes with the state.
+    [ -L "$DIR/pg" ] && rm -rf "$(dirname "$(readlink "$DIR/pg")")"
+    rm -rf "$DIR"
+    log "removed $DIR"
+  fi
 }
 
 [ -z "$BIN" ] || BIN="$(cd "$BIN" && pwd)"

@@ -1,4 +1,4 @@
-# Shared by scripts/test.sh and scripts/bench.sh: logging and installing
+# Shared by the scripts (standalone, test, fleet, bench): logging, installing
 # Debian packages when they are missing. Set LOG_TAG before sourcing.
 log() { printf '[%s] %s\n' "${LOG_TAG:-relay}" "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -12,4 +12,13 @@ apt_install() {
   fi
   log "installing $*"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# What building relay needs besides a Rust toolchain: a C compiler (ring, zstd, the bundled SQLite)
+# and make (tikv-jemalloc-sys builds jemalloc with it), from Debian's packages when missing.
+ensure_build_tools() {
+  local missing=()
+  command -v cc >/dev/null || missing+=(gcc libc6-dev)
+  command -v make >/dev/null || missing+=(make)
+  [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
 }

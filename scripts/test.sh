@@ -30,9 +30,13 @@ ensure_postgres() {
     for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
   fi
   # A fresh Debian cluster asks for a password over TCP: give the postgres
-  # role one the tests know (harmless where trust auth is configured).
-  if command -v runuser >/dev/null && id postgres >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    runuser -u postgres -- psql -q -c "ALTER USER postgres PASSWORD 'postgres'" >/dev/null 2>&1 || true
+  # role one the tests know (harmless where trust auth is configured). As
+  # the postgres user (peer authentication on the local socket): through sudo
+  # when a user runs this.
+  if id postgres >/dev/null 2>&1 && ! PGPASSWORD=postgres psql -h 127.0.0.1 -U postgres -tAc 'SELECT 1' >/dev/null 2>&1; then
+    log "setting the postgres role's password to the one the tests use"
+    as_root runuser -u postgres -- psql -q -c "ALTER USER postgres PASSWORD 'postgres'" >/dev/null ||
+      log "could not set the postgres role's password: tests that use Postgres will fail to log in"
   fi
   export DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/postgres"
 }
@@ -98,6 +102,7 @@ ensure_promtool() {
 }
 
 ensure_rust() {
+  ensure_build_tools
   cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
   cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 }

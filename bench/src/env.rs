@@ -21,6 +21,43 @@ pub struct EnvOpts {
     pub work: PathBuf,
     /// Delay between events of the slow-stream mock.
     pub slow_event_delay_ms: u64,
+    /// The mocks serve HTTPS with ALPN `h2` (see [`TlsFiles`]).
+    pub upstream_tls: bool,
+    /// The `upstream.http_version` setting, if given.
+    pub upstream_http_version: Option<String>,
+}
+
+/// A CA made for the run and the mocks' certificate for `localhost`, as PEM files in the work dir.
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TlsFiles {
+    fn write(dir: &Path) -> Result<TlsFiles> {
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "relay-bench CA");
+        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let issuer = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate()?)?;
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        let files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("mock-cert.pem"),
+            key: dir.join("mock-key.pem"),
+        };
+        std::fs::write(&files.ca, issuer.pem())?;
+        std::fs::write(&files.cert, cert.pem())?;
+        std::fs::write(&files.key, key.serialize_pem())?;
+        Ok(files)
+    }
 }
 
 pub struct Env {
@@ -148,6 +185,10 @@ pub async fn control_plane_with(
         .arg(format!("127.0.0.1:{cp_port}"))
         .arg("--replica")
         .arg("bench-cp")
+        // Scenario 5 opens up to 10,000 Watch streams (one connection each): above the default
+        // of 4,096 the control plane closes new connections at once. Capped by its open-files limit.
+        .arg("--max-connections")
+        .arg("16384")
         .env("RELAY_MASTER_KEY", master_key)
         .env("RELAY_ADMIN_TOKEN", admin_token);
     let mut cp_p = Proc::spawn(name, cmd, logs)?;
@@ -159,14 +200,29 @@ impl Env {
     pub async fn start(opts: EnvOpts, run_id: &str) -> Result<Env> {
         let logs = opts.work.join("logs");
         std::fs::create_dir_all(&logs)?;
-        let (mock_p, mock_addr) = mock(&opts.bins, "mock", &[], &logs).await?;
-        let (slow_p, slow_addr) = mock(
-            &opts.bins,
-            "mock-slow",
-            &["--event-delay-ms".into(), opts.slow_event_delay_ms.to_string()],
-            &logs,
-        )
-        .await?;
+        let tls = if opts.upstream_tls {
+            Some(TlsFiles::write(&opts.work)?)
+        } else {
+            None
+        };
+        let tls_args: Vec<String> = match &tls {
+            Some(t) => vec![
+                "--tls-cert".into(),
+                t.cert.display().to_string(),
+                "--tls-key".into(),
+                t.key.display().to_string(),
+            ],
+            None => Vec::new(),
+        };
+        let (mock_p, mock_addr) = mock(&opts.bins, "mock", &tls_args, &logs).await?;
+        let mut slow_args = vec!["--event-delay-ms".to_string(), opts.slow_event_delay_ms.to_string()];
+        slow_args.extend(tls_args.iter().cloned());
+        let (slow_p, slow_addr) = mock(&opts.bins, "mock-slow", &slow_args, &logs).await?;
+        // With TLS the accounts name `localhost` (the certificate's name).
+        let upstream_url = |a: SocketAddr| match &tls {
+            Some(_) => format!("https://localhost:{}", a.port()),
+            None => format!("http://{a}"),
+        };
 
         // A fresh database for this run.
         let db_name = format!("relay_bench_{run_id}");
@@ -179,21 +235,25 @@ impl Env {
 
         let (cp_p, cp_url, admin_token) = control_plane(&opts.bins, &db_url, &logs).await?;
         let mut admin = cp::admin(&cp_url, &admin_token).await?;
-        let setup = cp::setup(
-            &mut admin,
-            &format!("http://{mock_addr}"),
-            &format!("http://{slow_addr}"),
-        )
-        .await?;
+        let setup = cp::setup(&mut admin, &upstream_url(mock_addr), &upstream_url(slow_addr)).await?;
+        if let Some(v) = &opts.upstream_http_version {
+            admin
+                .set_setting(relay_proto::v1::SetSettingRequest {
+                    name: "upstream.http_version".into(),
+                    value: v.clone(),
+                })
+                .await
+                .context("setting upstream.http_version")?;
+        }
 
         let dp_dir = opts.work.join("data-plane");
         std::fs::create_dir_all(&dp_dir)?;
         let dp_addr: SocketAddr = format!("127.0.0.1:{}", procs::free_port()?).parse()?;
-        let dp_p = Proc::spawn(
-            "data-plane",
-            data_plane_cmd(&opts.bins, &cp_url, dp_addr, &dp_dir, &setup.dp_token, "bench-dp"),
-            &logs,
-        )?;
+        let mut dp_cmd = data_plane_cmd(&opts.bins, &cp_url, dp_addr, &dp_dir, &setup.dp_token, "bench-dp");
+        if let Some(t) = &tls {
+            dp_cmd.arg("--extra-ca-file").arg(&t.ca);
+        }
+        let dp_p = Proc::spawn("data-plane", dp_cmd, &logs)?;
         wait_ready(dp_addr, Instant::now(), Duration::from_secs(60))
             .await
             .context("waiting for the data plane to be ready")?;
@@ -202,7 +262,15 @@ impl Env {
         let nginx_slow_addr: SocketAddr = format!("127.0.0.1:{}", procs::free_port()?).parse()?;
         let prefix = opts.work.join("nginx");
         let nofile = procs::nofile(std::process::id()).unwrap_or(1024);
-        crate::nginx::write_config(&prefix, nginx_addr, mock_addr, nginx_slow_addr, slow_addr, nofile)?;
+        crate::nginx::write_config(
+            &prefix,
+            nginx_addr,
+            mock_addr,
+            nginx_slow_addr,
+            slow_addr,
+            nofile,
+            tls.is_some(),
+        )?;
         let nginx_p = crate::nginx::spawn(&opts.nginx, &prefix, &logs)?;
         let since = Instant::now();
         loop {
@@ -240,6 +308,10 @@ impl Env {
 
     pub fn dp_pid(&self) -> Option<u32> {
         self.dp.as_ref().map(|p| p.pid)
+    }
+
+    pub fn cp_pid(&self) -> Option<u32> {
+        self.cp.as_ref().map(|p| p.pid)
     }
 
     /// Stops everything and drops the run's database (unless `keep_db`).

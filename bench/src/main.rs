@@ -5,6 +5,7 @@
 //! relay-bench env --secs N                  # start everything, print addresses and pids, hold (for profiling)
 //! relay-bench load --url URL --key K [--stream] [--rate R --secs S | --closed N --concurrency C]
 //! relay-bench publish [--bin-dir target/release] [--compare-bin-dir DIR] [--accounts 5000] [--rounds 3]
+//! relay-bench request-stats [--bin-dir target/release] [--compare-bin-dir DIR] [--requests 120000] [--rounds 3]
 //! ```
 //! `scripts/bench.sh` is the one command: it installs what is missing, builds
 //! the release binaries and runs `relay-bench run`.
@@ -17,6 +18,7 @@ mod procs;
 mod publish;
 mod redis;
 mod report;
+mod reqstats;
 mod run;
 mod stats;
 
@@ -53,6 +55,13 @@ struct EnvArgs {
     /// Delay between the events of the slow-stream mock (scenario 4), ms.
     #[arg(long, default_value_t = 1000)]
     slow_event_delay_ms: u64,
+    /// `env` only: the mocks serve HTTPS (a CA made for the run; the data plane trusts it, nginx
+    /// proxies to `https://`) and offer ALPN `h2`, as api.anthropic.com does.
+    #[arg(long)]
+    upstream_tls: bool,
+    /// `env` only: the data planes' `upstream.http_version` (auto, http1, http2).
+    #[arg(long)]
+    upstream_http_version: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +87,16 @@ enum Cmd {
         /// Stop the whole run after this many seconds, whatever it is doing.
         #[arg(long, default_value_t = 1800)]
         max_secs: u64,
+        /// Scenario 5's simulated data planes (Watch streams), instead of the mode's number.
+        #[arg(long)]
+        watchers: Option<usize>,
+        /// Scenario 5's admin writes, instead of the mode's number.
+        #[arg(long)]
+        writes: Option<usize>,
+        /// The fixed-rate scenarios' requests per second, instead of the mode's (e.g. lower for
+        /// debug builds, which cannot keep up with 1,000/s and would measure their own queue).
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// Start everything (mocks, Postgres database, control plane, data plane,
     /// nginx), print addresses, keys and pids as JSON, and hold for `--secs`.
@@ -153,6 +172,30 @@ enum Cmd {
         #[arg(long)]
         keep_db: bool,
     },
+    /// Time `relayctl requests stats` (the RequestStats call) over a request log of
+    /// `--requests` client requests. Needs only relay-control-plane and Postgres. Prints JSON.
+    RequestStats {
+        /// Where relay-control-plane is (label "a").
+        #[arg(long, default_value = "target/release")]
+        bin_dir: PathBuf,
+        /// Another build to compare (label "b"), run alternately on the same database.
+        #[arg(long)]
+        compare_bin_dir: Option<PathBuf>,
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres:postgres@127.0.0.1:5432/postgres"
+        )]
+        database_url: String,
+        #[arg(long, default_value_t = 120_000)]
+        requests: u64,
+        /// Rounds; each (re)starts every build once.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Keep the run's Postgres database.
+        #[arg(long)]
+        keep_db: bool,
+    },
 }
 
 fn env_opts(a: &EnvArgs, work: PathBuf) -> Result<env::EnvOpts> {
@@ -175,6 +218,8 @@ fn env_opts(a: &EnvArgs, work: PathBuf) -> Result<env::EnvOpts> {
         database_url: a.database_url.clone(),
         work,
         slow_event_delay_ms: a.slow_event_delay_ms,
+        upstream_tls: a.upstream_tls,
+        upstream_http_version: a.upstream_http_version.clone(),
     })
 }
 
@@ -202,7 +247,22 @@ async fn main() -> Result<()> {
             only,
             keep_db,
             max_secs,
+            watchers,
+            writes,
+            rate,
         } => {
+            if env.upstream_tls || env.upstream_http_version.is_some() {
+                bail!(
+                    "--upstream-tls and --upstream-http-version are for `relay-bench env` (the run's direct \
+                     and nginx scenarios speak plain HTTP to the mocks)"
+                );
+            }
+            if watchers == Some(0) || writes == Some(0) {
+                bail!("--watchers and --writes take a number above 0");
+            }
+            if rate.is_some_and(|r| !(r.is_finite() && r >= 1.0)) {
+                bail!("--rate takes a number of requests per second, at least 1");
+            }
             let wants_limits = only.as_ref().is_none_or(|o| o.iter().any(|x| x == "limits"));
             if wants_limits && !env.redis_server.exists() {
                 bail!(
@@ -215,12 +275,18 @@ async fn main() -> Result<()> {
             let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
             let opts = run::RunOpts {
                 env: env_opts(&env, work.path().to_path_buf())?,
-                plan: if tiny {
-                    run::Plan::tiny()
-                } else if quick {
-                    run::Plan::quick()
-                } else {
-                    run::Plan::full()
+                plan: {
+                    let mut plan = if tiny {
+                        run::Plan::tiny()
+                    } else if quick {
+                        run::Plan::quick()
+                    } else {
+                        run::Plan::full()
+                    };
+                    plan.watchers = watchers.unwrap_or(plan.watchers);
+                    plan.writes = writes.unwrap_or(plan.writes);
+                    plan.rate = rate.unwrap_or(plan.rate);
+                    plan
                 },
                 only,
                 keep_db,
@@ -389,6 +455,47 @@ async fn main() -> Result<()> {
             };
             let out = tokio::select! {
                 r = publish::run(opts) => r,
+                _ = relay_runtime::signal::shutdown() => bail!("interrupted; everything the run started is stopped"),
+            };
+            match out {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    Ok(())
+                }
+                Err(e) => {
+                    let kept = work.keep();
+                    eprintln!("logs kept in {}", kept.join("logs").display());
+                    Err(e)
+                }
+            }
+        }
+        Cmd::RequestStats {
+            bin_dir,
+            compare_bin_dir,
+            database_url,
+            requests,
+            rounds,
+            keep_db,
+        } => {
+            let mut bins = Vec::new();
+            for dir in std::iter::once(bin_dir).chain(compare_bin_dir) {
+                let dir = std::fs::canonicalize(&dir).with_context(|| format!("bin dir {}", dir.display()))?;
+                if !dir.join("relay-control-plane").exists() {
+                    bail!("{} not found", dir.join("relay-control-plane").display());
+                }
+                bins.push(dir);
+            }
+            let work = tempfile::Builder::new().prefix("relay-bench-reqstats-").tempdir()?;
+            let opts = reqstats::ReqStatsOpts {
+                bins,
+                rounds: rounds.clamp(1, 100),
+                database_url,
+                requests: requests.clamp(1, 10_000_000),
+                work: work.path().to_path_buf(),
+                keep_db,
+            };
+            let out = tokio::select! {
+                r = reqstats::run(opts) => r,
                 _ = relay_runtime::signal::shutdown() => bail!("interrupted; everything the run started is stopped"),
             };
             match out {

@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// Writes `prefix/conf/nginx.conf`: two servers, `listen` → `fast` and
 /// `listen_slow` → `slow`, each `proxy_pass` over a keep-alive upstream pool,
-/// HTTP/1.1 to the upstream, response buffering off.
+/// HTTP/1.1 to the upstream (over TLS if `upstream_tls`, unverified), response buffering off.
 pub fn write_config(
     prefix: &Path,
     listen: SocketAddr,
@@ -17,6 +17,7 @@ pub fn write_config(
     listen_slow: SocketAddr,
     slow: SocketAddr,
     nofile: u64,
+    upstream_tls: bool,
 ) -> Result<()> {
     for d in ["conf", "logs", "tmp"] {
         std::fs::create_dir_all(prefix.join(d))?;
@@ -24,10 +25,11 @@ pub fn write_config(
     let p = prefix.display();
     let user = if is_root() { "user root root;" } else { "" };
     let worker_connections = nofile.saturating_sub(100).max(1024);
+    let scheme = if upstream_tls { "https" } else { "http" };
     let location = |upstream: &str| {
         format!(
             r#"        location / {{
-            proxy_pass http://{upstream};
+            proxy_pass {scheme}://{upstream};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;

@@ -68,6 +68,9 @@ pub enum Command {
     /// `request`, `req`).
     #[command(subcommand, alias = "request", alias = "req")]
     Requests(RequestsCmd),
+    /// Capture rules: record chosen requests in full (bodies, headers masked, stream timings).
+    #[command(subcommand)]
+    Capture(CaptureCmd),
     /// Tokens for the control plane: admin, read-only and data-plane tokens.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -594,7 +597,7 @@ pub struct RequestFilterArgs {
     /// Only this API key's requests (name or id).
     #[arg(long, value_name = "NAME")]
     pub key: Option<String>,
-    /// Only requests of the keys in this group (name or id).
+    /// Only requests served while their key was in this group (name or id).
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
     /// Only requests with an attempt on this account (name or id).
@@ -603,7 +606,11 @@ pub struct RequestFilterArgs {
     /// Only this model (as billed: the answer's model id).
     #[arg(long, value_name = "MODEL")]
     pub model: Option<String>,
-    /// ok, error, an HTTP status (429), a class (5xx), or an error type (overloaded_error, cancelled).
+    /// Only requests that asked for this model (as the client's body named it).
+    #[arg(long, value_name = "MODEL")]
+    pub model_requested: Option<String>,
+    /// ok, error, an HTTP status (429), a class (5xx), or an error type (overloaded_error, cancelled;
+    /// one neither the Anthropic API nor relay uses is kept, with a note when nothing matched).
     #[arg(long, value_name = "STATUS")]
     pub status: Option<String>,
     /// Only streaming requests.
@@ -642,6 +649,11 @@ pub enum RequestsCmd {
     },
     /// Counts, error ratio, latency percentiles, tokens and cost over the filter, in total and by
     /// model, key and account.
+    ///
+    /// By account, each request counts once, under the account of its final attempt (the one that
+    /// answered, or failed last; "" for a request that reached no account), so the rows add up to
+    /// the total. `--account` filters differently: it keeps requests with any attempt on the
+    /// account, so a request that failed over from it to another counts under the other.
     Stats {
         #[command(flatten)]
         filter: RequestFilterArgs,
@@ -651,6 +663,75 @@ pub enum RequestsCmd {
         #[command(flatten)]
         filter: RequestFilterArgs,
     },
+    /// Every matching record to stdout as JSON lines (`-o jsonl`), newest first, optionally with
+    /// its captured bodies and compressed.
+    Export {
+        #[command(flatten)]
+        filter: RequestFilterArgs,
+        /// Each record carries its capture document (`capture`, null when none was captured).
+        #[arg(long)]
+        with_bodies: bool,
+        /// gzip the output.
+        #[arg(long, conflicts_with = "zstd")]
+        gzip: bool,
+        /// zstd-compress the output.
+        #[arg(long)]
+        zstd: bool,
+    },
+    /// Delete the matching records (their usage rows) and captures; asks first unless --yes.
+    /// Audited.
+    Clear {
+        #[command(flatten)]
+        filter: RequestFilterArgs,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaptureCmd {
+    /// Add a rule: requests matching every selector given are recorded in full (also `add`).
+    #[command(alias = "add")]
+    Create(CaptureAdd),
+    /// The capture rules (also `ls`).
+    #[command(alias = "ls")]
+    List,
+    /// Remove a rule by id (or a unique start of it) (also `delete`, `remove`).
+    #[command(aliases = ["delete", "remove"])]
+    Rm {
+        /// The rule's id, or a unique start of it.
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CaptureAdd {
+    /// Only this API key's requests (name or id).
+    #[arg(long, value_name = "NAME")]
+    pub key: Option<String>,
+    /// Only requests of the keys in this group (name or id).
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+    /// Only requests that an attempt sent to this account (name or id).
+    #[arg(long, value_name = "NAME")]
+    pub account: Option<String>,
+    /// Only this model (an exact id, or a prefix ending in '*').
+    #[arg(long, value_name = "MODEL")]
+    pub model: Option<String>,
+    /// Only requests that end in an error (decided when the answer ends).
+    #[arg(long)]
+    pub errors_only: bool,
+    /// The share of matching requests recorded (0 < RATE <= 1; default 1).
+    #[arg(long, value_name = "RATE")]
+    pub sample: Option<f64>,
+    /// The most bytes kept of each body (e.g. 65536, 256KiB, 1MiB; default 256KiB, at most 4MiB);
+    /// the rest is cut and the capture marked truncated.
+    #[arg(long, value_name = "N", value_parser = crate::parse::byte_size)]
+    pub max_bytes: Option<u64>,
+    /// Remove captures this long after they were taken (e.g. 24h, 7d; default: with the request log).
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse::short_duration_ms)]
+    pub ttl: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -24,7 +24,8 @@ async fn main() -> ExitCode {
     let cli = match args::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let argv: Vec<String> = std::env::args().collect();
+            // `args_os`: an argument that is not UTF-8 is clap's usage error, not a panic here.
+            let argv: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
             if let Some(tip) = args::parse_error_tip(&e, &argv) {
                 let _ = e.print();
                 eprintln!("\n  tip: {tip}");

@@ -24,6 +24,8 @@ pub enum Format {
     Table,
     /// A table of every column, full ids and times.
     Wide,
+    /// JSON (`jsonl` is the same: `requests export` and `tail` write one object a line).
+    #[value(alias = "jsonl")]
     Json,
     Csv,
 }
@@ -162,6 +164,51 @@ impl Value {
             Value::Id(s) => s.clone(),
         }
     }
+}
+
+/// `text` with its control characters (escape sequences, carriage returns, bells) shown as
+/// `\u{..}` escapes, newlines and tabs aside (a table lays those out): what a table prints of
+/// values a client or an upstream chose (a model name, an error message) must not drive the
+/// operator's terminal.
+pub fn printable(text: &str) -> String {
+    escape_controls(text, |c| c == '\n' || c == '\t')
+}
+
+/// The most characters a table cell shows (JSON and CSV keep everything): a cell of
+/// thousands of words made the table library overflow.
+const MAX_CELL: usize = 2_000;
+
+/// A table cell's text: [`printable`], cut at [`MAX_CELL`] characters with a note saying so.
+fn cell(text: &str) -> String {
+    let text = printable(text);
+    match text.char_indices().nth(MAX_CELL) {
+        None => text,
+        Some((cut, _)) => {
+            let more = text[cut..].chars().count();
+            format!("{}… ({more} more characters; -o json shows all)", &text[..cut])
+        }
+    }
+}
+
+/// [`printable`] for one line of output: newlines are escaped too.
+pub fn printable_line(text: &str) -> String {
+    escape_controls(text, |_| false)
+}
+
+fn escape_controls(text: &str, keep: impl Fn(char) -> bool) -> String {
+    let escaped = |c: char| c.is_control() && !keep(c);
+    if !text.chars().any(escaped) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if escaped(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Characters of an id a table shows at least.
@@ -369,7 +416,7 @@ fn render_list_at<T>(format: Format, cols: &[Column<T>], items: &[T], width: Opt
             for row in rows {
                 t.add_row(row.iter().zip(&id_len).map(|(v, len)| match v {
                     Value::Id(id) if !wide => short_id(id, *len),
-                    v => v.to_cell(wide),
+                    v => cell(&v.to_cell(wide)),
                 }));
             }
             Ok(finish(t))
@@ -401,7 +448,7 @@ pub(crate) fn render_one_at<T>(
                 .iter()
                 .filter(|c| if only_table_columns { c.in_table } else { !c.summary });
             for c in shown {
-                t.add_row(vec![c.header.to_string(), (c.get)(item).to_cell(true)]);
+                t.add_row(vec![c.header.to_string(), cell(&(c.get)(item).to_cell(true))]);
             }
             Ok(finish(t))
         }
@@ -435,10 +482,10 @@ pub fn render_pair<A, B>(format: Format, a_cols: &[Column<A>], a: &A, b_cols: &[
         Format::Table | Format::Wide => {
             let mut t = new_table(None);
             for c in a_cols.iter().filter(|c| !c.summary) {
-                t.add_row(vec![c.header.to_string(), (c.get)(a).to_cell(true)]);
+                t.add_row(vec![c.header.to_string(), cell(&(c.get)(a).to_cell(true))]);
             }
             for c in b_cols.iter().filter(|c| !c.summary) {
-                t.add_row(vec![c.header.to_string(), (c.get)(b).to_cell(true)]);
+                t.add_row(vec![c.header.to_string(), cell(&(c.get)(b).to_cell(true))]);
             }
             Ok(finish(t))
         }
@@ -586,6 +633,57 @@ mod tests {
 
     /// UUIDv7s made in the same minute share their first 8 characters: a table shows as many as
     /// tell them apart, never a column of identical ids.
+    /// A key stored with 20,000 model patterns (before the Admin API bounded them) made the
+    /// table library overflow and relayctl panic: a table cell is bounded, JSON keeps all.
+    #[test]
+    fn a_huge_cell_is_cut_in_tables_and_whole_in_json() {
+        let models: Vec<String> = (0..20_000).map(|i| format!("claude-model-{i:05}")).collect();
+        let cols = [Column::new("models", "Models", |m: &Vec<String>| Value::List {
+            items: m.clone(),
+            empty: "(all)",
+        })];
+        for width in [Some(80), Some(200), None] {
+            let t = render_list_at(Format::Table, &cols, std::slice::from_ref(&models), width).unwrap();
+            assert!(t.contains("claude-model-00000"), "{t}");
+            assert!(!t.contains("claude-model-19999"));
+            assert!(t.contains("more characters; -o json shows all"), "{t}");
+            assert!(t.len() < 40_000, "{}", t.len());
+            let one = render_one_at(Format::Table, &cols, &models, false, width).unwrap();
+            assert!(one.contains("more characters") && one.len() < 40_000);
+        }
+        let json = render_list(Format::Json, &cols, std::slice::from_ref(&models)).unwrap();
+        assert!(json.contains("claude-model-19999"));
+    }
+
+    #[test]
+    fn control_characters_from_clients_never_reach_the_terminal() {
+        assert_eq!(printable("claude-sonnet-4-5"), "claude-sonnet-4-5");
+        assert_eq!(
+            printable("\u{1b}[2J\u{1b}[31mEVIL\u{7}"),
+            "\\u{1b}[2J\\u{1b}[31mEVIL\\u{7}"
+        );
+        assert_eq!(printable("a\rb\nc"), "a\\u{d}b\nc");
+        assert_eq!(printable_line("a\nb"), "a\\u{a}b");
+        let model = "\u{1b}[31mEVIL";
+        let t = render_list_at(
+            Format::Table,
+            &[Column::new("model", "Model", |m: &&str| Value::text(m))],
+            &[model],
+            Some(80),
+        )
+        .unwrap();
+        assert!(!t.contains('\u{1b}') && t.contains("EVIL"), "{t}");
+        let one = render_one_at(
+            Format::Table,
+            &[Column::new("model", "Model", |m: &&str| Value::text(m))],
+            &model,
+            false,
+            Some(80),
+        )
+        .unwrap();
+        assert!(!one.contains('\u{1b}'), "{one}");
+    }
+
     #[test]
     fn short_ids_are_unique_within_a_listing() {
         let ids = [

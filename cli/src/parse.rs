@@ -86,6 +86,23 @@ pub fn default_cache_prices(input: u64) -> Result<(u64, u64, u64), String> {
     Ok((narrow((wide * 5 + 2) / 4)?, narrow(wide * 2)?, narrow((wide + 5) / 10)?))
 }
 
+/// A byte count: a number with an optional unit (`K`, `KB`, `KiB`, `M`, `MB`, `MiB`; all 1024-based).
+pub fn byte_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{t:?} is not a byte count (e.g. 65536, 256KiB, 1MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return Err(format!("{t:?} is not a byte count (units: KiB, MiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{t:?} is too large"))
+}
+
 /// A duration as milliseconds: `500ms`, a plain number of milliseconds, or what
 /// [`parse_duration_ms`] takes (`2s`, `1m`, …).
 pub fn short_duration_ms(s: &str) -> Result<u64, String> {

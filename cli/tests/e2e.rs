@@ -262,6 +262,10 @@ async fn operator_walkthrough(env: &Env) -> (String, String) {
     assert_eq!(k["tpm"], 100000, "{k}");
     let k = env.json(&["key", "update", "team-a-key", "--tpm", "0"], None);
     assert_eq!(k["tpm"], 0, "0 clears a limit: {k}");
+    // A unique id prefix names a key for a limit change too, as for every other command.
+    let id = k["id"].as_str().unwrap().to_owned();
+    let k = env.json(&["key", "update", &id[..18], "--rpm", "7"], None);
+    assert_eq!((k["rpm"].as_u64(), k["tpm"].as_u64()), (Some(7), Some(0)), "{k}");
 
     // Pricing: the default table is there; an override is listed.
     let prices = env.json(&["pricing", "list"], None);
@@ -1050,4 +1054,170 @@ async fn postgres_walkthrough() {
     let text = cp3.log_text();
     assert!(text.contains("it was not registered"), "{text}");
     assert!(!text.contains(other), "the token itself is never logged");
+}
+
+/// The request log as an operator reads it: a table with whole request ids and the attempts as
+/// "account:outcome → …", and records whose account and group were deleted since: named (with
+/// " (deleted)") and found by their old names, as `relayctl usage` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_log_tables_and_deleted_accounts_and_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("cp.log");
+    let proxy_listen = format!("127.0.0.1:{}", free_port());
+    let (mut cp, server) = start_control_plane(
+        &[
+            "--standalone",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--proxy-listen",
+            &proxy_listen,
+        ],
+        &[],
+        &log,
+    );
+    wait_listening(&mut cp).await;
+    let token = std::fs::read_to_string(data.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let env = Env { server, token, dir };
+    env.ok(&["group", "add", "g-gone"], None);
+    env.ok(
+        &[
+            "account",
+            "create",
+            "acct-gone",
+            "--kind",
+            "anthropic-compatible",
+            "--base-url",
+            "http://127.0.0.1:9",
+            "--group",
+            "g-gone",
+            "--secret-stdin",
+        ],
+        Some(UPSTREAM_SECRET),
+    );
+    let key = env.json(&["key", "create", "k-log", "--group", "g-gone"], None);
+    let key_id = key["id"].as_str().unwrap().to_string();
+    let group_id = env.json(&["group", "show", "g-gone"], None)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let account_id = env.json(&["account", "show", "acct-gone"], None)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dp = env.json(&["token", "create", "dp-log", "--role", "data-plane"], None)["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let now = chrono::Utc::now().timestamp_millis();
+    let attempt = |status: u32, error_type: &str, ts: i64| pb::UsageEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        request_id: "req_relay_01a2430e49457554af85c7d9dfe29e77".into(),
+        timestamp_ms: ts,
+        api_key_id: key_id.clone(),
+        account_id: account_id.clone(),
+        group_id: group_id.clone(),
+        model: "claude-sonnet-4-5".into(),
+        http_status: status,
+        error_type: error_type.into(),
+        output_tokens: 5,
+        ..Default::default()
+    };
+    let ack = report_usage(
+        &env.server,
+        &dp,
+        vec![attempt(529, "overloaded_error", now - 10), attempt(200, "", now)],
+    )
+    .await;
+    assert_eq!(ack.inserted, 2);
+
+    // The table: the whole id (what `requests show` takes), the attempts in words.
+    let table = env.ok(&["requests", "list"], None);
+    assert!(table.contains("req_relay_01a2430e49457554af85c7d9dfe29e77"), "{table}");
+    assert!(table.contains("acct-gone:overloaded_error → acct-gone:ok"), "{table}");
+    assert!(!table.contains("\"account\""), "no raw JSON in the table: {table}");
+    env.ok(
+        &["requests", "show", "req_relay_01a2430e49457554af85c7d9dfe29e77"],
+        None,
+    );
+    let csv = env.ok(&["requests", "list", "-o", "csv"], None);
+    assert!(csv.contains("acct-gone:overloaded_error → acct-gone:ok"), "{csv}");
+
+    // The account and the group go (the key moves to another group first).
+    env.ok(&["key", "update", "k-log", "--group", "default"], None);
+    env.ok(&["account", "rm", "acct-gone"], None);
+    env.ok(&["group", "rm", "g-gone"], None);
+    let records = env.json(&["requests", "list"], None);
+    let r = &records[0];
+    assert_eq!(r["group"], "g-gone (deleted)", "{r}");
+    assert_eq!(r["group_id"], group_id.as_str(), "{r}");
+    assert_eq!(r["attempts"][0]["account"], "acct-gone (deleted)", "{r}");
+    assert_eq!(r["attempts"][1]["account_id"], account_id.as_str(), "{r}");
+    // Still found by the old names, and by the ids.
+    for args in [
+        ["--account", "acct-gone"],
+        ["--account", account_id.as_str()],
+        ["--group", "g-gone"],
+        ["--group", group_id.as_str()],
+    ] {
+        let mut a = vec!["requests", "list"];
+        a.extend_from_slice(&args);
+        let found = env.json(&a, None);
+        assert_eq!(found.as_array().unwrap().len(), 1, "{args:?}: {found}");
+    }
+    let out = env.relayctl(&["requests", "list", "--account", "never-was"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    let stats = env.json(&["requests", "stats"], None);
+    assert!(
+        stats
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["by"] == "account" && s["name"] == "acct-gone (deleted)"),
+        "{stats}"
+    );
+    // --status: an error type neither the API nor relay uses is kept (a compatible upstream may
+    // name its own), and said so when nothing matched; a known one that matched nothing is not.
+    for cmd in ["list", "stats"] {
+        let out = env.relayctl(&["requests", cmd, "--status", "bogus"], None);
+        assert!(out.status.success(), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--status \"bogus\" is not an error type"), "{cmd}: {err}");
+        let out = env.relayctl(&["requests", cmd, "--status", "rate_limit_error"], None);
+        assert!(out.status.success() && out.stderr.is_empty(), "{cmd}: {out:?}");
+    }
+    // stats by account says how it counts, and that --account does otherwise.
+    let help = env.ok(&["requests", "stats", "--help"], None);
+    assert!(
+        help.contains("under the account of its final attempt") && help.contains("any attempt"),
+        "{help}"
+    );
+
+    // Capture rules: a value the API would read as "not given" is refused, not turned into the
+    // default; a share finer than a millionth too.
+    for (args, says) in [
+        (["--sample", "0"], "--sample 0 would record nothing"),
+        (["--max-bytes", "0"], "--max-bytes must be at least 1"),
+        (["--ttl", "0s"], "--ttl must be longer than 0"),
+        (["--sample", "1e-300"], "at least 0.000001"),
+    ] {
+        let mut a = vec!["capture", "add", "--key", "k-log"];
+        a.extend_from_slice(&args);
+        let out = env.relayctl(&a, None);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(env.json(&["capture", "list"], None), serde_json::json!([]));
+
+    // tail follows from now on: a time range is refused, not silently ignored.
+    let out = env.relayctl(&["requests", "tail", "--until", "1h"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--since and --until do not apply"), "{err}");
+    drop(cp);
 }

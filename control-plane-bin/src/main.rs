@@ -34,6 +34,11 @@ struct Args {
     /// Standalone mode: where the in-process data plane will listen.
     #[arg(long, env = "RELAY_PROXY_LISTEN", default_value = "127.0.0.1:8080")]
     proxy_listen: SocketAddr,
+    /// Serve the web console (operators sign in with an admin token; key holders see their key's
+    /// use at /me) on this address. Standalone default: 127.0.0.1:8081; distributed mode: off
+    /// unless set (any replica may serve it).
+    #[arg(long, env = "RELAY_WEB_LISTEN")]
+    web_listen: Option<SocketAddr>,
     /// Postgres URL: the distributed control plane.
     #[arg(long, env = "RELAY_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -60,13 +65,30 @@ struct Args {
     /// A file holding the Redis password (instead of one in the URL).
     #[arg(long, env = "RELAY_REDIS_PASSWORD_FILE", requires = "redis_url")]
     redis_password_file: Option<PathBuf>,
-    /// etcd members (`http://HOST:2379`, comma-separated) to elect the leader replica with; without
-    /// it the replicas elect one with a Postgres advisory lock.
+    /// etcd members (`http://HOST:2379` or `https://HOST:2379`, comma-separated) to elect the
+    /// leader replica with; without it the replicas elect one with a Postgres advisory lock.
     #[arg(long, env = "RELAY_ETCD_ENDPOINTS", value_delimiter = ',')]
     etcd_endpoints: Vec<String>,
     /// Prefix of relay's etcd keys (the leader key is PREFIX + "leader").
     #[arg(long, env = "RELAY_ETCD_PREFIX", default_value = "/relay/")]
     etcd_prefix: String,
+    /// The etcd user to log in as when etcd's authentication is on (needs --etcd-password-file).
+    #[arg(long, env = "RELAY_ETCD_USER", requires_all = ["etcd_endpoints", "etcd_password_file"])]
+    etcd_user: Option<String>,
+    /// A file holding the password of --etcd-user (one trailing newline is ignored).
+    #[arg(long, env = "RELAY_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign etcd's server certificates, for https:// endpoints
+    /// (default: the public web roots).
+    #[arg(long, env = "RELAY_ETCD_CA_FILE", requires = "etcd_endpoints")]
+    etcd_ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for an etcd that requires one (`--client-cert-auth`); needs
+    /// --etcd-key-file.
+    #[arg(long, env = "RELAY_ETCD_CERT_FILE", requires_all = ["etcd_endpoints", "etcd_key_file"])]
+    etcd_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert-file.
+    #[arg(long, env = "RELAY_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
     /// Leader lease TTL in seconds: a leader cut off steps down within it, a dead leader is
     /// replaced within it.
     #[arg(long, env = "RELAY_LEADER_TTL_SECS", default_value_t = 10)]
@@ -121,6 +143,74 @@ fn master_key(args: &Args) -> anyhow::Result<MasterKey> {
     bail!("no master key: set RELAY_MASTER_KEY (32 bytes, base64) or --master-key-file")
 }
 
+/// Reads a file named by a flag, with the flag in the error.
+fn read_flag_file(flag: &str, path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
+}
+
+/// The etcd election's options from the flags (`None` without --etcd-endpoints): the password and
+/// the TLS files are read here.
+fn etcd_options(args: &Args) -> anyhow::Result<Option<relay_control_plane::leader::EtcdOptions>> {
+    use relay_control_plane::leader::{EtcdCredentials, EtcdOptions};
+    if args.etcd_endpoints.is_empty() {
+        return Ok(None);
+    }
+    let mut etcd = EtcdOptions::new(&args.etcd_endpoints.join(","));
+    etcd.prefix = args.etcd_prefix.clone();
+    if let (Some(user), Some(file)) = (&args.etcd_user, &args.etcd_password_file) {
+        if user.is_empty() {
+            bail!("--etcd-user is empty");
+        }
+        let bytes = read_flag_file("--etcd-password-file", file)?;
+        let password = String::from_utf8(bytes)
+            .map_err(|_| anyhow::anyhow!("--etcd-password-file {}: not UTF-8 text", file.display()))?;
+        let password = password.strip_suffix('\n').unwrap_or(&password);
+        let password = password.strip_suffix('\r').unwrap_or(password);
+        if password.is_empty() {
+            bail!("--etcd-password-file {} is empty", file.display());
+        }
+        etcd.credentials = Some(EtcdCredentials {
+            user: user.clone(),
+            password: password.to_string(),
+        });
+    }
+    if let Some(ca) = &args.etcd_ca_file {
+        etcd.tls.ca_pem = Some(read_flag_file("--etcd-ca-file", ca)?);
+    }
+    if let (Some(cert), Some(key)) = (&args.etcd_cert_file, &args.etcd_key_file) {
+        etcd.tls.identity = Some((
+            read_flag_file("--etcd-cert-file", cert)?,
+            read_flag_file("--etcd-key-file", key)?,
+        ));
+    }
+    if etcd.tls.is_set() {
+        if let Some(plain) = etcd.endpoints.iter().find(|e| !e.starts_with("https://")) {
+            bail!(
+                "--etcd-endpoints {plain}: --etcd-ca-file / --etcd-cert-file are for https:// endpoints; \
+                 give etcd's https:// client URL (or drop the TLS files)"
+            );
+        }
+    }
+    // The endpoints and TLS files are checked now, not once the store is open.
+    let mut checked = etcd.clone();
+    checked.ttl = Duration::from_secs(args.leader_ttl_secs);
+    checked.validate().with_context(|| {
+        let mut given = vec![format!("--etcd-endpoints {}", args.etcd_endpoints.join(","))];
+        for (flag, file) in [
+            ("--etcd-ca-file", &args.etcd_ca_file),
+            ("--etcd-cert-file", &args.etcd_cert_file),
+            ("--etcd-key-file", &args.etcd_key_file),
+        ] {
+            if let Some(f) = file {
+                given.push(format!("{flag} {}", f.display()));
+            }
+        }
+        given.push(format!("--leader-ttl-secs {}", args.leader_ttl_secs));
+        given.join(", ")
+    })?;
+    Ok(Some(etcd))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -142,6 +232,8 @@ async fn main() -> anyhow::Result<()> {
     if !args.standalone && args.database_url.is_none() {
         bail!("choose a mode: --standalone (embedded store) or --database-url postgres://… (distributed)");
     }
+    // Read before anything is reached: a missing password or certificate file stops the start.
+    let etcd = etcd_options(&args)?;
     // One recorder per process: in standalone mode the in-process data plane
     // serves it on its /metrics; --metrics-listen serves it on its own port.
     // Every metric's type and help from the catalogue are described in this process's one recorder
@@ -253,13 +345,12 @@ async fn main() -> anyhow::Result<()> {
         None => relay_control_plane::leader::Leadership::standalone(&store, &replica).await?,
         Some(url) => {
             let ttl = Duration::from_secs(args.leader_ttl_secs);
-            if args.etcd_endpoints.is_empty() {
-                relay_control_plane::leader::Leadership::postgres(store.clone(), &replica, url, ttl)?
-            } else {
-                let mut etcd = relay_control_plane::leader::EtcdOptions::new(&args.etcd_endpoints.join(","));
-                etcd.prefix = args.etcd_prefix.clone();
-                etcd.ttl = ttl;
-                relay_control_plane::leader::Leadership::etcd(store.clone(), &replica, etcd)?
+            match etcd {
+                None => relay_control_plane::leader::Leadership::postgres(store.clone(), &replica, url, ttl)?,
+                Some(mut etcd) => {
+                    etcd.ttl = ttl;
+                    relay_control_plane::leader::Leadership::etcd(store.clone(), &replica, etcd)?
+                }
             }
         }
     };
@@ -278,7 +369,13 @@ async fn main() -> anyhow::Result<()> {
             "control-plane listener",
         ),
         limiter: limiter.clone(),
+        web: args
+            .web_listen
+            .or_else(|| args.standalone.then(|| SocketAddr::from(([127, 0, 0, 1], 8081)))),
     };
+    if let Some(web) = opts.web {
+        println!("relay: web console on http://{web} (sign in with an admin token; key holders: http://{web}/me)");
+    }
     let dp_token = if args.standalone {
         Some(
             bootstrap::standalone_data_plane_token(&store, &key)

@@ -98,6 +98,12 @@ impl MasterKey {
         self.derive("relay/v1/api-key-hash")
     }
 
+    /// The key the web console signs its session cookies and CSRF tokens with: derived from the
+    /// master key, so every control-plane replica accepts a session another one issued.
+    pub fn console_session_secret(&self) -> [u8; 32] {
+        self.derive("relay/v1/console-session")
+    }
+
     fn admin_token_hash_secret(&self) -> [u8; 32] {
         self.derive("relay/v1/admin-token-hash")
     }

@@ -2,10 +2,11 @@
 //! (in Postgres, or an embedded SQLite store in standalone mode), serves the
 //! admin gRPC API for `relayctl`, and pushes versioned config to every data
 //! plane over `ConfigDiscovery.Watch` while ingesting their usage over
-//! `UsageIngest.Report`.
+//! `UsageIngest.Report`; serves the web console (`web`) on a listener of its own.
 
 pub mod api;
 pub mod bootstrap;
+pub mod capture;
 pub mod config;
 pub mod crypto;
 pub mod jobs;
@@ -18,3 +19,4 @@ pub mod retention;
 pub mod server;
 pub mod spend;
 pub mod store;
+pub mod web;

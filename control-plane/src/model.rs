@@ -433,6 +433,11 @@ pub struct UsageEvent {
     pub max_event_gap_ms: u64,
     /// relay's own words on how it failed ("" on success or for an upstream's own error).
     pub error_message: String,
+    /// The model the client asked for ("" when its body was never read); `model` is the one
+    /// answered and billed.
+    pub model_requested: String,
+    /// The key's group when the request was served ("" when unknown).
+    pub group_id: String,
 }
 
 /// Which requests one page of the request log covers (`Store::request_page`).
@@ -512,6 +517,52 @@ pub struct ConfigState {
     pub prices: Vec<Price>,
     pub settings: BTreeMap<String, String>,
     pub account_states: Vec<AccountState>,
+    pub capture_rules: Vec<CaptureRule>,
+}
+
+/// A capture rule (`relayctl capture add`): which requests are recorded in full. Selectors are
+/// ids ("" = any); stored as one JSON document in both stores.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct CaptureRule {
+    pub id: String,
+    pub key_id: String,
+    pub group_id: String,
+    pub account_id: String,
+    /// An exact model id or a prefix ending in '*'; "" = any.
+    pub model: String,
+    pub errors_only: bool,
+    /// The share of matching requests captured, in millionths (1..=1,000,000).
+    pub sample_ppm: u32,
+    /// The most bytes kept of each body.
+    pub max_bytes: u64,
+    /// Captures are removed this long after they were taken (0: with the request log).
+    pub ttl_ms: u64,
+    pub created_ms: Millis,
+}
+
+/// A deleted account's or group's last name (`deleted_names`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedName {
+    /// `account` or `group`.
+    pub kind: String,
+    pub id: String,
+    pub name: String,
+    pub deleted_at: Millis,
+}
+
+/// One captured request as stored (`request_captures`): the data plane's zstd-compressed
+/// capture document, kept as shipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCapture {
+    pub request_id: String,
+    pub rule_id: String,
+    pub api_key_id: String,
+    pub node_id: String,
+    pub captured_ms: Millis,
+    /// 0: removed with the request log only.
+    pub expires_ms: Millis,
+    pub truncated: bool,
+    pub document_zstd: Vec<u8>,
 }
 
 /// One write, applied atomically with others by `Store::apply`.
@@ -545,6 +596,10 @@ pub enum Mutation {
     /// Removes one price row (by id). Stored usage keeps its cost: costs are
     /// computed when the usage is recorded, never from the price table later.
     DeletePrice {
+        id: String,
+    },
+    InsertCaptureRule(CaptureRule),
+    DeleteCaptureRule {
         id: String,
     },
     SetSetting {

@@ -3,9 +3,11 @@
 //!
 //! The rules live here once, for both stores: what a record says (its final attempt, status,
 //! timings, summed tokens and cost), what each filter matches, how pages are cut (an opaque cursor
-//! over `(time, id)`, newest first) and what the statistics are. A store only answers two plain
+//! over `(time, id)`, newest first) and what the statistics are. A store only answers plain
 //! questions: which request ids come next in time order ([`Store::request_page`]) and what rows
-//! they have ([`Store::request_events`]). Because usage rows are stored exactly once by event id,
+//! they have ([`Store::request_events`]); for the statistics, one pass back over the log in
+//! windows ([`Store::request_window_floor`], [`Store::request_window_events`]) instead of pages.
+//! Because usage rows are stored exactly once by event id,
 //! a record is idempotent under the spool's redelivery by construction.
 //!
 //! A record's `time` is the time of its latest usage row (when its last attempt ended), and pages
@@ -36,6 +38,10 @@ pub struct RequestRecord {
     pub api_key_id: String,
     /// The model its final attempt was billed as (the answer's, when plausible).
     pub model: String,
+    /// The model the client asked for ("" when its body was never read).
+    pub model_requested: String,
+    /// The key's group when the request was served ("" when unknown).
+    pub group_id: String,
     pub stream: bool,
     /// The final attempt's status (0: no answer head).
     pub status: u32,
@@ -99,6 +105,20 @@ impl RequestRecord {
             started,
             api_key_id: last.api_key_id.clone(),
             model: last.model.clone(),
+            model_requested: events
+                .iter()
+                .rev()
+                .map(|e| e.model_requested.as_str())
+                .find(|m| !m.is_empty())
+                .unwrap_or_default()
+                .to_string(),
+            group_id: events
+                .iter()
+                .rev()
+                .map(|e| e.group_id.as_str())
+                .find(|g| !g.is_empty())
+                .unwrap_or_default()
+                .to_string(),
             stream: events.iter().any(|e| e.stream),
             status: last.http_status,
             error_type: last.error_type.clone(),
@@ -199,12 +219,16 @@ pub struct Filter {
     pub since: Option<Millis>,
     /// Exclusive.
     pub until: Option<Millis>,
-    /// The record's key is one of these (a `--key`, the keys of a `--group`, or both intersected).
+    /// The record's key is one of these.
     pub keys: Option<BTreeSet<String>>,
+    /// The record's group (its key's when the request was served).
+    pub group_id: Option<String>,
     /// Some attempt went to this account.
     pub account_id: Option<String>,
-    /// The record's model.
+    /// The record's model (answered and billed).
     pub model: Option<String>,
+    /// The model the record's request asked for.
+    pub model_requested: Option<String>,
     pub status: Option<StatusFilter>,
     pub stream: Option<bool>,
     pub min_duration_ms: u64,
@@ -223,7 +247,13 @@ impl Filter {
                 return false;
             }
         }
+        if self.group_id.as_ref().is_some_and(|g| g != &r.group_id) {
+            return false;
+        }
         if self.model.as_ref().is_some_and(|m| m != &r.model) {
+            return false;
+        }
+        if self.model_requested.as_ref().is_some_and(|m| m != &r.model_requested) {
             return false;
         }
         if self.stream.is_some_and(|s| s != r.stream) {
@@ -400,22 +430,25 @@ pub fn percentile(sorted: &[u64], p: u32) -> u64 {
     sorted[rank - 1]
 }
 
-/// The statistics of these records.
-pub fn stats<'a>(name: &str, records: impl IntoIterator<Item = &'a RequestRecord>) -> Stats {
-    let mut s = Stats {
-        name: name.to_string(),
-        ..Stats::default()
-    };
-    let mut durations = Vec::new();
-    let mut ttfbs = Vec::new();
-    for r in records {
+/// Statistics being gathered, one record at a time (the durations are kept for the
+/// percentiles, nothing else).
+#[derive(Debug, Default)]
+pub struct StatsAcc {
+    s: Stats,
+    durations: Vec<u64>,
+    ttfbs: Vec<u64>,
+}
+
+impl StatsAcc {
+    pub fn add(&mut self, r: &RequestRecord) {
+        let s = &mut self.s;
         s.requests += 1;
         if !r.is_ok() {
             s.errors += 1;
         }
-        durations.push(r.duration_ms);
+        self.durations.push(r.duration_ms);
         if r.ttfb_ms > 0 {
-            ttfbs.push(r.ttfb_ms);
+            self.ttfbs.push(r.ttfb_ms);
         }
         s.input_tokens = s.input_tokens.saturating_add(r.input_tokens);
         s.output_tokens = s.output_tokens.saturating_add(r.output_tokens);
@@ -424,20 +457,34 @@ pub fn stats<'a>(name: &str, records: impl IntoIterator<Item = &'a RequestRecord
         s.cache_read_tokens = s.cache_read_tokens.saturating_add(r.cache_read_tokens);
         s.cost_pico_usd = s.cost_pico_usd.saturating_add(r.cost_pico_usd);
     }
-    durations.sort_unstable();
-    ttfbs.sort_unstable();
-    s.error_ratio = if s.requests == 0 {
-        0.0
-    } else {
-        s.errors as f64 / s.requests as f64
-    };
-    s.duration_p50_ms = percentile(&durations, 50);
-    s.duration_p90_ms = percentile(&durations, 90);
-    s.duration_p99_ms = percentile(&durations, 99);
-    s.ttfb_p50_ms = percentile(&ttfbs, 50);
-    s.ttfb_p90_ms = percentile(&ttfbs, 90);
-    s.ttfb_p99_ms = percentile(&ttfbs, 99);
-    s
+
+    pub fn finish(mut self, name: &str) -> Stats {
+        let mut s = self.s;
+        s.name = name.to_string();
+        self.durations.sort_unstable();
+        self.ttfbs.sort_unstable();
+        s.error_ratio = if s.requests == 0 {
+            0.0
+        } else {
+            s.errors as f64 / s.requests as f64
+        };
+        s.duration_p50_ms = percentile(&self.durations, 50);
+        s.duration_p90_ms = percentile(&self.durations, 90);
+        s.duration_p99_ms = percentile(&self.durations, 99);
+        s.ttfb_p50_ms = percentile(&self.ttfbs, 50);
+        s.ttfb_p90_ms = percentile(&self.ttfbs, 90);
+        s.ttfb_p99_ms = percentile(&self.ttfbs, 99);
+        s
+    }
+}
+
+/// The statistics of these records.
+pub fn stats<'a>(name: &str, records: impl IntoIterator<Item = &'a RequestRecord>) -> Stats {
+    let mut acc = StatsAcc::default();
+    for r in records {
+        acc.add(r);
+    }
+    acc.finish(name)
 }
 
 /// The statistics panel: the total, and rows by model, key id and final account id.
@@ -451,24 +498,100 @@ pub struct StatsReport {
     pub truncated: bool,
 }
 
-pub fn stats_report(records: &[RequestRecord], truncated: bool) -> StatsReport {
-    let by = |f: fn(&RequestRecord) -> String| {
-        let mut groups: BTreeMap<String, Vec<&RequestRecord>> = BTreeMap::new();
-        for r in records {
-            groups.entry(f(r)).or_default().push(r);
+/// The statistics panel being gathered, one record at a time.
+#[derive(Debug, Default)]
+pub struct ReportAcc {
+    total: StatsAcc,
+    by_model: BTreeMap<String, StatsAcc>,
+    by_key: BTreeMap<String, StatsAcc>,
+    by_account: BTreeMap<String, StatsAcc>,
+}
+
+impl ReportAcc {
+    pub fn add(&mut self, r: &RequestRecord) {
+        self.total.add(r);
+        let account = r.final_attempt().map(|e| e.account_id.as_str()).unwrap_or_default();
+        for (map, name) in [
+            (&mut self.by_model, r.model.as_str()),
+            (&mut self.by_key, r.api_key_id.as_str()),
+            (&mut self.by_account, account),
+        ] {
+            match map.get_mut(name) {
+                Some(acc) => acc.add(r),
+                None => map.entry(name.to_string()).or_default().add(r),
+            }
         }
-        groups
-            .into_iter()
-            .map(|(name, rs)| stats(&name, rs))
-            .collect::<Vec<_>>()
-    };
-    StatsReport {
-        total: stats("", records),
-        by_model: by(|r| r.model.clone()),
-        by_key: by(|r| r.api_key_id.clone()),
-        by_account: by(|r| r.final_attempt().map(|e| e.account_id.clone()).unwrap_or_default()),
-        truncated,
     }
+
+    pub fn finish(self, truncated: bool) -> StatsReport {
+        let rows = |m: BTreeMap<String, StatsAcc>| m.into_iter().map(|(name, acc)| acc.finish(&name)).collect();
+        StatsReport {
+            total: self.total.finish(""),
+            by_model: rows(self.by_model),
+            by_key: rows(self.by_key),
+            by_account: rows(self.by_account),
+            truncated,
+        }
+    }
+}
+
+/// The statistics panel of these records.
+pub fn stats_report(records: &[RequestRecord], truncated: bool) -> StatsReport {
+    let mut acc = ReportAcc::default();
+    for r in records {
+        acc.add(r);
+    }
+    acc.finish(truncated)
+}
+
+/// Usage rows the statistics read per store call, about (a window of the log, newest first).
+pub const STATS_WINDOW_ROWS: u32 = 20_000;
+
+/// The statistics panel over every record matching `filter`, newest first, at most
+/// [`MAX_STATS_SCAN`] records. One pass over the log in windows of about
+/// [`STATS_WINDOW_ROWS`] usage rows (each window: the requests whose latest row falls in it, all
+/// their rows read at once), the records built and filtered by the same rules as [`list`]'s; no
+/// page is cut and no record is read twice.
+pub async fn stats_over(store: &DynStore, filter: &Filter) -> Result<StatsReport> {
+    stats_in_windows(store, filter, STATS_WINDOW_ROWS).await
+}
+
+/// [`stats_over`] with windows of about `window_rows` usage rows (tests walk many small ones).
+pub async fn stats_in_windows(store: &DynStore, filter: &Filter, window_rows: u32) -> Result<StatsReport> {
+    let floor = filter.since.unwrap_or(Millis::MIN);
+    let mut before = filter.until.unwrap_or(Millis::MAX);
+    let mut acc = ReportAcc::default();
+    let mut counted = 0usize;
+    while before > floor {
+        let from = store
+            .request_window_floor(floor, before, window_rows)
+            .await?
+            .unwrap_or(floor)
+            .max(floor);
+        let mut by_id: BTreeMap<String, Vec<UsageEvent>> = BTreeMap::new();
+        for e in store.request_window_events(from, before).await? {
+            by_id.entry(e.request_id.clone()).or_default().push(e);
+        }
+        let mut records: Vec<RequestRecord> = by_id
+            .into_values()
+            .filter_map(RequestRecord::from_events)
+            .filter(|r| filter.matches(r))
+            .collect();
+        // Newest first, so that a cut keeps the newest records (as `all` does).
+        records.sort_by(|a, b| (b.time, b.id.as_bytes()).cmp(&(a.time, a.id.as_bytes())));
+        for r in &records {
+            if counted == MAX_STATS_SCAN {
+                return Ok(acc.finish(true));
+            }
+            acc.add(r);
+            counted += 1;
+        }
+        if from == floor {
+            break;
+        }
+        before = from;
+    }
+    Ok(acc.finish(false))
 }
 
 /// A filter's time range, checked.

@@ -25,6 +25,13 @@ pub enum ServeError {
     Reflection(String),
     #[error("upstream HTTP client (probes, OAuth refresh): {0}")]
     Upstream(String),
+    #[error(transparent)]
+    Web(#[from] crate::web::WebError),
+    #[error("web console listener {addr}: {source}")]
+    WebListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -44,6 +51,8 @@ pub struct Options {
     pub limiter: Option<std::sync::Arc<relay_limits::Limiter>>,
     /// This replica's part in the leader election (`GetStatus` reports it). None: not known here.
     pub leadership: Option<crate::leader::Leadership>,
+    /// Serve the web console (`crate::web`) on this address. None: no console.
+    pub web: Option<std::net::SocketAddr>,
 }
 
 impl Default for Options {
@@ -55,6 +64,7 @@ impl Default for Options {
             max_connections: 4096,
             limiter: None,
             leadership: None,
+            web: None,
         }
     }
 }
@@ -160,16 +170,32 @@ pub async fn serve(
         None => Vec::new(),
     };
     let _jobs = AbortOnDrop(jobs);
-    let admin = AdminService::new(
-        std::sync::Arc::new(
-            AdminApi::new(store.clone(), key.clone(), spend.clone())
-                .with_live(opts.limiter.clone())
-                .with_prober(Some(prober.clone()))
-                .with_replica(&opts.replica, opts.leadership.clone())
-                .with_closing(closing.clone()),
-        ),
-        auth.clone(),
+    let api = std::sync::Arc::new(
+        AdminApi::new(store.clone(), key.clone(), spend.clone())
+            .with_live(opts.limiter.clone())
+            .with_prober(Some(prober.clone()))
+            .with_replica(&opts.replica, opts.leadership.clone())
+            .with_closing(closing.clone()),
     );
+    // The web console: the same service layer, on its own listener, until shutdown begins.
+    let _web = match opts.web {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::WebListen { addr, source })?;
+            let console = crate::web::Console::new(api.clone(), store.clone(), key.clone())?;
+            let mut closing = closing.clone();
+            let task = tokio::spawn(async move {
+                let stop = async move { crate::api::closed(&mut closing).await };
+                if let Err(e) = crate::web::serve(listener, console, stop).await {
+                    tracing::error!(error = %e, "the web console stopped");
+                }
+            });
+            Some(AbortOnDrop(vec![task]))
+        }
+        None => None,
+    };
+    let admin = AdminService::new(api, auth.clone());
     let discovery = DiscoveryService::new(
         publisher.subscribe(),
         store.clone(),

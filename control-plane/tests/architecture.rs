@@ -2,7 +2,8 @@
 //! types appear on the control plane only in `src/api/`: the wire side (the Admin API and its
 //! gRPC adapter, Watch, Report, the published config in wire form, the domain ↔ proto
 //! conversions). Everywhere else in `control-plane/src`, a path into `relay_proto` may name only
-//! the crate's proto-free modules (`metrics`, `settings`, `periods`, `anthropic`) and the encoded descriptor
+//! the crate's proto-free modules (`metrics`, `settings`, `periods`, `anthropic`, `models`, `hex`,
+//! `keyed_hash`, `redact`) and the encoded descriptor
 //! set (`FILE_DESCRIPTOR_SET`, bytes for reflection): `relay_proto::v1`, an alias of the crate, a
 //! grouped import naming anything else, and the functions over proto types (`config_hash`,
 //! `changed`, `delta`, `validate`, ...) all fail. The check is textual: comment lines are skipped.
@@ -19,11 +20,15 @@ const PROTO_FREE: &[&str] = &[
     "models",
     "hex",
     "keyed_hash",
+    // Its functions over proto types (`account_secrets`) need a `v1` value, which is flagged.
+    "redact",
     "FILE_DESCRIPTOR_SET",
 ];
 
-/// Where proto types may appear, under `control-plane/src`.
+/// Where proto types may appear, under `control-plane/src`: the wire side, and the web console
+/// (which calls the Admin API in process with its request messages, as the gRPC adapter does).
 const WIRE_SIDE: &str = "api/";
+const CONSOLE: &str = "web/";
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -120,6 +125,9 @@ fn proto_types_appear_only_on_the_wire_side() {
     for f in &files {
         let rel = f.strip_prefix(&src).unwrap().to_string_lossy().replace('\\', "/");
         let uses = proto_uses(&code(&std::fs::read_to_string(f).unwrap()));
+        if rel.starts_with(CONSOLE) {
+            continue;
+        }
         if rel.starts_with(WIRE_SIDE) {
             wire_side_uses += uses.len();
             continue;
@@ -147,7 +155,7 @@ fn the_document_states_this_invariant() {
         .find(|l| l.starts_with("- Proto types appear only in"))
         .expect("docs/architecture.md states where proto types appear");
     assert!(
-        line.contains(&format!("`{WIRE_SIDE}` (control plane)")),
+        line.contains(&format!("`{WIRE_SIDE}` and `{CONSOLE}` (control plane)")),
         "docs/architecture.md names other control-plane modules than this test: {line}"
     );
 }

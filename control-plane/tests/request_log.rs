@@ -22,6 +22,12 @@ const WINDOW: Millis = 10_000_000;
 const KEYS: [&str; 3] = ["key-a", "key-b", "key-c"];
 const ACCOUNTS: [&str; 3] = ["acct-1", "acct-2", "acct-3"];
 const MODELS: [&str; 2] = ["claude-sonnet-4-5", "claude-haiku-4-5"];
+/// The group each key was in when its requests were served (key-c's requests carry none).
+const GROUPS: [&str; 3] = ["grp-1", "grp-2", ""];
+/// What the upstream answered with, for a request asking `MODELS[i]`: a dated id.
+fn answered(i: usize) -> String {
+    format!("{}-20250929", MODELS[i])
+}
 /// Status and the error type relay records for it.
 const STATUSES: [(u32, &str); 5] = [
     (200, ""),
@@ -94,6 +100,9 @@ struct FilterSpec {
     status: Option<usize>,
     stream: Option<bool>,
     min_duration: u64,
+    /// Filter on the model asked for (the `model` filter is on the answered one).
+    asked: Option<usize>,
+    group: Option<usize>,
 }
 
 fn filter_spec() -> impl Strategy<Value = FilterSpec> {
@@ -106,9 +115,13 @@ fn filter_spec() -> impl Strategy<Value = FilterSpec> {
         prop::option::of(0usize..6),
         prop::option::of(any::<bool>()),
         prop::sample::select(vec![0u64, 0, 2, 5]),
+        prop::option::of(0..MODELS.len()),
+        prop::option::of(0..GROUPS.len()),
     )
         .prop_map(
-            |(since, until, keys, account, model, status, stream, min_duration)| FilterSpec {
+            |(since, until, keys, account, model, status, stream, min_duration, asked, group)| FilterSpec {
+                asked,
+                group,
                 since,
                 until,
                 keys,
@@ -162,6 +175,8 @@ fn model_matches(spec: &RequestSpec, e: &Expected, f: &FilterSpec, base: Millis)
         && f.keys.as_ref().is_none_or(|k| k.contains(&spec.key))
         && f.account.is_none_or(|a| spec.attempts.iter().any(|x| x.account == a))
         && f.model.is_none_or(|m| m == spec.model)
+        && f.asked.is_none_or(|m| m == spec.model)
+        && f.group.is_none_or(|g| g == spec.key)
         && f.stream.is_none_or(|s| s == spec.stream)
         && e.duration >= f.min_duration
         && match f.status {
@@ -190,7 +205,9 @@ fn events(specs: &[RequestSpec], base: Millis, case: u64, ids: &AtomicU64) -> Ve
                 node_id: if i % 2 == 0 { "dp-1" } else { "dp-2" }.into(),
                 api_key_id: KEYS[spec.key].into(),
                 account_id: ACCOUNTS[a.account].into(),
-                model: MODELS[spec.model].into(),
+                model: answered(spec.model),
+                model_requested: MODELS[spec.model].into(),
+                group_id: GROUPS[spec.key].into(),
                 output_tokens: a.output,
                 cost_pico_usd: a.output * 1_000,
                 http_status: if a.cancelled { 0 } else { status },
@@ -276,6 +293,10 @@ async fn check_case(
             String::new()
         };
         prop_assert_eq!(&r.error_message, &message);
+        // Asked and answered, and the group at request time, round-trip through the store.
+        prop_assert_eq!(&r.model, &answered(spec.model));
+        prop_assert_eq!(r.model_requested.as_str(), MODELS[spec.model]);
+        prop_assert_eq!(r.group_id.as_str(), GROUPS[spec.key]);
     }
 
     for (f, page_size) in filters {
@@ -287,7 +308,9 @@ async fn check_case(
                 .as_ref()
                 .map(|k| k.iter().map(|i| KEYS[*i].to_string()).collect()),
             account_id: f.account.map(|a| ACCOUNTS[a].to_string()),
-            model: f.model.map(|m| MODELS[m].to_string()),
+            model: f.model.map(answered),
+            model_requested: f.asked.map(|m| MODELS[m].to_string()),
+            group_id: f.group.map(|g| GROUPS[g].to_string()),
             status: f.status.map(status_filter),
             stream: f.stream,
             min_duration_ms: f.min_duration,
@@ -321,8 +344,20 @@ async fn check_case(
         let got_ids: Vec<&str> = got.iter().map(|r| r.id.as_str()).collect();
         prop_assert_eq!(&got_ids, &want_ids, "filter {:?}, pages of {}", f, page_size);
 
+        // The statistics the store walk gives (in windows of every size, their edges falling
+        // between attempts of one request too) equal those of the listed records.
+        let listed = requests::stats_report(&got, false);
+        prop_assert_eq!(&requests::stats_over(store, &filter).await.unwrap(), &listed);
+        for window in [1, 2, 5] {
+            prop_assert_eq!(
+                &requests::stats_in_windows(store, &filter, window).await.unwrap(),
+                &listed,
+                "windows of {} rows",
+                window
+            );
+        }
         // Stats over the filter equal a direct computation over the model's records.
-        let stats = requests::stats_report(&got, false).total;
+        let stats = listed.total;
         prop_assert_eq!(stats.requests, want.len() as u64);
         prop_assert_eq!(stats.errors, want.iter().filter(|e| !e.ok).count() as u64);
         prop_assert_eq!(stats.cost_pico_usd, want.iter().map(|e| e.cost).sum::<u64>());
@@ -420,6 +455,22 @@ async fn retention_while_ingesting(store: DynStore) {
     for chunk in old.chunks(1000).chain(kept.chunks(1000)) {
         store.insert_usage(chunk).await.unwrap();
     }
+    // Redelivered: stored once, counted once (in the rollups too).
+    assert_eq!(store.insert_usage(&old[..700]).await.unwrap().inserted, 0);
+    // A cost report by key and day over whole days around the cutoff, before anything goes.
+    let day = 86_400_000;
+    let report = UsageQuery {
+        group_by: UsageGroupBy::Key,
+        since: Some(cutoff - cutoff.rem_euclid(day) - 5 * day),
+        until: Some(cutoff - cutoff.rem_euclid(day) + 2 * day),
+        bucket: UsageBucket::Day,
+    };
+    let before = store.query_usage(report).await.unwrap();
+    assert_eq!(
+        before.iter().map(|r| r.requests).sum::<u64>(),
+        old_count + 500,
+        "{before:?}"
+    );
     // New usage keeps arriving while retention runs.
     let writer = {
         let store = store.clone();
@@ -431,9 +482,11 @@ async fn retention_while_ingesting(store: DynStore) {
             }
         })
     };
+    // In batches: one delete takes at most its batch, and only rows before the cutoff.
+    assert_eq!(store.delete_usage_before(cutoff, 100).await.unwrap(), 100);
     let deleted = relay_control_plane::retention::run_once(&store, now).await.unwrap();
     writer.await.unwrap();
-    assert_eq!(deleted, old_count, "every row before the cutoff went");
+    assert_eq!(deleted, old_count - 100, "every row before the cutoff went");
     let left = requests::all(&store, &Filter::default(), 1_000_000).await.unwrap().0;
     let left_ids: BTreeSet<String> = left.iter().map(|r| r.id.clone()).collect();
     let want: BTreeSet<String> = (old_count..old_count + 500)
@@ -442,6 +495,10 @@ async fn retention_while_ingesting(store: DynStore) {
         .collect();
     assert_eq!(left_ids, want, "the newer rows and everything ingested meanwhile stay");
     assert_eq!(relay_control_plane::retention::run_once(&store, now).await.unwrap(), 0);
+    // The raw rows are gone, the report over their days is the same (read from the rollups).
+    assert_eq!(store.query_usage(report).await.unwrap(), before);
+    let total = store.query_usage(UsageQuery::default()).await.unwrap();
+    assert_eq!(total[0].requests, old_count + 500 + 2_000, "{total:?}");
 }
 
 #[tokio::test]
@@ -488,6 +545,27 @@ async fn row_cap_keeps_the_newest(store: DynStore) {
     for chunk in rows.chunks(1000) {
         store.insert_usage(chunk).await.unwrap();
     }
+    // Captures (kept "with the request log": no TTL) of a request the cap deletes, of one it
+    // keeps, and of one whose usage rows have not arrived yet.
+    let cap = |id: &str, captured_ms: Millis| StoredCapture {
+        request_id: id.into(),
+        rule_id: "c1".into(),
+        api_key_id: "k".into(),
+        node_id: "dp-1".into(),
+        captured_ms,
+        expires_ms: 0,
+        truncated: false,
+        document_zstd: vec![0x28, 0xb5, 0x2f, 0xfd, 0, 0xff],
+    };
+    store
+        .insert_captures(&[
+            cap("r00010", T0 + 10),
+            cap("r11000", T0 + 11_000),
+            cap("r-not-yet", T0 + 20_000),
+        ])
+        .await
+        .unwrap();
+    let totals = store.query_usage(UsageQuery::default()).await.unwrap();
     // No age limit: only the cap applies.
     let deleted = relay_control_plane::retention::run_once(&store, T0 + 1_000_000)
         .await
@@ -503,6 +581,15 @@ async fn row_cap_keeps_the_newest(store: DynStore) {
         .collect();
     let want: BTreeSet<String> = (5_000..12_000u64).map(|n| format!("r{n:05}")).collect();
     assert_eq!(left, want, "the newest rows stay");
+    // The deleted request's capture went with its record; the others stay.
+    assert_eq!(store.get_capture("r00010").await.unwrap(), None);
+    assert!(store.get_capture("r11000").await.unwrap().is_some());
+    assert!(store.get_capture("r-not-yet").await.unwrap().is_some());
+    assert_eq!(
+        store.query_usage(UsageQuery::default()).await.unwrap(),
+        totals,
+        "the usage report still counts what the cap deleted"
+    );
     assert_eq!(
         relay_control_plane::retention::run_once(&store, T0 + 1_000_000)
             .await

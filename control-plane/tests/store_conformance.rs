@@ -238,6 +238,12 @@ fn usage(n: u64, ts: Millis, key: &str, acct: &str, model: &str, http_status: u3
         stream_events: n,
         max_event_gap_ms: 3 * n,
         error_message: if n == 2 { "relay's words".into() } else { String::new() },
+        model_requested: if n == 4 {
+            "claude-sonnet-4-5".into()
+        } else {
+            String::new()
+        },
+        group_id: format!("grp-{}", n % 2),
     }
 }
 
@@ -306,6 +312,92 @@ macro_rules! conformance_suite {
         /// A fresh store and its keep-alive guard.
         async fn fresh() -> (DynStore, Box<dyn std::any::Any + Send>) {
             TestStore::into_parts($make.await)
+        }
+
+        #[tokio::test]
+        async fn capture_rules_are_config_and_captures_are_stored_once_cleared_and_expired() {
+            let (store, _guard) = fresh().await;
+            let rule = CaptureRule {
+                id: "c1".into(),
+                key_id: "k1".into(),
+                model: "claude-*".into(),
+                errors_only: true,
+                sample_ppm: 500_000,
+                max_bytes: 1024,
+                ttl_ms: 60_000,
+                created_ms: 5,
+                ..CaptureRule::default()
+            };
+            apply_ok(&store, vec![Mutation::InsertCaptureRule(rule.clone())]).await;
+            assert_eq!(
+                store.load_config().await.unwrap().capture_rules,
+                vec![rule.clone()]
+            );
+            assert_eq!(store.list_capture_rules().await.unwrap(), vec![rule.clone()]);
+            let err = store
+                .apply(
+                    vec![Mutation::InsertCaptureRule(rule.clone())],
+                    audit("capture.add", "c1"),
+                )
+                .await
+                .unwrap_err();
+            assert_refused(&err, "AlreadyExists", "capture rule \"c1\" already exists");
+            apply_ok(&store, vec![Mutation::DeleteCaptureRule { id: "c1".into() }]).await;
+            assert!(store.load_config().await.unwrap().capture_rules.is_empty());
+            let err = store
+                .apply(
+                    vec![Mutation::DeleteCaptureRule { id: "c1".into() }],
+                    audit("capture.rm", "c1"),
+                )
+                .await
+                .unwrap_err();
+            assert_refused(&err, "NotFound", "capture rule \"c1\" not found");
+
+            let cap = |id: &str, captured_ms: i64, expires_ms: i64| StoredCapture {
+                request_id: id.into(),
+                rule_id: "c1".into(),
+                api_key_id: "k1".into(),
+                node_id: "dp-1".into(),
+                captured_ms,
+                expires_ms,
+                truncated: id == "r-b",
+                document_zstd: vec![0x28, 0xb5, 0x2f, 0xfd, 0, 0xff, id.len() as u8],
+            };
+            let (a, b, c) = (cap("r-a", 100, 0), cap("r-b", 200, 900), cap("r-c", 200, 2_000));
+            let r = store
+                .insert_captures(&[a.clone(), b.clone(), c.clone()])
+                .await
+                .unwrap();
+            assert_eq!(
+                r,
+                IngestResult {
+                    inserted: 3,
+                    duplicates: 0
+                }
+            );
+            let r = store.insert_captures(std::slice::from_ref(&a)).await.unwrap();
+            assert_eq!(
+                r,
+                IngestResult {
+                    inserted: 0,
+                    duplicates: 1
+                }
+            );
+            assert_eq!(store.get_capture("r-b").await.unwrap(), Some(b.clone()));
+            assert_eq!(store.get_capture("r-x").await.unwrap(), None);
+            // Older than 150 (r-a) or expired at 1,000 (r-b) go; r-c stays.
+            assert_eq!(store.delete_captures_before(150, 1_000, 10).await.unwrap(), 2);
+            assert_eq!(store.get_capture("r-a").await.unwrap(), None);
+            assert_eq!(store.get_capture("r-b").await.unwrap(), None);
+            assert_eq!(store.get_capture("r-c").await.unwrap(), Some(c));
+            assert_eq!(
+                store
+                    .delete_requests(&["r-c".to_string(), "r-x".to_string()])
+                    .await
+                    .unwrap(),
+                (0, 1)
+            );
+            assert_eq!(store.get_capture("r-c").await.unwrap(), None);
         }
 
         /// Applies `mutations` and asserts the head moved by exactly one.
@@ -566,7 +658,11 @@ macro_rules! conformance_suite {
                 }],
             )
             .await;
-            assert_refused(&err, "Conflict", "concurrent modification of group grp-1; retry");
+            assert_refused(
+                &err,
+                "Conflict",
+                "concurrent modification of group \"team-a2\"; another change to it kept landing first",
+            );
             let err = apply_err(
                 &store,
                 vec![Mutation::UpdateGroup {
@@ -755,9 +851,9 @@ macro_rules! conformance_suite {
             )
             .await;
             match err {
-                StoreError::Conflict { kind, id } => {
+                StoreError::Conflict { kind, name } => {
                     assert_eq!(kind, ResourceKind::Account.as_str());
-                    assert_eq!(id, "acc");
+                    assert_eq!(name, "main");
                 }
                 other => panic!("expected Conflict, got {other:?}"),
             }
@@ -845,7 +941,7 @@ macro_rules! conformance_suite {
             let err = apply_err(&store, vec![Mutation::InsertApiKey(api_key("key-3", "ci", "g1"))]).await;
             match err {
                 StoreError::AlreadyExists { kind, name } => {
-                    assert_eq!(kind, ResourceKind::ApiKey.as_str());
+                    assert_eq!(kind, "key");
                     assert_eq!(name, "ci");
                 }
                 other => panic!("expected AlreadyExists, got {other:?}"),
@@ -904,7 +1000,7 @@ macro_rules! conformance_suite {
             assert_refused(
                 &err,
                 "Conflict",
-                "concurrent modification of api_key key-1; retry",
+                "concurrent modification of key \"ci\"; another change to it kept landing first",
             );
             let err = apply_err(
                 &store,
@@ -914,7 +1010,7 @@ macro_rules! conformance_suite {
                 }],
             )
             .await;
-            assert_refused(&err, "NotFound", "api_key \"key-x\" not found");
+            assert_refused(&err, "NotFound", "key \"key-x\" not found");
         }
 
         #[tokio::test]
@@ -1136,6 +1232,24 @@ macro_rules! conformance_suite {
         }
 
         #[tokio::test]
+        async fn signed_out_console_sessions_are_remembered_until_they_expire() {
+            let (store, _guard) = fresh().await;
+            assert!(!store.console_session_ended("n-1").await.unwrap());
+            store.end_console_session("n-1", 2_000, 1_000).await.unwrap();
+            store.end_console_session("n-2", 5_000, 1_000).await.unwrap();
+            // Twice is once.
+            store.end_console_session("n-1", 2_000, 1_000).await.unwrap();
+            assert!(store.console_session_ended("n-1").await.unwrap());
+            assert!(store.console_session_ended("n-2").await.unwrap());
+            assert!(!store.console_session_ended("n-3").await.unwrap());
+            // Once n-1's cookie has expired (it is refused on its own), it is forgotten; n-2 not.
+            store.end_console_session("n-3", 9_000, 3_000).await.unwrap();
+            assert!(!store.console_session_ended("n-1").await.unwrap());
+            assert!(store.console_session_ended("n-2").await.unwrap());
+            assert!(store.console_session_ended("n-3").await.unwrap());
+        }
+
+        #[tokio::test]
         async fn deleting_a_group_that_is_a_fallback_is_refused() {
             let (store, _guard) = fresh().await;
             let a = Group {
@@ -1211,6 +1325,7 @@ macro_rules! conformance_suite {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 account_states: vec![],
+                capture_rules: vec![],
             };
             assert_eq!(config, expected);
             assert_eq!(config.version, store.head().await.unwrap());
@@ -1314,7 +1429,11 @@ macro_rules! conformance_suite {
                 ],
             )
             .await;
-            assert_refused(&err, "Conflict", "concurrent modification of account a1; retry");
+            assert_refused(
+                &err,
+                "Conflict",
+                "concurrent modification of account \"a1\"; another change to it kept landing first",
+            );
             assert_eq!(store.head().await.unwrap(), head, "nothing applied");
             apply_ok(
                 &store,
@@ -1390,6 +1509,73 @@ macro_rules! conformance_suite {
             let targets: Vec<&str> = at.iter().map(|e| e.target.as_str()).collect();
             assert_eq!(targets, ["target-0", "target-2"]);
             assert!(store.audit_at_revisions(&[]).await.unwrap().is_empty());
+        }
+
+        #[tokio::test]
+        async fn proxy_events_recorded_in_one_batch_apply_in_order_or_not_at_all() {
+            let (store, _guard) = fresh().await;
+            store.record_proxies(&[]).await.unwrap();
+            assert!(store.list_proxies().await.unwrap().is_empty());
+            let v5 = Version {
+                epoch: 2,
+                revision: 5,
+            };
+            let connected = |b: &str| ProxyEvent::Connected {
+                build_version: b.into(),
+                held: None,
+            };
+            let acked = |v: Version| ProxyEvent::Acked {
+                version: v,
+                rejected: vec![],
+            };
+            let rec = |n: &str, r: &str, e: ProxyEvent| (n.to_string(), r.to_string(), e);
+            store
+                .record_proxies(&[
+                    rec("dp-1", "cp-1", connected("1.0")),
+                    rec("dp-2", "cp-1", connected("1.1")),
+                    rec("dp-1", "cp-1", acked(v5)),
+                    rec("dp-2", "cp-1", acked(v5)),
+                    rec("dp-1", "cp-1", ProxyEvent::Disconnected),
+                ])
+                .await
+                .unwrap();
+            let p = store.list_proxies().await.unwrap();
+            let got: Vec<_> = p
+                .iter()
+                .map(|p| (p.node_id.as_str(), p.build_version.as_str(), p.connected, p.acked))
+                .collect();
+            assert_eq!(
+                got,
+                [("dp-1", "1.0", false, Some(v5)), ("dp-2", "1.1", true, Some(v5))],
+                "every event applied, each node's in the order given"
+            );
+            // A batch with one event the store cannot hold records nothing of the batch.
+            let v6 = Version {
+                epoch: 2,
+                revision: 6,
+            };
+            let err = store
+                .record_proxies(&[
+                    rec("dp-2", "cp-1", acked(v6)),
+                    rec(
+                        "dp-3",
+                        "cp-1",
+                        acked(Version {
+                            epoch: u64::MAX,
+                            revision: 1,
+                        }),
+                    ),
+                ])
+                .await
+                .unwrap_err();
+            assert_refused(&err, "Invalid", "epoch 18446744073709551615 is out of range");
+            let p = store.list_proxies().await.unwrap();
+            assert_eq!(p.len(), 2, "no row for dp-3");
+            assert_eq!(
+                p[1].acked,
+                Some(v5),
+                "dp-2's ack of the same batch is not kept either"
+            );
         }
 
         #[tokio::test]
@@ -2100,17 +2286,17 @@ macro_rules! conformance_suite {
                 ))],
             )
             .await;
-            assert_refused(&err, "AlreadyExists", "admin_token \"ops\" already exists");
+            assert_refused(&err, "AlreadyExists", "admin token \"ops\" already exists");
             let mut same_hash = admin_token("t-5", "other", Role::ReadOnly);
             same_hash.token_hash = ops.token_hash.clone();
             let err = apply_err(&store, vec![Mutation::InsertAdminToken(same_hash)]).await;
-            assert_refused(&err, "AlreadyExists", "admin_token \"other\" already exists");
+            assert_refused(&err, "AlreadyExists", "admin token \"other\" already exists");
 
             apply_ok(&store, vec![Mutation::DeleteAdminToken { id: "t-1".into() }]).await;
             assert_eq!(store.find_admin_token(&ops.token_hash).await.unwrap(), None);
             assert_eq!(store.list_admin_tokens().await.unwrap().len(), 2);
             let err = apply_err(&store, vec![Mutation::DeleteAdminToken { id: "t-1".into() }]).await;
-            assert_refused(&err, "NotFound", "admin_token \"t-1\" not found");
+            assert_refused(&err, "NotFound", "admin token \"t-1\" not found");
         }
 
         #[tokio::test]

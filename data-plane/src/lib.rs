@@ -129,14 +129,13 @@ impl Options {
     }
 }
 
-/// Refuses a plaintext control-plane URL whose host is not this machine, unless allowed.
-pub fn check_control_plane_url(url: &str, insecure_allowed: bool) -> Result<(), StartError> {
-    if url.contains(',') {
-        return Err(StartError::ControlPlaneUrl(format!(
-            "{url}: --control-plane takes one URL; put a Service or load balancer in front of the replicas \
-             and give its address"
-        )));
-    }
+/// Checks each URL of a `--control-plane` value (one, or the replicas' separated by commas):
+/// refuses a plaintext one whose host is not this machine, unless allowed.
+pub fn check_control_plane_url(urls: &str, insecure_allowed: bool) -> Result<(), StartError> {
+    control::watch::split_urls(urls).try_for_each(|url| check_one_control_plane_url(url, insecure_allowed))
+}
+
+fn check_one_control_plane_url(url: &str, insecure_allowed: bool) -> Result<(), StartError> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e: http::uri::InvalidUri| StartError::ControlPlaneUrl(e.to_string()))?;
@@ -253,6 +252,7 @@ pub async fn start(
             health.sync(&cfg.resources);
             group_cooling.refresh(Some(cfg), chrono::Utc::now().timestamp_millis());
             upstreams.set_connect_timeout(cfg.policy.connect_timeout);
+            upstreams.set_http_version(cfg.policy.http_version);
             sessions.set_ttl(cfg.policy.sticky_ttl);
             limiter.configure(cfg.policy.limits_on_store_down, cfg.policy.limits_store_timeout);
         })
@@ -319,8 +319,8 @@ pub async fn start(
     );
     let reporter = tokio::spawn(control::report::run_reporter(
         spool.clone(),
-        control::report::connector(
-            link.endpoint.clone(),
+        control::report::link_connector(
+            link.clone(),
             control::report::BearerToken::new(&link.token)
                 .map_err(|_| StartError::ControlPlaneUrl("the data-plane token is not a valid header value".into()))?,
         ),
@@ -365,6 +365,7 @@ pub async fn start(
         limiter,
         spend,
         groups: group_cooling,
+        captures: proxy::capture::Captures::start(link.clone(), Arc::from(opts.node_id.as_str())),
     });
     let limits = ConnLimits {
         header_read_timeout: opts.header_read_timeout,
@@ -538,11 +539,17 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     #[test]
-    fn several_control_plane_urls_are_refused_with_what_to_do() {
-        let e = super::check_control_plane_url("http://127.0.0.1:50051,http://127.0.0.1:50052", false)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("takes one URL") && e.contains("load balancer"), "{e}");
+    fn several_control_plane_urls_are_each_checked() {
+        assert!(super::check_control_plane_url("http://127.0.0.1:50051, http://127.0.0.1:50052", false).is_ok());
+        let e = super::check_control_plane_url("https://cp-1:50051,http://cp-2:50051", false).unwrap_err();
+        assert!(
+            matches!(&e, super::StartError::PlaintextControlPlane(h) if h == "cp-2"),
+            "{e}"
+        );
+        assert!(super::check_control_plane_url("https://cp-1:50051,ftp://cp-2", false).is_err());
+        assert!(super::check_control_plane_url(",", false).is_err(), "nothing listed");
+        let urls: Vec<&str> = super::control::watch::split_urls(" https://a:1 ,, https://b:2 ").collect();
+        assert_eq!(urls, ["https://a:1", "https://b:2"]);
     }
 
     #[test]

@@ -14,7 +14,10 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Debug, Parser)]
 #[command(name = "relay-data-plane", version)]
 struct Args {
-    /// The control plane's gRPC URL.
+    /// The control plane's gRPC URL (a Service or load balancer in front of the replicas), or the
+    /// replicas' URLs separated by commas, in order of preference: each reconnection tries the one
+    /// that answered last, then the next listed, so one replica down leaves the data plane
+    /// connected to another.
     #[arg(long, env = "RELAY_CONTROL_PLANE", default_value = "http://127.0.0.1:50051")]
     control_plane: String,
     /// Where to serve the Anthropic API.

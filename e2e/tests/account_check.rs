@@ -129,3 +129,32 @@ async fn check_prints_verdicts_marks_accounts_and_brings_a_repaired_one_back() {
     let audit = relayctl(&cp.url(), ADMIN_TOKEN, &["audit"], None);
     assert!(audit.contains("account.check"), "{audit}");
 }
+
+/// An upstream that quotes the credential it was sent in its error: the check's verdict, the
+/// account's state it marks and the audit entry show it masked, never whole or in part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_check_against_an_upstream_quoting_the_credential_shows_it_masked() {
+    const CREDENTIAL: &str = "sk-ant-api03-PROBED-credential-0123456789abcdefghij";
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let mock = mock(MockConfig::default()).await;
+    mock.set_fault(CREDENTIAL, Some(Fault::EchoCredential { last: 0 }));
+    cp.add_account("echo", &mock.base_url(), CREDENTIAL).await;
+    let (ok, out, err) = relayctl_status(&cp.url(), &["account", "check", "echo", "-o", "json"]);
+    assert!(!ok, "{out} {err}");
+    let tail = &CREDENTIAL[CREDENTIAL.len() - 20..];
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let detail = rows[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("HTTP 400") && detail.contains("Incorrect API key provided: sk-ant…ghij"),
+        "{out}"
+    );
+    assert!(!out.contains(tail) && !err.contains(tail), "{out} {err}");
+    let states = states(&cp, "echo").await;
+    assert_eq!(states.len(), 1, "{states:?}");
+    assert!(
+        states[0].reason.contains("sk-ant…ghij") && !states[0].reason.contains(tail),
+        "{states:?}"
+    );
+    let audit = relayctl(&cp.url(), ADMIN_TOKEN, &["audit", "-o", "json"], None);
+    assert!(audit.contains("account.check") && !audit.contains(tail), "{audit}");
+}

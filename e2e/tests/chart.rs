@@ -27,8 +27,8 @@ fn chart_secures_the_control_plane_link_by_default() {
     assert!(text.contains("chart security rendering: ok"), "{text}");
 }
 
-/// `helm lint`, then a render under ten value sets (defaults with secrets, existing Secrets,
-/// persistence, HPA, TLS from a Secret with mTLS, TLS off, Redis and etcd, ServiceMonitor and
+/// `helm lint`, then a render under eleven value sets (defaults with secrets, existing Secrets,
+/// persistence, HPA, TLS from a Secret with mTLS, TLS from cert-manager with mTLS, TLS off, Redis and etcd, etcd with auth and TLS, ServiceMonitor and
 /// PrometheusRule, dashboards, everything at once), every manifest validated with
 /// kubernetes-validate (strict: unknown fields fail) against each Kubernetes version Chart.yaml's
 /// kubeVersion admits, and the default render compared with helm/tests/snapshots/default.yaml.
@@ -61,7 +61,9 @@ fn chart_lints_renders_and_validates_on_every_supported_kubernetes() {
         "persistence on",
         "HPA on",
         "mTLS on",
+        "TLS from cert-manager",
         "Redis and etcd on",
+        "etcd with auth and TLS",
         "PrometheusRule on",
         "dashboards on",
     ] {

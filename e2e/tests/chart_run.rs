@@ -11,7 +11,9 @@
 //! listened on `0.0.0.0:P` becomes `127.0.0.1:<free port>`; a Service's DNS name and port
 //! (`relay-control-plane.relay.svc:50051`) becomes `localhost:<the control plane's port>` (the
 //! generated certificate names localhost); a volume's mountPath becomes a temp directory (a
-//! Secret volume holds the rendered Secret's keys as files). Every other arg and env value is
+//! Secret volume holds the rendered Secret's keys as files; with `tls.mode=cert-manager` and
+//! mTLS the test stands in for cert-manager, issuing what the rendered Certificate and the
+//! csi.cert-manager.io volume ask for). Every other arg and env value is
 //! passed as rendered, so a flag the chart passes that a binary does not accept makes the process
 //! exit and fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -62,10 +64,42 @@ fn render(values: &Value) -> Vec<Value> {
 #[derive(Default)]
 struct Cluster {
     secrets: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// Stands in for cert-manager when set: issues what a rendered `Certificate` asks for into
+    /// its Secret, and what a csi.cert-manager.io volume asks for into the pod's volume.
+    cert_manager: Option<common::TestCa>,
 }
 
 impl Cluster {
     fn apply(&mut self, docs: &[Value]) {
+        self.apply_secrets(docs);
+        for c in docs.iter().filter(|d| d["kind"] == "Certificate") {
+            let ca = self.cert_manager.as_ref().unwrap_or_else(|| {
+                panic!("the chart rendered a cert-manager Certificate, but there is no cert-manager")
+            });
+            let spec = &c["spec"];
+            let secret = spec["secretName"].as_str().unwrap().to_string();
+            if self.secrets.contains_key(&secret) {
+                continue;
+            }
+            let names: Vec<&str> = spec["dnsNames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap())
+                .collect();
+            let usages = spec["usages"].as_array().unwrap();
+            assert!(usages.contains(&json!("server auth")), "{usages:?}");
+            let (cert, key) = ca.issue(&names, false);
+            let data = BTreeMap::from([
+                ("tls.crt".to_string(), cert.into_bytes()),
+                ("tls.key".to_string(), key.into_bytes()),
+                ("ca.crt".to_string(), ca.pem.clone().into_bytes()),
+            ]);
+            self.secrets.insert(secret, data);
+        }
+    }
+
+    fn apply_secrets(&mut self, docs: &[Value]) {
         for d in docs.iter().filter(|d| d["kind"] == "Secret") {
             let name = d["metadata"]["name"].as_str().unwrap().to_string();
             let keep = d["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep";
@@ -254,9 +288,37 @@ fn start_pod(
                     .keys()
                     .cloned()
                     .collect();
-                for k in keys {
-                    std::fs::write(local.join(&k), cluster.secret(secret, &k)).unwrap();
+                // `items` projects the named keys to the given paths (only those), as the kubelet does.
+                let files: Vec<(String, String)> = match v["secret"]["items"].as_array() {
+                    Some(items) => items
+                        .iter()
+                        .map(|i| {
+                            let key = i["key"].as_str().unwrap().to_string();
+                            (key, i["path"].as_str().unwrap().to_string())
+                        })
+                        .collect(),
+                    None => keys.into_iter().map(|k| (k.clone(), k)).collect(),
+                };
+                for (k, path) in files {
+                    std::fs::write(local.join(path), cluster.secret(secret, &k)).unwrap();
                 }
+            }
+            Some(v) if v["csi"]["driver"] == "csi.cert-manager.io" => {
+                let ca = cluster.cert_manager.as_ref().unwrap_or_else(|| {
+                    panic!("volume {name}: cert-manager's csi-driver, but there is no cert-manager")
+                });
+                let attrs = &v["csi"]["volumeAttributes"];
+                let names = attrs["csi.cert-manager.io/dns-names"]
+                    .as_str()
+                    .unwrap()
+                    .replace("${POD_NAME}", pod_name);
+                let names: Vec<&str> = names.split(',').collect();
+                let usages = attrs["csi.cert-manager.io/key-usages"].as_str().unwrap();
+                assert!(usages.contains("client auth"), "{usages}");
+                let (cert, key) = ca.issue(&names, true);
+                std::fs::write(local.join("tls.crt"), cert).unwrap();
+                std::fs::write(local.join("tls.key"), key).unwrap();
+                std::fs::write(local.join("ca.crt"), &ca.pem).unwrap();
             }
             Some(v) if v.get("emptyDir").is_some() => {}
             // A StatefulSet's volumeClaimTemplates: an empty volume too.
@@ -363,10 +425,108 @@ fn relayctl(server: &str, ca: &Path, token: &str, args: &[&str], stdin: Option<&
 
 #[tokio::test(flavor = "multi_thread")]
 async fn what_the_chart_renders_runs_and_serves_a_request() {
+    install_run_and_serve(None, false).await;
+}
+
+/// The same with `tls.mode=cert-manager` and mTLS (`tls.clientAuth`): the test stands in for
+/// cert-manager, issuing from one CA exactly what the rendered `Certificate` asks for (the control
+/// plane's names, into the Secret it names) and what the data plane's csi.cert-manager.io volume
+/// asks for (a client certificate for the pod's name); the CA's Secret is the one the operator
+/// names in `tls.clientAuth.caSecret`. The control plane then accepts the data plane by its
+/// certificate, and a request goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_chart_renders_with_cert_manager_and_mtls_runs_and_serves_a_request() {
+    install_run_and_serve(
+        Some(json!({
+            "mode": "cert-manager",
+            "certManager": {"issuer": {"name": "relay-ca", "kind": "ClusterIssuer"}},
+            "clientAuth": {"enabled": true, "issuer": {"name": "relay-ca", "kind": "ClusterIssuer"}, "caSecret": "relay-dp-ca"},
+        })),
+        false,
+    )
+    .await;
+}
+
+/// The same against an etcd with its authentication on, TLS on its client port and client
+/// certificates required: the operator's Secrets hold the etcd user's password, etcd's CA and
+/// relay's client certificate; the control plane must lead through etcd, and the password must
+/// not show in its logs.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_chart_renders_with_etcd_auth_and_tls_runs_leads_and_serves_a_request() {
+    install_run_and_serve(None, true).await;
+}
+
+const ETCD_PASSWORD: &str = "chart-run-etcd-pässword";
+
+/// An etcd with TLS, client certificates and authentication on, and the Secrets an operator
+/// creates for it; the chart's `etcd` values naming them.
+async fn secure_etcd(cluster: &mut Cluster) -> (relay_test_support::etcd::TestEtcd, Value) {
+    use relay_test_support::etcd::{EtcdSetup, ServerTls, TestEtcd};
+    let ca = common::TestCa::new("relay-test-etcd-ca");
+    // etcd's gateway shows etcd's own certificate to etcd's gRPC server: client auth too.
+    let (cert_pem, key_pem) = ca.issue_with(
+        &["localhost", "127.0.0.1"],
+        vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    );
+    let etcd = TestEtcd::start_with(EtcdSetup {
+        tls: Some(ServerTls {
+            cert_pem,
+            key_pem,
+            client_ca_pem: Some(ca.pem.clone()),
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    etcd.enable_auth("relay-cp", ETCD_PASSWORD, "/relay/").await.unwrap();
+    // No Common Name: etcd's gateway refuses a client certificate with one once auth is on.
+    let (client_cert, client_key) = ca.issue_cn(
+        &["relay-control-plane"],
+        None,
+        vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth],
+    );
+    let secret = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let password = format!("{ETCD_PASSWORD}\n");
+    cluster
+        .secrets
+        .insert("etcd-relay-user".into(), secret(&[("etcd-password", &password)]));
+    cluster.secrets.insert("etcd-ca".into(), secret(&[("ca.pem", &ca.pem)]));
+    cluster.secrets.insert(
+        "etcd-relay-client".into(),
+        secret(&[("tls.crt", &client_cert), ("tls.key", &client_key)]),
+    );
+    let values = json!({
+        "enabled": true,
+        "endpoints": [etcd.endpoints],
+        "auth": {"user": "relay-cp", "existingSecret": {"name": "etcd-relay-user", "key": "etcd-password"}},
+        "tls": {"caSecret": {"name": "etcd-ca", "key": "ca.pem"}, "clientCertSecret": "etcd-relay-client"},
+    });
+    (etcd, values)
+}
+
+/// Installs the control plane alone, makes the data-plane token, upgrades with the data plane,
+/// and sends a request; `tls`: the chart's `tls` values (default: generated certificates);
+/// `secure_etcd`: etcd with authentication and TLS (else a plain one).
+async fn install_run_and_serve(tls: Option<Value>, secure_etcd: bool) {
     let db = TestDb::new().await.unwrap();
     let upstream = mock(MockConfig::default()).await;
     let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let etcd = relay_test_support::etcd::TestEtcd::start().await.unwrap();
+    let mut cluster = Cluster::default();
+    let (_etcd, etcd_values) = if secure_etcd {
+        self::secure_etcd(&mut cluster).await
+    } else {
+        let etcd = relay_test_support::etcd::TestEtcd::start().await.unwrap();
+        let values = json!({"enabled": true, "endpoints": [etcd.endpoints]});
+        (etcd, values)
+    };
     let dir = tempfile::tempdir().unwrap();
     let admin_token = format!("rat-chart-run-{}", uuid::Uuid::new_v4().simple());
     let master_key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
@@ -377,13 +537,22 @@ async fn what_the_chart_renders_runs_and_serves_a_request() {
             "adminToken": {"value": admin_token},
         },
         "redis": {"url": redis},
-        "etcd": {"enabled": true, "endpoints": [etcd.endpoints]},
+        "etcd": etcd_values,
         "dataPlane": {"enabled": false},
     });
+    if let Some(tls) = tls {
+        values["tls"] = tls;
+        let ca = common::TestCa::new("relay-test-cert-manager");
+        // What the operator creates for tls.clientAuth.caSecret: the issuer's CA.
+        cluster.secrets.insert(
+            "relay-dp-ca".into(),
+            BTreeMap::from([("ca.crt".to_string(), ca.pem.clone().into_bytes())]),
+        );
+        cluster.cert_manager = Some(ca);
+    }
 
     // 1. Install the control plane alone (dataPlane.enabled=false, as the chart says to when
     //    there is no data-plane token yet), create the token, then upgrade with it.
-    let mut cluster = Cluster::default();
     let docs = render(&values);
     cluster.apply(&docs);
     let cp_workload = workload(&docs, "control-plane").clone();
@@ -402,14 +571,14 @@ async fn what_the_chart_renders_runs_and_serves_a_request() {
         .await
         .unwrap_or_else(|| panic!("no answer on the metrics port:\n{}", cp.logs()));
     assert_eq!(m.status, 200);
-    // The chart's generated certificate, verified by name (localhost is among its names).
-    let tls = docs
-        .iter()
-        .find(|d| d["kind"] == "Secret" && d["metadata"]["name"].as_str().unwrap().ends_with("-tls"))
-        .unwrap()["metadata"]["name"]
-        .as_str()
+    // The control plane's certificate (generated, or from cert-manager), verified by name
+    // (localhost is among its names).
+    let tls = cluster
+        .secrets
+        .keys()
+        .find(|name| name.ends_with("-tls"))
         .unwrap()
-        .to_string();
+        .clone();
     let ca = dir.path().join("ca.crt");
     std::fs::write(&ca, cluster.secret(&tls, "ca.crt")).unwrap();
     let server = format!("https://localhost:{cp_grpc}");
@@ -450,6 +619,15 @@ async fn what_the_chart_renders_runs_and_serves_a_request() {
     ))
     .unwrap();
     let key = key["key"].as_str().unwrap().to_string();
+    // The one replica leads, elected on etcd.
+    let status = wait_for(Duration::from_secs(30), "the control plane to lead on etcd", || {
+        let status = relayctl(&server, &ca, &admin_token, &["status"], None);
+        async move { status.contains("etcd, leading").then_some(status) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}:\n{}", cp.logs()));
+    assert!(status.contains("leader: relay-control-plane-0 (etcd)"), "{status}");
+    assert!(!cp.logs().contains(ETCD_PASSWORD), "the etcd password in the logs");
 
     // 2. Upgrade with the data-plane token; the Services map to the loopback addresses.
     values["secrets"]["dataPlaneToken"] = json!({"value": dp_token});

@@ -660,6 +660,23 @@ async fn request_bodies_are_bounded_in_size_and_time() {
     assert!(text.contains("request_too_large"), "{text}");
     assert!(sent < 64 * 1024 * 1024, "the server kept reading: {sent} bytes");
 
+    // A Messages body declared past the 32 MB limit, and nothing sent: 413 within seconds, not
+    // at the body-read timeout.
+    let mut conn = tokio::net::TcpStream::connect(dp.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\nanthropic-version: 2023-06-01\r\n\
+         content-type: application/json\r\ncontent-length: 40000000\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut answer))
+        .await
+        .expect("a declared oversize body is refused without waiting for it")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("request_too_large"), "{text}");
+
     // A Messages body that trickles and never completes: 408, in the Anthropic shape.
     let mut conn = tokio::net::TcpStream::connect(dp.addr).await.unwrap();
     let head = format!(

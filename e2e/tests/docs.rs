@@ -31,7 +31,7 @@ fn every_crate_declares_the_license_of_the_license_file() {
     assert!(readme.contains("Apache License 2.0"), "the README names the license");
 }
 
-/// The README lists what the data plane serves and does not, says `--control-plane` takes one URL,
+/// The README lists what the data plane serves and does not, says what `--control-plane` takes,
 /// and links to sections of the operations docs that exist.
 #[test]
 fn the_readme_says_what_is_served_and_links_to_existing_sections() {
@@ -48,7 +48,7 @@ fn the_readme_says_what_is_served_and_links_to_existing_sections() {
         assert!(readme.contains(route), "the README does not list {route}");
     }
     assert!(readme.contains("Message Batches API") && readme.contains("Files API"));
-    assert!(readme.contains("takes one `--control-plane` URL"));
+    assert!(readme.contains("the replicas' URLs separated by commas"));
     let ops = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
     let anchors: Vec<String> = ops
         .lines()
@@ -145,4 +145,75 @@ fn the_readme_starts_with_two_commands_that_exist() {
     // The test script runs the whole workspace's tests.
     let test = std::fs::read_to_string(root.join("scripts/test.sh")).unwrap();
     assert!(test.contains("cargo test --workspace --all-targets"));
+}
+
+/// The Rust version the README asks for is the workspace's `rust-version`, and every locked
+/// dependency builds with it: a newcomer with exactly that toolchain gets a build, not "package X
+/// cannot be built because it requires rustc 1.N".
+#[test]
+fn the_readme_asks_for_a_rust_that_builds_every_locked_dependency() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let msrv = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .expect("the workspace declares rust-version")
+        .trim_matches('"')
+        .to_string();
+    let minor = |v: &str| -> (u32, u32) {
+        let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap());
+        (parts.next().unwrap(), parts.next().unwrap_or(0))
+    };
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let asked: Vec<&str> = readme
+        .match_indices("Rust toolchain (")
+        .map(|(i, m)| readme[i + m.len()..].split('+').next().unwrap())
+        .collect();
+    assert!(!asked.is_empty(), "the README says which Rust it needs");
+    for v in &asked {
+        assert_eq!(
+            *v, msrv,
+            "the README asks for Rust {v}+, the workspace's rust-version is {msrv}"
+        );
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let host = std::process::Command::new("rustc").arg("-vV").output().unwrap();
+    let host = String::from_utf8_lossy(&host.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .unwrap();
+    let out = std::process::Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--locked",
+            "--offline",
+            "--filter-platform",
+        ])
+        .arg(&host)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let newer: Vec<String> = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| {
+            let v = p["rust_version"].as_str()?;
+            (minor(v) > minor(&msrv)).then(|| {
+                format!(
+                    "{} {} needs {v}",
+                    p["name"].as_str().unwrap_or("?"),
+                    p["version"].as_str().unwrap_or("?")
+                )
+            })
+        })
+        .collect();
+    assert!(
+        newer.is_empty(),
+        "locked dependencies need a newer Rust than rust-version {msrv}: {newer:?}"
+    );
 }

@@ -842,7 +842,8 @@ async fn a_request_waits_for_an_operators_recovery() {
     assert_eq!(waited_for, "recovery");
     assert!((1000..8000).contains(&waited_ms), "{waited_ms}");
 
-    // Nothing recovers: 529 once the wait is up.
+    // Nothing recovers: once the wait is up, a 503 that tells SDKs not to retry (no retry helps
+    // until someone acts), saying so.
     f.cp.set_setting("queue.max_wait_ms", "1000").await;
     f.mock.set_fault(&cred(0), Some(Fault::Unauthorized));
     let r = post_messages(&f.dp, &f.key, &message_body("claude-sonnet-4-5", false)).await;
@@ -855,8 +856,14 @@ async fn a_request_waits_for_an_operators_recovery() {
     f.dp.wait_version(f.cp.head().await).await;
     let started = std::time::Instant::now();
     let r = post_messages(&f.dp, &f.key, &message_body("claude-sonnet-4-5", false)).await;
-    assert_eq!(r.status, 529, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.error_type(), "overloaded_error");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.error_type(), "api_error");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("until an operator or an account check restores it"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "{:?}",

@@ -19,6 +19,34 @@ use std::time::Duration;
 struct Fleet {
     dir: tempfile::TempDir,
     base: u16,
+    /// File systems mounted for this fleet (unmounted after `down`).
+    mounts: Vec<PathBuf>,
+    /// More environment for `fleet.sh`.
+    env: Vec<(String, String)>,
+    /// The replica relayctl talks to (1 or 2).
+    admin: std::sync::atomic::AtomicU16,
+}
+
+/// This process's real user and group ids (from /proc/self/status).
+fn ids() -> (u32, u32) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let id = |field: &str| -> u32 {
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (id("Uid:"), id("Gid:"))
+}
+
+/// `program` as root: itself when the tests run as root, else through `sudo -n` (scripts/test.sh
+/// run by a user with sudo, as it installs packages).
+fn as_root(program: &str) -> Command {
+    if ids().0 == 0 {
+        Command::new(program)
+    } else {
+        let mut cmd = Command::new("sudo");
+        cmd.args(["-n", program]);
+        cmd
+    }
 }
 
 fn ports_free(base: u16) -> bool {
@@ -27,6 +55,13 @@ fn ports_free(base: u16) -> bool {
 
 impl Fleet {
     fn up() -> Self {
+        let fleet = Self::new();
+        fleet.script(&["up"]);
+        fleet
+    }
+
+    /// A state directory and a block of ports; nothing started yet.
+    fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Tests of this binary run at once: each fleet takes its own block of 100 ports.
         static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
@@ -36,9 +71,13 @@ impl Fleet {
             // could take a port between this check and the fleet's start.
             base = if base > 32_000 { 20_000 } else { base + 100 };
         }
-        let fleet = Self { dir, base };
-        fleet.script(&["up"]);
-        fleet
+        Self {
+            dir,
+            base,
+            mounts: Vec::new(),
+            env: Vec::new(),
+            admin: std::sync::atomic::AtomicU16::new(1),
+        }
     }
 
     fn script(&self, args: &[&str]) -> String {
@@ -49,6 +88,7 @@ impl Fleet {
             .env("RELAY_FLEET_DIR", self.dir.path())
             .env("RELAY_FLEET_PORT", self.base.to_string())
             .env("RELAY_FLEET_BIN", bin)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
         let text = format!(
@@ -89,13 +129,19 @@ impl Fleet {
         assert!(ok.success(), "kill -{signal} {name}");
     }
 
-    /// `relayctl -o json ARGS` against cp-1 with the fleet's admin token.
+    /// `relayctl -o json ARGS` against cp-1 (or the replica in `admin`) with the fleet's admin token.
     fn relayctl(&self, args: &[&str]) -> serde_json::Value {
         let d = self.dir.path();
         let out = Command::new(workspace_bin("relayctl"))
             .args(["-o", "json"])
             .args(args)
-            .env("RELAY_SERVER", format!("https://localhost:{}", self.base + 10))
+            .env(
+                "RELAY_SERVER",
+                format!(
+                    "https://localhost:{}",
+                    self.base + 10 * self.admin.load(Ordering::Relaxed)
+                ),
+            )
             .env("RELAY_CA_FILE", d.join("certs/ca.pem"))
             .env(
                 "RELAY_ADMIN_TOKEN",
@@ -109,6 +155,53 @@ impl Fleet {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `relayctl key create NAME ARGS`: the new client key.
+    fn create_key(&self, name: &str, args: &[&str]) -> String {
+        let mut all = vec!["key", "create", name];
+        all.extend_from_slice(args);
+        self.relayctl(&all)["key"].as_str().unwrap().to_string()
+    }
+
+    /// What data plane `n` says about `key` (`GET /relay/v1/key`), once it knows the key.
+    async fn key_status(&self, n: u16, key: &str) -> Option<serde_json::Value> {
+        let h = sdk_headers(key);
+        let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let url = format!("http://127.0.0.1:{}/relay/v1/key", self.base + 40 + n);
+        let r = send("GET", &url, &hs, "").await;
+        (r.status == 200).then(|| r.json())
+    }
+
+    /// One non-streaming request with `key` to data plane `n`.
+    async fn post(&self, n: u16, key: &str) -> common::HttpResponse {
+        let h = sdk_headers(key);
+        let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        send(
+            "POST",
+            &self.dp_url(n),
+            &hs,
+            message_body("claude-sonnet-4-5", false).to_string(),
+        )
+        .await
+    }
+
+    /// Waits until `pid` has exited.
+    async fn gone(&self, pid: &str) {
+        wait_for(Duration::from_secs(60), "the process to exit", || {
+            let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
+            async move { gone.then_some(()) }
+        })
+        .await
+        .unwrap();
+    }
+
+    /// A counter or gauge (without labels) on data plane `n`'s /metrics.
+    async fn dp_metric(&self, n: u16, name: &str) -> Option<f64> {
+        let r = common::try_send("GET", &format!("http://127.0.0.1:{}/metrics", self.base + 40 + n)).await?;
+        let text = String::from_utf8_lossy(&r.body).to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     fn connected(&self, node: &str) -> bool {
@@ -173,6 +266,22 @@ impl Fleet {
             .unwrap();
         (row.get(0), row.get(1))
     }
+
+    /// (usage events, of them answered 200, distinct request ids) of the key named `name`.
+    async fn key_usage(&self, name: &str) -> (i64, i64, i64) {
+        let url = format!("postgres://postgres@127.0.0.1:{}/relay", self.base);
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let row = c
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE u.http_status = 200), count(DISTINCT u.request_id) \
+                 FROM usage_events u JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    }
 }
 
 impl Drop for Fleet {
@@ -183,6 +292,9 @@ impl Drop for Fleet {
             .env("RELAY_FLEET_DIR", self.dir.path())
             .env("RELAY_FLEET_PORT", self.base.to_string())
             .output();
+        for m in &self.mounts {
+            let _ = as_root("umount").arg("-l").arg(m).status();
+        }
     }
 }
 
@@ -196,10 +308,14 @@ struct Traffic {
 
 impl Traffic {
     fn start(fleet: &Fleet, targets: &[u16], workers: usize) -> Self {
+        Self::start_with(fleet, &fleet.client_key(), targets, workers)
+    }
+
+    fn start_with(fleet: &Fleet, key: &str, targets: &[u16], workers: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
-        let key = fleet.client_key();
+        let key = key.to_string();
         let urls: Vec<String> = targets.iter().map(|n| fleet.dp_url(*n)).collect();
         let tasks = (0..workers)
             .map(|w| {
@@ -314,6 +430,48 @@ async fn killing_the_leader_replica_loses_no_request_and_no_usage() {
     assert_usage_exact(&fleet, sent).await;
 }
 
+/// Each data plane is given both replicas (its preferred one first). kill -9 cp-1 and leave it
+/// down: dp-1 and dp-3, which were on it, connect to cp-2 (the next one listed) and take config
+/// from it; usage from every data plane reaches Postgres through cp-2 with cp-1 still down.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_down_leaves_no_data_plane_without_a_control_plane() {
+    let fleet = Fleet::up();
+    let traffic = Traffic::start(&fleet, &[1, 2, 3], 6);
+    traffic.wait_sent(60).await;
+    let pid = fleet.pid("cp-1");
+    fleet.signal("cp-1", "KILL");
+    fleet.gone(&pid).await;
+    fleet.admin.store(2, Ordering::Relaxed);
+    wait_for(
+        Duration::from_secs(60),
+        "every data plane connected to cp-2",
+        || async {
+            ["dp-1", "dp-2", "dp-3"]
+                .iter()
+                .all(|n| fleet.connected(n))
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    // Config from cp-2 reaches them all: a key made now works everywhere.
+    let late = fleet.create_key("late", &[]);
+    for n in 1..=3u16 {
+        wait_for(Duration::from_secs(30), "the new key everywhere", || {
+            fleet.key_status(n, &late)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    }
+    let before = traffic.sent.load(Ordering::Relaxed);
+    traffic.wait_sent(before + 60).await;
+    let sent = traffic.finish().await;
+    // cp-1 is still down: all of it came through cp-2.
+    assert_usage_exact(&fleet, sent).await;
+    let log = std::fs::read_to_string(fleet.dir.path().join("logs/dp-1.log")).unwrap();
+    assert!(log.contains("using the next one listed"), "dp-1 says it failed over");
+}
+
 /// SIGSTOP a data plane for longer than the control plane's stream timeouts while the others
 /// serve: after SIGCONT its in-flight requests complete, it reconnects, and its usage arrives
 /// once, with nothing doubled.
@@ -336,7 +494,7 @@ async fn pausing_a_data_plane_loses_no_request_and_no_usage() {
     .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
     fleet.signal("dp-2", "CONT");
     wait_for(Duration::from_secs(60), "dp-2 ready and connected again", || async {
-        (status().contains("(ready; config from cp-2)") && fleet.connected("dp-2")).then_some(())
+        (status().contains("(ready; config from cp-2, else cp-1)") && fleet.connected("dp-2")).then_some(())
     })
     .await
     .unwrap();
@@ -408,4 +566,309 @@ async fn stopping_etcd_loses_no_request_and_no_usage() {
     traffic.wait_sent(before + 60).await;
     let sent = traffic.finish().await;
     assert_usage_exact(&fleet, sent).await;
+}
+
+/// Sends `n` non-streaming requests with `key`, round robin over the three data planes: how many
+/// were served (200); every other answer must be the limit's 429 (checked with `refused`).
+async fn spend(fleet: &Fleet, key: &str, n: u16, refused: impl Fn(&str)) -> usize {
+    let mut ok = 0;
+    for i in 0..n {
+        let r = fleet.post(1 + i % 3, key).await;
+        match r.status {
+            200 => ok += 1,
+            429 => refused(r.json()["error"]["message"].as_str().unwrap()),
+            s => panic!("unexpected {s}: {}", String::from_utf8_lossy(&r.body)),
+        }
+    }
+    ok
+}
+
+/// Stop Redis (the limits store) while traffic with a limited key runs, then start it again: no
+/// request fails (`limits.on_store_down` is `local` by default: each data plane counts its share of
+/// each limit in process, a 429 says so), every request has one usage event, and once Redis is
+/// back the data planes count in it again and a limit holds exactly across the fleet.
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_redis_loses_no_request_and_limits_hold() {
+    let fleet = Fleet::up();
+    let busy = fleet.create_key("busy", &["--rpm", "1000000", "--concurrency", "64"]);
+    let tight = fleet.create_key("tight", &["--rpm", "9"]);
+    // Every data plane knows both keys and has counted the fleet (heartbeats in Redis).
+    for n in 1..=3u16 {
+        wait_for(
+            Duration::from_secs(30),
+            "a data plane to count the fleet in Redis",
+            || async {
+                let s = fleet.key_status(n, &tight).await?;
+                fleet.key_status(n, &busy).await?;
+                let r = common::try_send("GET", &format!("http://127.0.0.1:{}/metrics", fleet.base + 40 + n)).await?;
+                let m = String::from_utf8_lossy(&r.body).contains("relay_limits_live_data_planes 3");
+                (m && s["counted"] == "shared").then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    }
+    let traffic = Traffic::start_with(&fleet, &busy, &[1, 2, 3], 6);
+    traffic.wait_sent(60).await;
+    let pid = fleet.pid("redis");
+    fleet.signal("redis", "TERM");
+    fleet.gone(&pid).await;
+    wait_for(Duration::from_secs(30), "every data plane to count locally", || async {
+        for n in 1..=3u16 {
+            if fleet.key_status(n, &tight).await?["counted"] != "degraded_local" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    // Each data plane allows its share of the tight key: 9 / 3 = 3, so at most 9 in all.
+    let degraded_ok = spend(&fleet, &tight, 30, |m| {
+        assert!(m.contains("9 requests per minute") && m.contains("share"), "{m}");
+    })
+    .await;
+    assert!((1..=9).contains(&degraded_ok), "within the stated bound: {degraded_ok}");
+    for n in 1..=3u16 {
+        let r = common::try_send("GET", &format!("http://127.0.0.1:{}/readyz", fleet.base + 40 + n))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "a data plane without Redis stays ready");
+    }
+    let before = traffic.sent.load(Ordering::Relaxed);
+    traffic.wait_sent(before + 60).await;
+    fleet.script(&["up"]);
+    wait_for(
+        Duration::from_secs(30),
+        "every data plane to count in Redis again",
+        || async {
+            for n in 1..=3u16 {
+                if fleet.key_status(n, &busy).await?["counted"] != "shared" {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    let before = traffic.sent.load(Ordering::Relaxed);
+    traffic.wait_sent(before + 60).await;
+    // Exact again: a fresh key's 9 per minute, spent over all three data planes, is 9.
+    let exact = fleet.create_key("exact", &["--rpm", "9"]);
+    for n in 1..=3u16 {
+        wait_for(Duration::from_secs(30), "the new key everywhere", || {
+            fleet.key_status(n, &exact)
+        })
+        .await
+        .unwrap();
+    }
+    let exact_ok = spend(&fleet, &exact, 30, |m| {
+        assert!(m.contains("9 requests per minute") && !m.contains("share"), "{m}");
+    })
+    .await;
+    assert_eq!(exact_ok, 9, "the limit holds exactly across the fleet with Redis back");
+    let sent = traffic.finish().await;
+    assert_usage_exact(&fleet, sent + 60).await;
+    // Every request has its row, the refused ones too (429, no upstream called).
+    assert_eq!(fleet.key_usage("busy").await, (sent as i64, sent as i64, sent as i64));
+    assert_eq!(fleet.key_usage("tight").await, (30, degraded_ok as i64, 30));
+    assert_eq!(fleet.key_usage("exact").await, (30, 9, 30));
+}
+
+/// A data plane whose disk is full (its data directory on a 2 MB tmpfs, filled up while traffic
+/// runs): it keeps serving and stays ready; the usage events its spool cannot write are kept in
+/// memory and sent to the control plane all the same (`relay_usage_spool_errors_total` counts
+/// them), so none is lost while it runs; once space is freed the spool writes again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_under_a_data_plane_loses_no_request_and_no_usage() {
+    let mut fleet = Fleet::new();
+    let data = fleet.dir.path().join("dp-2");
+    std::fs::create_dir_all(&data).unwrap();
+    let (uid, gid) = ids();
+    let ok = as_root("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size=2m,uid={uid},gid={gid},mode=0700")])
+        .arg("relay-fleet-dp2")
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(
+        ok.success(),
+        "mounting a tmpfs needs root (or sudo without a password: scripts/test.sh as a user)"
+    );
+    fleet.mounts.push(data);
+    fleet.script(&["up"]);
+    let traffic = Traffic::start(&fleet, &[1, 2, 3], 6);
+    traffic.wait_sent(60).await;
+    // Fill the file system in small pieces, to the last byte it gives.
+    let fill = fleet.dir.path().join("dp-2/fill");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&fill).unwrap();
+        let chunk = [0u8; 512];
+        while f.write_all(&chunk).and_then(|()| f.sync_data()).is_ok() {}
+    }
+    wait_for(Duration::from_secs(60), "dp-2's spool to fail to write", || async {
+        (fleet.dp_metric(2, "relay_usage_spool_errors_total").await? > 0.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    let before = traffic.sent.load(Ordering::Relaxed);
+    traffic.wait_sent(before + 90).await;
+    let refused = fleet.dp_metric(2, "relay_usage_spool_errors_total").await.unwrap();
+    assert!(
+        refused >= 5.0,
+        "dp-2 served on with a full disk: {refused} events refused"
+    );
+    let r = common::try_send("GET", &format!("http://127.0.0.1:{}/readyz", fleet.base + 42))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "a data plane with a full disk stays ready");
+    // Space again: the spool writes again (the refusals stop growing).
+    std::fs::remove_file(&fill).unwrap();
+    let before = traffic.sent.load(Ordering::Relaxed);
+    traffic.wait_sent(before + 30).await;
+    let after_free = fleet.dp_metric(2, "relay_usage_spool_errors_total").await.unwrap();
+    let before = traffic.sent.load(Ordering::Relaxed);
+    traffic.wait_sent(before + 60).await;
+    assert_eq!(
+        fleet.dp_metric(2, "relay_usage_spool_errors_total").await.unwrap(),
+        after_free,
+        "with space again the spool writes"
+    );
+    let sent = traffic.finish().await;
+    assert_usage_exact(&fleet, sent).await;
+    let log = std::fs::read_to_string(fleet.dir.path().join("logs/dp-2.log")).unwrap();
+    assert!(
+        log.contains("it is kept in memory and sent"),
+        "the log says what happened"
+    );
+}
+
+/// Partition a data plane from the control planes and heal it. dp-3 reaches its replica only
+/// through a forwarder the test cuts: bytes stop both ways, nothing is closed (as when packets are
+/// dropped), new connections hang. dp-3 serves on from its last config (a key created meanwhile
+/// does not reach it), its usage waits in its spool; the control plane counts it gone; after the
+/// heal it reconnects, takes the new config, and its usage arrives once.
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioning_a_data_plane_from_the_control_planes_loses_no_request_and_no_usage() {
+    let mut fleet = Fleet::new();
+    let cp1: std::net::SocketAddr = format!("127.0.0.1:{}", fleet.base + 10).parse().unwrap();
+    let partition = relay_test_support::partition::Partition::start(cp1).await.unwrap();
+    fleet.env.push((
+        "RELAY_FLEET_DP3_CONTROL_PLANE".into(),
+        format!("https://localhost:{}", partition.addr.port()),
+    ));
+    fleet.script(&["up"]);
+    let traffic = Traffic::start(&fleet, &[1, 2, 3], 6);
+    traffic.wait_sent(60).await;
+    partition.cut();
+    let only_3 = Traffic::start(&fleet, &[3], 2);
+    // A key made during the partition reaches dp-1, never dp-3.
+    let late = fleet.create_key("late", &[]);
+    wait_for(Duration::from_secs(30), "dp-1 to know the new key", || {
+        fleet.key_status(1, &late)
+    })
+    .await
+    .unwrap();
+    // The control plane sees dp-3's stream die (HTTP/2 keepalive) while dp-3 serves on.
+    wait_for(
+        Duration::from_secs(120),
+        "the control plane to count dp-3 gone",
+        || async { (!fleet.connected("dp-3")).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    assert!(
+        fleet.key_status(3, &late).await.is_none(),
+        "dp-3 serves its last config"
+    );
+    let spooled = fleet.dp_metric(3, "relay_usage_spool_depth").await.unwrap();
+    assert!(spooled > 0.0, "dp-3's usage waits in its spool: {spooled}");
+    let r = common::try_send("GET", &format!("http://127.0.0.1:{}/readyz", fleet.base + 43))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status, 200,
+        "a partitioned data plane stays ready (within --max-config-staleness-mins)"
+    );
+    let before = only_3.sent.load(Ordering::Relaxed);
+    only_3.wait_sent(before + 20).await;
+    partition.heal();
+    wait_for(
+        Duration::from_secs(120),
+        "dp-3 connected again, on the new config",
+        || async { (fleet.connected("dp-3") && fleet.key_status(3, &late).await.is_some()).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    let before = traffic.sent.load(Ordering::Relaxed);
+    traffic.wait_sent(before + 60).await;
+    let sent = traffic.finish().await + only_3.finish().await;
+    assert_usage_exact(&fleet, sent).await;
+    wait_for(Duration::from_secs(30), "dp-3's spool to drain", || async {
+        (fleet.dp_metric(3, "relay_usage_spool_depth").await? == 0.0).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// `fleet.sh` knows its own processes: one killed -9 whose pid a stranger took since is "stopped"
+/// to `status`, started again by `up`, and left alone by `down` (pid files are checked against the
+/// process's start time); a second fleet on ports in use stops at once, naming the port, instead
+/// of waiting a minute or taking another fleet's servers for its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn fleet_sh_never_signals_a_stranger_and_refuses_ports_in_use() {
+    let fleet = Fleet::up();
+    fleet.signal("mock", "KILL");
+    let mut stranger = Command::new("sleep").arg("300").spawn().unwrap();
+    std::fs::write(fleet.dir.path().join("pids/mock.pid"), format!("{}\n", stranger.id())).unwrap();
+    let status = fleet.script(&["status"]);
+    let mock = status.lines().find(|l| l.starts_with("mock")).unwrap();
+    assert!(mock.contains("stopped"), "{mock}");
+
+    // Another fleet on the same ports.
+    let other = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let started = std::time::Instant::now();
+    let out = Command::new(root.join("scripts/fleet.sh"))
+        .arg("up")
+        .env("RELAY_FLEET_DIR", other.path())
+        .env("RELAY_FLEET_PORT", fleet.base.to_string())
+        .env("RELAY_FLEET_BIN", workspace_bin("relayctl").parent().unwrap())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a second fleet on the same ports came up: {text}"
+    );
+    assert!(
+        text.contains(&format!("port {} is in use by another process", fleet.base)),
+        "{text}"
+    );
+    // Not the minute-long wait for a server that could never start.
+    assert!(started.elapsed() < Duration::from_secs(30), "{text}");
+    let _ = Command::new(root.join("scripts/fleet.sh"))
+        .args(["down", "--purge"])
+        .env("RELAY_FLEET_DIR", other.path())
+        .env("RELAY_FLEET_PORT", fleet.base.to_string())
+        .output();
+
+    fleet.script(&["up"]);
+    let status = fleet.script(&["status"]);
+    assert_eq!(
+        status.lines().filter(|l| l.contains(" running ")).count(),
+        9,
+        "{status}"
+    );
+    let mock = common::try_send("GET", &format!("http://127.0.0.1:{}/", fleet.base + 4)).await;
+    assert!(mock.is_some(), "the mock upstream answers again");
+    fleet.script(&["down"]);
+    assert!(
+        stranger.try_wait().unwrap().is_none(),
+        "fleet.sh down killed a process that was not its own"
+    );
+    let _ = stranger.kill();
+    let _ = stranger.wait();
 }

@@ -126,6 +126,73 @@ fn the_dockerfile_builds_pinned_and_runs_as_non_root() {
         "the build context leaves target/ out"
     );
     assert!(ignore.lines().any(|l| l == ".git/"));
+    // What the scripts keep in the clone (scripts/standalone.sh: relay-data, scripts/fleet.sh:
+    // .fleet) holds master keys, tokens and a Postgres data directory only its owner can read:
+    // never sent to a build, never committed.
+    let git_ignore = std::fs::read_to_string(root().join(".gitignore")).unwrap();
+    for state in ["relay-data", ".fleet"] {
+        assert!(
+            ignore.lines().any(|l| l == format!("{state}/")),
+            ".dockerignore does not leave {state}/ out of the build context"
+        );
+        assert!(
+            git_ignore.lines().any(|l| l == format!("/{state}")),
+            ".gitignore does not ignore /{state}"
+        );
+    }
+}
+
+/// The build stage has the tools the locked dependencies' build scripts run beyond the C compiler
+/// the slim Rust image ships (ca-certificates, gcc, libc6-dev, wget: docker-library's slim
+/// Dockerfile), and a Rust no older than the workspace's `rust-version`.
+#[test]
+fn the_build_stage_has_what_the_build_scripts_run() {
+    let text = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let build: String = text
+        .lines()
+        .skip_while(|l| !(l.starts_with("FROM ") && l.ends_with(" AS build")))
+        .skip(1)
+        .take_while(|l| !l.starts_with("FROM "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        text.contains("rust:${RUST_VERSION}-slim-"),
+        "the build stage is the slim Rust image"
+    );
+    let installed: Vec<&str> = build
+        .split("apt-get install")
+        .skip(1)
+        .flat_map(|rest| rest.split("&&").next().unwrap_or("").split_whitespace())
+        .filter(|w| !w.starts_with('-') && *w != "\\")
+        .collect();
+    let lock = std::fs::read_to_string(root().join("Cargo.lock")).unwrap();
+    // crate whose build script runs it -> the Debian package
+    for (krate, tool) in [
+        ("tikv-jemalloc-sys", "make"),
+        ("cmake", "cmake"),
+        ("openssl-sys", "libssl-dev"),
+    ] {
+        if lock.contains(&format!("name = \"{krate}\"")) {
+            assert!(
+                installed.contains(&tool),
+                "Cargo.lock has {krate}, whose build runs {tool}: the build stage installs {installed:?}"
+            );
+        }
+    }
+    let minor = |v: &str| -> (u32, u32) {
+        let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap());
+        (parts.next().unwrap(), parts.next().unwrap_or(0))
+    };
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let msrv = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .unwrap()
+        .trim_matches('"');
+    assert!(
+        minor(&arg_default("RUST_VERSION")) >= minor(msrv),
+        "the Dockerfile's Rust is older than rust-version {msrv}"
+    );
 }
 
 /// The chart and the plain manifests name exactly the images the Dockerfile builds, at the

@@ -235,3 +235,152 @@ async fn a_data_plane_pointed_at_a_wrong_port_says_so_and_stops_quietly() {
     let log = dp.log_text();
     assert!(!log.contains("deadline passed"), "nothing was spooled: {log}");
 }
+
+const ETCD_PASSWORD: &str = "proc-etcd-pässword";
+
+/// A distributed control plane on `db`, elected on etcd at `endpoints` (unless `extra` names
+/// others) with `extra` flags; not waited for.
+fn etcd_replica(db: &relay_test_support::TestDb, endpoints: &str, dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let mut cmd = std::process::Command::new(workspace_bin("relay-control-plane"));
+    cmd.args(["--database-url", &db.url])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--leader-ttl-secs", "3"])
+        .args(extra)
+        .env("RELAY_REPLICA", "cp-etcd")
+        .env("RELAY_MASTER_KEY", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        .env("RELAY_ADMIN_TOKEN", "rat-processes-etcd-admin-token-0123456789abcdef")
+        .env_remove("RELAY_MASTER_KEY_FILE");
+    if !extra.contains(&"--etcd-endpoints") {
+        cmd.args(["--etcd-endpoints", endpoints]);
+    }
+    Proc::spawn(cmd, &dir.join(format!("cp-{}.log", uuid::Uuid::new_v4().simple()))).unwrap()
+}
+
+/// What the control plane says about its etcd credentials: a password file that is missing or
+/// empty, or TLS files with an http:// endpoint, stop the start with the flag in the message; a
+/// wrong password is logged (naming the user, never the password) and the replica keeps trying
+/// without leading; a role that does not cover the prefix is explained; the right one leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_on_etcd_with_auth_says_what_is_wrong_with_its_credentials() {
+    let db = relay_test_support::TestDb::new().await.unwrap();
+    let etcd = relay_test_support::etcd::TestEtcd::start_with(Default::default())
+        .await
+        .unwrap();
+    etcd.enable_auth("relay-cp", ETCD_PASSWORD, "/relay/").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let (right, wrong, empty) = (
+        file("right", &format!("{ETCD_PASSWORD}\n")),
+        file("wrong", "not-the-etcd-password\n"),
+        file("empty", "\n"),
+    );
+    let missing = dir.path().join("missing").display().to_string();
+    let ca = file("ca.pem", "not used");
+
+    // Refused at start, before anything is reached.
+    for (extra, says) in [
+        (
+            vec!["--etcd-user", "relay-cp", "--etcd-password-file", &missing],
+            format!("--etcd-password-file {missing}"),
+        ),
+        (
+            vec!["--etcd-user", "relay-cp", "--etcd-password-file", &empty],
+            format!("--etcd-password-file {empty} is empty"),
+        ),
+        (vec!["--etcd-ca-file", &ca], "are for https:// endpoints".to_string()),
+        (vec!["--etcd-user", "relay-cp"], "--etcd-password-file".to_string()),
+        (
+            vec!["--etcd-endpoints", "https://localhost:2379", "--etcd-ca-file", &ca],
+            format!("--etcd-ca-file {ca}"),
+        ),
+        (
+            vec!["--etcd-endpoints", "https://localhost:2379", "--etcd-ca-file", &ca],
+            "no PEM certificate".to_string(),
+        ),
+    ] {
+        let mut cp = etcd_replica(&db, &etcd.endpoints, dir.path(), &extra);
+        let status = exits_within(&mut cp, Duration::from_secs(20)).await;
+        let log = cp.log_text();
+        assert!(!status.success(), "{extra:?} was accepted: {log}");
+        assert!(log.contains(&says), "{extra:?}: the message should say {says:?}: {log}");
+    }
+
+    // A wrong password: the replica runs, says it cannot log in and why, and never leads.
+    let mut bad = etcd_replica(
+        &db,
+        &etcd.endpoints,
+        dir.path(),
+        &["--etcd-user", "relay-cp", "--etcd-password-file", &wrong],
+    );
+    let line = wait_for(Duration::from_secs(30), "the refused login to be logged", || {
+        let text = bad.log_text();
+        async move { Some(text.lines().find(|l| l.contains("cannot log in to etcd"))?.to_string()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", bad.log_text()));
+    assert!(
+        line.contains("\"relay-cp\"") && line.contains("invalid user ID or password"),
+        "{line}"
+    );
+    assert!(bad.try_wait().is_none(), "it keeps running: {}", bad.log_text());
+
+    // The right password leads (the bad replica, still running, does not).
+    let mut good = etcd_replica(
+        &db,
+        &etcd.endpoints,
+        dir.path(),
+        &["--etcd-user", "relay-cp", "--etcd-password-file", &right],
+    );
+    wait_for(Duration::from_secs(30), "the replica with the password to lead", || {
+        let text = good.log_text();
+        async move {
+            text.lines()
+                .any(|l| l.contains("leading") && l.contains("term"))
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", good.log_text()));
+    // A user whose role does not cover the prefix: the log says what the role needs.
+    let mut elsewhere = etcd_replica(
+        &db,
+        &etcd.endpoints,
+        dir.path(),
+        &[
+            "--etcd-user",
+            "relay-cp",
+            "--etcd-password-file",
+            &right,
+            "--etcd-prefix",
+            "/elsewhere/",
+        ],
+    );
+    let line = wait_for(Duration::from_secs(30), "the refused read to be logged", || {
+        let text = elsewhere.log_text();
+        async move { Some(text.lines().find(|l| l.contains("permission denied"))?.to_string()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", elsewhere.log_text()));
+    assert!(
+        line.contains("needs a role with read and write on relay's key prefix"),
+        "{line}"
+    );
+    elsewhere.kill();
+    let bad_log = bad.log_text();
+    assert!(
+        !bad_log.lines().any(|l| l.contains("leading") && l.contains("term")),
+        "{bad_log}"
+    );
+    for log in [bad_log, good.log_text()] {
+        assert!(
+            !log.contains("not-the-etcd-password") && !log.contains(ETCD_PASSWORD),
+            "a password in the log: {log}"
+        );
+    }
+    bad.kill();
+    good.kill();
+}

@@ -45,7 +45,14 @@ struct Sent {
     disconnected: bool,
     /// Sent a body that is not JSON (refused before any upstream).
     bad_body: bool,
+    /// Its `x-test-seq` header (relay forwards it: the upstream calls made for it carry it).
+    seq: usize,
+    /// The data plane it was sent to.
+    node: &'static str,
 }
+
+/// The header that tags a client request's upstream calls.
+const SEQ: &str = "x-test-seq";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them() {
@@ -59,10 +66,24 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
     let mut admin = cp.admin().await;
     // default group: two good accounts and one that is always overloaded (fails over);
     // group "broken": one account answering 500 (the client gets the error).
-    cp.add_account("good-1", &mock.base_url(), "cred-good-1").await;
-    cp.add_account("good-2", &mock.base_url(), "cred-good-2").await;
+    // "flaky" is tried first (priority 0) and kept out for only a millisecond after each 529, so
+    // requests fail over from it to a good account (priority 1) again and again.
     cp.add_account("flaky", &mock.base_url(), "cred-flaky").await;
     mock.set_fault("cred-flaky", Some(Fault::Overloaded));
+    cp.set_setting("cooldown.overloaded_ms", "1").await;
+    for name in ["good-1", "good-2"] {
+        admin
+            .create_account(pb::CreateAccountRequest {
+                name: name.into(),
+                kind: pb::AccountKind::AnthropicCompatible as i32,
+                base_url: mock.base_url(),
+                credential: format!("cred-{name}"),
+                priority: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
     admin
         .create_group(pb::CreateGroupRequest {
             name: "broken".into(),
@@ -123,14 +144,15 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
     // Mixed traffic, alternating data planes.
     let mut sent: BTreeMap<String, Sent> = BTreeMap::new();
     for i in 0..24 {
-        let dp = if i % 2 == 0 { &dp1 } else { &dp2 };
+        let (dp, node) = if i % 2 == 0 { (&dp1, "dp-1") } else { (&dp2, "dp-2") };
         let stream = i % 3 == 0;
         let (key, name) = if i % 8 == 7 {
             (&broken_key, "team-b")
         } else {
             (&good_key, "team-a")
         };
-        let r = post_messages(dp, key, &message_body(MODEL, stream)).await;
+        let seq = i.to_string();
+        let r = post(dp, "/v1/messages", key, &message_body(MODEL, stream), &[(SEQ, &seq)]).await;
         let id = r.header("request-id").unwrap().to_string();
         sent.insert(
             id,
@@ -140,13 +162,18 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
                 ok: r.status == 200,
                 disconnected: false,
                 bad_body: false,
+                seq: i,
+                node,
             },
         );
     }
     // Two clients that go away after the head of a stream.
-    for dp in [&dp1, &dp2] {
+    for (n, (dp, node)) in [(&dp1, "dp-1"), (&dp2, "dp-2")].into_iter().enumerate() {
         let h = sdk_headers(&good_key);
-        let mut req = http::Request::builder().method("POST").uri(dp.url("/v1/messages"));
+        let mut req = http::Request::builder()
+            .method("POST")
+            .uri(dp.url("/v1/messages"))
+            .header(SEQ, (100 + n).to_string());
         for (k, v) in &h {
             req = req.header(*k, v.as_str());
         }
@@ -165,6 +192,8 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
                 ok: false,
                 disconnected: true,
                 bad_body: false,
+                seq: 100 + n,
+                node,
             },
         );
     }
@@ -180,6 +209,8 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
                 ok: false,
                 disconnected: false,
                 bad_body: false,
+                seq: 200,
+                node: "dp-2",
             },
         );
     }
@@ -197,6 +228,8 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
                 ok: false,
                 disconnected: false,
                 bad_body: true,
+                seq: 201,
+                node: "dp-1",
             },
         );
     }
@@ -215,6 +248,47 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
     .await
     .unwrap();
     assert_eq!(records.len(), sent.len(), "one record per request, none twice");
+
+    // The right attempts, exactly: a record's attempts are the upstream calls made for its client
+    // request (tagged by a header relay forwards), in order, each on the account whose credential
+    // it carried, with the upstream's request id, through the data plane the client called.
+    let account_of = BTreeMap::from([
+        ("cred-good-1", "good-1"),
+        ("cred-good-2", "good-2"),
+        ("cred-flaky", "flaky"),
+        ("cred-bad", "bad"),
+    ]);
+    let calls = mock.requests();
+    for r in &records {
+        let s = &sent[r["id"].as_str().unwrap()];
+        let seq = s.seq.to_string();
+        let want: Vec<(String, String)> = calls
+            .iter()
+            .filter(|c| c.header(SEQ) == Some(seq.as_str()))
+            .map(|c| {
+                let cred = c.header("x-api-key").unwrap();
+                (account_of[cred].to_string(), c.request_id.clone())
+            })
+            .collect();
+        let attempts = r["attempts"].as_array().unwrap();
+        let got: Vec<(String, String)> = attempts
+            .iter()
+            .map(|a| {
+                (
+                    a["account"].as_str().unwrap().to_string(),
+                    a["upstream_request_id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "{r}");
+        for a in attempts {
+            assert_eq!(a["node"], s.node, "{r}");
+        }
+    }
+    assert!(
+        records.iter().any(|r| r["attempts"].as_array().unwrap().len() > 1),
+        "some request failed over"
+    );
 
     let flaky_attempts = mock
         .requests()
@@ -373,11 +447,16 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
         None,
     ))
     .unwrap();
+    // The same record, and its capture (none: no rule).
+    let mut shown = shown;
+    let capture = shown.as_object_mut().unwrap().remove("capture");
+    assert_eq!(capture, Some(Value::Null), "{shown}");
     assert_eq!(&shown, one);
     let table = relayctl(&server, ADMIN_TOKEN, &["requests", "show", id], None);
     assert!(table.contains(id) && table.contains("attempts ("), "{table}");
 
-    // stats: what a direct computation over the listed records gives.
+    // stats: what a direct computation over the listed records gives, in total and for every
+    // model, key and account (a request under its final attempt's account).
     let stats: Vec<Value> = serde_json::from_str(&relayctl(
         &server,
         ADMIN_TOKEN,
@@ -385,6 +464,78 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
         None,
     ))
     .unwrap();
+    let nearest_rank = |mut v: Vec<u64>, p: usize| -> u64 {
+        v.sort_unstable();
+        if v.is_empty() {
+            0
+        } else {
+            v[(v.len() * p).div_ceil(100).max(1) - 1]
+        }
+    };
+    let direct = |rs: &[&Value]| -> Value {
+        let sum = |f: &str| rs.iter().map(|r| r[f].as_u64().unwrap()).sum::<u64>();
+        let errors = rs.iter().filter(|r| r["outcome"] != "ok").count();
+        let durations: Vec<u64> = rs.iter().map(|r| r["duration_ms"].as_u64().unwrap()).collect();
+        let ttfbs: Vec<u64> = rs
+            .iter()
+            .map(|r| r["ttfb_ms"].as_u64().unwrap_or(0))
+            .filter(|t| *t > 0)
+            .collect();
+        serde_json::json!({
+            "requests": rs.len(),
+            "errors": errors,
+            "error_ratio": format!("{:.4}", errors as f64 / rs.len() as f64),
+            "duration_p50_ms": nearest_rank(durations.clone(), 50),
+            "duration_p90_ms": nearest_rank(durations.clone(), 90),
+            "duration_p99_ms": nearest_rank(durations, 99),
+            "ttfb_p50_ms": nearest_rank(ttfbs.clone(), 50),
+            "ttfb_p90_ms": nearest_rank(ttfbs.clone(), 90),
+            "ttfb_p99_ms": nearest_rank(ttfbs, 99),
+            "input_tokens": sum("input_tokens"),
+            "output_tokens": sum("output_tokens"),
+            "cache_read_tokens": sum("cache_read_tokens"),
+            "cache_write_5m_tokens": sum("cache_write_5m_tokens"),
+            "cache_write_1h_tokens": sum("cache_write_1h_tokens"),
+            "cost_pico_usd": sum("cost_pico_usd"),
+        })
+    };
+    let of_stats = |row: &Value| -> Value {
+        let mut v = direct(&[]);
+        for k in v.as_object().unwrap().keys().cloned().collect::<Vec<_>>() {
+            v[&k] = if k == "error_ratio" {
+                Value::String(format!("{:.4}", row[&k].as_f64().unwrap()))
+            } else {
+                row[&k].clone()
+            };
+        }
+        v
+    };
+    let final_account = |r: &Value| -> String {
+        r["attempts"]
+            .as_array()
+            .unwrap()
+            .last()
+            .map_or(String::new(), |a| a["account"].as_str().unwrap().to_string())
+    };
+    let mut groups: BTreeMap<(String, String), Vec<&Value>> = BTreeMap::new();
+    for r in &records {
+        groups.entry(("total".into(), String::new())).or_default().push(r);
+        let model = r["model"].as_str().unwrap_or("").to_string();
+        groups.entry(("model".into(), model)).or_default().push(r);
+        groups
+            .entry(("key".into(), r["key"].as_str().unwrap().to_string()))
+            .or_default()
+            .push(r);
+        groups.entry(("account".into(), final_account(r))).or_default().push(r);
+    }
+    assert_eq!(stats.len(), groups.len(), "one stats row per group: {stats:?}");
+    for row in &stats {
+        let name = row["name"].as_str().unwrap_or("").to_string();
+        let rs = groups
+            .get(&(row["by"].as_str().unwrap().to_string(), name))
+            .unwrap_or_else(|| panic!("a stats row for no records: {row}"));
+        assert_eq!(of_stats(row), direct(rs), "{row}");
+    }
     let total = stats.iter().find(|r| r["by"] == "total").unwrap();
     assert_eq!(total["requests"], records.len());
     let errors = sent.values().filter(|s| !s.ok).count();
@@ -457,4 +608,86 @@ async fn every_request_has_one_record_with_its_attempts_and_relayctl_reads_them(
         tailed.iter().all(|id| fresh.contains(id)),
         "tail shows only what was stored after it started: {tailed:?}"
     );
+
+    // The model asked and the model answered: an upstream answering under another name.
+    let h = sdk_headers(&good_key);
+    let mut hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    hs.push(("x-mock-answer-model", "glm-4.6"));
+    let r = send(
+        "POST",
+        &dp1.url("/v1/messages"),
+        &hs,
+        message_body(MODEL, false).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let mapped = r.header("request-id").unwrap().to_string();
+    let answered = wait_for(WAIT, "the mapped request's record", || {
+        let server = server.clone();
+        async move {
+            let l = json_list(&server, &["list", "--all", "--model", "glm-4.6"]);
+            (!l.is_empty()).then_some(l)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(ids(&answered), BTreeSet::from([mapped.clone()]));
+    assert_eq!(answered[0]["model"], "glm-4.6", "{}", answered[0]);
+    assert_eq!(answered[0]["model_requested"], MODEL, "{}", answered[0]);
+    // Every request that got as far as its body asked for MODEL; the one without a readable body
+    // asked for nothing and has no model_requested.
+    let asked = json_list(&server, &["list", "--all", "--model-requested", MODEL]);
+    assert!(ids(&asked).contains(&mapped));
+    let bad_body: BTreeSet<String> = sent
+        .iter()
+        .filter(|(_, s)| s.bad_body)
+        .map(|(i, _)| i.clone())
+        .collect();
+    let everything = json_list(&server, &["list", "--all"]);
+    let want_asked: BTreeSet<String> = ids(&everything).difference(&bad_body).cloned().collect();
+    assert_eq!(ids(&asked), want_asked);
+    for r in &everything {
+        let id = r["id"].as_str().unwrap();
+        if bad_body.contains(id) {
+            assert!(r["model_requested"].is_null(), "{r}");
+        } else {
+            assert_eq!(r["model_requested"], MODEL, "{r}");
+        }
+    }
+
+    // The group is the one the request was served in: team-b's key moves to the default group;
+    // its old records stay in "broken", its new one is in "default".
+    admin
+        .update_api_key(pb::UpdateApiKeyRequest {
+            key: "team-b".into(),
+            group: Some("default".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let head = cp.head().await;
+    dp2.wait_version(head).await;
+    let r = post_messages(&dp2, &broken_key, &message_body(MODEL, false)).await;
+    assert_eq!(r.status, 200);
+    let moved = r.header("request-id").unwrap().to_string();
+    let in_default = wait_for(WAIT, "the moved key's new record", || {
+        let server = server.clone();
+        let moved = moved.clone();
+        async move {
+            let l = json_list(&server, &["list", "--all", "--key", "team-b"]);
+            l.iter().any(|r| r["id"] == moved.as_str()).then_some(l)
+        }
+    })
+    .await
+    .unwrap();
+    for r in &in_default {
+        let want = if r["id"] == moved.as_str() { "default" } else { "broken" };
+        assert_eq!(r["group"], want, "{r}");
+    }
+    assert_eq!(
+        ids(&json_list(&server, &["list", "--all", "--group", "broken"])),
+        team_b,
+        "the group filter follows the group at request time"
+    );
+    assert!(ids(&json_list(&server, &["list", "--all", "--group", "default"])).contains(&moved));
 }

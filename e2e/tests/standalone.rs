@@ -21,6 +21,7 @@ async fn quickstart_from_nothing_to_a_streamed_answer() {
     let mut cmd = Command::new(workspace_bin("relay-control-plane"));
     cmd.args(["--standalone", "--listen", &format!("127.0.0.1:{grpc}")])
         .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
+        .args(["--web-listen", &format!("127.0.0.1:{}", free_port())])
         .arg("--data-dir")
         .arg(&data)
         .env_remove("RELAY_ADMIN_TOKEN")
@@ -134,5 +135,129 @@ async fn quickstart_from_nothing_to_a_streamed_answer() {
     assert!(!line.contains("ACCOUNT_HEALTH_"), "{line}");
     assert!(line.contains("account=main"), "the account is named: {line}");
     assert!(!line.contains("health=1") && !line.contains('\u{1b}'), "{line}");
+    relay.kill();
+}
+
+/// The README's first command, `scripts/standalone.sh`, run from another directory (the release
+/// build skipped: `RELAY_BIN` names the workspace's binaries): relay keeps its data under the
+/// caller's `./relay-data`, and the next steps it prints work as printed in another shell, in
+/// another directory: the admin token's path, relayctl on the PATH (with the mock upstream beside
+/// it), the gRPC address it was given; the console and the data plane answer where it says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn standalone_sh_prints_next_steps_that_work_from_anywhere() {
+    let mock = mock(MockConfig::default()).await;
+    let caller = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (grpc, proxy, web) = (free_port(), free_port(), free_port());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let bin = workspace_bin("relay-control-plane").parent().unwrap().to_path_buf();
+    let mut cmd = Command::new(root.join("scripts/standalone.sh"));
+    cmd.args(["--listen", &format!("127.0.0.1:{grpc}")])
+        .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
+        .arg(format!("--web-listen=127.0.0.1:{web}"))
+        .current_dir(caller.path())
+        .env("RELAY_BIN", &bin)
+        .env_remove("RELAY_DATA_DIR")
+        .env_remove("RELAY_ADMIN_TOKEN")
+        .env_remove("RELAY_MASTER_KEY");
+    let mut relay = Proc::spawn(cmd, &elsewhere.path().join("standalone.log")).unwrap();
+    let log = wait_for(Duration::from_secs(30), "relay to serve the Anthropic API", || {
+        let text = relay.log_text();
+        let exited = relay.try_wait();
+        async move {
+            if let Some(s) = exited {
+                panic!("standalone.sh exited with {s}: {text}");
+            }
+            text.contains("serving the Anthropic API").then_some(text)
+        }
+    })
+    .await
+    .unwrap();
+    let data = caller.path().join("relay-data");
+    assert!(
+        data.join("admin.token").exists(),
+        "no admin token in the caller's ./relay-data: {log}"
+    );
+    // The steps: the indented lines between "In another shell:" and the first "claude" line.
+    let steps: Vec<&str> = log
+        .lines()
+        .skip_while(|l| !l.contains("In another shell:"))
+        .skip(1)
+        .take_while(|l| !l.contains("claude"))
+        .filter_map(|l| l.strip_prefix("  "))
+        .collect();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.contains(&format!("{}/admin.token", data.display()))),
+        "the steps name the admin token by its absolute path: {log}"
+    );
+    assert!(
+        log.contains(&format!("http://127.0.0.1:{web}")),
+        "the console's address: {log}"
+    );
+    assert!(
+        log.contains("relay-mock-upstream --listen"),
+        "how to try without a real key: {log}"
+    );
+    assert!(
+        bin.join("relay-mock-upstream").exists(),
+        "the mock upstream is beside relayctl"
+    );
+    // Follow them in another directory, with the mock standing in for the Anthropic key.
+    let script = steps
+        .iter()
+        .map(|s| {
+            if s.contains("YOUR_ANTHROPIC_API_KEY") {
+                format!(
+                    "printf mock-key | relayctl account create mock --kind anthropic-compatible --base-url {} --secret-stdin >/dev/null",
+                    mock.base_url()
+                )
+            } else if s.starts_with("relayctl key create") {
+                "relayctl -o json key create my-laptop".to_string()
+            } else {
+                s.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let out = Command::new("bash")
+        .args(["-euc", &script])
+        .current_dir(elsewhere.path())
+        .env_remove("RELAY_SERVER")
+        .env_remove("RELAY_ADMIN_TOKEN")
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the printed steps failed:\n{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    let body = message_body("claude-sonnet-4-5", false);
+    let r = wait_for(
+        Duration::from_secs(10),
+        "the key to work on the printed base URL",
+        || {
+            let (url, key, body) = (
+                format!("http://127.0.0.1:{proxy}/v1/messages"),
+                key.clone(),
+                body.to_string(),
+            );
+            async move {
+                let h = sdk_headers(&key);
+                let hs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let r = send("POST", &url, &hs, body).await;
+                (r.status == 200).then_some(r)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(String::from_utf8_lossy(&r.body).contains("\"usage\""));
+    let console = send("GET", &format!("http://127.0.0.1:{web}/"), &[], String::new()).await;
+    assert_eq!(console.status, 303, "the console asks to sign in");
     relay.kill();
 }

@@ -201,6 +201,10 @@ async fn failover_run_with(
     let mut cmd = std::process::Command::new(relay_test_support::workspace_bin("relay-control-plane"));
     cmd.args(["--standalone", "--listen", &format!("127.0.0.1:{grpc}")])
         .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
+        .args([
+            "--web-listen",
+            &format!("127.0.0.1:{}", relay_test_support::free_port()),
+        ])
         .args(["--log-format", "json"])
         .arg("--data-dir")
         .arg(&data)

@@ -2,7 +2,7 @@
 sets, then validates every rendered manifest with kubernetes-validate against each Kubernetes
 minor version the chart claims to support (Chart.yaml's kubeVersion, up to the newest schema
 kubernetes-validate ships). Custom resources (ServiceMonitor, PrometheusRule: not in Kubernetes'
-own schemas) get structural checks here instead. Finally, the default render is compared with
+own schemas) and cert-manager's Certificate get structural checks here instead. Finally, the default render is compared with
 the committed snapshot helm/tests/snapshots/default.yaml (generated TLS material and the
 dashboard's JSON, checked to be dashboards/relay.json as it is, masked).
 
@@ -57,6 +57,10 @@ VALUE_SETS = {
         {"secrets": SECRETS, "tls": dict(MTLS, mode="secret", secret="relay-cp-cert")},
         [("Deployment", "control-plane")],
     ),
+    "TLS from cert-manager, mTLS on": (
+        {"secrets": SECRETS, "tls": dict(MTLS, mode="cert-manager", certManager={"issuer": {"name": "relay-ca", "kind": "ClusterIssuer"}})},
+        [("Certificate", "control-plane"), ("Deployment", "data-plane")],
+    ),
     "TLS off, no NetworkPolicy": (
         {"secrets": SECRETS, "tls": {"mode": "off"}, "networkPolicy": {"enabled": False}},
         [("Deployment", "data-plane")],
@@ -66,6 +70,18 @@ VALUE_SETS = {
             "secrets": SECRETS,
             "redis": {"existingSecret": {"name": "relay-redis", "key": "url"}},
             "etcd": {"enabled": True, "endpoints": ["http://etcd-0.etcd:2379"]},
+        },
+        [("Deployment", "control-plane")],
+    ),
+    "etcd with auth and TLS": (
+        {
+            "secrets": SECRETS,
+            "etcd": {
+                "enabled": True,
+                "endpoints": ["https://etcd-0.etcd:2379", "https://etcd-1.etcd:2379"],
+                "auth": {"user": "relay", "existingSecret": {"name": "etcd-relay-user"}},
+                "tls": {"caSecret": {"name": "etcd-ca"}, "clientCertSecret": "etcd-relay-client"},
+            },
         },
         [("Deployment", "control-plane")],
     ),
@@ -94,9 +110,9 @@ def fail(what):
     sys.exit(1)
 
 
-def render_raw(values):
+def render_raw(values, release="relay"):
     with Chart.load(CHART) as chart:
-        return chart.render(values=values, name="relay", namespace="relay")
+        return chart.render(values=values, name=release, namespace="relay")
 
 
 def documents(out):
@@ -142,13 +158,38 @@ def check_custom_resource(name, doc):
                     fail(f"{name}: rule {r}")
         if not groups:
             fail(f"{name}: PrometheusRule without groups")
+    elif kind == "Certificate":
+        spec = doc["spec"]
+        if not spec.get("secretName") or not spec.get("dnsNames") or not spec.get("issuerRef", {}).get("name"):
+            fail(f"{name}: Certificate without secretName, dnsNames or issuerRef: {spec}")
+        if "server auth" not in spec.get("usages", []):
+            fail(f"{name}: the control plane's Certificate must allow server auth: {spec.get('usages')}")
+        known = {"secretName", "secretTemplate", "commonName", "dnsNames", "duration", "renewBefore", "privateKey", "usages", "issuerRef"}
+        if set(spec) - known:
+            fail(f"{name}: unknown Certificate fields {set(spec) - known}")
     else:
         fail(f"{name}: {doc['apiVersion']} {kind} is neither in Kubernetes' schemas nor a known custom resource")
 
 
-def validate(label, docs, versions):
+# What the API server checks and the schemas do not: a Service's name is a DNS-1035 label (63
+# characters), and a StatefulSet's at most 52 (its pods' controller-revision-hash label is the name
+# and 11 more characters, within a label value's 63).
+DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+NAME_LIMITS = {"Service": 63, "StatefulSet": 52}
+
+
+def check_names(label, docs):
     for name, doc in docs:
-        if doc["apiVersion"] == "monitoring.coreos.com/v1":
+        limit = NAME_LIMITS.get(doc["kind"])
+        meta_name = doc["metadata"]["name"]
+        if limit and (len(meta_name) > limit or not DNS_1035.fullmatch(meta_name)):
+            fail(f"[{label}] {name}: {doc['kind']} name {meta_name!r} ({len(meta_name)} characters) is not a DNS-1035 label of at most {limit}")
+
+
+def validate(label, docs, versions):
+    check_names(label, docs)
+    for name, doc in docs:
+        if doc["apiVersion"] in ("monitoring.coreos.com/v1", "cert-manager.io/v1"):
             check_custom_resource(name, doc)
             continue
         for v in versions:
@@ -197,6 +238,25 @@ for label, (values, expected) in VALUE_SETS.items():
     validate(label, docs, versions)
     counted += len(docs)
     print(f"  {label}: {len(docs)} manifests valid on Kubernetes {versions[0]}..{versions[-1]}")
+
+# Helm's longest release name (53 characters): every name still fits, and with persistence (a
+# StatefulSet, at most 52) rendering says what to do instead of rendering what Kubernetes refuses.
+LONG = "relay-" + "x" * 47
+for label, values in [
+    ("longest release name", {"secrets": SECRETS, "metrics": MONITORING}),
+    ("longest release name, fullnameOverride, persistence", {"secrets": SECRETS, "fullnameOverride": "r" * 60, "dataPlane": {"persistence": {"enabled": True}}}),
+]:
+    try:
+        docs = documents(render_raw(values, release=LONG))
+    except Exception as e:
+        if "persistence" in label and "Kubernetes allows 52" in str(e) and "fullnameOverride" in str(e):
+            print(f"  {label}: refused ({str(e).split(': ', 2)[-1][:80]}...)")
+            continue
+        fail(f"[{label}] render: {e}")
+    if "persistence" in label:
+        fail(f"[{label}] rendered a StatefulSet whose name Kubernetes cannot use")
+    validate(label, docs, versions)
+    print(f"  {label}: {len(docs)} manifests valid")
 
 text = snapshot_text(render_raw({"secrets": SECRETS}))
 if UPDATE:

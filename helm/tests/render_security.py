@@ -124,6 +124,21 @@ refuses({"tls": {"mode": "off", "clientAuth": {"enabled": True, "issuer": {"name
         "tls.clientAuth.enabled needs TLS")
 refuses({"tls": {"mode": "sometimes"}}, "tls/mode")
 
+# The control plane's certificate from cert-manager: a Certificate for its Service names, into the
+# Secret the control plane mounts and whose ca.crt data planes trust; no generated Secret.
+d = render({"tls": {"mode": "cert-manager", "certManager": {"issuer": {"name": "relay-ca", "kind": "ClusterIssuer"}}}})
+cert = one(d, "Certificate", "control-plane")
+check(cert["spec"]["issuerRef"] == {"name": "relay-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}, str(cert))
+check(any(n.endswith("-control-plane.relay.svc") for n in cert["spec"]["dnsNames"]), str(cert["spec"]["dnsNames"]))
+cpd = one(d, "Deployment", "control-plane")
+vols = {v["name"]: v for v in cpd["spec"]["template"]["spec"]["volumes"]}
+check(vols["tls"]["secret"]["secretName"] == cert["spec"]["secretName"], str(vols.get("tls")))
+check(not [x for x in d if x["kind"] == "Secret" and x["metadata"]["name"] == cert["spec"]["secretName"]],
+      "cert-manager writes the Secret, not the chart")
+dp = container([x for x in d if x["kind"] in ("Deployment", "StatefulSet") and "data-plane" in x["metadata"]["name"]][0])
+check(any(a.startswith("--control-plane=https://") for a in dp["args"]), str(dp["args"]))
+refuses({"tls": {"mode": "cert-manager"}}, "tls.certManager.issuer.name is required")
+
 # Redis: both planes get RELAY_REDIS_URL, from the value or from a Secret (the URL may hold a password).
 d = render({"redis": {"url": "redis://redis:6379/0"}})
 for part in ("control-plane", "data-plane"):
@@ -137,6 +152,14 @@ d = render({})
 dpw = [x for x in d if x["kind"] in ("Deployment", "StatefulSet") and "data-plane" in x["metadata"]["name"]][0]
 check("RELAY_REDIS_URL" not in env(container(dpw)), "no Redis unless asked")
 refuses({"redis": {"url": "http://redis"}}, "redis")
+# A password in redis.url would sit in the workloads' spec for anyone who reads Deployments: refused
+# (without repeating it), pointing at redis.existingSecret.
+for url in ("redis://:hunter2@redis:6379/0", "rediss://relay:hunter2@redis:6380"):
+    refuses({"redis": {"url": url}}, "redis.existingSecret")
+    try:
+        render({"redis": {"url": url}})
+    except Exception as e:
+        check("hunter2" not in str(e), f"the refusal repeats the password: {e}")
 # Leader election: etcd when enabled, else the Postgres advisory lock (no etcd env at all).
 d = render({"etcd": {"enabled": True, "endpoints": ["http://etcd-0.etcd:2379", "http://etcd-1.etcd:2379"], "leaderTtlSecs": 6}})
 e = env(container(one(d, "Deployment", "control-plane")))
@@ -145,7 +168,59 @@ check(e.get("RELAY_LEADER_TTL_SECS") == "6" and e.get("RELAY_ETCD_PREFIX") == "/
 e = env(container(one(render({}), "Deployment", "control-plane")))
 check("RELAY_ETCD_ENDPOINTS" not in e and e.get("RELAY_LEADER_TTL_SECS") == "10", f"no etcd: {e}")
 refuses({"etcd": {"enabled": True}}, "etcd.endpoints")
-refuses({"etcd": {"enabled": True, "endpoints": ["https://etcd:2379"]}}, "etcd")
+refuses({"etcd": {"enabled": True, "endpoints": ["etcd:2379"]}}, "etcd")
+# etcd with authentication and TLS: the user in env, the password, the CA and the client
+# certificate from the operator's Secrets, mounted as files the flags name; no secret in env.
+ETCD_SECURE = {
+    "enabled": True,
+    "endpoints": ["https://etcd-0.etcd:2379"],
+    "auth": {"user": "relay", "existingSecret": {"name": "etcd-relay-user", "key": "etcd-password"}},
+    "tls": {"caSecret": {"name": "etcd-ca", "key": "ca.pem"}, "clientCertSecret": "etcd-relay-client"},
+}
+d = render({"etcd": ETCD_SECURE})
+cpw = one(d, "Deployment", "control-plane")
+c = container(cpw)
+e = env(c)
+check(e.get("RELAY_ETCD_ENDPOINTS") == "https://etcd-0.etcd:2379", f"etcd env: {e}")
+check(e.get("RELAY_ETCD_USER") == "relay", f"etcd env: {e}")
+volumes = {v["name"]: v for v in cpw["spec"]["template"]["spec"]["volumes"]}
+mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+
+
+def mounted_file(path):
+    """The (Secret, key) a file path in the container reads, or None."""
+    for mount_path, name in mounts.items():
+        if path.startswith(mount_path + "/") and "secret" in volumes[name]:
+            rel = path[len(mount_path) + 1 :]
+            sec = volumes[name]["secret"]
+            for item in sec.get("items", []):
+                if item["path"] == rel:
+                    return (sec["secretName"], item["key"])
+    return None
+
+
+check(mounted_file(e.get("RELAY_ETCD_PASSWORD_FILE", "")) == ("etcd-relay-user", "etcd-password"), f"{e} {volumes}")
+check(mounted_file(e.get("RELAY_ETCD_CA_FILE", "")) == ("etcd-ca", "ca.pem"), f"{e} {volumes}")
+check(mounted_file(e.get("RELAY_ETCD_CERT_FILE", "")) == ("etcd-relay-client", "tls.crt"), f"{e} {volumes}")
+check(mounted_file(e.get("RELAY_ETCD_KEY_FILE", "")) == ("etcd-relay-client", "tls.key"), f"{e} {volumes}")
+for ev in c["env"]:
+    ref = ev.get("valueFrom", {}).get("secretKeyRef", {})
+    check(ref.get("name") not in ("etcd-relay-user", "etcd-relay-client"), f"an etcd secret in env: {ev}")
+check(all(m["readOnly"] for m in c["volumeMounts"] if m["name"].startswith("etcd-")), str(c["volumeMounts"]))
+# Without auth and TLS: none of it.
+d = render({"etcd": {"enabled": True, "endpoints": ["http://etcd-0.etcd:2379"]}})
+cpw = one(d, "Deployment", "control-plane")
+e = env(container(cpw))
+check(not [k for k in e if k.startswith(("RELAY_ETCD_USER", "RELAY_ETCD_PASSWORD", "RELAY_ETCD_CA", "RELAY_ETCD_CERT", "RELAY_ETCD_KEY"))], f"{e}")
+check(not [v for v in cpw["spec"]["template"]["spec"]["volumes"] if v["name"].startswith("etcd-")], "no etcd volumes")
+# Refused: a user without its password Secret (and the reverse), TLS files with http:// endpoints.
+refuses({"etcd": {"enabled": True, "endpoints": ["http://e:2379"], "auth": {"user": "relay"}}}, "etcd.auth.existingSecret.name")
+refuses(
+    {"etcd": {"enabled": True, "endpoints": ["http://e:2379"], "auth": {"existingSecret": {"name": "s"}}}},
+    "etcd.auth.user",
+)
+refuses({"etcd": dict(ETCD_SECURE, endpoints=["https://etcd-0:2379", "http://etcd-1:2379"])}, "https://")
+refuses({"etcd": dict(ETCD_SECURE, endpoints=["http://etcd-0:2379"], auth={})}, "etcd.tls is for https:// endpoints")
 # Monitoring: the PrometheusRule carries alerts/relay.rules.yaml's groups unchanged (templates in
 # annotations included), and the dashboard ConfigMap the dashboard JSON.
 import json  # noqa: E402

@@ -5,8 +5,8 @@ use std::str::FromStr;
 
 /// A failure the mock produces instead of (or in the middle of) a normal answer.
 ///
-/// Status faults (`RateLimited`, `Overloaded`, `ServerError`, `Unauthorized`, `OrgDisabled`) apply to every
-/// authenticated route (`/v1/messages`, `/v1/messages/count_tokens`, `/v1/models…`). Stream faults
+/// Status faults (`RateLimited`, `Overloaded`, `ServerError`, `Unauthorized`, `OrgDisabled`,
+/// `EchoCredential`) apply to every authenticated route (`/v1/messages`, `/v1/messages/count_tokens`, `/v1/models…`). Stream faults
 /// (`DropMidStream`, `ErrorEventMidStream`, `Stall`) apply to `POST /v1/messages` only; see the variants for
 /// what they do to a non-streaming request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,6 +34,12 @@ pub enum Fault {
     Stall { after_events: usize },
     /// 400 `invalid_request_error` "This organization has been disabled."
     OrgDisabled,
+    /// 400 `invalid_request_error` quoting the credential the request carried (`x-api-key`, else the
+    /// Bearer token), as some compatible upstreams (gateways in front of other APIs) do: "Incorrect API
+    /// key provided: sk-…". A 400 is the request's error to relay, so this answer is the one that would
+    /// reach a client as the upstream sent it. `last`: only its last `last` characters are quoted (0:
+    /// the whole credential).
+    EchoCredential { last: usize },
 }
 
 /// The `after_events` used when a stream fault is named without a count.
@@ -43,15 +49,16 @@ pub const DEFAULT_RETRY_AFTER_SECS: u64 = 30;
 
 /// A fault name (or its count) was not understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid fault {0:?}: expected rate-limited|overloaded|server-error|unauthorized|drop-mid-stream|error-event|stall|org-disabled, optionally followed by :N")]
+#[error("invalid fault {0:?}: expected rate-limited|overloaded|server-error|unauthorized|drop-mid-stream|error-event|stall|org-disabled|echo-credential, optionally followed by :N")]
 pub struct ParseFaultError(pub String);
 
 impl Fault {
     /// Builds a fault from its kebab-case name and an optional parameter: the `retry-after` seconds for
-    /// `rate-limited`, the number of events sent before the fault for the stream faults (ignored otherwise).
+    /// `rate-limited`, the number of events sent before the fault for the stream faults, how many of the
+    /// credential's last characters `echo-credential` quotes (ignored otherwise).
     ///
     /// Names: `rate-limited`, `overloaded`, `server-error`, `unauthorized`, `drop-mid-stream` (alias `drop`),
-    /// `error-event` (alias `error-event-mid-stream`), `stall`, `org-disabled`.
+    /// `error-event` (alias `error-event-mid-stream`), `stall`, `org-disabled`, `echo-credential`.
     pub fn parse(kind: &str, param: Option<u64>) -> Result<Fault, ParseFaultError> {
         let after = param
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
@@ -69,6 +76,9 @@ impl Fault {
             }
             "stall" => Fault::Stall { after_events: after },
             "org-disabled" | "org_disabled" => Fault::OrgDisabled,
+            "echo-credential" | "echo_credential" => Fault::EchoCredential {
+                last: param.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+            },
             _ => return Err(ParseFaultError(kind.to_string())),
         })
     }
@@ -84,6 +94,7 @@ impl Fault {
             Fault::ErrorEventMidStream { .. } => "error-event",
             Fault::Stall { .. } => "stall",
             Fault::OrgDisabled => "org-disabled",
+            Fault::EchoCredential { .. } => "echo-credential",
         }
     }
 
@@ -96,6 +107,7 @@ impl Fault {
                 | Fault::ServerError
                 | Fault::Unauthorized
                 | Fault::OrgDisabled
+                | Fault::EchoCredential { .. }
         )
     }
 }
@@ -122,6 +134,7 @@ impl fmt::Display for Fault {
             Fault::DropMidStream { after_events }
             | Fault::ErrorEventMidStream { after_events }
             | Fault::Stall { after_events } => write!(f, "{}:{after_events}", self.kind()),
+            Fault::EchoCredential { last } => write!(f, "{}:{last}", self.kind()),
             _ => f.write_str(self.kind()),
         }
     }
@@ -142,6 +155,8 @@ mod tests {
             Fault::ErrorEventMidStream { after_events: 0 },
             Fault::Stall { after_events: 9 },
             Fault::OrgDisabled,
+            Fault::EchoCredential { last: 0 },
+            Fault::EchoCredential { last: 20 },
         ];
         for f in all {
             assert_eq!(f.to_string().parse::<Fault>(), Ok(f));

@@ -32,7 +32,7 @@
 //! `count_tokens` has the same checks except `max_tokens`; `/v1/models…` needs only a credential.
 //!
 //! Request headers the mock understands:
-//! - `x-mock-fault: rate-limited|overloaded|server-error|unauthorized|drop-mid-stream|error-event|stall|org-disabled`
+//! - `x-mock-fault: rate-limited|overloaded|server-error|unauthorized|drop-mid-stream|error-event|stall|org-disabled|echo-credential`
 //!   (overrides the credential's fault), with `x-mock-fault-after: N` (events sent before a stream fault,
 //!   default [`DEFAULT_FAULT_AFTER_EVENTS`]) and `x-mock-retry-after: S` (for `rate-limited`, default
 //!   [`DEFAULT_RETRY_AFTER_SECS`]);
@@ -115,6 +115,12 @@ pub struct MockConfig {
     /// Serve HTTPS with this certificate (ALPN `h2` and `http/1.1`) instead of plain HTTP/1.1 and h2c.
     /// Default `None`.
     pub tls: Option<MockTls>,
+    /// Speak HTTP/2: with TLS, offer ALPN `h2` (besides `http/1.1`); without, accept h2c. False: HTTP/1.1 only
+    /// (ALPN offers only `http/1.1`), as an upstream without HTTP/2. Default true.
+    pub h2: bool,
+    /// HTTP/2: the streams one connection may carry at once (`SETTINGS_MAX_CONCURRENT_STREAMS`). Default
+    /// 10,000 (benchmarks multiplex many streams on one connection; hyper's own default is 200).
+    pub h2_max_concurrent_streams: u32,
     /// The OAuth server's client, redirect URI and token lifetime (see [`OAuthMockConfig`]).
     pub oauth: OAuthMockConfig,
 }
@@ -133,6 +139,8 @@ impl Default for MockConfig {
             faults_by_credential: HashMap::new(),
             record: true,
             tls: None,
+            h2: true,
+            h2_max_concurrent_streams: 10_000,
             oauth: OAuthMockConfig::default(),
         }
     }
@@ -224,7 +232,7 @@ impl MockUpstream {
     /// set) until dropped. Must be called inside a tokio runtime. An unusable `config.tls` is an
     /// `InvalidInput` error.
     pub async fn start(config: MockConfig) -> std::io::Result<MockUpstream> {
-        let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+        let tls = config.tls.as_ref().map(|t| tls::acceptor(t, config.h2)).transpose()?;
         let socket = if config.listen.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -248,6 +256,11 @@ impl MockUpstream {
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            h2: config.h2,
+            h2_max_concurrent_streams: config.h2_max_concurrent_streams,
+            goaway: tokio::sync::Notify::new(),
+            reset: tokio::sync::Notify::new(),
             oauth: oauth::OAuthServer::new(config.oauth.clone()),
             count_tokens_served: std::sync::atomic::AtomicBool::new(true),
         });
@@ -309,6 +322,25 @@ impl MockUpstream {
     /// Number of requests received (counted even when recording is off).
     pub fn request_count(&self) -> u64 {
         self.shared.served.load(Ordering::Relaxed)
+    }
+
+    /// Connections served so far (TLS ones once their handshake succeeded): over HTTP/2 one connection
+    /// carries many requests.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Every open connection starts a graceful shutdown: HTTP/2 sends GOAWAY (the streams in flight finish,
+    /// no new one is accepted on it); HTTP/1.1 closes once its response in flight is done. The server keeps
+    /// accepting new connections.
+    pub fn goaway(&self) {
+        self.shared.goaway.notify_waiters();
+    }
+
+    /// Every open connection is closed at once, mid-response if one is in flight (HTTP/2: every stream on
+    /// it breaks). The server keeps accepting new connections.
+    pub fn reset_connections(&self) {
+        self.shared.reset.notify_waiters();
     }
 
     /// Number of TLS handshakes that failed or timed out (a client that does not trust the certificate, a

@@ -38,7 +38,7 @@ struct Args {
     #[arg(long)]
     event_bytes: Option<usize>,
     /// A fault for one credential: CREDENTIAL=KIND[:N], KIND one of rate-limited, overloaded, server-error,
-    /// unauthorized, drop-mid-stream, error-event, stall, org-disabled (N: retry-after secs or events before).
+    /// unauthorized, drop-mid-stream, error-event, stall, org-disabled, echo-credential (N: retry-after secs, events before, or the last N characters of the credential quoted).
     #[arg(long = "fault", value_parser = parse_fault)]
     faults: Vec<(String, Fault)>,
     /// Do not record requests and response bodies.
@@ -50,6 +50,15 @@ struct Args {
     /// OAuth: lifetime (`expires_in`) of the access tokens the mock's OAuth server issues, in seconds.
     #[arg(long, default_value_t = 3600)]
     oauth_token_lifetime_secs: u64,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs `--tls-key`.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// HTTP/1.1 only: no ALPN `h2` with TLS, no h2c without.
+    #[arg(long)]
+    no_h2: bool,
 }
 
 fn parse_fault(s: &str) -> Result<(String, Fault), String> {
@@ -76,6 +85,13 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let defaults = MockConfig::default();
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(relay_mock_upstream::MockTls {
+            cert_chain_pem: std::fs::read_to_string(cert).with_context(|| format!("reading {}", cert.display()))?,
+            key_pem: std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?,
+        }),
+        _ => None,
+    };
     let config = MockConfig {
         listen: args.listen,
         ttfb: Duration::from_millis(args.ttfb_ms),
@@ -84,6 +100,8 @@ async fn main() -> anyhow::Result<()> {
         event_bytes: args.event_bytes.unwrap_or(defaults.event_bytes),
         faults_by_credential: args.faults.into_iter().collect::<HashMap<_, _>>(),
         record: !args.no_record,
+        tls,
+        h2: !args.no_h2,
         oauth: relay_mock_upstream::OAuthMockConfig {
             token_lifetime: Duration::from_secs(args.oauth_token_lifetime_secs),
             ..Default::default()

@@ -38,9 +38,6 @@ const OUTPUT_TOKENS_LIMIT: u64 = 400_000;
 /// How long a client may take to complete the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Streams one h2 connection may carry at once (hyper's default is 200).
-const H2_MAX_CONCURRENT_STREAMS: u32 = 10_000;
-
 pub(crate) struct Shared {
     pub shape: Shape,
     pub ttfb: Duration,
@@ -54,6 +51,15 @@ pub(crate) struct Shared {
     pub org_id: String,
     pub served: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    /// Connections accepted (TLS ones once their handshake succeeded).
+    pub connections: AtomicU64,
+    /// Speak HTTP/2 (ALPN `h2` with TLS, h2c without); false: HTTP/1.1 only.
+    pub h2: bool,
+    pub h2_max_concurrent_streams: u32,
+    /// Every open connection starts a graceful shutdown (HTTP/2: GOAWAY; streams in flight finish).
+    pub goaway: tokio::sync::Notify,
+    /// Every open connection is dropped at once (its socket closed mid-stream).
+    pub reset: tokio::sync::Notify,
     /// Requests whose response is not finished yet, and the most there ever were at once.
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
@@ -140,6 +146,7 @@ async fn serve_connection<I>(io: I, shared: Arc<Shared>, tls: Option<Arc<TlsInfo
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let ctl = shared.clone();
     let service = hyper::service::service_fn(move |req| {
         let (shared, tls) = (shared.clone(), tls.clone());
         async move {
@@ -149,18 +156,35 @@ where
             Ok::<_, Infallible>(resp)
         }
     });
+    ctl.connections.fetch_add(1, Ordering::Relaxed);
+    let goaway = ctl.goaway.notified();
+    let reset = ctl.reset.notified();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Benchmarks multiplex many streams on few h2 connections.
-    builder.http2().max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+    builder.http2().max_concurrent_streams(ctl.h2_max_concurrent_streams);
+    if !ctl.h2 {
+        builder = builder.http1_only();
+    }
     let conn = builder.serve_connection(io, service);
-    tokio::select! {
-        r = conn => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "mock upstream: connection ended with an error");
+    tokio::pin!(conn, goaway, reset);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "mock upstream: connection ended with an error");
+                }
+                return;
             }
+            () = &mut goaway, if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            // Dropping the connection closes its socket, whatever is in flight.
+            () = &mut reset => return,
+            // Sender dropped (MockUpstream dropped): close the connection, even a stalled one.
+            _ = shutdown.changed() => return,
         }
-        // Sender dropped (MockUpstream dropped): close the connection, even a stalled one.
-        _ = shutdown.changed() => {}
     }
 }
 
@@ -439,6 +463,18 @@ fn fault_response(cx: &Cx<'_>, fault: Fault) -> Response<MockBody> {
             "invalid x-api-key",
         ),
         Fault::OrgDisabled => invalid(cx, "This organization has been disabled."),
+        Fault::EchoCredential { last } => {
+            let sent = cx.creds.api_key.as_deref().or(cx.creds.bearer.as_deref()).unwrap_or("");
+            let chars: Vec<char> = sent.chars().collect();
+            let quoted: String = match last {
+                0 => sent.to_string(),
+                n => chars.iter().skip(chars.len().saturating_sub(n)).collect(),
+            };
+            invalid(
+                cx,
+                &format!("Incorrect API key provided: {quoted}. You can find your API key in the console."),
+            )
+        }
         // Not status faults; callers handle them. Answer as a server error if one ever gets here.
         Fault::DropMidStream { .. } | Fault::Stall { .. } => error(
             cx,

@@ -51,7 +51,8 @@ impl TlsInfo {
 }
 
 /// The acceptor for `tls`; an `InvalidInput` error if the PEM or the key does not fit.
-pub(crate) fn acceptor(tls: &MockTls) -> io::Result<TlsAcceptor> {
+/// With `h2` false ALPN offers only `http/1.1`.
+pub(crate) fn acceptor(tls: &MockTls, h2: bool) -> io::Result<TlsAcceptor> {
     let invalid =
         |what: &str, e: &dyn std::fmt::Display| io::Error::new(io::ErrorKind::InvalidInput, format!("{what}: {e}"));
     let certs = CertificateDer::pem_slice_iter(tls.cert_chain_pem.as_bytes())
@@ -68,6 +69,10 @@ pub(crate) fn acceptor(tls: &MockTls) -> io::Result<TlsAcceptor> {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| invalid("mock TLS certificate", &e))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = if h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -565,6 +565,42 @@ async fn status_faults_by_credential() {
     assert_eq!(s, StatusCode::OK);
 }
 
+/// `echo-credential`: a 400 `invalid_request_error` quoting the credential sent (the x-api-key, else
+/// the Bearer token), whole or its last N characters.
+#[tokio::test]
+async fn echo_credential_quotes_the_credential_sent() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let body = simple_body(false);
+    let message = |b: &Bytes| -> String {
+        let v: Value = serde_json::from_slice(b).unwrap();
+        v["error"]["message"].as_str().unwrap().to_string()
+    };
+    let (s, h, b) = post(&mock, &headers_with(&[("x-mock-fault", "echo-credential")]), &body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(error_type(&h, &b), "invalid_request_error");
+    assert!(
+        message(&b).contains(&format!("Incorrect API key provided: {}.", KEY[0].1)),
+        "{b:?}"
+    );
+    let token = "sk-ant-oat01-bearer-token-0123456789abcdefghij";
+    let bearer = format!("Bearer {token}");
+    let (s, _, b) = post(
+        &mock,
+        &[
+            ("authorization", bearer.as_str()),
+            ("anthropic-version", "2023-06-01"),
+            ("x-mock-fault", "echo-credential"),
+            ("x-mock-fault-after", "20"),
+        ],
+        &body,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let m = message(&b);
+    assert!(m.contains(&format!("provided: {}.", &token[token.len() - 20..])), "{m}");
+    assert!(!m.contains(&token[..token.len() - 20]), "{m}");
+}
+
 #[tokio::test]
 async fn status_faults_by_header() {
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();

@@ -15,24 +15,101 @@ use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::proxy::{SocksV5, Tunnel};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 pub type HttpClient = Client<HttpsConnector<Connector>, Full<Bytes>>;
 
+/// What [`Upstreams::request`] answers: the response head (its body streams as it comes) or why none came.
+pub type UpstreamResult = Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>;
+
+/// How often a request an HTTP/2 upstream refused before processing it (`REFUSED_STREAM`, RFC 9113
+/// §8.7: safe to send again) is sent again. A new connection's first burst meets it: the client may
+/// open streams before the server's `SETTINGS_MAX_CONCURRENT_STREAMS` arrives; once it has, further
+/// requests wait for a free stream instead.
+const REFUSED_STREAM_RETRIES: usize = 3;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Past this many distinct proxy URLs (old ones stay after a config change),
 /// the cache of proxied clients starts over.
 const MAX_PROXIED_CLIENTS: usize = 1024;
+
+/// HTTP/2: what one stream may receive before relay has passed it on (its
+/// initial window). An SSE stream is a few hundred KB at most and JSON answers
+/// rarely pass 1 MiB, so an upstream never waits on relay for an answer it
+/// reads as fast as its client does; a client that stops reading holds at most
+/// this much of its stream in relay (as an HTTP/1.1 socket's receive buffer
+/// would).
+pub const H2_STREAM_WINDOW: u32 = 1 << 20;
+
+/// HTTP/2: the connection's window, the largest the protocol allows. Every
+/// stream of an upstream shares its connection: a smaller window would let a
+/// few clients that stop reading (their streams' unread data counts against
+/// the connection) stall every other stream on it. The per-stream window
+/// above bounds memory instead. No adaptive (BDP) window: it would override
+/// both and ping the upstream for throughput SSE streams do not need.
+pub const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+
+/// HTTP/2: a PING this often on a connection that has received nothing (also
+/// while no stream is open), so a dead upstream connection is noticed during a
+/// long thinking pause, not at the next idle timeout.
+pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// HTTP/2: how long a PING may go unanswered before the connection (and its
+/// streams) is closed as dead.
+pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Which HTTP version relay speaks to upstreams (`upstream.http_version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HttpVersion {
+    /// HTTP/2 where TLS negotiates `h2` (ALPN), else HTTP/1.1.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only (ALPN offers only `http/1.1`).
+    Http1,
+    /// HTTP/2 only: ALPN offers only `h2`, and plain `http://` upstreams get
+    /// h2c with prior knowledge. An upstream without HTTP/2 cannot be reached.
+    Http2,
+}
+
+impl HttpVersion {
+    /// The setting's values: `auto`, `http1`, `http2`.
+    pub const NAMES: [&'static str; 3] = ["auto", "http1", "http2"];
+
+    /// `auto`, `http1` or `http2`; anything else is `None`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "http1" => Some(Self::Http1),
+            "http2" => Some(Self::Http2),
+            _ => None,
+        }
+    }
+
+    fn index(self) -> u8 {
+        match self {
+            Self::Auto => 0,
+            Self::Http1 => 1,
+            Self::Http2 => 2,
+        }
+    }
+
+    fn from_index(i: u8) -> Self {
+        match i {
+            1 => Self::Http1,
+            2 => Self::Http2,
+            _ => Self::Auto,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -224,8 +301,14 @@ pub struct Upstreams {
     /// The connect timeout in force, in ms (`upstream.connect_timeout_ms`).
     connect_timeout_ms: Arc<AtomicU64>,
     pool_idle_timeout: Duration,
-    direct: HttpClient,
-    proxied: Mutex<HashMap<String, HttpClient>>,
+    /// The [`HttpVersion`] in force (its index), a live setting.
+    version: AtomicU8,
+    /// The direct client of each [`HttpVersion`] (by index): a change of
+    /// version takes effect for the next request; connections of the other
+    /// versions idle out.
+    direct: [HttpClient; 3],
+    /// One client per (version, proxy URL).
+    proxied: Mutex<HashMap<(u8, String), HttpClient>>,
 }
 
 impl Upstreams {
@@ -234,18 +317,22 @@ impl Upstreams {
         let connect_timeout_ms = Arc::new(AtomicU64::new(
             u64::try_from(opts.connect_timeout.as_millis()).unwrap_or(u64::MAX),
         ));
-        let direct = build_client(
-            &tls,
-            opts.pool_idle_timeout,
-            Connector {
-                route: Route::Direct(tcp()),
-                timeout_ms: connect_timeout_ms.clone(),
-            },
-        );
+        let direct = [HttpVersion::Auto, HttpVersion::Http1, HttpVersion::Http2].map(|v| {
+            build_client(
+                &tls,
+                opts.pool_idle_timeout,
+                v,
+                Connector {
+                    route: Route::Direct(tcp()),
+                    timeout_ms: connect_timeout_ms.clone(),
+                },
+            )
+        });
         Ok(Self {
             tls,
             connect_timeout_ms,
             pool_idle_timeout: opts.pool_idle_timeout,
+            version: AtomicU8::new(HttpVersion::Auto.index()),
             direct,
             proxied: Mutex::new(HashMap::new()),
         })
@@ -260,14 +347,54 @@ impl Upstreams {
         }
     }
 
-    /// Sends `req` directly or through `proxy`.
-    pub fn request(&self, proxy: Option<&ProxySpec>, req: http::Request<Full<Bytes>>) -> ResponseFuture {
-        let Some(proxy) = proxy else {
-            return self.direct.request(req);
+    /// Sets the HTTP version of every request from now on (a live setting,
+    /// set when a config starts serving).
+    pub fn set_http_version(&self, version: HttpVersion) {
+        self.version.store(version.index(), Ordering::Relaxed);
+    }
+
+    /// The HTTP version in force.
+    pub fn http_version(&self) -> HttpVersion {
+        HttpVersion::from_index(self.version.load(Ordering::Relaxed))
+    }
+
+    /// Sends `req` directly or through `proxy`. Over HTTP/2, a request the upstream refused before
+    /// processing it is sent again (up to [`REFUSED_STREAM_RETRIES`] times).
+    pub fn request(
+        &self,
+        proxy: Option<&ProxySpec>,
+        req: http::Request<Full<Bytes>>,
+    ) -> impl Future<Output = UpstreamResult> + Send + '_ {
+        let version = self.version.load(Ordering::Relaxed);
+        let may_be_h2 = match HttpVersion::from_index(version) {
+            HttpVersion::Http1 => false,
+            HttpVersion::Http2 => true,
+            HttpVersion::Auto => req.uri().scheme_str() == Some("https"),
         };
+        let again = may_be_h2.then(|| Resend::of(&req));
+        let client = match proxy {
+            None => std::borrow::Cow::Borrowed(&self.direct[usize::from(version.min(2))]),
+            Some(proxy) => std::borrow::Cow::Owned(self.proxied(version, proxy)),
+        };
+        async move {
+            let mut answer = client.request(req).await;
+            if let Some(again) = again {
+                let mut n = 0;
+                while n < REFUSED_STREAM_RETRIES && answer.as_ref().is_err_and(refused_stream) {
+                    n += 1;
+                    answer = client.request(again.request()).await;
+                }
+            }
+            answer
+        }
+    }
+
+    /// The client of `proxy` for `version` (made on first use).
+    fn proxied(&self, version: u8, proxy: &ProxySpec) -> HttpClient {
         let mut map = self.proxied.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = map.get(&proxy.url) {
-            return c.request(req);
+        let key = (version, proxy.url.clone());
+        if let Some(c) = map.get(&key) {
+            return c.clone();
         }
         if map.len() >= MAX_PROXIED_CLIENTS {
             map.clear();
@@ -300,11 +427,57 @@ impl Upstreams {
             route,
             timeout_ms: self.connect_timeout_ms.clone(),
         };
-        let client = build_client(&self.tls, self.pool_idle_timeout, connector);
-        let fut = client.request(req);
-        map.insert(proxy.url.clone(), client);
-        fut
+        let client = build_client(
+            &self.tls,
+            self.pool_idle_timeout,
+            HttpVersion::from_index(version),
+            connector,
+        );
+        map.insert(key, client.clone());
+        client
     }
+}
+
+/// What it takes to send a request again (its body is shared, not copied).
+struct Resend {
+    method: http::Method,
+    uri: Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    body: Full<Bytes>,
+}
+
+impl Resend {
+    fn of(req: &http::Request<Full<Bytes>>) -> Self {
+        Self {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            body: req.body().clone(),
+        }
+    }
+
+    fn request(&self) -> http::Request<Full<Bytes>> {
+        let mut r = http::Request::new(self.body.clone());
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// The upstream refused the HTTP/2 stream before processing it (`REFUSED_STREAM`).
+fn refused_stream(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// The TCP connector; the [`Connector`] around it bounds the whole connect.
@@ -315,16 +488,33 @@ fn tcp() -> HttpConnector {
     http
 }
 
-fn build_client(tls: &rustls::ClientConfig, pool_idle_timeout: Duration, connector: Connector) -> HttpClient {
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+fn build_client(
+    tls: &rustls::ClientConfig,
+    pool_idle_timeout: Duration,
+    version: HttpVersion,
+    connector: Connector,
+) -> HttpClient {
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls.clone())
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(connector);
-    Client::builder(TokioExecutor::new())
+        .https_or_http();
+    let https = match version {
+        HttpVersion::Auto => builder.enable_all_versions().wrap_connector(connector),
+        HttpVersion::Http1 => builder.enable_http1().wrap_connector(connector),
+        HttpVersion::Http2 => builder.enable_http2().wrap_connector(connector),
+    };
+    let mut b = Client::builder(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
         .pool_idle_timeout(pool_idle_timeout)
         .pool_max_idle_per_host(256)
-        .build(https)
+        .http2_only(version == HttpVersion::Http2)
+        .http2_adaptive_window(false)
+        .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+        .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .http2_keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .http2_keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
+        .http2_keep_alive_while_idle(true);
+    b.build(https)
 }
 
 fn tls_config(extra_ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ClientError> {

@@ -168,17 +168,21 @@ fn classify(status: StatusCode, body: &[u8], secrets: &[&str]) -> OAuthError {
     }
 }
 
-/// `message`, short, on one line, with every secret sent replaced.
+/// `message`, short, on one line, with every secret sent replaced: whole, or any part
+/// `relay_proto::redact` finds (a tail, or its start where the server's message ends), before the
+/// message is cut short here (cut first, a secret at the cut was left half there, unmatched).
 fn scrub(message: &str, secrets: &[&str]) -> String {
-    let mut m: String = message
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(MAX_MESSAGE_CHARS)
-        .collect();
+    let mut m = message.to_string();
     for s in secrets.iter().filter(|s| s.len() >= 4) {
         m = m.replace(s, "[redacted]");
     }
-    m
+    let parts = relay_proto::redact::normalized(secrets.iter().map(|s| s.to_string()).collect());
+    let (m, _) = relay_proto::redact::redact_body(m.into_bytes(), &parts);
+    String::from_utf8_lossy(&m)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_MESSAGE_CHARS)
+        .collect()
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -230,5 +234,26 @@ mod tests {
         );
         assert_eq!(e, OAuthError::Transient("HTTP 500: boom".into()));
         assert!(classify(StatusCode::TOO_MANY_REQUESTS, b"", &[]).is_transient());
+    }
+
+    #[test]
+    fn no_part_of_the_refresh_token_is_left_in_a_message_cut_short_or_quoting_its_tail() {
+        let rt = "sk-ant-ort01-REFRESHqW3eR5tY7uI9oP1aS3dF5gH7jK9lZ2xC4vB6nM8-QwErTy";
+        let secret = &rt[13..];
+        // The token where the message is cut (all but its last character kept), its tail, all but
+        // its last character.
+        for quoted in [
+            format!("{} {rt}", "x".repeat(MAX_MESSAGE_CHARS - rt.len())),
+            format!("unknown refresh token ending {}", &rt[rt.len() - 24..]),
+            format!("token {} revoked", &rt[..rt.len() - 1]),
+        ] {
+            let body = serde_json::json!({"error": "invalid_request", "error_description": quoted}).to_string();
+            for status in [StatusCode::BAD_REQUEST, StatusCode::INTERNAL_SERVER_ERROR] {
+                let e = classify(status, body.as_bytes(), &[rt]).to_string();
+                for i in 0..secret.len() - 8 {
+                    assert!(!e.contains(&secret[i..i + 8]), "{e}");
+                }
+            }
+        }
     }
 }

@@ -98,10 +98,11 @@ pub mod metrics;
 pub mod models;
 pub mod patch;
 pub mod periods;
+pub mod redact;
 pub mod settings;
 pub mod validate;
 
-pub use hashing::{hex, keyed_hash};
+pub use hashing::{hex, keyed_hash, keyed_hash_bytes, KeyedHasher};
 
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -116,6 +117,7 @@ pub fn canonicalize(resources: &mut v1::Resources) {
     }
     resources.groups.sort_by(|a, b| a.id.cmp(&b.id));
     resources.prices.sort_by(|a, b| a.id.cmp(&b.id));
+    resources.capture_rules.sort_by(|a, b| a.id.cmp(&b.id));
     resources
         .account_states
         .sort_by(|a, b| (&a.account_id, &a.scope).cmp(&(&b.account_id, &b.scope)));
@@ -183,6 +185,7 @@ pub fn apply_update(
         upsert(&mut next.accounts, incoming.accounts, |x| x.id.clone());
         upsert(&mut next.groups, incoming.groups, |x| x.id.clone());
         upsert(&mut next.prices, incoming.prices, |x| x.id.clone());
+        upsert(&mut next.capture_rules, incoming.capture_rules, |x| x.id.clone());
         upsert(&mut next.account_states, incoming.account_states, account_state_id);
         if incoming.settings.is_some() {
             next.settings = incoming.settings;
@@ -193,6 +196,7 @@ pub fn apply_update(
                 Ok(v1::ResourceKind::Account) => next.accounts.retain(|x| x.id != r.id),
                 Ok(v1::ResourceKind::Group) => next.groups.retain(|x| x.id != r.id),
                 Ok(v1::ResourceKind::Price) => next.prices.retain(|x| x.id != r.id),
+                Ok(v1::ResourceKind::CaptureRule) => next.capture_rules.retain(|x| x.id != r.id),
                 Ok(v1::ResourceKind::AccountState) => next.account_states.retain(|x| account_state_id(x) != r.id),
                 _ => {}
             }
@@ -267,6 +271,9 @@ pub fn changed(old: &v1::Resources, new: &v1::Resources) -> BTreeSet<ResourceKey
     diff_list(&mut out, K::Account, &old.accounts, &new.accounts, |x| x.id.clone());
     diff_list(&mut out, K::Group, &old.groups, &new.groups, |x| x.id.clone());
     diff_list(&mut out, K::Price, &old.prices, &new.prices, |x| x.id.clone());
+    diff_list(&mut out, K::CaptureRule, &old.capture_rules, &new.capture_rules, |x| {
+        x.id.clone()
+    });
     diff_list(
         &mut out,
         K::AccountState,
@@ -311,6 +318,9 @@ pub fn delta<'a>(
                 .is_some(),
             Ok(K::Price) => find_by_id(&head.prices, &k.id, |x| &x.id)
                 .map(|x| up.prices.push(x.clone()))
+                .is_some(),
+            Ok(K::CaptureRule) => find_by_id(&head.capture_rules, &k.id, |x| &x.id)
+                .map(|x| up.capture_rules.push(x.clone()))
                 .is_some(),
             Ok(K::AccountState) => head
                 .account_states
@@ -485,6 +495,15 @@ mod props {
                             ..Default::default()
                         })
                         .collect(),
+                    // Capture rules come and go with the prices' ids (their own kind of resource).
+                    capture_rules: prices
+                        .iter()
+                        .map(|p| v1::CaptureRule {
+                            id: format!("c{p}"),
+                            sample_rate: f64::from(weight + 1) / 4.0,
+                            ..Default::default()
+                        })
+                        .collect(),
                     account_states: states
                         .iter()
                         .map(|(a, scope, until)| v1::AccountState {
@@ -508,6 +527,8 @@ mod props {
                 r.groups.dedup_by(|x, y| x.id == y.id);
                 r.prices.sort_by(|x, y| x.id.cmp(&y.id));
                 r.prices.dedup_by(|x, y| x.id == y.id);
+                r.capture_rules.sort_by(|x, y| x.id.cmp(&y.id));
+                r.capture_rules.dedup_by(|x, y| x.id == y.id);
                 r.account_states.sort_by_key(account_state_id);
                 r.account_states
                     .dedup_by(|x, y| account_state_id(x) == account_state_id(y));

@@ -134,6 +134,10 @@ catalogue! {
         "Upstream attempts, by outcome (ok, failed, refused).";
     BUDGET_USED_RATIO = "relay_budget_used_ratio": Gauge, "ratio", DataPlane, ["subject", "group", "key", "period"],
         "Committed spend over budget (0..1+) of each group and key with a budget, by period (day, month); keys are summed up as their group's fullest key unless metrics.key_labels is on.";
+    CAPTURE_DROPPED_TOTAL = "relay_capture_dropped_total": Counter, "", DataPlane, ["reason"],
+        "Captures (capture rules) dropped instead of waiting: full (too many in flight), too_large (over the shipping bound), ship_failed (the control plane did not take it).";
+    CAPTURES_TOTAL = "relay_captures_total": Counter, "", DataPlane, ["outcome"],
+        "Captures made by capture rules, by outcome (stored, duplicate, skipped: an errors-only or account rule that did not apply in the end).";
     CLIENT_CONNECTIONS_REFUSED_TOTAL = "relay_client_connections_refused_total": Counter, "", Both, ["listener"],
         "Connections closed at once because the listener's connection cap was reached.";
     CONFIG_CACHE_ERRORS_TOTAL = "relay_config_cache_errors_total": Counter, "", DataPlane, [],
@@ -271,7 +275,7 @@ catalogue! {
     USAGE_SPOOL_DEPTH = "relay_usage_spool_depth": Gauge, "", DataPlane, [],
         "Usage events in the spool not yet acknowledged by the control plane.";
     USAGE_SPOOL_ERRORS_TOTAL = "relay_usage_spool_errors_total": Counter, "", DataPlane, [],
-        "Usage events that could not be written to the spool.";
+        "Usage events the spool's disk refused (kept in memory and sent, but not durable).";
     USAGE_SPOOL_FSYNCS_TOTAL = "relay_usage_spool_fsyncs_total": Counter, "", DataPlane, [],
         "Spool fsyncs.";
     USAGE_SPOOL_OLDEST_AGE_SECONDS = "relay_usage_spool_oldest_age_seconds": Gauge, "seconds", DataPlane, [],

@@ -2,12 +2,12 @@
 //! hashing the rest again: the same digest as [`crate::config_hash`], computed
 //! from a kept SHA-256 state.
 //!
-//! `account_states` is the last field of `Resources` (tag 6), and protobuf
-//! encodes fields in tag order, so the canonical encoding of a config is the
-//! encoding of everything else followed by the encoding of its states. The
-//! control plane keeps the hasher state after the first part ([`StatesHasher`])
-//! and, when only account states moved, feeds it the new states. A test holds
-//! the two definitions equal.
+//! Protobuf encodes fields in tag order, so the canonical encoding of a config
+//! is the encoding of the fields before `account_states` (tags 1 to 5), then
+//! its states (tag 6), then the fields after them (`capture_rules`, tag 7).
+//! The control plane keeps the hasher state after the first part and the
+//! encoded last part ([`StatesHasher`]) and, when only account states moved,
+//! hashes the new states between them. Tests hold the two definitions equal.
 
 use crate::v1;
 use prost::Message;
@@ -15,11 +15,15 @@ use sha2::{Digest, Sha256};
 
 /// The field number of `Resources.account_states` in `relay/v1/config.proto`.
 const ACCOUNT_STATES_TAG: u32 = 6;
+/// The field number of `Resources.capture_rules`: the one field after the states.
+const CAPTURE_RULES_TAG: u32 = 7;
 
-/// SHA-256 after the canonical encoding of a config without its account states.
+/// SHA-256 after the canonical encoding of the fields before a config's account states, and the
+/// encoding of the fields after them.
 #[derive(Clone)]
 pub struct StatesHasher {
     prefix: Sha256,
+    suffix: Vec<u8>,
 }
 
 impl std::fmt::Debug for StatesHasher {
@@ -29,23 +33,38 @@ impl std::fmt::Debug for StatesHasher {
 }
 
 impl StatesHasher {
-    /// Hashes everything in `resources` but its account states. `resources` must be canonical
+    /// Hashes everything in `resources` around its account states. `resources` must be canonical
     /// ([`crate::canonicalize`]); its states are put back as they were.
     pub fn new(resources: &mut v1::Resources) -> Self {
+        // Every field, named: a new one must be placed before or after the states here.
+        let v1::Resources {
+            api_keys: _,
+            accounts: _,
+            groups: _,
+            prices: _,
+            settings: _,
+            account_states: _,
+            capture_rules: _,
+        } = resources;
         let states = std::mem::take(&mut resources.account_states);
+        let rules = std::mem::take(&mut resources.capture_rules);
         let mut prefix = Sha256::new();
         prefix.update(resources.encode_to_vec());
+        let mut suffix = Vec::new();
+        prost::encoding::message::encode_repeated(CAPTURE_RULES_TAG, &rules, &mut suffix);
+        resources.capture_rules = rules;
         resources.account_states = states;
-        Self { prefix }
+        Self { prefix, suffix }
     }
 
     /// The content hash of the config this hasher was made from with `states` (canonical order:
     /// by account id, then scope) as its account states: equal to [`crate::config_hash`] of it.
     pub fn hash_with(&self, states: &[v1::AccountState]) -> String {
-        let mut suffix = Vec::new();
-        prost::encoding::message::encode_repeated(ACCOUNT_STATES_TAG, states, &mut suffix);
+        let mut encoded = Vec::new();
+        prost::encoding::message::encode_repeated(ACCOUNT_STATES_TAG, states, &mut encoded);
         let mut h = self.prefix.clone();
-        h.update(&suffix);
+        h.update(&encoded);
+        h.update(&self.suffix);
         let mut s = String::with_capacity(64);
         for b in h.finalize() {
             s.push_str(&format!("{b:02x}"));
@@ -61,6 +80,7 @@ mod tests {
 
     fn config(states: Vec<v1::AccountState>) -> v1::Resources {
         let mut r = v1::Resources {
+            capture_rules: vec![],
             api_keys: vec![v1::ApiKey {
                 id: "k1".into(),
                 key_hash: "ab".repeat(32),
@@ -130,6 +150,27 @@ mod tests {
                 state("acc-019", "", 7),
             ],
         ] {
+            let mut whole = base.clone();
+            whole.account_states = states.clone();
+            assert_eq!(hasher.hash_with(&states), crate::config_hash(&whole), "{states:?}");
+        }
+    }
+
+    #[test]
+    fn equals_the_config_hash_with_capture_rules_and_states() {
+        // Capture rules are encoded after the states (a higher field number): a config holding
+        // both must hash the same both ways, or every data plane rejects it.
+        let mut base = config(vec![state("acc-001", "", 9)]);
+        base.capture_rules = vec![v1::CaptureRule {
+            id: "r1".into(),
+            key_id: "k1".into(),
+            sample_rate: 1.0,
+            max_bytes: 1024,
+            ..Default::default()
+        }];
+        let hasher = StatesHasher::new(&mut base);
+        assert_eq!(base.capture_rules.len(), 1);
+        for states in [vec![], vec![state("acc-001", "", 9)], vec![state("acc-002", "", 3)]] {
             let mut whole = base.clone();
             whole.account_states = states.clone();
             assert_eq!(hasher.hash_with(&states), crate::config_hash(&whole), "{states:?}");

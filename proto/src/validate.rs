@@ -238,6 +238,7 @@ pub fn config(r: &pb::Resources) -> Result<Vec<pb::RejectedResource>, Structural
     check_unique("account", r.accounts.iter().map(|a| &a.id))?;
     check_unique("group", r.groups.iter().map(|g| &g.id))?;
     check_unique("price", r.prices.iter().map(|p| &p.id))?;
+    check_unique("capture rule", r.capture_rules.iter().map(|c| &c.id))?;
     if r.settings
         .as_ref()
         .is_none_or(|s| s.api_key_hash_secret.len() < MIN_HASH_SECRET)

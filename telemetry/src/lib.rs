@@ -3,7 +3,8 @@
 //!
 //! This crate owns:
 //! - the log subscriber: `text` or `json` on stderr, colour only on a terminal,
-//!   filtered by `RUST_LOG` (default `info`);
+//!   filtered by `RUST_LOG` (default `info`); the text format leaves span attributes
+//!   with dotted names (OpenTelemetry's) out of its lines ([`TextFields`]);
 //! - OpenTelemetry trace export over OTLP (gRPC or HTTP/protobuf), configured
 //!   only by the standard `OTEL_*` variables and off when none is set;
 //! - the `tracing-opentelemetry` layer that turns `tracing` spans into
@@ -32,7 +33,9 @@ use tracing_subscriber::Layer;
 
 pub use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+mod text_fields;
 mod tls;
+pub use text_fields::TextFields;
 pub use tls::TlsFiles;
 
 /// The OpenTelemetry semantic-conventions release relay's span names and
@@ -284,7 +287,7 @@ pub fn init(format: LogFormat, service: &str) -> Result<Telemetry, TelemetryErro
         .with_writer(std::io::stderr);
     let fmt = match format {
         LogFormat::Json => fmt.json().boxed(),
-        LogFormat::Text => fmt.boxed(),
+        LogFormat::Text => fmt.fmt_fields(TextFields).boxed(),
     };
     tracing_subscriber::registry()
         .with(filter)

@@ -79,6 +79,8 @@ pub struct ControlPlane {
     pub tls_ca: Option<Vec<u8>>,
     /// Where `GetApiKey` reads keys' live counters, applied by the next `resume`.
     pub limiter: Option<Arc<relay_limits::Limiter>>,
+    /// Where the web console listens, applied by the next `resume` (None: no console).
+    pub web: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -142,6 +144,7 @@ impl ControlPlane {
             tls: None,
             tls_ca: None,
             limiter: None,
+            web: None,
             stop: None,
             task: None,
         }
@@ -161,6 +164,7 @@ impl ControlPlane {
             poll_interval: self.poll_interval,
             tls: self.tls.clone(),
             limiter: self.limiter.clone(),
+            web: self.web,
             ..Options::default()
         };
         let fut = server::serve(self.store.clone(), self.key.clone(), listener, opts, async {
@@ -209,6 +213,11 @@ impl ControlPlane {
             Some(_) => format!("https://localhost:{}", self.addr.port()),
             None => format!("http://{}", self.addr),
         }
+    }
+
+    /// The web console's base URL (`http://127.0.0.1:PORT`) when it is on.
+    pub fn web_url(&self) -> Option<String> {
+        self.web.map(|a| format!("http://{a}"))
     }
 
     /// The SQLite database file (SQLite control planes only).

@@ -13,6 +13,7 @@
 #[cfg(feature = "control-plane")]
 pub mod control_plane;
 pub mod etcd;
+pub mod partition;
 pub mod proxy;
 
 use std::future::Future;
@@ -222,7 +223,36 @@ impl Drop for TestDb {
 }
 
 /// A TCP port that was free a moment ago on 127.0.0.1.
+///
+/// Taken from 10000..20000, below the kernel's ephemeral range (32768 and up) and below the
+/// fleet tests' blocks (20000 and up): a port the kernel hands out (`bind(0)`) can be taken by
+/// any outgoing connection between this check and the test's own bind, which made tests fail
+/// with "address in use" under load. Each process walks the range from its own starting point,
+/// so one process never returns a port twice and two processes rarely meet.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 10_000;
+    // A stride coprime with SPAN visits every port of the range once.
+    const STRIDE: u32 = 7_919;
+    static SEED: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        std::process::id().wrapping_mul(2_654_435_761) ^ nanos
+    });
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + seed.wrapping_add(n.wrapping_mul(STRIDE)) % SPAN;
+        let port = port as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -8,6 +8,19 @@ pub(super) async fn propagation(ctx: &mut Ctx) -> Result<()> {
     let plan = ctx.plan.clone();
     let cp_url = ctx.env.cp_url.clone();
     let token = ctx.env.setup.dp_token.clone();
+    // One connection per simulated data plane, in this process and in the control plane's.
+    let me = procs::nofile(std::process::id()).unwrap_or(1024);
+    let theirs = ctx.env.cp_pid().and_then(procs::nofile).unwrap_or(me);
+    let room = me.min(theirs).saturating_sub(512) as usize;
+    if plan.watchers > room {
+        bail!(
+            "{} Watch streams need {} open files in this process and in the control plane; the limit is {} \
+             (raise it with `ulimit -n`, as scripts/bench.sh does, or ask for fewer with --watchers)",
+            plan.watchers,
+            plan.watchers + 512,
+            me.min(theirs)
+        );
+    }
     let r = cp::propagation(&cp_url, &mut ctx.env.admin, &token, plan.watchers, plan.writes, "w").await?;
     log(format!(
         "  {} watchers × {} writes: from send p50 {:.1} ms p99 {:.1} ms; from return p50 {:.1} ms p99 {:.1} ms; admin rtt p50 {:.1} ms; {} missing",
@@ -32,6 +45,7 @@ pub(super) async fn propagation(ctx: &mut Ctx) -> Result<()> {
             "all_acks_recorded_by_control_plane_from_admin_call_sent": r.acks_recorded_after.summary(),
         }),
     );
+    // Issue 17: p99 ≤ 200 ms at 10,000 streams (issue 5 set p50 ≤ 50 ms and p99 ≤ 200 ms at 1,000).
     for (p, target) in [(50.0, 50.0), (99.0, 200.0)] {
         ctx.report.rows.push(Row {
             scenario: format!(
@@ -129,8 +143,8 @@ pub(super) async fn ingest(ctx: &mut Ctx) -> Result<()> {
         direct: "—".into(),
         nginx: "—".into(),
         relay: format!("{} /s; {lost} of {total} lost", s.fmt(0)),
-        target: "≥ 50,000 /s, none lost".into(),
-        verdict: if lost == 0 && s.median >= 50_000.0 {
+        target: "≥ 300,000 /s, none lost".into(),
+        verdict: if lost == 0 && s.median >= 300_000.0 {
             Verdict::Met
         } else {
             Verdict::Missed
@@ -197,10 +211,10 @@ pub(super) async fn start_from_cache(ctx: &mut Ctx) -> Result<()> {
         direct: "—".into(),
         nginx: "—".into(),
         relay: format!("{} ({served}/{} then served a request)", s.fmt(1), plan.starts),
-        target: "≤ 100 ms".into(),
+        target: "≤ 10 ms".into(),
         verdict: if served < plan.starts {
             Verdict::Invalid
-        } else if s.median <= 100.0 {
+        } else if s.median <= 10.0 {
             Verdict::Met
         } else {
             Verdict::Missed

@@ -4,10 +4,12 @@
 //! Here: the plan, the context, the run and its order, the first checks; the scenarios in
 //! `latency.rs` (1 to 4), `control.rs` (5 to 7) and `limits.rs` (8).
 
+mod capture;
 mod control;
 mod latency;
 mod limits;
 
+use capture::capture_cost;
 use control::{ingest, propagation, start_from_cache};
 use latency::{fixed_rate, saturation, slow_streams};
 use limits::limit_check;
@@ -64,7 +66,7 @@ impl Plan {
             sat_concurrency: 32,
             streams: 2000,
             stream_ramp: 2000.0,
-            watchers: 200,
+            watchers: 1000,
             writes: 10,
             ingest_events: 40_000,
             ingest_reps: 2,
@@ -109,7 +111,7 @@ impl Plan {
             sat_concurrency: 32,
             streams: 10_000,
             stream_ramp: 2000.0,
-            watchers: 1000,
+            watchers: 10_000,
             writes: 30,
             ingest_events: 250_000,
             ingest_reps: 2,
@@ -170,6 +172,8 @@ struct Ctx {
     reference: [Arc<Vec<u8>>; 2],
     /// Scenario 8's data plane and Redis, kept until relay's usage is accounted.
     limits: Option<LimitsPlane>,
+    /// Keys scenarios made (scenario 9's captured key): their requests count in `relay_requests`.
+    extra_key_ids: Vec<String>,
     report: Report,
 }
 
@@ -270,6 +274,7 @@ pub async fn run(opts: RunOpts) -> Result<Report> {
         relay_requests: 0,
         reference: [Arc::new(Vec::new()), Arc::new(Vec::new())],
         limits: None,
+        extra_key_ids: Vec::new(),
         report: Report::new(&opts),
     };
     let result = scenarios(&mut ctx, &opts).await;
@@ -317,6 +322,11 @@ async fn scenarios(ctx: &mut Ctx, opts: &RunOpts) -> Result<()> {
         // Before 5-7: it needs the control plane (7 stops it), and its requests are counted below.
         log("scenario 8: the limit check, Redis on loopback");
         limit_check(ctx).await?;
+    }
+    if Ctx::wants(&opts.only, "capture") {
+        // Before 5-7, as 8: its requests are counted below.
+        log("scenario 9: capture at 100%");
+        capture_cost(ctx).await?;
     }
     usage_accounted(ctx).await?;
     if Ctx::wants(&opts.only, "propagation") {
@@ -403,6 +413,7 @@ fn rate_json(r: &RateResult, metric: &Dist) -> Value {
 async fn usage_accounted(ctx: &mut Ctx) -> Result<()> {
     let mut ids = vec![ctx.env.setup.key_id.clone(), ctx.env.setup.slow_key_id.clone()];
     ids.extend(ctx.limits.as_ref().map(|l| l.key_id.clone()));
+    ids.extend(ctx.extra_key_ids.iter().cloned());
     let expected = ctx.relay_requests as i64;
     let t0 = Instant::now();
     let mut stored: i64 = 0;

@@ -1,6 +1,6 @@
 //! `relayctl key ...`: client API keys.
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use relay_proto::v1::{
     ApiKeyInfo, CreateApiKeyRequest, GetApiKeyRequest, GetApiKeyResponse, KeyLimits, KeyStatus, ListApiKeysRequest,
     LiveUse, RevokeApiKeyRequest, UpdateApiKeyRequest,
@@ -115,31 +115,6 @@ pub const SPEND_COLUMNS: &[Column<GetApiKeyResponse>] = &[
     Column::new("group_live_use", "Group live use", |r| live(r.group_live.as_ref())),
 ];
 
-/// Finds a key by id, else by name (preferring the one not revoked when a name
-/// was reused).
-fn find_key<'a>(keys: &'a [ApiKeyInfo], wanted: &str) -> Result<&'a ApiKeyInfo> {
-    if let Some(k) = keys.iter().find(|k| k.id == wanted) {
-        return Ok(k);
-    }
-    let named: Vec<&ApiKeyInfo> = keys.iter().filter(|k| k.name == wanted).collect();
-    let live: Vec<&ApiKeyInfo> = named
-        .iter()
-        .copied()
-        .filter(|k| k.status != KeyStatus::Revoked as i32)
-        .collect();
-    match (named.as_slice(), live.as_slice()) {
-        ([], _) => Err(anyhow!("not found: API key {wanted:?}")),
-        ([only], _) | (_, [only]) => Ok(only),
-        _ => {
-            let ids: Vec<&str> = named.iter().map(|k| k.id.as_str()).collect();
-            Err(anyhow!(
-                "several API keys are named {wanted:?}; use an id ({})",
-                ids.join(", ")
-            ))
-        }
-    }
-}
-
 pub async fn run(conn: &mut Conn, out: Output, cmd: KeyCmd) -> Result<()> {
     let server = conn.server.clone();
     let api = &mut conn.api;
@@ -172,10 +147,15 @@ pub async fn run(conn: &mut Conn, out: Output, cmd: KeyCmd) -> Result<()> {
         KeyCmd::Update(args) => {
             let mut req = update_request(&args);
             if args.limits.any() {
-                let list = api.list_api_keys(ListApiKeysRequest {}).await.or_report(&server)?;
-                let current = find_key(&list.keys, &args.key)?;
+                // The server resolves the key (id, name or unique id prefix) as every other
+                // command does; the limits not given keep their current values.
+                let shown = api
+                    .get_api_key(GetApiKeyRequest { key: args.key.clone() })
+                    .await
+                    .or_report(&server)?;
+                let current = shown.info.unwrap_or_default();
                 req.key = current.id.clone();
-                req.limits = Some(lim::apply(limits(current), &args.limits));
+                req.limits = Some(lim::apply(limits(&current), &args.limits));
             }
             let info = api.update_api_key(req).await.or_report(&server)?;
             out.one(COLUMNS, &info)
@@ -227,20 +207,6 @@ mod tests {
             status: status as i32,
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn keys_resolve_by_id_then_name() {
-        let keys = vec![
-            key("k1", "ci", KeyStatus::Revoked),
-            key("k2", "ci", KeyStatus::Active),
-            key("k3", "dup", KeyStatus::Active),
-            key("k4", "dup", KeyStatus::Disabled),
-        ];
-        assert_eq!(find_key(&keys, "k1").unwrap().id, "k1");
-        assert_eq!(find_key(&keys, "ci").unwrap().id, "k2");
-        assert!(find_key(&keys, "dup").unwrap_err().to_string().contains("k3, k4"));
-        assert!(find_key(&keys, "zzz").unwrap_err().to_string().starts_with("not found"));
     }
 
     #[test]

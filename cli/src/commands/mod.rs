@@ -2,6 +2,7 @@
 //! results as [`Column`]s for [`Output`].
 
 mod accounts;
+mod capture;
 mod config;
 mod keys;
 mod limits;
@@ -51,6 +52,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Usage(args) => status::usage(&mut conn, out, args).await,
         Command::Requests(cmd) => requests::run(&mut conn, out, cmd).await,
         Command::Token(cmd) => tokens::run(&mut conn, out, cmd).await,
+        Command::Capture(cmd) => capture::run(&mut conn, out, cmd).await,
         Command::Version => status::version(&mut conn, out).await,
         Command::Notify(cmd) => status::notify(&mut conn, out, cmd).await,
         Command::Status => status::status(&mut conn, out).await,

@@ -66,7 +66,7 @@ pub async fn run(conn: &mut Conn, out: Output, cmd: TokenCmd) -> Result<()> {
                 .await
                 .or_report(&server)?;
             Deleted {
-                kind: "admin_token",
+                kind: "token",
                 target: token,
                 version: resp.version,
             }

@@ -76,6 +76,20 @@ pub fn limits_to_pb(l: &model::KeyLimits) -> pb::KeyLimits {
     }
 }
 
+pub fn capture_rule_to_pb(c: &model::CaptureRule) -> pb::CaptureRule {
+    pb::CaptureRule {
+        id: c.id.clone(),
+        key_id: c.key_id.clone(),
+        group_id: c.group_id.clone(),
+        account_id: c.account_id.clone(),
+        model: c.model.clone(),
+        errors_only: c.errors_only,
+        sample_rate: f64::from(c.sample_ppm) / 1_000_000.0,
+        max_bytes: c.max_bytes,
+        ttl_ms: c.ttl_ms,
+    }
+}
+
 pub fn price_to_pb(p: &model::Price) -> pb::Price {
     pb::Price {
         id: p.id.clone(),

@@ -249,8 +249,9 @@ impl Drop for StreamGauge {
 
 /// Records data-plane state off the Watch streams' path: a stream never waits
 /// for the database. Events queue in order; a writer task drains them in
-/// batches and, per node, keeps only the last of consecutive ACKs (a thousand
-/// data planes ACKing one change cost one write each, not a wait each).
+/// batches and, per node, keeps only the last of consecutive ACKs, and records
+/// each batch in one transaction (ten thousand data planes ACKing one change
+/// cost one commit, not a wait each).
 #[derive(Clone)]
 pub struct ProxyRecorder {
     tx: mpsc::UnboundedSender<(String, String, ProxyEvent)>,
@@ -268,10 +269,14 @@ impl ProxyRecorder {
     }
 }
 
+/// The most Watch events recorded in one transaction.
+const MAX_RECORD_BATCH: usize = 20_000;
+
 async fn write_proxy_states(store: DynStore, mut rx: mpsc::UnboundedReceiver<(String, String, ProxyEvent)>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        while let Ok(more) = rx.try_recv() {
+        while batch.len() < MAX_RECORD_BATCH {
+            let Ok(more) = rx.try_recv() else { break };
             batch.push(more);
         }
         // Drop an ACK when the next event of the same node is also an ACK.
@@ -285,12 +290,18 @@ async fn write_proxy_states(store: DynStore, mut rx: mpsc::UnboundedReceiver<(St
             }
             next_is_ack.insert(node.as_str(), is_ack);
         }
-        for ((node, replica, ev), keep) in batch.into_iter().zip(keep) {
-            if !keep {
-                continue;
-            }
-            if let Err(e) = store.record_proxy(&node, &replica, ev).await {
-                tracing::warn!(node_id = %node, error = %e, "cannot record data-plane state");
+        let batch: Vec<_> = batch
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(r, keep)| keep.then_some(r))
+            .collect();
+        // One transaction per batch; when it fails, each event on its own, so that one event the
+        // store refuses costs only its own record.
+        if store.record_proxies(&batch).await.is_err() {
+            for (node, replica, ev) in batch {
+                if let Err(e) = store.record_proxy(&node, &replica, ev).await {
+                    tracing::warn!(node_id = %node, error = %e, "cannot record data-plane state");
+                }
             }
         }
     }

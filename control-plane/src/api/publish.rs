@@ -251,6 +251,11 @@ fn build_with(
             })
             .collect(),
         prices: state.prices.iter().map(price_to_pb).collect(),
+        capture_rules: state
+            .capture_rules
+            .iter()
+            .map(crate::api::convert::capture_rule_to_pb)
+            .collect(),
         settings: Some(pb::Settings {
             api_key_hash_secret: key.api_key_hash_secret().to_vec(),
             // Control-plane-only settings (the webhook URL and its signing secret among them) stay here.

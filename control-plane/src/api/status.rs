@@ -101,10 +101,10 @@ mod tests {
             (
                 StoreError::Conflict {
                     kind: "key",
-                    id: "k1".into(),
+                    name: "k1".into(),
                 },
                 Code::Aborted,
-                "concurrent modification of key k1; retry",
+                "concurrent modification of key \"k1\"; another change to it kept landing first",
             ),
         ];
         for (e, code, msg) in cases {

@@ -3,6 +3,8 @@
 //! absorbed by the store, so a resent batch never counts twice.
 //! `UsageIngest.Spend`: the committed spend of every key and group with a budget
 //! (see [`crate::spend`]).
+//! `UsageIngest.StoreCaptures`: captured bodies (capture rules), stored once per request id as
+//! shipped (compressed); best effort on the data plane's side (see `crate::capture`).
 
 use super::auth::{Authenticator, Need};
 use crate::model::UsageEvent;
@@ -50,6 +52,22 @@ pub fn bounded_message(m: &str) -> String {
     m[..end].chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
+/// A model name or id as stored: at most [`MAX_NAME_BYTES`] (cut on a character boundary),
+/// control characters and whitespace replaced by `_`.
+pub fn bounded_name(m: &str) -> String {
+    let mut end = m.len().min(MAX_NAME_BYTES);
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    m[..end]
+        .chars()
+        .map(|c| if c.is_control() || c.is_whitespace() { '_' } else { c })
+        .collect()
+}
+
+/// The longest requested model name or group id a usage row keeps.
+pub const MAX_NAME_BYTES: usize = 200;
+
 /// The longest error message a usage row keeps.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 512;
 
@@ -88,7 +106,10 @@ pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
             },
             api_key_id: e.api_key_id.clone(),
             account_id: e.account_id.clone(),
-            model: e.model.clone(),
+            // The model answered, or the one asked when the answer named none plausible: a
+            // client's choice either way, bounded like the requested model (no control character
+            // reaches an operator's terminal through `relayctl usage` or `requests list`).
+            model: bounded_name(&e.model),
             input_tokens: e.input_tokens,
             output_tokens: e.output_tokens,
             cache_write_5m_tokens: e.cache_write_5m_tokens,
@@ -119,6 +140,8 @@ pub fn convert(batch: &pb::UsageBatch) -> (Vec<UsageEvent>, usize) {
             // At most a day, like the wait.
             max_event_gap_ms: e.max_event_gap_ms.min(86_400_000),
             error_message: bounded_message(&e.error_message),
+            model_requested: bounded_name(&e.model_requested),
+            group_id: bounded_name(&e.group_id),
         });
     }
     (ok, rejected)
@@ -251,6 +274,44 @@ impl UsageIngest for UsageService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn store_captures(&self, req: Request<pb::CaptureBatch>) -> Result<Response<pb::CaptureAck>, Status> {
+        self.auth.check(req.metadata(), Need::DataPlane).await?;
+        let identity = self.auth.node_identity(&req);
+        let batch = req.into_inner();
+        identity.check(&batch.node_id)?;
+        let mut rejected = 0u32;
+        let mut keep = Vec::with_capacity(batch.captures.len());
+        for c in batch.captures {
+            // A request id is 1..=128 visible ASCII characters; a document is bounded.
+            let id_ok = !c.request_id.is_empty()
+                && c.request_id.len() <= 128
+                && c.request_id.bytes().all(|b| b.is_ascii_graphic());
+            if !id_ok || c.document_zstd.is_empty() || c.document_zstd.len() > crate::capture::MAX_DOCUMENT_BYTES {
+                rejected += 1;
+                continue;
+            }
+            keep.push(crate::model::StoredCapture {
+                request_id: c.request_id,
+                rule_id: c.rule_id,
+                api_key_id: c.api_key_id,
+                node_id: batch.node_id.clone(),
+                captured_ms: c.captured_ms,
+                expires_ms: c.expires_ms.max(0),
+                truncated: c.truncated,
+                document_zstd: c.document_zstd,
+            });
+        }
+        let r = self.store.insert_captures(&keep).await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot store captures");
+            Status::unavailable("capture store unavailable; resend later")
+        })?;
+        Ok(Response::new(pb::CaptureAck {
+            stored: u32::try_from(r.inserted).unwrap_or(u32::MAX),
+            duplicates: u32::try_from(r.duplicates).unwrap_or(u32::MAX),
+            rejected,
+        }))
+    }
+
     async fn spend(&self, req: Request<pb::SpendRequest>) -> Result<Response<pb::SpendResponse>, Status> {
         self.auth.check(req.metadata(), Need::DataPlane).await?;
         let answer = self.spend.report().await?;
@@ -272,5 +333,30 @@ fn spend_to_pb(r: &crate::spend::SpendReport) -> pb::SpendResponse {
         data_planes: r.data_planes,
         keys: r.keys.iter().map(spend).collect(),
         groups: r.groups.iter().map(spend).collect(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_name_is_stored_without_control_characters() {
+        let batch = pb::UsageBatch {
+            node_id: "dp".into(),
+            events: vec![pb::UsageEvent {
+                event_id: uuid::Uuid::now_v7().to_string(),
+                request_id: "req_1".into(),
+                model: "\u{1b}[2J\u{1b}[31mEVIL\u{7}".into(),
+                model_requested: "claude-sonnet-4-5".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (events, rejected) = convert(&batch);
+        assert_eq!(rejected, 0);
+        assert_eq!(events[0].model, "_[2J_[31mEVIL_");
+        assert_eq!(events[0].model_requested, "claude-sonnet-4-5");
     }
 }

@@ -590,7 +590,7 @@ impl Refresher {
         }
         Err(StoreError::Conflict {
             kind: "account",
-            id: account_id.to_string(),
+            name: account_id.to_string(),
         })
     }
 

@@ -110,9 +110,12 @@ pub struct Prober {
 }
 
 /// The error type and message of an Anthropic error body (read by the one parser,
-/// `relay_proto::anthropic`), bounded.
-fn error_message(body: &[u8]) -> String {
-    let err = ApiError::parse(body).unwrap_or_default();
+/// `relay_proto::anthropic`), bounded, with the account's `secrets` masked: an upstream may quote
+/// the credential it was sent ("Incorrect API key provided: sk-…"), and this text goes into the
+/// account's state (published, shown) and the audit log.
+fn error_message(body: &[u8], secrets: &[String]) -> String {
+    let (body, _) = relay_proto::redact::redact_body(body.to_vec(), secrets);
+    let err = ApiError::parse(&body).unwrap_or_default();
     let s = match (err.kind().unwrap_or_default(), err.message().unwrap_or_default()) {
         ("", "") => String::new(),
         (kind, "") => kind.to_string(),
@@ -144,14 +147,14 @@ impl Prober {
         let Ok(credential) = self.key.open(&a.credential_enc, &a.id) else {
             return Verdict::Unauthorized("the stored credential cannot be opened (wrong master key?)".into());
         };
-        let proxy = match &a.proxy_url_enc {
+        let proxy_url = match &a.proxy_url_enc {
             Some(sealed) => match self.key.open(sealed, &crate::api::admin::proxy_seal_context(&a.id)) {
                 Ok(p) => Some(p),
                 Err(_) => return Verdict::Unreachable("the stored proxy URL cannot be opened".into()),
             },
             None => (!a.proxy_url.is_empty()).then(|| a.proxy_url.clone()),
         };
-        let proxy = match proxy.as_deref().map(ProxySpec::parse) {
+        let proxy = match proxy_url.as_deref().map(ProxySpec::parse) {
             None => None,
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => return Verdict::Unreachable(format!("the proxy URL: {e}")),
@@ -179,7 +182,10 @@ impl Prober {
             _ => models,
         };
         let now = now_ms();
-        let msg = error_message(&body);
+        let msg = error_message(
+            &body,
+            &relay_proto::redact::secrets(&credential, proxy_url.as_deref().unwrap_or("")),
+        );
         match parts.status.as_u16() {
             200..=299 => Verdict::Ok,
             401 | 403 => Verdict::Unauthorized(format!("HTTP {} {msg}", parts.status.as_u16())),
@@ -402,11 +408,26 @@ mod tests {
     #[test]
     fn error_message_names_type_and_message() {
         let body = br#"{"type":"error","error":{"type":"permission_error","message":"not allowed"}}"#;
-        assert_eq!(error_message(body), "permission_error: not allowed");
-        assert_eq!(error_message(br#"{"error":{"type":"api_error"}}"#), "api_error");
-        assert_eq!(error_message(b"<html>bad gateway</html>"), "");
+        assert_eq!(error_message(body, &[]), "permission_error: not allowed");
+        assert_eq!(error_message(br#"{"error":{"type":"api_error"}}"#, &[]), "api_error");
+        assert_eq!(error_message(b"<html>bad gateway</html>", &[]), "");
         let long = format!(r#"{{"error":{{"message":"{}"}}}}"#, "x".repeat(500));
-        assert_eq!(error_message(long.as_bytes()).len(), 200);
+        assert_eq!(error_message(long.as_bytes(), &[]).len(), 200);
+    }
+
+    #[test]
+    fn an_error_quoting_the_credential_or_proxy_password_is_masked() {
+        let credential = "sk-ant-api03-PROBED-0123456789abcdefghijklmnop";
+        let secrets = relay_proto::redact::secrets(credential, "http://u:proxy-password-123@proxy.example:3128");
+        let body = format!(
+            r#"{{"type":"error","error":{{"type":"authentication_error","message":"Incorrect API key provided: {}; proxy-password-123"}}}}"#,
+            &credential[credential.len() - 20..]
+        );
+        let msg = error_message(body.as_bytes(), &secrets);
+        assert_eq!(
+            msg,
+            "authentication_error: Incorrect API key provided: sk-ant…mnop; prox…-123"
+        );
     }
 
     #[test]

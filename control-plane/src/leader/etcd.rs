@@ -4,9 +4,18 @@
 //! gone.
 //!
 //! We speak etcd's v3 JSON gateway (`/v3/lease/grant`, `/v3/lease/keepalive`,
-//! `/v3/lease/revoke`, `/v3/kv/txn`, `/v3/kv/range`, keys and values base64) over plain HTTP with
+//! `/v3/lease/revoke`, `/v3/kv/txn`, `/v3/kv/range`, keys and values base64) over HTTP/1.1 with
 //! hyper, not the `etcd-client` crate: its build script needs a system `protoc`, and building relay
 //! must not. Every etcd since 3.4 serves the gateway on its client port.
+//!
+//! TLS: `https://` endpoints are reached over rustls, trusting the given CA (etcd's
+//! `--trusted-ca-file` side) or else the public web roots, with a client certificate when one is
+//! given (etcd's `--client-cert-auth`). All endpoints use the same scheme.
+//!
+//! With etcd's authentication on (`etcdctl auth enable`), relay logs in as a user
+//! (`/v3/auth/authenticate`) and sends the token it gets in the `Authorization` header; a token
+//! etcd no longer takes (expired, or issued by another member after a failover) is replaced by
+//! logging in again. The user needs read and write on the prefix (the leader key and its lease).
 //!
 //! Stepping down: the leader keeps its lease alive every TTL/3 and stops leading once no keepalive
 //! has been answered for TTL minus a margin since the last good one was *sent* (the lease lives
@@ -19,25 +28,75 @@ use crate::store::DynStore;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 pub const MECHANISM: &str = "etcd";
 
+/// An etcd user relay logs in as when etcd's authentication is on.
+#[derive(Clone)]
+pub struct EtcdCredentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdCredentials")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// TLS to etcd (`https://` endpoints): what to trust, and the client certificate to show.
+#[derive(Clone, Default)]
+pub struct EtcdTls {
+    /// PEM certificates of the CA that signs etcd's server certificates: trusted instead of the
+    /// public web roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate chain and its private key (PEM), for an etcd started with
+    /// `--client-cert-auth`.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl EtcdTls {
+    /// Whether anything is set (only `https://` endpoints can use it).
+    pub fn is_set(&self) -> bool {
+        self.ca_pem.is_some() || self.identity.is_some()
+    }
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
+}
+
 /// Where and how to campaign.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
-    /// `http://HOST:PORT` of each member; the next is tried when one cannot be reached.
+    /// `http://HOST:PORT` or `https://HOST:PORT` of each member (one scheme for all); the next is
+    /// tried when one cannot be reached.
     pub endpoints: Vec<String>,
     /// Key prefix (default `/relay/`); the leader key is `PREFIX` + `leader`.
     pub prefix: String,
     /// The lease's TTL: a leader that cannot reach etcd steps down within it, and a dead leader
     /// is replaced within it.
     pub ttl: Duration,
+    /// The user to log in as when etcd's authentication is on; `None`: no login.
+    pub credentials: Option<EtcdCredentials>,
+    /// TLS for `https://` endpoints; refused with `http://` ones.
+    pub tls: EtcdTls,
 }
 
 impl EtcdOptions {
@@ -52,7 +111,29 @@ impl EtcdOptions {
                 .collect(),
             prefix: "/relay/".to_string(),
             ttl: Duration::from_secs(10),
+            credentials: None,
+            tls: EtcdTls::default(),
         }
+    }
+
+    /// Checks what can be checked without reaching etcd: the TTL, the endpoints (one scheme; TLS
+    /// only with `https://`), the user name, the CA and client certificate.
+    pub fn validate(&self) -> Result<(), LeaderError> {
+        self.client().map(|_| ())
+    }
+
+    fn client(&self) -> Result<Etcd, LeaderError> {
+        if self.ttl < Duration::from_secs(2) {
+            return Err(LeaderError::Invalid(
+                "the leader TTL must be at least 2 seconds (etcd's shortest lease)".into(),
+            ));
+        }
+        if self.credentials.as_ref().is_some_and(|c| c.user.is_empty()) {
+            return Err(LeaderError::Invalid("the etcd user name is empty".into()));
+        }
+        let mut etcd = Etcd::new(&self.endpoints, self.ttl, &self.tls)?;
+        etcd.credentials = self.credentials.clone();
+        Ok(etcd)
     }
 
     /// The key whose creator leads.
@@ -62,15 +143,10 @@ impl EtcdOptions {
 }
 
 impl Leadership {
-    /// Campaigns on etcd in the background; `Following` until it wins. The endpoints are checked
-    /// here (plain `http://host:port`), not reached.
+    /// Campaigns on etcd in the background; `Following` until it wins. The endpoints and the TLS
+    /// files are checked here, etcd is not reached.
     pub fn etcd(store: DynStore, replica: &str, opts: EtcdOptions) -> Result<Self, LeaderError> {
-        if opts.ttl < Duration::from_secs(2) {
-            return Err(LeaderError::Invalid(
-                "the leader TTL must be at least 2 seconds (etcd's shortest lease)".into(),
-            ));
-        }
-        let etcd = Etcd::new(&opts.endpoints, opts.ttl)?;
+        let etcd = opts.client()?;
         let replica_name = replica.to_string();
         tracing::info!(
             replica,
@@ -78,6 +154,8 @@ impl Leadership {
             endpoints = %opts.endpoints.join(","),
             key = %opts.key(),
             ttl_secs = opts.ttl.as_secs(),
+            user = opts.credentials.as_ref().map(|c| c.user.as_str()),
+            tls = etcd.tls,
             "leader election on etcd"
         );
         Ok(Leadership::build(MECHANISM, replica, move |c| {
@@ -94,6 +172,8 @@ enum EtcdError {
     Timeout,
     #[error("etcd refused the call (code {code}): {message}")]
     Refused { code: i64, message: String },
+    #[error("etcd refused the login of user {user:?} (check the user and its password): {message}")]
+    Login { user: String, message: String },
     #[error("etcd's answer is unreadable: {0}")]
     Bad(String),
 }
@@ -151,55 +231,213 @@ impl Kv {
 
 /// A tiny client of the JSON gateway, over the endpoints in turn.
 struct Etcd {
-    client: Client<HttpConnector, Full<Bytes>>,
-    /// `http://host:port`.
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `http[s]://host:port`.
     endpoints: Vec<String>,
+    /// Whether the endpoints are `https://`.
+    tls: bool,
     current: usize,
+    /// Who to log in as (etcd's authentication), and the token of the last login: `Some("")` when
+    /// etcd said its authentication is off.
+    credentials: Option<EtcdCredentials>,
+    token: Option<String>,
+}
+
+/// gRPC's UNAUTHENTICATED: etcd's answer to a token it does not (or no longer) know.
+const UNAUTHENTICATED: i64 = 16;
+/// gRPC's PERMISSION_DENIED: the user's roles do not cover the key.
+const PERMISSION_DENIED: i64 = 7;
+
+/// Whether etcd's refusal means "log in (again)": a token it does not (or no longer) know, or no
+/// token while its authentication is on (INVALID_ARGUMENT "user name is empty", e.g. when it was
+/// turned on after relay found it off).
+fn needs_login(code: i64, message: &str) -> bool {
+    code == UNAUTHENTICATED || message.contains("user name is empty")
+}
+
+/// rustls for `https://` endpoints: the given CA (else the public web roots), the client
+/// certificate when given. ALPN stays empty: etcd offers only `h2`, the gateway is spoken in HTTP/1.1.
+fn client_tls(tls: &EtcdTls) -> Result<rustls::ClientConfig, LeaderError> {
+    let bad = |what: &str, e: String| LeaderError::Invalid(format!("etcd TLS: {what}: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca_pem {
+        Some(pem) => {
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| bad("the CA certificates", e.to_string()))?;
+                roots.add(cert).map_err(|e| bad("the CA certificates", e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(bad("the CA certificates", "no PEM certificate in them".into()));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("protocol versions", e.to_string()))?
+        .with_root_certificates(roots);
+    match &tls.identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = rustls_pemfile::certs(&mut cert.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad("the client certificate", e.to_string()))?;
+            if chain.is_empty() {
+                return Err(bad("the client certificate", "no PEM certificate in it".into()));
+            }
+            let key = rustls_pemfile::private_key(&mut key.as_slice())
+                .map_err(|e| bad("the client key", e.to_string()))?
+                .ok_or_else(|| bad("the client key", "no PEM private key in it".into()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| bad("the client certificate and key", e.to_string()))
+        }
+    }
 }
 
 impl Etcd {
-    fn new(endpoints: &[String], ttl: Duration) -> Result<Self, LeaderError> {
+    fn new(endpoints: &[String], ttl: Duration, tls: &EtcdTls) -> Result<Self, LeaderError> {
         if endpoints.is_empty() {
             return Err(LeaderError::Invalid("no etcd endpoint given".into()));
         }
         let mut bases = Vec::new();
+        let mut schemes = Vec::new();
         for e in endpoints {
             let bad = |reason: &str| LeaderError::Endpoint {
                 endpoint: e.clone(),
                 reason: reason.to_string(),
             };
-            let uri: http::Uri = e.parse().map_err(|_| bad("not a URL (expected http://HOST:2379)"))?;
-            match uri.scheme_str() {
-                Some("http") => {}
-                Some("https") => return Err(bad("https is not supported yet: give the http:// client URL")),
-                _ => return Err(bad("expected http://HOST:2379")),
+            let uri: http::Uri = e
+                .parse()
+                .map_err(|_| bad("not a URL (expected http://HOST:2379 or https://HOST:2379)"))?;
+            let scheme = match uri.scheme_str() {
+                Some(s @ ("http" | "https")) => s.to_string(),
+                _ => return Err(bad("expected http://HOST:2379 or https://HOST:2379")),
+            };
+            if scheme == "http" && tls.is_set() {
+                return Err(bad(
+                    "a CA or client certificate for etcd is given but this endpoint is plain http://: use https://",
+                ));
             }
             let authority = uri
                 .authority()
-                .ok_or_else(|| bad("no host (expected http://HOST:2379)"))?;
-            bases.push(format!("http://{authority}"));
+                .ok_or_else(|| bad("no host (expected http://HOST:2379 or https://HOST:2379)"))?;
+            bases.push(format!("{scheme}://{authority}"));
+            schemes.push(scheme);
         }
+        if schemes.iter().any(|s| s != &schemes[0]) {
+            return Err(LeaderError::Invalid(
+                "the etcd endpoints mix http:// and https://: give one scheme for all".into(),
+            ));
+        }
+        let https = schemes[0] == "https";
         let mut conn = HttpConnector::new();
+        conn.enforce_http(false);
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some((ttl / 4).max(Duration::from_millis(300))));
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(client_tls(tls)?);
+        let connector = if https {
+            builder.https_only().enable_http1().wrap_connector(conn)
+        } else {
+            builder.https_or_http().enable_http1().wrap_connector(conn)
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(conn);
+            .build(connector);
         Ok(Self {
             client,
             endpoints: bases,
+            tls: https,
             current: 0,
+            credentials: None,
+            token: None,
         })
     }
 
-    /// POSTs `body` to `path`, trying the next endpoint when one cannot be reached.
+    /// POSTs `body` to `path`, logged in when credentials are set (once more when etcd no longer
+    /// takes the token).
     async fn call(&mut self, path: &str, body: &Value, deadline: Instant) -> Result<Value, EtcdError> {
+        if self.credentials.is_none() {
+            return match self.post(path, body, deadline, None).await {
+                Err(EtcdError::Refused { code, message }) if needs_login(code, &message) => Err(EtcdError::Refused {
+                    code,
+                    message: format!("{message} (etcd's authentication is on: relay needs an etcd user and password)"),
+                }),
+                answer => answer,
+            };
+        }
+        let mut retried = false;
+        loop {
+            if self.token.is_none() {
+                self.token = Some(self.authenticate(deadline).await?);
+            }
+            let token = self.token.clone().filter(|t| !t.is_empty());
+            match self.post(path, body, deadline, token.as_deref()).await {
+                Err(EtcdError::Refused { code, ref message }) if !retried && needs_login(code, message) => {
+                    tracing::debug!(code, message = %message, "etcd no longer takes relay's token; logging in again");
+                    retried = true;
+                    self.token = None;
+                }
+                Err(EtcdError::Refused {
+                    code: PERMISSION_DENIED,
+                    message,
+                }) => {
+                    let user = self.credentials.as_ref().map(|c| c.user.as_str()).unwrap_or_default();
+                    return Err(EtcdError::Refused {
+                        code: PERMISSION_DENIED,
+                        message: format!(
+                            "{message} (etcd user {user:?} needs a role with read and write on relay's key prefix)"
+                        ),
+                    });
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    /// Logs in: the token for the `Authorization` header, or "" when etcd's authentication is off.
+    async fn authenticate(&mut self, deadline: Instant) -> Result<String, EtcdError> {
+        let Some(c) = self.credentials.clone() else {
+            return Ok(String::new());
+        };
+        let body = json!({ "name": c.user, "password": c.password });
+        match self.post("/v3/auth/authenticate", &body, deadline, None).await {
+            Ok(v) => {
+                tracing::debug!(user = %c.user, "logged in to etcd");
+                v.get("token")
+                    .and_then(Value::as_str)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string)
+                    .ok_or_else(|| EtcdError::Bad("etcd answered the login without a token".into()))
+            }
+            // FAILED_PRECONDITION: etcd's authentication is off; the calls go without a token.
+            Err(EtcdError::Refused { message, .. }) if message.contains("authentication is not enabled") => {
+                Ok(String::new())
+            }
+            Err(EtcdError::Refused { message, .. }) => Err(EtcdError::Login { user: c.user, message }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// POSTs `body` to `path`, trying the next endpoint when one cannot be reached.
+    async fn post(
+        &mut self,
+        path: &str,
+        body: &Value,
+        deadline: Instant,
+        token: Option<&str>,
+    ) -> Result<Value, EtcdError> {
         let body = Bytes::from(body.to_string());
         let mut last = String::new();
         for _ in 0..self.endpoints.len() {
             let base = &self.endpoints[self.current];
-            let req = http::Request::post(format!("{base}{path}"))
-                .header(http::header::CONTENT_TYPE, "application/json")
+            let mut req =
+                http::Request::post(format!("{base}{path}")).header(http::header::CONTENT_TYPE, "application/json");
+            if let Some(token) = token {
+                req = req.header(http::header::AUTHORIZATION, token);
+            }
+            let req = req
                 .body(Full::new(body.clone()))
                 .map_err(|e| EtcdError::Bad(e.to_string()))?;
             let sent = self.client.request(req);
@@ -298,6 +536,17 @@ fn first_kv(v: &Value) -> Result<Option<Kv>, EtcdError> {
 /// The gateway's JSON (streaming calls answer `{"result": …}` lines: the first one), or its error.
 fn parse_answer(status: http::StatusCode, bytes: &[u8]) -> Result<Value, EtcdError> {
     let text = String::from_utf8_lossy(bytes);
+    // etcd with --client-cert-auth and its authentication on refuses, on the gateway, any client
+    // certificate that carries a Common Name (it cannot map it to a user there).
+    if text.contains("CommonName of client sending a request against gateway") {
+        return Err(EtcdError::Refused {
+            code: i64::from(status.as_u16()),
+            message: "etcd refuses a client certificate with a Common Name on its JSON gateway once its \
+                      authentication is on: give relay a client certificate without a CN (subject alternative \
+                      names only); the etcd user comes from the user and password"
+                .into(),
+        });
+    }
     let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     let v: Value = serde_json::from_str(line).map_err(|e| {
         EtcdError::Bad(format!(
@@ -462,7 +711,8 @@ async fn run(mut etcd: Etcd, store: DynStore, replica: String, opts: EtcdOptions
     let t = Timing::new(opts.ttl);
     // A lease this replica held and has not managed to revoke yet.
     let mut stale_lease: Option<i64> = None;
-    let mut failing = false;
+    // The last failure logged: each new one is logged once, not every poll.
+    let mut failing: Option<String> = None;
     loop {
         if *stop.borrow() {
             break;
@@ -479,7 +729,7 @@ async fn run(mut etcd: Etcd, store: DynStore, replica: String, opts: EtcdOptions
                 granted_at,
                 since_ms,
             }) => {
-                failing = false;
+                failing = None;
                 let detail = format!("etcd key {key} create revision {revision}");
                 let claim = tokio::time::timeout_at(
                     t.safe_until(granted_at),
@@ -519,14 +769,23 @@ async fn run(mut etcd: Etcd, store: DynStore, replica: String, opts: EtcdOptions
                 }
             }
             Ok(Campaign::Follow(leader)) => {
-                failing = false;
+                failing = None;
                 sink.set(Role::Following { leader });
             }
             Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "etcd unreachable: nobody can be known to lead; retrying");
+                let text = e.to_string();
+                if failing.as_deref() != Some(text.as_str()) {
+                    match e {
+                        EtcdError::Login { .. } => {
+                            tracing::error!(error = %text, "leader election: cannot log in to etcd; retrying")
+                        }
+                        _ => tracing::warn!(
+                            error = %text,
+                            "leader election: etcd unreachable or refusing: nobody can be known to lead; retrying"
+                        ),
+                    }
                 }
-                failing = true;
+                failing = Some(text);
                 sink.set(Role::Following { leader: None });
             }
         }

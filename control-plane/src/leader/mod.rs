@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use etcd::EtcdOptions;
+pub use etcd::{EtcdCredentials, EtcdOptions, EtcdTls};
 
 /// This replica's part in the election.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -32,9 +32,11 @@ pub enum StoreError {
     AlreadyExists { kind: &'static str, name: String },
     #[error("{kind} {name:?} not found")]
     NotFound { kind: &'static str, name: String },
-    /// An update from a revision that is no longer the row's (optimistic concurrency).
-    #[error("concurrent modification of {kind} {id}; retry")]
-    Conflict { kind: &'static str, id: String },
+    /// An update from a revision that is no longer the row's (optimistic concurrency): another
+    /// write to the same row landed between this write's read and its update. The Admin API
+    /// re-reads and retries these itself; one reaches a caller only when it kept losing.
+    #[error("concurrent modification of {kind} {name:?}; another change to it kept landing first")]
+    Conflict { kind: &'static str, name: String },
     /// A delete refused because other rows still name the resource.
     #[error("{0} is still in use")]
     InUse(String),
@@ -264,6 +266,9 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_at_revisions(&self, revisions: &[u64]) -> Result<Vec<AuditEntry>>;
 
     async fn record_proxy(&self, node_id: &str, replica: &str, event: ProxyEvent) -> Result<()>;
+    /// Data planes' Watch events, in order, in one transaction: one commit for the ACKs of a
+    /// whole fleet. On an error nothing of the batch is recorded.
+    async fn record_proxies(&self, events: &[ProxyRecord]) -> Result<()>;
     async fn list_proxies(&self) -> Result<Vec<ProxyState>>;
 
     /// Stores a batch of usage events in one transaction; events whose id is
@@ -286,17 +291,54 @@ pub trait Store: Send + Sync + 'static {
     async fn list_oauth_pending(&self) -> Result<Vec<OAuthPending>>;
     async fn drop_oauth_pending(&self, account_id: &str, from_hash: &str) -> Result<()>;
 
+    /// Records that the console session `session` (its cookie's nonce) was signed out; kept until
+    /// `expires_at`, when the cookie would be refused anyway. Ended sessions that expired by
+    /// `now` are forgotten. Not config: no revision, no audit.
+    async fn end_console_session(&self, session: &str, expires_at: Millis, now: Millis) -> Result<()>;
+    /// Whether the console session `session` was signed out.
+    async fn console_session_ended(&self, session: &str) -> Result<bool>;
+
     /// One page of the request log (see `crate::requests`): the client requests (usage rows grouped
     /// by `request_id`) whose latest event time `t` has `since <= t < until` and `(t, id) < before`
     /// (ids compared bytewise), newest first, at most `limit`, as `(t, request_id)`.
     async fn request_page(&self, page: RequestPage) -> Result<Vec<(Millis, String)>>;
     /// Every stored usage row of these requests, in no particular order.
     async fn request_events(&self, request_ids: &[String]) -> Result<Vec<UsageEvent>>;
+    /// The time of the `rows`-th newest usage row with `floor <= ts < before` (`None`: fewer
+    /// rows than that). The statistics walk the log back in windows of about `rows` rows with it.
+    async fn request_window_floor(&self, floor: Millis, before: Millis, rows: u32) -> Result<Option<Millis>>;
+    /// Every stored usage row of the requests whose latest row time `t` has `since <= t < until`
+    /// (their earlier rows included), in no particular order.
+    async fn request_window_events(&self, since: Millis, until: Millis) -> Result<Vec<UsageEvent>>;
+
+    /// The names of deleted accounts and groups (`deleted_names`), so records that keep their
+    /// ids can still name them.
+    async fn deleted_names(&self) -> Result<Vec<DeletedName>>;
+    /// The capture rules, oldest first.
+    async fn list_capture_rules(&self) -> Result<Vec<CaptureRule>>;
+    /// Stores captured requests, one per request id (a second one for an id is a duplicate).
+    async fn insert_captures(&self, captures: &[StoredCapture]) -> Result<IngestResult>;
+    async fn get_capture(&self, request_id: &str) -> Result<Option<StoredCapture>>;
+    /// Deletes these requests' usage rows and captures, in one transaction: (rows, captures).
+    async fn delete_requests(&self, request_ids: &[String]) -> Result<(u64, u64)>;
+    /// Deletes at most `limit` captures taken before `before_ms` or expired at `now_ms`; returns
+    /// how many went (callers loop while it returns `limit`).
+    async fn delete_captures_before(&self, before_ms: Millis, now_ms: Millis, limit: u32) -> Result<u64>;
+    /// Deletes at most `limit` captures taken before `before_ms` whose request has no usage row
+    /// left (the row cap deleted its record); returns how many went.
+    async fn delete_orphan_captures(&self, before_ms: Millis, limit: u32) -> Result<u64>;
 
     /// How many usage rows are stored.
     async fn usage_row_count(&self) -> Result<u64>;
     /// Deletes the `limit` oldest usage rows (by `ts`); returns how many went.
     async fn delete_oldest_usage(&self, limit: u32) -> Result<u64>;
+
+    /// The time of the usage row at this offset in time order, oldest first (`None`: fewer rows).
+    async fn usage_ts_at(&self, offset: u64) -> Result<Option<Millis>>;
+
+    /// Records that the raw usage rows before `floor_ms` may be gone (retention deleted them):
+    /// usage reports read the daily rollups for the whole days before it. Only ever moves forward.
+    async fn raise_usage_raw_floor(&self, floor_ms: Millis) -> Result<()>;
 
     /// Deletes at most `limit` usage rows with `ts < before_ms`; returns how many went. Callers
     /// loop until it returns less than `limit` (bounded transactions on big tables).
@@ -324,11 +366,49 @@ pub trait Store: Send + Sync + 'static {
 
 pub type DynStore = Arc<dyn Store>;
 
+/// One Watch event to record: the data plane's node id, the replica serving it, the event.
+pub type ProxyRecord = (String, String, ProxyEvent);
+
 /// The columns `Store::request_events` reads, in the order both stores map them.
 pub(crate) const USAGE_COLUMNS: &str = "event_id, request_id, ts, node_id, api_key_id, account_id, model, \
      input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, \
      http_status, error_type, stream, cancelled, latency_ms, ttfb_ms, upstream_request_id, web_search_requests, \
-     anomaly, client_request_id, queue_wait_ms, waited_for, stream_events, max_event_gap_ms, error_message";
+     anomaly, client_request_id, queue_wait_ms, waited_for, stream_events, max_event_gap_ms, error_message, \
+     model_requested, group_id";
+
+/// The request ids whose latest usage row time is in `[$1, $2)`: those with a row in the range
+/// and none at or after its end (both looked up by index: `(ts, …)` and `(request_id, ts)`).
+pub(crate) const REQUESTS_ENDING_IN: &str = "SELECT DISTINCT w.request_id FROM usage_events w \
+     WHERE w.ts >= $1 AND w.ts < $2 AND NOT EXISTS \
+     (SELECT 1 FROM usage_events l WHERE l.request_id = w.request_id AND l.ts >= $2)";
+
+/// One day in ms.
+pub(crate) const DAY_MS: i64 = 86_400_000;
+
+/// Where usage reports read from, as one table `u` with a row per raw usage row (`span` 1) or per
+/// daily rollup row (`ts` its day's start, `span` a day): the rollups for the whole days before the
+/// raw floor (rounded up to a day; see `usage_raw_floor`), the raw rows from there on. The same
+/// SQL for both stores (no parameter).
+pub(crate) fn usage_source() -> String {
+    let split = "COALESCE((SELECT floor_ms + ((86400000 - floor_ms % 86400000) % 86400000) \
+                 FROM usage_raw_floor WHERE id = 1), -9223372036854775808)";
+    format!(
+        "(SELECT ts, 1 AS span, api_key_id, account_id, model, 1 AS n, input_tokens, output_tokens, \
+         cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, \
+         CASE WHEN http_status >= 400 OR error_type <> '' THEN 1 ELSE 0 END AS err, \
+         CASE WHEN anomaly <> '' THEN 1 ELSE 0 END AS anom \
+         FROM usage_events WHERE ts >= {split} AND account_id <> '' \
+         UNION ALL \
+         SELECT day, 86400000, api_key_id, account_id, model, requests, input_tokens, output_tokens, \
+         cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, errors, anomalies \
+         FROM usage_daily WHERE day < {split} AND account_id <> '') u"
+    )
+}
+
+/// A capture rule's stored JSON document back to its type.
+pub(crate) fn capture_rule_from(doc: &str) -> Result<CaptureRule> {
+    serde_json::from_str(doc).map_err(|e| StoreError::corrupt_from(format!("capture rule: {e}"), e))
+}
 
 /// A stored count back to what it counts (a negative value cannot be stored; read as 0).
 pub(crate) fn count(v: i64) -> u64 {

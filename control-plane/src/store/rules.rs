@@ -16,6 +16,7 @@ pub(crate) enum Table {
     Groups,
     Prices,
     AdminTokens,
+    CaptureRules,
     /// Keyed by `name`, not `id`.
     Settings,
 }
@@ -29,6 +30,7 @@ impl Table {
             Table::Groups => "groups",
             Table::Prices => "prices",
             Table::AdminTokens => "admin_tokens",
+            Table::CaptureRules => "capture_rules",
             Table::Settings => "settings",
         }
     }
@@ -45,10 +47,11 @@ impl Table {
     fn kind(self) -> &'static str {
         match self {
             Table::Accounts => ResourceKind::Account.as_str(),
-            Table::ApiKeys => ResourceKind::ApiKey.as_str(),
+            Table::ApiKeys => "key",
             Table::Groups => ResourceKind::Group.as_str(),
             Table::Prices => ResourceKind::Price.as_str(),
-            Table::AdminTokens => ResourceKind::AdminToken.as_str(),
+            Table::AdminTokens => "admin token",
+            Table::CaptureRules => "capture rule",
             Table::Settings => "setting",
         }
     }
@@ -95,6 +98,8 @@ pub(crate) trait ConfigTx {
     async fn delete(&mut self, table: Table, key: &str) -> Result<u64>;
     async fn upsert_price(&mut self, p: &Price, rev: i64) -> Result<Written>;
     async fn set_setting(&mut self, name: &str, value: &str, rev: i64) -> Result<()>;
+    /// Inserts a capture rule as its JSON document.
+    async fn insert_capture_rule(&mut self, id: &str, rule_json: &str, rev: i64) -> Result<Written>;
     async fn insert_admin_token(&mut self, t: &AdminToken, rev: i64) -> Result<Written>;
     async fn set_account_state(&mut self, st: &AccountState, rev: i64) -> Result<()>;
     async fn clear_account_state(&mut self, account_id: &str, scope: &str) -> Result<()>;
@@ -143,7 +148,7 @@ async fn written<T: ConfigTx>(tx: &mut T, w: Written, table: Table, id: &str, na
         Written::Rows(0) => Err(if tx.exists(table, id).await? {
             StoreError::Conflict {
                 kind: table.kind(),
-                id: id.to_owned(),
+                name: name.to_owned(),
             }
         } else {
             not_found(table.kind(), id)
@@ -178,15 +183,31 @@ fn expect(revision: u64) -> Result<Option<i64>> {
     to_i64(revision, "revision").map(Some)
 }
 
+/// An account's counts fit what either store keeps (a 32-bit signed integer): the same refusal,
+/// with the range, on both.
+fn check_account(a: &crate::model::Account) -> Result<()> {
+    for (what, v) in [("weight", a.weight), ("max_concurrency", a.max_concurrency)] {
+        if i32::try_from(v).is_err() {
+            return Err(StoreError::Invalid(format!(
+                "{what} {v} is out of range (0 to {})",
+                i32::MAX
+            )));
+        }
+    }
+    Ok(())
+}
+
 async fn apply_one<T: ConfigTx>(tx: &mut T, m: &Mutation, rev: i64) -> Result<()> {
     match m {
         Mutation::InsertAccount(a) => {
+            check_account(a)?;
             require_groups(tx, &a.group_ids).await?;
             let w = tx.write_account(a, rev, None).await?;
             written(tx, w, Table::Accounts, &a.id, &a.name).await?;
             tx.set_account_groups(&a.id, &a.group_ids).await?;
         }
         Mutation::UpdateAccount { row, expect_revision } => {
+            check_account(row)?;
             require_groups(tx, &row.group_ids).await?;
             let w = tx.write_account(row, rev, expect(*expect_revision)?).await?;
             written(tx, w, Table::Accounts, &row.id, &row.name).await?;
@@ -235,12 +256,22 @@ async fn apply_one<T: ConfigTx>(tx: &mut T, m: &Mutation, rev: i64) -> Result<()
             }
         }
         Mutation::DeletePrice { id } => delete_one(tx, Table::Prices, id).await?,
+        Mutation::InsertCaptureRule(c) => {
+            let doc = serde_json::to_string(c).map_err(|e| StoreError::internal("cannot encode a capture rule", e))?;
+            if tx.insert_capture_rule(&c.id, &doc, rev).await? == Written::Duplicate {
+                return Err(StoreError::AlreadyExists {
+                    kind: "capture rule",
+                    name: c.id.clone(),
+                });
+            }
+        }
+        Mutation::DeleteCaptureRule { id } => delete_one(tx, Table::CaptureRules, id).await?,
         Mutation::SetSetting { name, value } => tx.set_setting(name, value, rev).await?,
         Mutation::UnsetSetting { name } => delete_one(tx, Table::Settings, name).await?,
         Mutation::InsertAdminToken(t) => {
             if tx.insert_admin_token(t, rev).await? == Written::Duplicate {
                 return Err(StoreError::AlreadyExists {
-                    kind: ResourceKind::AdminToken.as_str(),
+                    kind: Table::AdminTokens.kind(),
                     name: t.name.clone(),
                 });
             }
@@ -261,7 +292,7 @@ async fn apply_one<T: ConfigTx>(tx: &mut T, m: &Mutation, rev: i64) -> Result<()
             if generation > *at_most {
                 return Err(StoreError::Conflict {
                     kind: ResourceKind::Account.as_str(),
-                    id: account_id.clone(),
+                    name: account_id.clone(),
                 });
             }
         }
@@ -403,6 +434,9 @@ mod tests {
             self.log.push(format!("setting {name} at {rev}"));
             Ok(())
         }
+        async fn insert_capture_rule(&mut self, _: &str, _: &str, _: i64) -> Result<Written> {
+            Ok(Written::Duplicate)
+        }
         async fn insert_admin_token(&mut self, _: &AdminToken, _: i64) -> Result<Written> {
             Ok(Written::Duplicate)
         }
@@ -478,7 +512,10 @@ mod tests {
         let mut tx = Fake::default().with(Table::Groups, "g1");
         let err = run(&mut tx, &update).unwrap_err();
         assert!(matches!(err, StoreError::Conflict { kind: "group", .. }), "{err:?}");
-        assert_eq!(err.to_string(), "concurrent modification of group g1; retry");
+        assert_eq!(
+            err.to_string(),
+            "concurrent modification of group \"one\"; another change to it kept landing first"
+        );
         let mut tx = Fake::default();
         let err = run(&mut tx, &update).unwrap_err();
         assert_eq!(err.to_string(), "group \"g1\" not found");

@@ -142,6 +142,25 @@ pub fn connector(endpoint: Endpoint, token: BearerToken) -> impl Fn() -> Connect
     }
 }
 
+/// A `connect` factory for [`run_reporter`] over a [`super::watch::ControlPlaneLink`]: each call
+/// connects to the replica that answered last, else the next one listed.
+pub fn link_connector(
+    link: super::watch::ControlPlaneLink,
+    token: BearerToken,
+) -> impl Fn() -> ConnectFuture + Send + Sync + 'static {
+    move || {
+        let link = link.clone();
+        let token = token.clone();
+        Box::pin(async move {
+            let channel = link
+                .connect()
+                .await
+                .map_err(|e| ConnectError(crate::proxy::error_chain(&e)))?;
+            Ok(usage_client(channel, token))
+        })
+    }
+}
+
 /// Streams `spool` to the control plane until `shutdown` becomes true (or its
 /// sender is dropped), then drains for at most `drain_deadline`. `connect`
 /// is called for every (re)connection; its error is only logged.

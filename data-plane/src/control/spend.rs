@@ -76,7 +76,7 @@ type Client =
     UsageIngestClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Interceptor>>;
 
 async fn connect(link: &ControlPlaneLink) -> Option<Client> {
-    let channel = link.endpoint.connect().await.ok()?;
+    let channel = link.connect().await.ok()?;
     let bearer = link.bearer().ok()?;
     let f: Interceptor = Box::new(move |mut r: tonic::Request<()>| {
         r.metadata_mut().insert("authorization", bearer.clone());

@@ -33,6 +33,13 @@
 //! [`Spool::notified`] waiters. An event is thus visible to the reporter only
 //! once it is durable.
 //!
+//! When the disk refuses a group (full, read-only, an I/O error), the partial
+//! write is cut off and the group is kept in memory all the same, visible to
+//! the reporter like the others: the appenders get the error (the event is
+//! not durable: lost if the process dies before the control plane ACKs it),
+//! but a running data plane never drops usage because its disk is full. The
+//! next group is tried on disk again.
+//!
 //! # Memory
 //!
 //! Every un-ACKed event is also kept in memory (for `read_after`), so memory
@@ -50,7 +57,7 @@ use relay_proto::v1::UsageEvent;
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
@@ -104,7 +111,7 @@ struct Segment {
 }
 
 struct State {
-    /// Un-ACKed, durable events, in seq order.
+    /// Un-ACKed events, in seq order: durable, except those the disk refused.
     pending: VecDeque<(u64, UsageEvent)>,
     /// Oldest first; the last one is the writer's active segment.
     segments: VecDeque<Segment>,
@@ -445,19 +452,24 @@ impl Writer {
             }
             let (events, waiters): (Vec<_>, Vec<_>) = group.into_iter().map(|r| (r.event, r.done)).unzip();
             let result = self.commit(events, &mut buf);
-            if result.is_ok() {
-                self.shared.notify.notify_waiters();
-            }
+            // Durable or kept in memory only (the disk refused it): either way the events are
+            // visible to the reporter now.
+            self.shared.notify.notify_waiters();
             for w in waiters {
                 w.send(result.clone());
             }
         }
     }
 
+    /// Writes and fsyncs `events`. When the disk refuses them (full, read-only, I/O error) they
+    /// are kept in memory all the same and sent like the others: not durable (lost if the process
+    /// dies before the control plane ACKs them), but never dropped while it runs. The error says so.
     fn commit(&mut self, events: Vec<UsageEvent>, buf: &mut Vec<u8>) -> Result<(), SpoolError> {
-        if self.broken || self.len >= self.segment_bytes {
-            self.roll()?;
-        }
+        let rolled = if self.broken || self.len >= self.segment_bytes {
+            self.roll()
+        } else {
+            Ok(())
+        };
         buf.clear();
         let mut records = Vec::with_capacity(events.len());
         for event in events {
@@ -466,37 +478,53 @@ impl Writer {
             encode_record(buf, seq, &event);
             records.push((seq, event));
         }
-        let written = self.file.write_all(buf).and_then(|()| self.file.sync_data());
-        if let Err(e) = written {
-            // Best effort: cut the partial group off, and start a new segment
-            // for the next one so a bad tail never sits before good records.
-            let _ = self.file.set_len(self.len);
-            self.broken = true;
-            return Err(io_err("write", &self.path)(e));
+        let written = rolled.and_then(|()| {
+            self.file
+                .write_all(buf)
+                .and_then(|()| self.file.sync_data())
+                .map_err(|e| {
+                    // Cut the partial group off and write the next group where it began; when
+                    // that fails too, start a new segment for the next one so a bad tail never
+                    // sits before good records. (Rolling on every failure would leave an empty
+                    // segment per group on a full disk.)
+                    let len = self.len;
+                    self.broken = self
+                        .file
+                        .set_len(len)
+                        .and_then(|()| self.file.seek(io::SeekFrom::Start(len)))
+                        .is_err();
+                    io_err("write", &self.path)(e)
+                })
+        });
+        if written.is_ok() {
+            self.len += buf.len() as u64;
+            self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(relay_proto::metrics::USAGE_SPOOL_FSYNCS_TOTAL).increment(1);
         }
-        self.len += buf.len() as u64;
-        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(relay_proto::metrics::USAGE_SPOOL_FSYNCS_TOTAL).increment(1);
 
         let mut st = lock(&self.shared.state);
         if let Some((last, _)) = records.last() {
             st.last_seq = *last;
             if let Some(seg) = st.segments.back_mut() {
+                // Also when kept in memory only: the segment is then deleted once these are ACKed
+                // (later, never earlier, than its own records).
                 seg.last_seq = Some(*last);
             }
         }
         st.pending.extend(records);
         metrics::gauge!(relay_proto::metrics::USAGE_SPOOL_DEPTH).set(st.pending.len() as f64);
-        Ok(())
+        written
     }
 
     fn roll(&mut self) -> Result<(), SpoolError> {
+        // The number is spent even if creating fails: a file made before a later step failed
+        // must not block the next roll (segments are created exclusively).
         let id = self.id + 1;
+        self.id = id;
         let (file, path) = create_segment(&self.shared.dir, id)?;
         sync_dir(&self.shared.dir)?;
         self.file = file;
         self.path = path.clone();
-        self.id = id;
         self.len = 0;
         self.broken = false;
         lock(&self.shared.state)

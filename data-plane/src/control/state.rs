@@ -69,6 +69,8 @@ pub struct KeyEntry {
     pub group_id: String,
     pub allowed_models: Vec<String>,
     pub limits: pb::KeyLimits,
+    /// The key's usage counters, made once per model label for this config.
+    pub usage_meters: crate::proxy::meters::UsageMeters,
 }
 
 impl KeyEntry {
@@ -92,8 +94,9 @@ pub struct ServingConfig {
     pub resources: pb::Resources,
     /// Accounts and keys this data plane cannot use: out of service, reported in the ACK.
     pub rejected: Vec<pb::RejectedResource>,
-    hash_secret: Vec<u8>,
-    keys_by_hash: HashMap<String, Arc<KeyEntry>>,
+    /// The config's key-hash secret, keyed once.
+    key_hasher: relay_proto::KeyedHasher,
+    keys_by_hash: HashMap<[u8; 32], Arc<KeyEntry>>,
     /// Enabled and disabled accounts of each group, sorted by (priority, id).
     accounts_by_group: HashMap<String, Vec<Arc<AccountEntry>>>,
     pub prices: PriceTable,
@@ -141,11 +144,12 @@ impl ServingConfig {
     pub fn build(version: pb::ConfigVersion, resources: pb::Resources) -> Result<Self, InvalidConfig> {
         let r = &resources;
         let mut rejected = relay_proto::validate::config(r)?;
-        let hash_secret = r
-            .settings
-            .as_ref()
-            .map(|s| s.api_key_hash_secret.clone())
-            .unwrap_or_default();
+        let key_hasher = relay_proto::KeyedHasher::new(
+            r.settings
+                .as_ref()
+                .map(|s| s.api_key_hash_secret.as_slice())
+                .unwrap_or_default(),
+        );
         let out: std::collections::HashSet<(i32, &str)> = rejected
             .iter()
             .filter_map(|x| x.r#ref.as_ref().map(|r| (r.kind, r.id.as_str())))
@@ -162,8 +166,12 @@ impl ServingConfig {
                 group_id: k.group_id.clone(),
                 allowed_models: k.allowed_models.clone(),
                 limits: k.limits.unwrap_or_default(),
+                usage_meters: Default::default(),
             });
-            keys_by_hash.insert(k.key_hash.clone(), entry);
+            // A stored hash not in keyed_hash's form (64 lower-case hex digits) matches no key.
+            if let Some(hash) = relay_proto::keyed_hash_bytes(&k.key_hash) {
+                keys_by_hash.insert(hash, entry);
+            }
         }
 
         let mut accounts_by_group: HashMap<String, Vec<Arc<AccountEntry>>> = HashMap::new();
@@ -235,7 +243,7 @@ impl ServingConfig {
             version,
             hash,
             rejected,
-            hash_secret,
+            key_hasher,
             keys_by_hash,
             accounts_by_group,
             prices,
@@ -247,11 +255,10 @@ impl ServingConfig {
         })
     }
 
-    /// O(1): the keyed hash of the presented key, then one map lookup.
+    /// O(1): the keyed hash of the presented key (its 32 bytes, no hex), then one map lookup.
     pub fn key_for(&self, presented: &str) -> Option<&Arc<KeyEntry>> {
-        // The control plane stored the key's hash with this same function.
-        self.keys_by_hash
-            .get(&relay_proto::keyed_hash(&self.hash_secret, presented))
+        // The control plane stored the key's hash with this same function, in hex.
+        self.keys_by_hash.get(&self.key_hasher.digest(presented))
     }
 
     /// Health tunables for an account.
@@ -380,13 +387,13 @@ mod tests {
             api_keys: vec![
                 pb::ApiKey {
                     id: "k1".into(),
-                    key_hash: "h1".into(),
+                    key_hash: relay_proto::keyed_hash(&[1; 32], "rk-k1"),
                     group_id: "g".into(),
                     ..Default::default()
                 },
                 pb::ApiKey {
                     id: "k2".into(),
-                    key_hash: "h2".into(),
+                    key_hash: relay_proto::keyed_hash(&[1; 32], "rk-k2"),
                     group_id: "gone".into(),
                     ..Default::default()
                 },
@@ -420,6 +427,9 @@ mod tests {
         );
         assert!(cfg.rejected.iter().all(|x| !x.error.contains("hunter2")));
         assert_eq!(cfg.keys_by_hash.len(), 1, "the key naming an unknown group is out too");
+        assert_eq!(cfg.key_for("rk-k1").map(|k| k.id.as_str()), Some("k1"));
+        assert!(cfg.key_for("rk-k2").is_none());
+        assert!(cfg.key_for("rk-k3").is_none());
     }
 
     fn routed(groups: Vec<pb::Group>) -> ServingConfig {

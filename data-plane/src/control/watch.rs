@@ -14,10 +14,16 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-/// How to reach the control plane.
+/// How to reach the control plane: one URL (a Service or load balancer in front of the
+/// replicas), or the replicas' URLs in order of preference. Each (re)connection tries the one that
+/// answered last first, then the others in order: a replica that cannot be reached costs one
+/// connect attempt, and the data plane carries on with the next.
 #[derive(Clone)]
 pub struct ControlPlaneLink {
-    pub endpoint: tonic::transport::Endpoint,
+    endpoints: Arc<[tonic::transport::Endpoint]>,
+    /// Index of the endpoint that answered last (shared by every clone: the config stream and
+    /// usage reports go to the same replica while it answers).
+    current: Arc<std::sync::atomic::AtomicUsize>,
     /// The data-plane token (`authorization: Bearer …`).
     pub token: Arc<str>,
 }
@@ -42,7 +48,49 @@ impl std::fmt::Debug for ControlPlaneTls {
 }
 
 impl ControlPlaneLink {
-    pub fn new(url: &str, token: &str, tls: &ControlPlaneTls) -> Result<Self, tonic::transport::Error> {
+    /// `urls`: one URL, or several separated by commas (in order of preference).
+    pub fn new(urls: &str, token: &str, tls: &ControlPlaneTls) -> Result<Self, tonic::transport::Error> {
+        let endpoints = split_urls(urls)
+            .map(|url| Self::endpoint(url, tls))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            endpoints: Arc::from(endpoints),
+            current: Arc::default(),
+            token: Arc::from(token),
+        })
+    }
+
+    /// Connects to the endpoint that answered last, else to the next one that does, in order;
+    /// the error of the last one tried when none does.
+    pub async fn connect(&self) -> Result<tonic::transport::Channel, LinkError> {
+        use std::sync::atomic::Ordering;
+        let n = self.endpoints.len();
+        let first = self.current.load(Ordering::Relaxed) % n.max(1);
+        let mut last = Err(LinkError::NoUrl);
+        for i in 0..n {
+            let k = (first + i) % n;
+            let Some(endpoint) = self.endpoints.get(k) else { break };
+            match endpoint.connect().await {
+                Ok(channel) => {
+                    if k != first {
+                        tracing::info!(
+                            control_plane = %endpoint.uri(),
+                            "the control plane connected to last cannot be reached: using the next one listed"
+                        );
+                        self.current.store(k, Ordering::Relaxed);
+                    }
+                    return Ok(channel);
+                }
+                Err(e) => {
+                    tracing::debug!(control_plane = %endpoint.uri(), error = %e, "cannot connect to a control plane");
+                    last = Err(e.into());
+                }
+            }
+        }
+        last
+    }
+
+    fn endpoint(url: &str, tls: &ControlPlaneTls) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
         let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(20))
@@ -59,10 +107,7 @@ impl ControlPlaneLink {
             }
             endpoint = endpoint.tls_config(cfg)?;
         }
-        Ok(Self {
-            endpoint,
-            token: Arc::from(token),
-        })
+        Ok(endpoint)
     }
 
     pub fn bearer(&self) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, tonic::Status> {
@@ -70,6 +115,23 @@ impl ControlPlaneLink {
             .parse()
             .map_err(|_| tonic::Status::unauthenticated("the data-plane token is not a valid header value"))
     }
+}
+
+/// Why no control plane could be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    #[error("no control-plane URL")]
+    NoUrl,
+}
+
+/// The URLs of a `--control-plane` value: one, or several separated by commas (blanks ignored).
+pub fn split_urls(urls: &str) -> impl Iterator<Item = &str> {
+    let mut parts = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).peekable();
+    // Nothing listed: the value as given, so that its error names it.
+    let whole = parts.peek().is_none().then_some(urls.trim());
+    parts.chain(whole)
 }
 
 /// Called with each config just swapped in (e.g. to sync shared account health).
@@ -137,7 +199,7 @@ impl Watcher {
     }
 
     async fn session(&self) -> Result<(), tonic::Status> {
-        let channel = self.link.endpoint.connect().await.map_err(|e| {
+        let channel = self.link.connect().await.map_err(|e| {
             // The whole chain: tonic's own Display says only "transport error".
             let why = crate::proxy::error_chain(&e);
             tonic::Status::unavailable(format!("cannot connect to the control plane: {why}"))

@@ -12,7 +12,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use relay_proto::v1 as pb;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How long a refused request's body is read and discarded before its answer is sent anyway.
+const REFUSED_BODY_DRAIN: Duration = Duration::from_secs(3);
 
 /// The presented relay key: `x-api-key`, else `Authorization: Bearer`.
 fn presented_key(h: &HeaderMap) -> Option<&str> {
@@ -151,16 +154,21 @@ impl Proxy {
             read.map_err(|_| ApiError::body_timeout("the request body did not arrive in time"))??
         };
         let Some(body) = body else {
-            // Read (and discard) what the client is still sending, so it gets
-            // this answer instead of a broken pipe; give up past twice the limit.
-            let mut drained = 0usize;
+            // Read (and discard) what the client is still sending, so it gets this answer
+            // instead of a broken pipe; give up past twice the limit, or after a few seconds (a
+            // client that declared a huge body and sends nothing gets its answer now, not at
+            // the body timeout).
             drop(hold);
-            while let Some(Ok(frame)) = incoming.frame().await {
-                drained += frame.data_ref().map_or(0, |d| d.len());
-                if drained > 2 * MAX_BODY_BYTES {
-                    break;
+            let drain = async {
+                let mut drained = 0usize;
+                while let Some(Ok(frame)) = incoming.frame().await {
+                    drained += frame.data_ref().map_or(0, |d| d.len());
+                    if drained > 2 * MAX_BODY_BYTES {
+                        break;
+                    }
                 }
-            }
+            };
+            let _ = tokio::time::timeout(REFUSED_BODY_DRAIN, drain).await;
             if over_held {
                 let mut e = ApiError::rate_limited(format!(
                     "this API key already has {} MB of request bodies in flight on this relay; retry when some finish",
@@ -224,7 +232,13 @@ impl Head {
             Some(_) => return Err(ApiError::invalid_request("model: must be a string")),
             None => return Err(ApiError::invalid_request("model: Field required")),
         };
-        let stream = is_messages && matches!(head.stream, Some(serde_json::Value::Bool(true)));
+        // As Anthropic: `stream` is a boolean when given ("yes" is refused, not taken as false).
+        let stream = match head.stream {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => b,
+            Some(_) => return Err(ApiError::invalid_request("stream: Input should be a valid boolean")),
+        };
+        let stream = is_messages && stream;
         let max_tokens = head
             .max_tokens
             .as_ref()
@@ -276,6 +290,11 @@ mod tests {
         assert_eq!(refused(br#"{"model":""}"#), "model: must be a string");
         assert_eq!(refused(br#"{"max_tokens":1}"#), "model: Field required");
         assert!(refused(b"{nope").starts_with("request body is not valid JSON"));
+        assert_eq!(
+            refused(br#"{"model":"m","stream":"yes"}"#),
+            "stream: Input should be a valid boolean"
+        );
+        assert!(!Head::parse(br#"{"model":"m","stream":null}"#, true).unwrap().stream);
     }
 
     #[test]

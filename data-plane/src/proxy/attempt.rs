@@ -14,7 +14,9 @@ use super::routes::status_class;
 use super::schedule::{Waited, Want};
 use super::sink::HealthSink;
 use super::usage::{self, Attempt, AttemptGuard, Tap};
-use super::{body, client_request_id, error_chain, estimate, headers, not_ours, policy, reqlog, Proxy, MAX_BODY_BYTES};
+use super::{
+    body, client_request_id, error_chain, estimate, headers, not_ours, policy, redact, reqlog, Proxy, MAX_BODY_BYTES,
+};
 use crate::control::state::{AccountEntry, KeyEntry, ServingConfig};
 use crate::errors::{self, full, ApiError, Body};
 use crate::upstream::encoding::Encoding;
@@ -151,8 +153,7 @@ impl Proxy {
         not_ours(sent_at.elapsed());
         let resp = match answered {
             Ok(Ok(r)) => {
-                metrics::histogram!(relay_proto::metrics::UPSTREAM_TTFB_SECONDS)
-                    .record(sent_at.elapsed().as_secs_f64());
+                super::meters::upstream_ttfb(sent_at.elapsed().as_secs_f64());
                 r
             }
             Ok(Err(e)) => {
@@ -184,8 +185,7 @@ impl Proxy {
             }
         };
         let (parts, body) = resp.into_parts();
-        metrics::counter!(relay_proto::metrics::UPSTREAM_RESPONSES_TOTAL, "status" => status_class(parts.status))
-            .increment(1);
+        super::meters::upstream_response(status_class(parts.status));
         let status = parts.status.as_u16();
         if let Some(a) = guard.get_mut() {
             a.status = status;
@@ -253,26 +253,21 @@ fn upstream_request(
     account: &AccountEntry,
     span: &tracing::Span,
 ) -> Result<Request<Full<Bytes>>, ApiError> {
-    let uri = format!(
-        "{}{}",
-        account.base_url,
-        ctx.parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
-    );
+    let path = ctx.parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut uri = String::with_capacity(account.base_url.len() + path.len());
+    uri.push_str(&account.base_url);
+    uri.push_str(path);
     let mut up = Request::builder()
         .method(ctx.parts.method.clone())
         .uri(&uri)
         .body(Full::new(ctx.body.clone()))
         .map_err(|_| ApiError::internal("cannot build the upstream request"))?;
-    *up.headers_mut() = headers::upstream_headers(&ctx.parts.headers, account, ctx.policy.forward_client_ip);
-    // relay is the server a browser calls: the upstream call is relay's own, never a
-    // browser's, whether CORS is on or not. (Anthropic's API answers a call with an Origin and
+    // Without the browser's `Origin`: relay is the server a browser calls, the upstream call is
+    // relay's own, whether CORS is on or not. (Anthropic's API answers a call with an Origin and
     // no anthropic-dangerous-direct-browser-access with a 401, which would take the account
-    // out for every client.)
-    up.headers_mut().remove(header::ORIGIN);
-    // The upstream sees a trace context only when the operator asks for it: then the
-    // attempt span's own (a child of the client's, when it sent one).
-    up.headers_mut().remove("traceparent");
-    up.headers_mut().remove("tracestate");
+    // out for every client.) Without the client's trace context: the upstream sees one only
+    // when the operator asks for it, then the attempt span's own (a child of the client's).
+    *up.headers_mut() = headers::upstream_headers(&ctx.parts.headers, account, ctx.policy.forward_client_ip);
     if ctx.policy.propagate_upstream {
         relay_telemetry::inject_headers(span, up.headers_mut());
     }
@@ -356,6 +351,21 @@ impl Answered<'_, '_> {
             // Undecodable: judged by its status alone; the client gets relay's own error body.
             _ => Vec::new(),
         };
+        // An upstream may quote the credential it was sent ("Incorrect API key provided:
+        // sk-ant-…"), in its body or a header: it is masked before the health judge and the
+        // client see the body and the headers passed on (and so a capture, which stores what the
+        // client got), and in the upstream request id the request log keeps. Only error answers
+        // pay for it.
+        let secrets = redact::secrets_of(ctx.cfg, &self.account.id);
+        let (body, mut redacted) = redact::redact_body(body, &secrets);
+        if let Some(a) = self.guard.get_mut() {
+            a.upstream_request_id = redact::redact_text(&a.upstream_request_id, &secrets);
+        }
+        let mut headers = headers::client_headers(&self.parts.headers, ctx.request_id, ctx.policy.expose_ratelimit);
+        redacted += redact::redact_headers(&mut headers, &secrets);
+        if redacted > 0 {
+            tracing::warn!(account = %self.account.name, status = self.status, redacted, "the upstream's error quoted the account's credential; masked");
+        }
         self.tap.feed(&body);
         let status = self.status;
         let verdict = if endpoint_missing(ctx.is_messages, status, &body) {
@@ -379,7 +389,6 @@ impl Answered<'_, '_> {
         }
         // Only a whole Anthropic error reaches the client as the upstream sent it; an HTML
         // page, an event stream, a body cut at the deadline get relay's own error JSON.
-        let mut headers = headers::client_headers(&self.parts.headers, ctx.request_id, ctx.policy.expose_ratelimit);
         let body = if whole && usage::is_api_error(&body) {
             Bytes::from(body)
         } else {
@@ -680,7 +689,7 @@ pub(super) fn attempt_span(ctx: &AttemptCtx<'_>, account: &AccountEntry, n: usiz
     let operation = if ctx.is_messages { "chat" } else { "count_tokens" };
     tracing::info_span!(
         "attempt",
-        otel.name = %format!("{operation} {}", ctx.model),
+        otel.name = %format_args!("{operation} {}", ctx.model),
         otel.kind = "client",
         otel.status_code = tracing::field::Empty,
         gen_ai.operation.name = operation,

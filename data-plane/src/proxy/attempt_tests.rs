@@ -173,3 +173,30 @@ async fn an_attempt_fails_over_what_is_not_an_anthropic_answer_and_accepts_one_t
         Ok(200)
     );
 }
+
+/// An upstream that quotes the credential it was sent (the test account's `sk-ant-test`) in an
+/// error: the client gets the error in its shape, the credential masked; only error answers are
+/// looked at.
+#[tokio::test]
+async fn an_upstream_error_quoting_the_credential_reaches_the_client_masked() {
+    for (status, kind) in [
+        (400, "invalid_request_error"),
+        (429, "rate_limit_error"),
+        (500, "api_error"),
+    ] {
+        let echo = format!(
+            r#"{{"type":"error","error":{{"type":"{kind}","message":"Incorrect API key provided: sk-ant-test. Or was it sk-ant-test?"}}}}"#
+        );
+        let (got, _, body) = attempt_on(answer(status, "application/json", &echo), false)
+            .await
+            .unwrap_err();
+        assert_eq!(got, status);
+        assert!(!body.contains("sk-ant-test"), "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["type"], kind, "{body}");
+        assert_eq!(
+            v["error"]["message"], "Incorrect API key provided: …. Or was it …?",
+            "{body}"
+        );
+    }
+}

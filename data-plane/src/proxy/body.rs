@@ -55,7 +55,7 @@ pub struct TappedBody<B = hyper::body::Incoming> {
     /// What the upstream body said while frames were being coalesced.
     deferred: Option<Deferred>,
     /// Bytes read but held for a scheduler turn (see `coalesce`).
-    held: Option<Bytes>,
+    held: Option<Held>,
     /// Consecutive turns that brought no new chunk while holding.
     idle_turns: u8,
     /// Bytes fed to the tap but not yet sent: the start of an event not complete yet.
@@ -68,6 +68,44 @@ pub struct TappedBody<B = hyper::body::Incoming> {
     events_seen: u64,
     last_event_at: Option<Instant>,
     max_event_gap_ms: u64,
+}
+
+/// What `coalesce` holds across a scheduler turn: one chunk as it came, or chunks merged so
+/// far, kept growable so that each turn appends to it (not copied again every turn).
+enum Held {
+    Chunk(Bytes),
+    Merged(bytes::BytesMut),
+}
+
+impl Held {
+    fn len(&self) -> usize {
+        match self {
+            Held::Chunk(b) => b.len(),
+            Held::Merged(m) => m.len(),
+        }
+    }
+
+    fn append(self, more: &[u8]) -> Held {
+        match self {
+            Held::Chunk(first) => {
+                let mut m = bytes::BytesMut::with_capacity((first.len() + more.len()) * 2);
+                m.extend_from_slice(&first);
+                m.extend_from_slice(more);
+                Held::Merged(m)
+            }
+            Held::Merged(mut m) => {
+                m.extend_from_slice(more);
+                Held::Merged(m)
+            }
+        }
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            Held::Chunk(b) => b,
+            Held::Merged(m) => m.freeze(),
+        }
+    }
 }
 
 enum Deferred {
@@ -311,20 +349,18 @@ where
     fn coalesce(
         &mut self,
         cx: &mut Context<'_>,
-        data: Bytes,
+        data: Held,
         fresh: bool,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut merged: Option<bytes::BytesMut> = None;
+        let mut acc = data;
         let mut more = false;
         let mut pending = false;
-        while merged.as_ref().map_or(data.len(), |m| m.len()) < COALESCE_BYTES && !self.inner.is_end_stream() {
+        while acc.len() < COALESCE_BYTES && !self.inner.is_end_stream() {
             match Pin::new(&mut self.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(f))) => {
                     if let Ok(d) = f.into_data() {
                         self.tap.feed(&d);
-                        merged
-                            .get_or_insert_with(|| bytes::BytesMut::from(&data[..]))
-                            .extend_from_slice(&d);
+                        acc = acc.append(&d);
                         more = true;
                     }
                 }
@@ -342,10 +378,9 @@ where
                 }
             }
         }
-        let out = merged.map_or(data, bytes::BytesMut::freeze);
         self.idle_turns = if fresh || more { 0 } else { self.idle_turns + 1 };
-        if pending && self.idle_turns < IDLE_TURNS && out.len() < COALESCE_BYTES {
-            self.held = Some(out);
+        if pending && self.idle_turns < IDLE_TURNS && acc.len() < COALESCE_BYTES {
+            self.held = Some(acc);
             // tokio's yield: the wake-up is deferred until this worker has run
             // what is queued (the connection task just woken among them), and no
             // idle worker is signalled to steal this task back meanwhile.
@@ -353,7 +388,7 @@ where
             let _ = turn.as_mut().poll(cx);
             return Poll::Pending;
         }
-        let out = self.release(out);
+        let out = self.release(acc.freeze());
         let ending = if let Some(ok) = self.settled() {
             // message_stop read, or an event that is not JSON: the stream ends here.
             Some(self.close_now(ok))
@@ -463,7 +498,7 @@ where
                     }
                 }
                 this.tap.feed(&data);
-                this.coalesce(cx, data, true)
+                this.coalesce(cx, Held::Chunk(data), true)
             }
             Poll::Ready(Some(Err(e))) => {
                 metrics::counter!(relay_proto::metrics::UPSTREAM_STREAM_ERRORS_TOTAL, "kind" => "failed").increment(1);

@@ -10,20 +10,6 @@ use std::time::Duration;
 /// The beta every OAuth (subscription) call needs.
 pub const OAUTH_BETA: &str = "oauth-2025-04-20";
 
-/// Pre-parsed names (`from_static` is const): removing by `&str` would parse the
-/// name again on every request.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 static ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 static REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
@@ -35,61 +21,68 @@ static UPSTREAM_IDENTITY: [HeaderName; 2] = [
     HeaderName::from_static("x-organization-uuid"),
 ];
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if h.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in listed {
-            h.remove(n);
-        }
-    }
-    for n in &HOP_BY_HOP {
-        h.remove(n);
-    }
+/// Client headers never sent upstream: hop-by-hop ones, the client's key and framing, its
+/// cookies, the browser's `Origin`, the client's trace context (the upstream sees relay's own
+/// only with `tracing.propagate_upstream`), and `accept-encoding` (relay asks for `identity`).
+/// Matched on the (lower-case) name, no hashing or parsing per header.
+fn never_forwarded(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "x-api-key"
+            | "authorization"
+            | "content-length"
+            | "cookie"
+            | "origin"
+            | "traceparent"
+            | "tracestate"
+            | "accept-encoding"
+    )
 }
 
-/// Request headers that tell an upstream about the client's network or browser session: never
-/// sent upstream (the client IP ones only with `headers.forward_client_ip`).
-static CLIENT_IDENTITY: [HeaderName; 2] = [header::COOKIE, HeaderName::from_static("proxy-authorization")];
-static CLIENT_IP: [HeaderName; 4] = [
-    header::FORWARDED,
-    HeaderName::from_static("x-real-ip"),
-    header::VIA,
-    HeaderName::from_static("true-client-ip"),
-];
+/// Request headers that tell an upstream about the client's network: sent only with
+/// `headers.forward_client_ip`.
+fn client_network(name: &str) -> bool {
+    matches!(name, "forwarded" | "x-real-ip" | "via" | "true-client-ip") || name.starts_with("x-forwarded-")
+}
 
 /// The headers sent upstream for one attempt: the client's, without its key, its cookies, hop-by-hop
-/// headers and (unless `forward_client_ip`) what identifies its network (`x-forwarded-*`,
-/// `forwarded`, `x-real-ip`, `via`); with the account's credential. Other headers pass (Claude Code
-/// and the SDKs send their own `anthropic-*`, `x-stainless-*`, `x-app`, `user-agent`, which
-/// upstreams may rely on).
+/// headers (and those its `Connection` names), its `Origin` and trace context, and (unless
+/// `forward_client_ip`) what identifies its network (`x-forwarded-*`, `forwarded`, `x-real-ip`,
+/// `via`); with the account's credential and `accept-encoding: identity`. Other headers pass
+/// (Claude Code and the SDKs send their own `anthropic-*`, `x-stainless-*`, `x-app`,
+/// `user-agent`, which upstreams may rely on). One pass over the client's headers: each is
+/// kept or not by its name, nothing copied to be removed again.
 pub fn upstream_headers(client: &HeaderMap, account: &AccountEntry, forward_client_ip: bool) -> HeaderMap {
-    let mut h = client.clone();
-    strip_hop_by_hop(&mut h);
-    h.remove(header::HOST);
-    h.remove(&X_API_KEY);
-    h.remove(header::AUTHORIZATION);
-    h.remove(header::CONTENT_LENGTH);
-    for n in &CLIENT_IDENTITY {
-        h.remove(n);
-    }
-    if !forward_client_ip {
-        for n in &CLIENT_IP {
-            h.remove(n);
+    let oauth = account.kind == AccountKind::OAuth;
+    // Headers the client's `Connection` lists are hop-by-hop too (rare: parsed only then).
+    let listed: Vec<HeaderName> = client
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let mut h = HeaderMap::with_capacity(client.len() + 2);
+    for (name, value) in client {
+        let n = name.as_str();
+        if never_forwarded(n)
+            || (!forward_client_ip && client_network(n))
+            || (oauth && name == ANTHROPIC_BETA)
+            || (!listed.is_empty() && listed.contains(name))
+        {
+            continue;
         }
-        let forwarded: Vec<HeaderName> = h
-            .keys()
-            .filter(|n| n.as_str().starts_with("x-forwarded-"))
-            .cloned()
-            .collect();
-        for n in forwarded {
-            h.remove(n);
-        }
+        h.append(name.clone(), value.clone());
     }
     h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     match account.kind {
@@ -98,9 +91,11 @@ pub fn upstream_headers(client: &HeaderMap, account: &AccountEntry, forward_clie
         }
         AccountKind::OAuth => {
             h.insert(header::AUTHORIZATION, account.bearer.clone());
-            let mut betas: Vec<String> = h
+            let listed_beta = listed.contains(&ANTHROPIC_BETA);
+            let mut betas: Vec<String> = client
                 .get_all(&ANTHROPIC_BETA)
                 .iter()
+                .filter(|_| !listed_beta)
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(|v| v.split(','))
                 .map(|s| s.trim().to_string())
@@ -183,4 +178,174 @@ pub const MAX_CLIENT_RETRY_AFTER_SECS: u64 = 3600;
 /// [`MAX_CLIENT_RETRY_AFTER_SECS`] (an upstream's date in 2099 or a 20-digit value is not passed on).
 pub fn client_retry_after(d: Duration) -> HeaderValue {
     HeaderValue::from(d.as_secs().clamp(1, MAX_CLIENT_RETRY_AFTER_SECS))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::control::state::{AccountEntry, AccountKind};
+
+    /// The filter as it was written before (a copy of the client's map, then every name
+    /// removed), kept as the reference the one-pass filter must agree with.
+    fn reference(client: &HeaderMap, account: &AccountEntry, forward_client_ip: bool) -> HeaderMap {
+        let mut h = client.clone();
+        if h.contains_key(header::CONNECTION) {
+            let listed: Vec<HeaderName> = h
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+                .collect();
+            for n in listed {
+                h.remove(n);
+            }
+        }
+        for n in [
+            "connection",
+            "keep-alive",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "host",
+            "x-api-key",
+            "authorization",
+            "content-length",
+            "cookie",
+        ] {
+            h.remove(n);
+        }
+        if !forward_client_ip {
+            for n in ["forwarded", "x-real-ip", "via", "true-client-ip"] {
+                h.remove(n);
+            }
+            let forwarded: Vec<HeaderName> = h
+                .keys()
+                .filter(|n| n.as_str().starts_with("x-forwarded-"))
+                .cloned()
+                .collect();
+            for n in forwarded {
+                h.remove(n);
+            }
+        }
+        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        match account.kind {
+            AccountKind::ApiKey | AccountKind::Compatible => {
+                h.insert(X_API_KEY.clone(), account.credential.clone());
+            }
+            AccountKind::OAuth => {
+                h.insert(header::AUTHORIZATION, account.bearer.clone());
+                let mut betas: Vec<String> = h
+                    .get_all(&ANTHROPIC_BETA)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if !betas.iter().any(|b| b == OAUTH_BETA) {
+                    betas.push(OAUTH_BETA.to_string());
+                }
+                h.insert(ANTHROPIC_BETA.clone(), HeaderValue::from_str(&betas.join(",")).unwrap());
+            }
+        }
+        // What attempt.rs removed after it.
+        for n in ["origin", "traceparent", "tracestate"] {
+            h.remove(n);
+        }
+        h
+    }
+
+    fn sorted(h: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = h.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_one_pass_filter_sends_what_the_reference_sent() {
+        let clients: Vec<Vec<(&str, &str)>> = vec![
+            vec![
+                ("host", "relay:8080"),
+                ("x-api-key", "rk-client"),
+                ("anthropic-version", "2023-06-01"),
+                ("content-type", "application/json"),
+                ("content-length", "131"),
+                ("user-agent", "claude-cli/2.0"),
+                ("x-stainless-lang", "js"),
+                ("accept-encoding", "gzip, br"),
+                ("accept", "application/json"),
+            ],
+            vec![
+                ("authorization", "Bearer rk-client"),
+                ("cookie", "a=b"),
+                ("origin", "https://app.example"),
+                ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+                ("tracestate", "x=y"),
+                ("x-forwarded-for", "10.0.0.1"),
+                ("x-forwarded-proto", "https"),
+                ("forwarded", "for=10.0.0.1"),
+                ("x-real-ip", "10.0.0.1"),
+                ("via", "1.1 lb"),
+                ("true-client-ip", "10.0.0.1"),
+                ("anthropic-beta", "prompt-caching-2024-07-31, oauth-2025-04-20"),
+                ("anthropic-beta", "files-api-2025-04-14"),
+            ],
+            vec![
+                ("connection", "keep-alive, x-secret-hop, anthropic-beta"),
+                ("x-secret-hop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("proxy-authorization", "Basic x"),
+                ("proxy-connection", "keep-alive"),
+                ("upgrade", "h2c"),
+                ("transfer-encoding", "chunked"),
+                ("anthropic-beta", "tools-2024-04-04"),
+                ("x-app", "cli"),
+            ],
+        ];
+        let account = |kind| AccountEntry {
+            id: "a".into(),
+            name: "a".into(),
+            kind,
+            base_url: "http://127.0.0.1:1".into(),
+            credential: HeaderValue::from_static("sk-ant-account"),
+            bearer: HeaderValue::from_static("Bearer sk-ant-oat-account"),
+            priority: 0,
+            weight: 1,
+            enabled: true,
+            max_concurrency: 0,
+            proxy: None,
+            reset_generation: 0,
+        };
+        let accounts = [
+            account(AccountKind::ApiKey),
+            account(AccountKind::OAuth),
+            account(AccountKind::Compatible),
+        ];
+        for pairs in &clients {
+            let mut client = HeaderMap::new();
+            for (n, v) in pairs {
+                client.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            for account in &accounts {
+                for forward_client_ip in [false, true] {
+                    assert_eq!(
+                        sorted(&upstream_headers(&client, account, forward_client_ip)),
+                        sorted(&reference(&client, account, forward_client_ip)),
+                        "{pairs:?} {:?} forward_client_ip={forward_client_ip}",
+                        account.kind
+                    );
+                }
+            }
+        }
+    }
 }

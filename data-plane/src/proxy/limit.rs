@@ -111,6 +111,14 @@ pub async fn admit(
     tokens: u64,
     cost_nano: u64,
 ) -> Result<Admitted, ApiError> {
+    // Neither the key nor its group has a limit (the limiter would answer Unlimited): nothing
+    // to count, so no periods, committed spend or subjects built for it.
+    let group_limited = cfg
+        .group(&key.group_id)
+        .is_some_and(|g| !Limits::from_pb(g.limits.as_ref()).is_unlimited());
+    if !group_limited && Limits::from_pb(Some(&key.limits)).is_unlimited() {
+        return Ok(Admitted::default());
+    }
     let now = chrono::Utc::now().timestamp_millis();
     let p = periods(cfg.policy.timezone, now);
     let subjects = subjects(cfg, key, spend, &p);

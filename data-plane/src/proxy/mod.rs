@@ -15,6 +15,7 @@
 //! | headers | [`headers`] | what goes upstream and what comes back to the client |
 //! | tapped body | [`body`] | the streamed answer: whole events, coalesced writes, usage tapped |
 //! | usage event | [`usage`] | the one usage row per attempt (or per unattempted request) |
+//! | redaction | [`redact`] | an account's secrets out of an upstream's error body and of captures (`relay_proto::redact`) |
 //! | estimate | [`fallback`] | count_tokens answered by relay's estimate when no account can |
 //!
 //! Errors become responses in one place (`crate::errors`).
@@ -27,6 +28,7 @@ pub mod admission;
 pub mod attempt;
 pub mod balance;
 pub mod body;
+pub mod capture;
 pub mod cors;
 pub mod estimate;
 pub mod fallback;
@@ -36,10 +38,12 @@ pub mod headers;
 pub mod health;
 pub mod held;
 pub mod limit;
+pub mod meters;
 pub mod models;
 pub mod pipeline;
 pub mod policy;
 pub mod quota;
+pub mod redact;
 pub mod reqlog;
 pub mod retry;
 pub mod routes;
@@ -103,18 +107,31 @@ pub struct Proxy {
     pub spend: Arc<crate::control::spend::SpendBook>,
     /// Groups cooling down after all their accounts failed (their fallbacks go first).
     pub groups: Arc<groups::GroupCooling>,
+    /// Capture rules' recordings in flight and their shipping queue.
+    pub captures: Arc<capture::Captures>,
 }
 
 fn new_request_id() -> String {
-    format!("req_relay_{}", uuid::Uuid::now_v7().simple())
+    // Written straight into a string of the right size (no formatting machinery).
+    let mut buf = uuid::Uuid::encode_buffer();
+    let hex = uuid::Uuid::now_v7().simple().encode_lower(&mut buf);
+    let mut id = String::with_capacity("req_relay_".len() + hex.len());
+    id.push_str("req_relay_");
+    id.push_str(hex);
+    id
 }
 
 /// The client's own id for its request: the first of `x-request-id` and `request-id` that is
 /// 1..=128 visible ASCII characters (`relay_proto::bounds::client_request_id`); an empty or
 /// unusable `x-request-id` does not hide a good `request-id`.
 fn client_request_id(h: &HeaderMap) -> Option<&str> {
-    ["x-request-id", "request-id"].iter().find_map(|n| {
-        h.get(*n)
+    // Pre-parsed names: a `&str` key is parsed (and its case checked) on every lookup.
+    static NAMES: [http::HeaderName; 2] = [
+        http::HeaderName::from_static("x-request-id"),
+        http::HeaderName::from_static("request-id"),
+    ];
+    NAMES.iter().find_map(|n| {
+        h.get(n)
             .and_then(|v| v.to_str().ok())
             .and_then(relay_proto::bounds::client_request_id)
     })
@@ -154,4 +171,18 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         next = cause.source();
     }
     out
+}
+
+#[cfg(test)]
+mod request_id_tests {
+    #[test]
+    fn a_request_id_is_req_relay_and_32_lower_case_hex_digits_and_new_each_time() {
+        let (a, b) = (super::new_request_id(), super::new_request_id());
+        for id in [&a, &b] {
+            let hex = id.strip_prefix("req_relay_").unwrap_or_default();
+            assert_eq!(hex.len(), 32, "{id}");
+            assert!(hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')), "{id}");
+        }
+        assert_ne!(a, b);
+    }
 }

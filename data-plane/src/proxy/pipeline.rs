@@ -4,6 +4,7 @@
 
 use super::admission::ClientRequest;
 use super::attempt::AttemptCtx;
+use super::capture::Recording;
 use super::usage::Unattempted;
 use super::{admission, client_request_id, fallback, groups, limit, reqlog, session, Proxy};
 use crate::control::state::{KeyEntry, ServingConfig};
@@ -34,6 +35,7 @@ impl Proxy {
             node_id: self.node_id.clone(),
             request_id: request_id.to_string(),
             key_id: key.id.clone(),
+            group_id: key.group_id.clone(),
             model: String::new(),
             stream: false,
             started,
@@ -41,14 +43,34 @@ impl Proxy {
             attempted: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             outcome: None,
         };
+        let mut capture = None;
         let out = self
-            .stages(req, request_id, started, log, is_messages, cfg, key, &mut unattempted)
+            .stages(
+                req,
+                request_id,
+                started,
+                log,
+                is_messages,
+                cfg,
+                key,
+                &mut unattempted,
+                &mut capture,
+            )
             .await;
         unattempted.outcome = Some(match &out {
             Ok(r) => (r.status().as_u16(), String::new(), String::new()),
             Err(e) => (e.status.as_u16(), e.kind.to_string(), e.message.clone()),
         });
-        out
+        // A capture rule chose this request: the answer is copied as it leaves.
+        match (capture, out) {
+            (None, out) => out,
+            (Some(c), Ok(resp)) => Ok(c.wrap(resp, log.clone())),
+            (Some(c), Err(e)) => {
+                log.answered(e.status.as_u16(), Some(e.kind));
+                c.refused(&e, request_id, log);
+                Err(e)
+            }
+        }
     }
 
     /// The stages, in order. Each either refuses the request (its `ApiError` is the answer) or
@@ -64,11 +86,13 @@ impl Proxy {
         cfg: Arc<ServingConfig>,
         key: Arc<KeyEntry>,
         unattempted: &mut Unattempted,
+        capture: &mut Option<Recording>,
     ) -> Result<Response<Body>, ApiError> {
         admission::check_version(req.headers())?;
         // The body counts against the key's share of held bodies until this function returns.
         let (req, _held) = self.read_request(req, cfg, key, is_messages).await?;
         unattempted.admitted(&req);
+        *capture = self.captures.begin(&req, request_id, started);
         log.admitted(
             &req.key.name,
             req.group_name(),

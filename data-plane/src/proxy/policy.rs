@@ -20,6 +20,8 @@ pub struct Policy {
     pub queue_max_wait: Duration,
     pub queue_max_size: usize,
     pub connect_timeout: Duration,
+    /// `upstream.http_version`: HTTP/1.1, HTTP/2 or whichever the upstream offers.
+    pub http_version: crate::upstream::client::HttpVersion,
     pub head_timeout: Duration,
     pub idle_timeout: Duration,
     pub total_timeout: Duration,
@@ -75,6 +77,10 @@ impl Policy {
             queue_max_wait: ms(values, "queue.max_wait_ms"),
             queue_max_size: usize::try_from(value(values, "queue.max_size")).unwrap_or(usize::MAX),
             connect_timeout: ms(values, "upstream.connect_timeout_ms"),
+            http_version: crate::upstream::client::HttpVersion::parse(
+                settings::known("upstream.http_version").choice_in(values),
+            )
+            .unwrap_or_default(),
             head_timeout: ms(values, "upstream.head_timeout_ms"),
             idle_timeout: ms(values, "upstream.idle_timeout_ms"),
             total_timeout: ms(values, "upstream.total_timeout_ms"),

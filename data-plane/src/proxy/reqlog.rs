@@ -121,6 +121,13 @@ impl RequestLog {
         });
     }
 
+    /// What a capture rule decides on when the answer ends: the accounts tried (names) and
+    /// whether the request ended in an error (an error type, or a status of 400 and above).
+    pub fn settled(&self) -> (Vec<String>, bool) {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (s.accounts.clone(), !s.error_type.is_empty() || s.status >= 400)
+    }
+
     /// The status the client got, and relay's own error type when relay answered with an error.
     pub fn answered(&self, status: u16, error_type: Option<&str>) {
         self.with(|s| {

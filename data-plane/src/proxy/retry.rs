@@ -40,7 +40,7 @@ impl Proxy {
             match self.attempt(ctx, account.clone(), slot, waited, span.clone()).await {
                 Ok(resp) => {
                     session.answered_by(self.sessions.as_ref(), &account.id).await;
-                    metrics::counter!(relay_proto::metrics::ATTEMPTS_TOTAL, "outcome" => "ok").increment(1);
+                    super::meters::attempt_ok();
                     tracing::Span::current().record("relay.attempts", tried.len() as i64 + 1);
                     return Ok(resp);
                 }
@@ -80,9 +80,21 @@ impl Proxy {
         }
         tracing::Span::current().record("relay.attempts", tried.len() as i64);
         if failures.is_empty() {
+            let hint = scheduler.retry_after_hint(&want);
+            // It waited for a recovery and none came, nor is any account's return known: every
+            // account is out until an operator (or a check) restores it. A client retry cannot
+            // help, so SDKs are told not to: 503, not a 529 that they retry.
+            if waited.what == "recovery" && hint.is_none() {
+                return Err(ApiError::not_configured(format!(
+                    "every upstream account that can serve this API key is out of service until an operator or an \
+                     account check restores it (blocked, unauthorized or failing); none recovered in the {} s \
+                     this request waited",
+                    waited.ms.div_ceil(1000)
+                )));
+            }
             return Err(ApiError::overloaded(
                 "no upstream account is available for this key right now",
-                scheduler.retry_after_hint(&want).unwrap_or(5),
+                hint.unwrap_or(5),
             ));
         }
         // count_tokens keeps the upstreams' own answers: `estimate_unanswered` reads them.

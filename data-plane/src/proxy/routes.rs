@@ -36,7 +36,7 @@ impl Proxy {
             "request",
             request_id = %request_id,
             client_request_id = tracing::field::Empty,
-            otel.name = %format!("{} {route}", req.method()),
+            otel.name = %format_args!("{} {route}", req.method()),
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
             http.request.method = %req.method(),
@@ -76,8 +76,7 @@ impl Proxy {
             });
             let (routed, waited) = routed.await;
             if matches!(route, "messages" | "count_tokens") {
-                metrics::histogram!(relay_proto::metrics::OVERHEAD_SECONDS, "route" => route)
-                    .record(started.elapsed().saturating_sub(waited).as_secs_f64());
+                super::meters::overhead(route, started.elapsed().saturating_sub(waited).as_secs_f64());
             }
             let mut resp = match routed {
                 Ok(r) => r,
@@ -91,15 +90,13 @@ impl Proxy {
             cors::decorate(&cors, &mut resp);
             resp
         };
-        metrics::counter!(relay_proto::metrics::REQUESTS_TOTAL, "route" => route, "status" => status_class(resp.status()))
-            .increment(1);
+        super::meters::request_answered(route, status_class(resp.status()));
         log.answered(resp.status().as_u16(), None);
         span.record("http.response.status_code", i64::from(resp.status().as_u16()));
         if resp.status().is_server_error() {
             span.record("otel.status_code", "ERROR");
         }
-        metrics::histogram!(relay_proto::metrics::REQUEST_HEAD_SECONDS, "route" => route)
-            .record(started.elapsed().as_secs_f64());
+        super::meters::request_head(route, started.elapsed().as_secs_f64());
         span.in_scope(|| {
             tracing::debug!(
                 method = %method,

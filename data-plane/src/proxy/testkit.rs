@@ -131,6 +131,7 @@ pub fn proxy(cfg: ServingConfig, dir: &std::path::Path) -> Arc<Proxy> {
         limiter,
         spend: Arc::new(crate::control::spend::SpendBook::default()),
         groups: Arc::new(groups::GroupCooling::default()),
+        captures: super::capture::Captures::disabled(),
     })
 }
 

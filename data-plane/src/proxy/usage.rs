@@ -6,7 +6,7 @@
 use crate::control::spool::Spool;
 use crate::control::state::{AccountEntry, KeyEntry, ServingConfig};
 use crate::upstream::sse::SseTap;
-use crate::upstream::usage::{PriceTable, Usage};
+use crate::upstream::usage::{Answer, AnswerValues, PriceTable, Usage};
 use relay_proto::anthropic::ApiError;
 use relay_proto::v1 as pb;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -140,12 +140,22 @@ impl Tap {
                 max_event_gap_ms: 0,
                 error_message: String::new(),
             },
-            Tap::Buffer(b, _) if status >= 400 => Recorded {
-                error_type: ApiError::parse(b)
-                    .and_then(|e| e.kind().map(str::to_owned))
-                    .unwrap_or_else(|| "api_error".into()),
-                ..Recorded::default()
-            },
+            // An error answer (the attempt masked the account's secrets in it before feeding the
+            // tap): its type, and its own message, bounded, for the request log.
+            Tap::Buffer(b, _) if status >= 400 => {
+                let error = ApiError::parse(b);
+                Recorded {
+                    error_type: error
+                        .as_ref()
+                        .and_then(|e| e.kind().map(str::to_owned))
+                        .unwrap_or_else(|| "api_error".into()),
+                    error_message: error
+                        .as_ref()
+                        .and_then(|e| e.message().map(bounded_message))
+                        .unwrap_or_default(),
+                    ..Recorded::default()
+                }
+            }
             Tap::Buffer(b, overflowed) => match Usage::parse_message_body(b) {
                 Some((usage, model, id, stop_reason)) => Recorded {
                     usage,
@@ -246,6 +256,7 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         .as_ref()
         .is_some_and(|m| m.len() > 200 || m.chars().any(|c| c.is_control() || c.is_whitespace()));
     let requested = a.model.clone();
+    let group_id = a.key.group_id.clone();
     if let Some(m) = answered.as_deref().filter(|_| !implausible) {
         if model_mismatch(&requested, m) {
             note_model_mismatch(&a.account.name, &requested, m);
@@ -285,6 +296,8 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         stream_events: u32::try_from(r.stream_events).unwrap_or(u32::MAX),
         max_event_gap_ms: r.max_event_gap_ms,
         error_message: r.error_message,
+        model_requested: requested.clone(),
+        group_id,
     };
     if r.unparsed {
         relay_proto::bounds::flag(&mut event, relay_proto::bounds::UNPARSED);
@@ -317,7 +330,7 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
         .config
         .prices
         .lookup(price_model, now)
-        .map_or_else(|| "other".to_string(), |p| p.model_pattern.clone());
+        .map_or("other", |p| p.model_pattern.as_str());
     if implausible {
         relay_proto::bounds::flag(&mut event, relay_proto::bounds::SUSPECT);
         suspect = true;
@@ -349,8 +362,7 @@ pub fn record(a: Attempt, r: Recorded, ttfb_ms: u64) {
     }
     count_usage(&a.config, &a.key, model_label, &event);
     if (200..300).contains(&event.http_status) && !event.cancelled {
-        metrics::histogram!(relay_proto::metrics::REQUEST_DURATION_SECONDS, "stream" => if a.stream { "true" } else { "false" })
-            .record(a.started.elapsed().as_secs_f64());
+        super::meters::request_duration(a.stream, a.started.elapsed().as_secs_f64());
     }
     if event.cancelled {
         metrics::counter!(relay_proto::metrics::REQUESTS_CANCELLED_TOTAL).increment(1);
@@ -368,7 +380,10 @@ fn spool_event(spool: &Arc<Spool>, pending: &Arc<Pending>, event: pb::UsageEvent
     spool.append_then(event, move |result| {
         if let Err(e) = result {
             metrics::counter!(relay_proto::metrics::USAGE_SPOOL_ERRORS_TOTAL).increment(1);
-            tracing::error!(error = %e, "cannot write a usage event to the spool");
+            tracing::error!(
+                error = %e,
+                "cannot write a usage event to the spool: it is kept in memory and sent, but lost if this data plane stops before the control plane has it"
+            );
         }
         if pending.0.fetch_sub(1, Ordering::AcqRel) == 1 {
             pending.1.notify_waiters();
@@ -430,32 +445,39 @@ fn trace_attempt(
 
 /// Tokens and cost into `relay_usage_tokens_total` and `relay_usage_cost_micro_usd_total`, by
 /// price-table model pattern ("other" for a model the table does not price: the label never holds
-/// a client's string) and key group; by key name too with `metrics.key_labels`.
-fn count_usage(cfg: &ServingConfig, key: &KeyEntry, model: String, event: &pb::UsageEvent) {
-    let group = cfg.group_name(&key.group_id).to_string();
+/// a client's string) and key group; by key name too with `metrics.key_labels`. The handles are
+/// kept on the key's config entry ([`super::meters::UsageMeters`]).
+fn count_usage(cfg: &ServingConfig, key: &KeyEntry, model: &str, event: &pb::UsageEvent) {
+    let counters = key.usage_meters.get(model, || {
+        use relay_proto::metrics::{USAGE_COST_MICRO_USD_TOTAL as COST, USAGE_TOKENS_TOTAL as TOKENS};
+        let model = model.to_owned();
+        let group = cfg.group_name(&key.group_id).to_owned();
+        const KINDS: [&str; 4] = ["input", "output", "cache_read", "cache_write"];
+        if cfg.policy.key_labels {
+            let k = key.name.clone();
+            super::meters::UsageCounters {
+                tokens: KINDS.map(|kind| {
+                    metrics::counter!(TOKENS, "kind" => kind, "model" => model.clone(), "group" => group.clone(), "key" => k.clone())
+                }),
+                cost: metrics::counter!(COST, "model" => model, "group" => group, "key" => k),
+            }
+        } else {
+            super::meters::UsageCounters {
+                tokens: KINDS.map(|kind| metrics::counter!(TOKENS, "kind" => kind, "model" => model.clone(), "group" => group.clone())),
+                cost: metrics::counter!(COST, "model" => model, "group" => group),
+            }
+        }
+    });
     let cache_write = event.cache_write_5m_tokens.saturating_add(event.cache_write_1h_tokens);
-    let tokens = [
-        ("input", event.input_tokens),
-        ("output", event.output_tokens),
-        ("cache_read", event.cache_read_tokens),
-        ("cache_write", cache_write),
-    ];
+    let [input, output, cache_read, cache_written] = &counters.tokens;
+    input.increment(event.input_tokens);
+    output.increment(event.output_tokens);
+    cache_read.increment(event.cache_read_tokens);
+    cache_written.increment(cache_write);
     // Rounded to the nearest micro-USD per event (a counter counts whole units).
-    let micro_usd = event.cost_pico_usd.saturating_add(500_000) / 1_000_000;
-    use relay_proto::metrics::{USAGE_COST_MICRO_USD_TOTAL as COST, USAGE_TOKENS_TOTAL as TOKENS};
-    if cfg.policy.key_labels {
-        let k = key.name.clone();
-        for (kind, n) in tokens {
-            metrics::counter!(TOKENS, "kind" => kind, "model" => model.clone(), "group" => group.clone(), "key" => k.clone())
-                .increment(n);
-        }
-        metrics::counter!(COST, "model" => model, "group" => group, "key" => k).increment(micro_usd);
-    } else {
-        for (kind, n) in tokens {
-            metrics::counter!(TOKENS, "kind" => kind, "model" => model.clone(), "group" => group.clone()).increment(n);
-        }
-        metrics::counter!(COST, "model" => model, "group" => group).increment(micro_usd);
-    }
+    counters
+        .cost
+        .increment(event.cost_pico_usd.saturating_add(500_000) / 1_000_000);
 }
 
 /// A client request (its key known) that has not reached an upstream yet. If it ends without any
@@ -469,6 +491,8 @@ pub struct Unattempted {
     pub node_id: Arc<str>,
     pub request_id: String,
     pub key_id: String,
+    /// The key's group when the request came ("" for none).
+    pub group_id: String,
     /// The requested model ("" until the body was read).
     pub model: String,
     pub stream: bool,
@@ -508,17 +532,12 @@ impl Drop for Unattempted {
             timestamp_ms: chrono::Utc::now().timestamp_millis(),
             node_id: self.node_id.to_string(),
             api_key_id: std::mem::take(&mut self.key_id),
-            model: std::mem::take(&mut self.model),
+            model: self.model.clone(),
+            model_requested: std::mem::take(&mut self.model),
+            group_id: std::mem::take(&mut self.group_id),
             http_status: u32::from(status),
             error_type,
-            // The same bound the control plane keeps (512 bytes, on a character boundary).
-            error_message: {
-                let mut end = error_message.len().min(512);
-                while !error_message.is_char_boundary(end) {
-                    end -= 1;
-                }
-                error_message[..end].to_string()
-            },
+            error_message: bounded_message(&error_message),
             stream: self.stream,
             cancelled,
             latency_ms: self.started.elapsed().as_millis() as u64,
@@ -561,46 +580,36 @@ pub fn is_api_error(body: &[u8]) -> bool {
 /// Checks that a complete 2xx JSON body is an Anthropic answer (a `message` for the Messages API,
 /// `{"input_tokens": N}` for count_tokens) and reads its usage. Err: what is wrong with it.
 pub fn check_answer(is_messages: bool, body: &[u8]) -> Result<Recorded, &'static str> {
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        #[serde(rename = "type")]
-        kind: Option<serde_json::Value>,
-        usage: Option<serde_json::Value>,
-        model: Option<serde_json::Value>,
-        id: Option<serde_json::Value>,
-        stop_reason: Option<serde_json::Value>,
-        input_tokens: Option<serde_json::Value>,
-    }
-    let a: Answer = serde_json::from_slice(body).map_err(|_| "the body is not a JSON object")?;
+    let a = match Answer::typed(body) {
+        Some(a) => a,
+        None => {
+            let v: AnswerValues = serde_json::from_slice(body).map_err(|_| "the body is not a JSON object")?;
+            Answer::from_values(v)
+        }
+    };
     if !is_messages {
-        return match a.input_tokens {
-            Some(n) if n.is_u64() => Ok(Recorded::default()),
-            _ => Err("the body has no input_tokens count"),
+        return if a.has_input_tokens {
+            Ok(Recorded::default())
+        } else {
+            Err("the body has no input_tokens count")
         };
     }
-    if a.kind.as_ref().and_then(|k| k.as_str()) != Some("message") {
+    if !a.is_message {
         return Err("the body is not a message");
     }
-    let string = |v: Option<serde_json::Value>| match v {
-        Some(serde_json::Value::String(s)) => Some(s),
-        _ => None,
-    };
-    let model = string(a.model);
-    let response_id = string(a.id);
-    let stop_reason = string(a.stop_reason);
     Ok(match a.usage {
-        Some(u) if u.is_object() => Recorded {
-            usage: Usage::from_json(&u),
-            suspect: Usage::has_unreadable_counts(&u),
-            model,
-            response_id,
-            stop_reason,
+        Some(u) => Recorded {
+            usage: Usage::from_report(&u),
+            suspect: u.has_unreadable(),
+            model: a.model,
+            response_id: a.id,
+            stop_reason: a.stop_reason,
             ..Recorded::default()
         },
-        _ => Recorded {
-            model,
-            response_id,
-            stop_reason,
+        None => Recorded {
+            model: a.model,
+            response_id: a.id,
+            stop_reason: a.stop_reason,
             unparsed: true,
             ..Recorded::default()
         },
@@ -609,6 +618,16 @@ pub fn check_answer(is_messages: bool, body: &[u8]) -> Result<Recorded, &'static
 
 /// Records an attempt whose whole (small) answer was read and that failed: an error status, an
 /// invalid answer, a stream that failed before its first event. `tap` is what was read.
+/// The same bound the control plane keeps on an error message (512 bytes, on a character
+/// boundary).
+fn bounded_message(message: &str) -> String {
+    let mut end = message.len().min(512);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_string()
+}
+
 pub fn record_failed(a: Attempt, tap: &Tap, error_type: Option<&str>) {
     let mut r = tap.recorded(a.status);
     // A failed attempt's usage is whatever the tap could read; an unreadable one is not an anomaly.

@@ -14,21 +14,60 @@
 //!
 //! Bytes are buffered only for the current incomplete line and the current event's data, and
 //! decoded (as JSON, hence UTF-8) only once an event is complete, so chunks may split events and
-//! multi-byte characters anywhere. `message_start`, `message_delta` and `error` are parsed as
-//! JSON; every other event's data is only checked to be JSON (no allocation): one that is not makes
-//! the stream corrupt ([`SseTap::corrupt`]) and nothing after it counts, nor anything after
-//! `message_stop` ([`SseTap::ended`]). [`SseTap::complete_bytes`] says where the last whole event
-//! ends, so a relay can pass on whole events only. The event is chosen by its
-//! `event:` name, or, for a nameless event, by a cheap look at the `{"type":"…"` prefix of its data
+//! multi-byte characters anywhere. `message_start` and `message_delta` are read typed and
+//! borrowed with serde (only the fields accounting needs; odd shapes, such as a duplicate key or
+//! a number where an object belongs, fall back to a `serde_json::Value` reading, the reference
+//! the typed one matches), `error` as a `Value`; every other event's data is only checked to be
+//! JSON (no allocation): one that is not makes the stream corrupt ([`SseTap::corrupt`]) and
+//! nothing after it counts, nor anything after `message_stop` ([`SseTap::ended`]).
+//! [`SseTap::complete_bytes`] says where the last whole event ends, so a relay can pass on whole
+//! events only. The event is chosen by its `event:` name, or, for a nameless event, by a cheap look at the `{"type":"…"` prefix of its data
 //! (a full parse only if `type` is not the first key).
 //!
 //! An event whose data exceeds [`MAX_EVENT_BYTES`] is counted but its data is dropped rather than
 //! buffered (so a misbehaving upstream cannot make the tap grow without bound).
 
+use std::borrow::Cow;
+
 use relay_proto::anthropic::ApiError;
+use serde::Deserialize;
 use serde_json::Value;
 
-use super::usage::Usage;
+use super::usage::{Object, Usage, UsageReport};
+
+/// `message_start`'s data, as far as the tap reads it.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct StartData<'a> {
+    #[serde(borrow)]
+    message: Option<Object<StartMessage<'a>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct StartMessage<'a> {
+    usage: Option<UsageReport>,
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+}
+
+/// `message_delta`'s data, as far as the tap reads it.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct DeltaData<'a> {
+    #[serde(borrow)]
+    delta: Option<Object<Delta<'a>>>,
+    usage: Option<UsageReport>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Delta<'a> {
+    #[serde(borrow)]
+    stop_reason: Option<Cow<'a, str>>,
+}
 
 /// The most data bytes buffered for one event (and bytes for one line); beyond, the event's data is dropped.
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
@@ -175,7 +214,8 @@ impl SseTap {
             }
         }
         while !rest.is_empty() {
-            let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
+            // memchr2: SIMD, not a byte-by-byte loop (an event's bytes are all scanned here).
+            let Some(end) = memchr::memchr2(b'\n', b'\r', rest) else {
                 self.buffer_partial(rest);
                 return;
             };
@@ -393,7 +433,11 @@ impl SseTap {
     /// Handles an event of a known kind from its raw data.
     fn handle_event(&mut self, kind: Kind, complete: bool, data: &[u8]) {
         let value = match kind {
-            Kind::MessageStart | Kind::MessageDelta | Kind::Error if complete => {
+            Kind::MessageStart | Kind::MessageDelta if complete => {
+                if self.handle_typed(kind, data) {
+                    return;
+                }
+                // Odd input the typed reading leaves to `Value` (or not JSON at all).
                 match serde_json::from_slice::<Value>(data) {
                     Ok(v) => Some(v),
                     Err(_) => {
@@ -402,6 +446,13 @@ impl SseTap {
                     }
                 }
             }
+            Kind::Error if complete => match serde_json::from_slice::<Value>(data) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    self.corrupt = true;
+                    None
+                }
+            },
             Kind::Unnamed | Kind::Other | Kind::MessageStop => {
                 // Not read for usage, but it must be JSON.
                 if complete && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_err() {
@@ -416,6 +467,52 @@ impl SseTap {
             _ => None,
         };
         self.handle_value(kind, value.as_ref());
+    }
+
+    /// `message_start` and `message_delta` read typed and borrowed (no `Value`), for the shapes
+    /// the API sends: `message` an object, `usage` and `delta` objects or null, strings where
+    /// strings belong, no duplicate keys. False (nothing changed) for anything else, which
+    /// [`Self::handle_value`] reads the same way it always did.
+    fn handle_typed(&mut self, kind: Kind, data: &[u8]) -> bool {
+        match kind {
+            Kind::MessageStart => {
+                let Ok(Object(start)) = serde_json::from_slice::<Object<StartData<'_>>>(data) else {
+                    return false;
+                };
+                let Some(Object(message)) = start.message else {
+                    // Missing and null differ in the `Value` reading.
+                    return false;
+                };
+                self.saw_message_start = true;
+                match message.usage {
+                    Some(u) => {
+                        self.counts_unreadable |= u.has_unreadable();
+                        self.usage = Usage::from_report(&u);
+                    }
+                    None => {
+                        self.start_unparsed = true;
+                        self.usage = Usage::default();
+                    }
+                }
+                self.model = message.model.map(Cow::into_owned);
+                self.message_id = message.id.map(Cow::into_owned);
+                true
+            }
+            Kind::MessageDelta => {
+                let Ok(Object(delta)) = serde_json::from_slice::<Object<DeltaData<'_>>>(data) else {
+                    return false;
+                };
+                if let Some(r) = delta.delta.and_then(|Object(d)| d.stop_reason) {
+                    self.stop_reason = Some(r.into_owned());
+                }
+                if let Some(u) = delta.usage {
+                    self.counts_unreadable |= u.has_unreadable();
+                    self.usage.merge(&u);
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Handles an event of a known kind from its parsed data (`None`: unparseable or dropped).

@@ -718,3 +718,150 @@ mod props {
         }
     }
 }
+
+/// The typed reading of `message_start` and `message_delta` against the `Value` reading it
+/// replaced (which still reads what the typed one declines): same state whenever it accepts.
+mod typed {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What a tap holds after one event, beyond [`Snapshot`].
+    fn state(t: &SseTap) -> (Usage, Option<String>, Option<String>, Option<String>, bool, bool, bool) {
+        (
+            t.usage(),
+            t.model().map(str::to_owned),
+            t.message_id().map(str::to_owned),
+            t.stop_reason().map(str::to_owned),
+            t.counts_unreadable(),
+            t.usage_unparsed(),
+            t.saw_message_start(),
+        )
+    }
+
+    /// A JSON value of any shape the API might (mis)send where a count, a string or an object belongs.
+    fn scalar() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (0u64..u64::MAX).prop_map(|n| n.to_string()),
+            Just("0".to_owned()),
+            Just("-3".to_owned()),
+            Just("2.5".to_owned()),
+            Just("2.0".to_owned()),
+            Just("1e30".to_owned()),
+            Just("18446744073709551615".to_owned()),
+            Just("18446744073709551616".to_owned()),
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just(r#""end_turn""#.to_owned()),
+            Just(r#""cla\"ude""#.to_owned()),
+            Just(r#""\u00e9t\u00e9""#.to_owned()),
+            Just("[1,{\"a\":2}]".to_owned()),
+            Just("{}".to_owned()),
+            Just("{\"input_tokens\":1}".to_owned()),
+        ]
+    }
+
+    /// A JSON object whose keys come from `keys` (repeats allowed) with values from `value`.
+    fn object(keys: &'static [&'static str], value: BoxedStrategy<String>) -> BoxedStrategy<String> {
+        proptest::collection::vec((proptest::sample::select(keys), value), 0..6)
+            .prop_map(|fields| {
+                let inner: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                format!("{{{}}}", inner.join(","))
+            })
+            .boxed()
+    }
+
+    fn usage() -> BoxedStrategy<String> {
+        let split = object(
+            &["ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens", "other"],
+            scalar().boxed(),
+        );
+        let tool = object(&["web_search_requests", "other"], scalar().boxed());
+        let value = prop_oneof![4 => scalar(), 1 => split, 1 => tool].boxed();
+        let usage = object(
+            &[
+                "input_tokens",
+                "output_tokens",
+                "cache_read_input_tokens",
+                "cache_creation_input_tokens",
+                "cache_creation",
+                "server_tool_use",
+                "service_tier",
+            ],
+            value,
+        );
+        prop_oneof![6 => usage, 1 => scalar()].boxed()
+    }
+
+    fn start() -> BoxedStrategy<String> {
+        let field = prop_oneof![3 => usage(), 1 => scalar()].boxed();
+        let message = object(&["usage", "model", "id", "type", "content"], field);
+        let top = prop_oneof![6 => message, 1 => scalar()].boxed();
+        object(&["type", "message", "message", "index"], top)
+    }
+
+    fn delta() -> BoxedStrategy<String> {
+        let d = object(&["stop_reason", "stop_sequence"], scalar().boxed());
+        let field = prop_oneof![2 => usage(), 1 => d, 1 => scalar()].boxed();
+        object(&["type", "delta", "usage", "usage"], field)
+    }
+
+    fn check(kind: Kind, data: &str) -> Result<(), TestCaseError> {
+        // A tap that has seen a start, so that a delta merges into something.
+        let seeded = || {
+            let mut t = SseTap::new();
+            t.handle_value(
+                Kind::MessageStart,
+                Some(&serde_json::json!({"message": {"usage": {
+                    "input_tokens": 5, "cache_creation_input_tokens": 30,
+                    "cache_creation": {"ephemeral_1h_input_tokens": 20}}}})),
+            );
+            t
+        };
+        let mut typed = seeded();
+        if typed.handle_typed(kind, data.as_bytes()) {
+            let mut reference = seeded();
+            let value: Value = serde_json::from_str(data).unwrap();
+            reference.handle_value(kind, Some(&value));
+            prop_assert_eq!(state(&typed), state(&reference), "{}", data);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn message_start_reads_as_the_value_reading(data in start()) {
+            check(Kind::MessageStart, &data)?;
+        }
+
+        #[test]
+        fn message_delta_reads_as_the_value_reading(data in delta()) {
+            check(Kind::MessageDelta, &data)?;
+        }
+    }
+
+    #[test]
+    fn the_api_s_own_events_are_read_typed() {
+        let start = r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":1,"service_tier":"standard"}}}"#;
+        let delta = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":15}}"#;
+        let mut t = SseTap::new();
+        assert!(t.handle_typed(Kind::MessageStart, start.as_bytes()));
+        assert!(t.handle_typed(Kind::MessageDelta, delta.as_bytes()));
+        assert_eq!((t.usage().input_tokens, t.usage().output_tokens), (12, 15));
+        assert_eq!(
+            (t.model(), t.message_id(), t.stop_reason()),
+            (Some("claude-sonnet-4-5"), Some("msg_1"), Some("end_turn"))
+        );
+        // What the typed reading declines is left to the Value reading, untouched.
+        let mut t = SseTap::new();
+        assert!(!t.handle_typed(Kind::MessageStart, br#"{"message":null}"#));
+        assert!(!t.handle_typed(Kind::MessageStart, br#"{"message":{"model":5}}"#));
+        assert!(!t.handle_typed(
+            Kind::MessageDelta,
+            br#"{"usage":{"output_tokens":1,"output_tokens":2}}"#
+        ));
+        assert!(!t.handle_typed(Kind::MessageDelta, br#"{"usage":[1,2,3,4,5,6,7]}"#));
+        assert!(!t.saw_message_start());
+    }
+}

@@ -4,6 +4,10 @@
 //!   (5 minutes / 1 hour), cache reads and web-search requests. [`Usage::from_json`] reads an API
 //!   `usage` object; [`Usage::merge_delta`] applies a streaming `message_delta.usage` (whose values
 //!   are cumulative, so present fields replace ours).
+//! * [`UsageReport`] is a `usage` object as sent (each count absent, readable or not), read
+//!   straight from the bytes with serde (typed, borrowed: no `serde_json::Value`); odd input
+//!   (duplicate keys, a non-object where an object belongs) falls back to reading a `Value`, the
+//!   reference whose results the typed reading matches (property tests in `tests::typed`).
 //! * [`Usage::parse_message_body`] reads a non-streaming body (streams go through
 //!   [`super::sse::SseTap`]; error bodies through `relay_proto::anthropic::ApiError`).
 //! * [`PriceTable`] answers "what did model M cost at time T" from the operator's price list
@@ -15,7 +19,10 @@
 
 use std::collections::HashMap;
 
+use std::borrow::Cow;
+
 use relay_proto::v1::Price;
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -39,13 +46,274 @@ pub struct Usage {
     pub web_search_requests: u64,
 }
 
-/// A non-negative integer field of a JSON object; `null`, missing or non-integer values are absent.
-fn u64_field(obj: &Value, key: &str) -> Option<u64> {
-    obj.get(key).and_then(Value::as_u64)
+/// One count of an API `usage` object as it was sent.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// Missing or `null`.
+    #[default]
+    Absent,
+    /// A whole, non-negative number of tokens (or requests).
+    Tokens(u64),
+    /// Present but not a whole non-negative number (negative, fractional, too large, a string…):
+    /// left out of the usage, and the row flagged suspect.
+    Unreadable,
+}
+
+impl Count {
+    /// The count held by a `serde_json::Value` field (`Value::as_u64`'s reading).
+    fn of(v: Option<&Value>) -> Count {
+        match v {
+            None | Some(Value::Null) => Count::Absent,
+            Some(v) => v.as_u64().map_or(Count::Unreadable, Count::Tokens),
+        }
+    }
+
+    /// The tokens, when the count was readable and present.
+    fn get(self) -> Option<u64> {
+        match self {
+            Count::Tokens(n) => Some(n),
+            Count::Absent | Count::Unreadable => None,
+        }
+    }
+}
+
+/// Reads any JSON value as a [`Count`] without allocating (an array or object is skipped).
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Count, E> {
+                Ok(Count::Tokens(n))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Count, E> {
+                Ok(u64::try_from(n).map_or(Count::Unreadable, Count::Tokens))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
+                Ok(Count::Unreadable)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+                Ok(Count::Unreadable)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Count, E> {
+                Ok(Count::Unreadable)
+            }
+            fn visit_unit<E>(self) -> Result<Count, E> {
+                Ok(Count::Absent)
+            }
+            fn visit_none<E>(self) -> Result<Count, E> {
+                Ok(Count::Absent)
+            }
+            fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Count, D2::Error> {
+                Count::deserialize(d)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Count::Unreadable)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Count::Unreadable)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A struct read only from a JSON object (serde's derived structs also accept an array, which
+/// the `Value` reading treats as no object at all).
+pub(crate) struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// An API `usage` object as sent: each count absent, readable or not. Deserialized straight from
+/// the bytes ([`Deserialize`]: only from a JSON object; a duplicate key or a non-object where an
+/// object belongs is an error, on which callers read the `serde_json::Value` instead with
+/// [`UsageReport::from_value`], whose reading of such input is the reference), or from a `Value`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UsageReport {
+    pub input_tokens: Count,
+    pub output_tokens: Count,
+    pub cache_read_input_tokens: Count,
+    pub cache_creation_input_tokens: Count,
+    /// `cache_creation.ephemeral_5m_input_tokens`.
+    pub cache_5m: Count,
+    /// `cache_creation.ephemeral_1h_input_tokens`.
+    pub cache_1h: Count,
+    /// `server_tool_use.web_search_requests`.
+    pub web_search_requests: Count,
+}
+
+impl<'de> Deserialize<'de> for UsageReport {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize, Default)]
+        #[serde(default)]
+        struct Split {
+            ephemeral_5m_input_tokens: Count,
+            ephemeral_1h_input_tokens: Count,
+        }
+        #[derive(Deserialize, Default)]
+        #[serde(default)]
+        struct ToolUse {
+            web_search_requests: Count,
+        }
+        #[derive(Deserialize, Default)]
+        #[serde(default)]
+        struct Raw {
+            input_tokens: Count,
+            output_tokens: Count,
+            cache_read_input_tokens: Count,
+            cache_creation_input_tokens: Count,
+            cache_creation: Option<Object<Split>>,
+            server_tool_use: Option<Object<ToolUse>>,
+        }
+        let Object(r) = Object::<Raw>::deserialize(d)?;
+        let split = r.cache_creation.map(|o| o.0).unwrap_or_default();
+        Ok(UsageReport {
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            cache_read_input_tokens: r.cache_read_input_tokens,
+            cache_creation_input_tokens: r.cache_creation_input_tokens,
+            cache_5m: split.ephemeral_5m_input_tokens,
+            cache_1h: split.ephemeral_1h_input_tokens,
+            web_search_requests: r.server_tool_use.map(|o| o.0.web_search_requests).unwrap_or_default(),
+        })
+    }
+}
+
+impl UsageReport {
+    /// Reads a `usage` value: anything but an object (and a non-object `cache_creation` or
+    /// `server_tool_use`) reads as absent counts.
+    pub fn from_value(usage: &Value) -> UsageReport {
+        let count = |obj: Option<&Value>, key: &str| Count::of(obj.and_then(|o| o.get(key)));
+        let split = usage.get("cache_creation");
+        UsageReport {
+            input_tokens: count(Some(usage), "input_tokens"),
+            output_tokens: count(Some(usage), "output_tokens"),
+            cache_read_input_tokens: count(Some(usage), "cache_read_input_tokens"),
+            cache_creation_input_tokens: count(Some(usage), "cache_creation_input_tokens"),
+            cache_5m: count(split, "ephemeral_5m_input_tokens"),
+            cache_1h: count(split, "ephemeral_1h_input_tokens"),
+            web_search_requests: count(usage.get("server_tool_use"), "web_search_requests"),
+        }
+    }
+
+    /// Whether a count is present but not a whole number of tokens (see
+    /// [`Usage::has_unreadable_counts`]).
+    pub fn has_unreadable(&self) -> bool {
+        [
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_read_input_tokens,
+            self.cache_creation_input_tokens,
+            self.cache_5m,
+            self.cache_1h,
+            self.web_search_requests,
+        ]
+        .contains(&Count::Unreadable)
+    }
 }
 
 /// What [`Usage::parse_message_body`] reads: usage, `model`, `id`, `stop_reason`.
 pub type MessageBody = (Usage, Option<String>, Option<String>, Option<String>);
+
+/// The top-level fields of a non-streaming answer relay reads, borrowed from the body (the
+/// content is skipped, never materialized). Deserialize only from an object; on an error the
+/// caller reads [`AnswerValues`] instead, the reference reading of odd input (a non-string `model`,
+/// a duplicate key).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub(crate) struct AnswerFields<'a> {
+    #[serde(rename = "type", borrow)]
+    pub kind: Option<Cow<'a, str>>,
+    pub usage: Option<UsageReport>,
+    #[serde(borrow)]
+    pub model: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub stop_reason: Option<Cow<'a, str>>,
+    /// `count_tokens`' answer.
+    pub input_tokens: Count,
+}
+
+/// [`AnswerFields`] through `serde_json::Value`: every field may hold anything.
+#[derive(Deserialize)]
+pub(crate) struct AnswerValues {
+    #[serde(rename = "type")]
+    pub kind: Option<Value>,
+    pub usage: Option<Value>,
+    pub model: Option<Value>,
+    pub id: Option<Value>,
+    pub stop_reason: Option<Value>,
+    pub input_tokens: Option<Value>,
+}
+
+/// A non-streaming answer's fields as relay reads them. `usage`: `Some` only when it was an object.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Answer {
+    pub is_message: bool,
+    pub usage: Option<UsageReport>,
+    pub model: Option<String>,
+    pub id: Option<String>,
+    pub stop_reason: Option<String>,
+    /// `input_tokens` is a whole number (a `count_tokens` answer).
+    pub has_input_tokens: bool,
+}
+
+impl Answer {
+    /// Reads the fields typed and borrowed. `None` for anything else than a JSON object with
+    /// those fields of the expected types (and no duplicate): the caller then reads
+    /// `serde_json::Value`s ([`Answer::from_values`]), which read the same for everything this
+    /// accepts.
+    pub fn typed(body: &[u8]) -> Option<Answer> {
+        let Object(a) = serde_json::from_slice::<Object<AnswerFields<'_>>>(body).ok()?;
+        Some(Answer {
+            is_message: a.kind.as_deref() == Some("message"),
+            usage: a.usage,
+            model: a.model.map(Cow::into_owned),
+            id: a.id.map(Cow::into_owned),
+            stop_reason: a.stop_reason.map(Cow::into_owned),
+            has_input_tokens: matches!(a.input_tokens, Count::Tokens(_)),
+        })
+    }
+
+    /// The reference reading: every field a `serde_json::Value`.
+    pub fn from_values(a: AnswerValues) -> Answer {
+        Answer {
+            is_message: a.kind.as_ref().and_then(Value::as_str) == Some("message"),
+            usage: a.usage.filter(Value::is_object).map(|u| UsageReport::from_value(&u)),
+            model: value_string(a.model),
+            id: value_string(a.id),
+            stop_reason: value_string(a.stop_reason),
+            has_input_tokens: a.input_tokens.as_ref().is_some_and(Value::is_u64),
+        }
+    }
+}
+
+fn value_string(v: Option<Value>) -> Option<String> {
+    match v {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    }
+}
 
 impl Usage {
     /// Reads an API `usage` object (`input_tokens`, `output_tokens`, `cache_creation_input_tokens`,
@@ -57,9 +325,19 @@ impl Usage {
     /// it, the split is used; if the total is larger than the split's sum the remainder goes to 5m
     /// (tokens are never lost), if it is smaller the split wins.
     pub fn from_json(usage: &Value) -> Usage {
+        Usage::from_report(&UsageReport::from_value(usage))
+    }
+
+    /// [`Usage::from_json`] of a usage read typed.
+    pub fn from_report(report: &UsageReport) -> Usage {
         let mut u = Usage::default();
-        u.merge_delta(usage);
+        u.merge(report);
         u
+    }
+
+    /// Applies a streaming `message_delta.usage` (see [`Usage::merge`]).
+    pub fn merge_delta(&mut self, delta: &Value) {
+        self.merge(&UsageReport::from_value(delta));
     }
 
     /// Applies a streaming `message_delta.usage`. Its values are cumulative for the whole message,
@@ -69,27 +347,23 @@ impl Usage {
     /// Cache writes follow [`Usage::from_json`]'s rules, starting from our current split: split
     /// fields present in the delta replace ours, then a larger total's remainder goes to 5m. A total
     /// without a split keeps our 1h count when it fits (the rest is 5m), else all of it is 5m.
-    pub fn merge_delta(&mut self, delta: &Value) {
-        if let Some(v) = u64_field(delta, "input_tokens") {
+    pub fn merge(&mut self, delta: &UsageReport) {
+        if let Some(v) = delta.input_tokens.get() {
             self.input_tokens = v;
         }
-        if let Some(v) = u64_field(delta, "output_tokens") {
+        if let Some(v) = delta.output_tokens.get() {
             self.output_tokens = v;
         }
-        if let Some(v) = u64_field(delta, "cache_read_input_tokens") {
+        if let Some(v) = delta.cache_read_input_tokens.get() {
             self.cache_read_tokens = v;
         }
-        if let Some(v) = delta
-            .get("server_tool_use")
-            .and_then(|s| u64_field(s, "web_search_requests"))
-        {
+        if let Some(v) = delta.web_search_requests.get() {
             self.web_search_requests = v;
         }
 
-        let total = u64_field(delta, "cache_creation_input_tokens");
-        let split = delta.get("cache_creation");
-        let split_5m = split.and_then(|c| u64_field(c, "ephemeral_5m_input_tokens"));
-        let split_1h = split.and_then(|c| u64_field(c, "ephemeral_1h_input_tokens"));
+        let total = delta.cache_creation_input_tokens.get();
+        let split_5m = delta.cache_5m.get();
+        let split_1h = delta.cache_1h.get();
         if split_5m.is_some() || split_1h.is_some() {
             if let Some(v) = split_5m {
                 self.cache_write_5m_tokens = v;
@@ -117,21 +391,7 @@ impl Usage {
     /// negative, fractional, too large or non-numeric value): such a count is left out of the
     /// usage, and the row is flagged suspect rather than silently billed as zero.
     pub fn has_unreadable_counts(usage: &Value) -> bool {
-        const COUNTS: [&str; 4] = [
-            "input_tokens",
-            "output_tokens",
-            "cache_read_input_tokens",
-            "cache_creation_input_tokens",
-        ];
-        let bad = |v: Option<&Value>| matches!(v, Some(v) if !v.is_null() && v.as_u64().is_none());
-        if COUNTS.iter().any(|k| bad(usage.get(*k))) {
-            return true;
-        }
-        let split = usage.get("cache_creation");
-        let web = usage.get("server_tool_use");
-        bad(split.and_then(|c| c.get("ephemeral_5m_input_tokens")))
-            || bad(split.and_then(|c| c.get("ephemeral_1h_input_tokens")))
-            || bad(web.and_then(|w| w.get("web_search_requests")))
+        UsageReport::from_value(usage).has_unreadable()
     }
 
     /// Reads a non-streaming Messages response: its top-level `usage`, `model`, `id` and
@@ -139,6 +399,10 @@ impl Usage {
     /// the body is not JSON or has no `usage` object. The rest of the body (the content) is skipped
     /// without being materialized.
     pub fn parse_message_body(body: &[u8]) -> Option<MessageBody> {
+        if let Some(a) = Answer::typed(body) {
+            let usage = a.usage?;
+            return Some((Usage::from_report(&usage), a.model, a.id, a.stop_reason));
+        }
         #[derive(Deserialize)]
         struct Body {
             usage: Option<Value>,
@@ -148,15 +412,11 @@ impl Usage {
         }
         let body: Body = serde_json::from_slice(body).ok()?;
         let usage = body.usage.filter(Value::is_object)?;
-        let string = |v: Option<Value>| match v {
-            Some(Value::String(s)) => Some(s),
-            _ => None,
-        };
         Some((
             Usage::from_json(&usage),
-            string(body.model),
-            string(body.id),
-            string(body.stop_reason),
+            value_string(body.model),
+            value_string(body.id),
+            value_string(body.stop_reason),
         ))
     }
 }
@@ -622,5 +882,98 @@ mod tests {
             ),
             15_000_000_000_000_000_000
         );
+    }
+
+    /// The typed reading of a whole answer against the `Value` reading (which still reads what
+    /// the typed one declines): the same fields whenever it accepts.
+    mod typed {
+        use super::super::{Answer, AnswerValues, UsageReport};
+        use proptest::prelude::*;
+
+        fn scalar() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (0u64..u64::MAX).prop_map(|n| n.to_string()),
+                proptest::sample::select(vec![
+                    "0",
+                    "-3",
+                    "2.5",
+                    "2.0",
+                    "1e30",
+                    "18446744073709551616",
+                    "null",
+                    "true",
+                    r#""message""#,
+                    r#""claude-sonnet-4-5""#,
+                    r#""a\"b""#,
+                    "[1,{}]",
+                    "{}",
+                ])
+                .prop_map(str::to_owned),
+            ]
+        }
+
+        fn object(keys: &'static [&'static str], value: BoxedStrategy<String>) -> BoxedStrategy<String> {
+            proptest::collection::vec((proptest::sample::select(keys), value), 0..7)
+                .prop_map(|fields| {
+                    let inner: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                    format!("{{{}}}", inner.join(","))
+                })
+                .boxed()
+        }
+
+        fn body() -> BoxedStrategy<String> {
+            let split = object(
+                &["ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"],
+                scalar().boxed(),
+            );
+            let usage = object(
+                &[
+                    "input_tokens",
+                    "output_tokens",
+                    "cache_creation_input_tokens",
+                    "cache_creation",
+                    "server_tool_use",
+                ],
+                prop_oneof![4 => scalar(), 1 => split].boxed(),
+            );
+            let field = prop_oneof![3 => scalar(), 2 => usage].boxed();
+            let answer = object(
+                &["type", "usage", "model", "id", "stop_reason", "input_tokens", "content"],
+                field,
+            );
+            prop_oneof![8 => answer, 1 => scalar()].boxed()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            #[test]
+            fn an_answer_reads_as_the_value_reading(body in body()) {
+                if let Some(typed) = Answer::typed(body.as_bytes()) {
+                    let values: AnswerValues = serde_json::from_str(&body).unwrap();
+                    prop_assert_eq!(typed, Answer::from_values(values), "{}", body);
+                }
+            }
+
+            #[test]
+            fn a_usage_reads_as_the_value_reading(body in body()) {
+                if let Ok(typed) = serde_json::from_str::<UsageReport>(&body) {
+                    let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    prop_assert_eq!(typed, UsageReport::from_value(&value), "{}", body);
+                }
+            }
+        }
+
+        #[test]
+        fn an_api_answer_is_read_typed() {
+            let body = br#"{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"text","text":"Hi \"there\""}],"model":"claude-sonnet-4-5","stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":6}}"#;
+            let a = Answer::typed(body).unwrap();
+            assert!(a.is_message);
+            assert_eq!(a.model.as_deref(), Some("claude-sonnet-4-5"));
+            assert_eq!(a.usage.unwrap().output_tokens, super::super::Count::Tokens(6));
+            // An array is no object for either reading of a usage.
+            assert!(serde_json::from_str::<UsageReport>("[1,2,3,4]").is_err());
+            assert!(Answer::typed(br#"["message"]"#).is_none());
+        }
     }
 }

@@ -227,14 +227,35 @@ impl TestCa {
 
     /// (certificate PEM, key PEM) for `names`, for a server or a client.
     pub fn issue(&self, names: &[&str], client: bool) -> (String, String) {
+        self.issue_with(
+            names,
+            vec![if client {
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth
+            } else {
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth
+            }],
+        )
+    }
+
+    /// (certificate PEM, key PEM) for `names` with these extended key usages.
+    pub fn issue_with(&self, names: &[&str], usages: Vec<rcgen::ExtendedKeyUsagePurpose>) -> (String, String) {
+        self.issue_cn(names, Some(names[0]), usages)
+    }
+
+    /// (certificate PEM, key PEM) for `names`, with `cn` as the Common Name or none at all.
+    pub fn issue_cn(
+        &self,
+        names: &[&str],
+        cn: Option<&str>,
+        usages: Vec<rcgen::ExtendedKeyUsagePurpose>,
+    ) -> (String, String) {
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
-        params.extended_key_usages = vec![if client {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        }];
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        }
+        params.extended_key_usages = usages;
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
@@ -306,6 +327,11 @@ impl Standalone {
         };
         cmd.args(["--standalone", "--listen", &format!("127.0.0.1:{grpc}")])
             .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
+            // Its own console port: tests run standalone processes side by side.
+            .args([
+                "--web-listen",
+                &format!("127.0.0.1:{}", relay_test_support::free_port()),
+            ])
             .args(extra)
             .arg("--data-dir")
             .arg(data)

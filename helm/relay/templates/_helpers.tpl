@@ -7,17 +7,18 @@ Chart name, truncated to the 63 characters a DNS label allows.
 
 {{/*
 Full name: RELEASE-NAME, or RELEASE when it already contains the chart name.
-Truncated to 50 characters so that "-control-plane" still fits in 63.
+Truncated to 49 characters so that "-control-plane" (14) still fits the 63 a Service name
+may have.
 */}}
 {{- define "relay.fullname" -}}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- .Values.fullnameOverride | trunc 49 | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- .Release.Name | trunc 49 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 49 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -28,6 +29,13 @@ Truncated to 50 characters so that "-control-plane" still fits in 63.
 
 {{- define "relay.dataPlane.fullname" -}}
 {{- printf "%s-data-plane" (include "relay.fullname" .) }}
+{{- end }}
+
+{{/*
+The StatefulSet's governing (headless) Service: within the 63 characters of a Service name.
+*/}}
+{{- define "relay.dataPlane.headlessName" -}}
+{{- printf "%s-headless" (include "relay.dataPlane.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{/*
@@ -208,7 +216,7 @@ The Secret with the control plane's certificate (tls.crt, tls.key) and the CA
 data planes trust (ca.crt); empty when TLS is off.
 */}}
 {{- define "relay.tls.secretName" -}}
-{{- if eq .Values.tls.mode "generate" -}}
+{{- if or (eq .Values.tls.mode "generate") (eq .Values.tls.mode "cert-manager") -}}
 {{- printf "%s-tls" (include "relay.controlPlane.fullname" .) -}}
 {{- else if eq .Values.tls.mode "secret" -}}
 {{- required "tls.secret is required with tls.mode=secret: a Secret with tls.crt, tls.key and ca.crt" .Values.tls.secret -}}
@@ -218,7 +226,10 @@ data planes trust (ca.crt); empty when TLS is off.
 {{/* Fails on TLS settings that cannot work together. */}}
 {{- define "relay.tls.check" -}}
 {{- if and .Values.tls.clientAuth.enabled (eq .Values.tls.mode "off") -}}
-{{- fail "tls.clientAuth.enabled needs TLS: set tls.mode to generate or secret" -}}
+{{- fail "tls.clientAuth.enabled needs TLS: set tls.mode to generate, secret or cert-manager" -}}
+{{- end -}}
+{{- if eq .Values.tls.mode "cert-manager" -}}
+{{- $_ := required "tls.certManager.issuer.name is required with tls.mode=cert-manager (the cert-manager issuer of the control plane's certificate)" .Values.tls.certManager.issuer.name -}}
 {{- end -}}
 {{- if .Values.tls.clientAuth.enabled -}}
 {{- $_ := required "tls.clientAuth.issuer.name is required with tls.clientAuth.enabled (the cert-manager issuer of data-plane certificates)" .Values.tls.clientAuth.issuer.name -}}
@@ -237,6 +248,9 @@ RELAY_REDIS_URL from redis.existingSecret or redis.url (nothing without either).
       name: {{ .Values.redis.existingSecret.name | quote }}
       key: {{ .Values.redis.existingSecret.key | quote }}
 {{- else if .Values.redis.url }}
+{{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" .Values.redis.url }}
+{{- fail "redis.url holds a password: it would be readable in the workloads' spec; put the URL in a Secret and name it in redis.existingSecret.name (key: redis.existingSecret.key)" }}
+{{- end }}
 - name: RELAY_REDIS_URL
   value: {{ .Values.redis.url | quote }}
 {{- end }}

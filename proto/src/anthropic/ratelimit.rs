@@ -76,16 +76,28 @@ fn header<'h>(h: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
 /// A negative or unreadable value is `None`.
 pub fn retry_after(h: &HeaderMap, now_ms: i64) -> Option<Duration> {
     if let Some(v) = header(h, &RETRY_AFTER_MS).and_then(|v| v.parse::<f64>().ok()) {
-        return Duration::try_from_secs_f64(v / 1000.0).ok();
+        return seconds(v / 1000.0);
     }
     let v = header(h, &RETRY_AFTER)?;
     if let Ok(secs) = v.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).ok();
+        return seconds(secs);
     }
     let at = chrono::DateTime::parse_from_rfc2822(v).ok()?.timestamp_millis();
     Some(Duration::from_millis(
         u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0),
     ))
+}
+
+/// The longest wait a `retry-after` is taken to ask for; a larger value (or one too large to count,
+/// `99999999999999999999`) is this long, so it still means "a long time", not "no answer".
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A non-negative number of seconds as a wait, at most [`RETRY_AFTER_MAX`]; negative or NaN: `None`.
+fn seconds(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).map_or(RETRY_AFTER_MAX, |d| d.min(RETRY_AFTER_MAX)))
 }
 
 /// One API-key limit's headers.
@@ -195,6 +207,11 @@ pub struct Unified<'h> {
 impl<'h> Unified<'h> {
     /// `None` when the answer carries no readable unified header at all (API-key accounts).
     pub fn parse(h: &'h HeaderMap) -> Option<Unified<'h>> {
+        // Every unified header has this prefix: one pass over the names (most answers carry
+        // none) instead of nine hashed lookups.
+        if !h.keys().any(|n| n.as_str().starts_with("anthropic-ratelimit-unified-")) {
+            return None;
+        }
         let windows = UNIFIED_WINDOWS
             .each_ref()
             .map(|(name, util, reset, status)| UnifiedWindow {
@@ -252,6 +269,13 @@ mod tests {
             (&[("retry-after", "Tue, 14 Nov 2023 22:13:27 GMT")], Some(7_000)),
             (&[("retry-after", "Tue, 14 Nov 2023 22:00:00 GMT")], Some(0)),
             (&[("retry-after", "-5")], None),
+            // Too large to count: the longest wait, not "nothing said".
+            (
+                &[("retry-after", "99999999999999999999")],
+                Some(RETRY_AFTER_MAX.as_millis() as u64),
+            ),
+            (&[("retry-after-ms", "1e30")], Some(RETRY_AFTER_MAX.as_millis() as u64)),
+            (&[("retry-after", "NaN")], None),
             (&[("retry-after", "soon")], None),
             (&[("retry-after", "")], None),
             (&[], None),

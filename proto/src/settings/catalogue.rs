@@ -378,6 +378,16 @@ pub const SETTINGS: &[Setting] = &[
         "600000",
         "until the upstream's response head (for streams: its first event)",
     ),
+    Setting {
+        name: "upstream.http_version",
+        ty: Type::Choice,
+        min: 0,
+        max: 0,
+        default: "auto",
+        per_account: false,
+        choices: &["auto", "http1", "http2"],
+        description: "the HTTP version of the data planes' requests to upstreams: auto (HTTP/2 where TLS negotiates h2 through ALPN, as api.anthropic.com does, one connection per upstream carrying every stream; else HTTP/1.1), http1 (HTTP/1.1 only) or http2 (HTTP/2 only, h2c to plain http:// upstreams)",
+    },
     ms(
         "upstream.idle_timeout_ms",
         1,

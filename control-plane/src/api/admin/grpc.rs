@@ -204,6 +204,34 @@ impl Admin for AdminService {
         self.serve(req).await
     }
 
+    async fn clear_requests(
+        &self,
+        req: Request<pb::ClearRequestsRequest>,
+    ) -> Result<Response<pb::ClearRequestsResponse>, Status> {
+        self.serve(req).await
+    }
+
+    async fn add_capture_rule(
+        &self,
+        req: Request<pb::AddCaptureRuleRequest>,
+    ) -> Result<Response<pb::CaptureRuleInfo>, Status> {
+        self.serve(req).await
+    }
+
+    async fn list_capture_rules(
+        &self,
+        req: Request<pb::ListCaptureRulesRequest>,
+    ) -> Result<Response<pb::ListCaptureRulesResponse>, Status> {
+        self.serve(req).await
+    }
+
+    async fn delete_capture_rule(
+        &self,
+        req: Request<pb::DeleteCaptureRuleRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        self.serve(req).await
+    }
+
     async fn get_request(&self, req: Request<pb::GetRequestRequest>) -> Result<Response<pb::RequestRecord>, Status> {
         self.serve(req).await
     }

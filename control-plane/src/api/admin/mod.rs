@@ -16,10 +16,11 @@
 //!
 //! One file per resource: `accounts`, `keys`, `groups`, `pricing`, `settings`, `tokens`,
 //! `fleet` (data planes, config version, status), `reports` (audit log, usage), `requests` (the
-//! request log), `notifications`; shared: `validate` (request checks), `lookup` (names, ids, id
+//! request log), `capture` (capture rules, clearing the log), `notifications`; shared: `validate` (request checks), `lookup` (names, ids, id
 //! prefixes).
 
 mod accounts;
+mod capture;
 mod fleet;
 mod groups;
 pub mod grpc;
@@ -49,8 +50,10 @@ use std::sync::Arc;
 use tonic::Status;
 
 pub const DEFAULT_GROUP: &str = "default";
-/// How often an update is retried when another writer changed the row meanwhile.
-const CONFLICT_RETRIES: usize = 8;
+/// How often an update is retried when another writer changed the row meanwhile. Each retry
+/// re-reads the row and waits a little longer (with jitter) first, so that many admins (or scripts)
+/// updating one row at once all land, one after the other, on either store.
+const CONFLICT_RETRIES: usize = 40;
 
 /// The Admin API's operations, callable in process ([`AdminApi::call`]) and served over gRPC by
 /// [`AdminService`].
@@ -159,7 +162,14 @@ where
     let mut attempt = 0;
     loop {
         match f().await {
-            Err(s) if s.code() == tonic::Code::Aborted && attempt + 1 < CONFLICT_RETRIES => attempt += 1,
+            Err(s) if s.code() == tonic::Code::Aborted && attempt + 1 < CONFLICT_RETRIES => {
+                attempt += 1;
+                // 1 ms, 2 ms, ... up to 20 ms, each with up to as much again of jitter: writers
+                // that collided spread out instead of colliding again in lockstep.
+                let base = attempt.min(20) as u64;
+                let jitter = rand::random::<u64>() % (base + 1);
+                tokio::time::sleep(std::time::Duration::from_millis(base + jitter)).await;
+            }
             r => return r,
         }
     }

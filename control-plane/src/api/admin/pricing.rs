@@ -10,6 +10,10 @@ use relay_proto::v1 as pb;
 use serde_json::json;
 use tonic::Status;
 
+/// The highest price relay takes, per kind of token: $1,000,000 per million tokens (in micro-USD).
+/// Far above any real price, and low enough that a cost never overflows.
+const MAX_PRICE_MICRO_USD: u64 = 1_000_000 * 1_000_000;
+
 impl AdminApi {
     pub(super) async fn list_prices(
         &self,
@@ -29,6 +33,23 @@ impl AdminApi {
             return Err(Status::invalid_argument(
                 "a model id or prefix ending in '*' is required",
             ));
+        }
+        // Each price in dollars per million tokens, checked in the order the operator gives them
+        // (a derived cache price never names itself first for the input price's mistake).
+        for (what, v) in [
+            ("input", r.input),
+            ("output", r.output),
+            ("cache write (5m)", r.cache_write_5m),
+            ("cache write (1h)", r.cache_write_1h),
+            ("cache read", r.cache_read),
+        ] {
+            if v > MAX_PRICE_MICRO_USD {
+                return Err(Status::invalid_argument(format!(
+                    "{what} price ${} per million tokens is out of range (at most ${} per million tokens)",
+                    v / 1_000_000,
+                    MAX_PRICE_MICRO_USD / 1_000_000
+                )));
+            }
         }
         let effective_from = if r.effective_from_ms == 0 {
             now_ms()

@@ -31,15 +31,28 @@ pub struct Names {
 }
 
 impl Names {
+    /// Every key, account and group by id; a deleted account or group by its last name with
+    /// " (deleted)", as `relayctl usage` names it.
     pub async fn load(store: &DynStore) -> Result<Self, Status> {
         let keys = store.list_api_keys().await?;
         let accounts = store.list_accounts().await?;
         let groups = store.list_groups().await?;
-        Ok(Names {
+        let mut names = Names {
             keys: keys.into_iter().map(|k| (k.id, (k.name, k.group_id))).collect(),
-            accounts: accounts.into_iter().map(|a| (a.id, a.name)).collect(),
-            groups: groups.into_iter().map(|g| (g.id, g.name)).collect(),
-        })
+            accounts: HashMap::new(),
+            groups: HashMap::new(),
+        };
+        for d in store.deleted_names().await? {
+            let into = match d.kind.as_str() {
+                "account" => &mut names.accounts,
+                "group" => &mut names.groups,
+                _ => continue,
+            };
+            into.insert(d.id, format!("{} (deleted)", d.name));
+        }
+        names.accounts.extend(accounts.into_iter().map(|a| (a.id, a.name)));
+        names.groups.extend(groups.into_iter().map(|g| (g.id, g.name)));
+        Ok(names)
     }
 
     fn account(&self, id: &str) -> String {
@@ -47,20 +60,23 @@ impl Names {
     }
 
     pub fn record(&self, r: &RequestRecord) -> pb::RequestRecord {
-        let (key, group_id) = self
+        let key = self
             .keys
             .get(&r.api_key_id)
-            .cloned()
-            .unwrap_or_else(|| (r.api_key_id.clone(), String::new()));
+            .map_or_else(|| r.api_key_id.clone(), |k| k.0.clone());
+        // The group the request was served in (carried in its usage rows), shown by its name now
+        // (its id when the group is gone).
+        let group_id = r.group_id.clone();
         pb::RequestRecord {
             id: r.id.clone(),
             time_ms: r.time,
             started_ms: r.started,
             key,
             key_id: r.api_key_id.clone(),
-            group: self.groups.get(&group_id).cloned().unwrap_or_default(),
+            group: self.groups.get(&group_id).cloned().unwrap_or_else(|| group_id.clone()),
             group_id,
             model: r.model.clone(),
+            model_requested: r.model_requested.clone(),
             stream: r.stream,
             status: r.status,
             error_type: r.error_type.clone(),
@@ -108,6 +124,7 @@ impl Names {
                     error_message: e.error_message.clone(),
                 })
                 .collect(),
+            capture: None,
         }
     }
 
@@ -169,33 +186,21 @@ pub async fn filter(store: &DynStore, f: Option<&pb::RequestFilter>) -> Result<F
             .ok_or_else(|| not_found("key", &f.key))?;
         keys = Some(BTreeSet::from([k.id]));
     }
-    if !f.group.is_empty() {
-        let g = store
-            .get_group(&f.group)
-            .await?
-            .ok_or_else(|| not_found("group", &f.group))?;
-        let in_group: BTreeSet<String> = store
-            .list_api_keys()
-            .await?
-            .into_iter()
-            .filter(|k| k.group_id == g.id)
-            .map(|k| k.id)
-            .collect();
-        keys = Some(match keys {
-            Some(k) => k.intersection(&in_group).cloned().collect(),
-            None => in_group,
-        });
-    }
+    let group_id = if f.group.is_empty() {
+        None
+    } else {
+        Some(match store.get_group(&f.group).await? {
+            Some(g) => g.id,
+            None => deleted(store, "group", &f.group).await?,
+        })
+    };
     let account_id = if f.account.is_empty() {
         None
     } else {
-        Some(
-            store
-                .get_account(&f.account)
-                .await?
-                .ok_or_else(|| not_found("account", &f.account))?
-                .id,
-        )
+        Some(match store.get_account(&f.account).await? {
+            Some(a) => a.id,
+            None => deleted(store, "account", &f.account).await?,
+        })
     };
     let status = if f.status.is_empty() {
         None
@@ -206,12 +211,26 @@ pub async fn filter(store: &DynStore, f: Option<&pb::RequestFilter>) -> Result<F
         since,
         until,
         keys,
+        group_id,
         account_id,
         model: (!f.model.is_empty()).then(|| f.model.clone()),
+        model_requested: (!f.model_requested.is_empty()).then(|| f.model_requested.clone()),
         status,
         stream: f.stream,
         min_duration_ms: f.min_duration_ms,
     })
+}
+
+/// The id of a deleted account or group named `given` (its id, or its last name: the latest
+/// deleted by that name), whose records keep its id; NOT_FOUND when none was.
+async fn deleted(store: &DynStore, kind: &'static str, given: &str) -> Result<String, Status> {
+    let gone = store.deleted_names().await?;
+    let of_kind = || gone.iter().rev().filter(|d| d.kind == kind);
+    of_kind()
+        .find(|d| d.id == given)
+        .or_else(|| of_kind().find(|d| d.name == given))
+        .map(|d| d.id.clone())
+        .ok_or_else(|| not_found(kind, given))
 }
 
 fn not_found(kind: &'static str, name: &str) -> Status {
@@ -249,13 +268,23 @@ pub async fn get(store: &DynStore, id: &str) -> Result<pb::RequestRecord, Status
     let r = requests::get(store, id)
         .await?
         .ok_or_else(|| not_found("request", id))?;
-    Ok(Names::load(store).await?.record(&r))
+    let mut out = Names::load(store).await?.record(&r);
+    if let Some(c) = store.get_capture(id).await? {
+        let document_json = crate::capture::inflate(&c.document_zstd).map_err(|e| Status::data_loss(e.to_string()))?;
+        out.capture = Some(pb::RequestCapture {
+            rule_id: c.rule_id,
+            captured_ms: c.captured_ms,
+            truncated: c.truncated,
+            document_json,
+            stored_bytes: c.document_zstd.len() as u64,
+        });
+    }
+    Ok(out)
 }
 
 pub async fn stats(store: &DynStore, r: &pb::RequestStatsRequest) -> Result<pb::RequestStatsResponse, Status> {
     let f = filter(store, r.filter.as_ref()).await?;
-    let (records, truncated) = requests::all(store, &f, requests::MAX_STATS_SCAN).await?;
-    let report = requests::stats_report(&records, truncated);
+    let report = requests::stats_over(store, &f).await?;
     Ok(Names::load(store).await?.stats(&report))
 }
 
@@ -329,6 +358,13 @@ impl AdminApi {
     }
 
     pub(super) async fn tail_requests(&self, _actor: &Actor, r: pb::TailRequestsRequest) -> Result<TailStream, Status> {
+        // Tail follows records from now on: a time range would be ignored, or (in the past)
+        // show nothing ever.
+        if r.filter.as_ref().is_some_and(|f| f.since_ms > 0 || f.until_ms > 0) {
+            return Err(Status::invalid_argument(
+                "tail follows new records from now on: --since and --until do not apply (use requests list for a time range)",
+            ));
+        }
         let filter = filter(&self.store, r.filter.as_ref()).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let tail = tail(self.store.clone(), filter, tx.clone());

@@ -103,6 +103,11 @@ rpcs! {
     GetRequest: Read, get_request(GetRequestRequest) -> pb::RequestRecord;
     RequestStats: Read, request_stats(RequestStatsRequest) -> pb::RequestStatsResponse;
     TailRequests: Read, tail_requests(TailRequestsRequest) -> TailStream;
+    ClearRequests: Write, clear_requests(ClearRequestsRequest) -> pb::ClearRequestsResponse;
+    // capture rules
+    AddCaptureRule: Write, add_capture_rule(AddCaptureRuleRequest) -> pb::CaptureRuleInfo;
+    ListCaptureRules: Read, list_capture_rules(ListCaptureRulesRequest) -> pb::ListCaptureRulesResponse;
+    DeleteCaptureRule: Write, delete_capture_rule(DeleteCaptureRuleRequest) -> pb::DeleteResponse;
     // admin tokens
     CreateAdminToken: Write, create_admin_token(CreateAdminTokenRequest) -> pb::CreateAdminTokenResponse;
     ListAdminTokens: Read, list_admin_tokens(ListAdminTokensRequest) -> pb::ListAdminTokensResponse;

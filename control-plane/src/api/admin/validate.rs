@@ -13,6 +13,12 @@ pub const MAX_TPM: u64 = 1_000_000_000_000;
 /// The largest daily or monthly budget, in micro-USD: $1,000,000 (the limiter counts spend in
 /// nano-USD, exactly up to 2^53).
 pub const MAX_BUDGET_MICRO_USD: u64 = 1_000_000_000_000;
+/// The longest credential (API key, token) an account takes, in bytes: it travels in a request
+/// header, and upstreams refuse headers far shorter than a megabyte.
+pub const MAX_CREDENTIAL_BYTES: usize = 16 * 1024;
+/// The most model patterns one key may be limited to, and the longest pattern, in bytes.
+pub const MAX_KEY_MODELS: usize = 256;
+pub const MAX_MODEL_PATTERN_BYTES: usize = 128;
 
 /// Names: 1 to 64 characters of letters, digits, '.', '_', '-', '@'.
 pub(super) fn validate_name(what: &str, name: &str) -> Result<(), Status> {
@@ -82,6 +88,12 @@ pub(super) fn validate_credential(c: &str) -> Result<(), Status> {
         return Err(Status::invalid_argument(
             "the credential contains control characters (a stray newline?)",
         ));
+    }
+    if c.len() > MAX_CREDENTIAL_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "the credential is {} bytes; at most {MAX_CREDENTIAL_BYTES}",
+            c.len()
+        )));
     }
     Ok(())
 }
@@ -167,6 +179,17 @@ pub(super) fn validate_description(d: &str) -> Result<(), Status> {
 pub(super) fn validate_models(models: &[String]) -> Result<Vec<String>, Status> {
     let mut out = Vec::new();
     for m in models.iter().map(|m| m.trim()).filter(|m| !m.is_empty()) {
+        if m.len() > MAX_MODEL_PATTERN_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "a model pattern is {} bytes; at most {MAX_MODEL_PATTERN_BYTES}",
+                m.len()
+            )));
+        }
+        if out.len() == MAX_KEY_MODELS {
+            return Err(Status::invalid_argument(format!(
+                "more than {MAX_KEY_MODELS} models for one key: use prefixes ending in '*'"
+            )));
+        }
         let body = m.strip_suffix('*').unwrap_or(m);
         if body.contains('*') || m.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(Status::invalid_argument(format!(
@@ -227,6 +250,7 @@ pub(super) fn validate_oauth_fields(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::api::admin::redact_url;
@@ -246,5 +270,20 @@ mod tests {
         assert!(validate_models(&["claude-*".into()]).is_ok());
         assert!(validate_models(&["cl*aude".into()]).is_err());
         assert_eq!(validate_weight(0).ok(), Some(1));
+    }
+
+    #[test]
+    fn huge_credentials_and_model_lists_are_refused() {
+        assert!(validate_credential(&"k".repeat(MAX_CREDENTIAL_BYTES)).is_ok());
+        let e = validate_credential(&"k".repeat(MAX_CREDENTIAL_BYTES + 1)).unwrap_err();
+        assert!(e.message().contains("at most 16384"), "{e:?}");
+        // The refusal never repeats the credential.
+        assert!(!e.message().contains("kkk"), "{e:?}");
+        let many: Vec<String> = (0..=MAX_KEY_MODELS).map(|i| format!("m{i}")).collect();
+        assert!(validate_models(&many[..MAX_KEY_MODELS]).is_ok());
+        assert!(validate_models(&many).unwrap_err().message().contains("more than 256"));
+        assert!(validate_models(&["m".repeat(MAX_MODEL_PATTERN_BYTES + 1)]).is_err());
+        // Repeats count once.
+        assert_eq!(validate_models(&vec!["m".to_string(); 1_000]).unwrap().len(), 1);
     }
 }

@@ -358,6 +358,18 @@ impl ConfigTx for PgTx<'_, '_> {
     }
 
     async fn delete(&mut self, table: Table, key: &str) -> Result<u64> {
+        if table == Table::Groups {
+            // The request log keeps naming the group its requests were served in.
+            self.tx
+                .execute(
+                    "INSERT INTO deleted_names (kind, id, name, deleted_at) \
+                     SELECT 'group', id, name, $2 FROM groups WHERE id = $1 \
+                     ON CONFLICT (kind, id) DO UPDATE SET name = EXCLUDED.name, deleted_at = EXCLUDED.deleted_at",
+                    &[&key, &now_ms()],
+                )
+                .await
+                .map_err(pg)?;
+        }
         let sql = format!("DELETE FROM {} WHERE {} = $1", table.name(), table.key());
         self.tx.execute(&sql, &[&key]).await.map_err(pg)
     }
@@ -399,6 +411,17 @@ impl ConfigTx for PgTx<'_, '_> {
             .await
             .map_err(pg)?;
         Ok(())
+    }
+
+    async fn insert_capture_rule(&mut self, id: &str, rule_json: &str, rev: i64) -> Result<Written> {
+        let r = self
+            .tx
+            .execute(
+                "INSERT INTO capture_rules (id, rule, revision) VALUES ($1,$2,$3)",
+                &[&id, &rule_json, &rev],
+            )
+            .await;
+        written(r)
     }
 
     async fn insert_admin_token(&mut self, t: &AdminToken, rev: i64) -> Result<Written> {

@@ -10,6 +10,7 @@
 //! every config write), `usage.rs` (usage rows, the request log, retention), `ops.rs` (data-plane
 //! records, quotas, OAuth hand-over, leadership, the notification outbox).
 
+mod capture;
 mod config_tx;
 mod error;
 mod ops;
@@ -32,7 +33,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_postgres::AsyncMessage;
 
-const MIGRATIONS: &[(i64, &str)] = &[
+/// Numbered schema migrations, applied in order at connect (public for the upgrade tests, which
+/// build a database at an older version).
+pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/postgres/0001_init.sql")),
     (2, include_str!("../../../migrations/postgres/0002_account_states.sql")),
     (3, include_str!("../../../migrations/postgres/0003_proxy_url_enc.sql")),
@@ -54,6 +57,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (13, include_str!("../../../migrations/postgres/0013_group_routing.sql")),
     (14, include_str!("../../../migrations/postgres/0014_request_log.sql")),
     (15, include_str!("../../../migrations/postgres/0015_notify_outbox.sql")),
+    (
+        16,
+        include_str!("../../../migrations/postgres/0016_request_model_group.sql"),
+    ),
+    (17, include_str!("../../../migrations/postgres/0017_usage_daily.sql")),
+    (18, include_str!("../../../migrations/postgres/0018_capture.sql")),
+    (
+        19,
+        include_str!("../../../migrations/postgres/0019_console_signouts.sql"),
+    ),
 ];
 const NOTIFY_CHANNEL: &str = "relay_config";
 /// `application_name` of the LISTEN connection.
@@ -285,6 +298,7 @@ impl Store for PostgresStore {
             .collect::<Result<_>>()?;
         let settings = load_settings(&tx).await?;
         let account_states = load_states(&tx).await?;
+        let capture_rules = capture::load_rules(&tx).await?;
         tx.commit().await.map_err(pg)?;
         Ok(ConfigState {
             version,
@@ -294,6 +308,7 @@ impl Store for PostgresStore {
             prices,
             settings,
             account_states,
+            capture_rules,
         })
     }
 
@@ -437,6 +452,10 @@ impl Store for PostgresStore {
         ops::record_proxy(self, node_id, replica, event).await
     }
 
+    async fn record_proxies(&self, events: &[crate::store::ProxyRecord]) -> Result<()> {
+        ops::record_proxies(self, events).await
+    }
+
     async fn list_proxies(&self) -> Result<Vec<ProxyState>> {
         ops::list_proxies(self).await
     }
@@ -473,6 +492,14 @@ impl Store for PostgresStore {
         ops::drop_oauth_pending(self, account_id, from_hash).await
     }
 
+    async fn end_console_session(&self, session: &str, expires_at: Millis, now: Millis) -> Result<()> {
+        ops::end_console_session(self, session, expires_at, now).await
+    }
+
+    async fn console_session_ended(&self, session: &str) -> Result<bool> {
+        ops::console_session_ended(self, session).await
+    }
+
     async fn request_page(&self, page: RequestPage) -> Result<Vec<(Millis, String)>> {
         usage::request_page(self, page).await
     }
@@ -481,12 +508,56 @@ impl Store for PostgresStore {
         usage::request_events(self, request_ids).await
     }
 
+    async fn request_window_floor(&self, floor: Millis, before: Millis, rows: u32) -> Result<Option<Millis>> {
+        usage::request_window_floor(self, floor, before, rows).await
+    }
+
+    async fn request_window_events(&self, since: Millis, until: Millis) -> Result<Vec<UsageEvent>> {
+        usage::request_window_events(self, since, until).await
+    }
+
+    async fn deleted_names(&self) -> Result<Vec<DeletedName>> {
+        capture::deleted_names(self).await
+    }
+
+    async fn list_capture_rules(&self) -> Result<Vec<CaptureRule>> {
+        capture::list_rules(self).await
+    }
+
+    async fn insert_captures(&self, captures: &[StoredCapture]) -> Result<IngestResult> {
+        capture::insert(self, captures).await
+    }
+
+    async fn get_capture(&self, request_id: &str) -> Result<Option<StoredCapture>> {
+        capture::get(self, request_id).await
+    }
+
+    async fn delete_requests(&self, request_ids: &[String]) -> Result<(u64, u64)> {
+        capture::delete_requests(self, request_ids).await
+    }
+
+    async fn delete_captures_before(&self, before_ms: Millis, now_ms: Millis, limit: u32) -> Result<u64> {
+        capture::delete_before(self, before_ms, now_ms, limit).await
+    }
+
+    async fn delete_orphan_captures(&self, before_ms: Millis, limit: u32) -> Result<u64> {
+        capture::delete_orphans(self, before_ms, limit).await
+    }
+
     async fn usage_row_count(&self) -> Result<u64> {
         usage::usage_row_count(self).await
     }
 
     async fn delete_oldest_usage(&self, limit: u32) -> Result<u64> {
         usage::delete_oldest_usage(self, limit).await
+    }
+
+    async fn usage_ts_at(&self, offset: u64) -> Result<Option<Millis>> {
+        usage::usage_ts_at(self, offset).await
+    }
+
+    async fn raise_usage_raw_floor(&self, floor_ms: Millis) -> Result<()> {
+        usage::raise_usage_raw_floor(self, floor_ms).await
     }
 
     async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64> {

@@ -9,73 +9,95 @@ use crate::model::*;
 use crate::store::rules::to_i64;
 use crate::store::{
     quota_windows_from, quota_windows_json, DeliveryOutcome, EpisodeChange, LeaderRecord, Notification, OpenEpisode,
-    OutboxEntry, OutboxStats, Result, StoreError,
+    OutboxEntry, OutboxStats, ProxyRecord, Result, StoreError,
 };
 use tokio_postgres::error::SqlState;
 
 pub(super) async fn record_proxy(store: &PostgresStore, node_id: &str, replica: &str, event: ProxyEvent) -> Result<()> {
-    let c = store.client().await?;
+    record_proxies(store, &[(node_id.to_string(), replica.to_string(), event)]).await
+}
+
+/// Data planes' Watch events, in order, in one transaction (one commit for a thousand ACKs).
+pub(super) async fn record_proxies(store: &PostgresStore, events: &[ProxyRecord]) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut c = store.client().await?;
+    let tx = c.transaction().await.map_err(pg)?;
     let now = now_ms();
-    c.execute(
-        "INSERT INTO proxies (node_id, last_seen, connected, replica) VALUES ($1, $2, FALSE, $3) \
-         ON CONFLICT (node_id) DO NOTHING",
-        &[&node_id, &now, &replica],
-    )
-    .await
-    .map_err(pg)?;
+    let known = tx
+        .prepare_cached(
+            "INSERT INTO proxies (node_id, last_seen, connected, replica) VALUES ($1, $2, FALSE, $3) \
+             ON CONFLICT (node_id) DO NOTHING",
+        )
+        .await
+        .map_err(pg)?;
     let v = |v: Option<Version>| -> Result<(Option<i64>, Option<i64>)> {
         Ok(match v {
             Some(v) => (Some(to_i64(v.epoch, "epoch")?), Some(to_i64(v.revision, "revision")?)),
             None => (None, None),
         })
     };
-    match event {
-        ProxyEvent::Connected { build_version, .. } => {
-            c.execute(
-                "UPDATE proxies SET build_version=$2, connected=TRUE, replica=$3, last_seen=$4 WHERE node_id=$1",
-                &[&node_id, &build_version, &replica, &now],
-            )
-            .await
-        }
-        ProxyEvent::Acked { version, rejected } => {
-            let (e, r) = v(Some(version))?;
-            // A NACK is history once a later version is applied.
-            c.execute(
-                "UPDATE proxies SET acked_epoch=$2, acked_revision=$3, last_seen=$4, rejected=$5, \
+    for (node_id, replica, event) in events {
+        tx.execute(&known, &[node_id, &now, replica]).await.map_err(pg)?;
+        match event {
+            ProxyEvent::Connected { build_version, .. } => {
+                let st = tx
+                    .prepare_cached(
+                        "UPDATE proxies SET build_version=$2, connected=TRUE, replica=$3, last_seen=$4 WHERE node_id=$1",
+                    )
+                    .await
+                    .map_err(pg)?;
+                tx.execute(&st, &[node_id, build_version, replica, &now]).await
+            }
+            ProxyEvent::Acked { version, rejected } => {
+                let (e, r) = v(Some(*version))?;
+                // A NACK is history once a later version is applied.
+                let st = tx
+                    .prepare_cached(
+                        "UPDATE proxies SET acked_epoch=$2, acked_revision=$3, last_seen=$4, rejected=$5, \
                  nack_epoch = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN NULL ELSE nack_epoch END, \
                  nack_revision = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN NULL ELSE nack_revision END, \
                  nack_error = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN '' ELSE nack_error END, \
                  nack_at = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN 0 ELSE nack_at END \
                  WHERE node_id=$1",
-                &[&node_id, &e, &r, &now, &rejected_to_json(&rejected)],
-            )
-            .await
-        }
-        ProxyEvent::Nacked { version, error, .. } => {
-            let (e, r) = v(Some(version))?;
-            c.execute(
-                "UPDATE proxies SET nack_epoch=$2, nack_revision=$3, nack_error=$4, nack_at=$5, last_seen=$5 \
+                    )
+                    .await
+                    .map_err(pg)?;
+                tx.execute(&st, &[node_id, &e, &r, &now, &rejected_to_json(rejected)])
+                    .await
+            }
+            ProxyEvent::Nacked { version, error, .. } => {
+                let (e, r) = v(Some(*version))?;
+                let st = tx
+                    .prepare_cached(
+                        "UPDATE proxies SET nack_epoch=$2, nack_revision=$3, nack_error=$4, nack_at=$5, last_seen=$5 \
                  WHERE node_id=$1",
-                &[&node_id, &e, &r, &error, &now],
-            )
-            .await
+                    )
+                    .await
+                    .map_err(pg)?;
+                tx.execute(&st, &[node_id, &e, &r, error, &now]).await
+            }
+            ProxyEvent::Seen => {
+                let st = tx
+                    .prepare_cached("UPDATE proxies SET last_seen=$3 WHERE node_id=$1 AND replica=$2 AND connected")
+                    .await
+                    .map_err(pg)?;
+                tx.execute(&st, &[node_id, replica, &now]).await
+            }
+            ProxyEvent::Disconnected => {
+                let st = tx
+                    .prepare_cached(
+                        "UPDATE proxies SET connected = (replica <> $2) AND connected, last_seen=$3 WHERE node_id=$1",
+                    )
+                    .await
+                    .map_err(pg)?;
+                tx.execute(&st, &[node_id, replica, &now]).await
+            }
         }
-        ProxyEvent::Seen => {
-            c.execute(
-                "UPDATE proxies SET last_seen=$3 WHERE node_id=$1 AND replica=$2 AND connected",
-                &[&node_id, &replica, &now],
-            )
-            .await
-        }
-        ProxyEvent::Disconnected => {
-            c.execute(
-                "UPDATE proxies SET connected = (replica <> $2) AND connected, last_seen=$3 WHERE node_id=$1",
-                &[&node_id, &replica, &now],
-            )
-            .await
-        }
+        .map_err(pg)?;
     }
-    .map_err(pg)?;
+    tx.commit().await.map_err(pg)?;
     Ok(())
 }
 
@@ -411,4 +433,33 @@ pub(super) async fn notify_stats(store: &PostgresStore) -> Result<OutboxStats> {
         pending: u64::try_from(col::<i64, _>(&r, 0)?).unwrap_or(0),
         oldest_created_ms: col(&r, 1)?,
     })
+}
+
+pub(super) async fn end_console_session(
+    store: &PostgresStore,
+    session: &str,
+    expires_at: Millis,
+    now: Millis,
+) -> Result<()> {
+    let c = store.client().await?;
+    c.execute("DELETE FROM console_signouts WHERE expires_at <= $1", &[&now])
+        .await
+        .map_err(pg)?;
+    c.execute(
+        "INSERT INTO console_signouts (session, expires_at) VALUES ($1, $2) ON CONFLICT (session) DO NOTHING",
+        &[&session, &expires_at],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+pub(super) async fn console_session_ended(store: &PostgresStore, session: &str) -> Result<bool> {
+    let c = store.client().await?;
+    let row = c
+        .query_one("SELECT COUNT(*) FROM console_signouts WHERE session = $1", &[&session])
+        .await
+        .map_err(pg)?;
+    let n: i64 = col(&row, 0)?;
+    Ok(n > 0)
 }

@@ -1,5 +1,5 @@
-//! Postgres: usage rows (one `unnest` insert per batch), usage reports and spend, the request
-//! log's pages and events, and retention deletes.
+//! Postgres: usage rows (a binary `COPY` into a staging table, then one merge per batch), usage
+//! reports and spend, the request log's pages and events, and retention deletes.
 
 use super::error::{pg, to_u64};
 use super::rows::col;
@@ -8,120 +8,199 @@ use crate::model::*;
 use crate::store::rules::to_i64;
 use crate::store::{IngestResult, Result, StoreError};
 use std::collections::BTreeMap;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
 
+/// The session's staging table for usage batches: temporary (no WAL, seen by this session only),
+/// emptied at each commit. Created on a session's first batch, inside the batch's transaction (so
+/// a pooler that pins a session per transaction works too).
+const STAGE_SQL: &str = "DO $$BEGIN IF to_regclass('pg_temp.relay_usage_stage') IS NULL THEN \
+     CREATE TEMP TABLE relay_usage_stage (LIKE usage_events) ON COMMIT DELETE ROWS; END IF; END$$";
+
+/// Every column of a usage row, in the order the staging table receives them.
+const USAGE_COLUMNS: &str = "event_id, request_id, ts, node_id, api_key_id, account_id, model, input_tokens, \
+     output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, latency_ms, \
+     ttfb_ms, web_search_requests, http_status, error_type, stream, cancelled, upstream_request_id, anomaly, \
+     client_request_id, queue_wait_ms, waited_for, stream_events, max_event_gap_ms, error_message, \
+     model_requested, group_id, received_at";
+
+/// The Postgres types of [`USAGE_COLUMNS`], in order.
+const USAGE_TYPES: [Type; 31] = [
+    Type::UUID,
+    Type::TEXT,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT4,
+    Type::TEXT,
+    Type::BOOL,
+    Type::BOOL,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+];
+
+/// The rows of the staging table not stored yet (a redelivered one is), inserted; the rows
+/// actually inserted added to their day's rollup in the same statement, in key order (two
+/// replicas adding to the same rollups lock them in the same order). Answers how many were
+/// inserted.
+const MERGE_SQL: &str = "WITH ins AS (INSERT INTO usage_events (event_id, request_id, ts, node_id, api_key_id, \
+     account_id, model, input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, \
+     cache_read_tokens, cost_pico_usd, latency_ms, ttfb_ms, web_search_requests, http_status, error_type, stream, \
+     cancelled, upstream_request_id, anomaly, client_request_id, queue_wait_ms, waited_for, stream_events, \
+     max_event_gap_ms, error_message, model_requested, group_id, received_at) \
+     SELECT event_id, request_id, ts, node_id, api_key_id, account_id, model, input_tokens, output_tokens, \
+     cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, latency_ms, ttfb_ms, \
+     web_search_requests, http_status, error_type, stream, cancelled, upstream_request_id, anomaly, \
+     client_request_id, queue_wait_ms, waited_for, stream_events, max_event_gap_ms, error_message, \
+     model_requested, group_id, received_at FROM relay_usage_stage \
+     ON CONFLICT (event_id) DO NOTHING \
+     RETURNING ts, api_key_id, group_id, account_id, model, http_status, error_type, anomaly, \
+     input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, \
+     cost_pico_usd), \
+     rolled AS (INSERT INTO usage_daily AS d (day, api_key_id, group_id, account_id, model, requests, \
+     errors, anomalies, input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, \
+     cache_read_tokens, cost_pico_usd) \
+     SELECT ts - (((ts % 86400000) + 86400000) % 86400000) AS day, api_key_id, group_id, account_id, \
+     model, COUNT(*), COUNT(*) FILTER (WHERE http_status >= 400 OR error_type <> ''), \
+     COUNT(*) FILTER (WHERE anomaly <> ''), LEAST(SUM(input_tokens), 9223372036854775807), \
+     LEAST(SUM(output_tokens), 9223372036854775807), LEAST(SUM(cache_write_5m_tokens), 9223372036854775807), \
+     LEAST(SUM(cache_write_1h_tokens), 9223372036854775807), LEAST(SUM(cache_read_tokens), 9223372036854775807), \
+     LEAST(SUM(cost_pico_usd), 9223372036854775807) \
+     FROM ins GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 \
+     ON CONFLICT (day, api_key_id, group_id, account_id, model) DO UPDATE SET \
+     requests = LEAST(d.requests::NUMERIC + EXCLUDED.requests, 9223372036854775807)::BIGINT, \
+     errors = LEAST(d.errors::NUMERIC + EXCLUDED.errors, 9223372036854775807)::BIGINT, \
+     anomalies = LEAST(d.anomalies::NUMERIC + EXCLUDED.anomalies, 9223372036854775807)::BIGINT, \
+     input_tokens = LEAST(d.input_tokens::NUMERIC + EXCLUDED.input_tokens, 9223372036854775807)::BIGINT, \
+     output_tokens = LEAST(d.output_tokens::NUMERIC + EXCLUDED.output_tokens, 9223372036854775807)::BIGINT, \
+     cache_write_5m_tokens = LEAST(d.cache_write_5m_tokens::NUMERIC + EXCLUDED.cache_write_5m_tokens, \
+     9223372036854775807)::BIGINT, \
+     cache_write_1h_tokens = LEAST(d.cache_write_1h_tokens::NUMERIC + EXCLUDED.cache_write_1h_tokens, \
+     9223372036854775807)::BIGINT, \
+     cache_read_tokens = LEAST(d.cache_read_tokens::NUMERIC + EXCLUDED.cache_read_tokens, \
+     9223372036854775807)::BIGINT, \
+     cost_pico_usd = LEAST(d.cost_pico_usd::NUMERIC + EXCLUDED.cost_pico_usd, 9223372036854775807)::BIGINT \
+     RETURNING 1) \
+     SELECT COUNT(*)::BIGINT FROM ins";
+
+/// One usage row's numbers as stored (checked before anything is sent).
+struct RowNums {
+    /// input, output, cache writes 5m and 1h, cache reads, cost, latency, ttfb, web searches.
+    nums: [i64; 9],
+    status: i32,
+    waited_ms: i64,
+    stream_events: i64,
+    max_gap: i64,
+}
+
+fn row_nums(e: &UsageEvent) -> Result<RowNums> {
+    let mut nums = [0i64; 9];
+    for (slot, v) in nums.iter_mut().zip([
+        e.input_tokens,
+        e.output_tokens,
+        e.cache_write_5m_tokens,
+        e.cache_write_1h_tokens,
+        e.cache_read_tokens,
+        e.cost_pico_usd,
+        e.latency_ms,
+        e.ttfb_ms,
+        e.web_search_requests,
+    ]) {
+        *slot = to_i64(v, "usage value")?;
+    }
+    Ok(RowNums {
+        nums,
+        status: i32::try_from(e.http_status)
+            .map_err(|_| StoreError::Invalid(format!("http_status {} is out of range", e.http_status)))?,
+        waited_ms: i64::try_from(e.queue_wait_ms).unwrap_or(i64::MAX),
+        stream_events: to_i64(e.stream_events, "stream_events")?,
+        max_gap: to_i64(e.max_event_gap_ms, "max_event_gap_ms")?,
+    })
+}
+
+/// One batch in one transaction: the rows streamed (binary `COPY`) into the session's staging
+/// table, then merged into `usage_events` with the rollups ([`MERGE_SQL`]); the staging table
+/// empties at the commit (and at a rollback).
 pub(super) async fn insert_usage(store: &PostgresStore, events: &[UsageEvent]) -> Result<IngestResult> {
     if events.is_empty() {
         return Ok(IngestResult::default());
     }
-    // Column-wise arrays, inserted in one statement with unnest().
-    let n = events.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut req = Vec::with_capacity(n);
-    let mut ts = Vec::with_capacity(n);
-    let mut node = Vec::with_capacity(n);
-    let mut key = Vec::with_capacity(n);
-    let mut acct = Vec::with_capacity(n);
-    let mut model = Vec::with_capacity(n);
-    let mut nums: [Vec<i64>; 9] = Default::default();
-    let mut status = Vec::with_capacity(n);
-    let mut err = Vec::with_capacity(n);
-    let mut stream = Vec::with_capacity(n);
-    let mut cancelled = Vec::with_capacity(n);
-    let mut upstream = Vec::with_capacity(n);
-    let mut anomaly = Vec::with_capacity(n);
-    let mut client_id = Vec::with_capacity(n);
-    let mut waited_ms = Vec::with_capacity(n);
-    let mut waited_for = Vec::with_capacity(n);
-    let mut stream_events = Vec::with_capacity(n);
-    let mut max_gap = Vec::with_capacity(n);
-    let mut messages = Vec::with_capacity(n);
-    for e in events {
-        ids.push(e.event_id);
-        req.push(e.request_id.as_str());
-        ts.push(e.ts);
-        node.push(e.node_id.as_str());
-        key.push(e.api_key_id.as_str());
-        acct.push(e.account_id.as_str());
-        model.push(e.model.as_str());
-        for (slot, v) in nums.iter_mut().zip([
-            e.input_tokens,
-            e.output_tokens,
-            e.cache_write_5m_tokens,
-            e.cache_write_1h_tokens,
-            e.cache_read_tokens,
-            e.cost_pico_usd,
-            e.latency_ms,
-            e.ttfb_ms,
-            e.web_search_requests,
-        ]) {
-            slot.push(to_i64(v, "usage value")?);
-        }
-        status.push(
-            i32::try_from(e.http_status)
-                .map_err(|_| StoreError::Invalid(format!("http_status {} is out of range", e.http_status)))?,
-        );
-        err.push(e.error_type.as_str());
-        stream.push(e.stream);
-        cancelled.push(e.cancelled);
-        upstream.push(e.upstream_request_id.as_str());
-        anomaly.push(e.anomaly.as_str());
-        client_id.push(e.client_request_id.as_str());
-        waited_ms.push(i64::try_from(e.queue_wait_ms).unwrap_or(i64::MAX));
-        waited_for.push(e.waited_for.as_str());
-        stream_events.push(to_i64(e.stream_events, "stream_events")?);
-        max_gap.push(to_i64(e.max_event_gap_ms, "max_event_gap_ms")?);
-        messages.push(e.error_message.as_str());
-    }
+    // Every value checked before anything is sent: an invalid batch writes nothing.
+    let nums = events.iter().map(row_nums).collect::<Result<Vec<_>>>()?;
     let now = now_ms();
-    let c = store.client().await?;
-    let inserted = c
-        .execute(
-            "INSERT INTO usage_events (event_id, request_id, ts, node_id, api_key_id, account_id, model, \
-             input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, \
-             cost_pico_usd, latency_ms, ttfb_ms, web_search_requests, http_status, error_type, stream, \
-             cancelled, upstream_request_id, anomaly, client_request_id, queue_wait_ms, waited_for, \
-             stream_events, max_event_gap_ms, error_message, received_at) \
-             SELECT *, $21::BIGINT FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
-             $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], \
-             $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::int[], $18::text[], $19::bool[], \
-             $20::bool[], $22::text[], $23::text[], $24::text[], $25::bigint[], $26::text[], $27::bigint[], \
-             $28::bigint[], $29::text[]) \
-             ON CONFLICT (event_id) DO NOTHING",
-            &[
-                &ids,
-                &req,
-                &ts,
-                &node,
-                &key,
-                &acct,
-                &model,
-                &nums[0],
-                &nums[1],
-                &nums[2],
-                &nums[3],
-                &nums[4],
-                &nums[5],
-                &nums[6],
-                &nums[7],
-                &nums[8],
-                &status,
-                &err,
-                &stream,
-                &cancelled,
-                &now,
-                &upstream,
-                &anomaly,
-                &client_id,
-                &waited_ms,
-                &waited_for,
-                &stream_events,
-                &max_gap,
-                &messages,
-            ],
-        )
+    let mut c = store.client().await?;
+    let tx = c.transaction().await.map_err(pg)?;
+    tx.batch_execute(STAGE_SQL).await.map_err(pg)?;
+    let sink = tx
+        .copy_in(&format!(
+            "COPY relay_usage_stage ({USAGE_COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
         .await
         .map_err(pg)?;
-    let n = n as u64;
+    let writer = BinaryCopyInWriter::new(sink, &USAGE_TYPES);
+    futures::pin_mut!(writer);
+    for (e, n) in events.iter().zip(&nums) {
+        let row: [&(dyn ToSql + Sync); 31] = [
+            &e.event_id,
+            &e.request_id,
+            &e.ts,
+            &e.node_id,
+            &e.api_key_id,
+            &e.account_id,
+            &e.model,
+            &n.nums[0],
+            &n.nums[1],
+            &n.nums[2],
+            &n.nums[3],
+            &n.nums[4],
+            &n.nums[5],
+            &n.nums[6],
+            &n.nums[7],
+            &n.nums[8],
+            &n.status,
+            &e.error_type,
+            &e.stream,
+            &e.cancelled,
+            &e.upstream_request_id,
+            &e.anomaly,
+            &e.client_request_id,
+            &n.waited_ms,
+            &e.waited_for,
+            &n.stream_events,
+            &n.max_gap,
+            &e.error_message,
+            &e.model_requested,
+            &e.group_id,
+            &now,
+        ];
+        writer.as_mut().write(&row).await.map_err(pg)?;
+    }
+    writer.finish().await.map_err(pg)?;
+    let merge = tx.prepare_cached(MERGE_SQL).await.map_err(pg)?;
+    let row = tx.query_one(&merge, &[]).await.map_err(pg)?;
+    tx.commit().await.map_err(pg)?;
+    let inserted = to_u64(col(&row, 0)?, "count")?;
+    let n = events.len() as u64;
     Ok(IngestResult {
         inserted,
         duplicates: n.saturating_sub(inserted),
@@ -151,12 +230,14 @@ pub(super) async fn query_usage(store: &PostgresStore, q: UsageQuery) -> Result<
         "($3::BIGINT * 0)"
     };
     let sql = format!(
-        "SELECT {bucket_expr} AS b, {group_expr} AS gid, {name_expr} AS gname, COUNT(*)::BIGINT, \
-         {input}, {output}, {w5m}, {w1h}, {read}, {cost}, \
-         COUNT(*) FILTER (WHERE e.http_status >= 400 OR e.error_type <> '')::BIGINT, \
-         COUNT(*) FILTER (WHERE e.anomaly <> '')::BIGINT \
-         FROM usage_events e {join} WHERE e.ts >= $1 AND e.ts < $2 AND e.account_id <> '' \
+        "SELECT {bucket_expr} AS b, {group_expr} AS gid, {name_expr} AS gname, {n}, \
+         {input}, {output}, {w5m}, {w1h}, {read}, {cost}, {err}, {anom} \
+         FROM {source} {join} WHERE e.ts + e.span > $1 AND e.ts < $2 \
          GROUP BY 1, 2 ORDER BY 1, 3",
+        source = crate::store::usage_source().replace(") u", ") e"),
+        n = saturating_sum("e.n"),
+        err = saturating_sum("e.err"),
+        anom = saturating_sum("e.anom"),
         input = saturating_sum("e.input_tokens"),
         output = saturating_sum("e.output_tokens"),
         w5m = saturating_sum("e.cache_write_5m_tokens"),
@@ -239,40 +320,76 @@ pub(super) async fn request_events(store: &PostgresStore, request_ids: &[String]
         crate::store::USAGE_COLUMNS
     );
     let rows = c.query(&sql, &[&request_ids]).await.map_err(pg)?;
-    rows.iter()
-        .map(|r| {
-            Ok(UsageEvent {
-                event_id: col(r, 0)?,
-                request_id: col(r, 1)?,
-                ts: col(r, 2)?,
-                node_id: col(r, 3)?,
-                api_key_id: col(r, 4)?,
-                account_id: col(r, 5)?,
-                model: col(r, 6)?,
-                input_tokens: crate::store::count(col(r, 7)?),
-                output_tokens: crate::store::count(col(r, 8)?),
-                cache_write_5m_tokens: crate::store::count(col(r, 9)?),
-                cache_write_1h_tokens: crate::store::count(col(r, 10)?),
-                cache_read_tokens: crate::store::count(col(r, 11)?),
-                cost_pico_usd: crate::store::count(col(r, 12)?),
-                http_status: u32::try_from(col::<i32, _>(r, 13)?).unwrap_or(0),
-                error_type: col(r, 14)?,
-                stream: col(r, 15)?,
-                cancelled: col(r, 16)?,
-                latency_ms: crate::store::count(col(r, 17)?),
-                ttfb_ms: crate::store::count(col(r, 18)?),
-                upstream_request_id: col(r, 19)?,
-                web_search_requests: crate::store::count(col(r, 20)?),
-                anomaly: col(r, 21)?,
-                client_request_id: col(r, 22)?,
-                queue_wait_ms: crate::store::count(col(r, 23)?),
-                waited_for: col(r, 24)?,
-                stream_events: crate::store::count(col(r, 25)?),
-                max_event_gap_ms: crate::store::count(col(r, 26)?),
-                error_message: col(r, 27)?,
-            })
-        })
-        .collect::<Result<_>>()
+    rows.iter().map(event_of).collect()
+}
+
+/// One row read with [`crate::store::USAGE_COLUMNS`] back to its event.
+fn event_of(r: &tokio_postgres::Row) -> Result<UsageEvent> {
+    Ok(UsageEvent {
+        event_id: col(r, 0)?,
+        request_id: col(r, 1)?,
+        ts: col(r, 2)?,
+        node_id: col(r, 3)?,
+        api_key_id: col(r, 4)?,
+        account_id: col(r, 5)?,
+        model: col(r, 6)?,
+        input_tokens: crate::store::count(col(r, 7)?),
+        output_tokens: crate::store::count(col(r, 8)?),
+        cache_write_5m_tokens: crate::store::count(col(r, 9)?),
+        cache_write_1h_tokens: crate::store::count(col(r, 10)?),
+        cache_read_tokens: crate::store::count(col(r, 11)?),
+        cost_pico_usd: crate::store::count(col(r, 12)?),
+        http_status: u32::try_from(col::<i32, _>(r, 13)?).unwrap_or(0),
+        error_type: col(r, 14)?,
+        stream: col(r, 15)?,
+        cancelled: col(r, 16)?,
+        latency_ms: crate::store::count(col(r, 17)?),
+        ttfb_ms: crate::store::count(col(r, 18)?),
+        upstream_request_id: col(r, 19)?,
+        web_search_requests: crate::store::count(col(r, 20)?),
+        anomaly: col(r, 21)?,
+        client_request_id: col(r, 22)?,
+        queue_wait_ms: crate::store::count(col(r, 23)?),
+        waited_for: col(r, 24)?,
+        stream_events: crate::store::count(col(r, 25)?),
+        max_event_gap_ms: crate::store::count(col(r, 26)?),
+        error_message: col(r, 27)?,
+        model_requested: col(r, 28)?,
+        group_id: col(r, 29)?,
+    })
+}
+
+/// The n-th newest row time in `[floor, before)` (see `Store::request_window_floor`).
+pub(super) async fn request_window_floor(
+    store: &PostgresStore,
+    floor: Millis,
+    before: Millis,
+    rows: u32,
+) -> Result<Option<Millis>> {
+    let c = store.client().await?;
+    let row = c
+        .query_opt(
+            "SELECT ts FROM usage_events WHERE ts >= $1 AND ts < $2 ORDER BY ts DESC OFFSET $3 LIMIT 1",
+            &[&floor, &before, &(i64::from(rows.max(1)) - 1)],
+        )
+        .await
+        .map_err(pg)?;
+    row.map(|r| col(&r, 0)).transpose()
+}
+
+pub(super) async fn request_window_events(
+    store: &PostgresStore,
+    since: Millis,
+    until: Millis,
+) -> Result<Vec<UsageEvent>> {
+    let c = store.client().await?;
+    let sql = format!(
+        "SELECT {} FROM usage_events WHERE request_id IN ({})",
+        crate::store::USAGE_COLUMNS,
+        crate::store::REQUESTS_ENDING_IN
+    );
+    let rows = c.query(&sql, &[&since, &until]).await.map_err(pg)?;
+    rows.iter().map(event_of).collect()
 }
 
 pub(super) async fn usage_row_count(store: &PostgresStore) -> Result<u64> {
@@ -293,6 +410,30 @@ pub(super) async fn delete_oldest_usage(store: &PostgresStore, limit: u32) -> Re
     )
     .await
     .map_err(pg)
+}
+
+pub(super) async fn usage_ts_at(store: &PostgresStore, offset: u64) -> Result<Option<Millis>> {
+    let c = store.client().await?;
+    let row = c
+        .query_opt(
+            "SELECT ts FROM usage_events ORDER BY ts OFFSET $1 LIMIT 1",
+            &[&i64::try_from(offset).unwrap_or(i64::MAX)],
+        )
+        .await
+        .map_err(pg)?;
+    row.map(|r| col(&r, 0)).transpose()
+}
+
+pub(super) async fn raise_usage_raw_floor(store: &PostgresStore, floor_ms: Millis) -> Result<()> {
+    let c = store.client().await?;
+    c.execute(
+        "INSERT INTO usage_raw_floor (id, floor_ms) VALUES (1, $1) \
+         ON CONFLICT (id) DO UPDATE SET floor_ms = GREATEST(usage_raw_floor.floor_ms, EXCLUDED.floor_ms)",
+        &[&floor_ms],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
 }
 
 pub(super) async fn delete_usage_before(store: &PostgresStore, before_ms: Millis, limit: u32) -> Result<u64> {

@@ -224,6 +224,17 @@ impl ConfigTx for SqliteTx<'_, '_> {
     }
 
     async fn delete(&mut self, table: Table, key: &str) -> Result<u64> {
+        if table == Table::Groups {
+            // The request log keeps naming the group its requests were served in.
+            self.tx
+                .execute(
+                    "INSERT INTO deleted_names (kind, id, name, deleted_at) \
+                     SELECT 'group', id, name, ?2 FROM groups WHERE id = ?1 \
+                     ON CONFLICT (kind, id) DO UPDATE SET name = excluded.name, deleted_at = excluded.deleted_at",
+                    params![key, now_ms()],
+                )
+                .map_err(db)?;
+        }
         let sql = format!("DELETE FROM {} WHERE {} = ?1", table.name(), table.key());
         Ok(self.tx.execute(&sql, [key]).map_err(db)? as u64)
     }
@@ -265,6 +276,14 @@ impl ConfigTx for SqliteTx<'_, '_> {
             )
             .map_err(db)?;
         Ok(())
+    }
+
+    async fn insert_capture_rule(&mut self, id: &str, rule_json: &str, rev: i64) -> Result<Written> {
+        let r = self.tx.execute(
+            "INSERT INTO capture_rules (id, rule, revision) VALUES (?1, ?2, ?3)",
+            params![id, rule_json, rev],
+        );
+        written(r)
     }
 
     async fn insert_admin_token(&mut self, t: &AdminToken, rev: i64) -> Result<Written> {

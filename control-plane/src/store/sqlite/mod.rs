@@ -12,6 +12,7 @@
 //! request log, retention), `ops.rs` (data-plane records, quotas, OAuth hand-over, leadership,
 //! the notification outbox).
 
+mod capture;
 mod config_tx;
 mod error;
 mod ops;
@@ -34,8 +35,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// Numbered schema migrations, applied in order at open.
-const MIGRATIONS: &[(i64, &str)] = &[
+/// Numbered schema migrations, applied in order at open (public for the upgrade tests, which
+/// build a database at an older version).
+pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../../migrations/sqlite/0002_account_states.sql")),
     (3, include_str!("../../../migrations/sqlite/0003_proxy_url_enc.sql")),
@@ -57,6 +59,13 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (13, include_str!("../../../migrations/sqlite/0013_group_routing.sql")),
     (14, include_str!("../../../migrations/sqlite/0014_request_log.sql")),
     (15, include_str!("../../../migrations/sqlite/0015_notify_outbox.sql")),
+    (
+        16,
+        include_str!("../../../migrations/sqlite/0016_request_model_group.sql"),
+    ),
+    (17, include_str!("../../../migrations/sqlite/0017_usage_daily.sql")),
+    (18, include_str!("../../../migrations/sqlite/0018_capture.sql")),
+    (19, include_str!("../../../migrations/sqlite/0019_console_signouts.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -115,6 +124,14 @@ impl SqliteStore {
             1,
             rusqlite::functions::FunctionFlags::SQLITE_UTF8 | rusqlite::functions::FunctionFlags::SQLITE_DETERMINISTIC,
             usage::SaturatingSum,
+        )
+        .map_err(db)?;
+        // `relay_add(a, b)`: a + b saturating at i64::MAX (the rollups' running sums).
+        conn.create_scalar_function(
+            "relay_add",
+            2,
+            rusqlite::functions::FunctionFlags::SQLITE_UTF8 | rusqlite::functions::FunctionFlags::SQLITE_DETERMINISTIC,
+            |ctx| Ok(ctx.get::<i64>(0)?.saturating_add(ctx.get::<i64>(1)?)),
         )
         .map_err(db)?;
         migrate(&mut conn)?;
@@ -260,6 +277,7 @@ impl Store for SqliteStore {
                 prices: read_prices(&tx)?,
                 settings: read_settings(&tx)?,
                 account_states: read_account_states(&tx)?,
+                capture_rules: capture::read_rules(&tx)?,
             };
             tx.commit().map_err(db)?;
             Ok(state)
@@ -372,6 +390,10 @@ impl Store for SqliteStore {
         ops::record_proxy(self, node_id, replica, event).await
     }
 
+    async fn record_proxies(&self, events: &[crate::store::ProxyRecord]) -> Result<()> {
+        ops::record_proxies(self, events).await
+    }
+
     async fn list_proxies(&self) -> Result<Vec<ProxyState>> {
         ops::list_proxies(self).await
     }
@@ -408,6 +430,14 @@ impl Store for SqliteStore {
         ops::drop_oauth_pending(self, account_id, from_hash).await
     }
 
+    async fn end_console_session(&self, session: &str, expires_at: Millis, now: Millis) -> Result<()> {
+        ops::end_console_session(self, session, expires_at, now).await
+    }
+
+    async fn console_session_ended(&self, session: &str) -> Result<bool> {
+        ops::console_session_ended(self, session).await
+    }
+
     async fn request_page(&self, page: RequestPage) -> Result<Vec<(Millis, String)>> {
         usage::request_page(self, page).await
     }
@@ -416,12 +446,56 @@ impl Store for SqliteStore {
         usage::request_events(self, request_ids).await
     }
 
+    async fn request_window_floor(&self, floor: Millis, before: Millis, rows: u32) -> Result<Option<Millis>> {
+        usage::request_window_floor(self, floor, before, rows).await
+    }
+
+    async fn request_window_events(&self, since: Millis, until: Millis) -> Result<Vec<UsageEvent>> {
+        usage::request_window_events(self, since, until).await
+    }
+
+    async fn deleted_names(&self) -> Result<Vec<DeletedName>> {
+        capture::deleted_names(self).await
+    }
+
+    async fn list_capture_rules(&self) -> Result<Vec<CaptureRule>> {
+        capture::list_rules(self).await
+    }
+
+    async fn insert_captures(&self, captures: &[StoredCapture]) -> Result<IngestResult> {
+        capture::insert(self, captures).await
+    }
+
+    async fn get_capture(&self, request_id: &str) -> Result<Option<StoredCapture>> {
+        capture::get(self, request_id).await
+    }
+
+    async fn delete_requests(&self, request_ids: &[String]) -> Result<(u64, u64)> {
+        capture::delete_requests(self, request_ids).await
+    }
+
+    async fn delete_captures_before(&self, before_ms: Millis, now_ms: Millis, limit: u32) -> Result<u64> {
+        capture::delete_before(self, before_ms, now_ms, limit).await
+    }
+
+    async fn delete_orphan_captures(&self, before_ms: Millis, limit: u32) -> Result<u64> {
+        capture::delete_orphans(self, before_ms, limit).await
+    }
+
     async fn usage_row_count(&self) -> Result<u64> {
         usage::usage_row_count(self).await
     }
 
     async fn delete_oldest_usage(&self, limit: u32) -> Result<u64> {
         usage::delete_oldest_usage(self, limit).await
+    }
+
+    async fn usage_ts_at(&self, offset: u64) -> Result<Option<Millis>> {
+        usage::usage_ts_at(self, offset).await
+    }
+
+    async fn raise_usage_raw_floor(&self, floor_ms: Millis) -> Result<()> {
+        usage::raise_usage_raw_floor(self, floor_ms).await
     }
 
     async fn delete_usage_before(&self, before_ms: Millis, limit: u32) -> Result<u64> {

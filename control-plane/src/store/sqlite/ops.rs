@@ -9,7 +9,7 @@ use crate::model::*;
 use crate::store::rules::to_i64;
 use crate::store::{
     quota_windows_from, quota_windows_json, DeliveryOutcome, EpisodeChange, LeaderRecord, Notification, OpenEpisode,
-    OutboxEntry, OutboxStats, Result, StoreError,
+    OutboxEntry, OutboxStats, ProxyRecord, Result, StoreError,
 };
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -88,6 +88,23 @@ pub(super) async fn record_proxy(store: &SqliteStore, node_id: &str, replica: &s
     let replica = replica.to_owned();
     store
         .with_conn(move |c| record_proxy_tx(c, &node_id, &replica, &event))
+        .await
+}
+
+/// Data planes' Watch events, in order, in one transaction.
+pub(super) async fn record_proxies(store: &SqliteStore, events: &[ProxyRecord]) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let events = events.to_vec();
+    store
+        .with_conn(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            for (node_id, replica, event) in &events {
+                record_proxy_tx(&tx, node_id, replica, event)?;
+            }
+            tx.commit().map_err(db)
+        })
         .await
 }
 
@@ -447,6 +464,43 @@ pub(super) async fn notify_stats(store: &SqliteStore) -> Result<OutboxStats> {
                 },
             )
             .map_err(db)
+        })
+        .await
+}
+
+pub(super) async fn end_console_session(
+    store: &SqliteStore,
+    session: &str,
+    expires_at: Millis,
+    now: Millis,
+) -> Result<()> {
+    let session = session.to_string();
+    store
+        .with_conn(move |c| {
+            c.execute("DELETE FROM console_signouts WHERE expires_at <= ?1", params![now])
+                .map_err(db)?;
+            c.execute(
+                "INSERT INTO console_signouts (session, expires_at) VALUES (?1, ?2) ON CONFLICT (session) DO NOTHING",
+                params![session, expires_at],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+}
+
+pub(super) async fn console_session_ended(store: &SqliteStore, session: &str) -> Result<bool> {
+    let session = session.to_string();
+    store
+        .with_conn(move |c| {
+            let n: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM console_signouts WHERE session = ?1",
+                    params![session],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            Ok(n > 0)
         })
         .await
 }

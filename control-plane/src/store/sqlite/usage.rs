@@ -40,9 +40,28 @@ fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<Inges
                  cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_pico_usd, \
                  http_status, error_type, stream, cancelled, latency_ms, ttfb_ms, \
                  upstream_request_id, web_search_requests, received_at, anomaly, client_request_id, \
-                 queue_wait_ms, waited_for, stream_events, max_event_gap_ms, error_message) VALUES \
+                 queue_wait_ms, waited_for, stream_events, max_event_gap_ms, error_message, \
+                 model_requested, group_id) VALUES \
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)",
+                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)",
+            )
+            .map_err(db)?;
+        // Sums saturate at i64::MAX (an integer overflow would turn SQLite's sum into a float).
+        let mut roll = tx
+            .prepare_cached(
+                "INSERT INTO usage_daily (day, api_key_id, group_id, account_id, model, requests, errors, \
+                 anomalies, input_tokens, output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, \
+                 cache_read_tokens, cost_pico_usd) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+                 ON CONFLICT (day, api_key_id, group_id, account_id, model) DO UPDATE SET \
+                 requests = requests + 1, errors = errors + excluded.errors, \
+                 anomalies = anomalies + excluded.anomalies, \
+                 input_tokens = relay_add(input_tokens, excluded.input_tokens), \
+                 output_tokens = relay_add(output_tokens, excluded.output_tokens), \
+                 cache_write_5m_tokens = relay_add(cache_write_5m_tokens, excluded.cache_write_5m_tokens), \
+                 cache_write_1h_tokens = relay_add(cache_write_1h_tokens, excluded.cache_write_1h_tokens), \
+                 cache_read_tokens = relay_add(cache_read_tokens, excluded.cache_read_tokens), \
+                 cost_pico_usd = relay_add(cost_pico_usd, excluded.cost_pico_usd)",
             )
             .map_err(db)?;
         for e in events {
@@ -77,9 +96,30 @@ fn insert_usage_tx(conn: &mut Connection, events: &[UsageEvent]) -> Result<Inges
                     to_i64(e.stream_events, "stream_events")?,
                     to_i64(e.max_event_gap_ms, "max_event_gap_ms")?,
                     e.error_message,
+                    e.model_requested,
+                    e.group_id,
                 ])
                 .map_err(db)?;
             inserted += n as u64;
+            if n == 1 {
+                // Only a row actually inserted (not a redelivered one) counts in its day's rollup.
+                roll.execute(params![
+                    e.ts - e.ts.rem_euclid(crate::store::DAY_MS),
+                    e.api_key_id,
+                    e.group_id,
+                    e.account_id,
+                    e.model,
+                    i64::from(e.http_status >= 400 || !e.error_type.is_empty()),
+                    i64::from(!e.anomaly.is_empty()),
+                    to_i64(e.input_tokens, "input_tokens")?,
+                    to_i64(e.output_tokens, "output_tokens")?,
+                    to_i64(e.cache_write_5m_tokens, "cache_write_5m_tokens")?,
+                    to_i64(e.cache_write_1h_tokens, "cache_write_1h_tokens")?,
+                    to_i64(e.cache_read_tokens, "cache_read_tokens")?,
+                    to_i64(e.cost_pico_usd, "cost_pico_usd")?,
+                ])
+                .map_err(db)?;
+            }
         }
     }
     tx.commit().map_err(db)?;
@@ -113,15 +153,15 @@ fn query_usage_tx(conn: &Connection, q: UsageQuery) -> Result<Vec<UsageRow>> {
     // ?3 is only referenced with a bucket; an unreferenced trailing parameter
     // would not be bindable, so the parameter list follows the SQL.
     let sql = format!(
-        "SELECT {bucket} AS bucket_start, {group} AS grp, {group_id} AS gid, COUNT(*), \
+        "SELECT {bucket} AS bucket_start, {group} AS grp, {group_id} AS gid, relay_sum(u.n), \
          relay_sum(u.input_tokens), relay_sum(u.output_tokens), relay_sum(u.cache_write_5m_tokens), \
          relay_sum(u.cache_write_1h_tokens), relay_sum(u.cache_read_tokens), relay_sum(u.cost_pico_usd), \
-         SUM(CASE WHEN u.http_status >= 400 OR u.error_type <> '' THEN 1 ELSE 0 END), \
-         SUM(CASE WHEN u.anomaly <> '' THEN 1 ELSE 0 END) \
-         FROM usage_events u {join} \
-         WHERE (?1 IS NULL OR u.ts >= ?1) AND (?2 IS NULL OR u.ts < ?2) AND u.account_id <> '' \
+         relay_sum(u.err), relay_sum(u.anom) \
+         FROM {source} {join} \
+         WHERE (?1 IS NULL OR u.ts + u.span > ?1) AND (?2 IS NULL OR u.ts < ?2) \
          GROUP BY bucket_start, gid, grp \
-         ORDER BY bucket_start, grp, gid"
+         ORDER BY bucket_start, grp, gid",
+        source = crate::store::usage_source()
     );
     let map = |r: &Row<'_>| -> rusqlite::Result<UsageRow> {
         Ok(UsageRow {
@@ -221,50 +261,104 @@ pub(super) async fn request_events(store: &SqliteStore, request_ids: &[String]) 
                     crate::store::USAGE_COLUMNS
                 );
                 let mut stmt = c.prepare(&sql).map_err(db)?;
-                let rows = stmt
-                    .query_map(params_from_iter(chunk.iter()), |r| {
-                        let id: String = r.get(0)?;
-                        Ok((
-                            id,
-                            UsageEvent {
-                                event_id: uuid::Uuid::nil(),
-                                request_id: r.get(1)?,
-                                ts: r.get(2)?,
-                                node_id: r.get(3)?,
-                                api_key_id: r.get(4)?,
-                                account_id: r.get(5)?,
-                                model: r.get(6)?,
-                                input_tokens: crate::store::count(r.get(7)?),
-                                output_tokens: crate::store::count(r.get(8)?),
-                                cache_write_5m_tokens: crate::store::count(r.get(9)?),
-                                cache_write_1h_tokens: crate::store::count(r.get(10)?),
-                                cache_read_tokens: crate::store::count(r.get(11)?),
-                                cost_pico_usd: crate::store::count(r.get(12)?),
-                                http_status: u32::try_from(r.get::<_, i64>(13)?).unwrap_or(0),
-                                error_type: r.get(14)?,
-                                stream: r.get(15)?,
-                                cancelled: r.get(16)?,
-                                latency_ms: crate::store::count(r.get(17)?),
-                                ttfb_ms: crate::store::count(r.get(18)?),
-                                upstream_request_id: r.get(19)?,
-                                web_search_requests: crate::store::count(r.get(20)?),
-                                anomaly: r.get(21)?,
-                                client_request_id: r.get(22)?,
-                                queue_wait_ms: crate::store::count(r.get(23)?),
-                                waited_for: r.get(24)?,
-                                stream_events: crate::store::count(r.get(25)?),
-                                max_event_gap_ms: crate::store::count(r.get(26)?),
-                                error_message: r.get(27)?,
-                            },
-                        ))
-                    })
-                    .map_err(db)?;
+                let rows = stmt.query_map(params_from_iter(chunk.iter()), event_row).map_err(db)?;
                 for row in rows {
-                    let (id, mut e) = row.map_err(db)?;
-                    e.event_id = uuid::Uuid::parse_str(&id)
-                        .map_err(|_| StoreError::corrupt(format!("usage event id {id:?} is not a UUID")))?;
-                    out.push(e);
+                    out.push(event_of(row.map_err(db)?)?);
                 }
+            }
+            Ok(out)
+        })
+        .await
+}
+
+/// One row read with [`crate::store::USAGE_COLUMNS`]: its event id as stored, and the event
+/// (its id still nil: [`event_of`] parses it).
+fn event_row(r: &Row<'_>) -> rusqlite::Result<(String, UsageEvent)> {
+    let id: String = r.get(0)?;
+    Ok((
+        id,
+        UsageEvent {
+            event_id: uuid::Uuid::nil(),
+            request_id: r.get(1)?,
+            ts: r.get(2)?,
+            node_id: r.get(3)?,
+            api_key_id: r.get(4)?,
+            account_id: r.get(5)?,
+            model: r.get(6)?,
+            input_tokens: crate::store::count(r.get(7)?),
+            output_tokens: crate::store::count(r.get(8)?),
+            cache_write_5m_tokens: crate::store::count(r.get(9)?),
+            cache_write_1h_tokens: crate::store::count(r.get(10)?),
+            cache_read_tokens: crate::store::count(r.get(11)?),
+            cost_pico_usd: crate::store::count(r.get(12)?),
+            http_status: u32::try_from(r.get::<_, i64>(13)?).unwrap_or(0),
+            error_type: r.get(14)?,
+            stream: r.get(15)?,
+            cancelled: r.get(16)?,
+            latency_ms: crate::store::count(r.get(17)?),
+            ttfb_ms: crate::store::count(r.get(18)?),
+            upstream_request_id: r.get(19)?,
+            web_search_requests: crate::store::count(r.get(20)?),
+            anomaly: r.get(21)?,
+            client_request_id: r.get(22)?,
+            queue_wait_ms: crate::store::count(r.get(23)?),
+            waited_for: r.get(24)?,
+            stream_events: crate::store::count(r.get(25)?),
+            max_event_gap_ms: crate::store::count(r.get(26)?),
+            error_message: r.get(27)?,
+            model_requested: r.get(28)?,
+            group_id: r.get(29)?,
+        },
+    ))
+}
+
+fn event_of((id, mut e): (String, UsageEvent)) -> Result<UsageEvent> {
+    e.event_id =
+        uuid::Uuid::parse_str(&id).map_err(|_| StoreError::corrupt(format!("usage event id {id:?} is not a UUID")))?;
+    Ok(e)
+}
+
+/// The n-th newest row time in `[floor, before)` (see `Store::request_window_floor`).
+pub(super) async fn request_window_floor(
+    store: &SqliteStore,
+    floor: Millis,
+    before: Millis,
+    rows: u32,
+) -> Result<Option<Millis>> {
+    store
+        .with_conn(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT ts FROM usage_events WHERE ts >= ?1 AND ts < ?2 ORDER BY ts DESC LIMIT 1 OFFSET ?3",
+                )
+                .map_err(db)?;
+            let mut rows = stmt
+                .query_map(params![floor, before, i64::from(rows.max(1)) - 1], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map_err(db)?;
+            rows.next().transpose().map_err(db)
+        })
+        .await
+}
+
+pub(super) async fn request_window_events(
+    store: &SqliteStore,
+    since: Millis,
+    until: Millis,
+) -> Result<Vec<UsageEvent>> {
+    store
+        .with_conn(move |c| {
+            let sql = format!(
+                "SELECT {} FROM usage_events WHERE request_id IN ({})",
+                crate::store::USAGE_COLUMNS,
+                crate::store::REQUESTS_ENDING_IN.replace('$', "?")
+            );
+            let mut stmt = c.prepare_cached(&sql).map_err(db)?;
+            let rows = stmt.query_map(params![since, until], event_row).map_err(db)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(event_of(row.map_err(db)?)?);
             }
             Ok(out)
         })
@@ -292,6 +386,36 @@ pub(super) async fn delete_oldest_usage(store: &SqliteStore, limit: u32) -> Resu
                 )
                 .map_err(db)?;
             Ok(n as u64)
+        })
+        .await
+}
+
+pub(super) async fn usage_ts_at(store: &SqliteStore, offset: u64) -> Result<Option<Millis>> {
+    store
+        .with_conn(move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT ts FROM usage_events ORDER BY ts LIMIT 1 OFFSET ?1")
+                .map_err(db)?;
+            let mut rows = stmt
+                .query_map(params![i64::try_from(offset).unwrap_or(i64::MAX)], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map_err(db)?;
+            rows.next().transpose().map_err(db)
+        })
+        .await
+}
+
+pub(super) async fn raise_usage_raw_floor(store: &SqliteStore, floor_ms: Millis) -> Result<()> {
+    store
+        .with_conn(move |c| {
+            c.execute(
+                "INSERT INTO usage_raw_floor (id, floor_ms) VALUES (1, ?1) \
+                 ON CONFLICT (id) DO UPDATE SET floor_ms = MAX(floor_ms, excluded.floor_ms)",
+                params![floor_ms],
+            )
+            .map_err(db)?;
+            Ok(())
         })
         .await
 }

@@ -299,6 +299,37 @@ fn table() -> Vec<Row> {
             vec![(RateLimited, "", NOW + max)],
         ),
         row(
+            "429 retry-after too large to count, and a reset at the epoch: the cap",
+            answer(
+                429,
+                &[
+                    ("retry-after", s("99999999999999999999")),
+                    ("anthropic-ratelimit-tokens-remaining", s("0")),
+                    ("anthropic-ratelimit-tokens-reset", s("1970-01-01T00:00:00Z")),
+                ],
+                s(""),
+            ),
+            true,
+            Some(365 * 24 * 3600 * 1000),
+            B::Success,
+            vec![(RateLimited, "", NOW + max)],
+        ),
+        row(
+            "429 whose limit reset is long past: the default, not a one-second rest",
+            answer(
+                429,
+                &[
+                    ("anthropic-ratelimit-tokens-remaining", s("0")),
+                    ("anthropic-ratelimit-tokens-reset", rfc3339(NOW - 3_600_000)),
+                ],
+                body("rate_limit_error", "slow down"),
+            ),
+            true,
+            None,
+            B::Success,
+            vec![(RateLimited, "", NOW + min)],
+        ),
+        row(
             "429 retry-after 0: the floor",
             answer(429, &[("retry-after", s("0"))], s("")),
             true,

@@ -14,6 +14,9 @@ use relay_proto::v1 as pb;
 use std::borrow::Cow;
 use std::time::Duration;
 
+/// How far in the past a limit's reset may be and still be read as clock skew.
+const SKEW_MS: i64 = 60_000;
+
 /// A 429: limited until the reset the upstream gave. `retry-after` is the upstream's own answer and
 /// wins; else the relevant `anthropic-ratelimit-*-reset`; a subscription account whose unified status
 /// is `rejected` is limited at least until the unified reset; nothing at all: the default.
@@ -35,7 +38,10 @@ pub(super) fn rate_limited(
             now.saturating_add(ms(d)),
             format!("retry-after {}", fmt_ms(ms(d))).into(),
         ));
-    } else if let Some((reset, name)) = limiting_reset(h) {
+    } else if let Some((reset, name)) = limiting_reset(h).filter(|(reset, _)| *reset > now - SKEW_MS) {
+        // A reset just past is clock skew (the limit lifts about now: a brief rest, the floor).
+        // One long past says nothing about when the limit lifts (a placeholder such as the
+        // epoch): the default applies, not a one-second rest.
         end = Some((reset, name.into()));
     }
     if let Some(reset) = unified.and_then(|u| u.reset_ms) {
