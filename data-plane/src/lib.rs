@@ -242,7 +242,12 @@ pub async fn start(
     };
     // What every config that starts serving (cached or received) sets beyond itself.
     let group_cooling = Arc::new(proxy::groups::GroupCooling::default());
+    // A proxied request holds two descriptors (its client's and its upstream's) while upstreams may
+    // speak HTTP/1.1, one when they speak HTTP/2 only (`upstream.http_version`): the API
+    // listener's cap follows the config.
+    let conn_cap = listen::ConnCap::new(opts.max_connections, 2, listen::raise_fd_limit(), "api listener");
     let on_apply: control::watch::OnApply = {
+        let conn_cap = conn_cap.clone();
         let health = health.clone();
         let group_cooling = group_cooling.clone();
         let upstreams = upstreams.clone();
@@ -253,6 +258,10 @@ pub async fn start(
             group_cooling.refresh(Some(cfg), chrono::Utc::now().timestamp_millis());
             upstreams.set_connect_timeout(cfg.policy.connect_timeout);
             upstreams.set_http_version(cfg.policy.http_version);
+            conn_cap.set_fds_per_connection(match cfg.policy.http_version {
+                relay_net::client::HttpVersion::Http2 => 1,
+                _ => 2,
+            });
             sessions.set_ttl(cfg.policy.sticky_ttl);
             limiter.configure(cfg.policy.limits_on_store_down, cfg.policy.limits_store_timeout);
         })
@@ -369,8 +378,7 @@ pub async fn start(
     });
     let limits = ConnLimits {
         header_read_timeout: opts.header_read_timeout,
-        // A proxied request holds two descriptors (its client's and its upstream's).
-        max_connections: listen::fd_budget(opts.max_connections, 2, listen::raise_fd_limit(), "api listener"),
+        cap: conn_cap,
     };
     let ops_addr = match ops {
         Some(l) => {
@@ -435,11 +443,10 @@ async fn serve_ops(listener: tokio::net::TcpListener, proxy: Arc<Proxy>, mut sto
     }
 }
 
-/// What one client may hold of the listener.
-#[derive(Debug, Clone, Copy)]
+/// What one client may hold of the listener, and how many may be connected at once.
 struct ConnLimits {
     header_read_timeout: Duration,
-    max_connections: usize,
+    cap: Arc<listen::ConnCap>,
 }
 
 async fn serve(
@@ -461,13 +468,12 @@ async fn serve(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
-    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     loop {
         let (stream, _) = tokio::select! {
             s = listen::accept(&listener, "api") => (s, ()),
             _ = stopped(&mut stop) => break,
         };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
+        let Some(permit) = limits.cap.try_acquire() else {
             metrics::counter!(relay_proto::metrics::CLIENT_CONNECTIONS_REFUSED_TOTAL, "listener" => "api").increment(1);
             drop(stream);
             continue;

@@ -143,7 +143,7 @@ pub fn raise_fd_limit() -> Option<u64> {
 /// `requested`, or less (with a warning saying why) when the open-file limit could not hold it.
 pub fn fd_budget(requested: usize, fds_per_connection: u64, limit: Option<u64>, name: &str) -> usize {
     let Some(limit) = limit else { return requested };
-    let fit = usize::try_from(limit.saturating_sub(FD_RESERVE) / fds_per_connection.max(1)).unwrap_or(usize::MAX);
+    let fit = fit(requested, fds_per_connection, Some(limit));
     if requested > fit {
         let fit = fit.max(1);
         // What would hold them all: each connection's descriptors plus the reserve.
@@ -171,6 +171,123 @@ pub fn fd_budget(requested: usize, fds_per_connection: u64, limit: Option<u64>, 
     requested
 }
 
+/// `requested`, or as many connections of `fds_per_connection` descriptors as `limit` holds
+/// beside [`FD_RESERVE`] (at least 1).
+fn fit(requested: usize, fds_per_connection: u64, limit: Option<u64>) -> usize {
+    let Some(limit) = limit else { return requested };
+    let fit = usize::try_from(limit.saturating_sub(FD_RESERVE) / fds_per_connection.max(1)).unwrap_or(usize::MAX);
+    requested.min(fit.max(1))
+}
+
+/// A listener's connection cap that follows how many descriptors a connection may take: the data
+/// plane's API listener budgets two per client connection while its upstreams may be HTTP/1.1 (the
+/// client's socket and the upstream's), one when they are HTTP/2 only (streams share a few
+/// upstream connections, which [`FD_RESERVE`] covers). Lowering the cap never closes a
+/// connection: permits held above the new cap are given back to nobody as they are released.
+pub struct ConnCap {
+    open: Arc<Semaphore>,
+    requested: usize,
+    limit: Option<u64>,
+    name: &'static str,
+    /// (the cap in force, descriptors per connection it was computed for)
+    state: std::sync::Mutex<(usize, u64)>,
+    /// Permits to forget as connections end (the cap was lowered while they were held).
+    owed: std::sync::atomic::AtomicUsize,
+}
+
+/// A connection's place under a [`ConnCap`], until dropped.
+pub struct CapPermit {
+    permit: Option<OwnedSemaphorePermit>,
+    cap: Arc<ConnCap>,
+}
+
+impl Drop for CapPermit {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if let Some(p) = self.permit.take() {
+            if self
+                .cap
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| o.checked_sub(1))
+                .is_ok()
+            {
+                p.forget();
+            }
+        }
+    }
+}
+
+impl ConnCap {
+    /// `requested` connections of `fds_per_connection` descriptors each, within `limit`
+    /// ([`fd_budget`]: said once at start when the limit is what caps it).
+    pub fn new(requested: usize, fds_per_connection: u64, limit: Option<u64>, name: &'static str) -> Arc<Self> {
+        let cap = fd_budget(requested, fds_per_connection, limit, name).max(1);
+        Arc::new(Self {
+            open: Arc::new(Semaphore::new(cap)),
+            requested,
+            limit,
+            name,
+            state: std::sync::Mutex::new((cap, fds_per_connection)),
+            owed: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// The cap in force.
+    pub fn cap(&self) -> usize {
+        self.state.lock().map(|s| s.0).unwrap_or_else(|e| e.into_inner().0)
+    }
+
+    /// Connections open now (under the cap).
+    pub fn open(&self) -> usize {
+        let cap = self.cap();
+        let owed = self.owed.load(std::sync::atomic::Ordering::Acquire);
+        (cap + owed).saturating_sub(self.open.available_permits())
+    }
+
+    /// A place for one more connection, or None when the cap is reached.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<CapPermit> {
+        let permit = self.open.clone().try_acquire_owned().ok()?;
+        Some(CapPermit {
+            permit: Some(permit),
+            cap: self.clone(),
+        })
+    }
+
+    /// Recomputes the cap for connections of `fds_per_connection` descriptors.
+    pub fn set_fds_per_connection(&self, fds_per_connection: u64) {
+        use std::sync::atomic::Ordering;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.1 == fds_per_connection {
+            return;
+        }
+        let (old, _) = *state;
+        let new = fit(self.requested, fds_per_connection, self.limit);
+        *state = (new, fds_per_connection);
+        if new > old {
+            // Permits still owed from an earlier lowering are cancelled first.
+            let extra = new - old;
+            let owed = self
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| Some(o.saturating_sub(extra)))
+                .unwrap_or(0);
+            self.open.add_permits(extra - owed.min(extra));
+        } else if new < old {
+            let fewer = old - new;
+            let forgotten = self.open.forget_permits(fewer);
+            self.owed.fetch_add(fewer - forgotten, Ordering::AcqRel);
+        }
+        if new != old {
+            tracing::info!(
+                listener = self.name,
+                connections = new,
+                before = old,
+                fds_per_connection,
+                "connection cap follows the descriptors a connection may take"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -185,6 +302,59 @@ mod tests {
             (1024 - FD_RESERVE as usize) / 2
         );
         assert_eq!(fd_budget(100, 2, Some(10), "api"), 1);
+    }
+
+    #[test]
+    fn the_cap_follows_the_descriptors_a_connection_takes() {
+        let limit = Some(FD_RESERVE + 10);
+        let cap = ConnCap::new(100, 2, limit, "test");
+        assert_eq!(cap.cap(), 5);
+        let held: Vec<_> = (0..5).map(|_| cap.try_acquire().unwrap()).collect();
+        assert!(cap.try_acquire().is_none(), "5 of 2 descriptors fill 10");
+        // HTTP/2 only upstreams: one descriptor each, 10 fit.
+        cap.set_fds_per_connection(1);
+        assert_eq!(cap.cap(), 10);
+        let more: Vec<_> = (0..5).map(|_| cap.try_acquire().unwrap()).collect();
+        assert!(cap.try_acquire().is_none());
+        assert_eq!(cap.open(), 10);
+        // Back to two each while all 10 are open: none is closed, and no new one is let in
+        // until the open ones are down under the new cap.
+        cap.set_fds_per_connection(2);
+        assert_eq!(cap.cap(), 5);
+        assert_eq!(cap.open(), 10);
+        drop(more);
+        assert!(cap.try_acquire().is_none(), "5 still open: the cap of 5 is full");
+        let mut held = held.into_iter();
+        drop(held.next());
+        let again = cap.try_acquire();
+        assert!(again.is_some(), "4 open, the fifth place is free");
+        assert!(cap.try_acquire().is_none());
+        // Raised again: exactly the new cap.
+        cap.set_fds_per_connection(1);
+        let extra: Vec<_> = std::iter::from_fn(|| cap.try_acquire()).take(100).collect();
+        assert_eq!(extra.len(), 5, "10 in all: 5 open, 5 more");
+        assert_eq!(cap.open(), 10);
+        drop((held, again));
+    }
+
+    #[test]
+    fn a_lowering_owed_is_paid_by_connections_ending_then_cancelled_by_a_raise() {
+        let cap = ConnCap::new(100, 1, Some(FD_RESERVE + 8), "test");
+        let held: Vec<_> = (0..8).map(|_| cap.try_acquire().unwrap()).collect();
+        cap.set_fds_per_connection(2); // cap 4, 4 owed
+        let mut held = held.into_iter();
+        drop(held.next()); // 7 open, 3 owed
+        drop(held.next()); // 6 open, 2 owed
+        assert!(cap.try_acquire().is_none());
+        cap.set_fds_per_connection(1); // cap 8: the 2 still owed are cancelled, 2 places added
+        let extra: Vec<_> = std::iter::from_fn(|| cap.try_acquire()).take(100).collect();
+        assert_eq!(extra.len(), 2, "6 open, 8 allowed");
+        drop(held);
+        let rest: Vec<_> = std::iter::from_fn(|| cap.try_acquire()).take(100).collect();
+        assert_eq!(rest.len(), 6, "the 6 that ended gave their places back");
+        assert_eq!(cap.open(), 8);
+        drop((extra, rest));
+        assert_eq!(cap.open(), 0);
     }
 
     #[tokio::test]
