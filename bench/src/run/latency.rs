@@ -260,20 +260,34 @@ pub(super) async fn saturation(ctx: &mut Ctx, stream: bool) -> Result<()> {
             Verdict::Missed
         },
     });
+    // Issue 17: throughput as a ratio to nginx's, rep by rep (aim ≥ 0.8× on this machine).
+    let tput_ratios: Vec<f64> = per
+        .get("relay")
+        .zip(per.get("nginx"))
+        .map(|(r, g)| r.iter().zip(g).map(|(r, g)| r.1 / g.1.max(1e-9)).collect())
+        .unwrap_or_default();
+    let tput_ratio = Spread::of(&tput_ratios);
     ctx.report.rows.push(Row {
         scenario: format!("3. saturation, {kind}, {} connections", plan.sat_concurrency),
         measure: "throughput (requests/s, generator on the same 2 cores)".into(),
         direct: col("direct", |x| x.1).fmt(0),
         nginx: col("nginx", |x| x.1).fmt(0),
-        relay: col("relay", |x| x.1).fmt(0),
-        target: "—".into(),
-        verdict: Verdict::Info,
+        relay: format!("{} = {}× nginx", col("relay", |x| x.1).fmt(0), tput_ratio.fmt(2)),
+        target: "≥ 0.8× nginx (aim)".into(),
+        verdict: if errors > 0 {
+            Verdict::Invalid
+        } else if tput_ratio.median >= 0.8 {
+            Verdict::Met
+        } else {
+            Verdict::Missed
+        },
     });
     ctx.report.set(
         &format!("saturation_{}", kind.replace('-', "_")),
         json!({
             "reps": reps_json,
             "relay_over_nginx_cpu": ratio.json(),
+            "relay_over_nginx_throughput": tput_ratio.json(),
             "control_plane_cpu_secs_per_10k": cp.json(),
         }),
     );
