@@ -9,6 +9,7 @@
 //! reused for an account behind another proxy, or behind none. TLS to the
 //! upstream runs inside the tunnel, end to end.
 
+use crate::h1::{self, H1Body, H1Error};
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::Full;
@@ -29,7 +30,73 @@ use std::time::Duration;
 pub type HttpClient = Client<HttpsConnector<Connector>, Full<Bytes>>;
 
 /// What [`Upstreams::request`] answers: the response head (its body streams as it comes) or why none came.
-pub type UpstreamResult = Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>;
+pub type UpstreamResult = Result<http::Response<UpstreamBody>, UpstreamError>;
+
+/// Why an upstream request got no response head. Neither kind carries a URL, a header or a body.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// From hyper's pooled client (HTTP/2, and HTTP/1.1 negotiated over TLS by `auto`).
+    #[error(transparent)]
+    Hyper(#[from] hyper_util::client::legacy::Error),
+    /// From relay's own HTTP/1.1 connection ([`crate::h1`]).
+    #[error(transparent)]
+    H1(#[from] H1Error),
+}
+
+impl UpstreamError {
+    /// The connection could not be made (nothing was sent).
+    pub fn is_connect(&self) -> bool {
+        match self {
+            UpstreamError::Hyper(e) => e.is_connect(),
+            UpstreamError::H1(e) => e.is_connect(),
+        }
+    }
+}
+
+/// A response body from an upstream: read by hyper's connection (HTTP/2) or straight from relay's
+/// own HTTP/1.1 connection by whoever polls it.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    Hyper(hyper::body::Incoming),
+    H1(H1Body),
+}
+
+impl UpstreamBody {
+    /// Whether one poll hands over everything that has arrived (relay's own HTTP/1.1 body): then
+    /// there is nothing to wait for to merge more into one write.
+    pub fn delivers_all_arrived(&self) -> bool {
+        matches!(self, UpstreamBody::H1(_))
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::H1(b) => b.size_hint(),
+        }
+    }
+}
 
 /// How often a request an HTTP/2 upstream refused before processing it (`REFUSED_STREAM`, RFC 9113
 /// §8.7: safe to send again) is sent again. A new connection's first burst meets it: the client may
@@ -309,6 +376,9 @@ pub struct Upstreams {
     direct: [HttpClient; 3],
     /// One client per (version, proxy URL).
     proxied: Mutex<HashMap<(u8, String), HttpClient>>,
+    /// relay's own HTTP/1.1 connections: direct, and per proxy URL.
+    h1_direct: h1::Pool,
+    h1_proxied: Mutex<HashMap<String, h1::Pool>>,
 }
 
 impl Upstreams {
@@ -317,6 +387,15 @@ impl Upstreams {
         let connect_timeout_ms = Arc::new(AtomicU64::new(
             u64::try_from(opts.connect_timeout.as_millis()).unwrap_or(u64::MAX),
         ));
+        let h1_direct = h1::Pool::new(
+            Connector {
+                route: Route::Direct(tcp()),
+                timeout_ms: connect_timeout_ms.clone(),
+            },
+            &tls,
+            connect_timeout_ms.clone(),
+            opts.pool_idle_timeout,
+        );
         let direct = [HttpVersion::Auto, HttpVersion::Http1, HttpVersion::Http2].map(|v| {
             build_client(
                 &tls,
@@ -335,6 +414,8 @@ impl Upstreams {
             version: AtomicU8::new(HttpVersion::Auto.index()),
             direct,
             proxied: Mutex::new(HashMap::new()),
+            h1_direct,
+            h1_proxied: Mutex::new(HashMap::new()),
         })
     }
 
@@ -358,8 +439,10 @@ impl Upstreams {
         HttpVersion::from_index(self.version.load(Ordering::Relaxed))
     }
 
-    /// Sends `req` directly or through `proxy`. Over HTTP/2, a request the upstream refused before
-    /// processing it is sent again (up to [`REFUSED_STREAM_RETRIES`] times).
+    /// Sends `req` directly or through `proxy`. HTTP/1.1 (`http1`, and `auto` to a plain `http://`
+    /// upstream) goes over relay's own connections ([`crate::h1`]); what may be HTTP/2 over hyper's
+    /// client, where a request the upstream refused before processing it is sent again (up to
+    /// [`REFUSED_STREAM_RETRIES`] times).
     pub fn request(
         &self,
         proxy: Option<&ProxySpec>,
@@ -371,22 +454,68 @@ impl Upstreams {
             HttpVersion::Http2 => true,
             HttpVersion::Auto => req.uri().scheme_str() == Some("https"),
         };
-        let again = may_be_h2.then(|| Resend::of(&req));
-        let client = match proxy {
-            None => std::borrow::Cow::Borrowed(&self.direct[usize::from(version.min(2))]),
-            Some(proxy) => std::borrow::Cow::Owned(self.proxied(version, proxy)),
+        enum Via<'a> {
+            Hyper(std::borrow::Cow<'a, HttpClient>, Resend),
+            H1(h1::Pool),
+        }
+        let via = if may_be_h2 {
+            let again = Resend::of(&req);
+            let client = match proxy {
+                None => std::borrow::Cow::Borrowed(&self.direct[usize::from(version.min(2))]),
+                Some(proxy) => std::borrow::Cow::Owned(self.proxied(version, proxy)),
+            };
+            Via::Hyper(client, again)
+        } else {
+            Via::H1(match proxy {
+                None => self.h1_direct.clone(),
+                Some(proxy) => self.h1_proxied(proxy),
+            })
         };
         async move {
-            let mut answer = client.request(req).await;
-            if let Some(again) = again {
-                let mut n = 0;
-                while n < REFUSED_STREAM_RETRIES && answer.as_ref().is_err_and(refused_stream) {
-                    n += 1;
-                    answer = client.request(again.request()).await;
+            match via {
+                Via::H1(pool) => {
+                    let (parts, body) = req.into_parts();
+                    let body = http_body_util::BodyExt::collect(body)
+                        .await
+                        .map(|c| c.to_bytes())
+                        .unwrap_or_default();
+                    let resp = pool.send(parts, body).await?;
+                    Ok(resp.map(UpstreamBody::H1))
+                }
+                Via::Hyper(client, again) => {
+                    let mut answer = client.request(req).await;
+                    let mut n = 0;
+                    while n < REFUSED_STREAM_RETRIES && answer.as_ref().is_err_and(refused_stream) {
+                        n += 1;
+                        answer = client.request(again.request()).await;
+                    }
+                    Ok(answer?.map(UpstreamBody::Hyper))
                 }
             }
-            answer
         }
+    }
+
+    /// relay's own HTTP/1.1 pool through `proxy` (made on first use).
+    fn h1_proxied(&self, proxy: &ProxySpec) -> h1::Pool {
+        let mut map = self.h1_proxied.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = map.get(&proxy.url) {
+            return p.clone();
+        }
+        if map.len() >= MAX_PROXIED_CLIENTS {
+            map.clear();
+        }
+        let connector = Connector {
+            route: proxy_route(proxy),
+            timeout_ms: self.connect_timeout_ms.clone(),
+        };
+        let pool = h1::Pool::new(
+            connector,
+            &self.tls,
+            self.connect_timeout_ms.clone(),
+            self.pool_idle_timeout,
+        );
+        map.insert(proxy.url.clone(), pool.clone());
+        pool
     }
 
     /// The client of `proxy` for `version` (made on first use).
@@ -399,30 +528,7 @@ impl Upstreams {
         if map.len() >= MAX_PROXIED_CLIENTS {
             map.clear();
         }
-        let tcp = tcp();
-        let route = match proxy.kind {
-            ProxyKind::Http => {
-                let mut t = Tunnel::new(proxy.addr.clone(), tcp);
-                if let Some((user, pass)) = &proxy.auth {
-                    use base64::Engine as _;
-                    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-                    if let Ok(v) = http::HeaderValue::from_str(&format!("Basic {token}")) {
-                        t = t.with_auth(v);
-                    }
-                }
-                Route::Tunnel(t)
-            }
-            ProxyKind::Socks5 { remote_dns } => {
-                let mut socks = SocksV5::new(proxy.addr.clone(), tcp);
-                if let Some((user, pass)) = &proxy.auth {
-                    socks = socks.with_auth(user.clone(), pass.clone());
-                }
-                Route::Socks {
-                    socks,
-                    local_dns: !remote_dns,
-                }
-            }
-        };
+        let route = proxy_route(proxy);
         let connector = Connector {
             route,
             timeout_ms: self.connect_timeout_ms.clone(),
@@ -478,6 +584,34 @@ fn refused_stream(e: &hyper_util::client::legacy::Error) -> bool {
         cause = c.source();
     }
     false
+}
+
+/// The connector's route through `proxy`.
+fn proxy_route(proxy: &ProxySpec) -> Route {
+    let tcp = tcp();
+    match proxy.kind {
+        ProxyKind::Http => {
+            let mut t = Tunnel::new(proxy.addr.clone(), tcp);
+            if let Some((user, pass)) = &proxy.auth {
+                use base64::Engine as _;
+                let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+                if let Ok(v) = http::HeaderValue::from_str(&format!("Basic {token}")) {
+                    t = t.with_auth(v);
+                }
+            }
+            Route::Tunnel(t)
+        }
+        ProxyKind::Socks5 { remote_dns } => {
+            let mut socks = SocksV5::new(proxy.addr.clone(), tcp);
+            if let Some((user, pass)) = &proxy.auth {
+                socks = socks.with_auth(user.clone(), pass.clone());
+            }
+            Route::Socks {
+                socks,
+                local_dns: !remote_dns,
+            }
+        }
+    }
 }
 
 /// The TCP connector; the [`Connector`] around it bounds the whole connect.

@@ -240,7 +240,7 @@ impl Prober {
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            Ok::<_, hyper_util::client::legacy::Error>((parts, body))
+            Ok::<_, relay_net::client::UpstreamError>((parts, body))
         })
         .await;
         match answer {

@@ -23,7 +23,7 @@ use crate::upstream::encoding::Encoding;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use relay_net::client::UpstreamBody;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -308,7 +308,7 @@ struct Answered<'c, 'a> {
     /// What was read of the answer.
     tap: Tap,
     parts: http::response::Parts,
-    body: Incoming,
+    body: UpstreamBody,
     status: u16,
     sent_at: Instant,
     /// A stream's first event must have come by then.
@@ -469,7 +469,7 @@ impl Answered<'_, '_> {
     /// then the client gets the tapped body.
     async fn stream(mut self, slot: SlotGuard) -> Attempted {
         let ctx = self.ctx;
-        let prefix = match hold_first_event(&mut self.body, &mut self.tap, self.head_deadline).await {
+        let (held, rest) = match hold_first_event(&mut self.body, &mut self.tap, self.head_deadline).await {
             Ok(held) => held,
             Err(outcome) => {
                 self.sink.observe(&self.account.id, ctx.model, &outcome);
@@ -528,6 +528,16 @@ impl Answered<'_, '_> {
                 false,
             ));
         };
+        // The stream is accepted: what arrived after its first event is the tapped body's start.
+        let prefix = if rest.is_empty() {
+            held
+        } else {
+            self.tap.feed(&rest);
+            let mut both = bytes::BytesMut::with_capacity(held.len() + rest.len());
+            both.extend_from_slice(&held);
+            both.extend_from_slice(&rest);
+            both.freeze()
+        };
         let ttfb = Some(ctx.started.elapsed().as_millis() as u64);
         let timeouts = body::BodyTimeouts {
             idle: ctx.policy.idle_timeout,
@@ -536,7 +546,9 @@ impl Answered<'_, '_> {
         let Answered {
             sink, tap, parts, body, ..
         } = self;
-        let body = TappedBody::new(body, Some(prefix), tap, attempt, sink, Some(slot), timeouts, ttfb);
+        let hold = !body.delivers_all_arrived();
+        let body =
+            TappedBody::new(body, Some(prefix), tap, attempt, sink, Some(slot), timeouts, ttfb).hold_for_more(hold);
         let mut out = Response::new(body.boxed());
         *out.status_mut() = parts.status;
         *out.headers_mut() = headers::client_headers(&parts.headers, ctx.request_id, ctx.policy.expose_ratelimit);
@@ -598,14 +610,17 @@ pub(super) fn stream_error_status(error_type: &str) -> StatusCode {
 }
 
 /// The first-event hold: reads (and feeds to the tap) an event stream's bytes until its first
-/// event is complete, before `deadline`. Ok: the bytes read, which the client gets first when
-/// the stream is accepted. Err: the stream failed (ended, broke) or stalled before its first
-/// event. A tap that is not an event stream holds nothing.
+/// event is complete, before `deadline`. Ok: the bytes read and fed, which the client gets first
+/// when the stream is accepted, and the bytes of the same read after the first event, not yet fed
+/// (a body that hands over all that has arrived may bring the whole stream in one frame: what
+/// the tap says of the first event, and what a refused stream bills, is that event's alone). Err:
+/// the stream failed (ended, broke) or stalled before its first event. A tap that is not an event
+/// stream holds nothing.
 pub(super) async fn hold_first_event<B>(
     body: &mut B,
     tap: &mut Tap,
     deadline: tokio::time::Instant,
-) -> Result<Bytes, Outcome<'static>>
+) -> Result<(Bytes, Bytes), Outcome<'static>>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
 {
@@ -616,16 +631,27 @@ where
         }
         match tokio::time::timeout_at(deadline, body.frame()).await {
             Ok(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    tap.feed(d);
-                    held.extend_from_slice(d);
+                let Ok(d) = frame.into_data() else { continue };
+                // Line by line until the first event is whole; the rest waits.
+                let mut at = 0;
+                while at < d.len() {
+                    let end = memchr::memchr(b'\n', &d[at..]).map_or(d.len(), |i| at + i + 1);
+                    tap.feed(&d[at..end]);
+                    held.extend_from_slice(&d[at..end]);
+                    at = end;
+                    if matches!(&*tap, Tap::Sse(t) if t.first_event_complete()) {
+                        break;
+                    }
+                }
+                if at < d.len() {
+                    return Ok((held.freeze(), d.slice(at..)));
                 }
             }
             Ok(Some(Err(_))) | Ok(None) => return Err(Outcome::ConnectError),
             Err(_) => return Err(Outcome::Timeout),
         }
     }
-    Ok(held.freeze())
+    Ok((held.freeze(), Bytes::new()))
 }
 
 pub(super) fn remaining_until(deadline: tokio::time::Instant) -> Duration {

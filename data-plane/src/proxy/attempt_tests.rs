@@ -21,9 +21,47 @@ async fn the_hold_keeps_a_streams_head_until_its_first_event_is_whole() {
     ]);
     let mut tap = sse_tap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let held = hold_first_event(&mut body, &mut tap, deadline).await.unwrap();
+    let (held, rest) = hold_first_event(&mut body, &mut tap, deadline).await.unwrap();
     assert!(held.ends_with(b"}}}\n\n"), "held exactly up to the first event");
+    assert!(rest.is_empty());
     assert_eq!(first_event(&tap), FirstEvent::Started);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_whole_stream_in_one_frame_is_judged_and_billed_by_its_first_event_alone() {
+    // Everything in one read (relay's own HTTP/1.1 body hands over all that arrived): a stream
+    // that opens with a ping and bills later must be refused on its first event, billing nothing;
+    // one that opens well and breaks later is accepted, the rest left for the tapped body.
+    let bad_first = "event: ping\ndata: {\"type\":\"ping\"}\n\n";
+    let mut body = ScriptedBody::new(vec![Step::Data(Box::leak(
+        format!("{bad_first}{STREAM_OK}").into_boxed_str(),
+    ))]);
+    let mut tap = sse_tap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (held, rest) = hold_first_event(&mut body, &mut tap, deadline).await.unwrap();
+    assert_eq!(held, bad_first.as_bytes());
+    assert_eq!(rest, STREAM_OK.as_bytes());
+    assert_eq!(first_event(&tap), FirstEvent::NotAnthropic);
+    let r = tap.recorded(200);
+    assert_eq!(
+        (r.usage.input_tokens, r.usage.output_tokens),
+        (0, 0),
+        "nothing after the first event was read"
+    );
+
+    let corrupt_later = format!(
+        "{}event: content_block_delta\ndata: {{not json\n\n",
+        &STREAM_OK[..STREAM_OK.find("\n\n").unwrap() + 2]
+    );
+    let mut body = ScriptedBody::new(vec![Step::Data(Box::leak(corrupt_later.clone().into_boxed_str()))]);
+    let mut tap = sse_tap();
+    let (held, rest) = hold_first_event(&mut body, &mut tap, deadline).await.unwrap();
+    assert_eq!(held.len() + rest.len(), corrupt_later.len());
+    assert_eq!(
+        first_event(&tap),
+        FirstEvent::Started,
+        "the corrupt event is not the first"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -40,7 +40,7 @@ enum Outcome2 {
 /// are held until the event ends, so a stream that dies inside an event is followed by relay's
 /// `event: error` on a clean event boundary, never glued onto half an event. An event larger than
 /// [`MAX_HELD_BYTES`] is passed on in pieces (memory stays bounded).
-pub struct TappedBody<B = hyper::body::Incoming> {
+pub struct TappedBody<B = relay_net::client::UpstreamBody> {
     inner: B,
     prefix: Option<Bytes>,
     tap: Tap,
@@ -58,6 +58,9 @@ pub struct TappedBody<B = hyper::body::Incoming> {
     held: Option<Held>,
     /// Consecutive turns that brought no new chunk while holding.
     idle_turns: u8,
+    /// Whether arrived bytes are held across scheduler turns for more to merge (see `coalesce`):
+    /// not when `inner` hands over all that has arrived in one poll.
+    hold: bool,
     /// Bytes fed to the tap but not yet sent: the start of an event not complete yet.
     tail: bytes::BytesMut,
     /// Bytes sent to the client so far.
@@ -151,6 +154,7 @@ impl<B> TappedBody<B> {
             deferred: None,
             held: None,
             idle_turns: 0,
+            hold: true,
             tail: bytes::BytesMut::new(),
             sent: 0,
             done: false,
@@ -160,6 +164,14 @@ impl<B> TappedBody<B> {
         };
         body.prefix = prefix.and_then(|p| body.release(p));
         body
+    }
+
+    /// Whether arrived bytes wait for more (`coalesce`): set false for a body whose every poll
+    /// hands over all that has arrived (relay's own HTTP/1.1 upstream body), where waiting
+    /// cannot merge anything.
+    pub fn hold_for_more(mut self, hold: bool) -> Self {
+        self.hold = hold;
+        self
     }
 
     /// The part of `data` (already fed to the tap) that completes events, with whatever was held
@@ -355,7 +367,7 @@ where
         let mut acc = data;
         let mut more = false;
         let mut pending = false;
-        while acc.len() < COALESCE_BYTES && !self.inner.is_end_stream() {
+        while self.hold && acc.len() < COALESCE_BYTES && !self.inner.is_end_stream() {
             match Pin::new(&mut self.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(f))) => {
                     if let Ok(d) = f.into_data() {
