@@ -454,6 +454,8 @@ impl Upstreams {
             HttpVersion::Http2 => true,
             HttpVersion::Auto => req.uri().scheme_str() == Some("https"),
         };
+        // One per request future: boxing the large variant would cost an allocation a request.
+        #[allow(clippy::large_enum_variant)]
         enum Via<'a> {
             Hyper(std::borrow::Cow<'a, HttpClient>, Resend),
             H1(h1::Pool),
