@@ -396,8 +396,7 @@ async fn read_head(io: &mut Io) -> Result<(http::response::Parts, Bytes), H1Erro
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         if !buf.is_empty() {
-            if let Some((parts, used)) = parse_head(&buf)? {
-                let _ = buf.split_to(used);
+            if let Some(parts) = parse_head(&mut buf)? {
                 let informational = parts.status.is_informational() && parts.status != StatusCode::SWITCHING_PROTOCOLS;
                 if !informational {
                     return Ok((parts, buf.freeze()));
@@ -422,11 +421,13 @@ async fn read_head(io: &mut Io) -> Result<(http::response::Parts, Bytes), H1Erro
     }
 }
 
-/// One response head from the start of `buf`, and its length; None when it is not whole yet.
-fn parse_head(buf: &[u8]) -> Result<Option<(http::response::Parts, usize)>, H1Error> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let used = match resp.parse(buf) {
+/// Takes one whole response head off the start of `buf`; None (and `buf` untouched) when it is not
+/// whole yet. Header values are slices of the head's own bytes, not copies.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, H1Error> {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let used = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut headers)
+    {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(H1Error::Head("too many headers")),
@@ -440,17 +441,26 @@ fn parse_head(buf: &[u8]) -> Result<Option<(http::response::Parts, usize)>, H1Er
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut map = HeaderMap::with_capacity(resp.headers.len());
+    // Names now; values as where they lie in the head, taken once the head is split off.
+    let base = buf.as_ptr() as usize;
+    let mut found: Vec<(HeaderName, usize, usize)> = Vec::with_capacity(resp.headers.len());
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| H1Error::Head("invalid header name"))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| H1Error::Head("invalid header value"))?;
+        let start = (h.value.as_ptr() as usize).saturating_sub(base);
+        found.push((name, start, start + h.value.len()));
+    }
+    let head = buf.split_to(used).freeze();
+    let mut map = HeaderMap::with_capacity(found.len());
+    for (name, start, end) in found {
+        let value = head.get(start..end).map(|_| head.slice(start..end)).unwrap_or_default();
+        let value = HeaderValue::from_maybe_shared(value).map_err(|_| H1Error::Head("invalid header value"))?;
         map.append(name, value);
     }
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = status;
     parts.version = version;
     parts.headers = map;
-    Ok(Some((parts, used)))
+    Ok(Some(parts))
 }
 
 /// Whether the connection may carry another request after this response.

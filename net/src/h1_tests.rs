@@ -73,7 +73,10 @@ fn chunked_decoding_stops_at_the_body_end_and_refuses_bad_framing() {
 }
 
 fn head(text: &str) -> http::response::Parts {
-    parse_head(text.as_bytes()).unwrap().unwrap().0
+    let mut buf = BytesMut::from(text.as_bytes());
+    let parts = parse_head(&mut buf).unwrap().unwrap();
+    assert!(buf.is_empty(), "the whole head was taken");
+    parts
 }
 
 #[test]
@@ -121,6 +124,15 @@ fn framing_follows_rfc_9112() {
         framing(&Method::HEAD, &head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")),
         Ok(Decoder::Length(0))
     ));
+    let h = head("HTTP/1.1 429 Too Many\r\nRetry-After: 7\r\nx-a: b c\r\nx-a:\td\r\n\r\n");
+    assert_eq!(h.status, 429);
+    assert_eq!(h.headers["retry-after"], "7");
+    let xa: Vec<_> = h.headers.get_all("x-a").iter().collect();
+    assert_eq!(
+        xa,
+        ["b c", "d"],
+        "values whole, in order, without surrounding whitespace"
+    );
     assert!(keep_alive(&head("HTTP/1.1 200 OK\r\n\r\n")));
     assert!(!keep_alive(&head(
         "HTTP/1.1 200 OK\r\nconnection: keep-alive, Close\r\n\r\n"
