@@ -454,19 +454,19 @@ impl Upstreams {
             HttpVersion::Http2 => true,
             HttpVersion::Auto => req.uri().scheme_str() == Some("https"),
         };
-        // One per request future: boxing the large variant would cost an allocation a request.
-        #[allow(clippy::large_enum_variant)]
+        // What the request future holds stays small (a proxied client is boxed, the direct one
+        // borrowed): every future that awaits it is moved whole at least once.
         enum Via<'a> {
-            Hyper(std::borrow::Cow<'a, HttpClient>, Resend),
+            Hyper(ClientRef<'a>, Box<Resend>),
             H1(h1::Pool),
         }
         let via = if may_be_h2 {
             let again = Resend::of(&req);
             let client = match proxy {
-                None => std::borrow::Cow::Borrowed(&self.direct[usize::from(version.min(2))]),
-                Some(proxy) => std::borrow::Cow::Owned(self.proxied(version, proxy)),
+                None => ClientRef::Direct(&self.direct[usize::from(version.min(2))]),
+                Some(proxy) => ClientRef::Proxied(Box::new(self.proxied(version, proxy))),
             };
-            Via::Hyper(client, again)
+            Via::Hyper(client, Box::new(again))
         } else {
             Via::H1(match proxy {
                 None => self.h1_direct.clone(),
@@ -485,6 +485,10 @@ impl Upstreams {
                     Ok(resp.map(UpstreamBody::H1))
                 }
                 Via::Hyper(client, again) => {
+                    let client = match &client {
+                        ClientRef::Direct(c) => *c,
+                        ClientRef::Proxied(c) => &**c,
+                    };
                     let mut answer = client.request(req).await;
                     let mut n = 0;
                     while n < REFUSED_STREAM_RETRIES && answer.as_ref().is_err_and(refused_stream) {
@@ -544,6 +548,12 @@ impl Upstreams {
         map.insert(key, client.clone());
         client
     }
+}
+
+/// The hyper client a request goes through: the direct one, or a proxy's.
+enum ClientRef<'a> {
+    Direct(&'a HttpClient),
+    Proxied(Box<HttpClient>),
 }
 
 /// What it takes to send a request again (its body is shared, not copied).

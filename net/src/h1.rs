@@ -204,9 +204,9 @@ impl Pool {
             Some(mut io) => match write_request(&mut io.0, &head, &body).await {
                 Ok(()) => io,
                 // Closed under us (an idle timeout racing this request): nothing was processed.
-                Err(_) => self.connect_and_write(&req.uri, tls, &head, &body).await?,
+                Err(_) => Box::pin(self.connect_and_write(&req.uri, tls, &head, &body)).await?,
             },
-            None => self.connect_and_write(&req.uri, tls, &head, &body).await?,
+            None => Box::pin(self.connect_and_write(&req.uri, tls, &head, &body)).await?,
         };
         let (parts, leftover) = read_head(&mut io.0).await?;
         let framing = framing(&req.method, &parts)?;
@@ -235,6 +235,9 @@ impl Pool {
         Ok(resp)
     }
 
+    /// A new connection with the request written on it. Boxed where it is awaited: the TLS
+    /// handshake's state is large, and the request future (moved whole by every future that
+    /// awaits it) should not carry it on the common path, a pooled connection.
     async fn connect_and_write(&self, uri: &Uri, tls: bool, head: &[u8], body: &Bytes) -> Result<Conn, H1Error> {
         let mut io = self.connect(uri, tls).await?;
         write_request(&mut io, head, body).await.map_err(H1Error::Write)?;
