@@ -204,9 +204,9 @@ impl Pool {
             Some(mut io) => match write_request(&mut io.0, &head, &body).await {
                 Ok(()) => io,
                 // Closed under us (an idle timeout racing this request): nothing was processed.
-                Err(_) => Box::pin(self.connect_and_write(&req.uri, tls, &head, &body)).await?,
+                Err(_) => self.connect_and_write(&req.uri, tls, &head, &body).await?,
             },
-            None => Box::pin(self.connect_and_write(&req.uri, tls, &head, &body)).await?,
+            None => self.connect_and_write(&req.uri, tls, &head, &body).await?,
         };
         let (parts, leftover) = read_head(&mut io.0).await?;
         let framing = framing(&req.method, &parts)?;
@@ -235,9 +235,10 @@ impl Pool {
         Ok(resp)
     }
 
-    /// A new connection with the request written on it. Boxed where it is awaited: the TLS
-    /// handshake's state is large, and the request future (moved whole by every future that
-    /// awaits it) should not carry it on the common path, a pooled connection.
+    /// A new connection with the request written on it. Not boxed where it is awaited: its state
+    /// shares the request future's bytes with the later phases, where a box of its own would be
+    /// an allocation more per new connection, all of them at once when many streams open
+    /// together (measured: 3 KB more per stream at the peak of 2,000 opening at once).
     async fn connect_and_write(&self, uri: &Uri, tls: bool, head: &[u8], body: &Bytes) -> Result<Conn, H1Error> {
         let mut io = self.connect(uri, tls).await?;
         write_request(&mut io, head, body).await.map_err(H1Error::Write)?;
@@ -266,7 +267,10 @@ impl Pool {
         let name = rustls::pki_types::ServerName::try_from(host.to_string())
             .map_err(|_| H1Error::Tls(io::Error::new(io::ErrorKind::InvalidInput, "invalid server name")))?;
         let limit = self.inner.timeout_ms.load(std::sync::atomic::Ordering::Relaxed);
-        let handshake = tokio_rustls::TlsConnector::from(self.inner.tls.clone()).connect(name, tcp);
+        // Boxed: the handshake's state is large, and the request future (which the data plane's
+        // connection keeps allocated at its largest for as long as the client stays connected,
+        // and which every future awaiting it moves whole) should not carry it.
+        let handshake = Box::pin(tokio_rustls::TlsConnector::from(self.inner.tls.clone()).connect(name, tcp));
         match tokio::time::timeout(Duration::from_millis(limit), handshake).await {
             Ok(Ok(s)) => Ok(Io::Tls(Box::new(s))),
             Ok(Err(e)) => Err(H1Error::Tls(e)),
