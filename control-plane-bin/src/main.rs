@@ -13,6 +13,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// jemalloc instead of glibc's allocator, as the data plane: the control plane's allocation-heavy
+/// paths (a config update built and encoded for every Watch stream, usage batches decoded and
+/// copied into Postgres) spent a fifth of their samples in glibc's malloc; measured in
+/// docs/benchmarks.md. Standalone mode's in-process data plane gets it too.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// relay's control plane. `--standalone` runs on an embedded store with no
 /// outside service; `--database-url postgres://…` is the distributed mode.
 #[derive(Debug, Parser)]
