@@ -435,6 +435,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, H1Err
     let mut resp = httparse::Response::new(&mut []);
     let used = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut headers)
     {
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD_BYTES => return Err(H1Error::HeadTooLarge),
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(H1Error::Head("too many headers")),
@@ -626,7 +627,9 @@ struct Chunked {
     state: ChunkState,
     /// The size being read, then what is left of the chunk.
     size: u64,
+    /// Digits of the size line read, and those after its leading zeros (at most 15: < 2^60).
     digits: u8,
+    significant: u8,
     /// Framing bytes (extensions, trailers) read so far.
     meta: usize,
 }
@@ -656,10 +659,14 @@ impl Chunked {
             }
             self.state = match (self.state, b) {
                 (ChunkState::Size, b) if b.is_ascii_hexdigit() => {
-                    if self.digits >= 15 {
-                        return bad("chunk size too large");
+                    // Leading zeros are valid and count for nothing (but a size was given).
+                    if self.size > 0 || b != b'0' {
+                        if self.significant >= 15 {
+                            return bad("chunk size too large");
+                        }
+                        self.significant += 1;
                     }
-                    self.digits += 1;
+                    self.digits = self.digits.saturating_add(1);
                     self.size = self.size * 16 + u64::from((b as char).to_digit(16).unwrap_or(0));
                     ChunkState::Size
                 }
@@ -671,6 +678,7 @@ impl Chunked {
                 (ChunkState::Extension, _) => ChunkState::Extension,
                 (ChunkState::SizeLf, b'\n') => {
                     self.digits = 0;
+                    self.significant = 0;
                     self.meta = 0;
                     if self.size == 0 {
                         ChunkState::TrailerStart

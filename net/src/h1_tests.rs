@@ -34,6 +34,11 @@ fn chunked_bodies_decode_however_the_reads_split_them() {
     assert_eq!(chunked(&bytes).unwrap(), b"hello, world");
     // Upper-case hex, whitespace before CRLF, no trailers.
     assert_eq!(chunked(&[b"A \r\n0123456789\r\n0\r\n\r\n"]).unwrap(), b"0123456789");
+    // Leading zeros, however many (a broken-upstream test sent sizes as 16 hex digits).
+    assert_eq!(
+        chunked(&[b"000000000000000000000003\r\nabc\r\n00000000000000000000\r\n\r\n"]).unwrap(),
+        b"abc"
+    );
 }
 
 #[test]
