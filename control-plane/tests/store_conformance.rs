@@ -1576,6 +1576,48 @@ macro_rules! conformance_suite {
                 Some(v5),
                 "dp-2's ack of the same batch is not kept either"
             );
+            // Runs of one kind hold several events of a node: its last counts, and an ACK after a
+            // NACK of the same version clears the NACK.
+            let v7 = Version {
+                epoch: 2,
+                revision: 7,
+            };
+            store
+                .record_proxies(&[
+                    rec(
+                        "dp-2",
+                        "cp-1",
+                        ProxyEvent::Nacked {
+                            version: v7,
+                            serving: Some(v5),
+                            error: "bad".into(),
+                        },
+                    ),
+                    rec("dp-1", "cp-1", acked(v6)),
+                    rec("dp-1", "cp-1", acked(v7)),
+                    rec("dp-1", "cp-1", connected("2.0")),
+                    rec("dp-1", "cp-1", connected("2.1")),
+                ])
+                .await
+                .unwrap();
+            let p = store.list_proxies().await.unwrap();
+            assert_eq!(
+                (p[0].acked, p[0].build_version.as_str(), p[0].connected),
+                (Some(v7), "2.1", true)
+            );
+            assert_eq!((p[1].acked, p[1].nack_version), (Some(v5), Some(v7)));
+            assert_eq!(p[1].nack_error, "bad");
+            store
+                .record_proxies(&[rec("dp-2", "cp-1", acked(v6)), rec("dp-2", "cp-1", acked(v7))])
+                .await
+                .unwrap();
+            let p = store.list_proxies().await.unwrap();
+            assert_eq!(
+                (p[1].acked, p[1].nack_version),
+                (Some(v7), None),
+                "the NACK is history"
+            );
+            assert_eq!(p[1].nack_error, "");
         }
 
         #[tokio::test]

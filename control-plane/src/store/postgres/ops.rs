@@ -17,82 +17,139 @@ pub(super) async fn record_proxy(store: &PostgresStore, node_id: &str, replica: 
     record_proxies(store, &[(node_id.to_string(), replica.to_string(), event)]).await
 }
 
-/// Data planes' Watch events, in order, in one transaction (one commit for a thousand ACKs).
+/// Data planes' Watch events, in order, in one transaction (one commit for a thousand ACKs), one
+/// statement per run of events of one kind: ten thousand data planes ACKing one change cost a
+/// handful of statements, not two round trips each (which kept Postgres busy for seconds after
+/// every change at that scale, beside the fan-out of the next one).
 pub(super) async fn record_proxies(store: &PostgresStore, events: &[ProxyRecord]) -> Result<()> {
     if events.is_empty() {
         return Ok(());
     }
+    // Every value checked before anything is sent: a batch the store cannot hold writes nothing.
+    let version =
+        |v: &Version| -> Result<(i64, i64)> { Ok((to_i64(v.epoch, "epoch")?, to_i64(v.revision, "revision")?)) };
+    for (_, _, event) in events {
+        if let ProxyEvent::Acked { version: v, .. } | ProxyEvent::Nacked { version: v, .. } = event {
+            version(v)?;
+        }
+    }
     let mut c = store.client().await?;
     let tx = c.transaction().await.map_err(pg)?;
     let now = now_ms();
+    // Every node known first (a node's first event creates its row).
+    let mut seen = std::collections::HashSet::with_capacity(events.len());
+    let (mut nodes, mut replicas): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    for (node, replica, _) in events {
+        if seen.insert(node.as_str()) {
+            nodes.push(node);
+            replicas.push(replica);
+        }
+    }
     let known = tx
         .prepare_cached(
-            "INSERT INTO proxies (node_id, last_seen, connected, replica) VALUES ($1, $2, FALSE, $3) \
+            "INSERT INTO proxies (node_id, last_seen, connected, replica) \
+             SELECT n, $2, FALSE, r FROM unnest($1::TEXT[], $3::TEXT[]) AS u(n, r) \
              ON CONFLICT (node_id) DO NOTHING",
         )
         .await
         .map_err(pg)?;
-    let v = |v: Option<Version>| -> Result<(Option<i64>, Option<i64>)> {
-        Ok(match v {
-            Some(v) => (Some(to_i64(v.epoch, "epoch")?), Some(to_i64(v.revision, "revision")?)),
-            None => (None, None),
-        })
-    };
-    for (node_id, replica, event) in events {
-        tx.execute(&known, &[node_id, &now, replica]).await.map_err(pg)?;
-        match event {
-            ProxyEvent::Connected { build_version, .. } => {
+    tx.execute(&known, &[&nodes, &now, &replicas]).await.map_err(pg)?;
+    // Runs of one kind from one replica, in order; within a run each node's last event is the
+    // one that counts (each sets the same fields from its own values alone).
+    for run in events.chunk_by(|a, b| a.1 == b.1 && std::mem::discriminant(&a.2) == std::mem::discriminant(&b.2)) {
+        let replica = run[0].1.as_str();
+        let mut last: std::collections::HashMap<&str, &ProxyEvent> =
+            std::collections::HashMap::with_capacity(run.len());
+        let mut order: Vec<&str> = Vec::with_capacity(run.len());
+        for (node, _, event) in run {
+            if last.insert(node.as_str(), event).is_none() {
+                order.push(node);
+            }
+        }
+        let events: Vec<(&str, &ProxyEvent)> = order.iter().filter_map(|n| Some((*n, *last.get(n)?))).collect();
+        let nodes: Vec<&str> = events.iter().map(|(n, _)| *n).collect();
+        match run[0].2 {
+            ProxyEvent::Connected { .. } => {
+                let builds: Vec<&str> = events
+                    .iter()
+                    .map(|(_, e)| match e {
+                        ProxyEvent::Connected { build_version, .. } => build_version.as_str(),
+                        _ => "",
+                    })
+                    .collect();
                 let st = tx
                     .prepare_cached(
-                        "UPDATE proxies SET build_version=$2, connected=TRUE, replica=$3, last_seen=$4 WHERE node_id=$1",
+                        "UPDATE proxies p SET build_version = u.b, connected = TRUE, replica = $3, last_seen = $4 \
+                         FROM unnest($1::TEXT[], $2::TEXT[]) AS u(n, b) WHERE p.node_id = u.n",
                     )
                     .await
                     .map_err(pg)?;
-                tx.execute(&st, &[node_id, build_version, replica, &now]).await
+                tx.execute(&st, &[&nodes, &builds, &replica, &now]).await
             }
-            ProxyEvent::Acked { version, rejected } => {
-                let (e, r) = v(Some(*version))?;
+            ProxyEvent::Acked { .. } => {
+                let (mut epochs, mut revisions, mut rejected) = (Vec::new(), Vec::new(), Vec::new());
+                for (_, e) in &events {
+                    if let ProxyEvent::Acked { version: v, rejected: r } = e {
+                        let (e, r2) = version(v)?;
+                        epochs.push(e);
+                        revisions.push(r2);
+                        rejected.push(rejected_to_json(r));
+                    }
+                }
                 // A NACK is history once a later version is applied.
                 let st = tx
                     .prepare_cached(
-                        "UPDATE proxies SET acked_epoch=$2, acked_revision=$3, last_seen=$4, rejected=$5, \
-                 nack_epoch = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN NULL ELSE nack_epoch END, \
-                 nack_revision = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN NULL ELSE nack_revision END, \
-                 nack_error = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN '' ELSE nack_error END, \
-                 nack_at = CASE WHEN nack_epoch <> $2 OR nack_revision <= $3 THEN 0 ELSE nack_at END \
-                 WHERE node_id=$1",
+                        "UPDATE proxies p SET acked_epoch = u.e, acked_revision = u.r, last_seen = $5, \
+                         rejected = u.j, \
+                         nack_epoch = CASE WHEN p.nack_epoch <> u.e OR p.nack_revision <= u.r THEN NULL ELSE p.nack_epoch END, \
+                         nack_revision = CASE WHEN p.nack_epoch <> u.e OR p.nack_revision <= u.r THEN NULL ELSE p.nack_revision END, \
+                         nack_error = CASE WHEN p.nack_epoch <> u.e OR p.nack_revision <= u.r THEN '' ELSE p.nack_error END, \
+                         nack_at = CASE WHEN p.nack_epoch <> u.e OR p.nack_revision <= u.r THEN 0 ELSE p.nack_at END \
+                         FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[]) AS u(n, e, r, j) \
+                         WHERE p.node_id = u.n",
                     )
                     .await
                     .map_err(pg)?;
-                tx.execute(&st, &[node_id, &e, &r, &now, &rejected_to_json(rejected)])
-                    .await
+                tx.execute(&st, &[&nodes, &epochs, &revisions, &rejected, &now]).await
             }
-            ProxyEvent::Nacked { version, error, .. } => {
-                let (e, r) = v(Some(*version))?;
+            ProxyEvent::Nacked { .. } => {
+                let (mut epochs, mut revisions, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+                for (_, e) in &events {
+                    if let ProxyEvent::Nacked { version: v, error, .. } = e {
+                        let (e, r) = version(v)?;
+                        epochs.push(e);
+                        revisions.push(r);
+                        errors.push(error.as_str());
+                    }
+                }
                 let st = tx
                     .prepare_cached(
-                        "UPDATE proxies SET nack_epoch=$2, nack_revision=$3, nack_error=$4, nack_at=$5, last_seen=$5 \
-                 WHERE node_id=$1",
+                        "UPDATE proxies p SET nack_epoch = u.e, nack_revision = u.r, nack_error = u.m, nack_at = $5, \
+                         last_seen = $5 FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[]) AS u(n, e, r, m) \
+                         WHERE p.node_id = u.n",
                     )
                     .await
                     .map_err(pg)?;
-                tx.execute(&st, &[node_id, &e, &r, error, &now]).await
+                tx.execute(&st, &[&nodes, &epochs, &revisions, &errors, &now]).await
             }
             ProxyEvent::Seen => {
                 let st = tx
-                    .prepare_cached("UPDATE proxies SET last_seen=$3 WHERE node_id=$1 AND replica=$2 AND connected")
+                    .prepare_cached(
+                        "UPDATE proxies SET last_seen = $3 WHERE node_id = ANY($1::TEXT[]) AND replica = $2 AND connected",
+                    )
                     .await
                     .map_err(pg)?;
-                tx.execute(&st, &[node_id, replica, &now]).await
+                tx.execute(&st, &[&nodes, &replica, &now]).await
             }
             ProxyEvent::Disconnected => {
                 let st = tx
                     .prepare_cached(
-                        "UPDATE proxies SET connected = (replica <> $2) AND connected, last_seen=$3 WHERE node_id=$1",
+                        "UPDATE proxies SET connected = (replica <> $2) AND connected, last_seen = $3 \
+                         WHERE node_id = ANY($1::TEXT[])",
                     )
                     .await
                     .map_err(pg)?;
-                tx.execute(&st, &[node_id, replica, &now]).await
+                tx.execute(&st, &[&nodes, &replica, &now]).await
             }
         }
         .map_err(pg)?;
